@@ -1,0 +1,313 @@
+"""The roaming schedule of PROTOCOL.md section 1: when each epoch starts and where it runs.
+
+Theory of operation: epoch ``i`` lasts ``R_i = (1 + MSB_{m_i}(H'(K_i))) * tick`` seconds and
+runs on ``servers[MSB_64(H''(K_i)) mod N]``. ``m_i`` is the threat-level parameter in force at
+epoch ``i`` (``MSchedule``): a change ``(m', l)`` makes every epoch ``>= l`` use ``m'`` and
+never touches an earlier epoch.
+
+Start times are kept as whole *units* (multiples of ``tick``) relative to an *anchor*, an epoch
+whose start is known in the caller's clock: ``T_i = anchor_time + tick * (U_i - U_anchor)``.
+Servers anchor at ``(1, start)``; a client re-anchors whenever an epoch sync arrives (paper
+section IV-A), so a skewed client clock still lands on the servers' boundaries. Integer units
+keep every party's arithmetic identical however long the schedule runs.
+
+An ``EpochSchedule`` keeps a cursor (the last epoch it was asked about) and walks from there,
+forward through the hash chain's pebbles, backward by hashing, so the common question "which
+epoch is it now" costs O(1) hashes. It can never answer for an epoch after the held key: that
+raises ``SubscriptionExpiredError``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+
+from migrate.endpoints import Endpoint
+from migrate.errors import ConfigError, ScheduleError, SubscriptionExpiredError
+from migrate.hashchain import KeyChain, chain_step, length_digest, msb, server_digest
+
+M_MIN = 1
+M_MAX = 32
+
+
+def check_m(m: int) -> int:
+    if not isinstance(m, int) or isinstance(m, bool) or not M_MIN <= m <= M_MAX:
+        raise ConfigError(f"m must be an integer in {M_MIN}..{M_MAX}, got {m!r}")
+    return m
+
+
+@dataclass(frozen=True, slots=True)
+class MSchedule:
+    """Which ``m`` each epoch uses: ``initial`` from epoch 1, then each change from its epoch."""
+
+    initial: int
+    changes: tuple[tuple[int, int], ...] = ()  # sorted (from_epoch, m)
+
+    def __post_init__(self) -> None:
+        check_m(self.initial)
+        previous = 1
+        for from_epoch, m in self.changes:
+            check_m(m)
+            if from_epoch <= previous:
+                raise ConfigError(f"m changes must start after epoch 1 and be sorted: {self.changes}")
+            previous = from_epoch
+
+    def m_for(self, epoch: int) -> int:
+        m = self.initial
+        for from_epoch, changed in self.changes:
+            if from_epoch > epoch:
+                break
+            m = changed
+        return m
+
+    def merged(self, m: int, from_epoch: int) -> MSchedule:
+        """The schedule after ``(m, from_epoch)``: epochs ``>= from_epoch`` use ``m``.
+
+        Later changes are superseded, because the rule says *every* epoch from ``from_epoch`` on
+        uses ``m``. Applying the same sequence of changes gives every party the same result.
+        """
+        check_m(m)
+        if from_epoch < 2:
+            raise ScheduleError(f"an m change must start at epoch 2 or later, got {from_epoch}")
+        kept = tuple((e, v) for e, v in self.changes if e < from_epoch)
+        if self.m_for(from_epoch - 1) == m:
+            return MSchedule(self.initial, kept)
+        return MSchedule(self.initial, (*kept, (from_epoch, m)))
+
+    def announce(self, m: int, from_epoch: int, current_epoch: int) -> MSchedule:
+        """Issue a new threat level (server side): ``from_epoch`` must be in the future."""
+        if from_epoch <= current_epoch:
+            raise ScheduleError(
+                f"an m change must take effect after the current epoch {current_epoch}, "
+                f"not at epoch {from_epoch}"
+            )
+        return self.merged(m, from_epoch)
+
+    def as_mapping(self) -> dict[int, int]:
+        return {1: self.initial, **dict(self.changes)}
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[int, int]) -> MSchedule:
+        if 1 not in mapping:
+            raise ConfigError("m schedule has no value for epoch 1")
+        changes = tuple(sorted((e, m) for e, m in mapping.items() if e != 1))
+        return cls(mapping[1], changes)
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleParams:
+    servers: tuple[Endpoint, ...]
+    tick: float
+    start: float
+    m: MSchedule
+    delta: float = 0.0
+    gamma: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.servers:
+            raise ConfigError("the server list is empty")
+        if not (math.isfinite(self.tick) and self.tick > 0):
+            raise ConfigError(f"tick must be a positive number of seconds, got {self.tick}")
+        if not math.isfinite(self.start):
+            raise ConfigError(f"start must be a finite Unix time, got {self.start}")
+        for name in ("delta", "gamma"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a non-negative number of seconds, got {value}")
+
+
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    index: int
+    start: float
+    length: float
+    server: Endpoint
+
+    @property
+    def end(self) -> float:
+        return self.start + self.length
+
+    def remaining(self, now: float) -> float:
+        return self.end - now
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """When the firewall of ``server`` lets the service's traffic in (PROTOCOL.md section 1)."""
+
+    epoch: int
+    server: Endpoint
+    opens: float
+    closes: float
+
+    def contains(self, now: float) -> bool:
+        return self.opens <= now < self.closes
+
+
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    epoch: int
+    time: float
+
+
+def epoch_units(key: bytes, m: int) -> int:
+    """``R_i / tick``."""
+    return 1 + msb(length_digest(key), m)
+
+
+def server_index(key: bytes, server_count: int) -> int:
+    return msb(server_digest(key), 64) % server_count
+
+
+@dataclass(slots=True)
+class _Cursor:
+    epoch: int
+    key: bytes
+    units: int  # U_epoch - U_anchor
+    cache: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+
+class EpochSchedule:
+    """``R_i``, ``S_i`` and ``T_i`` for the epochs the held key reaches."""
+
+    def __init__(self, chain: KeyChain, params: ScheduleParams, anchor: Anchor | None = None):
+        self.chain = chain
+        self.params = params
+        self._anchor = anchor or Anchor(1, params.start)
+        self._cursor = self._cursor_at_anchor()
+
+    # -- anchor ------------------------------------------------------------------------------
+
+    @property
+    def anchor(self) -> Anchor:
+        return self._anchor
+
+    def _cursor_at_anchor(self) -> _Cursor:
+        epoch = self._anchor.epoch
+        return _Cursor(epoch, self.chain.seek(epoch), 0)
+
+    def reanchor(self, anchor: Anchor) -> None:
+        """Declare that epoch ``anchor.epoch`` starts at ``anchor.time`` in our clock."""
+        self.chain.key(anchor.epoch)  # raises if not held
+        self._anchor = anchor
+        self._cursor = self._cursor_at_anchor()
+
+    def set_m_schedule(self, m: MSchedule) -> None:
+        """Adopt a new m schedule. Lengths of epochs before the anchor are not re-derived."""
+        if m != self.params.m:
+            self.params = ScheduleParams(
+                self.params.servers,
+                self.params.tick,
+                self.params.start,
+                m,
+                self.params.delta,
+                self.params.gamma,
+            )
+            # Units after the anchor may change; recompute from the anchor.
+            self._cursor = self._cursor_at_anchor()
+
+    # -- per-epoch facts ---------------------------------------------------------------------
+
+    def _facts(self, epoch: int, key: bytes) -> tuple[int, int]:
+        cache = self._cursor.cache
+        facts = cache.get(epoch)
+        if facts is None:
+            facts = (
+                epoch_units(key, self.params.m.m_for(epoch)),
+                server_index(key, len(self.params.servers)),
+            )
+            if len(cache) >= 256:
+                cache.clear()
+            cache[epoch] = facts
+        return facts
+
+    def _move_to(self, epoch: int) -> _Cursor:
+        cursor = self._cursor
+        if epoch < 1:
+            raise ScheduleError(f"epoch {epoch} does not exist (epochs start at 1)")
+        if epoch > self.chain.held_index:
+            raise SubscriptionExpiredError(
+                f"epoch {epoch} is after the last epoch held ({self.chain.held_index})"
+            )
+        while cursor.epoch < epoch:
+            units, _ = self._facts(cursor.epoch, cursor.key)
+            cursor.units += units
+            cursor.epoch += 1
+            cursor.key = self.chain.seek(cursor.epoch)
+        while cursor.epoch > epoch:
+            # Backward: K_{i-1} = H(K_i) is one hash; the chain's pebbles stay put.
+            cursor.epoch -= 1
+            cursor.key = chain_step(cursor.key)
+            units, _ = self._facts(cursor.epoch, cursor.key)
+            cursor.units -= units
+        return cursor
+
+    def length(self, epoch: int) -> float:
+        cursor = self._move_to(epoch)
+        return self._facts(epoch, cursor.key)[0] * self.params.tick
+
+    def server_for(self, epoch: int) -> Endpoint:
+        cursor = self._move_to(epoch)
+        return self.params.servers[self._facts(epoch, cursor.key)[1]]
+
+    def start_of(self, epoch: int) -> float:
+        cursor = self._move_to(epoch)
+        return self._anchor.time + cursor.units * self.params.tick
+
+    def epoch(self, index: int) -> Epoch:
+        cursor = self._move_to(index)
+        units, server = self._facts(index, cursor.key)
+        start = self._anchor.time + cursor.units * self.params.tick
+        return Epoch(index, start, units * self.params.tick, self.params.servers[server])
+
+    def epochs(self, first: int, count: int) -> Iterator[Epoch]:
+        for index in range(first, first + count):
+            yield self.epoch(index)
+
+    # -- time --------------------------------------------------------------------------------
+
+    def epoch_at(self, now: float) -> Epoch:
+        """The epoch running at ``now`` (in the clock the anchor was given in)."""
+        if not math.isfinite(now):
+            raise ScheduleError(f"time {now} is not a finite number")
+        if self._anchor.epoch == 1 and now < self._anchor.time:
+            raise ScheduleError(
+                f"the schedule starts at {self._anchor.time}, time {now} is before it"
+            )
+        current = self.epoch(self._cursor.epoch)
+        while now >= current.end:
+            current = self.epoch(current.index + 1)
+        while now < current.start:
+            if current.index == 1:
+                raise ScheduleError(f"the schedule starts at {current.start}, {now} is before it")
+            current = self.epoch(current.index - 1)
+        return current
+
+    def window(self, epoch: int) -> Window:
+        """Firewall window of ``S_epoch``: from ``T_i - delta`` to ``T_{i+1} + delta + gamma``."""
+        info = self.epoch(epoch)
+        return Window(
+            epoch,
+            info.server,
+            info.start - self.params.delta,
+            info.end + self.params.delta + self.params.gamma,
+        )
+
+    def open_windows(self, now: float) -> list[Window]:
+        """Every window containing ``now``: the current epoch's, and a neighbour's near a boundary.
+
+        Windows of consecutive epochs on the same server are merged into one.
+        """
+        current = self.epoch_at(now)
+        windows: list[Window] = []
+        for index in (current.index - 1, current.index, current.index + 1):
+            if index < 1 or index > self.chain.held_index:
+                continue
+            window = self.window(index)
+            if window.contains(now):
+                windows.append(window)
+        return windows
+
+    def is_open(self, server: Endpoint, now: float) -> bool:
+        return any(window.server == server for window in self.open_windows(now))

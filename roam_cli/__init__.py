@@ -1,0 +1,1 @@
+"""The ``roam`` command line: thin glue between files, the kernel and the ``migrate`` core."""
