@@ -60,10 +60,19 @@ def parse_port(text: str, context: str = "") -> int:
 
 def parse_server_list(text: str) -> tuple[Endpoint, ...]:
     """Parse a comma-separated list of ``IP:PORT``; order matters (it is the schedule's)."""
-    parts = [part for part in text.split(",")]
+    parts = list(text.split(","))
     if not text.strip() or any(not part.strip() for part in parts):
         raise ConfigError(f"server list {text!r} is empty or has an empty entry")
     servers = tuple(Endpoint.parse(part) for part in parts)
     if len(set(servers)) != len(servers):
         raise ConfigError(f"server list {text!r} names a server twice")
     return servers
+
+
+def parse_address_and_port(text: str, default_port: int) -> Endpoint:
+    """``IP``, ``IP:PORT``, ``IPv6`` or ``[IPv6]:PORT``; the port defaults to ``default_port``."""
+    text = text.strip()
+    has_port = text.startswith("[") or (text.count(":") == 1)
+    if has_port:
+        return Endpoint.parse(text)
+    return Endpoint(parse_address(text), default_port)

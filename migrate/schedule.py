@@ -50,7 +50,9 @@ class MSchedule:
         for from_epoch, m in self.changes:
             check_m(m)
             if from_epoch <= previous:
-                raise ConfigError(f"m changes must start after epoch 1 and be sorted: {self.changes}")
+                raise ConfigError(
+                    f"m changes must start after epoch 1 and be sorted: {self.changes}"
+                )
             previous = from_epoch
 
     def m_for(self, epoch: int) -> int:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
+import roam_cli.commands
 from migrate import __version__
 from migrate.errors import RoamError
-import roam_cli.commands
 
 
 def command_modules() -> list[object]:
@@ -25,8 +26,15 @@ def command_modules() -> list[object]:
     return [importlib.import_module(f"roam_cli.commands.{name}") for name in names]
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage errors are one line on stderr (exit 2), like every other error of ``roam``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="roam",
         description="Proactive server roaming: a private TCP service hops among replicated "
         "servers at secret times that only subscribed clients can compute.",

@@ -1,0 +1,368 @@
+"""Offline registration: ``roam init``, ``subscribe``, ``revoke`` and ``inspect``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from migrate.endpoints import parse_address, parse_address_and_port, parse_server_list
+from migrate.errors import ConfigError, RoamError
+from migrate.registration import (
+    DEFAULT_ROAMING_PORT,
+    DEPLOYMENT_ID_BYTES,
+    Bundle,
+    ClientRecord,
+    Deployment,
+    DeploymentSecret,
+    check_name,
+    fingerprint,
+)
+from migrate.schedule import EpochSchedule, MSchedule, check_m
+from migrate.shamir import Share
+from roam_cli.args import (
+    non_negative_int,
+    positive_int,
+    positive_seconds,
+    seconds,
+    server_list,
+    unix_time,
+)
+from roam_cli.store import DeploymentDir, random_bytes, read_file, write_new
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+
+def register(subparsers: Subparsers) -> None:
+    init = subparsers.add_parser(
+        "init",
+        help="create a deployment directory (offline)",
+        description="Draw the chain key K_n and the group key and write a new deployment "
+        "directory: deployment.json (public), secret.json and clients.sealed (0600).",
+    )
+    init.add_argument("directory", metavar="DIR", type=Path)
+    init.add_argument(
+        "--servers",
+        required=True,
+        type=server_list,
+        metavar="IP:PORT,...",
+        help="the server pool, in schedule order",
+    )
+    init.add_argument(
+        "--vip",
+        required=True,
+        metavar="IP[:PORT]",
+        help="stable address clients connect to (port: the first server's)",
+    )
+    init.add_argument("--chain-length", required=True, type=positive_int, metavar="N")
+    init.add_argument(
+        "--m", required=True, type=int, metavar="M", help="epoch lengths range over 1..2^M ticks"
+    )
+    init.add_argument("--tick", required=True, type=positive_seconds, metavar="SECONDS")
+    init.add_argument(
+        "--start",
+        type=unix_time,
+        metavar="UNIX",
+        help="start of epoch 1 (default: now, to the whole second)",
+    )
+    init.add_argument(
+        "--delta",
+        type=seconds,
+        default=0.1,
+        metavar="S",
+        help="clock skew bound between servers (default 0.1)",
+    )
+    init.add_argument(
+        "--gamma",
+        type=seconds,
+        default=0.1,
+        metavar="S",
+        help="network delay estimate (default 0.1)",
+    )
+    init.set_defaults(handler=run_init)
+
+    subscribe = subparsers.add_parser(
+        "subscribe",
+        help="register a client and write its bundle (offline)",
+        description="Add NAME to the legitimate-client list and write its bundle: channel key "
+        "K_C, chain key K_T for the last epoch T it may follow, the VIP and the sealed server "
+        "list.",
+    )
+    subscribe.add_argument("directory", metavar="DIR", type=Path)
+    subscribe.add_argument("name", metavar="NAME")
+    subscribe.add_argument(
+        "--address", required=True, metavar="IP", help="the client's source address"
+    )
+    subscribe.add_argument("--until-epoch", required=True, type=positive_int, metavar="T")
+    subscribe.add_argument("--out", required=True, type=Path, metavar="FILE")
+    subscribe.add_argument(
+        "--roaming-port",
+        type=positive_int,
+        default=DEFAULT_ROAMING_PORT,
+        metavar="PORT",
+        help=f"UDP port for roaming updates (default {DEFAULT_ROAMING_PORT})",
+    )
+    subscribe.add_argument(
+        "--lease-epochs",
+        type=non_negative_int,
+        default=0,
+        metavar="L",
+        help="extend online to L epochs past the current one (default 0: no online extension)",
+    )
+    subscribe.add_argument(
+        "--expires-epoch",
+        type=non_negative_int,
+        default=0,
+        metavar="E",
+        help="never extend past epoch E (default: the chain's end)",
+    )
+    subscribe.add_argument(
+        "--rate-kbit",
+        type=non_negative_int,
+        default=0,
+        metavar="KBIT",
+        help="rate contract in kbit/s (default 0: none)",
+    )
+    subscribe.set_defaults(handler=run_subscribe)
+
+    revoke = subparsers.add_parser(
+        "revoke",
+        help="revoke a client: it gets no further key extensions",
+        description="Mark NAME revoked in the legitimate-client list. Keys it already holds "
+        "stay valid until their last epoch (the chain is one-way); nothing later is granted.",
+    )
+    revoke.add_argument("directory", metavar="DIR", type=Path)
+    revoke.add_argument("name", metavar="NAME")
+    revoke.set_defaults(handler=run_revoke)
+
+    inspect = subparsers.add_parser(
+        "inspect",
+        help="show a deployment, bundle or share without printing secrets",
+        description="Show what PATH (a deployment directory, a bundle or a key share) holds. "
+        "Secrets appear only as fingerprints.",
+    )
+    inspect.add_argument("path", metavar="PATH", type=Path)
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+    inspect.set_defaults(handler=run_inspect)
+
+
+def run_init(args: argparse.Namespace) -> int:
+    servers = parse_server_list(args.servers)
+    vip_endpoint = parse_address_and_port(args.vip, servers[0].port)
+    vip, service_port = vip_endpoint.address, vip_endpoint.port
+    start = float(round(time.time())) if args.start is None else args.start
+    deployment = Deployment(
+        deployment_id=random_bytes(DEPLOYMENT_ID_BYTES),
+        servers=servers,
+        vip=vip,
+        service_port=service_port,
+        chain_length=args.chain_length,
+        m=MSchedule(check_m(args.m)),
+        tick=args.tick,
+        start=start,
+        delta=args.delta,
+        gamma=args.gamma,
+    )
+    secret = DeploymentSecret.generate(deployment.deployment_id, random_bytes)
+    DeploymentDir(args.directory).create(deployment, secret)
+    print(
+        f"created deployment {deployment.deployment_id.hex()} in {args.directory}: "
+        f"{len(servers)} servers, chain of {deployment.chain_length} epochs, VIP "
+        f"{vip}:{service_port}"
+    )
+    return 0
+
+
+def run_subscribe(args: argparse.Namespace) -> int:
+    directory = DeploymentDir(args.directory)
+    name = check_name(args.name)
+    address = parse_address(args.address, "--address")
+    if args.out.exists():
+        raise ConfigError(f"{args.out} already exists; refusing to overwrite it")
+    with directory.locked():
+        deployment = directory.deployment()
+        secret = directory.secret()
+        if address.version != deployment.vip.version:
+            raise ConfigError(f"--address {address} is not of the VIP's IP version")
+        if args.until_epoch > deployment.chain_length:
+            raise ConfigError(
+                f"--until-epoch {args.until_epoch} is past the chain's last epoch "
+                f"{deployment.chain_length}"
+            )
+        if args.expires_epoch and args.expires_epoch > deployment.chain_length:
+            raise ConfigError("--expires-epoch is past the chain's last epoch")
+        clients = directory.clients(secret)
+        record = ClientRecord(
+            name=name,
+            client_id=clients.next_client_id(),
+            address=address,
+            roaming_port=args.roaming_port,
+            channel_key=random_bytes(32),
+            until_epoch=args.until_epoch,
+            lease_epochs=args.lease_epochs,
+            expires_epoch=args.expires_epoch,
+            rate_kbit=args.rate_kbit,
+        )
+        updated = clients.add(record)
+        bundle = Bundle.issue(deployment, secret, record, random_bytes)
+        write_new(args.out, bundle.encode())
+        directory.save_clients(updated, secret)
+    print(
+        f"subscribed {name} (client id {record.client_id}) until epoch {args.until_epoch}; "
+        f"bundle written to {args.out}"
+    )
+    return 0
+
+
+def run_revoke(args: argparse.Namespace) -> int:
+    directory = DeploymentDir(args.directory)
+    with directory.locked():
+        secret = directory.secret()
+        clients = directory.clients(secret).revoke(args.name)
+        directory.save_clients(clients, secret)
+    print(f"revoked {args.name}: no further key extensions")
+    return 0
+
+
+def _deployment_summary(deployment: Deployment) -> dict[str, Any]:
+    return {
+        "deployment_id": deployment.deployment_id.hex(),
+        "servers": [str(server) for server in deployment.servers],
+        "vip": f"{deployment.vip}:{deployment.service_port}",
+        "chain_length": deployment.chain_length,
+        "m": deployment.m.as_mapping(),
+        "tick": deployment.tick,
+        "start": deployment.start,
+        "delta": deployment.delta,
+        "gamma": deployment.gamma,
+    }
+
+
+def _current_epoch(schedule: EpochSchedule, now: float) -> dict[str, Any] | str:
+    try:
+        epoch = schedule.epoch_at(now)
+    except RoamError as error:
+        return str(error)
+    return {"epoch": epoch.index, "server": str(epoch.server), "ends_in": round(epoch.end - now, 3)}
+
+
+def inspect_deployment(directory: DeploymentDir) -> dict[str, Any]:
+    deployment = directory.deployment()
+    info: dict[str, Any] = {"kind": "deployment", **_deployment_summary(deployment)}
+    if not directory.has_secret():
+        info["secret"] = "absent (restore it with 'roam keys combine ... --into DIR')"
+        return info
+    secret = directory.secret()
+    info["secret"] = {
+        "chain_key": f"fingerprint {fingerprint(secret.chain_key)}",
+        "group_key": f"fingerprint {fingerprint(secret.group_key)}",
+    }
+    schedule = EpochSchedule(secret.chain(deployment.chain_length), deployment.schedule_params())
+    info["now"] = _current_epoch(schedule, time.time())
+    clients = directory.clients(secret)
+    info["client_list_generation"] = clients.generation
+    info["clients"] = [
+        {
+            "name": client.name,
+            "client_id": client.client_id,
+            "address": str(client.address),
+            "roaming_port": client.roaming_port,
+            "until_epoch": client.until_epoch,
+            "lease_epochs": client.lease_epochs,
+            "expires_epoch": client.expires_epoch,
+            "rate_kbit": client.rate_kbit,
+            "revoked": client.revoked,
+            "channel_key": f"fingerprint {fingerprint(client.channel_key)}",
+        }
+        for client in clients.clients
+    ]
+    return info
+
+
+def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
+    info: dict[str, Any] = {
+        "kind": "bundle",
+        "deployment_id": bundle.deployment_id.hex(),
+        "name": bundle.name,
+        "client_id": bundle.client_id,
+        "address": str(bundle.address),
+        "roaming_port": bundle.roaming_port,
+        "vip": f"{bundle.vip}:{bundle.service_port}",
+        "servers": [str(server) for server in bundle.servers()],
+        "key_index": bundle.key_index,
+        "chain_key": f"fingerprint {fingerprint(bundle.chain_key)}",
+        "channel_key": f"fingerprint {fingerprint(bundle.channel_key)}",
+        "chain_length": bundle.chain_length,
+        "m": bundle.m.as_mapping(),
+        "tick": bundle.tick,
+        "start": bundle.start,
+        "delta": bundle.delta,
+        "gamma": bundle.gamma,
+    }
+    info["now"] = _current_epoch(
+        EpochSchedule(bundle.chain(), bundle.schedule_params()), time.time()
+    )
+    return info
+
+
+def inspect_share(share: Share) -> dict[str, Any]:
+    return {
+        "kind": "share",
+        "deployment_id": share.deployment_id.hex(),
+        "generation": share.generation.hex(),
+        "index": share.index,
+        "threshold": share.threshold,
+        "shares": share.total,
+        "value": f"fingerprint {fingerprint(share.value)}",
+    }
+
+
+def inspect_path(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        return inspect_deployment(DeploymentDir(path))
+    data = read_file(path, "file")
+    try:
+        document = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ConfigError(f"{path} is neither a deployment directory nor a JSON file") from None
+    kind = document.get("format") if isinstance(document, dict) else None
+    try:
+        if kind == "server-roaming/bundle":
+            return inspect_bundle(Bundle.decode(data))
+        if kind == "server-roaming/share":
+            return inspect_share(Share.decode(data))
+        if kind == "server-roaming/deployment":
+            return inspect_deployment(DeploymentDir(path.parent))
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+    raise ConfigError(f"{path}: not a server-roaming deployment, bundle or share")
+
+
+def _print_human(info: dict[str, Any], indent: str = "") -> None:
+    for key, value in info.items():
+        if isinstance(value, dict):
+            print(f"{indent}{key}:")
+            _print_human(value, indent + "  ")
+        elif isinstance(value, list) and value and isinstance(value[0], dict):
+            print(f"{indent}{key}:")
+            for item in value:
+                first, *rest = item.items()
+                print(f"{indent}  - {first[0]}: {first[1]}")
+                for sub_key, sub_value in rest:
+                    print(f"{indent}    {sub_key}: {sub_value}")
+        elif isinstance(value, list):
+            print(f"{indent}{key}: {', '.join(map(str, value)) or '(none)'}")
+        else:
+            print(f"{indent}{key}: {value}")
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    info = inspect_path(args.path)
+    if args.json:
+        print(json.dumps(info, indent=2))
+    else:
+        _print_human(info)
+    return 0

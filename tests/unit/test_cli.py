@@ -1,0 +1,382 @@
+import json
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from roam_cli.main import main
+
+from .vectors import CHAIN_KEY_HEX, SERVERS_TEXT, TABLE
+
+VECTOR = [
+    "schedule",
+    "--chain-key",
+    CHAIN_KEY_HEX,
+    "--key-index",
+    "1000",
+    "--m",
+    "6",
+    "--tick",
+    "1.0",
+    "--start",
+    "0",
+    "--servers",
+    SERVERS_TEXT,
+]
+
+
+def run(capsys, *argv):
+    try:
+        status = main(list(argv))
+    except SystemExit as exit_:
+        status = exit_.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(status, out, err, text):
+    assert status != 0
+    assert out == ""
+    assert err.count("\n") == 1
+    assert err.startswith("roam")
+    assert text in err
+
+
+def test_schedule_prints_the_public_vector_exactly(capsys):
+    status, out, err = run(capsys, *VECTOR, "--from", "1", "--count", "5", "--json")
+    assert status == 0
+    assert err == ""
+    expected = [
+        json.dumps({"epoch": e, "start": s, "length": length, "server": server})
+        for e, s, length, server in TABLE
+    ]
+    assert out.splitlines() == expected
+
+
+def test_schedule_stops_at_the_held_key(capsys):
+    status, out, _ = run(capsys, *VECTOR, "--from", "998", "--count", "5", "--json")
+    assert status == 0
+    assert [json.loads(line)["epoch"] for line in out.splitlines()] == [998, 999, 1000]
+
+
+@pytest.mark.parametrize(
+    ("changes", "text"),
+    [
+        ({"--chain-key": "zz"}, "not hexadecimal"),
+        ({"--chain-key": "00" * 31}, "32 bytes"),
+        ({"--servers": "10.0.0.1"}, "not IP:PORT"),
+        ({"--servers": "10.0.0.1:80,"}, "empty entry"),
+        ({"--m": "0"}, "1..32"),
+        ({"--tick": "0"}, "greater than 0"),
+        ({"--key-index": "-3"}, "at least 1"),
+        ({"--from": "1001"}, "after the last key held"),
+    ],
+)
+def test_schedule_errors_are_one_line_with_no_partial_output(capsys, changes, text):
+    argv = [*list(VECTOR), "--from", "1", "--json"]
+    for flag, value in changes.items():
+        argv[argv.index(flag) + 1] = value
+    assert_one_line_error(*run(capsys, *argv), text)
+
+
+def test_schedule_needs_complete_key_material(capsys):
+    assert_one_line_error(*run(capsys, "schedule", "--m", "6"), "missing --chain-key")
+
+
+@pytest.fixture
+def deployment(tmp_path, capsys):
+    directory = tmp_path / "dep"
+    status, _, err = run(
+        capsys,
+        "init",
+        str(directory),
+        "--servers",
+        SERVERS_TEXT,
+        "--vip",
+        "10.99.0.1",
+        "--chain-length",
+        "1000",
+        "--m",
+        "6",
+        "--tick",
+        "1",
+        "--start",
+        "0",
+    )
+    assert status == 0, err
+    return directory
+
+
+def test_init_writes_private_secrets_and_refuses_to_overwrite(deployment, capsys):
+    assert stat.S_IMODE(deployment.stat().st_mode) == 0o700
+    for name in ("secret.json", "clients.sealed"):
+        assert stat.S_IMODE((deployment / name).stat().st_mode) == 0o600
+    before = (deployment / "secret.json").read_bytes()
+    assert_one_line_error(
+        *run(
+            capsys,
+            "init",
+            str(deployment),
+            "--servers",
+            SERVERS_TEXT,
+            "--vip",
+            "10.99.0.1",
+            "--chain-length",
+            "10",
+            "--m",
+            "6",
+            "--tick",
+            "1",
+        ),
+        "refusing to overwrite",
+    )
+    assert (deployment / "secret.json").read_bytes() == before
+
+
+def test_deployment_schedule_matches_bundle_schedule(deployment, tmp_path, capsys):
+    bundle = tmp_path / "alice.bundle"
+    status, _, err = run(
+        capsys,
+        "subscribe",
+        str(deployment),
+        "alice",
+        "--address",
+        "10.0.0.50",
+        "--until-epoch",
+        "100",
+        "--out",
+        str(bundle),
+    )
+    assert status == 0, err
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
+    _, from_deployment, _ = run(
+        capsys, "schedule", "--deployment", str(deployment), "--json", "--count", "100"
+    )
+    _, from_bundle, _ = run(capsys, "schedule", "--bundle", str(bundle), "--json", "--count", "200")
+    assert from_deployment == from_bundle
+    assert_one_line_error(
+        *run(capsys, "schedule", "--bundle", str(bundle), "--from", "101"),
+        "after the last key held",
+    )
+    assert_one_line_error(
+        *run(capsys, "schedule", "--bundle", str(bundle), "--m", "3"), "cannot be combined"
+    )
+
+
+def test_inspect_never_prints_secrets(deployment, tmp_path, capsys):
+    bundle = tmp_path / "alice.bundle"
+    run(
+        capsys,
+        "subscribe",
+        str(deployment),
+        "alice",
+        "--address",
+        "10.0.0.50",
+        "--until-epoch",
+        "100",
+        "--out",
+        str(bundle),
+    )
+    secret = json.loads((deployment / "secret.json").read_text())
+    bundle_doc = json.loads(bundle.read_text())
+    secrets = [
+        secret["chain_key"],
+        secret["group_key"],
+        bundle_doc["channel_key"],
+        bundle_doc["chain_key"],
+    ]
+    for path in (deployment, bundle, deployment / "deployment.json"):
+        for flags in ([], ["--json"]):
+            status, out, err = run(capsys, "inspect", str(path), *flags)
+            assert status == 0, err
+            assert not any(s in out for s in secrets)
+    _, out, _ = run(capsys, "inspect", str(deployment), "--json")
+    info = json.loads(out)
+    assert info["clients"][0]["name"] == "alice"
+    assert info["servers"] == SERVERS_TEXT.split(",")
+
+
+def test_subscribe_errors(deployment, tmp_path, capsys):
+    out = tmp_path / "b"
+    assert_one_line_error(
+        *run(
+            capsys,
+            "subscribe",
+            str(deployment),
+            "a",
+            "--address",
+            "10.0.0.5",
+            "--until-epoch",
+            "1001",
+            "--out",
+            str(out),
+        ),
+        "past the chain",
+    )
+    assert_one_line_error(
+        *run(
+            capsys,
+            "subscribe",
+            str(deployment),
+            "a b",
+            "--address",
+            "10.0.0.5",
+            "--until-epoch",
+            "10",
+            "--out",
+            str(out),
+        ),
+        "client name",
+    )
+    assert_one_line_error(
+        *run(
+            capsys,
+            "subscribe",
+            str(deployment),
+            "a",
+            "--address",
+            "nope",
+            "--until-epoch",
+            "10",
+            "--out",
+            str(out),
+        ),
+        "not an IP address",
+    )
+    assert_one_line_error(
+        *run(
+            capsys,
+            "subscribe",
+            str(tmp_path / "none"),
+            "a",
+            "--address",
+            "10.0.0.5",
+            "--until-epoch",
+            "10",
+            "--out",
+            str(out),
+        ),
+        "does not exist",
+    )
+    assert not out.exists()
+    run(
+        capsys,
+        "subscribe",
+        str(deployment),
+        "a",
+        "--address",
+        "10.0.0.5",
+        "--until-epoch",
+        "10",
+        "--out",
+        str(out),
+    )
+    assert_one_line_error(
+        *run(
+            capsys,
+            "subscribe",
+            str(deployment),
+            "a",
+            "--address",
+            "10.0.0.5",
+            "--until-epoch",
+            "10",
+            "--out",
+            str(tmp_path / "c"),
+        ),
+        "already subscribed",
+    )
+
+
+def test_revoke(deployment, tmp_path, capsys):
+    run(
+        capsys,
+        "subscribe",
+        str(deployment),
+        "alice",
+        "--address",
+        "10.0.0.50",
+        "--until-epoch",
+        "10",
+        "--out",
+        str(tmp_path / "b"),
+    )
+    assert run(capsys, "revoke", str(deployment), "alice")[0] == 0
+    _, out, _ = run(capsys, "inspect", str(deployment), "--json")
+    assert json.loads(out)["clients"][0]["revoked"] is True
+    assert_one_line_error(*run(capsys, "revoke", str(deployment), "alice"), "already revoked")
+    assert_one_line_error(*run(capsys, "revoke", str(deployment), "bob"), "no client named")
+
+
+def test_tampered_client_list_is_reported(deployment, tmp_path, capsys):
+    sealed = deployment / "clients.sealed"
+    data = bytearray(sealed.read_bytes())
+    data[-1] ^= 1
+    sealed.write_bytes(bytes(data))
+    assert_one_line_error(
+        *run(
+            capsys,
+            "subscribe",
+            str(deployment),
+            "a",
+            "--address",
+            "10.0.0.5",
+            "--until-epoch",
+            "10",
+            "--out",
+            str(tmp_path / "b"),
+        ),
+        "failed authentication",
+    )
+
+
+def test_keys_split_combine_refresh(deployment, tmp_path, capsys):
+    shares = tmp_path / "shares"
+    assert (
+        run(
+            capsys,
+            "keys",
+            "split",
+            str(deployment),
+            "--threshold",
+            "2",
+            "--shares",
+            "3",
+            "--out",
+            str(shares),
+        )[0]
+        == 0
+    )
+    files = sorted(shares.iterdir())
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files)
+    assert run(capsys, "keys", "combine", str(files[0]), str(files[2]))[0] == 0
+    assert_one_line_error(*run(capsys, "keys", "combine", str(files[0])), "need 2 shares")
+    fresh = tmp_path / "fresh"
+    assert run(capsys, "keys", "refresh", *map(str, files), "--out", str(fresh))[0] == 0
+    fresh_files = sorted(fresh.iterdir())
+    assert_one_line_error(
+        *run(capsys, "keys", "combine", str(files[0]), str(fresh_files[1])), "different generations"
+    )
+    restored = tmp_path / "restored"
+    restored.mkdir()
+    (restored / "deployment.json").write_bytes((deployment / "deployment.json").read_bytes())
+    assert (
+        run(capsys, "keys", "combine", *map(str, fresh_files[:2]), "--into", str(restored))[0] == 0
+    )
+    assert (restored / "secret.json").read_bytes() == (deployment / "secret.json").read_bytes()
+    assert_one_line_error(
+        *run(capsys, "keys", "combine", *map(str, fresh_files[:2]), "--into", str(restored)),
+        "refusing to overwrite",
+    )
+
+
+def test_console_script_is_installed():
+    result = subprocess.run(
+        [sys.executable, "-m", "roam_cli.main", *VECTOR, "--count", "1", "--json"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["server"] == "10.0.0.3:80"

@@ -1,0 +1,64 @@
+"""The protocol core is pure: no I/O modules, no clock, no kernel adapters."""
+
+import ast
+import pathlib
+import subprocess
+import sys
+
+import migrate
+
+CORE = pathlib.Path(migrate.__file__).parent
+FORBIDDEN_RUNTIME = {
+    "socket",
+    "asyncio",
+    "subprocess",
+    "netfilterqueue",
+    "scapy",
+    "pyroute2",
+    "uvloop",
+    "selectors",
+}
+FORBIDDEN_IMPORTS = FORBIDDEN_RUNTIME | {
+    "time",
+    "datetime",
+    "random",
+    "os",
+    "threading",
+    "migrate.kernel",
+    "secrets",
+}
+
+
+def pure_modules():
+    yield from sorted(CORE.glob("*.py"))
+
+
+def test_importing_the_core_pulls_in_no_io_module():
+    names = [f"migrate.{p.stem}" for p in pure_modules() if p.stem != "__init__"]
+    code = (
+        "import sys\n"
+        + "".join(f"import {name}\n" for name in names)
+        + "print(' '.join(sorted({m.split('.')[0] for m in sys.modules})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    loaded = set(result.stdout.split())
+    assert not loaded & FORBIDDEN_RUNTIME, loaded & FORBIDDEN_RUNTIME
+
+
+def test_core_sources_import_nothing_forbidden():
+    offenders = []
+    for path in pure_modules():
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            else:
+                continue
+            for name in names:
+                if any(name == f or name.startswith(f + ".") for f in FORBIDDEN_IMPORTS):
+                    offenders.append(f"{path.name}: {name}")
+    assert offenders == []

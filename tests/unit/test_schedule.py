@@ -1,0 +1,170 @@
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migrate.endpoints import Endpoint, parse_server_list
+from migrate.errors import ConfigError, ScheduleError, SubscriptionExpiredError
+from migrate.hashchain import KeyChain
+from migrate.schedule import Anchor, EpochSchedule, MSchedule, ScheduleParams
+
+from .vectors import CHAIN_KEY, CHAIN_LENGTH, SERVERS, START, TABLE, TICK, M
+
+
+def vector_schedule(**overrides) -> EpochSchedule:
+    params = {"servers": SERVERS, "tick": TICK, "start": START, "m": MSchedule(M)}
+    params.update(overrides)
+    return EpochSchedule(KeyChain(CHAIN_KEY, CHAIN_LENGTH), ScheduleParams(**params))
+
+
+def test_public_vector_table():
+    schedule = vector_schedule()
+    got = [(e.index, e.start, e.length, str(e.server)) for e in schedule.epochs(1, 5)]
+    assert got == TABLE
+
+
+def test_epoch_at_follows_the_table_both_ways():
+    schedule = vector_schedule()
+    assert schedule.epoch_at(0.0).index == 1
+    assert schedule.epoch_at(47.999).index == 1
+    assert schedule.epoch_at(48.0).index == 2
+    assert schedule.epoch_at(200.0).index == 5
+    assert schedule.epoch_at(100.0).index == 3  # walking backwards from the cursor
+    assert schedule.epoch_at(0.5).index == 1
+    with pytest.raises(ScheduleError, match="before"):
+        schedule.epoch_at(-1.0)
+
+
+def test_after_the_held_key_the_schedule_refuses():
+    chain = KeyChain(CHAIN_KEY, CHAIN_LENGTH)
+    schedule = EpochSchedule(
+        KeyChain(chain.key(3), 3), ScheduleParams(SERVERS, TICK, START, MSchedule(M))
+    )
+    assert schedule.epoch_at(116.9).index == 3
+    with pytest.raises(SubscriptionExpiredError, match="epoch 4"):
+        schedule.epoch_at(117.0)
+    with pytest.raises(SubscriptionExpiredError):
+        schedule.server_for(4)
+
+
+def test_keys_held_by_a_client_give_the_same_schedule():
+    full = vector_schedule()
+    client = EpochSchedule(
+        KeyChain(KeyChain(CHAIN_KEY, CHAIN_LENGTH).key(500), 500),
+        ScheduleParams(SERVERS, TICK, START, MSchedule(M)),
+    )
+    assert list(full.epochs(1, 40)) == list(client.epochs(1, 40))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    top=st.binary(min_size=32, max_size=32),
+    m=st.integers(1, 12),
+    tick=st.sampled_from([0.01, 0.1, 0.25, 1.0, 3.0]),
+    start=st.floats(0, 2e9),
+    servers=st.integers(1, 7),
+    data=st.data(),
+)
+def test_schedule_is_monotone_and_covers_time(top, m, tick, start, servers, data):
+    pool = tuple(Endpoint.parse(f"10.1.0.{i + 1}:443") for i in range(servers))
+    schedule = EpochSchedule(KeyChain(top, 200), ScheduleParams(pool, tick, start, MSchedule(m)))
+    previous = None
+    for epoch in schedule.epochs(1, 60):
+        assert tick <= epoch.length <= (2**m) * tick
+        assert epoch.server in pool
+        if previous is not None:
+            assert epoch.start == pytest.approx(previous.end, abs=1e-6)
+            assert epoch.start > previous.start
+        previous = epoch
+    # Every instant in range belongs to exactly the epoch whose interval contains it.
+    offset = data.draw(st.floats(0, previous.end - start - 1e-3))
+    now = start + offset
+    found = schedule.epoch_at(now)
+    assert found.start <= now < found.end + 1e-9
+
+
+def test_m_change_applies_from_its_epoch_only():
+    base = vector_schedule()
+    changed = vector_schedule(m=MSchedule(M, ((4, 2),)))
+    for index in range(1, 4):
+        assert changed.epoch(index) == base.epoch(index)
+    assert changed.length(4) <= 4 * TICK
+    assert changed.length(5) <= 4 * TICK
+    assert changed.start_of(5) == changed.start_of(4) + changed.length(4)
+
+
+def test_m_schedule_rules():
+    schedule = MSchedule(6)
+    later = schedule.announce(8, 10, current_epoch=5)
+    assert later.m_for(9) == 6
+    assert later.m_for(10) == 8
+    # A change at an earlier epoch supersedes every later one.
+    again = later.announce(4, 7, current_epoch=5)
+    assert again.m_for(7) == 4
+    assert again.m_for(12) == 4
+    with pytest.raises(ScheduleError, match="after the current epoch"):
+        schedule.announce(8, 5, current_epoch=5)
+    with pytest.raises(ConfigError, match=r"1\.\.32"):
+        MSchedule(33)
+    with pytest.raises(ConfigError):
+        MSchedule(6, ((1, 4),))
+    assert MSchedule.from_mapping(again.as_mapping()) == again
+    # Re-stating the m already in force is not a change.
+    assert schedule.merged(6, 3) == schedule
+
+
+def test_anchor_moves_the_schedule_in_time():
+    schedule = vector_schedule()
+    schedule.reanchor(Anchor(3, 1000.0))
+    assert schedule.start_of(3) == 1000.0
+    assert schedule.start_of(4) == 1029.0
+    assert schedule.start_of(2) == 960.0
+    assert schedule.epoch_at(1030.0).index == 4
+
+
+def test_windows_open_early_and_close_late():
+    schedule = vector_schedule(delta=0.5, gamma=0.25)
+    window = schedule.window(5)
+    assert (window.opens, window.closes) == (170.0 - 0.5, 214.0 + 0.75)
+    near_boundary = schedule.open_windows(169.8)
+    assert {w.epoch for w in near_boundary} == {4, 5}
+    assert schedule.is_open(Endpoint.parse("10.0.0.1:80"), 169.8)
+    assert not schedule.is_open(Endpoint.parse("10.0.0.1:80"), 169.0)
+    assert schedule.is_open(Endpoint.parse("10.0.0.3:80"), 170.7)
+    assert not schedule.is_open(Endpoint.parse("10.0.0.3:80"), 170.8)
+    assert not schedule.is_open(Endpoint.parse("10.0.0.2:80"), 100.0)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("tick", 0.0, "tick"),
+        ("tick", float("nan"), "tick"),
+        ("delta", -1.0, "delta"),
+        ("start", float("inf"), "start"),
+        ("servers", (), "empty"),
+    ],
+)
+def test_bad_parameters_are_refused(field, value, message):
+    params = {"servers": SERVERS, "tick": TICK, "start": START, "m": MSchedule(M)}
+    params[field] = value
+    with pytest.raises(ConfigError, match=message):
+        ScheduleParams(**params)
+
+
+def test_server_list_parsing():
+    assert [str(s) for s in parse_server_list("10.0.0.1:80,[fd00::1]:443")] == [
+        "10.0.0.1:80",
+        "[fd00::1]:443",
+    ]
+    for bad in [
+        "",
+        "10.0.0.1",
+        "10.0.0.1:0",
+        "10.0.0.1:80,",
+        "host:80",
+        "10.0.0.1:80,10.0.0.1:80",
+        "10.0.0.256:80",
+        "10.0.0.1:x",
+    ]:
+        with pytest.raises(ConfigError):
+            parse_server_list(bad)
