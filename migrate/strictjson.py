@@ -51,6 +51,18 @@ class Fields:
             raise ConfigError(f"{self._what}: missing field {name!r}")
         return self._value[name]
 
+    def is_null(self, name: str) -> bool:
+        """True if the (required) field is JSON null: an optional value left unset."""
+        return self._get(name) is None
+
+    def list_of_integers(self, name: str) -> list[int]:
+        value = self._get(name)
+        if not isinstance(value, list) or not all(
+            isinstance(item, int) and not isinstance(item, bool) for item in value
+        ):
+            raise ConfigError(f"{self._what}: field {name!r} must be a list of integers")
+        return value
+
     def has(self, name: str) -> bool:
         return name in self._value
 

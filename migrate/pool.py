@@ -1,0 +1,200 @@
+"""A server's view of the pool: schedule, threat level, revocations and rate-contract strikes.
+
+Theory of operation: every server holds ``K_n`` and computes the same schedule. What can make
+servers' schedules differ is what happened at run time: a threat-level change, a reactive
+trigger (a re-anchor), a revocation. These arrive as group control messages
+(``migrate.control``), are validated here against the server's own schedule, and are kept in a
+small persistent state so that a restarted server rejoins the pool where it left.
+
+Rate contracts (paper section I): each epoch, the shim reports which clients exceeded their
+contract. A first offence earns a *strike*: the client is blocked until the service roams
+(its second chance). An offence in a later epoch, after the roam, makes it a repeat offender:
+it is revoked (no further key extensions, refused by every firewall).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from migrate.control import Revoke, Threat, Trigger
+from migrate.endpoints import Endpoint
+from migrate.errors import ConfigError, InconsistentUpdateError, RevokedClientError, RoamError
+from migrate.gating import next_departure
+from migrate.registration import ClientList, ClientRecord, Deployment, DeploymentSecret
+from migrate.schedule import Anchor, EpochSchedule, MSchedule
+from migrate.strictjson import dump_object, parse_object
+from migrate.updates import RoamingUpdate, compose_update
+
+STATE_FORMAT = "server-roaming/server-state"
+TRIGGER_SLACK_EPOCHS = 1
+
+
+@dataclass(slots=True)
+class PoolState:
+    """What a server persists between runs."""
+
+    deployment_id: bytes
+    anchor: Anchor | None = None
+    m: MSchedule | None = None
+    revoked: set[int] = field(default_factory=set)
+
+    def encode(self) -> bytes:
+        return dump_object(
+            STATE_FORMAT,
+            1,
+            {
+                "deployment_id": self.deployment_id.hex(),
+                "anchor": None
+                if self.anchor is None
+                else {"epoch": self.anchor.epoch, "time": self.anchor.time},
+                "m": None
+                if self.m is None
+                else {str(k): v for k, v in self.m.as_mapping().items()},
+                "revoked": sorted(self.revoked),
+            },
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> PoolState:
+        fields = parse_object(data, STATE_FORMAT, 1)
+        state = cls(fields.hex_bytes("deployment_id", 16))
+        if not fields.is_null("anchor"):
+            anchor = fields.object("anchor")
+            state.anchor = Anchor(anchor.integer("epoch", 1), anchor.number("time"))
+            anchor.done()
+        if not fields.is_null("m"):
+            m = fields.object("m")
+            mapping = {}
+            for key in m.names():
+                if not key.isdigit():
+                    raise ConfigError(f"server state: m key {key!r} is not an epoch")
+                mapping[int(key)] = m.integer(key)
+            m.done()
+            state.m = MSchedule.from_mapping(mapping)
+        state.revoked = set(fields.list_of_integers("revoked"))
+        fields.done()
+        return state
+
+
+class ServerPool:
+    """One server's roaming state; pure, driven by the shim."""
+
+    def __init__(
+        self,
+        deployment: Deployment,
+        secret: DeploymentSecret,
+        clients: ClientList,
+        me: Endpoint,
+        state: PoolState | None = None,
+    ) -> None:
+        if me not in deployment.servers:
+            raise ConfigError(
+                f"{me} is not in the deployment's server list "
+                f"({', '.join(map(str, deployment.servers))})"
+            )
+        self.deployment = deployment
+        self.me = me
+        self.index = deployment.servers.index(me)
+        self.clients = clients
+        self.state = state or PoolState(deployment.deployment_id)
+        if self.state.deployment_id != deployment.deployment_id:
+            raise ConfigError("the server state file belongs to another deployment")
+        params = deployment.schedule_params()
+        if self.state.m is not None:
+            params = replace(params, m=self.state.m)
+        self.schedule = EpochSchedule(
+            secret.chain(deployment.chain_length), params, self.state.anchor
+        )
+        self.strikes: dict[int, int] = {}  # client id -> epoch of its first offence
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def record(self, client: ClientRecord) -> ClientRecord:
+        """The client as this server sees it now (revocations applied)."""
+        if client.client_id in self.state.revoked and not client.revoked:
+            return replace(client, revoked=True)
+        return client
+
+    def legitimate(self) -> list[ClientRecord]:
+        return [c for c in map(self.record, self.clients.clients) if not c.revoked]
+
+    def blocked(self, epoch: int) -> set[int]:
+        """Clients with a strike in this epoch: blocked until the service roams."""
+        return {client for client, strike in self.strikes.items() if strike == epoch}
+
+    def update_for(self, client: ClientRecord, now: float) -> RoamingUpdate:
+        return compose_update(self.schedule, now, self.record(client), self.deployment.chain_length)
+
+    def report_offence(self, client_id: int, epoch: int) -> str:
+        """A client exceeded its rate contract during ``epoch``.
+
+        Returns ``"strike"`` (blocked until the next roam) or ``"revoke"`` (a repeat offender:
+        the caller broadcasts a ``Revoke``). Repeated reports in the same epoch are one offence.
+        """
+        if client_id in self.state.revoked:
+            return "revoked"
+        first = self.strikes.get(client_id)
+        if first is None or first == epoch:
+            self.strikes[client_id] = epoch
+            return "strike"
+        return "revoke"
+
+    # -- control -----------------------------------------------------------------------------
+
+    def validate(self, message: Threat | Trigger | Revoke, now: float) -> None:
+        """Check a control message against our own state; raises, changes nothing."""
+        current = self.schedule.epoch_at(now).index
+        if isinstance(message, Threat):
+            try:
+                self.schedule.params.m.announce(message.m, message.from_epoch, current)
+            except RoamError as error:
+                raise InconsistentUpdateError(f"threat change refused: {error}") from None
+        elif isinstance(message, Trigger):
+            running = self.schedule.epoch_at(message.at).index
+            if abs(running - message.leave_epoch) > TRIGGER_SLACK_EPOCHS:
+                raise InconsistentUpdateError(
+                    f"trigger leaves epoch {message.leave_epoch}, but epoch {running} runs at "
+                    f"its time"
+                )
+            expected = next_departure(self.schedule, message.at)
+            if running != message.leave_epoch:
+                # Within the slack: recompute from the sender's epoch.
+                start = self.schedule.start_of(message.leave_epoch)
+                expected = next_departure(self.schedule, start)
+            if message.next_epoch != expected:
+                raise InconsistentUpdateError(
+                    f"trigger jumps to epoch {message.next_epoch}, but the first epoch on "
+                    f"another server is {expected}"
+                )
+        elif self.clients.by_id(message.client_id) is None:
+            raise InconsistentUpdateError(f"revoke names unknown client id {message.client_id}")
+
+    def apply(self, message: Threat | Trigger | Revoke, now: float) -> str:
+        """Validate and apply; returns a one-line description for the log."""
+        self.validate(message, now)
+        if isinstance(message, Threat):
+            current = self.schedule.epoch_at(now).index
+            m = self.schedule.params.m.announce(message.m, message.from_epoch, current)
+            self.schedule.set_m_schedule(m)
+            self.state.m = m
+            return f"m = {message.m} from epoch {message.from_epoch}"
+        if isinstance(message, Trigger):
+            anchor = Anchor(message.next_epoch, message.at)
+            self.schedule.reanchor(anchor)
+            self.state.anchor = anchor
+            return (
+                f"reactive roam: epoch {message.leave_epoch} ends at {message.at:.3f}, "
+                f"epoch {message.next_epoch} starts"
+            )
+        self.state.revoked.add(message.client_id)
+        self.strikes.pop(message.client_id, None)
+        return f"client {message.client_id} revoked"
+
+    def make_trigger(self, now: float) -> Trigger:
+        """The trigger that moves the service off its current server at ``now``."""
+        current = self.schedule.epoch_at(now).index
+        return Trigger(current, next_departure(self.schedule, now), now)
+
+    def check_client_allowed(self, client: ClientRecord) -> None:
+        if self.record(client).revoked:
+            raise RevokedClientError(f"client {client.name!r} is revoked")
