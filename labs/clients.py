@@ -14,6 +14,9 @@ import io
 import json
 import os
 import re
+import selectors
+import subprocess
+import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -247,6 +250,94 @@ def iperf3(
         detail = completed.stderr.strip().splitlines()
         raise LabError(f"iperf3 from {node.name} failed: {detail[-1] if detail else 'no output'}")
     return parse_iperf3_json(completed.stdout)
+
+
+# --- UDP loss probe -----------------------------------------------------------------------
+
+PROBE_SCRIPT = Path(__file__).with_name("udp_probe.py")
+PROBE_READY_TIMEOUT_S = 10.0
+PROBE_HEADERS_BYTES = 42  # Ethernet 14 + IPv4 20 + UDP 8, for pacing against a rate
+
+
+@dataclass(frozen=True)
+class LossProbeResult:
+    sent: int
+    received: int
+
+    @property
+    def loss_pct(self) -> float:
+        if self.sent == 0:
+            return 100.0
+        return 100.0 * (self.sent - self.received) / self.sent
+
+
+def probe_interval_s(rate_mbit: float, size_bytes: int) -> float:
+    """The gap between probes that keeps them at ``rate_mbit`` on the wire."""
+    return (size_bytes + PROBE_HEADERS_BYTES) * 8 / (rate_mbit * 1e6)
+
+
+def udp_loss_probe(
+    sender: Node,
+    receiver: Node,
+    *,
+    address: str | IPv4Address | None = None,
+    port: int = 9000,
+    count: int = 3000,
+    interval_s: float = 0.0005,
+    size_bytes: int = 200,
+    idle_s: float = 1.0,
+) -> LossProbeResult:
+    """Send ``count`` numbered UDP datagrams from ``sender`` to ``receiver`` (at ``address``,
+    default its primary address) and count how many arrive: one-way loss, bounded in time."""
+    if not 1 <= count <= 1_000_000:
+        raise ConfigError(f"count must be in [1, 1000000], got {count!r}")
+    if not 0 < interval_s <= 1 or not 8 <= size_bytes <= 1400:
+        raise ConfigError("interval_s must be in (0, 1] and size_bytes in [8, 1400]")
+    target = str(address) if address is not None else str(receiver.address)
+    send_time_s = count * interval_s
+    listener = receiver.popen(
+        [
+            sys.executable, str(PROBE_SCRIPT), "receive", "--bind", target, "--port", str(port),
+            "--count", str(count), "--idle-s", f"{idle_s:g}",
+            "--timeout-s", f"{send_time_s + idle_s + PROBE_READY_TIMEOUT_S + 10:g}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        _wait_for_line(listener, "ready", PROBE_READY_TIMEOUT_S, f"UDP probe receiver on {receiver.name}")
+        sender.run(
+            [
+                sys.executable, str(PROBE_SCRIPT), "send", "--to", target, "--port", str(port),
+                "--count", str(count), "--interval-s", f"{interval_s:g}",
+                "--size", str(size_bytes),
+            ],
+            check=True,
+            timeout=send_time_s + 30,
+        )
+        stdout, stderr = listener.communicate(timeout=send_time_s + idle_s + 30)
+    finally:
+        if listener.poll() is None:
+            listener.kill()
+            listener.communicate(timeout=10)
+    lines = stdout.strip().splitlines()
+    try:
+        received = int(json.loads(lines[-1])["received"])
+    except (IndexError, KeyError, ValueError):
+        raise LabError(f"UDP probe receiver on {receiver.name} failed: {stderr.strip()}") from None
+    return LossProbeResult(sent=count, received=received)
+
+
+def _wait_for_line(process: subprocess.Popen[str], wanted: str, timeout_s: float, what: str) -> None:
+    assert process.stdout is not None
+    with selectors.DefaultSelector() as selector:
+        selector.register(process.stdout, selectors.EVENT_READ)
+        if not selector.select(timeout=timeout_s):
+            raise LabError(f"{what} did not start within {timeout_s:g} s")
+        line = process.stdout.readline().strip()
+    if line != wanted:
+        raise LabError(f"{what} did not start: {line or 'no output'}")
 
 
 # --- redis-benchmark ----------------------------------------------------------------------

@@ -195,6 +195,11 @@ class Lab:
         return self._state == "running"
 
     @property
+    def state(self) -> str:
+        """``new``, ``running``, ``closing`` or ``closed``."""
+        return self._state
+
+    @property
     def namespaces(self) -> list[str]:
         """Every namespace the lab creates (also those of a partly built lab)."""
         return list(self._record.namespaces) if self._record is not None else []

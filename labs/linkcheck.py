@@ -1,8 +1,8 @@
 """Measure a shaped link: the kit checking itself (``roam lab linkcheck``).
 
 A two-host lab with one link shaped as asked; throughput is iperf3 TCP from ``a`` to ``b``
-(the first second, slow start, is omitted), loss is a UDP probe of ``probes`` datagrams from
-``a`` to ``b`` counted by iperf3's sequence numbers, so it measures one direction, which is what
+(the first second, slow start, is omitted), loss is a UDP probe of ``probes`` numbered datagrams
+from ``a`` to ``b`` (``labs/udp_probe.py``), so it measures one direction, which is what
 ``loss_pct`` configures. With loss configured, the TCP figure is what TCP achieves through that
 loss, not the configured rate.
 """
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from migrate.errors import ConfigError
 
-from labs.clients import iperf3
+from labs.clients import iperf3, probe_interval_s, udp_loss_probe
 from labs.lab import Lab
 from labs.params import LinkParams
 from labs.services import start_iperf3_server
@@ -60,26 +60,23 @@ def check_link(
         raise ConfigError(f"duration must be in [0.5, 60] s, got {duration_s!r}")
     if not 100 <= probes <= 100_000:
         raise ConfigError(f"probes must be in [100, 100000], got {probes!r}")
+    probe_mbit = min(rate_mbit / 2, MAX_PROBE_MBIT)
     with Lab(LinkTopo(params)) as lab:
         a, b = lab["a"], lab["b"]
         with start_iperf3_server(b):
             tcp = iperf3(a, b.address, duration_s=duration_s, omit_s=1.0)
-            # half the rate (at most 5 Mbit/s) keeps the queue empty: every loss is the rule's
-            udp = iperf3(
-                a,
-                b.address,
-                udp=True,
-                bitrate_mbit=min(rate_mbit / 2, MAX_PROBE_MBIT),
-                length_bytes=PROBE_BYTES,
-                blocks=probes,
-                timeout_s=probes * PROBE_BYTES * 8 / (min(rate_mbit / 2, MAX_PROBE_MBIT) * 1e6)
-                + 30,
-            )
-    assert udp.lost_pct is not None
+        # half the rate (at most 5 Mbit/s) keeps the queue empty: every loss is the rule's
+        probe = udp_loss_probe(
+            a,
+            b,
+            count=probes,
+            size_bytes=PROBE_BYTES,
+            interval_s=probe_interval_s(probe_mbit, PROBE_BYTES),
+        )
     return LinkCheck(
         configured_mbit=rate_mbit,
         measured_mbit=tcp.received_mbit,
         configured_loss_pct=loss_pct,
-        measured_loss_pct=udp.lost_pct,
-        probes=udp.packets or probes,
+        measured_loss_pct=probe.loss_pct,
+        probes=probe.sent,
     )

@@ -155,13 +155,14 @@ def build_network(
                 with _step(f"{where} up"):
                     socket.link("set", index=index, state="up")
 
+        # the loss of a direction is applied where its packets arrive (see labs.shaping)
+        arriving_loss: dict[str, dict[str, int]] = {node.name: {} for node in nodes}
+        for link in topo.links():
+            for sender, receiver in ((link.end1, link.end2), (link.end2, link.end1)):
+                if sender.egress.loss_per_10000 > 0:
+                    arriving_loss[receiver.node][receiver.ifname] = sender.egress.loss_per_10000
         for node in nodes:
-            losses = {
-                i.ifname: i.egress.loss_per_10000
-                for i in topo.interfaces(node.name)
-                if i.egress.loss_per_10000 > 0
-            }
-            apply_loss(namespace_of[node.name], node.name, table, losses)
+            apply_loss(namespace_of[node.name], node.name, table, arriving_loss[node.name])
             for interface in topo.interfaces(node.name):
                 if interface.offloads_off:
                     set_offloads(namespace_of[node.name], node.name, interface.ifname, enabled=False)

@@ -2,11 +2,15 @@
 
 * Rate: an htb class on the interface's root qdisc (pyroute2 netlink), with a pfifo of
   ``queue_packets`` behind it when asked, or netem when a delay is asked and exists.
-* Loss: one nftables table per namespace (family ``netdev``), one ``egress`` chain per lossy
-  interface with ``numgen random mod 10000 < N drop``. The egress hook runs before the qdisc
-  and before packet taps, so a dropped packet neither uses the rate nor appears in a capture on
-  either side, as if it had been lost on the wire. pyroute2's nftables support cannot express
-  ``numgen``, so the ruleset goes to ``nft -f -``.
+* Loss: one nftables table per namespace (family ``netdev``), one ``ingress`` chain per
+  interface whose peer sends lossy traffic, with ``numgen random mod 10000 < N drop``. The
+  drop happens where the packet arrives, as on a wire: the sender's stack never learns of it.
+  (Dropping at the sender's egress hook would not do: the kernel reports such a drop to the
+  sending socket as local congestion, so ping retries, TCP does not back off, and the loss
+  stays invisible.) A capture on the receiving interface still shows the packets the rule
+  then drops, since packet taps run before the ingress hook; capture on the sending side to
+  see what was "on the wire". pyroute2's nftables support cannot express ``numgen``, so the
+  ruleset goes to ``nft -f -``.
 * Delay: this kernel has no netem. ``netem_available()`` asks the kernel once, inside a
   throw-away anonymous namespace, so the probe leaves nothing behind.
 * Offloads: ``ethtool -K`` (the ethtool netlink API of pyroute2 does not set features).
@@ -87,13 +91,16 @@ def apply_qdiscs(ipr: IPRoute, index: int, params: LinkParams) -> None:
 
 
 def loss_ruleset(table: str, loss_per_10000: Mapping[str, int]) -> str:
-    """The nftables ruleset that drops the given share of each interface's egress packets."""
+    """The nftables ruleset that drops the given share of the packets arriving on each
+    interface (``{ifname: bound}``, the loss in units of 0.01 %)."""
     lines = [f"table netdev {table} {{"]
     for ifname, bound in sorted(loss_per_10000.items()):
         lines += [
             f"  chain loss_{ifname} {{",
-            f'    type filter hook egress device "{ifname}" priority 0; policy accept;',
-            f"    numgen random mod 10000 < {bound} counter drop",
+            f'    type filter hook ingress device "{ifname}" priority 0; policy accept;',
+            # IPv4 only: losing ARP too would add 1 s resolution stalls that no wire loss
+            # of the modelled kind explains
+            f"    meta protocol ip numgen random mod 10000 < {bound} counter drop",
             "  }",
         ]
     lines.append("}")
