@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from migrate.errors import ConfigError
-
 from labs.errors import LabError
+from migrate.errors import ConfigError
 
 if TYPE_CHECKING:
     from labs.node import Node

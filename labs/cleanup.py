@@ -20,12 +20,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from migrate.errors import ConfigError
-
 from labs.naming import NETNS_DIR, RECORD_DIR, LabId, parse_namespace
 from labs.plumbing import namespace_exists, remove_namespace
 from labs.processes import DEFAULT_GRACE_S, kill_pids, pids_in_namespaces, process_start_ticks
 from labs.records import LabRecord, record_paths, remove_record
+from migrate.errors import ConfigError
 
 
 @dataclass
@@ -60,7 +59,9 @@ def teardown(
     own = [name for name in namespaces if name.startswith(lab_id.namespace_prefix)]
     paths = [NETNS_DIR / name for name in own]
     try:
-        report.pids_stopped = kill_pids(pids_in_namespaces(paths), grace_s=grace_s, still_ours=paths)
+        report.pids_stopped = kill_pids(
+            pids_in_namespaces(paths), grace_s=grace_s, still_ours=paths
+        )
     except OSError as error:
         report.errors.append(f"stopping processes: {error}")
     for name in own:

@@ -24,10 +24,9 @@ from ipaddress import IPv4Address
 from pathlib import Path
 from typing import Any
 
-from migrate.errors import ConfigError
-
 from labs.errors import LabError
 from labs.node import Node
+from migrate.errors import ConfigError
 
 CURL_WRITE_OUT = "%{json}"  # curl >= 7.70 prints every transfer variable as one JSON object
 
@@ -58,7 +57,7 @@ def parse_curl_write_out(
     """Parse the ``-w '%{json}'`` object curl printed (missing or broken: zeros)."""
     data: dict[str, Any] = {}
     text = stdout.strip()
-    start = text.rfind("{\"")
+    start = text.rfind('{"')
     if start >= 0:
         try:
             data = json.loads(text[start:])
@@ -92,14 +91,22 @@ def curl(
     """Fetch ``url`` from ``node``; the body is returned when ``keep_body`` (for small files)."""
     if timeout_s <= 0:
         raise ConfigError(f"timeout_s must be positive, got {timeout_s!r}")
-    handle, name = tempfile.mkstemp(prefix=f"curl-{node.name}-", suffix=".body", dir=node.lab.workdir)
+    handle, name = tempfile.mkstemp(
+        prefix=f"curl-{node.name}-", suffix=".body", dir=node.lab.workdir
+    )
     os.close(handle)
     body_path = Path(name)
     argv = [
-        "curl", "-sS", "--max-time", f"{timeout_s:g}",
-        "-o", str(body_path) if keep_body else "/dev/null",
-        "-w", CURL_WRITE_OUT,
-        *extra_args, url,
+        "curl",
+        "-sS",
+        "--max-time",
+        f"{timeout_s:g}",
+        "-o",
+        str(body_path) if keep_body else "/dev/null",
+        "-w",
+        CURL_WRITE_OUT,
+        *extra_args,
+        url,
     ]
     completed = node.run(argv, timeout=timeout_s + 10)
     body = body_path.read_bytes() if keep_body else None
@@ -297,21 +304,43 @@ def udp_loss_probe(
     send_time_s = count * interval_s
     listener = receiver.popen(
         [
-            sys.executable, str(PROBE_SCRIPT), "receive", "--bind", target, "--port", str(port),
-            "--count", str(count), "--idle-s", f"{idle_s:g}",
-            "--timeout-s", f"{send_time_s + idle_s + PROBE_READY_TIMEOUT_S + 10:g}",
+            sys.executable,
+            str(PROBE_SCRIPT),
+            "receive",
+            "--bind",
+            target,
+            "--port",
+            str(port),
+            "--count",
+            str(count),
+            "--idle-s",
+            f"{idle_s:g}",
+            "--timeout-s",
+            f"{send_time_s + idle_s + PROBE_READY_TIMEOUT_S + 10:g}",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        _wait_for_line(listener, "ready", PROBE_READY_TIMEOUT_S, f"UDP probe receiver on {receiver.name}")
+        _wait_for_line(
+            listener, "ready", PROBE_READY_TIMEOUT_S, f"UDP probe receiver on {receiver.name}"
+        )
         sender.run(
             [
-                sys.executable, str(PROBE_SCRIPT), "send", "--to", target, "--port", str(port),
-                "--count", str(count), "--interval-s", f"{interval_s:g}",
-                "--size", str(size_bytes),
+                sys.executable,
+                str(PROBE_SCRIPT),
+                "send",
+                "--to",
+                target,
+                "--port",
+                str(port),
+                "--count",
+                str(count),
+                "--interval-s",
+                f"{interval_s:g}",
+                "--size",
+                str(size_bytes),
             ],
             check=True,
             timeout=send_time_s + 30,
@@ -329,7 +358,9 @@ def udp_loss_probe(
     return LossProbeResult(sent=count, received=received)
 
 
-def _wait_for_line(process: subprocess.Popen[str], wanted: str, timeout_s: float, what: str) -> None:
+def _wait_for_line(
+    process: subprocess.Popen[str], wanted: str, timeout_s: float, what: str
+) -> None:
     assert process.stdout is not None
     with selectors.DefaultSelector() as selector:
         selector.register(process.stdout, selectors.EVENT_READ)
@@ -409,8 +440,18 @@ def redis_benchmark(
     if not 1 <= requests <= 10_000_000 or not 1 <= clients <= 10_000:
         raise ConfigError("requests must be in [1, 1e7] and clients in [1, 1e4]")
     argv = [
-        "redis-benchmark", "-h", str(server), "-p", str(port), "-n", str(requests),
-        "-c", str(clients), "-t", ",".join(tests), "--csv",
+        "redis-benchmark",
+        "-h",
+        str(server),
+        "-p",
+        str(port),
+        "-n",
+        str(requests),
+        "-c",
+        str(clients),
+        "-t",
+        ",".join(tests),
+        "--csv",
     ]
     completed = node.run(argv, timeout=timeout_s)
     results = parse_redis_benchmark_csv(completed.stdout)

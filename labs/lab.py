@@ -12,6 +12,7 @@ acts on.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
@@ -19,8 +20,6 @@ from ipaddress import IPv4Network
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-
-from migrate.errors import ConfigError
 
 from labs import lifecycle
 from labs.cleanup import teardown
@@ -34,6 +33,7 @@ from labs.records import LabRecord
 from labs.routing import Route, static_routes
 from labs.shaping import netem_available
 from labs.topo import NodeKind, Topo
+from migrate.errors import ConfigError
 
 _NODE_CLASSES: dict[NodeKind, type[Node]] = {
     NodeKind.HOST: Host,
@@ -144,7 +144,8 @@ class Lab:
             if self._state != "running":
                 return
             self._state = "closing"
-        assert self._id is not None and self._record is not None
+        assert self._id is not None
+        assert self._record is not None
         stop_children(self._processes, grace_s=self.stop_grace_s)
         report = teardown(
             self._id,
@@ -170,10 +171,9 @@ class Lab:
             self._processes.append(process)
             if self._record is not None:
                 self._record.pids.append(int(process.pid))
-                try:
+                # the pid list is informative; cleanup finds processes by namespace
+                with contextlib.suppress(OSError):
                     self._record.save(self._record_dir)
-                except OSError:
-                    pass  # the pid list is informative; cleanup finds processes by namespace
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -236,4 +236,3 @@ class Lab:
     @property
     def switches(self) -> list[Node]:
         return [n for n in self._nodes.values() if n.kind is NodeKind.SWITCH]
-

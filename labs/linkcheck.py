@@ -11,13 +11,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from migrate.errors import ConfigError
-
 from labs.clients import iperf3, probe_interval_s, udp_loss_probe
 from labs.lab import Lab
 from labs.params import LinkParams
 from labs.services import start_iperf3_server
 from labs.topo import Topo
+from migrate.errors import ConfigError
 
 PROBE_BYTES = 200
 MAX_PROBE_MBIT = 5.0

@@ -18,14 +18,13 @@ from typing import TYPE_CHECKING, Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from migrate.errors import ConfigError
-
 from labs.capture import Capture, start_capture
 from labs.errors import LabError
 from labs.nsexec import DEFAULT_TIMEOUT_S, netns_argv, run_in_netns
 from labs.params import LinkParams
 from labs.shaping import set_offloads
 from labs.topo import NodeKind
+from migrate.errors import ConfigError
 
 if TYPE_CHECKING:
     from labs.lab import Lab
@@ -194,7 +193,7 @@ class Node:
         snaplen_bytes: int | None = None,
     ) -> Iterator[Capture]:
         """Capture ``ifname`` into the pcap ``path`` for the duration of the ``with`` block."""
-        if ifname != "any" and ifname != "lo":
+        if ifname not in {"any", "lo"}:
             self.interface(ifname)
         capture = start_capture(self, ifname, Path(path), bpf_filter, snaplen_bytes)
         try:

@@ -12,9 +12,8 @@ import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 
-from migrate.errors import ConfigError
-
 from labs.errors import CommandFailedError, CommandTimeoutError
+from migrate.errors import ConfigError
 
 DEFAULT_TIMEOUT_S = 60.0
 
@@ -30,9 +29,7 @@ def require_tools(*names: str) -> None:
     """Raise a ``ConfigError`` naming every program in ``names`` that is not installed."""
     missing = [name for name in names if shutil.which(name) is None]
     if missing:
-        raise ConfigError(
-            f"missing programs: {', '.join(missing)} (install them: make deps)"
-        )
+        raise ConfigError(f"missing programs: {', '.join(missing)} (install them: make deps)")
 
 
 def run_in_netns(
@@ -65,7 +62,9 @@ def run_in_netns(
             check=False,
         )
     except subprocess.TimeoutExpired as error:
-        raise CommandTimeoutError(where, list(argv), timeout_s, error.stdout, error.stderr) from None
+        raise CommandTimeoutError(
+            where, list(argv), timeout_s, error.stdout, error.stderr
+        ) from None
     # Report the program's own argv, not the ip-netns-exec wrapper.
     completed.args = list(argv)
     if check and completed.returncode != 0:

@@ -61,7 +61,9 @@ def write_sysctls(namespace: str, where: str, values: dict[str, str]) -> None:
     if not values:
         return
     settings = [f"{key}={value}" for key, value in values.items()]
-    run_in_netns(namespace, ["sysctl", "-q", "-w", *settings], where=where, check=True, timeout_s=10)
+    run_in_netns(
+        namespace, ["sysctl", "-q", "-w", *settings], where=where, check=True, timeout_s=10
+    )
 
 
 @contextmanager
@@ -165,7 +167,9 @@ def build_network(
             apply_loss(namespace_of[node.name], node.name, table, arriving_loss[node.name])
             for interface in topo.interfaces(node.name):
                 if interface.offloads_off:
-                    set_offloads(namespace_of[node.name], node.name, interface.ifname, enabled=False)
+                    set_offloads(
+                        namespace_of[node.name], node.name, interface.ifname, enabled=False
+                    )
 
         for node_name, node_routes in routes.items():
             socket = ipr[node_name]

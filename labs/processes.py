@@ -8,6 +8,7 @@ has been reused by an unrelated process in the meantime is never hit.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import select
 import signal
@@ -100,16 +101,12 @@ def kill_pids(
         pidfds[pid] = fd
     signalled = sorted(pidfds)
     for fd in pidfds.values():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(fd, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
     _wait_pidfds(pidfds, time.monotonic() + grace_s)
     for fd in pidfds.values():
-        try:
+        with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(fd, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     _wait_pidfds(pidfds, time.monotonic() + _KILL_WAIT_S)
     for fd in pidfds.values():
         os.close(fd)
@@ -125,10 +122,8 @@ def stop_children(
     them, so that none stays a zombie."""
     running = [p for p in processes if p.poll() is None]
     for process in running:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             process.terminate()
-        except ProcessLookupError:
-            pass
     deadline = time.monotonic() + grace_s
     for process in running:
         try:
@@ -136,7 +131,6 @@ def stop_children(
         except subprocess.TimeoutExpired:
             process.kill()
     for process in running:
-        try:
+        # a process stuck in the kernel (D state) may survive; the namespace sweep reports it
+        with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=_KILL_WAIT_S)
-        except subprocess.TimeoutExpired:
-            pass  # unkillable (D state); the namespace sweep reports it

@@ -13,10 +13,9 @@ import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from migrate.errors import ConfigError
-
 from labs.naming import RECORD_DIR, LabId
 from labs.processes import process_start_ticks
+from migrate.errors import ConfigError
 
 RECORD_VERSION = 1
 
@@ -70,7 +69,8 @@ class LabRecord:
                 lab_id=str(data["lab_id"]),
                 owner_pid=int(data["owner_pid"]),
                 owner_start_ticks=(
-                    None if data.get("owner_start_ticks") is None
+                    None
+                    if data.get("owner_start_ticks") is None
                     else int(data["owner_start_ticks"])
                 ),
                 namespaces=[str(name) for name in data["namespaces"]],

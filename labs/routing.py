@@ -14,9 +14,9 @@ from collections import deque
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Network
 
-DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
-
 from labs.topo import InterfaceSpec, NodeKind, Topo
+
+DEFAULT_ROUTE = IPv4Network("0.0.0.0/0")
 
 
 @dataclass(frozen=True)

@@ -22,12 +22,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from migrate.errors import ConfigError
-
 from labs.errors import ServiceStartError
 from labs.naming import NETNS_DIR
 from labs.node import Node
 from labs.processes import DEFAULT_GRACE_S, namespace_inode, stop_children
+from migrate.errors import ConfigError
 
 READY_TIMEOUT_S = 10.0
 _POLL_S = 0.02
@@ -117,9 +116,7 @@ def _listening(pid: int, address: IPv4Address, port: int) -> bool:
     return False
 
 
-def wait_until_listening(
-    service: Service, *, timeout_s: float = READY_TIMEOUT_S
-) -> Service:
+def wait_until_listening(service: Service, *, timeout_s: float = READY_TIMEOUT_S) -> Service:
     """Return ``service`` once it listens; stop it and raise ``ServiceStartError`` if it exits
     or does not listen within ``timeout_s``."""
     netns_path = NETNS_DIR / service.node.netns
@@ -175,7 +172,14 @@ def start_http_server(
     if not root.is_dir():
         raise ConfigError(f"http server directory {root} does not exist")
     argv = [
-        sys.executable, "-m", "http.server", "--bind", str(listen), "--directory", str(root), str(port)
+        sys.executable,
+        "-m",
+        "http.server",
+        "--bind",
+        str(listen),
+        "--directory",
+        str(root),
+        str(port),
     ]
     workdir = _service_dir(node, "http", port)
     return _start(node, "http.server", argv, listen, port, workdir, ready_timeout_s)
@@ -208,7 +212,10 @@ def nginx_config(
 ) -> str:
     """A private nginx configuration: pid file, logs and temp files all inside ``workdir``,
     in the foreground, as root (it reads whatever the test wrote)."""
-    temp_paths = [f"    client_body_temp_path {workdir}/client_body;", f"    proxy_temp_path {workdir}/proxy;"]
+    temp_paths = [
+        f"    client_body_temp_path {workdir}/client_body;",
+        f"    proxy_temp_path {workdir}/proxy;",
+    ]
     temp_paths += [
         f"    {name}_temp_path {workdir}/{name};"
         for name in ("fastcgi", "uwsgi", "scgi")
@@ -292,13 +299,20 @@ def start_redis(
     workdir = _service_dir(node, "redis", port)
     argv = [
         "redis-server",
-        "--bind", str(listen),
-        "--port", str(port),
-        "--save", "",
-        "--appendonly", "no",
-        "--protected-mode", "no",
-        "--daemonize", "no",
-        "--dir", str(workdir),
+        "--bind",
+        str(listen),
+        "--port",
+        str(port),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+        str(workdir),
         *extra_args,
     ]
     return _start(node, "redis-server", argv, listen, port, workdir, ready_timeout_s)

@@ -42,7 +42,19 @@ def netem_available() -> bool:
         return False
     try:
         probe = subprocess.run(
-            ["unshare", "--net", "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms"],
+            [
+                "unshare",
+                "--net",
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                "lo",
+                "root",
+                "netem",
+                "delay",
+                "1ms",
+            ],
             capture_output=True,
             timeout=NETEM_PROBE_TIMEOUT_S,
             check=False,

@@ -19,10 +19,9 @@ import ipaddress
 from dataclasses import dataclass
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 
-from migrate.errors import ConfigError
-
 from labs.naming import check_node_name, interface_name
 from labs.params import UNSHAPED, LinkParams
+from migrate.errors import ConfigError
 
 DEFAULT_ADDRESS_POOL = "10.0.0.0/16"
 SEGMENT_PREFIXLEN = 24
@@ -303,7 +302,10 @@ class Topo:
             address = interface.ip
             if "/" in str(given) and interface.network != subnet:
                 raise ConfigError(f"address {given} of {spec.name} is not in subnet {subnet}")
-            if address not in subnet or address in (subnet.network_address, subnet.broadcast_address):
+            if address not in subnet or address in (
+                subnet.network_address,
+                subnet.broadcast_address,
+            ):
                 raise ConfigError(f"address {given} of {spec.name} is not a host of {subnet}")
             if address in used:
                 raise ConfigError(f"address {address} is used twice in {subnet}")

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from ipaddress import IPv4Network
 
-from migrate.errors import ConfigError
-
 from labs.params import LinkParams
 from labs.topo import DEFAULT_ADDRESS_POOL, Topo
+from migrate.errors import ConfigError
 
 MAX_POOL_HOSTS = 200  # one /24, with room for explicit addresses
 

@@ -53,10 +53,14 @@ def run_linkcheck(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.as_json()))
     else:
-        print(f"rate: configured {result.configured_mbit:g} Mbit/s, measured "
-              f"{result.measured_mbit:.2f} Mbit/s (iperf3 TCP)")
-        print(f"loss: configured {result.configured_loss_pct:g} %, measured "
-              f"{result.measured_loss_pct:.2f} % over {result.probes} UDP probes")
+        print(
+            f"rate: configured {result.configured_mbit:g} Mbit/s, measured "
+            f"{result.measured_mbit:.2f} Mbit/s (iperf3 TCP)"
+        )
+        print(
+            f"loss: configured {result.configured_loss_pct:g} %, measured "
+            f"{result.measured_loss_pct:.2f} % over {result.probes} UDP probes"
+        )
     return 0
 
 

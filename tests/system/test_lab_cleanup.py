@@ -21,7 +21,6 @@ from labs.clients import ping
 from labs.linkcheck import LinkTopo
 from labs.naming import NETNS_DIR, LabId
 
-
 pytestmark = pytest.mark.system
 
 LabFactory = Callable[..., Lab]  # the lab_factory fixture (tests/system/conftest.py)
@@ -44,7 +43,11 @@ with Lab(PoolTopo(servers=2, clients=1)) as lab:
 
 def own_namespaces() -> set[str]:
     prefix = f"roam-{os.getpid()}-"
-    return {e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix)} if NETNS_DIR.is_dir() else set()
+    return (
+        {e.name for e in NETNS_DIR.iterdir() if e.name.startswith(prefix)}
+        if NETNS_DIR.is_dir()
+        else set()
+    )
 
 
 def start_owner() -> tuple[subprocess.Popen[str], dict[str, Any]]:
@@ -185,12 +188,16 @@ def test_sigterm_to_owner_removes_its_lab() -> None:
     assert not Path(report["workdir"]).exists()
 
 
+def interrupt_self() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1)  # the handler runs between bytecodes, long before this ends
+
+
 def test_sigint_handler_is_chained_and_restored() -> None:
     previous = signal.getsignal(signal.SIGINT)
     with Lab(LinkTopo(LinkParams())) as lab:
         assert signal.getsignal(signal.SIGINT) is not previous
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)  # the handler runs between bytecodes
+            interrupt_self()
         assert lab.state == "closed"  # closed by the handler, before KeyboardInterrupt
     assert signal.getsignal(signal.SIGINT) is previous
