@@ -144,7 +144,7 @@ def test_lab_record_round_trip_and_validation(tmp_path: Path) -> None:
     lab_id = LabId(os.getpid(), "abcd")
     record = LabRecord.for_owner(lab_id, [lab_id.namespace("a")], "Two")
     path = record.save(tmp_path)
-    assert path.name == "{}-abcd.json".format(os.getpid())
+    assert path.name == f"{os.getpid()}-abcd.json"
     loaded = LabRecord.load(path)
     assert loaded == record
     assert loaded.owner_alive()
