@@ -2,9 +2,10 @@
 
 Each ``start_*`` helper starts the program in a host (tracked by the lab, so it is stopped at
 the lab's close at the latest), waits until it listens on the requested address and port, and
-returns a ``Service``. Readiness is read from ``/proc/<pid>/net/tcp`` of the service itself,
-which lists the sockets of the service's own namespace: no probe connection is made, so a
-service that counts or logs connections (iperf3 in particular) sees none. The wait is bounded;
+returns a ``Service``. Readiness is read from ``/proc/<pid>/net/tcp`` (the sockets of the
+service's namespace) and the service's own file descriptors (the listening socket must be its
+own, not another server's on the same port): no probe connection is made, so a service that
+counts or logs connections (iperf3 in particular) sees none. The wait is bounded;
 a service that exits or does not listen in time raises ``ServiceStartError`` with the last line
 of its log.
 """
@@ -12,6 +13,7 @@ of its log.
 from __future__ import annotations
 
 import functools
+import os
 import subprocess
 import sys
 import time
@@ -99,19 +101,42 @@ def _service_dir(node: Node, kind: str, port: int) -> Path:
     return path
 
 
+def _socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets ``pid`` holds open (``socket:[inode]`` links in its fd table)."""
+    inodes = set()
+    try:
+        entries = list(os.scandir(f"/proc/{pid}/fd"))
+    except OSError:
+        return set()
+    for entry in entries:
+        try:
+            target = os.readlink(entry.path)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[len("socket:[") : -1])
+    return inodes
+
+
 def _listening(pid: int, address: IPv4Address, port: int) -> bool:
-    """Whether the namespace of ``pid`` has a TCP socket listening on ``address:port``."""
+    """Whether ``pid`` itself holds a TCP socket listening on ``address:port``; another
+    process listening there (a second start on a taken port) does not count."""
     try:
         table = Path(f"/proc/{pid}/net/tcp").read_text()
     except OSError:
         return False
+    owned: set[str] | None = None
     for line in table.splitlines()[1:]:
         fields = line.split()
-        if len(fields) < 4 or fields[3] != _TCP_LISTEN:
+        if len(fields) < 10 or fields[3] != _TCP_LISTEN:
             continue
         local_hex, port_hex = fields[1].split(":")
         local = IPv4Address(int.from_bytes(bytes.fromhex(local_hex), "little"))
-        if int(port_hex, 16) == port and local in (address, IPv4Address("0.0.0.0")):
+        if int(port_hex, 16) != port or local not in (address, IPv4Address("0.0.0.0")):
+            continue
+        if owned is None:
+            owned = _socket_inodes(pid)
+        if fields[9] in owned:
             return True
     return False
 

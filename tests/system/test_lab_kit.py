@@ -83,8 +83,8 @@ def test_loss_measured_by_fast_ping_over_2000_probes(lab_factory: LabFactory) ->
     assert 5.0 <= result.loss_pct <= 15.0
 
 
-def test_paper_topology_routes_end_to_end(lab_factory: LabFactory, tmp_path: Path) -> None:
-    lab = lab_factory(PaperTopo(scale=10))
+@pytest.mark.parametrize("lab", [PaperTopo(scale=10)], indirect=True)
+def test_paper_topology_routes_end_to_end(lab: Lab, tmp_path: Path) -> None:
     for router in PaperTopo.ROUTERS:
         assert lab[router].read_sysctl("net.ipv4.ip_forward") == "1"
     content = {}
@@ -106,8 +106,8 @@ def test_paper_topology_routes_end_to_end(lab_factory: LabFactory, tmp_path: Pat
     assert ping(lab["a"], lab["s2"].address, count=3, interval_s=0.05).received == 3
 
 
-def test_hosts_have_loopback_sysctls_and_tracked_programs(lab_factory: LabFactory) -> None:
-    lab = lab_factory(PoolTopo(servers=2, clients=1, outsiders=1))
+def test_hosts_have_loopback_sysctls_and_tracked_programs(lab: Lab) -> None:
+    # `lab` is the conftest's default PoolTopo(servers=2, clients=1, outsiders=1)
     host = lab["s1"]
     assert host.netns.startswith(f"roam-{lab.id}-")
     assert ping(host, "127.0.0.1", count=2, interval_s=0.05).received == 2
@@ -123,6 +123,9 @@ def test_hosts_have_loopback_sysctls_and_tracked_programs(lab_factory: LabFactor
     # the bridge lives in the switch's own namespace
     switch_links = lab[PoolTopo.SWITCH].run(["ip", "-br", "link"], check=True).stdout
     assert "br0" in switch_links
+    # a VIP outside the subnet, routed through the LAN (what a client shim would add)
+    lab["c1"].add_route("10.200.0.1/32", ifname="eth0")
+    assert "10.200.0.1 dev eth0" in lab["c1"].run(["ip", "route"], check=True).stdout
     sleeper = lab["c1"].popen(["sleep", "60"])
     assert sleeper.poll() is None
     with pytest.raises(CommandFailedError) as failed:
