@@ -1,0 +1,1 @@
+"""Server shim: firewall gating, the client-facing relay to the legacy service, checkpoints."""

@@ -1,0 +1,832 @@
+"""The relay engine: one client socket <-> one service socket, both directions.
+
+Theory of operation
+-------------------
+A ``Relay`` owns two connected stream sockets and runs two independent one-way *pumps* over
+them: client -> service and service -> client. Pumps are driven by the event loop's readiness
+callbacks (``add_reader`` on the source, ``add_writer`` on the destination, on non-blocking
+sockets), so a relay costs no thread, and no asyncio transport or stream either: those allocate
+a ``bytes`` object per chunk and buffer without bound, which is what made a stream relay slow
+(docs/benchmarks.md). Works with the default loop and with uvloop.
+
+Each direction is either
+
+* ``Splice()``: zero-copy, ``splice(2)`` from the source socket into a private pipe, then from
+  the pipe into the destination socket; payload pages move by reference and never reach Python.
+* ``Copy(observer)``: ``recv_into`` a reused buffer, hand the chunk to ``observer`` (which sees
+  every byte once, in order, before the destination can), then ``send`` it.
+
+Backpressure: a pump reads only when it holds nothing (empty pipe, or no unsent tail). When the
+destination cannot take everything, the pump stops reading the source and waits for
+writability; the source's TCP window then closes and a stalled receiver stalls the sender. A
+relay holds at most one pipe or buffer per direction.
+
+End of stream (half-close): when a source reads EOF, its pump (which holds nothing by then)
+shuts the destination down for writing, passing the FIN on; the other direction carries on.
+When both pumps have finished, both sockets are closed normally. Any socket error (reset,
+broken pipe, ...), an observer exception or ``abort()`` ends the relay at once: both sockets get
+``SO_LINGER`` 0 before they are closed, so a reset on one side reaches the other side as a
+reset, and nothing lingers in FIN_WAIT or TIME_WAIT.
+
+``serve()`` is the accept loop around it; ``python -m proxy.relay`` runs one (see ``main``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import enum
+import errno
+import fcntl
+import functools
+import hashlib
+import json
+import logging
+import os
+import resource
+import signal
+import socket
+import struct
+import sys
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Final
+
+from proxy.transparent import DEFAULT_CONNECT_TIMEOUT_S, connect_plain, connect_transparent
+
+_log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+Observer = Callable[[memoryview], None]
+ConnectService = Callable[[socket.socket, Address], Awaitable[socket.socket]]
+
+# A 1 MiB pipe lets one splice move a whole socket receive burst (the default 64 KiB pipe has
+# only 16 slots, one per skb fragment, so it often holds much less than 64 KiB).
+DEFAULT_PIPE_SIZE: Final = 1 << 20
+DEFAULT_PIPE_CAPACITY: Final = 1 << 16  # what a pipe has when F_SETPIPE_SZ is refused
+# Copy buffers: large enough to amortise the Python cost per chunk, small enough for L2.
+DEFAULT_BUFFER_SIZE: Final = 256 << 10
+DEFAULT_BACKLOG: Final = 4096
+# Work done per readiness callback before yielding to the loop (fairness between relays).
+_ROUNDS_PER_WAKEUP: Final = 16
+_ACCEPTS_PER_WAKEUP: Final = 64
+_ACCEPT_RETRY_S: Final = 0.5  # pause after EMFILE & co., as asyncio's own accept loop does
+_SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
+_LINGER_RESET: Final = struct.pack("ii", 1, 0)  # on, 0 s: close() sends RST
+_ACCEPT_RESOURCE_ERRORS: Final = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+)
+
+_splice = os.splice
+
+
+# --- configuration of one direction -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Splice:
+    """Zero-copy: socket -> pipe -> socket. ``pipe_size_bytes`` is asked of F_SETPIPE_SZ;
+    if refused (beyond /proc/sys/fs/pipe-max-size without privilege) the pipe keeps 64 KiB."""
+
+    pipe_size_bytes: int = DEFAULT_PIPE_SIZE
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Through a reused buffer. ``observer(chunk)`` is called for every chunk, in order, before
+    it is forwarded; ``chunk`` is only valid during the call (copy it to keep it). An exception
+    from the observer ends the relay with ``EndReason.OBSERVER_FAILED``."""
+
+    observer: Observer | None = None
+    buffer_size_bytes: int = DEFAULT_BUFFER_SIZE
+
+
+Mode = Splice | Copy
+
+
+class EndReason(enum.Enum):
+    COMPLETED = "completed"  # both directions reached EOF and everything was delivered
+    RESET = "reset"  # a socket error on one side (reset, broken pipe, timeout, ...)
+    OBSERVER_FAILED = "observer-failed"
+    ABORTED = "aborted"  # Relay.abort()
+
+
+@dataclass(frozen=True)
+class RelayOutcome:
+    reason: EndReason
+    bytes_client_to_service: int
+    bytes_service_to_client: int
+    failed_side: str | None = None  # "client" or "service" for RESET
+    error: BaseException | None = None
+
+
+# --- pumps: one direction each ------------------------------------------------------------
+
+
+class _Pump:
+    """Bytes from ``src`` to ``dst`` until EOF on ``src`` (then FIN to ``dst``) or an error."""
+
+    def __init__(
+        self,
+        relay: Relay,
+        src: socket.socket,
+        dst: socket.socket,
+        src_side: str,
+        dst_side: str,
+    ) -> None:
+        self._relay = relay
+        self._loop = relay.loop
+        self._src = src
+        self._dst = dst
+        self._src_fd = src.fileno()
+        self._dst_fd = dst.fileno()
+        self.src_side = src_side
+        self.dst_side = dst_side
+        self.bytes_forwarded = 0  # accepted by the destination socket
+        self.finished = False
+        self._stopped = False
+        self._reading = False
+        self._writing = False
+
+    def start(self) -> None:
+        self._resume_reading()
+
+    def stop(self) -> None:
+        """Unregister from the loop and free the pump's own resources (not the sockets)."""
+        self._stopped = True
+        self._pause_reading()
+        self._stop_writing()
+        self._release()
+
+    def _release(self) -> None:
+        """Free the pipe or buffer; idempotent."""
+
+    def _resume_reading(self) -> None:
+        if not self._reading:
+            self._loop.add_reader(self._src_fd, self._on_readable)
+            self._reading = True
+
+    def _pause_reading(self) -> None:
+        if self._reading:
+            self._loop.remove_reader(self._src_fd)
+            self._reading = False
+
+    def _start_writing(self) -> None:
+        if not self._writing:
+            self._loop.add_writer(self._dst_fd, self._on_writable)
+            self._writing = True
+
+    def _stop_writing(self) -> None:
+        if self._writing:
+            self._loop.remove_writer(self._dst_fd)
+            self._writing = False
+
+    def _blocked(self) -> None:
+        """The destination is full: stop reading until it drains (backpressure)."""
+        self._pause_reading()
+        self._start_writing()
+
+    def _unblocked(self) -> None:
+        self._stop_writing()
+        self._resume_reading()
+
+    def _on_readable(self) -> None:
+        raise NotImplementedError
+
+    def _on_writable(self) -> None:
+        raise NotImplementedError
+
+    def _source_ended(self) -> None:
+        """EOF on the source, nothing held: pass the FIN on, keep the other direction going."""
+        self._pause_reading()
+        try:
+            self._dst.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            self._relay._pump_failed(self, self.dst_side, error)
+            return
+        self.finished = True
+        self._release()
+        self._relay._pump_finished()
+
+    def _failed(self, side: str, error: BaseException) -> None:
+        self._relay._pump_failed(self, side, error)
+
+
+class _SplicePump(_Pump):
+    def __init__(
+        self,
+        relay: Relay,
+        src: socket.socket,
+        dst: socket.socket,
+        src_side: str,
+        dst_side: str,
+        mode: Splice,
+    ) -> None:
+        super().__init__(relay, src, dst, src_side, dst_side)
+        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._capacity = _enlarge_pipe(self._pipe_w, mode.pipe_size_bytes)
+        self._in_pipe = 0
+
+    def _release(self) -> None:
+        if self._pipe_r >= 0:
+            os.close(self._pipe_r)
+            os.close(self._pipe_w)
+            self._pipe_r = self._pipe_w = -1
+
+    def _on_readable(self) -> None:
+        if self._stopped:
+            return  # a callback queued before the relay ended
+        src, pipe_w, capacity = self._src_fd, self._pipe_w, self._capacity
+        # Reading happens only with an empty pipe, so EAGAIN here means "source empty".
+        for _ in range(_ROUNDS_PER_WAKEUP):
+            try:
+                moved = _splice(src, pipe_w, capacity, None, None, _SPLICE_FLAGS)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._failed(self.src_side, error)
+                return
+            if moved == 0:
+                self._source_ended()
+                return
+            self._in_pipe = moved
+            if not self._flush():
+                return
+
+    def _flush(self) -> bool:
+        """Move the pipe to the destination; False if it holds bytes still (or failed)."""
+        pipe_r, dst, pending = self._pipe_r, self._dst_fd, self._in_pipe
+        # Bounded: every round moves at least one byte, or leaves.
+        while pending:
+            try:
+                moved = _splice(pipe_r, dst, pending, None, None, _SPLICE_FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as error:
+                self._failed(self.dst_side, error)
+                return False
+            if moved == 0:  # impossible with bytes in our own pipe; never spin on it
+                self._failed(self.dst_side, OSError(errno.EIO, "splice from pipe returned 0"))
+                return False
+            pending -= moved
+            self.bytes_forwarded += moved
+        self._in_pipe = pending
+        if pending:
+            self._blocked()
+            return False
+        return True
+
+    def _on_writable(self) -> None:
+        if self._stopped:
+            return
+        if self._flush():
+            self._unblocked()
+
+
+class _CopyPump(_Pump):
+    def __init__(
+        self,
+        relay: Relay,
+        src: socket.socket,
+        dst: socket.socket,
+        src_side: str,
+        dst_side: str,
+        mode: Copy,
+    ) -> None:
+        super().__init__(relay, src, dst, src_side, dst_side)
+        self._observer = mode.observer
+        self._view = memoryview(bytearray(mode.buffer_size_bytes))
+        self._unsent: memoryview | None = None
+
+    def _release(self) -> None:
+        self._unsent = None
+
+    def _on_readable(self) -> None:
+        if self._stopped:
+            return
+        recv_into, send = self._src.recv_into, self._dst.send
+        view, observer = self._view, self._observer
+        for _ in range(_ROUNDS_PER_WAKEUP):
+            try:
+                received = recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._failed(self.src_side, error)
+                return
+            if received == 0:
+                self._source_ended()
+                return
+            chunk = view[:received]
+            if observer is not None:
+                try:
+                    observer(chunk)
+                except Exception as error:
+                    self._relay._observer_failed(error)
+                    return
+            try:
+                sent = send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._failed(self.dst_side, error)
+                return
+            self.bytes_forwarded += sent
+            if sent < received:
+                self._unsent = chunk[sent:]
+                self._blocked()
+                return
+
+    def _on_writable(self) -> None:
+        if self._stopped or self._unsent is None:
+            return
+        try:
+            sent = self._dst.send(self._unsent)
+        except BlockingIOError:
+            return
+        except OSError as error:
+            self._failed(self.dst_side, error)
+            return
+        self.bytes_forwarded += sent
+        if sent < len(self._unsent):
+            self._unsent = self._unsent[sent:]
+            return
+        self._unsent = None
+        self._unblocked()
+
+
+def _enlarge_pipe(fd: int, size: int) -> int:
+    """Ask for a ``size``-byte pipe; return the capacity actually in force."""
+    if size <= DEFAULT_PIPE_CAPACITY:
+        return DEFAULT_PIPE_CAPACITY
+    try:
+        return fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, size)
+    except OSError:
+        # EPERM: above pipe-max-size, or the user's pipe-user-pages limit, without privilege.
+        return fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+
+
+def _make_pump(
+    relay: Relay,
+    mode: Mode,
+    src: socket.socket,
+    dst: socket.socket,
+    src_side: str,
+    dst_side: str,
+) -> _Pump:
+    if isinstance(mode, Splice):
+        return _SplicePump(relay, src, dst, src_side, dst_side, mode)
+    if isinstance(mode, Copy):
+        return _CopyPump(relay, src, dst, src_side, dst_side, mode)
+    raise TypeError(f"a direction's mode is Splice() or Copy(...), got {mode!r}")
+
+
+def close_abortively(sock: socket.socket) -> None:
+    """Close with SO_LINGER 0: the peer gets a RST, and nothing stays in TIME_WAIT."""
+    # Already reset or never connected: then a plain close is all there is to do.
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    sock.close()
+
+
+# --- the relay ----------------------------------------------------------------------------
+
+
+class Relay:
+    """Relays ``client`` <-> ``service`` (two connected stream sockets, which the relay now
+    owns and closes) until both directions are done or one side fails. ``client_to_service``
+    and ``service_to_client`` choose each direction's mode (default: ``Splice()``).
+
+    Call ``start()`` from the loop's thread; ``await wait()`` (or the ``closed`` future) gives
+    the ``RelayOutcome``. Construction raises ``OSError`` (e.g. EMFILE creating a pipe), in
+    which case the sockets are left to the caller.
+    """
+
+    def __init__(
+        self,
+        client: socket.socket,
+        service: socket.socket,
+        *,
+        client_to_service: Mode | None = None,
+        service_to_client: Mode | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        self.loop = loop or asyncio.get_running_loop()
+        self.client = client
+        self.service = service
+        client.setblocking(False)
+        service.setblocking(False)
+        self.closed: asyncio.Future[RelayOutcome] = self.loop.create_future()
+        self._upstream = _make_pump(
+            self, client_to_service or Splice(), client, service, "client", "service"
+        )
+        try:
+            self._downstream = _make_pump(
+                self, service_to_client or Splice(), service, client, "service", "client"
+            )
+        except BaseException:
+            self._upstream.stop()
+            raise
+        self._started = False
+        self._ended = False
+
+    def __repr__(self) -> str:
+        state = "ended" if self._ended else "running" if self._started else "new"
+        return (
+            f"<Relay {state} c2s={self.bytes_client_to_service} s2c={self.bytes_service_to_client}>"
+        )
+
+    @property
+    def bytes_client_to_service(self) -> int:
+        """Bytes delivered to the service socket so far."""
+        return self._upstream.bytes_forwarded
+
+    @property
+    def bytes_service_to_client(self) -> int:
+        """Bytes delivered to the client socket so far."""
+        return self._downstream.bytes_forwarded
+
+    @property
+    def ended(self) -> bool:
+        return self._ended
+
+    def start(self) -> None:
+        if self._started:
+            raise RuntimeError("a relay is started once")
+        self._started = True
+        if self._ended:
+            return
+        self._upstream.start()
+        self._downstream.start()
+
+    def abort(self) -> None:
+        """End now: both peers get a reset. Safe to call at any time, and twice."""
+        self._end(EndReason.ABORTED, abortive=True)
+
+    async def wait(self) -> RelayOutcome:
+        """Wait for the end; cancelling the wait does not end the relay."""
+        return await asyncio.shield(self.closed)
+
+    # --- called by the pumps ---------------------------------------------------------------
+
+    def _pump_finished(self) -> None:
+        if self._upstream.finished and self._downstream.finished:
+            self._end(EndReason.COMPLETED, abortive=False)
+
+    def _pump_failed(self, pump: _Pump, side: str, error: BaseException) -> None:
+        _log.debug("relay %r: %s side failed: %s", self, side, error)
+        self._end(EndReason.RESET, abortive=True, side=side, error=error)
+
+    def _observer_failed(self, error: BaseException) -> None:
+        _log.debug("relay %r: observer failed: %r", self, error)
+        self._end(EndReason.OBSERVER_FAILED, abortive=True, error=error)
+
+    def _end(
+        self,
+        reason: EndReason,
+        *,
+        abortive: bool,
+        side: str | None = None,
+        error: BaseException | None = None,
+    ) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self._upstream.stop()
+        self._downstream.stop()
+        for sock in (self.client, self.service):
+            if abortive:
+                close_abortively(sock)
+            else:
+                sock.close()
+        outcome = RelayOutcome(
+            reason, self.bytes_client_to_service, self.bytes_service_to_client, side, error
+        )
+        if not self.closed.done():
+            self.closed.set_result(outcome)
+
+
+# --- the accept loop ----------------------------------------------------------------------
+
+RelayFactory = Callable[[socket.socket, socket.socket, Address], Relay]
+
+
+def splice_both_ways(client: socket.socket, service: socket.socket, client_addr: Address) -> Relay:
+    """The default relay factory: zero-copy in both directions."""
+    return Relay(client, service)
+
+
+@dataclass
+class ServerStats:
+    accepted: int = 0
+    connect_failures: int = 0  # the service connection could not be made: client reset
+    live: int = 0
+    outcomes: Counter[str] = field(default_factory=Counter)
+    bytes_client_to_service: int = 0  # of ended relays
+    bytes_service_to_client: int = 0
+
+
+class RelayServer:
+    """Accepts clients and relays each to its own service connection. Made by ``serve()``."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        connect_service: ConnectService,
+        relay_factory: RelayFactory,
+        connect_timeout_s: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._sock = sock
+        self._connect_service = connect_service
+        self._relay_factory = relay_factory
+        self._connect_timeout_s = connect_timeout_s
+        self._loop = loop
+        self._relays: set[Relay] = set()
+        self._opening: set[asyncio.Task[None]] = set()
+        self._retry: asyncio.TimerHandle | None = None
+        self._closing = False
+        self.address: Address = sock.getsockname()[:2]
+        self.stats = ServerStats()
+
+    @property
+    def relays(self) -> frozenset[Relay]:
+        return frozenset(self._relays)
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    def snapshot(self) -> ServerStats:
+        stats = self.stats
+        return ServerStats(
+            accepted=stats.accepted,
+            connect_failures=stats.connect_failures,
+            live=len(self._relays) + len(self._opening),
+            outcomes=Counter(stats.outcomes),
+            bytes_client_to_service=stats.bytes_client_to_service,
+            bytes_service_to_client=stats.bytes_service_to_client,
+        )
+
+    def _start_accepting(self) -> None:
+        self._retry = None
+        if not self._closing:
+            self._loop.add_reader(self._sock.fileno(), self._on_acceptable)
+
+    def _on_acceptable(self) -> None:
+        for _ in range(_ACCEPTS_PER_WAKEUP):
+            try:
+                client, client_addr = self._sock.accept()
+            except BlockingIOError:
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while in the backlog
+            except OSError as error:
+                if error.errno not in _ACCEPT_RESOURCE_ERRORS:
+                    raise
+                # Out of descriptors or memory: the backlog holds clients until we recover.
+                _log.warning("accept: %s; pausing %.1f s", error, _ACCEPT_RETRY_S)
+                self._loop.remove_reader(self._sock.fileno())
+                self._retry = self._loop.call_later(_ACCEPT_RETRY_S, self._start_accepting)
+                return
+            self.stats.accepted += 1
+            task = self._loop.create_task(self._open(client, client_addr[:2]))
+            self._opening.add(task)
+            task.add_done_callback(self._opening.discard)
+
+    async def _open(self, client: socket.socket, client_addr: Address) -> None:
+        try:
+            client.setblocking(False)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            async with asyncio.timeout(self._connect_timeout_s):
+                service = await self._connect_service(client, client_addr)
+        except asyncio.CancelledError:
+            close_abortively(client)
+            raise
+        except Exception as error:
+            # A client we cannot serve learns it at once (RST) rather than by a timeout.
+            self.stats.connect_failures += 1
+            _log.info("service connection for %s:%d failed: %r", *client_addr, error)
+            close_abortively(client)
+            return
+        try:
+            service.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            relay = self._relay_factory(client, service, client_addr)
+            relay.start()
+        except Exception as error:
+            self.stats.connect_failures += 1
+            _log.warning("relay for %s:%d not started: %r", *client_addr, error)
+            close_abortively(client)
+            close_abortively(service)
+            return
+        if relay.ended:
+            self._relay_closed(relay, relay.closed)
+            return
+        self._relays.add(relay)
+        relay.closed.add_done_callback(functools.partial(self._relay_closed, relay))
+
+    def _relay_closed(self, relay: Relay, closed: asyncio.Future[RelayOutcome]) -> None:
+        self._relays.discard(relay)
+        if closed.cancelled():
+            return
+        outcome = closed.result()
+        self.stats.outcomes[outcome.reason.value] += 1
+        self.stats.bytes_client_to_service += outcome.bytes_client_to_service
+        self.stats.bytes_service_to_client += outcome.bytes_service_to_client
+
+    def close(self) -> None:
+        """Stop accepting, cancel connections being opened, abort every live relay."""
+        if self._closing:
+            return
+        self._closing = True
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self._loop.remove_reader(self._sock.fileno())
+        self._sock.close()
+        for task in list(self._opening):
+            task.cancel()
+        for relay in list(self._relays):
+            relay.abort()
+
+    async def wait_closed(self, timeout_s: float = 10.0) -> None:
+        """After ``close()``: wait (bounded) until the cancelled connects have unwound."""
+        pending = list(self._opening)
+        if pending:
+            await asyncio.wait(pending, timeout=timeout_s)
+        await asyncio.sleep(0)  # let the relays' done callbacks run
+
+
+async def serve(
+    listen: Address,
+    connect_service: ConnectService,
+    *,
+    relay_factory: RelayFactory = splice_both_ways,
+    backlog: int = DEFAULT_BACKLOG,
+    connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+) -> RelayServer:
+    """Listen on ``listen``; for every client, open its service connection with
+    ``connect_service(client_socket, client_address)`` (within ``connect_timeout_s``; on failure
+    the client is reset) and relay the two with ``relay_factory``. TCP_NODELAY is set on both
+    sockets: the relay forwards what it reads at once, so Nagle would only add delay."""
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in listen[0] else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(listen)
+        sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    server = RelayServer(sock, connect_service, relay_factory, connect_timeout_s, loop)
+    server._start_accepting()
+    return server
+
+
+# --- command line: python -m proxy.relay ----------------------------------------------------
+
+_MODE_SPECS: Final = ("splice", "copy", "copy:noop", "copy:sha256")
+
+
+def _noop_observer(chunk: memoryview) -> None:
+    """Costs one Python call per chunk, nothing else: the floor of any observer."""
+
+
+def mode_from_spec(spec: str, *, pipe_size: int, buffer_size: int) -> Mode:
+    """``splice``, ``copy`` (no observer), ``copy:noop`` or ``copy:sha256`` (a fresh hash)."""
+    if spec == "splice":
+        return Splice(pipe_size)
+    if spec == "copy":
+        return Copy(None, buffer_size)
+    if spec == "copy:noop":
+        return Copy(_noop_observer, buffer_size)
+    if spec == "copy:sha256":
+        return Copy(hashlib.sha256().update, buffer_size)
+    raise ValueError(f"unknown mode {spec!r}: one of {', '.join(_MODE_SPECS)}")
+
+
+def _parse_address(text: str) -> Address:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host.strip("[]"), int(port)
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m proxy.relay",
+        description="Relay TCP clients to a service (the server shim's data path, standalone).",
+    )
+    parser.add_argument("--listen", type=_parse_address, required=True, help="HOST:PORT")
+    parser.add_argument("--service", type=_parse_address, required=True, help="HOST:PORT")
+    parser.add_argument(
+        "--transparent",
+        action="store_true",
+        help="connect to the service from the client's own address (IP_TRANSPARENT)",
+    )
+    parser.add_argument("--mode", choices=_MODE_SPECS, default="splice", help="both directions")
+    parser.add_argument("--client-to-service", choices=_MODE_SPECS, help="overrides --mode")
+    parser.add_argument("--service-to-client", choices=_MODE_SPECS, help="overrides --mode")
+    parser.add_argument("--pipe-size", type=int, default=DEFAULT_PIPE_SIZE, metavar="BYTES")
+    parser.add_argument("--buffer-size", type=int, default=DEFAULT_BUFFER_SIZE, metavar="BYTES")
+    parser.add_argument("--backlog", type=int, default=DEFAULT_BACKLOG)
+    parser.add_argument("--loop", choices=("uvloop", "asyncio"), default="uvloop")
+    parser.add_argument(
+        "--status-file",
+        type=Path,
+        help="on SIGUSR1, write the server's counters and open fds here as JSON",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    return parser.parse_args(argv)
+
+
+def _raise_fd_limit() -> None:
+    """Each relay holds 2 sockets and up to 2 pipes (6 fds); use the whole hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
+def _write_status(server: RelayServer, path: Path) -> None:
+    stats = server.snapshot()
+    status = {
+        "pid": os.getpid(),
+        "accepted": stats.accepted,
+        "connect_failures": stats.connect_failures,
+        "live_relays": stats.live,
+        "outcomes": dict(stats.outcomes),
+        "bytes_client_to_service": stats.bytes_client_to_service,
+        "bytes_service_to_client": stats.bytes_service_to_client,
+        "open_fds": len(os.listdir("/proc/self/fd")) - 1,  # minus listdir's own
+    }
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(status) + "\n")
+    temporary.replace(path)  # readers never see half a file
+
+
+async def _run(args: argparse.Namespace) -> None:
+    loop = asyncio.get_running_loop()
+    service: Address = args.service
+
+    async def connect(client: socket.socket, client_addr: Address) -> socket.socket:
+        if args.transparent:
+            return await connect_transparent(service, client_addr[0], loop=loop)
+        return await connect_plain(service, loop=loop)
+
+    c2s = args.client_to_service or args.mode
+    s2c = args.service_to_client or args.mode
+    sizes = {"pipe_size": args.pipe_size, "buffer_size": args.buffer_size}
+
+    def factory(client: socket.socket, service_sock: socket.socket, addr: Address) -> Relay:
+        return Relay(
+            client,
+            service_sock,
+            client_to_service=mode_from_spec(c2s, **sizes),
+            service_to_client=mode_from_spec(s2c, **sizes),
+            loop=loop,
+        )
+
+    server = await serve(args.listen, connect, relay_factory=factory, backlog=args.backlog)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    if args.status_file is not None:
+        loop.add_signal_handler(signal.SIGUSR1, _write_status, server, args.status_file)
+    host, port = server.address
+    print(
+        f"relay listening on {host}:{port} -> {service[0]}:{service[1]} "
+        f"(c2s {c2s}, s2c {s2c}{', transparent' if args.transparent else ''}, {args.loop})",
+        flush=True,
+    )
+    await stop.wait()
+    server.close()
+    await server.wait_closed()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s relay %(levelname)s %(message)s",
+    )
+    _raise_fd_limit()
+    if args.loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(_run(args))
+    else:
+        asyncio.run(_run(args))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
