@@ -269,6 +269,8 @@ class HostRoute:
             dev=template.dev,
             gateway=template.gateway,
             prefsrc=template.prefsrc,
+            # as `ip route add`: an on-link route (no gateway) has link scope
+            scope=None if template.gateway is not None else 253,
         )
         self.instance.add_route(spec)
         self.routes[vip] = spec

@@ -1,0 +1,208 @@
+"""Instance records and ``sweep_dead``: a SIGKILLed owner's objects go, a live one's stay.
+
+Everything is created in a namespace of our own (``roamk<pid>i<n>``), except one unrecorded
+table ``roam_test_<dead pid>`` in the root namespace, which the sweep must delete by its name.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from migrate.kernel import nft
+from migrate.kernel.instances import (
+    Instance,
+    InstanceError,
+    InstanceRecord,
+    NftTable,
+    RouteSpec,
+    RuleSpec,
+    is_alive,
+    process_start_time,
+    read_sysctl,
+    sweep_dead,
+    write_atomically,
+)
+
+pytestmark = pytest.mark.system
+
+SYSCTL = "net.ipv4.conf.all.route_localnet"
+_counter = itertools.count()
+
+CHILD = textwrap.dedent(
+    """
+    import subprocess, sys, time
+    from migrate.kernel import nft
+    from migrate.kernel.instances import Instance, RouteSpec, RuleSpec
+    netns, marker = sys.argv[1], sys.argv[2]
+    instance = Instance.start("test", netns=netns)
+    name = instance.table_name("test")
+    instance.add_table("inet", name, "chain input { type filter hook input priority 0; }")
+    instance.add_rule(RuleSpec(priority=4800, table=4800, src="10.243.0.9/32"))
+    instance.add_route(RouteSpec(dst="10.243.9.0/24", table=4800, type="blackhole"))
+    instance.set_sysctl("net.ipv4.conf.all.route_localnet", "1")
+    instance.add_file(marker)
+    open(marker, "w").close()
+    sleeper = subprocess.Popen(["sleep", "60"])
+    instance.add_child(sleeper.pid)
+    # a table named after this process but never recorded, in the root namespace
+    nft.replace_table("inet", name, "")
+    print(sleeper.pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def ip(*args: str) -> str:
+    return subprocess.run(
+        ["ip", *args], check=True, capture_output=True, text=True, timeout=10
+    ).stdout
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    name = f"roamk{os.getpid()}i{next(_counter)}"
+    ip("netns", "add", name)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.setenv("SERVER_ROAMING_RUN_DIR", str(tmp_path))
+    return tmp_path / "instances"
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+def test_sweep_removes_a_killed_instance_and_keeps_a_live_one(
+    netns: str, run_dir: Path, tmp_path: Path
+) -> None:
+    marker = tmp_path / "marker"
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, netns, str(marker)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=os.environ,
+    )
+    root_table = f"roam_test_{child.pid}"
+    try:
+        assert child.stdout is not None
+        line = child.stdout.readline()
+        assert line, "the child instance did not start"
+        sleeper = int(line)
+        sleeper_start = process_start_time(sleeper)
+        assert sleeper_start is not None
+        with Instance.start("test", netns=netns) as live:
+            live_table = live.table_name("live")
+            live.add_table("inet", live_table)
+            live.add_rule(RuleSpec(priority=4801, table=4801, src="10.243.0.10/32"))
+            live.set_sysctl(SYSCTL, "1")
+            assert live.record.sysctls == [(SYSCTL, "0")]  # the original, not the child's "1"
+            assert len(list(run_dir.glob("*.json"))) == 2
+
+            # a live owner is never swept
+            assert sweep_dead(dry_run=True) == []
+
+            child.send_signal(signal.SIGKILL)
+            child.wait()
+            assert ("inet", root_table) in nft.list_tables()
+
+            planned = sweep_dead(dry_run=True)
+            assert any("would delete nft table inet roam_test_" in p for p in planned)
+            assert any(f"unrecorded nft table inet {root_table}" in p for p in planned)
+            assert ("inet", root_table) in nft.list_tables()  # dry run changed nothing
+
+            removed = sweep_dead()
+            text = "\n".join(removed)
+            assert f"deleted nft table inet roam_test_{child.pid}" in text
+            assert "deleted ip rule pref 4800 from 10.243.0.9/32 lookup 4800" in text
+            assert "deleted ip route blackhole 10.243.9.0/24 table 4800" in text
+            assert f"stopped process {sleeper}" in text
+            assert f"left sysctl {SYSCTL} as it is" in text
+            assert f"unrecorded nft table inet {root_table}: deleted" in text
+
+            assert not is_alive(sleeper, sleeper_start)
+            assert not marker.exists()
+            tables = nft.list_tables(netns=netns)
+            assert ("inet", f"roam_test_{child.pid}") not in tables
+            assert ("inet", live_table) in tables
+            assert ("inet", root_table) not in nft.list_tables()
+            shown = ip("-n", netns, "rule", "show")
+            assert "lookup 4800" not in shown
+            assert "lookup 4801" in shown
+            assert ip("-n", netns, "route", "show", "table", "4800") == ""
+            assert read_sysctl(SYSCTL, netns=netns) == "1"  # the live instance needs it
+            assert [p.name for p in run_dir.glob("*.json")] == [live.path.name]
+            assert sweep_dead() == []
+        # the live instance, closed, restores the original value
+        assert read_sysctl(SYSCTL, netns=netns) == "0"
+        assert "lookup 4801" not in ip("-n", netns, "rule", "show")
+        assert nft.list_tables(netns=netns) == []
+        assert list(run_dir.glob("*.json")) == []
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        nft.delete_table("inet", root_table)
+
+
+def test_record_of_a_vanished_namespace_is_just_removed(run_dir: Path) -> None:
+    record = InstanceRecord("test", dead_pid(), 1, "ab", "roamk-gone", netns_inode=1)
+    record.created.append(NftTable("inet", "roam_x_1"))
+    write_atomically(run_dir / record.filename, record.encode())
+    lines = sweep_dead()
+    assert any("namespace gone" in line and record.filename in line for line in lines)
+    assert list(run_dir.glob("*.json")) == []
+
+
+def test_unreadable_record_is_reported_and_left(run_dir: Path) -> None:
+    bad = run_dir / "test-1-aa.json"
+    write_atomically(bad, b"{not json")
+    assert any("unreadable instance record" in line for line in sweep_dead())
+    assert bad.exists()
+
+
+def test_sweep_in_the_current_namespace(run_dir: Path) -> None:
+    """A dead instance that ran in this (root) namespace: its unique table is removed here."""
+    pid = dead_pid()
+    name = nft.instance_table_name("test", pid)
+    record = InstanceRecord(
+        "test", pid, 1, "cd", None, netns_inode=os.stat("/proc/self/ns/net").st_ino
+    )
+    nft.replace_table("inet", name, "")
+    try:
+        record.created.append(NftTable("inet", name))
+        write_atomically(run_dir / record.filename, record.encode())
+        lines = sweep_dead()
+        assert f"test instance of pid {pid} (dead): deleted nft table inet {name}" in lines
+        assert ("inet", name) not in nft.list_tables()
+    finally:
+        nft.delete_table("inet", name)
+
+
+def test_failed_creation_is_not_recorded(netns: str, run_dir: Path) -> None:
+    with Instance.start("test", netns=netns) as instance:
+        spec = RouteSpec(dst="10.243.7.0/24", table=4802, type="blackhole")
+        instance.add_route(spec)
+        with pytest.raises(InstanceError, match=r"cannot add ip route blackhole 10\.243\.7\.0/24"):
+            instance.add_route(spec)  # exists already: not ours twice
+        assert instance.record.routes == [spec]
+        with pytest.raises(nft.NftError):
+            instance.add_table("inet", instance.table_name("bad"), "chain c { junk }")
+        assert instance.record.tables == []
+    assert ip("-n", netns, "route", "show", "table", "4802") == ""
