@@ -17,12 +17,14 @@ Clients learn the effect through their ordinary roaming updates.
   and refuses a trigger that disagrees.
 * ``Revoke(client_id)``: the client gets no further key extensions and is refused by the
   firewalls.
-* ``Ack(counter)``: a server's answer to the control message with that counter.
+* ``Ack(counter, accepted)``: a server's answer to the control message with that counter
+  (refused messages are logged by the server with the reason).
 
 Plaintext: ``type u8`` then ``Threat: m u8 | from_epoch u64``; ``Trigger: leave u64 | next
-u64 | at i64 microseconds``; ``Revoke: client_id u32``; ``Ack: counter u64``. Sealed on the
-group channel (``Purpose.GROUP_CONTROL``, kind ``GROUP_CONTROL``) with context ``"control" ||
-deployment id``; the operator's sender id is ``OPERATOR``, servers use their index.
+u64 | at i64 microseconds``; ``Revoke: client_id u32``; ``Ack: counter u64 | accepted u8``.
+Sealed on the group channel (``Purpose.GROUP_CONTROL``, kind ``GROUP_CONTROL``) with context
+``"control" || deployment id``; the operator's sender id is ``OPERATOR``, servers use their
+index.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ OPERATOR = 0xFFFF_FFFF
 _THREAT = struct.Struct("!BQ")
 _TRIGGER = struct.Struct("!QQq")
 _REVOKE = struct.Struct("!I")
-_ACK = struct.Struct("!Q")
+_ACK = struct.Struct("!Q?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +64,7 @@ class Revoke:
 @dataclass(frozen=True, slots=True)
 class Ack:
     counter: int
+    accepted: bool = True
 
 
 ControlMessage = Threat | Trigger | Revoke | Ack
@@ -76,7 +79,7 @@ def encode_control(message: ControlMessage) -> bytes:
     elif isinstance(message, Revoke):
         body = _REVOKE.pack(message.client_id)
     else:
-        body = _ACK.pack(message.counter)
+        body = _ACK.pack(message.counter, message.accepted)
     return bytes([_TYPES[type(message)]]) + body
 
 
@@ -112,8 +115,10 @@ def decode_control(data: bytes) -> ControlMessage:
         if client_id == 0:
             raise MalformedMessageError("revoke names client id 0")
         return Revoke(client_id)
-    (counter,) = _ACK.unpack(body)
-    return Ack(counter)
+    counter, accepted = _ACK.unpack(body)
+    if body[-1] not in (0, 1):
+        raise MalformedMessageError("ack flag must be 0 or 1")
+    return Ack(counter, accepted)
 
 
 def control_context(deployment_id: bytes) -> bytes:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from migrate.endpoints import Endpoint
-from migrate.errors import SubscriptionExpiredError
+from migrate.errors import ScheduleError, SubscriptionExpiredError
 from migrate.schedule import EpochSchedule
 
 SCAN_LIMIT = 4096  # epochs looked ahead for the next change of server
@@ -38,7 +38,14 @@ def gate_at(schedule: EpochSchedule, me: Endpoint, now: float) -> GateState:
     two windows of ``me`` overlap, re-evaluating at the inner edge finds the gate still open,
     which costs a wake-up and nothing else.
     """
-    current = schedule.epoch_at(now)
+    try:
+        current = schedule.epoch_at(now)
+    except ScheduleError:
+        # Before the schedule starts: only epoch 1's server opens, delta early.
+        first = schedule.window(1)
+        if now >= first.opens:
+            return GateState(first.server == me, 1, False, first.closes)
+        return GateState(False, 1, False, first.opens)
     held = schedule.chain.held_index
     is_open = any(window.server == me for window in schedule.open_windows(now))
     edges: list[float] = []

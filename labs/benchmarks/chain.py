@@ -185,8 +185,12 @@ def render(results: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="20,24", help="exponents k of n = 2^k (default 20,24)")
-    parser.add_argument("--advances", type=int, default=1 << 20,
-                        help="epoch advances timed per approach (default 2^20)")
+    parser.add_argument(
+        "--advances",
+        type=int,
+        default=1 << 20,
+        help="epoch advances timed per approach (default 2^20)",
+    )
     parser.add_argument("--rehash-samples", type=int, default=3)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""The client shim: follows the secret schedule and rewrites the VIP to the active server."""

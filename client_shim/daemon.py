@@ -1,0 +1,307 @@
+"""The client shim daemon: ``roam client --bundle FILE``.
+
+Theory of operation: the shim computes the schedule from the bundle's key ``K_t`` and keeps it
+aligned with the servers through roaming updates received on the bundle's roaming port
+(``migrate.updates.ClientRoamingState``). At each epoch boundary it points the kernel's rewrite
+maps at the epoch's server (``client_shim.rules``); applications keep talking to the VIP and
+never see a server address. The daemon only wakes up for boundaries and updates: no packet
+passes through Python.
+
+Everything it creates in the kernel (one nft table, one /32 route to the VIP) is recorded in an
+instance record before it is created and removed on exit, on SIGTERM/SIGINT, and by
+``roam cleanup`` after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from client_shim.rules import rewrite_table_body, switch_script, table_family
+from client_shim.state import ClientState, load_state
+from migrate.channel import ReplayWindow
+from migrate.endpoints import Endpoint
+from migrate.errors import RoamError, ScheduleError, SubscriptionExpiredError
+from migrate.hashchain import KeyChain
+from migrate.kernel import nft
+from migrate.kernel.eventlog import EventLog, write_status
+from migrate.kernel.instances import Instance
+from migrate.kernel.routing import HostRoute
+from migrate.registration import Bundle
+from migrate.schedule import Epoch, EpochSchedule
+from migrate.updates import ClientRoamingState
+
+Clock = Callable[[], float]
+MAX_DATAGRAM = 2048
+
+
+class ClientShim:
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        bundle_path: Path,
+        state_path: Path,
+        status_path: Path,
+        log: EventLog,
+        clock: Clock = time.time,
+        bind_address: str = "",
+    ) -> None:
+        self.bundle = bundle
+        self.bundle_path = bundle_path
+        self.servers = bundle.servers()
+        self.state_path = state_path
+        self.status_path = status_path
+        self.log = log
+        self.clock = clock
+        self.bind_address = bind_address
+        self.saved = load_state(state_path, bundle)
+        params = replace(bundle.schedule_params(), m=self.saved.m)
+        self.schedule = EpochSchedule(KeyChain(self.saved.chain_key, self.saved.key_index), params)
+        self.roaming = ClientRoamingState(
+            self.schedule,
+            bundle.channel_key,
+            bundle.deployment_id,
+            bundle.client_id,
+            bundle.chain_length,
+        )
+        for sender, counter in self.saved.counters.items():
+            window = ReplayWindow(self.roaming.opener.window_size, strict=True)
+            window.highest, window.bitmap = counter, 1
+            self.roaming.opener.windows[sender] = window
+        self.table = nft.instance_table_name("cli", os.getpid())
+        self.family = table_family(bundle.vip)
+        self.instance: Instance | None = None
+        self.current: Epoch | None = None
+        self.target: Endpoint | None = None
+        self.accepted = 0
+        self.rejected = 0
+        self.last_rejection: str | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
+
+    # -- kernel ------------------------------------------------------------------------------
+
+    def _install(self, target: Endpoint) -> None:
+        instance = self.instance
+        assert instance is not None
+        body = rewrite_table_body(self.bundle.vip, self.bundle.service_port, self.servers, target)
+        instance.add_table(self.family, self.table, body)
+        HostRoute(instance).add_vip_route(str(self.bundle.vip), toward=str(target.address))
+
+    def _point_at(self, target: Endpoint) -> None:
+        if target == self.target:
+            return
+        nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
+        previous, self.target = self.target, target
+        self.log.event("switch", server=str(target), previous=str(previous))
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def _epoch_now(self) -> Epoch:
+        now = self.clock()
+        try:
+            return self.schedule.epoch_at(now)
+        except SubscriptionExpiredError:
+            raise
+        except ScheduleError:
+            # Before the schedule starts: aim at epoch 1, whose window opens delta early.
+            return self.schedule.epoch(1)
+
+    def _tick(self) -> None:
+        try:
+            epoch = self._epoch_now()
+            changed = self.current is None or epoch.index != self.current.index
+            self.current = epoch
+            if changed:
+                self.log.event(
+                    "epoch",
+                    epoch=epoch.index,
+                    server=str(epoch.server),
+                    start=round(epoch.start, 6),
+                    length=epoch.length,
+                )
+                held = self.schedule.chain.held_index
+                if held - epoch.index < 16:
+                    self.log.event(
+                        "subscription_ending", level="warning", held=held, epoch=epoch.index
+                    )
+            self._point_at(epoch.server)
+            self._write_status()
+            self._arm(epoch.end)
+        except RoamError as error:
+            self._fail(error)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, when - self.clock())
+        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _fail(self, error: BaseException) -> None:
+        self.log.event("fatal", level="error", reason=str(error))
+        self._failure = error
+        self._stop.set()
+
+    # -- updates -----------------------------------------------------------------------------
+
+    def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
+        now = self.clock()
+        try:
+            outcome = self.roaming.receive(data, now)
+        except RoamError as error:
+            self.rejected += 1
+            self.last_rejection = f"{type(error).__name__}: {error}"
+            self.log.event(
+                "update_rejected",
+                level="warning",
+                source=f"{source[0]}:{source[1]}",
+                error=type(error).__name__,
+                reason=str(error),
+            )
+            self._write_status()
+            return
+        self.accepted += 1
+        self.log.event(
+            "update_accepted",
+            source=f"{source[0]}:{source[1]}",
+            sender=outcome.sender,
+            key_extended_to=outcome.key_extended_to,
+            m_changed=outcome.m_schedule_changed,
+            epoch=outcome.anchor.epoch if outcome.anchor else None,
+            correction=None if outcome.correction is None else round(outcome.correction, 6),
+            clock_offset=round(outcome.clock_offset, 6),
+        )
+        if outcome.key_extended_to is not None or outcome.m_schedule_changed:
+            self._save_state()
+        else:
+            self._save_counters()
+        self._tick()  # the anchor or m may have moved: re-evaluate now
+
+    def _save_counters(self) -> None:
+        self.saved.counters = {s: w.highest for s, w in self.roaming.opener.windows.items()}
+        self._persist()
+
+    def _save_state(self) -> None:
+        chain = self.schedule.chain
+        self.saved = ClientState(
+            self.bundle.deployment_id,
+            self.bundle.client_id,
+            chain.held_index,
+            chain.held_key,
+            self.schedule.params.m,
+            {s: w.highest for s, w in self.roaming.opener.windows.items()},
+        )
+        self._persist()
+
+    def _persist(self) -> None:
+        temporary = self.state_path.with_name(f".{self.state_path.name}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(self.saved.encode())
+        os.replace(temporary, self.state_path)
+
+    def status(self) -> dict[str, Any]:
+        epoch = self.current
+        return {
+            "pid": os.getpid(),
+            "name": self.bundle.name,
+            "bundle": str(self.bundle_path),
+            "vip": f"{self.bundle.vip}:{self.bundle.service_port}",
+            "epoch": epoch.index if epoch else None,
+            "epoch_ends": round(epoch.end, 6) if epoch else None,
+            "server": str(self.target) if self.target else None,
+            "key_index": self.schedule.chain.held_index,
+            "m": self.schedule.params.m.as_mapping(),
+            "clock_offset": self.roaming.clock_offset,
+            "updates_accepted": self.accepted,
+            "updates_rejected": self.rejected,
+            "last_rejection": self.last_rejection,
+            "table": self.table,
+            "updated": round(self.clock(), 6),
+        }
+
+    def _write_status(self) -> None:
+        write_status(self.status_path, self.status())
+
+    # -- run ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        sock = socket.socket(
+            socket.AF_INET6 if self.bundle.vip.version == 6 else socket.AF_INET,
+            socket.SOCK_DGRAM,
+        )
+        try:
+            sock.bind((self.bind_address, self.bundle.roaming_port))
+        except OSError as error:
+            sock.close()
+            raise RoamError(
+                f"cannot listen for roaming updates on UDP port {self.bundle.roaming_port}: "
+                f"{error.strerror}"
+            ) from None
+        self.instance = Instance.start("client")
+        transport: asyncio.DatagramTransport | None = None
+        try:
+            first = self._epoch_now()
+            # pyroute2's netlink calls run their own event loop: keep them off ours.
+            await asyncio.to_thread(self._install, first.server)
+            self.target = first.server
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: _UpdateProtocol(self), sock=sock
+            )
+            self.log.event(
+                "start",
+                name=self.bundle.name,
+                vip=str(self.bundle.vip),
+                roaming_port=self.bundle.roaming_port,
+                table=self.table,
+                key_index=self.schedule.chain.held_index,
+            )
+            self._tick()
+            await self._stop.wait()
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            if transport is not None:
+                transport.close()
+            else:
+                sock.close()
+            await asyncio.to_thread(self.instance.close)
+            with contextlib.suppress(FileNotFoundError):
+                self.status_path.unlink()
+            failed = self._failure is not None or sys.exc_info()[0] is not None
+            self.log.event("stop", reason="error" if failed else "signal")
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        if self._failure is not None:
+            raise self._failure
+
+
+class _UpdateProtocol(asyncio.DatagramProtocol):
+    def __init__(self, shim: ClientShim) -> None:
+        self.shim = shim
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.shim.on_datagram(data, (str(addr[0]), int(addr[1])))
+
+
+def default_state_path(bundle_path: Path) -> Path:
+    return bundle_path.with_name(bundle_path.name + ".state")
+
+
+def default_status_path(name: str) -> Path:
+    run_dir = Path(os.environ.get("SERVER_ROAMING_RUN_DIR", "/run/server-roaming"))
+    return run_dir / f"client-{name}.status.json"

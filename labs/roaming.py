@@ -1,0 +1,302 @@
+"""A roaming deployment inside a lab: servers, shims, services and clients, ready to measure.
+
+``RoamingLab`` turns a running ``PoolTopo`` lab into a working deployment: ``roam init`` with the
+lab's server addresses, a bundle per client host, a legacy service on loopback of every server
+host, a server shim in front of each and a client shim on each client host. Everything runs as
+real processes (the ``roam`` command) inside the lab's namespaces and is stopped when the lab
+closes; logs are JSON files in the lab's work directory.
+
+Used by the system tests, the demo and the benchmarks::
+
+    with Lab(PoolTopo(servers=3, clients=1)) as lab:
+        deployment = RoamingLab(lab, tick=0.25, m=2)
+        deployment.start()
+        lab["c1"].run(["curl", deployment.url("/file")])
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from labs.errors import LabError
+from labs.lab import Lab
+from labs.node import Node
+
+SERVICE_PORT = 8000
+LISTEN_PORT = 80
+READY_TIMEOUT_S = 15.0
+
+
+def roam_argv(*args: str) -> list[str]:
+    """The ``roam`` command, run with this interpreter (no reliance on PATH in namespaces)."""
+    return [sys.executable, "-m", "roam_cli.main", *args]
+
+
+@dataclass
+class ShimProcess:
+    host: str
+    kind: str  # "server" | "client"
+    process: subprocess.Popen[Any]
+    log_json: Path
+    stderr_path: Path
+    status_path: Path
+
+    def events(self) -> list[dict[str, Any]]:
+        if not self.log_json.exists():
+            return []
+        events = []
+        for line in self.log_json.read_text().splitlines():
+            if line.strip():
+                events.append(json.loads(line))
+        return events
+
+    def stderr_tail(self, lines: int = 10) -> str:
+        if not self.stderr_path.exists():
+            return ""
+        return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 10.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            return self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout=5)
+
+
+@dataclass
+class RoamingLab:
+    lab: Lab
+    tick: float = 0.25
+    m: int = 2
+    delta: float = 0.05
+    gamma: float = 0.05
+    chain_length: int = 100_000
+    start_delay: float = 2.0
+    migration: str = "reconnect"
+    update_period: float = 1.0
+    service: str = "http"  # "http" | "nginx" | "none"
+    content: dict[str, bytes] = field(default_factory=dict)
+    server_extra: Sequence[str] = ()
+    servers: dict[str, ShimProcess] = field(default_factory=dict)
+    clients: dict[str, ShimProcess] = field(default_factory=dict)
+    services: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir = self.lab.workdir / "roaming"
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.deployment_dir = self.workdir / "deployment"
+        topo = self.lab.topo
+        self.server_hosts: list[str] = list(topo.servers)  # type: ignore[attr-defined]
+        self.client_hosts: list[str] = list(topo.clients)  # type: ignore[attr-defined]
+        subnet = topo.subnet()  # type: ignore[attr-defined]
+        taken = {self.lab[name].address for name in self.server_hosts + self.client_hosts}
+        self.vip = next(
+            address for address in reversed(list(subnet.hosts())) if address not in taken
+        )
+
+    # -- deployment --------------------------------------------------------------------------
+
+    def listen_of(self, host: str) -> str:
+        return f"{self.lab[host].address}:{LISTEN_PORT}"
+
+    @property
+    def server_list(self) -> str:
+        return ",".join(self.listen_of(host) for host in self.server_hosts)
+
+    def bundle_path(self, host: str) -> Path:
+        return self.workdir / f"{host}.bundle"
+
+    def roam(
+        self, *args: str, check: bool = True, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``roam`` on the lab's host side (offline commands)."""
+        result = subprocess.run(
+            roam_argv(*args), capture_output=True, text=True, timeout=timeout, check=False
+        )
+        if check and result.returncode != 0:
+            raise LabError(f"roam {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+    def create(self) -> None:
+        self.start_time = round(time.time() + self.start_delay, 3)
+        self.roam(
+            "init",
+            str(self.deployment_dir),
+            "--servers",
+            self.server_list,
+            "--vip",
+            f"{self.vip}:{LISTEN_PORT}",
+            "--chain-length",
+            str(self.chain_length),
+            "--m",
+            str(self.m),
+            "--tick",
+            str(self.tick),
+            "--start",
+            str(self.start_time),
+            "--delta",
+            str(self.delta),
+            "--gamma",
+            str(self.gamma),
+        )
+        for host in self.client_hosts:
+            self.subscribe(host)
+
+    def subscribe(self, host: str, name: str | None = None, **options: str) -> Path:
+        name = name or host
+        path = self.workdir / f"{name}.bundle"
+        extra = [item for key, value in options.items() for item in (f"--{key}", value)]
+        self.roam(
+            "subscribe",
+            str(self.deployment_dir),
+            name,
+            "--address",
+            str(self.lab[host].address),
+            "--until-epoch",
+            str(self.chain_length),
+            "--out",
+            str(path),
+            *extra,
+        )
+        return path
+
+    # -- processes ---------------------------------------------------------------------------
+
+    def _content_dir(self, host: str) -> Path:
+        directory = self.workdir / f"www-{host}"
+        directory.mkdir(exist_ok=True)
+        (directory / "whoami").write_text(host)
+        for name, data in self.content.items():
+            target = directory / name
+            if not target.exists():
+                target.write_bytes(data)
+        return directory
+
+    def start_service(self, host: str) -> None:
+        from labs.services import start_http_server, start_nginx
+
+        node = self.lab[host]
+        node.run(["ip", "link", "set", "lo", "up"], check=True)
+        if self.service == "http":
+            self.services[host] = start_http_server(
+                node, self._content_dir(host), port=SERVICE_PORT, address="127.0.0.1"
+            )
+        elif self.service == "nginx":
+            self.services[host] = start_nginx(
+                node, self._content_dir(host), port=SERVICE_PORT, address="127.0.0.1"
+            )
+
+    def _spawn(self, host: str, kind: str, args: list[str]) -> ShimProcess:
+        log_json = self.workdir / f"{kind}-{host}.jsonl"
+        stderr_path = self.workdir / f"{kind}-{host}.stderr"
+        status_path = self.workdir / f"{kind}-{host}.status.json"
+        with open(stderr_path, "ab") as stderr:
+            process = self.lab[host].popen(
+                roam_argv(kind, *args, "--log-json", str(log_json), "--status", str(status_path)),
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        return ShimProcess(host, kind, process, log_json, stderr_path, status_path)
+
+    def start_server(self, host: str, *extra: str) -> ShimProcess:
+        shim = self._spawn(
+            host,
+            "server",
+            [
+                "--deployment",
+                str(self.deployment_dir),
+                "--listen",
+                self.listen_of(host),
+                "--service",
+                f"127.0.0.1:{SERVICE_PORT}",
+                "--migration",
+                self.migration,
+                "--update-period",
+                str(self.update_period),
+                *self.server_extra,
+                *extra,
+            ],
+        )
+        self.servers[host] = shim
+        return shim
+
+    def start_client(self, host: str, bundle: Path | None = None) -> ShimProcess:
+        shim = self._spawn(host, "client", ["--bundle", str(bundle or self.bundle_path(host))])
+        self.clients[host] = shim
+        return shim
+
+    def start(self) -> None:
+        """Create the deployment, then start services, server shims and client shims."""
+        self.create()
+        for host in self.server_hosts:
+            if self.service != "none":
+                self.start_service(host)
+            self.start_server(host)
+        for host in self.client_hosts:
+            self.start_client(host)
+        self.wait_ready()
+
+    def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        deadline = time.monotonic() + timeout_s
+        for shim in [*self.servers.values(), *self.clients.values()]:
+            while not any(event["event"] == "start" for event in shim.events()):
+                if not shim.running():
+                    raise LabError(
+                        f"{shim.kind} shim on {shim.host} exited with {shim.process.returncode}: "
+                        f"{shim.stderr_tail()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise LabError(
+                        f"{shim.kind} shim on {shim.host} did not start: {shim.stderr_tail()}"
+                    )
+                time.sleep(0.05)
+
+    def stop(self) -> dict[str, int]:
+        codes = {}
+        for name, shim in [*self.clients.items(), *self.servers.items()]:
+            codes[f"{shim.kind}-{name}"] = shim.stop()
+        for service in self.services.values():
+            service.stop()
+        return codes
+
+    # -- schedule ----------------------------------------------------------------------------
+
+    def schedule(self, first: int = 1, count: int = 1000) -> list[dict[str, Any]]:
+        result = self.roam(
+            "schedule",
+            "--deployment",
+            str(self.deployment_dir),
+            "--from",
+            str(first),
+            "--count",
+            str(count),
+            "--json",
+        )
+        return [json.loads(line) for line in result.stdout.splitlines()]
+
+    def url(self, path: str = "/") -> str:
+        return f"http://{self.vip}:{LISTEN_PORT}{path}"
+
+    def host_of(self, listen: str) -> str:
+        for host in self.server_hosts:
+            if self.listen_of(host) == listen:
+                return host
+        raise LabError(f"{listen} is not a server of this lab")
+
+    def node(self, host: str) -> Node:
+        return self.lab[host]

@@ -1,0 +1,75 @@
+"""Structured logs and status files of the daemons.
+
+Every event is one JSON object per line in the ``--log-json`` file (``ts``, ``component``,
+``event``, ``level`` and the event's own fields) and one short human line on stderr. Status
+files are small JSON documents replaced atomically, so a reader (``roam client status``) never
+sees half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+
+def _default(value: object) -> str:
+    return str(value)
+
+
+class EventLog:
+    def __init__(
+        self,
+        component: str,
+        json_path: Path | None = None,
+        stream: IO[str] | None = sys.stderr,
+        quiet: bool = False,
+    ) -> None:
+        self.component = component
+        self.stream = None if quiet else stream
+        self._file: IO[str] | None = None
+        if json_path is not None:
+            json_path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(json_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+
+    def event(self, name: str, /, level: str = "info", **fields: Any) -> None:
+        record = {
+            "ts": round(time.time(), 6),
+            "component": self.component,
+            "event": name,
+            "level": level,
+            **fields,
+        }
+        if self._file is not None:
+            self._file.write(json.dumps(record, default=_default) + "\n")
+        if self.stream is not None:
+            details = " ".join(f"{key}={value}" for key, value in fields.items())
+            self.stream.write(f"{self.component}: {level}: {name} {details}\n".rstrip() + "\n")
+            self.stream.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def write_status(path: Path, status: dict[str, Any]) -> None:
+    """Atomically replace ``path`` with ``status`` as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(status, indent=2, default=_default) + "\n", encoding="utf-8")
+    os.replace(temporary, path)
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """All events of a JSON log (for tests and labs)."""
+    events = []
+    with open(path, encoding="utf-8") as handle:
+        for raw in handle:
+            line = raw.strip()
+            if line:
+                events.append(json.loads(line))
+    return events

@@ -1,0 +1,510 @@
+"""The server shim daemon: ``roam server --deployment DIR --listen IP:PORT --service HOST:PORT``.
+
+Theory of operation: one shim runs in front of each replica of the unmodified service. It
+computes the schedule from ``K_n`` like every other server and keeps four things in step with
+it:
+
+* the firewall gate (``proxy.rules``): open during this server's windows, closed otherwise;
+  re-evaluated exactly at the window edges and epoch boundaries (``migrate.gating``);
+* the relay (``proxy.relay``): owns the client-facing socket and splices bytes to the service,
+  connecting from the client's own address so the service sees it;
+* roaming updates (``migrate.updates``): sent periodically, with jitter, to every legitimate
+  client's roaming port, by every server of the pool (so an observer cannot tell the active
+  server by who sends them);
+* group control (``migrate.control``): threat changes, reactive triggers and revocations from
+  the operator or another server, validated, applied, acknowledged and persisted.
+
+Rate contracts are enforced by the gate (``limit rate over``, counted per client). The shim
+reads the counters; a client that went over gets a strike and is blocked until the service
+roams, and a second offence in a later epoch revokes it across the pool.
+
+Everything created in the kernel is recorded in an instance record first and removed on exit,
+on SIGTERM/SIGINT, and by ``roam cleanup`` after a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from migrate.channel import HEADER_BYTES, Sealer
+from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
+from migrate.endpoints import Endpoint
+from migrate.errors import ConfigError, ReplayedMessageError, RoamError
+from migrate.gating import GateState, gate_at
+from migrate.kernel import nft
+from migrate.kernel.eventlog import EventLog, write_status
+from migrate.kernel.instances import Instance
+from migrate.kernel.routing import TransparentReturnPath
+from migrate.pool import PoolState, ServerPool
+from migrate.registration import ClientRecord
+from migrate.updates import seal_update, update_sealer
+from proxy import relay
+from proxy.rules import Contract, GatePlan, family_of, gate_table_body, gate_update_script
+from proxy.transparent import connect_plain, connect_transparent
+from roam_cli.store import DeploymentDir
+
+Clock = Callable[[], float]
+DEFAULT_CONTROL_PORT = 47475
+DEFAULT_UPDATE_PERIOD = 2.0
+CONTRACT_POLL_S = 0.5
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    deployment_dir: Path
+    listen: Endpoint
+    service: Endpoint
+    migration: str = "reconnect"
+    allow_any_source: bool = False
+    capture_dropped: Path | None = None
+    transparent: bool = True
+    update_period: float = DEFAULT_UPDATE_PERIOD
+    control_port: int = DEFAULT_CONTROL_PORT
+    state_path: Path | None = None
+    status_path: Path | None = None
+
+
+def default_state_path(directory: Path, index: int) -> Path:
+    return directory / "state" / f"server-{index}.json"
+
+
+class ServerShim:
+    def __init__(self, options: ServerOptions, log: EventLog, clock: Clock = time.time) -> None:
+        self.options = options
+        self.log = log
+        self.clock = clock
+        directory = DeploymentDir(options.deployment_dir)
+        self.deployment = directory.deployment()
+        secret = directory.secret()
+        clients = directory.clients(secret)
+        if options.listen not in self.deployment.servers:
+            raise ConfigError(
+                f"--listen {options.listen} is not in the deployment's server list "
+                f"({', '.join(map(str, self.deployment.servers))})"
+            )
+        index = self.deployment.servers.index(options.listen)
+        self.state_path = options.state_path or default_state_path(options.deployment_dir, index)
+        state = None
+        if self.state_path.exists():
+            state = PoolState.decode(self.state_path.read_bytes())
+        self.pool = ServerPool(self.deployment, secret, clients, options.listen, state)
+        self.control = ControlChannel(secret.group_key, self.deployment.deployment_id, index)
+        self.sealers: dict[int, Sealer] = {
+            client.client_id: update_sealer(
+                client.channel_key, self.deployment.deployment_id, client.client_id, index
+            )
+            for client in clients.clients
+        }
+        self.table = nft.instance_table_name("srv", os.getpid())
+        self.family = family_of(options.listen)
+        self.nflog_group = (os.getpid() % 60000) + 1 if options.capture_dropped else None
+        self.instance: Instance | None = None
+        self.relay_server: relay.RelayServer | None = None
+        self.gate: GateState | None = None
+        self.plan: GatePlan | None = None
+        self.epoch: int | None = None
+        self.counters: dict[str, int] = {}
+        self.updates_sent = 0
+        self.update_failures: dict[int, str] = {}  # client id -> kind of the last failure
+        self._timer: asyncio.TimerHandle | None = None
+        self._stop = asyncio.Event()
+        self._failure: BaseException | None = None
+        self._control_transport: asyncio.DatagramTransport | None = None
+        self._update_socket: socket.socket | None = None
+        self._acks: dict[bytes, bytes] = {}  # header of an applied message -> our answer
+
+    # -- gate --------------------------------------------------------------------------------
+
+    def _contracts(self) -> tuple[Contract, ...]:
+        return tuple(
+            Contract(client.client_id, client.address, client.rate_kbit)
+            for client in self.pool.clients.clients
+            if client.rate_kbit > 0
+        )
+
+    def _plan(self, gate: GateState) -> GatePlan:
+        legitimate = self.pool.legitimate()
+        blocked_ids = self.pool.blocked(gate.epoch)
+        return GatePlan(
+            listen=self.options.listen,
+            open=gate.open,
+            allowed=tuple(sorted({c.address for c in legitimate}, key=str)),
+            allow_any_source=self.options.allow_any_source,
+            blocked=tuple(
+                sorted(
+                    {c.address for c in self.pool.clients.clients if c.client_id in blocked_ids},
+                    key=str,
+                )
+            ),
+            contracts=self._contracts(),
+            nflog_group=self.nflog_group,
+        )
+
+    def _install_gate(self) -> None:
+        assert self.instance is not None
+        gate = gate_at(self.pool.schedule, self.options.listen, self.clock())
+        plan = self._plan(gate)
+        self.instance.add_table(self.family, self.table, gate_table_body(plan))
+        self.gate, self.plan = gate, plan
+        self.log.event("gate", open=gate.open, epoch=gate.epoch, active=gate.active)
+
+    def _tick(self) -> None:
+        try:
+            now = self.clock()
+            gate = gate_at(self.pool.schedule, self.options.listen, now)
+            current = self.pool.schedule.epoch(gate.epoch)
+            if current.start <= now and current.index != self.epoch:
+                self.epoch = current.index
+                self.log.event(
+                    "epoch",
+                    epoch=current.index,
+                    server=str(current.server),
+                    active=current.server == self.options.listen,
+                    start=round(current.start, 6),
+                    length=current.length,
+                )
+            plan = self._plan(gate)
+            if plan != self.plan:
+                nft.apply(gate_update_script(self.table, plan))
+                was_open = self.plan.open if self.plan else None
+                self.plan = plan
+                if plan.open != was_open:
+                    self.log.event("gate", open=plan.open, epoch=gate.epoch, active=gate.active)
+                    if not plan.open and self.options.migration == "reconnect":
+                        self._drop_connections()
+            self.gate = gate
+            self._write_status()
+            self._arm(min(gate.until, current.end if current.start <= now else current.start))
+        except RoamError as error:
+            self._fail(error)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        delay = max(0.0, when - self.clock()) + 0.0005
+        self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    def _drop_connections(self) -> None:
+        """The paper's prototype: a server leaving the active role drops its connections."""
+        if self.relay_server is not None:
+            relays = self.relay_server.relays
+            for live in relays:
+                live.abort()
+            dropped = len(relays)
+            if dropped:
+                self.log.event("connections_dropped", count=dropped)
+
+    def _fail(self, error: BaseException) -> None:
+        self.log.event("fatal", level="error", reason=str(error))
+        self._failure = error
+        self._stop.set()
+
+    # -- rate contracts ----------------------------------------------------------------------
+
+    async def _watch_contracts(self) -> None:
+        contracts = {c.counter: c for c in self._contracts()}
+        if not contracts:
+            return
+        while not self._stop.is_set():
+            await asyncio.sleep(CONTRACT_POLL_S)
+            try:
+                values = await asyncio.to_thread(nft.counters, self.family, self.table)
+            except RoamError as error:
+                self.log.event("contract_read_failed", level="warning", reason=str(error))
+                continue
+            for name, (packets, _bytes) in values.items():
+                contract = contracts.get(name)
+                if contract is None or packets <= self.counters.get(name, 0):
+                    continue
+                self.counters[name] = packets
+                self._offence(contract)
+
+    def _offence(self, contract: Contract) -> None:
+        epoch = self.epoch or 0
+        verdict = self.pool.report_offence(contract.client_id, epoch)
+        self.log.event(
+            "contract_exceeded",
+            level="warning",
+            client_id=contract.client_id,
+            address=str(contract.address),
+            epoch=epoch,
+            verdict=verdict,
+        )
+        if verdict == "revoke":
+            self._apply_control(Revoke(contract.client_id), origin="rate contract")
+            self._broadcast(Revoke(contract.client_id))
+        self._tick()
+
+    # -- roaming updates ---------------------------------------------------------------------
+
+    def _send_updates(self) -> None:
+        sock = self._update_socket
+        assert sock is not None
+        now = self.clock()
+        for client in self.pool.clients.clients:
+            record: ClientRecord = self.pool.record(client)
+            try:
+                update = self.pool.update_for(record, now)
+            except RoamError as error:
+                # Logged once per client and kind of reason, not every period.
+                kind = type(error).__name__
+                if self.update_failures.get(client.client_id) != kind:
+                    self.update_failures[client.client_id] = kind
+                    self.log.event(
+                        "update_skipped", client=client.name, error=kind, reason=str(error)
+                    )
+                continue
+            self.update_failures.pop(client.client_id, None)
+            message = seal_update(self.sealers[client.client_id], update, now)
+            try:
+                sock.sendto(message, (str(client.address), client.roaming_port))
+                self.updates_sent += 1
+            except OSError as error:
+                self.log.event(
+                    "update_send_failed", level="warning", client=client.name, reason=error.strerror
+                )
+
+    async def _update_loop(self) -> None:
+        period = self.options.update_period
+        while not self._stop.is_set():
+            self._send_updates()
+            # Jitter, so that updates do not line up with boundaries or across servers.
+            await asyncio.sleep(period * random.uniform(0.8, 1.2))
+
+    # -- group control -----------------------------------------------------------------------
+
+    def _apply_control(self, message: Threat | Trigger | Revoke, origin: str) -> bool:
+        now = self.clock()
+        try:
+            description = self.pool.apply(message, now)
+        except RoamError as error:
+            self.log.event(
+                "control_rejected",
+                level="warning",
+                origin=origin,
+                message=type(message).__name__,
+                reason=str(error),
+            )
+            return False
+        self._persist()
+        self.log.event(
+            "control_applied", origin=origin, message=type(message).__name__, detail=description
+        )
+        if isinstance(message, Trigger):
+            self._send_updates()  # a reactive roam is visible anyway: tell clients at once
+        self._tick()
+        return True
+
+    def on_control(self, data: bytes, source: tuple[str, int]) -> None:
+        origin = f"{source[0]}:{source[1]}"
+        try:
+            opened, message = self.control.open(data, self.clock())
+        except ReplayedMessageError as error:
+            # A retransmission whose answer was lost: answer again, apply nothing.
+            cached = self._acks.get(data[:HEADER_BYTES])
+            if cached is not None and self._control_transport is not None:
+                self._control_transport.sendto(cached, source)
+                return
+            self.log.event(
+                "control_rejected",
+                level="warning",
+                origin=origin,
+                error=type(error).__name__,
+                reason=str(error),
+            )
+            return
+        except RoamError as error:
+            self.log.event(
+                "control_rejected",
+                level="warning",
+                origin=origin,
+                error=type(error).__name__,
+                reason=str(error),
+            )
+            return
+        self.control.accept(opened)
+        if isinstance(message, Ack):
+            return
+        accepted = self._apply_control(message, origin)
+        reply = self.control.seal(Ack(opened.header.counter, accepted), self.clock())
+        if len(self._acks) >= 64:
+            self._acks.pop(next(iter(self._acks)))
+        self._acks[data[:HEADER_BYTES]] = reply
+        if self._control_transport is not None:
+            self._control_transport.sendto(reply, source)
+
+    def _broadcast(self, message: Threat | Trigger | Revoke) -> None:
+        if self._control_transport is None:
+            return
+        data = self.control.seal(message, self.clock())
+        for server in self.deployment.servers:
+            if server != self.options.listen:
+                self._control_transport.sendto(
+                    data, (str(server.address), self.options.control_port)
+                )
+
+    def _persist(self) -> None:
+        self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(self.pool.state.encode())
+        os.replace(temporary, self.state_path)
+
+    # -- status ------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "pid": os.getpid(),
+            "listen": str(self.options.listen),
+            "service": str(self.options.service),
+            "migration": self.options.migration,
+            "epoch": self.epoch,
+            "open": self.plan.open if self.plan else None,
+            "active": self.gate.active if self.gate else None,
+            "connections": len(self.relay_server.relays) if self.relay_server else 0,
+            "updates_sent": self.updates_sent,
+            "revoked": sorted(self.pool.state.revoked),
+            "table": self.table,
+            "updated": round(self.clock(), 6),
+        }
+
+    def _write_status(self) -> None:
+        if self.options.status_path is not None:
+            write_status(self.options.status_path, self.status())
+
+    # -- relay -------------------------------------------------------------------------------
+
+    async def _connect_service(self, client: socket.socket, peer: tuple[str, int]) -> socket.socket:
+        service = (str(self.options.service.address), self.options.service.port)
+        if self.options.transparent:
+            return await connect_transparent(service, peer[0])
+        return await connect_plain(service)
+
+    def _start_capture(self) -> None:
+        directory = self.options.capture_dropped
+        assert directory is not None
+        assert self.instance is not None
+        directory.mkdir(parents=True, exist_ok=True)
+        pattern = (
+            directory / f"dropped-{self.options.listen.address}-{self.options.listen.port}.pcap"
+        )
+        process = subprocess.Popen(
+            [
+                "tcpdump",
+                "-q",
+                "-n",
+                "-i",
+                f"nflog:{self.nflog_group}",
+                "-w",
+                str(pattern),
+                "-C",
+                "10",
+                "-W",
+                "10",
+                "-U",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.instance.add_child(process.pid)
+        self.log.event("capture_started", path=str(pattern), nflog_group=self.nflog_group)
+
+    # -- run ---------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self._stop.set)
+        self.instance = Instance.start("server")
+        tasks: list[asyncio.Task[None]] = []
+        try:
+            # pyroute2's netlink calls run their own event loop: keep them off ours.
+            await asyncio.to_thread(self._install_gate)
+            if self.options.transparent:
+                path = TransparentReturnPath(
+                    str(self.options.service.address), self.options.service.port
+                )
+                await asyncio.to_thread(path.setup, self.instance)
+            if self.options.capture_dropped is not None:
+                self._start_capture()
+            listen = (str(self.options.listen.address), self.options.listen.port)
+            self.relay_server = await relay.serve(listen, self._connect_service)
+            family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
+            self._update_socket = socket.socket(family, socket.SOCK_DGRAM)
+            self._update_socket.bind((str(self.options.listen.address), 0))
+            self._update_socket.setblocking(False)
+            control_socket = socket.socket(family, socket.SOCK_DGRAM)
+            try:
+                control_socket.bind((str(self.options.listen.address), self.options.control_port))
+            except OSError as error:
+                control_socket.close()
+                raise ConfigError(
+                    f"cannot listen for group control on UDP port {self.options.control_port}: "
+                    f"{error.strerror}"
+                ) from None
+            self._control_transport, _ = await loop.create_datagram_endpoint(
+                lambda: _ControlProtocol(self), sock=control_socket
+            )
+            self.log.event(
+                "start",
+                listen=str(self.options.listen),
+                service=str(self.options.service),
+                table=self.table,
+                migration=self.options.migration,
+                clients=len(self.pool.legitimate()),
+            )
+            self._tick()
+            tasks = [
+                asyncio.create_task(self._update_loop()),
+                asyncio.create_task(self._watch_contracts()),
+            ]
+            await self._stop.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+            if self._timer is not None:
+                self._timer.cancel()
+            if self._control_transport is not None:
+                self._control_transport.close()
+            if self._update_socket is not None:
+                self._update_socket.close()
+            if self.relay_server is not None:
+                self.relay_server.close()
+                await self.relay_server.wait_closed()
+            await asyncio.to_thread(self.instance.close)
+            if self.options.status_path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    self.options.status_path.unlink()
+            failed = self._failure is not None or sys.exc_info()[0] is not None
+            self.log.event("stop", reason="error" if failed else "signal")
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(signum)
+        if self._failure is not None:
+            raise self._failure
+
+
+class _ControlProtocol(asyncio.DatagramProtocol):
+    def __init__(self, shim: ServerShim) -> None:
+        self.shim = shim
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.shim.on_control(data, (str(addr[0]), int(addr[1])))
+
+
+__all__ = ["DEFAULT_CONTROL_PORT", "OPERATOR", "ServerOptions", "ServerShim"]

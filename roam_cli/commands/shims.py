@@ -1,0 +1,307 @@
+"""``roam server`` and ``roam client``: the two daemons, plus client status and systemd units."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from migrate.endpoints import Endpoint
+from migrate.errors import ConfigError, RoamError
+from migrate.kernel.eventlog import EventLog
+from roam_cli.args import positive_int, positive_seconds
+from roam_cli.store import load_bundle
+
+if TYPE_CHECKING:
+    Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
+
+SYSTEMD_DIR = Path("/etc/systemd/system")
+
+
+def endpoint(text: str) -> Endpoint:
+    try:
+        return Endpoint.parse(text)
+    except RoamError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def register(subparsers: Subparsers) -> None:
+    server = subparsers.add_parser(
+        "server",
+        help="run the server shim in front of an unmodified service",
+        description="Gate the service by the secret schedule, relay clients to it, send "
+        "roaming updates and take group control messages. Runs until SIGTERM/SIGINT; removes "
+        "everything it created on exit.",
+    )
+    server.add_argument("--deployment", required=True, type=Path, metavar="DIR")
+    server.add_argument(
+        "--listen",
+        required=True,
+        type=endpoint,
+        metavar="IP:PORT",
+        help="this server's entry in the deployment's server list",
+    )
+    server.add_argument(
+        "--service",
+        required=True,
+        type=endpoint,
+        metavar="HOST:PORT",
+        help="the unmodified legacy service, normally on loopback",
+    )
+    server.add_argument(
+        "--migration",
+        choices=["reconnect"],
+        default="reconnect",
+        help="what happens to live connections at a roam: 'reconnect' drops "
+        "them (the paper's prototype)",
+    )
+    server.add_argument(
+        "--allow-any-source",
+        action="store_true",
+        help="while active, accept any source, not only registered clients",
+    )
+    server.add_argument(
+        "--capture-dropped",
+        type=Path,
+        metavar="DIR",
+        help="write what the closed gate drops to rotating pcap files (NFLOG)",
+    )
+    server.add_argument(
+        "--no-transparent",
+        dest="transparent",
+        action="store_false",
+        help="connect to the service from this host's address instead of the client's own",
+    )
+    server.add_argument(
+        "--update-period",
+        type=positive_seconds,
+        default=2.0,
+        metavar="S",
+        help="mean period of roaming updates to each client (default 2)",
+    )
+    server.add_argument(
+        "--control-port",
+        type=positive_int,
+        default=47475,
+        metavar="PORT",
+        help="UDP port for group control on every server (default 47475)",
+    )
+    server.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="persistent state (default DIR/state/server-INDEX.json)",
+    )
+    server.add_argument("--status", type=Path, metavar="FILE", help="write a status JSON file")
+    server.add_argument(
+        "--log-json", type=Path, metavar="FILE", help="append one JSON object per event"
+    )
+    server.add_argument("--quiet", action="store_true", help="no human log on stderr")
+    server.set_defaults(handler=run_server)
+
+    client = subparsers.add_parser(
+        "client",
+        help="run the client shim (or: client status|install|uninstall)",
+        description="Follow the schedule from a bundle and rewrite the VIP to the active server "
+        "in the kernel. Applications connect to the VIP. Runs until SIGTERM/SIGINT; removes "
+        "everything it created on exit.",
+    )
+    client.add_argument("--bundle", type=Path, metavar="FILE")
+    client.add_argument(
+        "--state",
+        type=Path,
+        metavar="FILE",
+        help="key extensions and counters (default FILE.state beside the bundle)",
+    )
+    client.add_argument(
+        "--status",
+        type=Path,
+        metavar="FILE",
+        help="status file (default /run/server-roaming/client-NAME.status.json)",
+    )
+    client.add_argument("--log-json", type=Path, metavar="FILE")
+    client.add_argument("--quiet", action="store_true")
+    client.set_defaults(handler=run_client)
+    actions = client.add_subparsers(dest="client_command", metavar="ACTION")
+    status = actions.add_parser("status", help="show a running client shim's status")
+    status.add_argument("--bundle", dest="status_bundle", type=Path, metavar="FILE")
+    status.add_argument("--status", dest="status_file", type=Path, metavar="FILE")
+    status.add_argument("--json", action="store_true")
+    status.set_defaults(handler=run_client_status)
+    install = actions.add_parser("install", help="install and start a systemd unit")
+    install.add_argument("--bundle", dest="install_bundle", required=True, type=Path)
+    install.add_argument("--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS)
+    install.add_argument("--no-start", action="store_true", help="write the unit only")
+    install.set_defaults(handler=run_client_install)
+    uninstall = actions.add_parser("uninstall", help="stop and remove the systemd unit")
+    uninstall.add_argument("--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS)
+    uninstall.set_defaults(handler=run_client_uninstall)
+
+
+def _preflight(kind: str) -> None:
+    """Refuse to start, with one clear line, when a kernel feature or privilege is missing."""
+    from migrate.kernel import doctor
+
+    checks = [doctor.check_privileges(), doctor.check_nftables()]
+    if kind == "server":
+        checks += [doctor.check_ip_transparent(), doctor.check_splice()]
+    for check in checks:
+        if check.required and not check.ok:
+            fix = f"; fix: {check.fix}" if check.fix else ""
+            raise ConfigError(f"cannot start the {kind} shim: {check.name}: {check.detail}{fix}")
+
+
+def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    """Run a daemon's main coroutine on uvloop (the project's event loop)."""
+    import uvloop
+
+    uvloop.run(main())
+
+
+def run_server(args: argparse.Namespace) -> int:
+    from proxy.daemon import ServerOptions, ServerShim
+
+    _preflight("server")
+    options = ServerOptions(
+        deployment_dir=args.deployment,
+        listen=args.listen,
+        service=args.service,
+        migration=args.migration,
+        allow_any_source=args.allow_any_source,
+        capture_dropped=args.capture_dropped,
+        transparent=args.transparent,
+        update_period=args.update_period,
+        control_port=args.control_port,
+        state_path=args.state,
+        status_path=args.status,
+    )
+    log = EventLog("server", args.log_json, quiet=args.quiet)
+    try:
+        shim = ServerShim(options, log)
+        _run_loop(shim.run)
+    finally:
+        log.close()
+    return 0
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from client_shim.daemon import ClientShim, default_state_path, default_status_path
+
+    if args.bundle is None:
+        raise ConfigError("give --bundle FILE (or an action: status, install, uninstall)")
+    bundle = load_bundle(args.bundle)
+    _preflight("client")
+    log = EventLog("client", args.log_json, quiet=args.quiet)
+    try:
+        shim = ClientShim(
+            bundle,
+            bundle_path=args.bundle,
+            state_path=args.state or default_state_path(args.bundle),
+            status_path=args.status or default_status_path(bundle.name),
+            log=log,
+        )
+        _run_loop(shim.run)
+    finally:
+        log.close()
+    return 0
+
+
+def run_client_status(args: argparse.Namespace) -> int:
+    from client_shim.daemon import default_status_path
+
+    path = args.status_file
+    if path is None:
+        if args.status_bundle is None:
+            raise ConfigError("give --bundle FILE or --status FILE")
+        path = default_status_path(load_bundle(args.status_bundle).name)
+    try:
+        status = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no client shim is running ({path} does not exist)") from None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or not Path(f"/proc/{pid}").exists():
+        raise ConfigError(f"the client shim that wrote {path} (pid {pid}) is not running")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        for key, value in status.items():
+            print(f"{key}: {value}")
+    return 0
+
+
+def unit_name(bundle_name: str) -> str:
+    return f"roam-client-{bundle_name}.service"
+
+
+def unit_text(bundle: Path, roam: str) -> str:
+    return f"""[Unit]
+Description=server-roaming client shim ({bundle.name})
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Type=simple
+ExecStart={roam} client --bundle {bundle}
+ExecStopPost={roam} cleanup
+Restart=on-failure
+RestartSec=2
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _roam_executable() -> str:
+    found = shutil.which("roam")
+    return found or f"{sys.executable} -m roam_cli.main"
+
+
+def _systemctl(*args: str) -> None:
+    if shutil.which("systemctl") is None:
+        raise ConfigError(
+            "systemctl is not available on this host; the unit was written but not started"
+        )
+    result = subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        line = (result.stderr.strip().splitlines() or ["failed"])[0]
+        raise ConfigError(f"systemctl {' '.join(args)}: {line}")
+
+
+def run_client_install(args: argparse.Namespace) -> int:
+    bundle_path = args.install_bundle.resolve()
+    bundle = load_bundle(bundle_path)
+    unit = args.unit_dir / unit_name(bundle.name)
+    if unit.exists():
+        raise ConfigError(f"{unit} already exists; run 'roam client uninstall' first")
+    args.unit_dir.mkdir(parents=True, exist_ok=True)
+    unit.write_text(unit_text(bundle_path, _roam_executable()))
+    print(f"wrote {unit}")
+    if not args.no_start:
+        _systemctl("daemon-reload")
+        _systemctl("enable", "--now", unit.name)
+        print(f"started {unit.name}")
+    return 0
+
+
+def run_client_uninstall(args: argparse.Namespace) -> int:
+    units = sorted(args.unit_dir.glob("roam-client-*.service"))
+    if not units:
+        raise ConfigError(f"no roam client unit is installed in {args.unit_dir}")
+    for unit in units:
+        if shutil.which("systemctl") is not None:
+            subprocess.run(
+                ["systemctl", "disable", "--now", unit.name], capture_output=True, check=False
+            )
+        unit.unlink()
+        print(f"removed {unit}")
+    if shutil.which("systemctl") is not None:
+        subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
+    return 0
+
+
+
