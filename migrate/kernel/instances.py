@@ -803,8 +803,33 @@ def _other_live_sysctl(directory: Path, key: str, inode: int, exclude: Path) -> 
     return None
 
 
-def _undo(obj: Created, netns: str | None, directory: Path, inode: int, record_path: Path) -> str:
+@dataclass(frozen=True)
+class _Place:
+    """Where a record's objects are undone: the namespace to act in, or that it is gone."""
+
+    netns: str | None
+    gone: bool
+    directory: Path
+    inode: int
+    record_path: Path
+
+    @classmethod
+    def of(cls, record: InstanceRecord, directory: Path, record_path: Path) -> _Place:
+        if record.netns_inode == current_netns_inode():
+            return cls(None, False, directory, record.netns_inode, record_path)
+        found = find_netns(record.netns_inode, record.netns)
+        return cls(found, found is None, directory, record.netns_inode, record_path)
+
+
+def _lives_in_netns(obj: Created) -> bool:
+    return isinstance(obj, NftTable | IpRule | IpRoute | SysctlRestore)
+
+
+def _undo(obj: Created, place: _Place) -> str:
     """Remove one created object; a line saying what happened. Raises on real failures."""
+    netns = place.netns
+    if place.gone and _lives_in_netns(obj):
+        return f"{obj.describe()} gone with its network namespace"
     if isinstance(obj, NftTable):
         gone = nft.delete_table(obj.family, obj.name, missing_ok=True, netns=netns)
         return f"deleted {obj.describe()}" if gone else f"{obj.describe()} already gone"
@@ -825,13 +850,15 @@ def _undo(obj: Created, netns: str | None, directory: Path, inode: int, record_p
         except OSError as error:
             raise InstanceError(f"cannot remove {obj.path}: {error.strerror}") from None
         return f"removed {obj.describe()}"
-    if _other_live_sysctl(directory, obj.key, inode, record_path) is not None:
+    if _other_live_sysctl(place.directory, obj.key, place.inode, place.record_path) is not None:
         return f"left sysctl {obj.key} as it is: a live instance still needs it"
     write_sysctl(obj.key, obj.old, netns=netns)
     return f"restored sysctl {obj.key}={obj.old}"
 
 
-def _would_undo(obj: Created) -> str:
+def _would_undo(obj: Created, place: _Place) -> str:
+    if place.gone and _lives_in_netns(obj):
+        return f"{obj.describe()} gone with its network namespace"
     if isinstance(obj, SysctlRestore):
         return f"would restore sysctl {obj.key}={obj.old}"
     if isinstance(obj, ChildProcess):
@@ -1015,7 +1042,7 @@ class Instance:
         if obj not in self.record.created:
             raise InstanceError(f"{obj.describe()} is not recorded by this instance")
         with locked(self.directory):
-            line = _undo(obj, self.netns, self.directory, self.record.netns_inode, self.path)
+            line = _undo(obj, _Place.of(self.record, self.directory, self.path))
             self._forget(obj)
         return line
 
@@ -1030,11 +1057,10 @@ class Instance:
         lines: list[str] = []
         failures: list[str] = []
         with locked(self.directory):
+            place = _Place.of(self.record, self.directory, self.path)
             for obj in reversed(list(self.record.created)):
                 try:
-                    lines.append(
-                        _undo(obj, self.netns, self.directory, self.record.netns_inode, self.path)
-                    )
+                    lines.append(_undo(obj, place))
                 except (nft.NftError, InstanceError, OSError) as error:
                     failures.append(str(error))
                     continue
@@ -1056,29 +1082,18 @@ class Instance:
 
 def _sweep_record(path: Path, record: InstanceRecord, directory: Path, dry_run: bool) -> list[str]:
     head = f"{record.describe()} (dead)"
-    here = current_netns_inode()
-    target: str | None
-    if record.netns_inode == here:
-        target = None
-    else:
-        target = find_netns(record.netns_inode, record.netns)
-        if target is None:
-            if dry_run:
-                return [f"{head}: namespace gone; would remove its record {path.name}"]
-            path.unlink(missing_ok=True)
-            return [f"{head}: namespace gone with everything in it; removed record {path.name}"]
+    place = _Place.of(record, directory, path)
     lines = []
     failures = []
     for obj in reversed(list(record.created)):
         if dry_run:
-            lines.append(f"{head}: {_would_undo(obj)}")
+            lines.append(f"{head}: {_would_undo(obj, place)}")
             continue
         try:
-            lines.append(f"{head}: {_undo(obj, target, directory, record.netns_inode, path)}")
+            lines.append(f"{head}: {_undo(obj, place)}")
         except (nft.NftError, InstanceError, OSError) as error:
             failures.append(obj)
             lines.append(f"{head}: FAILED: {error}")
-            continue
     if dry_run:
         lines.append(f"{head}: would remove record {path.name}")
     elif failures:

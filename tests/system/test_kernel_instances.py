@@ -23,6 +23,7 @@ from migrate.kernel.instances import (
     InstanceError,
     InstanceRecord,
     NftTable,
+    OwnedFile,
     RouteSpec,
     RuleSpec,
     is_alive,
@@ -161,12 +162,18 @@ def test_sweep_removes_a_killed_instance_and_keeps_a_live_one(
         nft.delete_table("inet", root_table)
 
 
-def test_record_of_a_vanished_namespace_is_just_removed(run_dir: Path) -> None:
+def test_record_of_a_vanished_namespace(run_dir: Path, tmp_path: Path) -> None:
+    """Its kernel objects went with the namespace; its files are still removed."""
+    leftover = tmp_path / "leftover"
+    leftover.write_text("x")
     record = InstanceRecord("test", dead_pid(), 1, "ab", "roamk-gone", netns_inode=1)
-    record.created.append(NftTable("inet", "roam_x_1"))
+    record.created += [OwnedFile(str(leftover)), NftTable("inet", "roam_x_1")]
     write_atomically(run_dir / record.filename, record.encode())
     lines = sweep_dead()
-    assert any("namespace gone" in line and record.filename in line for line in lines)
+    assert any("nft table inet roam_x_1 gone with its network namespace" in x for x in lines)
+    assert any(f"removed file {leftover}" in x for x in lines)
+    assert any(f"removed record {record.filename}" in x for x in lines)
+    assert not leftover.exists()
     assert list(run_dir.glob("*.json")) == []
 
 
