@@ -146,14 +146,19 @@ class Lab:
             self._state = "closing"
         assert self._id is not None
         assert self._record is not None
-        stop_children(self._processes, grace_s=self.stop_grace_s)
-        report = teardown(
-            self._id,
-            self._record.namespaces,
-            self._workdir,
-            grace_s=self.stop_grace_s,
-            record_dir=self._record_dir,
-        )
+        try:
+            stop_children(self._processes, grace_s=self.stop_grace_s)
+            report = teardown(
+                self._id,
+                self._record.namespaces,
+                self._workdir,
+                grace_s=self.stop_grace_s,
+                record_dir=self._record_dir,
+            )
+        except BaseException:
+            # interrupted (a second Ctrl-C): the next close, at the latest atexit's, finishes
+            self._state = "running"
+            raise
         self._state = "closed"
         lifecycle.unregister(self)
         if report.errors and raise_errors:

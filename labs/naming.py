@@ -25,6 +25,7 @@ PREFIX = "roam"
 RECORD_DIR = Path("/run/server-roaming/labs")
 NETNS_DIR = Path("/run/netns")
 BRIDGE_IFNAME = "br0"
+_NEW_ID_ATTEMPTS = 20
 
 # A node name becomes the tail of a namespace name; keep it short, readable and shell-safe.
 _NODE_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,23}$")
@@ -41,7 +42,17 @@ class LabId:
 
     @classmethod
     def new(cls, owner_pid: int | None = None) -> LabId:
-        return cls(owner_pid if owner_pid is not None else os.getpid(), secrets.token_hex(2))
+        """A fresh id for a lab of ``owner_pid`` (default: this process), unused by any
+        namespace or record on this machine."""
+        pid = owner_pid if owner_pid is not None else os.getpid()
+        for _ in range(_NEW_ID_ATTEMPTS):
+            candidate = cls(pid, secrets.token_hex(2))
+            taken = candidate.record_path.exists() or any(
+                NETNS_DIR.glob(f"{candidate.namespace_prefix}*")
+            )
+            if not taken:
+                return candidate
+        raise ConfigError(f"no free lab id for pid {pid} after {_NEW_ID_ATTEMPTS} attempts")
 
     @classmethod
     def parse(cls, text: str) -> LabId:

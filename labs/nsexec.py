@@ -22,6 +22,8 @@ def netns_argv(netns: str, argv: Sequence[str]) -> list[str]:
     """The argument list that runs ``argv`` inside ``netns``."""
     if isinstance(argv, str | bytes) or not argv:
         raise ConfigError(f"a command must be a non-empty list of arguments, got {argv!r}")
+    # say which program is missing, rather than let `ip netns exec` fail with status 255
+    require_tools(str(argv[0]))
     return ["ip", "netns", "exec", netns, *(str(arg) for arg in argv)]
 
 

@@ -13,6 +13,7 @@ import pytest
 from labs import (
     CommandFailedError,
     CommandTimeoutError,
+    ConfigError,
     Lab,
     LinkParams,
     PaperTopo,
@@ -134,6 +135,8 @@ def test_hosts_have_loopback_sysctls_and_tracked_programs(lab: Lab) -> None:
     assert "false in s1 exited with status 1" in str(failed.value)
     with pytest.raises(CommandTimeoutError):
         host.run(["sleep", "5"], timeout=0.3)
+    with pytest.raises(ConfigError, match="missing programs: no-such-program"):
+        host.run(["no-such-program"])
     # the fixture checks that the sleeper is stopped and nothing is left
 
 
