@@ -183,6 +183,15 @@ def find_netns(inode: int, name: str | None = None) -> str | None:
     return None
 
 
+def find_netns_name(inode: int) -> str | None:
+    """The name in /run/netns of the namespace with ``inode``, if it has one."""
+    if NETNS_DIR.is_dir():
+        for entry in sorted(NETNS_DIR.iterdir()):
+            if _inode(entry) == inode and _NETNS_NAME.match(entry.name):
+                return entry.name
+    return None
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -883,10 +892,11 @@ class Instance:
     namespace; by default they live in the caller's.
     """
 
-    def __init__(self, record: InstanceRecord, directory: Path) -> None:
+    def __init__(self, record: InstanceRecord, directory: Path, *, act_in: str | None) -> None:
         self.record = record
         self.directory = directory
         self.path = directory / record.filename
+        self._act_in = act_in
         self._closed = False
 
     @classmethod
@@ -898,8 +908,11 @@ class Instance:
                 f"invalid instance kind {kind!r}: use a lowercase letter, then up to 15 "
                 "lowercase letters, digits or -"
             )
+        name = netns
         if netns is None:
             inode = current_netns_inode()
+            # a daemon started under `ip netns exec NAME`: record NAME for people to read
+            name = find_netns_name(inode)
         else:
             if not _NETNS_NAME.match(netns):
                 raise ConfigError(f"invalid network namespace name {netns!r}")
@@ -911,8 +924,9 @@ class Instance:
         starttime = process_start_time(pid)
         if starttime is None:
             raise InstanceError("cannot read this process's start time from /proc")
-        record = InstanceRecord(kind, pid, starttime, secrets.token_hex(4), netns, inode)
-        instance = cls(record, directory if directory is not None else instances_dir())
+        record = InstanceRecord(kind, pid, starttime, secrets.token_hex(4), name, inode)
+        directory = directory if directory is not None else instances_dir()
+        instance = cls(record, directory, act_in=netns)
         instance._save()
         return instance
 
@@ -928,7 +942,8 @@ class Instance:
 
     @property
     def netns(self) -> str | None:
-        return self.record.netns
+        """The namespace this instance acts in (``None``: the caller's own)."""
+        return self._act_in
 
     @property
     def closed(self) -> bool:

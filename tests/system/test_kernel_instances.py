@@ -213,3 +213,41 @@ def test_failed_creation_is_not_recorded(netns: str, run_dir: Path) -> None:
             instance.add_table("inet", instance.table_name("bad"), "chain c { junk }")
         assert instance.record.tables == []
     assert ip("-n", netns, "route", "show", "table", "4802") == ""
+
+
+DAEMON = textwrap.dedent(
+    """
+    import time
+    from migrate.kernel.instances import Instance, RuleSpec
+    instance = Instance.start("test")
+    instance.add_table("inet", instance.table_name("srv"))
+    instance.add_rule(RuleSpec(priority=4803, table=4803, src="10.243.0.11/32"))
+    print(instance.record.netns, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def test_daemon_killed_inside_a_namespace_is_swept_from_outside(netns: str, run_dir: Path) -> None:
+    """A shim run whole under ``ip netns exec``: the sweep finds its namespace by inode."""
+    daemon = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", DAEMON],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert daemon.stdout is not None
+        assert daemon.stdout.readline().strip() == netns  # the record names its namespace
+        assert ("inet", f"roam_srv_{daemon.pid}") in nft.list_tables(netns=netns)
+        daemon.kill()
+        daemon.wait()
+        text = "\n".join(sweep_dead())
+        assert f"test instance of pid {daemon.pid} in netns {netns} (dead)" in text
+        assert f"deleted nft table inet roam_srv_{daemon.pid}" in text
+        assert nft.list_tables(netns=netns) == []
+        assert "lookup 4803" not in ip("-n", netns, "rule", "show")
+        assert list(run_dir.glob("*.json")) == []
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.wait()
