@@ -3,11 +3,11 @@
 Each ``start_*`` helper starts the program in a host (tracked by the lab, so it is stopped at
 the lab's close at the latest), waits until it listens on the requested address and port, and
 returns a ``Service``. Readiness is read from ``/proc/<pid>/net/tcp`` (the sockets of the
-service's namespace) and the service's own file descriptors (the listening socket must be its
-own, not another server's on the same port): no probe connection is made, so a service that
-counts or logs connections (iperf3 in particular) sees none. The wait is bounded;
-a service that exits or does not listen in time raises ``ServiceStartError`` with the last line
-of its log.
+service's namespace) and the file descriptors of the service and its descendants (the
+listening socket must be theirs, not another server's on the same port): no probe connection
+is made, so a service that counts or logs connections (iperf3 in particular) sees none. The
+wait is bounded; a service that exits or does not listen in time raises ``ServiceStartError``
+with the last line of its log.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from migrate.errors import ConfigError
 READY_TIMEOUT_S = 10.0
 _POLL_S = 0.02
 _TCP_LISTEN = "0A"
+_MAX_TREE = 256  # processes looked at for a service's listening socket
 
 
 @dataclass
@@ -101,26 +102,46 @@ def _service_dir(node: Node, kind: str, port: int) -> Path:
     return path
 
 
-def _socket_inodes(pid: int) -> set[str]:
-    """Inodes of the sockets ``pid`` holds open (``socket:[inode]`` links in its fd table)."""
-    inodes = set()
-    try:
-        entries = list(os.scandir(f"/proc/{pid}/fd"))
-    except OSError:
-        return set()
-    for entry in entries:
+def _process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (a service may be a wrapper whose child listens)."""
+    tree = [pid]
+    for parent in tree:
+        if len(tree) >= _MAX_TREE:
+            break
         try:
-            target = os.readlink(entry.path)
+            tasks = list(os.scandir(f"/proc/{parent}/task"))
         except OSError:
             continue
-        if target.startswith("socket:["):
-            inodes.add(target[len("socket:[") : -1])
+        for task in tasks:
+            try:
+                children = Path(task.path, "children").read_text().split()
+            except OSError:
+                continue
+            tree += [int(child) for child in children if int(child) not in tree]
+    return tree[:_MAX_TREE]
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    """Inodes of the sockets held open by ``pid`` and its descendants."""
+    inodes = set()
+    for member in _process_tree(pid):
+        try:
+            entries = list(os.scandir(f"/proc/{member}/fd"))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                target = os.readlink(entry.path)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:[") : -1])
     return inodes
 
 
 def _listening(pid: int, address: IPv4Address, port: int) -> bool:
-    """Whether ``pid`` itself holds a TCP socket listening on ``address:port``; another
-    process listening there (a second start on a taken port) does not count."""
+    """Whether ``pid`` (or a descendant) holds a TCP socket listening on ``address:port``;
+    another process listening there (a second start on a taken port) does not count."""
     try:
         table = Path(f"/proc/{pid}/net/tcp").read_text()
     except OSError:
