@@ -1,0 +1,464 @@
+"""Benchmark: the server relay (``proxy.relay``) against direct and HAProxy, in one lab run.
+
+    python -m labs.benchmarks.relay [--seconds 3] [--repeat 3] [--json]
+
+Topology: ``PoolTopo(servers=1, clients=1)`` (c1 and s1 on one switch, offloads as default).
+The services run on s1 and listen on every address: ``iperf3 -s`` for bulk throughput and a
+small threaded Python echo service for latency. Paths from c1:
+
+* ``direct``: straight to the service on s1's LAN address (the baseline);
+* ``haproxy``: HAProxy in TCP mode with ``option splice-auto``, on s1, to the service on
+  127.0.0.1 (a private config in the lab's work directory, ``haproxy -f cfg -db``);
+* ``relay-splice``: ``python -m proxy.relay --mode splice`` (uvloop), to 127.0.0.1;
+* ``relay-copy``: ``--mode copy:noop``, a copy through Python with an observer that does
+  nothing (the floor of any observer);
+* ``relay-copy-sha256``: ``--mode copy:sha256``, every byte hashed on the way (what the
+  checkpoint's running hash will cost);
+* optional (``--paths``): ``relay-splice-asyncio`` (default loop), ``relay-splice-transparent``
+  (the service sees the client's address; replies routed locally as in production).
+
+Measured per path: bulk TCP throughput client -> service and service -> client (``iperf3 -J``,
+and ``-R``), the CPU time the proxy process used during each run (user and system) and how busy
+the whole machine was; small-request latency p50/p99 of 100-byte request/response round trips on
+one connection, and of a new connection per request. Runs are interleaved (every path once per
+repetition) and the median of the repetitions is reported, with ratios against direct and
+against HAProxy from the same run. Tests never assert times; this script is where speed is
+judged (docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from pathlib import Path
+from typing import Any
+
+from labs import Lab, PoolTopo
+from labs.clients import iperf3
+from labs.errors import LabError
+from labs.node import Node
+from labs.services import Service, start_iperf3_server, wait_until_listening
+
+IPERF_PORT = 5201
+ECHO_PORT = 7000
+RETURN_TABLE = "100"
+REQUEST_BYTES = 100
+LOOPBACK = "127.0.0.1"
+CLIENT_TIMEOUT_S = 120.0
+# Programs of this project started in the lab run from the project root: a `python -m` in
+# another directory can resolve `labs` through the editable install's namespace fallback,
+# which lacks the package's __init__.
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass(frozen=True)
+class ProxyPath:
+    name: str
+    relay_args: tuple[str, ...] = ()  # for relay paths: python -m proxy.relay arguments
+    transparent: bool = False
+
+
+PATHS: dict[str, ProxyPath] = {
+    path.name: path
+    for path in (
+        ProxyPath("direct"),
+        ProxyPath("haproxy"),
+        ProxyPath("relay-splice", ("--mode", "splice")),
+        ProxyPath("relay-copy", ("--mode", "copy:noop")),
+        ProxyPath("relay-copy-sha256", ("--mode", "copy:sha256")),
+        ProxyPath("relay-splice-asyncio", ("--mode", "splice", "--loop", "asyncio")),
+        ProxyPath("relay-splice-transparent", ("--mode", "splice", "--transparent"), True),
+    )
+}
+DEFAULT_PATHS = ("direct", "haproxy", "relay-splice", "relay-copy", "relay-copy-sha256")
+
+
+@dataclass
+class Endpoint:
+    """Where c1 connects for one path, and the proxy processes behind it (none for direct)."""
+
+    path: ProxyPath
+    bulk_port: int
+    echo_port: int
+    pids: tuple[int, ...]
+
+
+# --- roles run inside the namespaces (python -m labs.benchmarks.relay --role ...) ---------
+
+
+def echo_server(port: int) -> None:
+    """A threaded echo service on every address (the same service behind every path)."""
+
+    def serve_one(conn: socket.socket) -> None:
+        with conn:
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            while chunk := conn.recv(1 << 16):
+                conn.sendall(chunk)
+
+    listener = socket.create_server(("0.0.0.0", port), backlog=1024, reuse_port=False)
+    while True:
+        conn, _ = listener.accept()
+        threading.Thread(target=serve_one, args=(conn,), daemon=True).start()
+
+
+def _exchange(sock: socket.socket, request: bytes) -> None:
+    sock.sendall(request)
+    received = 0
+    while received < len(request):
+        chunk = sock.recv(len(request) - received)
+        if not chunk:
+            raise ConnectionError("the echo service closed early")
+        received += len(chunk)
+
+
+def latency_client(host: str, port: int, requests: int, connects: int) -> dict[str, Any]:
+    """Round-trip times in µs: ``requests`` in a row on one connection, then ``connects``
+    connections each carrying one request (connect, request, response, close)."""
+    request = os.urandom(REQUEST_BYTES)
+    one_connection: list[float] = []
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for index in range(requests + requests // 10):
+            started = time.perf_counter_ns()
+            _exchange(sock, request)
+            if index >= requests // 10:  # the first tenth warms caches and the window
+                one_connection.append((time.perf_counter_ns() - started) / 1000)
+    per_connection: list[float] = []
+    for _ in range(connects):
+        started = time.perf_counter_ns()
+        with socket.create_connection((host, port), timeout=10) as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            _exchange(sock, request)
+        per_connection.append((time.perf_counter_ns() - started) / 1000)
+    return {"rr_us": _percentiles(one_connection), "connect_us": _percentiles(per_connection)}
+
+
+def _percentiles(samples: list[float]) -> dict[str, float]:
+    ordered = sorted(samples)
+    if not ordered:
+        return {"p50": 0.0, "p99": 0.0}
+    return {
+        "p50": ordered[len(ordered) // 2],
+        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
+    }
+
+
+# --- the lab side ---------------------------------------------------------------------------
+
+
+def _this_module(*args: object) -> list[str]:
+    return [sys.executable, "-m", "labs.benchmarks.relay", *map(str, args)]
+
+
+def _start(node: Node, kind: str, argv: Sequence[str], address: str, port: int) -> Service:
+    workdir = node.lab.workdir
+    log_path = workdir / f"{kind}-{port}.log"
+    with open(log_path, "ab") as log:
+        process = node.popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=str(PROJECT_ROOT))
+    service = Service(kind, node, IPv4Address(address), port, process, workdir, log_path)
+    return wait_until_listening(service)
+
+
+def haproxy_config(frontends: Sequence[tuple[str, int, int]]) -> str:
+    """TCP mode, ``option splice-auto``; ``frontends`` are (bind address, port, service port)."""
+    lines = [
+        "global",
+        "    maxconn 4096",  # 2 fds each, within the default 20000-fd limit
+        "defaults",
+        "    mode tcp",
+        "    option splice-auto",
+        "    timeout connect 5s",
+        "    timeout client 1m",
+        "    timeout server 1m",
+    ]
+    for address, port, service_port in frontends:
+        lines += [
+            f"listen relay_{port}",
+            f"    bind {address}:{port}",
+            f"    server service {LOOPBACK}:{service_port}",
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def start_haproxy(node: Node, frontends: Sequence[tuple[str, int, int]]) -> Service:
+    config = node.lab.workdir / "haproxy.cfg"
+    config.write_text(haproxy_config(frontends))
+    address, port, _ = frontends[0]
+    service = _start(node, "haproxy", ["haproxy", "-f", str(config), "-db"], address, port)
+    for address, port, _ in frontends[1:]:
+        wait_until_listening(
+            Service("haproxy", node, IPv4Address(address), port, service.process,
+                    service.workdir, service.log_path)
+        )  # fmt: skip
+    return service
+
+
+def setup_return_path(node: Node, service_ports: Sequence[int]) -> None:
+    """Replies from the loopback services to client addresses are delivered locally, so that
+    transparent connections work (what TransparentReturnPath does in production)."""
+    for port in service_ports:
+        node.run(
+            ["ip", "rule", "add", "from", LOOPBACK, "ipproto", "tcp", "sport", str(port),
+             "lookup", RETURN_TABLE],
+            check=True, timeout=10,
+        )  # fmt: skip
+    node.run(
+        ["ip", "route", "add", "local", "0.0.0.0/0", "dev", "lo", "table", RETURN_TABLE],
+        check=True,
+        timeout=10,
+    )
+    node.sysctl("net.ipv4.conf.all.route_localnet", 1)
+    node.sysctl("net.ipv4.conf.lo.route_localnet", 1)
+
+
+def start_endpoints(lab: Lab, names: Sequence[str]) -> list[Endpoint]:
+    server = lab["s1"]
+    address = str(server.address)
+    endpoints: list[Endpoint] = []
+    port = 6000
+    proxied = [PATHS[name] for name in names if name != "direct"]
+    if any(path.transparent for path in proxied):
+        setup_return_path(server, (IPERF_PORT, ECHO_PORT))
+    for path in proxied:
+        port += 2
+        if path.name == "haproxy":
+            frontends = [(address, port, IPERF_PORT), (address, port + 1, ECHO_PORT)]
+            pids: tuple[int, ...] = (start_haproxy(server, frontends).process.pid,)
+        else:
+            pids = tuple(
+                _start(
+                    server,
+                    path.name,
+                    [sys.executable, "-m", "proxy.relay", "--listen", f"{address}:{listen}",
+                     "--service", f"{LOOPBACK}:{service_port}", *path.relay_args],
+                    address,
+                    listen,
+                ).process.pid
+                for listen, service_port in ((port, IPERF_PORT), (port + 1, ECHO_PORT))
+            )  # fmt: skip
+        endpoints.append(Endpoint(path, port, port + 1, pids))
+    if "direct" in names:
+        endpoints.insert(0, Endpoint(PATHS["direct"], IPERF_PORT, ECHO_PORT, ()))
+    order = {name: index for index, name in enumerate(names)}
+    return sorted(endpoints, key=lambda endpoint: order[endpoint.path.name])
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of process ``pid`` (all its threads)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / ticks, int(fields[12]) / ticks
+
+
+def machine_busy_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of all CPUs since boot, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def measure_bulk(lab: Lab, endpoint: Endpoint, seconds: float, reverse: bool) -> dict[str, Any]:
+    before = [cpu_seconds(pid) for pid in endpoint.pids]
+    busy_before = machine_busy_ticks()
+    started = time.monotonic()
+    result = iperf3(
+        lab["c1"], lab["s1"].address, port=endpoint.bulk_port, duration_s=seconds, reverse=reverse
+    )
+    elapsed = time.monotonic() - started
+    busy_after = machine_busy_ticks()
+    after = [cpu_seconds(pid) for pid in endpoint.pids]
+    user = sum(a[0] - b[0] for a, b in zip(after, before, strict=True))
+    system = sum(a[1] - b[1] for a, b in zip(after, before, strict=True))
+    cpus = os.cpu_count() or 1
+    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
+    return {
+        "gbit_s": result.received_mbit / 1000,
+        "retransmits": result.retransmits,
+        "proxy_user_pct": 100 * user / elapsed,
+        "proxy_system_pct": 100 * system / elapsed,
+        "machine_busy_pct": 100 * busy * cpus,  # of one CPU, as top counts
+    }
+
+
+def measure_latency(lab: Lab, endpoint: Endpoint, requests: int, connects: int) -> dict[str, Any]:
+    argv = _this_module(
+        "--role", "latency-client", "--host", lab["s1"].address, "--port", endpoint.echo_port,
+        "--requests", requests, "--connects", connects,
+    )  # fmt: skip
+    completed = lab["c1"].run(argv, check=True, timeout=CLIENT_TIMEOUT_S, cwd=PROJECT_ROOT)
+    result: dict[str, Any] = json.loads(completed.stdout)
+    return result
+
+
+def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    row: dict[str, Any] = {key: statistics.median(run[key] or 0 for run in runs) for key in runs[0]}
+    row["runs_gbit_s"] = [round(run["gbit_s"], 2) for run in runs]
+    return row
+
+
+def run_benchmark(
+    names: Sequence[str],
+    seconds: float,
+    repeat: int,
+    requests: int,
+    connects: int,
+    progress: Callable[[str], None],
+) -> dict[str, Any]:
+    with Lab(PoolTopo(servers=1, clients=1, outsiders=0)) as lab:
+        server = lab["s1"]
+        start_iperf3_server(server, port=IPERF_PORT, address="0.0.0.0")
+        _start(server, "echo", _this_module("--role", "echo-server", "--port", ECHO_PORT),
+               "0.0.0.0", ECHO_PORT)  # fmt: skip
+        endpoints = start_endpoints(lab, names)
+        bulk: dict[str, dict[str, list[dict[str, Any]]]] = {
+            e.path.name: {"client_to_service": [], "service_to_client": []} for e in endpoints
+        }
+        latency: dict[str, list[dict[str, Any]]] = {e.path.name: [] for e in endpoints}
+        for round_index in range(repeat):
+            for endpoint in endpoints:
+                name = endpoint.path.name
+                for direction, reverse in (
+                    ("client_to_service", False),
+                    ("service_to_client", True),
+                ):
+                    run = measure_bulk(lab, endpoint, seconds, reverse)
+                    bulk[name][direction].append(run)
+                    progress(f"round {round_index + 1}/{repeat} {name} {direction}: "
+                             f"{run['gbit_s']:.2f} Gbit/s")  # fmt: skip
+                latency[name].append(measure_latency(lab, endpoint, requests, connects))
+        return {
+            "date": time.strftime("%Y-%m-%d"),
+            "kernel": os.uname().release,
+            "cpus": os.cpu_count(),
+            "seconds": seconds,
+            "repeat": repeat,
+            "requests": requests,
+            "connects": connects,
+            "paths": {
+                name: {
+                    "client_to_service": _median_row(bulk[name]["client_to_service"]),
+                    "service_to_client": _median_row(bulk[name]["service_to_client"]),
+                    "latency": _median_latency(latency[name]),
+                }
+                for name in bulk
+            },
+        }
+
+
+def _median_latency(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
+    return {
+        kind: {q: statistics.median(run[kind][q] for run in runs) for q in ("p50", "p99")}
+        for kind in ("rr_us", "connect_us")
+    }
+
+
+def _ratio(value: float, base: dict[str, Any] | None, direction: str) -> str:
+    if base is None or not base[direction]["gbit_s"]:
+        return "-"
+    return f"{value / base[direction]['gbit_s']:.2f}x"
+
+
+def render(results: dict[str, Any]) -> str:
+    paths = results["paths"]
+    direct, haproxy = paths.get("direct"), paths.get("haproxy")
+    lines = [
+        "| path | c->s Gbit/s | s->c Gbit/s | c->s vs direct | s->c vs direct | "
+        "c->s vs HAProxy | s->c vs HAProxy | proxy CPU c->s (usr+sys %) | "
+        "proxy CPU s->c (usr+sys %) | machine busy c->s / s->c (% of 1 CPU) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in paths.items():
+        up, down = row["client_to_service"], row["service_to_client"]
+        cpu_up = f"{up['proxy_user_pct']:.0f}+{up['proxy_system_pct']:.0f}"
+        cpu_down = f"{down['proxy_user_pct']:.0f}+{down['proxy_system_pct']:.0f}"
+        if name == "direct":
+            cpu_up = cpu_down = "-"
+        lines.append(
+            f"| {name} | {up['gbit_s']:.2f} | {down['gbit_s']:.2f} | "
+            f"{_ratio(up['gbit_s'], direct, 'client_to_service')} | "
+            f"{_ratio(down['gbit_s'], direct, 'service_to_client')} | "
+            f"{_ratio(up['gbit_s'], haproxy, 'client_to_service')} | "
+            f"{_ratio(down['gbit_s'], haproxy, 'service_to_client')} | "
+            f"{cpu_up} | {cpu_down} | "
+            f"{up['machine_busy_pct']:.0f} / {down['machine_busy_pct']:.0f} |"
+        )
+    lines += [
+        "",
+        "| path | one connection p50 (µs) | p99 (µs) | new connection p50 (µs) | p99 (µs) |",
+        "|---|---|---|---|---|",
+    ]
+    for name, row in paths.items():
+        rr, connect = row["latency"]["rr_us"], row["latency"]["connect_us"]
+        lines.append(
+            f"| {name} | {rr['p50']:.0f} | {rr['p99']:.0f} | "
+            f"{connect['p50']:.0f} | {connect['p99']:.0f} |"
+        )
+    lines += ["", "Throughput per run (Gbit/s, c->s then s->c):"]
+    for name, row in paths.items():
+        lines.append(
+            f"- {name}: {row['client_to_service']['runs_gbit_s']} "
+            f"{row['service_to_client']['runs_gbit_s']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=3.0, help="per iperf3 run (default 3)")
+    parser.add_argument("--repeat", type=int, default=3, help="interleaved rounds (default 3)")
+    parser.add_argument("--requests", type=int, default=2000,
+                        help="round trips on one connection per round (default 2000)")  # fmt: skip
+    parser.add_argument(
+        "--connects",
+        type=int,
+        default=500,
+        help="new connections, one request each, per round (default 500)",
+    )
+    parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
+                        help=f"comma-separated, of: {', '.join(PATHS)}")  # fmt: skip
+    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--role", choices=("echo-server", "latency-client"),
+                        help=argparse.SUPPRESS)  # fmt: skip
+    parser.add_argument("--host", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "echo-server":
+        echo_server(args.port)
+        return 0
+    if args.role == "latency-client":
+        print(json.dumps(latency_client(args.host, args.port, args.requests, args.connects)))
+        return 0
+    names = [name.strip() for name in args.paths.split(",") if name.strip()]
+    unknown = [name for name in names if name not in PATHS]
+    if unknown or not names:
+        parser.error(f"unknown paths {unknown}; choose from {', '.join(PATHS)}")
+    if not 1 <= args.repeat <= 100 or not 0 < args.seconds <= 600:
+        parser.error("--repeat must be in [1, 100] and --seconds in (0, 600]")
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        results = run_benchmark(
+            names, args.seconds, args.repeat, args.requests, args.connects, progress
+        )
+    except LabError as error:
+        print(f"relay benchmark: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2) if args.json else render(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
