@@ -4,7 +4,7 @@
 makes every step valid: namespaces and their sysctls first (IPv6 off before any interface
 exists, so no router solicitation or DAD packet appears in captures), bridges, veth pairs
 created straight into their namespaces (so no interface ever exists in the root namespace),
-addresses, links up, shaping, loss rules, offloads and finally routes.
+addresses, shaping, links up, loss rules, offloads and finally routes.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from labs.routing import Route
 from labs.shaping import apply_loss, apply_qdiscs, set_offloads
 from labs.topo import NodeKind, Topo
 
-# Every namespace: no IPv6 (quiet captures), loopback-friendly defaults are set per host later.
+# Every namespace: no IPv6, so that captures hold only the traffic a test makes.
 BASE_SYSCTLS = {
     "net.ipv6.conf.all.disable_ipv6": "1",
     "net.ipv6.conf.default.disable_ipv6": "1",
