@@ -34,7 +34,7 @@ from migrate.errors import RoamError, ScheduleError, SubscriptionExpiredError
 from migrate.hashchain import KeyChain
 from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
-from migrate.kernel.instances import Instance
+from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import HostRoute
 from migrate.registration import Bundle
 from migrate.schedule import Epoch, EpochSchedule
@@ -252,6 +252,9 @@ class ClientShim:
                 f"cannot listen for roaming updates on UDP port {self.bundle.roaming_port}: "
                 f"{error.strerror}"
             ) from None
+        # Startup sweep: leftovers of instances that died without cleaning up.
+        for line in await asyncio.to_thread(sweep_dead):
+            self.log.event("swept", detail=line)
         self.instance = Instance.start("client")
         transport: asyncio.DatagramTransport | None = None
         try:

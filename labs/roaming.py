@@ -96,6 +96,7 @@ class RoamingLab:
     services: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._runs = 0
         self.workdir = self.lab.workdir / "roaming"
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.deployment_dir = self.workdir / "deployment"
@@ -128,6 +129,17 @@ class RoamingLab:
             roam_argv(*args), capture_output=True, text=True, timeout=timeout, check=False
         )
         if check and result.returncode != 0:
+            raise LabError(f"roam {' '.join(args)} failed: {result.stderr.strip()}")
+        return result
+
+    def operate(
+        self, *args: str, host: str | None = None, timeout: float = 60.0
+    ) -> subprocess.CompletedProcess[str]:
+        """Run an operator command that talks to the servers (``threat``, ``trigger``,
+        ``revoke``) from a host on the lab's network (default: the first client host)."""
+        node = self.lab[host or self.client_hosts[0]]
+        result = node.run(roam_argv(*args), timeout=timeout)
+        if result.returncode != 0:
             raise LabError(f"roam {' '.join(args)} failed: {result.stderr.strip()}")
         return result
 
@@ -201,9 +213,12 @@ class RoamingLab:
             )
 
     def _spawn(self, host: str, kind: str, args: list[str]) -> ShimProcess:
-        log_json = self.workdir / f"{kind}-{host}.jsonl"
-        stderr_path = self.workdir / f"{kind}-{host}.stderr"
-        status_path = self.workdir / f"{kind}-{host}.status.json"
+        # Every run gets its own files, so a restarted shim's log starts empty.
+        self._runs += 1
+        stem = f"{kind}-{host}-{self._runs}"
+        log_json = self.workdir / f"{stem}.jsonl"
+        stderr_path = self.workdir / f"{stem}.stderr"
+        status_path = self.workdir / f"{stem}.status.json"
         with open(stderr_path, "ab") as stderr:
             process = self.lab[host].popen(
                 roam_argv(kind, *args, "--log-json", str(log_json), "--status", str(status_path)),

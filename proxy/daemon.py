@@ -45,7 +45,7 @@ from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at
 from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
-from migrate.kernel.instances import Instance
+from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import TransparentReturnPath
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
@@ -428,6 +428,9 @@ class ServerShim:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        # Startup sweep: leftovers of instances that died without cleaning up.
+        for line in await asyncio.to_thread(sweep_dead):
+            self.log.event("swept", detail=line)
         self.instance = Instance.start("server")
         tasks: list[asyncio.Task[None]] = []
         try:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from migrate.control import OPERATOR, Ack, ControlChannel, Threat, Trigger
+from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
 from migrate.errors import ConfigError, RoamError
 from migrate.pool import PoolState, ServerPool
 from migrate.schedule import check_m
@@ -89,7 +89,7 @@ def _operator_pool(directory: DeploymentDir) -> ServerPool:
 
 
 def send_to_pool(
-    directory: DeploymentDir, message: Threat | Trigger, control_port: int
+    directory: DeploymentDir, message: Threat | Trigger | Revoke, control_port: int
 ) -> dict[str, str]:
     """Send ``message`` to every server; returns server -> "applied" | "refused" | "no answer"."""
     deployment = directory.deployment()

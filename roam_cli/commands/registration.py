@@ -136,6 +136,13 @@ def register(subparsers: Subparsers) -> None:
     )
     revoke.add_argument("directory", metavar="DIR", type=Path)
     revoke.add_argument("name", metavar="NAME")
+    revoke.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="only change the list; do not tell running servers",
+    )
+    revoke.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
     revoke.set_defaults(handler=run_revoke)
 
     inspect = subparsers.add_parser(
@@ -218,12 +225,23 @@ def run_subscribe(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
+    from migrate.control import Revoke
+    from roam_cli.commands.control import send_to_pool
+
     directory = DeploymentDir(args.directory)
     with directory.locked():
         secret = directory.secret()
         clients = directory.clients(secret).revoke(args.name)
         directory.save_clients(clients, secret)
     print(f"revoked {args.name}: no further key extensions")
+    if args.notify:
+        # Running servers loaded the list at start; tell them now. A server that does not
+        # answer (not running) reads the new list when it starts.
+        results = send_to_pool(
+            directory, Revoke(clients.by_name(args.name).client_id), args.control_port
+        )
+        for server, outcome in results.items():
+            print(f"{server}: {outcome}")
     return 0
 
 

@@ -302,7 +302,7 @@ def test_revoke(deployment, tmp_path, capsys):
         "--out",
         str(tmp_path / "b"),
     )
-    assert run(capsys, "revoke", str(deployment), "alice")[0] == 0
+    assert run(capsys, "revoke", str(deployment), "alice", "--no-notify")[0] == 0
     _, out, _ = run(capsys, "inspect", str(deployment), "--json")
     assert json.loads(out)["clients"][0]["revoked"] is True
     assert_one_line_error(*run(capsys, "revoke", str(deployment), "alice"), "already revoked")

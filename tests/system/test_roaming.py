@@ -1,0 +1,313 @@
+"""The roaming data path on a real pool: 3 servers, 2 subscribed clients, 1 outsider.
+
+Real processes throughout: ``roam server`` in front of python's http.server on each server
+host, ``roam client`` on c1, curl as the client application, tcpdump for evidence.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from labs import Lab, PoolTopo
+from labs.capture import tcp_flag_counts
+from labs.roaming import RoamingLab, roam_argv
+from migrate.channel import Kind, Sealer, derive_key
+from migrate.registration import Bundle
+from migrate.updates import EpochSync, RoamingUpdate, encode_update, update_context
+
+pytestmark = pytest.mark.system
+
+ROAM_SECONDS = 20.0
+TICK = 0.25
+
+
+@pytest.fixture(scope="module")
+def pool() -> Iterator[RoamingLab]:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root")
+    lab = Lab(PoolTopo(servers=3, clients=2, outsiders=1)).start()
+    try:
+        roaming = RoamingLab(lab, tick=TICK, m=2, update_period=0.5, start_delay=2.0)
+        roaming.create()
+        for host in roaming.server_hosts:
+            roaming.start_service(host)
+            roaming.start_server(host)
+        roaming.start_client("c1")
+        roaming.wait_ready()
+        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.5)
+        yield roaming
+        roaming.stop()
+    finally:
+        lab.close()
+
+
+def windows(roaming: RoamingLab, first: int, last: int) -> dict[str, list[tuple[float, float]]]:
+    """Each server host's open windows for epochs first..last, from ``roam schedule``."""
+    result: dict[str, list[tuple[float, float]]] = {h: [] for h in roaming.server_hosts}
+    for epoch in roaming.schedule(first, last - first + 1):
+        host = roaming.host_of(epoch["server"])
+        result[host].append(
+            (
+                epoch["start"] - roaming.delta,
+                epoch["start"] + epoch["length"] + roaming.delta + roaming.gamma,
+            )
+        )
+    return result
+
+
+def current_epoch(roaming: RoamingLab, now: float) -> int:
+    for epoch in roaming.schedule(1, 100_000):
+        if epoch["start"] <= now < epoch["start"] + epoch["length"]:
+            return int(epoch["epoch"])
+    raise AssertionError("now is outside the first 100000 epochs")
+
+
+def test_new_connections_reach_the_scheduled_server_and_services_see_only_their_windows(
+    pool: RoamingLab,
+) -> None:
+    lab = pool.lab
+    captures = {}
+    for host in pool.server_hosts:
+        path = pool.workdir / f"lo-{host}.pcap"
+        captures[host] = (lab[host].capture("lo", path, bpf_filter=["tcp", "port", "8000"]), path)
+    for context, _ in captures.values():
+        context.__enter__()
+    first_epoch = current_epoch(pool, time.time())
+    answers = []
+    try:
+        deadline = time.time() + ROAM_SECONDS
+        while time.time() < deadline:
+            began = time.time()
+            result = lab["c1"].run(["curl", "-s", "--max-time", "2", pool.url("/whoami")])
+            answers.append((began, time.time(), result.returncode, result.stdout.strip()))
+            time.sleep(0.05)
+    finally:
+        for context, _ in captures.values():
+            context.__exit__(None, None, None)
+    last_epoch = current_epoch(pool, time.time()) + 1
+    open_windows = windows(pool, max(1, first_epoch - 1), last_epoch)
+
+    served = [a for a in answers if a[2] == 0]
+    assert len(answers) >= 100
+    assert len(served) >= 0.85 * len(answers), answers
+    hosts_seen = set()
+    for began, ended, _, host in served:
+        assert host in open_windows, f"unexpected answer {host!r}"
+        assert any(a < ended and began < b for a, b in open_windows[host]), (
+            f"{host} answered between {began:.3f} and {ended:.3f}, outside its windows"
+        )
+        hosts_seen.add(host)
+    assert hosts_seen == set(pool.server_hosts), "20 s of roaming should visit every server"
+
+    from scapy.all import rdpcap  # noqa: PLC0415
+
+    for host, (_, path) in captures.items():
+        packets = rdpcap(str(path))
+        for packet in packets:
+            when = float(packet.time)
+            assert any(a - 0.01 <= when <= b + 0.1 for a, b in open_windows[host]), (
+                f"the service on {host} got a packet at {when:.3f}, outside its windows"
+            )
+    # The service saw the client's own address (transparent inner connection).
+    service_log = pool.services["s1"].log_path.read_text()
+    assert str(lab["c1"].address) in service_log
+
+
+def test_outsider_gets_no_answer_from_any_server(pool: RoamingLab) -> None:
+    lab = pool.lab
+    path = pool.workdir / "outsider.pcap"
+    with lab["o1"].capture("eth0", path):
+        for host in pool.server_hosts:
+            result = lab["o1"].run(
+                ["curl", "-s", "--max-time", "1.5", f"http://{lab[host].address}:80/whoami"]
+            )
+            assert result.returncode == 28, f"{host} answered the outsider: {result}"
+    from scapy.all import ICMP, TCP, rdpcap  # noqa: PLC0415
+
+    packets = rdpcap(str(path))
+    servers = {str(lab[h].address) for h in pool.server_hosts}
+    from_servers = [p for p in packets if p.haslayer(TCP) and p["IP"].src in servers]
+    assert from_servers == [], "a server answered the outsider's SYNs"
+    assert not [p for p in packets if p.haslayer(ICMP)], "an ICMP error reached the outsider"
+    assert tcp_flag_counts(path).get("R", 0) == 0
+
+
+def _send_udp(pool: RoamingLab, host: str, payload: bytes, target: str, port: int) -> None:
+    code = (
+        "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))"
+    )
+    pool.lab[host].run(
+        ["python3", "-c", code, payload.hex(), target, str(port)], check=True, timeout=10
+    )
+
+
+def _client_status(pool: RoamingLab) -> dict[str, object]:
+    return json.loads(pool.clients["c1"].status_path.read_text())
+
+
+def test_forged_replayed_and_foreign_updates_are_rejected(pool: RoamingLab) -> None:
+    lab = pool.lab
+    bundle = Bundle.decode(pool.bundle_path("c1").read_bytes())
+    bob = Bundle.decode(pool.bundle_path("c2").read_bytes())
+    c1 = str(lab["c1"].address)
+    # A genuine update, captured on the wire.
+    capture_path = pool.workdir / "updates.pcap"
+    with lab["c1"].capture("eth0", capture_path, bpf_filter=["udp", "port", "47474"]):
+        time.sleep(1.5)
+    from scapy.all import UDP, rdpcap  # noqa: PLC0415
+
+    genuine = [bytes(p[UDP].payload) for p in rdpcap(str(capture_path)) if p.haslayer(UDP)]
+    assert genuine, "no roaming update was seen on the wire"
+    before = _client_status(pool)
+    rejected_before = int(before["updates_rejected"])  # type: ignore[call-overload]
+    now = time.time()
+    sync = encode_update(RoamingUpdate(sync=EpochSync(1, 2, 1.0)))
+    forged = Sealer(os.urandom(32), 0, update_context(bundle.deployment_id, bundle.client_id))
+    for_bob = Sealer(
+        derive_key(bob.channel_key, "roaming update s2c"),
+        0,
+        update_context(bob.deployment_id, bob.client_id),
+    )
+    attempts = {
+        "MalformedMessageError": b"\x00garbage",
+        "AuthenticationError": forged.seal(Kind.ROAMING_UPDATE, sync, now),
+        "ReplayedMessageError": genuine[0],
+        "AuthenticationError (for bob)": for_bob.seal(Kind.ROAMING_UPDATE, sync, now),
+    }
+    for payload in attempts.values():
+        _send_udp(pool, "o1", payload, c1, bundle.roaming_port)
+    time.sleep(0.5)
+    events = pool.clients["c1"].events()
+    rejections = [e for e in events if e["event"] == "update_rejected" and e["ts"] >= now - 0.1]
+    errors = [e["error"] for e in rejections]
+    for expected in attempts:
+        name = expected.split(" ")[0]
+        assert name in errors or (
+            name == "ReplayedMessageError" and "ReorderedMessageError" in errors
+        ), f"{expected} not logged: {errors}"
+    assert all(e["reason"] for e in rejections)
+    after = _client_status(pool)
+    assert int(after["updates_rejected"]) >= rejected_before + 4  # type: ignore[call-overload]
+    assert after["key_index"] == before["key_index"]
+    assert after["m"] == before["m"]
+    # The shim kept following the schedule after the attempts.
+    time.sleep(1.0)
+    assert any(e["event"] == "epoch" and e["ts"] > now for e in pool.clients["c1"].events())
+
+
+def test_revoked_client_gets_no_updates(pool: RoamingLab) -> None:
+    result = pool.operate("revoke", str(pool.deployment_dir), "c2")
+    assert result.stdout.count(": applied") == 3, result.stdout
+    time.sleep(1.5)
+    for host, shim in pool.servers.items():
+        events = shim.events()
+        assert any(e["event"] == "control_applied" and e["message"] == "Revoke" for e in events), (
+            host
+        )
+        assert any(
+            e["event"] == "update_skipped"
+            and e["client"] == "c2"
+            and e["error"] == "RevokedClientError"
+            for e in events
+        ), host
+    # The legitimate client still receives updates.
+    recent = [e for e in pool.clients["c1"].events() if e["event"] == "update_accepted"]
+    assert recent
+    assert recent[-1]["ts"] > time.time() - 2.0
+
+
+def _epoch_starts(shim_events: list[dict[str, object]]) -> dict[int, float]:
+    return {
+        int(e["epoch"]): float(e["start"])  # type: ignore[arg-type]
+        for e in shim_events
+        if e["event"] == "epoch"
+    }
+
+
+def test_threat_change_and_trigger_take_effect_everywhere_at_the_same_epoch(
+    pool: RoamingLab,
+) -> None:
+    result = pool.operate(
+        "threat", "--deployment", str(pool.deployment_dir), "--m", "1", "--lead", "1.5"
+    )
+    assert result.stdout.count(": applied") == 3, result.stdout
+    from_epoch = int(result.stdout.split("from epoch ")[1].split()[0])
+    time.sleep(4.0)
+    shims = [*pool.servers.values(), pool.clients["c1"]]
+    starts = [_epoch_starts(shim.events()) for shim in shims]
+    common = sorted(set.intersection(*(set(s) for s in starts)))
+    after_change = [e for e in common if e >= from_epoch]
+    assert len(after_change) >= 3, (from_epoch, common[-5:])
+    for epoch in after_change:
+        values = [s[epoch] for s in starts]
+        assert max(values) - min(values) < 0.05, (epoch, values)
+    for earlier, later in zip(after_change, after_change[1:], strict=False):
+        if later == earlier + 1:
+            assert starts[0][later] - starts[0][earlier] <= 2 * TICK + 1e-6  # m = 1
+
+    result = pool.operate("trigger", "--deployment", str(pool.deployment_dir))
+    assert result.stdout.count(": applied") == 3, result.stdout
+    line = result.stdout.splitlines()[0]
+    next_epoch = int(line.split("for epoch ")[1].split()[0])
+    time.sleep(2.0)
+    starts = [_epoch_starts(shim.events()) for shim in shims]
+    assert all(next_epoch in s for s in starts), f"epoch {next_epoch} missing somewhere"
+    values = [s[next_epoch] for s in starts]
+    assert max(values) - min(values) < 0.05, values
+
+
+def _leftovers(lab: Lab, host: str) -> list[str]:
+    node = lab[host]
+    found = []
+    tables = node.run(["nft", "list", "tables"], check=True).stdout
+    found += [line for line in tables.splitlines() if "roam_" in line]
+    rules = node.run(["ip", "rule", "show"], check=True).stdout
+    found += [
+        line
+        for line in rules.splitlines()
+        if "lookup" in line and not any(name in line for name in ("local", "main", "default"))
+    ]
+    return found
+
+
+def test_sigterm_and_sigkill_with_cleanup_leave_nothing(pool: RoamingLab) -> None:
+    lab = pool.lab
+    codes = {
+        f"{s.kind}-{s.host}": s.stop(signal.SIGTERM)
+        for s in [*pool.clients.values(), *pool.servers.values()]
+    }
+    assert set(codes.values()) == {0}, codes
+    for host in [*pool.server_hosts, "c1"]:
+        assert _leftovers(lab, host) == [], host
+    routes = lab["c1"].run(["ip", "route", "show"], check=True).stdout
+    assert str(pool.vip) not in routes
+    # Crash: SIGKILL leaves state behind; roam cleanup removes it.
+    server = pool.start_server("s1")
+    client = pool.start_client("c1")
+    pool.wait_ready()
+    for shim in (server, client):
+        shim.stop(signal.SIGKILL)
+    assert _leftovers(lab, "s1"), "a killed server shim should have left its table"
+    cleanup = subprocess.run(
+        roam_argv("cleanup"), capture_output=True, text=True, timeout=60, check=False
+    )
+    assert cleanup.returncode == 0, cleanup.stderr
+    for host in ("s1", "c1"):
+        assert _leftovers(lab, host) == [], host
+    routes = lab["c1"].run(["ip", "route", "show"], check=True).stdout
+    assert str(pool.vip) not in routes
+    localnet = lab["s1"].run(["sysctl", "-n", "net.ipv4.conf.all.route_localnet"], check=True)
+    assert localnet.stdout.strip() == "0"
+    records = Path(os.environ.get("SERVER_ROAMING_RUN_DIR", "/run/server-roaming")) / "instances"
+    killed = {str(server.process.pid), str(client.process.pid)}
+    left = [p.name for p in records.glob("*") if any(pid in p.name for pid in killed)]
+    assert left == [], left
