@@ -6,6 +6,7 @@ host, ``roam client`` on c1, curl as the client application, tcpdump for evidenc
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -107,7 +108,7 @@ def test_new_connections_reach_the_scheduled_server_and_services_see_only_their_
         hosts_seen.add(host)
     assert hosts_seen == set(pool.server_hosts), "20 s of roaming should visit every server"
 
-    from scapy.all import rdpcap  # noqa: PLC0415
+    from scapy.all import rdpcap
 
     for host, (_, path) in captures.items():
         packets = rdpcap(str(path))
@@ -130,7 +131,7 @@ def test_outsider_gets_no_answer_from_any_server(pool: RoamingLab) -> None:
                 ["curl", "-s", "--max-time", "1.5", f"http://{lab[host].address}:80/whoami"]
             )
             assert result.returncode == 28, f"{host} answered the outsider: {result}"
-    from scapy.all import ICMP, TCP, rdpcap  # noqa: PLC0415
+    from scapy.all import ICMP, TCP, rdpcap
 
     packets = rdpcap(str(path))
     servers = {str(lab[h].address) for h in pool.server_hosts}
@@ -163,7 +164,7 @@ def test_forged_replayed_and_foreign_updates_are_rejected(pool: RoamingLab) -> N
     capture_path = pool.workdir / "updates.pcap"
     with lab["c1"].capture("eth0", capture_path, bpf_filter=["udp", "port", "47474"]):
         time.sleep(1.5)
-    from scapy.all import UDP, rdpcap  # noqa: PLC0415
+    from scapy.all import UDP, rdpcap
 
     genuine = [bytes(p[UDP].payload) for p in rdpcap(str(capture_path)) if p.haslayer(UDP)]
     assert genuine, "no roaming update was seen on the wire"
@@ -250,7 +251,7 @@ def test_threat_change_and_trigger_take_effect_everywhere_at_the_same_epoch(
     for epoch in after_change:
         values = [s[epoch] for s in starts]
         assert max(values) - min(values) < 0.05, (epoch, values)
-    for earlier, later in zip(after_change, after_change[1:], strict=False):
+    for earlier, later in itertools.pairwise(after_change):
         if later == earlier + 1:
             assert starts[0][later] - starts[0][earlier] <= 2 * TICK + 1e-6  # m = 1
 
