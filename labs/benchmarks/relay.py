@@ -291,12 +291,37 @@ def measure_bulk(lab: Lab, endpoint: Endpoint, seconds: float, reverse: bool) ->
     }
 
 
-def measure_latency(lab: Lab, endpoint: Endpoint, requests: int, connects: int) -> dict[str, Any]:
+def set_affinity(pids: Sequence[int], cpus: str) -> None:
+    """Move every thread of each process in ``pids`` to ``cpus`` (taskset list syntax)."""
+    for pid in pids:
+        subprocess.run(
+            ["taskset", "-a", "-p", "-c", cpus, str(pid)],
+            check=True,
+            capture_output=True,
+            timeout=10,
+        )
+
+
+def measure_latency(
+    lab: Lab, endpoint: Endpoint, requests: int, connects: int, *, pin: Sequence[int] = ()
+) -> dict[str, Any]:
+    """Latency through ``endpoint``. With ``pin`` (the service's pids), the client, the
+    service and the proxy all run on CPU 0 for the measurement: a wakeup across CPUs costs
+    tens of µs in this VM, and where the scheduler places each process differs from run to
+    run, so pinned figures show the processing cost alone."""
     argv = _this_module(
         "--role", "latency-client", "--host", lab["s1"].address, "--port", endpoint.echo_port,
         "--requests", requests, "--connects", connects,
     )  # fmt: skip
-    completed = lab["c1"].run(argv, check=True, timeout=CLIENT_TIMEOUT_S, cwd=PROJECT_ROOT)
+    pids = (*pin, *endpoint.pids)
+    if pin:
+        set_affinity(pids, "0")
+        argv = ["taskset", "-c", "0", *argv]
+    try:
+        completed = lab["c1"].run(argv, check=True, timeout=CLIENT_TIMEOUT_S, cwd=PROJECT_ROOT)
+    finally:
+        if pin:
+            set_affinity(pids, f"0-{(os.cpu_count() or 1) - 1}")
     result: dict[str, Any] = json.loads(completed.stdout)
     return result
 
@@ -318,13 +343,14 @@ def run_benchmark(
     with Lab(PoolTopo(servers=1, clients=1, outsiders=0)) as lab:
         server = lab["s1"]
         start_iperf3_server(server, port=IPERF_PORT, address="0.0.0.0")
-        _start(server, "echo", _this_module("--role", "echo-server", "--port", ECHO_PORT),
-               "0.0.0.0", ECHO_PORT)  # fmt: skip
+        echo = _start(server, "echo", _this_module("--role", "echo-server", "--port", ECHO_PORT),
+                      "0.0.0.0", ECHO_PORT)  # fmt: skip
         endpoints = start_endpoints(lab, names)
         bulk: dict[str, dict[str, list[dict[str, Any]]]] = {
             e.path.name: {"client_to_service": [], "service_to_client": []} for e in endpoints
         }
         latency: dict[str, list[dict[str, Any]]] = {e.path.name: [] for e in endpoints}
+        pinned: dict[str, list[dict[str, Any]]] = {e.path.name: [] for e in endpoints}
         for round_index in range(repeat):
             for endpoint in endpoints:
                 name = endpoint.path.name
@@ -337,6 +363,9 @@ def run_benchmark(
                     progress(f"round {round_index + 1}/{repeat} {name} {direction}: "
                              f"{run['gbit_s']:.2f} Gbit/s")  # fmt: skip
                 latency[name].append(measure_latency(lab, endpoint, requests, connects))
+                pinned[name].append(
+                    measure_latency(lab, endpoint, requests, connects, pin=(echo.process.pid,))
+                )
         return {
             "date": time.strftime("%Y-%m-%d"),
             "kernel": os.uname().release,
@@ -350,6 +379,7 @@ def run_benchmark(
                     "client_to_service": _median_row(bulk[name]["client_to_service"]),
                     "service_to_client": _median_row(bulk[name]["service_to_client"]),
                     "latency": _median_latency(latency[name]),
+                    "latency_one_cpu": _median_latency(pinned[name]),
                 }
                 for name in bulk
             },
@@ -395,15 +425,20 @@ def render(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "| path | one connection p50 (µs) | p99 (µs) | new connection p50 (µs) | p99 (µs) |",
+        "Latency of a 100-byte request and its echo (µs, p50 / p99); *one CPU*: client, service",
+        "and proxy pinned to CPU 0 (no cross-CPU wakeups):",
+        "",
+        "| path | one connection | new connection each | one connection, one CPU | "
+        "new connection each, one CPU |",
         "|---|---|---|---|---|",
     ]
     for name, row in paths.items():
-        rr, connect = row["latency"]["rr_us"], row["latency"]["connect_us"]
-        lines.append(
-            f"| {name} | {rr['p50']:.0f} | {rr['p99']:.0f} | "
-            f"{connect['p50']:.0f} | {connect['p99']:.0f} |"
-        )
+        cells = [
+            f"{row[key][kind]['p50']:.0f} / {row[key][kind]['p99']:.0f}"
+            for key in ("latency", "latency_one_cpu")
+            for kind in ("rr_us", "connect_us")
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
     lines += ["", "Throughput per run (Gbit/s, c->s then s->c):"]
     for name, row in paths.items():
         lines.append(
