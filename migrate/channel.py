@@ -61,6 +61,7 @@ class Kind(IntEnum):
     GROUP_CONTROL = 2
     REINCARNATE_REQUEST = 3
     REINCARNATE_READY = 4
+    CHECKPOINT_CARRIER = 5
 
 
 class Purpose:
@@ -73,6 +74,7 @@ class Purpose:
     GROUP_CONTROL = "group control"
     CLIENT_LIST = "client list"
     CHECKPOINT = "checkpoint"
+    CARRIER_S2C = "checkpoint carrier s2c"
 
 
 def derive_key(secret: bytes, purpose: str, context: bytes = b"") -> bytes:

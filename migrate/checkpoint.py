@@ -1,0 +1,333 @@
+"""Connection checkpoints: what a new server needs to re-create a live connection.
+
+Theory of operation (paper section IV-B; TCP-Migrate / Migratory TCP): the old server may be
+dead, flooded or compromised when the service roams, so it is never asked for anything.
+Instead the server shim periodically pushes each connection's state to the *client*, which
+stores it and hands it to the next server. A checkpoint holds:
+
+* TCP state: both initial sequence numbers, MSS, window scales, SACK, the timestamp clock;
+* positions: bytes received from the client (``c2s_pos``) and sent to it (``s2c_pos``), and the
+  *fresh point* (``c2s_fresh``, ``s2c_fresh``) where the service's state was last known to be
+  that of a new connection (a codec finds it: an HTTP/1.1 request boundary; for an unknown
+  protocol, the connection's start);
+* application state, as commitments: SHA-256 of the client's bytes ``[c2s_fresh, c2s_pos)``
+  (the replay log) and of the service's bytes ``[s2c_fresh, s2c_pos)``. The new server replays
+  the log to a fresh service instance and checks that it answers with the same bytes. The log
+  itself is not carried: the client sent it and keeps it (``migrate.connstore``), and the hash
+  makes it exactly as trustworthy as if the server had sealed the bytes, while every
+  checkpoint stays small enough for one segment;
+* identity and freshness: connection id, client address and port, the VIP port, the epoch, a
+  counter per connection and the time it was taken.
+
+It is sealed (ChaCha20-Poly1305) under a key derived from the group key, which only the
+server pool holds: the client can store a checkpoint but can neither read nor forge it.
+
+A *carrier* wraps a sealed checkpoint for the trip to the client on the connection's own
+5-tuple (``migrate.kernel.rawtcp``). It is sealed again, on the client's secure channel, with
+the few values the client needs in clear: which connection, the fresh point to trim its replay
+buffer to, and the positions covered. An observer sees an encrypted segment of the connection.
+
+Sealed checkpoint (``CHECKPOINT_VERSION`` 1)::
+
+    version u8 | nonce (12) | ChaCha20-Poly1305(checkpoint key, nonce, body,
+                                                aad = "checkpoint" || deployment id)
+    body: conn_id (16) | client address (4) | client port u16 | vport u16 | epoch u64 |
+          counter u64 | taken_at i64 us | server_isn u32 | client_isn u32 | mss u16 |
+          snd_wscale u8 | rcv_wscale u8 | flags u8 (1 sack, 2 timestamps, 4 unmigratable) |
+          ts_val u32 | codec u8 (0 generic, 1 http) | c2s_fresh u64 | c2s_pos u64 |
+          s2c_fresh u64 | s2c_pos u64 | c2s_hash (32) | s2c_hash (32)
+
+Carrier plaintext (inside the channel envelope, kind ``CHECKPOINT_CARRIER``)::
+
+    conn_id (16) | client port u16 | counter u64 | c2s_fresh u64 | c2s_pos u64 | s2c_pos u64 |
+    sealed checkpoint
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import struct
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from migrate.channel import (
+    Freshness,
+    Kind,
+    Opened,
+    Opener,
+    Purpose,
+    Random,
+    Sealer,
+    derive_key,
+)
+from migrate.errors import AuthenticationError, MalformedMessageError
+
+CHECKPOINT_VERSION = 1
+CONN_ID_BYTES = 16
+_BODY = struct.Struct("!16s4sHHQQqIIHBBBIBQQQQ32s32s")
+_CARRIER = struct.Struct("!16sHQQQQ")
+CODECS = {"generic": 0, "http": 1}
+_CODEC_NAMES = {value: name for name, value in CODECS.items()}
+FLAG_SACK = 1
+FLAG_TIMESTAMPS = 2
+FLAG_UNMIGRATABLE = 4
+SEALED_BYTES = 1 + 12 + _BODY.size + 16
+
+
+@dataclass(frozen=True, slots=True)
+class TcpSnapshot:
+    server_isn: int
+    client_isn: int
+    mss: int
+    snd_wscale: int
+    rcv_wscale: int
+    sack: bool
+    timestamps: bool
+    ts_val: int  # the server's TCP timestamp clock at ``taken_at`` (0 without timestamps)
+
+    def __post_init__(self) -> None:
+        for name in ("server_isn", "client_isn", "ts_val"):
+            if not 0 <= getattr(self, name) < 2**32:
+                raise MalformedMessageError(f"checkpoint {name} out of range")
+        if not 1 <= self.mss < 2**16:
+            raise MalformedMessageError("checkpoint MSS out of range")
+        if not (0 <= self.snd_wscale <= 14 and 0 <= self.rcv_wscale <= 14):
+            raise MalformedMessageError("checkpoint window scale out of range (0..14)")
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    conn_id: bytes
+    client: tuple[str, int]
+    vport: int
+    epoch: int
+    counter: int
+    taken_at: float
+    tcp: TcpSnapshot
+    codec: str
+    c2s_fresh: int
+    c2s_pos: int
+    s2c_fresh: int
+    s2c_pos: int
+    c2s_hash: bytes
+    s2c_hash: bytes
+    unmigratable: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.conn_id) != CONN_ID_BYTES:
+            raise MalformedMessageError("checkpoint connection id must be 16 bytes")
+        if self.codec not in CODECS:
+            raise MalformedMessageError(f"unknown codec {self.codec!r}")
+        if not (0 <= self.c2s_fresh <= self.c2s_pos and 0 <= self.s2c_fresh <= self.s2c_pos):
+            raise MalformedMessageError("checkpoint fresh point is after its position")
+        if len(self.c2s_hash) != 32 or len(self.s2c_hash) != 32:
+            raise MalformedMessageError("checkpoint hashes must be 32 bytes")
+        if not 1 <= self.client[1] <= 65535 or not 1 <= self.vport <= 65535:
+            raise MalformedMessageError("checkpoint port out of range")
+
+    def encode_body(self) -> bytes:
+        tcp = self.tcp
+        flags = (
+            (FLAG_SACK if tcp.sack else 0)
+            | (FLAG_TIMESTAMPS if tcp.timestamps else 0)
+            | (FLAG_UNMIGRATABLE if self.unmigratable else 0)
+        )
+        return _BODY.pack(
+            self.conn_id,
+            ipaddress.IPv4Address(self.client[0]).packed,
+            self.client[1],
+            self.vport,
+            self.epoch,
+            self.counter,
+            round(self.taken_at * 1_000_000),
+            tcp.server_isn,
+            tcp.client_isn,
+            tcp.mss,
+            tcp.snd_wscale,
+            tcp.rcv_wscale,
+            flags,
+            tcp.ts_val,
+            CODECS[self.codec],
+            self.c2s_fresh,
+            self.c2s_pos,
+            self.s2c_fresh,
+            self.s2c_pos,
+            self.c2s_hash,
+            self.s2c_hash,
+        )
+
+    @classmethod
+    def decode_body(cls, body: bytes) -> Checkpoint:
+        if len(body) != _BODY.size:
+            raise MalformedMessageError(
+                f"checkpoint body has {len(body)} bytes, expected {_BODY.size}"
+            )
+        (
+            conn_id,
+            address,
+            port,
+            vport,
+            epoch,
+            counter,
+            taken_us,
+            server_isn,
+            client_isn,
+            mss,
+            snd_wscale,
+            rcv_wscale,
+            flags,
+            ts_val,
+            codec,
+            c2s_fresh,
+            c2s_pos,
+            s2c_fresh,
+            s2c_pos,
+            c2s_hash,
+            s2c_hash,
+        ) = _BODY.unpack(body)
+        if codec not in _CODEC_NAMES:
+            raise MalformedMessageError(f"unknown codec number {codec}")
+        if flags & ~(FLAG_SACK | FLAG_TIMESTAMPS | FLAG_UNMIGRATABLE):
+            raise MalformedMessageError(f"unknown checkpoint flags {flags:#x}")
+        tcp = TcpSnapshot(
+            server_isn,
+            client_isn,
+            mss,
+            snd_wscale,
+            rcv_wscale,
+            bool(flags & FLAG_SACK),
+            bool(flags & FLAG_TIMESTAMPS),
+            ts_val,
+        )
+        return cls(
+            conn_id,
+            (str(ipaddress.IPv4Address(address)), port),
+            vport,
+            epoch,
+            counter,
+            taken_us / 1_000_000,
+            tcp,
+            _CODEC_NAMES[codec],
+            c2s_fresh,
+            c2s_pos,
+            s2c_fresh,
+            s2c_pos,
+            c2s_hash,
+            s2c_hash,
+            bool(flags & FLAG_UNMIGRATABLE),
+        )
+
+
+def checkpoint_key(group_key: bytes) -> bytes:
+    return derive_key(group_key, Purpose.CHECKPOINT)
+
+
+def _aad(deployment_id: bytes) -> bytes:
+    return b"checkpoint" + deployment_id
+
+
+def seal_checkpoint(
+    checkpoint: Checkpoint, key: bytes, deployment_id: bytes, random: Random
+) -> bytes:
+    nonce = random(12)
+    sealed = ChaCha20Poly1305(key).encrypt(nonce, checkpoint.encode_body(), _aad(deployment_id))
+    return bytes([CHECKPOINT_VERSION]) + nonce + sealed
+
+
+def open_checkpoint(data: bytes, key: bytes, deployment_id: bytes) -> Checkpoint:
+    if len(data) != SEALED_BYTES:
+        raise MalformedMessageError(
+            f"sealed checkpoint has {len(data)} bytes, expected {SEALED_BYTES}"
+        )
+    if data[0] != CHECKPOINT_VERSION:
+        raise MalformedMessageError(f"unsupported checkpoint version {data[0]}")
+    try:
+        body = ChaCha20Poly1305(key).decrypt(data[1:13], data[13:], _aad(deployment_id))
+    except InvalidTag:
+        raise AuthenticationError(
+            "checkpoint failed authentication (forged, tampered, or another pool's)"
+        ) from None
+    return Checkpoint.decode_body(body)
+
+
+# --- carriers -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Carrier:
+    """What the client can read of a checkpoint, plus the sealed checkpoint itself."""
+
+    conn_id: bytes
+    client_port: int
+    counter: int
+    c2s_fresh: int
+    c2s_pos: int
+    s2c_pos: int
+    sealed: bytes
+
+    def encode(self) -> bytes:
+        head = _CARRIER.pack(
+            self.conn_id,
+            self.client_port,
+            self.counter,
+            self.c2s_fresh,
+            self.c2s_pos,
+            self.s2c_pos,
+        )
+        return head + self.sealed
+
+    @classmethod
+    def decode(cls, data: bytes) -> Carrier:
+        if len(data) != _CARRIER.size + SEALED_BYTES:
+            raise MalformedMessageError(
+                f"carrier has {len(data)} bytes, expected {_CARRIER.size + SEALED_BYTES}"
+            )
+        conn_id, port, counter, c2s_fresh, c2s_pos, s2c_pos = _CARRIER.unpack_from(data)
+        if c2s_fresh > c2s_pos:
+            raise MalformedMessageError("carrier fresh point is after its position")
+        return cls(conn_id, port, counter, c2s_fresh, c2s_pos, s2c_pos, data[_CARRIER.size :])
+
+    @classmethod
+    def of(cls, checkpoint: Checkpoint, sealed: bytes) -> Carrier:
+        return cls(
+            checkpoint.conn_id,
+            checkpoint.client[1],
+            checkpoint.counter,
+            checkpoint.c2s_fresh,
+            checkpoint.c2s_pos,
+            checkpoint.s2c_pos,
+            sealed,
+        )
+
+
+def carrier_context(deployment_id: bytes, client_id: int) -> bytes:
+    return b"carrier" + deployment_id + struct.pack("!I", client_id)
+
+
+def carrier_sealer(channel_key: bytes, deployment_id: bytes, client_id: int, sender: int) -> Sealer:
+    key = derive_key(channel_key, Purpose.CARRIER_S2C)
+    return Sealer(key, sender, carrier_context(deployment_id, client_id))
+
+
+def carrier_opener(channel_key: bytes, deployment_id: bytes, client_id: int) -> Opener:
+    """Carriers may arrive out of order (retransmitted or reordered segments): a window."""
+    return Opener(
+        derive_key(channel_key, Purpose.CARRIER_S2C),
+        carrier_context(deployment_id, client_id),
+        kinds=frozenset({Kind.CHECKPOINT_CARRIER}),
+        # The store keeps the newest checkpoint per connection, so a late or replayed carrier
+        # can only be ignored; a loose clock bound keeps clients with skewed clocks working.
+        freshness=Freshness(max_age=600.0, max_skew=300.0),
+        window_size=256,
+    )
+
+
+def seal_carrier(sealer: Sealer, carrier: Carrier, now: float) -> bytes:
+    return sealer.seal(Kind.CHECKPOINT_CARRIER, carrier.encode(), now)
+
+
+def open_carrier(opener: Opener, data: bytes, now: float) -> tuple[Opened, Carrier]:
+    opened = opener.open(data, now)
+    return opened, Carrier.decode(opened.plaintext)

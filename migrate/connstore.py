@@ -1,0 +1,164 @@
+"""The client's store of live connections: latest checkpoint and the bytes needed to replay.
+
+Theory of operation: for each connection to the VIP the client shim keeps
+
+* the client's initial sequence number, seen in its SYN, to turn sequence numbers into byte
+  positions;
+* the newest checkpoint carrier the server pushed (highest counter wins: late or replayed
+  carriers are ignored);
+* the client-to-server bytes from the carrier's fresh point on, copied from the client's own
+  outgoing segments. A new carrier with a later fresh point trims them.
+
+Segments may be seen out of order or twice (retransmissions); positions are 64-bit offsets
+from the connection's start, recovered from 32-bit sequence numbers by taking the candidate
+nearest to what is already known. Bytes behind a gap wait in ``pending`` until the gap fills.
+
+Memory is bounded: a connection whose replay bytes exceed ``per_connection_limit`` stops
+storing and is marked *unmigratable* with the reason (at the next roam it is reset cleanly
+and counted, never migrated with a hole); when the store's total exceeds ``total_limit`` the
+largest connection is marked the same way. A connection whose client sends FIN is also
+unmigratable (half-closed connections are not re-created).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from migrate.checkpoint import Carrier
+
+SEQ_MOD = 2**32
+
+
+def unwrap(seq: int, isn: int, near: int) -> int:
+    """The byte position (0 = first byte after the SYN) of ``seq`` nearest to ``near``."""
+    low = (seq - isn - 1) % SEQ_MOD
+    base = near - (near % SEQ_MOD)
+    candidates = (base - SEQ_MOD + low, base + low, base + SEQ_MOD + low)
+    return min((c for c in candidates if c >= 0), key=lambda c: abs(c - near))
+
+
+@dataclass(slots=True)
+class TrackedConnection:
+    client_port: int
+    client_isn: int
+    opened_at: float
+    carrier: Carrier | None = None
+    replay_start: int = 0  # position of replay[0]
+    replay: bytearray = field(default_factory=bytearray)
+    pending: dict[int, bytes] = field(default_factory=dict)
+    unmigratable: str | None = None
+    fin: bool = False
+    last_seen: float = 0.0
+
+    @property
+    def sent(self) -> int:
+        """Contiguous bytes sent by the client, as far as captured."""
+        return self.replay_start + len(self.replay)
+
+    @property
+    def stored_bytes(self) -> int:
+        return len(self.replay) + sum(len(chunk) for chunk in self.pending.values())
+
+
+@dataclass
+class ConnectionStore:
+    per_connection_limit: int = 4 * 1024 * 1024
+    total_limit: int = 64 * 1024 * 1024
+    connections: dict[int, TrackedConnection] = field(default_factory=dict)
+    carriers_stored: int = 0
+    carriers_ignored: int = 0
+
+    def on_syn(self, client_port: int, isn: int, now: float) -> None:
+        """A SYN from the client: a new connection (a retransmitted SYN changes nothing)."""
+        known = self.connections.get(client_port)
+        if known is not None and known.client_isn == isn:
+            return
+        self.connections[client_port] = TrackedConnection(client_port, isn, now, last_seen=now)
+
+    def on_segment(self, client_port: int, seq: int, payload: bytes, fin: bool, now: float) -> None:
+        conn = self.connections.get(client_port)
+        if conn is None:
+            return  # a connection opened before the shim started: never migratable
+        conn.last_seen = now
+        if fin:
+            conn.fin = True
+            self._give_up(conn, "the client half-closed the connection (FIN)")
+        if conn.unmigratable is not None or not payload:
+            return
+        position = unwrap(seq, conn.client_isn, conn.sent)
+        end = position + len(payload)
+        if end <= conn.sent:
+            return  # a retransmission of bytes we have
+        if position < conn.replay_start:
+            payload = payload[conn.replay_start - position :]
+            position = conn.replay_start
+        if position > conn.sent:
+            conn.pending[position] = payload
+        else:
+            conn.replay += payload[conn.sent - position :]
+            self._drain_pending(conn)
+        self._enforce_limits(conn)
+
+    def _drain_pending(self, conn: TrackedConnection) -> None:
+        while conn.pending:
+            ready = [p for p in conn.pending if p <= conn.sent]
+            if not ready:
+                return
+            for position in sorted(ready):
+                chunk = conn.pending.pop(position)
+                if position + len(chunk) > conn.sent:
+                    conn.replay += chunk[conn.sent - position :]
+
+    def _give_up(self, conn: TrackedConnection, reason: str) -> None:
+        if conn.unmigratable is None:
+            conn.unmigratable = reason
+        conn.replay = bytearray()
+        conn.pending.clear()
+
+    def _enforce_limits(self, conn: TrackedConnection) -> None:
+        if conn.stored_bytes > self.per_connection_limit:
+            self._give_up(
+                conn, f"replay bytes exceed the per-connection bound ({self.per_connection_limit})"
+            )
+        total = sum(c.stored_bytes for c in self.connections.values())
+        while total > self.total_limit:
+            largest = max(self.connections.values(), key=lambda c: c.stored_bytes)
+            total -= largest.stored_bytes
+            self._give_up(largest, f"the store exceeds its total bound ({self.total_limit})")
+
+    def on_carrier(self, carrier: Carrier, now: float) -> bool:
+        """Keep ``carrier`` if it is the connection's newest; trim replay bytes to its fresh
+        point. Returns whether it was kept."""
+        conn = self.connections.get(carrier.client_port)
+        current = conn.carrier if conn is not None else None
+        if conn is None or (
+            current is not None
+            and (carrier.conn_id != current.conn_id or carrier.counter <= current.counter)
+        ):
+            self.carriers_ignored += 1
+            return False
+        conn.carrier = carrier
+        conn.last_seen = now
+        self.carriers_stored += 1
+        if carrier.c2s_fresh > conn.replay_start and conn.unmigratable is None:
+            drop = min(carrier.c2s_fresh, conn.sent) - conn.replay_start
+            del conn.replay[:drop]
+            conn.replay_start += drop
+        return True
+
+    def replay_bytes(self, client_port: int, start: int) -> bytes | None:
+        """Client-to-server bytes from ``start`` to what was sent; None if not held."""
+        conn = self.connections.get(client_port)
+        if conn is None or conn.unmigratable is not None or start < conn.replay_start:
+            return None
+        return bytes(conn.replay[start - conn.replay_start :])
+
+    def forget(self, client_port: int) -> None:
+        self.connections.pop(client_port, None)
+
+    def expire(self, live_ports: set[int]) -> list[int]:
+        """Drop connections the kernel no longer has; returns the ports dropped."""
+        gone = [port for port in self.connections if port not in live_ports]
+        for port in gone:
+            del self.connections[port]
+        return gone

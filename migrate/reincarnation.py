@@ -1,0 +1,260 @@
+"""Re-incarnation requests: the client hands a live connection to the next server.
+
+Theory of operation, make-before-break (ARCHITECTURE.md "A roam"): shortly before the boundary
+``T_i`` the client shim sends ``S_i``, for each live connection, a PREPARE request: the latest
+sealed checkpoint, its own positions (bytes sent, bytes received) and the replay bytes from the
+checkpoint's fresh point on. ``S_i`` verifies everything, opens a fresh connection to the
+legacy service, replays, regenerates and checks the response up to the client's position and
+keeps the service connection parked. At the boundary the client freezes its outgoing data for
+the connection and sends a COMMIT with its final positions and the replay bytes added since;
+``S_i`` finishes the replay, creates the socket with TCP_REPAIR and answers READY. Only then
+does the client point its kernel rewrite at ``S_i``. An ABORT withdraws a request.
+
+Requests travel on the client's secure channel (``Purpose.REINCARNATE_C2S``, sender = client
+id), answers on ``Purpose.REINCARNATE_S2C`` (sender = server index), both with context
+``"reincarnate" || deployment id || client id``.
+
+Request plaintext::
+
+    phase u8 (1 prepare, 2 commit, 3 abort) | epoch u64 | client port u16 | vport u16 |
+    c2s_sent u64 | s2c_received u64 | replay_from u64 | sealed checkpoint (SEALED_BYTES) |
+    replay bytes: client-to-server bytes [replay_from, c2s_sent)
+
+In a COMMIT, ``replay_from`` is where the PREPARE's replay bytes ended, and only the new bytes
+follow. Answer plaintext::
+
+    phase u8 | client port u16 | status u8 (0 ready, 1 diverged, 2 refused, 3 failed) |
+    detail (UTF-8, at most 200 bytes)
+
+Checks at the server (``admit``), each failure a typed error and nothing created: the seal
+(the client's key, so the request is the client's), the UDP source is the client's registered
+address, the client is not revoked and holds keys for the epoch, this server is that epoch's
+server, the checkpoint is the pool's and belongs to this client address and port, is not
+marked unmigratable, and the replay bytes hash to the checkpoint's commitment. A server
+answers only a request that passed these checks, with a message smaller than the request, so
+it can never be used to amplify traffic (QUIC's rule is 3x before validation).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from migrate.channel import Freshness, Kind, Opened, Opener, Purpose, Sealer, derive_key
+from migrate.checkpoint import SEALED_BYTES, Checkpoint, open_checkpoint
+from migrate.errors import (
+    AuthenticationError,
+    InconsistentUpdateError,
+    MalformedMessageError,
+    RevokedClientError,
+    SubscriptionExpiredError,
+)
+from migrate.registration import ClientRecord
+
+MAX_REPLAY_BYTES = 60_000  # one UDP datagram; larger logs make a connection unmigratable
+MAX_DETAIL_BYTES = 200
+_REQUEST = struct.Struct("!BQHHQQQ")
+_ANSWER = struct.Struct("!BHB")
+
+
+class Phase(IntEnum):
+    PREPARE = 1
+    COMMIT = 2
+    ABORT = 3
+
+
+class Status(IntEnum):
+    READY = 0
+    DIVERGED = 1
+    REFUSED = 2
+    FAILED = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    phase: Phase
+    epoch: int
+    client_port: int
+    vport: int
+    c2s_sent: int
+    s2c_received: int
+    replay_from: int
+    checkpoint: bytes
+    replay: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.checkpoint) != SEALED_BYTES:
+            raise MalformedMessageError("re-incarnation request without a sealed checkpoint")
+        if self.replay_from + len(self.replay) != self.c2s_sent:
+            raise MalformedMessageError(
+                "replay bytes do not end at the client's sent position "
+                f"({self.replay_from} + {len(self.replay)} != {self.c2s_sent})"
+            )
+        if len(self.replay) > MAX_REPLAY_BYTES:
+            raise MalformedMessageError(f"replay of {len(self.replay)} bytes is too long")
+        if not (1 <= self.client_port <= 65535 and 1 <= self.vport <= 65535):
+            raise MalformedMessageError("re-incarnation request port out of range")
+
+    def encode(self) -> bytes:
+        return (
+            _REQUEST.pack(
+                self.phase,
+                self.epoch,
+                self.client_port,
+                self.vport,
+                self.c2s_sent,
+                self.s2c_received,
+                self.replay_from,
+            )
+            + self.checkpoint
+            + self.replay
+        )
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        if len(data) < _REQUEST.size + SEALED_BYTES:
+            raise MalformedMessageError("re-incarnation request is truncated")
+        phase, epoch, port, vport, sent, received, replay_from = _REQUEST.unpack_from(data)
+        if phase not in Phase._value2member_map_:
+            raise MalformedMessageError(f"unknown re-incarnation phase {phase}")
+        start = _REQUEST.size
+        return cls(
+            Phase(phase),
+            epoch,
+            port,
+            vport,
+            sent,
+            received,
+            replay_from,
+            data[start : start + SEALED_BYTES],
+            data[start + SEALED_BYTES :],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    phase: Phase
+    client_port: int
+    status: Status
+    detail: str = ""
+
+    def encode(self) -> bytes:
+        detail = self.detail.encode()[:MAX_DETAIL_BYTES]
+        return _ANSWER.pack(self.phase, self.client_port, self.status) + detail
+
+    @classmethod
+    def decode(cls, data: bytes) -> Answer:
+        if len(data) < _ANSWER.size or len(data) > _ANSWER.size + MAX_DETAIL_BYTES:
+            raise MalformedMessageError("re-incarnation answer has a bad length")
+        phase, port, status = _ANSWER.unpack_from(data)
+        if phase not in Phase._value2member_map_ or status not in Status._value2member_map_:
+            raise MalformedMessageError("re-incarnation answer has an unknown phase or status")
+        try:
+            detail = data[_ANSWER.size :].decode()
+        except UnicodeDecodeError:
+            raise MalformedMessageError("re-incarnation answer detail is not UTF-8") from None
+        return cls(Phase(phase), port, Status(status), detail)
+
+
+def context(deployment_id: bytes, client_id: int) -> bytes:
+    return b"reincarnate" + deployment_id + struct.pack("!I", client_id)
+
+
+def request_sealer(channel_key: bytes, deployment_id: bytes, client_id: int) -> Sealer:
+    key = derive_key(channel_key, Purpose.REINCARNATE_C2S)
+    return Sealer(key, client_id, context(deployment_id, client_id))
+
+
+def request_opener(channel_key: bytes, deployment_id: bytes, client_id: int) -> Opener:
+    return Opener(
+        derive_key(channel_key, Purpose.REINCARNATE_C2S),
+        context(deployment_id, client_id),
+        kinds=frozenset({Kind.REINCARNATE_REQUEST}),
+        freshness=Freshness(max_age=5.0, max_skew=2.0),
+        window_size=1024,
+    )
+
+
+def answer_sealer(channel_key: bytes, deployment_id: bytes, client_id: int, sender: int) -> Sealer:
+    key = derive_key(channel_key, Purpose.REINCARNATE_S2C)
+    return Sealer(key, sender, context(deployment_id, client_id))
+
+
+def answer_opener(channel_key: bytes, deployment_id: bytes, client_id: int) -> Opener:
+    return Opener(
+        derive_key(channel_key, Purpose.REINCARNATE_S2C),
+        context(deployment_id, client_id),
+        kinds=frozenset({Kind.REINCARNATE_READY}),
+        freshness=Freshness(max_age=5.0, max_skew=300.0),
+        window_size=1024,
+    )
+
+
+def client_id_of(message: bytes) -> int:
+    """The sender field of a sealed request (unauthenticated until opened)."""
+    if len(message) < 8:
+        raise MalformedMessageError("re-incarnation request is truncated")
+    return int.from_bytes(message[4:8], "big")
+
+
+@dataclass(frozen=True, slots=True)
+class Admitted:
+    opened: Opened
+    request: Request
+    checkpoint: Checkpoint
+    record: ClientRecord
+
+
+def admit(
+    opened: Opened,
+    request: Request,
+    record: ClientRecord,
+    source: str,
+    granted_epoch: int,
+    serves_epoch: bool,
+    checkpoint_key: bytes,
+    deployment_id: bytes,
+) -> Admitted:
+    """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure."""
+    if record.revoked:
+        raise RevokedClientError(f"client {record.name!r} is revoked")
+    if source != str(record.address):
+        raise AuthenticationError(
+            f"request for client {record.name!r} came from {source}, not its address "
+            f"{record.address}"
+        )
+    if request.epoch > granted_epoch:
+        raise SubscriptionExpiredError(
+            f"client {record.name!r} holds keys up to epoch {granted_epoch}, not {request.epoch}"
+        )
+    if not serves_epoch:
+        raise InconsistentUpdateError(f"this server is not the server of epoch {request.epoch}")
+    checkpoint = open_checkpoint(request.checkpoint, checkpoint_key, deployment_id)
+    if checkpoint.client != (source, request.client_port) or checkpoint.vport != request.vport:
+        raise AuthenticationError(
+            f"checkpoint belongs to {checkpoint.client[0]}:{checkpoint.client[1]}, not to the "
+            f"requesting connection {source}:{request.client_port}"
+        )
+    if checkpoint.unmigratable:
+        raise InconsistentUpdateError("the connection was marked unmigratable by its server")
+    if request.phase is Phase.PREPARE:
+        if request.replay_from != checkpoint.c2s_fresh:
+            raise InconsistentUpdateError(
+                f"replay starts at {request.replay_from}, the checkpoint's fresh point is "
+                f"{checkpoint.c2s_fresh}"
+            )
+        if request.c2s_sent < checkpoint.c2s_pos:
+            raise InconsistentUpdateError("the client claims fewer bytes sent than the checkpoint")
+        covered = request.replay[: checkpoint.c2s_pos - checkpoint.c2s_fresh]
+        if hashlib.sha256(covered).digest() != checkpoint.c2s_hash:
+            raise AuthenticationError(
+                "replay bytes do not match the checkpoint's commitment (not what the old "
+                "server received)"
+            )
+    if request.s2c_received < checkpoint.s2c_fresh:
+        raise InconsistentUpdateError(
+            "the client received fewer bytes than the checkpoint's fresh point"
+        )
+    return Admitted(opened, request, checkpoint, record)

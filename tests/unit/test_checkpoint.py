@@ -1,0 +1,270 @@
+import hashlib
+import ipaddress
+import os
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migrate.channel import Kind
+from migrate.checkpoint import (
+    Carrier,
+    Checkpoint,
+    TcpSnapshot,
+    carrier_opener,
+    carrier_sealer,
+    open_carrier,
+    open_checkpoint,
+    seal_carrier,
+    seal_checkpoint,
+)
+from migrate.connstore import ConnectionStore, unwrap
+from migrate.errors import AuthenticationError, MalformedMessageError, ReplayedMessageError
+from migrate.registration import ClientRecord
+from migrate.reincarnation import (
+    Answer,
+    Phase,
+    Request,
+    Status,
+    admit,
+    request_opener,
+    request_sealer,
+)
+
+KEY = bytes(range(32))
+DEPLOYMENT = bytes(16)
+
+checkpoints = st.builds(
+    Checkpoint,
+    conn_id=st.binary(min_size=16, max_size=16),
+    client=st.tuples(st.ip_addresses(v=4).map(str), st.integers(1, 65535)),
+    vport=st.integers(1, 65535),
+    epoch=st.integers(0, 2**63),
+    counter=st.integers(0, 2**63),
+    taken_at=st.integers(0, 2**40).map(lambda us: us / 1e6),
+    tcp=st.builds(
+        TcpSnapshot,
+        st.integers(0, 2**32 - 1),
+        st.integers(0, 2**32 - 1),
+        st.integers(1, 65535),
+        st.integers(0, 14),
+        st.integers(0, 14),
+        st.booleans(),
+        st.booleans(),
+        st.integers(0, 2**32 - 1),
+    ),
+    codec=st.sampled_from(["generic", "http"]),
+    c2s_fresh=st.just(0),
+    c2s_pos=st.integers(0, 2**40),
+    s2c_fresh=st.just(0),
+    s2c_pos=st.integers(0, 2**40),
+    c2s_hash=st.binary(min_size=32, max_size=32),
+    s2c_hash=st.binary(min_size=32, max_size=32),
+    unmigratable=st.booleans(),
+)
+
+
+@settings(max_examples=300)
+@given(checkpoint=checkpoints)
+def test_checkpoint_seal_roundtrip(checkpoint):
+    sealed = seal_checkpoint(checkpoint, KEY, DEPLOYMENT, os.urandom)
+    assert open_checkpoint(sealed, KEY, DEPLOYMENT) == checkpoint
+
+
+@settings(max_examples=300)
+@given(checkpoint=checkpoints, position=st.integers(min_value=0), flip=st.integers(1, 255))
+def test_any_flipped_byte_of_a_sealed_checkpoint_is_rejected(checkpoint, position, flip):
+    sealed = bytearray(seal_checkpoint(checkpoint, KEY, DEPLOYMENT, os.urandom))
+    sealed[position % len(sealed)] ^= flip
+    with pytest.raises((AuthenticationError, MalformedMessageError)):
+        open_checkpoint(bytes(sealed), KEY, DEPLOYMENT)
+
+
+def test_checkpoint_is_bound_to_its_pool():
+    checkpoint = sample_checkpoint()
+    sealed = seal_checkpoint(checkpoint, KEY, DEPLOYMENT, os.urandom)
+    with pytest.raises(AuthenticationError):
+        open_checkpoint(sealed, bytes(32), DEPLOYMENT)
+    with pytest.raises(AuthenticationError):
+        open_checkpoint(sealed, KEY, b"x" * 16)
+
+
+def sample_checkpoint(replay=b"GET / HTTP/1.1\r\n\r\n", **changes):
+    fields = dict(
+        conn_id=b"c" * 16,
+        client=("10.0.0.50", 40000),
+        vport=80,
+        epoch=7,
+        counter=3,
+        taken_at=1000.0,
+        tcp=TcpSnapshot(1000, 2000, 1448, 7, 7, True, True, 5),
+        codec="http",
+        c2s_fresh=0,
+        c2s_pos=len(replay),
+        s2c_fresh=0,
+        s2c_pos=10,
+        c2s_hash=hashlib.sha256(replay).digest(),
+        s2c_hash=hashlib.sha256(b"0123456789").digest(),
+    )
+    fields.update(changes)
+    return Checkpoint(**fields)
+
+
+def test_carrier_roundtrip_and_replay_window():
+    checkpoint = sample_checkpoint()
+    sealed = seal_checkpoint(checkpoint, KEY, DEPLOYMENT, os.urandom)
+    carrier = Carrier.of(checkpoint, sealed)
+    sealer = carrier_sealer(KEY, DEPLOYMENT, 1, sender=0)
+    opener = carrier_opener(KEY, DEPLOYMENT, 1)
+    message = seal_carrier(sealer, carrier, now=100.0)
+    assert len(message) < 400  # fits one segment
+    opened, got = open_carrier(opener, message, now=100.0)
+    assert got == carrier
+    opener.accept(opened)
+    with pytest.raises(ReplayedMessageError):
+        open_carrier(opener, message, now=100.0)
+    other_client = carrier_opener(KEY, DEPLOYMENT, 2)
+    with pytest.raises(AuthenticationError):
+        open_carrier(other_client, message, now=100.0)
+
+
+# --- connection store ---------------------------------------------------------------------
+
+
+@given(
+    isn=st.integers(0, 2**32 - 1),
+    position=st.integers(0, 2**40),
+    slack=st.integers(-(2**20), 2**20),
+)
+def test_unwrap_recovers_positions_near_the_known_one(isn, position, slack):
+    seq = (isn + 1 + position) % 2**32
+    near = max(0, position + slack)
+    assert unwrap(seq, isn, near) == position
+
+
+@settings(max_examples=200)
+@given(
+    data=st.binary(min_size=1, max_size=3000),
+    cuts=st.lists(st.integers(1, 3000)),
+    isn=st.integers(0, 2**32 - 1),
+    order=st.randoms(use_true_random=False),
+)
+def test_store_reassembles_segments_in_any_order_with_duplicates(data, cuts, isn, order):
+    points = sorted({0, len(data), *(c % len(data) for c in cuts)})
+    segments = [(points[i], data[points[i] : points[i + 1]]) for i in range(len(points) - 1)]
+    segments = segments + segments[: len(segments) // 2]  # retransmissions
+    order.shuffle(segments)
+    store = ConnectionStore()
+    store.on_syn(40000, isn, now=0.0)
+    for position, chunk in segments:
+        store.on_segment(40000, (isn + 1 + position) % 2**32, chunk, False, now=1.0)
+    assert store.replay_bytes(40000, 0) == data
+
+
+def test_store_trims_to_the_fresh_point_and_keeps_the_newest_carrier():
+    store = ConnectionStore()
+    store.on_syn(40000, 5, now=0.0)
+    store.on_segment(40000, 6, b"A" * 100, False, now=0.1)
+    first = Carrier(b"c" * 16, 40000, 2, 60, 100, 0, b"")
+    assert store.on_carrier(first, now=0.2)
+    assert store.replay_bytes(40000, 60) == b"A" * 40
+    assert store.replay_bytes(40000, 10) is None  # trimmed
+    older = Carrier(b"c" * 16, 40000, 1, 0, 10, 0, b"")
+    assert not store.on_carrier(older, now=0.3)
+    foreign = Carrier(b"d" * 16, 40000, 9, 0, 10, 0, b"")
+    assert not store.on_carrier(foreign, now=0.3)
+    assert store.connections[40000].carrier is first
+
+
+def test_store_bounds_memory_with_a_clear_policy():
+    store = ConnectionStore(per_connection_limit=1000, total_limit=1500)
+    store.on_syn(1, 0, now=0.0)
+    store.on_syn(2, 0, now=0.0)
+    store.on_segment(1, 1, b"x" * 1200, False, now=0.0)
+    assert "per-connection bound" in store.connections[1].unmigratable
+    store.on_segment(2, 1, b"y" * 900, False, now=0.0)
+    assert store.connections[2].unmigratable is None
+    store.on_syn(3, 0, now=0.0)
+    store.on_segment(3, 1, b"z" * 800, False, now=0.0)
+    assert "total bound" in (store.connections[2].unmigratable or "")
+    assert store.replay_bytes(2, 0) is None
+    store.on_segment(3, 801, b"", True, now=0.0)
+    assert "FIN" in store.connections[3].unmigratable
+
+
+# --- re-incarnation requests --------------------------------------------------------------
+
+ALICE = ClientRecord("alice", 1, ipaddress.ip_address("10.0.0.50"), 47474, KEY, 1000)
+
+
+def request_for(checkpoint, replay=b"GET / HTTP/1.1\r\n\r\n", **changes):
+    sealed = seal_checkpoint(checkpoint, KEY, DEPLOYMENT, os.urandom)
+    fields = dict(
+        phase=Phase.PREPARE,
+        epoch=8,
+        client_port=40000,
+        vport=80,
+        c2s_sent=len(replay),
+        s2c_received=10,
+        replay_from=0,
+        checkpoint=sealed,
+        replay=replay,
+    )
+    fields.update(changes)
+    return Request(**fields)
+
+
+def admit_request(request, source="10.0.0.50", record=ALICE, granted=1000, serves=True):
+    sealer = request_sealer(record.channel_key, DEPLOYMENT, record.client_id)
+    opener = request_opener(record.channel_key, DEPLOYMENT, record.client_id)
+    message = sealer.seal(Kind.REINCARNATE_REQUEST, request.encode(), now=50.0)
+    opened = opener.open(message, now=50.0)
+    decoded = Request.decode(opened.plaintext)
+    assert decoded == request
+    return admit(opened, decoded, record, source, granted, serves, KEY, DEPLOYMENT)
+
+
+def test_valid_request_is_admitted():
+    admitted = admit_request(request_for(sample_checkpoint()))
+    assert admitted.checkpoint.conn_id == b"c" * 16
+
+
+@pytest.mark.parametrize(
+    ("changes", "request_changes", "admit_changes", "text"),
+    [
+        ({}, {}, {"source": "10.0.0.66"}, "not its address"),
+        ({}, {}, {"granted": 7}, "holds keys up to epoch 7"),
+        ({}, {}, {"serves": False}, "not the server of epoch"),
+        ({"client": ("10.0.0.50", 40001)}, {}, {}, "not to the requesting connection"),
+        ({"unmigratable": True}, {}, {}, "unmigratable"),
+        ({}, {"replay": b"GET /evil HTTP/1.1\r\n", "c2s_sent": 20}, {}, "commitment"),
+    ],
+)
+def test_bad_requests_are_refused(changes, request_changes, admit_changes, text):
+    request = request_for(sample_checkpoint(**changes), **request_changes)
+    with pytest.raises(Exception, match=text):
+        admit_request(request, **admit_changes)
+
+
+def test_revoked_client_is_refused():
+    from dataclasses import replace
+
+    with pytest.raises(Exception, match="revoked"):
+        admit_request(request_for(sample_checkpoint()), record=replace(ALICE, revoked=True))
+
+
+def test_request_and_answer_parsing_is_strict():
+    request = request_for(sample_checkpoint())
+    data = request.encode()
+    with pytest.raises(MalformedMessageError):
+        Request.decode(data[:40])
+    with pytest.raises(MalformedMessageError, match="phase"):
+        Request.decode(b"\x09" + data[1:])
+    with pytest.raises(MalformedMessageError, match="do not end"):
+        Request.decode(data + b"extra")
+    answer = Answer(Phase.COMMIT, 40000, Status.DIVERGED, "hash mismatch")
+    assert Answer.decode(answer.encode()) == answer
+    with pytest.raises(MalformedMessageError):
+        Answer.decode(b"\x01")
+    # The answer is always smaller than the request it answers (no amplification).
+    assert len(answer.encode()) * 3 < len(data)
