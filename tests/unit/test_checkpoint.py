@@ -90,22 +90,22 @@ def test_checkpoint_is_bound_to_its_pool():
 
 
 def sample_checkpoint(replay=b"GET / HTTP/1.1\r\n\r\n", **changes):
-    fields = dict(
-        conn_id=b"c" * 16,
-        client=("10.0.0.50", 40000),
-        vport=80,
-        epoch=7,
-        counter=3,
-        taken_at=1000.0,
-        tcp=TcpSnapshot(1000, 2000, 1448, 7, 7, True, True, 5),
-        codec="http",
-        c2s_fresh=0,
-        c2s_pos=len(replay),
-        s2c_fresh=0,
-        s2c_pos=10,
-        c2s_hash=hashlib.sha256(replay).digest(),
-        s2c_hash=hashlib.sha256(b"0123456789").digest(),
-    )
+    fields = {
+        "conn_id": b"c" * 16,
+        "client": ("10.0.0.50", 40000),
+        "vport": 80,
+        "epoch": 7,
+        "counter": 3,
+        "taken_at": 1000.0,
+        "tcp": TcpSnapshot(1000, 2000, 1448, 7, 7, True, True, 5),
+        "codec": "http",
+        "c2s_fresh": 0,
+        "c2s_pos": len(replay),
+        "s2c_fresh": 0,
+        "s2c_pos": 10,
+        "c2s_hash": hashlib.sha256(replay).digest(),
+        "s2c_hash": hashlib.sha256(b"0123456789").digest(),
+    }
     fields.update(changes)
     return Checkpoint(**fields)
 
@@ -199,17 +199,17 @@ ALICE = ClientRecord("alice", 1, ipaddress.ip_address("10.0.0.50"), 47474, KEY, 
 
 def request_for(checkpoint, replay=b"GET / HTTP/1.1\r\n\r\n", **changes):
     sealed = seal_checkpoint(checkpoint, KEY, DEPLOYMENT, os.urandom)
-    fields = dict(
-        phase=Phase.PREPARE,
-        epoch=8,
-        client_port=40000,
-        vport=80,
-        c2s_sent=len(replay),
-        s2c_received=10,
-        replay_from=0,
-        checkpoint=sealed,
-        replay=replay,
-    )
+    fields = {
+        "phase": Phase.PREPARE,
+        "epoch": 8,
+        "client_port": 40000,
+        "vport": 80,
+        "c2s_sent": len(replay),
+        "s2c_received": 10,
+        "replay_from": 0,
+        "checkpoint": sealed,
+        "replay": replay,
+    }
     fields.update(changes)
     return Request(**fields)
 
