@@ -228,7 +228,10 @@ class _SplicePump(_Pump):
     ) -> None:
         super().__init__(relay, src, dst, src_side, dst_side)
         self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._capacity = _enlarge_pipe(self._pipe_w, mode.pipe_size_bytes)
+        # The pipe grows to the asked size on the first large read: short exchanges never pay
+        # for the F_SETPIPE_SZ call.
+        self._capacity = DEFAULT_PIPE_CAPACITY
+        self._wanted_capacity = mode.pipe_size_bytes
         self._in_pipe = 0
 
     def _release(self) -> None:
@@ -254,7 +257,12 @@ class _SplicePump(_Pump):
                 self._source_ended()
                 return
             self._in_pipe = moved
-            if not self._flush():
+            if moved >= capacity // 2 and capacity < self._wanted_capacity:
+                capacity = self._capacity = _enlarge_pipe(pipe_w, self._wanted_capacity)
+                self._wanted_capacity = capacity  # asked once, granted or not
+            if not self._flush() or moved < capacity:
+                # A short read most likely emptied the socket: let the (level-triggered) loop
+                # say whether more came, rather than pay a BlockingIOError to find out.
                 return
 
     def _flush(self) -> bool:
@@ -344,6 +352,8 @@ class _CopyPump(_Pump):
                 self._unsent = chunk[sent:]
                 self._blocked()
                 return
+            if received < len(view):
+                return  # most likely drained: see _SplicePump._on_readable
 
     def _on_writable(self) -> None:
         if self._stopped or self._unsent is None:
@@ -389,7 +399,8 @@ _buffers = _BufferPool(max_idle=32)
 
 
 def _enlarge_pipe(fd: int, size: int) -> int:
-    """Ask for a ``size``-byte pipe; return the capacity actually in force."""
+    """Ask for a ``size``-byte pipe (a default one holds 64 KiB); return the capacity actually
+    in force."""
     if size <= DEFAULT_PIPE_CAPACITY:
         return DEFAULT_PIPE_CAPACITY
     try:
@@ -447,8 +458,9 @@ class Relay:
         self.loop = loop or asyncio.get_running_loop()
         self.client = client
         self.service = service
-        client.setblocking(False)
-        service.setblocking(False)
+        for sock in (client, service):
+            if sock.getblocking():  # Python's own flag: no system call when already set
+                sock.setblocking(False)
         self.closed: asyncio.Future[RelayOutcome] = self.loop.create_future()
         self._upstream = _make_pump(
             self, client_to_service or Splice(), client, service, "client", "service"
@@ -806,10 +818,11 @@ async def _run(args: argparse.Namespace) -> None:
     loop = asyncio.get_running_loop()
     service: Address = args.service
 
+    # serve() bounds the whole callback with its own connect timeout.
     async def connect(client: socket.socket, client_addr: Address) -> socket.socket:
         if args.transparent:
-            return await connect_transparent(service, client_addr[0], loop=loop)
-        return await connect_plain(service, loop=loop)
+            return await connect_transparent(service, client_addr[0], loop=loop, timeout_s=None)
+        return await connect_plain(service, loop=loop, timeout_s=None)
 
     c2s = args.client_to_service or args.mode
     s2c = args.service_to_client or args.mode

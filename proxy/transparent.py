@@ -35,32 +35,51 @@ Address = tuple[str, int]
 
 
 async def _connect(
-    sock: socket.socket, service: Address, loop: asyncio.AbstractEventLoop, timeout_s: float
+    sock: socket.socket,
+    service: Address,
+    loop: asyncio.AbstractEventLoop,
+    timeout_s: float | None,
 ) -> socket.socket:
     """Connect the non-blocking ``sock`` to the numeric address ``service``, or close it.
 
     Not ``loop.sock_connect``: uvloop's resolves the address through getaddrinfo first, even a
     numeric one, which cost ~95 µs per connection here (docs/benchmarks.md)."""
     try:
-        async with asyncio.timeout(timeout_s):
-            status = sock.connect_ex(service)
-            if status == errno.EINPROGRESS:
-                writable: asyncio.Future[None] = loop.create_future()
-                fd = sock.fileno()
-                loop.add_writer(fd, _set_once, writable)
-                try:
-                    await writable
-                finally:
-                    loop.remove_writer(fd)
-                status = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if status != 0:
-                raise OSError(
-                    status, f"connect to {service[0]}:{service[1]}: {os.strerror(status)}"
-                )
+        status = sock.connect_ex(service)
+        if status == errno.EINPROGRESS:
+            status = 0 if _established(sock) else await _wait_connected(sock, loop, timeout_s)
+        if status != 0:
+            raise OSError(status, f"connect to {service[0]}:{service[1]}: {os.strerror(status)}")
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+def _established(sock: socket.socket) -> bool:
+    """Whether the handshake is already over. To a loopback service it is, when connect()
+    returns: the SYN, SYN-ACK and ACK were all processed within the call. One getpeername
+    (ENOTCONN while in SYN_SENT) then saves an add_writer/remove_writer round and a loop
+    iteration on the way to every legacy-service connection."""
+    try:
+        sock.getpeername()
+    except OSError:
+        return False
+    return True
+
+
+async def _wait_connected(
+    sock: socket.socket, loop: asyncio.AbstractEventLoop, timeout_s: float | None
+) -> int:
+    writable: asyncio.Future[None] = loop.create_future()
+    fd = sock.fileno()
+    loop.add_writer(fd, _set_once, writable)
+    try:
+        async with asyncio.timeout(timeout_s):
+            await writable
+    finally:
+        loop.remove_writer(fd)
+    return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
@@ -72,12 +91,12 @@ async def connect_plain(
     service: Address,
     *,
     loop: asyncio.AbstractEventLoop | None = None,
-    timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    timeout_s: float | None = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> socket.socket:
-    """A non-blocking TCP socket connected to ``service`` from one of this host's addresses."""
+    """A non-blocking TCP socket connected to ``service`` (numeric address) from one of this
+    host's addresses; ``timeout_s`` None: no limit of its own (the caller bounds it)."""
     loop = loop or asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setblocking(False)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     return await _connect(sock, service, loop, timeout_s)
 
 
@@ -86,18 +105,17 @@ async def connect_transparent(
     client_addr: str,
     *,
     loop: asyncio.AbstractEventLoop | None = None,
-    timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S,
+    timeout_s: float | None = DEFAULT_CONNECT_TIMEOUT_S,
 ) -> socket.socket:
     """A non-blocking TCP socket connected to ``service`` from ``client_addr`` (a foreign
     address, normally the client's). Raises ``PermissionError`` without CAP_NET_ADMIN and
     ``TimeoutError`` when replies are not routed back locally (see the module docstring)."""
     loop = loop or asyncio.get_running_loop()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
         sock.setsockopt(socket.SOL_IP, IP_TRANSPARENT, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_IP, IP_BIND_ADDRESS_NO_PORT, 1)
-        sock.setblocking(False)
         sock.bind((client_addr, 0))
     except BaseException:
         sock.close()
