@@ -137,7 +137,9 @@ class _Pump:
         src_side: str,
         dst_side: str,
     ) -> None:
-        self._relay = relay
+        # Cleared when the relay ends, so that relay and pumps form no reference cycle and are
+        # freed (with their buffers) by reference counting rather than by the cyclic GC.
+        self._relay: Relay | None = relay
         self._loop = relay.loop
         self._src = src
         self._dst = dst
@@ -206,14 +208,16 @@ class _Pump:
         try:
             self._dst.shutdown(socket.SHUT_WR)
         except OSError as error:
-            self._relay._pump_failed(self, self.dst_side, error)
+            self._failed(self.dst_side, error)
             return
         self.finished = True
         self._release()
-        self._relay._pump_finished()
+        if self._relay is not None:
+            self._relay._pump_finished()
 
     def _failed(self, side: str, error: BaseException) -> None:
-        self._relay._pump_failed(self, side, error)
+        if self._relay is not None:
+            self._relay._pump_failed(self, side, error)
 
 
 class _SplicePump(_Pump):
@@ -338,7 +342,8 @@ class _CopyPump(_Pump):
                 try:
                     observer(chunk)
                 except Exception as error:
-                    self._relay._observer_failed(error)
+                    if self._relay is not None:
+                        self._relay._observer_failed(error)
                     return
             try:
                 sent = send(chunk)
@@ -537,8 +542,9 @@ class Relay:
         if self._ended:
             return
         self._ended = True
-        self._upstream.stop()
-        self._downstream.stop()
+        for pump in (self._upstream, self._downstream):
+            pump.stop()
+            pump._relay = None
         for sock in (self.client, self.service):
             if abortive:
                 close_abortively(sock)

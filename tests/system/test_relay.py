@@ -137,6 +137,15 @@ def client(host, port, op, args):
         sock.sendall(b"PEER\n")
         host_seen, port_seen = receive(sock).decode().split()
         return {"local": [local[0], local[1]], "seen": [host_seen, int(port_seen)]}
+    if op == "refused":
+        started = time.monotonic()
+        try:
+            # the reset may come before connect() has returned in this process
+            sock = socket.create_connection(address, timeout=10)
+            ended_by = "eof" if receive(sock) == b"" else "data"
+        except ConnectionResetError:
+            ended_by = "reset"
+        return {"ended_by": ended_by, "after_s": time.monotonic() - started}
     if op == "reset-in":
         sock = socket.create_connection(address, timeout=10)
         sock.sendall(b"RESET\n")
@@ -251,7 +260,7 @@ class RelayProcess:
 
     _next_port = 7000
 
-    def __init__(self, setup: Setup, *extra: str) -> None:
+    def __init__(self, setup: Setup, *extra: str, service_port: int = SERVICE_PORT) -> None:
         RelayProcess._next_port += 1
         self.port = RelayProcess._next_port
         workdir = setup.lab.workdir
@@ -260,7 +269,7 @@ class RelayProcess:
         argv = [
             sys.executable, "-m", "proxy.relay",
             "--listen", f"{setup.server_ip}:{self.port}",
-            "--service", f"127.0.0.1:{SERVICE_PORT}",
+            "--service", f"127.0.0.1:{service_port}",
             "--status-file", str(self.status_path),
             *extra,
         ]  # fmt: skip
@@ -384,4 +393,15 @@ def test_200_concurrent_connections_complete_and_nothing_leaks(
     assert after["accepted"] == 200
     assert after["outcomes"] == {"completed": 200}
     assert after["open_fds"] == before["open_fds"]
+    relay.stop()
+
+
+def test_a_client_is_reset_at_once_when_the_service_is_down(setup: Setup) -> None:
+    relay = RelayProcess(setup, service_port=SERVICE_PORT + 1)  # nothing listens there
+    result = run_client(setup, relay.port, "refused")
+    assert result["ended_by"] == "reset"
+    assert result["after_s"] < 5  # not the connect timeout
+    status = relay.wait_idle()
+    assert status["connect_failures"] == 1
+    assert status["accepted"] == 1
     relay.stop()

@@ -5,9 +5,11 @@ connections, the accept loop) is tested in tests/system/test_relay.py."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import random
 import socket
+import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -16,6 +18,7 @@ import uvloop
 
 from proxy.relay import (
     DEFAULT_PIPE_CAPACITY,
+    DEFAULT_PIPE_SIZE,
     Copy,
     EndReason,
     Mode,
@@ -23,6 +26,7 @@ from proxy.relay import (
     Splice,
     _enlarge_pipe,
     _parse_address,
+    _SplicePump,
     mode_from_spec,
 )
 
@@ -351,3 +355,50 @@ def test_address_parsing() -> None:
     for bad in ("10.0.0.1", ":80", "host:0", "host:99999", "host:x"):
         with pytest.raises(Exception, match="HOST:PORT"):
             _parse_address(bad)
+
+
+def test_pipes_grow_only_for_bulk_transfers(run: LoopRunner[None]) -> None:
+    async def scenario() -> None:
+        ends = Ends()
+        relay = Relay(ends.client, ends.service)
+        upstream, downstream = relay._upstream, relay._downstream
+        assert isinstance(upstream, _SplicePump)
+        assert isinstance(downstream, _SplicePump)
+        relay.start()
+        bulk, small = payload(4 << 20, 9), b"ok\n"
+        received_up, received_down, _, _ = await asyncio.gather(
+            receive_to_eof(ends.backend),
+            receive_to_eof(ends.app),
+            send_all_then_shut(ends.app, bulk),
+            send_all_then_shut(ends.backend, small),
+        )
+        assert (received_up, received_down) == (bulk, small)
+        assert upstream._capacity == DEFAULT_PIPE_SIZE
+        assert downstream._capacity == DEFAULT_PIPE_CAPACITY
+        assert (await relay.wait()).reason is EndReason.COMPLETED
+        ends.close()
+
+    run(scenario())
+
+
+def test_an_ended_relay_is_freed_without_the_cycle_collector(run: LoopRunner[None]) -> None:
+    async def scenario() -> weakref.ref[Relay]:
+        ends = Ends()
+        relay = Relay(ends.client, ends.service, client_to_service=Copy(lambda chunk: None))
+        relay.start()
+        await asyncio.gather(
+            receive_to_eof(ends.backend),
+            receive_to_eof(ends.app),
+            send_all_then_shut(ends.app, b"request"),
+            send_all_then_shut(ends.backend, b"response"),
+        )
+        await relay.wait()
+        await asyncio.sleep(0)  # the closed future's callbacks
+        ends.close()
+        return weakref.ref(relay)
+
+    gc.disable()
+    try:
+        assert run(scenario())() is None
+    finally:
+        gc.enable()
