@@ -26,11 +26,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from client_shim.migrator import DEFAULT_PREPARE_LEAD, MIGRATION_PORT, Migrator
 from client_shim.rules import rewrite_table_body, switch_script, table_family
 from client_shim.state import ClientState, load_state
 from migrate.channel import ReplayWindow
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError, ScheduleError, SubscriptionExpiredError
+from migrate.gating import next_switch
 from migrate.hashchain import KeyChain
 from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
@@ -55,7 +57,11 @@ class ClientShim:
         log: EventLog,
         clock: Clock = time.time,
         bind_address: str = "",
+        live: bool = True,
+        prepare_lead: float = DEFAULT_PREPARE_LEAD,
+        migration_port: int = MIGRATION_PORT,
     ) -> None:
+        self.migration_port = migration_port
         self.bundle = bundle
         self.bundle_path = bundle_path
         self.servers = bundle.servers()
@@ -87,6 +93,12 @@ class ClientShim:
         self.rejected = 0
         self.last_rejection: str | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._prepare_timer: asyncio.TimerHandle | None = None
+        self._handoff: asyncio.Task[None] | None = None
+        self.migrator: Migrator | None = None
+        self.live = live
+        self.prepare_lead = prepare_lead
+        self.nflog_group = (os.getpid() % 60000) + 1
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
 
@@ -95,7 +107,13 @@ class ClientShim:
     def _install(self, target: Endpoint) -> None:
         instance = self.instance
         assert instance is not None
-        body = rewrite_table_body(self.bundle.vip, self.bundle.service_port, self.servers, target)
+        body = rewrite_table_body(
+            self.bundle.vip,
+            self.bundle.service_port,
+            self.servers,
+            target,
+            self.nflog_group if self.live else None,
+        )
         instance.add_table(self.family, self.table, body)
         HostRoute(instance).add_vip_route(str(self.bundle.vip), toward=str(target.address))
 
@@ -136,7 +154,10 @@ class ClientShim:
                     self.log.event(
                         "subscription_ending", level="warning", held=held, epoch=epoch.index
                     )
-            self._point_at(epoch.server)
+            if self.migrator is None:
+                self._point_at(epoch.server)
+            else:
+                self._plan_handoff(epoch)
             self._write_status()
             self._arm(epoch.end)
         except RoamError as error:
@@ -147,6 +168,62 @@ class ClientShim:
             self._timer.cancel()
         delay = max(0.0, when - self.clock())
         self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    # -- live hand-overs ---------------------------------------------------------------------
+
+    def _plan_handoff(self, epoch: Epoch) -> None:
+        """Live mode: make sure a hand-over to the next server is scheduled (or running)."""
+        if self._handoff is not None and not self._handoff.done():
+            return
+        now = self.clock()
+        if epoch.server != self.target and epoch.start <= now:
+            # We are behind the schedule (a reactive roam, a resync): hand over at once.
+            self._start_handoff(epoch.index, epoch.start, epoch.server)
+            return
+        try:
+            index, start, server = next_switch(self.schedule, max(now, epoch.start))
+        except RoamError:
+            return  # no switch within the keys held; the subscription warning covers it
+        if self._prepare_timer is not None:
+            self._prepare_timer.cancel()
+        delay = max(0.0, start - self.prepare_lead - now)
+        self._prepare_timer = asyncio.get_running_loop().call_later(
+            delay, self._start_handoff, index, start, server
+        )
+
+    def _start_handoff(self, index: int, start: float, server: Endpoint) -> None:
+        if self._handoff is not None and not self._handoff.done():
+            return
+        self._handoff = asyncio.get_running_loop().create_task(
+            self._handoff_to(index, start, server)
+        )
+
+    async def _handoff_to(self, index: int, start: float, server: Endpoint) -> None:
+        migrator = self.migrator
+        assert migrator is not None
+        try:
+            record = migrator.prepare(index, server)
+            # The boundary may have moved meanwhile (an update re-anchored the schedule).
+            while True:
+                start = self.schedule.start_of(index)
+                wait = start - self.clock()
+                if wait <= 0:
+                    break
+                await asyncio.sleep(wait)
+            await migrator.commit(record, server)
+            previous, self.target = self.target, server
+            self.log.event("switch", server=str(server), previous=str(previous), epoch=index)
+        except (RoamError, OSError) as error:
+            self.log.event("handoff_failed", level="error", reason=str(error))
+            # Whatever happened to the connections, new ones must reach the right server.
+            try:
+                self._point_at(server)
+            except RoamError as inner:
+                self._fail(inner)
+        finally:
+            self._write_status()
+            if not self._stop.is_set():
+                asyncio.get_running_loop().call_soon(self._tick)
 
     def _fail(self, error: BaseException) -> None:
         self.log.event("fatal", level="error", reason=str(error))
@@ -228,6 +305,8 @@ class ClientShim:
             "updates_rejected": self.rejected,
             "last_rejection": self.last_rejection,
             "table": self.table,
+            "migration": "live" if self.live else "reconnect",
+            "live": self.migrator.status() if self.migrator is not None else None,
             "updated": round(self.clock(), 6),
         }
 
@@ -265,6 +344,18 @@ class ClientShim:
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _UpdateProtocol(self), sock=sock
             )
+            if self.live:
+                self.migrator = Migrator(
+                    self.bundle,
+                    self.table,
+                    self.nflog_group,
+                    self.log,
+                    self.clock,
+                    lambda: self.roaming.clock_offset or 0.0,
+                    prepare_lead=self.prepare_lead,
+                    migration_port=self.migration_port,
+                )
+                await self.migrator.start()
             self.log.event(
                 "start",
                 name=self.bundle.name,
@@ -278,6 +369,14 @@ class ClientShim:
         finally:
             if self._timer is not None:
                 self._timer.cancel()
+            if self._prepare_timer is not None:
+                self._prepare_timer.cancel()
+            if self._handoff is not None and not self._handoff.done():
+                self._handoff.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await self._handoff
+            if self.migrator is not None:
+                self.migrator.close()
             if transport is not None:
                 transport.close()
             else:

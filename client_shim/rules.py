@@ -1,18 +1,30 @@
 """nftables rules of the client shim (pure text generation).
 
 Applications connect to ``VIP:vport``. Two maps rewrite the destination to the active server
-in the output path, and a set of every server of the pool rewrites replies back to the VIP in
+in the output path, and the ``current`` set rewrites that server's replies back to the VIP in
 prerouting. Both chains sit at the raw priority with ``notrack``: no connection tracking, no
 Python on the packet path. The output chain is of type ``route`` so that the kernel routes the
 packet again after its destination changed. A roam is one transaction that replaces the
-single element of each map.
+single element of each map and of ``current``; packets from any other server no longer match
+and meet no socket.
+
+With live migration, two more chains run just before those (priority -310):
+
+* ``capture_out`` copies the client's SYNs and data segments to the VIP to an NFLOG group,
+  without holding them (this kernel has no nft ``queue``; ``log`` copies asynchronously), so
+  the shim learns each connection's ISN and keeps the bytes a replay needs. Pure ACKs are not
+  copied: a segment is copied when it has SYN, FIN or PSH (Linux sets PSH on the last segment
+  of every write), or is longer than any pure ACK can be (80 bytes with options). Ports in the
+  ``frozen`` set are dropped during a hand-over, before they are copied: the client's TCP
+  sends them again, to the new server.
+* ``capture_in`` copies checkpoint carriers (segments from a pool server with the carrier
+  option, kind 253 and ExID 0x5352) to the same group and drops them: the client's TCP never
+  sees them.
 """
 
 from __future__ import annotations
 
 from migrate.endpoints import Endpoint, IPAddress
-
-FAMILY = "ip"
 
 
 def _family(address: IPAddress) -> tuple[str, str]:
@@ -21,22 +33,49 @@ def _family(address: IPAddress) -> tuple[str, str]:
     return "ip6", "ipv6_addr"
 
 
+def table_family(vip: IPAddress) -> str:
+    return _family(vip)[0]
+
+
 def rewrite_table_body(
-    vip: IPAddress, vport: int, servers: tuple[Endpoint, ...], active: Endpoint
+    vip: IPAddress,
+    vport: int,
+    servers: tuple[Endpoint, ...],
+    active: Endpoint,
+    nflog_group: int | None = None,
 ) -> str:
     family, addr_type = _family(vip)
     pool = ", ".join(f"{s.address} . {s.port}" for s in servers)
+    to_vip = f"{family} daddr {vip} tcp dport {vport}"
     outbound = (
-        f"{family} daddr {vip} tcp dport {vport} notrack "
+        f"{to_vip} notrack "
         f"tcp dport set tcp dport map @port_out {family} daddr set {family} daddr map @addr_out"
     )
     inbound = (
-        f"{family} saddr . tcp sport @pool notrack {family} saddr set {vip} tcp sport set {vport}"
+        f"{family} saddr . tcp sport @current notrack "
+        f"{family} saddr set {vip} tcp sport set {vport}"
     )
+    active_pair = f"{active.address} . {active.port}"
+    capture = ""
+    if nflog_group is not None:
+        log = f"log group {nflog_group} snaplen 65535"
+        capture = f"""
+  chain capture_out {{
+    type filter hook output priority -310; policy accept;
+    {to_vip} tcp sport @frozen drop
+    {to_vip} tcp flags & (fin|syn|psh) != 0 {log}
+    {to_vip} tcp flags & (fin|syn|psh) == 0 {family} length > 80 {log}
+  }}
+  chain capture_in {{
+    type filter hook prerouting priority -310; policy accept;
+    {family} saddr . tcp sport @pool tcp option @253,16,16 0x5352 {log} drop
+  }}"""
     return f"""
   map addr_out {{ type {addr_type} : {addr_type}; elements = {{ {vip} : {active.address} }} }}
   map port_out {{ type inet_service : inet_service; elements = {{ {vport} : {active.port} }} }}
+  set current {{ type {addr_type} . inet_service; elements = {{ {active_pair} }} }}
   set pool {{ type {addr_type} . inet_service; elements = {{ {pool} }} }}
+  set frozen {{ type inet_service; }}{capture}
   chain out {{
     type route hook output priority raw; policy accept;
     {outbound}
@@ -48,16 +87,27 @@ def rewrite_table_body(
 """
 
 
-def table_family(vip: IPAddress) -> str:
-    return _family(vip)[0]
-
-
 def switch_script(table: str, vip: IPAddress, vport: int, active: Endpoint) -> str:
-    """One transaction that points the VIP at ``active``."""
+    """One transaction that points the VIP at ``active`` and thaws every frozen port."""
     family = _family(vip)[0]
     return (
         f"flush map {family} {table} addr_out\n"
         f"flush map {family} {table} port_out\n"
+        f"flush set {family} {table} current\n"
+        f"flush set {family} {table} frozen\n"
         f"add element {family} {table} addr_out {{ {vip} : {active.address} }}\n"
         f"add element {family} {table} port_out {{ {vport} : {active.port} }}\n"
+        f"add element {family} {table} current {{ {active.address} . {active.port} }}\n"
     )
+
+
+def freeze_script(table: str, vip: IPAddress, ports: list[int]) -> str:
+    """One transaction: hold the given connections' outgoing data and stop taking anything from
+    the old server, so that the positions read next are final."""
+    family = _family(vip)[0]
+    lines = [f"flush set {family} {table} current"]
+    if ports:
+        lines.append(
+            f"add element {family} {table} frozen {{ {', '.join(str(p) for p in ports)} }}"
+        )
+    return "\n".join(lines) + "\n"

@@ -34,6 +34,7 @@ from labs.node import Node
 SERVICE_PORT = 8000
 LISTEN_PORT = 80
 READY_TIMEOUT_S = 15.0
+CONTENT_MTIME = 1_700_000_000
 
 
 def roam_argv(*args: str) -> list[str]:
@@ -196,6 +197,9 @@ class RoamingLab:
             target = directory / name
             if not target.exists():
                 target.write_bytes(data)
+            # Replicas must serve identical bytes: the same content and the same modification
+            # time (Last-Modified, and nginx's ETag, derive from it), as rsync -t would give.
+            os.utime(target, (CONTENT_MTIME, CONTENT_MTIME))
         return directory
 
     def start_service(self, host: str) -> None:

@@ -8,7 +8,9 @@ legacy service, replays, regenerates and checks the response up to the client's 
 keeps the service connection parked. At the boundary the client freezes its outgoing data for
 the connection and sends a COMMIT with its final positions and the replay bytes added since;
 ``S_i`` finishes the replay, creates the socket with TCP_REPAIR and answers READY. Only then
-does the client point its kernel rewrite at ``S_i``. An ABORT withdraws a request.
+does the client point its kernel rewrite at ``S_i``, and a GO tells ``S_i`` it may speak (a
+segment reaching the client before its switch would be answered with a RST). An ABORT
+withdraws a request.
 
 Requests travel on the client's secure channel (``Purpose.REINCARNATE_C2S``, sender = client
 id), answers on ``Purpose.REINCARNATE_S2C`` (sender = server index), both with context
@@ -16,12 +18,12 @@ id), answers on ``Purpose.REINCARNATE_S2C`` (sender = server index), both with c
 
 Request plaintext::
 
-    phase u8 (1 prepare, 2 commit, 3 abort) | epoch u64 | client port u16 | vport u16 |
+    phase u8 (1 prepare, 2 commit, 3 abort, 4 go) | epoch u64 | client port u16 | vport u16 |
     c2s_sent u64 | s2c_received u64 | replay_from u64 | sealed checkpoint (SEALED_BYTES) |
     replay bytes: client-to-server bytes [replay_from, c2s_sent)
 
 In a COMMIT, ``replay_from`` is where the PREPARE's replay bytes ended, and only the new bytes
-follow. Answer plaintext::
+follow. ABORT and GO carry the header only (positions 0, no checkpoint). Answer plaintext::
 
     phase u8 | client port u16 | status u8 (0 ready, 1 diverged, 2 refused, 3 failed) |
     detail (UTF-8, at most 200 bytes)
@@ -63,6 +65,7 @@ class Phase(IntEnum):
     PREPARE = 1
     COMMIT = 2
     ABORT = 3
+    GO = 4  # the client has switched: the new server may speak
 
 
 class Status(IntEnum):
@@ -85,7 +88,10 @@ class Request:
     replay: bytes
 
     def __post_init__(self) -> None:
-        if len(self.checkpoint) != SEALED_BYTES:
+        if self.phase in (Phase.ABORT, Phase.GO):
+            if self.checkpoint or self.replay:
+                raise MalformedMessageError(f"a {self.phase.name} request carries no data")
+        elif len(self.checkpoint) != SEALED_BYTES:
             raise MalformedMessageError("re-incarnation request without a sealed checkpoint")
         if self.replay_from + len(self.replay) != self.c2s_sent:
             raise MalformedMessageError(
@@ -114,12 +120,18 @@ class Request:
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
-        if len(data) < _REQUEST.size + SEALED_BYTES:
+        if len(data) < _REQUEST.size:
             raise MalformedMessageError("re-incarnation request is truncated")
         phase, epoch, port, vport, sent, received, replay_from = _REQUEST.unpack_from(data)
         if phase not in Phase._value2member_map_:
             raise MalformedMessageError(f"unknown re-incarnation phase {phase}")
         start = _REQUEST.size
+        if Phase(phase) in (Phase.ABORT, Phase.GO):
+            if len(data) != start:
+                raise MalformedMessageError(f"a {Phase(phase).name} request carries no data")
+            return cls(Phase(phase), epoch, port, vport, sent, received, replay_from, b"", b"")
+        if len(data) < start + SEALED_BYTES:
+            raise MalformedMessageError("re-incarnation request is truncated")
         return cls(
             Phase(phase),
             epoch,
@@ -253,6 +265,8 @@ def admit(
                 "replay bytes do not match the checkpoint's commitment (not what the old "
                 "server received)"
             )
+    if request.phase in (Phase.ABORT, Phase.GO):
+        raise MalformedMessageError(f"a {request.phase.name} request is not admitted")
     if request.s2c_received < checkpoint.s2c_fresh:
         raise InconsistentUpdateError(
             "the client received fewer bytes than the checkpoint's fresh point"

@@ -42,7 +42,7 @@ from migrate.channel import HEADER_BYTES, Sealer
 from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ReplayedMessageError, RoamError
-from migrate.gating import GateState, gate_at
+from migrate.gating import GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.instances import Instance, sweep_dead
@@ -51,6 +51,7 @@ from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
+from proxy.live import LiveMode
 from proxy.rules import Contract, GatePlan, family_of, gate_table_body, gate_update_script
 from proxy.transparent import connect_plain, connect_transparent
 from roam_cli.store import DeploymentDir
@@ -74,6 +75,9 @@ class ServerOptions:
     control_port: int = DEFAULT_CONTROL_PORT
     state_path: Path | None = None
     status_path: Path | None = None
+    codec: str = "http"
+    checkpoint_period: float = 0.5
+    migration_port: int = 47476
 
 
 def default_state_path(directory: Path, index: int) -> Path:
@@ -88,6 +92,7 @@ class ServerShim:
         directory = DeploymentDir(options.deployment_dir)
         self.deployment = directory.deployment()
         secret = directory.secret()
+        self.secret = secret
         clients = directory.clients(secret)
         if options.listen not in self.deployment.servers:
             raise ConfigError(
@@ -112,6 +117,7 @@ class ServerShim:
         self.nflog_group = (os.getpid() % 60000) + 1 if options.capture_dropped else None
         self.instance: Instance | None = None
         self.relay_server: relay.RelayServer | None = None
+        self.live: LiveMode | None = None
         self.gate: GateState | None = None
         self.plan: GatePlan | None = None
         self.epoch: int | None = None
@@ -182,8 +188,8 @@ class ServerShim:
                 self.plan = plan
                 if plan.open != was_open:
                     self.log.event("gate", open=plan.open, epoch=gate.epoch, active=gate.active)
-                    if not plan.open and self.options.migration == "reconnect":
-                        self._drop_connections()
+                    if not plan.open:
+                        self._leave()
             self.gate = gate
             self._write_status()
             self._arm(min(gate.until, current.end if current.start <= now else current.start))
@@ -196,8 +202,25 @@ class ServerShim:
         delay = max(0.0, when - self.clock()) + 0.0005
         self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
 
-    def _drop_connections(self) -> None:
-        """The paper's prototype: a server leaving the active role drops its connections."""
+    def leaving_at(self) -> float | None:
+        """When the service leaves this server, if it is the active one now."""
+        now = self.clock()
+        try:
+            current = self.pool.schedule.epoch_at(now)
+            if current.server != self.options.listen:
+                return None
+            return next_switch(self.pool.schedule, now)[1]
+        except RoamError:
+            return None
+
+    def _leave(self) -> None:
+        """The gate closed behind the service. Live mode: the connections moved on, close them
+        without a word. Reconnect mode (the paper's prototype): drop them."""
+        if self.live is not None:
+            moved = self.live.leave()
+            if moved:
+                self.log.event("connections_left", count=moved)
+            return
         if self.relay_server is not None:
             relays = self.relay_server.relays
             for live in relays:
@@ -376,6 +399,7 @@ class ServerShim:
             "active": self.gate.active if self.gate else None,
             "connections": len(self.relay_server.relays) if self.relay_server else 0,
             "updates_sent": self.updates_sent,
+            "live": self.live.status() if self.live is not None else None,
             "revoked": sorted(self.pool.state.revoked),
             "table": self.table,
             "updated": round(self.clock(), 6),
@@ -444,7 +468,14 @@ class ServerShim:
             if self.options.capture_dropped is not None:
                 self._start_capture()
             listen = (str(self.options.listen.address), self.options.listen.port)
-            self.relay_server = await relay.serve(listen, self._connect_service)
+            if self.options.migration == "live":
+                self.live = LiveMode(self, self.clock)
+                await self.live.start()
+                self.relay_server = await relay.serve(
+                    listen, self._connect_service, relay_factory=self.live.relay_factory
+                )
+            else:
+                self.relay_server = await relay.serve(listen, self._connect_service)
             family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
             self._update_socket = socket.socket(family, socket.SOCK_DGRAM)
             self._update_socket.bind((str(self.options.listen.address), 0))
@@ -490,6 +521,8 @@ class ServerShim:
             if self.relay_server is not None:
                 self.relay_server.close()
                 await self.relay_server.wait_closed()
+            if self.live is not None:
+                await self.live.close()
             await asyncio.to_thread(self.instance.close)
             if self.options.status_path is not None:
                 with contextlib.suppress(FileNotFoundError):

@@ -654,3 +654,18 @@ def supported() -> str | None:
         except TcpRepairError as exc:
             return exc.strerror
     return None
+
+
+def leave_repair(sock: socket.socket) -> None:
+    """Take ``sock`` out of repair mode without sending anything (no window probe)."""
+    _leave_repair_quietly(sock)
+
+
+def enter_repair(sock: socket.socket) -> None:
+    """Put ``sock`` in repair mode: from now on closing it sends neither FIN nor RST."""
+    _set_repair(sock, so.TCP_REPAIR_ON)
+
+
+def read_timestamp(sock: socket.socket) -> int:
+    """The socket's current TCP timestamp clock (``TCP_TIMESTAMP``; no repair mode needed)."""
+    return _get_u32(sock, so.TCP_TIMESTAMP, "TCP_TIMESTAMP")

@@ -55,10 +55,32 @@ def register(subparsers: Subparsers) -> None:
     )
     server.add_argument(
         "--migration",
-        choices=["reconnect"],
-        default="reconnect",
-        help="what happens to live connections at a roam: 'reconnect' drops "
-        "them (the paper's prototype)",
+        choices=["live", "reconnect"],
+        default="live",
+        help="what happens to live connections at a roam: 'live' re-creates them at the next "
+        "server from client-held checkpoints (default); 'reconnect' drops them (the paper's "
+        "prototype)",
+    )
+    server.add_argument(
+        "--codec",
+        choices=["http", "generic"],
+        default="http",
+        help="how to find request boundaries, which keep replay logs short (default http; "
+        "other protocols make it degrade to a byte log by itself)",
+    )
+    server.add_argument(
+        "--checkpoint-period",
+        type=positive_seconds,
+        default=0.5,
+        metavar="S",
+        help="checkpoint each connection this often (default 0.5)",
+    )
+    server.add_argument(
+        "--migration-port",
+        type=positive_int,
+        default=47476,
+        metavar="PORT",
+        help="UDP port for re-incarnation requests (default 47476)",
     )
     server.add_argument(
         "--allow-any-source",
@@ -124,6 +146,27 @@ def register(subparsers: Subparsers) -> None:
         metavar="FILE",
         help="status file (default /run/server-roaming/client-NAME.status.json)",
     )
+    client.add_argument(
+        "--migration",
+        choices=["live", "reconnect"],
+        default="live",
+        help="'live' (default): keep checkpoints and hand live connections "
+        "over at each roam; 'reconnect': only follow the schedule",
+    )
+    client.add_argument(
+        "--prepare-lead",
+        type=positive_seconds,
+        default=0.15,
+        metavar="S",
+        help="start preparing a hand-over this long before the boundary (default 0.15)",
+    )
+    client.add_argument(
+        "--migration-port",
+        type=positive_int,
+        default=47476,
+        metavar="PORT",
+        help="servers' UDP port for re-incarnation requests (default 47476)",
+    )
     client.add_argument("--log-json", type=Path, metavar="FILE")
     client.add_argument("--quiet", action="store_true")
     client.set_defaults(handler=run_client)
@@ -143,13 +186,15 @@ def register(subparsers: Subparsers) -> None:
     uninstall.set_defaults(handler=run_client_uninstall)
 
 
-def _preflight(kind: str) -> None:
+def _preflight(kind: str, live: bool) -> None:
     """Refuse to start, with one clear line, when a kernel feature or privilege is missing."""
     from migrate.kernel import doctor
 
     checks = [doctor.check_privileges(), doctor.check_nftables()]
     if kind == "server":
         checks += [doctor.check_ip_transparent(), doctor.check_splice()]
+    if live and kind == "server":
+        checks.append(doctor.check_tcp_repair())
     for check in checks:
         if check.required and not check.ok:
             fix = f"; fix: {check.fix}" if check.fix else ""
@@ -166,7 +211,7 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 def run_server(args: argparse.Namespace) -> int:
     from proxy.daemon import ServerOptions, ServerShim
 
-    _preflight("server")
+    _preflight("server", args.migration == "live")
     options = ServerOptions(
         deployment_dir=args.deployment,
         listen=args.listen,
@@ -179,6 +224,9 @@ def run_server(args: argparse.Namespace) -> int:
         control_port=args.control_port,
         state_path=args.state,
         status_path=args.status,
+        codec=args.codec,
+        checkpoint_period=args.checkpoint_period,
+        migration_port=args.migration_port,
     )
     log = EventLog("server", args.log_json, quiet=args.quiet)
     try:
@@ -195,7 +243,7 @@ def run_client(args: argparse.Namespace) -> int:
     if args.bundle is None:
         raise ConfigError("give --bundle FILE (or an action: status, install, uninstall)")
     bundle = load_bundle(args.bundle)
-    _preflight("client")
+    _preflight("client", args.migration == "live")
     log = EventLog("client", args.log_json, quiet=args.quiet)
     try:
         shim = ClientShim(
@@ -204,6 +252,9 @@ def run_client(args: argparse.Namespace) -> int:
             state_path=args.state or default_state_path(args.bundle),
             status_path=args.status or default_status_path(bundle.name),
             log=log,
+            live=args.migration == "live",
+            prepare_lead=args.prepare_lead,
+            migration_port=args.migration_port,
         )
         _run_loop(shim.run)
     finally:
@@ -302,6 +353,3 @@ def run_client_uninstall(args: argparse.Namespace) -> int:
     if shutil.which("systemctl") is not None:
         subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
     return 0
-
-
-

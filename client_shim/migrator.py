@@ -1,0 +1,395 @@
+"""Live migration on the client: keep checkpoints, hand connections over at each roam.
+
+Theory of operation: the client shim's capture chains (``client_shim.rules``) copy, through
+NFLOG, the client's SYNs and data segments to the VIP and the carriers the server pushes; the
+``ConnectionStore`` turns them into, per connection, the newest sealed checkpoint and the
+client's bytes from its fresh point on.
+
+A roam to a new server, make-before-break (ARCHITECTURE.md):
+
+1. ``prepare`` (shortly before the boundary): for each live connection (sock_diag lists the
+   client's sockets to the VIP) a PREPARE goes to the new server with the checkpoint, the
+   client's positions and its replay bytes. The new server replays and regenerates meanwhile.
+2. ``commit`` (at the boundary): the connections' outgoing data is frozen and nothing more is
+   taken from the old server, so the positions read now are final; a COMMIT carries them and
+   the replay bytes added since. Each READY means a socket waits, silent, at the new server.
+3. The kernel rewrite is pointed at the new server and the freeze lifted in one transaction;
+   then a GO per connection lets the new server speak. The client's TCP resends what the old
+   server never acknowledged; the application sees a pause.
+
+A connection that cannot follow (no checkpoint yet, unmigratable, diverged, refused, no
+answer) is reset cleanly with SOCK_DESTROY: the application gets ECONNABORTED, never wrong
+bytes. Every hand-over is logged with its outcome, the pause and the bytes replayed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from client_shim.rules import freeze_script, switch_script
+from migrate.channel import Kind, Opener
+from migrate.checkpoint import carrier_opener, open_carrier
+from migrate.connstore import ConnectionStore
+from migrate.endpoints import Endpoint
+from migrate.errors import RoamError
+from migrate.kernel import nft, sockdiag
+from migrate.kernel.eventlog import EventLog
+from migrate.kernel.nflog import NflogReader
+from migrate.kernel.rawtcp import is_carrier, parse_ipv4_tcp
+from migrate.registration import Bundle
+from migrate.reincarnation import (
+    Answer,
+    Phase,
+    Request,
+    Status,
+    answer_opener,
+    request_sealer,
+)
+
+DEFAULT_PREPARE_LEAD = 0.15
+DEFAULT_COMMIT_TIMEOUT = 2.0
+PREPARE_WAIT_S = 10.0
+MIGRATION_PORT = 47476
+MAX_ROAM_RECORDS = 50
+
+
+def acked_bytes(info: sockdiag.TcpSocketInfo) -> int:
+    """Client bytes the server acknowledged (a connecting socket's count includes its SYN)."""
+    return max(0, info.bytes_acked - 1)
+
+
+@dataclass
+class Handoff:
+    port: int
+    prepared_sent: int = 0  # c2s position covered by the PREPARE
+    outcome: str = "pending"
+    detail: str = ""
+    replayed: int = 0
+    prepare: asyncio.Future[Answer] | None = None
+    commit: asyncio.Future[Answer] | None = None
+
+
+@dataclass
+class RoamRecord:
+    epoch: int
+    server: str
+    started: float
+    switched: float = 0.0
+    connections: dict[int, Handoff] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        outcomes: dict[str, int] = {}
+        for handoff in self.connections.values():
+            outcomes[handoff.outcome] = outcomes.get(handoff.outcome, 0) + 1
+        return {
+            "epoch": self.epoch,
+            "server": self.server,
+            "connections": len(self.connections),
+            "outcomes": outcomes,
+            "pause_ms": round((self.switched - self.started) * 1000, 3) if self.switched else None,
+            "bytes_replayed": sum(h.replayed for h in self.connections.values()),
+        }
+
+
+class Migrator:
+    def __init__(
+        self,
+        bundle: Bundle,
+        table: str,
+        nflog_group: int,
+        log: EventLog,
+        clock: Callable[[], float],
+        clock_offset: Callable[[], float],
+        *,
+        prepare_lead: float = DEFAULT_PREPARE_LEAD,
+        commit_timeout: float = DEFAULT_COMMIT_TIMEOUT,
+        migration_port: int = MIGRATION_PORT,
+    ) -> None:
+        self.bundle = bundle
+        self.table = table
+        self.group = nflog_group
+        self.log = log
+        self.clock = clock
+        self.clock_offset = clock_offset
+        self.prepare_lead = prepare_lead
+        self.commit_timeout = commit_timeout
+        self.migration_port = migration_port
+        self.client_address = str(bundle.address)
+        self.vip = (str(bundle.vip), bundle.service_port)
+        self.pool = {(str(s.address), s.port) for s in bundle.servers()}
+        self.store = ConnectionStore()
+        self.carriers: Opener = carrier_opener(
+            bundle.channel_key, bundle.deployment_id, bundle.client_id
+        )
+        self.sealer = request_sealer(bundle.channel_key, bundle.deployment_id, bundle.client_id)
+        self.answers: Opener = answer_opener(
+            bundle.channel_key, bundle.deployment_id, bundle.client_id
+        )
+        self.reader: NflogReader | None = None
+        self.transport: asyncio.DatagramTransport | None = None
+        self.waiting: dict[tuple[int, int], asyncio.Future[Answer]] = {}
+        self.roams: list[RoamRecord] = []
+        self.rejected_carriers = 0
+        self.capture_losses = 0
+
+    # -- capture -----------------------------------------------------------------------------
+
+    def on_capture(self) -> None:
+        assert self.reader is not None
+        lost = self.reader.missed + self.reader.overflowed
+        now = self.clock()
+        for packet in self.reader.read():
+            try:
+                segment = parse_ipv4_tcp(packet.payload)
+            except RoamError as error:
+                self.log.event("capture_malformed", level="warning", reason=str(error))
+                continue
+            if segment is None:
+                continue
+            if (segment.dst, segment.dport) == self.vip and segment.src == self.client_address:
+                if segment.syn and not segment.ack_flag:
+                    self.store.on_syn(segment.sport, segment.seq, now)
+                else:
+                    self.store.on_segment(
+                        segment.sport, segment.seq, segment.payload, segment.fin, now
+                    )
+            elif (segment.src, segment.sport) in self.pool and is_carrier(segment):
+                self._on_carrier(segment.payload, segment.dport, now)
+        if self.reader.missed + self.reader.overflowed != lost:
+            # Some copies were lost: any connection may have a hole in its replay bytes.
+            self.capture_losses += 1
+            for conn in self.store.connections.values():
+                if conn.unmigratable is None:
+                    self.store._give_up(conn, "the capture lost packets (NFLOG overflow)")
+            self.log.event("capture_lost_packets", level="warning")
+
+    def _on_carrier(self, data: bytes, port: int, now: float) -> None:
+        try:
+            opened, carrier = open_carrier(self.carriers, data, now + self.clock_offset())
+            if carrier.client_port != port:
+                raise RoamError(f"carrier for port {carrier.client_port} arrived on {port}")
+        except RoamError as error:
+            self.rejected_carriers += 1
+            self.log.event(
+                "carrier_rejected", level="warning", error=type(error).__name__, reason=str(error)
+            )
+            return
+        self.carriers.accept(opened)
+        self.store.on_carrier(carrier, now)
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def on_answer(self, data: bytes, source: tuple[str, int]) -> None:
+        try:
+            opened = self.answers.open(data, self.clock() + self.clock_offset())
+            answer = Answer.decode(opened.plaintext)
+        except RoamError as error:
+            self.log.event(
+                "answer_rejected",
+                level="warning",
+                origin=f"{source[0]}:{source[1]}",
+                error=type(error).__name__,
+                reason=str(error),
+            )
+            return
+        self.answers.accept(opened)
+        future = self.waiting.pop((answer.phase, answer.client_port), None)
+        if future is not None and not future.done():
+            future.set_result(answer)
+
+    def _send(self, target: Endpoint, request: Request) -> asyncio.Future[Answer] | None:
+        assert self.transport is not None
+        message = self.sealer.seal(
+            Kind.REINCARNATE_REQUEST, request.encode(), self.clock() + self.clock_offset()
+        )
+        future: asyncio.Future[Answer] | None = None
+        if request.phase in (Phase.PREPARE, Phase.COMMIT):
+            future = asyncio.get_running_loop().create_future()
+            self.waiting[(request.phase, request.client_port)] = future
+        self.transport.sendto(message, (str(target.address), self.migration_port))
+        return future
+
+    # -- a roam ------------------------------------------------------------------------------
+
+    def _live_sockets(self) -> dict[int, sockdiag.TcpSocketInfo]:
+        found = {}
+        for info in sockdiag.tcp_sockets(dst=self.vip):
+            if info.src[0] == self.client_address and info.state == "ESTABLISHED":
+                found[info.src[1]] = info
+        self.store.expire(set(found))
+        return found
+
+    def _request(
+        self, phase: Phase, epoch: int, port: int, info: sockdiag.TcpSocketInfo, start: int
+    ) -> Request | None:
+        conn = self.store.connections.get(port)
+        if conn is None or conn.carrier is None or conn.unmigratable is not None:
+            return None
+        replay = self.store.replay_bytes(port, start)
+        if replay is None:
+            return None
+        return Request(
+            phase,
+            epoch,
+            port,
+            self.bundle.service_port,
+            start + len(replay),
+            info.bytes_received,
+            start,
+            conn.carrier.sealed,
+            replay,
+        )
+
+    def prepare(self, epoch: int, target: Endpoint) -> RoamRecord:
+        """Send a PREPARE for every live connection; returns the roam's record."""
+        record = RoamRecord(epoch, str(target), self.clock())
+        for port, info in self._live_sockets().items():
+            handoff = Handoff(port)
+            record.connections[port] = handoff
+            conn = self.store.connections.get(port)
+            if conn is None or conn.carrier is None or conn.unmigratable is not None:
+                handoff.outcome = "unmigratable"
+                handoff.detail = (
+                    conn.unmigratable
+                    if conn is not None and conn.unmigratable
+                    else "no checkpoint yet"
+                    if conn is not None
+                    else "opened before the shim"
+                )
+                continue
+            request = self._request(Phase.PREPARE, epoch, port, info, conn.carrier.c2s_fresh)
+            if request is None or request.c2s_sent < acked_bytes(info):
+                handoff.outcome = "unmigratable"
+                handoff.detail = "replay bytes are incomplete"
+                continue
+            handoff.prepared_sent = request.c2s_sent
+            handoff.replayed = len(request.replay)
+            try:
+                handoff.prepare = self._send(target, request)
+            except (RoamError, OSError) as error:
+                handoff.outcome, handoff.detail = "failed", str(error)
+        return record
+
+    async def commit(self, record: RoamRecord, target: Endpoint) -> None:
+        """Freeze, commit, switch, GO; reset what could not follow. Records every outcome."""
+        live = {p: h for p, h in record.connections.items() if h.outcome == "pending"}
+        frozen = list(live)
+        record.started = self.clock()
+        nft.apply(freeze_script(self.table, self.bundle.vip, frozen))
+        try:
+            sockets = self._live_sockets()
+            commits = []
+            for port, handoff in live.items():
+                prepared = await self._wait(handoff.prepare, PREPARE_WAIT_S)
+                info = sockets.get(port)
+                if prepared is None or prepared.status is not Status.READY or info is None:
+                    self._settle(handoff, prepared, "prepare")
+                    continue
+                request = self._request(
+                    Phase.COMMIT, record.epoch, port, info, handoff.prepared_sent
+                )
+                if request is None or request.c2s_sent < acked_bytes(info):
+                    handoff.outcome, handoff.detail = "unmigratable", "replay bytes incomplete"
+                    continue
+                handoff.replayed += len(request.replay)
+                handoff.commit = self._send(target, request)
+                commits.append(handoff)
+            for handoff in commits:
+                answer = await self._wait(handoff.commit, self.commit_timeout)
+                self._settle(handoff, answer, "commit")
+        finally:
+            nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
+            record.switched = self.clock()
+        for port, handoff in record.connections.items():
+            if handoff.outcome == "migrated":
+                go = Request(
+                    Phase.GO, record.epoch, port, self.bundle.service_port, 0, 0, 0, b"", b""
+                )
+                self._send(target, go)
+            else:
+                self._reset(port, handoff)
+        self._log_roam(record)
+
+    async def _wait(self, future: asyncio.Future[Answer] | None, timeout: float) -> Answer | None:
+        if future is None:
+            return None
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout)
+        except TimeoutError:
+            return None
+
+    def _settle(self, handoff: Handoff, answer: Answer | None, step: str) -> None:
+        if answer is None:
+            handoff.outcome, handoff.detail = "failed", f"no answer to the {step}"
+        elif answer.status is Status.READY:
+            handoff.outcome = "migrated" if step == "commit" else "pending"
+        else:
+            handoff.outcome = answer.status.name.lower()
+            handoff.detail = answer.detail
+
+    def _reset(self, port: int, handoff: Handoff) -> None:
+        if handoff.outcome == "pending":
+            handoff.outcome = "failed"
+        try:
+            sockdiag.destroy((self.client_address, port), self.vip)
+        except (RoamError, OSError) as error:
+            handoff.detail += f"; reset failed: {error}"
+        self.store.forget(port)
+
+    def _log_roam(self, record: RoamRecord) -> None:
+        pause_ms = round((record.switched - record.started) * 1000, 3)
+        for port, handoff in record.connections.items():
+            self.log.event(
+                "handoff",
+                epoch=record.epoch,
+                server=record.server,
+                port=port,
+                outcome=handoff.outcome,
+                detail=handoff.detail,
+                bytes_replayed=handoff.replayed,
+                pause_ms=pause_ms,
+            )
+        self.roams.append(record)
+        del self.roams[:-MAX_ROAM_RECORDS]
+        self.log.event("roam", **record.summary())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.reader = NflogReader.open(self.group)
+        loop.add_reader(self.reader.fileno(), self.on_capture)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((self.client_address, 0))
+        self.transport, _ = await loop.create_datagram_endpoint(
+            lambda: _AnswerProtocol(self), sock=sock
+        )
+
+    def close(self) -> None:
+        if self.reader is not None:
+            asyncio.get_running_loop().remove_reader(self.reader.fileno())
+            self.reader.close()
+            self.reader = None
+        if self.transport is not None:
+            self.transport.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "tracked_connections": len(self.store.connections),
+            "carriers_stored": self.store.carriers_stored,
+            "carriers_rejected": self.rejected_carriers,
+            "capture_losses": self.capture_losses,
+            "roams": [record.summary() for record in self.roams[-10:]],
+        }
+
+
+class _AnswerProtocol(asyncio.DatagramProtocol):
+    def __init__(self, migrator: Migrator) -> None:
+        self.migrator = migrator
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.migrator.on_answer(data, (str(addr[0]), int(addr[1])))

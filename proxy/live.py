@@ -1,0 +1,716 @@
+"""Live migration on the server: checkpoints out, re-incarnations in (``--migration live``).
+
+Theory of operation:
+
+* Every accepted connection is relayed in copy mode so that ``migrate.streamstate`` sees
+  both byte streams. Right after accept the shim reads the handshake's sequence numbers and
+  options through TCP_REPAIR (``accept_facts``).
+* Checkpoints go to the client periodically (each connection on its own phase, from its
+  start), at every request boundary the codec finds, and twice just before this server stops
+  being the active one. Each is sealed with the pool's checkpoint key, wrapped in a carrier
+  sealed for the client, and sent as one TCP segment on the connection's own 5-tuple, marked
+  with the carrier option and numbered *before* the server's ISN, so that a client without the
+  shim would discard it as an old duplicate.
+* Re-incarnation requests (``migrate.reincarnation``) arrive on the migration port. A PREPARE
+  that passes ``admit`` opens a fresh connection to the service (from the client's address),
+  replays the log and regenerates the response up to the client's position, checking the
+  commitment; a COMMIT finishes the replay and creates the client-facing socket with
+  TCP_REPAIR at the client's sequence numbers; a GO (the client has switched its rewrite)
+  starts the relay. Until GO the new socket stays silent: a segment reaching the client before
+  its switch would be answered with a RST.
+* When the gate closes behind the service, the connections still here have moved on: their
+  sockets are closed in repair mode, which sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from migrate.channel import Kind, Opened, Opener, Sealer
+from migrate.checkpoint import (
+    Carrier,
+    Checkpoint,
+    TcpSnapshot,
+    carrier_sealer,
+    checkpoint_key,
+    seal_carrier,
+    seal_checkpoint,
+)
+from migrate.errors import RoamError
+from migrate.kernel import rawtcp, tcp_repair
+from migrate.registration import ClientRecord
+from migrate.reincarnation import (
+    Admitted,
+    Answer,
+    Phase,
+    Request,
+    Status,
+    admit,
+    answer_sealer,
+    client_id_of,
+    request_opener,
+)
+from migrate.streamstate import StreamState
+from proxy.relay import Copy, Relay, close_abortively
+from proxy.transparent import connect_plain, connect_transparent
+
+if TYPE_CHECKING:
+    from proxy.daemon import ServerShim
+
+SEQ_MOD = 2**32
+DEFAULT_CHECKPOINT_PERIOD = 0.5
+BOUNDARY_MIN_GAP = 0.02  # at most one boundary checkpoint per connection per 20 ms
+LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leaving
+TS_MARGIN_MS = 250
+PREPARE_TIMEOUT_S = 20.0
+GO_TIMEOUT_S = 1.0
+MIGRATION_PORT = 47476
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptFacts:
+    server_isn: int
+    client_isn: int
+    mss: int
+    snd_wscale: int
+    rcv_wscale: int
+    sack: bool
+    timestamps: bool
+
+
+def accept_facts(sock: socket.socket) -> AcceptFacts:
+    """The handshake's ISNs and options of a just-accepted socket, read in repair mode."""
+    state = tcp_repair.read_repair_state(sock, keep_repair=True)
+    try:
+        queues = tcp_repair.read_queues(sock)
+    finally:
+        tcp_repair.leave_repair(sock)
+    return AcceptFacts(
+        server_isn=(state.send_seq - 1 - len(queues.send)) % SEQ_MOD,
+        client_isn=(state.recv_seq - 1 - len(queues.recv)) % SEQ_MOD,
+        mss=state.mss,
+        snd_wscale=state.snd_wscale,
+        rcv_wscale=state.rcv_wscale,
+        sack=state.sack,
+        timestamps=state.timestamps,
+    )
+
+
+class LiveConnection:
+    """One migratable connection on this server: relay, stream state, checkpoint schedule."""
+
+    def __init__(
+        self,
+        live: LiveMode,
+        client: socket.socket,
+        service: socket.socket,
+        peer: tuple[str, int],
+        facts: AcceptFacts,
+        record: ClientRecord | None,
+        *,
+        conn_id: bytes,
+        stream: StreamState,
+        counter: int = 0,
+        s2c_base: int = 0,
+        syn_adjust: int = 1,
+    ) -> None:
+        self.live = live
+        self.peer = peer
+        self.facts = facts
+        self.record = record
+        self.conn_id = conn_id
+        self.stream = stream
+        self.counter = counter
+        self.s2c_base = s2c_base  # s2c position of the socket's first byte
+        self.syn_adjust = syn_adjust  # tcpi_bytes_acked counts the SYN on accepted sockets
+        self.client = client
+        now = live.clock()
+        self.started = now
+        self.next_due = now  # the first checkpoint goes out at once
+        self.last_sent = 0.0
+        self.sealer: Sealer | None = None
+        if record is not None:
+            self.sealer = carrier_sealer(
+                record.channel_key, live.deployment_id, record.client_id, live.sender
+            )
+        self.relay = Relay(
+            client,
+            service,
+            client_to_service=Copy(stream.feed_c2s),
+            service_to_client=Copy(stream.feed_s2c),
+        )
+
+    def s2c_acked(self) -> int:
+        info = tcp_repair.read_tcp_info(self.client)
+        return self.s2c_base + max(0, info.bytes_acked - self.syn_adjust)
+
+    def snapshot(self, now: float) -> Checkpoint:
+        ts_val = 0
+        if self.facts.timestamps:
+            ts_val = tcp_repair.read_timestamp(self.client)
+        tcp = TcpSnapshot(
+            self.facts.server_isn,
+            self.facts.client_isn,
+            self.facts.mss,
+            self.facts.snd_wscale,
+            self.facts.rcv_wscale,
+            self.facts.sack,
+            self.facts.timestamps,
+            ts_val,
+        )
+        self.counter += 1
+        return self.stream.checkpoint(
+            conn_id=self.conn_id,
+            client=self.peer,
+            vport=self.live.vport,
+            epoch=self.live.current_epoch(),
+            counter=self.counter,
+            now=now,
+            tcp=tcp,
+            s2c_acked=self.s2c_acked(),
+        )
+
+    def push(self, now: float) -> None:
+        """Send a checkpoint to the client on the connection's own 5-tuple."""
+        if self.sealer is None or self.relay.ended:
+            return
+        checkpoint = self.snapshot(now)
+        sealed = seal_checkpoint(
+            checkpoint, self.live.checkpoint_key, self.live.deployment_id, os.urandom
+        )
+        message = seal_carrier(self.sealer, Carrier.of(checkpoint, sealed), now)
+        listen = self.live.listen
+        packet = rawtcp.build_ipv4_tcp(
+            listen[0],
+            self.peer[0],
+            listen[1],
+            self.peer[1],
+            # Entirely before the server's first byte: an old duplicate to a client's TCP.
+            (self.facts.server_isn - len(message)) % SEQ_MOD,
+            (self.facts.client_isn + 1 + self.stream.c2s_pos) % SEQ_MOD,
+            rawtcp.ACK | rawtcp.PSH,
+            1024,
+            [rawtcp.carrier_option()],
+            message,
+        )
+        self.live.raw.send(packet)
+        self.last_sent = now
+        self.live.checkpoints_sent += 1
+        period = self.live.period
+        # Keep the connection's own phase: due times are start + k * period.
+        elapsed = now - self.started
+        self.next_due = self.started + (int(elapsed / period) + 1) * period
+
+    def due(self, now: float) -> bool:
+        if now >= self.next_due:
+            return True
+        return self.stream.boundary_due and now - self.last_sent >= BOUNDARY_MIN_GAP
+
+    def leave_silently(self) -> None:
+        """This connection lives elsewhere now: close the client side without a word."""
+        with contextlib.suppress(OSError):
+            tcp_repair.enter_repair(self.client)
+        self.relay.abort()
+
+
+@dataclass
+class Pending:
+    """A re-incarnation between PREPARE and GO."""
+
+    admitted: Admitted
+    stream: StreamState
+    service: socket.socket | None = None
+    unsent: bytearray = field(default_factory=bytearray)
+    verified: bool = False
+    sock: socket.socket | None = None
+    s2c_base: int = 0  # the client's position when the socket was created
+    connection: LiveConnection | None = None
+    created: float = 0.0
+    task: asyncio.Task[None] | None = None
+
+
+class Diverged(Exception):
+    """The replayed service did not answer with the same bytes."""
+
+
+class LiveMode:
+    """Checkpoints and re-incarnations for one server shim."""
+
+    def __init__(self, shim: ServerShim, clock: Callable[[], float] = time.time) -> None:
+        self.shim = shim
+        self.clock = clock
+        options = shim.options
+        self.listen = (str(options.listen.address), options.listen.port)
+        self.vport = shim.deployment.service_port
+        self.deployment_id = shim.deployment.deployment_id
+        self.sender = shim.deployment.servers.index(options.listen)
+        self.checkpoint_key = checkpoint_key(shim.secret.group_key)
+        self.period = options.checkpoint_period
+        self.raw = rawtcp.RawTcpSender()
+        self.connections: dict[tuple[str, int], LiveConnection] = {}
+        self.pending: dict[tuple[str, int], Pending] = {}
+        self.openers: dict[int, Opener] = {}
+        self.answer_sealers: dict[int, Sealer] = {}
+        self.checkpoints_sent = 0
+        self.counts = {"admitted": 0, "ready": 0, "diverged": 0, "refused": 0, "failed": 0}
+        self._transport: asyncio.DatagramTransport | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._leave_pushed: float | None = None
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def current_epoch(self) -> int:
+        return self.shim.epoch or 0
+
+    def _record_for(self, address: str) -> ClientRecord | None:
+        import ipaddress
+
+        for client in self.shim.pool.clients.by_address(ipaddress.ip_address(address)):
+            record = self.shim.pool.record(client)
+            if not record.revoked:
+                return record
+        return None
+
+    # -- accepted connections ----------------------------------------------------------------
+
+    def relay_factory(
+        self, client: socket.socket, service: socket.socket, peer: tuple[str, int]
+    ) -> Relay:
+        facts = accept_facts(client)
+        connection = LiveConnection(
+            self,
+            client,
+            service,
+            peer,
+            facts,
+            self._record_for(peer[0]),
+            conn_id=os.urandom(16),
+            stream=StreamState(self.shim.options.codec),
+        )
+        self._adopt(connection)
+        return connection.relay
+
+    def _adopt(self, connection: LiveConnection) -> None:
+        key = connection.peer
+        self.connections[key] = connection
+        connection.relay.closed.add_done_callback(
+            lambda _future: (
+                self.connections.pop(key, None) if self.connections.get(key) is connection else None
+            )
+        )
+
+    # -- checkpoints -------------------------------------------------------------------------
+
+    async def _checkpoint_loop(self) -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            now = self.clock()
+            leaving = self.shim.leaving_at()
+            push_all = (
+                leaving is not None
+                and leaving - LEAVE_PUSH_LEAD <= now
+                and self._leave_pushed != leaving
+            )
+            if push_all:
+                self._leave_pushed = leaving
+            for connection in list(self.connections.values()):
+                if push_all or connection.due(now):
+                    try:
+                        connection.push(now)
+                    except (OSError, RoamError) as error:
+                        self.shim.log.event(
+                            "checkpoint_failed",
+                            level="warning",
+                            client=f"{connection.peer[0]}:{connection.peer[1]}",
+                            reason=str(error),
+                        )
+                        connection.next_due = now + self.period
+
+    def leave(self) -> int:
+        """The gate closed behind the service: drop every connection silently, and every
+        re-incarnation still in progress."""
+        count = 0
+        for connection in list(self.connections.values()):
+            connection.leave_silently()
+            count += 1
+        self.connections.clear()
+        for key in list(self.pending):
+            self._drop_pending(key)
+        return count
+
+    # -- re-incarnation ----------------------------------------------------------------------
+
+    def _answer(self, record: ClientRecord, answer: Answer, source: tuple[str, int]) -> None:
+        sealer = self.answer_sealers.get(record.client_id)
+        if sealer is None:
+            sealer = answer_sealer(
+                record.channel_key, self.deployment_id, record.client_id, self.sender
+            )
+            self.answer_sealers[record.client_id] = sealer
+        if self._transport is not None:
+            self._transport.sendto(
+                sealer.seal(Kind.REINCARNATE_READY, answer.encode(), self.clock()), source
+            )
+
+    def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
+        log = self.shim.log
+        origin = f"{source[0]}:{source[1]}"
+        try:
+            client_id = client_id_of(data)
+            record = self.shim.pool.clients.by_id(client_id)
+            if record is None:
+                raise RoamError(f"unknown client id {client_id}")
+            record = self.shim.pool.record(record)
+            opener = self.openers.get(client_id)
+            if opener is None:
+                opener = request_opener(record.channel_key, self.deployment_id, client_id)
+                self.openers[client_id] = opener
+            opened = opener.open(data, self.clock())
+            request = Request.decode(opened.plaintext)
+        except RoamError as error:
+            self.counts["refused"] += 1
+            log.event(
+                "reincarnation_rejected",
+                level="warning",
+                origin=origin,
+                error=type(error).__name__,
+                reason=str(error),
+            )
+            return
+        key = (source[0], request.client_port)
+        if request.phase is Phase.PREPARE:
+            try:
+                admitted = self._admit(opened, request, record, source[0])
+            except RoamError as error:
+                self.counts["refused"] += 1
+                log.event(
+                    "reincarnation_rejected",
+                    level="warning",
+                    origin=origin,
+                    error=type(error).__name__,
+                    reason=str(error),
+                )
+                return
+            opener.accept(opened)
+            self._drop_pending(key)
+            self.counts["admitted"] += 1
+            prepared = Pending(admitted, StreamState(), created=self.clock())
+            self.pending[key] = prepared
+            prepared.task = asyncio.get_running_loop().create_task(
+                self._prepare(key, prepared, record, source)
+            )
+            return
+        pending = self.pending.get(key)
+        opener.accept(opened)
+        if pending is None:
+            self._answer(
+                record,
+                Answer(
+                    request.phase, request.client_port, Status.FAILED, "no prepared re-incarnation"
+                ),
+                source,
+            )
+            return
+        if request.phase is Phase.ABORT:
+            self._drop_pending(key)
+            return
+        if request.phase is Phase.COMMIT:
+            asyncio.get_running_loop().create_task(
+                self._commit(key, pending, request, record, source)
+            )
+            return
+        # GO: the client has switched; start relaying.
+        self._go(key, pending)
+
+    def _admit(
+        self, opened: Opened, request: Request, record: ClientRecord, source: str
+    ) -> Admitted:
+        schedule = self.shim.pool.schedule
+        current = self.current_epoch()
+        serves = (
+            request.epoch in (current, current + 1)
+            and schedule.server_for(request.epoch) == self.shim.options.listen
+        )
+        granted = record.grant_for(current, self.shim.deployment.chain_length)
+        return admit(
+            opened,
+            request,
+            record,
+            source,
+            granted,
+            serves,
+            self.checkpoint_key,
+            self.deployment_id,
+        )
+
+    def _drop_pending(self, key: tuple[str, int]) -> None:
+        pending = self.pending.pop(key, None)
+        if pending is None:
+            return
+        if pending.task is not None and not pending.task.done():
+            pending.task.cancel()
+        if pending.service is not None:
+            close_abortively(pending.service)
+        if pending.sock is not None and pending.connection is None:
+            with contextlib.suppress(OSError):
+                tcp_repair.enter_repair(pending.sock)
+            pending.sock.close()
+
+    async def _connect_service(self, client_address: str) -> socket.socket:
+        service = (str(self.shim.options.service.address), self.shim.options.service.port)
+        if self.shim.options.transparent:
+            return await connect_transparent(service, client_address)
+        return await connect_plain(service)
+
+    async def _regenerate(self, pending: Pending, until: int) -> None:
+        """Read the replayed service until ``until``, the client's position (and at least to
+        the checkpoint's position, where the commitment is checked); of what was read, keep
+        only the bytes the client does not have yet."""
+        checkpoint = pending.admitted.checkpoint
+        loop = asyncio.get_running_loop()
+        assert pending.service is not None
+        goal = max(until, checkpoint.s2c_pos) if not pending.verified else until
+        stream = pending.stream
+        while stream.s2c_pos < goal:
+            limit = goal - stream.s2c_pos
+            if not pending.verified:
+                limit = min(limit, checkpoint.s2c_pos - stream.s2c_pos) or limit
+            chunk = await loop.sock_recv(pending.service, min(1 << 20, max(1, limit)))
+            if not chunk:
+                raise Diverged(
+                    f"the service closed after {stream.s2c_pos} bytes; the checkpoint has "
+                    f"{checkpoint.s2c_pos}"
+                )
+            stream.feed_s2c(chunk)
+            pending.unsent += chunk
+            if not pending.verified and stream.s2c_pos >= checkpoint.s2c_pos:
+                if stream.candidates[0].s2c_hash.digest() != checkpoint.s2c_hash:
+                    raise Diverged("the replayed service answered with different bytes")
+                pending.verified = True
+        # Keep only what the client lacks.
+        unsent_from = stream.s2c_pos - len(pending.unsent)
+        drop = min(len(pending.unsent), max(0, until - unsent_from))
+        del pending.unsent[:drop]
+
+    async def _prepare(
+        self,
+        key: tuple[str, int],
+        pending: Pending,
+        record: ClientRecord,
+        source: tuple[str, int],
+    ) -> None:
+        admitted = pending.admitted
+        checkpoint, request = admitted.checkpoint, admitted.request
+        loop = asyncio.get_running_loop()
+        status, detail = Status.READY, ""
+        try:
+            async with asyncio.timeout(PREPARE_TIMEOUT_S):
+                pending.service = await self._connect_service(key[0])
+                pending.stream = StreamState(
+                    checkpoint.codec,
+                    c2s_start=checkpoint.c2s_fresh,
+                    s2c_start=checkpoint.s2c_fresh,
+                )
+                pending.stream.feed_c2s(request.replay)
+                await loop.sock_sendall(pending.service, request.replay)
+                await self._regenerate(pending, request.s2c_received)
+        except Diverged as error:
+            status, detail = Status.DIVERGED, str(error)
+        except (OSError, TimeoutError, RoamError) as error:
+            status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
+        if status is not Status.READY:
+            self.counts["diverged" if status is Status.DIVERGED else "failed"] += 1
+            self.shim.log.event(
+                "reincarnation_failed",
+                level="warning",
+                client=f"{key[0]}:{key[1]}",
+                status=status.name.lower(),
+                reason=detail,
+            )
+            self._drop_pending(key)
+        self._answer(record, Answer(Phase.PREPARE, key[1], status, detail), source)
+
+    async def _commit(
+        self,
+        key: tuple[str, int],
+        pending: Pending,
+        request: Request,
+        record: ClientRecord,
+        source: tuple[str, int],
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        checkpoint = pending.admitted.checkpoint
+        status, detail = Status.READY, ""
+        try:
+            if pending.task is not None and not pending.task.done():
+                await pending.task
+            if key not in self.pending:
+                raise RoamError("the prepare step failed")
+            if request.replay_from != pending.stream.c2s_pos:
+                raise RoamError(
+                    f"commit replay starts at {request.replay_from}, prepared up to "
+                    f"{pending.stream.c2s_pos}"
+                )
+            assert pending.service is not None
+            if request.replay:
+                pending.stream.feed_c2s(request.replay)
+                await loop.sock_sendall(pending.service, request.replay)
+            await self._regenerate(pending, request.s2c_received)
+            pending.sock = self._restore(request, checkpoint)
+            pending.s2c_base = request.s2c_received
+        except Diverged as error:
+            status, detail = Status.DIVERGED, str(error)
+        except (OSError, TimeoutError, RoamError) as error:
+            status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
+        if status is Status.READY:
+            self.counts["ready"] += 1
+            asyncio.get_running_loop().call_later(GO_TIMEOUT_S, self._go, key, pending)
+        else:
+            self.counts["diverged" if status is Status.DIVERGED else "failed"] += 1
+            self.shim.log.event(
+                "reincarnation_failed",
+                level="warning",
+                client=f"{key[0]}:{key[1]}",
+                status=status.name.lower(),
+                reason=detail,
+            )
+            self._drop_pending(key)
+        self._answer(record, Answer(Phase.COMMIT, key[1], status, detail), source)
+
+    def _restore(self, request: Request, checkpoint: Checkpoint) -> socket.socket:
+        tcp = checkpoint.tcp
+        tsval = None
+        if tcp.timestamps:
+            elapsed_ms = int(max(0.0, self.clock() - checkpoint.taken_at) * 1000)
+            tsval = (tcp.ts_val + elapsed_ms + TS_MARGIN_MS) % SEQ_MOD
+        state = tcp_repair.state_from_positions(
+            local=self.listen,
+            remote=(checkpoint.client[0], checkpoint.client[1]),
+            server_isn=tcp.server_isn,
+            client_isn=tcp.client_isn,
+            bytes_to_client=request.s2c_received,
+            bytes_from_client=request.c2s_sent,
+            mss=tcp.mss,
+            snd_wscale=tcp.snd_wscale,
+            rcv_wscale=tcp.rcv_wscale,
+            sack=tcp.sack,
+            tsval=tsval,
+        )
+        return tcp_repair.restore_socket(state)
+
+    def _go(self, key: tuple[str, int], pending: Pending) -> None:
+        if self.pending.get(key) is not pending or pending.sock is None:
+            return
+        if pending.connection is not None:
+            return
+        del self.pending[key]
+        checkpoint = pending.admitted.checkpoint
+        facts = AcceptFacts(
+            checkpoint.tcp.server_isn,
+            checkpoint.tcp.client_isn,
+            checkpoint.tcp.mss,
+            checkpoint.tcp.snd_wscale,
+            checkpoint.tcp.rcv_wscale,
+            checkpoint.tcp.sack,
+            checkpoint.tcp.timestamps,
+        )
+        sock = pending.sock
+        assert pending.service is not None
+        unsent = bytes(pending.unsent)
+        connection = LiveConnection(
+            self,
+            sock,
+            pending.service,
+            key,
+            facts,
+            pending.admitted.record,
+            conn_id=checkpoint.conn_id,
+            stream=pending.stream,
+            counter=checkpoint.counter,
+            s2c_base=pending.s2c_base,
+            syn_adjust=0,
+        )
+        pending.connection = connection
+        # Adopted at once: if the service leaves again before the relay starts, ``leave``
+        # must find this connection too.
+        self._adopt(connection)
+        asyncio.get_running_loop().create_task(self._start(connection, sock, unsent))
+
+    async def _start(self, connection: LiveConnection, sock: socket.socket, unsent: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            if unsent:
+                await loop.sock_sendall(sock, unsent)
+        except OSError as error:
+            self.shim.log.event(
+                "reincarnation_failed",
+                level="warning",
+                client=f"{connection.peer[0]}:{connection.peer[1]}",
+                status="failed",
+                reason=str(error),
+            )
+            connection.leave_silently()
+            return
+        if connection.relay.ended:
+            return  # left while the unsent bytes were going out
+        connection.relay.start()
+        self.shim.log.event(
+            "reincarnated",
+            client=f"{connection.peer[0]}:{connection.peer[1]}",
+            s2c=connection.s2c_base,
+            c2s=connection.stream.c2s_pos,
+            unsent=len(unsent),
+        )
+        connection.push(self.clock())
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            sock.bind((self.listen[0], self.shim.options.migration_port))
+        except OSError as error:
+            sock.close()
+            raise RoamError(
+                f"cannot listen for re-incarnation requests on UDP port "
+                f"{self.shim.options.migration_port}: {error.strerror}"
+            ) from None
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _MigrationProtocol(self), sock=sock
+        )
+        self._task = loop.create_task(self._checkpoint_loop())
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        for key in list(self.pending):
+            self._drop_pending(key)
+        if self._transport is not None:
+            self._transport.close()
+        self.raw.close()
+
+    def status(self) -> dict[str, object]:
+        return {
+            "live_connections": len(self.connections),
+            "pending": len(self.pending),
+            "checkpoints_sent": self.checkpoints_sent,
+            **self.counts,
+        }
+
+
+class _MigrationProtocol(asyncio.DatagramProtocol):
+    def __init__(self, live: LiveMode) -> None:
+        self.live = live
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.live.on_datagram(data, (str(addr[0]), int(addr[1])))
