@@ -20,10 +20,13 @@ small threaded Python echo service for latency. Paths from c1:
 Measured per path: bulk TCP throughput client -> service and service -> client (``iperf3 -J``,
 and ``-R``), the CPU time the proxy process used during each run (user and system) and how busy
 the whole machine was; small-request latency p50/p99 of 100-byte request/response round trips on
-one connection, and of a new connection per request. Runs are interleaved (every path once per
-repetition) and the median of the repetitions is reported, with ratios against direct and
-against HAProxy from the same run. Tests never assert times; this script is where speed is
-judged (docs/benchmarks.md).
+one connection, and of a new connection per request, both as the scheduler places the processes
+and with client, service and proxy pinned to CPU 0 (a cross-CPU wakeup costs tens of µs in a
+VM, and placement changes from run to run: pinned figures isolate the processing cost). Runs are
+interleaved (every path once per round) and the median of the rounds is reported, with ratios
+against direct and against HAProxy from the same run; how busy the machine was before each round
+is reported too (other work on the host makes the figures noisier). Tests never assert times;
+this script is where speed is judged (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -268,6 +271,16 @@ def machine_busy_ticks() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
+def background_busy_pct(window_s: float = 1.0) -> float:
+    """How busy the machine is while the lab is idle (% of one CPU): other work on the host
+    (other tests, other labs) makes every figure of the round noisier."""
+    before = machine_busy_ticks()
+    time.sleep(window_s)
+    after = machine_busy_ticks()
+    share = (after[0] - before[0]) / max(1, after[1] - before[1])
+    return 100 * share * (os.cpu_count() or 1)
+
+
 def measure_bulk(lab: Lab, endpoint: Endpoint, seconds: float, reverse: bool) -> dict[str, Any]:
     before = [cpu_seconds(pid) for pid in endpoint.pids]
     busy_before = machine_busy_ticks()
@@ -351,7 +364,9 @@ def run_benchmark(
         }
         latency: dict[str, list[dict[str, Any]]] = {e.path.name: [] for e in endpoints}
         pinned: dict[str, list[dict[str, Any]]] = {e.path.name: [] for e in endpoints}
+        background: list[float] = []
         for round_index in range(repeat):
+            background.append(background_busy_pct())
             for endpoint in endpoints:
                 name = endpoint.path.name
                 for direction, reverse in (
@@ -374,6 +389,7 @@ def run_benchmark(
             "repeat": repeat,
             "requests": requests,
             "connects": connects,
+            "background_busy_pct": background,
             "paths": {
                 name: {
                     "client_to_service": _median_row(bulk[name]["client_to_service"]),
@@ -439,7 +455,13 @@ def render(results: dict[str, Any]) -> str:
             for kind in ("rr_us", "connect_us")
         ]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
-    lines += ["", "Throughput per run (Gbit/s, c->s then s->c):"]
+    background = ", ".join(f"{value:.0f}" for value in results["background_busy_pct"])
+    lines += [
+        "",
+        f"Machine busy before each round with the lab idle (% of one CPU): {background}",
+        "",
+        "Throughput per run (Gbit/s, c->s then s->c):",
+    ]
     for name, row in paths.items():
         lines.append(
             f"- {name}: {row['client_to_service']['runs_gbit_s']} "
