@@ -226,9 +226,7 @@ def test_carrier_is_harvested_byte_identical_and_never_reaches_tcp(lab_factory) 
         other = (253, b"XXseal")
         sender.send(build_ipv4_tcp(**in_window, options=[other], payload=b"plain", ip_id=7))
         sender.send(
-            build_ipv4_tcp(
-                str(s1.address), str(c1.address), PORT, 9, 1, 1, ACK, 100, [other], b"x"
-            )
+            build_ipv4_tcp(str(s1.address), str(c1.address), PORT, 9, 1, 1, ACK, 100, [other], b"x")
         )
         assert recv_exact(client, 5) == b"plain"
         time.sleep(0.1)
