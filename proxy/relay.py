@@ -634,7 +634,10 @@ class RelayServer:
                 continue  # the client gave up while in the backlog
             except OSError as error:
                 if error.errno not in _ACCEPT_RESOURCE_ERRORS:
-                    raise
+                    # Linux reports a pending error of the new connection (ENETDOWN,
+                    # EHOSTUNREACH, EPROTO, ...) through accept(): that client is lost, not us.
+                    _log.info("accept: %s", error)
+                    continue
                 # Out of descriptors or memory: the backlog holds clients until we recover.
                 _log.warning("accept: %s; pausing %.1f s", error, _ACCEPT_RETRY_S)
                 self._loop.remove_reader(self._sock.fileno())
