@@ -186,7 +186,10 @@ class ClientShim:
             return  # no switch within the keys held; the subscription warning covers it
         if self._prepare_timer is not None:
             self._prepare_timer.cancel()
-        delay = max(0.0, start - self.prepare_lead - now)
+        lead = self.prepare_lead
+        if self.migrator is not None:
+            lead = self.migrator.suggested_lead(self.prepare_lead)
+        delay = max(0.0, start - lead - now)
         self._prepare_timer = asyncio.get_running_loop().call_later(
             delay, self._start_handoff, index, start, server
         )

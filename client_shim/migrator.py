@@ -51,6 +51,10 @@ from migrate.reincarnation import (
 )
 
 DEFAULT_PREPARE_LEAD = 0.15
+# The new server regenerates a connection's response up to the client's position before it is
+# ready; give it that long, at a conservative replay speed, on top of the base lead.
+REGENERATE_BYTES_PER_S = 200e6
+MAX_PREPARE_LEAD = 2.0
 DEFAULT_COMMIT_TIMEOUT = 2.0
 PREPARE_WAIT_S = 10.0
 MIGRATION_PORT = 47476
@@ -243,6 +247,16 @@ class Migrator:
             conn.carrier.sealed,
             replay,
         )
+
+    def suggested_lead(self, base: float) -> float:
+        """How early to prepare: the base lead plus the time to regenerate the longest
+        response so far (the client's position bounds what the new server must replay)."""
+        try:
+            sockets = self._live_sockets()
+        except (RoamError, OSError):
+            return base
+        longest = max((info.bytes_received for info in sockets.values()), default=0)
+        return min(MAX_PREPARE_LEAD, base + longest / REGENERATE_BYTES_PER_S)
 
     def prepare(self, epoch: int, target: Endpoint) -> RoamRecord:
         """Send a PREPARE for every live connection; returns the roam's record."""

@@ -5,8 +5,8 @@ in the output path, and the ``current`` set rewrites that server's replies back 
 prerouting. Both chains sit at the raw priority with ``notrack``: no connection tracking, no
 Python on the packet path. The output chain is of type ``route`` so that the kernel routes the
 packet again after its destination changed. A roam is one transaction that replaces the
-single element of each map and of ``current``; packets from any other server no longer match
-and meet no socket.
+single element of each map and of ``current``; late packets from any other server of the pool
+are dropped silently (they would otherwise meet no socket and draw a RST from the client).
 
 With live migration, two more chains run just before those (priority -310):
 
@@ -83,6 +83,7 @@ def rewrite_table_body(
   chain in {{
     type filter hook prerouting priority raw; policy accept;
     {inbound}
+    {family} saddr . tcp sport @pool drop
   }}
 """
 

@@ -58,7 +58,7 @@ from migrate.reincarnation import (
     request_opener,
 )
 from migrate.streamstate import StreamState
-from proxy.relay import Copy, Relay, close_abortively
+from proxy.relay import Copy, EndReason, Relay, RelayOutcome, close_abortively
 from proxy.transparent import connect_plain, connect_transparent
 
 if TYPE_CHECKING:
@@ -71,6 +71,7 @@ LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leav
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
+MAX_PREPARE_AHEAD_S = 3.0  # how long before its epoch a re-incarnation may be prepared
 MIGRATION_PORT = 47476
 
 
@@ -300,11 +301,23 @@ class LiveMode:
     def _adopt(self, connection: LiveConnection) -> None:
         key = connection.peer
         self.connections[key] = connection
-        connection.relay.closed.add_done_callback(
-            lambda _future: (
-                self.connections.pop(key, None) if self.connections.get(key) is connection else None
-            )
-        )
+
+        def ended(future: asyncio.Future[RelayOutcome]) -> None:
+            if self.connections.get(key) is connection:
+                del self.connections[key]
+            if future.cancelled():
+                return
+            outcome = future.result()
+            if outcome.reason is EndReason.OBSERVER_FAILED:
+                # A bug of ours, not the network's: say so loudly.
+                self.shim.log.event(
+                    "connection_failed",
+                    level="error",
+                    client=f"{key[0]}:{key[1]}",
+                    reason=repr(outcome.error),
+                )
+
+        connection.relay.closed.add_done_callback(ended)
 
     # -- checkpoints -------------------------------------------------------------------------
 
@@ -433,11 +446,15 @@ class LiveMode:
         self, opened: Opened, request: Request, record: ClientRecord, source: str
     ) -> Admitted:
         schedule = self.shim.pool.schedule
+        now = self.clock()
         current = self.current_epoch()
-        serves = (
-            request.epoch in (current, current + 1)
-            and schedule.server_for(request.epoch) == self.shim.options.listen
-        )
+        try:
+            ahead = schedule.start_of(request.epoch) - now
+            serves = schedule.server_for(request.epoch) == self.shim.options.listen and (
+                request.epoch == current or 0 <= ahead <= MAX_PREPARE_AHEAD_S
+            )
+        except RoamError:
+            serves = False
         granted = record.grant_for(current, self.shim.deployment.chain_length)
         return admit(
             opened,
@@ -470,17 +487,21 @@ class LiveMode:
         return await connect_plain(service)
 
     async def _regenerate(self, pending: Pending, until: int) -> None:
-        """Read the replayed service until ``until``, the client's position (and at least to
-        the checkpoint's position, where the commitment is checked); of what was read, keep
-        only the bytes the client does not have yet."""
+        """Read the replayed service until ``until``, the client's position, and at least to
+        the checkpoint's position, where the commitment is checked. Bytes the client already
+        has are dropped as they arrive; only those beyond ``until`` are kept, to send first."""
         checkpoint = pending.admitted.checkpoint
         loop = asyncio.get_running_loop()
         assert pending.service is not None
-        goal = max(until, checkpoint.s2c_pos) if not pending.verified else until
         stream = pending.stream
+        # Bytes already read beyond the old ``until`` that the client has by now.
+        unsent_from = stream.s2c_pos - len(pending.unsent)
+        del pending.unsent[: max(0, min(len(pending.unsent), until - unsent_from))]
+        goal = until if pending.verified else max(until, checkpoint.s2c_pos)
         while stream.s2c_pos < goal:
             limit = goal - stream.s2c_pos
             if not pending.verified:
+                # Stop exactly at the checkpoint's position to compare the hashes there.
                 limit = min(limit, checkpoint.s2c_pos - stream.s2c_pos) or limit
             chunk = await loop.sock_recv(pending.service, min(1 << 20, max(1, limit)))
             if not chunk:
@@ -488,16 +509,14 @@ class LiveMode:
                     f"the service closed after {stream.s2c_pos} bytes; the checkpoint has "
                     f"{checkpoint.s2c_pos}"
                 )
+            start = stream.s2c_pos
             stream.feed_s2c(chunk)
-            pending.unsent += chunk
+            if stream.s2c_pos > until:
+                pending.unsent += chunk[max(0, until - start) :]
             if not pending.verified and stream.s2c_pos >= checkpoint.s2c_pos:
                 if stream.candidates[0].s2c_hash.digest() != checkpoint.s2c_hash:
                     raise Diverged("the replayed service answered with different bytes")
                 pending.verified = True
-        # Keep only what the client lacks.
-        unsent_from = stream.s2c_pos - len(pending.unsent)
-        drop = min(len(pending.unsent), max(0, until - unsent_from))
-        del pending.unsent[:drop]
 
     async def _prepare(
         self,

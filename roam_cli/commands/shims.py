@@ -209,8 +209,12 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 def run_server(args: argparse.Namespace) -> int:
+    import logging
+
     from proxy.daemon import ServerOptions, ServerShim
 
+    # The relay engine reports connection-level trouble through ``logging``.
+    logging.basicConfig(level=logging.INFO, format="server: %(levelname)s: %(message)s")
     _preflight("server", args.migration == "live")
     options = ServerOptions(
         deployment_dir=args.deployment,

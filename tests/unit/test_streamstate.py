@@ -1,0 +1,107 @@
+import hashlib
+import itertools
+import os
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from migrate.checkpoint import TcpSnapshot
+from migrate.streamstate import StreamHash, StreamState
+
+RESPONSE = (
+    b"HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 25 Nov 2026 19:10:00 GMT\r\n"
+    b"Content-Length: 5\r\n\r\nhello"
+)
+REQUEST = b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def chunked(data: bytes, cuts: list[int]) -> list[memoryview]:
+    """Chunks as the relay hands them over: views into one reused bytearray."""
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    buffer = bytearray(len(data) + 16)
+    views = []
+    for a, b in itertools.pairwise(points):
+        buffer[: b - a] = data[a:b]
+        views.append(bytes(memoryview(buffer)[: b - a]))
+    return [memoryview(bytearray(v)) for v in views]
+
+
+@settings(max_examples=200)
+@given(
+    body=st.binary(max_size=2000),
+    cuts=st.lists(st.integers(0, 5000), max_size=8),
+    hour=st.integers(0, 23),
+)
+def test_date_values_are_masked_and_nothing_else(body, cuts, hour):
+    original = RESPONSE + body
+    other_time = original.replace(b"19:10:00", f"{hour:02d}:59:59".encode())
+    one, two = StreamHash(True), StreamHash(True)
+    for chunk in chunked(original, cuts):
+        one.update(chunk)
+    two.update(other_time)
+    assert one.digest() == two.digest()
+    tampered = StreamHash(True)
+    tampered.update(original[:-1] + bytes([original[-1] ^ 1]))
+    assert tampered.digest() != one.digest()
+
+
+def test_plain_hash_is_sha256():
+    h = StreamHash(False)
+    h.update(memoryview(bytearray(b"abc")))
+    assert h.digest() == hashlib.sha256(b"abc").digest()
+    assert h.copy().digest() == h.digest()
+
+
+def snapshot():
+    return TcpSnapshot(1, 2, 1448, 7, 7, True, True, 0)
+
+
+def checkpoint(state, acked):
+    return state.checkpoint(
+        conn_id=b"c" * 16,
+        client=("10.0.0.5", 4000),
+        vport=80,
+        epoch=1,
+        counter=1,
+        now=0.0,
+        tcp=snapshot(),
+        s2c_acked=acked,
+    )
+
+
+def test_fresh_point_advances_only_when_the_client_has_acknowledged_the_response():
+    state = StreamState("http")
+    state.feed_c2s(REQUEST)
+    state.feed_s2c(RESPONSE)
+    assert state.boundary_due
+    before_ack = checkpoint(state, acked=len(RESPONSE) - 1)
+    assert (before_ack.c2s_fresh, before_ack.s2c_fresh) == (0, 0)
+    assert before_ack.c2s_hash == hashlib.sha256(REQUEST).digest()
+    after_ack = checkpoint(state, acked=len(RESPONSE))
+    assert (after_ack.c2s_fresh, after_ack.s2c_fresh) == (len(REQUEST), len(RESPONSE))
+    assert after_ack.c2s_hash == hashlib.sha256(b"").digest()
+    state.feed_c2s(REQUEST)
+    assert checkpoint(state, acked=len(RESPONSE)).c2s_hash == hashlib.sha256(REQUEST).digest()
+
+
+def test_replay_log_is_bounded():
+    state = StreamState("generic", replay_limit=100)
+    state.feed_c2s(os.urandom(101))
+    assert state.unmigratable is not None
+    assert checkpoint(state, acked=0).unmigratable
+
+
+def test_a_resumed_state_computes_the_same_checkpoint():
+    original = StreamState("http")
+    original.feed_c2s(REQUEST)
+    original.feed_s2c(RESPONSE[:40])
+    first = checkpoint(original, acked=0)
+    resumed = StreamState("http", c2s_start=first.c2s_fresh, s2c_start=first.s2c_fresh)
+    resumed.feed_c2s(REQUEST)
+    resumed.feed_s2c(RESPONSE[:40].replace(b"Wed", b"Wed"))
+    again = checkpoint(resumed, acked=0)
+    assert (again.c2s_hash, again.s2c_hash, again.s2c_pos) == (
+        first.c2s_hash,
+        first.s2c_hash,
+        first.s2c_pos,
+    )
