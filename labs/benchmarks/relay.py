@@ -339,10 +339,41 @@ def measure_latency(
     return result
 
 
-def _median_row(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def _median_row(
+    runs: list[dict[str, Any]], baselines: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """Medians of a path's runs in one direction. Ratios are taken round by round (against
+    the baseline's run of the same round) and then their median: on a shared machine the
+    background load drifts between rounds, and a round's runs are close together in time."""
     row: dict[str, Any] = {key: statistics.median(run[key] or 0 for run in runs) for key in runs[0]}
     row["runs_gbit_s"] = [round(run["gbit_s"], 2) for run in runs]
+    for name, base_runs in baselines.items():
+        ratios = [
+            run["gbit_s"] / base["gbit_s"]
+            for run, base in zip(runs, base_runs, strict=True)
+            if base["gbit_s"]
+        ]
+        row[f"vs_{name}"] = statistics.median(ratios) if ratios else None
     return row
+
+
+def _summary(
+    bulk: dict[str, dict[str, list[dict[str, Any]]]],
+    latency: dict[str, list[dict[str, Any]]],
+    pinned: dict[str, list[dict[str, Any]]],
+) -> dict[str, Any]:
+    paths: dict[str, Any] = {}
+    for name, directions in bulk.items():
+        row: dict[str, Any] = {}
+        for direction, runs in directions.items():
+            baselines: dict[str, list[dict[str, Any]]] = {
+                base: bulk[base][direction] for base in ("direct", "haproxy") if base in bulk
+            }
+            row[direction] = _median_row(runs, baselines)
+        row["latency"] = _median_latency(latency[name])
+        row["latency_one_cpu"] = _median_latency(pinned[name])
+        paths[name] = row
+    return paths
 
 
 def run_benchmark(
@@ -390,15 +421,7 @@ def run_benchmark(
             "requests": requests,
             "connects": connects,
             "background_busy_pct": background,
-            "paths": {
-                name: {
-                    "client_to_service": _median_row(bulk[name]["client_to_service"]),
-                    "service_to_client": _median_row(bulk[name]["service_to_client"]),
-                    "latency": _median_latency(latency[name]),
-                    "latency_one_cpu": _median_latency(pinned[name]),
-                }
-                for name in bulk
-            },
+            "paths": _summary(bulk, latency, pinned),
         }
 
 
@@ -409,15 +432,13 @@ def _median_latency(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
-def _ratio(value: float, base: dict[str, Any] | None, direction: str) -> str:
-    if base is None or not base[direction]["gbit_s"]:
-        return "-"
-    return f"{value / base[direction]['gbit_s']:.2f}x"
+def _ratio(row: dict[str, Any], base: str) -> str:
+    value = row.get(f"vs_{base}")
+    return "-" if value is None else f"{value:.2f}x"
 
 
 def render(results: dict[str, Any]) -> str:
     paths = results["paths"]
-    direct, haproxy = paths.get("direct"), paths.get("haproxy")
     lines = [
         "| path | c->s Gbit/s | s->c Gbit/s | c->s vs direct | s->c vs direct | "
         "c->s vs HAProxy | s->c vs HAProxy | proxy CPU c->s (usr+sys %) | "
@@ -432,10 +453,8 @@ def render(results: dict[str, Any]) -> str:
             cpu_up = cpu_down = "-"
         lines.append(
             f"| {name} | {up['gbit_s']:.2f} | {down['gbit_s']:.2f} | "
-            f"{_ratio(up['gbit_s'], direct, 'client_to_service')} | "
-            f"{_ratio(down['gbit_s'], direct, 'service_to_client')} | "
-            f"{_ratio(up['gbit_s'], haproxy, 'client_to_service')} | "
-            f"{_ratio(down['gbit_s'], haproxy, 'service_to_client')} | "
+            f"{_ratio(up, 'direct')} | {_ratio(down, 'direct')} | "
+            f"{_ratio(up, 'haproxy')} | {_ratio(down, 'haproxy')} | "
             f"{cpu_up} | {cpu_down} | "
             f"{up['machine_busy_pct']:.0f} / {down['machine_busy_pct']:.0f} |"
         )
