@@ -291,22 +291,47 @@ class Migrator:
     async def commit(self, record: RoamRecord, target: Endpoint) -> None:
         """Freeze, commit, switch, GO; reset what could not follow. Records every outcome."""
         live = {p: h for p, h in record.connections.items() if h.outcome == "pending"}
-        frozen = list(live)
+        # Wait for the new server's regeneration while the old server still serves.
+        for handoff in live.values():
+            self._settle(handoff, await self._wait(handoff.prepare, PREPARE_WAIT_S), "prepare")
         record.started = self.clock()
-        nft.apply(freeze_script(self.table, self.bundle.vip, frozen))
+        ready = {p: h for p, h in live.items() if h.outcome == "pending"}
+        nft.apply(
+            freeze_script(
+                self.table, self.bundle.vip, self.bundle.service_port, list(ready), target
+            )
+        )
         try:
             sockets = self._live_sockets()
-            commits = []
-            for port, handoff in live.items():
-                prepared = await self._wait(handoff.prepare, PREPARE_WAIT_S)
-                info = sockets.get(port)
-                if prepared is None or prepared.status is not Status.READY or info is None:
-                    self._settle(handoff, prepared, "prepare")
-                    continue
-                request = self._request(
-                    Phase.COMMIT, record.epoch, port, info, handoff.prepared_sent
+            # Connections opened since the PREPAREs went out, still with the old server.
+            newcomers = self._newcomers(record, sockets, target)
+            if newcomers:
+                nft.apply(
+                    freeze_script(
+                        self.table,
+                        self.bundle.vip,
+                        self.bundle.service_port,
+                        list(newcomers),
+                        target,
+                    )
                 )
-                if request is None or request.c2s_sent < acked_bytes(info):
+                sockets = self._live_sockets()
+                for handoff in newcomers.values():
+                    answer = await self._wait(handoff.prepare, self.commit_timeout)
+                    self._settle(handoff, answer, "prepare")
+                    if handoff.outcome == "pending":
+                        ready[handoff.port] = handoff
+            commits = []
+            for port, handoff in ready.items():
+                info = sockets.get(port)
+                request = (
+                    None
+                    if info is None
+                    else self._request(
+                        Phase.COMMIT, record.epoch, port, info, handoff.prepared_sent
+                    )
+                )
+                if info is None or request is None or request.c2s_sent < acked_bytes(info):
                     handoff.outcome, handoff.detail = "unmigratable", "replay bytes incomplete"
                     continue
                 handoff.replayed += len(request.replay)
@@ -327,6 +352,34 @@ class Migrator:
             else:
                 self._reset(port, handoff)
         self._log_roam(record)
+
+    def _newcomers(
+        self, record: RoamRecord, sockets: dict[int, sockdiag.TcpSocketInfo], target: Endpoint
+    ) -> dict[int, Handoff]:
+        """Prepare, now, the connections opened with the old server after the PREPAREs; those
+        opened since the freeze already talk to the new server."""
+        found = {}
+        for port, info in sockets.items():
+            if port in record.connections:
+                continue
+            conn = self.store.connections.get(port)
+            if conn is not None and conn.opened_at >= record.started:
+                continue
+            handoff = Handoff(port)
+            record.connections[port] = handoff
+            if conn is None or conn.carrier is None or conn.unmigratable is not None:
+                handoff.outcome = "unmigratable"
+                handoff.detail = "no checkpoint yet" if conn is not None else "not captured"
+                continue
+            request = self._request(Phase.PREPARE, record.epoch, port, info, conn.carrier.c2s_fresh)
+            if request is None or request.c2s_sent < acked_bytes(info):
+                handoff.outcome, handoff.detail = "unmigratable", "replay bytes are incomplete"
+                continue
+            handoff.prepared_sent = request.c2s_sent
+            handoff.replayed = len(request.replay)
+            handoff.prepare = self._send(target, request)
+            found[port] = handoff
+        return found
 
     async def _wait(self, future: asyncio.Future[Answer] | None, timeout: float) -> Answer | None:
         if future is None:

@@ -47,6 +47,10 @@ def rewrite_table_body(
     family, addr_type = _family(vip)
     pool = ", ".join(f"{s.address} . {s.port}" for s in servers)
     to_vip = f"{family} daddr {vip} tcp dport {vport}"
+    opening = (
+        f"{to_vip} tcp flags & (syn|ack) == syn notrack "
+        f"tcp dport set tcp dport map @syn_port {family} daddr set {family} daddr map @syn_addr"
+    )
     outbound = (
         f"{to_vip} notrack "
         f"tcp dport set tcp dport map @port_out {family} daddr set {family} daddr map @addr_out"
@@ -73,11 +77,14 @@ def rewrite_table_body(
     return f"""
   map addr_out {{ type {addr_type} : {addr_type}; elements = {{ {vip} : {active.address} }} }}
   map port_out {{ type inet_service : inet_service; elements = {{ {vport} : {active.port} }} }}
+  map syn_addr {{ type {addr_type} : {addr_type}; elements = {{ {vip} : {active.address} }} }}
+  map syn_port {{ type inet_service : inet_service; elements = {{ {vport} : {active.port} }} }}
   set current {{ type {addr_type} . inet_service; elements = {{ {active_pair} }} }}
   set pool {{ type {addr_type} . inet_service; elements = {{ {pool} }} }}
   set frozen {{ type inet_service; }}{capture}
   chain out {{
     type route hook output priority raw; policy accept;
+    {opening}
     {outbound}
   }}
   chain in {{
@@ -88,25 +95,43 @@ def rewrite_table_body(
 """
 
 
+def _point(
+    family: str, table: str, vip: IPAddress, vport: int, active: Endpoint, maps: tuple[str, str]
+) -> list[str]:
+    address_map, port_map = maps
+    return [
+        f"flush map {family} {table} {address_map}",
+        f"flush map {family} {table} {port_map}",
+        f"add element {family} {table} {address_map} {{ {vip} : {active.address} }}",
+        f"add element {family} {table} {port_map} {{ {vport} : {active.port} }}",
+    ]
+
+
 def switch_script(table: str, vip: IPAddress, vport: int, active: Endpoint) -> str:
     """One transaction that points the VIP at ``active`` and thaws every frozen port."""
     family = _family(vip)[0]
-    return (
-        f"flush map {family} {table} addr_out\n"
-        f"flush map {family} {table} port_out\n"
-        f"flush set {family} {table} current\n"
-        f"flush set {family} {table} frozen\n"
-        f"add element {family} {table} addr_out {{ {vip} : {active.address} }}\n"
-        f"add element {family} {table} port_out {{ {vport} : {active.port} }}\n"
-        f"add element {family} {table} current {{ {active.address} . {active.port} }}\n"
-    )
+    lines = [
+        *_point(family, table, vip, vport, active, ("addr_out", "port_out")),
+        *_point(family, table, vip, vport, active, ("syn_addr", "syn_port")),
+        f"flush set {family} {table} current",
+        f"flush set {family} {table} frozen",
+        f"add element {family} {table} current {{ {active.address} . {active.port} }}",
+    ]
+    return "\n".join(lines) + "\n"
 
 
-def freeze_script(table: str, vip: IPAddress, ports: list[int]) -> str:
-    """One transaction: hold the given connections' outgoing data and stop taking anything from
-    the old server, so that the positions read next are final."""
+def freeze_script(
+    table: str, vip: IPAddress, vport: int, ports: list[int], target: Endpoint
+) -> str:
+    """One transaction at the start of a hand-over: hold the given connections' outgoing data,
+    take nothing more from the old server (so the positions read next are final), and send
+    new connections, and accept their answers, to the new server already."""
     family = _family(vip)[0]
-    lines = [f"flush set {family} {table} current"]
+    lines = [
+        *_point(family, table, vip, vport, target, ("syn_addr", "syn_port")),
+        f"flush set {family} {table} current",
+        f"add element {family} {table} current {{ {target.address} . {target.port} }}",
+    ]
     if ports:
         lines.append(
             f"add element {family} {table} frozen {{ {', '.join(str(p) for p in ports)} }}"

@@ -16,8 +16,10 @@ Used by the system tests, the demo and the benchmarks::
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -89,6 +91,8 @@ class RoamingLab:
     start_delay: float = 2.0
     migration: str = "reconnect"
     update_period: float = 1.0
+    min_switches: int = 0
+    switch_window: float = 0.0
     service: str = "http"  # "http" | "nginx" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
@@ -145,27 +149,39 @@ class RoamingLab:
         return result
 
     def create(self) -> None:
-        self.start_time = round(time.time() + self.start_delay, 3)
-        self.roam(
-            "init",
-            str(self.deployment_dir),
-            "--servers",
-            self.server_list,
-            "--vip",
-            f"{self.vip}:{LISTEN_PORT}",
-            "--chain-length",
-            str(self.chain_length),
-            "--m",
-            str(self.m),
-            "--tick",
-            str(self.tick),
-            "--start",
-            str(self.start_time),
-            "--delta",
-            str(self.delta),
-            "--gamma",
-            str(self.gamma),
-        )
+        """``roam init`` the deployment (and subscribe the client hosts).
+
+        With ``min_switches``, keep drawing new deployments until the schedule changes server
+        at least that often within ``switch_window`` seconds of the start: a test that needs
+        ten roams in a transfer then gets them, whatever the random chain key."""
+        for _attempt in range(100):
+            self.start_time = round(time.time() + self.start_delay, 3)
+            if self.deployment_dir.exists():
+                shutil.rmtree(self.deployment_dir)
+            self.roam(
+                "init",
+                str(self.deployment_dir),
+                "--servers",
+                self.server_list,
+                "--vip",
+                f"{self.vip}:{LISTEN_PORT}",
+                "--chain-length",
+                str(self.chain_length),
+                "--m",
+                str(self.m),
+                "--tick",
+                str(self.tick),
+                "--start",
+                str(self.start_time),
+                "--delta",
+                str(self.delta),
+                "--gamma",
+                str(self.gamma),
+            )
+            if self.switches_within(self.switch_window) >= self.min_switches:
+                break
+        else:
+            raise LabError(f"no schedule with {self.min_switches} switches found in 100 draws")
         for host in self.client_hosts:
             self.subscribe(host)
 
@@ -255,7 +271,11 @@ class RoamingLab:
         return shim
 
     def start_client(self, host: str, bundle: Path | None = None) -> ShimProcess:
-        shim = self._spawn(host, "client", ["--bundle", str(bundle or self.bundle_path(host))])
+        shim = self._spawn(
+            host,
+            "client",
+            ["--bundle", str(bundle or self.bundle_path(host)), "--migration", self.migration],
+        )
         self.clients[host] = shim
         return shim
 
@@ -307,6 +327,15 @@ class RoamingLab:
             "--json",
         )
         return [json.loads(line) for line in result.stdout.splitlines()]
+
+    def switches_within(self, seconds: float) -> int:
+        """How often the server changes in the first ``seconds`` of the schedule."""
+        if seconds <= 0:
+            return 0
+        epochs = self.schedule(1, max(2, int(seconds / self.tick) + 2))
+        end = self.start_time + seconds
+        servers = [e["server"] for e in epochs if e["start"] < end]
+        return sum(1 for a, b in itertools.pairwise(servers) if a != b)
 
     def url(self, path: str = "/") -> str:
         return f"http://{self.vip}:{LISTEN_PORT}{path}"

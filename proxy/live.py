@@ -71,7 +71,10 @@ LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leav
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
-MAX_PREPARE_AHEAD_S = 3.0  # how long before its epoch a re-incarnation may be prepared
+MAX_PREPARE_AHEAD_S = 3.0
+PENDING_TTL_S = (
+    MAX_PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
+)  # how long before its epoch a re-incarnation may be prepared
 MIGRATION_PORT = 47476
 
 
@@ -333,6 +336,7 @@ class LiveMode:
             )
             if push_all:
                 self._leave_pushed = leaving
+            self.expire_pending(now)
             for connection in list(self.connections.values()):
                 if push_all or connection.due(now):
                     try:
@@ -347,16 +351,21 @@ class LiveMode:
                         connection.next_due = now + self.period
 
     def leave(self) -> int:
-        """The gate closed behind the service: drop every connection silently, and every
-        re-incarnation still in progress."""
+        """The gate closed behind the service: drop every connection silently. Prepared
+        re-incarnations stay: they are for a later epoch on this server."""
         count = 0
         for connection in list(self.connections.values()):
             connection.leave_silently()
             count += 1
         self.connections.clear()
-        for key in list(self.pending):
-            self._drop_pending(key)
         return count
+
+    def expire_pending(self, now: float) -> None:
+        """Forget re-incarnations whose client never came back (bounded memory and sockets)."""
+        for key, pending in list(self.pending.items()):
+            if now - pending.created > PENDING_TTL_S:
+                self.shim.log.event("reincarnation_expired", client=f"{key[0]}:{key[1]}")
+                self._drop_pending(key)
 
     # -- re-incarnation ----------------------------------------------------------------------
 
@@ -657,32 +666,14 @@ class LiveMode:
             syn_adjust=0,
         )
         pending.connection = connection
-        # Adopted at once: if the service leaves again before the relay starts, ``leave``
-        # must find this connection too.
+        # Adopted at once: if the service leaves again right away, ``leave`` finds it too.
         self._adopt(connection)
-        asyncio.get_running_loop().create_task(self._start(connection, sock, unsent))
-
-    async def _start(self, connection: LiveConnection, sock: socket.socket, unsent: bytes) -> None:
-        loop = asyncio.get_running_loop()
-        try:
-            if unsent:
-                await loop.sock_sendall(sock, unsent)
-        except OSError as error:
-            self.shim.log.event(
-                "reincarnation_failed",
-                level="warning",
-                client=f"{connection.peer[0]}:{connection.peer[1]}",
-                status="failed",
-                reason=str(error),
-            )
-            connection.leave_silently()
-            return
-        if connection.relay.ended:
-            return  # left while the unsent bytes were going out
-        connection.relay.start()
+        # What was regenerated beyond the client's position goes out first, through the relay,
+        # so that a slow client holds back only this connection.
+        connection.relay.start(to_client_first=unsent)
         self.shim.log.event(
             "reincarnated",
-            client=f"{connection.peer[0]}:{connection.peer[1]}",
+            client=f"{key[0]}:{key[1]}",
             s2c=connection.s2c_base,
             c2s=connection.stream.c2s_pos,
             unsent=len(unsent),

@@ -500,14 +500,24 @@ class Relay:
     def ended(self) -> bool:
         return self._ended
 
-    def start(self) -> None:
+    def start(self, *, to_client_first: bytes = b"") -> None:
+        """Start both pumps. ``to_client_first`` (copy mode only) is sent to the client before
+        anything read from the service: a re-created connection owes the client the bytes the
+        new server regenerated beyond the client's position."""
         if self._started:
             raise RuntimeError("a relay is started once")
         self._started = True
         if self._ended:
             return
         self._upstream.start()
-        self._downstream.start()
+        downstream = self._downstream
+        if to_client_first:
+            if not isinstance(downstream, _CopyPump):
+                raise TypeError("to_client_first needs Copy() for service_to_client")
+            downstream._unsent = memoryview(to_client_first)
+            downstream._blocked()  # write those first; reading resumes once they are out
+        else:
+            downstream.start()
 
     def abort(self) -> None:
         """End now: both peers get a reset. Safe to call at any time, and twice."""

@@ -1,0 +1,289 @@
+"""Live TCP connections follow the service across roams (issue: re-incarnation).
+
+Real processes: ``roam server --migration live`` in front of python's http.server or nginx on
+three server hosts, ``roam client`` on c1, curl and python's http.client as applications,
+tcpdump on the client for evidence. The old server is never asked for anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from labs import Lab, PoolTopo
+from labs.capture import tcp_flag_counts
+from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, roam_argv
+
+pytestmark = [pytest.mark.system, pytest.mark.slow]
+
+BIG = 256 * 1024 * 1024
+
+
+@contextmanager
+def live_pool(clients: int = 1, outsiders: int = 0, **options: object) -> Iterator[RoamingLab]:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root")
+    lab = Lab(PoolTopo(servers=3, clients=clients, outsiders=outsiders)).start()
+    try:
+        roaming = RoamingLab(lab, migration="live", **options)  # type: ignore[arg-type]
+        yield roaming
+        roaming.stop()
+        for shim in [*roaming.servers.values(), *roaming.clients.values()]:
+            bad = [e for e in shim.events() if e["event"] in ("fatal", "connection_failed")]
+            assert bad == [], f"{shim.kind} {shim.host}: {bad}"
+    finally:
+        lab.close()
+
+
+def started(roaming: RoamingLab) -> RoamingLab:
+    roaming.start()
+    time.sleep(max(0.0, roaming.start_time - time.time()) + 0.2)
+    return roaming
+
+
+def handoffs(roaming: RoamingLab, host: str = "c1") -> list[dict[str, object]]:
+    return [e for e in roaming.clients[host].events() if e["event"] == "handoff"]
+
+
+def diagnostics(roaming: RoamingLab) -> str:
+    """What went wrong, for an assertion message: failed hand-overs and server complaints."""
+    lines = [
+        json.dumps({k: e[k] for k in ("epoch", "server", "port", "outcome", "detail")})
+        for e in handoffs(roaming)
+        if e["outcome"] != "migrated"
+    ]
+    for shim in roaming.servers.values():
+        lines += [
+            f"{shim.host}: {e['event']} {e.get('reason', '')}"
+            for e in shim.events()
+            if e["level"] != "info"
+        ]
+    return "\n".join(lines[-20:])
+
+
+def download(roaming: RoamingLab, name: str, rate: str, out: Path) -> tuple[int, str]:
+    capture = roaming.workdir / f"{name}.pcap"
+    with roaming.lab["c1"].capture(
+        "eth0", capture, bpf_filter=["tcp", "port", str(LISTEN_PORT)], snaplen_bytes=96
+    ):
+        result = roaming.lab["c1"].run(
+            ["curl", "-sS", "--limit-rate", rate, "-o", str(out), roaming.url(f"/{name}")],
+            timeout=300,
+        )
+    return result.returncode, result.stderr + f" (RST: {tcp_flag_counts(capture).get('R', 0)})"
+
+
+@pytest.mark.parametrize("service", ["http", "nginx"])
+def test_256_mib_download_survives_ten_roams_intact_without_a_reset(service: str) -> None:
+    data = os.urandom(BIG)
+    with live_pool(
+        tick=1.0, m=1, service=service, content={"big": data}, min_switches=12, switch_window=32.0
+    ) as pool:
+        started(pool)
+        out = pool.workdir / "big.out"
+        status, detail = download(pool, "big", "9M", out)
+        assert status == 0, f"{detail}\n{diagnostics(pool)}"
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+        assert detail.endswith("(RST: 0)"), f"{detail}\n{diagnostics(pool)}"
+        migrated = [h for h in handoffs(pool) if h["outcome"] == "migrated"]
+        assert len(migrated) >= 10, diagnostics(pool)
+        assert all(h["outcome"] == "migrated" for h in handoffs(pool)), diagnostics(pool)
+
+
+def _block_and_kill(pool: RoamingLab, host: str) -> None:
+    """The old server dies: shim and service SIGKILLed, its host drops every packet."""
+    pool.servers[host].stop(signal.SIGKILL)
+    pool.services[host].process.send_signal(signal.SIGKILL)
+    pool.services[host].process.wait(timeout=10)
+    pool.lab[host].run(
+        ["nft", "-f", "-"],
+        check=True,
+        input=(
+            "table inet roam_blackhole {\n"
+            "  chain in { type filter hook prerouting priority -500; policy drop; }\n"
+            "  chain out { type filter hook output priority -500; policy drop; }\n"
+            "}\n"
+        ),
+    )
+
+
+def _revive(pool: RoamingLab, host: str) -> None:
+    pool.lab[host].run(["nft", "delete", "table", "inet", "roam_blackhole"], check=True)
+    pool.lab[host].run(roam_argv("cleanup"), check=True, timeout=60)
+    pool.start_service(host)
+    pool.start_server(host)
+
+
+def test_download_completes_although_each_old_server_dies_after_the_roam() -> None:
+    data = os.urandom(BIG)
+    with live_pool(
+        tick=1.5, m=1, content={"big": data}, min_switches=8, switch_window=32.0
+    ) as pool:
+        started(pool)
+        stop = threading.Event()
+        killed: list[str] = []
+
+        def assassin() -> None:
+            seen = 0
+            while not stop.is_set():
+                switches = [e for e in pool.clients["c1"].events() if e["event"] == "switch"]
+                for event in switches[seen:]:
+                    old = pool.host_of(str(event["previous"]))
+                    _block_and_kill(pool, old)
+                    killed.append(old)
+                    time.sleep(0.4)
+                    _revive(pool, old)
+                seen = len(switches)
+                time.sleep(0.05)
+
+        thread = threading.Thread(target=assassin, daemon=True)
+        thread.start()
+        out = pool.workdir / "big.out"
+        try:
+            status, detail = download(pool, "big", "9M", out)
+        finally:
+            stop.set()
+            thread.join(timeout=30)
+        assert status == 0, f"{detail}\n{diagnostics(pool)}"
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+        assert len(killed) >= 5, killed
+        assert all(h["outcome"] == "migrated" for h in handoffs(pool)), diagnostics(pool)
+
+
+KEEPALIVE_CLIENT = """
+import hashlib, http.client, json, sys, time
+host, count, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+conn = http.client.HTTPConnection(host, 80, timeout=20)
+digests, ports = [], set()
+for i in range(count):
+    conn.request("GET", f"/k{i}")
+    response = conn.getresponse()
+    body = response.read()
+    ports.add(conn.sock.getsockname()[1])
+    digests.append(hashlib.sha256(body).hexdigest() if response.status == 200 else "")
+    time.sleep(pause)
+print(json.dumps({"digests": digests, "ports": sorted(ports)}))
+"""
+
+
+def test_keep_alive_connection_makes_200_requests_across_roams() -> None:
+    files = {f"k{i}": os.urandom(20_000 + 97 * i) for i in range(200)}
+    with live_pool(
+        tick=0.5, m=1, service="nginx", content=files, min_switches=6, switch_window=10.0
+    ) as pool:
+        started(pool)
+        result = pool.lab["c1"].run(
+            [sys.executable, "-c", KEEPALIVE_CLIENT, str(pool.vip), "200", "0.04"], timeout=120
+        )
+        assert result.returncode == 0, result.stderr
+        report = json.loads(result.stdout)
+        assert len(report["ports"]) == 1, "the client had to open a second connection"
+        expected = [hashlib.sha256(files[f"k{i}"]).hexdigest() for i in range(200)]
+        assert report["digests"] == expected
+        migrated = [h for h in handoffs(pool) if h["outcome"] == "migrated"]
+        assert len(migrated) >= 3, handoffs(pool)
+
+
+def test_200_concurrent_downloads_survive_the_same_roam() -> None:
+    data = os.urandom(2 * 1024 * 1024)
+    with live_pool(tick=2.0, m=1, content={"f": data}, min_switches=1, switch_window=5.0) as pool:
+        started(pool)
+        lab = pool.lab
+        processes = [
+            lab["c1"].popen(
+                [
+                    "curl",
+                    "-sS",
+                    "--limit-rate",
+                    "400K",
+                    "-o",
+                    str(pool.workdir / f"d{i}"),
+                    pool.url("/f"),
+                ],
+                stderr=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+            )
+            for i in range(200)
+        ]
+        codes = [p.wait(timeout=180) for p in processes]
+        assert codes == [0] * 200, [p.stderr.read() for p in processes if p.returncode][:3]
+        digest = hashlib.sha256(data).digest()
+        assert all(
+            hashlib.sha256((pool.workdir / f"d{i}").read_bytes()).digest() == digest
+            for i in range(200)
+        )
+        roams = [e for e in pool.clients["c1"].events() if e["event"] == "roam"]
+        busiest = max(roams, key=lambda e: e["connections"])
+        assert busiest["connections"] >= 150, roams
+        assert busiest["outcomes"] == {"migrated": busiest["connections"]}, busiest
+
+
+DIVERGENT_SERVICE = """
+import hashlib, http.server, sys
+name, port = sys.argv[1].encode(), int(sys.argv[2])
+def stream(n):
+    out, block, i = bytearray(), b"", 0
+    while len(out) < n:
+        block = hashlib.sha256(name + i.to_bytes(8, "big")).digest() * 32
+        out += block
+        i += 1
+    return bytes(out[:n])
+BODY = stream(16 * 1024 * 1024)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(BODY)))
+        self.end_headers()
+        self.wfile.write(BODY)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+
+def test_a_service_that_differs_between_replicas_is_reset_not_spliced() -> None:
+    with live_pool(tick=1.0, m=1, service="none", min_switches=2, switch_window=12.0) as pool:
+        pool.create()
+        script = pool.workdir / "divergent.py"
+        script.write_text(DIVERGENT_SERVICE)
+        for host in pool.server_hosts:
+            pool.lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
+            pool.lab[host].popen([sys.executable, str(script), host, str(SERVICE_PORT)])
+            pool.start_server(host)
+        pool.start_client("c1")
+        pool.wait_ready()
+        time.sleep(max(0.0, pool.start_time - time.time()) + 1.0)
+        out = pool.workdir / "divergent.out"
+        status, _detail = download(pool, "any", "1M", out)
+        assert status != 0, "the download should have been reset at the first roam"
+        outcomes = [h["outcome"] for h in handoffs(pool)]
+        assert "diverged" in outcomes, outcomes
+        body = out.read_bytes()
+        assert len(body) > 100_000
+        # Every byte received came from one replica: the stream is a prefix of exactly one.
+        matches = []
+        for host in pool.server_hosts:
+            block = b"".join(
+                hashlib.sha256(host.encode() + i.to_bytes(8, "big")).digest() * 32
+                for i in range(len(body) // 1024 + 2)
+            )
+            if block.startswith(body):
+                matches.append(host)
+        assert len(matches) == 1, f"received bytes are a prefix of {matches}"
+        servers = list(pool.servers.values())
+        assert any(
+            e["event"] == "reincarnation_failed" and e["status"] == "diverged"
+            for s in servers
+            for e in s.events()
+        )
