@@ -301,6 +301,10 @@ def measure_bulk(lab: Lab, endpoint: Endpoint, seconds: float, reverse: bool) ->
         "proxy_user_pct": 100 * user / elapsed,
         "proxy_system_pct": 100 * system / elapsed,
         "machine_busy_pct": 100 * busy * cpus,  # of one CPU, as top counts
+        # what the path costs the machine, whatever the scheduler made of the run
+        "machine_cpu_s_per_gb": busy * cpus / (result.received_mbit / 8000)
+        if result.received_mbit
+        else 0.0,
     }
 
 
@@ -432,6 +436,11 @@ def _median_latency(runs: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     }
 
 
+def _cpu_per_gb(row: dict[str, Any]) -> str:
+    value = row.get("machine_cpu_s_per_gb")
+    return "-" if not value else f"{value:.2f}"
+
+
 def _ratio(row: dict[str, Any], base: str) -> str:
     value = row.get(f"vs_{base}")
     return "-" if value is None else f"{value:.2f}x"
@@ -442,8 +451,9 @@ def render(results: dict[str, Any]) -> str:
     lines = [
         "| path | c->s Gbit/s | s->c Gbit/s | c->s vs direct | s->c vs direct | "
         "c->s vs HAProxy | s->c vs HAProxy | proxy CPU c->s (usr+sys %) | "
-        "proxy CPU s->c (usr+sys %) | machine busy c->s / s->c (% of 1 CPU) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "proxy CPU s->c (usr+sys %) | machine busy c->s / s->c (% of 1 CPU) | "
+        "machine CPU-s per GB c->s / s->c |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in paths.items():
         up, down = row["client_to_service"], row["service_to_client"]
@@ -456,7 +466,8 @@ def render(results: dict[str, Any]) -> str:
             f"{_ratio(up, 'direct')} | {_ratio(down, 'direct')} | "
             f"{_ratio(up, 'haproxy')} | {_ratio(down, 'haproxy')} | "
             f"{cpu_up} | {cpu_down} | "
-            f"{up['machine_busy_pct']:.0f} / {down['machine_busy_pct']:.0f} |"
+            f"{up['machine_busy_pct']:.0f} / {down['machine_busy_pct']:.0f} | "
+            f"{_cpu_per_gb(up)} / {_cpu_per_gb(down)} |"
         )
     lines += [
         "",

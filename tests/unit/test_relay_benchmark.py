@@ -31,6 +31,7 @@ def run(gbit_s: float) -> dict[str, Any]:
         "proxy_user_pct": 1.0,
         "proxy_system_pct": 2.0,
         "machine_busy_pct": 150.0,
+        "machine_cpu_s_per_gb": 1.2,
     }
 
 
@@ -55,4 +56,5 @@ def test_render_has_both_tables() -> None:
     }
     text = render({"paths": {"direct": row}, "background_busy_pct": [12.0]})
     assert "| direct | 10.00 | 10.00 | 1.00x | 1.00x | - | - |" in text
+    assert "| 150 / 150 | 1.20 / 1.20 |" in text
     assert "| direct | 10 / 20 | 100 / 300 | 10 / 20 | 100 / 300 |" in text
