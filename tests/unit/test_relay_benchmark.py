@@ -13,6 +13,9 @@ def test_haproxy_config_is_tcp_splice_auto_to_loopback() -> None:
     config = haproxy_config([("10.0.1.1", 6002, 5201), ("10.0.1.1", 6003, 7000)])
     assert "mode tcp" in config
     assert "option splice-auto" in config
+    forced = haproxy_config([("10.0.1.1", 6002, 5201)], ["option splice-request"])
+    assert "option splice-request" in forced
+    assert "splice-auto" not in forced
     assert "bind 10.0.1.1:6002" in config
     assert "server service 127.0.0.1:5201" in config
     assert "server service 127.0.0.1:7000" in config
@@ -55,6 +58,6 @@ def test_render_has_both_tables() -> None:
         "latency_one_cpu": latency,
     }
     text = render({"paths": {"direct": row}, "background_busy_pct": [12.0]})
-    assert "| direct | 10.00 | 10.00 | 1.00x | 1.00x | - | - |" in text
-    assert "| 150 / 150 | 1.20 / 1.20 |" in text
+    assert "| direct | 10.00 | 10.00 | 1.00x / 1.00x | - / - | - / - |" in text
+    assert "| direct | - | - | 150 / 150 | 1.20 / 1.20 |" in text
     assert "| direct | 10 / 20 | 100 / 300 | 10 / 20 | 100 / 300 |" in text
