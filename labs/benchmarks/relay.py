@@ -1,6 +1,6 @@
 """Benchmark: the server relay (``proxy.relay``) against direct and HAProxy, in one lab run.
 
-    python -m labs.benchmarks.relay [--seconds 3] [--repeat 3] [--json]
+    python -m labs.benchmarks.relay [--seconds 3] [--repeat 3] [--placement N] [--json]
 
 Topology: ``PoolTopo(servers=1, clients=1)`` (c1 and s1 on one switch, offloads as default).
 The services run on s1 and listen on every address: ``iperf3 -s`` for bulk throughput and a
@@ -30,6 +30,11 @@ interleaved (every path once per round) and the median of the rounds is reported
 against direct and against HAProxy from the same run; how busy the machine was before each round
 is reported too (other work on the host makes the figures noisier). Tests never assert times;
 this script is where speed is judged (docs/benchmarks.md).
+
+With ``--placement N``, every path's bulk runs are repeated N times with the proxy, the iperf3
+server and the iperf3 client pinned in each of the three ways two vCPUs can be shared
+(``LAYOUTS``): on this kind of VM that choice, which the scheduler makes differently from run to
+run, moves a relayed path between about 5 and 12 Gbit/s.
 """
 
 from __future__ import annotations
@@ -50,7 +55,7 @@ from pathlib import Path
 from typing import Any
 
 from labs import Lab, PoolTopo
-from labs.clients import iperf3
+from labs.clients import iperf3, parse_iperf3_json
 from labs.errors import LabError
 from labs.node import Node
 from labs.services import Service, start_iperf3_server, wait_until_listening
@@ -333,6 +338,38 @@ def measure_bulk(lab: Lab, endpoint: Endpoint, seconds: float, reverse: bool) ->
     }
 
 
+# Where each party of a bulk run is pinned, as (proxy, iperf3 server, iperf3 client) CPUs: with
+# two vCPUs, two of the three share one, and which two decides much of a relayed path's speed.
+LAYOUTS: dict[str, tuple[str, str, str]] = {
+    "proxy with the server": ("0", "0", "1"),
+    "proxy with the client": ("0", "1", "0"),
+    "proxy alone": ("1", "0", "0"),
+}
+
+
+def measure_bulk_pinned(
+    lab: Lab,
+    endpoint: Endpoint,
+    seconds: float,
+    reverse: bool,
+    iperf_server_pid: int,
+    layout: tuple[str, str, str],
+) -> float:
+    """Throughput (Gbit/s) of one iperf3 run with the parties pinned as ``layout`` says."""
+    proxy_cpu, server_cpu, client_cpu = layout
+    set_affinity(endpoint.pids, proxy_cpu)
+    set_affinity([iperf_server_pid], server_cpu)
+    argv = [
+        "taskset", "-c", client_cpu, "iperf3", "-c", str(lab["s1"].address),
+        "-p", str(endpoint.bulk_port), "-J", "-t", f"{seconds:g}", *(["-R"] if reverse else []),
+    ]  # fmt: skip
+    try:
+        completed = lab["c1"].run(argv, timeout=seconds + 20)
+    finally:
+        set_affinity([*endpoint.pids, iperf_server_pid], f"0-{(os.cpu_count() or 1) - 1}")
+    return parse_iperf3_json(completed.stdout).received_mbit / 1000
+
+
 def set_affinity(pids: Sequence[int], cpus: str) -> None:
     """Move every thread of each process in ``pids`` to ``cpus`` (taskset list syntax)."""
     for pid in pids:
@@ -412,10 +449,11 @@ def run_benchmark(
     requests: int,
     connects: int,
     progress: Callable[[str], None],
+    placement_repeat: int = 0,
 ) -> dict[str, Any]:
     with Lab(PoolTopo(servers=1, clients=1, outsiders=0)) as lab:
         server = lab["s1"]
-        start_iperf3_server(server, port=IPERF_PORT, address="0.0.0.0")
+        iperf_server = start_iperf3_server(server, port=IPERF_PORT, address="0.0.0.0")
         echo = _start(server, "echo", _this_module("--role", "echo-server", "--port", ECHO_PORT),
                       "0.0.0.0", ECHO_PORT)  # fmt: skip
         endpoints = start_endpoints(lab, names)
@@ -441,6 +479,26 @@ def run_benchmark(
                 pinned[name].append(
                     measure_latency(lab, endpoint, requests, connects, pin=(echo.process.pid,))
                 )
+        placement: dict[str, dict[str, dict[str, float]]] = {}
+        if placement_repeat and (os.cpu_count() or 1) >= 2:
+            for endpoint in endpoints:
+                name = endpoint.path.name
+                placement[name] = {}
+                for layout_name, layout in LAYOUTS.items():
+                    cell = {}
+                    for direction, reverse in (
+                        ("client_to_service", False),
+                        ("service_to_client", True),
+                    ):
+                        runs = [
+                            measure_bulk_pinned(
+                                lab, endpoint, seconds, reverse, iperf_server.process.pid, layout
+                            )
+                            for _ in range(placement_repeat)
+                        ]
+                        cell[direction] = statistics.median(runs)
+                    placement[name][layout_name] = cell
+                    progress(f"placement {name} {layout_name}: {cell}")
         return {
             "date": time.strftime("%Y-%m-%d"),
             "kernel": os.uname().release,
@@ -450,6 +508,7 @@ def run_benchmark(
             "requests": requests,
             "connects": connects,
             "background_busy_pct": background,
+            "placement": placement,
             "paths": _summary(bulk, latency, pinned),
         }
 
@@ -528,6 +587,23 @@ def render(results: dict[str, Any]) -> str:
             f"- {name}: {row['client_to_service']['runs_gbit_s']} "
             f"{row['service_to_client']['runs_gbit_s']}"
         )
+    placement = results.get("placement") or {}
+    if placement:
+        lines += [
+            "",
+            "Pinned (Gbit/s c->s / s->c; direct has no proxy: server and client apart in the",
+            "first two layouts, together in the third):",
+            "",
+            "| path | " + " | ".join(LAYOUTS) + " |",
+            "|---|" + "---|" * len(LAYOUTS),
+        ]
+        for name, cells in placement.items():
+            row_text = " | ".join(
+                f"{cells[layout]['client_to_service']:.2f} / "
+                f"{cells[layout]['service_to_client']:.2f}"
+                for layout in LAYOUTS
+            )
+            lines.append(f"| {name} | {row_text} |")
     return "\n".join(lines)
 
 
@@ -545,6 +621,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--paths", default=",".join(DEFAULT_PATHS),
                         help=f"comma-separated, of: {', '.join(PATHS)}")  # fmt: skip
+    parser.add_argument(
+        "--placement",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also run every path N times per pinned layout of proxy, iperf3 server and client",
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--role", choices=("echo-server", "latency-client"),
                         help=argparse.SUPPRESS)  # fmt: skip
@@ -569,7 +652,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         results = run_benchmark(
-            names, args.seconds, args.repeat, args.requests, args.connects, progress
+            names,
+            args.seconds,
+            args.repeat,
+            args.requests,
+            args.connects,
+            progress,
+            placement_repeat=args.placement,
         )
     except LabError as error:
         print(f"relay benchmark: {error}", file=sys.stderr)
