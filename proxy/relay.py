@@ -7,7 +7,8 @@ them: client -> service and service -> client. Pumps are driven by the event loo
 callbacks (``add_reader`` on the source, ``add_writer`` on the destination, on non-blocking
 sockets), so a relay costs no thread, and no asyncio transport or stream either: those allocate
 a ``bytes`` object per chunk and buffer without bound, which is what made a stream relay slow
-(docs/benchmarks.md). Works with the default loop and with uvloop.
+(the measured facts of the architecture notes). Works with the default loop and with uvloop.
+Figures against direct and HAProxy: docs/benchmarks.md.
 
 Each direction is either
 
@@ -88,8 +89,9 @@ _splice = os.splice
 
 @dataclass(frozen=True)
 class Splice:
-    """Zero-copy: socket -> pipe -> socket. ``pipe_size_bytes`` is asked of F_SETPIPE_SZ;
-    if refused (beyond /proc/sys/fs/pipe-max-size without privilege) the pipe keeps 64 KiB."""
+    """Zero-copy: socket -> pipe -> socket. The pipe starts at the default 64 KiB and is grown
+    to ``pipe_size_bytes`` (F_SETPIPE_SZ) by the first read that fills half of it; if that is
+    refused (beyond /proc/sys/fs/pipe-max-size without privilege) it keeps 64 KiB."""
 
     pipe_size_bytes: int = DEFAULT_PIPE_SIZE
 
