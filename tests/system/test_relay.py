@@ -321,8 +321,10 @@ def run_client(setup: Setup, port: int, op: str, *args: object) -> dict[str, Any
         ("--mode", "copy"),
         ("--mode", "copy:sha256"),
         ("--client-to-service", "copy:noop", "--service-to-client", "splice"),
+        ("--mode", "splice", "--loop", "asyncio"),
+        ("--mode", "copy", "--loop", "asyncio"),
     ],
-    ids=["splice", "copy", "copy-sha256", "mixed"],
+    ids=["splice", "copy", "copy-sha256", "mixed", "splice-asyncio", "copy-asyncio"],
 )
 def test_64_mib_each_way_arrives_intact(setup: Setup, modes: tuple[str, ...]) -> None:
     relay = RelayProcess(setup, *modes)
