@@ -26,7 +26,14 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from client_shim.migrator import DEFAULT_PREPARE_LEAD, MIGRATION_PORT, Migrator
+from client_shim.migrator import (
+    DEFAULT_PREPARE_LEAD,
+    LATE_PREPARE_WAIT_S,
+    MAX_PREPARE_LEAD,
+    MIGRATION_PORT,
+    REFRESH_LEAD,
+    Migrator,
+)
 from client_shim.rules import rewrite_table_body, switch_script, table_family
 from client_shim.state import ClientState, load_state
 from migrate.channel import ReplayWindow
@@ -38,6 +45,7 @@ from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import HostRoute
+from migrate.kernel.udp import datagram_socket
 from migrate.registration import Bundle
 from migrate.schedule import Epoch, EpochSchedule
 from migrate.updates import ClientRoamingState
@@ -184,15 +192,34 @@ class ClientShim:
             index, start, server = next_switch(self.schedule, max(now, epoch.start))
         except RoamError:
             return  # no switch within the keys held; the subscription warning covers it
+        self._arm_prepare(index, start, server, MAX_PREPARE_LEAD)
+
+    def _arm_prepare(self, index: int, start: float, server: Endpoint, lead: float) -> None:
         if self._prepare_timer is not None:
             self._prepare_timer.cancel()
+        delay = max(0.0, start - lead - self.clock())
+        self._prepare_timer = asyncio.get_running_loop().call_later(
+            delay, self._prepare_due, index, start, server
+        )
+
+    def _prepare_due(self, index: int, start: float, server: Endpoint) -> None:
+        """How early to prepare depends on how much the connections have received by then:
+        look again when the earliest possible moment comes, and wait if it is too early."""
         lead = self.prepare_lead
         if self.migrator is not None:
             lead = self.migrator.suggested_lead(self.prepare_lead)
-        delay = max(0.0, start - lead - now)
-        self._prepare_timer = asyncio.get_running_loop().call_later(
-            delay, self._start_handoff, index, start, server
-        )
+        if self.clock() < start - lead - 0.01:
+            self._arm_prepare(index, start, server, lead)
+            return
+        self._start_handoff(index, start, server)
+
+    async def _sleep_until(self, index: int, before: float) -> None:
+        """Sleep until ``before`` seconds before epoch ``index`` starts (re-read each time)."""
+        while True:
+            wait = self.schedule.start_of(index) - before - self.clock()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
     def _start_handoff(self, index: int, start: float, server: Endpoint) -> None:
         if self._handoff is not None and not self._handoff.done():
@@ -206,14 +233,20 @@ class ClientShim:
         assert migrator is not None
         try:
             record = migrator.prepare(index, server)
-            # The boundary may have moved meanwhile (an update re-anchored the schedule).
-            while True:
-                start = self.schedule.start_of(index)
-                wait = start - self.clock()
-                if wait <= 0:
-                    break
-                await asyncio.sleep(wait)
-            await migrator.commit(record, server)
+            # Just before the boundary, tell the new server how far the client has got; then
+            # commit at the boundary. It may move meanwhile (an update re-anchored it).
+            await self._sleep_until(index, REFRESH_LEAD)
+            migrator.refresh(record, server)
+            await self._sleep_until(index, 0.0)
+            params = self.schedule.params
+            # Wait for the new server until shortly before the old one closes its gate.
+            deadline = max(
+                self.schedule.start_of(index) + params.delta + params.gamma / 2,
+                # Late already (a long hand-over before this one): the old server is gone,
+                # so waiting a little for the new one costs nothing more.
+                self.clock() + LATE_PREPARE_WAIT_S,
+            )
+            await migrator.commit(record, server, prepare_deadline=deadline)
             previous, self.target = self.target, server
             self.log.event("switch", server=str(server), previous=str(previous), epoch=index)
         except (RoamError, OSError) as error:
@@ -322,10 +355,7 @@ class ClientShim:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
-        sock = socket.socket(
-            socket.AF_INET6 if self.bundle.vip.version == 6 else socket.AF_INET,
-            socket.SOCK_DGRAM,
-        )
+        sock = datagram_socket(socket.AF_INET6 if self.bundle.vip.version == 6 else socket.AF_INET)
         try:
             sock.bind((self.bind_address, self.bundle.roaming_port))
         except OSError as error:

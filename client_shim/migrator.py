@@ -25,9 +25,8 @@ bytes. Every hand-over is logged with its outcome, the pause and the bytes repla
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from client_shim.rules import freeze_script, switch_script
@@ -40,6 +39,7 @@ from migrate.kernel import nft, sockdiag
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.nflog import NflogReader
 from migrate.kernel.rawtcp import is_carrier, parse_ipv4_tcp
+from migrate.kernel.udp import datagram_socket
 from migrate.registration import Bundle
 from migrate.reincarnation import (
     Answer,
@@ -53,10 +53,18 @@ from migrate.reincarnation import (
 DEFAULT_PREPARE_LEAD = 0.15
 # The new server regenerates a connection's response up to the client's position before it is
 # ready; give it that long, at a conservative replay speed, on top of the base lead.
-REGENERATE_BYTES_PER_S = 200e6
-MAX_PREPARE_LEAD = 2.0
-DEFAULT_COMMIT_TIMEOUT = 2.0
+REGENERATE_BYTES_PER_S = 60e6
+PREPARE_SECONDS_PER_CONNECTION = 0.02  # a service connection, a replay, a few round trips
+MAX_PREPARE_LEAD = 4.0
+DEFAULT_COMMIT_TIMEOUT = 5.0
 PREPARE_WAIT_S = 10.0
+PREPARE_RETRY_S = 1.0
+REFRESH_LEAD = 0.1
+PREPARE_OVERTIME_S = 3.0  # at most this much longer while PREPARE answers keep coming
+OVERTIME_IDLE_S = 1.0
+LATE_PREPARE_WAIT_S = 2.0
+COMMIT_RETRY_S = 0.5  # the last position report goes out this long before the boundary
+CARRIER_GRACE_S = 0.3
 MIGRATION_PORT = 47476
 MAX_ROAM_RECORDS = 50
 
@@ -75,6 +83,8 @@ class Handoff:
     replayed: int = 0
     prepare: asyncio.Future[Answer] | None = None
     commit: asyncio.Future[Answer] | None = None
+    request: Request | None = None  # the PREPARE as first sent (repeats reuse it)
+    commit_request: Request | None = None
 
 
 @dataclass
@@ -205,13 +215,15 @@ class Migrator:
         if future is not None and not future.done():
             future.set_result(answer)
 
-    def _send(self, target: Endpoint, request: Request) -> asyncio.Future[Answer] | None:
+    def _send(
+        self, target: Endpoint, request: Request, expect_answer: bool = True
+    ) -> asyncio.Future[Answer] | None:
         assert self.transport is not None
         message = self.sealer.seal(
             Kind.REINCARNATE_REQUEST, request.encode(), self.clock() + self.clock_offset()
         )
         future: asyncio.Future[Answer] | None = None
-        if request.phase in (Phase.PREPARE, Phase.COMMIT):
+        if expect_answer and request.phase in (Phase.PREPARE, Phase.COMMIT):
             future = asyncio.get_running_loop().create_future()
             self.waiting[(request.phase, request.client_port)] = future
         self.transport.sendto(message, (str(target.address), self.migration_port))
@@ -220,11 +232,15 @@ class Migrator:
     # -- a roam ------------------------------------------------------------------------------
 
     def _live_sockets(self) -> dict[int, sockdiag.TcpSocketInfo]:
-        found = {}
+        found, present = {}, set()
         for info in sockdiag.tcp_sockets(dst=self.vip):
-            if info.src[0] == self.client_address and info.state == "ESTABLISHED":
+            if info.src[0] != self.client_address:
+                continue
+            present.add(info.src[1])
+            if info.state == "ESTABLISHED":
                 found[info.src[1]] = info
-        self.store.expire(set(found))
+        # Forget connections the kernel no longer has at all (a handshake in progress is kept).
+        self.store.expire(present)
         return found
 
     def _request(
@@ -249,22 +265,27 @@ class Migrator:
         )
 
     def suggested_lead(self, base: float) -> float:
-        """How early to prepare: the base lead plus the time to regenerate the longest
-        response so far (the client's position bounds what the new server must replay)."""
+        """How early to prepare: the base lead plus the time the new server needs to
+        regenerate every connection up to the client's position (all of them: it serves them
+        all), at a conservative replay speed."""
         try:
             sockets = self._live_sockets()
         except (RoamError, OSError):
             return base
-        longest = max((info.bytes_received for info in sockets.values()), default=0)
-        return min(MAX_PREPARE_LEAD, base + longest / REGENERATE_BYTES_PER_S)
+        total = sum(info.bytes_received for info in sockets.values())
+        work = total / REGENERATE_BYTES_PER_S + len(sockets) * PREPARE_SECONDS_PER_CONNECTION
+        return min(MAX_PREPARE_LEAD, base + work)
 
     def prepare(self, epoch: int, target: Endpoint) -> RoamRecord:
         """Send a PREPARE for every live connection; returns the roam's record."""
         record = RoamRecord(epoch, str(target), self.clock())
+        self.on_capture()
         for port, info in self._live_sockets().items():
+            conn = self.store.connections.get(port)
+            if conn is not None and conn.carrier is None and conn.unmigratable is None:
+                continue  # too new for a checkpoint: handled at the commit, as a newcomer
             handoff = Handoff(port)
             record.connections[port] = handoff
-            conn = self.store.connections.get(port)
             if conn is None or conn.carrier is None or conn.unmigratable is not None:
                 handoff.outcome = "unmigratable"
                 handoff.detail = (
@@ -282,18 +303,46 @@ class Migrator:
                 continue
             handoff.prepared_sent = request.c2s_sent
             handoff.replayed = len(request.replay)
+            handoff.request = request
+            self.store.pin(port, request.c2s_sent)
             try:
                 handoff.prepare = self._send(target, request)
             except (RoamError, OSError) as error:
                 handoff.outcome, handoff.detail = "failed", str(error)
         return record
 
-    async def commit(self, record: RoamRecord, target: Endpoint) -> None:
-        """Freeze, commit, switch, GO; reset what could not follow. Records every outcome."""
+    async def commit(
+        self, record: RoamRecord, target: Endpoint, prepare_deadline: float | None = None
+    ) -> None:
+        """Freeze, commit, switch, GO; reset what could not follow. Records every outcome.
+
+        PREPAREs are waited for until ``prepare_deadline`` (the old server stops serving soon
+        after the boundary: waiting longer would stall every connection, ready or not)."""
+        deadline = (
+            prepare_deadline if prepare_deadline is not None else (self.clock() + PREPARE_WAIT_S)
+        )
+        # Connections opened since the PREPAREs went out: prepare them now, while the old
+        # server still serves (waiting a moment for the first checkpoint of the newest).
+        self.on_capture()
+        sockets = self._live_sockets()
+        await self._await_carriers(sockets)
+        self._newcomers(record, sockets, target, opened_before=self.clock())
         live = {p: h for p, h in record.connections.items() if h.outcome == "pending"}
-        # Wait for the new server's regeneration while the old server still serves.
-        for handoff in live.values():
-            self._settle(handoff, await self._wait(handoff.prepare, PREPARE_WAIT_S), "prepare")
+        # Wait for the new server's regeneration while the old server still serves. All
+        # connections at once: the waits overlap, the slowest one bounds the total.
+        answers = await asyncio.gather(
+            *(self._await_prepare(record, handoff, target, deadline) for handoff in live.values())
+        )
+        late = [h for h, a in zip(live.values(), answers, strict=True) if a is None]
+        if late:
+            # The new server is still working through a burst of them. As long as answers
+            # keep coming, a longer pause beats resetting connections; stop when they dry up.
+            await self._overtime(late, deadline + PREPARE_OVERTIME_S)
+        for handoff, first in zip(live.values(), answers, strict=True):
+            answer = first
+            if answer is None and handoff.prepare is not None and handoff.prepare.done():
+                answer = handoff.prepare.result()
+            self._settle(handoff, answer, "prepare")
         record.started = self.clock()
         ready = {p: h for p, h in live.items() if h.outcome == "pending"}
         nft.apply(
@@ -302,9 +351,13 @@ class Migrator:
             )
         )
         try:
+            # The copies of everything sent before the freeze are queued by now: take them all
+            # before reading positions (the reader's callback may not have run yet).
+            self.on_capture()
             sockets = self._live_sockets()
-            # Connections opened since the PREPAREs went out, still with the old server.
-            newcomers = self._newcomers(record, sockets, target)
+            await self._await_carriers(sockets)
+            # Connections opened in the last moments, still with the old server.
+            newcomers = self._newcomers(record, sockets, target, opened_before=record.started)
             if newcomers:
                 nft.apply(
                     freeze_script(
@@ -315,30 +368,35 @@ class Migrator:
                         target,
                     )
                 )
+                self.on_capture()
                 sockets = self._live_sockets()
-                for handoff in newcomers.values():
-                    answer = await self._wait(handoff.prepare, self.commit_timeout)
+                answers = await asyncio.gather(
+                    *(self._wait(h.prepare, self.commit_timeout) for h in newcomers.values())
+                )
+                for handoff, answer in zip(newcomers.values(), answers, strict=True):
                     self._settle(handoff, answer, "prepare")
                     if handoff.outcome == "pending":
                         ready[handoff.port] = handoff
             commits = []
             for port, handoff in ready.items():
                 info = sockets.get(port)
-                request = (
-                    None
-                    if info is None
-                    else self._request(
-                        Phase.COMMIT, record.epoch, port, info, handoff.prepared_sent
-                    )
+                if info is None:
+                    # Closed meanwhile (the server finished and sent its FIN): nothing to move,
+                    # and nothing to reset either.
+                    handoff.outcome, handoff.detail = "closed", "ended before the hand-over"
+                    continue
+                request = self._request(
+                    Phase.COMMIT, record.epoch, port, info, handoff.prepared_sent
                 )
-                if info is None or request is None or request.c2s_sent < acked_bytes(info):
+                if request is None or request.c2s_sent < acked_bytes(info):
                     handoff.outcome, handoff.detail = "unmigratable", "replay bytes incomplete"
                     continue
                 handoff.replayed += len(request.replay)
+                handoff.commit_request = request
                 handoff.commit = self._send(target, request)
                 commits.append(handoff)
-            for handoff in commits:
-                answer = await self._wait(handoff.commit, self.commit_timeout)
+            answers = await asyncio.gather(*(self._await_commit(h, target) for h in commits))
+            for handoff, answer in zip(commits, answers, strict=True):
                 self._settle(handoff, answer, "commit")
         finally:
             nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
@@ -349,21 +407,86 @@ class Migrator:
                     Phase.GO, record.epoch, port, self.bundle.service_port, 0, 0, 0, b"", b""
                 )
                 self._send(target, go)
-            else:
+            elif handoff.outcome != "closed":
                 self._reset(port, handoff)
+            self.store.pin(port, None)
         self._log_roam(record)
 
+    async def _await_prepare(
+        self, record: RoamRecord, handoff: Handoff, target: Endpoint, deadline: float
+    ) -> Answer | None:
+        """The PREPARE's answer; sent again every ``PREPARE_RETRY_S`` while none comes (a lost
+        datagram, a server still starting), until ``deadline``."""
+        while True:
+            wait = min(PREPARE_RETRY_S, max(0.0, deadline - self.clock()))
+            answer = await self._wait(handoff.prepare, wait)
+            if answer is not None or self.clock() >= deadline or handoff.prepare is None:
+                return answer
+            self._resend_prepare(handoff, target, self._live_sockets())
+
+    async def _await_commit(self, handoff: Handoff, target: Endpoint) -> Answer | None:
+        """The COMMIT's answer, sending it again every ``COMMIT_RETRY_S`` (a datagram lost in a
+        burst); the server answers a repeat without doing the work twice."""
+        deadline = self.clock() + self.commit_timeout
+        while True:
+            wait = min(COMMIT_RETRY_S, max(0.0, deadline - self.clock()))
+            answer = await self._wait(handoff.commit, wait)
+            if answer is not None or self.clock() >= deadline:
+                return answer
+            if handoff.commit_request is not None:
+                handoff.commit = self._send(target, handoff.commit_request)
+
+    async def _overtime(self, late: list[Handoff], limit: float) -> None:
+        pending = {h.prepare for h in late if h.prepare is not None and not h.prepare.done()}
+        while pending and self.clock() < limit:
+            done, pending = await asyncio.wait(
+                pending, timeout=min(OVERTIME_IDLE_S, max(0.0, limit - self.clock()))
+            )
+            if not done:
+                return  # nothing in the last moment: the rest are not coming
+
+    def _resend_prepare(
+        self,
+        handoff: Handoff,
+        target: Endpoint,
+        sockets: dict[int, sockdiag.TcpSocketInfo],
+    ) -> None:
+        """The same PREPARE (same checkpoint, same replay bytes: the server recognises it as a
+        repeat and carries on) with the client's current position. A PREPARE already answered
+        READY stays answered: the repeat only lets the server regenerate ahead of the COMMIT."""
+        info = sockets.get(handoff.port)
+        if handoff.request is None or info is None:
+            return
+        handoff.request = replace(handoff.request, s2c_received=info.bytes_received)
+        answered = handoff.prepare is not None and handoff.prepare.done()
+        sent = self._send(target, handoff.request, expect_answer=not answered)
+        if not answered:
+            handoff.prepare = sent
+
+    def refresh(self, record: RoamRecord, target: Endpoint) -> None:
+        """Just before the boundary: tell the new server how far each client has got, so it
+        regenerates those bytes now rather than during the freeze."""
+        self.on_capture()
+        sockets = self._live_sockets()
+        for handoff in record.connections.values():
+            if handoff.outcome == "pending":
+                self._resend_prepare(handoff, target, sockets)
+
     def _newcomers(
-        self, record: RoamRecord, sockets: dict[int, sockdiag.TcpSocketInfo], target: Endpoint
+        self,
+        record: RoamRecord,
+        sockets: dict[int, sockdiag.TcpSocketInfo],
+        target: Endpoint,
+        opened_before: float,
     ) -> dict[int, Handoff]:
         """Prepare, now, the connections opened with the old server after the PREPAREs; those
-        opened since the freeze already talk to the new server."""
+        opened since ``opened_before`` (the freeze) already talk to the new server."""
         found = {}
         for port, info in sockets.items():
             if port in record.connections:
                 continue
             conn = self.store.connections.get(port)
-            if conn is not None and conn.opened_at >= record.started:
+            if conn is not None and conn.opened_at >= opened_before:
                 continue
             handoff = Handoff(port)
             record.connections[port] = handoff
@@ -377,9 +500,27 @@ class Migrator:
                 continue
             handoff.prepared_sent = request.c2s_sent
             handoff.replayed = len(request.replay)
+            handoff.request = request
+            self.store.pin(port, request.c2s_sent)
             handoff.prepare = self._send(target, request)
             found[port] = handoff
         return found
+
+    async def _await_carriers(self, sockets: dict[int, sockdiag.TcpSocketInfo]) -> None:
+        """Connections opened just now get their first checkpoint within a round trip: wait
+        that long (bounded) rather than reset them."""
+        deadline = self.clock() + CARRIER_GRACE_S
+        while self.clock() < deadline:
+            waiting = [
+                port
+                for port in sockets
+                if (conn := self.store.connections.get(port)) is not None
+                and conn.carrier is None
+                and conn.unmigratable is None
+            ]
+            if not waiting:
+                return
+            await asyncio.sleep(0.01)
 
     async def _wait(self, future: asyncio.Future[Answer] | None, timeout: float) -> Answer | None:
         if future is None:
@@ -430,7 +571,7 @@ class Migrator:
         loop = asyncio.get_running_loop()
         self.reader = NflogReader.open(self.group)
         loop.add_reader(self.reader.fileno(), self.on_capture)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = datagram_socket()
         sock.bind((self.client_address, 0))
         self.transport, _ = await loop.create_datagram_endpoint(
             lambda: _AnswerProtocol(self), sock=sock

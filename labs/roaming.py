@@ -93,6 +93,7 @@ class RoamingLab:
     update_period: float = 1.0
     min_switches: int = 0
     switch_window: float = 0.0
+    first_switch_after: float = 0.0  # no switch in the first seconds (time to set things up)
     service: str = "http"  # "http" | "nginx" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
@@ -152,8 +153,9 @@ class RoamingLab:
         """``roam init`` the deployment (and subscribe the client hosts).
 
         With ``min_switches``, keep drawing new deployments until the schedule changes server
-        at least that often within ``switch_window`` seconds of the start: a test that needs
-        ten roams in a transfer then gets them, whatever the random chain key."""
+        at least that often within ``switch_window`` seconds of the start, and not within
+        ``first_switch_after``: a test that needs ten roams in a transfer then gets them,
+        whatever the random chain key."""
         for _attempt in range(100):
             self.start_time = round(time.time() + self.start_delay, 3)
             if self.deployment_dir.exists():
@@ -178,7 +180,10 @@ class RoamingLab:
                 "--gamma",
                 str(self.gamma),
             )
-            if self.switches_within(self.switch_window) >= self.min_switches:
+            if (
+                self.switches_within(self.switch_window) >= self.min_switches
+                and self.switches_within(self.first_switch_after) == 0
+            ):
                 break
         else:
             raise LabError(f"no schedule with {self.min_switches} switches found in 100 draws")

@@ -49,6 +49,7 @@ class TrackedConnection:
     unmigratable: str | None = None
     fin: bool = False
     last_seen: float = 0.0
+    pinned: int | None = None  # replay bytes from here on are in use by a hand-over
 
     @property
     def sent(self) -> int:
@@ -140,11 +141,21 @@ class ConnectionStore:
         conn.carrier = carrier
         conn.last_seen = now
         self.carriers_stored += 1
-        if carrier.c2s_fresh > conn.replay_start and conn.unmigratable is None:
-            drop = min(carrier.c2s_fresh, conn.sent) - conn.replay_start
+        keep_from = min(carrier.c2s_fresh, conn.sent)
+        if conn.pinned is not None:
+            keep_from = min(keep_from, conn.pinned)
+        if keep_from > conn.replay_start and conn.unmigratable is None:
+            drop = keep_from - conn.replay_start
             del conn.replay[:drop]
             conn.replay_start += drop
         return True
+
+    def pin(self, client_port: int, position: int | None) -> None:
+        """Keep replay bytes from ``position`` on, whatever newer carriers say, until unpinned
+        (``None``): a hand-over in progress still needs them."""
+        conn = self.connections.get(client_port)
+        if conn is not None:
+            conn.pinned = position
 
     def replay_bytes(self, client_port: int, start: int) -> bytes | None:
         """Client-to-server bytes from ``start`` to what was sent; None if not held."""

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import time
@@ -45,6 +46,7 @@ from migrate.checkpoint import (
 )
 from migrate.errors import RoamError
 from migrate.kernel import rawtcp, tcp_repair
+from migrate.kernel.udp import datagram_socket
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     Admitted,
@@ -71,7 +73,10 @@ LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leav
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
-MAX_PREPARE_AHEAD_S = 3.0
+MAX_PREPARE_AHEAD_S = 5.0  # how long before its epoch a re-incarnation may be prepared
+COMMIT_GRACE_S = 3.0  # and how long after its start
+REGENERATE_BUFFER_BYTES = 256 * 1024
+PREPARE_CONCURRENCY = 8
 PENDING_TTL_S = (
     MAX_PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
 )  # how long before its epoch a re-incarnation may be prepared
@@ -139,11 +144,7 @@ class LiveConnection:
         self.started = now
         self.next_due = now  # the first checkpoint goes out at once
         self.last_sent = 0.0
-        self.sealer: Sealer | None = None
-        if record is not None:
-            self.sealer = carrier_sealer(
-                record.channel_key, live.deployment_id, record.client_id, live.sender
-            )
+        self.sealer = live.carrier_sealer(record) if record is not None else None
         self.relay = Relay(
             client,
             service,
@@ -235,9 +236,24 @@ class Pending:
     verified: bool = False
     sock: socket.socket | None = None
     s2c_base: int = 0  # the client's position when the socket was created
+    reply_to: tuple[str, int] = ("", 0)
+    answer: Answer | None = None  # the PREPARE's answer, once known
+    committing: bool = False
+    until: int = 0  # the client's position as last reported: regenerate up to here
     connection: LiveConnection | None = None
     created: float = 0.0
     task: asyncio.Task[None] | None = None
+
+    def repeats(self, admitted: Admitted) -> bool:
+        """Whether ``admitted`` asks for the same re-incarnation as this one (a retry)."""
+        mine = self.admitted
+        return (
+            self.sock is None
+            and mine.checkpoint.conn_id == admitted.checkpoint.conn_id
+            and mine.checkpoint.counter == admitted.checkpoint.counter
+            and mine.request.epoch == admitted.request.epoch
+            and mine.request.s2c_received <= admitted.request.s2c_received
+        )
 
 
 class Diverged(Exception):
@@ -262,6 +278,11 @@ class LiveMode:
         self.pending: dict[tuple[str, int], Pending] = {}
         self.openers: dict[int, Opener] = {}
         self.answer_sealers: dict[int, Sealer] = {}
+        self.carrier_sealers: dict[int, Sealer] = {}
+        # Re-incarnations prepared at once. A legacy service may have a short accept queue
+        # (python's http.server listens with a backlog of 5): a burst of connects beyond it
+        # waits for SYN retransmissions, seconds, instead of a few milliseconds here.
+        self.prepare_slots = asyncio.Semaphore(PREPARE_CONCURRENCY)
         self.checkpoints_sent = 0
         self.counts = {"admitted": 0, "ready": 0, "diverged": 0, "refused": 0, "failed": 0}
         self._transport: asyncio.DatagramTransport | None = None
@@ -272,6 +293,17 @@ class LiveMode:
 
     def current_epoch(self) -> int:
         return self.shim.epoch or 0
+
+    def carrier_sealer(self, record: ClientRecord) -> Sealer:
+        """One sealer per client, shared by all its connections: nonces are (sender, counter)
+        under the client's key, so two sealers of the same client could repeat a nonce."""
+        sealer = self.carrier_sealers.get(record.client_id)
+        if sealer is None:
+            sealer = carrier_sealer(
+                record.channel_key, self.deployment_id, record.client_id, self.sender
+            )
+            self.carrier_sealers[record.client_id] = sealer
+        return sealer
 
     def _record_for(self, address: str) -> ClientRecord | None:
         import ipaddress
@@ -421,12 +453,36 @@ class LiveMode:
                 )
                 return
             opener.accept(opened)
+            existing = self.pending.get(key)
+            if existing is not None and existing.repeats(admitted):
+                # The client asked again: no answer yet, or it was lost, or its position moved
+                # on (a refresh just before the boundary). Keep the work going and extend it.
+                existing.reply_to = source
+                existing.until = max(existing.until, request.s2c_received)
+                running = existing.task is not None and not existing.task.done()
+                if not running and existing.answer is not None:
+                    if existing.answer.status is Status.READY and existing.until > (
+                        existing.stream.s2c_pos
+                    ):
+                        existing.answer = None
+                        existing.task = asyncio.get_running_loop().create_task(
+                            self._top_up(key, existing, record)
+                        )
+                    else:
+                        self._answer(record, existing.answer, source)
+                return
             self._drop_pending(key)
             self.counts["admitted"] += 1
-            prepared = Pending(admitted, StreamState(), created=self.clock())
+            prepared = Pending(
+                admitted,
+                StreamState(),
+                created=self.clock(),
+                reply_to=source,
+                until=request.s2c_received,
+            )
             self.pending[key] = prepared
             prepared.task = asyncio.get_running_loop().create_task(
-                self._prepare(key, prepared, record, source)
+                self._prepare(key, prepared, record)
             )
             return
         pending = self.pending.get(key)
@@ -458,9 +514,12 @@ class LiveMode:
         now = self.clock()
         current = self.current_epoch()
         try:
+            # From a little before the epoch (prepare) to a little after its start (the
+            # commit of a hand-over that started late), or while it runs.
             ahead = schedule.start_of(request.epoch) - now
+            running = schedule.epoch_at(now).index == request.epoch
             serves = schedule.server_for(request.epoch) == self.shim.options.listen and (
-                request.epoch == current or 0 <= ahead <= MAX_PREPARE_AHEAD_S
+                running or -COMMIT_GRACE_S <= ahead <= MAX_PREPARE_AHEAD_S
             )
         except RoamError:
             serves = False
@@ -476,18 +535,26 @@ class LiveMode:
             self.deployment_id,
         )
 
-    def _drop_pending(self, key: tuple[str, int]) -> None:
-        pending = self.pending.pop(key, None)
+    def _drop_pending(self, key: tuple[str, int], only: Pending | None = None) -> None:
+        """Forget the re-incarnation under ``key`` and free what it holds (silently: its
+        socket, if any, never spoke). With ``only``, free that one, and unlist it only if it
+        is still the one under ``key`` (a retry may have replaced it)."""
+        pending = only if only is not None else self.pending.get(key)
         if pending is None:
             return
-        if pending.task is not None and not pending.task.done():
+        if self.pending.get(key) is pending:
+            del self.pending[key]
+        current = asyncio.current_task()
+        if pending.task is not None and not pending.task.done() and pending.task is not current:
             pending.task.cancel()
-        if pending.service is not None:
+        if pending.service is not None and pending.connection is None:
             close_abortively(pending.service)
+            pending.service = None
         if pending.sock is not None and pending.connection is None:
             with contextlib.suppress(OSError):
                 tcp_repair.enter_repair(pending.sock)
             pending.sock.close()
+            pending.sock = None
 
     async def _connect_service(self, client_address: str) -> socket.socket:
         service = (str(self.shim.options.service.address), self.shim.options.service.port)
@@ -507,13 +574,19 @@ class LiveMode:
         unsent_from = stream.s2c_pos - len(pending.unsent)
         del pending.unsent[: max(0, min(len(pending.unsent), until - unsent_from))]
         goal = until if pending.verified else max(until, checkpoint.s2c_pos)
+        self._verify(pending)
+        # One reused buffer: many re-incarnations regenerate at once, and a fresh allocation
+        # per read (what sock_recv does) costs more than the read.
+        buffer = memoryview(bytearray(REGENERATE_BUFFER_BYTES))
         while stream.s2c_pos < goal:
             limit = goal - stream.s2c_pos
             if not pending.verified:
                 # Stop exactly at the checkpoint's position to compare the hashes there.
                 limit = min(limit, checkpoint.s2c_pos - stream.s2c_pos) or limit
-            chunk = await loop.sock_recv(pending.service, min(1 << 20, max(1, limit)))
-            if not chunk:
+            view = buffer[: min(len(buffer), max(1, limit))]
+            received = await loop.sock_recv_into(pending.service, view)
+            chunk = view[:received]
+            if not received:
                 raise Diverged(
                     f"the service closed after {stream.s2c_pos} bytes; the checkpoint has "
                     f"{checkpoint.s2c_pos}"
@@ -522,24 +595,27 @@ class LiveMode:
             stream.feed_s2c(chunk)
             if stream.s2c_pos > until:
                 pending.unsent += chunk[max(0, until - start) :]
-            if not pending.verified and stream.s2c_pos >= checkpoint.s2c_pos:
-                if stream.candidates[0].s2c_hash.digest() != checkpoint.s2c_hash:
-                    raise Diverged("the replayed service answered with different bytes")
-                pending.verified = True
+            self._verify(pending)
 
-    async def _prepare(
-        self,
-        key: tuple[str, int],
-        pending: Pending,
-        record: ClientRecord,
-        source: tuple[str, int],
-    ) -> None:
+    @staticmethod
+    def _verify(pending: Pending) -> None:
+        """Compare the regenerated bytes with the checkpoint's commitment, exactly at the
+        checkpoint's position (which may be the fresh point itself: nothing to compare)."""
+        checkpoint = pending.admitted.checkpoint
+        stream = pending.stream
+        if pending.verified or stream.s2c_pos != checkpoint.s2c_pos:
+            return
+        if stream.candidates[0].s2c_hash.digest() != checkpoint.s2c_hash:
+            raise Diverged("the replayed service answered with different bytes")
+        pending.verified = True
+
+    async def _prepare(self, key: tuple[str, int], pending: Pending, record: ClientRecord) -> None:
         admitted = pending.admitted
         checkpoint, request = admitted.checkpoint, admitted.request
         loop = asyncio.get_running_loop()
         status, detail = Status.READY, ""
         try:
-            async with asyncio.timeout(PREPARE_TIMEOUT_S):
+            async with asyncio.timeout(PREPARE_TIMEOUT_S), self.prepare_slots:
                 pending.service = await self._connect_service(key[0])
                 pending.stream = StreamState(
                     checkpoint.codec,
@@ -548,7 +624,7 @@ class LiveMode:
                 )
                 pending.stream.feed_c2s(request.replay)
                 await loop.sock_sendall(pending.service, request.replay)
-                await self._regenerate(pending, request.s2c_received)
+                await self._catch_up(pending)
         except Diverged as error:
             status, detail = Status.DIVERGED, str(error)
         except (OSError, TimeoutError, RoamError) as error:
@@ -562,8 +638,41 @@ class LiveMode:
                 status=status.name.lower(),
                 reason=detail,
             )
-            self._drop_pending(key)
-        self._answer(record, Answer(Phase.PREPARE, key[1], status, detail), source)
+            self._drop_pending(key, only=pending)
+        else:
+            self.shim.log.event(
+                "prepared",
+                client=f"{key[0]}:{key[1]}",
+                regenerated=pending.stream.s2c_pos - checkpoint.s2c_fresh,
+                seconds=round(self.clock() - pending.created, 4),
+            )
+        pending.answer = Answer(Phase.PREPARE, key[1], status, detail)
+        self._answer(record, pending.answer, pending.reply_to)
+
+    async def _catch_up(self, pending: Pending) -> None:
+        """Regenerate up to the client's latest known position; it may move on meanwhile
+        (a refreshed PREPARE), so go on until it stands still."""
+        while True:
+            until = pending.until
+            await self._regenerate(pending, until)
+            if pending.until == until:
+                return
+
+    async def _top_up(self, key: tuple[str, int], pending: Pending, record: ClientRecord) -> None:
+        """A refreshed PREPARE after READY: regenerate the extra bytes, then say READY again,
+        so that the COMMIT has less to do while the client's data is frozen."""
+        status, detail = Status.READY, ""
+        try:
+            async with asyncio.timeout(PREPARE_TIMEOUT_S):
+                await self._catch_up(pending)
+        except Diverged as error:
+            status, detail = Status.DIVERGED, str(error)
+        except (OSError, TimeoutError, RoamError) as error:
+            status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
+        if status is not Status.READY:
+            self._drop_pending(key, only=pending)
+        pending.answer = Answer(Phase.PREPARE, key[1], status, detail)
+        self._answer(record, pending.answer, pending.reply_to)
 
     async def _commit(
         self,
@@ -576,11 +685,19 @@ class LiveMode:
         loop = asyncio.get_running_loop()
         checkpoint = pending.admitted.checkpoint
         status, detail = Status.READY, ""
+        if pending.sock is not None:
+            # A repeated COMMIT (its answer was lost): the socket is waiting; say so again.
+            self._answer(record, Answer(Phase.COMMIT, key[1], Status.READY, ""), source)
+            return
+        if pending.committing:
+            return  # the first COMMIT is being worked on and will be answered
+        pending.committing = True
         try:
             if pending.task is not None and not pending.task.done():
                 await pending.task
-            if key not in self.pending:
-                raise RoamError("the prepare step failed")
+            if self.pending.get(key) is not pending:
+                raise RoamError("the prepare step failed or was replaced")
+
             if request.replay_from != pending.stream.c2s_pos:
                 raise RoamError(
                     f"commit replay starts at {request.replay_from}, prepared up to "
@@ -597,6 +714,8 @@ class LiveMode:
             status, detail = Status.DIVERGED, str(error)
         except (OSError, TimeoutError, RoamError) as error:
             status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
+            if isinstance(error, OSError) and error.errno == errno.EADDRNOTAVAIL:
+                detail += self._describe_clash(key)
         if status is Status.READY:
             self.counts["ready"] += 1
             asyncio.get_running_loop().call_later(GO_TIMEOUT_S, self._go, key, pending)
@@ -609,8 +728,24 @@ class LiveMode:
                 status=status.name.lower(),
                 reason=detail,
             )
-            self._drop_pending(key)
+            self._drop_pending(key, only=pending)
         self._answer(record, Answer(Phase.COMMIT, key[1], status, detail), source)
+
+    def _describe_clash(self, key: tuple[str, int]) -> str:
+        """Which socket already holds the 4-tuple a re-incarnation needs (for the log)."""
+        from migrate.kernel import sockdiag
+
+        try:
+            found = sockdiag.lookup(self.listen, key)
+        except (OSError, RoamError):
+            return ""
+        if found is None:
+            return "; no such socket any more"
+        known = key in self.connections
+        return (
+            f"; it is in state {found.state} (inode {found.inode}), "
+            f"{'a connection of ours' if known else 'not a connection we track'}"
+        )
 
     def _restore(self, request: Request, checkpoint: Checkpoint) -> socket.socket:
         tcp = checkpoint.tcp
@@ -684,7 +819,7 @@ class LiveMode:
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock = datagram_socket()
         try:
             sock.bind((self.listen[0], self.shim.options.migration_port))
         except OSError as error:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,19 +58,20 @@ def handoffs(roaming: RoamingLab, host: str = "c1") -> list[dict[str, object]]:
 
 
 def diagnostics(roaming: RoamingLab) -> str:
-    """What went wrong, for an assertion message: failed hand-overs and server complaints."""
-    lines = [
-        json.dumps({k: e[k] for k in ("epoch", "server", "port", "outcome", "detail")})
+    """What went wrong, for an assertion message: failed hand-overs and server complaints,
+    counted."""
+    counts: Counter[str] = Counter(
+        f"epoch {e['epoch']} {e['outcome']}: {str(e['detail'])[:120]}"
         for e in handoffs(roaming)
-        if e["outcome"] != "migrated"
-    ]
+        if e["outcome"] not in ("migrated", "closed")
+    )
     for shim in roaming.servers.values():
-        lines += [
-            f"{shim.host}: {e['event']} {e.get('reason', '')}"
+        counts.update(
+            f"{shim.host}: {e['event']} {str(e.get('reason', ''))[:120]}"
             for e in shim.events()
             if e["level"] != "info"
-        ]
-    return "\n".join(lines[-20:])
+        )
+    return "\n".join(f"{n} x {line}" for line, n in counts.most_common(15))
 
 
 def download(roaming: RoamingLab, name: str, rate: str, out: Path) -> tuple[int, str]:
@@ -186,18 +188,28 @@ def test_keep_alive_connection_makes_200_requests_across_roams() -> None:
         result = pool.lab["c1"].run(
             [sys.executable, "-c", KEEPALIVE_CLIENT, str(pool.vip), "200", "0.04"], timeout=120
         )
-        assert result.returncode == 0, result.stderr
+        assert result.returncode == 0, f"{result.stderr[-500:]}\n{diagnostics(pool)}"
         report = json.loads(result.stdout)
         assert len(report["ports"]) == 1, "the client had to open a second connection"
         expected = [hashlib.sha256(files[f"k{i}"]).hexdigest() for i in range(200)]
         assert report["digests"] == expected
         migrated = [h for h in handoffs(pool) if h["outcome"] == "migrated"]
-        assert len(migrated) >= 3, handoffs(pool)
+        assert len(migrated) >= 3, diagnostics(pool)
 
 
 def test_200_concurrent_downloads_survive_the_same_roam() -> None:
-    data = os.urandom(2 * 1024 * 1024)
-    with live_pool(tick=2.0, m=1, content={"f": data}, min_switches=1, switch_window=5.0) as pool:
+    # About 25 s each at curl's 20 KiB/s, with small receive buffers so that the rate limit
+    # holds each transfer on the wire (not just in the client's socket buffer) all along.
+    data = os.urandom(1024 * 1024)
+    with live_pool(
+        tick=3.0,
+        m=1,
+        content={"f": data},
+        min_switches=4,
+        switch_window=24.0,
+        first_switch_after=6.0,
+    ) as pool:
+        pool.lab["c1"].sysctl("net.ipv4.tcp_rmem", "4096 16384 32768")
         started(pool)
         lab = pool.lab
         processes = [
@@ -206,7 +218,7 @@ def test_200_concurrent_downloads_survive_the_same_roam() -> None:
                     "curl",
                     "-sS",
                     "--limit-rate",
-                    "400K",
+                    "20K",
                     "-o",
                     str(pool.workdir / f"d{i}"),
                     pool.url("/f"),
@@ -216,8 +228,9 @@ def test_200_concurrent_downloads_survive_the_same_roam() -> None:
             )
             for i in range(200)
         ]
-        codes = [p.wait(timeout=180) for p in processes]
-        assert codes == [0] * 200, [p.stderr.read() for p in processes if p.returncode][:3]
+        codes = [p.wait(timeout=240) for p in processes]
+        failures = [p.stderr.read() for p in processes if p.returncode]
+        assert codes == [0] * 200, f"{failures[:3]}\n{diagnostics(pool)}"
         digest = hashlib.sha256(data).digest()
         assert all(
             hashlib.sha256((pool.workdir / f"d{i}").read_bytes()).digest() == digest
@@ -225,8 +238,11 @@ def test_200_concurrent_downloads_survive_the_same_roam() -> None:
         )
         roams = [e for e in pool.clients["c1"].events() if e["event"] == "roam"]
         busiest = max(roams, key=lambda e: e["connections"])
-        assert busiest["connections"] >= 150, roams
-        assert busiest["outcomes"] == {"migrated": busiest["connections"]}, busiest
+        assert busiest["connections"] >= 190, roams
+        assert (
+            busiest["outcomes"].get("migrated", 0) + busiest["outcomes"].get("closed", 0)
+            == (busiest["connections"])
+        ), diagnostics(pool)
 
 
 DIVERGENT_SERVICE = """
