@@ -61,7 +61,6 @@ PREPARE_WAIT_S = 10.0
 PREPARE_RETRY_S = 1.0
 REFRESH_LEAD = 0.1
 PREPARE_OVERTIME_S = 3.0  # at most this much longer while PREPARE answers keep coming
-OVERTIME_IDLE_S = 1.0
 LATE_PREPARE_WAIT_S = 2.0
 COMMIT_RETRY_S = 0.5  # the last position report goes out this long before the boundary
 CARRIER_GRACE_S = 0.3
@@ -335,9 +334,7 @@ class Migrator:
         )
         late = [h for h, a in zip(live.values(), answers, strict=True) if a is None]
         if late:
-            # The new server is still working through a burst of them. As long as answers
-            # keep coming, a longer pause beats resetting connections; stop when they dry up.
-            await self._overtime(late, deadline + PREPARE_OVERTIME_S)
+            await self._overtime(late, deadline + PREPARE_OVERTIME_S, target)
         for handoff, first in zip(live.values(), answers, strict=True):
             answer = first
             if answer is None and handoff.prepare is not None and handoff.prepare.done():
@@ -436,14 +433,22 @@ class Migrator:
             if handoff.commit_request is not None:
                 handoff.commit = self._send(target, handoff.commit_request)
 
-    async def _overtime(self, late: list[Handoff], limit: float) -> None:
-        pending = {h.prepare for h in late if h.prepare is not None and not h.prepare.done()}
-        while pending and self.clock() < limit:
-            done, pending = await asyncio.wait(
-                pending, timeout=min(OVERTIME_IDLE_S, max(0.0, limit - self.clock()))
+    async def _overtime(self, late: list[Handoff], limit: float, target: Endpoint) -> None:
+        """Past the deadline, keep waiting (and asking) for late PREPAREs until ``limit``: the
+        new server may be working through a burst, or just (re)starting. A longer pause beats
+        resetting the connections; the bound keeps a dead server from stalling everyone."""
+        while self.clock() < limit:
+            waiting = [h for h in late if h.prepare is not None and not h.prepare.done()]
+            if not waiting:
+                return
+            await asyncio.wait(
+                {h.prepare for h in waiting if h.prepare is not None},
+                timeout=min(PREPARE_RETRY_S, max(0.0, limit - self.clock())),
             )
-            if not done:
-                return  # nothing in the last moment: the rest are not coming
+            sockets = self._live_sockets()
+            for handoff in waiting:
+                if handoff.prepare is not None and not handoff.prepare.done():
+                    self._resend_prepare(handoff, target, sockets)
 
     def _resend_prepare(
         self,
@@ -455,9 +460,14 @@ class Migrator:
         repeat and carries on) with the client's current position. A PREPARE already answered
         READY stays answered: the repeat only lets the server regenerate ahead of the COMMIT."""
         info = sockets.get(handoff.port)
-        if handoff.request is None or info is None:
+        conn = self.store.connections.get(handoff.port)
+        if handoff.request is None or info is None or conn is None:
             return
-        handoff.request = replace(handoff.request, s2c_received=info.bytes_received)
+        if conn.sent == handoff.prepared_sent:
+            # Only bytes answering the replayed requests can be regenerated: report the new
+            # position only while the client has sent nothing since (keep-alive clients send
+            # the next request at once; then the COMMIT carries both).
+            handoff.request = replace(handoff.request, s2c_received=info.bytes_received)
         answered = handoff.prepare is not None and handoff.prepare.done()
         sent = self._send(target, handoff.request, expect_answer=not answered)
         if not answered:

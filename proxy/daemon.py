@@ -47,6 +47,7 @@ from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import TransparentReturnPath
+from migrate.kernel.udp import datagram_socket
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
 from migrate.updates import seal_update, update_sealer
@@ -477,10 +478,10 @@ class ServerShim:
             else:
                 self.relay_server = await relay.serve(listen, self._connect_service)
             family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
-            self._update_socket = socket.socket(family, socket.SOCK_DGRAM)
+            self._update_socket = datagram_socket(family)
             self._update_socket.bind((str(self.options.listen.address), 0))
             self._update_socket.setblocking(False)
-            control_socket = socket.socket(family, socket.SOCK_DGRAM)
+            control_socket = datagram_socket(family)
             try:
                 control_socket.bind((str(self.options.listen.address), self.options.control_port))
             except OSError as error:

@@ -76,6 +76,7 @@ GO_TIMEOUT_S = 1.0
 MAX_PREPARE_AHEAD_S = 5.0  # how long before its epoch a re-incarnation may be prepared
 COMMIT_GRACE_S = 3.0  # and how long after its start
 REGENERATE_BUFFER_BYTES = 256 * 1024
+SERVICE_IDLE_S = 5.0  # a replayed service silent this long will not produce what is missing
 PREPARE_CONCURRENCY = 8
 PENDING_TTL_S = (
     MAX_PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
@@ -584,7 +585,13 @@ class LiveMode:
                 # Stop exactly at the checkpoint's position to compare the hashes there.
                 limit = min(limit, checkpoint.s2c_pos - stream.s2c_pos) or limit
             view = buffer[: min(len(buffer), max(1, limit))]
-            received = await loop.sock_recv_into(pending.service, view)
+            try:
+                async with asyncio.timeout(SERVICE_IDLE_S):
+                    received = await loop.sock_recv_into(pending.service, view)
+            except TimeoutError:
+                raise Diverged(
+                    f"the service stopped after {stream.s2c_pos} bytes, short of {goal}"
+                ) from None
             chunk = view[:received]
             if not received:
                 raise Diverged(
@@ -629,6 +636,11 @@ class LiveMode:
             status, detail = Status.DIVERGED, str(error)
         except (OSError, TimeoutError, RoamError) as error:
             status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
+        except Exception as error:  # a bug of ours: answer, log loudly, keep serving
+            status, detail = Status.FAILED, f"internal error: {error!r}"
+            self.shim.log.event(
+                "internal_error", level="error", where="re-incarnation", reason=repr(error)
+            )
         if status is not Status.READY:
             self.counts["diverged" if status is Status.DIVERGED else "failed"] += 1
             self.shim.log.event(
@@ -669,6 +681,11 @@ class LiveMode:
             status, detail = Status.DIVERGED, str(error)
         except (OSError, TimeoutError, RoamError) as error:
             status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
+        except Exception as error:  # a bug of ours: answer, log loudly, keep serving
+            status, detail = Status.FAILED, f"internal error: {error!r}"
+            self.shim.log.event(
+                "internal_error", level="error", where="re-incarnation", reason=repr(error)
+            )
         if status is not Status.READY:
             self._drop_pending(key, only=pending)
         pending.answer = Answer(Phase.PREPARE, key[1], status, detail)
@@ -714,6 +731,11 @@ class LiveMode:
             status, detail = Status.DIVERGED, str(error)
         except (OSError, TimeoutError, RoamError) as error:
             status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
+        except Exception as error:  # a bug of ours: answer, log loudly, keep serving
+            status, detail = Status.FAILED, f"internal error: {error!r}"
+            self.shim.log.event(
+                "internal_error", level="error", where="re-incarnation", reason=repr(error)
+            )
             if isinstance(error, OSError) and error.errno == errno.EADDRNOTAVAIL:
                 detail += self._describe_clash(key)
         if status is Status.READY:

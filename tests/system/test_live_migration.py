@@ -41,7 +41,11 @@ def live_pool(clients: int = 1, outsiders: int = 0, **options: object) -> Iterat
         yield roaming
         roaming.stop()
         for shim in [*roaming.servers.values(), *roaming.clients.values()]:
-            bad = [e for e in shim.events() if e["event"] in ("fatal", "connection_failed")]
+            bad = [
+                e
+                for e in shim.events()
+                if e["event"] in ("fatal", "connection_failed", "internal_error")
+            ]
             assert bad == [], f"{shim.kind} {shim.host}: {bad}"
     finally:
         lab.close()
@@ -100,7 +104,10 @@ def test_256_mib_download_survives_ten_roams_intact_without_a_reset(service: str
         assert detail.endswith("(RST: 0)"), f"{detail}\n{diagnostics(pool)}"
         migrated = [h for h in handoffs(pool) if h["outcome"] == "migrated"]
         assert len(migrated) >= 10, diagnostics(pool)
-        assert all(h["outcome"] == "migrated" for h in handoffs(pool)), diagnostics(pool)
+        # Every hand-over migrated the connection (or found it already finished).
+        assert all(h["outcome"] in ("migrated", "closed") for h in handoffs(pool)), diagnostics(
+            pool
+        )
 
 
 def _block_and_kill(pool: RoamingLab, host: str) -> None:
@@ -160,7 +167,10 @@ def test_download_completes_although_each_old_server_dies_after_the_roam() -> No
         assert status == 0, f"{detail}\n{diagnostics(pool)}"
         assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
         assert len(killed) >= 5, killed
-        assert all(h["outcome"] == "migrated" for h in handoffs(pool)), diagnostics(pool)
+        # Every hand-over migrated the connection (or found it already finished).
+        assert all(h["outcome"] in ("migrated", "closed") for h in handoffs(pool)), diagnostics(
+            pool
+        )
 
 
 KEEPALIVE_CLIENT = """
