@@ -574,6 +574,13 @@ class LiveMode:
         # Bytes already read beyond the old ``until`` that the client has by now.
         unsent_from = stream.s2c_pos - len(pending.unsent)
         del pending.unsent[: max(0, min(len(pending.unsent), until - unsent_from))]
+        if checkpoint.s2c_pos == checkpoint.s2c_fresh < until:
+            # The checkpoint commits to none of the bytes the client has since its fresh point:
+            # nothing to check the replay against, so it could splice in different bytes.
+            raise Diverged(
+                f"unverifiable: the checkpoint covers none of the {until - checkpoint.s2c_fresh} "
+                "bytes the client has"
+            )
         goal = until if pending.verified else max(until, checkpoint.s2c_pos)
         self._verify(pending)
         # One reused buffer: many re-incarnations regenerate at once, and a fresh allocation
