@@ -45,7 +45,7 @@ from migrate.checkpoint import (
     seal_checkpoint,
 )
 from migrate.errors import RoamError
-from migrate.kernel import rawtcp, tcp_repair
+from migrate.kernel import nft, rawtcp, tcp_repair
 from migrate.kernel.udp import datagram_socket
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
@@ -344,6 +344,13 @@ class LiveMode:
             if future.cancelled():
                 return
             outcome = future.result()
+            if outcome.reason is EndReason.RESET:
+                self.shim.log.event(
+                    "connection_reset",
+                    client=f"{key[0]}:{key[1]}",
+                    side=outcome.failed_side,
+                    reason=repr(outcome.error),
+                )
             if outcome.reason is EndReason.OBSERVER_FAILED:
                 # A bug of ours, not the network's: say so loudly.
                 self.shim.log.event(
@@ -574,9 +581,12 @@ class LiveMode:
         # Bytes already read beyond the old ``until`` that the client has by now.
         unsent_from = stream.s2c_pos - len(pending.unsent)
         del pending.unsent[: max(0, min(len(pending.unsent), until - unsent_from))]
-        if checkpoint.s2c_pos == checkpoint.s2c_fresh < until:
-            # The checkpoint commits to none of the bytes the client has since its fresh point:
-            # nothing to check the replay against, so it could splice in different bytes.
+        if checkpoint.s2c_pos == checkpoint.s2c_fresh == 0 < until:
+            # The checkpoint commits to none of the service's bytes and the connection never
+            # completed an exchange either: nothing has ever been checked against a replay, so
+            # a service that answers differently here would go unnoticed. (After a completed
+            # exchange, bytes past the fresh point belong to later exchanges of a service
+            # that has answered identically so far.)
             raise Diverged(
                 f"unverifiable: the checkpoint covers none of the {until - checkpoint.s2c_fresh} "
                 "bytes the client has"
@@ -846,8 +856,44 @@ class LiveMode:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    def destroy_orphans(self) -> int:
+        """Abort connections on our address left by a predecessor that died (a crash, a
+        SIGKILL): the kernel keeps such orphans (no process owns them) retransmitting their
+        FIN, and one would keep its client's connection from being re-created here (the same
+        4-tuple) or send that client a FIN. Their RSTs are held back meanwhile: the client's
+        connection lives on, elsewhere or soon here."""
+        from migrate.kernel import sockdiag
+
+        orphans = [
+            info
+            for info in sockdiag.tcp_sockets()
+            if info.src == self.listen and info.inode == 0 and info.state != "LISTEN"
+        ]
+        if not orphans:
+            return 0
+        table = f"roam_hush_{os.getpid()}"
+        family = "ip"
+        nft.replace_table(
+            family,
+            table,
+            f"""
+  chain out {{
+    type filter hook output priority -300; policy accept;
+    ip saddr {self.listen[0]} tcp sport {self.listen[1]} tcp flags & rst == rst drop
+  }}
+""",
+        )
+        try:
+            destroyed = sum(1 for info in orphans if sockdiag.destroy(info.src, info.dst))
+        finally:
+            nft.delete_table(family, table)
+        return destroyed
+
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        destroyed = await asyncio.to_thread(self.destroy_orphans)
+        if destroyed:
+            self.shim.log.event("orphans_destroyed", count=destroyed)
         sock = datagram_socket()
         try:
             sock.bind((self.listen[0], self.shim.options.migration_port))

@@ -366,6 +366,14 @@ def _leave_repair_quietly(sock: socket.socket) -> None:
         if exc.errno != errno.EINVAL:
             raise _fail(exc, "TCP_REPAIR off") from exc
         _set_repair(sock, so.TCP_REPAIR_OFF)
+    _allow_reuse(sock)
+
+
+def _allow_reuse(sock: socket.socket) -> None:
+    """Leaving repair mode clears the socket's address reuse (``sk_reuse = SK_NO_REUSE``).
+    Without it, this connection lingering in FIN_WAIT after its process died (its peer
+    unreachable) keeps a restarted server from binding its listening port: EADDRINUSE."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 
 
 # --- reading ------------------------------------------------------------------------------
@@ -621,6 +629,7 @@ def restore_socket(
         )
         if window_probe:
             _set_repair(sock, so.TCP_REPAIR_OFF)
+            _allow_reuse(sock)
         else:
             _leave_repair_quietly(sock)
     except BaseException:

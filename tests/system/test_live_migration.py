@@ -76,9 +76,9 @@ def diagnostics(roaming: RoamingLab) -> str:
     )
     for shim in roaming.servers.values():
         counts.update(
-            f"{shim.host}: {e['event']} {str(e.get('reason', ''))[:120]}"
+            f"{shim.host}: {e['event']} {e.get('side', '')} {str(e.get('reason', ''))[:120]}"
             for e in shim.events()
-            if e["level"] != "info"
+            if e["level"] != "info" or e["event"] == "connection_reset"
         )
     return "\n".join(f"{n} x {line}" for line, n in counts.most_common(15))
 
