@@ -74,11 +74,26 @@ def _service_rules(plan: GatePlan) -> list[str]:
     return rules
 
 
+def _outbound_rules(plan: GatePlan) -> list[str]:
+    """While closed, nothing of the service leaves either: a connection still here has moved
+    to another server, and a RST or FIN from here (a late close, an orphan) must not reach its
+    client. Ordinary data segments are let through: they only matter to the peer's kernel,
+    which no longer takes them."""
+    if plan.open:
+        return []
+    family = family_of(plan.listen)
+    return [
+        f"{family} saddr {plan.listen.address} tcp sport {plan.listen.port} "
+        "tcp flags & (fin|rst) != 0 drop"
+    ]
+
+
 def gate_table_body(plan: GatePlan) -> str:
     family = family_of(plan.listen)
     addr_type = _addr_type(plan.listen)
     counters = "".join(f"  counter {c.counter} {{ }}\n" for c in plan.contracts)
     service = "\n".join(f"    {rule}" for rule in _service_rules(plan))
+    quiet = "\n".join(f"    {rule}" for rule in _outbound_rules(plan))
     return f"""
   set allowed {{ type {addr_type};{_elements(plan.allowed)} }}
   set blocked {{ type {addr_type};{_elements(plan.blocked)} }}
@@ -88,6 +103,10 @@ def gate_table_body(plan: GatePlan) -> str:
   }}
   chain service {{
 {service}
+  }}
+  chain quiet {{
+    type filter hook output priority raw; policy accept;
+{quiet}
   }}
 """
 
@@ -109,4 +128,6 @@ def gate_update_script(table: str, plan: GatePlan) -> str:
         )
     lines.append(f"flush chain {family} {table} service")
     lines.extend(f"add rule {family} {table} service {rule}" for rule in _service_rules(plan))
+    lines.append(f"flush chain {family} {table} quiet")
+    lines.extend(f"add rule {family} {table} quiet {rule}" for rule in _outbound_rules(plan))
     return "\n".join(lines) + "\n"
