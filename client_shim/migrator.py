@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from client_shim.rules import freeze_script, switch_script
+from client_shim.rules import finished_script, freeze_script, switch_script
 from migrate.channel import Kind, Opener
 from migrate.checkpoint import carrier_opener, open_carrier
 from migrate.connstore import ConnectionStore
@@ -398,6 +398,9 @@ class Migrator:
         finally:
             nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
             record.switched = self.clock()
+        finished = [p for p, h in record.connections.items() if h.outcome == "closed"]
+        if finished:
+            nft.apply(finished_script(self.table, self.bundle.vip, finished))
         for port, handoff in record.connections.items():
             if handoff.outcome == "migrated":
                 go = Request(

@@ -17,6 +17,8 @@ With live migration, two more chains run just before those (priority -310):
   of every write), or is longer than any pure ACK can be (80 bytes with options). Ports in the
   ``frozen`` set are dropped during a hand-over, before they are copied: the client's TCP
   sends them again, to the new server.
+* Ports in ``finished`` are connections that closed during a hand-over: their last segments
+  are dropped rather than sent to the new server, which has no socket for them.
 * ``capture_in`` copies checkpoint carriers (segments from a pool server with the carrier
   option, kind 253 and ExID 0x5352) to the same group and drops them: the client's TCP never
   sees them.
@@ -25,6 +27,11 @@ With live migration, two more chains run just before those (priority -310):
 from __future__ import annotations
 
 from migrate.endpoints import Endpoint, IPAddress
+
+# A connection that ended at the old server just as the service roamed is left to die quietly
+# there: the rest of its closing handshake would meet no socket at the new server and draw a
+# RST. Its port is free again for new connections (SYNs pass) and forgotten after this long.
+FINISHED_TIMEOUT_S = 120
 
 
 def _family(address: IPAddress) -> tuple[str, str]:
@@ -66,6 +73,7 @@ def rewrite_table_body(
         capture = f"""
   chain capture_out {{
     type filter hook output priority -310; policy accept;
+    {to_vip} tcp sport @finished tcp flags & syn == 0 drop
     {to_vip} tcp sport @frozen drop
     {to_vip} tcp flags & (fin|syn|psh) != 0 {log}
     {to_vip} tcp flags & (fin|syn|psh) == 0 {family} length > 80 {log}
@@ -81,7 +89,8 @@ def rewrite_table_body(
   map syn_port {{ type inet_service : inet_service; elements = {{ {vport} : {active.port} }} }}
   set current {{ type {addr_type} . inet_service; elements = {{ {active_pair} }} }}
   set pool {{ type {addr_type} . inet_service; elements = {{ {pool} }} }}
-  set frozen {{ type inet_service; }}{capture}
+  set frozen {{ type inet_service; }}
+  set finished {{ type inet_service; flags timeout; timeout {FINISHED_TIMEOUT_S}s; }}{capture}
   chain out {{
     type route hook output priority raw; policy accept;
     {opening}
@@ -137,3 +146,8 @@ def freeze_script(
             f"add element {family} {table} frozen {{ {', '.join(str(p) for p in ports)} }}"
         )
     return "\n".join(lines) + "\n"
+
+
+def finished_script(table: str, vip: IPAddress, ports: list[int]) -> str:
+    family = _family(vip)[0]
+    return f"add element {family} {table} finished {{ {', '.join(str(p) for p in ports)} }}\n"

@@ -80,7 +80,18 @@ def diagnostics(roaming: RoamingLab) -> str:
             for e in shim.events()
             if e["level"] != "info" or e["event"] == "connection_reset"
         )
-    return "\n".join(f"{n} x {line}" for line, n in counts.most_common(15))
+    for shim in roaming.clients.values():
+        counts.update(
+            f"client: {e['event']} {e.get('error', '')} {str(e.get('reason', ''))[:100]}"
+            for e in shim.events()
+            if e["level"] != "info"
+        )
+    lines = [f"{n} x {line}" for line, n in counts.most_common(15)]
+    carriers = [
+        e for shim in roaming.servers.values() for e in shim.events() if e["event"] == "prepared"
+    ]
+    lines.append(f"{len(carriers)} prepared re-incarnations")
+    return "\n".join(lines)
 
 
 def resets(capture: Path) -> list[str]:
