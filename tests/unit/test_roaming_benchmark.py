@@ -1,0 +1,220 @@
+"""The roaming benchmark's pure parts: statistics, parsers, per-roam pauses, tables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from labs.benchmarks.roaming import (
+    GAP_FLOOR_S,
+    _Arrivals,
+    analyse_stream,
+    median_ratio,
+    netstat_counters,
+    p50_p99,
+    parse_head,
+    percentile,
+    ping_times,
+    render_migration,
+    render_shims,
+    roam_pauses,
+    summarise_shims,
+    summarise_streams,
+)
+
+
+def test_percentiles_by_nearest_rank() -> None:
+    samples = [float(i) for i in range(1, 101)]
+    assert percentile(samples, 0.5) == 51.0
+    assert percentile(samples, 0.99) == 100.0
+    assert percentile([], 0.5) == 0.0
+    assert p50_p99([3.0, 1.0, 2.0]) == {"p50": 2.0, "p99": 3.0, "n": 3}
+
+
+def test_ratios_are_taken_round_by_round() -> None:
+    # round 2 ran on a busy machine: both slower, the ratio unchanged; a zero base is skipped
+    assert median_ratio([8.0, 4.0, 9.0], [10.0, 5.0, 10.0]) == pytest.approx(0.8)
+    assert median_ratio([1.0], [0.0]) is None
+
+
+def test_ping_times() -> None:
+    output = (
+        "64 bytes from 10.0.1.1: icmp_seq=1 ttl=64 time=0.052 ms\n"
+        "64 bytes from 10.0.1.1: icmp_seq=2 ttl=64 time=0.110 ms\n"
+        "rtt min/avg/max/mdev = 0.052/0.081/0.110/0.029 ms\n"
+    )
+    assert ping_times(output) == [0.052, 0.110]
+
+
+def test_netstat_counters_pair_header_and_value_lines() -> None:
+    text = (
+        "TcpExt: SyncookiesSent PAWSEstab\nTcpExt: 0 7\nTcp: RtoAlgorithm RetransSegs\nTcp: 1 42\n"
+    )
+    counters = netstat_counters(text)
+    assert counters["TcpExt.PAWSEstab"] == 7
+    assert counters["Tcp.RetransSegs"] == 42
+
+
+def test_parse_head() -> None:
+    head = b"HTTP/1.1 206 Partial Content\r\nServer: nginx\r\nContent-Length: 1234"
+    assert parse_head(head) == (206, 1234)
+
+
+def test_arrivals_keep_only_gaps_above_the_floor() -> None:
+    arrivals = _Arrivals(0.001)
+    for when in (10.0, 10.0005, 10.2, 10.2002):
+        arrivals.add(when, 100)
+    assert arrivals.bytes == 400
+    assert arrivals.receives == 4
+    assert arrivals.gaps == [(10.0005, 10.2)]
+
+
+def test_a_roam_gets_the_longest_gap_around_its_switch() -> None:
+    gaps = [(9.0, 9.01), (10.0, 10.03), (10.05, 10.06), (12.0, 12.5)]
+    pauses = roam_pauses(gaps, [10.02, 15.0], lead_s=[0.05, 0.0], after_s=1.0)
+    assert pauses[0] == pytest.approx(0.03)
+    assert pauses[1] == GAP_FLOOR_S  # nothing overlaps its window: an upper bound
+
+
+def test_a_stall_spanning_several_roams_counts_once() -> None:
+    gaps = [(10.0, 15.0)]
+    pauses = roam_pauses(gaps, [10.03, 11.0, 12.0], after_s=1.5)
+    assert pauses[0] == pytest.approx(5.0)
+    assert pauses[1:] == [None, None]
+
+
+def test_a_window_ends_where_the_next_roams_window_starts() -> None:
+    # the gap after the second switch belongs to it, not to the first roam
+    gaps = [(10.0, 10.01), (10.6, 10.9)]
+    pauses = roam_pauses(gaps, [10.005, 10.7], after_s=1.5)
+    assert pauses[0] == pytest.approx(0.01)
+    assert pauses[1] == pytest.approx(0.3)
+
+
+def stream(gaps: list[tuple[float, float]], breaks: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "first": 1.0,
+        "last": 30.0,
+        "gaps": gaps,
+        "breaks": breaks,
+        "mbit_s": 64.0,
+        "bytes": 10,
+        "files": 2,
+        "bad_files": 0,
+    }
+
+
+def test_analyse_stream_matches_switches_roams_and_breaks() -> None:
+    events = [
+        {"event": "switch", "ts": 0.5, "epoch": 1},  # before the download: ignored
+        {"event": "roam", "ts": 10.0, "epoch": 5, "pause_ms": 30.0, "outcomes": {"migrated": 1}},
+        {"event": "switch", "ts": 10.0, "epoch": 5},
+        {"event": "roam", "ts": 20.0, "epoch": 7, "pause_ms": 40.0, "outcomes": {"migrated": 1}},
+        {"event": "switch", "ts": 20.0, "epoch": 7},
+    ]
+    breaks = [{"last_data": 9.9, "detected": 9.95, "data_again": 9.953, "error": "X: y"}]
+    result = analyse_stream(stream([(9.97, 10.01), (19.96, 21.0)], breaks), events, 0.0)
+    assert result["roams"] == 2
+    assert result["app_pause_ms"] == [pytest.approx(40.0), pytest.approx(1040.0)]
+    assert result["shim_pause_ms"] == [30.0, 40.0]
+    assert result["outcomes"] == {"migrated": 2}
+    assert result["recovery_ms"] == [pytest.approx(3.0)]
+    assert result["break_errors"] == ["X"]
+
+
+def bulk_run(gbit_s: float) -> dict[str, Any]:
+    return {
+        "gbit_s": gbit_s,
+        "retransmits": 3,
+        "cpu_pct": {"server shim": 40.0},
+        "machine_busy_pct": 150.0,
+    }
+
+
+def test_shims_summary_and_table() -> None:
+    latency = {"rr_us": {"p50": 30.0, "p99": 60.0}, "connect_us": {"p50": 90.0, "p99": 200.0}}
+    bulk = {
+        "direct": {
+            "client_to_service": [bulk_run(10.0), bulk_run(5.0)],
+            "service_to_client": [bulk_run(10.0), bulk_run(10.0)],
+        },
+        "shims-live": {
+            "client_to_service": [bulk_run(8.0), bulk_run(4.0)],
+            "service_to_client": [bulk_run(2.0), bulk_run(3.0)],
+        },
+    }
+    paths = summarise_shims(bulk, {"direct": [latency] * 2, "shims-live": [latency] * 2})
+    assert paths["shims-live"]["client_to_service"]["vs_direct"] == pytest.approx(0.8)
+    assert paths["shims-live"]["service_to_client"]["vs_direct"] == pytest.approx(0.25)
+    text = render_shims(
+        {
+            "paths": paths,
+            "background_busy_pct": [5.0],
+            "idle_shim_cpu_pct": {"shims-live": {"server shim": 1.0}},
+            "shim_log": {"shims-live": ["1 x client c1: capture_lost_packets"]},
+        }
+    )
+    assert "| shims-live | 6.00 | 2.50 | 0.80x / 0.25x |" in text
+    assert "capture_lost_packets" in text
+
+
+def stream_run(mbit_s: float, pauses: list[float | None]) -> dict[str, Any]:
+    return {
+        "mbit_s": mbit_s,
+        "files": 3,
+        "bad_files": 0,
+        "roams": len(pauses),
+        "roams_inside_a_stall": pauses.count(None),
+        "app_pause_ms": pauses,
+        "shim_pause_ms": [30.0] * len(pauses),
+        "outcomes": {"migrated": len(pauses)},
+        "breaks": 0,
+        "break_errors": [],
+        "recovery_ms": [],
+        "client_tcp": {"PAWSEstab": 2},
+        "shim_log": [],
+    }
+
+
+def test_migration_summary_and_table() -> None:
+    streams = {
+        "paced 8 MiB/s | live": {
+            "single": [stream_run(60.0, [])],
+            "still": [stream_run(64.0, [])],
+            "roaming": [stream_run(32.0, [31.0, 1000.0, None])],
+        }
+    }
+    summary = summarise_streams(streams)
+    row = summary["paced 8 MiB/s | live"]
+    assert row["ratio_still"] == pytest.approx(0.5)
+    assert row["app_pause_ms"]["n"] == 2
+    assert row["roams_inside_a_stall"] == 1
+    connection = {
+        "n": 100,
+        "setup": {"opened": 100, "setup_s": 0.1, "errors": []},
+        "roam": {"connections": 100},
+        "ours": {"migrated": 100},
+        "pause_ms": 50.0,
+        "pause_per_connection_ms": 0.5,
+        "switch_late_ms": 60.0,
+        "first_prepare_to_switch_s": 2.0,
+        "prepare_s": {"p50": 0.003, "p99": 0.005, "n": 100, "max": 0.005},
+        "after": {
+            "answered": 99,
+            "errors": ["TimeoutError: timed out"],
+            "get_ms": {"p50": 0.3, "p99": 4.0, "max": 3900.0},
+        },
+        "shim_log": [],
+    }
+    text = render_migration(
+        {
+            "rtt_ms": {"p50": 0.05, "p99": 0.09, "n": 50, "max": 0.1},
+            "streams": summary,
+            "connections": [connection],
+        }
+    )
+    assert "| paced 8 MiB/s | live | 60 / 64 / 32 | 0.53x / 0.50x | 3 (1 inside" in text
+    assert "31.0, 1000.0, (in the stall before)" in text
+    assert "| 100 | 100 (0.1) | 100 | migrated 100 | 50.0 | 0.500 |" in text
+    assert "TimeoutError: timed out" in text
