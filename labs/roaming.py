@@ -94,6 +94,7 @@ class RoamingLab:
     min_switches: int = 0
     switch_window: float = 0.0
     first_switch_after: float = 0.0  # no switch in the first seconds (time to set things up)
+    subscribe_options: dict[str, str] = field(default_factory=dict)  # e.g. {"rate-kbit": "800"}
     service: str = "http"  # "http" | "nginx" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
@@ -188,7 +189,7 @@ class RoamingLab:
         else:
             raise LabError(f"no schedule with {self.min_switches} switches found in 100 draws")
         for host in self.client_hosts:
-            self.subscribe(host)
+            self.subscribe(host, **self.subscribe_options)
 
     def subscribe(self, host: str, name: str | None = None, **options: str) -> Path:
         name = name or host

@@ -30,6 +30,7 @@ import errno
 import os
 import socket
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -367,28 +368,40 @@ class LiveMode:
     async def _checkpoint_loop(self) -> None:
         while True:
             await asyncio.sleep(0.02)
-            now = self.clock()
-            leaving = self.shim.leaving_at()
-            push_all = (
-                leaving is not None
-                and leaving - LEAVE_PUSH_LEAD <= now
-                and self._leave_pushed != leaving
-            )
-            if push_all:
-                self._leave_pushed = leaving
-            self.expire_pending(now)
-            for connection in list(self.connections.values()):
-                if push_all or connection.due(now):
-                    try:
-                        connection.push(now)
-                    except (OSError, RoamError) as error:
-                        self.shim.log.event(
-                            "checkpoint_failed",
-                            level="warning",
-                            client=f"{connection.peer[0]}:{connection.peer[1]}",
-                            reason=str(error),
-                        )
-                        connection.next_due = now + self.period
+            try:
+                self._checkpoint_round()
+            except Exception as error:  # a bug of ours must not stop every connection's pushes
+                self.shim.log.event(
+                    "internal_error",
+                    level="error",
+                    where="checkpoints",
+                    reason=repr(error),
+                    trace=traceback.format_exc(limit=6),
+                )
+
+    def _checkpoint_round(self) -> None:
+        now = self.clock()
+        leaving = self.shim.leaving_at()
+        push_all = (
+            leaving is not None
+            and leaving - LEAVE_PUSH_LEAD <= now
+            and self._leave_pushed != leaving
+        )
+        if push_all:
+            self._leave_pushed = leaving
+        self.expire_pending(now)
+        for connection in list(self.connections.values()):
+            if push_all or connection.due(now):
+                try:
+                    connection.push(now)
+                except (OSError, RoamError) as error:
+                    self.shim.log.event(
+                        "checkpoint_failed",
+                        level="warning",
+                        client=f"{connection.peer[0]}:{connection.peer[1]}",
+                        reason=str(error),
+                    )
+                    connection.next_due = now + self.period
 
     def leave(self) -> int:
         """The gate closed behind the service: drop every connection silently. Prepared

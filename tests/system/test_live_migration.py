@@ -348,3 +348,94 @@ def test_a_service_that_differs_between_replicas_is_reset_not_spliced() -> None:
             for s in servers
             for e in s.events()
         )
+
+
+def _send_from(pool: RoamingLab, host: str, payload: bytes, target: str, port: int) -> None:
+    code = (
+        "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
+        "s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))"
+    )
+    pool.lab[host].run(
+        [sys.executable, "-c", code, payload.hex(), target, str(port)], check=True, timeout=10
+    )
+
+
+def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> None:
+    from migrate.channel import Kind, Sealer
+    from migrate.checkpoint import Checkpoint, TcpSnapshot, checkpoint_key, seal_checkpoint
+    from migrate.registration import Bundle
+    from migrate.reincarnation import Phase, Request, context, request_sealer
+    from roam_cli.store import DeploymentDir
+
+    with live_pool(clients=2, outsiders=1, tick=20.0, m=1) as pool:
+        started(pool)
+        secret = DeploymentDir(pool.deployment_dir).secret()
+        alice = Bundle.decode(pool.bundle_path("c1").read_bytes())
+        bob = Bundle.decode(pool.bundle_path("c2").read_bytes())
+        now = time.time()
+        epoch = next(
+            e for e in pool.schedule(1, 20) if e["start"] <= now < e["start"] + e["length"]
+        )
+        server = pool.host_of(epoch["server"])
+        target = str(pool.lab[server].address)
+
+        def request(bundle: Bundle, host: str, port: int, epoch_index: int) -> bytes:
+            checkpoint = Checkpoint(
+                conn_id=os.urandom(16),
+                client=(str(pool.lab[host].address), port),
+                vport=80,
+                epoch=epoch_index,
+                counter=1,
+                taken_at=time.time(),
+                tcp=TcpSnapshot(1000, 2000, 1448, 7, 7, True, True, 5),
+                codec="http",
+                c2s_fresh=0,
+                c2s_pos=0,
+                s2c_fresh=0,
+                s2c_pos=0,
+                c2s_hash=hashlib.sha256(b"").digest(),
+                s2c_hash=hashlib.sha256(b"").digest(),
+            )
+            sealed = seal_checkpoint(
+                checkpoint, checkpoint_key(secret.group_key), secret.deployment_id, os.urandom
+            )
+            body = Request(Phase.PREPARE, epoch_index, port, 80, 0, 0, 0, sealed, b"").encode()
+            sealer = request_sealer(bundle.channel_key, bundle.deployment_id, bundle.client_id)
+            return sealer.seal(Kind.REINCARNATE_REQUEST, body, time.time())
+
+        forged = Sealer(
+            os.urandom(32), alice.client_id, context(alice.deployment_id, alice.client_id)
+        ).seal(Kind.REINCARNATE_REQUEST, b"\x01" + bytes(40), time.time())
+        genuine = request(alice, "c1", 55555, epoch["epoch"])
+        attempts = [
+            ("c1", forged, "AuthenticationError"),
+            ("o1", request(alice, "c1", 55556, epoch["epoch"]), "AuthenticationError"),
+            ("c1", request(alice, "c2", 55557, epoch["epoch"]), "AuthenticationError"),
+            ("c1", request(alice, "c1", 55558, pool.chain_length + 1), "SubscriptionExpiredError"),
+        ]
+        pool.operate("revoke", str(pool.deployment_dir), "c2")
+        attempts.append(("c2", request(bob, "c2", 55559, epoch["epoch"]), "RevokedClientError"))
+        sent_at = time.time()
+        for host, payload, _ in attempts:
+            _send_from(pool, host, payload, target, 47476)
+        # A genuine PREPARE (for a connection that does not exist) is admitted once; its
+        # replay is refused.
+        _send_from(pool, "c1", genuine, target, 47476)
+        time.sleep(0.5)
+        _send_from(pool, "c1", genuine, target, 47476)
+        time.sleep(1.0)
+        events = [e for e in pool.servers[server].events() if e["ts"] >= sent_at]
+        rejected = [e["error"] for e in events if e["event"] == "reincarnation_rejected"]
+        for _host, _payload, error in attempts:
+            assert error in rejected, (error, rejected)
+        assert "ReplayedMessageError" in rejected, rejected
+        status = json.loads(pool.servers[server].status_path.read_text())["live"]
+        assert status["admitted"] == 1, status  # only the genuine one, once
+        # Nothing was created for the refused ones: one service connection at most (the
+        # admitted PREPARE's), none for the five refused.
+        services = (
+            pool.lab[server]
+            .run(["ss", "-tnH", "state", "established", "dst", f"127.0.0.1:{SERVICE_PORT}"])
+            .stdout.splitlines()
+        )
+        assert len(services) <= 1, services

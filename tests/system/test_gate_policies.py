@@ -1,0 +1,112 @@
+"""The gate's policies: rate contracts (second chance, then revocation) and the capture of
+what an inactive server drops (paper section I)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from labs import Lab, PoolTopo
+from labs.roaming import RoamingLab
+
+pytestmark = pytest.mark.system
+
+
+@contextmanager
+def pool(**options: object) -> Iterator[RoamingLab]:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root")
+    lab = Lab(PoolTopo(servers=2, clients=1, outsiders=1)).start()
+    try:
+        roaming = RoamingLab(lab, **options)  # type: ignore[arg-type]
+        yield roaming
+        roaming.stop()
+    finally:
+        lab.close()
+
+
+def events(roaming: RoamingLab, name: str) -> list[dict[str, object]]:
+    return [e for s in roaming.servers.values() for e in s.events() if e["event"] == name]
+
+
+def test_a_client_over_its_contract_gets_a_second_chance_then_is_revoked() -> None:
+    data = os.urandom(32 * 1024 * 1024)
+    with pool(
+        tick=2.0,
+        m=1,
+        migration="reconnect",
+        content={"big": data},
+        subscribe_options={"rate-kbit": "4000"},
+        min_switches=4,
+        switch_window=24.0,
+    ) as roaming:
+        roaming.start()
+        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.2)
+        lab = roaming.lab
+        deadline = time.time() + 30
+        # Full-speed requests (far over 4000 kbit/s) until the pool revokes the client.
+        while time.time() < deadline and not events(roaming, "control_applied"):
+            lab["c1"].run(
+                [
+                    "curl",
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "--max-time",
+                    "1.5",
+                    "-r",
+                    "0-2000000",
+                    roaming.url("/big"),
+                ]
+            )
+        verdicts = [e["verdict"] for e in events(roaming, "contract_exceeded")]
+        assert "strike" in verdicts, verdicts
+        assert "revoke" in verdicts, verdicts
+        strike_epochs = {
+            e["epoch"] for e in events(roaming, "contract_exceeded") if e["verdict"] == "strike"
+        }
+        revoke_epochs = {
+            e["epoch"] for e in events(roaming, "contract_exceeded") if e["verdict"] == "revoke"
+        }
+        assert min(revoke_epochs) > min(strike_epochs), "the revocation came after a roam"
+        time.sleep(1.0)
+        # Every server knows: the client gets no more updates and the gate refuses it.
+        for shim in roaming.servers.values():
+            applied = [e for e in shim.events() if e["event"] == "control_applied"]
+            assert any(e["message"] == "Revoke" for e in applied), shim.host
+        refused = lab["c1"].run(
+            ["curl", "-s", "-o", "/dev/null", "--max-time", "2", roaming.url("/big")]
+        )
+        assert refused.returncode == 28, "a revoked client still reached the service"
+
+
+def test_what_an_inactive_server_drops_is_captured_for_intrusion_detection() -> None:
+    with pool(tick=30.0, m=1, migration="reconnect") as roaming:
+        capture_dir = roaming.workdir / "dropped"
+        roaming.server_extra = ("--capture-dropped", str(capture_dir))
+        roaming.start()
+        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.3)
+        now = time.time()
+        epoch = next(e for e in roaming.schedule(1, 5) if e["start"] <= now)
+        inactive = next(h for h in roaming.server_hosts if roaming.listen_of(h) != epoch["server"])
+        address = str(roaming.lab[inactive].address)
+        result = roaming.lab["o1"].run(["curl", "-s", "--max-time", "2", f"http://{address}/"])
+        assert result.returncode == 28
+        time.sleep(1.0)
+        files = sorted(capture_dir.glob("*.pcap*"))
+        assert files, "no capture file"
+        from scapy.all import TCP, rdpcap
+
+        packets = [p for f in files for p in rdpcap(str(f)) if p.haslayer(TCP)]
+        syns = [
+            p
+            for p in packets
+            if p["IP"].src == str(roaming.lab["o1"].address)
+            and p[TCP].dport == 80
+            and p[TCP].flags & 0x02
+        ]
+        assert syns, f"the outsider's SYNs are not in {files}"
