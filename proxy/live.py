@@ -69,7 +69,8 @@ if TYPE_CHECKING:
 
 SEQ_MOD = 2**32
 DEFAULT_CHECKPOINT_PERIOD = 0.5
-BOUNDARY_MIN_GAP = 0.02  # at most one boundary checkpoint per connection per 20 ms
+BOUNDARY_MIN_GAP = 0.02
+CHECKPOINT_RETRY_S = 0.05  # at most one boundary checkpoint per connection per 20 ms
 LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leaving
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
@@ -401,7 +402,8 @@ class LiveMode:
                         client=f"{connection.peer[0]}:{connection.peer[1]}",
                         reason=str(error),
                     )
-                    connection.next_due = now + self.period
+                    # Soon again: a connection without a recent checkpoint cannot move.
+                    connection.next_due = now + min(self.period, CHECKPOINT_RETRY_S)
 
     def leave(self) -> int:
         """The gate closed behind the service: drop every connection silently. Prepared

@@ -78,7 +78,14 @@ def diagnostics(roaming: RoamingLab) -> str:
         counts.update(
             f"{shim.host}: {e['event']} {e.get('side', '')} {str(e.get('reason', ''))[:120]}"
             for e in shim.events()
-            if e["level"] != "info" or e["event"] == "connection_reset"
+            if (e["level"] != "info" or e["event"] == "connection_reset")
+            and e["event"] != "checkpoint_failed"
+        )
+        # Checkpoint failures name the connection: count them by reason only.
+        counts.update(
+            f"{shim.host}: checkpoint_failed {str(e.get('reason', ''))[:80]}"
+            for e in shim.events()
+            if e["event"] == "checkpoint_failed"
         )
     for shim in roaming.clients.values():
         counts.update(
