@@ -440,6 +440,10 @@ class ServerShim:
                 "-W",
                 "10",
                 "-U",
+                # Stay root: with -C, tcpdump creates each next file after it would have
+                # dropped to its own user, which may not write here.
+                "-Z",
+                "root",
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
