@@ -8,10 +8,10 @@ Each subcommand builds one lab, runs real programs only (``roam server``/``roam 
 inside the client's namespace), measures every configuration next to its baseline in the same
 run, prints a table with ratios (or, with ``--json``, the figures).
 
-``shims`` (the steady state, no roam): ``PoolTopo(servers=1, clients=1)``, a deployment with one
-server. On s1: ``iperf3 -s`` on 127.0.0.1:8000 (the legacy service behind the shims and HAProxy)
-and another on s1's LAN address (the direct path); nginx serving a 100-byte file on
-127.0.0.1:8080 and the LAN address (the request/response service). Paths from c1:
+``shims`` (the steady state, no roam): ``PoolTopo(servers=2, clients=1)``. On s1: ``iperf3 -s`` on
+127.0.0.1:8000 (the legacy service behind the shims and HAProxy) and another on s1's LAN address
+(the direct path); nginx serving a 100-byte file on 127.0.0.1:8080 and the LAN address (the
+request/response service). Paths from c1:
 
 * ``direct``: to the services on s1's LAN address, no shims;
 * ``haproxy``: HAProxy in TCP mode in the server shim's place (LAN:81/82 -> loopback), with
@@ -19,16 +19,22 @@ and another on s1's LAN address (the direct path); nginx serving a 100-byte file
   (``labs.benchmarks.relay`` builds both);
 * ``shims-reconnect``: client to the VIP through ``roam client --migration reconnect`` (an nft
   rewrite) and ``roam server --migration reconnect`` (splice relay, transparent inner
-  connection);
-* ``shims-live``: both shims with ``--migration live``: the client copies SYNs and data to
-  NFLOG, the server relays in copy mode with the stream observers (codec, running hashes,
-  replay log) and pushes checkpoints.
+  connection), in a deployment of s1 and s2 whose epochs last a day or more, s1 first: the
+  service never leaves s1 while the benchmark runs;
+* ``shims-live``: the same with ``--migration live`` on both shims: the client copies SYNs and
+  data to NFLOG, the server relays in copy mode with the stream observers (codec, running
+  hashes, replay log) and pushes checkpoints;
+* ``shims-live-1server``: ``--migration live`` in a deployment of s1 alone (tick 1 s), as the
+  issue describes the steady state. A live server shim with no other server to hand over to
+  spends most of a CPU looking for the next change of server (``leaving_at`` scans 4096
+  epochs every 20 ms), which is why the two-server deployment is there too.
 
-Bulk: ``iperf3 -J`` client -> service and service -> client (``-R``). Latency: HTTP/1.1 GETs
-of the 100-byte file, p50/p99 of ``--requests`` in a row on one keep-alive connection and of
-``--connects`` with a new connection each. The server shim is restarted between modes and
-between services (``RoamingLab.start_server`` with ``--service``); paths are interleaved round
-by round; ratios are taken per round against the baselines of the same round, then the median.
+Bulk: ``iperf3 -J`` client -> service and service -> client (``-R``), with the CPU the proxy
+processes used. Latency: HTTP/1.1 GETs of the 100-byte file, p50/p99 of ``--requests`` in a row
+on one keep-alive connection and of ``--connects`` with a new connection each. The server shim
+is restarted between modes and between services (``RoamingLab.start_server`` with
+``--service``); paths are interleaved round by round; ratios are taken per round against the
+baselines of the same round, then the median. Last, the shims' CPU with no traffic at all.
 
 ``migration`` (roams): ``PoolTopo(servers=3, clients=1)``; nginx on each server (identical
 files, identical mtimes) behind ``roam server``; one deployment after another in the same lab:
@@ -36,16 +42,19 @@ files, identical mtimes) behind ``roam server``; one deployment after another in
 * RTT: ``ping`` c1 -> s1.
 * Pause and goodput: a Python client in c1 downloads a 64 MiB file through the VIP again and
   again on one keep-alive connection for ``--seconds``, time-stamping every receive: paced at
-  8 MiB/s with a 32 KiB receive buffer (the machine is not saturated and at most ~8 ms of data
-  sits in the buffer), and as fast as it can. With ``tick=0.5, m=1`` the service roams about
-  once a second; the same run on a deployment of one server (no roam) is the baseline. The
-  pause of a roam as the application sees it is the longest interval without data around the
-  client shim's ``switch`` event; the shim's own ``pause_ms`` (freeze to switch) is reported
-  beside it. With ``--migration reconnect`` the connection breaks at each roam (reset, or no
-  data for ``--stall-timeout``): the client reconnects and asks for the rest with a Range
-  request, as ``curl -C -`` would; its pause is the interval without data, and the time from
-  noticing the break to data again is reported too. c1's ``PAWSEstab`` counter (segments its
-  TCP dropped as older than the last timestamp seen) is read before and after each run.
+  8 MiB/s with a 32 KiB receive buffer (the machine is not saturated; the buffer can hide up to
+  ~8 ms of a pause), and as fast as it can. Every complete file is checked (sha256). Each runs
+  on three deployments: ``roaming`` (s1-s3, ``tick=0.5, m=1``: a roam about every second),
+  ``1 server`` (s1 alone, the issue's baseline) and, in live mode, ``3, no roam`` (s1-s3 with
+  epochs of a day: no roam, and none of the one-server cost above). The pause of a roam as the
+  application sees it is the longest interval without data around the client shim's
+  ``switch`` event, from the freeze on (a stall that spans several roams counts once, for the
+  roam it began in); the shim's own ``pause_ms`` (freeze to switch) is reported beside it.
+  With ``--migration reconnect`` the connection breaks at each roam (reset, or no data for
+  ``--stall-timeout``): the client reconnects and asks for the rest with a Range request, as
+  ``curl -C -`` would; its pause is the interval without data, and the time from noticing the
+  break to data again is reported too. c1's ``PAWSEstab`` counter (segments its TCP dropped as
+  older than the last timestamp seen) is read before and after each run.
 * Cost per re-incarnated connection: a Python client in c1 opens N (1, 100, 1000) HTTP/1.1
   keep-alive connections through the VIP, one GET each, holds them across one roam
   (``tick=2``), then sends one more GET on each. From the client shim's ``roam`` event:
@@ -162,19 +171,20 @@ def roam_pauses(
     gaps: Sequence[Sequence[float]],
     switches: Sequence[float],
     *,
-    lead_s: Sequence[float] | None = None,
+    freeze_s: Sequence[float] | None = None,
     after_s: float = 1.5,
     floor_s: float = GAP_FLOOR_S,
 ) -> list[float | None]:
     """For each switch time, the longest interval without data that overlaps its window: from
-    ``lead_s[i]`` (the freeze; at least 0.1 s) before the switch until ``after_s`` after it,
-    or until the next switch's window starts. ``gaps`` are (last data, next data) pairs longer
-    than ``floor_s``. A gap counts for the first roam whose window it overlaps only: a roam
-    that happens inside an earlier roam's stall gets ``None``; a window that no gap overlaps
-    gets ``floor_s`` (an upper bound)."""
+    its freeze (``freeze_s[i]`` before the switch) less 0.1 s until ``after_s`` after the
+    switch, or until the next roam's window starts. ``gaps`` are (last data, next data) pairs
+    longer than ``floor_s``. A gap counts for the first roam whose window it overlaps only: a
+    roam that began (froze) or switched inside an earlier roam's stall gets ``None``; a window
+    that no gap overlaps gets ``floor_s`` (an upper bound)."""
     count = len(switches)
     order = sorted(range(count), key=lambda i: switches[i])
-    starts = [switches[i] - max(0.1, lead_s[i] if lead_s else 0.0) for i in range(count)]
+    freezes = [switches[i] - (freeze_s[i] if freeze_s else 0.0) for i in range(count)]
+    starts = [min(freezes[i], switches[i]) - 0.1 for i in range(count)]
     owner: dict[int, int] = {}
     for rank, index in enumerate(order):
         end = switches[index] + after_s
@@ -187,11 +197,11 @@ def roam_pauses(
     for index in range(count):
         mine = [last - first for n, (first, last) in enumerate(gaps) if owner.get(n) == index]
         inside = any(
-            first <= switches[index] <= last
+            first <= freezes[index] <= last or first <= switches[index] <= last
             for n, (first, last) in enumerate(gaps)
             if n in owner and owner[n] != index
         )
-        result.append(max(mine) if mine else None if inside else floor_s)
+        result.append(None if inside else max(mine) if mine else floor_s)
     return result
 
 
@@ -216,13 +226,13 @@ def analyse_stream(
         pause_ms = roam.get("pause_ms") if roam else None
         if pause_ms is not None:
             shim_pauses.append(float(pause_ms))
-        leads.append((pause_ms or 0.0) / 1000 + 0.05)
+        leads.append((pause_ms or 0.0) / 1000)
         for outcome, count in (roam or {}).get("outcomes", {}).items():
             outcomes[outcome] = outcomes.get(outcome, 0) + count
     pauses = roam_pauses(
         stream["gaps"],
         [s["ts"] for s in switches],
-        lead_s=leads,
+        freeze_s=leads,
         after_s=max(1.5, stall_timeout + 1.0),
     )
     app = [pause for pause in pauses if pause is not None]
@@ -633,8 +643,8 @@ def deploy(
     time.sleep(max(0.0, pool.start_time - time.time()) + 0.3)
 
 
-def shim_trouble(pool: RoamingLab) -> list[str]:
-    """Warnings and errors in the running shims' logs, counted (for the report)."""
+def shim_trouble(pool: RoamingLab) -> dict[str, int]:
+    """Warnings and errors in the running shims' logs (and connection resets), counted."""
     counts: dict[str, int] = {}
     for shim in [*pool.servers.values(), *pool.clients.values()]:
         for event in shim.events():
@@ -643,7 +653,12 @@ def shim_trouble(pool: RoamingLab) -> list[str]:
             reason = str(event.get("reason") or event.get("status") or "")[:100]
             line = f"{shim.kind} {shim.host}: {event['event']} {reason}".rstrip()
             counts[line] = counts.get(line, 0) + 1
-    return [f"{count} x {line}" for line, count in sorted(counts.items(), key=lambda i: -i[1])]
+    return counts
+
+
+def trouble_lines(counts: dict[str, int], limit: int = 15) -> list[str]:
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return [f"- {count} x {line}" for line, count in ordered[:limit]]
 
 
 # --- shims: steady-state data path ------------------------------------------------------------
@@ -714,10 +729,28 @@ class ShimControl:
         self.deployment: int | None = None
         self.mode: str | None = None
         self.service: int | None = None
+        self.label: str | None = None
+        self.log: dict[str, dict[str, int]] = {}
 
-    def use(self, setup: ShimSetup, service_port: int) -> dict[str, int]:
+    def collect(self) -> None:
+        """Count the running shims' complaints under the path they ran for (call before they
+        are replaced)."""
+        if self.label is not None:
+            self.log[self.label] = _sum_dicts([self.log.get(self.label, {}),
+                                               shim_trouble(self.pool)])  # fmt: skip
+
+    def use(self, path: str, service_port: int) -> dict[str, int]:
         pool = self.pool
+        setup = SHIM_SETUPS[path]
         extra = ("--service", f"127.0.0.1:{service_port}")
+        changing = (self.deployment, self.mode, self.service) != (
+            setup.servers,
+            setup.mode,
+            service_port,
+        )
+        if changing:
+            self.collect()
+        self.label = path
         if self.deployment != setup.servers:
             hosts = pool.lab.topo.servers[: setup.servers]  # type: ignore[attr-defined]
             if setup.servers > 1:
@@ -777,7 +810,7 @@ def run_shims(
                 bulk_port, latency_port = HAPROXY_PORTS[path]
                 port = bulk_port if service_port == SERVICE_PORT else latency_port
                 return lan, port, {"haproxy": haproxy_pids[path]}
-            pids = shims.use(SHIM_SETUPS[path], service_port)
+            pids = shims.use(path, service_port)
             return str(pool.vip), LISTEN_PORT, pids
 
         bulk: dict[str, dict[str, list[dict[str, Any]]]] = {
@@ -785,7 +818,6 @@ def run_shims(
         }
         latency: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
         background: list[float] = []
-        trouble: dict[str, list[str]] = {}
         for round_index in range(repeat):
             background.append(background_busy_pct())
             for path in paths:
@@ -796,8 +828,6 @@ def run_shims(
                     bulk[path][direction].append(run)
                     speed = f"{run['gbit_s']:.2f} Gbit/s, {run['retransmits']} retransmits"
                     progress(f"round {round_index + 1}/{repeat} {path} {direction}: {speed}")
-                if path in SHIM_SETUPS:
-                    trouble.setdefault(path, []).extend(shim_trouble(pool))
         for round_index in range(repeat):
             for path in paths:
                 address, port, _ = target(path, LATENCY_PORT)
@@ -805,9 +835,8 @@ def run_shims(
                 latency[path].append(result)
                 p50s = f"{result['rr_us']['p50']:.0f} / {result['connect_us']['p50']:.0f} µs"
                 progress(f"round {round_index + 1}/{repeat} {path} latency p50: {p50s}")
-                if path in SHIM_SETUPS:
-                    trouble.setdefault(path, []).extend(shim_trouble(pool))
         idle = idle_shim_cpu(shims, [p for p in paths if p in SHIM_SETUPS])
+        shims.collect()
         pool.stop()
     return {
         "subcommand": "shims",
@@ -821,7 +850,7 @@ def run_shims(
         "background_busy_pct": background,
         "paths": summarise_shims(bulk, latency),
         "idle_shim_cpu_pct": idle,
-        "shim_log": {path: sorted(set(lines)) for path, lines in trouble.items()},
+        "shim_log": shims.log,
     }
 
 
@@ -829,7 +858,7 @@ def idle_shim_cpu(shims: ShimControl, paths: Sequence[str], window_s: float = 3.
     """CPU the shims use with no traffic at all (% of one CPU), per shim path's setup."""
     idle: dict[str, dict[str, float]] = {}
     for path in paths:
-        pids = shims.use(SHIM_SETUPS[path], LATENCY_PORT)
+        pids = shims.use(path, LATENCY_PORT)
         time.sleep(1.0)
         before = {name: cpu_seconds(pid) for name, pid in pids.items()}
         time.sleep(window_s)
@@ -944,8 +973,8 @@ def render_shims(results: dict[str, Any]) -> str:
             lines.append(f"- {path}: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
     for path, log in (results.get("shim_log") or {}).items():
         if log:
-            lines += ["", f"Shim log of {path} (warnings, errors, resets; counts per shim run):"]
-            lines += [f"- {line}" for line in log[:10]]
+            lines += ["", f"Shim log of {path} (warnings, errors, connection resets):"]
+            lines += trouble_lines(log)
     return "\n".join(lines)
 
 
@@ -1020,6 +1049,7 @@ def _read_json_line(process: subprocess.Popen[bytes], timeout_s: float) -> dict[
 def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str, Any]:
     """N keep-alive connections across one roam (see the module docstring)."""
     client = pool.lab["c1"]
+    counters = client_counters(client)
     process = client.popen(
         _this_module("--role", "hold-client", "--host", pool.vip, "--port", 80,
                      "--path", "/small", "--count", count),
@@ -1094,6 +1124,7 @@ def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str
         "reincarnated": len(events_of(server_events, "reincarnated")),
         "failed_on_server": len(events_of(server_events, "reincarnation_failed")),
         "after": after,
+        "client_tcp": counter_delta(counters, client_counters(client), "TcpExt.PAWSEstab"),
         "shim_log": shim_trouble(pool),
     }
 
@@ -1223,7 +1254,8 @@ def connections_row(row: dict[str, Any]) -> str:
         f"{row['pause_per_connection_ms']:.3f} | {row['switch_late_ms']:.0f} | "
         f"{'-' if first is None else f'{first:.2f}'} | "
         f"{prepare['p50']:.4f} / {prepare['max']:.4f} | {after['answered']}/{setup['opened']} | "
-        f"{get['p50']:.2f} / {get['p99']:.2f} / {get['max']:.2f} |"
+        f"{get['p50']:.2f} / {get['p99']:.2f} / {get['max']:.2f} | "
+        f"{row.get('client_tcp', {}).get('PAWSEstab', '-')} |"
     )
 
 
@@ -1286,13 +1318,13 @@ def render_migration(results: dict[str, Any]) -> str:
             "",
             "| N | opened (setup s) | in the roam | outcomes | pause_ms | per connection ms | "
             "switch late ms | first PREPARE to switch s | prepare on new server s p50 / max | "
-            "answered after the roam | GET ms p50 / p99 / max |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            "answered after the roam | GET ms p50 / p99 / max | client PAWS drops |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         notes = []
         for row in results["connections"]:
             if "error" in row:
-                lines.append(f"| {row['n']} | failed: {row['error']} ||||||||||")
+                lines.append(f"| {row['n']} | failed: {row['error']} |||||||||||")
                 continue
             lines.append(connections_row(row))
             errors = [*row["setup"]["errors"], *row["after"]["errors"]]
@@ -1300,17 +1332,17 @@ def render_migration(results: dict[str, Any]) -> str:
                 notes.append(f"- N={row['n']}: " + "; ".join(errors))
         if notes:
             lines += ["", "Connection errors seen by the application:", *notes]
-    trouble = sorted(
-        {
-            line
-            for row in [*results["streams"].values(), *results["connections"]]
-            for run in (row.get("runs", {}).get("roaming", []) if "runs" in row else [row])
-            for line in run.get("shim_log", [])
-        }
-    )
-    if trouble:
-        lines += ["", "Shim log (warnings, errors, resets; counts per run):"]
-        lines += [f"- {line}" for line in trouble[:25]]
+    for key, row in results["streams"].items():
+        trouble = _sum_dicts(run["shim_log"] for run in row["runs"]["roaming"])
+        if trouble:
+            lines += ["", f"Shim log, {key}, roaming (warnings, errors, connection resets):"]
+            lines += trouble_lines(trouble)
+    if results["connections"]:
+        # The connection runs share one deployment: the last count covers them all.
+        trouble = results["connections"][-1].get("shim_log") or {}
+        if trouble:
+            lines += ["", "Shim log, connections (warnings, errors, connection resets):"]
+            lines += trouble_lines(trouble)
     return "\n".join(lines)
 
 

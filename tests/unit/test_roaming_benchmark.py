@@ -72,7 +72,7 @@ def test_arrivals_keep_only_gaps_above_the_floor() -> None:
 
 def test_a_roam_gets_the_longest_gap_around_its_switch() -> None:
     gaps = [(9.0, 9.01), (10.0, 10.03), (10.05, 10.06), (12.0, 12.5)]
-    pauses = roam_pauses(gaps, [10.02, 15.0], lead_s=[0.05, 0.0], after_s=1.0)
+    pauses = roam_pauses(gaps, [10.02, 15.0], freeze_s=[0.05, 0.0], after_s=1.0)
     assert pauses[0] == pytest.approx(0.03)
     assert pauses[1] == GAP_FLOOR_S  # nothing overlaps its window: an upper bound
 
@@ -82,6 +82,13 @@ def test_a_stall_spanning_several_roams_counts_once() -> None:
     pauses = roam_pauses(gaps, [10.03, 11.0, 12.0], after_s=1.5)
     assert pauses[0] == pytest.approx(5.0)
     assert pauses[1:] == [None, None]
+
+
+def test_a_roam_that_froze_inside_an_earlier_stall_is_not_counted_again() -> None:
+    # the stall ends just before the second roam's switch, but it froze inside the stall
+    gaps = [(10.0, 11.99), (12.1, 12.102)]
+    pauses = roam_pauses(gaps, [10.03, 12.0], freeze_s=[0.03, 0.04], after_s=1.5)
+    assert pauses == [pytest.approx(1.99), None]
 
 
 def test_a_window_ends_where_the_next_roams_window_starts() -> None:
@@ -152,11 +159,11 @@ def test_shims_summary_and_table() -> None:
             "paths": paths,
             "background_busy_pct": [5.0],
             "idle_shim_cpu_pct": {"shims-live": {"server shim": 1.0}},
-            "shim_log": {"shims-live": ["1 x client c1: capture_lost_packets"]},
+            "shim_log": {"shims-live": {"client c1: capture_lost_packets": 3}},
         }
     )
     assert "| shims-live | 6.00 | 2.50 | 0.80x / 0.25x |" in text
-    assert "capture_lost_packets" in text
+    assert "- 3 x client c1: capture_lost_packets" in text
 
 
 def stream_run(mbit_s: float, pauses: list[float | None]) -> dict[str, Any]:
@@ -173,7 +180,7 @@ def stream_run(mbit_s: float, pauses: list[float | None]) -> dict[str, Any]:
         "break_errors": [],
         "recovery_ms": [],
         "client_tcp": {"PAWSEstab": 2},
-        "shim_log": [],
+        "shim_log": {"server s2: reincarnation_failed unverifiable": 1},
     }
 
 
@@ -205,7 +212,8 @@ def test_migration_summary_and_table() -> None:
             "errors": ["TimeoutError: timed out"],
             "get_ms": {"p50": 0.3, "p99": 4.0, "max": 3900.0},
         },
-        "shim_log": [],
+        "client_tcp": {"PAWSEstab": 3},
+        "shim_log": {},
     }
     text = render_migration(
         {
@@ -217,4 +225,6 @@ def test_migration_summary_and_table() -> None:
     assert "| paced 8 MiB/s | live | 60 / 64 / 32 | 0.53x / 0.50x | 3 (1 inside" in text
     assert "31.0, 1000.0, (in the stall before)" in text
     assert "| 100 | 100 (0.1) | 100 | migrated 100 | 50.0 | 0.500 |" in text
+    assert "| 0.30 / 4.00 / 3900.00 | 3 |" in text
     assert "TimeoutError: timed out" in text
+    assert "- 1 x server s2: reincarnation_failed unverifiable" in text
