@@ -395,7 +395,11 @@ def open_servers(
         raise AuthenticationError(
             "sealed server list failed authentication (tampered, or another client's)"
         ) from None
-    return parse_server_list(plaintext.decode())
+    try:
+        text = plaintext.decode()
+    except UnicodeDecodeError:
+        raise MalformedMessageError("sealed server list is not UTF-8 text") from None
+    return parse_server_list(text)
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,9 @@ from migrate.errors import ConfigError
 def parse_object(data: bytes, expected_format: str, version: int) -> Fields:
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    except (ValueError, RecursionError) as error:
+        # ValueError: bad UTF-8, bad JSON, or an integer of more digits than Python converts;
+        # RecursionError: arrays or objects nested too deep.
         raise ConfigError(f"{expected_format}: not valid JSON ({error})") from None
     if not isinstance(value, dict):
         raise ConfigError(f"{expected_format}: expected a JSON object")
