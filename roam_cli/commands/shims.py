@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -28,6 +30,24 @@ def endpoint(text: str) -> Endpoint:
         return Endpoint.parse(text)
     except RoamError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def clock_offset(text: str) -> float:
+    """Testing only (hidden ``--clock-offset S``): the shim's clock runs ``S`` seconds ahead
+    (negative: behind) of the host's, to test skewed clocks in a lab."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError("the clock offset must be finite")
+    return value
+
+
+def shifted_clock(offset: float) -> Callable[[], float]:
+    if not offset:
+        return time.time
+    return lambda: time.time() + offset
 
 
 def register(subparsers: Subparsers) -> None:
@@ -124,6 +144,7 @@ def register(subparsers: Subparsers) -> None:
         "--log-json", type=Path, metavar="FILE", help="append one JSON object per event"
     )
     server.add_argument("--quiet", action="store_true", help="no human log on stderr")
+    server.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
     server.set_defaults(handler=run_server)
 
     client = subparsers.add_parser(
@@ -169,6 +190,7 @@ def register(subparsers: Subparsers) -> None:
     )
     client.add_argument("--log-json", type=Path, metavar="FILE")
     client.add_argument("--quiet", action="store_true")
+    client.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
     client.set_defaults(handler=run_client)
     actions = client.add_subparsers(dest="client_command", metavar="ACTION")
     status = actions.add_parser("status", help="show a running client shim's status")
@@ -234,7 +256,7 @@ def run_server(args: argparse.Namespace) -> int:
     )
     log = EventLog("server", args.log_json, quiet=args.quiet)
     try:
-        shim = ServerShim(options, log)
+        shim = ServerShim(options, log, clock=shifted_clock(args.clock_offset))
         _run_loop(shim.run)
     finally:
         log.close()
@@ -259,6 +281,7 @@ def run_client(args: argparse.Namespace) -> int:
             live=args.migration == "live",
             prepare_lead=args.prepare_lead,
             migration_port=args.migration_port,
+            clock=shifted_clock(args.clock_offset),
         )
         _run_loop(shim.run)
     finally:
