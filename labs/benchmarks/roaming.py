@@ -236,6 +236,11 @@ def analyse_stream(
         after_s=max(1.5, stall_timeout + 1.0),
     )
     app = [pause for pause in pauses if pause is not None]
+    failed: dict[str, int] = {}
+    for event in events_of(client_events, "handoff"):
+        if first < event["ts"] < last and event["outcome"] not in ("migrated", "closed"):
+            line = f"{event['outcome']}: {str(event.get('detail', ''))[:200]}"
+            failed[line] = failed.get(line, 0) + 1
     breaks = stream["breaks"]
     recovery = [1000 * (b["data_again"] - b["detected"]) for b in breaks if "data_again" in b]
     return {
@@ -247,6 +252,7 @@ def analyse_stream(
         "shim_pause_ms": shim_pauses,
         "shim_pause": p50_p99(shim_pauses),
         "outcomes": outcomes,
+        "handoffs_not_migrated": failed,
         "breaks": len(breaks),
         "break_errors": sorted({b["error"].split(":")[0] for b in breaks}),
         "recovery_ms": recovery,
@@ -650,7 +656,7 @@ def shim_trouble(pool: RoamingLab) -> dict[str, int]:
         for event in shim.events():
             if event.get("level") == "info" and event["event"] not in ("connection_reset",):
                 continue
-            reason = str(event.get("reason") or event.get("status") or "")[:100]
+            reason = str(event.get("reason") or event.get("status") or "")[:240]
             line = f"{shim.kind} {shim.host}: {event['event']} {reason}".rstrip()
             counts[line] = counts.get(line, 0) + 1
     return counts
@@ -1091,6 +1097,11 @@ def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str
     ours: dict[str, int] = {}
     for event in handoffs:
         ours[event["outcome"]] = ours.get(event["outcome"], 0) + 1
+    earlier: dict[str, int] = {}
+    for event in events_of(pool.clients["c1"].events(), "handoff"):
+        if event["port"] in ports and event["epoch"] < roam["epoch"]:
+            line = f"epoch {event['epoch']} {event['outcome']}: {str(event.get('detail'))[:200]}"
+            earlier[line] = earlier.get(line, 0) + 1
     new_host = pool.host_of(roam["server"])
     # This roam's preparations began after the previous roam ended (one hand-over at a time).
     since = max(
@@ -1112,6 +1123,7 @@ def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str
         "setup": ready,
         "roam": {k: roam[k] for k in ("epoch", "server", "connections", "outcomes", "pause_ms")},
         "ours": ours,
+        "earlier_handoffs": earlier,
         "pause_ms": pause_ms,
         "pause_per_connection_ms": pause_ms / count,
         "switch_late_ms": 1000 * (roam["ts"] - epoch["start"]),
@@ -1313,6 +1325,11 @@ def render_migration(results: dict[str, Any]) -> str:
     if recovery:
         lines += ["", "Reconnect: from noticing the break to data again (p50):"]
         lines += [f"- {line}" for line in recovery]
+    for key, row in results["streams"].items():
+        failed = _sum_dicts(run.get("handoffs_not_migrated", {}) for run in row["runs"]["roaming"])
+        if failed:
+            lines += ["", f"Hand-overs that did not migrate, {key}:"]
+            lines += trouble_lines(failed)
     if results["connections"]:
         lines += [
             "",
@@ -1330,8 +1347,14 @@ def render_migration(results: dict[str, Any]) -> str:
             errors = [*row["setup"]["errors"], *row["after"]["errors"]]
             if errors:
                 notes.append(f"- N={row['n']}: " + "; ".join(errors))
+            for line, count in (row.get("earlier_handoffs") or {}).items():
+                notes.append(f"- N={row['n']}, an earlier roam: {count} x {line}")
         if notes:
-            lines += ["", "Connection errors seen by the application:", *notes]
+            lines += [
+                "",
+                "Errors the application saw, and earlier hand-overs of its connections:",
+                *notes,
+            ]
     for key, row in results["streams"].items():
         trouble = _sum_dicts(run["shim_log"] for run in row["runs"]["roaming"])
         if trouble:
