@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from migrate.errors import ConfigError
@@ -42,6 +43,16 @@ def register(subparsers: Any) -> None:
     cleanup.add_argument("--dry-run", action="store_true", help="only list what would be removed")
     cleanup.add_argument("--json", action="store_true", help="print one JSON object")
     cleanup.set_defaults(handler=run_cleanup)
+
+    faults = commands.add_parser(
+        "faults",
+        help="kill the active server at random moments of live downloads, N times "
+        "(docs/reliability.md)",
+    )
+    faults.add_argument("--out", type=Path, required=True, metavar="DIR", help="results here")
+    faults.add_argument("--trials", type=int, default=100, help="downloads (default 100)")
+    faults.add_argument("--seed", type=int, default=None, help="random seed (default: random)")
+    faults.set_defaults(handler=run_faults)
 
 
 def run_linkcheck(args: argparse.Namespace) -> int:
@@ -101,3 +112,14 @@ def run_cleanup(args: argparse.Namespace) -> int:
     if summary.unreadable_records:
         raise ConfigError("; ".join(summary.unreadable_records))
     return 1 if failed else 0
+
+
+def run_faults(args: argparse.Namespace) -> int:
+    from labs.faults import run_server_death_trials
+
+    if args.trials < 1:
+        raise ConfigError("--trials must be at least 1")
+    summary = run_server_death_trials(args.out, trials=args.trials, seed=args.seed)
+    print(json.dumps(summary))
+    bad = {"corrupted", "failed-silent"} & summary["verdicts"].keys()
+    return 1 if bad or summary["shim_problems"] else 0
