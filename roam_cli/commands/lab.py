@@ -44,6 +44,11 @@ def register(subparsers: Any) -> None:
     cleanup.add_argument("--json", action="store_true", help="print one JSON object")
     cleanup.set_defaults(handler=run_cleanup)
 
+    # fig2 and overhead: the experiments of docs/results.md
+    from roam_cli.experiments import register_experiments
+
+    register_experiments(commands)
+
     faults = commands.add_parser(
         "faults",
         help="kill the active server at random moments of live downloads, N times "

@@ -1,0 +1,241 @@
+"""``roam lab fig2`` and ``roam lab overhead``: the experiments of docs/results.md.
+
+Registered under ``roam lab`` by ``roam_cli.commands.lab``. The experiments themselves are in
+``labs.experiments``; labs are imported only when a command runs (every ``roam`` command
+builds this parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from migrate.errors import ConfigError
+from roam_cli.args import non_negative_int, positive_int, positive_seconds
+
+# The same as labs.experiments.poisson's (a unit test checks): importing labs here would slow
+# every roam command down.
+MODES = ("replication", "roaming-reconnect", "roaming-live")
+ATTACKS = ("none", "diluted", "follow")
+DISCOVERY_DELAYS_S = (0.0, 15.0, 30.0, 45.0, 60.0)
+QUICK_SCALE = 10.0
+MAX_SCALE = 100.0
+
+
+def _scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or not 1 <= value <= MAX_SCALE:
+        raise argparse.ArgumentTypeError(f"{text!r} must be between 1 and {MAX_SCALE:g}")
+    return value
+
+
+def _choices(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        chosen = tuple(item.strip() for item in text.split(",") if item.strip())
+        unknown = [item for item in chosen if item not in allowed]
+        if not chosen or unknown:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: choose among {', '.join(allowed)} (comma-separated)"
+            )
+        return tuple(dict.fromkeys(chosen))
+
+    return parse
+
+
+def _delays(text: str) -> tuple[float, ...]:
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a number of seconds") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{item!r} must be a non-negative number")
+        values.append(value)
+    return tuple(sorted(set(values)))
+
+
+def register_experiments(commands: Any) -> None:
+    """Add ``fig2`` and ``overhead`` to ``roam lab``'s subcommands."""
+    fig2 = commands.add_parser(
+        "fig2",
+        help="reproduce the paper's Figure 2: response times under attack, against replication",
+        description="The paper's experiment (section V) on real processes in a PaperTopo lab: "
+        "20 legitimate requests for a 1 MB file from C (Poisson, mean 8 s), an attacker A "
+        "(Poisson, mean 1 s, 5 minutes), 60 s epochs; modes replication, roaming-reconnect "
+        "and roaming-live; attacks none, diluted and follow (discovery delays 0-60 s). Every "
+        "time is divided and every rate multiplied by --scale. Writes results.json, "
+        "results.csv, results.md, fig2.png and runs.json into --out. See docs/results.md.",
+    )
+    fig2.add_argument("--out", required=True, type=Path, metavar="DIR", help="output directory")
+    fig2.add_argument(
+        "--scale",
+        type=_scale,
+        default=None,
+        metavar="S",
+        help="speed-up: link rates times S, times divided by S (default 1; --quick: 10)",
+    )
+    fig2.add_argument(
+        "--repeat",
+        type=positive_int,
+        default=None,
+        metavar="R",
+        help="runs of every configuration, with other arrivals each (default 1)",
+    )
+    fig2.add_argument(
+        "--seed", type=non_negative_int, default=0, metavar="N", help="arrivals seed (default 0)"
+    )
+    fig2.add_argument(
+        "--quick",
+        action="store_true",
+        help="every configuration once at scale 10 (explicit --scale/--repeat win)",
+    )
+    fig2.add_argument(
+        "--modes",
+        type=_choices(MODES),
+        default=None,
+        metavar="M,...",
+        help=f"only these modes (default all: {','.join(MODES)})",
+    )
+    fig2.add_argument(
+        "--attacks",
+        type=_choices(ATTACKS),
+        default=None,
+        metavar="A,...",
+        help=f"only these attacks (default all: {','.join(ATTACKS)})",
+    )
+    fig2.add_argument(
+        "--delays",
+        type=_delays,
+        default=None,
+        metavar="S,...",
+        help="discovery delays of the follow attack, paper seconds (default 0,15,30,45,60)",
+    )
+    fig2.add_argument(
+        "--requests",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="legitimate requests per run (default 20, as in the paper)",
+    )
+    fig2.add_argument(
+        "--keep-logs", action="store_true", help="copy every run's shim logs into DIR/logs"
+    )
+    fig2.set_defaults(handler=run_fig2)
+
+    overhead = commands.add_parser(
+        "overhead",
+        help="measure what migration costs: pause per roam, goodput, checkpoint overhead",
+        description="Live migration's costs in a lab: the pause of a download at each roam "
+        "against the epoch length, goodput against the roam frequency, and the checkpoint "
+        "period against the bytes of checkpoints and the bytes replayed at each roam. Writes "
+        "overhead.json and plots into --out. See docs/results.md.",
+    )
+    overhead.add_argument("--out", required=True, type=Path, metavar="DIR")
+    overhead.add_argument(
+        "--seconds",
+        type=positive_seconds,
+        default=8.0,
+        metavar="S",
+        help="length of each measured download (default 8)",
+    )
+    overhead.add_argument(
+        "--repeat", type=positive_int, default=1, metavar="R", help="runs of each point (default 1)"
+    )
+    overhead.set_defaults(handler=run_overhead)
+
+
+def run_fig2(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from labs.experiments.fig2 import Fig2Options, run_fig2
+    from labs.experiments.poisson import PaperParams, configurations
+    from labs.experiments.report import acceptance, markdown_table
+
+    scale = args.scale if args.scale is not None else (QUICK_SCALE if args.quick else 1.0)
+    repeat = args.repeat if args.repeat is not None else 1
+    points = configurations(
+        modes=args.modes or MODES,
+        delays_s=args.delays or DISCOVERY_DELAYS_S,
+        attacks=args.attacks or ATTACKS,
+    )
+    if not points:
+        raise ConfigError("these --modes and --attacks leave nothing to run")
+    params = PaperParams()
+    if args.requests is not None:
+        params = replace(params, legit_requests=args.requests)
+    options = Fig2Options(
+        out=args.out,
+        scale=scale,
+        repeat=repeat,
+        seed=args.seed,
+        points=tuple(points),
+        params=params,
+        keep_logs=args.keep_logs,
+    )
+    with _RichProgress() as progress:
+        records = run_fig2(options, progress)
+    print(markdown_table(records))
+    for goal in acceptance(records):
+        verdict = "met" if goal.met else "NOT met" if goal.met is False else "not measured"
+        print(f"{verdict}: {goal.name} ({goal.detail})")
+    print(f"written: {args.out}/results.json, results.csv, results.md, fig2.png, runs.json")
+    return 0
+
+
+def run_overhead(args: argparse.Namespace) -> int:
+    from labs.experiments.overhead import OverheadOptions, run_overhead
+
+    with _RichProgress() as progress:
+        summary = run_overhead(
+            OverheadOptions(out=args.out, seconds=args.seconds, repeat=args.repeat), progress
+        )
+    print(summary)
+    return 0
+
+
+class _RichProgress:
+    """A rich progress bar over the experiment's runs (plain lines when not on a terminal)."""
+
+    def __enter__(self) -> _RichProgress:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.progress.__enter__()
+        self.task = self.progress.add_task("starting the lab", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.__exit__(None, None, None)
+
+    def start(self, total: int) -> None:
+        self.progress.update(self.task, total=total)
+
+    def begin(self, label: str) -> None:
+        self.progress.update(self.task, description=label)
+
+    def done(self, label: str, summary: str) -> None:
+        self.progress.console.print(f"{label}: {summary}")
+        self.progress.advance(self.task)
