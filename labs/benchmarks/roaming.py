@@ -526,6 +526,27 @@ def _this_module(*args: object) -> list[str]:
 # --- the lab side: shared --------------------------------------------------------------------
 
 
+def source_state() -> dict[str, Any]:
+    """The commit measured, and the tracked files modified in the working tree (other work in
+    progress changes what a benchmark measures). ``SOURCE_COMMIT`` names the commit of a tree
+    exported without its repository."""
+    state: dict[str, Any] = {"commit": os.environ.get("SOURCE_COMMIT", "unknown"), "modified": []}
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+        status = subprocess.run(
+            ["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True, text=True, timeout=10, check=True,
+        )  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return state
+    state["commit"] = head.stdout.strip()
+    state["modified"] = [line[3:] for line in status.stdout.splitlines()]
+    return state
+
+
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -846,6 +867,7 @@ def run_shims(
         pool.stop()
     return {
         "subcommand": "shims",
+        "source": source_state(),
         "date": time.strftime("%Y-%m-%d"),
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
@@ -912,10 +934,20 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def source_line(results: dict[str, Any]) -> list[str]:
+    source = results.get("source")
+    if not source:
+        return []
+    modified = source.get("modified") or []
+    dirty = f"; modified tracked files: {', '.join(modified)}" if modified else " (clean tree)"
+    return [f"Source: commit {source.get('commit')}{dirty}", ""]
+
+
 def render_shims(results: dict[str, Any]) -> str:
     paths = results["paths"]
     bases = [base for base in BASELINES if base in paths]
     lines = [
+        *source_line(results),
         "| path | c->s Gbit/s | s->c Gbit/s | "
         + " | ".join(f"vs {base} c->s / s->c" for base in bases)
         + " |",
@@ -1155,6 +1187,7 @@ def run_migration(
     small = os.urandom(SMALL_BYTES)
     results: dict[str, Any] = {
         "subcommand": "migration",
+        "source": source_state(),
         "date": time.strftime("%Y-%m-%d"),
         "kernel": os.uname().release,
         "cpus": os.cpu_count(),
@@ -1200,7 +1233,12 @@ def run_migration(
                         )
         results["streams"] = summarise_streams(streams)
         if counts:
-            deploy(pool, mode="live", servers=every, tick=2.0, first_switch_after=2.0)
+            try:
+                deploy(pool, mode="live", servers=every, tick=2.0, first_switch_after=2.0)
+            except (LabError, RuntimeError) as error:
+                results["connections_error"] = str(error)
+                progress(f"connections: {error}")
+                counts = []
             for count in counts:
                 try:
                     measured = measure_connections(pool, count, wait_s=5.0)
@@ -1285,6 +1323,7 @@ def connections_line(row: dict[str, Any]) -> str:
 def render_migration(results: dict[str, Any]) -> str:
     rtt = results["rtt_ms"]
     lines = [
+        *source_line(results),
         f"Lab RTT c1 -> s1 (ping, 50): p50 {rtt['p50']:.3f} ms, p99 {rtt['p99']:.3f} ms",
         "",
         "| download | migration | goodput Mbit/s: 1 server / 3, no roam / roaming | "
@@ -1330,6 +1369,8 @@ def render_migration(results: dict[str, Any]) -> str:
         if failed:
             lines += ["", f"Hand-overs that did not migrate, {key}:"]
             lines += trouble_lines(failed)
+    if results.get("connections_error"):
+        lines += ["", f"Connections not measured: {results['connections_error']}"]
     if results["connections"]:
         lines += [
             "",
