@@ -1,0 +1,1 @@
+"""Fuzz targets of every parser, shared by the hypothesis tests and the atheris harnesses."""
