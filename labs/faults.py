@@ -144,13 +144,15 @@ def active_host(roaming: RoamingLab, now: float) -> tuple[str, float]:
 
 
 def kill_server(roaming: RoamingLab, host: str) -> None:
-    """The server dies: shim and service SIGKILLed, its host drops every packet."""
+    """The server dies as a host does: cut off first, then shim and service SIGKILLed, so the
+    FINs its kernel sends for the dead processes' sockets never leave it (a crash of the
+    processes alone on a reachable host closes the client's connections: not this fault)."""
+    roaming.lab[host].run(["nft", "-f", "-"], check=True, input=BLACKHOLE)
     roaming.servers[host].stop(signal.SIGKILL)
     service = roaming.services.get(host)
     if service is not None:
         service.process.send_signal(signal.SIGKILL)
         service.process.wait(timeout=10)
-    roaming.lab[host].run(["nft", "-f", "-"], check=True, input=BLACKHOLE)
 
 
 def revive_server(roaming: RoamingLab, host: str) -> None:
@@ -192,6 +194,7 @@ class Trial:
     outcomes: dict[str, int] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    curl_error: str = ""
 
 
 def server_death_trial(
@@ -232,8 +235,7 @@ def server_death_trial(
         for h in new
         if h["outcome"] not in ("migrated", "closed")
     ]
-    if curl.returncode and curl.stderr is not None:
-        reasons.append(f"curl: {curl.stderr.read().strip()[:160]}")
+    curl_error = curl.stderr.read().strip()[:160] if curl.stderr is not None else ""
     return Trial(
         number,
         round(kill_after, 3),
@@ -244,6 +246,7 @@ def server_death_trial(
         outcomes,
         reasons,
         shim_problems(roaming),
+        curl_error,
     )
 
 
@@ -319,7 +322,8 @@ def _markdown(summary: dict[str, Any], results: list[Trial]) -> str:
         lines += ["Trials that did not complete intact:", ""]
         lines += [
             f"- trial {t.number}: {t.verdict}, killed {t.killed} after {t.kill_after_s} s, "
-            f"{t.received} bytes received; {'; '.join(t.reasons) or 'no reason logged'}"
+            f"{t.received} bytes received ({t.curl_error or 'curl: no error'}); "
+            f"{'; '.join(t.reasons) or 'no reason logged'}"
             for t in failed
         ]
         lines.append("")
