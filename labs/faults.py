@@ -273,6 +273,8 @@ def run_server_death_trials(
     while len(results) < trials:
         data = os.urandom(size)
         with live_lab(tick=2.0, m=1, content={"data": data}, first_switch_after=3.0) as roaming:
+            # Small receive buffers: curl's rate limit then holds the transfer on the wire.
+            roaming.lab["c1"].sysctl("net.ipv4.tcp_rmem", "4096 16384 65536")
             roaming.start()
             time.sleep(max(0.0, roaming.start_time - time.time()) + 0.5)
             for _ in range(min(trials_per_lab, trials - len(results))):
