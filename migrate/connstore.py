@@ -68,6 +68,11 @@ class ConnectionStore:
     connections: dict[int, TrackedConnection] = field(default_factory=dict)
     carriers_stored: int = 0
     carriers_ignored: int = 0
+    # Why carriers were ignored: "unknown" connection, "other" connection on the same port,
+    # "older" than the one held.
+    ignored_by_reason: dict[str, int] = field(
+        default_factory=lambda: {"unknown": 0, "other": 0, "older": 0}
+    )
 
     def on_syn(self, client_port: int, isn: int, now: float) -> None:
         """A SYN from the client: a new connection (a retransmitted SYN changes nothing)."""
@@ -132,12 +137,20 @@ class ConnectionStore:
         point. Returns whether it was kept."""
         conn = self.connections.get(carrier.client_port)
         current = conn.carrier if conn is not None else None
-        if conn is None or (
-            current is not None
-            and (carrier.conn_id != current.conn_id or carrier.counter <= current.counter)
-        ):
+        reason = (
+            "unknown"
+            if conn is None
+            else "other"
+            if current is not None and carrier.conn_id != current.conn_id
+            else "older"
+            if current is not None and carrier.counter <= current.counter
+            else None
+        )
+        if reason is not None:
             self.carriers_ignored += 1
+            self.ignored_by_reason[reason] += 1
             return False
+        assert conn is not None
         conn.carrier = carrier
         conn.last_seen = now
         self.carriers_stored += 1
