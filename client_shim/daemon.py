@@ -28,6 +28,7 @@ from typing import Any
 
 from client_shim.migrator import (
     DEFAULT_PREPARE_LEAD,
+    HANDOFF_BUDGET_S,
     LATE_PREPARE_WAIT_S,
     MAX_PREPARE_LEAD,
     MIGRATION_PORT,
@@ -246,7 +247,12 @@ class ClientShim:
                 # so waiting a little for the new one costs nothing more.
                 self.clock() + LATE_PREPARE_WAIT_S,
             )
-            await migrator.commit(record, server, prepare_deadline=deadline)
+            await migrator.commit(
+                record,
+                server,
+                prepare_deadline=deadline,
+                give_up_at=self.schedule.start_of(index) + HANDOFF_BUDGET_S,
+            )
             previous, self.target = self.target, server
             self.log.event("switch", server=str(server), previous=str(previous), epoch=index)
         except (RoamError, OSError) as error:

@@ -62,6 +62,9 @@ PREPARE_RETRY_S = 1.0
 REFRESH_LEAD = 0.1
 PREPARE_OVERTIME_S = 3.0  # at most this much longer while PREPARE answers keep coming
 LATE_PREPARE_WAIT_S = 2.0
+# A hand-over stops waiting for PREPARE answers this long after its epoch began, leaving time
+# to COMMIT within the servers' grace (proxy.live.COMMIT_GRACE_S, 6 s).
+HANDOFF_BUDGET_S = 4.0
 COMMIT_RETRY_S = 0.5  # the last position report goes out this long before the boundary
 CARRIER_GRACE_S = 0.3
 MIGRATION_PORT = 47476
@@ -311,15 +314,25 @@ class Migrator:
         return record
 
     async def commit(
-        self, record: RoamRecord, target: Endpoint, prepare_deadline: float | None = None
+        self,
+        record: RoamRecord,
+        target: Endpoint,
+        prepare_deadline: float | None = None,
+        give_up_at: float | None = None,
     ) -> None:
         """Freeze, commit, switch, GO; reset what could not follow. Records every outcome.
 
         PREPAREs are waited for until ``prepare_deadline`` (the old server stops serving soon
-        after the boundary: waiting longer would stall every connection, ready or not)."""
+        after the boundary: waiting longer would stall every connection, ready or not), and
+        late ones a little longer, but never past ``give_up_at``: the new server takes COMMITs
+        for its epoch only until shortly after the epoch began."""
         deadline = (
             prepare_deadline if prepare_deadline is not None else (self.clock() + PREPARE_WAIT_S)
         )
+        overtime_limit = deadline + PREPARE_OVERTIME_S
+        if give_up_at is not None:
+            deadline = min(deadline, give_up_at)
+            overtime_limit = min(overtime_limit, give_up_at)
         # Connections opened since the PREPAREs went out: prepare them now, while the old
         # server still serves (waiting a moment for the first checkpoint of the newest).
         self.on_capture()
@@ -334,7 +347,7 @@ class Migrator:
         )
         late = [h for h, a in zip(live.values(), answers, strict=True) if a is None]
         if late:
-            await self._overtime(late, deadline + PREPARE_OVERTIME_S, target)
+            await self._overtime(late, overtime_limit, target)
         for handoff, first in zip(live.values(), answers, strict=True):
             answer = first
             if answer is None and handoff.prepare is not None and handoff.prepare.done():
@@ -603,6 +616,8 @@ class Migrator:
             "tracked_connections": len(self.store.connections),
             "carriers_stored": self.store.carriers_stored,
             "carriers_rejected": self.rejected_carriers,
+            "carriers_ignored": self.store.carriers_ignored,
+            "carriers_ignored_by_reason": dict(self.store.ignored_by_reason),
             "capture_losses": self.capture_losses,
             "roams": [record.summary() for record in self.roams[-10:]],
         }

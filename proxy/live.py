@@ -76,7 +76,7 @@ TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
 MAX_PREPARE_AHEAD_S = 5.0  # how long before its epoch a re-incarnation may be prepared
-COMMIT_GRACE_S = 3.0  # and how long after its start
+COMMIT_GRACE_S = 6.0  # and how long after its start (client_shim.migrator.HANDOFF_BUDGET_S)
 REGENERATE_BUFFER_BYTES = 256 * 1024
 SERVICE_IDLE_S = 5.0  # a replayed service silent this long will not produce what is missing
 PREPARE_CONCURRENCY = 8
@@ -84,6 +84,11 @@ PENDING_TTL_S = (
     MAX_PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
 )  # how long before its epoch a re-incarnation may be prepared
 MIGRATION_PORT = 47476
+# A re-incarnated connection counts its checkpoints on from the presented one plus this much,
+# so that its carriers outrank whatever the previous server pushed after that checkpoint
+# (during the hand-over, and after the switch until its gate closed): the client keeps the
+# new server's checkpoints and ignores the old server's late ones.
+INCARNATION_COUNTER_STRIDE = 2**32
 
 
 @dataclass(frozen=True, slots=True)
@@ -850,7 +855,7 @@ class LiveMode:
             pending.admitted.record,
             conn_id=checkpoint.conn_id,
             stream=pending.stream,
-            counter=checkpoint.counter,
+            counter=checkpoint.counter + INCARNATION_COUNTER_STRIDE,
             s2c_base=pending.s2c_base,
             syn_adjust=0,
         )
