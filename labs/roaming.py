@@ -80,6 +80,10 @@ class ShimProcess:
             return self.process.wait(timeout=5)
 
 
+START_ATTEMPTS = 3
+START_MARGIN_S = 0.5
+
+
 @dataclass
 class RoamingLab:
     lab: Lab
@@ -189,6 +193,9 @@ class RoamingLab:
         else:
             raise LabError(f"no schedule with {self.min_switches} switches found in 100 draws")
         for host in self.client_hosts:
+            # A bundle of an earlier draw (a restarted lab) belongs to another deployment.
+            for stale in (self.bundle_path(host), Path(f"{self.bundle_path(host)}.state")):
+                stale.unlink(missing_ok=True)
             self.subscribe(host, **self.subscribe_options)
 
     def subscribe(self, host: str, name: str | None = None, **options: str) -> Path:
@@ -286,15 +293,28 @@ class RoamingLab:
         return shim
 
     def start(self) -> None:
-        """Create the deployment, then start services, server shims and client shims."""
-        self.create()
-        for host in self.server_hosts:
-            if self.service != "none":
+        """Start the services, create the deployment, then start server and client shims.
+
+        The schedule's start is fixed when the deployment is created; if the shims are not all
+        up ``START_MARGIN_S`` before it (a busy machine), they are stopped and the deployment
+        is drawn again with twice the delay: a test that asked for quiet first seconds
+        (``first_switch_after``) gets them, counted from when everything runs."""
+        if self.service != "none":
+            for host in self.server_hosts:
                 self.start_service(host)
-            self.start_server(host)
-        for host in self.client_hosts:
-            self.start_client(host)
-        self.wait_ready()
+        for attempt in range(START_ATTEMPTS):
+            self.create()
+            for host in self.server_hosts:
+                self.start_server(host)
+            for host in self.client_hosts:
+                self.start_client(host)
+            self.wait_ready()
+            late_by = time.time() + START_MARGIN_S - self.start_time
+            if late_by <= 0 or attempt == START_ATTEMPTS - 1:
+                return
+            for shim in [*self.clients.values(), *self.servers.values()]:
+                shim.stop()
+            self.start_delay = 2 * self.start_delay + late_by
 
     def wait_ready(self, timeout_s: float = READY_TIMEOUT_S) -> None:
         deadline = time.monotonic() + timeout_s
