@@ -16,10 +16,14 @@ its connections). Every completed body is checked against the file's SHA-256. A 
 is accounted for as completed, or failed with a reason (``timeout``, ``corrupt``,
 ``interrupted``, or the HTTP error).
 
+``stream`` and ``requests`` (``labs.experiments.overhead``): one long download with its receive
+gaps time-stamped, and a keep-alive loop of small requests.
+
 ``attack``: one asyncio loop; at each arrival, a connection to the planned server, one GET for
 the file, read to the end and thrown away. Requests to a server whose gate is closed get no
-answer and give up after the connect timeout. At the end of the attack every attack
-connection is closed.
+answer and give up after the connect timeout; the follow attacker also abandons its pending
+attempts at a server when it turns to another (``abandon_on_retarget``). At the end of the
+attack every attack connection is closed.
 """
 
 from __future__ import annotations
@@ -242,6 +246,127 @@ def run_legit(plan: dict[str, Any]) -> dict[str, Any]:
     return {"requests": out}
 
 
+# --- overhead workloads ---------------------------------------------------------------------
+
+GAP_FLOOR_S = 0.002  # receive gaps longer than this are reported (pauses are far longer)
+
+
+def run_stream(plan: dict[str, Any]) -> dict[str, Any]:
+    """Download one large file for ``duration_s``, time-stamping the gaps between receives. A
+    broken connection is resumed with a Range request (in reconnect mode, also at each roam,
+    as the paper's client did). Reports the SHA-256 of what arrived, to be checked against
+    the same prefix of the file."""
+    host, port, path = plan["host"], int(plan["port"]), plan["path"]
+    size = int(plan["file_bytes"])
+    end = time.time() + float(plan["duration_s"])
+    reconnect_at = sorted(float(t) for t in plan.get("reconnect_at", []))
+    stall = float(plan.get("stall_timeout_s", 5.0))
+    digest = hashlib.sha256()
+    received = 0
+    first = last = 0.0
+    gaps: list[list[float]] = []
+    breaks: list[dict[str, Any]] = []
+    while time.time() < end and received < size:
+        opened = time.time()
+        cut = next((t for t in reconnect_at if t > opened), None)
+        try:
+            with socket.create_connection((host, port), timeout=stall) as sock:
+                sock.sendall(http_request(path, host, received))
+                pending = b""
+                while b"\r\n\r\n" not in pending:
+                    chunk = sock.recv(RECV_BYTES)
+                    if not chunk:
+                        raise ConnectionError("closed before the response head")
+                    pending += chunk
+                head, _, body = pending.partition(b"\r\n\r\n")
+                status, headers = parse_head(head)
+                check_response(status, headers, received, size)
+                while True:
+                    now = time.time()
+                    if body:
+                        if last and now - last > GAP_FLOOR_S:
+                            gaps.append([round(last, 6), round(now, 6)])
+                        first = first or now
+                        last = now
+                        digest.update(body)
+                        received += len(body)
+                    if received >= size or now >= end:
+                        break
+                    limit = min(stall, end - now)
+                    if cut is not None:
+                        limit = min(limit, cut - now)
+                    if limit <= 0:
+                        raise RoamCut("dropped at the roam")
+                    sock.settimeout(limit)
+                    try:
+                        body = sock.recv(RECV_BYTES)
+                    except TimeoutError:
+                        if cut is not None and time.time() >= cut:
+                            raise RoamCut("dropped at the roam") from None
+                        if time.time() >= end:
+                            break
+                        raise
+                    if not body:
+                        raise ConnectionError(f"closed at byte {received}")
+        except (OSError, ProtocolError, ValueError) as error:
+            breaks.append({"at": round(time.time(), 6), "error": type(error).__name__})
+            if not isinstance(error, RoamCut):
+                time.sleep(0.01)
+    return {
+        "bytes": received,
+        "first": first,
+        "last": last,
+        "gaps": gaps,
+        "breaks": breaks,
+        "sha256": digest.hexdigest(),
+    }
+
+
+def run_requests(plan: dict[str, Any]) -> dict[str, Any]:
+    """GET a small file again and again on one HTTP/1.1 keep-alive connection for
+    ``duration_s`` (a new connection after a break); every body is checked."""
+    host, port, path = plan["host"], int(plan["port"]), plan["path"]
+    size = int(plan["file_bytes"])
+    expected = plan["sha256"]
+    end = time.time() + float(plan["duration_s"])
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode()
+    done = bad = received = 0
+    breaks: list[dict[str, Any]] = []
+    sock: socket.socket | None = None
+    while time.time() < end:
+        try:
+            if sock is None:
+                sock = socket.create_connection((host, port), timeout=5.0)
+            sock.sendall(request)
+            pending = b""
+            while b"\r\n\r\n" not in pending:
+                chunk = sock.recv(RECV_BYTES)
+                if not chunk:
+                    raise ConnectionError("closed")
+                pending += chunk
+            head, _, body = pending.partition(b"\r\n\r\n")
+            status, headers = parse_head(head)
+            check_response(status, headers, 0, size)
+            while len(body) < size:
+                chunk = sock.recv(RECV_BYTES)
+                if not chunk:
+                    raise ConnectionError("closed in a response")
+                body += chunk
+            done += 1
+            received += size
+            if hashlib.sha256(body[:size]).hexdigest() != expected:
+                bad += 1
+        except (OSError, ProtocolError, ValueError) as error:
+            breaks.append({"at": round(time.time(), 6), "error": type(error).__name__})
+            if sock is not None:
+                sock.close()
+                sock = None
+            time.sleep(0.01)
+    if sock is not None:
+        sock.close()
+    return {"requests": done, "bad": bad, "bytes": received, "breaks": breaks}
+
+
 # --- attacker -----------------------------------------------------------------------------
 
 
@@ -253,6 +378,7 @@ class Attack:
         self.open = 0
         self.max_open = 0
         self.per_target: dict[str, int] = {}
+        self.connecting: dict[asyncio.Task[None], str] = {}  # attempts not yet answered
 
     def count(self, what: str) -> None:
         self.counts[what] = self.counts.get(what, 0) + 1
@@ -260,10 +386,16 @@ class Attack:
     async def request(self, host: str, port: int) -> None:
         writer = None
         self.per_target[host] = self.per_target.get(host, 0) + 1
+        me = asyncio.current_task()
+        assert me is not None
+        self.connecting[me] = host
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(host, port), float(self.plan["connect_timeout_s"])
-            )
+            try:
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, port), float(self.plan["connect_timeout_s"])
+                )
+            finally:
+                self.connecting.pop(me, None)
             self.count("connected")
             self.open += 1
             self.max_open = max(self.max_open, self.open)
@@ -296,6 +428,14 @@ class Attack:
                     await asyncio.wait_for(stop.wait(), delay)
             if stop.is_set() or time.time() >= end:
                 break
+            if self.plan.get("abandon_on_retarget"):
+                # A follow attacker that has found the service elsewhere stops knocking at the
+                # old address (in the paper's prototype such attempts failed at once).
+                for stale, target in list(self.connecting.items()):
+                    if target != str(host):
+                        stale.cancel()
+                        self.connecting.pop(stale, None)
+                        self.count("abandoned")
             task = asyncio.create_task(self.request(str(host), int(port)))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
@@ -318,6 +458,14 @@ class Attack:
         }
 
 
+ROLES = {
+    "legit": run_legit,
+    "attack": lambda plan: asyncio.run(Attack(plan).run()),
+    "stream": run_stream,
+    "requests": run_requests,
+}
+
+
 def _raise_nofile() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
@@ -326,13 +474,13 @@ def _raise_nofile() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m labs.experiments.agents")
-    parser.add_argument("role", choices=["legit", "attack"])
+    parser.add_argument("role", choices=sorted(ROLES))
     parser.add_argument("--plan", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
     plan = json.loads(args.plan.read_text())
     _raise_nofile()
-    result = run_legit(plan) if args.role == "legit" else asyncio.run(Attack(plan).run())
+    result = ROLES[args.role](plan)
     temporary = args.out.with_name(args.out.name + ".tmp")
     temporary.write_text(json.dumps(result))
     temporary.replace(args.out)

@@ -53,6 +53,7 @@ class FixedEpochRoaming(RoamingLab):
 
     stretch_epochs: int = 7
     experiment_start: float = 0.0  # set by create(): the start of the stretch (Unix time)
+    fixed: bool = True  # False: the protocol's own random epochs (m=1: one or two ticks)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,7 +63,16 @@ class FixedEpochRoaming(RoamingLab):
 
     def create(self) -> None:
         """Write a deployment whose fixed stretch starts ``start_delay`` from now; subscribe
-        the client hosts."""
+        the client hosts. Not ``fixed``: ``roam init``'s random schedule, from now on."""
+        if not self.fixed:
+            for host in self.client_hosts:
+                bundle = self.bundle_path(host)
+                bundle.unlink(missing_ok=True)
+                bundle.with_name(bundle.name + ".state").unlink(missing_ok=True)
+            super().create()
+            self.stretch = None
+            self.experiment_start = self.start_time
+            return
         servers = parse_server_list(self.server_list)
         stretch = None
         chain_key = b""
@@ -105,10 +115,9 @@ class FixedEpochRoaming(RoamingLab):
             self.subscribe(host, **self.subscribe_options)
 
     def experiment_epochs(self, count: int) -> list[dict[str, Any]]:
-        """``roam schedule`` of ``count`` epochs from the stretch's first (start, length,
+        """``roam schedule`` of ``count`` epochs from the experiment's first (start, length,
         server as JSON objects)."""
-        assert self.stretch is not None
-        return self.schedule(self.stretch.first_epoch, count)
+        return self.schedule(self.stretch.first_epoch if self.stretch else 1, count)
 
     def stop_shims(self) -> None:
         for shim in [*self.clients.values(), *self.servers.values()]:

@@ -296,6 +296,7 @@ class Experiment:
             "path": FILE_PATH,
             "end": start + self.lab_s(params.attack_duration_s),
             "connect_timeout_s": self.lab_s(options.attack_connect_timeout_s),
+            "abandon_on_retarget": point.attack == "follow",
             "arrivals": [
                 [start + self.lab_s(at), str(self.lab[victim].address), port]
                 for at, victim in zip(attack_at, victims, strict=True)
@@ -448,6 +449,7 @@ def run_fig2(options: Fig2Options, progress: Progress | None = None) -> list[Rec
     progress.start(total)
     topo = Fig2Topo(scale=options.scale, rate_mbit=options.params.rate_mbit)
     with Lab(topo) as lab:
+        lab_info = {"id": str(lab.id), "namespaces": lab.namespaces, "workdir": str(lab.workdir)}
         experiment = Experiment(lab, options, data)
         for repeat in range(options.repeat):
             for point in options.points:
@@ -458,12 +460,16 @@ def run_fig2(options: Fig2Options, progress: Progress | None = None) -> list[Rec
                 progress.done(label, summary_line(run, options.scale))
         experiment.pool.stop()
     records = aggregate(runs, options.points, options.scale)
-    write_outputs(options, records, runs, time.time() - started)
+    write_outputs(options, records, runs, time.time() - started, lab_info)
     return records
 
 
 def write_outputs(
-    options: Fig2Options, records: Sequence[Record], runs: Sequence[Run], elapsed_s: float
+    options: Fig2Options,
+    records: Sequence[Record],
+    runs: Sequence[Run],
+    elapsed_s: float,
+    lab_info: dict[str, Any],
 ) -> None:
     out = options.out
     write_results_json(records, out / "results.json")
@@ -492,6 +498,7 @@ def write_outputs(
         "repeat": options.repeat,
         "seed": options.seed,
         "elapsed_s": round(elapsed_s, 1),
+        "lab": lab_info,
         "params": {
             "legit_requests": options.params.legit_requests,
             "legit_mean_gap_s": options.params.legit_mean_gap_s,
