@@ -614,7 +614,11 @@ def restore_socket(
         )
         if state.tsval is not None:
             # The kernel stores tsoffset = tsval - its own clock, so TSval continues from here.
-            _set_u32(sock, so.TCP_TIMESTAMP, state.tsval, "TCP_TIMESTAMP")
+            # Since Linux 6.7 the value's low bit switches the socket to microsecond
+            # timestamps: an odd value would make TSval run 1000 times too fast (and the next
+            # incarnation, in milliseconds again, fall behind the client's TS.Recent, which
+            # PAWS punishes by dropping every segment). Round up to an even value.
+            _set_u32(sock, so.TCP_TIMESTAMP, ms_timestamp(state.tsval), "TCP_TIMESTAMP")
         _refill_queue(sock, so.TCP_RECV_QUEUE, recv_queue, "receive")
         _refill_queue(sock, so.TCP_SEND_QUEUE, send_queue, "send")
         # The window last: the kernel checks rcv_wup and snd_wl1 against the final rcv_nxt.
@@ -673,6 +677,12 @@ def leave_repair(sock: socket.socket) -> None:
 def enter_repair(sock: socket.socket) -> None:
     """Put ``sock`` in repair mode: from now on closing it sends neither FIN nor RST."""
     _set_repair(sock, so.TCP_REPAIR_ON)
+
+
+def ms_timestamp(tsval: int) -> int:
+    """``tsval`` rounded up to an even value (mod 2^32): a millisecond TCP_TIMESTAMP setting,
+    whose low bit the kernel does not take as the microsecond-timestamps switch."""
+    return (tsval + (tsval & 1)) % 2**32
 
 
 def read_timestamp(sock: socket.socket) -> int:

@@ -601,3 +601,25 @@ def test_invalid_state_is_rejected_before_any_syscall() -> None:
             bytes_from_client=0,
             mss=1460,
         )
+
+
+def test_restored_timestamp_clock_stays_in_milliseconds(topo: Topology, conn: Connection) -> None:
+    # Linux >= 6.7 takes the low bit of a TCP_TIMESTAMP setting as "microsecond timestamps":
+    # an odd TSval restored as is would make the new server's clock run 1000 times too fast,
+    # and the next server (in milliseconds again) fall behind the client's TS.Recent.
+    exchange(conn.client, conn.server, pattern(b"c1", 4096), pattern(b"s1", 4096))
+    wait_settled(conn.client, conn.server)
+    value, taken = server_tsval(conn.server)
+    topo.cut_server_a()
+    state = client_view_state(conn, (value | 1, taken))
+    assert state.tsval is not None
+    silent_close(conn.server)
+    new_server = restore_in_b(topo, conn, state)
+    first, started = server_tsval(new_server)
+    time.sleep(0.3)
+    second, ended = server_tsval(new_server)
+    assert first >= state.tsval
+    elapsed_ms = (ended - started) * 1000
+    # Milliseconds: about 300 ticks (not about 300,000).
+    assert elapsed_ms - 50 <= (second - first) % 2**32 <= elapsed_ms + 50
+    exchange(conn.client, new_server, pattern(b"c2", 65536), pattern(b"s2", 65536))
