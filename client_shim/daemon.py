@@ -53,6 +53,7 @@ from migrate.updates import ClientRoamingState
 
 Clock = Callable[[], float]
 MAX_DATAGRAM = 2048
+COMMIT_MARGIN_S = 0.3  # COMMITs go out at least this long before the new server's window closes
 
 
 class ClientShim:
@@ -251,7 +252,12 @@ class ClientShim:
                 record,
                 server,
                 prepare_deadline=deadline,
-                give_up_at=self.schedule.start_of(index) + HANDOFF_BUDGET_S,
+                # ... and in time for the COMMITs to reach the new server before its window
+                # for this epoch closes (it refuses them after).
+                give_up_at=min(
+                    self.schedule.start_of(index) + HANDOFF_BUDGET_S,
+                    self.schedule.window(index).closes - COMMIT_MARGIN_S,
+                ),
             )
             previous, self.target = self.target, server
             self.log.event("switch", server=str(server), previous=str(previous), epoch=index)

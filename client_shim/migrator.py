@@ -32,7 +32,7 @@ from typing import Any
 from client_shim.rules import finished_script, freeze_script, switch_script
 from migrate.channel import Kind, Opener
 from migrate.checkpoint import carrier_opener, open_carrier
-from migrate.connstore import ConnectionStore
+from migrate.connstore import ConnectionStore, TrackedConnection
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError
 from migrate.kernel import nft, sockdiag
@@ -284,8 +284,8 @@ class Migrator:
         self.on_capture()
         for port, info in self._live_sockets().items():
             conn = self.store.connections.get(port)
-            if conn is not None and conn.carrier is None and conn.unmigratable is None:
-                continue  # too new for a checkpoint: handled at the commit, as a newcomer
+            if conn is not None and conn.unmigratable is None and not _verifiable(conn, info):
+                continue  # too new for a usable checkpoint: handled at the commit, as a newcomer
             handoff = Handoff(port)
             record.connections[port] = handoff
             if conn is None or conn.carrier is None or conn.unmigratable is not None:
@@ -539,10 +539,10 @@ class Migrator:
         while self.clock() < deadline:
             waiting = [
                 port
-                for port in sockets
+                for port, info in sockets.items()
                 if (conn := self.store.connections.get(port)) is not None
-                and conn.carrier is None
                 and conn.unmigratable is None
+                and not _verifiable(conn, info)
             ]
             if not waiting:
                 return
@@ -621,6 +621,14 @@ class Migrator:
             "capture_losses": self.capture_losses,
             "roams": [record.summary() for record in self.roams[-10:]],
         }
+
+
+def _verifiable(conn: TrackedConnection, info: sockdiag.TcpSocketInfo) -> bool:
+    """Whether ``conn`` holds a checkpoint a new server can verify a replay against: one that
+    commits to some of the service's output, unless the client has received none yet. (The
+    server pushes one as soon as the service's first bytes pass.)"""
+    carrier = conn.carrier
+    return carrier is not None and (carrier.s2c_pos > 0 or info.bytes_received == 0)
 
 
 class _AnswerProtocol(asyncio.DatagramProtocol):

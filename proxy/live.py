@@ -152,6 +152,7 @@ class LiveConnection:
         self.started = now
         self.next_due = now  # the first checkpoint goes out at once
         self.last_sent = 0.0
+        self.pushed_s2c = -1  # the service's position in the last checkpoint pushed
         self.sealer = live.carrier_sealer(record) if record is not None else None
         self.relay = Relay(
             client,
@@ -215,6 +216,7 @@ class LiveConnection:
         )
         self.live.raw.send(packet)
         self.last_sent = now
+        self.pushed_s2c = checkpoint.s2c_pos
         self.live.checkpoints_sent += 1
         period = self.live.period
         # Keep the connection's own phase: due times are start + k * period.
@@ -224,7 +226,13 @@ class LiveConnection:
     def due(self, now: float) -> bool:
         if now >= self.next_due:
             return True
-        return self.stream.boundary_due and now - self.last_sent >= BOUNDARY_MIN_GAP
+        # A checkpoint from before the service's first byte commits to none of its output: a
+        # re-incarnation from it could not be verified. Push one as soon as bytes flowed,
+        # rather than a period later, so that young connections can move too.
+        first_bytes = self.pushed_s2c == 0 < self.stream.s2c_pos
+        return (self.stream.boundary_due or first_bytes) and (
+            now - self.last_sent >= BOUNDARY_MIN_GAP
+        )
 
     def leave_silently(self) -> None:
         """This connection lives elsewhere now: close the client side without a word."""
@@ -544,11 +552,18 @@ class LiveMode:
         try:
             # From a little before the epoch (prepare) to a little after its start (the
             # commit of a hand-over that started late), or while it runs.
+            me = self.shim.options.listen
             ahead = schedule.start_of(request.epoch) - now
             running = schedule.epoch_at(now).index == request.epoch
-            serves = schedule.server_for(request.epoch) == self.shim.options.listen and (
+            serves = schedule.server_for(request.epoch) == me and (
                 running or -COMMIT_GRACE_S <= ahead <= MAX_PREPARE_AHEAD_S
             )
+            # Never for an epoch whose window has closed, and a connection is created (COMMIT)
+            # only while this server's gate is open: one created behind a closed gate would
+            # never be left, and would stand in the way when the service comes back here.
+            serves = serves and now < schedule.window(request.epoch).closes
+            if request.phase is Phase.COMMIT:
+                serves = serves and any(w.server == me for w in schedule.open_windows(now))
         except RoamError:
             serves = False
         granted = record.grant_for(current, self.shim.deployment.chain_length)
