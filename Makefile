@@ -17,5 +17,5 @@ test: install
 
 lint:
 	ruff check .
-	ruff format --check migrate proxy client_shim labs roam_cli tests
+	ruff format --check .
 	mypy

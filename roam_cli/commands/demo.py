@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from migrate.errors import ConfigError
-from roam_cli.args import positive_int, positive_seconds
+from roam_cli.args import positive_float, positive_int, positive_seconds
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -34,15 +34,16 @@ def register(subparsers: Subparsers) -> None:
     demo.add_argument(
         "--size-mib",
         type=positive_int,
-        default=64,
+        default=96,
         metavar="MIB",
-        help="size of the file (default 64)",
+        help="size of the file (default 96)",
     )
     demo.add_argument(
-        "--rate",
-        default="8M",
-        metavar="RATE",
-        help="curl's --limit-rate, so that the transfer spans roams (default 8M)",
+        "--rate-mbit",
+        type=positive_float,
+        default=64.0,
+        metavar="MBIT",
+        help="rate of every lab link (tc), so that the transfer spans roams (default 64)",
     )
     demo.add_argument(
         "--tick",
@@ -59,12 +60,17 @@ def run_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         raise ConfigError("the demo builds network namespaces and firewall rules: run it as root")
     from labs import Lab, PoolTopo
+    from labs.params import LinkParams
     from labs.roaming import RoamingLab
 
     data = os.urandom(args.size_mib * 1024 * 1024)
     digest = hashlib.sha256(data).hexdigest()
-    print(f"lab: 3 servers, 1 client, 1 outsider; a {args.size_mib} MiB file on each server")
-    with Lab(PoolTopo(servers=3, clients=1, outsiders=1)) as lab:
+    print(
+        f"lab: 3 servers, 1 client, 1 outsider, links of {args.rate_mbit:g} Mbit/s; "
+        f"a {args.size_mib} MiB file on each server"
+    )
+    links = LinkParams(rate_mbit=args.rate_mbit)
+    with Lab(PoolTopo(servers=3, clients=1, outsiders=1, params=links)) as lab:
         pool = RoamingLab(
             lab, tick=args.tick, m=1, migration="live", service=args.service, content={"file": data}
         )
@@ -76,11 +82,8 @@ def run_demo(args: argparse.Namespace) -> int:
         watcher.start()
         out = pool.workdir / "download"
         started = time.time()
-        print(f"client: curl --limit-rate {args.rate} {pool.url('/file')}")
-        result = lab["c1"].run(
-            ["curl", "-sS", "--limit-rate", args.rate, "-o", str(out), pool.url("/file")],
-            timeout=3600,
-        )
+        print(f"client: curl {pool.url('/file')}")
+        result = lab["c1"].run(["curl", "-sS", "-o", str(out), pool.url("/file")], timeout=3600)
         stop.set()
         watcher.join(timeout=5)
         elapsed = time.time() - started
