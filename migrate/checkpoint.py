@@ -73,6 +73,7 @@ _CODEC_NAMES = {value: name for name, value in CODECS.items()}
 FLAG_SACK = 1
 FLAG_TIMESTAMPS = 2
 FLAG_UNMIGRATABLE = 4
+MAX_TAKEN_AT_US = 1 << 53  # checkpoint times: microseconds a float still holds exactly
 SEALED_BYTES = 1 + 12 + _BODY.size + 16
 
 
@@ -191,6 +192,10 @@ class Checkpoint:
             raise MalformedMessageError(f"unknown codec number {codec}")
         if flags & ~(FLAG_SACK | FLAG_TIMESTAMPS | FLAG_UNMIGRATABLE):
             raise MalformedMessageError(f"unknown checkpoint flags {flags:#x}")
+        if not 0 <= taken_us < MAX_TAKEN_AT_US:
+            # Beyond 2^53 us a float no longer holds every microsecond, so such a time could
+            # not be written back as it was read; no real clock is there (285 years).
+            raise MalformedMessageError(f"checkpoint time {taken_us} us is out of range")
         tcp = TcpSnapshot(
             server_isn,
             client_isn,
