@@ -174,7 +174,10 @@ def test_roaming_updates_lost_for_several_periods() -> None:
         events = roaming.clients["c1"].events()
         accepted = [e["ts"] for e in events if e["event"] == "update_accepted"]
         start, end = blocked
-        assert not [t for t in accepted if start + 0.2 < t < end], "updates were not lost"
+        # One update may already be queued in the client's socket when the rule goes in, and
+        # a busy event loop (hand-overs) can take a moment to read it: allow one period.
+        late = start + roaming.update_period
+        assert not [t for t in accepted if late < t < end], "updates were not lost"
         assert [t for t in accepted if t > end], "updates did not resume"
         # The client kept roaming on its own schedule while it heard nothing.
         switches = [e["ts"] for e in events if e["event"] == "switch" and start < e["ts"] < end]
