@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from migrate.errors import ConfigError, LocalError
+from migrate.kernel import libnft
 
 NFT_TIMEOUT_S: Final = 30.0
 FAMILIES: Final = frozenset({"ip", "ip6", "inet", "arp", "bridge", "netdev"})
@@ -181,7 +182,15 @@ def nft_available() -> str | None:
 
 
 def apply(script: str, *, netns: str | None = None, what: str = "applying an nft script") -> None:
-    """Run ``script`` with ``nft -f -`` as one transaction: all of it takes effect, or none."""
+    """Run ``script`` with ``nft -f -`` as one transaction: all of it takes effect, or none.
+
+    In the caller's own namespace through libnftables when it is there (no program started:
+    the hand-overs' rule changes sit inside the pause the application sees), else ``nft``.
+    ``ROAM_NFT_PROGRAM=1`` forces the program."""
+    if netns is None and libnft.available():
+        status, errors = libnft.run(script)
+        _check(subprocess.CompletedProcess(["libnftables"], status, "", errors), what)
+        return
     _check(_run(["-f", "-"], what=what, netns=netns, script=script), what)
 
 

@@ -94,3 +94,41 @@ def test_invalid_names_never_reach_nft() -> None:
         nft.replace_table("inet", "x; flush ruleset", "")
     with pytest.raises(ConfigError):
         nft.delete_table("ipx", "t")
+
+
+IN_PROCESS = """
+import sys
+from migrate.kernel import libnft, nft
+body, table = sys.argv[1], sys.argv[2]
+assert libnft.available(), "libnftables not found"
+nft.replace_table("inet", table, body)
+before = nft.table_json("inet", table)
+try:
+    nft.replace_table("inet", table, body + "\\n    chain broken { this is not nft }\\n")
+except nft.NftError as error:
+    print(error)
+else:
+    raise SystemExit("a broken script was accepted")
+assert nft.table_json("inet", table) == before, "the broken script changed the table"
+nft.delete_table("inet", table)
+"""
+
+
+def test_in_process_libnftables_is_one_transaction_and_names_the_line(netns: str) -> None:
+    # The shims change rules through libnftables in their own namespace (no program started
+    # inside a hand-over's pause): same transaction, same error as ``nft -f -``.
+    result = subprocess.run(
+        ["ip", "netns", "exec", netns, "python3", "-c", IN_PROCESS, BODY, TABLE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(nft.NftError) as by_program:
+        nft.replace_table(
+            "inet", TABLE, BODY + "\n    chain broken { this is not nft }\n", netns=netns
+        )
+    assert "script line" in str(by_program.value)
+    assert result.stdout.strip() == str(by_program.value)
+    assert nft.list_tables(netns=netns) == []
