@@ -154,7 +154,17 @@ class Migrator:
 
     # -- capture -----------------------------------------------------------------------------
 
+    def drain_capture(self) -> None:
+        """Everything captured so far, however much is queued. A roam's decisions need it: a
+        connection whose SYN copy still waits behind a burst (1000 connects in a second fill
+        more than one read) would look like one opened before the shim, and be reset."""
+        assert self.reader is not None
+        self.on_capture()
+        while self.reader.backlog:
+            self.on_capture()
+
     def on_capture(self) -> None:
+        """The reader's callback: what one bounded read returns (the loop calls again)."""
         assert self.reader is not None
         lost = self.reader.missed + self.reader.overflowed
         now = self.clock()
@@ -233,6 +243,15 @@ class Migrator:
 
     # -- a roam ------------------------------------------------------------------------------
 
+    def _sockets_and_capture(self) -> dict[int, sockdiag.TcpSocketInfo]:
+        """The live sockets, then every copy captured until now. In this order: the kernel
+        logs a segment's copy before it sends it, so each socket listed has its SYN and every
+        byte it counts as sent in the capture by then. (Capture first, and a connection
+        opened in between would look like one opened before the shim, and be reset.)"""
+        sockets = self._live_sockets()
+        self.drain_capture()
+        return sockets
+
     def _live_sockets(self) -> dict[int, sockdiag.TcpSocketInfo]:
         found, present = {}, set()
         for info in sockdiag.tcp_sockets(dst=self.vip):
@@ -241,8 +260,20 @@ class Migrator:
             present.add(info.src[1])
             if info.state == "ESTABLISHED":
                 found[info.src[1]] = info
+        # A dump is not a snapshot: while sockets are being created, the kernel's resumption
+        # of a multi-part dump can skip some that exist (seen with 1000 connects in a second).
+        # Ask for each tracked connection the dump did not show, exactly, before believing it.
+        for port in [p for p in self.store.connections if p not in present]:
+            exact = sockdiag.lookup((self.client_address, port), self.vip)
+            if exact is None:
+                continue
+            present.add(port)
+            if exact.state == "ESTABLISHED":
+                found[port] = exact
         # Forget connections the kernel no longer has at all (a handshake in progress is kept).
-        self.store.expire(present)
+        gone = self.store.expire(present)
+        if gone:
+            self.log.event("connections_ended", ports=gone[:50], count=len(gone))
         return found
 
     def _request(
@@ -281,8 +312,7 @@ class Migrator:
     def prepare(self, epoch: int, target: Endpoint) -> RoamRecord:
         """Send a PREPARE for every live connection; returns the roam's record."""
         record = RoamRecord(epoch, str(target), self.clock())
-        self.on_capture()
-        for port, info in self._live_sockets().items():
+        for port, info in self._sockets_and_capture().items():
             conn = self.store.connections.get(port)
             if conn is not None and conn.unmigratable is None and not _verifiable(conn, info):
                 continue  # too new for a usable checkpoint: handled at the commit, as a newcomer
@@ -335,8 +365,7 @@ class Migrator:
             overtime_limit = min(overtime_limit, give_up_at)
         # Connections opened since the PREPAREs went out: prepare them now, while the old
         # server still serves (waiting a moment for the first checkpoint of the newest).
-        self.on_capture()
-        sockets = self._live_sockets()
+        sockets = self._sockets_and_capture()
         await self._await_carriers(sockets)
         self._newcomers(record, sockets, target, opened_before=self.clock())
         live = {p: h for p, h in record.connections.items() if h.outcome == "pending"}
@@ -363,8 +392,7 @@ class Migrator:
         try:
             # The copies of everything sent before the freeze are queued by now: take them all
             # before reading positions (the reader's callback may not have run yet).
-            self.on_capture()
-            sockets = self._live_sockets()
+            sockets = self._sockets_and_capture()
             await self._await_carriers(sockets)
             # Connections opened in the last moments, still with the old server.
             newcomers = self._newcomers(record, sockets, target, opened_before=record.started)
@@ -378,8 +406,7 @@ class Migrator:
                         target,
                     )
                 )
-                self.on_capture()
-                sockets = self._live_sockets()
+                sockets = self._sockets_and_capture()
                 answers = await asyncio.gather(
                     *(self._wait(h.prepare, self.commit_timeout) for h in newcomers.values())
                 )
@@ -492,8 +519,7 @@ class Migrator:
     def refresh(self, record: RoamRecord, target: Endpoint) -> None:
         """Just before the boundary: tell the new server how far each client has got, so it
         regenerates those bytes now rather than during the freeze."""
-        self.on_capture()
-        sockets = self._live_sockets()
+        sockets = self._sockets_and_capture()
         for handoff in record.connections.values():
             if handoff.outcome == "pending":
                 self._resend_prepare(handoff, target, sockets)

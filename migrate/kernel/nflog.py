@@ -253,6 +253,8 @@ class NflogReader:
         self.missed = 0
         """Packets known lost from gaps in the group's sequence numbers."""
         self.received = 0
+        self.backlog = False
+        """The last ``read`` stopped at its datagram limit: more are queued."""
         self._seq = 0
         self._next_packet_seq: int | None = None
         self._pending: list[NflogPacket] = []
@@ -403,15 +405,17 @@ class NflogReader:
         """Every packet queued now (up to 1024 datagrams' worth), without blocking.
 
         An ``ENOBUFS`` from the socket (its buffer overflowed: packets were lost) increments
-        ``overflowed`` and reading goes on.
+        ``overflowed`` and reading goes on. ``backlog`` tells whether more were left queued.
         """
         sock = self._live()
         packets, self._pending = self._pending, []
         view = memoryview(self._buffer)
+        self.backlog = True
         for _ in range(_MAX_DATAGRAMS_PER_READ):
             try:
                 size = sock.recv_into(self._buffer)
             except BlockingIOError:
+                self.backlog = False
                 break
             except InterruptedError:
                 continue

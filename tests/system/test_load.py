@@ -1,0 +1,65 @@
+"""Load: a thousand live connections through one roam (issue: reliability and security).
+
+The benchmark's own hold client (``labs.benchmarks.roaming``) opens 1000 HTTP/1.1 keep-alive
+connections through the VIP to nginx (one GET each), holds them across a roam, then sends one
+more GET on each: every one must have been re-incarnated at the new server and must answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+
+import pytest
+
+from labs import Lab, PoolTopo
+from labs.benchmarks.roaming import (
+    SERVICE_PORT,
+    deploy,
+    measure_connections,
+    start_service_nginx,
+    write_content,
+)
+from labs.roaming import RoamingLab
+
+pytestmark = pytest.mark.system
+
+CONNECTIONS = 1000
+LabFactory = Callable[..., Lab]  # the lab_factory fixture (tests/system/conftest.py)
+
+
+def test_a_thousand_connections_move_in_one_roam(lab_factory: LabFactory) -> None:
+    lab = lab_factory(PoolTopo(servers=3, clients=1))
+    pool = RoamingLab(lab, tick=2.0, m=1, service="none", start_delay=2.0)
+    try:
+        small = os.urandom(100)
+        for host in pool.server_hosts:
+            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
+            root = write_content(lab.workdir / f"www-{host}", {"small": small, "big": b""})
+            start_service_nginx(lab[host], root, SERVICE_PORT)
+        deploy(pool, mode="live", servers=list(pool.server_hosts), tick=2.0, first_switch_after=2.0)
+        measured = measure_connections(pool, CONNECTIONS, wait_s=5.0)
+        live = json.loads(pool.clients["c1"].status_path.read_text())["live"]
+        live.pop("roams", None)
+        other = [
+            e
+            for e in pool.clients["c1"].events()
+            if e["event"] == "handoff" and e["outcome"] not in ("migrated", "closed")
+        ]
+        status = f"client shim: {live}; hand-overs that did not migrate: {other[:5]}"
+    finally:
+        pool.stop()
+    assert measured["setup"]["opened"] == CONNECTIONS, measured["setup"]
+    print(status)
+    assert measured["ours"] == {"migrated": CONNECTIONS}, measured["earlier_handoffs"]
+    after = measured["after"]
+    assert after["answered"] == CONNECTIONS, after
+    assert after["failed"] == 0, after
+    # Neither shim failed anything (connection resets as the client closes are not failures).
+    failures = [
+        line
+        for line in measured["shim_log"]
+        if any(word in line for word in ("failed", "internal_error", "fatal", "rejected"))
+    ]
+    assert failures == [], measured["shim_log"]
