@@ -90,6 +90,8 @@ class ServerShim:
         self.options = options
         self.log = log
         self.clock = clock
+        self._leaving_key: tuple[object, ...] | None = None
+        self._leaving: float | None = None
         directory = DeploymentDir(options.deployment_dir)
         self.deployment = directory.deployment()
         secret = directory.secret()
@@ -204,15 +206,35 @@ class ServerShim:
         self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
 
     def leaving_at(self) -> float | None:
-        """When the service leaves this server, if it is the active one now."""
+        """When the service leaves this server, if it is the active one now.
+
+        Asked every 20 ms by the checkpoint loop; the answer only changes with the epoch or
+        the schedule, and finding it may scan thousands of epochs (a deployment where the
+        service rarely or never moves, e.g. one server), so it is kept until then."""
         now = self.clock()
+        schedule = self.pool.schedule
         try:
-            current = self.pool.schedule.epoch_at(now)
-            if current.server != self.options.listen:
-                return None
-            return next_switch(self.pool.schedule, now)[1]
+            current = schedule.epoch_at(now)
         except RoamError:
             return None
+        key = (
+            id(schedule),
+            schedule.params,
+            schedule.anchor,
+            schedule.chain.held_index,
+            current.index,
+            current.server,
+        )
+        if key == self._leaving_key:
+            return self._leaving
+        leaving: float | None = None
+        if current.server == self.options.listen:
+            try:
+                leaving = next_switch(schedule, now)[1]
+            except RoamError:
+                leaving = None
+        self._leaving_key, self._leaving = key, leaving
+        return leaving
 
     def _leave(self) -> None:
         """The gate closed behind the service. Live mode: the connections moved on, close them

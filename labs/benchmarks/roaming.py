@@ -25,9 +25,10 @@ request/response service). Paths from c1:
   data to NFLOG, the server relays in copy mode with the stream observers (codec, running
   hashes, replay log) and pushes checkpoints;
 * ``shims-live-1server``: ``--migration live`` in a deployment of s1 alone (tick 1 s), as the
-  issue describes the steady state. A live server shim with no other server to hand over to
-  spends most of a CPU looking for the next change of server (``leaving_at`` scans 4096
-  epochs every 20 ms), which is why the two-server deployment is there too.
+  issue describes the steady state. (Until commit "Server shim: keep when the service
+  leaves", a live server shim with no other server to hand over to spent most of a CPU
+  looking for the next change of server; the two-server deployment shows the shims without
+  that cost.)
 
 Bulk: ``iperf3 -J`` client -> service and service -> client (``-R``), with the CPU the proxy
 processes used. Latency: HTTP/1.1 GETs of the 100-byte file, p50/p99 of ``--requests`` in a row
