@@ -135,11 +135,20 @@ def just_after_a_roam(roaming: RoamingLab, host: str = "c1", timeout_s: float = 
 
 
 def active_host(roaming: RoamingLab, now: float) -> tuple[str, float]:
-    """The server host of the epoch running at ``now`` and when that epoch ends."""
-    epochs = roaming.schedule(1, max(2, int((now - roaming.start_time) / roaming.tick) + 4))
-    for epoch in epochs:
+    """The server host of the epoch running at ``now``, and when the service leaves it: the
+    end of that epoch, or of the last of the epochs right after it on the same server (a
+    server revived before the service has really left would find the client's connection
+    still coming to it, with no socket for it)."""
+    count = max(2, int((now - roaming.start_time) / roaming.tick) + 4)
+    epochs = roaming.schedule(1, count + 64)
+    for index, epoch in enumerate(epochs):
         if epoch["start"] <= now < epoch["start"] + epoch["length"]:
-            return roaming.host_of(epoch["server"]), epoch["start"] + epoch["length"]
+            leaves = epoch["start"] + epoch["length"]
+            for later in epochs[index + 1 :]:
+                if later["server"] != epoch["server"]:
+                    break
+                leaves = later["start"] + later["length"]
+            return roaming.host_of(epoch["server"]), leaves
     raise RuntimeError(f"no epoch runs at {now:.3f}")
 
 
