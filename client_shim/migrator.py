@@ -377,10 +377,16 @@ class Migrator:
         late = [h for h, a in zip(live.values(), answers, strict=True) if a is None]
         if late:
             await self._overtime(late, overtime_limit, target)
+        # A connection that ended while its preparation was awaited (the download finished,
+        # the server sent its FIN) needs no answer: it is closed, not failed.
+        still_open = self._live_sockets() if late else {}
         for handoff, first in zip(live.values(), answers, strict=True):
             answer = first
             if answer is None and handoff.prepare is not None and handoff.prepare.done():
                 answer = handoff.prepare.result()
+            if answer is None and handoff.port not in still_open:
+                handoff.outcome, handoff.detail = "closed", "ended before the hand-over"
+                continue
             self._settle(handoff, answer, "prepare")
         record.started = self.clock()
         ready = {p: h for p, h in live.items() if h.outcome == "pending"}
