@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from labs import Lab, PoolTopo
+from labs.params import LinkParams
 from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, roam_argv
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
@@ -33,10 +34,13 @@ BIG = 256 * 1024 * 1024
 
 
 @contextmanager
-def live_pool(clients: int = 1, outsiders: int = 0, **options: object) -> Iterator[RoamingLab]:
+def live_pool(
+    clients: int = 1, outsiders: int = 0, params: LinkParams | None = None, **options: object
+) -> Iterator[RoamingLab]:
     if os.geteuid() != 0:
         pytest.skip("system test: needs root")
-    lab = Lab(PoolTopo(servers=3, clients=clients, outsiders=outsiders)).start()
+    topo = PoolTopo(servers=3, clients=clients, outsiders=outsiders, params=params)
+    lab = Lab(topo).start()
     try:
         roaming = RoamingLab(lab, migration="live", **options)  # type: ignore[arg-type]
         yield roaming
@@ -152,8 +156,16 @@ def download(roaming: RoamingLab, name: str, rate: str, out: Path) -> tuple[int,
 @pytest.mark.parametrize("service", ["http", "nginx"])
 def test_256_mib_download_survives_ten_roams_intact_without_a_reset(service: str) -> None:
     data = os.urandom(BIG)
+    # Links of 72 Mbit/s hold the download for about 30 s: curl's --limit-rate alone lets
+    # some transfers through at full speed, and then fewer than ten roams happen.
     with live_pool(
-        tick=1.0, m=1, service=service, content={"big": data}, min_switches=12, switch_window=32.0
+        params=LinkParams(rate_mbit=72),
+        tick=1.0,
+        m=1,
+        service=service,
+        content={"big": data},
+        min_switches=12,
+        switch_window=32.0,
     ) as pool:
         started(pool)
         out = pool.workdir / "big.out"

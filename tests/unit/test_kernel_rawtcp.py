@@ -148,7 +148,12 @@ def test_checksums_match_scapy(fields: dict[str, object]) -> None:
     assert checksum(bytes(header)) == ours.chksum
     segment = bytearray(packet[ihl:])
     segment[16:18] = b"\0\0"
-    assert in4_chksum(socket.IPPROTO_TCP, ours, bytes(segment)) == ours[TCP].chksum
+    written = int.from_bytes(packet[ihl + 16 : ihl + 18], "big")
+    assert in4_chksum(socket.IPPROTO_TCP, ours, bytes(segment)) == written
+    if TCP not in ours:
+        # scapy gives up on a TCP header holding an option it knows with a length it does not
+        # expect (e.g. TCP-AO, kind 29, of 3 bytes); the checksum above is all we can compare.
+        return
     # and scapy reads the same fields
     assert ours.src == fields["src"]
     assert ours[TCP].seq == fields["seq"]
