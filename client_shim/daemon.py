@@ -42,7 +42,7 @@ from migrate.endpoints import Endpoint
 from migrate.errors import RoamError, ScheduleError, SubscriptionExpiredError
 from migrate.gating import next_switch
 from migrate.hashchain import KeyChain
-from migrate.kernel import nft
+from migrate.kernel import nft, sockdiag
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import HostRoute
@@ -273,6 +273,13 @@ class ClientShim:
             if not self._stop.is_set():
                 asyncio.get_running_loop().call_soon(self._tick)
 
+    def _untracked_connections(self) -> int:
+        vip = (str(self.bundle.vip), self.bundle.service_port)
+        try:
+            return sum(1 for info in sockdiag.tcp_sockets(dst=vip) if info.state == "ESTABLISHED")
+        except (RoamError, OSError):
+            return 0
+
     def _fail(self, error: BaseException) -> None:
         self.log.event("fatal", level="error", reason=str(error))
         self._failure = error
@@ -380,6 +387,17 @@ class ClientShim:
         for line in await asyncio.to_thread(sweep_dead):
             self.log.event("swept", detail=line)
         self.instance = Instance.start("client")
+        untracked = await asyncio.to_thread(self._untracked_connections)
+        if untracked:
+            # A restarted shim has none of these connections' checkpoints or replay bytes:
+            # say so now, rather than leave their end at the next roam unexplained.
+            self.log.event(
+                "untracked_connections",
+                level="warning",
+                count=untracked,
+                reason=f"{untracked} connection(s) to the VIP opened before this shim started: "
+                "without their checkpoints they end at the next change of server",
+            )
         transport: asyncio.DatagramTransport | None = None
         try:
             first = self._epoch_now()

@@ -82,6 +82,12 @@ def logged_reasons(roaming: RoamingLab) -> list[str]:
         if e["event"] == "handoff" and e["outcome"] not in ("migrated", "closed")
     ]
     reasons += [
+        f"{shim.host} untracked_connections: {str(e.get('reason', ''))[:160]}"
+        for shim in roaming.clients.values()
+        for e in shim.events()
+        if e["event"] == "untracked_connections"
+    ]
+    reasons += [
         f"{shim.host} {e['event']} {e.get('error', '')}: "
         f"{str(e.get('reason', e.get('status', '')))[:160]}"
         for shim in roaming.servers.values()
