@@ -260,9 +260,11 @@ class Migrator:
             present.add(info.src[1])
             if info.state == "ESTABLISHED":
                 found[info.src[1]] = info
-        # A dump is not a snapshot: while sockets are being created, the kernel's resumption
-        # of a multi-part dump can skip some that exist (seen with 1000 connects in a second).
-        # Ask for each tracked connection the dump did not show, exactly, before believing it.
+        # A dump is not a snapshot: it comes in several messages, and the kernel resumes its
+        # walk of the socket hash between them, so sockets created or moved meanwhile can be
+        # missed. Forgetting a live connection here would reset it at the next roam, so each
+        # tracked connection the dump did not show is asked for exactly (one lookup each,
+        # only for those) before it is believed gone.
         for port in [p for p in self.store.connections if p not in present]:
             exact = sockdiag.lookup((self.client_address, port), self.vip)
             if exact is None:

@@ -291,7 +291,7 @@ def run_server_death_trials(
             # Small receive buffers: curl's rate limit then holds the transfer on the wire.
             roaming.lab["c1"].sysctl("net.ipv4.tcp_rmem", "4096 16384 65536")
             roaming.start()
-            time.sleep(max(0.0, roaming.start_time - time.time()) + 0.5)
+            roaming.wait_for_schedule(0.5)
             for _ in range(min(trials_per_lab, trials - len(results))):
                 trial = server_death_trial(roaming, len(results) + 1, data, rate, rng)
                 results.append(trial)

@@ -331,6 +331,10 @@ class RoamingLab:
                     )
                 time.sleep(0.05)
 
+    def wait_for_schedule(self, margin_s: float = 0.3) -> None:
+        """Sleep until the schedule's first epoch has begun, and ``margin_s`` more."""
+        time.sleep(max(0.0, self.start_time - time.time()) + margin_s)
+
     def stop(self) -> dict[str, int]:
         codes = {}
         for name, shim in [*self.clients.items(), *self.servers.items()]:

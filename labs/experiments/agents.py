@@ -39,7 +39,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,27 @@ def check_response(status: int, headers: dict[str, str], offset: int, size: int)
             raise ProtocolError(f"content-range {content_range!r}, expected {expected!r}")
         return
     raise ProtocolError(f"HTTP status {status} for a request from byte {offset}")
+
+
+def read_response_head(
+    sock: socket.socket, offset: int, size: int, timeout: Callable[[], float] | None = None
+) -> bytes:
+    """Read and check a response's head (see ``check_response``); returns the body bytes that
+    came with it. ``timeout`` gives each read's timeout (a deadline's remaining time)."""
+    pending = b""
+    while b"\r\n\r\n" not in pending:
+        if timeout is not None:
+            sock.settimeout(timeout())
+        chunk = sock.recv(RECV_BYTES)
+        if not chunk:
+            raise ConnectionError("closed before the response head")
+        pending += chunk
+        if b"\r\n\r\n" not in pending and len(pending) > HEAD_LIMIT:
+            raise ProtocolError("response head too long")
+    head, _, body = pending.partition(b"\r\n\r\n")
+    status, headers = parse_head(head)
+    check_response(status, headers, offset, size)
+    return body
 
 
 class RoamCut(OSError):
@@ -176,18 +197,7 @@ class Fetch:
         with socket.create_connection((host, port), timeout=timeout()) as sock:
             sock.settimeout(timeout())
             sock.sendall(http_request(path, host, self.received))
-            pending = b""
-            while b"\r\n\r\n" not in pending:
-                sock.settimeout(timeout())
-                chunk = sock.recv(RECV_BYTES)
-                if not chunk:
-                    raise ConnectionError("closed before the response head")
-                pending += chunk
-                if b"\r\n\r\n" not in pending and len(pending) > HEAD_LIMIT:
-                    raise ProtocolError("response head too long")
-            head, _, body = pending.partition(b"\r\n\r\n")
-            status, headers = parse_head(head)
-            check_response(status, headers, self.received, self.size)
+            body = read_response_head(sock, self.received, self.size, timeout)
             while True:
                 if body:
                     body = body[: self.size - self.received]
@@ -272,15 +282,7 @@ def run_stream(plan: dict[str, Any]) -> dict[str, Any]:
         try:
             with socket.create_connection((host, port), timeout=stall) as sock:
                 sock.sendall(http_request(path, host, received))
-                pending = b""
-                while b"\r\n\r\n" not in pending:
-                    chunk = sock.recv(RECV_BYTES)
-                    if not chunk:
-                        raise ConnectionError("closed before the response head")
-                    pending += chunk
-                head, _, body = pending.partition(b"\r\n\r\n")
-                status, headers = parse_head(head)
-                check_response(status, headers, received, size)
+                body = read_response_head(sock, received, size)
                 while True:
                     now = time.time()
                     if body:
@@ -338,15 +340,7 @@ def run_requests(plan: dict[str, Any]) -> dict[str, Any]:
             if sock is None:
                 sock = socket.create_connection((host, port), timeout=5.0)
             sock.sendall(request)
-            pending = b""
-            while b"\r\n\r\n" not in pending:
-                chunk = sock.recv(RECV_BYTES)
-                if not chunk:
-                    raise ConnectionError("closed")
-                pending += chunk
-            head, _, body = pending.partition(b"\r\n\r\n")
-            status, headers = parse_head(head)
-            check_response(status, headers, 0, size)
+            body = read_response_head(sock, 0, size)
             while len(body) < size:
                 chunk = sock.recv(RECV_BYTES)
                 if not chunk:

@@ -48,7 +48,7 @@ def _root() -> None:
 def started(roaming: RoamingLab) -> None:
     small_buffers(roaming)
     roaming.start()
-    time.sleep(max(0.0, roaming.start_time - time.time()) + 0.3)
+    roaming.wait_for_schedule(0.3)
 
 
 def small_buffers(roaming: RoamingLab) -> None:
@@ -132,7 +132,7 @@ def test_clocks_skewed_by_delta_in_both_directions(client_skew: float) -> None:
             roaming.start_server(host, "--clock-offset", str(offsets[host]))
         start_client(roaming, "c1", "--clock-offset", str(client_skew * delta))
         roaming.wait_ready()
-        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.3)
+        roaming.wait_for_schedule(0.3)
         result, _reasons, stderr = transfer(roaming, data)
         assert shim_problems(roaming) == []
         assert result == "intact", summary(roaming, stderr)

@@ -58,7 +58,7 @@ def test_a_client_over_its_contract_gets_a_second_chance_then_is_revoked() -> No
         switch_window=24.0,
     ) as roaming:
         roaming.start()
-        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.2)
+        roaming.wait_for_schedule(0.2)
         lab = roaming.lab
         deadline = time.time() + 30
         # Full-speed downloads: even the client's ACKs are far over 80 kbit/s. Until the pool
@@ -103,7 +103,7 @@ def test_what_an_inactive_server_drops_is_captured_for_intrusion_detection() -> 
         capture_dir = roaming.workdir / "dropped"
         roaming.server_extra = ("--capture-dropped", str(capture_dir))
         roaming.start()
-        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.3)
+        roaming.wait_for_schedule(0.3)
         now = time.time()
         epoch = next(e for e in roaming.schedule(1, 5) if e["start"] <= now)
         inactive = next(h for h in roaming.server_hosts if roaming.listen_of(h) != epoch["server"])

@@ -43,7 +43,7 @@ def pool() -> Iterator[RoamingLab]:
             roaming.start_server(host)
         roaming.start_client("c1")
         roaming.wait_ready()
-        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.5)
+        roaming.wait_for_schedule(0.5)
         yield roaming
         roaming.stop()
     finally:
