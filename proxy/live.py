@@ -153,6 +153,8 @@ class LiveConnection:
         self.next_due = now  # the first checkpoint goes out at once
         self.last_sent = 0.0
         self.pushed_s2c = -1  # the service's position in the last checkpoint pushed
+        # For a re-incarnated connection, the COMMIT that made it (see ``commit_identity``).
+        self.committed: tuple[int, int, int] | None = None
         self.sealer = live.carrier_sealer(record) if record is not None else None
         self.relay = Relay(
             client,
@@ -259,6 +261,7 @@ class Pending:
     connection: LiveConnection | None = None
     created: float = 0.0
     task: asyncio.Task[None] | None = None
+    committed: tuple[int, int, int] | None = None  # the COMMIT answered READY: its identity
 
     def repeats(self, admitted: Admitted) -> bool:
         """Whether ``admitted`` asks for the same re-incarnation as this one (a retry)."""
@@ -270,6 +273,11 @@ class Pending:
             and mine.request.epoch == admitted.request.epoch
             and mine.request.s2c_received <= admitted.request.s2c_received
         )
+
+
+def commit_identity(request: Request) -> tuple[int, int, int]:
+    """What tells a repeated COMMIT from another: its epoch and the positions it froze."""
+    return (request.epoch, request.s2c_received, request.c2s_sent)
 
 
 class Diverged(Exception):
@@ -300,7 +308,14 @@ class LiveMode:
         # waits for SYN retransmissions, seconds, instead of a few milliseconds here.
         self.prepare_slots = asyncio.Semaphore(PREPARE_CONCURRENCY)
         self.checkpoints_sent = 0
-        self.counts = {"admitted": 0, "ready": 0, "diverged": 0, "refused": 0, "failed": 0}
+        self.counts = {
+            "admitted": 0,
+            "ready": 0,
+            "diverged": 0,
+            "refused": 0,
+            "failed": 0,
+            "repeated": 0,
+        }
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self._leave_pushed: float | None = None
@@ -524,6 +539,17 @@ class LiveMode:
         pending = self.pending.get(key)
         opener.accept(opened)
         if pending is None:
+            if request.phase is not Phase.COMMIT:
+                return  # nobody waits for the answer to a GO or an ABORT
+            live = self.connections.get(key)
+            if live is not None and live.committed == commit_identity(request):
+                # A repeated COMMIT whose first answer was lost, arriving after the connection
+                # went live here (the GO, or GO_TIMEOUT_S): it is done; say so again, or the
+                # client would reset a connection that has moved.
+                self.counts["repeated"] += 1
+                log.event("commit_repeated", client=f"{key[0]}:{key[1]}", epoch=request.epoch)
+                self._answer(record, Answer(Phase.COMMIT, key[1], Status.READY, ""), source)
+                return
             self._answer(
                 record,
                 Answer(
@@ -779,6 +805,7 @@ class LiveMode:
             await self._regenerate(pending, request.s2c_received)
             pending.sock = self._restore(request, checkpoint)
             pending.s2c_base = request.s2c_received
+            pending.committed = commit_identity(request)
         except Diverged as error:
             status, detail = Status.DIVERGED, str(error)
         except (OSError, TimeoutError, RoamError) as error:
@@ -874,6 +901,7 @@ class LiveMode:
             s2c_base=pending.s2c_base,
             syn_adjust=0,
         )
+        connection.committed = pending.committed
         pending.connection = connection
         # Adopted at once: if the service leaves again right away, ``leave`` finds it too.
         self._adopt(connection)

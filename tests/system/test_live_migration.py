@@ -8,6 +8,7 @@ tcpdump on the client for evidence. The old server is never asked for anything.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from labs import Lab, PoolTopo
+from labs.faults import handoffs, live_lab, shim_problems
 from labs.params import LinkParams
 from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, roam_argv
 
@@ -37,28 +38,19 @@ BIG = 256 * 1024 * 1024
 def live_pool(
     clients: int = 1, outsiders: int = 0, params: LinkParams | None = None, **options: object
 ) -> Iterator[RoamingLab]:
+    """A three-server live deployment; after the test, no shim may have crashed or failed a
+    connection with an internal error."""
     if os.geteuid() != 0:
         pytest.skip("system test: needs root")
-    topo = PoolTopo(servers=3, clients=clients, outsiders=outsiders, params=params)
-    lab = Lab(topo).start()
-    try:
-        roaming = RoamingLab(lab, migration="live", **options)  # type: ignore[arg-type]
+    with live_lab(params, clients=clients, outsiders=outsiders, **options) as roaming:
         yield roaming
         roaming.stop()
-        for shim in [*roaming.servers.values(), *roaming.clients.values()]:
-            bad = [
-                e
-                for e in shim.events()
-                if e["event"] in ("fatal", "connection_failed", "internal_error")
-            ]
-            assert bad == [], f"{shim.kind} {shim.host}: {bad}"
-    finally:
-        lab.close()
+        assert shim_problems(roaming) == []
 
 
 def started(roaming: RoamingLab) -> RoamingLab:
     roaming.start()
-    time.sleep(max(0.0, roaming.start_time - time.time()) + 0.2)
+    roaming.wait_for_schedule(0.2)
     return roaming
 
 
@@ -66,10 +58,6 @@ def switch_times(roaming: RoamingLab, host: str = "c1") -> str:
     return ", ".join(
         f"{e['ts']:.3f}" for e in roaming.clients[host].events() if e["event"] == "switch"
     )
-
-
-def handoffs(roaming: RoamingLab, host: str = "c1") -> list[dict[str, object]]:
-    return [e for e in roaming.clients[host].events() if e["event"] == "handoff"]
 
 
 def diagnostics(roaming: RoamingLab) -> str:
@@ -281,6 +269,102 @@ def test_keep_alive_connection_makes_200_requests_across_roams() -> None:
         assert len(migrated) >= 3, diagnostics(pool)
 
 
+ASK_AND_LISTEN = r"""
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(3.0)
+s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))
+try:
+    print(s.recv(65535).hex())
+except TimeoutError:
+    print("")
+"""
+
+
+def test_a_repeated_commit_after_the_connection_moved_is_answered_ready() -> None:
+    # A COMMIT whose READY was lost is sent again; if it arrives after the connection went
+    # live at the new server (the GO, or the server's own GO timeout), the answer must still
+    # be READY: a FAILED would make the client reset a connection that has in fact moved.
+    from scapy.all import IP, UDP, rdpcap
+
+    from migrate.channel import Kind
+    from migrate.registration import Bundle
+    from migrate.reincarnation import (
+        Answer,
+        Phase,
+        Request,
+        Status,
+        answer_opener,
+        request_opener,
+        request_sealer,
+    )
+
+    files = {f"k{i}": os.urandom(5_000 + 97 * i) for i in range(60)}
+    with live_pool(
+        tick=4.0, m=1, service="nginx", content=files, min_switches=2, switch_window=16.0
+    ) as pool:
+        started(pool)
+        bundle = Bundle.decode(pool.bundle_path("c1").read_bytes())
+        capture = pool.workdir / "requests.pcap"
+        with pool.lab["c1"].capture("eth0", capture, bpf_filter=["udp", "dst", "port", "47476"]):
+            client = pool.lab["c1"].popen(
+                [sys.executable, "-c", KEEPALIVE_CLIENT, str(pool.vip), "60", "0.25"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+            deadline = time.time() + 25
+            while time.time() < deadline and not any(
+                h["outcome"] == "migrated" for h in handoffs(pool)
+            ):
+                time.sleep(0.1)
+            # Past the GO and the server's own GO timeout: the connection is live there.
+            time.sleep(1.5)
+        first = next((h for h in handoffs(pool) if h["outcome"] == "migrated"), None)
+        assert first is not None, diagnostics(pool)
+        opener = request_opener(bundle.channel_key, bundle.deployment_id, bundle.client_id)
+        commits = []
+        for packet in rdpcap(str(capture)):
+            if packet.haslayer(UDP):
+                opened = opener.open(bytes(packet[UDP].payload), float(packet.time))
+                request = Request.decode(opened.plaintext)
+                if request.phase is Phase.COMMIT and request.epoch == first["epoch"]:
+                    commits.append((packet[IP].dst, request))
+        assert commits, f"no COMMIT for epoch {first['epoch']} captured"
+        target, commit = commits[-1]
+        sealer = request_sealer(bundle.channel_key, bundle.deployment_id, bundle.client_id)
+        answers = answer_opener(bundle.channel_key, bundle.deployment_id, bundle.client_id)
+
+        def ask(request: Request) -> Answer:
+            sealed = sealer.seal(Kind.REINCARNATE_REQUEST, request.encode(), time.time())
+            reply = pool.lab["c1"].run(
+                [sys.executable, "-c", ASK_AND_LISTEN, sealed.hex(), target, "47476"],
+                check=True,
+                timeout=10,
+            )
+            assert reply.stdout.strip(), "no answer"
+            return Answer.decode(answers.open(bytes.fromhex(reply.stdout), time.time()).plaintext)
+
+        again = ask(commit)
+        assert (again.phase, again.client_port, again.status) == (
+            Phase.COMMIT,
+            commit.client_port,
+            Status.READY,
+        ), again
+        # Another COMMIT (other positions) for the same connection is not the one that was
+        # done: there is nothing prepared for it.
+        other = ask(dataclasses.replace(commit, s2c_received=commit.s2c_received + 1))
+        assert other.status is Status.FAILED, other
+        assert "no prepared re-incarnation" in other.detail, other
+        # The answers changed nothing: the keep-alive connection goes on, intact, alone.
+        out, err = client.communicate(timeout=60)
+        assert client.returncode == 0, f"{err[-500:]}\n{diagnostics(pool)}"
+        report = json.loads(out)
+        assert len(report["ports"]) == 1, "the client had to open a second connection"
+        expected = [hashlib.sha256(files[f"k{i}"]).hexdigest() for i in range(60)]
+        assert report["digests"] == expected
+
+
 def paced_read(
     processes: list[subprocess.Popen[bytes]], rate_bps: int, timeout_s: float
 ) -> list[tuple[bytes, int]]:
@@ -389,7 +473,7 @@ def test_a_service_that_differs_between_replicas_is_reset_not_spliced() -> None:
             pool.start_server(host)
         pool.start_client("c1")
         pool.wait_ready()
-        time.sleep(max(0.0, pool.start_time - time.time()) + 1.0)
+        pool.wait_for_schedule(1.0)
         out = pool.workdir / "divergent.out"
         status, _detail, _ = download(pool, "any", "1M", out)
         assert status != 0, "the download should have been reset at the first roam"
