@@ -313,6 +313,7 @@ class ClientShim:
             epoch=outcome.anchor.epoch if outcome.anchor else None,
             correction=None if outcome.correction is None else round(outcome.correction, 6),
             clock_offset=round(outcome.clock_offset, 6),
+            sent_at=round(outcome.sent_at, 6),
         )
         if outcome.key_extended_to is not None or outcome.m_schedule_changed:
             self._save_state()

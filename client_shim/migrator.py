@@ -86,6 +86,7 @@ class Handoff:
     prepare: asyncio.Future[Answer] | None = None
     commit: asyncio.Future[Answer] | None = None
     request: Request | None = None  # the PREPARE as first sent (repeats reuse it)
+    checkpoint_s2c: int = 0  # the service's position in that PREPARE's checkpoint
     commit_request: Request | None = None
 
 
@@ -330,20 +331,32 @@ class Migrator:
                     else "opened before the shim"
                 )
                 continue
-            request = self._request(Phase.PREPARE, epoch, port, info, conn.carrier.c2s_fresh)
-            if request is None or request.c2s_sent < acked_bytes(info):
-                handoff.outcome = "unmigratable"
-                handoff.detail = "replay bytes are incomplete"
-                continue
-            handoff.prepared_sent = request.c2s_sent
-            handoff.replayed = len(request.replay)
-            handoff.request = request
-            self.store.pin(port, request.c2s_sent)
-            try:
-                handoff.prepare = self._send(target, request)
-            except (RoamError, OSError) as error:
-                handoff.outcome, handoff.detail = "failed", str(error)
+            self._prepare_one(handoff, target, info, conn, epoch)
         return record
+
+    def _prepare_one(
+        self,
+        handoff: Handoff,
+        target: Endpoint,
+        info: sockdiag.TcpSocketInfo,
+        conn: TrackedConnection,
+        epoch: int,
+    ) -> None:
+        """Send the PREPARE of one connection, with its latest checkpoint."""
+        assert conn.carrier is not None
+        request = self._request(Phase.PREPARE, epoch, handoff.port, info, conn.carrier.c2s_fresh)
+        if request is None or request.c2s_sent < acked_bytes(info):
+            handoff.outcome, handoff.detail = "unmigratable", "replay bytes are incomplete"
+            return
+        handoff.prepared_sent = request.c2s_sent
+        handoff.replayed = len(request.replay)
+        handoff.request = request
+        handoff.checkpoint_s2c = conn.carrier.s2c_pos
+        self.store.pin(handoff.port, request.c2s_sent)
+        try:
+            handoff.prepare = self._send(target, request)
+        except (RoamError, OSError) as error:
+            handoff.outcome, handoff.detail = "failed", str(error)
 
     async def commit(
         self,
@@ -514,6 +527,17 @@ class Migrator:
         conn = self.store.connections.get(handoff.port)
         if handoff.request is None or info is None or conn is None:
             return
+        if (
+            handoff.checkpoint_s2c == 0 < info.bytes_received
+            and conn.carrier is not None
+            and conn.carrier.sealed != handoff.request.checkpoint
+            and _verifiable(conn, info)
+        ):
+            # The response began after the checkpoint the PREPARE carried, which commits to
+            # none of it: the new server could not verify what the client now has. A newer
+            # checkpoint does: prepare again with it (the server replaces the first one).
+            self._prepare_one(handoff, target, info, conn, handoff.request.epoch)
+            return
         if conn.sent == handoff.prepared_sent:
             # Only bytes answering the replayed requests can be regenerated: report the new
             # position only while the client has sent nothing since (keep-alive clients send
@@ -554,16 +578,9 @@ class Migrator:
                 handoff.outcome = "unmigratable"
                 handoff.detail = "no checkpoint yet" if conn is not None else "not captured"
                 continue
-            request = self._request(Phase.PREPARE, record.epoch, port, info, conn.carrier.c2s_fresh)
-            if request is None or request.c2s_sent < acked_bytes(info):
-                handoff.outcome, handoff.detail = "unmigratable", "replay bytes are incomplete"
-                continue
-            handoff.prepared_sent = request.c2s_sent
-            handoff.replayed = len(request.replay)
-            handoff.request = request
-            self.store.pin(port, request.c2s_sent)
-            handoff.prepare = self._send(target, request)
-            found[port] = handoff
+            self._prepare_one(handoff, target, info, conn, record.epoch)
+            if handoff.outcome == "pending":
+                found[port] = handoff
         return found
 
     async def _await_carriers(self, sockets: dict[int, sockdiag.TcpSocketInfo]) -> None:

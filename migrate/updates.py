@@ -186,6 +186,7 @@ class UpdateOutcome:
     anchor: Anchor | None
     correction: float | None  # new start of epoch r minus the previous prediction, seconds
     clock_offset: float  # servers' clock minus ours, as now estimated
+    sent_at: float  # when the server sealed it, by the server's clock
 
 
 class ClientRoamingState:
@@ -303,6 +304,7 @@ class ClientRoamingState:
             anchor,
             correction,
             offset,
+            opened.header.sent_at,
         )
 
     def _key(self, index: int, extension: KeyExtension | None) -> bytes:

@@ -193,6 +193,8 @@ class ServerShim:
                     self.log.event("gate", open=plan.open, epoch=gate.epoch, active=gate.active)
                     if not plan.open:
                         self._leave()
+                    elif self.live is not None:
+                        self.live.arrive()
             self.gate = gate
             self._write_status()
             self._arm(min(gate.until, current.end if current.start <= now else current.start))

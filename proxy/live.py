@@ -84,6 +84,7 @@ PENDING_TTL_S = (
     MAX_PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
 )  # how long before its epoch a re-incarnation may be prepared
 MIGRATION_PORT = 47476
+MAX_FAILURES_KEPT = 4096  # failed preparations remembered for their COMMIT (bounded memory)
 # A re-incarnated connection counts its checkpoints on from the presented one plus this much,
 # so that its carriers outrank whatever the previous server pushed after that checkpoint
 # (during the hand-over, and after the switch until its gate closed): the client keeps the
@@ -300,6 +301,9 @@ class LiveMode:
         self.raw = rawtcp.RawTcpSender()
         self.connections: dict[tuple[str, int], LiveConnection] = {}
         self.pending: dict[tuple[str, int], Pending] = {}
+        self.gate_open = True  # the daemon's gate; closed by ``leave``, opened by ``arrive``
+        # Why the latest preparation of a connection failed, for its COMMIT (oldest first).
+        self.failures: dict[tuple[str, int], tuple[Status, str]] = {}
         self.openers: dict[int, Opener] = {}
         self.answer_sealers: dict[int, Sealer] = {}
         self.carrier_sealers: dict[int, Sealer] = {}
@@ -361,6 +365,13 @@ class LiveMode:
             conn_id=os.urandom(16),
             stream=StreamState(self.shim.options.codec),
         )
+        if not self.gate_open:
+            # Accepted before the gate closed but only now past the service's connect (a burst
+            # at the end of the epoch): the client has moved on. Kept, it would stand in the
+            # way (the same 4-tuple) when the service comes back here.
+            connection.leave_silently()
+            self.shim.log.event("connection_left", client=f"{peer[0]}:{peer[1]}", late=True)
+            return connection.relay
         self._adopt(connection)
         return connection.relay
 
@@ -434,14 +445,20 @@ class LiveMode:
                     connection.next_due = now + min(self.period, CHECKPOINT_RETRY_S)
 
     def leave(self) -> int:
-        """The gate closed behind the service: drop every connection silently. Prepared
-        re-incarnations stay: they are for a later epoch on this server."""
+        """The gate closed behind the service: drop every connection silently (and those still
+        being accepted, as they come: see ``relay_factory``). Prepared re-incarnations stay:
+        they are for a later epoch on this server."""
+        self.gate_open = False
         count = 0
         for connection in list(self.connections.values()):
             connection.leave_silently()
             count += 1
         self.connections.clear()
         return count
+
+    def arrive(self) -> None:
+        """The gate opened: connections accepted from now on are the service's."""
+        self.gate_open = True
 
     def expire_pending(self, now: float) -> None:
         """Forget re-incarnations whose client never came back (bounded memory and sockets)."""
@@ -523,6 +540,7 @@ class LiveMode:
                         self._answer(record, existing.answer, source)
                 return
             self._drop_pending(key)
+            self.failures.pop(key, None)
             self.counts["admitted"] += 1
             prepared = Pending(
                 admitted,
@@ -550,13 +568,8 @@ class LiveMode:
                 log.event("commit_repeated", client=f"{key[0]}:{key[1]}", epoch=request.epoch)
                 self._answer(record, Answer(Phase.COMMIT, key[1], Status.READY, ""), source)
                 return
-            self._answer(
-                record,
-                Answer(
-                    request.phase, request.client_port, Status.FAILED, "no prepared re-incarnation"
-                ),
-                source,
-            )
+            status, detail = self.failures.get(key, (Status.FAILED, "no prepared re-incarnation"))
+            self._answer(record, Answer(request.phase, request.client_port, status, detail), source)
             return
         if request.phase is Phase.ABORT:
             self._drop_pending(key)
@@ -710,25 +723,10 @@ class LiveMode:
                 pending.stream.feed_c2s(request.replay)
                 await loop.sock_sendall(pending.service, request.replay)
                 await self._catch_up(pending)
-        except Diverged as error:
-            status, detail = Status.DIVERGED, str(error)
-        except (OSError, TimeoutError, RoamError) as error:
-            status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
-        except Exception as error:  # a bug of ours: answer, log loudly, keep serving
-            status, detail = Status.FAILED, f"internal error: {error!r}"
-            self.shim.log.event(
-                "internal_error", level="error", where="re-incarnation", reason=repr(error)
-            )
+        except Exception as error:
+            status, detail = self._failure(error)
         if status is not Status.READY:
-            self.counts["diverged" if status is Status.DIVERGED else "failed"] += 1
-            self.shim.log.event(
-                "reincarnation_failed",
-                level="warning",
-                client=f"{key[0]}:{key[1]}",
-                status=status.name.lower(),
-                reason=detail,
-            )
-            self._drop_pending(key, only=pending)
+            self._fail_pending(key, pending, status, detail)
         else:
             self.shim.log.event(
                 "prepared",
@@ -738,6 +736,36 @@ class LiveMode:
             )
         pending.answer = Answer(Phase.PREPARE, key[1], status, detail)
         self._answer(record, pending.answer, pending.reply_to)
+
+    def _failure(self, error: Exception) -> tuple[Status, str]:
+        """The answer to a re-incarnation step that raised ``error``."""
+        if isinstance(error, Diverged):
+            return Status.DIVERGED, str(error)
+        if isinstance(error, OSError | TimeoutError | RoamError):
+            return Status.FAILED, f"{type(error).__name__}: {error}"
+        # A bug of ours: answer, log loudly, keep serving.
+        self.shim.log.event(
+            "internal_error", level="error", where="re-incarnation", reason=repr(error)
+        )
+        return Status.FAILED, f"internal error: {error!r}"
+
+    def _fail_pending(
+        self, key: tuple[str, int], pending: Pending, status: Status, detail: str
+    ) -> None:
+        """A preparation failed: log it, free it, and keep the reason for the COMMIT that may
+        still come (the client may have had a READY before a refresh failed)."""
+        self.counts["diverged" if status is Status.DIVERGED else "failed"] += 1
+        self.shim.log.event(
+            "reincarnation_failed",
+            level="warning",
+            client=f"{key[0]}:{key[1]}",
+            status=status.name.lower(),
+            reason=detail,
+        )
+        self._drop_pending(key, only=pending)
+        self.failures[key] = (status, detail)
+        while len(self.failures) > MAX_FAILURES_KEPT:
+            del self.failures[next(iter(self.failures))]
 
     async def _catch_up(self, pending: Pending) -> None:
         """Regenerate up to the client's latest known position; it may move on meanwhile
@@ -755,17 +783,10 @@ class LiveMode:
         try:
             async with asyncio.timeout(PREPARE_TIMEOUT_S):
                 await self._catch_up(pending)
-        except Diverged as error:
-            status, detail = Status.DIVERGED, str(error)
-        except (OSError, TimeoutError, RoamError) as error:
-            status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
-        except Exception as error:  # a bug of ours: answer, log loudly, keep serving
-            status, detail = Status.FAILED, f"internal error: {error!r}"
-            self.shim.log.event(
-                "internal_error", level="error", where="re-incarnation", reason=repr(error)
-            )
+        except Exception as error:
+            status, detail = self._failure(error)
         if status is not Status.READY:
-            self._drop_pending(key, only=pending)
+            self._fail_pending(key, pending, status, detail)
         pending.answer = Answer(Phase.PREPARE, key[1], status, detail)
         self._answer(record, pending.answer, pending.reply_to)
 
@@ -791,7 +812,12 @@ class LiveMode:
             if pending.task is not None and not pending.task.done():
                 await pending.task
             if self.pending.get(key) is not pending:
-                raise RoamError("the prepare step failed or was replaced")
+                failed = self.failures.get(key)
+                raise RoamError(
+                    f"the prepare step failed ({failed[1]})"
+                    if failed is not None
+                    else "the prepare step was replaced"
+                )
 
             if request.replay_from != pending.stream.c2s_pos:
                 raise RoamError(
@@ -806,30 +832,15 @@ class LiveMode:
             pending.sock = self._restore(request, checkpoint)
             pending.s2c_base = request.s2c_received
             pending.committed = commit_identity(request)
-        except Diverged as error:
-            status, detail = Status.DIVERGED, str(error)
-        except (OSError, TimeoutError, RoamError) as error:
-            status, detail = Status.FAILED, f"{type(error).__name__}: {error}"
-        except Exception as error:  # a bug of ours: answer, log loudly, keep serving
-            status, detail = Status.FAILED, f"internal error: {error!r}"
-            self.shim.log.event(
-                "internal_error", level="error", where="re-incarnation", reason=repr(error)
-            )
+        except Exception as error:
+            status, detail = self._failure(error)
             if isinstance(error, OSError) and error.errno == errno.EADDRNOTAVAIL:
                 detail += self._describe_clash(key)
         if status is Status.READY:
             self.counts["ready"] += 1
             asyncio.get_running_loop().call_later(GO_TIMEOUT_S, self._go, key, pending)
         else:
-            self.counts["diverged" if status is Status.DIVERGED else "failed"] += 1
-            self.shim.log.event(
-                "reincarnation_failed",
-                level="warning",
-                client=f"{key[0]}:{key[1]}",
-                status=status.name.lower(),
-                reason=detail,
-            )
-            self._drop_pending(key, only=pending)
+            self._fail_pending(key, pending, status, detail)
         self._answer(record, Answer(Phase.COMMIT, key[1], status, detail), source)
 
     def _describe_clash(self, key: tuple[str, int]) -> str:
