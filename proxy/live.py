@@ -105,9 +105,12 @@ class AcceptFacts:
 
 def accept_facts(sock: socket.socket) -> AcceptFacts:
     """The handshake's ISNs and options of a just-accepted socket, read in repair mode."""
-    state = tcp_repair.read_repair_state(sock, keep_repair=True)
     try:
-        queues = tcp_repair.read_queues(sock)
+        # A consistent pair: the client's first request may arrive while they are read (a
+        # burst of accepts), and a receive sequence read before it with a queue read after it
+        # would put the client's ISN one request too early (every later re-incarnation of the
+        # connection would then expect those bytes again, and stall).
+        state, queues = tcp_repair.read_snapshot(sock)
     finally:
         tcp_repair.leave_repair(sock)
     return AcceptFacts(

@@ -469,6 +469,9 @@ def latency_client(host: str, port: int, path: str, requests: int, connects: int
     return {"rr_us": p50_p99(one_connection), "connect_us": p50_p99(per_connection)}
 
 
+SLOW_GET_MS = 500.0
+
+
 def hold_client(host: str, port: int, path: str, count: int) -> None:
     """Open ``count`` keep-alive connections with one GET each, report, hold them until a line
     arrives on stdin, then send one more GET on each and report again (JSON lines)."""
@@ -497,6 +500,7 @@ def hold_client(host: str, port: int, path: str, count: int) -> None:
     sys.stdin.readline()
     times: list[float] = []
     failures: list[str] = []
+    slow: list[list[float]] = []  # [port, when it ended, ms] of GETs slower than SLOW_GET_MS
     for sock in sockets:
         began = time.perf_counter()
         try:
@@ -504,8 +508,10 @@ def hold_client(host: str, port: int, path: str, count: int) -> None:
             if _get(sock, path, host) != 200:
                 raise ConnectionError("unexpected HTTP status")
             times.append(1000 * (time.perf_counter() - began))
+            if times[-1] > SLOW_GET_MS:
+                slow.append([sock.getsockname()[1], round(time.time(), 3), round(times[-1], 1)])
         except OSError as error:
-            failures.append(f"{type(error).__name__}: {error}")
+            failures.append(f"port {sock.getsockname()[1]}: {type(error).__name__}: {error}")
         sock.close()
     print(
         json.dumps(
@@ -514,6 +520,7 @@ def hold_client(host: str, port: int, path: str, count: int) -> None:
                 "failed": len(failures),
                 "errors": sorted(set(failures))[:5],
                 "get_ms": {**p50_p99(times), "max": max(times, default=0.0)},
+                "slow": slow[:20],
             }
         ),
         flush=True,

@@ -479,6 +479,40 @@ def read_queues(sock: socket.socket) -> RepairQueues:
     )
 
 
+SNAPSHOT_ATTEMPTS = 8
+
+
+def read_snapshot(
+    sock: socket.socket, attempts: int = SNAPSHOT_ATTEMPTS
+) -> tuple[TcpRepairState, RepairQueues]:
+    """The state and the queues of a socket, consistent with each other; the socket is left
+    in repair mode (``leave_repair`` after).
+
+    Segments keep arriving in repair mode: one that lands between the read of the receive
+    sequence and the read of the receive queue would make the queue look longer than the
+    sequence says (and a sequence number derived from both, such as the peer's ISN, wrong by
+    that segment). So the receive sequence is read again after the queues, and everything is
+    read again until it stood still."""
+    for _ in range(attempts):
+        state = read_repair_state(sock, keep_repair=True)
+        try:
+            queues = read_queues(sock)
+        except TcpRepairError as error:
+            if error.errno != errno.EAGAIN:
+                raise
+            continue  # the queue grew while it was copied
+        _select_queue(sock, so.TCP_RECV_QUEUE)
+        try:
+            recv_seq = _get_u32(sock, so.TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ (receive queue)")
+        finally:
+            _select_queue(sock, so.TCP_NO_QUEUE)
+        if recv_seq == state.recv_seq:
+            return state, queues
+    raise TcpRepairError(
+        errno.EAGAIN, f"the receive queue kept changing over {attempts} consistent-read attempts"
+    )
+
+
 # --- closing ------------------------------------------------------------------------------
 
 

@@ -38,7 +38,9 @@ def test_a_thousand_connections_move_in_one_roam(lab_factory: LabFactory) -> Non
             lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
             root = write_content(lab.workdir / f"www-{host}", {"small": small, "big": b""})
             start_service_nginx(lab[host], root, SERVICE_PORT)
-        deploy(pool, mode="live", servers=list(pool.server_hosts), tick=2.0, first_switch_after=2.0)
+        # No roam while the thousand connect (about 1.2 s, more on a busy machine): one opened
+        # in the last moments before a roam has no checkpoint yet and is reset, by design.
+        deploy(pool, mode="live", servers=list(pool.server_hosts), tick=2.0, first_switch_after=8.0)
         measured = measure_connections(pool, CONNECTIONS, wait_s=5.0)
         live = json.loads(pool.clients["c1"].status_path.read_text())["live"]
         live.pop("roams", None)
@@ -47,22 +49,25 @@ def test_a_thousand_connections_move_in_one_roam(lab_factory: LabFactory) -> Non
             for e in pool.clients["c1"].events()
             if e["event"] == "handoff" and e["outcome"] not in ("migrated", "closed")
         ]
-        status = f"client shim: {live}; hand-overs that did not migrate: {other[:5]}"
+        repeated = sum(
+            1
+            for shim in pool.servers.values()
+            for e in shim.events()
+            if e["event"] == "commit_repeated"
+        )
+        status = (
+            f"client shim: {live}; hand-overs that did not migrate: {other[:5]}; "
+            f"COMMITs repeated after the connection went live: {repeated}"
+        )
     finally:
         pool.stop()
     assert measured["setup"]["opened"] == CONNECTIONS, measured["setup"]
     print(status)
     ours = measured["ours"]
     migrated = ours.get("migrated", 0)
-    # Known, rare (about one run in ten): one connection of the thousand finds no prepared
-    # re-incarnation at the new server and is reset, with that reason logged (docs/
-    # reliability.md). More than that, or a loss without a reason, is a failure.
-    assert migrated >= CONNECTIONS - 1, measured["earlier_handoffs"]
-    assert set(ours) <= {"migrated", "failed"}, ours
-    assert all(e.get("detail") for e in other), other
+    assert migrated == CONNECTIONS, (ours, other[:5], measured["earlier_handoffs"])
     after = measured["after"]
-    assert after["answered"] == migrated, after
-    assert after["failed"] == CONNECTIONS - migrated, after
+    assert after["answered"] == CONNECTIONS, after
     # Neither shim broke (connection resets as the client closes are not failures).
     failures = [
         line

@@ -623,3 +623,42 @@ def test_restored_timestamp_clock_stays_in_milliseconds(topo: Topology, conn: Co
     # Milliseconds: about 300 ticks (not about 300,000).
     assert elapsed_ms - 50 <= (second - first) % 2**32 <= elapsed_ms + 50
     exchange(conn.client, new_server, pattern(b"c2", 65536), pattern(b"s2", 65536))
+
+
+def test_snapshot_is_consistent_while_the_peer_keeps_sending(
+    topo: Topology, conn: Connection
+) -> None:
+    # The shim reads a just-accepted socket while the client's first request may be landing
+    # (a burst of connects). Nobody reads the server socket here, so the receive queue holds
+    # every byte since the handshake: each snapshot's receive sequence minus its queue must
+    # be the client's ISN + 1, however the reads and the arrivals interleave.
+    from migrate.kernel.tcp_repair import leave_repair, read_snapshot
+
+    stop = threading.Event()
+    sent = [0]
+
+    def keep_sending() -> None:
+        deadline = time.monotonic() + 5.0  # bounded, whatever happens to the reader
+        chunk = b"x" * 64
+        while not stop.is_set() and time.monotonic() < deadline and sent[0] < 512 * 1024:
+            conn.client.sendall(chunk)
+            sent[0] += len(chunk)
+            time.sleep(0.0002)
+
+    sender = threading.Thread(target=keep_sending)
+    sender.start()
+    wrong = []
+    try:
+        for _ in range(300):
+            try:
+                state, queues = read_snapshot(conn.server)
+            finally:
+                leave_repair(conn.server)
+            isn = seq_add(state.recv_seq, -1 - len(queues.recv))
+            if isn != conn.client_isn:
+                wrong.append((state.recv_seq, len(queues.recv)))
+    finally:
+        stop.set()
+        sender.join(timeout=10)
+    assert sent[0] > 0
+    assert wrong == [], f"{len(wrong)} of 300 snapshots were inconsistent: {wrong[:3]}"
