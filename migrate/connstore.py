@@ -18,6 +18,12 @@ storing and is marked *unmigratable* with the reason (at the next roam it is res
 and counted, never migrated with a hole); when the store's total exceeds ``total_limit`` the
 largest connection is marked the same way. A connection whose client sends FIN is also
 unmigratable (half-closed connections are not re-created).
+
+The capture sees every packet the client's host sends to the VIP, including any a local
+process with raw sockets forges. A FIN or SYN that does not fit the connection's stream is
+not taken for the client's (see ``on_segment`` and ``on_syn``); forged bytes *inside* the
+stream's window cannot be told from the client's own, and are out of reach of this design
+(such a process could end the connections anyway).
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ class TrackedConnection:
     fin: bool = False
     last_seen: float = 0.0
     pinned: int | None = None  # replay bytes from here on are in use by a hand-over
+    successor: tuple[int, float] | None = None  # (ISN, time) of an unconfirmed SYN on the port
 
     @property
     def sent(self) -> int:
@@ -75,9 +82,16 @@ class ConnectionStore:
     )
 
     def on_syn(self, client_port: int, isn: int, now: float) -> None:
-        """A SYN from the client: a new connection (a retransmitted SYN changes nothing)."""
+        """A SYN from the client: a new connection (a retransmitted SYN changes nothing).
+
+        On the port of a connection that has not ended, the new one is only noted: the port
+        may have been reused after an end the capture did not show, or the SYN may not be the
+        client's at all (forged on its host). The ACK that completes its handshake decides."""
         known = self.connections.get(client_port)
         if known is not None and known.client_isn == isn:
+            return
+        if known is not None and not known.fin:
+            known.successor = (isn, now)
             return
         self.connections[client_port] = TrackedConnection(client_port, isn, now, last_seen=now)
 
@@ -85,16 +99,31 @@ class ConnectionStore:
         conn = self.connections.get(client_port)
         if conn is None:
             return  # a connection opened before the shim started: never migratable
+        if conn.successor is not None and seq == (conn.successor[0] + 1) % SEQ_MOD:
+            # The handshake of the noted SYN completed: the port has a new connection.
+            isn, opened = conn.successor
+            conn = TrackedConnection(client_port, isn, opened)
+            self.connections[client_port] = conn
         conn.last_seen = now
-        if fin:
+        if conn.unmigratable is None and payload:
+            self._store(conn, seq, payload)
+        # Only a FIN at the end of what the client has sent is the client's: one elsewhere is
+        # forged (or reordered), and must not cost the connection its hand-over.
+        if (
+            fin
+            and conn.unmigratable is None
+            and unwrap(seq, conn.client_isn, conn.sent) + len(payload) == conn.sent
+        ):
             conn.fin = True
             self._give_up(conn, "the client half-closed the connection (FIN)")
-        if conn.unmigratable is not None or not payload:
-            return
+
+    def _store(self, conn: TrackedConnection, seq: int, payload: bytes) -> None:
         position = unwrap(seq, conn.client_isn, conn.sent)
         end = position + len(payload)
         if end <= conn.sent:
             return  # a retransmission of bytes we have
+        if position - conn.sent > self.per_connection_limit:
+            return  # beyond any window the client could have: not the client's bytes
         if position < conn.replay_start:
             payload = payload[conn.replay_start - position :]
             position = conn.replay_start

@@ -202,6 +202,57 @@ def test_store_bounds_memory_with_a_clear_policy():
     assert "FIN" in store.connections[3].unmigratable
 
 
+@given(
+    offset=st.integers(1, 2**31 - 1) | st.integers(-(2**31), -19),
+    payload=st.binary(max_size=64),
+)
+def test_a_fin_away_from_the_streams_end_is_not_the_clients(offset, payload):
+    # Forged on the client's host (the capture sees it), ahead of the stream's end or before
+    # its start: the connection keeps its hand-over.
+    store = ConnectionStore()
+    store.on_syn(40000, 7, now=0.0)
+    store.on_segment(40000, 8, b"GET / HTTP/1.1\r\n\r\n", False, now=0.1)
+    sent = store.connections[40000].sent
+    fin_seq = (8 + sent + offset) % 2**32
+    if offset < 0:
+        payload = payload[: -offset - 19]  # ends before the stream's first byte
+    store.on_segment(40000, fin_seq, payload, True, now=0.2)
+    conn = store.connections[40000]
+    assert conn.unmigratable is None
+    assert store.replay_bytes(40000, 0) == b"GET / HTTP/1.1\r\n\r\n"
+
+
+def test_a_fin_at_the_streams_end_ends_the_hand_overs():
+    store = ConnectionStore()
+    store.on_syn(40000, 7, now=0.0)
+    store.on_segment(40000, 8, b"abc", False, now=0.1)
+    store.on_segment(40000, 11, b"de", True, now=0.2)  # data and FIN in one segment
+    assert "FIN" in (store.connections[40000].unmigratable or "")
+
+
+def test_a_syn_on_a_live_port_changes_nothing_until_its_handshake_completes():
+    store = ConnectionStore()
+    store.on_syn(40000, 7, now=0.0)
+    store.on_segment(40000, 8, b"abc", False, now=0.1)
+    store.on_syn(40000, 9_000_000, now=0.2)  # forged, or a reuse of the port
+    store.on_segment(40000, 11, b"def", False, now=0.3)  # the live connection goes on
+    assert store.connections[40000].client_isn == 7
+    assert store.replay_bytes(40000, 0) == b"abcdef"
+    # The handshake's ACK (or first data) of the new one: the port was reused.
+    store.on_segment(40000, 9_000_001, b"", False, now=0.4)
+    conn = store.connections[40000]
+    assert (conn.client_isn, conn.opened_at, conn.sent) == (9_000_000, 0.2, 0)
+
+
+def test_bytes_beyond_any_window_are_not_stored():
+    store = ConnectionStore(per_connection_limit=1000)
+    store.on_syn(40000, 0, now=0.0)
+    store.on_segment(40000, 1 + 5000, b"far ahead", False, now=0.1)
+    assert store.connections[40000].pending == {}
+    store.on_segment(40000, 1 + 500, b"ahead", False, now=0.1)  # a gap the client may fill
+    assert store.connections[40000].pending == {500: b"ahead"}
+
+
 # --- re-incarnation requests --------------------------------------------------------------
 
 ALICE = ClientRecord("alice", 1, ipaddress.ip_address("10.0.0.50"), 47474, KEY, 1000)
