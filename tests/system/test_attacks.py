@@ -26,92 +26,18 @@ from typing import Any
 
 import pytest
 
+from labs.attacks import FLOOD, REQUESTS, count_service_packets, service_packets, timed_gets
 from labs.faults import live_lab, shim_problems
 from labs.params import LinkParams
-from labs.roaming import SERVICE_PORT, RoamingLab
+from labs.roaming import RoamingLab
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
-
-FLOOD = r"""
-import socket, sys, time
-from scapy.all import IP, TCP
-targets, sources = sys.argv[1].split(","), sys.argv[2].split(",")
-count, limit_s = int(sys.argv[3]), float(sys.argv[4])
-sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-sent, deadline = 0, time.monotonic() + limit_s
-templates = [bytes(IP(src=s, dst=t) / TCP(sport=1024 + i, dport=80, flags="S", seq=i))
-             for i in range(256) for s in sources for t in targets]
-while sent < count and time.monotonic() < deadline:
-    packet = templates[sent % len(templates)]
-    sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
-    sent += 1
-print(sent)
-"""
-
-REQUESTS = r"""
-import socket, sys, time
-targets, count, limit_s = sys.argv[1].split(","), int(sys.argv[2]), float(sys.argv[3])
-deadline, tried = time.monotonic() + limit_s, 0
-answered = 0
-while tried < count and time.monotonic() < deadline:
-    for target in targets:
-        s = socket.socket(); s.settimeout(0.05)
-        try:
-            s.connect((target, 80)); s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"); answered += 1
-        except OSError:
-            pass
-        finally:
-            s.close()
-        tried += 1
-print(tried, answered)
-"""
-
-TIMED_GETS = r"""
-import http.client, json, sys, time, hashlib
-vip, count = sys.argv[1], int(sys.argv[2])
-times, digests = [], []
-for i in range(count):
-    began = time.perf_counter()
-    conn = http.client.HTTPConnection(vip, 80, timeout=10)
-    conn.request("GET", "/small")
-    body = conn.getresponse().read()
-    conn.close()
-    times.append(time.perf_counter() - began)
-    digests.append(hashlib.sha256(body).hexdigest())
-    time.sleep(0.02)
-print(json.dumps({"times": times, "digests": digests}))
-"""
 
 
 @pytest.fixture(autouse=True)
 def _root() -> None:
     if os.geteuid() != 0:
         pytest.skip("system test: needs root")
-
-
-def count_service_packets(roaming: RoamingLab, host: str) -> None:
-    roaming.lab[host].run(
-        ["nft", "-f", "-"],
-        check=True,
-        input=(
-            "table inet attack_counters {\n"
-            "  counter svc { }\n"
-            "  chain out { type filter hook output priority -400; policy accept;\n"
-            f'    tcp dport {SERVICE_PORT} counter name "svc"\n'
-            "  }\n"
-            "}\n"
-        ),
-    )
-
-
-def service_packets(roaming: RoamingLab, host: str) -> int:
-    result = roaming.lab[host].run(
-        ["nft", "-j", "list", "counter", "inet", "attack_counters", "svc"], check=True
-    )
-    for item in json.loads(result.stdout)["nftables"]:
-        if "counter" in item:
-            return int(item["counter"]["packets"])
-    raise AssertionError(f"no counter in {result.stdout}")
 
 
 def quiet_epoch(roaming: RoamingLab, needed_s: float) -> tuple[str, list[str]]:
@@ -125,14 +51,6 @@ def quiet_epoch(roaming: RoamingLab, needed_s: float) -> tuple[str, list[str]]:
                 return active, [h for h in roaming.server_hosts if h != active]
         time.sleep(0.5)
     raise AssertionError("no epoch long enough for the flood")
-
-
-def timed_gets(roaming: RoamingLab, count: int) -> dict[str, Any]:
-    result = roaming.lab["c1"].run(
-        [sys.executable, "-c", TIMED_GETS, str(roaming.vip), str(count)], timeout=120
-    )
-    assert result.returncode == 0, result.stderr[-500:]
-    return json.loads(result.stdout)
 
 
 def test_floods_at_inactive_servers_reach_no_service_and_spare_the_client() -> None:
@@ -190,6 +108,8 @@ def test_floods_at_inactive_servers_reach_no_service_and_spare_the_client() -> N
 CRAFTED = r"""
 import os, random, socket, sys
 from scapy.all import IP, TCP, Raw
+from labs.crafted import (bad_tcp_checksum, data_offset_past_end, option_length_past_end,
+                          truncated_tcp_header)
 client, servers, ports = sys.argv[1], sys.argv[2].split(","), sys.argv[3].split(",")
 rng = random.Random(7)
 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -197,17 +117,6 @@ packets = []
 def add(packet, mangle=None):
     raw = bytearray(bytes(packet))
     packets.append(bytes(mangle(raw) if mangle is not None else raw))
-def bad_tcp_checksum(raw):
-    raw[36] ^= 0xFF
-    return raw
-def truncated_tcp_header(raw):
-    return raw[:30]
-def data_offset_past_end(raw):
-    raw[32] = 0xF0 | (raw[32] & 0x0F)
-    return raw
-def option_length_past_end(raw):
-    offset = (raw[32] >> 4) * 4 + 20
-    return raw[:offset - 2] + bytearray([253, 40])
 carrier_bodies = [b"SR", b"SR" + os.urandom(8), b"SR" + os.urandom(36), b"SR" + b"\x00" * 20]
 for server in servers:
     for port in ports:
