@@ -506,7 +506,10 @@ class ServerShim:
             else:
                 self.relay_server = await relay.serve(listen, self._connect_service)
             family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
-            self._update_socket = datagram_socket(family)
+            # Send-only: nothing reads it, so it takes the smallest receive buffer (with a large
+            # one, anyone could park megabytes of kernel memory in it).
+            self._update_socket = socket.socket(family, socket.SOCK_DGRAM)
+            self._update_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
             self._update_socket.bind((str(self.options.listen.address), 0))
             self._update_socket.setblocking(False)
             control_socket = datagram_socket(family)

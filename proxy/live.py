@@ -75,6 +75,9 @@ LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leav
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
+# Epochs a request may be from the current one (far more than MAX_PREPARE_AHEAD_S and
+# COMMIT_GRACE_S span with any sane epoch length; bounds the schedule walk a request costs).
+MAX_EPOCH_DISTANCE = 256
 MAX_PREPARE_AHEAD_S = 5.0  # how long before its epoch a re-incarnation may be prepared
 COMMIT_GRACE_S = 6.0  # and how long after its start (client_shim.migrator.HANDOFF_BUDGET_S)
 REGENERATE_BUFFER_BYTES = 256 * 1024
@@ -595,6 +598,10 @@ class LiveMode:
             # From a little before the epoch (prepare) to a little after its start (the
             # commit of a hand-over that started late), or while it runs.
             me = self.shim.options.listen
+            if abs(request.epoch - current) > MAX_EPOCH_DISTANCE:
+                # Far from now: refused before the schedule is walked that far (a walk of
+                # thousands of epochs would stall every connection of this server).
+                raise RoamError(f"epoch {request.epoch} is too far from the current {current}")
             ahead = schedule.start_of(request.epoch) - now
             running = schedule.epoch_at(now).index == request.epoch
             serves = schedule.server_for(request.epoch) == me and (

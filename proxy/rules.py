@@ -63,7 +63,8 @@ def _service_rules(plan: GatePlan) -> list[str]:
         return [f"{log}drop"]
     rules = [f"{family} saddr @blocked drop"]
     for contract in plan.contracts:
-        # nft rates are in bytes; a contract is in kbit/s. The burst allows one second's worth.
+        # nft rates are in bytes; a contract is in kbit/s. The burst is one second's worth, and
+        # the kernel's bucket holds rate plus burst: about two seconds' worth pass at first.
         kbytes = max(1, contract.rate_kbit // 8)
         rules.append(
             f"{family} saddr {contract.address} limit rate over {kbytes} kbytes/second "
