@@ -33,6 +33,23 @@ from labs.params import LinkParams
 from labs.roaming import RoamingLab, roam_argv
 from labs.topologies import PoolTopo
 
+# A keep-alive HTTP client, run with python -c in a lab host: COUNT GETs of /k0, /k1, ... on
+# one connection (argv: host, count, pause in seconds); prints the bodies' SHA-256 and the
+# local ports used, as JSON.
+KEEPALIVE_CLIENT = """
+import hashlib, http.client, json, sys, time
+host, count, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+conn = http.client.HTTPConnection(host, 80, timeout=20)
+digests, ports = [], set()
+for i in range(count):
+    conn.request("GET", f"/k{i}")
+    response = conn.getresponse()
+    body = response.read()
+    ports.add(conn.sock.getsockname()[1])
+    digests.append(hashlib.sha256(body).hexdigest() if response.status == 200 else "")
+    time.sleep(pause)
+print(json.dumps({"digests": digests, "ports": sorted(ports)}))
+"""
 BAD_EVENTS = ("fatal", "connection_failed", "internal_error")
 BLACKHOLE = (
     "table inet roam_blackhole {\n"
@@ -56,6 +73,17 @@ def live_lab(
             roaming.stop()
     finally:
         lab.close()
+
+
+@contextmanager
+def reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
+    """``process`` for the block; killed and reaped if it still runs when the block ends."""
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def shim_problems(roaming: RoamingLab) -> list[str]:

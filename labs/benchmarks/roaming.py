@@ -675,7 +675,7 @@ def deploy(
     else:
         raise RuntimeError(f"no deployment starting on {first_server} in 50 draws")
     restart_shims(pool, mode, servers, extra)
-    time.sleep(max(0.0, pool.start_time - time.time()) + 0.3)
+    pool.wait_for_schedule(0.3)
 
 
 def shim_trouble(pool: RoamingLab) -> dict[str, int]:

@@ -76,7 +76,7 @@ def run_demo(args: argparse.Namespace) -> int:
         )
         pool.start()
         print(f"deployment: VIP {pool.vip}:80, servers {pool.server_list}")
-        time.sleep(max(0.0, pool.start_time - time.time()) + 0.2)
+        pool.wait_for_schedule(0.2)
         stop = threading.Event()
         watcher = threading.Thread(target=_watch, args=(pool, stop), daemon=True)
         watcher.start()

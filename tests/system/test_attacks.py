@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from labs.attacks import FLOOD, REQUESTS, count_service_packets, service_packets, timed_gets
-from labs.faults import live_lab, shim_problems
+from labs.faults import live_lab, reaped, shim_problems
 from labs.params import LinkParams
 from labs.roaming import RoamingLab
 
@@ -57,7 +57,7 @@ def test_floods_at_inactive_servers_reach_no_service_and_spare_the_client() -> N
     small = os.urandom(2048)
     with live_lab(outsiders=1, tick=30.0, m=1, content={"small": small}) as roaming:
         roaming.start()
-        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.3)
+        roaming.wait_for_schedule(0.3)
         active, inactive = quiet_epoch(roaming, needed_s=20.0)
         for host in roaming.server_hosts:
             count_service_packets(roaming, host)
@@ -147,7 +147,7 @@ def test_crafted_packets_at_the_client_capture_are_rejected_and_change_nothing()
     links = LinkParams(rate_mbit=10)
     with live_lab(links, outsiders=1, tick=1.0, m=1, content={"data": data}) as roaming:
         roaming.start()
-        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.3)
+        roaming.wait_for_schedule(0.3)
         client = roaming.clients["c1"]
         out = roaming.workdir / "crafted.out"
         download = roaming.lab["c1"].popen(
@@ -156,7 +156,7 @@ def test_crafted_packets_at_the_client_capture_are_rejected_and_change_nothing()
             stderr=subprocess.PIPE,
             text=True,
         )
-        try:
+        with reaped(download):
             time.sleep(1.5)
             listing = roaming.lab["c1"].run(["ss", "-Htn", "dst", str(roaming.vip)], check=True)
             ports = sorted(
@@ -174,10 +174,6 @@ def test_crafted_packets_at_the_client_capture_are_rejected_and_change_nothing()
             assert sent.returncode == 0, sent.stderr[-800:]
             assert int(sent.stdout.strip()) > 50
             _, stderr = download.communicate(timeout=120)
-        finally:
-            if download.poll() is None:
-                download.kill()
-                download.wait()
         # The download went on, intact, through roams; nothing crashed or failed inside.
         assert download.returncode == 0, stderr
         assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()

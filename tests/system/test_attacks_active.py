@@ -138,7 +138,7 @@ def insider_lab(lab_factory: LabFactory, **options: Any) -> Iterator[ContractLab
     )
     try:
         roaming.start()
-        time.sleep(max(0.0, roaming.start_time - time.time()) + 0.3)
+        roaming.wait_for_schedule(0.3)
         yield roaming
     finally:
         roaming.stop()

@@ -47,7 +47,8 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,7 @@ from labs.crafted import (
     truncated_tcp_header,
     with_tcp_options,
 )
-from labs.faults import handoffs, live_lab, shim_problems
+from labs.faults import KEEPALIVE_CLIENT, handoffs, live_lab, reaped, shim_problems
 from labs.params import LinkParams
 from labs.roaming import LISTEN_PORT, RoamingLab, ShimProcess
 
@@ -126,21 +127,6 @@ def keep(packet):
 sniff(iface="eth0", filter=f"tcp and src host {client}", prn=keep, timeout=4,
       stop_filter=lambda packet: len(found) == len(ports))
 print(json.dumps(found))
-"""
-
-KEEPALIVE_CLIENT = r"""
-import hashlib, http.client, json, sys, time
-host, count, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-conn = http.client.HTTPConnection(host, 80, timeout=20)
-digests, ports = [], set()
-for i in range(count):
-    conn.request("GET", f"/k{i}")
-    response = conn.getresponse()
-    body = response.read()
-    ports.add(conn.sock.getsockname()[1])
-    digests.append(hashlib.sha256(body).hexdigest() if response.status == 200 else "")
-    time.sleep(pause)
-print(json.dumps({"digests": digests, "ports": sorted(ports)}))
 """
 
 
@@ -314,6 +300,24 @@ def moved_intact(roaming: RoamingLab, ports: Iterable[int], since: float) -> lis
 
 
 # --- crafted TCP segments ----------------------------------------------------------------------
+
+
+def intact_through_roams(
+    roaming: RoamingLab,
+    download: subprocess.Popen[str],
+    stderr: str,
+    out: Path,
+    data: bytes,
+    ports: Iterable[int],
+    since: float,
+) -> list[dict[str, Any]]:
+    """The download completed with exactly ``data``, its connections moved intact at every
+    hand-over since ``since`` (returned), and every shim is healthy."""
+    assert download.returncode == 0, stderr
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
+    moved = moved_intact(roaming, ports, since)
+    healthy(roaming)
+    return moved
 
 
 def odd_options(rng: random.Random) -> list[bytes]:
@@ -648,15 +652,23 @@ def udp_round(
     return sent, len(raw)
 
 
+@contextmanager
+def download_lab(data: bytes) -> Iterator[RoamingLab]:
+    """A started live deployment serving ``data`` as /data, with an outsider, whose servers
+    verify checksums."""
+    with live_lab(LINKS, outsiders=1, content={"data": data}, **SCHEDULE) as roaming:
+        roaming.start()
+        roaming.wait_for_schedule(0.3)
+        verify_checksums(roaming, roaming.server_hosts)
+        yield roaming
+
+
 def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_nothing() -> None:
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     data = os.urandom(8 * 1024 * 1024)
-    with live_lab(LINKS, outsiders=1, content={"data": data}, **SCHEDULE) as roaming:
-        roaming.start()
-        roaming.wait_for_schedule(0.3)
+    with download_lab(data) as roaming:
         servers = roaming.server_hosts
-        verify_checksums(roaming, servers)
         epochs = roaming.schedule(1, 100)
         sockets = {host: udp_sockets(roaming, host) for host in servers}
         for host, found in sockets.items():
@@ -671,7 +683,7 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
             download = start_download(roaming, out)
             # Genuine requests to replay: those of the first hand-over (bounded wait).
             wait_until(lambda: bool(handoffs(roaming)), 4.0)
-        try:
+        with reaped(download):
             genuine = captured_requests(pcap)
             ports = live_ports(roaming)
             assert ports, "the download is not running"
@@ -684,15 +696,8 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
                 sent, malformed_sent = sent + batch, malformed_sent + raw
                 time.sleep(0.8)
             _, stderr = finish(download)
-        finally:
-            if download.poll() is None:
-                download.kill()
-                download.wait()
         # The download went on, intact, through roams.
-        assert download.returncode == 0, stderr
-        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
-        moved = moved_intact(roaming, ports, began)
-        healthy(roaming)
+        moved = intact_through_roams(roaming, download, stderr, out, data, ports, began)
         # Every datagram that reached a listening shim was rejected, with a reason, in its log.
         o1, c1 = address(roaming, "o1"), address(roaming, "c1")
         origins = {f"{o1}:{O1_PORT}", f"{c1}:{C1_PORT}"}
@@ -761,16 +766,13 @@ def test_crafted_segments_at_the_server_service_port_leave_the_download_intact()
     seed = int.from_bytes(os.urandom(4), "big")
     rng = random.Random(seed)
     data = os.urandom(8 * 1024 * 1024)
-    with live_lab(LINKS, outsiders=1, content={"data": data}, **SCHEDULE) as roaming:
-        roaming.start()
-        roaming.wait_for_schedule(0.3)
+    with download_lab(data) as roaming:
         servers = roaming.server_hosts
-        verify_checksums(roaming, servers)
         before = {host: kernel_counters(roaming, host) for host in servers}
         out = roaming.workdir / "data.out"
         began = time.time()
         download = start_download(roaming, out)
-        try:
+        with reaped(download):
             time.sleep(1.0)
             ports = live_ports(roaming)
             assert ports, "the download is not running"
@@ -788,14 +790,7 @@ def test_crafted_segments_at_the_server_service_port_leave_the_download_intact()
                 sent += send_raw(roaming, "o1", packets, f"tcp-{round_}")
                 time.sleep(0.6)
             _, stderr = finish(download)
-        finally:
-            if download.poll() is None:
-                download.kill()
-                download.wait()
-        assert download.returncode == 0, stderr
-        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
-        moved = moved_intact(roaming, ports, began)
-        healthy(roaming)
+        moved = intact_through_roams(roaming, download, stderr, out, data, ports, began)
         for shim in roaming.servers.values():
             resets = [e for e in shim.events() if e["event"] == "connection_reset"]
             assert resets == [], resets

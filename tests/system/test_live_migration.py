@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from labs.faults import handoffs, live_lab, shim_problems
+from labs.faults import KEEPALIVE_CLIENT, handoffs, live_lab, shim_problems
 from labs.params import LinkParams
 from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, roam_argv
 
@@ -233,22 +233,6 @@ def test_download_completes_although_each_old_server_dies_after_the_roam() -> No
         assert all(h["outcome"] in ("migrated", "closed") for h in handoffs(pool)), diagnostics(
             pool
         )
-
-
-KEEPALIVE_CLIENT = """
-import hashlib, http.client, json, sys, time
-host, count, pause = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-conn = http.client.HTTPConnection(host, 80, timeout=20)
-digests, ports = [], set()
-for i in range(count):
-    conn.request("GET", f"/k{i}")
-    response = conn.getresponse()
-    body = response.read()
-    ports.add(conn.sock.getsockname()[1])
-    digests.append(hashlib.sha256(body).hexdigest() if response.status == 200 else "")
-    time.sleep(pause)
-print(json.dumps({"digests": digests, "ports": sorted(ports)}))
-"""
 
 
 def test_keep_alive_connection_makes_200_requests_across_roams() -> None:
