@@ -47,7 +47,7 @@ from migrate.checkpoint import (
     seal_checkpoint,
 )
 from migrate.codec import Http11Codec
-from migrate.control import ControlChannel, Revoke, Threat, Trigger, decode_control
+from migrate.control import ControlChannel, Revoke, Strike, Threat, Trigger, decode_control
 from migrate.endpoints import parse_server_list
 from migrate.errors import RemoteError, RoamError, SubscriptionExpiredError
 from migrate.hashchain import KeyChain
@@ -332,6 +332,7 @@ def pool_snapshot(server: ServerPool) -> tuple[object, ...]:
         server.schedule.anchor,
         server.schedule.params.m,
         dict(server.strikes),
+        dict(server.blocks),
     )
 
 
@@ -350,7 +351,7 @@ def control(data: bytes) -> None:
             apply_control(parsed)
 
 
-def apply_control(message: Threat | Trigger | Revoke, now: float = NOW) -> None:
+def apply_control(message: Threat | Trigger | Revoke | Strike, now: float = NOW) -> None:
     """A parsed control message applied to a server: applied, or refused with no change."""
     server = pool()
     before = pool_snapshot(server)

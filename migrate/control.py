@@ -17,11 +17,15 @@ Clients learn the effect through their ordinary roaming updates.
   and refuses a trigger that disagrees.
 * ``Revoke(client_id)``: the client gets no further key extensions and is refused by the
   firewalls.
+* ``Strike(client_id, epoch)``: a server caught the client over its rate contract in
+  ``epoch`` (its first offence): every server counts it, so that an offence anywhere later is
+  the client's second and gets it revoked.
 * ``Ack(counter, accepted)``: a server's answer to the control message with that counter
   (refused messages are logged by the server with the reason).
 
 Plaintext: ``type u8`` then ``Threat: m u8 | from_epoch u64``; ``Trigger: leave u64 | next
-u64 | at i64 microseconds``; ``Revoke: client_id u32``; ``Ack: counter u64 | accepted u8``.
+u64 | at i64 microseconds``; ``Revoke: client_id u32``; ``Ack: counter u64 | accepted u8``;
+``Strike: client_id u32 | epoch u64``.
 Sealed on the group channel (``Purpose.GROUP_CONTROL``, kind ``GROUP_CONTROL``) with context
 ``"control" || deployment id``; the operator's sender id is ``OPERATOR``, servers use their
 index.
@@ -41,6 +45,7 @@ _THREAT = struct.Struct("!BQ")
 _TRIGGER = struct.Struct("!QQq")
 _REVOKE = struct.Struct("!I")
 _ACK = struct.Struct("!Q?")
+_STRIKE = struct.Struct("!IQ")
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,13 +67,19 @@ class Revoke:
 
 
 @dataclass(frozen=True, slots=True)
+class Strike:
+    client_id: int
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
 class Ack:
     counter: int
     accepted: bool = True
 
 
-ControlMessage = Threat | Trigger | Revoke | Ack
-_TYPES: dict[type, int] = {Threat: 1, Trigger: 2, Revoke: 3, Ack: 4}
+ControlMessage = Threat | Trigger | Revoke | Ack | Strike
+_TYPES: dict[type, int] = {Threat: 1, Trigger: 2, Revoke: 3, Ack: 4, Strike: 5}
 
 
 def encode_control(message: ControlMessage) -> bytes:
@@ -78,6 +89,8 @@ def encode_control(message: ControlMessage) -> bytes:
         body = _TRIGGER.pack(message.leave_epoch, message.next_epoch, round(message.at * 1e6))
     elif isinstance(message, Revoke):
         body = _REVOKE.pack(message.client_id)
+    elif isinstance(message, Strike):
+        body = _STRIKE.pack(message.client_id, message.epoch)
     else:
         body = _ACK.pack(message.counter, message.accepted)
     return bytes([_TYPES[type(message)]]) + body
@@ -87,7 +100,7 @@ def decode_control(data: bytes) -> ControlMessage:
     if not data:
         raise MalformedMessageError("empty control message")
     kind, body = data[0], data[1:]
-    sizes = {1: _THREAT.size, 2: _TRIGGER.size, 3: _REVOKE.size, 4: _ACK.size}
+    sizes = {1: _THREAT.size, 2: _TRIGGER.size, 3: _REVOKE.size, 4: _ACK.size, 5: _STRIKE.size}
     if kind not in sizes:
         raise MalformedMessageError(f"unknown control message type {kind}")
     if len(body) != sizes[kind]:
@@ -115,6 +128,11 @@ def decode_control(data: bytes) -> ControlMessage:
         if client_id == 0:
             raise MalformedMessageError("revoke names client id 0")
         return Revoke(client_id)
+    if kind == 5:
+        client_id, epoch = _STRIKE.unpack(body)
+        if client_id == 0 or epoch == 0:
+            raise MalformedMessageError("strike names client id 0 or epoch 0")
+        return Strike(client_id, epoch)
     counter, accepted = _ACK.unpack(body)
     if body[-1] not in (0, 1):
         raise MalformedMessageError("ack flag must be 0 or 1")

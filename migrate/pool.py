@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from migrate.control import Revoke, Threat, Trigger
+from migrate.control import Revoke, Strike, Threat, Trigger
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, InconsistentUpdateError, RevokedClientError, RoamError
 from migrate.gating import next_departure
@@ -27,6 +27,7 @@ from migrate.updates import RoamingUpdate, compose_update
 
 STATE_FORMAT = "server-roaming/server-state"
 TRIGGER_SLACK_EPOCHS = 1
+MAX_BLOCK_EPOCHS = 64  # a block lasts until the service roams, but never longer than this
 
 
 @dataclass(slots=True)
@@ -105,7 +106,10 @@ class ServerPool:
         self.schedule = EpochSchedule(
             secret.chain(deployment.chain_length), params, self.state.anchor
         )
-        self.strikes: dict[int, int] = {}  # client id -> epoch of its first offence
+        # Client id -> epoch of its first offence against a rate contract, here or (told by a
+        # Strike) at another server; and the clients this server blocks since (first) epoch.
+        self.strikes: dict[int, int] = {}
+        self.blocks: dict[int, int] = {}
 
     # -- clients -----------------------------------------------------------------------------
 
@@ -119,8 +123,24 @@ class ServerPool:
         return [c for c in map(self.record, self.clients.clients) if not c.revoked]
 
     def blocked(self, epoch: int) -> set[int]:
-        """Clients with a strike in this epoch: blocked until the service roams."""
-        return {client for client, strike in self.strikes.items() if strike == epoch}
+        """Clients this server caught over their contract, blocked from that epoch until the
+        service roams (their second chance is at the next server)."""
+        return {
+            client
+            for client, since in self.blocks.items()
+            if since <= epoch and self._same_server(since, epoch)
+        }
+
+    def _same_server(self, first: int, last: int) -> bool:
+        """Whether every epoch from ``first`` to ``last`` runs on one server (bounded: a block
+        that old has long been served)."""
+        if last - first > MAX_BLOCK_EPOCHS:
+            return False
+        try:
+            server = self.schedule.server_for(first)
+            return all(self.schedule.server_for(e) == server for e in range(first + 1, last + 1))
+        except RoamError:
+            return False
 
     def update_for(self, client: ClientRecord, now: float) -> RoamingUpdate:
         return compose_update(self.schedule, now, self.record(client), self.deployment.chain_length)
@@ -128,20 +148,23 @@ class ServerPool:
     def report_offence(self, client_id: int, epoch: int) -> str:
         """A client exceeded its rate contract during ``epoch``.
 
-        Returns ``"strike"`` (blocked until the next roam) or ``"revoke"`` (a repeat offender:
-        the caller broadcasts a ``Revoke``). Repeated reports in the same epoch are one offence.
+        Returns ``"strike"`` (blocked here until the service roams; the caller tells the
+        other servers with a ``Strike``) or ``"revoke"`` (a repeat offender, here or after an
+        offence at another server: the caller broadcasts a ``Revoke``). Repeated reports in the
+        epoch of the first offence are that offence.
         """
         if client_id in self.state.revoked:
             return "revoked"
         first = self.strikes.get(client_id)
         if first is None or first == epoch:
             self.strikes[client_id] = epoch
+            self.blocks.setdefault(client_id, epoch)
             return "strike"
         return "revoke"
 
     # -- control -----------------------------------------------------------------------------
 
-    def validate(self, message: Threat | Trigger | Revoke, now: float) -> None:
+    def validate(self, message: Threat | Trigger | Revoke | Strike, now: float) -> None:
         """Check a control message against our own state; raises, changes nothing."""
         current = self.schedule.epoch_at(now).index
         if isinstance(message, Threat):
@@ -167,9 +190,14 @@ class ServerPool:
                     f"another server is {expected}"
                 )
         elif self.clients.by_id(message.client_id) is None:
-            raise InconsistentUpdateError(f"revoke names unknown client id {message.client_id}")
+            kind = type(message).__name__.lower()
+            raise InconsistentUpdateError(f"{kind} names unknown client id {message.client_id}")
+        elif isinstance(message, Strike) and message.epoch > current + 1:
+            raise InconsistentUpdateError(
+                f"strike in epoch {message.epoch}, but epoch {current} runs here"
+            )
 
-    def apply(self, message: Threat | Trigger | Revoke, now: float) -> str:
+    def apply(self, message: Threat | Trigger | Revoke | Strike, now: float) -> str:
         """Validate and apply; returns a one-line description for the log."""
         self.validate(message, now)
         if isinstance(message, Threat):
@@ -186,8 +214,12 @@ class ServerPool:
                 f"reactive roam: epoch {message.leave_epoch} ends at {message.at:.3f}, "
                 f"epoch {message.next_epoch} starts"
             )
+        if isinstance(message, Strike):
+            first = self.strikes.setdefault(message.client_id, message.epoch)
+            return f"client {message.client_id} over its contract in epoch {first}"
         self.state.revoked.add(message.client_id)
         self.strikes.pop(message.client_id, None)
+        self.blocks.pop(message.client_id, None)
         return f"client {message.client_id} revoked"
 
     def make_trigger(self, now: float) -> Trigger:

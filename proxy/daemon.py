@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from migrate.channel import HEADER_BYTES, Sealer
-from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
+from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Strike, Threat, Trigger
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at, next_switch
@@ -281,6 +281,7 @@ class ServerShim:
 
     def _offence(self, contract: Contract) -> None:
         epoch = self.epoch or 0
+        first = contract.client_id not in self.pool.strikes
         verdict = self.pool.report_offence(contract.client_id, epoch)
         self.log.event(
             "contract_exceeded",
@@ -290,6 +291,9 @@ class ServerShim:
             epoch=epoch,
             verdict=verdict,
         )
+        if verdict == "strike" and first:
+            # Every server counts it: the next offence anywhere is the client's second.
+            self._broadcast(Strike(contract.client_id, epoch))
         if verdict == "revoke":
             self._apply_control(Revoke(contract.client_id), origin="rate contract")
             self._broadcast(Revoke(contract.client_id))
@@ -333,7 +337,7 @@ class ServerShim:
 
     # -- group control -----------------------------------------------------------------------
 
-    def _apply_control(self, message: Threat | Trigger | Revoke, origin: str) -> bool:
+    def _apply_control(self, message: Threat | Trigger | Revoke | Strike, origin: str) -> bool:
         now = self.clock()
         try:
             description = self.pool.apply(message, now)
@@ -393,7 +397,7 @@ class ServerShim:
         if self._control_transport is not None:
             self._control_transport.sendto(reply, source)
 
-    def _broadcast(self, message: Threat | Trigger | Revoke) -> None:
+    def _broadcast(self, message: Threat | Trigger | Revoke | Strike) -> None:
         if self._control_transport is None:
             return
         data = self.control.seal(message, self.clock())

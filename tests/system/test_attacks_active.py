@@ -247,7 +247,7 @@ def test_floods_from_an_outsider_at_the_active_server_reach_no_service(
         assert shim_problems(roaming) == []
 
 
-def test_an_insider_over_its_contract_is_blocked_until_the_service_roams(
+def test_an_insider_over_its_contract_is_blocked_until_the_service_roams_then_revoked(
     lab_factory: LabFactory,
 ) -> None:
     # The first epoch lasts exactly 8 s and the next one is on another server: c2's strike
@@ -284,6 +284,15 @@ def test_an_insider_over_its_contract_is_blocked_until_the_service_roams(
             time.sleep(max(0.0, roams_at + 0.5 - time.time()))
             second_chance = curl_small(roaming, "c2", 3.0).returncode
             attacked = finish_timed_gets(c1_gets, timeout_s=until - time.time() + 60)
+            # Over its contract again, at the next server and in a later epoch: the second
+            # offence, which that server knows of from the first server's Strike.
+            again = roaming.lab["c2"].run(
+                [sys.executable, "-c", INSIDER_FLOOD, str(roaming.vip), "3000", "2.5", DIGEST, "4"],
+                timeout=60,
+            )
+            assert again.returncode == 0, again.stderr[-500:]
+            time.sleep(1.0)
+            after_revoke = curl_small(roaming, "c2", 2.0).returncode
         finally:
             if c1_gets.poll() is None:
                 c1_gets.kill()
@@ -299,6 +308,13 @@ def test_an_insider_over_its_contract_is_blocked_until_the_service_roams(
             key=lambda e: float(e["ts"]),
         )
         at_active = [e for e in exceeded if e["host"] == active]
+        at_next = [e for e in exceeded if e["host"] != active]
+        applied = {
+            (shim.host, e["message"])
+            for shim in roaming.servers.values()
+            for e in shim.events()
+            if e["event"] == "control_applied"
+        }
         attempts = attack["attempts"]
         outcomes: dict[str, int] = {}
         for _, outcome in attempts:
@@ -330,7 +346,7 @@ def test_an_insider_over_its_contract_is_blocked_until_the_service_roams(
         )
         assert at_active, f"no contract_exceeded logged at {active}: {exceeded}"
         assert all(e["address"] == c2 for e in exceeded), exceeded
-        assert all(e["verdict"] == "strike" for e in exceeded), exceeded
+        assert all(e["verdict"] == "strike" for e in at_active), exceeded
         assert probes, "no probe while c2 was blocked"
         assert all(code != 0 for code in probes), f"c2 was served while blocked: {probes}"
         assert before_roam.arrived[0] > after_flood.arrived[0], "the probes did not arrive"
@@ -338,6 +354,15 @@ def test_an_insider_over_its_contract_is_blocked_until_the_service_roams(
         assert before_roam.service == after_flood.service, "c2 reached the service while blocked"
         assert new_active != active, "the service did not roam"
         assert second_chance == 0, "c2 had no second chance after the roam"
+        # The first server told the others of the strike; the second offence, at the next
+        # server, revoked c2 everywhere, and it is refused since.
+        others = [h for h in roaming.server_hosts if h != active]
+        assert {(h, "Strike") for h in others} <= applied, applied
+        assert at_next, exceeded
+        assert at_next[0]["host"] == new_active, exceeded
+        assert at_next[0]["verdict"] == "revoke", exceeded
+        assert {(h, "Revoke") for h in roaming.server_hosts if h != new_active} <= applied, applied
+        assert after_revoke != 0, "c2 was served after its revocation"
         assert baseline["digests"] == [DIGEST] * 20
         assert attacked["digests"] == [DIGEST] * len(attacked["digests"]), attacked["digests"]
         assert len(attacked["digests"]) > 20, "c1 made few requests"

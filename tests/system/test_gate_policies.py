@@ -63,7 +63,9 @@ def test_a_client_over_its_contract_gets_a_second_chance_then_is_revoked() -> No
         deadline = time.time() + 30
         # Full-speed downloads: even the client's ACKs are far over 80 kbit/s. Until the pool
         # revokes the client.
-        while time.time() < deadline and not events(roaming, "control_applied"):
+        while time.time() < deadline and not any(
+            e["message"] == "Revoke" for e in events(roaming, "control_applied")
+        ):
             lab["c1"].run(
                 [
                     "curl",
@@ -87,6 +89,14 @@ def test_a_client_over_its_contract_gets_a_second_chance_then_is_revoked() -> No
             e["epoch"] for e in events(roaming, "contract_exceeded") if e["verdict"] == "revoke"
         }
         assert min(revoke_epochs) > min(strike_epochs), "the revocation came after a roam"
+        # The first strike was told to the other servers.
+        told = {
+            shim.host
+            for shim in roaming.servers.values()
+            for e in shim.events()
+            if e["event"] == "control_applied" and e["message"] == "Strike"
+        }
+        assert len(told) >= len(roaming.servers) - 1, told
         time.sleep(1.0)
         # Every server knows: the client gets no more updates and the gate refuses it.
         for shim in roaming.servers.values():

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 from fuzz import targets
 from migrate.checkpoint import SEALED_BYTES, Checkpoint, TcpSnapshot
-from migrate.control import Revoke, Threat, Trigger
+from migrate.control import Revoke, Strike, Threat, Trigger
 from migrate.errors import MalformedMessageError, RoamError
 from migrate.reincarnation import Phase
 from migrate.updates import EpochSync, KeyExtension, MChange, RoamingUpdate, encode_update
@@ -265,6 +265,7 @@ def test_control_bytes(data):
             st.one_of(st.floats(targets.START - 100, targets.NOW + 500), st.floats(-1e12, 1e12)),
         ),
         st.builds(Revoke, st.integers(1, 5) | u32),
+        st.builds(Strike, st.integers(1, 5) | u32, epochs),
     ),
     now=st.floats(targets.START - 10, targets.NOW + 500),
 )

@@ -12,6 +12,7 @@ from migrate.control import (
     Ack,
     ControlChannel,
     Revoke,
+    Strike,
     Threat,
     Trigger,
     decode_control,
@@ -168,13 +169,51 @@ def test_state_survives_a_restart():
         restarted.update_for(ALICE, now)
 
 
+def _epochs_where(pool, moves: bool) -> int:
+    """The first epoch from 10 whose next epoch is on another server (``moves``) or on the
+    same one."""
+    server = pool.schedule.server_for
+    return next(e for e in range(10, 10_000) if (server(e) != server(e + 1)) == moves)
+
+
 def test_rate_contract_strikes_then_revokes():
     pool = pools()[0]
-    assert pool.report_offence(1, epoch=10) == "strike"
-    assert pool.report_offence(1, epoch=10) == "strike"  # same epoch: one offence
-    assert pool.blocked(10) == {1}
-    assert pool.blocked(11) == set()  # second chance after the roam
-    assert pool.report_offence(1, epoch=12) == "revoke"
+    roam = _epochs_where(pool, moves=True)
+    assert pool.report_offence(1, epoch=roam) == "strike"
+    assert pool.report_offence(1, epoch=roam) == "strike"  # same epoch: one offence
+    assert pool.blocked(roam) == {1}
+    assert pool.blocked(roam + 1) == set()  # second chance after the roam
+    assert pool.report_offence(1, epoch=roam + 2) == "revoke"
+
+
+def test_a_block_lasts_until_the_service_roams():
+    pool = pools()[0]
+    stay = _epochs_where(pool, moves=False)
+    pool.report_offence(1, epoch=stay)
+    assert pool.blocked(stay + 1) == {1}  # the service is still here: still blocked
+    leaves = next(
+        e
+        for e in range(stay + 1, 10_000)
+        if pool.schedule.server_for(e) != pool.schedule.server_for(stay)
+    )
+    assert pool.blocked(leaves) == set()
+    assert pool.blocked(stay - 1) == set()
+
+
+def test_a_strike_at_another_server_counts_everywhere():
+    now = START + 25.0
+    current = pools()[0].schedule.epoch_at(now).index
+    told, other = pools()[0], pools()[1]
+    assert told.apply(Strike(1, current), now).endswith(f"epoch {current}")
+    assert told.blocked(current) == set()  # blocked only where it offended
+    assert told.report_offence(1, epoch=current + 3) == "revoke"  # its second offence
+    assert other.report_offence(1, epoch=current) == "strike"
+    with pytest.raises(InconsistentUpdateError, match="unknown client"):
+        other.apply(Strike(99, current), now)
+    fresh = pools()[2]
+    with pytest.raises(InconsistentUpdateError, match="runs here"):
+        fresh.apply(Strike(1, current + 50), now)
+    assert fresh.strikes == {}
 
 
 def test_control_channel_roundtrip_and_rejections():
@@ -191,7 +230,9 @@ def test_control_channel_roundtrip_and_rejections():
         server.open(other.seal(Threat(4, 99), now=START), now=START)
 
 
-@pytest.mark.parametrize("message", [Threat(3, 5), Trigger(3, 9, 1234.5), Revoke(7), Ack(2**40)])
+@pytest.mark.parametrize(
+    "message", [Threat(3, 5), Trigger(3, 9, 1234.5), Revoke(7), Ack(2**40), Strike(7, 12)]
+)
 def test_control_encoding_roundtrip(message):
     assert decode_control(encode_control(message)) == message
 
@@ -205,6 +246,8 @@ def test_control_encoding_roundtrip(message):
         (b"\x01\x40" + (5).to_bytes(8, "big"), "1..32"),
         (b"\x02" + (5).to_bytes(8, "big") + (5).to_bytes(8, "big") + bytes(8), "later"),
         (b"\x03" + bytes(4), "client id 0"),
+        (b"\x05" + bytes(12), "client id 0 or epoch 0"),
+        (b"\x05" + bytes(11), "expected 12"),
     ],
 )
 def test_control_parser_is_strict(data, text):
