@@ -23,9 +23,11 @@ those sent to the service from the source's address; ``service_packets`` and
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from ipaddress import IPv4Address
 from typing import Any
@@ -190,6 +192,27 @@ def source_traffic(roaming: RoamingLab, host: str, source: str) -> SourceTraffic
         passed=counters[f"ok_{suffix}"],
         service=counters[f"svc_{suffix}"],
     )
+
+
+@contextmanager
+def attacker_cpu() -> Iterator[list[str]]:
+    """For the block, the lab's own processes (started inside it) run on every CPU but the
+    last; yields the command prefix that runs an attacker on the last one.
+
+    On one machine the attacker otherwise competes with the defence for the same CPUs, which
+    no real attacker does, and the legitimate client's response times then measure that
+    contention rather than the defence. A flood's packets are handled by the kernel on the
+    CPU that sends them (each veth hop queues on the sender's CPU), so they stay there too.
+    With a single CPU nothing changes (an empty prefix)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        yield []
+        return
+    os.sched_setaffinity(0, cpus[:-1])
+    try:
+        yield ["taskset", "-c", str(cpus[-1])]
+    finally:
+        os.sched_setaffinity(0, cpus)
 
 
 def _timed_gets_argv(roaming: RoamingLab, count: int, limit_s: float, path: str) -> list[str]:

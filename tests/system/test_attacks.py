@@ -26,7 +26,14 @@ from typing import Any
 
 import pytest
 
-from labs.attacks import FLOOD, REQUESTS, count_service_packets, service_packets, timed_gets
+from labs.attacks import (
+    FLOOD,
+    REQUESTS,
+    attacker_cpu,
+    count_service_packets,
+    service_packets,
+    timed_gets,
+)
 from labs.faults import live_lab, reaped, shim_problems
 from labs.params import LinkParams
 from labs.roaming import RoamingLab
@@ -55,7 +62,10 @@ def quiet_epoch(roaming: RoamingLab, needed_s: float) -> tuple[str, list[str]]:
 
 def test_floods_at_inactive_servers_reach_no_service_and_spare_the_client() -> None:
     small = os.urandom(2048)
-    with live_lab(outsiders=1, tick=30.0, m=1, content={"small": small}) as roaming:
+    with (
+        attacker_cpu() as attacker,
+        live_lab(outsiders=1, tick=30.0, m=1, content={"small": small}) as roaming,
+    ):
         roaming.start()
         roaming.wait_for_schedule(0.3)
         active, inactive = quiet_epoch(roaming, needed_s=20.0)
@@ -66,12 +76,12 @@ def test_floods_at_inactive_servers_reach_no_service_and_spare_the_client() -> N
         spoofed = f"{roaming.lab['o1'].address},{roaming.lab['c1'].address}"
         o1 = roaming.lab["o1"]
         syn_flood = o1.popen(
-            [sys.executable, "-c", FLOOD, targets, spoofed, "200000", "8"],
+            [*attacker, sys.executable, "-c", FLOOD, targets, spoofed, "200000", "8"],
             stdout=subprocess.PIPE,
             text=True,
         )
         requests = o1.popen(
-            [sys.executable, "-c", REQUESTS, targets, "400", "8"],
+            [*attacker, sys.executable, "-c", REQUESTS, targets, "400", "8"],
             stdout=subprocess.PIPE,
             text=True,
         )

@@ -40,6 +40,7 @@ from labs import Lab, PoolTopo
 from labs.attacks import (
     FLOOD,
     REQUESTS,
+    attacker_cpu,
     count_service_packets,
     finish_timed_gets,
     service_packets,
@@ -180,7 +181,7 @@ def test_floods_from_an_outsider_at_the_active_server_reach_no_service(
     lab_factory: LabFactory,
 ) -> None:
     # Epochs of 30 or 60 s: the first one holds the whole flood.
-    with insider_lab(lab_factory, tick=30.0) as roaming:
+    with attacker_cpu() as attacker, insider_lab(lab_factory, tick=30.0) as roaming:
         active, leaves = active_host(roaming, time.time())
         assert leaves - time.time() > 20, "the first epoch is shorter than a tick"
         o1 = address(roaming, "o1")
@@ -189,12 +190,12 @@ def test_floods_from_an_outsider_at_the_active_server_reach_no_service(
         target = address(roaming, active)
         began = time.time()
         syn_flood = roaming.lab["o1"].popen(
-            [sys.executable, "-c", FLOOD, target, o1, "200000", "8"],
+            [*attacker, sys.executable, "-c", FLOOD, target, o1, "200000", "8"],
             stdout=subprocess.PIPE,
             text=True,
         )
         requests = roaming.lab["o1"].popen(
-            [sys.executable, "-c", REQUESTS, target, "400", "8"],
+            [*attacker, sys.executable, "-c", REQUESTS, target, "400", "8"],
             stdout=subprocess.PIPE,
             text=True,
         )
