@@ -193,8 +193,6 @@ class ServerShim:
                     self.log.event("gate", open=plan.open, epoch=gate.epoch, active=gate.active)
                     if not plan.open:
                         self._leave()
-                    elif self.live is not None:
-                        self.live.arrive()
             self.gate = gate
             self._write_status()
             self._arm(min(gate.until, current.end if current.start <= now else current.start))
@@ -206,6 +204,11 @@ class ServerShim:
             self._timer.cancel()
         delay = max(0.0, when - self.clock()) + 0.0005
         self._timer = asyncio.get_running_loop().call_later(delay, self._tick)
+
+    @property
+    def gate_open(self) -> bool:
+        """Whether the gate lets the clients in now (before it is installed, nobody comes)."""
+        return self.plan is None or self.plan.open
 
     def leaving_at(self) -> float | None:
         """When the service leaves this server, if it is the active one now.
@@ -512,8 +515,7 @@ class ServerShim:
             family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
             # Send-only: nothing reads it, so it takes the smallest receive buffer (with a large
             # one, anyone could park megabytes of kernel memory in it).
-            self._update_socket = socket.socket(family, socket.SOCK_DGRAM)
-            self._update_socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+            self._update_socket = datagram_socket(family, receive_buffer=1)
             self._update_socket.bind((str(self.options.listen.address), 0))
             self._update_socket.setblocking(False)
             control_socket = datagram_socket(family)

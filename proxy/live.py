@@ -144,6 +144,7 @@ class LiveConnection:
         counter: int = 0,
         s2c_base: int = 0,
         syn_adjust: int = 1,
+        committed: tuple[int, int, int] | None = None,
     ) -> None:
         self.live = live
         self.peer = peer
@@ -161,7 +162,7 @@ class LiveConnection:
         self.last_sent = 0.0
         self.pushed_s2c = -1  # the service's position in the last checkpoint pushed
         # For a re-incarnated connection, the COMMIT that made it (see ``commit_identity``).
-        self.committed: tuple[int, int, int] | None = None
+        self.committed = committed
         self.sealer = live.carrier_sealer(record) if record is not None else None
         self.relay = Relay(
             client,
@@ -307,7 +308,6 @@ class LiveMode:
         self.raw = rawtcp.RawTcpSender()
         self.connections: dict[tuple[str, int], LiveConnection] = {}
         self.pending: dict[tuple[str, int], Pending] = {}
-        self.gate_open = True  # the daemon's gate; closed by ``leave``, opened by ``arrive``
         # Why the latest preparation of a connection failed, for its COMMIT (oldest first).
         self.failures: dict[tuple[str, int], tuple[Status, str]] = {}
         self.openers: dict[int, Opener] = {}
@@ -371,7 +371,7 @@ class LiveMode:
             conn_id=os.urandom(16),
             stream=StreamState(self.shim.options.codec),
         )
-        if not self.gate_open:
+        if not self.shim.gate_open:
             # Accepted before the gate closed but only now past the service's connect (a burst
             # at the end of the epoch): the client has moved on. Kept, it would stand in the
             # way (the same 4-tuple) when the service comes back here.
@@ -454,17 +454,12 @@ class LiveMode:
         """The gate closed behind the service: drop every connection silently (and those still
         being accepted, as they come: see ``relay_factory``). Prepared re-incarnations stay:
         they are for a later epoch on this server."""
-        self.gate_open = False
         count = 0
         for connection in list(self.connections.values()):
             connection.leave_silently()
             count += 1
         self.connections.clear()
         return count
-
-    def arrive(self) -> None:
-        """The gate opened: connections accepted from now on are the service's."""
-        self.gate_open = True
 
     def expire_pending(self, now: float) -> None:
         """Forget re-incarnations whose client never came back (bounded memory and sockets)."""
@@ -921,8 +916,8 @@ class LiveMode:
             counter=checkpoint.counter + INCARNATION_COUNTER_STRIDE,
             s2c_base=pending.s2c_base,
             syn_adjust=0,
+            committed=pending.committed,
         )
-        connection.committed = pending.committed
         pending.connection = connection
         # Adopted at once: if the service leaves again right away, ``leave`` finds it too.
         self._adopt(connection)

@@ -653,21 +653,20 @@ def udp_round(
 
 
 @contextmanager
-def download_lab(data: bytes) -> Iterator[RoamingLab]:
-    """A started live deployment serving ``data`` as /data, with an outsider, whose servers
-    verify checksums."""
+def download_lab() -> Iterator[tuple[RoamingLab, bytes, random.Random, int]]:
+    """A started live deployment serving 8 random MiB as /data, with an outsider, whose
+    servers verify checksums; with the data, a random generator and its seed (printed)."""
+    seed = int.from_bytes(os.urandom(4), "big")
+    data = os.urandom(8 * 1024 * 1024)
     with live_lab(LINKS, outsiders=1, content={"data": data}, **SCHEDULE) as roaming:
         roaming.start()
         roaming.wait_for_schedule(0.3)
         verify_checksums(roaming, roaming.server_hosts)
-        yield roaming
+        yield roaming, data, random.Random(seed), seed
 
 
 def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_nothing() -> None:
-    seed = int.from_bytes(os.urandom(4), "big")
-    rng = random.Random(seed)
-    data = os.urandom(8 * 1024 * 1024)
-    with download_lab(data) as roaming:
+    with download_lab() as (roaming, data, rng, seed):
         servers = roaming.server_hosts
         epochs = roaming.schedule(1, 100)
         sockets = {host: udp_sockets(roaming, host) for host in servers}
@@ -763,10 +762,7 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
 
 
 def test_crafted_segments_at_the_server_service_port_leave_the_download_intact() -> None:
-    seed = int.from_bytes(os.urandom(4), "big")
-    rng = random.Random(seed)
-    data = os.urandom(8 * 1024 * 1024)
-    with download_lab(data) as roaming:
+    with download_lab() as (roaming, data, rng, seed):
         servers = roaming.server_hosts
         before = {host: kernel_counters(roaming, host) for host in servers}
         out = roaming.workdir / "data.out"
