@@ -20,6 +20,7 @@ from migrate.errors import (
     ReplayedMessageError,
     StaleMessageError,
 )
+from tests.unit.budget import bounded_step
 
 SECRET = bytes(range(32, 64))
 
@@ -161,3 +162,80 @@ def test_unexpected_kind_is_refused():
     message = Sealer(key, 1).seal(Kind.GROUP_CONTROL, b"", now=1.0)
     with pytest.raises(MalformedMessageError, match="not expected"):
         opener.open(message, now=1.0)
+
+
+MICROS_PER_DAY = 86_400 * 1_000_000
+
+GAPS = [1, 63, 64, 65, 10**6, 3_600 * 10**6, 72 * 60 * 10**6, MICROS_PER_DAY, 7 * MICROS_PER_DAY]
+GAPS += [365 * MICROS_PER_DAY, 2**33, 2**40, 2**62]
+
+
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("gap", GAPS)
+def test_replay_window_takes_any_gap_in_constant_work(gap, strict):
+    """Counters are microseconds: a quiet hour is a gap of 3.6e9, an insider's GO can jump 2^33.
+
+    The window used to shift its bitmap by the gap (1.9 s after 72 minutes, MemoryError after
+    longer gaps); now any gap costs the same, and the window still refuses what it should.
+    """
+    window = ReplayWindow(size=64, strict=strict)
+    window.commit(1000)
+    window.commit(1001)
+    with bounded_step(f"a counter gap of {gap}"):
+        window.commit(1001 + gap)
+    assert window.highest == 1001 + gap
+    assert window.bitmap.bit_length() <= window.size
+    with pytest.raises(ReplayedMessageError):
+        window.check(1001 + gap)
+    with pytest.raises((StaleMessageError, ReorderedMessageError, ReplayedMessageError)):
+        window.check(1001)
+    window.commit(1002 + gap)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    steps=st.lists(
+        st.one_of(
+            st.integers(min_value=1, max_value=200),  # close together, in order
+            st.integers(min_value=-70, max_value=-1),  # reordered, near and beyond the window
+            st.integers(min_value=10**6, max_value=2**63),  # seconds to centuries of quiet
+        ),
+        min_size=1,
+        max_size=60,
+    ),
+    size=st.sampled_from([1, 8, 64, 1024]),
+)
+def test_replay_window_accepts_each_counter_at_most_once_over_any_history(steps, size):
+    """Model check against a set of everything accepted, over histories with any gaps."""
+    window = ReplayWindow(size=size)
+    accepted: set[int] = set()
+    counter = 1
+    for step in steps:
+        counter = max(1, counter + step)
+        highest = window.highest
+        try:
+            with bounded_step("one message of a long history"):
+                window.commit(counter)
+        except (ReplayedMessageError, StaleMessageError):
+            assert counter in accepted or counter <= highest - size
+            continue
+        assert counter not in accepted
+        assert counter > highest - size
+        accepted.add(counter)
+        assert window.bitmap.bit_length() <= size
+
+
+def test_opener_takes_a_year_of_quiet_from_one_sender():
+    """The whole path (open, accept) after a year: constant work, nothing accepted twice."""
+    key = derive_key(SECRET, Purpose.REINCARNATE_C2S)
+    sealer = Sealer(key, sender=3)
+    opener = Opener(key)
+    first = sealer.seal(Kind.REINCARNATE_REQUEST, b"a", now=1_000.0)
+    opener.accept(opener.open(first, now=1_000.0))
+    later = 1_000.0 + 365 * 86_400.0
+    second = sealer.seal(Kind.REINCARNATE_REQUEST, b"b", now=later)
+    with bounded_step("a message after a year of quiet"):
+        opener.accept(opener.open(second, now=later))
+    for message in (first, second):
+        with pytest.raises((ReplayedMessageError, StaleMessageError)):
+            opener.open(message, now=later)
