@@ -21,18 +21,6 @@ from labs.naming import NETNS_DIR
 LabFactory = Callable[..., Lab]
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """A system test that fails is run once more, and the rerun is reported (``-ra``: R).
-
-    They run real processes on two shared vCPUs with second-long epochs, and now and then one
-    of them meets a timing it was not written for (across the whole suite, often one per full
-    run); each such failure seen is recorded in docs/reliability.md and fixed or explained. A
-    test that fails twice in a row fails the run."""
-    for item in items:
-        if item.get_closest_marker("system") is not None:
-            item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=2))
-
-
 @pytest.fixture(autouse=True)
 def _system_tests_need_root(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("system") is not None and os.geteuid() != 0:
