@@ -21,6 +21,20 @@ from labs.naming import NETNS_DIR
 LabFactory = Callable[..., Lab]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test marked ``known_timing(cause=...)`` runs once more if it fails; no other test does.
+
+    Each such marker names a timing problem that is understood but not fixed yet (listed in
+    docs/reliability.md, with the issue that fixes it); the rerun is reported (``-ra``: R)."""
+    for item in items:
+        marker = item.get_closest_marker("known_timing")
+        if marker is None:
+            continue
+        if not marker.kwargs.get("cause"):
+            raise pytest.UsageError(f"{item.nodeid}: known_timing needs cause='...'")
+        item.add_marker(pytest.mark.flaky(reruns=1, reruns_delay=2))
+
+
 @pytest.fixture(autouse=True)
 def _system_tests_need_root(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("system") is not None and os.geteuid() != 0:

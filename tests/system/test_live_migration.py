@@ -141,6 +141,10 @@ def download(roaming: RoamingLab, name: str, rate: str, out: Path) -> tuple[int,
     return result.returncode, result.stderr, resets(capture)
 
 
+@pytest.mark.known_timing(
+    cause="a new server regenerates the response from its start and may not be ready in time "
+    "on a busy machine (no answer to the prepare); issue 14 regenerates from the client's position"
+)
 @pytest.mark.parametrize("service", ["http", "nginx"])
 def test_256_mib_download_survives_ten_roams_intact_without_a_reset(service: str) -> None:
     data = os.urandom(BIG)
@@ -381,6 +385,10 @@ def paced_read(
     return [(h.digest(), n) for h, n in zip(hashes, sizes, strict=True)]
 
 
+@pytest.mark.known_timing(
+    cause="under CPU contention a connection's newest checkpoint can lag the bytes its client "
+    "has (checkpoint covers none of the N bytes); issue 14 makes checkpoints keep up"
+)
 def test_200_concurrent_downloads_survive_the_same_roam() -> None:
     # Each curl writes to a pipe that the test drains at 20 KiB/s: about 50 s per 1 MiB
     # transfer, so that all 200 are open across the first roams. (curl's own --limit-rate lets
