@@ -44,6 +44,7 @@ from migrate.gating import next_switch
 from migrate.hashchain import KeyChain
 from migrate.kernel import nft, sockdiag
 from migrate.kernel.eventlog import EventLog, write_status
+from migrate.kernel.files import write_private
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import HostRoute
 from migrate.kernel.udp import datagram_socket
@@ -338,11 +339,7 @@ class ClientShim:
         self._persist()
 
     def _persist(self) -> None:
-        temporary = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self.saved.encode())
-        os.replace(temporary, self.state_path)
+        write_private(self.state_path, self.saved.encode())
 
     def status(self) -> dict[str, Any]:
         epoch = self.current

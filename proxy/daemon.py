@@ -45,6 +45,7 @@ from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
+from migrate.kernel.files import write_private
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import TransparentReturnPath
 from migrate.kernel.udp import datagram_socket
@@ -411,12 +412,7 @@ class ServerShim:
                 )
 
     def _persist(self) -> None:
-        self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self.pool.state.encode())
-        os.replace(temporary, self.state_path)
+        write_private(self.state_path, self.pool.state.encode())
 
     # -- status ------------------------------------------------------------------------------
 

@@ -3,17 +3,19 @@
 Every event is one JSON object per line in the ``--log-json`` file (``ts``, ``component``,
 ``event``, ``level`` and the event's own fields) and one short human line on stderr. Status
 files are small JSON documents replaced atomically, so a reader (``roam client status``) never
-sees half of one.
+sees half of one. Both name the active server and the epoch ends, so both are 0600 in a
+directory created 0700 (``migrate.kernel.files``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from migrate.kernel.files import open_private_log, write_private
 
 
 def _default(value: object) -> str:
@@ -32,8 +34,7 @@ class EventLog:
         self.stream = None if quiet else stream
         self._file: IO[str] | None = None
         if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(json_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._file = open_private_log(json_path)
 
     def event(self, name: str, /, level: str = "info", **fields: Any) -> None:
         record = {
@@ -57,11 +58,8 @@ class EventLog:
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
-    """Atomically replace ``path`` with ``status`` as JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(status, indent=2, default=_default) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    """Atomically replace ``path`` with ``status`` as JSON, 0600."""
+    write_private(path, (json.dumps(status, indent=2, default=_default) + "\n").encode())
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -120,6 +121,23 @@ def test_new_connections_reach_the_scheduled_server_and_services_see_only_their_
     # The service saw the client's own address (transparent inner connection).
     service_log = pool.services["s1"].log_path.read_text()
     assert str(lab["c1"].address) in service_log
+
+
+def test_status_logs_and_state_files_are_for_the_shims_user_only(pool: RoamingLab) -> None:
+    """They name the active server and the epoch ends: 0600 files in 0700 directories."""
+    shims = [*pool.servers.values(), *pool.clients.values()]
+    deadline = time.monotonic() + 10
+    while not all(s.status_path.exists() and s.log_json.exists() for s in shims):
+        assert time.monotonic() < deadline, "a shim wrote no status file or log"
+        time.sleep(0.05)
+    files = [path for s in shims for path in (s.status_path, s.log_json, s.stderr_path)]
+    files += [Path(f"{pool.bundle_path(host)}.state") for host in pool.clients]
+    files += sorted((pool.deployment_dir / "state").glob("*"))
+    modes = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+    print(modes)
+    assert set(modes.values()) == {"0o600"}, modes
+    for directory in {pool.workdir, pool.deployment_dir / "state"}:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
 
 
 def test_outsider_gets_no_answer_from_any_server(pool: RoamingLab) -> None:
