@@ -170,6 +170,7 @@ class ClientShim:
             else:
                 self._plan_handoff(epoch)
             self._write_status()
+            self.log.flush_rejections()
             self._arm(epoch.end)
         except RoamError as error:
             self._fail(error)
@@ -295,14 +296,14 @@ class ClientShim:
         except RoamError as error:
             self.rejected += 1
             self.last_rejection = f"{type(error).__name__}: {error}"
-            self.log.event(
+            # Anyone can send these: bounded logging, and the status file (with the counts)
+            # is rewritten at the next epoch or accepted update, not once per datagram.
+            self.log.rejection(
                 "update_rejected",
-                level="warning",
                 source=f"{source[0]}:{source[1]}",
                 error=type(error).__name__,
                 reason=str(error),
             )
-            self._write_status()
             return
         self.accepted += 1
         self.log.event(

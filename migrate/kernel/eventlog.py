@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from migrate.kernel.files import open_private_log, write_private
+from migrate.ratelog import RejectionLimiter, Suppressed
 
 
 def _default(value: object) -> str:
@@ -32,6 +33,7 @@ class EventLog:
     ) -> None:
         self.component = component
         self.stream = None if quiet else stream
+        self.rejections = RejectionLimiter()
         self._file: IO[str] | None = None
         if json_path is not None:
             self._file = open_private_log(json_path)
@@ -50,6 +52,32 @@ class EventLog:
             details = " ".join(f"{key}={value}" for key, value in fields.items())
             self.stream.write(f"{self.component}: {level}: {name} {details}\n".rstrip() + "\n")
             self.stream.flush()
+
+    def rejection(self, name: str, /, now: float | None = None, **fields: Any) -> None:
+        """Log a rejected datagram, bounded (``migrate.ratelog``): the first of each event and
+        error class per period in full, the rest as one ``rejections_suppressed`` count."""
+        # Monotonic: a wall-clock step must not stretch or shrink the period.
+        when = time.monotonic() if now is None else now
+        logged, summaries = self.rejections.record(f"{name}/{fields.get('error', '')}", when)
+        self._summaries(summaries)
+        if logged:
+            self.event(name, level="warning", **fields)
+
+    def flush_rejections(self, now: float | None = None) -> None:
+        """Log the counts of a period that has ended (call it now and then: on a timer)."""
+        self._summaries(self.rejections.flush(time.monotonic() if now is None else now))
+
+    def _summaries(self, summaries: list[Suppressed]) -> None:
+        for summary in summaries:
+            rejected, _, error = summary.key.partition("/")
+            self.event(
+                "rejections_suppressed",
+                level="warning",
+                rejected=rejected,
+                error=error,
+                count=summary.count,
+                period_s=round(summary.period_end - summary.period_start, 3),
+            )
 
     def close(self) -> None:
         if self._file is not None:
