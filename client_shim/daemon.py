@@ -47,7 +47,7 @@ from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.files import write_private
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import HostRoute
-from migrate.kernel.udp import datagram_socket
+from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import Bundle
 from migrate.schedule import Epoch, EpochSchedule
 from migrate.updates import ClientRoamingState
@@ -375,13 +375,10 @@ class ClientShim:
             loop.add_signal_handler(signum, self._stop.set)
         sock = datagram_socket(socket.AF_INET6 if self.bundle.vip.version == 6 else socket.AF_INET)
         try:
-            sock.bind((self.bind_address, self.bundle.roaming_port))
-        except OSError as error:
-            sock.close()
-            raise RoamError(
-                f"cannot listen for roaming updates on UDP port {self.bundle.roaming_port}: "
-                f"{error.strerror}"
-            ) from None
+            bind_exclusive(sock, (self.bind_address, self.bundle.roaming_port), "roaming updates")
+        except RoamError:
+            sock.close()  # before anything else was set up: nothing is left behind
+            raise
         # Startup sweep: leftovers of instances that died without cleaning up.
         for line in await asyncio.to_thread(sweep_dead):
             self.log.event("swept", detail=line)

@@ -48,7 +48,7 @@ from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.files import write_private
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import TransparentReturnPath
-from migrate.kernel.udp import datagram_socket
+from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
 from migrate.updates import seal_update, update_sealer
@@ -516,13 +516,14 @@ class ServerShim:
             self._update_socket.setblocking(False)
             control_socket = datagram_socket(family)
             try:
-                control_socket.bind((str(self.options.listen.address), self.options.control_port))
-            except OSError as error:
+                bind_exclusive(
+                    control_socket,
+                    (str(self.options.listen.address), self.options.control_port),
+                    "group control",
+                )
+            except RoamError:
                 control_socket.close()
-                raise ConfigError(
-                    f"cannot listen for group control on UDP port {self.options.control_port}: "
-                    f"{error.strerror}"
-                ) from None
+                raise
             self._control_transport, _ = await loop.create_datagram_endpoint(
                 lambda: _ControlProtocol(self), sock=control_socket
             )
