@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import os
 import stat
+import threading
 from pathlib import Path
 from typing import IO
 
@@ -54,9 +55,10 @@ def _fsync_directory(path: Path) -> None:
 def write_private(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
     """Atomically replace ``path`` with ``data``, created with ``mode`` (0600 by default)."""
     private_directory(path.parent)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    # O_EXCL after removing a leftover of a crashed writer of this pid: never write through a
-    # file (or a symlink) someone else put at the temporary name.
+    # One temporary name per process and thread: two writers never share one. O_EXCL after
+    # removing a leftover of a crashed writer: never write through a file (or a symlink)
+    # someone else put at the temporary name.
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     with contextlib.suppress(FileNotFoundError):
         temporary.unlink()
     fd = os.open(

@@ -6,6 +6,7 @@ umask 022 a plain ``write_text`` already gives 0644: world-readable).
 
 import os
 import stat
+import threading
 
 import pytest
 
@@ -63,7 +64,7 @@ def test_write_private_replaces_atomically_with_the_asked_mode(tmp_path):
     # A leftover temporary of a crashed writer (or a symlink planted there) is not written through.
     target = tmp_path / "elsewhere"
     target.write_bytes(b"keep")
-    (tmp_path / f".state.{os.getpid()}.tmp").symlink_to(target)
+    (tmp_path / f".state.{os.getpid()}.{threading.get_ident()}.tmp").symlink_to(target)
     write_private(path, b"two")
     assert (path.read_bytes(), target.read_bytes()) == (b"two", b"keep")
 
