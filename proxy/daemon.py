@@ -482,6 +482,19 @@ class ServerShim:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
+        # The well-known UDP port first: if someone else holds it, refuse before anything of
+        # ours exists (no table, no socket, no status file, one line on stderr).
+        control_socket = datagram_socket(family)
+        try:
+            bind_exclusive(
+                control_socket,
+                (str(self.options.listen.address), self.options.control_port),
+                "group control",
+            )
+        except RoamError:
+            control_socket.close()
+            raise
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         # Startup sweep: leftovers of instances that died without cleaning up.
@@ -508,22 +521,11 @@ class ServerShim:
                 )
             else:
                 self.relay_server = await relay.serve(listen, self._connect_service)
-            family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
             # Send-only: nothing reads it, so it takes the smallest receive buffer (with a large
             # one, anyone could park megabytes of kernel memory in it).
             self._update_socket = datagram_socket(family, receive_buffer=1)
             self._update_socket.bind((str(self.options.listen.address), 0))
             self._update_socket.setblocking(False)
-            control_socket = datagram_socket(family)
-            try:
-                bind_exclusive(
-                    control_socket,
-                    (str(self.options.listen.address), self.options.control_port),
-                    "group control",
-                )
-            except RoamError:
-                control_socket.close()
-                raise
             self._control_transport, _ = await loop.create_datagram_endpoint(
                 lambda: _ControlProtocol(self), sock=control_socket
             )
@@ -551,6 +553,8 @@ class ServerShim:
                 self._timer.cancel()
             if self._control_transport is not None:
                 self._control_transport.close()
+            else:
+                control_socket.close()
             if self._update_socket is not None:
                 self._update_socket.close()
             if self.relay_server is not None:
