@@ -45,7 +45,7 @@ from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
-from migrate.kernel.files import write_private
+from migrate.kernel.files import private_directory, write_private
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import TransparentReturnPath
 from migrate.kernel.udp import bind_exclusive, datagram_socket
@@ -449,7 +449,8 @@ class ServerShim:
         directory = self.options.capture_dropped
         assert directory is not None
         assert self.instance is not None
-        directory.mkdir(parents=True, exist_ok=True)
+        # 0700 when made here: what a server drops shows when it was inactive.
+        private_directory(directory)
         pattern = (
             directory / f"dropped-{self.options.listen.address}-{self.options.listen.port}.pcap"
         )
