@@ -44,9 +44,10 @@ from migrate.gating import next_switch
 from migrate.hashchain import KeyChain
 from migrate.kernel import nft, sockdiag
 from migrate.kernel.eventlog import EventLog, write_status
+from migrate.kernel.files import write_private
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import HostRoute
-from migrate.kernel.udp import datagram_socket
+from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import Bundle
 from migrate.schedule import Epoch, EpochSchedule
 from migrate.updates import ClientRoamingState
@@ -169,6 +170,7 @@ class ClientShim:
             else:
                 self._plan_handoff(epoch)
             self._write_status()
+            self.log.flush_rejections()
             self._arm(epoch.end)
         except RoamError as error:
             self._fail(error)
@@ -294,14 +296,14 @@ class ClientShim:
         except RoamError as error:
             self.rejected += 1
             self.last_rejection = f"{type(error).__name__}: {error}"
-            self.log.event(
+            # Anyone can send these: bounded logging, and the status file (with the counts)
+            # is rewritten at the next epoch or accepted update, not once per datagram.
+            self.log.rejection(
                 "update_rejected",
-                level="warning",
                 source=f"{source[0]}:{source[1]}",
                 error=type(error).__name__,
                 reason=str(error),
             )
-            self._write_status()
             return
         self.accepted += 1
         self.log.event(
@@ -338,11 +340,7 @@ class ClientShim:
         self._persist()
 
     def _persist(self) -> None:
-        temporary = self.state_path.with_name(f".{self.state_path.name}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self.saved.encode())
-        os.replace(temporary, self.state_path)
+        write_private(self.state_path, self.saved.encode())
 
     def status(self) -> dict[str, Any]:
         epoch = self.current
@@ -377,13 +375,10 @@ class ClientShim:
             loop.add_signal_handler(signum, self._stop.set)
         sock = datagram_socket(socket.AF_INET6 if self.bundle.vip.version == 6 else socket.AF_INET)
         try:
-            sock.bind((self.bind_address, self.bundle.roaming_port))
-        except OSError as error:
-            sock.close()
-            raise RoamError(
-                f"cannot listen for roaming updates on UDP port {self.bundle.roaming_port}: "
-                f"{error.strerror}"
-            ) from None
+            bind_exclusive(sock, (self.bind_address, self.bundle.roaming_port), "roaming updates")
+        except RoamError:
+            sock.close()  # before anything else was set up: nothing is left behind
+            raise
         # Startup sweep: leftovers of instances that died without cleaning up.
         for line in await asyncio.to_thread(sweep_dead):
             self.log.event("swept", detail=line)

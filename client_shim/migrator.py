@@ -201,9 +201,8 @@ class Migrator:
                 raise RoamError(f"carrier for port {carrier.client_port} arrived on {port}")
         except RoamError as error:
             self.rejected_carriers += 1
-            self.log.event(
-                "carrier_rejected", level="warning", error=type(error).__name__, reason=str(error)
-            )
+            # Spoofable from outside: bounded logging (migrate.ratelog).
+            self.log.rejection("carrier_rejected", error=type(error).__name__, reason=str(error))
             return
         self.carriers.accept(opened)
         self.store.on_carrier(carrier, now)
@@ -215,9 +214,8 @@ class Migrator:
             opened = self.answers.open(data, self.clock() + self.clock_offset())
             answer = Answer.decode(opened.plaintext)
         except RoamError as error:
-            self.log.event(
+            self.log.rejection(  # spoofable from outside: bounded logging (migrate.ratelog)
                 "answer_rejected",
-                level="warning",
                 origin=f"{source[0]}:{source[1]}",
                 error=type(error).__name__,
                 reason=str(error),

@@ -109,7 +109,8 @@ class RoamingLab:
     def __post_init__(self) -> None:
         self._runs = 0
         self.workdir = self.lab.workdir / "roaming"
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        # 0700: it holds the shims' status files, JSON logs and bundles (the whole schedule).
+        self.workdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.deployment_dir = self.workdir / "deployment"
         topo = self.lab.topo
         self.server_hosts: list[str] = list(topo.servers)  # type: ignore[attr-defined]
@@ -252,7 +253,9 @@ class RoamingLab:
         log_json = self.workdir / f"{stem}.jsonl"
         stderr_path = self.workdir / f"{stem}.stderr"
         status_path = self.workdir / f"{stem}.status.json"
-        with open(stderr_path, "ab") as stderr:
+        # 0600 like the shims' own files: their stderr lines name the active server too.
+        fd = os.open(stderr_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        with open(fd, "ab") as stderr:
             process = self.lab[host].popen(
                 roam_argv(kind, *args, "--log-json", str(log_json), "--status", str(status_path)),
                 stdout=subprocess.DEVNULL,

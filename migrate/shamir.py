@@ -116,10 +116,22 @@ class Share:
         return share
 
 
+# A threshold of 1 makes every share the secret itself (a polynomial of degree 0): splitting
+# would only multiply the copies of the secret, so it is refused rather than mistaken for
+# protection. Share files of threshold 1 written before this check still decode and combine,
+# so no secret is lost.
+MINIMUM_THRESHOLD = 2
+
+
 def _check_parameters(threshold: int, total: int) -> None:
-    if not 1 <= threshold <= total <= 255:
+    if threshold < MINIMUM_THRESHOLD:
         raise ConfigError(
-            f"need 1 <= threshold <= shares <= 255, got threshold {threshold} of {total} shares"
+            f"threshold {threshold} protects nothing (every share would be the secret itself); "
+            f"use a threshold of at least {MINIMUM_THRESHOLD}"
+        )
+    if not threshold <= total <= 255:
+        raise ConfigError(
+            f"need threshold <= shares <= 255, got threshold {threshold} of {total} shares"
         )
 
 
@@ -206,8 +218,20 @@ def refresh(shares: list[Share], random: Random) -> list[Share]:
 
     Every given share is moved onto a new polynomial (old + random polynomial with zero
     constant term); shares not given here can no longer be combined with the new ones.
+    Fewer than ``threshold`` shares are refused: their new generation could never recover the
+    secret, and once the old shares are destroyed as told, the secret would be lost.
     """
     first = _consistent(shares)
+    if first.threshold < MINIMUM_THRESHOLD:
+        raise ConfigError(
+            f"threshold {first.threshold} shares are the secret itself; refreshing them protects "
+            f"nothing: split the secret again with a threshold of at least {MINIMUM_THRESHOLD}"
+        )
+    if len(shares) < first.threshold:
+        raise ConfigError(
+            f"refresh needs at least {first.threshold} shares (the threshold), got {len(shares)}: "
+            "fewer would make a generation that can never recover the secret"
+        )
     generation = random(GENERATION_BYTES)
     while generation == first.generation:  # pragma: no cover - 2^-64
         generation = random(GENERATION_BYTES)

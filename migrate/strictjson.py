@@ -2,7 +2,9 @@
 
 A file is a JSON object with a ``format`` name and a ``version``; every field is required unless
 the reader says otherwise, has one type, and unknown fields are refused, so a typo in a
-hand-edited file is an error rather than a silently ignored setting.
+hand-edited file is an error rather than a silently ignored setting. A key given twice in one
+object is refused too: Python's parser would keep the last one silently, so two readers (or a
+human and the parser) could see different values in the same file.
 """
 
 from __future__ import annotations
@@ -15,11 +17,26 @@ from typing import Any
 from migrate.errors import ConfigError
 
 
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"key {key!r} given twice in one object")
+        document[key] = value
+    return document
+
+
+def loads(text: str | bytes) -> Any:
+    """``json.loads`` that refuses duplicate keys (raises ValueError naming the key)."""
+    return json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
+
+
 def parse_object(data: bytes, expected_format: str, version: int) -> Fields:
     try:
-        value = json.loads(data.decode("utf-8"))
+        value = loads(data.decode("utf-8"))
     except (ValueError, RecursionError) as error:
-        # ValueError: bad UTF-8, bad JSON, or an integer of more digits than Python converts;
+        # ValueError: bad UTF-8, bad JSON, a duplicate key, or an integer of more digits than
+        # Python converts;
         # RecursionError: arrays or objects nested too deep.
         raise ConfigError(f"{expected_format}: not valid JSON ({error})") from None
     if not isinstance(value, dict):

@@ -45,9 +45,10 @@ from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.eventlog import EventLog, write_status
+from migrate.kernel.files import private_directory, write_private
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.routing import TransparentReturnPath
-from migrate.kernel.udp import datagram_socket
+from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
 from migrate.updates import seal_update, update_sealer
@@ -411,12 +412,7 @@ class ServerShim:
                 )
 
     def _persist(self) -> None:
-        self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(self.pool.state.encode())
-        os.replace(temporary, self.state_path)
+        write_private(self.state_path, self.pool.state.encode())
 
     # -- status ------------------------------------------------------------------------------
 
@@ -453,7 +449,8 @@ class ServerShim:
         directory = self.options.capture_dropped
         assert directory is not None
         assert self.instance is not None
-        directory.mkdir(parents=True, exist_ok=True)
+        # 0700 when made here: what a server drops shows when it was inactive.
+        private_directory(directory)
         pattern = (
             directory / f"dropped-{self.options.listen.address}-{self.options.listen.port}.pcap"
         )
@@ -486,6 +483,19 @@ class ServerShim:
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
+        family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
+        # The well-known UDP port first: if someone else holds it, refuse before anything of
+        # ours exists (no table, no socket, no status file, one line on stderr).
+        control_socket = datagram_socket(family)
+        try:
+            bind_exclusive(
+                control_socket,
+                (str(self.options.listen.address), self.options.control_port),
+                "group control",
+            )
+        except RoamError:
+            control_socket.close()
+            raise
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
         # Startup sweep: leftovers of instances that died without cleaning up.
@@ -512,21 +522,11 @@ class ServerShim:
                 )
             else:
                 self.relay_server = await relay.serve(listen, self._connect_service)
-            family = socket.AF_INET6 if self.options.listen.address.version == 6 else socket.AF_INET
             # Send-only: nothing reads it, so it takes the smallest receive buffer (with a large
             # one, anyone could park megabytes of kernel memory in it).
             self._update_socket = datagram_socket(family, receive_buffer=1)
             self._update_socket.bind((str(self.options.listen.address), 0))
             self._update_socket.setblocking(False)
-            control_socket = datagram_socket(family)
-            try:
-                control_socket.bind((str(self.options.listen.address), self.options.control_port))
-            except OSError as error:
-                control_socket.close()
-                raise ConfigError(
-                    f"cannot listen for group control on UDP port {self.options.control_port}: "
-                    f"{error.strerror}"
-                ) from None
             self._control_transport, _ = await loop.create_datagram_endpoint(
                 lambda: _ControlProtocol(self), sock=control_socket
             )
@@ -554,6 +554,8 @@ class ServerShim:
                 self._timer.cancel()
             if self._control_transport is not None:
                 self._control_transport.close()
+            else:
+                control_socket.close()
             if self._update_socket is not None:
                 self._update_socket.close()
             if self.relay_server is not None:

@@ -47,7 +47,7 @@ from migrate.checkpoint import (
 )
 from migrate.errors import RoamError
 from migrate.kernel import nft, rawtcp, tcp_repair
-from migrate.kernel.udp import datagram_socket
+from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     Admitted,
@@ -975,13 +975,12 @@ class LiveMode:
             self.shim.log.event("orphans_destroyed", count=destroyed)
         sock = datagram_socket()
         try:
-            sock.bind((self.listen[0], self.shim.options.migration_port))
-        except OSError as error:
+            bind_exclusive(
+                sock, (self.listen[0], self.shim.options.migration_port), "re-incarnation requests"
+            )
+        except RoamError:
             sock.close()
-            raise RoamError(
-                f"cannot listen for re-incarnation requests on UDP port "
-                f"{self.shim.options.migration_port}: {error.strerror}"
-            ) from None
+            raise
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _MigrationProtocol(self), sock=sock
         )

@@ -56,6 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from migrate.kernel.files import write_private
 from proxy.transparent import DEFAULT_CONNECT_TIMEOUT_S, connect_plain, connect_transparent
 
 _log = logging.getLogger(__name__)
@@ -830,9 +831,7 @@ def _write_status(server: RelayServer, path: Path) -> None:
         "bytes_service_to_client": stats.bytes_service_to_client,
         "open_fds": len(os.listdir("/proc/self/fd")) - 1,  # minus listdir's own
     }
-    temporary = path.with_name(path.name + ".tmp")
-    temporary.write_text(json.dumps(status) + "\n")
-    temporary.replace(path)  # readers never see half a file
+    write_private(path, (json.dumps(status) + "\n").encode())  # readers never see half a file
 
 
 async def _run(args: argparse.Namespace) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from migrate.errors import ConfigError
+from migrate.kernel.files import write_private
 from migrate.registration import Bundle, ClientList, Deployment, DeploymentSecret
 
 DEPLOYMENT_FILE = "deployment.json"
@@ -47,19 +48,8 @@ def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
 
 
 def write_replace(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically replace ``path`` with ``data``."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
+    """Atomically replace ``path`` with ``data`` (``migrate.kernel.files.write_private``)."""
+    write_private(path, data, mode)
 
 
 def read_file(path: Path, what: str) -> bytes:

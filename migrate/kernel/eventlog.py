@@ -3,17 +3,20 @@
 Every event is one JSON object per line in the ``--log-json`` file (``ts``, ``component``,
 ``event``, ``level`` and the event's own fields) and one short human line on stderr. Status
 files are small JSON documents replaced atomically, so a reader (``roam client status``) never
-sees half of one.
+sees half of one. Both name the active server and the epoch ends, so both are 0600 in a
+directory created 0700 (``migrate.kernel.files``).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from migrate.kernel.files import open_private_log, write_private
+from migrate.ratelog import RejectionLimiter, Suppressed
 
 
 def _default(value: object) -> str:
@@ -30,10 +33,10 @@ class EventLog:
     ) -> None:
         self.component = component
         self.stream = None if quiet else stream
+        self.rejections = RejectionLimiter()
         self._file: IO[str] | None = None
         if json_path is not None:
-            json_path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(json_path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            self._file = open_private_log(json_path)
 
     def event(self, name: str, /, level: str = "info", **fields: Any) -> None:
         record = {
@@ -50,6 +53,32 @@ class EventLog:
             self.stream.write(f"{self.component}: {level}: {name} {details}\n".rstrip() + "\n")
             self.stream.flush()
 
+    def rejection(self, name: str, /, now: float | None = None, **fields: Any) -> None:
+        """Log a rejected datagram, bounded (``migrate.ratelog``): the first of each event and
+        error class per period in full, the rest as one ``rejections_suppressed`` count."""
+        # Monotonic: a wall-clock step must not stretch or shrink the period.
+        when = time.monotonic() if now is None else now
+        logged, summaries = self.rejections.record(f"{name}/{fields.get('error', '')}", when)
+        self._summaries(summaries)
+        if logged:
+            self.event(name, level="warning", **fields)
+
+    def flush_rejections(self, now: float | None = None) -> None:
+        """Log the counts of a period that has ended (call it now and then: on a timer)."""
+        self._summaries(self.rejections.flush(time.monotonic() if now is None else now))
+
+    def _summaries(self, summaries: list[Suppressed]) -> None:
+        for summary in summaries:
+            rejected, _, error = summary.key.partition("/")
+            self.event(
+                "rejections_suppressed",
+                level="warning",
+                rejected=rejected,
+                error=error,
+                count=summary.count,
+                period_s=round(summary.period_end - summary.period_start, 3),
+            )
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
@@ -57,11 +86,8 @@ class EventLog:
 
 
 def write_status(path: Path, status: dict[str, Any]) -> None:
-    """Atomically replace ``path`` with ``status`` as JSON."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(status, indent=2, default=_default) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    """Atomically replace ``path`` with ``status`` as JSON, 0600."""
+    write_private(path, (json.dumps(status, indent=2, default=_default) + "\n").encode())
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

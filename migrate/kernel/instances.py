@@ -47,6 +47,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from migrate.errors import ConfigError, LocalError, RemoteError
 from migrate.kernel import nft
+from migrate.kernel.files import write_private
 
 RUN_DIR_ENV: Final = "SERVER_ROAMING_RUN_DIR"
 DEFAULT_RUN_DIR: Final = Path("/run/server-roaming")
@@ -741,15 +742,7 @@ class InstanceRecord:
 
 def write_atomically(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data``: readers see the old file or the new one, never a part."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temporary, path)
+    write_private(path, data)
 
 
 def record_paths(directory: Path) -> list[Path]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
 from migrate.errors import ConfigError, RoamError
+from migrate.kernel.files import write_private
 from migrate.pool import PoolState, ServerPool
 from migrate.schedule import check_m
 from roam_cli.args import positive_int, positive_seconds
@@ -144,8 +145,7 @@ def _report(results: dict[str, str], what: str) -> int:
 
 def _save_operator_state(directory: DeploymentDir, pool: ServerPool) -> None:
     path = operator_state_path(directory.path)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path.write_bytes(pool.state.encode())
+    write_private(path, pool.state.encode())
 
 
 def run_threat(args: argparse.Namespace) -> int:

@@ -28,7 +28,13 @@ def register(subparsers: Subparsers) -> None:
 
     split = commands.add_parser("split", help="split DIR's secret into N shares, K needed")
     split.add_argument("directory", metavar="DIR", type=Path)
-    split.add_argument("--threshold", required=True, type=positive_int, metavar="K")
+    split.add_argument(
+        "--threshold",
+        required=True,
+        type=positive_int,
+        metavar="K",
+        help="shares needed to recover the secret (at least 2: with 1, each share is the secret)",
+    )
     split.add_argument("--shares", required=True, type=positive_int, metavar="N")
     split.add_argument(
         "--out",
@@ -56,7 +62,7 @@ def register(subparsers: Subparsers) -> None:
         help="new shares of the same secret; old ones stop mixing with them",
         description="Move the given shares onto a new random polynomial with the same secret, "
         "without reconstructing it. Refresh every holder's share at once: shares left out "
-        "can no longer be combined with the new generation.",
+        "can no longer be combined with the new generation. At least K shares are needed.",
     )
     refresh.add_argument("shares", nargs="+", type=Path, metavar="SHARE")
     refresh.add_argument("--out", required=True, type=Path, metavar="DIR")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import binascii
 import json
+import sys
 from pathlib import Path
 
 from migrate.endpoints import parse_server_list
@@ -15,6 +16,10 @@ from roam_cli.args import positive_int, positive_seconds, server_list, unix_time
 from roam_cli.store import DeploymentDir, load_bundle
 
 EXPLICIT = ("chain_key", "key_index", "m", "tick", "start", "servers")
+DEPRECATED_CHAIN_KEY = (
+    "roam: warning: --chain-key puts K_T in the process list, readable by every local user; "
+    "use --chain-key-file PATH (or - for standard input)"
+)
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -22,11 +27,22 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "schedule",
         help="print the roaming schedule from key material, a deployment or a bundle",
         description="Print epochs I .. min(T, I+C-1): start, length and active server. Key "
-        "material comes from --chain-key/--key-index/--m/--tick/--start/--servers, or from "
-        "--deployment DIR, or from --bundle FILE.",
+        "material comes from --chain-key-file/--key-index/--m/--tick/--start/--servers, or "
+        "from --deployment DIR, or from --bundle FILE.",
     )
     source = parser.add_argument_group("key material (explicit)")
-    source.add_argument("--chain-key", metavar="HEX", help="K_T, 64 hex digits")
+    source.add_argument(
+        "--chain-key-file",
+        metavar="PATH",
+        type=Path,
+        help="file holding K_T as 64 hex digits ('-' reads it from standard input)",
+    )
+    source.add_argument(
+        "--chain-key",
+        metavar="HEX",
+        help="deprecated: K_T on the command line, where every local user can read it "
+        "(/proc/PID/cmdline, ps); use --chain-key-file",
+    )
     source.add_argument("--key-index", metavar="T", type=positive_int, help="index T of the key")
     source.add_argument("--m", metavar="M", type=int, help="epoch length parameter, 1..32")
     source.add_argument("--tick", metavar="SECONDS", type=positive_seconds)
@@ -56,14 +72,49 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.set_defaults(handler=run)
 
 
+def _read_chain_key(path: Path) -> str:
+    """The hex text of K_T from ``path`` or standard input; the key is never echoed."""
+    if str(path) == "-":
+        return sys.stdin.read().strip()
+    try:
+        return path.read_text(encoding="ascii").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"--chain-key-file {path} does not exist") from None
+    except IsADirectoryError:
+        raise ConfigError(f"--chain-key-file {path} is a directory") from None
+    except PermissionError:
+        raise ConfigError(f"--chain-key-file {path}: permission denied") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"--chain-key-file {path} is not hexadecimal") from None
+
+
+def _chain_key(args: argparse.Namespace) -> None:
+    """Resolve --chain-key-file or the deprecated --chain-key into ``args.chain_key``."""
+    if args.chain_key is not None and args.chain_key_file is not None:
+        raise ConfigError("give either --chain-key-file or --chain-key, not both")
+    args.chain_key_deprecated = args.chain_key is not None
+    if args.chain_key is not None:
+        args.chain_key_source = f"--chain-key {args.chain_key!r}"
+    elif args.chain_key_file is not None:
+        args.chain_key = _read_chain_key(args.chain_key_file)
+        # Name the file, never its content: it is a secret.
+        args.chain_key_source = f"--chain-key-file {args.chain_key_file}"
+
+
+def _flag(name: str) -> str:
+    return "--chain-key-file" if name == "chain_key" else "--" + name.replace("_", "-")
+
+
 def _schedule(args: argparse.Namespace) -> EpochSchedule:
-    explicit = [name for name in EXPLICIT if getattr(args, name) is not None]
+    given = [name for name in EXPLICIT if getattr(args, name) is not None]
+    if args.chain_key_file is not None and "chain_key" not in given:
+        given.insert(0, "chain_key")
     sources = sum(1 for source in (args.deployment, args.bundle) if source is not None)
     if sources > 1:
         raise ConfigError("give either --deployment or --bundle, not both")
     if sources == 1:
-        if explicit:
-            flag = "--" + explicit[0].replace("_", "-")
+        if given:
+            flag = _flag(given[0])
             raise ConfigError(f"{flag} cannot be combined with --deployment or --bundle")
         if args.deployment is not None:
             directory = DeploymentDir(args.deployment)
@@ -72,16 +123,19 @@ def _schedule(args: argparse.Namespace) -> EpochSchedule:
             return EpochSchedule(chain, deployment.schedule_params())
         bundle = load_bundle(args.bundle)
         return EpochSchedule(bundle.chain(), bundle.schedule_params())
-    missing = [name for name in EXPLICIT if getattr(args, name) is None]
+    missing = [name for name in EXPLICIT if name not in given]
     if missing:
-        flags = ", ".join("--" + name.replace("_", "-") for name in missing)
+        flags = ", ".join(_flag(name) for name in missing)
         raise ConfigError(f"missing {flags} (or give --deployment DIR or --bundle FILE)")
+    _chain_key(args)
     try:
         key = binascii.unhexlify(args.chain_key)
     except (binascii.Error, ValueError):
-        raise ConfigError(f"--chain-key {args.chain_key!r} is not hexadecimal") from None
+        raise ConfigError(f"{args.chain_key_source} is not hexadecimal") from None
     if len(key) != KEY_BYTES:
-        raise ConfigError(f"--chain-key must be {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits)")
+        raise ConfigError(
+            f"{args.chain_key_source} must be {KEY_BYTES} bytes ({2 * KEY_BYTES} hex digits)"
+        )
     if args.key_index > MAX_CHAIN_LENGTH:
         raise ConfigError(f"--key-index must be at most {MAX_CHAIN_LENGTH}")
     params = ScheduleParams(
@@ -117,4 +171,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{'epoch':>8}  {'start':>16}  {'length':>10}  server")
     print("\n".join(lines))
+    if getattr(args, "chain_key_deprecated", False):
+        # After the output, so that an error stays one line.
+        print(DEPRECATED_CHAIN_KEY, file=sys.stderr)
     return 0

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, RoamError
 from migrate.kernel.eventlog import EventLog
+from migrate.kernel.files import own_private_directory
 from roam_cli.args import positive_int, positive_seconds
 from roam_cli.store import load_bundle
 
@@ -270,13 +271,17 @@ def run_client(args: argparse.Namespace) -> int:
         raise ConfigError("give --bundle FILE (or an action: status, install, uninstall)")
     bundle = load_bundle(args.bundle)
     _preflight("client", args.migration == "live")
+    status_path = args.status or default_status_path(bundle.name)
+    if args.status is None:
+        # The default run directory is ours alone: 0700 even if an older version made it 0755.
+        own_private_directory(status_path.parent)
     log = EventLog("client", args.log_json, quiet=args.quiet)
     try:
         shim = ClientShim(
             bundle,
             bundle_path=args.bundle,
             state_path=args.state or default_state_path(args.bundle),
-            status_path=args.status or default_status_path(bundle.name),
+            status_path=status_path,
             log=log,
             live=args.migration == "live",
             prepare_lead=args.prepare_lead,
@@ -301,6 +306,9 @@ def run_client_status(args: argparse.Namespace) -> int:
         status = json.loads(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"no client shim is running ({path} does not exist)") from None
+    except PermissionError:
+        # 0600: it names the active server and the epoch ends.
+        raise ConfigError(f"{path} is readable only by the shim's user (run as it)") from None
     pid = status.get("pid")
     if not isinstance(pid, int) or not Path(f"/proc/{pid}").exists():
         raise ConfigError(f"the client shim that wrote {path} (pid {pid}) is not running")
@@ -328,6 +336,8 @@ ExecStart={roam} client --bundle {bundle}
 ExecStopPost={roam} cleanup
 Restart=on-failure
 RestartSec=2
+# Status, log and state files name the active server: nobody else may read them.
+UMask=0077
 
 [Install]
 WantedBy=multi-user.target

@@ -10,6 +10,7 @@ import itertools
 import json
 import os
 import signal
+import stat
 import subprocess
 import time
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from labs import Lab, PoolTopo
 from labs.capture import tcp_flag_counts
 from labs.roaming import RoamingLab, roam_argv
 from migrate.channel import Kind, Sealer, derive_key
+from migrate.ratelog import RejectionLimiter
 from migrate.registration import Bundle
 from migrate.updates import EpochSync, RoamingUpdate, encode_update, update_context
 
@@ -122,6 +124,26 @@ def test_new_connections_reach_the_scheduled_server_and_services_see_only_their_
     assert str(lab["c1"].address) in service_log
 
 
+def test_status_logs_and_state_files_are_for_the_shims_user_only(pool: RoamingLab) -> None:
+    """They name the active server and the epoch ends: 0600 files in 0700 directories."""
+    shims = [*pool.servers.values(), *pool.clients.values()]
+    files = [path for s in shims for path in (s.status_path, s.log_json, s.stderr_path)]
+    # A client's saved state (its chain key and counters): written at its first update.
+    files += [Path(f"{pool.bundle_path(host)}.state") for host in pool.clients]
+    deadline = time.monotonic() + 10
+    while not all(path.exists() for path in files):
+        missing = [str(path) for path in files if not path.exists()]
+        assert time.monotonic() < deadline, f"never written: {missing}"
+        time.sleep(0.05)
+    files += sorted((pool.deployment_dir / "state").glob("*"))
+    modes = {str(path): oct(stat.S_IMODE(path.stat().st_mode)) for path in files}
+    print(modes)
+    assert set(modes.values()) == {"0o600"}, modes
+    for directory in {pool.workdir, pool.deployment_dir / "state"}:
+        if directory.exists():  # the servers' state directory: made at the first control message
+            assert stat.S_IMODE(directory.stat().st_mode) == 0o700, directory
+
+
 def test_outsider_gets_no_answer_from_any_server(pool: RoamingLab) -> None:
     lab = pool.lab
     path = pool.workdir / "outsider.pcap"
@@ -188,7 +210,12 @@ def test_forged_replayed_and_foreign_updates_are_rejected(pool: RoamingLab) -> N
         _send_udp(pool, "o1", payload, c1, bundle.roaming_port)
     time.sleep(0.5)
     events = pool.clients["c1"].events()
-    rejections = [e for e in events if e["event"] == "update_rejected" and e["ts"] >= now - 0.1]
+    # Rejections are logged in full once per kind and period (migrate.ratelog), so each kind
+    # shows within one period of now: this test's or an earlier one of the same period.
+    period = RejectionLimiter().period_s
+    rejections = [
+        e for e in events if e["event"] == "update_rejected" and e["ts"] >= now - period - 0.1
+    ]
     errors = [e["error"] for e in rejections]
     for expected in attempts:
         name = expected.split(" ")[0]
@@ -196,13 +223,53 @@ def test_forged_replayed_and_foreign_updates_are_rejected(pool: RoamingLab) -> N
             name == "ReplayedMessageError" and "ReorderedMessageError" in errors
         ), f"{expected} not logged: {errors}"
     assert all(e["reason"] for e in rejections)
+    # The counts reach the status file with the next accepted update (not once per rejection).
+    deadline = time.monotonic() + 10
     after = _client_status(pool)
-    assert int(after["updates_rejected"]) >= rejected_before + 4  # type: ignore[call-overload]
+    while int(after["updates_rejected"]) < rejected_before + 4:  # type: ignore[call-overload]
+        assert time.monotonic() < deadline, after
+        time.sleep(0.1)
+        after = _client_status(pool)
     assert after["key_index"] == before["key_index"]
     assert after["m"] == before["m"]
     # The shim kept following the schedule after the attempts.
     time.sleep(1.0)
     assert any(e["event"] == "epoch" and e["ts"] > now for e in pool.clients["c1"].events())
+
+
+def test_a_flood_of_forged_updates_writes_a_bounded_log(pool: RoamingLab) -> None:
+    """An outsider's datagrams cannot write the client's log at the rate of its link."""
+    bundle = Bundle.decode(pool.bundle_path("c1").read_bytes())
+    c1 = str(pool.lab["c1"].address)
+    flood = 1_000
+    before = _client_status(pool)
+    sent_at = time.time()
+    code = (
+        "import os,socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for _ in range(int(sys.argv[3])):\n"
+        "    s.sendto(os.urandom(64), (sys.argv[1], int(sys.argv[2])))"
+    )
+    pool.lab["o1"].run(
+        ["python3", "-c", code, c1, str(bundle.roaming_port), str(flood)], check=True, timeout=30
+    )
+
+    def counted() -> int:
+        return int(_client_status(pool)["updates_rejected"])  # type: ignore[call-overload]
+
+    # The counts reach the status file with the next accepted update, not once per datagram.
+    deadline = time.monotonic() + 10
+    # (Most of them: the kernel may drop some of a burst before the shim reads them.)
+    while counted() < int(before["updates_rejected"]) + flood // 2:  # type: ignore[call-overload]
+        assert time.monotonic() < deadline, f"{counted()} rejections counted"
+        time.sleep(0.1)
+    lines = [
+        e
+        for e in pool.clients["c1"].events()
+        if e["event"] in ("update_rejected", "rejections_suppressed") and e["ts"] >= sent_at
+    ]
+    print(f"{counted() - int(before['updates_rejected'])} rejected, {len(lines)} log lines")  # type: ignore[call-overload]
+    # One full line per kind of error (a handful), no count yet: the period has not ended.
+    assert len(lines) <= 8, lines[:10]
 
 
 def test_revoked_client_gets_no_updates(pool: RoamingLab) -> None:

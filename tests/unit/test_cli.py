@@ -1,3 +1,4 @@
+import io
 import json
 import stat
 import subprocess
@@ -11,8 +12,8 @@ from .vectors import CHAIN_KEY_HEX, SERVERS_TEXT, TABLE
 
 VECTOR = [
     "schedule",
-    "--chain-key",
-    CHAIN_KEY_HEX,
+    "--chain-key-file",
+    "-",
     "--key-index",
     "1000",
     "--m",
@@ -43,6 +44,12 @@ def assert_one_line_error(status, out, err, text):
     assert text in err
 
 
+@pytest.fixture(autouse=True)
+def chain_key_on_stdin(monkeypatch):
+    """K_T arrives on standard input (``--chain-key-file -``), never in argv."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO(CHAIN_KEY_HEX + "\n"))
+
+
 def test_schedule_prints_the_public_vector_exactly(capsys):
     status, out, err = run(capsys, *VECTOR, "--from", "1", "--count", "5", "--json")
     assert status == 0
@@ -63,8 +70,7 @@ def test_schedule_stops_at_the_held_key(capsys):
 @pytest.mark.parametrize(
     ("changes", "text"),
     [
-        ({"--chain-key": "zz"}, "not hexadecimal"),
-        ({"--chain-key": "00" * 31}, "32 bytes"),
+        ({"--chain-key-file": "/nonexistent/key"}, "--chain-key-file /nonexistent/key does not"),
         ({"--servers": "10.0.0.1"}, "not IP:PORT"),
         ({"--servers": "10.0.0.1:80,"}, "empty entry"),
         ({"--m": "0"}, "1..32"),
@@ -81,7 +87,60 @@ def test_schedule_errors_are_one_line_with_no_partial_output(capsys, changes, te
 
 
 def test_schedule_needs_complete_key_material(capsys):
-    assert_one_line_error(*run(capsys, "schedule", "--m", "6"), "missing --chain-key")
+    assert_one_line_error(*run(capsys, "schedule", "--m", "6"), "missing --chain-key-file")
+
+
+@pytest.mark.parametrize(
+    ("content", "text"), [("zz", "is not hexadecimal"), ("00" * 31, "must be 32 bytes")]
+)
+def test_a_bad_chain_key_file_is_named_and_its_content_never_echoed(
+    capsys, tmp_path, content, text
+):
+    key_file = tmp_path / "k"
+    key_file.write_text(content + "\n")
+    argv = [*VECTOR, "--from", "1", "--json"]
+    argv[argv.index("--chain-key-file") + 1] = str(key_file)
+    status, out, err = run(capsys, *argv)
+    assert_one_line_error(status, out, err, f"--chain-key-file {key_file} {text}")
+    assert content not in err
+
+
+def test_the_chain_key_from_a_file_gives_the_public_vector(capsys, tmp_path):
+    key_file = tmp_path / "k"
+    key_file.write_text(CHAIN_KEY_HEX + "\n")
+    argv = [*VECTOR, "--from", "1", "--count", "5", "--json"]
+    argv[argv.index("--chain-key-file") + 1] = str(key_file)
+    status, out, err = run(capsys, *argv)
+    assert (status, err) == (0, "")
+    assert [json.loads(line)["server"] for line in out.splitlines()] == [t[3] for t in TABLE]
+
+
+def test_the_deprecated_chain_key_flag_still_works_and_warns(capsys):
+    argv = [*VECTOR, "--from", "1", "--count", "5", "--json"]
+    argv[argv.index("--chain-key-file") : argv.index("--chain-key-file") + 2] = [
+        "--chain-key",
+        CHAIN_KEY_HEX,
+    ]
+    status, out, err = run(capsys, *argv)
+    assert status == 0
+    assert len(out.splitlines()) == 5
+    assert "warning: --chain-key puts K_T in the process list" in err
+    assert CHAIN_KEY_HEX not in err
+    both = [*argv, "--chain-key-file", "-"]
+    assert_one_line_error(*run(capsys, *both), "either --chain-key-file or --chain-key")
+
+
+def test_the_chain_key_never_appears_in_the_process_arguments(tmp_path):
+    """The schedule is computed by a real ``roam`` process reading K_T from stdin."""
+    completed = subprocess.run(
+        [sys.executable, "-m", "roam_cli.main", *VECTOR, "--from", "1", "--count", "1", "--json"],
+        input=CHAIN_KEY_HEX,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert json.loads(completed.stdout)["server"] == TABLE[0][3]
+    assert CHAIN_KEY_HEX not in " ".join(completed.args)
 
 
 @pytest.fixture
@@ -374,6 +433,7 @@ def test_keys_split_combine_refresh(deployment, tmp_path, capsys):
 def test_console_script_is_installed():
     result = subprocess.run(
         [sys.executable, "-m", "roam_cli.main", *VECTOR, "--count", "1", "--json"],
+        input=CHAIN_KEY_HEX,
         capture_output=True,
         text=True,
         check=False,

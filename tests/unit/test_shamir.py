@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrate.errors import ConfigError
-from migrate.shamir import Share, combine, gf_div, gf_mul, refresh, split
+from migrate.shamir import Share, check_value, combine, gf_div, gf_mul, refresh, split
 
 DEPLOYMENT = bytes(16)
 
@@ -18,15 +18,14 @@ def test_field_arithmetic():
 
 
 @settings(max_examples=30, deadline=None)
-@given(secret=st.binary(min_size=1, max_size=64), k=st.integers(1, 5), extra=st.integers(0, 3))
+@given(secret=st.binary(min_size=1, max_size=64), k=st.integers(2, 5), extra=st.integers(0, 3))
 def test_any_k_shares_recover_the_secret(secret, k, extra):
     n = k + extra
     shares = split(secret, DEPLOYMENT, k, n, os.urandom)
     for subset in itertools.combinations(shares, k):
         assert combine(list(subset)) == secret
-    if k > 1:
-        with pytest.raises(ConfigError, match=f"need {k} shares"):
-            combine(shares[: k - 1])
+    with pytest.raises(ConfigError, match=f"need {k} shares"):
+        combine(shares[: k - 1])
 
 
 def test_refresh_keeps_the_secret_and_old_shares_do_not_mix():
@@ -53,3 +52,24 @@ def test_share_files_roundtrip_and_validation():
     corrupted = Share(DEPLOYMENT, shares[0].generation, 2, 3, 1, bytes(64), shares[0].check)
     with pytest.raises(ConfigError, match="do not reconstruct"):
         combine([corrupted, shares[1]])
+
+
+def test_threshold_one_is_refused_because_every_share_would_be_the_secret():
+    secret = os.urandom(64)
+    with pytest.raises(ConfigError, match="threshold 1 protects nothing"):
+        split(secret, DEPLOYMENT, 1, 3, os.urandom)
+    # A threshold-1 share written before the check still recovers its secret (nothing lost),
+    # but refreshing it is refused: it would still be the secret itself.
+    old = Share(DEPLOYMENT, bytes(8), 1, 2, 1, secret, check_value(DEPLOYMENT, secret))
+    assert combine([old]) == secret
+    with pytest.raises(ConfigError, match="split the secret again"):
+        refresh([old], os.urandom)
+
+
+def test_refresh_with_fewer_than_threshold_shares_is_refused():
+    secret = os.urandom(64)
+    shares = split(secret, DEPLOYMENT, 3, 5, os.urandom)
+    with pytest.raises(ConfigError, match="refresh needs at least 3 shares"):
+        refresh(shares[:2], os.urandom)
+    # Exactly k is enough, and the new generation recovers the secret.
+    assert combine(refresh(shares[1:4], os.urandom)) == secret
