@@ -89,9 +89,13 @@ def _operator_pool(directory: DeploymentDir) -> ServerPool:
 
 
 def send_to_pool(
-    directory: DeploymentDir, message: Threat | Trigger | Revoke, control_port: int
+    directory: DeploymentDir,
+    message: Threat | Trigger | Revoke,
+    control_port: int,
+    attempts: int = ATTEMPTS,
 ) -> dict[str, str]:
-    """Send ``message`` to every server; returns server -> "applied" | "refused" | "no answer"."""
+    """Send ``message`` to every server, each attempt (``ATTEMPT_TIMEOUT_S``) to those that
+    have not answered yet; returns server -> "applied" | "refused" | "no answer"."""
     deployment = directory.deployment()
     secret = directory.secret()
     channel = ControlChannel(secret.group_key, deployment.deployment_id, OPERATOR)
@@ -103,7 +107,7 @@ def send_to_pool(
         # answer was lost sees a replay and repeats its answer instead of applying it twice.
         data = channel.seal(message, time.time())
         counter = channel.sealer.last_counter
-        for _attempt in range(ATTEMPTS):
+        for _attempt in range(attempts):
             pending = [s for s in deployment.servers if results[str(s)] == "no answer"]
             if not pending:
                 break
