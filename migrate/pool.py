@@ -39,6 +39,8 @@ class PoolState:
     anchor: Anchor | None = None
     m: MSchedule | None = None
     revoked: set[int] = field(default_factory=set)
+    # Every counter this server's sealers use is above it (migrate.channel.CounterFloor).
+    counter_floor: int = 0
 
     def encode(self) -> bytes:
         return dump_object(
@@ -53,6 +55,7 @@ class PoolState:
                 if self.m is None
                 else {str(k): v for k, v in self.m.as_mapping().items()},
                 "revoked": sorted(self.revoked),
+                "counter_floor": self.counter_floor,
             },
         )
 
@@ -74,6 +77,9 @@ class PoolState:
             m.done()
             state.m = MSchedule.from_mapping(mapping)
         state.revoked = set(fields.list_of_integers("revoked"))
+        # Absent from state files written before counters were kept: nothing reserved then.
+        if fields.has("counter_floor"):
+            state.counter_floor = fields.integer("counter_floor", 0)
         fields.done()
         return state
 

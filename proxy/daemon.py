@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from migrate.antientropy import SYNC_PERIOD_S
-from migrate.channel import HEADER_BYTES, Sealer
+from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
 from migrate.control import (
     OPERATOR,
     Ack,
@@ -122,11 +122,15 @@ class ServerShim:
         if self.state_path.exists():
             state = PoolState.decode(self.state_path.read_bytes())
         self.pool = ServerPool(self.deployment, secret, clients, options.listen, state)
+        # Every sealer of this server starts above the floor its last run persisted and keeps
+        # it ahead: no nonce is used twice under a key, even if the clock went back.
+        self.counter_floor = CounterFloor(self.pool.state.counter_floor, self._save_counter_floor)
         self.control = ControlChannel(secret.group_key, self.deployment.deployment_id, index)
+        self.control.sealer.keep_counters(self.counter_floor)
         self.sealers: dict[int, Sealer] = {
             client.client_id: update_sealer(
                 client.channel_key, self.deployment.deployment_id, client.client_id, index
-            )
+            ).keep_counters(self.counter_floor)
             for client in clients.clients
         }
         self.table = nft.instance_table_name("srv", os.getpid())
@@ -491,6 +495,10 @@ class ServerShim:
                 self._control_transport.sendto(
                     data, (str(server.address), self.options.control_port)
                 )
+
+    def _save_counter_floor(self, floor: int) -> None:
+        self.pool.state.counter_floor = floor
+        self._persist()
 
     def _persist(self) -> None:
         self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -6,11 +6,13 @@ from __future__ import annotations
 import io
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from migrate.channel import HEADER, Kind
 from migrate.control import OPERATOR, Ack, ControlChannel, Facts, Revoke
 from migrate.endpoints import parse_address_and_port
 from migrate.kernel.eventlog import EventLog
@@ -30,8 +32,7 @@ class Transport:
         self.sent.append((data, address))
 
 
-@pytest.fixture
-def shim(tmp_path: Path) -> Any:
+def make_deployment(tmp_path: Path) -> Path:
     directory = tmp_path / "dep"
     start = str(round(time.time() - 5))
     init = ["init", str(directory), "--servers", SERVERS, "--vip", "10.99.0.1"]
@@ -42,17 +43,26 @@ def shim(tmp_path: Path) -> Any:
         bundle = str(tmp_path / name)
         subscribe = ["subscribe", str(directory), name, "--address", address]
         assert main([*subscribe, "--until-epoch", "50000", "--out", bundle]) == 0
+    return directory
+
+
+def make_shim(directory: Path, clock: Callable[[], float] = time.time) -> Any:
     options = ServerOptions(
         directory,
         parse_address_and_port("10.0.0.1:80", 80),
         parse_address_and_port("127.0.0.1:8000", 8000),
     )
     log = io.StringIO()
-    server = ServerShim(options, EventLog("server", stream=log))
+    server = ServerShim(options, EventLog("server", stream=log), clock=clock)
     server._control_transport = Transport()  # type: ignore[assignment]
     server._tick = lambda: None  # type: ignore[method-assign]
     server.log_text = log  # type: ignore[attr-defined]
     return server
+
+
+@pytest.fixture
+def shim(tmp_path: Path) -> Any:
+    return make_shim(make_deployment(tmp_path))
 
 
 def channel(shim: Any, sender: int) -> ControlChannel:
@@ -95,3 +105,25 @@ def test_control_state_is_merged_only_from_a_server_at_its_registered_address(
     log = shim.log_text.getvalue()
     assert "not at its registered address" in log
     assert "control state comes from servers only" in log
+
+
+def counters(messages: list[bytes]) -> list[int]:
+    return [HEADER.unpack_from(message)[4] for message in messages]
+
+
+def test_a_restarted_server_never_repeats_a_nonce_after_its_clock_went_back(
+    tmp_path: Path,
+) -> None:
+    directory = make_deployment(tmp_path)
+    now = time.time()
+    used: dict[str, list[int]] = {"control": [], "update": []}
+    for run, clock_at in enumerate((now, now - 3600.0, now - 7200.0, now + 60.0)):
+        # Each run: a new process, its clock stepped back an hour (then forward again).
+        server = make_shim(directory, clock=lambda t=clock_at: t)
+        control = [server.control.seal(Revoke(2), clock_at) for _ in range(3)]
+        update = [server.sealers[1].seal(Kind.ROAMING_UPDATE, b"x", clock_at) for _ in range(3)]
+        for name, sealed in (("control", control), ("update", update)):
+            fresh = counters(sealed)
+            assert not set(fresh) & set(used[name]), f"run {run}: a {name} nonce was reused"
+            assert min(fresh) > max(used[name], default=0), f"run {run}: {name} went back"
+            used[name] += fresh
