@@ -498,7 +498,15 @@ class ServerShim:
 
     def _save_counter_floor(self, floor: int) -> None:
         self.pool.state.counter_floor = floor
-        self._persist()
+        try:
+            self._persist()
+        except OSError as error:
+            # Sealing on without a persisted floor could reuse nonces after a restart: stop.
+            failure = ConfigError(
+                f"cannot write the server state {self.state_path}: {error.strerror}"
+            )
+            self._fail(failure)
+            raise failure from None
 
     def _persist(self) -> None:
         self.state_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)

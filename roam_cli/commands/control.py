@@ -88,12 +88,15 @@ def operator_counters(directory: Path) -> CounterFloor:
         fields.done()
 
     def save(value: int) -> None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(dump_object(COUNTER_FORMAT, 1, {"floor": value}))
-        os.replace(temporary, path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(dump_object(COUNTER_FORMAT, 1, {"floor": value}))
+            os.replace(temporary, path)
+        except OSError as error:
+            raise ConfigError(f"cannot write {path}: {error.strerror}") from None
 
     return CounterFloor(floor, save)
 

@@ -107,3 +107,19 @@ def test_the_state_files_keep_the_floor_and_read_older_files_without_it() -> Non
         older = json.loads(state.encode())
         del older["counter_floor"]
         assert type(state).decode(json.dumps(older).encode()).counter_floor == 0
+
+
+def test_the_operator_keeps_its_floor_in_its_own_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from migrate.errors import ConfigError
+    from roam_cli.commands.control import operator_counter_path, operator_counters
+
+    first = Sealer(KEY, 0xFFFF_FFFF).keep_counters(operator_counters(tmp_path))
+    used = first.next_counter(2_000_000_000.0)
+    assert operator_counter_path(tmp_path).stat().st_mode & 0o777 == 0o600
+    # The next command, its host's clock a day behind: still above every counter used.
+    again = Sealer(KEY, 0xFFFF_FFFF).keep_counters(operator_counters(tmp_path))
+    assert again.next_counter(2_000_000_000.0 - 86400) > used
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(ConfigError, match="cannot write"):
+        Sealer(KEY, 1).keep_counters(operator_counters(blocked)).next_counter(1.0)
