@@ -37,7 +37,7 @@ from client_shim.migrator import (
 )
 from client_shim.rules import rewrite_table_body, switch_script, table_family
 from client_shim.state import ClientState, load_state
-from migrate.channel import ReplayWindow
+from migrate.channel import CounterFloor, ReplayWindow
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError, ScheduleError, SubscriptionExpiredError
 from migrate.gating import next_switch
@@ -336,7 +336,12 @@ class ClientShim:
             chain.held_key,
             self.schedule.params.m,
             {s: w.highest for s, w in self.roaming.opener.windows.items()},
+            self.saved.counter_floor,
         )
+        self._persist()
+
+    def _save_counter_floor(self, floor: int) -> None:
+        self.saved.counter_floor = floor
         self._persist()
 
     def _persist(self) -> None:
@@ -413,6 +418,11 @@ class ClientShim:
                     lambda: self.roaming.clock_offset or 0.0,
                     prepare_lead=self.prepare_lead,
                     migration_port=self.migration_port,
+                )
+                # Its requests start above the floor the last run persisted: no nonce twice
+                # under the client's key, even if the clock went back.
+                self.migrator.sealer.keep_counters(
+                    CounterFloor(self.saved.counter_floor, self._save_counter_floor)
                 )
                 await self.migrator.start()
             self.log.event(

@@ -26,6 +26,8 @@ class ClientState:
     chain_key: bytes
     m: MSchedule
     counters: dict[int, int] = field(default_factory=dict)  # sender -> highest accepted
+    # Every counter this client's sealers use is above it (migrate.channel.CounterFloor).
+    counter_floor: int = 0
 
     @classmethod
     def from_bundle(cls, bundle: Bundle) -> ClientState:
@@ -44,6 +46,7 @@ class ClientState:
                 "chain_key": self.chain_key.hex(),
                 "m": {str(k): v for k, v in self.m.as_mapping().items()},
                 "counters": {str(k): v for k, v in sorted(self.counters.items())},
+                "counter_floor": self.counter_floor,
             },
         )
 
@@ -68,6 +71,9 @@ class ClientState:
             MSchedule.from_mapping(mapping),
             counters,
         )
+        # Absent from state files written before counters were kept: nothing reserved then.
+        if fields.has("counter_floor"):
+            state.counter_floor = fields.integer("counter_floor", 0)
         fields.done()
         return state
 

@@ -186,6 +186,55 @@ def active_host(roaming: RoamingLab, now: float) -> tuple[str, float]:
     raise RuntimeError(f"no epoch runs at {now:.3f}")
 
 
+CONTROL_LOSS_TABLE = "roam_ctlloss"
+
+
+@contextmanager
+def control_loss(
+    roaming: RoamingLab, percent: int = 50, port: int = 47475
+) -> Iterator[dict[str, int]]:
+    """Drop ``percent`` % of the group-control datagrams, drawn per packet by the kernel (nft
+    ``numgen random``; netem is not in every kernel), on every host of the pool: datagrams to
+    the control port as they arrive (operator to server, server to server: each crosses one
+    such rule) and the servers' answers as they arrive at the operator. Yields a dict filled on
+    exit with the datagrams seen and dropped, summed over hosts."""
+    if not 0 <= percent <= 100:
+        raise ValueError(f"loss percent must be in 0..100, got {percent}")
+    rules = (
+        f"table inet {CONTROL_LOSS_TABLE} {{\n"
+        "  chain in {\n"
+        "    type filter hook input priority -450; policy accept;\n"
+        f"    udp dport {port} counter numgen random mod 100 < {percent} counter drop\n"
+        f"    udp sport {port} udp dport != {port} counter numgen random mod 100 < {percent}"
+        " counter drop\n"
+        "  }\n"
+        "}\n"
+    )
+    hosts = [*roaming.server_hosts, *roaming.client_hosts]
+    installed: list[str] = []
+    figures = {"seen": 0, "dropped": 0}
+    try:
+        for host in hosts:
+            roaming.lab[host].run(["nft", "-f", "-"], check=True, input=rules)
+            installed.append(host)
+        yield figures
+    finally:
+        for host in installed:
+            listing = roaming.lab[host].run(
+                ["nft", "-j", "list", "table", "inet", CONTROL_LOSS_TABLE]
+            )
+            counters = [
+                item["counter"]["packets"]
+                for entry in json.loads(listing.stdout or '{"nftables": []}')["nftables"]
+                for item in entry.get("rule", {}).get("expr", [])
+                if isinstance(item, dict) and "counter" in item
+            ]
+            # Each rule holds two counters: what it saw, then what it dropped.
+            figures["seen"] += sum(counters[0::2])
+            figures["dropped"] += sum(counters[1::2])
+            roaming.lab[host].run(["nft", "delete", "table", "inet", CONTROL_LOSS_TABLE])
+
+
 def kill_server(roaming: RoamingLab, host: str) -> None:
     """The server dies as a host does: cut off first, then shim and service SIGKILLed, so the
     FINs its kernel sends for the dead processes' sockets never leave it (a crash of the

@@ -102,6 +102,10 @@ class RoamingLab:
     service: str = "http"  # "http" | "nginx" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
+    # Each server host holds its own copy of the deployment directory, taken when the
+    # deployment is created, as on separate machines: the operator's later changes (``roam
+    # revoke``) reach a server only through the network, not through a shared file.
+    server_dirs: bool = False
     servers: dict[str, ShimProcess] = field(default_factory=dict)
     clients: dict[str, ShimProcess] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
@@ -198,6 +202,18 @@ class RoamingLab:
             for stale in (self.bundle_path(host), Path(f"{self.bundle_path(host)}.state")):
                 stale.unlink(missing_ok=True)
             self.subscribe(host, **self.subscribe_options)
+        if self.server_dirs:
+            for host in self.server_hosts:
+                copy = self.server_dir(host)
+                if copy.exists():
+                    shutil.rmtree(copy)
+                shutil.copytree(self.deployment_dir, copy)
+
+    def server_dir(self, host: str) -> Path:
+        """The deployment directory the server on ``host`` runs from."""
+        if not self.server_dirs:
+            return self.deployment_dir
+        return self.workdir / f"deployment-{host}"
 
     def subscribe(self, host: str, name: str | None = None, **options: str) -> Path:
         name = name or host
@@ -270,7 +286,7 @@ class RoamingLab:
             "server",
             [
                 "--deployment",
-                str(self.deployment_dir),
+                str(self.server_dir(host)),
                 "--listen",
                 self.listen_of(host),
                 "--service",

@@ -15,7 +15,11 @@ binds a message to its deployment and client without sending them::
 The nonce is ``sender || counter``. Several servers send to the same client under one key, so
 each sender has its own counter space and its own replay window at the receiver. A sender's
 counter must grow even across restarts: ``next_counter`` uses the sender's clock in
-microseconds, never less than the last value plus one.
+microseconds, never less than the last value plus one; and since a clock can step back (NTP,
+a VM restored, an operator's mistake) while the process is down, a process's sealers share a
+``CounterFloor`` kept in its state file: it is persisted ahead of use (a reservation of
+``COUNTER_RESERVE_US``), and a restarted process's counters start above it, so no (sender,
+counter) nonce is ever used twice under a key, whatever the clock did.
 
 Opening a message is two-phase: ``open`` checks the header, the seal, freshness and the replay
 window but changes nothing; the caller validates the contents and then calls ``accept``. So a
@@ -127,19 +131,66 @@ def _nonce(sender: int, counter: int) -> bytes:
     return struct.pack("!IQ", sender, counter)
 
 
+COUNTER_RESERVE_US = 600_000_000
+"""How far ahead of the counters in use a ``CounterFloor`` is persisted: ten minutes of clock,
+so a busy process writes its state for it about once per ten minutes."""
+
+
+class CounterFloor:
+    """A floor under the counters of every sealer of one process, persisted ahead of use.
+
+    ``floor`` is what the previous run persisted: every counter of this run is above it.
+    Before a sealer uses a counter above ``reserved``, ``save`` persists a new reservation
+    (the counter plus ``span``); if saving fails, it raises and nothing is sealed.
+    """
+
+    def __init__(
+        self, floor: int, save: Callable[[int], None], span: int = COUNTER_RESERVE_US
+    ) -> None:
+        if floor < 0 or span < 1:
+            raise ValueError("a counter floor is non-negative and reserves at least one")
+        self.floor = floor
+        self.reserved = floor
+        self.span = span
+        self._save = save
+
+    def cover(self, counter: int) -> None:
+        if counter > self.reserved:
+            reservation = counter + self.span
+            self._save(reservation)
+            self.reserved = reservation
+
+
 class Sealer:
     """Seals messages of one purpose and direction for one sender."""
 
-    def __init__(self, key: bytes, sender: int, context: bytes = b"") -> None:
+    def __init__(
+        self,
+        key: bytes,
+        sender: int,
+        context: bytes = b"",
+        counters: CounterFloor | None = None,
+    ) -> None:
         self._aead = ChaCha20Poly1305(key)
         self.sender = sender
         self.context = context
-        self.last_counter = 0
+        self.counters = counters
+        self.last_counter = 0 if counters is None else counters.floor
+
+    def keep_counters(self, counters: CounterFloor) -> Sealer:
+        """Start above ``counters``' floor and keep it ahead of every counter used."""
+        self.counters = counters
+        self.last_counter = max(self.last_counter, counters.floor)
+        return self
 
     def next_counter(self, now: float) -> int:
-        """Counters follow the sender's clock in microseconds, so they grow across restarts."""
-        self.last_counter = max(self.last_counter + 1, seconds_to_micros(now))
-        return self.last_counter
+        """Counters follow the sender's clock in microseconds, so they grow across restarts
+        (and stay above the persisted floor if the clock went back)."""
+        counter = max(self.last_counter + 1, seconds_to_micros(now))
+        if self.counters is not None:
+            self.counters.cover(counter)
+        self.last_counter = counter
+        return counter
 
     def seal(self, kind: Kind, plaintext: bytes, now: float) -> bytes:
         header = Header(kind, self.sender, self.next_counter(now), now).pack()

@@ -22,10 +22,16 @@ Clients learn the effect through their ordinary roaming updates.
   the client's second and gets it revoked.
 * ``Ack(counter, accepted)``: a server's answer to the control message with that counter
   (refused messages are logged by the server with the reason).
+* ``Facts(revoked, strikes)``: anti-entropy (``migrate.antientropy``). Every server sends its
+  whole grow-only control state (revoked client ids; client id -> epoch of its first offence)
+  to every other server once per sync period, padded to a size fixed by the deployment; the
+  receiver merges it. Not acknowledged: the next period repeats it.
 
 Plaintext: ``type u8`` then ``Threat: m u8 | from_epoch u64``; ``Trigger: leave u64 | next
 u64 | at i64 microseconds``; ``Revoke: client_id u32``; ``Ack: counter u64 | accepted u8``;
-``Strike: client_id u32 | epoch u64``.
+``Strike: client_id u32 | epoch u64``; ``Facts: revoked count u32 | strike count u32 |
+revoked ids u32... (ascending) | (client_id u32 | epoch u64)... (ascending ids) | zero
+padding``.
 Sealed on the group channel (``Purpose.GROUP_CONTROL``, kind ``GROUP_CONTROL``) with context
 ``"control" || deployment id``; the operator's sender id is ``OPERATOR``, servers use their
 index.
@@ -33,6 +39,7 @@ index.
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -46,6 +53,9 @@ _TRIGGER = struct.Struct("!QQq")
 _REVOKE = struct.Struct("!I")
 _ACK = struct.Struct("!Q?")
 _STRIKE = struct.Struct("!IQ")
+_FACTS = struct.Struct("!II")
+_ID = struct.Struct("!I")
+MAX_FACTS_BYTES = 60_000  # a sealed Facts fits one datagram (MAX_MESSAGE_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,8 +88,67 @@ class Ack:
     accepted: bool = True
 
 
-ControlMessage = Threat | Trigger | Revoke | Ack | Strike
-_TYPES: dict[type, int] = {Threat: 1, Trigger: 2, Revoke: 3, Ack: 4, Strike: 5}
+@dataclass(frozen=True, slots=True)
+class Facts:
+    """A server's grow-only control state, for anti-entropy (``migrate.antientropy``)."""
+
+    revoked: frozenset[int]
+    strikes: tuple[tuple[int, int], ...]  # (client id, epoch of its first offence), ascending
+    pad_to: int = 0  # encoded size to pad the body to (not part of the state)
+
+    def state(self) -> tuple[frozenset[int], tuple[tuple[int, int], ...]]:
+        return self.revoked, self.strikes
+
+
+def facts_size(revoked: int, strikes: int) -> int:
+    """Encoded size of a ``Facts`` body with so many entries (type byte included)."""
+    return 1 + _FACTS.size + revoked * _ID.size + strikes * _STRIKE.size
+
+
+ControlMessage = Threat | Trigger | Revoke | Ack | Strike | Facts
+_TYPES: dict[type, int] = {Threat: 1, Trigger: 2, Revoke: 3, Ack: 4, Strike: 5, Facts: 6}
+
+
+def _encode_facts(message: Facts) -> bytes:
+    body = bytearray(_FACTS.pack(len(message.revoked), len(message.strikes)))
+    for client_id in sorted(message.revoked):
+        body += _ID.pack(client_id)
+    for client_id, epoch in message.strikes:
+        body += _STRIKE.pack(client_id, epoch)
+    padding = max(0, message.pad_to - 1 - len(body))
+    if 1 + len(body) + padding > MAX_FACTS_BYTES:
+        raise MalformedMessageError(
+            f"control state of {len(message.revoked)} revocations and {len(message.strikes)} "
+            f"strikes does not fit one datagram ({MAX_FACTS_BYTES} bytes)"
+        )
+    return bytes(body) + bytes(padding)
+
+
+def _decode_facts(body: bytes) -> Facts:
+    if len(body) < _FACTS.size:
+        raise MalformedMessageError("control state message is shorter than its counts")
+    revoked_count, strike_count = _FACTS.unpack_from(body)
+    end = facts_size(revoked_count, strike_count) - 1
+    if end > len(body):
+        raise MalformedMessageError(
+            f"control state message of {len(body)} bytes cannot hold {revoked_count} "
+            f"revocations and {strike_count} strikes"
+        )
+    if any(body[end:]):
+        raise MalformedMessageError("control state message has non-zero padding")
+    offset = _FACTS.size
+    revoked = [_ID.unpack_from(body, offset + i * _ID.size)[0] for i in range(revoked_count)]
+    offset += revoked_count * _ID.size
+    strikes = [_STRIKE.unpack_from(body, offset + i * _STRIKE.size) for i in range(strike_count)]
+    ids = [client_id for client_id, _ in strikes]
+    for name, values in (("revoked", revoked), ("struck", ids)):
+        if 0 in values or any(a >= b for a, b in itertools.pairwise(values)):
+            raise MalformedMessageError(
+                f"control state message: {name} client ids must be non-zero and ascending"
+            )
+    if any(epoch == 0 for _, epoch in strikes):
+        raise MalformedMessageError("control state message: a strike in epoch 0")
+    return Facts(frozenset(revoked), tuple((c, e) for c, e in strikes))
 
 
 def encode_control(message: ControlMessage) -> bytes:
@@ -91,6 +160,8 @@ def encode_control(message: ControlMessage) -> bytes:
         body = _REVOKE.pack(message.client_id)
     elif isinstance(message, Strike):
         body = _STRIKE.pack(message.client_id, message.epoch)
+    elif isinstance(message, Facts):
+        body = _encode_facts(message)
     else:
         body = _ACK.pack(message.counter, message.accepted)
     return bytes([_TYPES[type(message)]]) + body
@@ -100,6 +171,8 @@ def decode_control(data: bytes) -> ControlMessage:
     if not data:
         raise MalformedMessageError("empty control message")
     kind, body = data[0], data[1:]
+    if kind == 6:
+        return _decode_facts(body)
     sizes = {1: _THREAT.size, 2: _TRIGGER.size, 3: _REVOKE.size, 4: _ACK.size, 5: _STRIKE.size}
     if kind not in sizes:
         raise MalformedMessageError(f"unknown control message type {kind}")

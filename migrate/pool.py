@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-from migrate.control import Revoke, Strike, Threat, Trigger
+from migrate.antientropy import pad_size
+from migrate.control import Facts, Revoke, Strike, Threat, Trigger
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, InconsistentUpdateError, RevokedClientError, RoamError
 from migrate.gating import next_departure
@@ -38,6 +39,8 @@ class PoolState:
     anchor: Anchor | None = None
     m: MSchedule | None = None
     revoked: set[int] = field(default_factory=set)
+    # Every counter this server's sealers use is above it (migrate.channel.CounterFloor).
+    counter_floor: int = 0
 
     def encode(self) -> bytes:
         return dump_object(
@@ -52,6 +55,7 @@ class PoolState:
                 if self.m is None
                 else {str(k): v for k, v in self.m.as_mapping().items()},
                 "revoked": sorted(self.revoked),
+                "counter_floor": self.counter_floor,
             },
         )
 
@@ -73,6 +77,9 @@ class PoolState:
             m.done()
             state.m = MSchedule.from_mapping(mapping)
         state.revoked = set(fields.list_of_integers("revoked"))
+        # Absent from state files written before counters were kept: nothing reserved then.
+        if fields.has("counter_floor"):
+            state.counter_floor = fields.integer("counter_floor", 0)
         fields.done()
         return state
 
@@ -221,6 +228,53 @@ class ServerPool:
         self.strikes.pop(message.client_id, None)
         self.blocks.pop(message.client_id, None)
         return f"client {message.client_id} revoked"
+
+    # -- anti-entropy (migrate.antientropy) --------------------------------------------------
+
+    def revoked_ids(self) -> frozenset[int]:
+        """Revoked here: by a control message, or in the client list this server read."""
+        listed = {c.client_id for c in self.clients.clients if c.revoked}
+        return frozenset(self.state.revoked | listed)
+
+    def facts(self) -> Facts:
+        """This server's grow-only control state, padded to the deployment's one size."""
+        revoked = self.revoked_ids()
+        strikes = tuple(sorted((c, e) for c, e in self.strikes.items() if c not in revoked))
+        return Facts(revoked, strikes, pad_size(len(self.clients.clients)))
+
+    def merge(self, facts: Facts, now: float) -> tuple[list[str], list[str]]:
+        """Merge a peer's control state: revocations by union, strikes by their earliest epoch.
+
+        Each new fact is validated and applied like the control message it stands for, so a
+        fact this server cannot check (an unknown client: the peer read a newer client list)
+        is refused alone. Returns (descriptions of what changed, reasons of what was refused).
+        """
+        applied: list[str] = []
+        refused: list[str] = []
+        known = self.revoked_ids()
+        for client_id in sorted(facts.revoked - known):
+            self._merge_one(Revoke(client_id), now, applied, refused)
+        revoked = self.revoked_ids()
+        for client_id, epoch in facts.strikes:
+            first = self.strikes.get(client_id)
+            if client_id in revoked or (first is not None and first <= epoch):
+                continue
+            if first is not None:
+                # Both servers saw an offence: the earlier one is the first (merging by the
+                # minimum makes every server agree, whatever the order of the messages).
+                self.strikes.pop(client_id)
+            self._merge_one(Strike(client_id, epoch), now, applied, refused)
+            if first is not None and client_id not in self.strikes:
+                self.strikes[client_id] = first  # refused: keep what we knew
+        return applied, refused
+
+    def _merge_one(
+        self, message: Revoke | Strike, now: float, applied: list[str], refused: list[str]
+    ) -> None:
+        try:
+            applied.append(self.apply(message, now))
+        except RoamError as error:
+            refused.append(str(error))
 
     def make_trigger(self, now: float) -> Trigger:
         """The trigger that moves the service off its current server at ``now``."""

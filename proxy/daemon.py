@@ -12,7 +12,10 @@ it:
   client's roaming port, by every server of the pool (so an observer cannot tell the active
   server by who sends them);
 * group control (``migrate.control``): threat changes, reactive triggers and revocations from
-  the operator or another server, validated, applied, acknowledged and persisted.
+  the operator or another server, validated, applied, acknowledged and persisted; and
+  anti-entropy (``migrate.antientropy``): once per sync period, this server's revocations and
+  strikes to every other server, and theirs merged here, so that a lost Revoke or a server
+  that was down catches up.
 
 Rate contracts are enforced by the gate (``limit rate over``, counted per client). The shim
 reads the counters; a client that went over gets a strike and is blocked until the service
@@ -38,8 +41,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from migrate.channel import HEADER_BYTES, Sealer
-from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Strike, Threat, Trigger
+from migrate.antientropy import SYNC_PERIOD_S
+from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
+from migrate.control import (
+    OPERATOR,
+    Ack,
+    ControlChannel,
+    Facts,
+    Revoke,
+    Strike,
+    Threat,
+    Trigger,
+)
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at, next_switch
@@ -75,6 +88,7 @@ class ServerOptions:
     transparent: bool = True
     update_period: float = DEFAULT_UPDATE_PERIOD
     control_port: int = DEFAULT_CONTROL_PORT
+    sync_period: float = SYNC_PERIOD_S
     state_path: Path | None = None
     status_path: Path | None = None
     codec: str = "http"
@@ -109,11 +123,15 @@ class ServerShim:
         if self.state_path.exists():
             state = PoolState.decode(self.state_path.read_bytes())
         self.pool = ServerPool(self.deployment, secret, clients, options.listen, state)
+        # Every sealer of this server starts above the floor its last run persisted and keeps
+        # it ahead: no nonce is used twice under a key, even if the clock went back.
+        self.counter_floor = CounterFloor(self.pool.state.counter_floor, self._save_counter_floor)
         self.control = ControlChannel(secret.group_key, self.deployment.deployment_id, index)
+        self.control.sealer.keep_counters(self.counter_floor)
         self.sealers: dict[int, Sealer] = {
             client.client_id: update_sealer(
                 client.channel_key, self.deployment.deployment_id, client.client_id, index
-            )
+            ).keep_counters(self.counter_floor)
             for client in clients.clients
         }
         self.table = nft.instance_table_name("srv", os.getpid())
@@ -133,7 +151,10 @@ class ServerShim:
         self._failure: BaseException | None = None
         self._control_transport: asyncio.DatagramTransport | None = None
         self._update_socket: socket.socket | None = None
-        self._acks: dict[bytes, bytes] = {}  # header of an applied message -> our answer
+        # Header of an applied message -> our answer and where it went: a replay is answered
+        # there only (elsewhere, an attacker would reflect our answers at a victim).
+        self._acks: dict[bytes, tuple[bytes, tuple[str, int]]] = {}
+        self._sync_refused: dict[int, str] = {}  # server index -> last refusal logged
 
     # -- gate --------------------------------------------------------------------------------
 
@@ -363,43 +384,108 @@ class ServerShim:
         self._tick()
         return True
 
+    def _reject(self, origin: str, error: RoamError) -> None:
+        self.log.event(
+            "control_rejected",
+            level="warning",
+            origin=origin,
+            error=type(error).__name__,
+            reason=str(error),
+        )
+
+    def _registered(self, sender: int, source: tuple[str, int]) -> bool:
+        """A server's messages come from its registered address; the operator's from anywhere
+        (it has no registered address; it holds the group key like the servers)."""
+        if sender == OPERATOR:
+            return True
+        servers = self.deployment.servers
+        return sender < len(servers) and str(servers[sender].address) == source[0]
+
     def on_control(self, data: bytes, source: tuple[str, int]) -> None:
         origin = f"{source[0]}:{source[1]}"
         try:
             opened, message = self.control.open(data, self.clock())
         except ReplayedMessageError as error:
-            # A retransmission whose answer was lost: answer again, apply nothing.
+            # A retransmission whose answer was lost: answer again, apply nothing; and only to
+            # the address the first answer went to.
             cached = self._acks.get(data[:HEADER_BYTES])
-            if cached is not None and self._control_transport is not None:
-                self._control_transport.sendto(cached, source)
+            if cached is not None and cached[1] == source and self._control_transport:
+                self._control_transport.sendto(cached[0], source)
                 return
-            self.log.event(
-                "control_rejected",
-                level="warning",
-                origin=origin,
-                error=type(error).__name__,
-                reason=str(error),
-            )
+            self._reject(origin, error)
             return
         except RoamError as error:
+            self._reject(origin, error)
+            return
+        sender = opened.header.sender
+        if not self._registered(sender, source) or sender == self.pool.index:
             self.log.event(
                 "control_rejected",
                 level="warning",
                 origin=origin,
-                error=type(error).__name__,
-                reason=str(error),
+                error="UnregisteredSource",
+                reason=f"sender {sender} is not at its registered address",
             )
             return
         self.control.accept(opened)
         if isinstance(message, Ack):
             return
+        if isinstance(message, Facts):
+            self._merge(sender, message, origin)
+            return
         accepted = self._apply_control(message, origin)
         reply = self.control.seal(Ack(opened.header.counter, accepted), self.clock())
         if len(self._acks) >= 64:
             self._acks.pop(next(iter(self._acks)))
-        self._acks[data[:HEADER_BYTES]] = reply
+        self._acks[data[:HEADER_BYTES]] = (reply, source)
         if self._control_transport is not None:
             self._control_transport.sendto(reply, source)
+
+    # -- anti-entropy ------------------------------------------------------------------------
+
+    def _merge(self, sender: int, facts: Facts, origin: str) -> None:
+        if sender == OPERATOR:
+            self.log.event(
+                "control_rejected",
+                level="warning",
+                origin=origin,
+                error="UnexpectedMessage",
+                reason="control state comes from servers only",
+            )
+            return
+        applied, refused = self.pool.merge(facts, self.clock())
+        if applied:
+            self._persist()
+            for detail in applied:
+                self.log.event("control_synced", origin=origin, server=sender, detail=detail)
+            self._tick()
+        # A peer with a newer client list repeats its facts every period: log each new
+        # refusal once, not every period.
+        summary = "; ".join(refused)
+        if refused and self._sync_refused.get(sender) != summary:
+            self.log.event("control_sync_refused", level="warning", origin=origin, reason=summary)
+        self._sync_refused[sender] = summary
+
+    def _send_facts(self) -> None:
+        """This server's revocations and strikes to every other server: one message of one
+        size each, every period, whatever changed (so the traffic tells nobody anything)."""
+        transport = self._control_transport
+        if transport is None:
+            return
+        try:
+            data = self.control.seal(self.pool.facts(), self.clock())
+        except RoamError as error:
+            self.log.event("sync_skipped", level="error", reason=str(error))
+            return
+        for server in self.deployment.servers:
+            if server != self.options.listen:
+                transport.sendto(data, (str(server.address), self.options.control_port))
+
+    async def _sync_loop(self) -> None:
+        period = self.options.sync_period
+        while not self._stop.is_set():
+            self._send_facts()
+            await asyncio.sleep(period * random.uniform(0.8, 1.2))
 
     def _broadcast(self, message: Threat | Trigger | Revoke | Strike) -> None:
         if self._control_transport is None:
@@ -410,6 +496,18 @@ class ServerShim:
                 self._control_transport.sendto(
                     data, (str(server.address), self.options.control_port)
                 )
+
+    def _save_counter_floor(self, floor: int) -> None:
+        self.pool.state.counter_floor = floor
+        try:
+            self._persist()
+        except OSError as error:
+            # Sealing on without a persisted floor could reuse nonces after a restart: stop.
+            failure = ConfigError(
+                f"cannot write the server state {self.state_path}: {error.strerror}"
+            )
+            self._fail(failure)
+            raise failure from None
 
     def _persist(self) -> None:
         write_private(self.state_path, self.pool.state.encode())
@@ -542,6 +640,7 @@ class ServerShim:
             tasks = [
                 asyncio.create_task(self._update_loop()),
                 asyncio.create_task(self._watch_contracts()),
+                asyncio.create_task(self._sync_loop()),
             ]
             await self._stop.wait()
         finally:

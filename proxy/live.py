@@ -342,7 +342,7 @@ class LiveMode:
         if sealer is None:
             sealer = carrier_sealer(
                 record.channel_key, self.deployment_id, record.client_id, self.sender
-            )
+            ).keep_counters(self.shim.counter_floor)
             self.carrier_sealers[record.client_id] = sealer
         return sealer
 
@@ -475,7 +475,7 @@ class LiveMode:
         if sealer is None:
             sealer = answer_sealer(
                 record.channel_key, self.deployment_id, record.client_id, self.sender
-            )
+            ).keep_counters(self.shim.counter_floor)
             self.answer_sealers[record.client_id] = sealer
         if self._transport is not None:
             self._transport.sendto(

@@ -9,17 +9,20 @@ and a server that refuses one (its schedule disagrees) logs why and answers "ref
 from __future__ import annotations
 
 import argparse
+import os
 import select
 import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from migrate.channel import CounterFloor
 from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
 from migrate.errors import ConfigError, RoamError
 from migrate.kernel.files import write_private
 from migrate.pool import PoolState, ServerPool
 from migrate.schedule import check_m
+from migrate.strictjson import dump_object, parse_object
 from roam_cli.args import positive_int, positive_seconds
 from roam_cli.store import DeploymentDir
 
@@ -62,8 +65,41 @@ def register(subparsers: Subparsers) -> None:
     trigger.set_defaults(handler=run_trigger)
 
 
+COUNTER_FORMAT = "server-roaming/operator-counter"
+
+
 def operator_state_path(directory: Path) -> Path:
     return directory / "state" / "operator.json"
+
+
+def operator_counter_path(directory: Path) -> Path:
+    """The floor under the operator's control-message counters (not ``*.json``: it is no
+    server state, which ``_latest_state`` looks for)."""
+    return directory / "state" / "operator.counter"
+
+
+def operator_counters(directory: Path) -> CounterFloor:
+    """The operator's counters start above what its last command reserved: two commands
+    never seal under one nonce, even if this host's clock went back between them."""
+    path = operator_counter_path(directory)
+    floor = 0
+    if path.exists():
+        fields = parse_object(path.read_bytes(), COUNTER_FORMAT, 1)
+        floor = fields.integer("floor", 0)
+        fields.done()
+
+    def save(value: int) -> None:
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(dump_object(COUNTER_FORMAT, 1, {"floor": value}))
+            os.replace(temporary, path)
+        except OSError as error:
+            raise ConfigError(f"cannot write {path}: {error.strerror}") from None
+
+    return CounterFloor(floor, save)
 
 
 def _latest_state(directory: Path) -> PoolState | None:
@@ -90,12 +126,17 @@ def _operator_pool(directory: DeploymentDir) -> ServerPool:
 
 
 def send_to_pool(
-    directory: DeploymentDir, message: Threat | Trigger | Revoke, control_port: int
+    directory: DeploymentDir,
+    message: Threat | Trigger | Revoke,
+    control_port: int,
+    attempts: int = ATTEMPTS,
 ) -> dict[str, str]:
-    """Send ``message`` to every server; returns server -> "applied" | "refused" | "no answer"."""
+    """Send ``message`` to every server, each attempt (``ATTEMPT_TIMEOUT_S``) to those that
+    have not answered yet; returns server -> "applied" | "refused" | "no answer"."""
     deployment = directory.deployment()
     secret = directory.secret()
     channel = ControlChannel(secret.group_key, deployment.deployment_id, OPERATOR)
+    channel.sealer.keep_counters(operator_counters(directory.path))
     results = {str(server): "no answer" for server in deployment.servers}
     family = socket.AF_INET6 if deployment.vip.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
@@ -104,7 +145,7 @@ def send_to_pool(
         # answer was lost sees a replay and repeats its answer instead of applying it twice.
         data = channel.seal(message, time.time())
         counter = channel.sealer.last_counter
-        for _attempt in range(ATTEMPTS):
+        for _attempt in range(attempts):
             pending = [s for s in deployment.servers if results[str(s)] == "no answer"]
             if not pending:
                 break

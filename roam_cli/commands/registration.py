@@ -140,7 +140,8 @@ def register(subparsers: Subparsers) -> None:
         "--no-notify",
         dest="notify",
         action="store_false",
-        help="only change the list; do not tell running servers",
+        help="only change the list; do not tell running servers (they learn it from a "
+        "server that reads the list at start, through anti-entropy)",
     )
     revoke.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
     revoke.set_defaults(handler=run_revoke)
@@ -224,7 +225,11 @@ def run_subscribe(args: argparse.Namespace) -> int:
     return 0
 
 
+REVOKE_ATTEMPTS = 10
+
+
 def run_revoke(args: argparse.Namespace) -> int:
+    from migrate.antientropy import CONVERGENCE_PERIODS
     from migrate.control import Revoke
     from roam_cli.commands.control import send_to_pool
 
@@ -235,13 +240,22 @@ def run_revoke(args: argparse.Namespace) -> int:
         directory.save_clients(clients, secret)
     print(f"revoked {args.name}: no further key extensions")
     if args.notify:
-        # Running servers loaded the list at start; tell them now. A server that does not
-        # answer (not running) reads the new list when it starts.
+        # Running servers loaded the list at start; tell them now, retrying each second until
+        # each answers (UDP may lose the message or the answer). Servers also pass their
+        # revocations on to each other every sync period (migrate.antientropy): one that
+        # misses this, or is down, learns it from any live server within the bound.
         results = send_to_pool(
-            directory, Revoke(clients.by_name(args.name).client_id), args.control_port
+            directory,
+            Revoke(clients.by_name(args.name).client_id),
+            args.control_port,
+            attempts=REVOKE_ATTEMPTS,
+        )
+        absent = (
+            "no answer (down or unreachable: it learns the revocation from any live server "
+            f"within {CONVERGENCE_PERIODS} sync periods of its return)"
         )
         for server, outcome in results.items():
-            print(f"{server}: {outcome}")
+            print(f"{server}: {absent if outcome == 'no answer' else outcome}")
     return 0
 
 

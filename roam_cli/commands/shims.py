@@ -135,6 +135,15 @@ def register(subparsers: Subparsers) -> None:
         help="UDP port for group control on every server (default 47475)",
     )
     server.add_argument(
+        "--sync-period",
+        type=positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="mean period of anti-entropy: this server's revocations and strikes to every "
+        "other server (default 1; a revocation reaches every live server within 20 periods "
+        "at 50%% loss)",
+    )
+    server.add_argument(
         "--state",
         type=Path,
         metavar="FILE",
@@ -249,6 +258,7 @@ def run_server(args: argparse.Namespace) -> int:
         transparent=args.transparent,
         update_period=args.update_period,
         control_port=args.control_port,
+        sync_period=args.sync_period,
         state_path=args.state,
         status_path=args.status,
         codec=args.codec,
