@@ -103,6 +103,10 @@ class PebbleIndex:
     top: int
     spacing: int
     keys: bytes
+    #: Optional landmarks for the schedule: ``units[k-1]`` is the number of ticks before epoch
+    #: ``top - k*spacing`` begins, under the m schedule whose tag is ``units_tag``.
+    units: tuple[int, ...] = ()
+    units_tag: bytes = b""
 
     def __post_init__(self) -> None:
         if not 1 <= self.top <= MAX_CHAIN_LENGTH:
@@ -115,6 +119,8 @@ class PebbleIndex:
                 f"an index of a {self.top}-key chain every {self.spacing} keys holds "
                 f"{expected} bytes, got {len(self.keys)}"
             )
+        if self.units and len(self.units) != self.count:
+            raise ValueError(f"an index of {self.count} keys has {len(self.units)} landmarks")
 
     @property
     def count(self) -> int:
@@ -138,6 +144,8 @@ class PebbleIndex:
 
 
 Progress = Callable[[int, int], None]
+#: ``units(epoch, K_epoch)``: the length of an epoch in ticks (``migrate.schedule``).
+Units = Callable[[int, bytes], int]
 
 
 def build_index(
@@ -145,23 +153,44 @@ def build_index(
     top: int,
     spacing: int = DEFAULT_INDEX_SPACING,
     progress: Progress | None = None,
+    units: Units | None = None,
+    units_tag: bytes = b"",
 ) -> PebbleIndex:
     """Hash the whole chain down from ``K_top`` once and keep every ``spacing``-th key.
 
-    ``progress(done, total)`` is called after each index key (every ``spacing`` hashes).
+    With ``units``, also the landmarks: ticks before each index epoch begins (this walks the
+    chain down to ``K_1``, every epoch's length). ``progress(done, total)`` is called every
+    ``spacing`` hashes.
     """
     check_key(top_key, "chain key")
     count = (top - 1) // spacing if top >= 1 else 0
+    blocks = (top - 1 + spacing - 1) // spacing if units is not None else count
     parts: list[bytes] = []
+    after: list[int] = []  # ticks of the epochs from each index epoch to the top
+    total = 0
     key = top_key
     step = hashlib.sha256
-    for k in range(count):
-        for _ in range(spacing):
+    epoch = top
+    for k in range(blocks):
+        for _ in range(min(spacing, epoch - 1)):
+            if units is not None:
+                total += units(epoch, key)
             key = step(_STEP + key).digest()
-        parts.append(key)
+            epoch -= 1
+        if k < count:
+            parts.append(key)
+            after.append(total)
         if progress is not None:
-            progress(k + 1, count)
-    return PebbleIndex(top, spacing, b"".join(parts))
+            progress(k + 1, blocks)
+    landmarks: tuple[int, ...] = ()
+    if units is not None:
+        total += units(1, key)  # the walk ended at K_1
+        # Ticks before epoch e = all ticks - ticks of epochs e..top.
+        landmarks = tuple(
+            total - (ticks + units(top - (k + 1) * spacing, parts[k]))
+            for k, ticks in enumerate(after)
+        )
+    return PebbleIndex(top, spacing, b"".join(parts), landmarks, units_tag if units else b"")
 
 
 # --- traversal ----------------------------------------------------------------------------
@@ -387,6 +416,12 @@ class KeyChain:
     def index_keys(self) -> int:
         index = self._walk.index
         return 0 if index is None else index.count
+
+    @property
+    def index(self) -> PebbleIndex | None:
+        """The pebble index below the held key, if the chain was given one."""
+        index = self._walk.index
+        return index if index is not None and index.top == self._held_index else None
 
     def _check_index(self, index: int) -> None:
         if index < 1:

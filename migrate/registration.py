@@ -18,7 +18,7 @@ import base64
 import hashlib
 import re
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from migrate.channel import Purpose, Random, derive_key
 from migrate.endpoints import Endpoint, IPAddress, parse_address
 from migrate.errors import AuthenticationError, ConfigError, MalformedMessageError
-from migrate.hashchain import KEY_BYTES, MAX_CHAIN_LENGTH, KeyChain
+from migrate.hashchain import KEY_BYTES, MAX_CHAIN_LENGTH, KeyChain, PebbleIndex
 from migrate.schedule import MSchedule, ScheduleParams
 from migrate.strictjson import Fields, dump_object, parse_object
 
@@ -149,6 +149,9 @@ class DeploymentSecret:
     deployment_id: bytes
     chain_key: bytes
     group_key: bytes
+    #: The pebble index of the chain below ``K_n`` if one was opened (never encoded here: it
+    #: lives sealed in its own file, ``migrate.chainindex``); it makes ``chain()`` start fast.
+    chain_index: PebbleIndex | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return f"DeploymentSecret(deployment_id={self.deployment_id.hex()}, <secret>)"
@@ -168,7 +171,10 @@ class DeploymentSecret:
         return cls(deployment_id, data[:KEY_BYTES], data[KEY_BYTES:])
 
     def chain(self, chain_length: int) -> KeyChain:
-        return KeyChain(self.chain_key, chain_length)
+        index = self.chain_index
+        if index is not None and index.top != chain_length:
+            index = None  # built for another length: correct without it, only slower to start
+        return KeyChain(self.chain_key, chain_length, index)
 
     def encode(self) -> bytes:
         return dump_object(
