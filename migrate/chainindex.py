@@ -15,7 +15,7 @@ without walking every epoch since the start.
 
 Layout: ``"SRCI" | version (1) | log2 spacing (1) | top (8) | landmarks? (1) | m tag (16) |
 nonce (12) | sealed (keys, 32 B each, then landmarks, 8 B each) | tag (16)``.
-Size: ``59 + 40 * ((top - 1) // spacing)`` bytes with landmarks: 699 B for 2^20 epochs,
+Size: ``59 + 40 * ((top - 1) // spacing)`` bytes with landmarks: 659 B for 2^20 epochs,
 10.3 KiB for 2^24, 2.5 MiB for 2^32 (spacing 2^16).
 """
 

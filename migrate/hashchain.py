@@ -97,7 +97,7 @@ class PebbleIndex:
 
     Built once (``build_index``, O(top) hashes) and stored sealed; it lets a traversal start at
     any position with at most ``3 * spacing`` hashes. Its size is ``32 * (top-1) // spacing``
-    bytes: 16 keys (512 B) for 2^20 epochs, 256 (8 KiB) for 2^24, 65,535 (2 MiB) for 2^32.
+    bytes: 15 keys (480 B) for 2^20 epochs, 255 (8 KiB) for 2^24, 65,535 (2 MiB) for 2^32.
     """
 
     top: int

@@ -234,3 +234,49 @@ def test_index_can_be_built_later_and_a_changed_one_is_a_clear_error(tmp_path, c
     assert err.count("\n") == 1
     assert CHAIN_INDEX_FILE in err
     assert "does not open" in err
+
+
+def test_a_bundle_can_carry_the_index_of_its_own_range(tmp_path, capsys):
+    from roam_cli.store import load_bundle
+
+    directory = tmp_path / "dep"
+    length = (1 << 17) + 1000
+    init(capsys, directory, length, "--no-index")
+    until = (1 << 17) + 500
+    paths = {}
+    for name, extra in (("plain", ()), ("indexed", ("--chain-index",))):
+        paths[name] = tmp_path / f"{name}.bundle"
+        status, _, err = run(
+            capsys,
+            "subscribe",
+            str(directory),
+            name,
+            "--address",
+            "127.0.0.5",
+            "--until-epoch",
+            str(until),
+            "--out",
+            str(paths[name]),
+            *extra,
+        )
+        assert status == 0, err
+    plain, indexed_bundle = load_bundle(paths["plain"]), load_bundle(paths["indexed"])
+    assert plain.chain_index == b""
+    index = indexed_bundle.pebble_index()
+    assert index is not None
+    assert index.count == (until - 1) >> 16
+    assert index.top == until
+    assert len(indexed_bundle.chain_index) == sealed_size(until, 1 << 16)
+    chain = indexed_bundle.chain()
+    middle = until // 3
+    assert chain.seek(middle) == hash_down(indexed_bundle.chain_key, until - middle)
+    assert chain.hashes <= 3 * (1 << 16)
+    # The same start from a bundle without the index hashes from K_t.
+    plain_chain = plain.chain()
+    plain_chain.seek(middle)
+    assert plain_chain.hashes >= until - middle
+    # Another client's K_C does not open it.
+    from dataclasses import replace
+
+    with pytest.raises(AuthenticationError):
+        replace(indexed_bundle, channel_key=plain.channel_key).pebble_index()
