@@ -147,6 +147,22 @@ def test_a_start_anywhere_costs_a_few_index_spacings_whatever_the_chain_length(b
         assert schedule.chain.hashes - before + counting.calls <= 8 * spacing
 
 
+def test_epoch_by_epoch_across_a_landmark_costs_no_more_than_an_advance(monkeypatch):
+    n, spacing, m = 1 << 12, 64, MSchedule(2)
+    index = indexed(n, spacing, m)
+    counting = CountingHash(monkeypatch)
+    schedule = EpochSchedule(KeyChain(TOP, n, index), ScheduleParams(SERVERS, 1.0, 0.0, m))
+    landmark = n - 10 * spacing
+    current = schedule.epoch_at(float(index.units[9]) - 30.0)
+    assert current.index < landmark
+    worst = 0
+    while current.index < landmark + 5:
+        before = schedule.chain.hashes + counting.calls
+        current = schedule.epoch_at(current.end)
+        worst = max(worst, schedule.chain.hashes + counting.calls - before)
+    assert worst <= 2 * 12 + 1
+
+
 # --- the CLI and the server's start -------------------------------------------------------
 
 
