@@ -24,6 +24,7 @@ extrapolated from the measured time per hash.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import multiprocessing
 import random
@@ -39,6 +40,7 @@ from migrate.hashchain import DEFAULT_INDEX_SPACING, KeyChain, PebbleIndex, buil
 from migrate.schedule import EpochSchedule, MSchedule, ScheduleParams, index_units, m_tag
 
 TOP = bytes(range(32))
+NO_GC = False  # set by --no-gc before the child processes fork
 
 
 def _rss_kib() -> int:
@@ -87,8 +89,13 @@ def pebbles(n: int, advances: int, probes: list[int]) -> dict[str, Any]:
     cpu_times: dict[int, int] = {}
     hashes: dict[int, int] = {}
     worst_s = worst_cpu_s = 0.0
-    worst_at = 1
+    worst_at = costliest = 1
     steps = min(advances, n) - 1
+    if NO_GC:
+        # The interpreter's cyclic garbage collector pauses whatever code runs when it fires
+        # (a full collection: milliseconds); --no-gc leaves it out to time the advances alone.
+        gc.collect()
+        gc.disable()
     total_started = clock()
     for _ in range(steps):
         before = chain.hashes
@@ -102,12 +109,16 @@ def pebbles(n: int, advances: int, probes: list[int]) -> dict[str, Any]:
         bucket = int(took_cpu * 1e7)
         cpu_times[bucket] = cpu_times.get(bucket, 0) + 1
         cost = chain.hashes - before
+        if cost > max(hashes, default=-1):
+            costliest = index
         hashes[cost] = hashes.get(cost, 0) + 1
         worst_s = max(worst_s, took)
         if took_cpu > worst_cpu_s:
             worst_cpu_s, worst_at = took_cpu, index
         most_pebbles = max(most_pebbles, chain.pebble_count)
     total = clock() - total_started
+    gc.enable()
+    replay = _replay(n, costliest) if n <= 1 << 22 else []
     access: dict[str, float] = {}
     for distance in probes:
         target = max(1, chain.cursor - distance)
@@ -130,7 +141,23 @@ def pebbles(n: int, advances: int, probes: list[int]) -> dict[str, Any]:
         "random_access_back_s": access,
         "keys_kept": most_pebbles,
         "keys_bound": 2 * (n - 1).bit_length(),
+        "costliest_epoch": costliest,
+        "costliest_replay_cpu_us": sorted(replay),
     }
+
+
+def _replay(n: int, epoch: int, repeat: int = 15) -> list[float]:
+    """CPU µs of the advance into ``epoch`` (the first with the most hashes), each time on a
+    fresh chain set up at ``epoch - 1``: the cost of the costliest advance without the
+    outliers a shared host adds to a single run."""
+    took: list[float] = []
+    for _ in range(repeat):
+        chain = KeyChain(TOP, n)
+        chain.seek(epoch - 1)
+        started = time.thread_time()
+        chain.seek(epoch)
+        took.append((time.thread_time() - started) * 1e6)
+    return took
 
 
 def store_all(n: int, advances: int, probes: list[int]) -> dict[str, Any]:
@@ -293,6 +320,16 @@ def render(results: list[dict[str, Any]], starts: list[dict[str, Any]]) -> str:
             f"{row['p99_advance_hashes']} | {row['worst_advance_hashes']} | "
             f"{row['keys_kept']} ({row['keys_bound']}) | {row['peak_memory_mib']:.1f} |"
         )
+    for result in results:
+        row = result["pebbles"]
+        replay = row["costliest_replay_cpu_us"]
+        if replay:
+            lines.append(
+                f"\nCostliest advance of 2^{result['exponent']} (into epoch "
+                f"{row['costliest_epoch']}, {row['worst_advance_hashes']} hashes) replayed "
+                f"{len(replay)} times on fresh chains, CPU µs: min {replay[0]:.1f}, median "
+                f"{replay[len(replay) // 2]:.1f}, max {replay[-1]:.1f}"
+            )
     if any("rehash" in result for result in results):
         lines += [
             "",
@@ -363,8 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         help="epoch advances timed per baseline approach (default 2^20)",
     )
     parser.add_argument("--rehash-samples", type=int, default=3)
+    parser.add_argument(
+        "--no-gc", action="store_true", help="disable the garbage collector while timing advances"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
+    global NO_GC
+    NO_GC = args.no_gc
     results = [
         benchmark(k, args.advances, args.rehash_samples, args.baselines)
         for k in _exponents(args.sizes)
