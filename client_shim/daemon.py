@@ -83,7 +83,10 @@ class ClientShim:
         self.bind_address = bind_address
         self.saved = load_state(state_path, bundle)
         params = replace(bundle.schedule_params(), m=self.saved.m)
-        self.schedule = EpochSchedule(KeyChain(self.saved.chain_key, self.saved.key_index), params)
+        # The bundle's pebble index (roam subscribe --chain-index) holds for its own K_t.
+        index = bundle.pebble_index() if self.saved.key_index == bundle.key_index else None
+        chain = KeyChain(self.saved.chain_key, self.saved.key_index, index)
+        self.schedule = EpochSchedule(chain, params)
         self.roaming = ClientRoamingState(
             self.schedule,
             bundle.channel_key,

@@ -18,16 +18,25 @@ import base64
 import hashlib
 import re
 import struct
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from migrate.chainindex import open_index, seal_index
 from migrate.channel import Purpose, Random, derive_key
 from migrate.endpoints import Endpoint, IPAddress, parse_address
 from migrate.errors import AuthenticationError, ConfigError, MalformedMessageError
-from migrate.hashchain import KEY_BYTES, MAX_CHAIN_LENGTH, KeyChain
-from migrate.schedule import MSchedule, ScheduleParams
+from migrate.hashchain import (
+    DEFAULT_INDEX_SPACING,
+    KEY_BYTES,
+    MAX_CHAIN_LENGTH,
+    KeyChain,
+    PebbleIndex,
+    Progress,
+    build_index,
+)
+from migrate.schedule import MSchedule, ScheduleParams, index_units, m_tag
 from migrate.strictjson import Fields, dump_object, parse_object
 
 DEPLOYMENT_FORMAT = "server-roaming/deployment"
@@ -149,6 +158,9 @@ class DeploymentSecret:
     deployment_id: bytes
     chain_key: bytes
     group_key: bytes
+    #: The pebble index of the chain below ``K_n`` if one was opened (never encoded here: it
+    #: lives sealed in its own file, ``migrate.chainindex``); it makes ``chain()`` start fast.
+    chain_index: PebbleIndex | None = field(default=None, compare=False)
 
     def __repr__(self) -> str:
         return f"DeploymentSecret(deployment_id={self.deployment_id.hex()}, <secret>)"
@@ -168,7 +180,10 @@ class DeploymentSecret:
         return cls(deployment_id, data[:KEY_BYTES], data[KEY_BYTES:])
 
     def chain(self, chain_length: int) -> KeyChain:
-        return KeyChain(self.chain_key, chain_length)
+        index = self.chain_index
+        if index is not None and index.top != chain_length:
+            index = None  # built for another length: correct without it, only slower to start
+        return KeyChain(self.chain_key, chain_length, index)
 
     def encode(self) -> bytes:
         return dump_object(
@@ -423,6 +438,9 @@ class Bundle:
     start: float
     delta: float
     gamma: float
+    #: Optional sealed pebble index of ``K_1 .. K_t`` (``migrate.chainindex``, sealed with
+    #: ``K_C``): a client with a long range starts within a few index spacings of hashes.
+    chain_index: bytes = b""
 
     def __repr__(self) -> str:
         return f"Bundle(name={self.name!r}, deployment={self.deployment_id.hex()}, <secret>)"
@@ -440,8 +458,37 @@ class Bundle:
     def schedule_params(self) -> ScheduleParams:
         return ScheduleParams(self.servers(), self.tick, self.start, self.m, self.delta, self.gamma)
 
+    def _index_context(self) -> bytes:
+        return self.deployment_id + struct.pack("!I", self.client_id)
+
+    def pebble_index(self) -> PebbleIndex | None:
+        """The bundle's pebble index, opened; None if it carries none."""
+        if not self.chain_index:
+            return None
+        return open_index(
+            self.chain_index,
+            self.channel_key,
+            self._index_context(),
+            self.chain_key,
+            self.key_index,
+        )
+
+    def with_index(self, random: Random, progress: Progress | None = None) -> Bundle:
+        """This bundle carrying the pebble index of its range (one hash and one length per
+        epoch up to ``key_index``, now)."""
+        index = build_index(
+            self.chain_key,
+            self.key_index,
+            DEFAULT_INDEX_SPACING,
+            progress,
+            index_units(self.m),
+            m_tag(self.m),
+        )
+        sealed = seal_index(index, self.channel_key, self._index_context(), self.chain_key, random)
+        return replace(self, chain_index=sealed)
+
     def chain(self) -> KeyChain:
-        return KeyChain(self.chain_key, self.key_index)
+        return KeyChain(self.chain_key, self.key_index, self.pebble_index())
 
     @classmethod
     def issue(
@@ -500,6 +547,11 @@ class Bundle:
                 "start": self.start,
                 "delta": self.delta,
                 "gamma": self.gamma,
+                **(
+                    {"chain_index": base64.b64encode(self.chain_index).decode()}
+                    if self.chain_index
+                    else {}
+                ),
             },
         )
 
@@ -528,6 +580,14 @@ class Bundle:
             start=fields.number("start"),
             delta=fields.number("delta"),
             gamma=fields.number("gamma"),
+            chain_index=_base64_field(fields, "chain_index") if fields.has("chain_index") else b"",
         )
         fields.done()
         return bundle
+
+
+def _base64_field(fields: Fields, name: str) -> bytes:
+    try:
+        return base64.b64decode(fields.string(name), validate=True)
+    except ValueError:
+        raise ConfigError(f"bundle: field {name!r} is not base64") from None

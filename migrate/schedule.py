@@ -15,17 +15,32 @@ An ``EpochSchedule`` keeps a cursor (the last epoch it was asked about) and walk
 forward through the hash chain's pebbles, backward by hashing, so the common question "which
 epoch is it now" costs O(1) hashes. It can never answer for an epoch after the held key: that
 raises ``SubscriptionExpiredError``.
+
+Walking to "now" from epoch 1 would cost one step per epoch since the start: minutes on a
+long chain. When the chain carries a pebble index with *landmarks* (the ticks before each
+index epoch, computed once by ``roam init`` for the deployment's m schedule, ``m_tag``), the
+schedule first leaps to the last landmark before "now" (``_leap``) and walks at most one index
+spacing from there. Landmarks count for nothing once the m schedule has changed (the tag no
+longer matches): the walk is then as before.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ScheduleError, SubscriptionExpiredError
-from migrate.hashchain import KeyChain, chain_step, length_digest, msb, server_digest
+from migrate.hashchain import (
+    KeyChain,
+    PebbleIndex,
+    chain_step,
+    length_digest,
+    msb,
+    server_digest,
+)
 
 M_MIN = 1
 M_MAX = 32
@@ -158,6 +173,20 @@ def epoch_units(key: bytes, m: int) -> int:
     return 1 + msb(length_digest(key), m)
 
 
+def m_tag(m: MSchedule) -> bytes:
+    """Names an m schedule: landmarks computed under it carry this tag."""
+    text = ",".join(f"{epoch}:{value}" for epoch, value in sorted(m.as_mapping().items()))
+    return hashlib.sha256(b"server-roaming m schedule\x00" + text.encode()).digest()[:16]
+
+
+def index_units(m: MSchedule) -> Callable[[int, bytes], int]:
+    """``units(epoch, K_epoch)`` for ``migrate.hashchain.build_index``'s landmarks."""
+    if not m.changes:
+        constant = m.initial
+        return lambda _epoch, key: epoch_units(key, constant)
+    return lambda epoch, key: epoch_units(key, m.m_for(epoch))
+
+
 def server_index(key: bytes, server_count: int) -> int:
     return msb(server_digest(key), 64) % server_count
 
@@ -177,6 +206,7 @@ class EpochSchedule:
         self.chain = chain
         self.params = params
         self._anchor = anchor or Anchor(1, params.start)
+        self._anchor_units: int | None = None  # ticks before the anchor epoch, once needed
         self._cursor = self._cursor_at_anchor()
 
     # -- anchor ------------------------------------------------------------------------------
@@ -193,6 +223,7 @@ class EpochSchedule:
         """Declare that epoch ``anchor.epoch`` starts at ``anchor.time`` in our clock."""
         self.chain.key(anchor.epoch)  # raises if not held
         self._anchor = anchor
+        self._anchor_units = None
         self._cursor = self._cursor_at_anchor()
 
     def set_m_schedule(self, m: MSchedule) -> None:
@@ -207,6 +238,7 @@ class EpochSchedule:
                 self.params.gamma,
             )
             # Units after the anchor may change; recompute from the anchor.
+            self._anchor_units = None
             self._cursor = self._cursor_at_anchor()
 
     # -- per-epoch facts ---------------------------------------------------------------------
@@ -277,6 +309,7 @@ class EpochSchedule:
             raise ScheduleError(
                 f"the schedule starts at {self._anchor.time}, time {now} is before it"
             )
+        self._leap(now)
         current = self.epoch(self._cursor.epoch)
         while now >= current.end:
             current = self.epoch(current.index + 1)
@@ -313,3 +346,76 @@ class EpochSchedule:
 
     def is_open(self, server: Endpoint, now: float) -> bool:
         return any(window.server == server for window in self.open_windows(now))
+
+    # -- landmarks ---------------------------------------------------------------------------
+
+    def _landmarks(self) -> PebbleIndex | None:
+        index = self.chain.index
+        if index is None or not index.units or index.units_tag != m_tag(self.params.m):
+            return None
+        return index
+
+    def _units_before(self, index: PebbleIndex, epoch: int) -> int:
+        """Ticks before ``epoch`` begins: from the landmark at or below it, at most one spacing
+        of hashes, without moving the chain's cursor."""
+        k = -(-(index.top - epoch) // index.spacing)  # smallest k with top - k*spacing <= epoch
+        if k > index.count:
+            base_epoch, ticks = 1, 0
+        else:
+            base_epoch, ticks = index.top - k * index.spacing, index.units[k - 1]
+        if epoch > base_epoch:
+            key = self.chain.key(epoch - 1)
+            for below in range(epoch - 1, base_epoch - 1, -1):
+                ticks += epoch_units(key, self.params.m.m_for(below))
+                key = chain_step(key)
+        return ticks
+
+    def _leap(self, now: float) -> None:
+        """Move the cursor to the last landmark starting at or before ``now`` if that saves a
+        walk: forward past the cursor, or backward when ``now`` is before the cursor."""
+        index = self._landmarks()
+        if index is None:
+            return
+        if self._anchor_units is None:
+            self._anchor_units = self._units_before(index, self._anchor.epoch)
+        base = self._anchor_units
+        anchor_time, tick = self._anchor.time, self.params.tick
+        # Landmark k starts epoch top - k*spacing; later epochs have smaller k. Find the
+        # smallest k (the latest epoch) whose start is at or before now.
+        low, high = 1, index.count + 1
+        while low < high:
+            middle = (low + high) // 2
+            if anchor_time + (index.units[middle - 1] - base) * tick <= now:
+                high = middle
+            else:
+                low = middle + 1
+        if low > index.count:
+            return
+        landmark = index.top - low * index.spacing
+        cursor = self._cursor
+        start = anchor_time + cursor.units * tick
+        # Leap only when walking would cost more than the leap (about 5 x spacing hashes): a
+        # walk costs about 9 hashes per epoch forward, 2 backward. Normal operation, one epoch
+        # at a time, never leaps, even across a landmark.
+        forward = landmark - cursor.epoch > index.spacing // 2
+        backward = now < start and cursor.epoch - landmark > 3 * index.spacing
+        if not (forward or backward):
+            return
+        # The epoch running at now is in landmark .. landmark + spacing - 1 (or later, at the
+        # chain's top). Hash that block down once from the index key above it for its lengths,
+        # rather than walking it forward epoch by epoch.
+        above = index.at((low - 1) * index.spacing) if low > 1 else self.chain.held_key
+        assert above is not None
+        lengths = []
+        key = chain_step(above)
+        for epoch in range(landmark + index.spacing - 1, landmark - 1, -1):
+            lengths.append(epoch_units(key, self.params.m.m_for(epoch)))
+            key = chain_step(key)
+        units = index.units[low - 1] - base
+        epoch = landmark
+        for length in reversed(lengths[1:]):  # all but the block's last epoch
+            if anchor_time + (units + length) * tick > now:
+                break
+            units += length
+            epoch += 1
+        self._cursor = _Cursor(epoch, self.chain.seek(epoch), units)

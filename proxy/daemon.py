@@ -109,7 +109,8 @@ class ServerShim:
         self._leaving: float | None = None
         directory = DeploymentDir(options.deployment_dir)
         self.deployment = directory.deployment()
-        secret = directory.secret()
+        # With the sealed chain index (roam init), the schedule starts within 3 x 2^16 hashes.
+        secret = directory.secret_with_index()
         self.secret = secret
         clients = directory.clients(secret)
         if options.listen not in self.deployment.servers:

@@ -5,6 +5,8 @@ A deployment directory holds three files::
     deployment.json   public parameters (0644)
     secret.json       K_n and the group key (0600)
     clients.sealed    the legitimate-client list, sealed with the group key (0600)
+    chain-index.sealed  every 2^16-th key below K_n, sealed with the group key (0600,
+                      optional: ``roam init`` / ``roam index``; lets a server start fast)
 
 The directory itself is 0700. Files are written atomically (temporary file, fsync, rename) so a
 crash never leaves half a file, and secrets are created with their final mode, never chmod-ed
@@ -18,10 +20,12 @@ import fcntl
 import os
 import secrets
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from migrate.errors import ConfigError
+from migrate.chainindex import open_index, seal_index
+from migrate.errors import AuthenticationError, ConfigError
+from migrate.hashchain import PebbleIndex
 from migrate.kernel.files import write_private
 from migrate.registration import Bundle, ClientList, Deployment, DeploymentSecret
 
@@ -29,6 +33,7 @@ DEPLOYMENT_FILE = "deployment.json"
 SECRET_FILE = "secret.json"
 CLIENTS_FILE = "clients.sealed"
 LOCK_FILE = ".lock"
+CHAIN_INDEX_FILE = "chain-index.sealed"
 
 
 def random_bytes(count: int) -> bytes:
@@ -92,6 +97,34 @@ class DeploymentDir:
         if secret.deployment_id != self.deployment().deployment_id:
             raise ConfigError(f"{path} belongs to another deployment")
         return secret
+
+    def secret_with_index(self) -> DeploymentSecret:
+        """The secret with the chain's pebble index attached, if the directory has one."""
+        secret = self.secret()
+        index = self.chain_index(secret)
+        return secret if index is None else replace(secret, chain_index=index)
+
+    def chain_index(self, secret: DeploymentSecret) -> PebbleIndex | None:
+        path = self.path / CHAIN_INDEX_FILE
+        if not path.exists():
+            return None
+        deployment = self.deployment()
+        try:
+            return open_index(
+                read_file(path, "chain index"),
+                secret.group_key,
+                secret.deployment_id,
+                secret.chain_key,
+                deployment.chain_length,
+            )
+        except (ConfigError, AuthenticationError) as error:
+            raise ConfigError(f"{path}: {error}") from None
+
+    def save_chain_index(self, index: PebbleIndex, secret: DeploymentSecret) -> None:
+        sealed = seal_index(
+            index, secret.group_key, secret.deployment_id, secret.chain_key, random_bytes
+        )
+        write_replace(self.path / CHAIN_INDEX_FILE, sealed)
 
     def has_secret(self) -> bool:
         return (self.path / SECRET_FILE).is_file()

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migrate.chainindex import sealed_size
 from migrate.endpoints import parse_address, parse_address_and_port, parse_server_list
 from migrate.errors import ConfigError, RoamError
+from migrate.hashchain import DEFAULT_INDEX_SPACING, build_index
 from migrate.registration import (
     DEFAULT_ROAMING_PORT,
     DEPLOYMENT_ID_BYTES,
@@ -20,7 +23,7 @@ from migrate.registration import (
     check_name,
     fingerprint,
 )
-from migrate.schedule import EpochSchedule, MSchedule, check_m
+from migrate.schedule import EpochSchedule, MSchedule, check_m, index_units, m_tag
 from migrate.shamir import Share
 from roam_cli.args import (
     non_negative_int,
@@ -82,7 +85,25 @@ def register(subparsers: Subparsers) -> None:
         metavar="S",
         help="network delay estimate (default 0.1)",
     )
+    init.add_argument(
+        "--no-index",
+        dest="index",
+        action="store_false",
+        help="do not build the chain index now (servers then start by hashing from K_n: "
+        "one hash per epoch; build it later with 'roam index')",
+    )
     init.set_defaults(handler=run_init)
+
+    index = subparsers.add_parser(
+        "index",
+        help="build the sealed chain index that lets servers start fast (offline)",
+        description="Walk the whole chain once from K_n (one hash per epoch, with progress "
+        "and an estimate on stderr) and store every 2^16-th key, sealed with the group key, in "
+        "DIR/chain-index.sealed. A server then reaches any epoch with at most 3 x 2^16 hashes. "
+        "'roam init' does this unless given --no-index.",
+    )
+    index.add_argument("directory", metavar="DIR", type=Path)
+    index.set_defaults(handler=run_index)
 
     subscribe = subparsers.add_parser(
         "subscribe",
@@ -125,6 +146,13 @@ def register(subparsers: Subparsers) -> None:
         default=0,
         metavar="KBIT",
         help="rate contract in kbit/s (default 0: none)",
+    )
+    subscribe.add_argument(
+        "--chain-index",
+        action="store_true",
+        help="make the bundle carry a sealed index of its keys K_1..K_T (built now: two "
+        "hashes per epoch up to T; 40 bytes per 2^16 epochs) so the client starts fast "
+        "however large T is; worth it when T is above about 2^20",
     )
     subscribe.set_defaults(handler=run_subscribe)
 
@@ -175,13 +203,68 @@ def run_init(args: argparse.Namespace) -> int:
         gamma=args.gamma,
     )
     secret = DeploymentSecret.generate(deployment.deployment_id, random_bytes)
-    DeploymentDir(args.directory).create(deployment, secret)
+    directory = DeploymentDir(args.directory)
+    directory.create(deployment, secret)
     print(
         f"created deployment {deployment.deployment_id.hex()} in {args.directory}: "
         f"{len(servers)} servers, chain of {deployment.chain_length} epochs, VIP "
         f"{vip}:{service_port}"
     )
+    if args.index:
+        build_chain_index(directory, deployment, secret)
     return 0
+
+
+def run_index(args: argparse.Namespace) -> int:
+    directory = DeploymentDir(args.directory)
+    with directory.locked():
+        build_chain_index(directory, directory.deployment(), directory.secret())
+    return 0
+
+
+class _Progress:
+    """Progress and time left on stderr: a rewritten line on a terminal, else every 10%."""
+
+    def __init__(self, total_hashes: int) -> None:
+        self.total_hashes = total_hashes
+        self.started = time.monotonic()
+        self.shown = -1.0
+        self.tty = sys.stderr.isatty()
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        fraction = done / total
+        if done < total and (
+            (self.tty and now - self.shown < 0.5) or (not self.tty and fraction < self.shown + 0.1)
+        ):
+            return
+        self.shown = now if self.tty else fraction
+        elapsed = now - self.started
+        left = elapsed / fraction - elapsed if fraction else 0.0
+        line = (
+            f"chain index: {fraction:6.1%} of {self.total_hashes:,} hashes, about {left:.0f} s left"
+        )
+        end = "\n" if done == total or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def build_chain_index(
+    directory: DeploymentDir, deployment: Deployment, secret: DeploymentSecret
+) -> None:
+    """Walk the chain once (O(n), progress on stderr) and store its sealed pebble index."""
+    spacing = DEFAULT_INDEX_SPACING
+    started = time.monotonic()
+    progress = _Progress(2 * (deployment.chain_length - 1))  # a step and a length per epoch
+    m = deployment.m
+    index = build_index(
+        secret.chain_key, deployment.chain_length, spacing, progress, index_units(m), m_tag(m)
+    )
+    directory.save_chain_index(index, secret)
+    print(
+        f"chain index: {index.count} keys (every {spacing} epochs, "
+        f"{sealed_size(deployment.chain_length, spacing):,} bytes sealed) in "
+        f"{time.monotonic() - started:.1f} s; servers start within {3 * spacing:,} hashes"
+    )
 
 
 def run_subscribe(args: argparse.Namespace) -> int:
@@ -192,7 +275,7 @@ def run_subscribe(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.out} already exists; refusing to overwrite it")
     with directory.locked():
         deployment = directory.deployment()
-        secret = directory.secret()
+        secret = directory.secret_with_index()
         if address.version != deployment.vip.version:
             raise ConfigError(f"--address {address} is not of the VIP's IP version")
         if args.until_epoch > deployment.chain_length:
@@ -216,6 +299,8 @@ def run_subscribe(args: argparse.Namespace) -> int:
         )
         updated = clients.add(record)
         bundle = Bundle.issue(deployment, secret, record, random_bytes)
+        if args.chain_index:
+            bundle = bundle.with_index(random_bytes, _Progress(2 * (bundle.key_index - 1)))
         write_new(args.out, bundle.encode())
         directory.save_clients(updated, secret)
     print(

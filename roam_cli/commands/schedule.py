@@ -119,7 +119,7 @@ def _schedule(args: argparse.Namespace) -> EpochSchedule:
         if args.deployment is not None:
             directory = DeploymentDir(args.deployment)
             deployment = directory.deployment()
-            chain = directory.secret().chain(deployment.chain_length)
+            chain = directory.secret_with_index().chain(deployment.chain_length)
             return EpochSchedule(chain, deployment.schedule_params())
         bundle = load_bundle(args.bundle)
         return EpochSchedule(bundle.chain(), bundle.schedule_params())

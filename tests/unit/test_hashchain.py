@@ -3,7 +3,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrate.errors import InvalidKeyExtensionError, KeyNotHeldError
-from migrate.hashchain import KeyChain, chain_step, hash_down, msb
+from migrate.hashchain import (
+    KeyChain,
+    PebbleIndex,
+    build_index,
+    chain_step,
+    hash_down,
+    msb,
+)
 
 from .vectors import CHAIN_KEY, CHAIN_LENGTH, K1_HEX
 
@@ -110,9 +117,164 @@ def test_many_extensions_keep_pebbles_bounded():
     chain.seek(5)
     for index in range(11, 301):
         chain.extend(keys[index], index, max_steps=300)
-    assert chain.pebble_count <= (300).bit_length() + 2
+    assert chain.pebble_count <= 2 * (300).bit_length()
     assert chain.seek(200) == keys[200]
 
 
 def test_hash_down_zero_steps_is_identity():
     assert hash_down(CHAIN_KEY, 0) == CHAIN_KEY
+
+
+# --- worst-case bounds (issue 18) ---------------------------------------------------------
+
+
+def advance_bound(n: int) -> int:
+    """Hashes one epoch advance may cost: two per level of the fractal traversal, plus one."""
+    return 2 * max(1, (n - 1).bit_length()) + 1
+
+
+def keys_bound(n: int) -> int:
+    return 2 * max(1, (n - 1).bit_length())
+
+
+def walk(chain: KeyChain, first: int, last: int) -> tuple[int, int]:
+    """Advance from ``first`` to ``last``; the most hashes one advance took, the most keys."""
+    worst = most = 0
+    for index in range(first + 1, last + 1):
+        before = chain.hashes
+        chain.seek(index)
+        worst = max(worst, chain.hashes - before)
+        most = max(most, chain.pebble_count)
+    return worst, most
+
+
+@pytest.mark.parametrize("n", [2, 3, 64, 1000, 1 << 12, 5000, (1 << 13) + 1])
+def test_every_advance_is_bounded_in_hashes_and_keys(n):
+    # The amortised traversal this replaces took n/4 hashes into epoch n/4 + 1 (108 ms at 2^20).
+    keys = naive_chain(bytes(range(32)), n)
+    chain = KeyChain(keys[n], n)
+    assert chain.seek(1) == keys[1]
+    worst, most = walk(chain, 1, n)
+    assert worst <= advance_bound(n)
+    assert most <= keys_bound(n)
+    assert chain.key(n) == keys[n]
+
+
+@settings(max_examples=60, deadline=None)
+@given(n=st.integers(1, 3000), top=st.binary(min_size=32, max_size=32), data=st.data())
+def test_traversal_from_any_start_yields_hash_down_of_the_top(n, top, data):
+    chain = KeyChain(top, n)
+    start = data.draw(st.integers(1, n))
+    assert chain.seek(start) == hash_down(top, n - start)
+    expected = naive_chain(top, n)  # expected[i] is hash_down(top, n - i), in O(n)
+    worst = most = 0
+    index = start
+    key = chain.held_key
+    while index < n:
+        before = chain.hashes
+        index, key = chain.advance()
+        worst = max(worst, chain.hashes - before)
+        most = max(most, chain.pebble_count)
+        assert key == expected[index]
+    assert worst <= advance_bound(n)
+    assert most <= keys_bound(n)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(2, 5000),
+    spacing_bits=st.integers(1, 6),
+    top=st.binary(min_size=32, max_size=32),
+    data=st.data(),
+)
+def test_an_index_bounds_the_start_anywhere_and_every_jump(n, spacing_bits, top, data):
+    spacing = 1 << spacing_bits
+    index = build_index(top, n, spacing)
+    assert index.count == (n - 1) // spacing
+    chain = KeyChain(top, n, index)
+    position = data.draw(st.integers(1, n))
+    before = chain.hashes
+    assert chain.seek(position) == hash_down(top, n - position)
+    assert chain.hashes - before <= 3 * spacing
+    # Time passes: jumps forward (a suspended host) and back (a reanchor) stay bounded.
+    for _ in range(6):
+        position = data.draw(st.integers(1, n))
+        before = chain.hashes
+        assert chain.seek(position) == hash_down(top, n - position)
+        assert chain.hashes - before <= 3 * spacing
+        assert chain.pebble_count <= keys_bound(n)
+        worst, _ = walk(chain, position, min(n, position + 2 * spacing))
+        assert worst <= advance_bound(n)
+
+
+def test_long_chain_started_in_the_middle_with_jumps_over_large_gaps():
+    n = 1 << 18
+    top = bytes(range(32))
+    spacing = 1 << 6
+    index = build_index(top, n, spacing)
+    chain = KeyChain(top, n, index)
+
+    # Pebble keys for the checks come from the index: K_(n - k*spacing) hashed down.
+    def reference(i: int) -> bytes:
+        k = (n - i) // spacing
+        base = top if k == 0 else index.at(k * spacing)
+        assert base is not None
+        return hash_down(base, n - i - k * spacing)
+
+    position = n // 4 + 12345
+    before = chain.hashes
+    assert chain.seek(position) == reference(position)
+    assert chain.hashes - before <= 3 * spacing
+    for gap in (1, 2, 97, 4096, 50_000, 70_001):
+        position += gap
+        before = chain.hashes
+        assert chain.seek(position) == reference(position)
+        assert chain.hashes - before <= 3 * spacing
+        worst, most = walk(chain, position, position + 3 * spacing)
+        position += 3 * spacing
+        assert worst <= advance_bound(n)
+        assert most <= keys_bound(n)
+    assert chain.key(n // 3) == reference(n // 3)
+
+
+def test_jumps_without_an_index_cost_at_most_the_gap_plus_one_advance_each():
+    n = 1 << 14
+    top = bytes(range(32))
+    chain = KeyChain(top, n)
+    chain.seek(100)
+    position = 100
+    for gap in (2, 3, 50, 1000, 5000):
+        before = chain.hashes
+        position += gap
+        assert chain.seek(position) == hash_down(top, n - position)
+        assert chain.hashes - before <= gap * advance_bound(n)
+    # Backward: the distance moved.
+    before = chain.hashes
+    assert chain.seek(position - 700) == hash_down(top, n - position + 700)
+    assert chain.hashes - before <= 700 + advance_bound(n)
+    worst, most = walk(chain, position - 700, position + 300)
+    assert worst <= advance_bound(n)
+    assert most <= keys_bound(n)
+
+
+def test_crossing_into_an_extension_costs_no_more_than_any_advance():
+    top = bytes(range(32))
+    n = 3000
+    keys = naive_chain(top, n)
+    chain = KeyChain(keys[1000], 1000)
+    chain.seek(990)
+    assert chain.extend(keys[2000], 2000, max_steps=n) is True
+    assert chain.extend(keys[n], n, max_steps=n) is True
+    worst, most = walk(chain, 990, n)
+    assert worst <= advance_bound(n)
+    assert most <= keys_bound(n) + keys_bound(1000)
+    assert chain.seek(500) == keys[500]
+
+
+def test_index_refuses_a_wrong_size():
+    with pytest.raises(ValueError, match="holds 32 bytes"):
+        PebbleIndex(100, 64, b"")
+    with pytest.raises(ValueError, match="power of two"):
+        PebbleIndex(100, 48, bytes(64))
+    with pytest.raises(ValueError, match="topped at 100"):
+        KeyChain(bytes(32), 99, PebbleIndex(100, 64, bytes(32)))
