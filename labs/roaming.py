@@ -102,6 +102,7 @@ class RoamingLab:
     service: str = "http"  # "http" | "nginx" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
+    client_extra: Sequence[str] = ()  # e.g. ("--cover-rate", "0")
     servers: dict[str, ShimProcess] = field(default_factory=dict)
     clients: dict[str, ShimProcess] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
@@ -287,7 +288,13 @@ class RoamingLab:
         shim = self._spawn(
             host,
             "client",
-            ["--bundle", str(bundle or self.bundle_path(host)), "--migration", self.migration],
+            [
+                "--bundle",
+                str(bundle or self.bundle_path(host)),
+                "--migration",
+                self.migration,
+                *self.client_extra,
+            ],
         )
         self.clients[host] = shim
         return shim
