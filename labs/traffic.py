@@ -3,7 +3,8 @@
 A live lab (three servers, one client with a keep-alive connection that makes requests across
 roams) runs with tcpdump on the client's interface, capturing UDP to and from the migration
 port. The client's ``switch`` events say when each roam happened and to which server. Then,
-for each roam at time T from server P to server S, the datagrams of the window
+for each roam that handed the connection over, at time T from server P to server S, the
+datagrams of the window
 ``[max(T - 4 s, previous roam), T)`` are what an eavesdropper could use to predict it:
 
 * ``next_share``: the share of the client's datagrams (and bytes) that went to S; without
@@ -87,11 +88,16 @@ def read_datagrams(pcap: Path, port: int = MIGRATION_PORT) -> list[Datagram]:
 
 
 def roams_of(events: Sequence[dict[str, Any]]) -> list[Roam]:
-    """The client's switches (a ``switch`` event names ``ip:port`` of both servers)."""
+    """The client's switches that handed a connection over (a ``switch`` event names
+    ``ip:port`` of both servers): only those had requests to hide."""
+    handed = {e["epoch"] for e in events if e["event"] == "handoff"}
     return [
         Roam(float(e["ts"]), _address(e["server"]), _address(e["previous"]))
         for e in events
-        if e["event"] == "switch" and e.get("previous") and e["previous"] != e["server"]
+        if e["event"] == "switch"
+        and e.get("previous")
+        and e["previous"] != e["server"]
+        and e.get("epoch") in handed
     ]
 
 
@@ -183,6 +189,7 @@ def run(cover_rate: float | None, requests: int = 300, pause: float = 0.05) -> d
     with live_lab(
         tick=1.0,
         m=1,
+        service="nginx",  # keeps the connection alive (http.server closes after each answer)
         content=files,
         min_switches=8,
         switch_window=24.0,

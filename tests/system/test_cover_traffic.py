@@ -23,8 +23,6 @@ def test_the_next_server_gets_one_share_of_same_size_datagrams_before_each_roam(
     print(f"\n{leak}\nhand-overs {found['handoffs']}")
     assert found["problems"] == []
     assert leak.roams >= 5, leak
-    assert found["handoffs"].get("migrated", 0) >= 5, found["handoffs"]
-    assert set(found["handoffs"]) <= {"migrated", "closed"}, found["handoffs"]
     # Every datagram each way has one size: size tells nothing.
     assert len(leak.sizes_out) == 1, leak.sizes_out
     assert len(leak.sizes_in) == 1, leak.sizes_in
@@ -33,3 +31,6 @@ def test_the_next_server_gets_one_share_of_same_size_datagrams_before_each_roam(
     assert abs(leak.next_share - 1 / leak.servers) <= SHARE_TOLERANCE, leak
     assert abs(leak.next_share_bytes - 1 / leak.servers) <= SHARE_TOLERANCE, leak
     assert leak.accuracy <= leak.baseline + 0.2, leak
+    # And the hand-overs still work.
+    assert found["handoffs"].get("migrated", 0) >= 5, found["handoffs"]
+    assert set(found["handoffs"]) <= {"migrated", "closed"}, found["handoffs"]
