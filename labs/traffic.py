@@ -207,8 +207,9 @@ def run(cover_rate: float | None, requests: int = 300, pause: float = 0.05) -> d
                 timeout=300,
             )
         roaming.stop()
-        if result.returncode != 0 or int(result.stdout.strip() or 0) != requests:
-            raise RuntimeError(f"the client failed: {result.stderr[-300:]}")
+        # A failed hand-over resets the connection: reported, and the traffic until then
+        # still measured.
+        client_ok = result.returncode == 0 and result.stdout.strip() == str(requests)
         servers = [str(roaming.lab[h].address) for h in roaming.server_hosts]
         leak = analyse(
             read_datagrams(pcap),
@@ -217,7 +218,12 @@ def run(cover_rate: float | None, requests: int = 300, pause: float = 0.05) -> d
             servers,
         )
         outcomes = Counter(h["outcome"] for h in handoffs(roaming))
-        return {"leak": leak, "handoffs": dict(outcomes), "problems": shim_problems(roaming)}
+        return {
+            "leak": leak,
+            "handoffs": dict(outcomes),
+            "problems": shim_problems(roaming),
+            "client_ok": client_ok,
+        }
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -232,7 +238,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
         found = run(rate, requests=args.requests)
-        rows.append({"cover_rate": rate, **asdict(found["leak"]), "handoffs": found["handoffs"]})
+        rows.append(
+            {
+                "cover_rate": rate,
+                **asdict(found["leak"]),
+                "handoffs": found["handoffs"],
+                "client_ok": found["client_ok"],
+            }
+        )
     if args.json:
         print(json.dumps(rows, indent=1))
         return 0
@@ -244,7 +257,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"sizes out {row['sizes_out'][:6]}{'...' if len(row['sizes_out']) > 6 else ''} "
             f"in {row['sizes_in'][:6]}{'...' if len(row['sizes_in']) > 6 else ''}; "
             f"uneven bins {row['uneven_bins']}; last-second rate x{row['rate_ratio']}; "
-            f"{row['bytes_per_s_out']:.0f} B/s out; hand-overs {row['handoffs']}"
+            f"{row['bytes_per_s_out']:.0f} B/s out; hand-overs {row['handoffs']}; "
+            f"client {'ok' if row['client_ok'] else 'reset'}"
         )
     return 0
 

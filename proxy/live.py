@@ -6,8 +6,8 @@ Theory of operation:
   both byte streams. Right after accept the shim reads the handshake's sequence numbers and
   options through TCP_REPAIR (``accept_facts``).
 * Checkpoints go to the client periodically (each connection on its own phase, from its
-  start) and at every request boundary the codec finds; none in a burst before this server
-  stops being the active one (that would show the roam time on the wire). Each is sealed
+  start), at every request boundary the codec finds, and once more 120 ms before this server
+  stops being the active one. Each is sealed
   with the pool's checkpoint key, wrapped in a carrier sealed for the client, and sent as one
   TCP segment on the connection's own 5-tuple, marked with the carrier option and numbered
   *before* the server's ISN, so that a client without the shim would discard it as an old
@@ -73,6 +73,7 @@ SEQ_MOD = 2**32
 DEFAULT_CHECKPOINT_PERIOD = 0.5
 BOUNDARY_MIN_GAP = 0.02
 CHECKPOINT_RETRY_S = 0.05  # at most one boundary checkpoint per connection per 20 ms
+LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leaving
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
@@ -334,6 +335,7 @@ class LiveMode:
         self.framed_clients: set[int] = set()
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
+        self._leave_pushed: float | None = None
 
     # -- helpers -----------------------------------------------------------------------------
 
@@ -432,13 +434,21 @@ class LiveMode:
 
     def _checkpoint_round(self) -> None:
         now = self.clock()
+        leaving = self.shim.leaving_at()
+        # A last round just before leaving: the client's refresh (client_shim.migrator
+        # REFRESH_LEAD) re-prepares a connection whose PREPARE carried a checkpoint from before
+        # the response began with the newest one, and needs it by then. Its burst of carriers
+        # dates the roam 120 ms early (docs/protocol.md section 9).
+        push_all = (
+            leaving is not None
+            and leaving - LEAVE_PUSH_LEAD <= now
+            and self._leave_pushed != leaving
+        )
+        if push_all:
+            self._leave_pushed = leaving
         self.expire_pending(now)
-        # Each connection on its own phase up to the very end: no last round before this
-        # server leaves, whose burst of carriers would tell an eavesdropper the roam time. (A
-        # hand-over needs no fresher checkpoint: the PREPARE's stands, and the client replays
-        # from its fresh point.)
         for connection in list(self.connections.values()):
-            if connection.due(now):
+            if push_all or connection.due(now):
                 try:
                     connection.push(now)
                 except (OSError, RoamError) as error:

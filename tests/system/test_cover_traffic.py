@@ -32,5 +32,6 @@ def test_the_next_server_gets_one_share_of_same_size_datagrams_before_each_roam(
     assert abs(leak.next_share_bytes - 1 / leak.servers) <= SHARE_TOLERANCE, leak
     assert leak.accuracy <= leak.baseline + 0.2, leak
     # And the hand-overs still work.
+    assert found["client_ok"], found["handoffs"]
     assert found["handoffs"].get("migrated", 0) >= 5, found["handoffs"]
     assert set(found["handoffs"]) <= {"migrated", "closed"}, found["handoffs"]
