@@ -7,11 +7,10 @@ Theory of operation:
   options through TCP_REPAIR (``accept_facts``).
 * Checkpoints go to the client periodically (each connection on its own phase, from its
   start), at every request boundary the codec finds, and once more 120 ms before this server
-  stops being the active one. Each is sealed
-  with the pool's checkpoint key, wrapped in a carrier sealed for the client, and sent as one
-  TCP segment on the connection's own 5-tuple, marked with the carrier option and numbered
-  *before* the server's ISN, so that a client without the shim would discard it as an old
-  duplicate.
+  stops being the active one. Each is sealed with the pool's checkpoint key, wrapped in a
+  carrier sealed for the client, and sent as one TCP segment on the connection's own 5-tuple,
+  marked with the carrier option and numbered *before* the server's ISN, so that a client
+  without the shim would discard it as an old duplicate.
 * Re-incarnation requests (``migrate.reincarnation``) arrive on the migration port. A PREPARE
   that passes ``admit`` opens a fresh connection to the service (from the client's address),
   replays the log and regenerates the response up to the client's position, checking the
@@ -46,8 +45,8 @@ from migrate.checkpoint import (
     seal_carrier,
     seal_checkpoint,
 )
-from migrate.cover import ANSWER_CELL_BYTES, cover, frame, is_framed, unframe
-from migrate.errors import RoamError
+from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe
+from migrate.errors import MalformedMessageError, RoamError
 from migrate.kernel import nft, rawtcp, tcp_repair
 from migrate.kernel.udp import datagram_socket
 from migrate.registration import ClientRecord
@@ -535,6 +534,11 @@ class LiveMode:
                 opener = request_opener(record.channel_key, self.deployment_id, client_id)
                 self.openers[client_id] = opener
             opened = opener.open(data, self.clock())
+            framed = is_framed(opened.plaintext)
+            if framed and len(data) < MIN_CELL_BYTES:
+                # Framed answers are ANSWER_CELL_BYTES: never more than the request (no
+                # amplification, even by an authentic client towards its own address).
+                raise MalformedMessageError(f"a framed request of {len(data)} bytes is too small")
             body = unframe(opened.plaintext)
             if body is not None:
                 request = Request.decode(body)
@@ -548,7 +552,7 @@ class LiveMode:
                 reason=str(error),
             )
             return
-        if is_framed(opened.plaintext) and source[0] == str(record.address):
+        if framed and source[0] == str(record.address):
             self.framed_clients.add(record.client_id)
         if body is None:
             self._on_cover(record, opener, opened, source)
@@ -578,7 +582,8 @@ class LiveMode:
                 if running:
                     # Its answer comes when the work is done; this one gets cover, so that
                     # each request has one answer, as cover has.
-                    self._answer_cover(record, source)
+                    if framed:
+                        self._answer_cover(record, source)
                 elif existing.answer is not None:
                     if existing.answer.status is Status.READY and existing.until > (
                         existing.stream.s2c_pos
@@ -607,7 +612,7 @@ class LiveMode:
             return
         pending = self.pending.get(key)
         opener.accept(opened)
-        if request.phase in (Phase.GO, Phase.ABORT):
+        if framed and request.phase in (Phase.GO, Phase.ABORT):
             self._answer_cover(record, source)  # nobody waits for it; cover has one
         if pending is None:
             if request.phase is not Phase.COMMIT:
