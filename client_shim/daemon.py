@@ -38,6 +38,7 @@ from client_shim.migrator import (
 from client_shim.rules import rewrite_table_body, switch_script, table_family
 from client_shim.state import ClientState, load_state
 from migrate.channel import CounterFloor, ReplayWindow
+from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError, ScheduleError, SubscriptionExpiredError
 from migrate.gating import next_switch
@@ -71,8 +72,10 @@ class ClientShim:
         live: bool = True,
         prepare_lead: float = DEFAULT_PREPARE_LEAD,
         migration_port: int = MIGRATION_PORT,
+        cover_config: CoverConfig | None = None,
     ) -> None:
         self.migration_port = migration_port
+        self.cover_config = cover_config if cover_config is not None else CoverConfig()
         self.bundle = bundle
         self.bundle_path = bundle_path
         self.servers = bundle.servers()
@@ -421,6 +424,7 @@ class ClientShim:
                     lambda: self.roaming.clock_offset or 0.0,
                     prepare_lead=self.prepare_lead,
                     migration_port=self.migration_port,
+                    cover_config=self.cover_config,
                 )
                 # Its requests start above the floor the last run persisted: no nonce twice
                 # under the client's key, even if the clock went back.

@@ -33,6 +33,7 @@ from client_shim.rules import finished_script, freeze_script, switch_script
 from migrate.channel import Kind, Opener
 from migrate.checkpoint import carrier_opener, open_carrier
 from migrate.connstore import ConnectionStore, TrackedConnection
+from migrate.cover import CoverConfig, CoverSchedule, cover, frame, unframe
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError
 from migrate.kernel import nft, sockdiag
@@ -125,6 +126,7 @@ class Migrator:
         prepare_lead: float = DEFAULT_PREPARE_LEAD,
         commit_timeout: float = DEFAULT_COMMIT_TIMEOUT,
         migration_port: int = MIGRATION_PORT,
+        cover_config: CoverConfig | None = None,
     ) -> None:
         self.bundle = bundle
         self.table = table
@@ -152,6 +154,16 @@ class Migrator:
         self.roams: list[RoamRecord] = []
         self.rejected_carriers = 0
         self.capture_losses = 0
+        # Cover traffic (migrate.cover): requests wait for their slot, and every server of the
+        # pool gets as many cells of the same size, so that the wire does not tell which
+        # server is next, nor when a hand-over is prepared.
+        self.cover_config = cover_config if cover_config is not None else CoverConfig()
+        self.cover: CoverSchedule[Request] | None = None
+        if self.cover_config.enabled:
+            servers = [str(s.address) for s in bundle.servers()]
+            self.cover = CoverSchedule(servers, self.cover_config, clock())
+        self.cover_answers = 0
+        self._cover_task: asyncio.Task[None] | None = None
 
     # -- capture -----------------------------------------------------------------------------
 
@@ -212,7 +224,12 @@ class Migrator:
     def on_answer(self, data: bytes, source: tuple[str, int]) -> None:
         try:
             opened = self.answers.open(data, self.clock() + self.clock_offset())
-            answer = Answer.decode(opened.plaintext)
+            body = unframe(opened.plaintext)
+            if body is None:
+                self.answers.accept(opened)
+                self.cover_answers += 1
+                return
+            answer = Answer.decode(body)
         except RoamError as error:
             self.log.rejection(  # spoofable from outside: bounded logging (migrate.ratelog)
                 "answer_rejected",
@@ -230,15 +247,46 @@ class Migrator:
         self, target: Endpoint, request: Request, expect_answer: bool = True
     ) -> asyncio.Future[Answer] | None:
         assert self.transport is not None
-        message = self.sealer.seal(
-            Kind.REINCARNATE_REQUEST, request.encode(), self.clock() + self.clock_offset()
-        )
         future: asyncio.Future[Answer] | None = None
         if expect_answer and request.phase in (Phase.PREPARE, Phase.COMMIT):
             future = asyncio.get_running_loop().create_future()
             self.waiting[(request.phase, request.client_port)] = future
-        self.transport.sendto(message, (str(target.address), self.migration_port))
+        if self.cover is not None:
+            self.cover.put(str(target.address), request)  # sealed when its slot comes
+        else:
+            message = self.sealer.seal(
+                Kind.REINCARNATE_REQUEST, request.encode(), self.clock() + self.clock_offset()
+            )
+            self.transport.sendto(message, (str(target.address), self.migration_port))
         return future
+
+    def send_slot(self, now: float) -> int:
+        """Send the cover slot due at ``now`` (if any): a cell to every server, real requests
+        in place of cover where queued. Sealed now, so that each is fresh when it leaves."""
+        assert self.cover is not None
+        assert self.transport is not None
+        cell = self.cover_config.cell
+        sent = 0
+        for server, request in self.cover.take(now):
+            plaintext = cover(cell) if request is None else frame(request.encode(), cell)
+            message = self.sealer.seal(
+                Kind.REINCARNATE_REQUEST, plaintext, now + self.clock_offset()
+            )
+            try:
+                self.transport.sendto(message, (server, self.migration_port))
+            except OSError as error:  # a full socket buffer: lost, like any datagram
+                self.log.event("cover_send_failed", level="warning", reason=str(error))
+            sent += 1
+        return sent
+
+    async def _cover_loop(self) -> None:
+        assert self.cover is not None
+        while True:
+            await asyncio.sleep(self.cover.due_in(self.clock()))
+            try:
+                self.send_slot(self.clock())
+            except Exception as error:  # a bug of ours must not silence the hand-overs
+                self.log.event("internal_error", level="error", where="cover", reason=repr(error))
 
     # -- a roam ------------------------------------------------------------------------------
 
@@ -651,8 +699,13 @@ class Migrator:
         self.transport, _ = await loop.create_datagram_endpoint(
             lambda: _AnswerProtocol(self), sock=sock
         )
+        if self.cover is not None:
+            self._cover_task = loop.create_task(self._cover_loop())
 
     def close(self) -> None:
+        if self._cover_task is not None:
+            self._cover_task.cancel()
+            self._cover_task = None
         if self.reader is not None:
             asyncio.get_running_loop().remove_reader(self.reader.fileno())
             self.reader.close()
@@ -668,7 +721,22 @@ class Migrator:
             "carriers_ignored": self.store.carriers_ignored,
             "carriers_ignored_by_reason": dict(self.store.ignored_by_reason),
             "capture_losses": self.capture_losses,
+            "cover": self._cover_status(),
             "roams": [record.summary() for record in self.roams[-10:]],
+        }
+
+    def _cover_status(self) -> dict[str, Any]:
+        if self.cover is None:
+            return {"enabled": False}
+        return {
+            "enabled": True,
+            "rate": self.cover_config.rate,
+            "cell_bytes": self.cover_config.cell,
+            "slots": self.cover.slots,
+            "cells_sent": self.cover.cells,
+            "queued": self.cover.queued(),
+            "dropped": self.cover.dropped,
+            "answers": self.cover_answers,
         }
 
 

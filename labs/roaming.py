@@ -106,6 +106,7 @@ class RoamingLab:
     # deployment is created, as on separate machines: the operator's later changes (``roam
     # revoke``) reach a server only through the network, not through a shared file.
     server_dirs: bool = False
+    client_extra: Sequence[str] = ()  # e.g. ("--cover-rate", "0")
     servers: dict[str, ShimProcess] = field(default_factory=dict)
     clients: dict[str, ShimProcess] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
@@ -306,7 +307,13 @@ class RoamingLab:
         shim = self._spawn(
             host,
             "client",
-            ["--bundle", str(bundle or self.bundle_path(host)), "--migration", self.migration],
+            [
+                "--bundle",
+                str(bundle or self.bundle_path(host)),
+                "--migration",
+                self.migration,
+                *self.client_extra,
+            ],
         )
         self.clients[host] = shim
         return shim

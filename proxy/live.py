@@ -6,11 +6,11 @@ Theory of operation:
   both byte streams. Right after accept the shim reads the handshake's sequence numbers and
   options through TCP_REPAIR (``accept_facts``).
 * Checkpoints go to the client periodically (each connection on its own phase, from its
-  start), at every request boundary the codec finds, and twice just before this server stops
-  being the active one. Each is sealed with the pool's checkpoint key, wrapped in a carrier
-  sealed for the client, and sent as one TCP segment on the connection's own 5-tuple, marked
-  with the carrier option and numbered *before* the server's ISN, so that a client without the
-  shim would discard it as an old duplicate.
+  start), at every request boundary the codec finds, and once more 120 ms before this server
+  stops being the active one. Each is sealed with the pool's checkpoint key, wrapped in a
+  carrier sealed for the client, and sent as one TCP segment on the connection's own 5-tuple,
+  marked with the carrier option and numbered *before* the server's ISN, so that a client
+  without the shim would discard it as an old duplicate.
 * Re-incarnation requests (``migrate.reincarnation``) arrive on the migration port. A PREPARE
   that passes ``admit`` opens a fresh connection to the service (from the client's address),
   replays the log and regenerates the response up to the client's position, checking the
@@ -45,7 +45,8 @@ from migrate.checkpoint import (
     seal_carrier,
     seal_checkpoint,
 )
-from migrate.errors import RoamError
+from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe
+from migrate.errors import MalformedMessageError, RoamError
 from migrate.kernel import nft, rawtcp, tcp_repair
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import ClientRecord
@@ -325,7 +326,12 @@ class LiveMode:
             "refused": 0,
             "failed": 0,
             "repeated": 0,
+            "cover": 0,
         }
+        # Clients that frame their requests (migrate.cover) get every answer as one cell of
+        # ANSWER_CELL_BYTES, and one answer per request: the next server's answers look like
+        # every other server's answers to cover.
+        self.framed_clients: set[int] = set()
         self._transport: asyncio.DatagramTransport | None = None
         self._task: asyncio.Task[None] | None = None
         self._leave_pushed: float | None = None
@@ -428,6 +434,10 @@ class LiveMode:
     def _checkpoint_round(self) -> None:
         now = self.clock()
         leaving = self.shim.leaving_at()
+        # A last round just before leaving: the client's refresh (client_shim.migrator
+        # REFRESH_LEAD) re-prepares a connection whose PREPARE carried a checkpoint from before
+        # the response began with the newest one, and needs it by then. Its burst of carriers
+        # dates the roam 120 ms early (docs/protocol.md section 9).
         push_all = (
             leaving is not None
             and leaving - LEAVE_PUSH_LEAD <= now
@@ -477,10 +487,38 @@ class LiveMode:
                 record.channel_key, self.deployment_id, record.client_id, self.sender
             ).keep_counters(self.shim.counter_floor)
             self.answer_sealers[record.client_id] = sealer
+        body = answer.encode()
+        if record.client_id in self.framed_clients:
+            body = frame(body, ANSWER_CELL_BYTES)
         if self._transport is not None:
-            self._transport.sendto(
-                sealer.seal(Kind.REINCARNATE_READY, answer.encode(), self.clock()), source
+            self._transport.sendto(sealer.seal(Kind.REINCARNATE_READY, body, self.clock()), source)
+
+    def _answer_cover(self, record: ClientRecord, source: tuple[str, int]) -> None:
+        """A cover answer, the size of any other answer, to a client that frames."""
+        if record.client_id not in self.framed_clients:
+            return
+        sealer = self.answer_sealers.get(record.client_id)
+        if sealer is None:
+            sealer = answer_sealer(
+                record.channel_key, self.deployment_id, record.client_id, self.sender
             )
+            self.answer_sealers[record.client_id] = sealer
+        if self._transport is not None:
+            message = sealer.seal(Kind.REINCARNATE_READY, cover(ANSWER_CELL_BYTES), self.clock())
+            self._transport.sendto(message, source)
+
+    def _on_cover(
+        self, record: ClientRecord, opener: Opener, opened: Opened, source: tuple[str, int]
+    ) -> None:
+        """Cover from a client: nothing to do but answer with cover (only at the client's
+        registered address, never to a revoked client; smaller than the cell: no
+        amplification). It holds nothing and counts against no bound on preparations."""
+        if record.revoked or source[0] != str(record.address):
+            self.counts["refused"] += 1
+            return
+        opener.accept(opened)  # a replayed cover cell is not answered twice
+        self.counts["cover"] += 1
+        self._answer_cover(record, source)
 
     def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
         log = self.shim.log
@@ -496,7 +534,14 @@ class LiveMode:
                 opener = request_opener(record.channel_key, self.deployment_id, client_id)
                 self.openers[client_id] = opener
             opened = opener.open(data, self.clock())
-            request = Request.decode(opened.plaintext)
+            framed = is_framed(opened.plaintext)
+            if framed and len(data) < MIN_CELL_BYTES:
+                # Framed answers are ANSWER_CELL_BYTES: never more than the request (no
+                # amplification, even by an authentic client towards its own address).
+                raise MalformedMessageError(f"a framed request of {len(data)} bytes is too small")
+            body = unframe(opened.plaintext)
+            if body is not None:
+                request = Request.decode(body)
         except RoamError as error:
             self.counts["refused"] += 1
             log.event(
@@ -506,6 +551,11 @@ class LiveMode:
                 error=type(error).__name__,
                 reason=str(error),
             )
+            return
+        if framed and source[0] == str(record.address):
+            self.framed_clients.add(record.client_id)
+        if body is None:
+            self._on_cover(record, opener, opened, source)
             return
         key = (source[0], request.client_port)
         if request.phase is Phase.PREPARE:
@@ -529,7 +579,12 @@ class LiveMode:
                 existing.reply_to = source
                 existing.until = max(existing.until, request.s2c_received)
                 running = existing.task is not None and not existing.task.done()
-                if not running and existing.answer is not None:
+                if running:
+                    # Its answer comes when the work is done; this one gets cover, so that
+                    # each request has one answer, as cover has.
+                    if framed:
+                        self._answer_cover(record, source)
+                elif existing.answer is not None:
                     if existing.answer.status is Status.READY and existing.until > (
                         existing.stream.s2c_pos
                     ):
@@ -557,6 +612,8 @@ class LiveMode:
             return
         pending = self.pending.get(key)
         opener.accept(opened)
+        if framed and request.phase in (Phase.GO, Phase.ABORT):
+            self._answer_cover(record, source)  # nobody waits for it; cover has one
         if pending is None:
             if request.phase is not Phase.COMMIT:
                 return  # nobody waits for the answer to a GO or an ABORT

@@ -13,11 +13,18 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migrate.cover import (
+    DEFAULT_CELL_BYTES,
+    DEFAULT_COVER_RATE,
+    MAX_CELL_BYTES,
+    MIN_CELL_BYTES,
+    CoverConfig,
+)
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, RoamError
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.files import own_private_directory
-from roam_cli.args import positive_int, positive_seconds
+from roam_cli.args import non_negative_float, positive_int, positive_seconds
 from roam_cli.store import load_bundle
 
 if TYPE_CHECKING:
@@ -192,6 +199,23 @@ def register(subparsers: Subparsers) -> None:
         help="start preparing a hand-over this long before the boundary (default 0.15)",
     )
     client.add_argument(
+        "--cover-rate",
+        type=non_negative_float,
+        default=DEFAULT_COVER_RATE,
+        metavar="HZ",
+        help="cover traffic: slots per second, each a cell to every server's migration port, "
+        "hand-over requests in place of cover; 0 sends requests at once, unpadded, and lets an "
+        f"eavesdropper see the next server (default {DEFAULT_COVER_RATE:g})",
+    )
+    client.add_argument(
+        "--cover-cell",
+        type=positive_int,
+        default=DEFAULT_CELL_BYTES,
+        metavar="BYTES",
+        help=f"size of every migration-port datagram ({MIN_CELL_BYTES}-{MAX_CELL_BYTES}; a "
+        f"request that does not fit goes at a multiple of it; default {DEFAULT_CELL_BYTES})",
+    )
+    client.add_argument(
         "--migration-port",
         type=positive_int,
         default=47476,
@@ -296,6 +320,7 @@ def run_client(args: argparse.Namespace) -> int:
             live=args.migration == "live",
             prepare_lead=args.prepare_lead,
             migration_port=args.migration_port,
+            cover_config=CoverConfig(rate=args.cover_rate, cell=args.cover_cell),
             clock=shifted_clock(args.clock_offset),
         )
         _run_loop(shim.run)

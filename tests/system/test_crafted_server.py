@@ -454,6 +454,7 @@ def migration_datagrams(
     """For a re-incarnation port: garbage, then ever more genuine-looking requests."""
     from migrate.channel import Freshness, Kind
     from migrate.checkpoint import CHECKPOINT_VERSION, SEALED_BYTES
+    from migrate.cover import unframe
     from migrate.errors import RoamError
     from migrate.registration import Bundle
     from migrate.reincarnation import Phase, Request, request_opener, request_sealer
@@ -502,7 +503,8 @@ def migration_datagrams(
     for _, message in genuine:
         try:
             opened = opener.open(message, now, Freshness(max_age=1e9, max_skew=1e9))
-            request = Request.decode(opened.plaintext)
+            # Cover cells (migrate.cover) hold no request; framed requests are unframed.
+            request = Request.decode(unframe(opened.plaintext) or b"")
         except RoamError:
             continue
         if request.phase is Phase.PREPARE:

@@ -1,0 +1,190 @@
+"""Cover traffic on the migration port: hand-overs hidden in a constant stream of cells.
+
+Theory of operation: without cover, the only datagrams a client sends to a server's migration
+port are its hand-overs' PREPAREs, COMMITs and GOs, 0.15 to 4 s before a roam, and only to the
+next server; the only answers come from that server. An eavesdropper on the client's link
+learns the next server and the roam time before the roam, which the periodic updates (sealed,
+sent to everyone alike) do not tell it.
+
+With cover on, the client sends to *every* server of the pool, on a fixed grid of slots
+(``rate`` per second, the same instants for all servers), the same number of datagrams of the
+same size (a *cell*). A real request waits for the next slot and takes the place of a cover
+datagram to its server; the other servers get cover datagrams in that slot. A slot holds
+``k`` cells per server, ``k`` being the longest queue (at least 1, at most ``max_burst``), so
+a burst of hand-overs shows as a larger slot to every server at once, never as traffic to one.
+Each server answers every framed request with exactly one answer cell of ``ANSWER_CELL_BYTES``
+(a cover answer to cover, to GO and ABORT, and to a PREPARE repeated while it is worked on).
+
+Framing, inside the sealed envelope (``migrate.channel``; the header's kind stays
+``REINCARNATE_REQUEST`` / ``REINCARNATE_READY``, so cover is indistinguishable on the wire)::
+
+    cover:  0x00 | zeros                    the receiver drops it (a server answers with cover)
+    framed: 0x80 | length u16 | body | zeros
+    other:  the body itself (an unframed request or answer: its phase byte is 1 to 4)
+
+A framed datagram is ``cell`` bytes, or the smallest multiple of it that holds the body (a
+PREPARE with more replay bytes than a cell holds shows its size class).
+
+Pure: time comes in as ``now``; nothing here sends.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from migrate.channel import HEADER_BYTES, MAX_MESSAGE_BYTES, TAG_BYTES
+from migrate.errors import ConfigError, MalformedMessageError
+
+DEFAULT_COVER_RATE = 20.0  # slots per second (each slot: a cell to every server)
+DEFAULT_CELL_BYTES = 1024
+MIN_CELL_BYTES = 512  # more than any answer cell: a framed request is never smaller than it
+MAX_CELL_BYTES = 8192
+MAX_COVER_RATE = 200.0
+DEFAULT_MAX_BURST = 64  # cells per server in one slot (a burst of hand-overs)
+MAX_QUEUED = 65536  # real messages waiting per server (the oldest give way: retried anyway)
+ANSWER_CELL_BYTES = 256  # every answer: the longest (4 + 200 detail bytes) framed and sealed
+ENVELOPE_BYTES = HEADER_BYTES + TAG_BYTES
+TAG_COVER = 0x00
+TAG_FRAMED = 0x80
+_FRAME = struct.Struct("!BH")
+
+T = TypeVar("T")
+
+
+def sealed_size(body_bytes: int, cell: int) -> int:
+    """The size on the wire of a framed body of ``body_bytes``: the smallest multiple of
+    ``cell`` that holds it (never past the channel's limit, where the body still fits)."""
+    needed = ENVELOPE_BYTES + _FRAME.size + body_bytes
+    rounded = -(-needed // cell) * cell
+    return min(rounded, max(needed, MAX_MESSAGE_BYTES))
+
+
+def frame(body: bytes, cell: int) -> bytes:
+    """The plaintext that seals to ``sealed_size(len(body), cell)`` bytes."""
+    if len(body) > 0xFFFF:
+        raise MalformedMessageError(f"a framed body of {len(body)} bytes is too long")
+    size = sealed_size(len(body), cell) - ENVELOPE_BYTES
+    head = _FRAME.pack(TAG_FRAMED, len(body)) + body
+    return head + bytes(size - len(head))
+
+
+def cover(cell: int) -> bytes:
+    """The plaintext of a cover datagram of exactly ``cell`` bytes on the wire."""
+    return bytes([TAG_COVER]) + bytes(cell - ENVELOPE_BYTES - 1)
+
+
+def unframe(plaintext: bytes) -> bytes | None:
+    """The body of an opened datagram; None for cover. An unframed body passes unchanged."""
+    if not plaintext:
+        raise MalformedMessageError("empty migration-port message")
+    tag = plaintext[0]
+    if tag == TAG_COVER:
+        return None
+    if tag != TAG_FRAMED:
+        return plaintext
+    if len(plaintext) < _FRAME.size:
+        raise MalformedMessageError("framed message is truncated")
+    _, length = _FRAME.unpack_from(plaintext)
+    if _FRAME.size + length > len(plaintext):
+        raise MalformedMessageError(
+            f"framed message claims {length} bytes, holds {len(plaintext) - _FRAME.size}"
+        )
+    return plaintext[_FRAME.size : _FRAME.size + length]
+
+
+def is_framed(plaintext: bytes) -> bool:
+    """Whether the sender frames (and so expects framed answers)."""
+    return bool(plaintext) and plaintext[0] in (TAG_COVER, TAG_FRAMED)
+
+
+@dataclass(frozen=True, slots=True)
+class CoverConfig:
+    """``rate`` slots per second (0: no cover, requests go at once and unframed)."""
+
+    rate: float = DEFAULT_COVER_RATE
+    cell: int = DEFAULT_CELL_BYTES
+    max_burst: int = DEFAULT_MAX_BURST
+
+    def __post_init__(self) -> None:
+        if not (self.rate == 0 or 0.1 <= self.rate <= MAX_COVER_RATE) or math.isnan(self.rate):
+            raise ConfigError(f"cover rate must be 0 (off) or 0.1 to {MAX_COVER_RATE} per second")
+        if not MIN_CELL_BYTES <= self.cell <= MAX_CELL_BYTES:
+            raise ConfigError(f"cover cell must be {MIN_CELL_BYTES} to {MAX_CELL_BYTES} bytes")
+        if not 1 <= self.max_burst <= 4096:
+            raise ConfigError("cover burst must be 1 to 4096 cells")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rate > 0
+
+    @property
+    def period(self) -> float:
+        return 1.0 / self.rate
+
+    def bytes_per_second(self, servers: int) -> float:
+        """What the client sends when idle: a cell per slot to each server (IP and UDP
+        headers not counted)."""
+        return self.rate * self.cell * servers
+
+
+class CoverSchedule(Generic[T]):
+    """Which datagrams go where at each slot. ``put`` queues a real message for a server;
+    ``take`` at or after ``next_slot`` returns the slot's datagrams, ``None`` for cover."""
+
+    def __init__(self, servers: Sequence[str], config: CoverConfig, now: float) -> None:
+        if not config.enabled:
+            raise ConfigError("a cover schedule needs a rate above 0")
+        if not servers:
+            raise ConfigError("a cover schedule needs at least one server")
+        self.config = config
+        self.servers = sorted(set(servers))
+        self.queues: dict[str, deque[T]] = {server: deque() for server in self.servers}
+        self.next_slot = now  # the first slot at once
+        self.dropped = 0
+        self.slots = 0
+        self.cells = 0
+
+    def put(self, server: str, item: T) -> None:
+        queue = self.queues.get(server)
+        if queue is None:
+            raise ConfigError(f"server {server} is not in the pool")
+        if len(queue) >= MAX_QUEUED:
+            queue.popleft()  # the oldest gives way; the protocol resends what it needs
+            self.dropped += 1
+        queue.append(item)
+
+    def queued(self) -> int:
+        return sum(len(queue) for queue in self.queues.values())
+
+    def due_in(self, now: float) -> float:
+        """Seconds until the next slot (0: take it now)."""
+        return max(0.0, min(self.next_slot - now, self.config.period))
+
+    def take(self, now: float) -> list[tuple[str, T | None]]:
+        """The slot's datagrams, server by server, or nothing before the slot is due."""
+        period = self.config.period
+        if now < self.next_slot - period:
+            # The clock stepped back: start the grid again from now.
+            self.next_slot = now
+        if now < self.next_slot:
+            return []
+        width = min(self.config.max_burst, max(1, *(len(q) for q in self.queues.values())))
+        cells: list[tuple[str, T | None]] = []
+        for _ in range(width):
+            for server in self.servers:
+                queue = self.queues[server]
+                cells.append((server, queue.popleft() if queue else None))
+        # The next grid point after now: slots missed while the caller was away (a suspended
+        # process, a clock step forward) are skipped, not sent in a burst.
+        missed = math.floor((now - self.next_slot) / period) + 1
+        self.next_slot += missed * period
+        if self.next_slot <= now:  # rounding after a long gap
+            self.next_slot = now + period
+        self.slots += 1
+        self.cells += len(cells)
+        return cells
