@@ -19,7 +19,13 @@ from dataclasses import dataclass, field, replace
 from migrate.antientropy import pad_size
 from migrate.control import Facts, Revoke, Strike, Threat, Trigger
 from migrate.endpoints import Endpoint
-from migrate.errors import ConfigError, InconsistentUpdateError, RevokedClientError, RoamError
+from migrate.errors import (
+    ConfigError,
+    InconsistentUpdateError,
+    RevokedClientError,
+    RoamError,
+    SubscriptionExpiredError,
+)
 from migrate.gating import next_departure
 from migrate.registration import ClientList, ClientRecord, Deployment, DeploymentSecret
 from migrate.schedule import Anchor, EpochSchedule, MSchedule
@@ -126,8 +132,28 @@ class ServerPool:
             return replace(client, revoked=True)
         return client
 
-    def legitimate(self) -> list[ClientRecord]:
-        return [c for c in map(self.record, self.clients.clients) if not c.revoked]
+    def expired(self, client: ClientRecord, epoch: int) -> bool:
+        """Whether ``client`` holds no key of ``epoch``: past its last granted epoch and, with a
+        lease, past the lease's ceiling (``ClientRecord.grant_for``)."""
+        return epoch > client.grant_for(epoch, self.deployment.chain_length)
+
+    def admissible(self, client_id: int, epoch: int) -> bool:
+        """Whether the client may reach the service while ``epoch`` runs: subscribed, not
+        revoked (here or by the pool), and holding the key of ``epoch``."""
+        client = self.clients.by_id(client_id)
+        if client is None:
+            return False
+        record = self.record(client)
+        return not record.revoked and not self.expired(record, epoch)
+
+    def legitimate(self, epoch: int) -> list[ClientRecord]:
+        """The clients the gates let in while ``epoch`` runs (revoked and expired ones left
+        out). The answer changes at epoch boundaries: the gate asks again at each one."""
+        return [
+            c
+            for c in map(self.record, self.clients.clients)
+            if not c.revoked and not self.expired(c, epoch)
+        ]
 
     def blocked(self, epoch: int) -> set[int]:
         """Clients this server caught over their contract, blocked from that epoch until the
@@ -281,6 +307,13 @@ class ServerPool:
         current = self.schedule.epoch_at(now).index
         return Trigger(current, next_departure(self.schedule, now), now)
 
-    def check_client_allowed(self, client: ClientRecord) -> None:
-        if self.record(client).revoked:
+    def check_client_allowed(self, client: ClientRecord, epoch: int) -> None:
+        """Raise unless ``client`` is admissible while ``epoch`` runs (see ``admissible``)."""
+        record = self.record(client)
+        if record.revoked:
             raise RevokedClientError(f"client {client.name!r} is revoked")
+        if self.expired(record, epoch):
+            held = record.grant_for(epoch, self.deployment.chain_length)
+            raise SubscriptionExpiredError(
+                f"client {client.name!r} holds keys up to epoch {held}; the service is in {epoch}"
+            )

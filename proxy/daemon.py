@@ -167,7 +167,10 @@ class ServerShim:
         )
 
     def _plan(self, gate: GateState) -> GatePlan:
-        legitimate = self.pool.legitimate()
+        # Revoked and expired clients are left out; ``gate.epoch`` changes at each boundary and
+        # the shim ticks there, so a client is dropped by every gate from the first epoch whose
+        # key it does not hold.
+        legitimate = self.pool.legitimate(gate.epoch)
         blocked_ids = self.pool.blocked(gate.epoch)
         return GatePlan(
             listen=self.options.listen,
@@ -635,7 +638,7 @@ class ServerShim:
                 service=str(self.options.service),
                 table=self.table,
                 migration=self.options.migration,
-                clients=len(self.pool.legitimate()),
+                clients=len(self.pool.legitimate(self.gate.epoch if self.gate else 1)),
             )
             self._tick()
             tasks = [

@@ -667,6 +667,9 @@ class LiveMode:
                 serves = serves and any(w.server == me for w in schedule.open_windows(now))
         except RoamError:
             serves = False
+        # Revoked or past its subscription (and lease) at the running epoch: refused, like
+        # at the gate.
+        self.shim.pool.check_client_allowed(record, max(current, 1))
         granted = record.grant_for(current, self.shim.deployment.chain_length)
         return admit(
             opened,

@@ -25,6 +25,7 @@ from migrate.errors import (
     MalformedMessageError,
     ReplayedMessageError,
     RevokedClientError,
+    SubscriptionExpiredError,
 )
 from migrate.gating import gate_at, next_switch
 from migrate.pool import PoolState, ServerPool
@@ -164,7 +165,7 @@ def test_state_survives_a_restart():
     restarted = ServerPool(DEPLOYMENT, SECRET, CLIENTS, SERVERS[0], saved)
     for index in range(current + 1, current + 30):
         assert restarted.schedule.start_of(index) == pool.schedule.start_of(index)
-    assert restarted.legitimate() == []
+    assert restarted.legitimate(current) == []
     with pytest.raises(RevokedClientError):
         restarted.update_for(ALICE, now)
 
@@ -174,6 +175,33 @@ def _epochs_where(pool, moves: bool) -> int:
     same one."""
     server = pool.schedule.server_for
     return next(e for e in range(10, 10_000) if (server(e) != server(e + 1)) == moves)
+
+
+def test_a_client_past_its_last_epoch_is_left_out_of_every_gate():
+    # Issue 12, finding 2: the gate's list filtered revoked clients only.
+    short = ClientRecord("bob", 2, ipaddress.ip_address("10.0.0.60"), 47474, bytes(32), 40)
+    leased = ClientRecord(
+        "carol", 3, ipaddress.ip_address("10.0.0.70"), 47474, bytes(32), 40, 10, 90
+    )
+    pool = ServerPool(DEPLOYMENT, SECRET, ClientList(1, (ALICE, short, leased)), SERVERS[0])
+    names = lambda epoch: [c.name for c in pool.legitimate(epoch)]  # noqa: E731
+    assert names(40) == ["alice", "bob", "carol"]
+    assert names(41) == ["alice", "carol"]  # bob holds no key of epoch 41
+    assert names(90) == ["alice", "carol"]  # carol's lease runs to its ceiling
+    assert names(91) == ["alice"]
+    assert names(5001) == []
+    assert pool.admissible(2, 40)
+    assert not pool.admissible(2, 41)
+    assert pool.admissible(3, 90)
+    assert not pool.admissible(3, 91)
+    assert not pool.admissible(99, 1)  # unknown
+    with pytest.raises(SubscriptionExpiredError, match="holds keys up to epoch 40"):
+        pool.check_client_allowed(short, 41)
+    pool.check_client_allowed(short, 40)
+    pool.apply(Revoke(1), START + 1)
+    assert not pool.admissible(1, 40)
+    with pytest.raises(RevokedClientError):
+        pool.check_client_allowed(ALICE, 40)
 
 
 def test_rate_contract_strikes_then_revokes():
