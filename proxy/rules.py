@@ -8,9 +8,19 @@ atomically whenever the gate changes:
 * closed: drop everything, silently (no RST, no ICMP), optionally copying it to an NFLOG group
   first so that pure attack traffic can be captured for intrusion detection (paper
   section I);
-* open: drop sources blocked for exceeding their rate contract in this epoch; drop traffic of
-  each contracted client beyond its rate (counted in a named counter the shim reads); accept
-  the registered client addresses (or anyone with ``allow_any_source``); drop the rest.
+* open: drop sources blocked for exceeding their rate contract in this epoch; accept the
+  addresses of the clients admissible in the running epoch (neither revoked nor past their
+  subscription; or anyone with ``allow_any_source``); drop the rest.
+
+Rate contracts are enforced in a second chain, ``contract``, hooked after connection tracking
+(prerouting, priority mangle): it counts and limits only packets of connections the client
+really holds, i.e. conntrack state ``established`` with status ``assured`` (the three-way
+handshake completed with an in-window ACK of the server's SYN-ACK, or a picked-up connection
+the server answered and the client acknowledged), and conntrack's TCP window tracking marks an
+out-of-window packet ``invalid``. A spoofed SYN, a spoofed ACK or data segment on a guessed
+tuple, or a spoofed packet on a half-open (SYN_RECV) entry is therefore never counted: an
+outsider who spoofs a client's address cannot make it look over its contract (issue 12,
+finding 4). Traffic over the rate is dropped and counted in a named counter the shim reads.
 """
 
 from __future__ import annotations
@@ -62,16 +72,27 @@ def _service_rules(plan: GatePlan) -> list[str]:
         log = f'log group {plan.nflog_group} prefix "roam-closed" ' if plan.nflog_group else ""
         return [f"{log}drop"]
     rules = [f"{family} saddr @blocked drop"]
+    rules.append("accept" if plan.allow_any_source else f"{family} saddr @allowed accept")
+    rules.append("drop")
+    return rules
+
+
+def _contract_rules(plan: GatePlan) -> list[str]:
+    """Per contracted client, after conntrack: packets of its real connections beyond its rate
+    are dropped and counted. Only ``established`` + ``assured`` packets are looked at, so
+    nothing an outsider can send with the client's address alone is ever counted."""
+    family = family_of(plan.listen)
+    rules = []
     for contract in plan.contracts:
         # nft rates are in bytes; a contract is in kbit/s. The burst is one second's worth, and
         # the kernel's bucket holds rate plus burst: about two seconds' worth pass at first.
         kbytes = max(1, contract.rate_kbit // 8)
         rules.append(
-            f"{family} saddr {contract.address} limit rate over {kbytes} kbytes/second "
-            f"burst {kbytes} kbytes counter name {contract.counter} drop"
+            f"{family} daddr {plan.listen.address} tcp dport {plan.listen.port} "
+            f"ct state established ct status assured {family} saddr {contract.address} "
+            f"limit rate over {kbytes} kbytes/second burst {kbytes} kbytes "
+            f"counter name {contract.counter} drop"
         )
-    rules.append("accept" if plan.allow_any_source else f"{family} saddr @allowed accept")
-    rules.append("drop")
     return rules
 
 
@@ -95,6 +116,17 @@ def gate_table_body(plan: GatePlan) -> str:
     counters = "".join(f"  counter {c.counter} {{ }}\n" for c in plan.contracts)
     service = "\n".join(f"    {rule}" for rule in _service_rules(plan))
     quiet = "\n".join(f"    {rule}" for rule in _outbound_rules(plan))
+    # The contract chain exists only with contracts: a ``ct`` expression turns connection
+    # tracking on in the namespace, which a deployment without contracts does not need.
+    contract = ""
+    if plan.contracts:
+        rules = "\n".join(f"    {rule}" for rule in _contract_rules(plan))
+        contract = (
+            "  chain contract {\n"
+            "    type filter hook prerouting priority mangle; policy accept;\n"
+            f"{rules}\n"
+            "  }\n"
+        )
     return f"""
   set allowed {{ type {addr_type};{_elements(plan.allowed)} }}
   set blocked {{ type {addr_type};{_elements(plan.blocked)} }}
@@ -109,7 +141,7 @@ def gate_table_body(plan: GatePlan) -> str:
     type filter hook output priority raw; policy accept;
 {quiet}
   }}
-"""
+{contract}"""
 
 
 def gate_update_script(table: str, plan: GatePlan) -> str:
