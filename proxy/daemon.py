@@ -310,7 +310,6 @@ class ServerShim:
 
     def _offence(self, contract: Contract) -> None:
         epoch = self.epoch or 0
-        first = contract.client_id not in self.pool.strikes
         verdict = self.pool.report_offence(contract.client_id, epoch)
         self.log.event(
             "contract_exceeded",
@@ -320,12 +319,13 @@ class ServerShim:
             epoch=epoch,
             verdict=verdict,
         )
-        if verdict == "strike" and first:
-            # Every server counts it: the next offence anywhere is the client's second.
-            self._broadcast(Strike(contract.client_id, epoch))
+        # The other servers learn of the strike (the next offence anywhere is the client's
+        # second) and of a revocation from this server's next control state (``_send_facts``):
+        # one message of one size to every peer every sync period, from every server alike. A
+        # Strike or Revoke sent now, by this server alone, would tell an eavesdropper that it
+        # is the active one (issue 12, finding 4).
         if verdict == "revoke":
             self._apply_control(Revoke(contract.client_id), origin="rate contract")
-            self._broadcast(Revoke(contract.client_id))
         self._tick()
 
     # -- roaming updates ---------------------------------------------------------------------
