@@ -34,6 +34,7 @@ from migrate.updates import RoamingUpdate, compose_update
 
 STATE_FORMAT = "server-roaming/server-state"
 TRIGGER_SLACK_EPOCHS = 1
+TRIGGER_MAX_DISTANCE = 60.0  # seconds between a trigger's time and the receiver's clock
 MAX_BLOCK_EPOCHS = 64  # a block lasts until the service roams, but never longer than this
 
 
@@ -206,6 +207,14 @@ class ServerPool:
             except RoamError as error:
                 raise InconsistentUpdateError(f"threat change refused: {error}") from None
         elif isinstance(message, Trigger):
+            # A trigger roams *now*: its time is the sender's clock when it was made. Finding
+            # the epoch at a time far from ours walks the schedule epoch by epoch (and leaves
+            # the cursor there), so a distant time is refused before anything is computed.
+            if abs(message.at - now) > TRIGGER_MAX_DISTANCE:
+                raise InconsistentUpdateError(
+                    f"trigger at {message.at:.3f} is {message.at - now:+.3f} s from our clock "
+                    f"(limit {TRIGGER_MAX_DISTANCE:.0f} s)"
+                )
             running = self.schedule.epoch_at(message.at).index
             if abs(running - message.leave_epoch) > TRIGGER_SLACK_EPOCHS:
                 raise InconsistentUpdateError(

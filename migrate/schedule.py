@@ -219,6 +219,12 @@ class EpochSchedule:
         epoch = self._anchor.epoch
         return _Cursor(epoch, self.chain.seek(epoch), 0)
 
+    @property
+    def cursor_epoch(self) -> int:
+        """The epoch last asked about: questions near it are cheap, far from it cost the
+        distance."""
+        return self._cursor.epoch
+
     def reanchor(self, anchor: Anchor) -> None:
         """Declare that epoch ``anchor.epoch`` starts at ``anchor.time`` in our clock."""
         self.chain.key(anchor.epoch)  # raises if not held

@@ -31,7 +31,7 @@ import struct
 from collections import deque
 from dataclasses import dataclass
 
-from migrate.channel import Freshness, Kind, Opener, Purpose, Sealer, derive_key
+from migrate.channel import Freshness, Kind, Opened, Opener, Purpose, Sealer, derive_key
 from migrate.errors import (
     InconsistentUpdateError,
     InvalidKeyExtensionError,
@@ -39,6 +39,7 @@ from migrate.errors import (
     RevokedClientError,
     RoamError,
     ScheduleError,
+    StaleMessageError,
     SubscriptionExpiredError,
 )
 from migrate.hashchain import chain_step, hash_down
@@ -47,6 +48,7 @@ from migrate.schedule import Anchor, EpochSchedule, MSchedule, check_m, epoch_un
 
 MAX_M_CHANGES = 8
 MAX_SYNC_SPAN = 4096  # |j - r|: bounds the hashing a sync can cost the client
+CORRECTION_SPAN = 256  # epochs from the last prediction within which a correction is logged
 _ITEM = struct.Struct("!BH")
 _MCHANGE = struct.Struct("!BQ")
 _SYNC = struct.Struct("!QQq")
@@ -173,6 +175,7 @@ def seal_update(sealer: Sealer, update: RoamingUpdate, now: float) -> bytes:
 
 
 OFFSET_SAMPLES = 8
+RELEARN_AFTER = 3  # authentic new updates agreeing on a stepped clock before it is adopted
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +221,8 @@ class ClientRoamingState:
         self.freshness = freshness or Freshness(max_age=5.0, max_skew=1.0)
         self.initial_freshness = Freshness(self.freshness.max_age, initial_skew)
         self.offset_samples: deque[float] = deque(maxlen=OFFSET_SAMPLES)
+        # (sender, counter, sample) of authentic new updates that were stale by the estimate.
+        self.stepped: deque[tuple[int, int, float]] = deque(maxlen=RELEARN_AFTER)
         self.opener = Opener(
             derive_key(channel_key, Purpose.UPDATE_S2C),
             update_context(deployment_id, client_id),
@@ -234,10 +239,15 @@ class ClientRoamingState:
     def receive(self, message: bytes, now: float) -> UpdateOutcome:
         """Verify and apply one sealed update received at local time ``now``."""
         estimate = self.clock_offset
+        relearn = False
         if estimate is None:
             opened = self.opener.open(message, now, self.initial_freshness)
         else:
-            opened = self.opener.open(message, now + estimate)
+            try:
+                opened = self.opener.open(message, now + estimate)
+            except StaleMessageError:
+                opened = self._after_clock_step(message, now)
+                estimate, relearn = None, True
         sample = opened.header.sent_at - now
         offset = sample if estimate is None else max(estimate, sample)
         sent_locally = opened.header.sent_at - offset
@@ -281,6 +291,9 @@ class ClientRoamingState:
 
         # Everything checked: commit.
         self.opener.accept(opened)
+        self.stepped.clear()
+        if relearn:
+            self.offset_samples.clear()
         self.offset_samples.append(sample)
         extended_to = None
         if extension is not None and extension.index > held_index:
@@ -288,7 +301,9 @@ class ClientRoamingState:
             extended_to = extension.index
         m_changed = m_schedule != self.schedule.params.m
         correction = None
-        if anchor is not None:
+        # The correction is for the log only: after a long silence the old prediction is
+        # epochs away, and walking there would cost work in proportion to the silence.
+        if anchor is not None and abs(anchor.epoch - self.schedule.cursor_epoch) <= CORRECTION_SPAN:
             try:
                 correction = anchor.time - self.schedule.start_of(anchor.epoch)
             except RoamError:
@@ -306,6 +321,35 @@ class ClientRoamingState:
             offset,
             opened.header.sent_at,
         )
+
+    def _after_clock_step(self, message: bytes, now: float) -> Opened:
+        """An update that is stale by the offset estimate: the estimate may be what is wrong.
+
+        A clock stepped on either side (NTP, an operator) moves every later sample by the
+        step, and a message judged by the old estimate is then stale for ever: the client
+        would refuse every update until restarted. So an authentic update that is new (above
+        the replay window) and fresh by the rules of a first update (``initial_skew`` around
+        our own clock) is noted; once ``RELEARN_AFTER`` distinct such updates agree on a new
+        offset, the estimate is dropped and re-learnt from this one, as at start. A replayed
+        or repeated message never counts (its counter is not new, or is already noted), and an
+        attacker who delays every update consistently gains what dropping them would give.
+        Raises ``StaleMessageError`` (or why the message is refused) otherwise.
+        """
+        estimate = self.clock_offset
+        assert estimate is not None
+        opened = self.opener.open(message, now, self.initial_freshness)
+        header = opened.header
+        sample = header.sent_at - now
+        limit = self.freshness.max_age + self.freshness.max_skew
+        if (header.sender, header.counter) not in {(s, c) for s, c, _ in self.stepped}:
+            self.stepped.append((header.sender, header.counter, sample))
+        samples = [noted for _, _, noted in self.stepped]
+        if len(samples) < RELEARN_AFTER or max(samples) - min(samples) > limit:
+            raise StaleMessageError(
+                f"update is {estimate - sample:+.3f} s off the clock offset estimate "
+                f"({len(samples)} of {RELEARN_AFTER} needed to adopt a stepped clock)"
+            )
+        return opened
 
     def _key(self, index: int, extension: KeyExtension | None) -> bytes:
         chain = self.schedule.chain
