@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.channel import HEADER_BYTES, Sealer
 from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Strike, Threat, Trigger
 from migrate.endpoints import Endpoint
@@ -79,6 +80,7 @@ class ServerOptions:
     codec: str = "http"
     checkpoint_period: float = 0.5
     migration_port: int = 47476
+    max_pending_per_client: int = MAX_PENDING_PER_CLIENT
 
 
 def default_state_path(directory: Path, index: int) -> Path:

@@ -35,17 +35,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from migrate.admission import PREPARING_PER_CLIENT, MigrationMeter
 from migrate.channel import Kind, Opened, Opener, Sealer
 from migrate.checkpoint import (
     Carrier,
     Checkpoint,
+    CheckpointKeys,
     TcpSnapshot,
     carrier_sealer,
-    checkpoint_key,
     seal_carrier,
     seal_checkpoint,
 )
-from migrate.errors import RoamError
+from migrate.errors import AuthenticationError, RevokedClientError, RoamError
 from migrate.kernel import nft, rawtcp, tcp_repair
 from migrate.kernel.udp import datagram_socket
 from migrate.registration import ClientRecord
@@ -207,7 +208,10 @@ class LiveConnection:
             return
         checkpoint = self.snapshot(now)
         sealed = seal_checkpoint(
-            checkpoint, self.live.checkpoint_key, self.live.deployment_id, os.urandom
+            checkpoint,
+            self.live.checkpoint_keys.for_epoch(checkpoint.epoch),
+            self.live.deployment_id,
+            os.urandom,
         )
         message = seal_carrier(self.sealer, Carrier.of(checkpoint, sealed), now)
         listen = self.live.listen
@@ -270,6 +274,7 @@ class Pending:
     created: float = 0.0
     task: asyncio.Task[None] | None = None
     committed: tuple[int, int, int] | None = None  # the COMMIT answered READY: its identity
+    client_id: int = 0  # the client whose PREPARE made it: only it may COMMIT, GO or ABORT
 
     def repeats(self, admitted: Admitted) -> bool:
         """Whether ``admitted`` asks for the same re-incarnation as this one (a retry)."""
@@ -303,7 +308,12 @@ class LiveMode:
         self.vport = shim.deployment.service_port
         self.deployment_id = shim.deployment.deployment_id
         self.sender = shim.deployment.servers.index(options.listen)
-        self.checkpoint_key = checkpoint_key(shim.secret.group_key)
+        self.checkpoint_keys = CheckpointKeys(shim.secret.group_key)
+        # What each client holds and may still ask of this port (issue 12, finding 3).
+        self.meter = MigrationMeter(options.max_pending_per_client)
+        # Preparations of one client running at once: never every slot, so that another
+        # client's hand-over always finds slots (acquired before ``prepare_slots``).
+        self.client_slots: dict[int, asyncio.Semaphore] = {}
         self.period = options.checkpoint_period
         self.raw = rawtcp.RawTcpSender()
         self.connections: dict[tuple[str, int], LiveConnection] = {}
@@ -482,8 +492,17 @@ class LiveMode:
                 sealer.seal(Kind.REINCARNATE_READY, answer.encode(), self.clock()), source
             )
 
+    def _reject(self, origin: str, error: RoamError) -> None:
+        self.counts["refused"] += 1
+        self.shim.log.event(
+            "reincarnation_rejected",
+            level="warning",
+            origin=origin,
+            error=type(error).__name__,
+            reason=str(error),
+        )
+
     def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
-        log = self.shim.log
         origin = f"{source[0]}:{source[1]}"
         try:
             client_id = client_id_of(data)
@@ -497,91 +516,187 @@ class LiveMode:
                 self.openers[client_id] = opener
             opened = opener.open(data, self.clock())
             request = Request.decode(opened.plaintext)
+            # Every phase is the client's own, from its address, while it may be served here.
+            self._check_sender(record, source[0], request)
         except RoamError as error:
-            self.counts["refused"] += 1
-            log.event(
-                "reincarnation_rejected",
-                level="warning",
-                origin=origin,
-                error=type(error).__name__,
-                reason=str(error),
-            )
+            self._reject(origin, error)
             return
         key = (source[0], request.client_port)
-        if request.phase is Phase.PREPARE:
-            try:
-                admitted = self._admit(opened, request, record, source[0])
-            except RoamError as error:
-                self.counts["refused"] += 1
-                log.event(
-                    "reincarnation_rejected",
-                    level="warning",
-                    origin=origin,
-                    error=type(error).__name__,
-                    reason=str(error),
-                )
-                return
-            opener.accept(opened)
-            existing = self.pending.get(key)
-            if existing is not None and existing.repeats(admitted):
-                # The client asked again: no answer yet, or it was lost, or its position moved
-                # on (a refresh just before the boundary). Keep the work going and extend it.
-                existing.reply_to = source
-                existing.until = max(existing.until, request.s2c_received)
-                running = existing.task is not None and not existing.task.done()
-                if not running and existing.answer is not None:
-                    if existing.answer.status is Status.READY and existing.until > (
-                        existing.stream.s2c_pos
-                    ):
-                        existing.answer = None
-                        existing.task = asyncio.get_running_loop().create_task(
-                            self._top_up(key, existing, record)
-                        )
-                    else:
-                        self._answer(record, existing.answer, source)
-                return
-            self._drop_pending(key)
-            self.failures.pop(key, None)
-            self.counts["admitted"] += 1
-            prepared = Pending(
-                admitted,
-                StreamState(),
-                created=self.clock(),
-                reply_to=source,
-                until=request.s2c_received,
-            )
-            self.pending[key] = prepared
-            prepared.task = asyncio.get_running_loop().create_task(
-                self._prepare(key, prepared, record)
+        pending = self.pending.get(key)
+        if pending is not None and pending.client_id != record.client_id:
+            # Bound to the client of the PREPARE: nobody else commits, starts or aborts it.
+            self._reject(
+                origin,
+                AuthenticationError(
+                    f"{request.phase.name} from client {record.client_id} for a re-incarnation "
+                    f"prepared by client {pending.client_id}"
+                ),
             )
             return
-        pending = self.pending.get(key)
+        if request.phase is Phase.PREPARE:
+            self._on_prepare(key, pending, opened, opener, request, record, source)
+            return
+        if request.phase is Phase.COMMIT:
+            self._on_commit(key, pending, opened, opener, request, record, source)
+            return
         opener.accept(opened)
         if pending is None:
-            if request.phase is not Phase.COMMIT:
-                return  # nobody waits for the answer to a GO or an ABORT
+            return  # nobody waits for the answer to a GO or an ABORT
+        if request.phase is Phase.ABORT:
+            self._drop_pending(key)
+            return
+        # GO: the client has switched; start relaying.
+        self._go(key, pending)
+
+    def _check_sender(self, record: ClientRecord, source: str, request: Request) -> None:
+        """Checks of every phase: the client is not revoked, sends from its address, and is not
+        blocked here for exceeding its rate contract."""
+        if record.revoked:
+            raise RevokedClientError(f"client {record.name!r} is revoked")
+        if source != str(record.address):
+            raise AuthenticationError(
+                f"request for client {record.name!r} came from {source}, not its address "
+                f"{record.address}"
+            )
+        if request.phase is not Phase.ABORT and record.client_id in self.shim.pool.blocked(
+            self.current_epoch()
+        ):
+            raise RoamError(
+                f"client {record.name!r} is blocked here (over its rate contract) until the "
+                "service roams"
+            )
+
+    def _on_prepare(
+        self,
+        key: tuple[str, int],
+        existing: Pending | None,
+        opened: Opened,
+        opener: Opener,
+        request: Request,
+        record: ClientRecord,
+        source: tuple[str, int],
+    ) -> None:
+        origin = f"{source[0]}:{source[1]}"
+        now = self.clock()
+        try:
+            admitted = self._admit(opened, request, record, source[0])
+            checkpoint = admitted.checkpoint
+            if existing is not None and existing.repeats(admitted):
+                self.meter.extend(
+                    record.client_id,
+                    replay_bytes=0,
+                    regenerate_bytes=max(0, request.s2c_received - existing.until),
+                    now=now,
+                )
+            else:
+                held = existing.admitted.checkpoint if existing is not None else None
+                if (
+                    held is not None
+                    and held.conn_id == checkpoint.conn_id
+                    and checkpoint.counter < held.counter
+                ):
+                    raise RoamError(
+                        f"checkpoint {checkpoint.counter} is older than the one being prepared "
+                        f"({held.counter})"
+                    )
+                self.meter.admit(
+                    record.client_id,
+                    key,
+                    replay_bytes=len(request.replay),
+                    # Up to the client's claim, and at least to the checkpoint's position.
+                    regenerate_bytes=max(request.s2c_received, checkpoint.s2c_pos)
+                    - checkpoint.s2c_fresh,
+                    rate_kbit=record.rate_kbit,
+                    now=now,
+                )
+        except RoamError as error:
+            self._reject(origin, error)
+            return
+        opener.accept(opened)
+        if existing is not None and existing.repeats(admitted):
+            # The client asked again: no answer yet, or it was lost, or its position moved
+            # on (a refresh just before the boundary). Keep the work going and extend it.
+            existing.reply_to = source
+            existing.until = max(existing.until, request.s2c_received)
+            running = existing.task is not None and not existing.task.done()
+            if not running and existing.answer is not None:
+                if existing.answer.status is Status.READY and existing.until > (
+                    existing.stream.s2c_pos
+                ):
+                    existing.answer = None
+                    existing.task = asyncio.get_running_loop().create_task(
+                        self._top_up(key, existing, record)
+                    )
+                else:
+                    self._answer(record, existing.answer, source)
+            return
+        self._drop_pending(key, keep_accounted=True)
+        self.failures.pop(key, None)
+        self.counts["admitted"] += 1
+        prepared = Pending(
+            admitted,
+            StreamState(),
+            created=now,
+            reply_to=source,
+            until=request.s2c_received,
+            client_id=record.client_id,
+        )
+        self.pending[key] = prepared
+        prepared.task = asyncio.get_running_loop().create_task(self._prepare(key, prepared, record))
+
+    def _on_commit(
+        self,
+        key: tuple[str, int],
+        pending: Pending | None,
+        opened: Opened,
+        opener: Opener,
+        request: Request,
+        record: ClientRecord,
+        source: tuple[str, int],
+    ) -> None:
+        origin = f"{source[0]}:{source[1]}"
+        try:
+            # The COMMIT's checkpoint, epoch and window are checked like a PREPARE's, and the
+            # gate must be open: a connection created behind a closed gate would never leave.
+            admitted = self._admit(opened, request, record, source[0])
+            if not self.shim.gate_open:
+                raise RoamError("this server's gate is closed: no connection is created here")
+            if pending is not None:
+                if admitted.checkpoint.conn_id != pending.admitted.checkpoint.conn_id:
+                    raise AuthenticationError(
+                        "the COMMIT's checkpoint is of another connection than its PREPARE's"
+                    )
+                if pending.sock is None and not pending.committing:
+                    self.meter.extend(
+                        record.client_id,
+                        replay_bytes=len(request.replay),
+                        regenerate_bytes=max(0, request.s2c_received - pending.until),
+                        now=self.clock(),
+                    )
+        except RoamError as error:
+            self._reject(origin, error)
+            if pending is not None and not pending.committing and pending.sock is None:
+                self._answer(
+                    record, Answer(Phase.COMMIT, key[1], Status.REFUSED, str(error)), source
+                )
+            return
+        opener.accept(opened)
+        if pending is None:
             live = self.connections.get(key)
             if live is not None and live.committed == commit_identity(request):
                 # A repeated COMMIT whose first answer was lost, arriving after the connection
                 # went live here (the GO, or GO_TIMEOUT_S): it is done; say so again, or the
                 # client would reset a connection that has moved.
                 self.counts["repeated"] += 1
-                log.event("commit_repeated", client=f"{key[0]}:{key[1]}", epoch=request.epoch)
+                self.shim.log.event(
+                    "commit_repeated", client=f"{key[0]}:{key[1]}", epoch=request.epoch
+                )
                 self._answer(record, Answer(Phase.COMMIT, key[1], Status.READY, ""), source)
                 return
             status, detail = self.failures.get(key, (Status.FAILED, "no prepared re-incarnation"))
             self._answer(record, Answer(request.phase, request.client_port, status, detail), source)
             return
-        if request.phase is Phase.ABORT:
-            self._drop_pending(key)
-            return
-        if request.phase is Phase.COMMIT:
-            asyncio.get_running_loop().create_task(
-                self._commit(key, pending, request, record, source)
-            )
-            return
-        # GO: the client has switched; start relaying.
-        self._go(key, pending)
+        asyncio.get_running_loop().create_task(self._commit(key, pending, request, record, source))
 
     def _admit(
         self, opened: Opened, request: Request, record: ClientRecord, source: str
@@ -608,8 +723,9 @@ class LiveMode:
             serves = serves and now < schedule.window(request.epoch).closes
             if request.phase is Phase.COMMIT:
                 serves = serves and any(w.server == me for w in schedule.open_windows(now))
+            length = schedule.epoch(request.epoch).length
         except RoamError:
-            serves = False
+            serves, length = False, 0.0
         granted = record.grant_for(current, self.shim.deployment.chain_length)
         return admit(
             opened,
@@ -618,19 +734,26 @@ class LiveMode:
             source,
             granted,
             serves,
-            self.checkpoint_key,
+            self.checkpoint_keys.candidates(request.epoch),
             self.deployment_id,
+            now=now,
+            epoch_length=length,
         )
 
-    def _drop_pending(self, key: tuple[str, int], only: Pending | None = None) -> None:
+    def _drop_pending(
+        self, key: tuple[str, int], only: Pending | None = None, *, keep_accounted: bool = False
+    ) -> None:
         """Forget the re-incarnation under ``key`` and free what it holds (silently: its
         socket, if any, never spoke). With ``only``, free that one, and unlist it only if it
-        is still the one under ``key`` (a retry may have replaced it)."""
+        is still the one under ``key`` (a retry may have replaced it). ``keep_accounted``: a
+        new preparation of the same client takes its place in the meter."""
         pending = only if only is not None else self.pending.get(key)
         if pending is None:
             return
         if self.pending.get(key) is pending:
             del self.pending[key]
+            if not keep_accounted:
+                self.meter.release(key)
         current = asyncio.current_task()
         if pending.task is not None and not pending.task.done() and pending.task is not current:
             pending.task.cancel()
@@ -717,8 +840,13 @@ class LiveMode:
         checkpoint, request = admitted.checkpoint, admitted.request
         loop = asyncio.get_running_loop()
         status, detail = Status.READY, ""
+        mine = self.client_slots.get(pending.client_id)
+        if mine is None:
+            mine = self.client_slots[pending.client_id] = asyncio.Semaphore(PREPARING_PER_CLIENT)
+        held_from: float | None = None
         try:
-            async with asyncio.timeout(PREPARE_TIMEOUT_S), self.prepare_slots:
+            async with asyncio.timeout(PREPARE_TIMEOUT_S), mine, self.prepare_slots:
+                held_from = self.clock()
                 pending.service = await self._connect_service(key[0])
                 pending.stream = StreamState(
                     checkpoint.codec,
@@ -730,6 +858,9 @@ class LiveMode:
                 await self._catch_up(pending)
         except Exception as error:
             status, detail = self._failure(error)
+        finally:
+            if held_from is not None:
+                self.meter.used_service(pending.client_id, self.clock() - held_from, self.clock())
         if status is not Status.READY:
             self._fail_pending(key, pending, status, detail)
         else:
@@ -890,7 +1021,13 @@ class LiveMode:
             return
         if pending.connection is not None:
             return
+        if not self.shim.gate_open:
+            # Behind a closed gate the connection would never be left (see ``leave``).
+            self.shim.log.event("reincarnation_refused_closed_gate", client=f"{key[0]}:{key[1]}")
+            self._drop_pending(key)
+            return
         del self.pending[key]
+        self.meter.release(key)
         checkpoint = pending.admitted.checkpoint
         facts = AcceptFacts(
             checkpoint.tcp.server_isn,
@@ -1002,6 +1139,12 @@ class LiveMode:
         return {
             "live_connections": len(self.connections),
             "pending": len(self.pending),
+            # Per client id: what the meter holds (issue 12, finding 3).
+            "pending_by_client": {
+                str(client): self.meter.pending_of(client)
+                for client in sorted(self.meter.clients)
+                if self.meter.pending_of(client)
+            },
             "checkpoints_sent": self.checkpoints_sent,
             **self.counts,
         }
