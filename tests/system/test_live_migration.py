@@ -530,7 +530,10 @@ def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> 
                 s2c_hash=hashlib.sha256(b"").digest(),
             )
             sealed = seal_checkpoint(
-                checkpoint, checkpoint_key(secret.group_key), secret.deployment_id, os.urandom
+                checkpoint,
+                checkpoint_key(secret.group_key, epoch_index),
+                secret.deployment_id,
+                os.urandom,
             )
             body = Request(Phase.PREPARE, epoch_index, port, 80, 0, 0, 0, sealed, b"").encode()
             sealer = request_sealer(bundle.channel_key, bundle.deployment_id, bundle.client_id)
