@@ -63,6 +63,14 @@ while time.monotonic() < deadline:
     time.sleep(0.1)
 """
 
+SPOOF_PORT = 31994  # below the ephemeral range: the spoofed datagrams' source port
+SEND_RAW = r"""
+import json, socket, sys
+sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+for packet in (bytes.fromhex(p) for p in json.load(open(sys.argv[1]))):
+    sock.sendto(packet, (socket.inet_ntoa(packet[16:20]), 0))
+"""
+
 SEND_UDP = r"""
 import json, socket, sys
 items = json.load(open(sys.argv[1]))
@@ -119,11 +127,19 @@ def captured_prepares(path: Path, roaming: RoamingLab) -> dict[int, Any]:
     return found
 
 
+def live_ports(roaming: RoamingLab, host: str) -> list[int]:
+    listing = roaming.lab[host].run(["ss", "-Htn", "dst", str(roaming.vip)], check=True).stdout
+    return sorted({int(line.split()[3].rsplit(":", 1)[1]) for line in listing.splitlines()})
+
+
 def burst(roaming: RoamingLab, sealer: Any, prepares: dict[int, Any], jump: bool) -> int:
     """One burst from c2 to the servers of the epochs starting within the next 4.5 s (or
     running): every PREPARE, each again with a huge claim, and a GO per connection (the first
-    burst's GOs jump the counter by 2^33). Returns how many datagrams were sent."""
+    burst's GOs jump the counter by 2^33); and, spoofing c1's address, an ABORT and a GO (c2's,
+    authentic) for each of c1's live connections. Returns how many datagrams were sent."""
     from dataclasses import replace
+
+    from scapy.all import IP, UDP, Raw
 
     from migrate.channel import Kind
     from migrate.reincarnation import Phase, Request
@@ -132,7 +148,8 @@ def burst(roaming: RoamingLab, sealer: Any, prepares: dict[int, Any], jump: bool
     epochs = [
         e for e in roaming.schedule(1, 200) if e["start"] - 4.5 <= now < e["start"] + e["length"]
     ]
-    items = []
+    items, spoofed = [], []
+    c1, victims = address(roaming, "c1"), live_ports(roaming, "c1")
     for epoch in epochs:
         target = address(roaming, roaming.host_of(epoch["server"]))
         for port, request in prepares.items():
@@ -147,13 +164,22 @@ def burst(roaming: RoamingLab, sealer: Any, prepares: dict[int, Any], jump: bool
                 jump = False
             sealed = sealer.seal(Kind.REINCARNATE_REQUEST, go.encode(), time.time())
             items.append((target, MIGRATION_PORT, sealed.hex()))
+        for port in victims:
+            for phase in (Phase.ABORT, Phase.GO):
+                plain = Request(phase, epoch["epoch"], port, 80, 0, 0, 0, b"", b"").encode()
+                sealed = sealer.seal(Kind.REINCARNATE_REQUEST, plain, time.time())
+                packet = IP(src=c1, dst=target) / UDP(sport=SPOOF_PORT, dport=MIGRATION_PORT)
+                spoofed.append(bytes(packet / Raw(sealed)).hex())
     path = roaming.workdir / f"burst-{time.monotonic_ns()}.json"
     path.write_text(json.dumps(items))
     result = roaming.lab["c2"].run(
         [sys.executable, "-c", SEND_UDP, str(path), address(roaming, "c2")], timeout=30
     )
     assert result.returncode == 0, result.stderr[-800:]
-    return len(items)
+    path.write_text(json.dumps(spoofed))
+    result = roaming.lab["c2"].run([sys.executable, "-c", SEND_RAW, str(path)], timeout=30)
+    assert result.returncode == 0, result.stderr[-800:]
+    return len(items) + len(spoofed)
 
 
 def test_an_insider_flooding_the_migration_port_delays_no_other_clients_hand_over() -> None:
@@ -233,6 +259,17 @@ def test_an_insider_flooding_the_migration_port_delays_no_other_clients_hand_ove
         assert capped, sorted({e["reason"][:80] for e in rejected})
         assert all(f"holds {CAP} pending preparations (the cap is {CAP})" in r for r in capped)
         assert greedy, sorted({e["reason"][:80] for e in rejected})
+        # c2's ABORTs and GOs for c1's connections, from c1's address, reached the servers
+        # and were refused: a later message is bound to its sender's address and PREPARE.
+        c1 = address(roaming, "c1")
+        impostor = [
+            e
+            for shim in roaming.servers.values()
+            for e in shim.events()
+            if e["event"] == "reincarnation_rejected" and e.get("origin") == f"{c1}:{SPOOF_PORT}"
+        ]
+        assert impostor, "no spoofed ABORT or GO reached a server"
+        assert all("not its address" in e["reason"] for e in impostor), impostor[:3]
         for shim in roaming.servers.values():
             status = json.loads(shim.status_path.read_text())
             held = status["live"]["pending_by_client"].get(str(bundle.client_id), 0)
@@ -248,6 +285,7 @@ def test_an_insider_flooding_the_migration_port_delays_no_other_clients_hand_ove
             f"\ninsider flood: {sent} authentic datagrams from c2 in {BURSTS} bursts "
             f"({len(prepares)} connections' PREPAREs, each also with a claim of {HUGE_CLAIM} "
             f"bytes, GOs with a 2^33 counter jump); {len(capped)} PREPAREs refused at the cap of "
-            f"{CAP}, {len(greedy)} over the regeneration budget, {len(rejected)} refused in all; "
+            f"{CAP}, {len(greedy)} over the regeneration budget, {len(rejected)} refused in all, "
+            f"{len(impostor)} ABORTs/GOs spoofing c1 refused; "
             f"c1: {len(moved)} hand-overs migrated, pauses {pauses} ms, 8 MiB intact"
         )
