@@ -558,8 +558,11 @@ class LiveMode:
                 f"request for client {record.name!r} came from {source}, not its address "
                 f"{record.address}"
             )
-        if request.phase is not Phase.ABORT and record.client_id in self.shim.pool.blocked(
-            self.current_epoch()
+        pool = self.shim.pool
+        if (
+            request.phase is not Phase.ABORT
+            and record.client_id in pool.blocks  # cheap first: blocks are rare
+            and record.client_id in pool.blocked(self.current_epoch())
         ):
             raise RoamError(
                 f"client {record.name!r} is blocked here (over its rate contract) until the "
