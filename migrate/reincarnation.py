@@ -72,6 +72,12 @@ from migrate.registration import ClientRecord
 MAX_CHECKPOINT_AGE_EPOCHS = 2
 CHECKPOINT_AGE_FLOOR_S = 10.0  # with very short epochs, still this long
 CHECKPOINT_CLOCK_SKEW_S = 2.0  # servers' clocks may differ this much (a checkpoint "from later")
+# When requests for an epoch are taken: from PREPARE_AHEAD_S before its start (the client
+# prepares shortly before the boundary) to LATE_REQUEST_S after it (the client's 4 s budget,
+# its 3 s of overtime for late answers and the COMMIT: client_shim.migrator), and at no other
+# time of the epoch, however long it is.
+PREPARE_AHEAD_S = 5.0
+LATE_REQUEST_S = 10.0
 MAX_REPLAY_BYTES = 60_000  # one UDP datagram; larger logs make a connection unmigratable
 MAX_DETAIL_BYTES = 200
 _REQUEST = struct.Struct("!BQHHQQQ")
@@ -318,3 +324,8 @@ def check_checkpoint_age(
             f"checkpoint taken {age:.1f} s ago has expired (at most {limit:.1f} s, "
             f"{MAX_CHECKPOINT_AGE_EPOCHS} epochs of {epoch_length:.1f} s)"
         )
+
+
+def in_request_window(epoch_start: float, now: float) -> bool:
+    """Whether a request for the epoch starting at ``epoch_start`` is taken at ``now``."""
+    return -LATE_REQUEST_S <= epoch_start - now <= PREPARE_AHEAD_S

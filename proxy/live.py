@@ -51,6 +51,8 @@ from migrate.kernel import nft, rawtcp, tcp_repair
 from migrate.kernel.udp import datagram_socket
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
+    LATE_REQUEST_S,
+    PREPARE_AHEAD_S,
     Admitted,
     Answer,
     Phase,
@@ -59,6 +61,7 @@ from migrate.reincarnation import (
     admit,
     answer_sealer,
     client_id_of,
+    in_request_window,
     request_opener,
 )
 from migrate.streamstate import StreamState
@@ -76,17 +79,14 @@ LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leav
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
-# Epochs a request may be from the current one (far more than MAX_PREPARE_AHEAD_S and
-# COMMIT_GRACE_S span with any sane epoch length; bounds the schedule walk a request costs).
+# Epochs a request may be from the current one (far more than PREPARE_AHEAD_S and
+# LATE_REQUEST_S span with any sane epoch length; bounds the schedule walk a request costs).
 MAX_EPOCH_DISTANCE = 256
-MAX_PREPARE_AHEAD_S = 5.0  # how long before its epoch a re-incarnation may be prepared
-COMMIT_GRACE_S = 6.0  # and how long after its start (client_shim.migrator.HANDOFF_BUDGET_S)
 REGENERATE_BUFFER_BYTES = 256 * 1024
 SERVICE_IDLE_S = 5.0  # a replayed service silent this long will not produce what is missing
 PREPARE_CONCURRENCY = 8
-PENDING_TTL_S = (
-    MAX_PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
-)  # how long before its epoch a re-incarnation may be prepared
+# How long a prepared re-incarnation waits for its COMMIT and GO before it is forgotten.
+PENDING_TTL_S = PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
 MIGRATION_PORT = 47476
 MAX_FAILURES_KEPT = 4096  # failed preparations remembered for their COMMIT (bounded memory)
 # A re-incarnated connection counts its checkpoints on from the presented one plus this much,
@@ -709,17 +709,20 @@ class LiveMode:
         current = self.current_epoch()
         try:
             # From a little before the epoch (prepare) to a little after its start (the
-            # commit of a hand-over that started late), or while it runs.
+            # commit of a hand-over that started late), and at no other time of the epoch.
             me = self.shim.options.listen
             if abs(request.epoch - current) > MAX_EPOCH_DISTANCE:
                 # Far from now: refused before the schedule is walked that far (a walk of
                 # thousands of epochs would stall every connection of this server).
                 raise RoamError(f"epoch {request.epoch} is too far from the current {current}")
-            ahead = schedule.start_of(request.epoch) - now
-            running = schedule.epoch_at(now).index == request.epoch
-            serves = schedule.server_for(request.epoch) == me and (
-                running or -COMMIT_GRACE_S <= ahead <= MAX_PREPARE_AHEAD_S
-            )
+            start = schedule.start_of(request.epoch)
+            serves = schedule.server_for(request.epoch) == me
+            if serves and not in_request_window(start, now):
+                raise RoamError(
+                    f"epoch {request.epoch} starts {start - now:+.1f} s from now: requests "
+                    f"for it are taken from {PREPARE_AHEAD_S:.0f} s before its start to "
+                    f"{LATE_REQUEST_S:.0f} s after"
+                )
             # Never for an epoch whose window has closed, and a connection is created (COMMIT)
             # only while this server's gate is open: one created behind a closed gate would
             # never be left, and would stand in the way when the service comes back here.

@@ -394,3 +394,18 @@ def test_the_checkpoint_key_rotates_per_epoch_range_with_overlap():
     for epoch in range(0, 100 * span, span):
         keys.candidates(epoch)
     assert len(keys._keys) <= CheckpointKeys.KEPT
+
+
+def test_requests_for_an_epoch_are_taken_only_around_its_start():
+    from migrate.reincarnation import LATE_REQUEST_S, PREPARE_AHEAD_S, in_request_window
+
+    start = 1_000_000.0
+    assert in_request_window(start, start - PREPARE_AHEAD_S)
+    assert in_request_window(start, start)
+    assert in_request_window(start, start + LATE_REQUEST_S)
+    assert not in_request_window(start, start - PREPARE_AHEAD_S - 0.1)
+    assert not in_request_window(start, start + LATE_REQUEST_S + 0.1)
+    # At no other time of a long epoch (an hour, a week), nor long before it.
+    for later in (60.0, 3600.0, 7 * 86400.0):
+        assert not in_request_window(start, start + later)
+        assert not in_request_window(start, start - later)
