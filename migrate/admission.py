@@ -30,14 +30,19 @@ from dataclasses import dataclass, field
 
 from migrate.errors import RemoteError
 
-MAX_PENDING_PER_CLIENT = 256  # a client with more live connections has the excess reset
-PREPARING_PER_CLIENT = 4  # of the server's 8 slots (proxy.live.PREPARE_CONCURRENCY)
+# A client with more live connections has the excess reset at each roam. The default fits a
+# client moving a thousand connections in one roam (tests/system/test_load.py); an operator
+# whose clients hold few connections lowers it (roam server --max-pending-per-client).
+MAX_PENDING_PER_CLIENT = 1024
+# Of the server's 8 slots (proxy.live.PREPARE_CONCURRENCY): a lone client still prepares
+# almost at full speed, and 2 slots are always left to the other clients.
+PREPARING_PER_CLIENT = 6
 REPLAY_BURST_BYTES = 16 * 1024 * 1024
 REPLAY_RATE = 2 * 1024 * 1024  # bytes/s, for a client without a rate contract
 REGENERATE_BURST_BYTES = 1024 * 1024 * 1024  # a hand-over of a 1 GiB response from its start
 REGENERATE_RATE = 64 * 1024 * 1024  # bytes/s
-SERVICE_BURST_S = 120.0  # slot-seconds
-SERVICE_RATE = 1.0  # slot-seconds per second: on average one slot per client
+SERVICE_BURST_S = 600.0  # slot-seconds: a thousand preparations of 0.6 s in one roam
+SERVICE_RATE = 4.0  # slot-seconds per second: on average 4 of a client's 6 slots
 
 
 class OverBudgetError(RemoteError):
