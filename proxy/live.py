@@ -662,7 +662,7 @@ class LiveMode:
             # The COMMIT's checkpoint, epoch and window are checked like a PREPARE's, and the
             # gate must be open: a connection created behind a closed gate would never leave.
             admitted = self._admit(opened, request, record, source[0])
-            if not self.shim.gate_open:
+            if self._behind_closed_gate(request.epoch):
                 raise RoamError("this server's gate is closed: no connection is created here")
             if pending is not None:
                 if admitted.checkpoint.conn_id != pending.admitted.checkpoint.conn_id:
@@ -727,8 +727,6 @@ class LiveMode:
             # only while this server's gate is open: one created behind a closed gate would
             # never be left, and would stand in the way when the service comes back here.
             serves = serves and now < schedule.window(request.epoch).closes
-            if request.phase is Phase.COMMIT:
-                serves = serves and any(w.server == me for w in schedule.open_windows(now))
             length = schedule.epoch(request.epoch).length
         except RoamError:
             serves, length = False, 0.0
@@ -745,6 +743,18 @@ class LiveMode:
             now=now,
             epoch_length=length,
         )
+
+    def _behind_closed_gate(self, epoch: int) -> bool:
+        """Whether a connection for ``epoch`` would be created behind a closed gate: the
+        epoch's window has closed, or it has opened and the gate is closed all the same (a
+        reactive roam). Just before the window opens (a client's clock a little ahead) the
+        gate is still closed but is about to open: that is not behind it."""
+        try:
+            window = self.shim.pool.schedule.window(epoch)
+        except RoamError:
+            return True
+        now = self.clock()
+        return now >= window.closes or (window.opens <= now and not self.shim.gate_open)
 
     def _drop_pending(
         self, key: tuple[str, int], only: Pending | None = None, *, keep_accounted: bool = False
@@ -1027,7 +1037,7 @@ class LiveMode:
             return
         if pending.connection is not None:
             return
-        if not self.shim.gate_open:
+        if self._behind_closed_gate(pending.admitted.request.epoch):
             # Behind a closed gate the connection would never be left (see ``leave``).
             self.shim.log.event("reincarnation_refused_closed_gate", client=f"{key[0]}:{key[1]}")
             self._drop_pending(key)
