@@ -89,10 +89,6 @@ def _root() -> None:
         pytest.skip("needs root (network namespaces)")
 
 
-def migrated(roaming: RoamingLab, host: str) -> list[dict[str, Any]]:
-    return [h for h in handoffs(roaming, host) if h["outcome"] == "migrated"]
-
-
 def address(roaming: RoamingLab, host: str) -> str:
     return str(roaming.lab[host].address)
 
