@@ -254,7 +254,14 @@ def test_an_insider_flooding_the_migration_port_delays_no_other_clients_hand_ove
                     time.sleep(0.5)
                 _, stderr = download.communicate(timeout=120)
         # c1's download is intact, and every one of its hand-overs during the flood migrated.
-        assert download.returncode == 0, (stderr, handoffs(roaming, "c1")[-6:])
+        c1_events = [
+            (shim.host, e["event"], e.get("reason", e.get("seconds", "")))
+            for shim in roaming.servers.values()
+            for e in shim.events()
+            if str(address(roaming, "c1")) in str(e.get("origin", e.get("client", "")))
+            and e["event"] in ("reincarnation_rejected", "reincarnation_failed", "prepared")
+        ]
+        assert download.returncode == 0, (stderr, handoffs(roaming, "c1")[-6:], c1_events[-12:])
         assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
         moved = [h for h in handoffs(roaming, "c1") if h["ts"] >= began]
         # At least one hand-over fell in the flood (about five are expected: epochs of 1 to
