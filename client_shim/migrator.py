@@ -64,7 +64,7 @@ REFRESH_LEAD = 0.1
 PREPARE_OVERTIME_S = 3.0  # at most this much longer while PREPARE answers keep coming
 LATE_PREPARE_WAIT_S = 2.0
 # A hand-over stops waiting for PREPARE answers this long after its epoch began, leaving time
-# to COMMIT within the servers' grace (proxy.live.COMMIT_GRACE_S, 6 s).
+# to COMMIT within the servers' window (migrate.reincarnation.LATE_REQUEST_S, 10 s).
 HANDOFF_BUDGET_S = 4.0
 COMMIT_RETRY_S = 0.5  # the last position report goes out this long before the boundary
 CARRIER_GRACE_S = 0.3

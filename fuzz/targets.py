@@ -296,7 +296,16 @@ def _admit_message(opener: Opener, message: bytes) -> None:
         opened = opener.open(message, NOW)
         request = Request.decode(opened.plaintext)
         return admit(
-            opened, request, ALICE, "10.0.0.50", 1000, True, _CHECKPOINT_KEY, DEPLOYMENT_ID
+            opened,
+            request,
+            ALICE,
+            "10.0.0.50",
+            1000,
+            True,
+            _CHECKPOINT_KEY,
+            DEPLOYMENT_ID,
+            now=NOW,
+            epoch_length=3.0,
         )
 
     # Refusals are typed: outside input (RemoteError) or the client's expired keys.

@@ -20,7 +20,14 @@ stores it and hands it to the next server. A checkpoint holds:
   counter per connection and the time it was taken.
 
 It is sealed (ChaCha20-Poly1305) under a key derived from the group key, which only the
-server pool holds: the client can store a checkpoint but can neither read nor forge it.
+server pool holds: the client can store a checkpoint but can neither read nor forge it. The
+key rotates with the epoch the checkpoint was taken in: one key per range of
+``CHECKPOINT_KEY_EPOCHS`` epochs (``checkpoint_key(group_key, epoch)``), so that no key seals
+more than one range's checkpoints (random 96-bit nonces stay far from their birthday bound,
+and a key that leaked opens one range only). A server opens a checkpoint with the key of the
+requested epoch's range and, for the overlap at a range's start, of the range before
+(``CheckpointKeys.candidates``); anything older has expired anyway
+(``migrate.reincarnation.MAX_CHECKPOINT_AGE_EPOCHS``).
 
 A *carrier* wraps a sealed checkpoint for the trip to the client on the connection's own
 5-tuple (``migrate.kernel.rawtcp``). It is sealed again, on the client's secure channel, with
@@ -47,6 +54,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidTag
@@ -225,8 +233,44 @@ class Checkpoint:
         )
 
 
-def checkpoint_key(group_key: bytes) -> bytes:
-    return derive_key(group_key, Purpose.CHECKPOINT)
+CHECKPOINT_KEY_EPOCHS = 64  # epochs sealed under one checkpoint key
+
+
+def key_range(epoch: int) -> int:
+    return max(0, epoch) // CHECKPOINT_KEY_EPOCHS
+
+
+def checkpoint_key(group_key: bytes, epoch: int) -> bytes:
+    """The key sealing checkpoints taken in ``epoch`` (one per range of epochs)."""
+    return derive_key(group_key, Purpose.CHECKPOINT, b"range" + key_range(epoch).to_bytes(8, "big"))
+
+
+class CheckpointKeys:
+    """The pool's checkpoint keys, derived on demand and a few kept (bounded memory)."""
+
+    KEPT = 4
+
+    def __init__(self, group_key: bytes) -> None:
+        self._group_key = group_key
+        self._keys: dict[int, bytes] = {}
+
+    def _key(self, index: int) -> bytes:
+        key = self._keys.get(index)
+        if key is None:
+            key = checkpoint_key(self._group_key, index * CHECKPOINT_KEY_EPOCHS)
+            self._keys[index] = key
+            while len(self._keys) > self.KEPT:
+                del self._keys[next(iter(self._keys))]
+        return key
+
+    def for_epoch(self, epoch: int) -> bytes:
+        return self._key(key_range(epoch))
+
+    def candidates(self, epoch: int) -> tuple[bytes, ...]:
+        """Keys a checkpoint presented for ``epoch`` may be sealed with: its range's and, for
+        the overlap, the previous range's."""
+        index = key_range(epoch)
+        return (self._key(index),) if index == 0 else (self._key(index), self._key(index - 1))
 
 
 def _aad(deployment_id: bytes) -> bytes:
@@ -241,20 +285,25 @@ def seal_checkpoint(
     return bytes([CHECKPOINT_VERSION]) + nonce + sealed
 
 
-def open_checkpoint(data: bytes, key: bytes, deployment_id: bytes) -> Checkpoint:
+def open_checkpoint(data: bytes, key: bytes | Sequence[bytes], deployment_id: bytes) -> Checkpoint:
+    """Open with ``key``, or with the first of several keys that fits (a rotation's overlap)."""
+    keys = (key,) if isinstance(key, bytes) else tuple(key)
     if len(data) != SEALED_BYTES:
         raise MalformedMessageError(
             f"sealed checkpoint has {len(data)} bytes, expected {SEALED_BYTES}"
         )
     if data[0] != CHECKPOINT_VERSION:
         raise MalformedMessageError(f"unsupported checkpoint version {data[0]}")
-    try:
-        body = ChaCha20Poly1305(key).decrypt(data[1:13], data[13:], _aad(deployment_id))
-    except InvalidTag:
-        raise AuthenticationError(
-            "checkpoint failed authentication (forged, tampered, or another pool's)"
-        ) from None
-    return Checkpoint.decode_body(body)
+    for candidate in keys:
+        try:
+            body = ChaCha20Poly1305(candidate).decrypt(data[1:13], data[13:], _aad(deployment_id))
+        except InvalidTag:
+            continue
+        return Checkpoint.decode_body(body)
+    raise AuthenticationError(
+        "checkpoint failed authentication (forged, tampered, another pool's, or sealed under "
+        "a key that has rotated out)"
+    )
 
 
 # --- carriers -----------------------------------------------------------------------------

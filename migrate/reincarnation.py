@@ -32,15 +32,26 @@ Checks at the server (``admit``), each failure a typed error and nothing created
 (the client's key, so the request is the client's), the UDP source is the client's registered
 address, the client is not revoked and holds keys for the epoch, this server is that epoch's
 server, the checkpoint is the pool's and belongs to this client address and port, is not
-marked unmigratable, and the replay bytes hash to the checkpoint's commitment. A server
-answers only a request that passed these checks, with a message smaller than the request, so
-it can never be used to amplify traffic (QUIC's rule is 3x before validation).
+marked unmigratable, is not expired (taken at most ``MAX_CHECKPOINT_AGE_EPOCHS`` epoch lengths
+ago, never less than ``CHECKPOINT_AGE_FLOOR_S``, and not in a later epoch than the requested
+one: a live connection gets a checkpoint every half second, so only a hoarded one is that
+old), and the replay bytes hash to the checkpoint's commitment. A server answers only a
+request that passed these checks, with a message smaller than the request, so it can never be
+used to amplify traffic (QUIC's rule is 3x before validation).
+
+Beyond these per-message checks, the server meters each client (``migrate.admission``):
+pending preparations, preparations running at once, replay and regeneration bytes and service
+time are bounded per client. COMMIT, GO and ABORT are bound to the client whose PREPARE made
+the pending re-incarnation, come from its address, and are refused to a revoked client; a
+PREPARE, COMMIT or GO is refused to a client blocked for its rate contract, and a COMMIT (or
+GO) behind a closed gate creates nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -51,10 +62,22 @@ from migrate.errors import (
     InconsistentUpdateError,
     MalformedMessageError,
     RevokedClientError,
+    StaleMessageError,
     SubscriptionExpiredError,
 )
 from migrate.registration import ClientRecord
 
+# A checkpoint older than this many epoch lengths is refused:
+# a hoarded checkpoint would let a client make any server replay and regenerate at will.
+MAX_CHECKPOINT_AGE_EPOCHS = 2
+CHECKPOINT_AGE_FLOOR_S = 10.0  # with very short epochs, still this long
+CHECKPOINT_CLOCK_SKEW_S = 2.0  # servers' clocks may differ this much (a checkpoint "from later")
+# When requests for an epoch are taken: from PREPARE_AHEAD_S before its start (the client
+# prepares shortly before the boundary) to LATE_REQUEST_S after it (the client's 4 s budget,
+# its 3 s of overtime for late answers and the COMMIT: client_shim.migrator), and at no other
+# time of the epoch, however long it is.
+PREPARE_AHEAD_S = 5.0
+LATE_REQUEST_S = 10.0
 MAX_REPLAY_BYTES = 60_000  # one UDP datagram; larger logs make a connection unmigratable
 MAX_DETAIL_BYTES = 200
 _REQUEST = struct.Struct("!BQHHQQQ")
@@ -226,10 +249,15 @@ def admit(
     source: str,
     granted_epoch: int,
     serves_epoch: bool,
-    checkpoint_key: bytes,
+    checkpoint_key: bytes | Sequence[bytes],
     deployment_id: bytes,
+    *,
+    now: float,
+    epoch_length: float,
 ) -> Admitted:
-    """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure."""
+    """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure.
+
+    ``epoch_length`` is the length of the requested epoch: it scales the maximum age."""
     if record.revoked:
         raise RevokedClientError(f"client {record.name!r} is revoked")
     if source != str(record.address):
@@ -251,6 +279,7 @@ def admit(
         )
     if checkpoint.unmigratable:
         raise InconsistentUpdateError("the connection was marked unmigratable by its server")
+    check_checkpoint_age(checkpoint, request.epoch, now, epoch_length)
     if request.phase is Phase.PREPARE:
         if request.replay_from != checkpoint.c2s_fresh:
             raise InconsistentUpdateError(
@@ -272,3 +301,31 @@ def admit(
             "the client received fewer bytes than the checkpoint's fresh point"
         )
     return Admitted(opened, request, checkpoint, record)
+
+
+def max_checkpoint_age_s(epoch_length: float) -> float:
+    return max(CHECKPOINT_AGE_FLOOR_S, MAX_CHECKPOINT_AGE_EPOCHS * epoch_length)
+
+
+def check_checkpoint_age(
+    checkpoint: Checkpoint, epoch: int, now: float, epoch_length: float
+) -> None:
+    """Refuse a checkpoint that has expired for a request of ``epoch`` at ``now``."""
+    if checkpoint.epoch > epoch:
+        raise InconsistentUpdateError(
+            f"checkpoint of epoch {checkpoint.epoch} presented for the earlier epoch {epoch}"
+        )
+    # The age is measured in time, in epoch lengths, not by epoch indices: a reactive trigger
+    # skips indices (the jump to the next server), and a fresh checkpoint must still pass.
+    age = now - checkpoint.taken_at
+    limit = max_checkpoint_age_s(epoch_length)
+    if age > limit or age < -CHECKPOINT_CLOCK_SKEW_S:
+        raise StaleMessageError(
+            f"checkpoint taken {age:.1f} s ago has expired (at most {limit:.1f} s, "
+            f"{MAX_CHECKPOINT_AGE_EPOCHS} epochs of {epoch_length:.1f} s)"
+        )
+
+
+def in_request_window(epoch_start: float, now: float) -> bool:
+    """Whether a request for the epoch starting at ``epoch_start`` is taken at ``now``."""
+    return -LATE_REQUEST_S <= epoch_start - now <= PREPARE_AHEAD_S

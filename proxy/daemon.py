@@ -41,6 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.antientropy import SYNC_PERIOD_S
 from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
 from migrate.control import (
@@ -94,6 +95,7 @@ class ServerOptions:
     codec: str = "http"
     checkpoint_period: float = 0.5
     migration_port: int = 47476
+    max_pending_per_client: int = MAX_PENDING_PER_CLIENT
 
 
 def default_state_path(directory: Path, index: int) -> Path:

@@ -35,22 +35,30 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from migrate.admission import PREPARING_PER_CLIENT, MigrationMeter
 from migrate.channel import Kind, Opened, Opener, Sealer
 from migrate.checkpoint import (
     Carrier,
     Checkpoint,
+    CheckpointKeys,
     TcpSnapshot,
     carrier_sealer,
-    checkpoint_key,
     seal_carrier,
     seal_checkpoint,
 )
 from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe
-from migrate.errors import MalformedMessageError, RoamError
+from migrate.errors import (
+    AuthenticationError,
+    MalformedMessageError,
+    RevokedClientError,
+    RoamError,
+)
 from migrate.kernel import nft, rawtcp, tcp_repair
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
+    LATE_REQUEST_S,
+    PREPARE_AHEAD_S,
     Admitted,
     Answer,
     Phase,
@@ -59,6 +67,7 @@ from migrate.reincarnation import (
     admit,
     answer_sealer,
     client_id_of,
+    in_request_window,
     request_opener,
 )
 from migrate.streamstate import StreamState
@@ -76,17 +85,14 @@ LEAVE_PUSH_LEAD = 0.12  # push a last round of checkpoints this long before leav
 TS_MARGIN_MS = 250
 PREPARE_TIMEOUT_S = 20.0
 GO_TIMEOUT_S = 1.0
-# Epochs a request may be from the current one (far more than MAX_PREPARE_AHEAD_S and
-# COMMIT_GRACE_S span with any sane epoch length; bounds the schedule walk a request costs).
+# Epochs a request may be from the current one (far more than PREPARE_AHEAD_S and
+# LATE_REQUEST_S span with any sane epoch length; bounds the schedule walk a request costs).
 MAX_EPOCH_DISTANCE = 256
-MAX_PREPARE_AHEAD_S = 5.0  # how long before its epoch a re-incarnation may be prepared
-COMMIT_GRACE_S = 6.0  # and how long after its start (client_shim.migrator.HANDOFF_BUDGET_S)
 REGENERATE_BUFFER_BYTES = 256 * 1024
 SERVICE_IDLE_S = 5.0  # a replayed service silent this long will not produce what is missing
 PREPARE_CONCURRENCY = 8
-PENDING_TTL_S = (
-    MAX_PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
-)  # how long before its epoch a re-incarnation may be prepared
+# How long a prepared re-incarnation waits for its COMMIT and GO before it is forgotten.
+PENDING_TTL_S = PREPARE_AHEAD_S + PREPARE_TIMEOUT_S + 5.0
 MIGRATION_PORT = 47476
 MAX_FAILURES_KEPT = 4096  # failed preparations remembered for their COMMIT (bounded memory)
 # A re-incarnated connection counts its checkpoints on from the presented one plus this much,
@@ -208,7 +214,10 @@ class LiveConnection:
             return
         checkpoint = self.snapshot(now)
         sealed = seal_checkpoint(
-            checkpoint, self.live.checkpoint_key, self.live.deployment_id, os.urandom
+            checkpoint,
+            self.live.checkpoint_keys.for_epoch(checkpoint.epoch),
+            self.live.deployment_id,
+            os.urandom,
         )
         message = seal_carrier(self.sealer, Carrier.of(checkpoint, sealed), now)
         listen = self.live.listen
@@ -271,6 +280,7 @@ class Pending:
     created: float = 0.0
     task: asyncio.Task[None] | None = None
     committed: tuple[int, int, int] | None = None  # the COMMIT answered READY: its identity
+    client_id: int = 0  # the client whose PREPARE made it: only it may COMMIT, GO or ABORT
 
     def repeats(self, admitted: Admitted) -> bool:
         """Whether ``admitted`` asks for the same re-incarnation as this one (a retry)."""
@@ -304,7 +314,12 @@ class LiveMode:
         self.vport = shim.deployment.service_port
         self.deployment_id = shim.deployment.deployment_id
         self.sender = shim.deployment.servers.index(options.listen)
-        self.checkpoint_key = checkpoint_key(shim.secret.group_key)
+        self.checkpoint_keys = CheckpointKeys(shim.secret.group_key)
+        # What each client holds and may still ask of this port (issue 12, finding 3).
+        self.meter = MigrationMeter(options.max_pending_per_client)
+        # Preparations of one client running at once: never every slot, so that another
+        # client's hand-over always finds slots (acquired before ``prepare_slots``).
+        self.client_slots: dict[int, asyncio.Semaphore] = {}
         self.period = options.checkpoint_period
         self.raw = rawtcp.RawTcpSender()
         self.connections: dict[tuple[str, int], LiveConnection] = {}
@@ -520,8 +535,17 @@ class LiveMode:
         self.counts["cover"] += 1
         self._answer_cover(record, source)
 
+    def _reject(self, origin: str, error: RoamError) -> None:
+        self.counts["refused"] += 1
+        self.shim.log.event(
+            "reincarnation_rejected",
+            level="warning",
+            origin=origin,
+            error=type(error).__name__,
+            reason=str(error),
+        )
+
     def on_datagram(self, data: bytes, source: tuple[str, int]) -> None:
-        log = self.shim.log
         origin = f"{source[0]}:{source[1]}"
         try:
             client_id = client_id_of(data)
@@ -542,15 +566,11 @@ class LiveMode:
             body = unframe(opened.plaintext)
             if body is not None:
                 request = Request.decode(body)
+                # Every phase is the client's own, from its address, while it may be served
+                # here.
+                self._check_sender(record, source[0], request)
         except RoamError as error:
-            self.counts["refused"] += 1
-            log.event(
-                "reincarnation_rejected",
-                level="warning",
-                origin=origin,
-                error=type(error).__name__,
-                reason=str(error),
-            )
+            self._reject(origin, error)
             return
         if framed and source[0] == str(record.address):
             self.framed_clients.add(record.client_id)
@@ -558,87 +578,190 @@ class LiveMode:
             self._on_cover(record, opener, opened, source)
             return
         key = (source[0], request.client_port)
-        if request.phase is Phase.PREPARE:
-            try:
-                admitted = self._admit(opened, request, record, source[0])
-            except RoamError as error:
-                self.counts["refused"] += 1
-                log.event(
-                    "reincarnation_rejected",
-                    level="warning",
-                    origin=origin,
-                    error=type(error).__name__,
-                    reason=str(error),
-                )
-                return
-            opener.accept(opened)
-            existing = self.pending.get(key)
-            if existing is not None and existing.repeats(admitted):
-                # The client asked again: no answer yet, or it was lost, or its position moved
-                # on (a refresh just before the boundary). Keep the work going and extend it.
-                existing.reply_to = source
-                existing.until = max(existing.until, request.s2c_received)
-                running = existing.task is not None and not existing.task.done()
-                if running:
-                    # Its answer comes when the work is done; this one gets cover, so that
-                    # each request has one answer, as cover has.
-                    if framed:
-                        self._answer_cover(record, source)
-                elif existing.answer is not None:
-                    if existing.answer.status is Status.READY and existing.until > (
-                        existing.stream.s2c_pos
-                    ):
-                        existing.answer = None
-                        existing.task = asyncio.get_running_loop().create_task(
-                            self._top_up(key, existing, record)
-                        )
-                    else:
-                        self._answer(record, existing.answer, source)
-                return
-            self._drop_pending(key)
-            self.failures.pop(key, None)
-            self.counts["admitted"] += 1
-            prepared = Pending(
-                admitted,
-                StreamState(),
-                created=self.clock(),
-                reply_to=source,
-                until=request.s2c_received,
-            )
-            self.pending[key] = prepared
-            prepared.task = asyncio.get_running_loop().create_task(
-                self._prepare(key, prepared, record)
+        pending = self.pending.get(key)
+        if pending is not None and pending.client_id != record.client_id:
+            # Bound to the client of the PREPARE: nobody else commits, starts or aborts it.
+            self._reject(
+                origin,
+                AuthenticationError(
+                    f"{request.phase.name} from client {record.client_id} for a re-incarnation "
+                    f"prepared by client {pending.client_id}"
+                ),
             )
             return
-        pending = self.pending.get(key)
+        if request.phase is Phase.PREPARE:
+            self._on_prepare(key, pending, opened, opener, request, record, source)
+            return
+        if request.phase is Phase.COMMIT:
+            self._on_commit(key, pending, opened, opener, request, record, source)
+            return
         opener.accept(opened)
-        if framed and request.phase in (Phase.GO, Phase.ABORT):
+        if framed:
             self._answer_cover(record, source)  # nobody waits for it; cover has one
         if pending is None:
-            if request.phase is not Phase.COMMIT:
-                return  # nobody waits for the answer to a GO or an ABORT
+            return  # nobody waits for the answer to a GO or an ABORT
+        if request.phase is Phase.ABORT:
+            self._drop_pending(key)
+            return
+        # GO: the client has switched; start relaying.
+        self._go(key, pending)
+
+    def _check_sender(self, record: ClientRecord, source: str, request: Request) -> None:
+        """Checks of every phase: the client is not revoked, sends from its address, and is not
+        blocked here for exceeding its rate contract."""
+        if record.revoked:
+            raise RevokedClientError(f"client {record.name!r} is revoked")
+        if source != str(record.address):
+            raise AuthenticationError(
+                f"request for client {record.name!r} came from {source}, not its address "
+                f"{record.address}"
+            )
+        pool = self.shim.pool
+        if (
+            request.phase is not Phase.ABORT
+            and record.client_id in pool.blocks  # cheap first: blocks are rare
+            and record.client_id in pool.blocked(self.current_epoch())
+        ):
+            raise RoamError(
+                f"client {record.name!r} is blocked here (over its rate contract) until the "
+                "service roams"
+            )
+
+    def _on_prepare(
+        self,
+        key: tuple[str, int],
+        existing: Pending | None,
+        opened: Opened,
+        opener: Opener,
+        request: Request,
+        record: ClientRecord,
+        source: tuple[str, int],
+    ) -> None:
+        origin = f"{source[0]}:{source[1]}"
+        now = self.clock()
+        try:
+            admitted = self._admit(opened, request, record, source[0])
+            checkpoint = admitted.checkpoint
+            if existing is not None and existing.repeats(admitted):
+                self.meter.extend(
+                    record.client_id,
+                    replay_bytes=0,
+                    regenerate_bytes=max(0, request.s2c_received - existing.until),
+                    now=now,
+                )
+            else:
+                held = existing.admitted.checkpoint if existing is not None else None
+                if (
+                    held is not None
+                    and held.conn_id == checkpoint.conn_id
+                    and checkpoint.counter < held.counter
+                ):
+                    raise RoamError(
+                        f"checkpoint {checkpoint.counter} is older than the one being prepared "
+                        f"({held.counter})"
+                    )
+                self.meter.admit(
+                    record.client_id,
+                    key,
+                    replay_bytes=len(request.replay),
+                    # Up to the client's claim, and at least to the checkpoint's position.
+                    regenerate_bytes=max(request.s2c_received, checkpoint.s2c_pos)
+                    - checkpoint.s2c_fresh,
+                    rate_kbit=record.rate_kbit,
+                    now=now,
+                )
+        except RoamError as error:
+            self._reject(origin, error)
+            return
+        opener.accept(opened)
+        if existing is not None and existing.repeats(admitted):
+            # The client asked again: no answer yet, or it was lost, or its position moved
+            # on (a refresh just before the boundary). Keep the work going and extend it.
+            existing.reply_to = source
+            existing.until = max(existing.until, request.s2c_received)
+            running = existing.task is not None and not existing.task.done()
+            if running and record.client_id in self.framed_clients:
+                # Its answer comes when the work is done; this one gets cover, so that each
+                # request has one answer, as cover has.
+                self._answer_cover(record, source)
+            elif not running and existing.answer is not None:
+                if existing.answer.status is Status.READY and existing.until > (
+                    existing.stream.s2c_pos
+                ):
+                    existing.answer = None
+                    existing.task = asyncio.get_running_loop().create_task(
+                        self._top_up(key, existing, record)
+                    )
+                else:
+                    self._answer(record, existing.answer, source)
+            return
+        self._drop_pending(key, keep_accounted=True)
+        self.failures.pop(key, None)
+        self.counts["admitted"] += 1
+        prepared = Pending(
+            admitted,
+            StreamState(),
+            created=now,
+            reply_to=source,
+            until=request.s2c_received,
+            client_id=record.client_id,
+        )
+        self.pending[key] = prepared
+        prepared.task = asyncio.get_running_loop().create_task(self._prepare(key, prepared, record))
+
+    def _on_commit(
+        self,
+        key: tuple[str, int],
+        pending: Pending | None,
+        opened: Opened,
+        opener: Opener,
+        request: Request,
+        record: ClientRecord,
+        source: tuple[str, int],
+    ) -> None:
+        origin = f"{source[0]}:{source[1]}"
+        try:
+            # The COMMIT's checkpoint, epoch and window are checked like a PREPARE's, and the
+            # gate must be open: a connection created behind a closed gate would never leave.
+            admitted = self._admit(opened, request, record, source[0])
+            if self._behind_closed_gate(request.epoch):
+                raise RoamError("this server's gate is closed: no connection is created here")
+            if pending is not None:
+                if admitted.checkpoint.conn_id != pending.admitted.checkpoint.conn_id:
+                    raise AuthenticationError(
+                        "the COMMIT's checkpoint is of another connection than its PREPARE's"
+                    )
+                if pending.sock is None and not pending.committing:
+                    self.meter.extend(
+                        record.client_id,
+                        replay_bytes=len(request.replay),
+                        regenerate_bytes=max(0, request.s2c_received - pending.until),
+                        now=self.clock(),
+                    )
+        except RoamError as error:
+            self._reject(origin, error)
+            if pending is not None and not pending.committing and pending.sock is None:
+                self._answer(
+                    record, Answer(Phase.COMMIT, key[1], Status.REFUSED, str(error)), source
+                )
+            return
+        opener.accept(opened)
+        if pending is None:
             live = self.connections.get(key)
             if live is not None and live.committed == commit_identity(request):
                 # A repeated COMMIT whose first answer was lost, arriving after the connection
                 # went live here (the GO, or GO_TIMEOUT_S): it is done; say so again, or the
                 # client would reset a connection that has moved.
                 self.counts["repeated"] += 1
-                log.event("commit_repeated", client=f"{key[0]}:{key[1]}", epoch=request.epoch)
+                self.shim.log.event(
+                    "commit_repeated", client=f"{key[0]}:{key[1]}", epoch=request.epoch
+                )
                 self._answer(record, Answer(Phase.COMMIT, key[1], Status.READY, ""), source)
                 return
             status, detail = self.failures.get(key, (Status.FAILED, "no prepared re-incarnation"))
             self._answer(record, Answer(request.phase, request.client_port, status, detail), source)
             return
-        if request.phase is Phase.ABORT:
-            self._drop_pending(key)
-            return
-        if request.phase is Phase.COMMIT:
-            asyncio.get_running_loop().create_task(
-                self._commit(key, pending, request, record, source)
-            )
-            return
-        # GO: the client has switched; start relaying.
-        self._go(key, pending)
+        asyncio.get_running_loop().create_task(self._commit(key, pending, request, record, source))
 
     def _admit(
         self, opened: Opened, request: Request, record: ClientRecord, source: str
@@ -648,25 +771,27 @@ class LiveMode:
         current = self.current_epoch()
         try:
             # From a little before the epoch (prepare) to a little after its start (the
-            # commit of a hand-over that started late), or while it runs.
+            # commit of a hand-over that started late), and at no other time of the epoch.
             me = self.shim.options.listen
             if abs(request.epoch - current) > MAX_EPOCH_DISTANCE:
                 # Far from now: refused before the schedule is walked that far (a walk of
                 # thousands of epochs would stall every connection of this server).
                 raise RoamError(f"epoch {request.epoch} is too far from the current {current}")
-            ahead = schedule.start_of(request.epoch) - now
-            running = schedule.epoch_at(now).index == request.epoch
-            serves = schedule.server_for(request.epoch) == me and (
-                running or -COMMIT_GRACE_S <= ahead <= MAX_PREPARE_AHEAD_S
-            )
+            start = schedule.start_of(request.epoch)
+            serves = schedule.server_for(request.epoch) == me
+            if serves and not in_request_window(start, now):
+                raise RoamError(
+                    f"epoch {request.epoch} starts {start - now:+.1f} s from now: requests "
+                    f"for it are taken from {PREPARE_AHEAD_S:.0f} s before its start to "
+                    f"{LATE_REQUEST_S:.0f} s after"
+                )
             # Never for an epoch whose window has closed, and a connection is created (COMMIT)
             # only while this server's gate is open: one created behind a closed gate would
             # never be left, and would stand in the way when the service comes back here.
             serves = serves and now < schedule.window(request.epoch).closes
-            if request.phase is Phase.COMMIT:
-                serves = serves and any(w.server == me for w in schedule.open_windows(now))
+            length = schedule.epoch(request.epoch).length
         except RoamError:
-            serves = False
+            serves, length = False, 0.0
         # Revoked or past its subscription (and lease) at the running epoch: refused, like
         # at the gate.
         self.shim.pool.check_client_allowed(record, max(current, 1))
@@ -678,19 +803,38 @@ class LiveMode:
             source,
             granted,
             serves,
-            self.checkpoint_key,
+            self.checkpoint_keys.candidates(request.epoch),
             self.deployment_id,
+            now=now,
+            epoch_length=length,
         )
 
-    def _drop_pending(self, key: tuple[str, int], only: Pending | None = None) -> None:
+    def _behind_closed_gate(self, epoch: int) -> bool:
+        """Whether a connection for ``epoch`` would be created behind a closed gate: the
+        epoch's window has closed, or it has opened and the gate is closed all the same (a
+        reactive roam). Just before the window opens (a client's clock a little ahead) the
+        gate is still closed but is about to open: that is not behind it."""
+        try:
+            window = self.shim.pool.schedule.window(epoch)
+        except RoamError:
+            return True
+        now = self.clock()
+        return now >= window.closes or (window.opens <= now and not self.shim.gate_open)
+
+    def _drop_pending(
+        self, key: tuple[str, int], only: Pending | None = None, *, keep_accounted: bool = False
+    ) -> None:
         """Forget the re-incarnation under ``key`` and free what it holds (silently: its
         socket, if any, never spoke). With ``only``, free that one, and unlist it only if it
-        is still the one under ``key`` (a retry may have replaced it)."""
+        is still the one under ``key`` (a retry may have replaced it). ``keep_accounted``: a
+        new preparation of the same client takes its place in the meter."""
         pending = only if only is not None else self.pending.get(key)
         if pending is None:
             return
         if self.pending.get(key) is pending:
             del self.pending[key]
+            if not keep_accounted:
+                self.meter.release(key)
         current = asyncio.current_task()
         if pending.task is not None and not pending.task.done() and pending.task is not current:
             pending.task.cancel()
@@ -777,8 +921,13 @@ class LiveMode:
         checkpoint, request = admitted.checkpoint, admitted.request
         loop = asyncio.get_running_loop()
         status, detail = Status.READY, ""
+        mine = self.client_slots.get(pending.client_id)
+        if mine is None:
+            mine = self.client_slots[pending.client_id] = asyncio.Semaphore(PREPARING_PER_CLIENT)
+        held_from: float | None = None
         try:
-            async with asyncio.timeout(PREPARE_TIMEOUT_S), self.prepare_slots:
+            async with asyncio.timeout(PREPARE_TIMEOUT_S), mine, self.prepare_slots:
+                held_from = self.clock()
                 pending.service = await self._connect_service(key[0])
                 pending.stream = StreamState(
                     checkpoint.codec,
@@ -790,6 +939,9 @@ class LiveMode:
                 await self._catch_up(pending)
         except Exception as error:
             status, detail = self._failure(error)
+        finally:
+            if held_from is not None:
+                self.meter.used_service(pending.client_id, self.clock() - held_from, self.clock())
         if status is not Status.READY:
             self._fail_pending(key, pending, status, detail)
         else:
@@ -950,7 +1102,13 @@ class LiveMode:
             return
         if pending.connection is not None:
             return
+        if self._behind_closed_gate(pending.admitted.request.epoch):
+            # Behind a closed gate the connection would never be left (see ``leave``).
+            self.shim.log.event("reincarnation_refused_closed_gate", client=f"{key[0]}:{key[1]}")
+            self._drop_pending(key)
+            return
         del self.pending[key]
+        self.meter.release(key)
         checkpoint = pending.admitted.checkpoint
         facts = AcceptFacts(
             checkpoint.tcp.server_isn,
@@ -1061,6 +1219,12 @@ class LiveMode:
         return {
             "live_connections": len(self.connections),
             "pending": len(self.pending),
+            # Per client id: what the meter holds (issue 12, finding 3).
+            "pending_by_client": {
+                str(client): self.meter.pending_of(client)
+                for client in sorted(self.meter.clients)
+                if self.meter.pending_of(client)
+            },
             "checkpoints_sent": self.checkpoints_sent,
             **self.counts,
         }

@@ -298,6 +298,14 @@ def run_subscribe(args: argparse.Namespace) -> int:
             rate_kbit=args.rate_kbit,
         )
         updated = clients.add(record)
+        holder = next((c for c in clients.clients if c.address == address and not c.revoked), None)
+        if holder is not None:
+            # The gate, the contracts and the migration port know a client by its address:
+            # two clients at one address could act for each other there.
+            raise ConfigError(
+                f"--address {address} is already subscribed as client {holder.name!r}; "
+                "revoke it first or give this client its own address"
+            )
         bundle = Bundle.issue(deployment, secret, record, random_bytes)
         if args.chain_index:
             bundle = bundle.with_index(random_bytes, _Progress(2 * (bundle.key_index - 1)))

@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.cover import (
     DEFAULT_CELL_BYTES,
     DEFAULT_COVER_RATE,
@@ -102,6 +103,14 @@ def register(subparsers: Subparsers) -> None:
         default=0.5,
         metavar="S",
         help="checkpoint each connection this often (default 0.5)",
+    )
+    server.add_argument(
+        "--max-pending-per-client",
+        type=positive_int,
+        default=MAX_PENDING_PER_CLIENT,
+        metavar="N",
+        help="re-incarnations one client may have prepared at once on this server; its "
+        f"excess PREPAREs are refused (default {MAX_PENDING_PER_CLIENT})",
     )
     server.add_argument(
         "--migration-port",
@@ -288,6 +297,7 @@ def run_server(args: argparse.Namespace) -> int:
         codec=args.codec,
         checkpoint_period=args.checkpoint_period,
         migration_port=args.migration_port,
+        max_pending_per_client=args.max_pending_per_client,
     )
     log = EventLog("server", args.log_json, quiet=args.quiet)
     try:

@@ -518,10 +518,18 @@ def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> 
         secret = DeploymentDir(pool.deployment_dir).secret()
         alice = Bundle.decode(pool.bundle_path("c1").read_bytes())
         bob = Bundle.decode(pool.bundle_path("c2").read_bytes())
-        now = time.time()
-        epoch = next(
-            e for e in pool.schedule(1, 20) if e["start"] <= now < e["start"] + e["length"]
-        )
+        pool.operate("revoke", str(pool.deployment_dir), "c2")
+        # A server takes requests for an epoch from 5 s before its start to 10 s after
+        # (migrate.reincarnation.in_request_window): wait for an epoch that starts about now
+        # (epochs are 20 to 40 s long: a bounded wait), with seconds to spare for the sends.
+        epochs = pool.schedule(1, 20)
+        deadline = time.time() + 45.0
+        while (
+            not [e for e in epochs if -4.0 <= time.time() - e["start"] <= 4.0]
+            and time.time() < deadline
+        ):
+            time.sleep(0.1)
+        epoch = next(e for e in epochs if -4.0 <= time.time() - e["start"] <= 4.0)
         server = pool.host_of(epoch["server"])
         target = str(pool.lab[server].address)
 
@@ -543,7 +551,10 @@ def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> 
                 s2c_hash=hashlib.sha256(b"").digest(),
             )
             sealed = seal_checkpoint(
-                checkpoint, checkpoint_key(secret.group_key), secret.deployment_id, os.urandom
+                checkpoint,
+                checkpoint_key(secret.group_key, epoch_index),
+                secret.deployment_id,
+                os.urandom,
             )
             body = Request(Phase.PREPARE, epoch_index, port, 80, 0, 0, 0, sealed, b"").encode()
             sealer = request_sealer(bundle.channel_key, bundle.deployment_id, bundle.client_id)
@@ -552,20 +563,20 @@ def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> 
         forged = Sealer(
             os.urandom(32), alice.client_id, context(alice.deployment_id, alice.client_id)
         ).seal(Kind.REINCARNATE_REQUEST, b"\x01" + bytes(40), time.time())
-        genuine = request(alice, "c1", 55555, epoch["epoch"])
         attempts = [
             ("c1", forged, "AuthenticationError"),
             ("o1", request(alice, "c1", 55556, epoch["epoch"]), "AuthenticationError"),
             ("c1", request(alice, "c2", 55557, epoch["epoch"]), "AuthenticationError"),
             ("c1", request(alice, "c1", 55558, pool.chain_length + 1), "SubscriptionExpiredError"),
         ]
-        pool.operate("revoke", str(pool.deployment_dir), "c2")
         attempts.append(("c2", request(bob, "c2", 55559, epoch["epoch"]), "RevokedClientError"))
         sent_at = time.time()
         for host, payload, _ in attempts:
             _send_from(pool, host, payload, target, 47476)
         # A genuine PREPARE (for a connection that does not exist) is admitted once; its
-        # replay is refused.
+        # replay is refused. (Sealed now: a request is fresh for 5 s, and the sends above
+        # each start a process.)
+        genuine = request(alice, "c1", 55555, epoch["epoch"])
         _send_from(pool, "c1", genuine, target, 47476)
         time.sleep(0.5)
         _send_from(pool, "c1", genuine, target, 47476)

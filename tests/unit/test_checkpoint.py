@@ -275,14 +275,27 @@ def request_for(checkpoint, replay=b"GET / HTTP/1.1\r\n\r\n", **changes):
     return Request(**fields)
 
 
-def admit_request(request, source="10.0.0.50", record=ALICE, granted=1000, serves=True):
+def admit_request(
+    request, source="10.0.0.50", record=ALICE, granted=1000, serves=True, now=1001.0, length=3.0
+):
     sealer = request_sealer(record.channel_key, DEPLOYMENT, record.client_id)
     opener = request_opener(record.channel_key, DEPLOYMENT, record.client_id)
     message = sealer.seal(Kind.REINCARNATE_REQUEST, request.encode(), now=50.0)
     opened = opener.open(message, now=50.0)
     decoded = Request.decode(opened.plaintext)
     assert decoded == request
-    return admit(opened, decoded, record, source, granted, serves, KEY, DEPLOYMENT)
+    return admit(
+        opened,
+        decoded,
+        record,
+        source,
+        granted,
+        serves,
+        KEY,
+        DEPLOYMENT,
+        now=now,
+        epoch_length=length,
+    )
 
 
 def test_valid_request_is_admitted():
@@ -329,3 +342,70 @@ def test_request_and_answer_parsing_is_strict():
         Answer.decode(b"\x01")
     # The answer is always smaller than the request it answers (no amplification).
     assert len(answer.encode()) * 3 < len(data)
+
+
+# --- checkpoint expiry and key rotation (issue 12, findings 3 and 10) ---------------------
+
+
+def test_a_checkpoint_expires_after_its_maximum_age_in_epochs():
+    from migrate.reincarnation import CHECKPOINT_AGE_FLOOR_S, MAX_CHECKPOINT_AGE_EPOCHS
+
+    request = request_for(sample_checkpoint())  # taken at 1000.0 in epoch 7, for epoch 8
+    # Fresh: a second old, or as old as the limit allows.
+    assert admit_request(request, now=1001.0)
+    limit = max(CHECKPOINT_AGE_FLOOR_S, MAX_CHECKPOINT_AGE_EPOCHS * 60.0)
+    assert admit_request(request, now=1000.0 + limit, length=60.0)
+    # Hoarded: just past the limit, a week, a century later.
+    for later in (limit + 0.5, 7 * 86400.0, 100 * 365 * 86400.0):
+        with pytest.raises(Exception, match="expired"):
+            admit_request(request, now=1000.0 + later, length=60.0)
+    # Short epochs still leave the floor (a hand-over takes seconds).
+    assert admit_request(request, now=1000.0 + CHECKPOINT_AGE_FLOOR_S - 0.1, length=0.5)
+    with pytest.raises(Exception, match="expired"):
+        admit_request(request, now=1000.0 + CHECKPOINT_AGE_FLOOR_S + 0.1, length=0.5)
+    # From the future (beyond clock skew), or of a later epoch than the one asked for.
+    with pytest.raises(Exception, match="expired"):
+        admit_request(request, now=900.0)
+    with pytest.raises(Exception, match="earlier epoch"):
+        admit_request(request_for(sample_checkpoint(epoch=9)))
+
+
+def test_the_checkpoint_key_rotates_per_epoch_range_with_overlap():
+    from migrate.checkpoint import CHECKPOINT_KEY_EPOCHS, CheckpointKeys, checkpoint_key
+
+    group = bytes(range(32, 64))
+    keys = CheckpointKeys(group)
+    span = CHECKPOINT_KEY_EPOCHS
+    assert checkpoint_key(group, 0) == checkpoint_key(group, span - 1)
+    assert checkpoint_key(group, span - 1) != checkpoint_key(group, span)
+    assert len({checkpoint_key(group, r * span) for r in range(5)}) == 5
+    taken = sample_checkpoint(epoch=span - 1)
+    sealed = seal_checkpoint(taken, keys.for_epoch(taken.epoch), DEPLOYMENT, os.urandom)
+    # Across the range's edge, the previous range's key still opens it (the overlap)...
+    assert open_checkpoint(sealed, keys.candidates(span), DEPLOYMENT) == taken
+    assert open_checkpoint(sealed, keys.candidates(span - 1), DEPLOYMENT) == taken
+    # ...two ranges on, it has rotated out.
+    with pytest.raises(AuthenticationError, match="rotated out"):
+        open_checkpoint(sealed, keys.candidates(2 * span), DEPLOYMENT)
+    # A key of another range never opens it.
+    with pytest.raises(AuthenticationError):
+        open_checkpoint(sealed, checkpoint_key(group, 3 * span), DEPLOYMENT)
+    # Memory stays bounded however many ranges pass.
+    for epoch in range(0, 100 * span, span):
+        keys.candidates(epoch)
+    assert len(keys._keys) <= CheckpointKeys.KEPT
+
+
+def test_requests_for_an_epoch_are_taken_only_around_its_start():
+    from migrate.reincarnation import LATE_REQUEST_S, PREPARE_AHEAD_S, in_request_window
+
+    start = 1_000_000.0
+    assert in_request_window(start, start - PREPARE_AHEAD_S)
+    assert in_request_window(start, start)
+    assert in_request_window(start, start + LATE_REQUEST_S)
+    assert not in_request_window(start, start - PREPARE_AHEAD_S - 0.1)
+    assert not in_request_window(start, start + LATE_REQUEST_S + 0.1)
+    # At no other time of a long epoch (an hour, a week), nor long before it.
+    for later in (60.0, 3600.0, 7 * 86400.0):
+        assert not in_request_window(start, start + later)
+        assert not in_request_window(start, start - later)

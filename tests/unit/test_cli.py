@@ -348,6 +348,30 @@ def test_subscribe_errors(deployment, tmp_path, capsys):
     )
 
 
+def test_subscribe_refuses_an_address_already_subscribed(deployment, tmp_path, capsys):
+    def subscribe(name, out):
+        return run(
+            capsys,
+            "subscribe",
+            str(deployment),
+            name,
+            "--address",
+            "10.0.0.7",
+            "--until-epoch",
+            "10",
+            "--out",
+            str(tmp_path / out),
+        )
+
+    subscribe("first", "b1")
+    assert_one_line_error(*subscribe("second", "b2"), "already subscribed as client 'first'")
+    assert not (tmp_path / "b2").exists()
+    # Once the first is revoked, its address may be given to another client.
+    assert run(capsys, "revoke", str(deployment), "first", "--no-notify")[0] == 0
+    subscribe("second", "b2")
+    assert (tmp_path / "b2").exists()
+
+
 def test_revoke(deployment, tmp_path, capsys):
     run(
         capsys,
