@@ -9,6 +9,9 @@ operator still sees every kind of rejection at once and how many there were, and
 grows by at most ``2 * max_keys`` lines per period whatever the rate. Memory is bounded too:
 at most ``max_keys`` distinct keys per period; further keys share one ``OVERFLOW_KEY``.
 
+A period of 0 turns the limit off: every rejection is logged in full (for debugging, and for
+tests that account for each datagram they send).
+
 Time comes in as ``now`` (seconds, any monotonic-ish clock). A period ends ``period_s`` after
 it began, so a gap of any length simply ends it; a clock that steps back ends it as well (the
 counts are reported, never lost or attributed to a period that has not begun).
@@ -35,8 +38,8 @@ class Suppressed:
 
 class RejectionLimiter:
     def __init__(self, period_s: float = DEFAULT_PERIOD_S, max_keys: int = DEFAULT_MAX_KEYS):
-        if not period_s > 0:
-            raise ValueError(f"period must be positive, got {period_s}")
+        if not period_s >= 0:
+            raise ValueError(f"period must be 0 or positive, got {period_s}")
         if max_keys < 1:
             raise ValueError(f"max_keys must be at least 1, got {max_keys}")
         self.period_s = period_s
@@ -65,6 +68,8 @@ class RejectionLimiter:
 
     def record(self, key: str, now: float) -> tuple[bool, list[Suppressed]]:
         """Count one rejection: (log it in full?, summaries of the period that just ended)."""
+        if self.period_s == 0:
+            return True, []  # no limit: every rejection in full (an operator's choice)
         summaries = self.flush(now)
         if self._start is None:
             self._start = now

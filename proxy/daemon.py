@@ -148,6 +148,7 @@ class ServerShim:
         self.epoch: int | None = None
         self.counters: dict[str, int] = {}
         self.updates_sent = 0
+        self.control_rejected = 0  # group-control datagrams refused (logged bounded)
         self.update_failures: dict[int, str] = {}  # client id -> kind of the last failure
         self._timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
@@ -198,6 +199,8 @@ class ServerShim:
         self.log.event("gate", open=gate.open, epoch=gate.epoch, active=gate.active)
 
     def _tick(self) -> None:
+        # The counts of rejected datagrams of a period that has ended (bounded logging).
+        self.log.flush_rejections()
         try:
             now = self.clock()
             gate = gate_at(self.pool.schedule, self.options.listen, now)
@@ -391,9 +394,10 @@ class ServerShim:
         return True
 
     def _reject(self, origin: str, error: RoamError) -> None:
-        self.log.event(
+        # Anyone can send these: bounded logging (migrate.ratelog), never one line per datagram.
+        self.control_rejected += 1
+        self.log.rejection(
             "control_rejected",
-            level="warning",
             origin=origin,
             error=type(error).__name__,
             reason=str(error),
@@ -425,9 +429,9 @@ class ServerShim:
             return
         sender = opened.header.sender
         if not self._registered(sender, source) or sender == self.pool.index:
-            self.log.event(
+            self.control_rejected += 1
+            self.log.rejection(
                 "control_rejected",
-                level="warning",
                 origin=origin,
                 error="UnregisteredSource",
                 reason=f"sender {sender} is not at its registered address",
@@ -451,9 +455,9 @@ class ServerShim:
 
     def _merge(self, sender: int, facts: Facts, origin: str) -> None:
         if sender == OPERATOR:
-            self.log.event(
+            self.control_rejected += 1
+            self.log.rejection(
                 "control_rejected",
-                level="warning",
                 origin=origin,
                 error="UnexpectedMessage",
                 reason="control state comes from servers only",
@@ -531,6 +535,7 @@ class ServerShim:
             "active": self.gate.active if self.gate else None,
             "connections": len(self.relay_server.relays) if self.relay_server else 0,
             "updates_sent": self.updates_sent,
+            "control_rejected": self.control_rejected,
             "live": self.live.status() if self.live is not None else None,
             "revoked": sorted(self.pool.state.revoked),
             "table": self.table,

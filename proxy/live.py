@@ -537,9 +537,10 @@ class LiveMode:
 
     def _reject(self, origin: str, error: RoamError) -> None:
         self.counts["refused"] += 1
-        self.shim.log.event(
+        # Spoofable from outside (and repeatable by an insider): bounded logging
+        # (migrate.ratelog), never one line per datagram.
+        self.shim.log.rejection(
             "reincarnation_rejected",
-            level="warning",
             origin=origin,
             error=type(error).__name__,
             reason=str(error),

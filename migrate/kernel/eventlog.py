@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from migrate.kernel.files import open_private_log, write_private
-from migrate.ratelog import RejectionLimiter, Suppressed
+from migrate.ratelog import DEFAULT_PERIOD_S, RejectionLimiter, Suppressed
 
 
 def _default(value: object) -> str:
@@ -30,10 +30,11 @@ class EventLog:
         json_path: Path | None = None,
         stream: IO[str] | None = sys.stderr,
         quiet: bool = False,
+        rejection_period_s: float = DEFAULT_PERIOD_S,
     ) -> None:
         self.component = component
         self.stream = None if quiet else stream
-        self.rejections = RejectionLimiter()
+        self.rejections = RejectionLimiter(rejection_period_s)
         self._file: IO[str] | None = None
         if json_path is not None:
             self._file = open_private_log(json_path)

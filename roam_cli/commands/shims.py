@@ -25,6 +25,7 @@ from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, RoamError
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.files import own_private_directory
+from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
 from roam_cli.store import load_bundle
 
@@ -111,6 +112,15 @@ def register(subparsers: Subparsers) -> None:
         metavar="N",
         help="re-incarnations one client may have prepared at once on this server; its "
         f"excess PREPAREs are refused (default {MAX_PENDING_PER_CLIENT})",
+    )
+    server.add_argument(
+        "--rejection-log-period",
+        type=non_negative_float,
+        default=DEFAULT_REJECTION_PERIOD_S,
+        metavar="SECONDS",
+        help="log the first rejected datagram of each kind per period in full and then one "
+        "count per kind (anyone can send them); 0 logs every rejection "
+        f"(default {DEFAULT_REJECTION_PERIOD_S:g})",
     )
     server.add_argument(
         "--migration-port",
@@ -299,7 +309,9 @@ def run_server(args: argparse.Namespace) -> int:
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,
     )
-    log = EventLog("server", args.log_json, quiet=args.quiet)
+    log = EventLog(
+        "server", args.log_json, quiet=args.quiet, rejection_period_s=args.rejection_log_period
+    )
     try:
         shim = ServerShim(options, log, clock=shifted_clock(args.clock_offset))
         _run_loop(shim.run)

@@ -660,7 +660,14 @@ def download_lab() -> Iterator[tuple[RoamingLab, bytes, random.Random, int]]:
     servers verify checksums; with the data, a random generator and its seed (printed)."""
     seed = int.from_bytes(os.urandom(4), "big")
     data = os.urandom(8 * 1024 * 1024)
-    with live_lab(LINKS, outsiders=1, content={"data": data}, **SCHEDULE) as roaming:
+    # Every rejection logged in full: the tests account for each datagram they send.
+    with live_lab(
+        LINKS,
+        outsiders=1,
+        content={"data": data},
+        server_extra=("--rejection-log-period", "0"),
+        **SCHEDULE,
+    ) as roaming:
         roaming.start()
         roaming.wait_for_schedule(0.3)
         verify_checksums(roaming, roaming.server_hosts)

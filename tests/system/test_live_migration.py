@@ -524,8 +524,14 @@ def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> 
     # No cover from the shims: the crafted requests are sealed with alice's key, and her shim's
     # cover (20 a second, sealed with the same sender and counters) would push them below the
     # server's replay window before they arrive (StaleMessageError, not the error under test).
+    # Every rejection logged in full: the test looks for the reason of each request it sends.
     with live_pool(
-        clients=2, outsiders=1, tick=20.0, m=1, client_extra=("--cover-rate", "0")
+        clients=2,
+        outsiders=1,
+        tick=20.0,
+        m=1,
+        client_extra=("--cover-rate", "0"),
+        server_extra=("--rejection-log-period", "0"),
     ) as pool:
         started(pool)
         secret = DeploymentDir(pool.deployment_dir).secret()

@@ -203,7 +203,8 @@ def test_an_insider_flooding_the_migration_port_delays_no_other_clients_hand_ove
         LINKS,
         clients=2,
         content={"data": data},
-        server_extra=("--max-pending-per-client", str(CAP)),
+        # Every rejection logged in full: the test counts the insider's refused requests.
+        server_extra=("--max-pending-per-client", str(CAP), "--rejection-log-period", "0"),
         # The test seals c2's requests with c2's key beside c2's shim: with its cover traffic
         # on, the two would race in the server's replay window and the test's requests be
         # refused as stale instead of for the reasons under test.

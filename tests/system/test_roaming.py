@@ -20,11 +20,12 @@ import pytest
 
 from labs import Lab, PoolTopo
 from labs.capture import tcp_flag_counts
-from labs.roaming import RoamingLab, roam_argv
+from labs.roaming import RoamingLab
 from migrate.channel import Kind, Sealer, derive_key
 from migrate.ratelog import RejectionLimiter
 from migrate.registration import Bundle
 from migrate.updates import EpochSync, RoamingUpdate, encode_update, update_context
+from proxy.daemon import DEFAULT_CONTROL_PORT, roam_argv
 
 pytestmark = pytest.mark.system
 
@@ -270,6 +271,47 @@ def test_a_flood_of_forged_updates_writes_a_bounded_log(pool: RoamingLab) -> Non
     print(f"{counted() - int(before['updates_rejected'])} rejected, {len(lines)} log lines")  # type: ignore[call-overload]
     # One full line per kind of error (a handful), no count yet: the period has not ended.
     assert len(lines) <= 8, lines[:10]
+
+
+def test_a_flood_of_forged_control_datagrams_writes_a_bounded_server_log(
+    pool: RoamingLab,
+) -> None:
+    """An outsider's datagrams at a server's group-control port cannot write its log at the
+    rate of its link: the first of each kind in full, then counts (``--rejection-log-period``,
+    60 s by default)."""
+    host = pool.server_hosts[0]
+    server = str(pool.lab[host].address)
+    flood = 1_000
+
+    def counted() -> int:
+        status = json.loads(pool.servers[host].status_path.read_text())
+        return int(status.get("control_rejected", 0))
+
+    before = counted()
+    sent_at = time.time()
+    code = (
+        "import os,socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+        "for _ in range(int(sys.argv[3])):\n"
+        "    s.sendto(os.urandom(64), (sys.argv[1], int(sys.argv[2])))"
+    )
+    pool.lab["o1"].run(
+        ["python3", "-c", code, server, str(DEFAULT_CONTROL_PORT), str(flood)],
+        check=True,
+        timeout=30,
+    )
+    # The count reaches the status file at the server's next tick (most of the flood: the
+    # kernel may drop some of a burst before the shim reads it).
+    deadline = time.monotonic() + 4 * TICK + 10
+    while counted() < before + flood // 2:
+        assert time.monotonic() < deadline, f"{counted() - before} rejections counted"
+        time.sleep(0.1)
+    lines = [
+        e
+        for e in pool.servers[host].events()
+        if e["event"] in ("control_rejected", "rejections_suppressed") and e["ts"] >= sent_at
+    ]
+    print(f"{counted() - before} rejected, {len(lines)} log lines")
+    assert 1 <= len(lines) <= 8, lines[:10]
 
 
 def test_revoked_client_gets_no_updates(pool: RoamingLab) -> None:

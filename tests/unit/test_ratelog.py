@@ -73,3 +73,15 @@ def test_the_event_log_writes_a_bounded_number_of_lines(tmp_path):
     assert len(events) == 4  # two first lines, two counts
     assert '"count": 2499' in events[2]
     assert '"count": 2499' in events[3]
+
+
+def test_a_period_of_zero_logs_every_rejection():
+    """The operator's choice (``--rejection-log-period 0``): no limit, nothing suppressed."""
+    limiter = RejectionLimiter(period_s=0)
+    for step in range(1000):
+        logged, summaries = limiter.record("control_rejected/AuthenticationError", float(step))
+        assert logged
+        assert summaries == []
+    assert limiter.flush(1e9) == []
+    with pytest.raises(ValueError, match="period"):
+        RejectionLimiter(period_s=-1)
