@@ -86,6 +86,17 @@ def reaped(process: subprocess.Popen[str]) -> Iterator[subprocess.Popen[str]]:
             process.wait()
 
 
+def learnt(shim_events: list[dict[str, Any]], message: str) -> bool:
+    """Whether a server applied ``message`` (``"Strike"`` or ``"Revoke"``), itself (a control
+    message, or its own verdict) or from a peer's control state (anti-entropy)."""
+    words = {"Strike": "over its contract", "Revoke": "revoked"}[message]
+    return any(
+        (e["event"] == "control_applied" and e.get("message") == message)
+        or (e["event"] == "control_synced" and words in str(e.get("detail", "")))
+        for e in shim_events
+    )
+
+
 def shim_problems(roaming: RoamingLab) -> list[str]:
     """Events that must never appear, whatever the fault: crashes and internal errors."""
     return [

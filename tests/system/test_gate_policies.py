@@ -12,6 +12,7 @@ from contextlib import contextmanager
 import pytest
 
 from labs import Lab, PoolTopo
+from labs.faults import learnt
 from labs.roaming import RoamingLab
 from migrate.antientropy import pad_size
 from migrate.control import ControlChannel, Facts
@@ -90,17 +91,6 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.1)
-
-
-def learnt(shim_events: list[dict[str, object]], message: str) -> bool:
-    """Whether a server applied ``message`` (``Strike`` or ``Revoke``) itself or from a peer's
-    control state."""
-    words = {"Strike": "over its contract", "Revoke": "revoked"}[message]
-    return any(
-        (e["event"] == "control_applied" and e["message"] == message)
-        or (e["event"] == "control_synced" and words in str(e.get("detail", "")))
-        for e in shim_events
-    )
 
 
 def test_a_client_over_its_contract_gets_a_second_chance_then_is_revoked() -> None:
