@@ -252,7 +252,9 @@ class Migrator:
             future = asyncio.get_running_loop().create_future()
             self.waiting[(request.phase, request.client_port)] = future
         if self.cover is not None:
-            self.cover.put(str(target.address), request)  # sealed when its slot comes
+            # Sealed when its slot comes; a request sent again (the same phase for the same
+            # connection) replaces the one still queued instead of queuing behind it.
+            self.cover.put(str(target.address), request, key=(request.phase, request.client_port))
         else:
             message = self.sealer.seal(
                 Kind.REINCARNATE_REQUEST, request.encode(), self.clock() + self.clock_offset()
@@ -736,6 +738,7 @@ class Migrator:
             "cells_sent": self.cover.cells,
             "queued": self.cover.queued(),
             "dropped": self.cover.dropped,
+            "replaced": self.cover.replaced,
             "answers": self.cover_answers,
         }
 

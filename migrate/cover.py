@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
@@ -45,7 +45,7 @@ DEFAULT_CELL_BYTES = 1024
 MIN_CELL_BYTES = 512  # more than any answer cell: a framed request is never smaller than it
 MAX_CELL_BYTES = 8192
 MAX_COVER_RATE = 200.0
-DEFAULT_MAX_BURST = 64  # cells per server in one slot (a burst of hand-overs)
+DEFAULT_MAX_BURST = 256  # cells per server in one slot (a burst of hand-overs: 1000 COMMITs)
 MAX_QUEUED = 65536  # real messages waiting per server (the oldest give way: retried anyway)
 ANSWER_CELL_BYTES = 256  # every answer: the longest (4 + 200 detail bytes) framed and sealed
 ENVELOPE_BYTES = HEADER_BYTES + TAG_BYTES
@@ -132,6 +132,12 @@ class CoverConfig:
         return self.rate * self.cell * servers
 
 
+@dataclass(slots=True)
+class _Queued(Generic[T]):
+    item: T
+    key: Hashable | None
+
+
 class CoverSchedule(Generic[T]):
     """Which datagrams go where at each slot. ``put`` queues a real message for a server;
     ``take`` at or after ``next_slot`` returns the slot's datagrams, ``None`` for cover."""
@@ -143,20 +149,48 @@ class CoverSchedule(Generic[T]):
             raise ConfigError("a cover schedule needs at least one server")
         self.config = config
         self.servers = sorted(set(servers))
-        self.queues: dict[str, deque[T]] = {server: deque() for server in self.servers}
+        self.queues: dict[str, deque[_Queued[T]]] = {server: deque() for server in self.servers}
+        # Queued messages by (server, key): a newer message of the same key (a request sent
+        # again) takes the older one's place in the queue instead of queuing behind it, so
+        # retries never pile up behind a burst (1000 COMMITs, each retried every 0.5 s).
+        self._keyed: dict[tuple[str, Hashable], _Queued[T]] = {}
         self.next_slot = now  # the first slot at once
         self.dropped = 0
+        self.replaced = 0
         self.slots = 0
         self.cells = 0
 
-    def put(self, server: str, item: T) -> None:
+    def put(self, server: str, item: T, key: Hashable | None = None) -> None:
+        """Queue ``item`` for ``server``; with a ``key``, in place of a queued item of the same
+        key (it keeps that one's place), if there is one."""
         queue = self.queues.get(server)
         if queue is None:
             raise ConfigError(f"server {server} is not in the pool")
+        if key is not None:
+            queued = self._keyed.get((server, key))
+            if queued is not None:
+                queued.item = item
+                self.replaced += 1
+                return
         if len(queue) >= MAX_QUEUED:
-            queue.popleft()  # the oldest gives way; the protocol resends what it needs
+            self._forget(server, queue.popleft())  # the oldest gives way; the protocol resends
             self.dropped += 1
-        queue.append(item)
+        entry = _Queued(item, key)
+        queue.append(entry)
+        if key is not None:
+            self._keyed[(server, key)] = entry
+
+    def _forget(self, server: str, entry: _Queued[T]) -> None:
+        if entry.key is not None:
+            self._keyed.pop((server, entry.key), None)
+
+    def _pop(self, server: str) -> T | None:
+        queue = self.queues[server]
+        if not queue:
+            return None
+        entry = queue.popleft()
+        self._forget(server, entry)
+        return entry.item
 
     def queued(self) -> int:
         return sum(len(queue) for queue in self.queues.values())
@@ -177,8 +211,7 @@ class CoverSchedule(Generic[T]):
         cells: list[tuple[str, T | None]] = []
         for _ in range(width):
             for server in self.servers:
-                queue = self.queues[server]
-                cells.append((server, queue.popleft() if queue else None))
+                cells.append((server, self._pop(server)))
         # The next grid point after now: slots missed while the caller was away (a suspended
         # process, a clock step forward) are skipped, not sent in a burst.
         missed = math.floor((now - self.next_slot) / period) + 1

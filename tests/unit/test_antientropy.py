@@ -89,7 +89,8 @@ def test_a_revocation_reaches_every_live_server_and_a_returning_one_within_the_b
     sim.restart(2)
     sim.run_until(lambda: 2 in sim.pools[2].revoked_ids(), bound)
     for pool in sim.pools:
-        assert pool.legitimate() == [CLIENTS.clients[0]]  # alice keeps working everywhere
+        current = pool.schedule.epoch_at(sim.now).index
+        assert pool.legitimate(current) == [CLIENTS.clients[0]]  # alice keeps working everywhere
         assert pool.facts() == sim.pools[0].facts()
 
 

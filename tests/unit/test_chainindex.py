@@ -260,6 +260,7 @@ def test_a_bundle_can_carry_the_index_of_its_own_range(tmp_path, capsys):
     init(capsys, directory, length, "--no-index")
     until = (1 << 17) + 500
     paths = {}
+    addresses = {"plain": "127.0.0.5", "indexed": "127.0.0.6"}  # one client per address
     for name, extra in (("plain", ()), ("indexed", ("--chain-index",))):
         paths[name] = tmp_path / f"{name}.bundle"
         status, _, err = run(
@@ -268,7 +269,7 @@ def test_a_bundle_can_carry_the_index_of_its_own_range(tmp_path, capsys):
             str(directory),
             name,
             "--address",
-            "127.0.0.5",
+            addresses[name],
             "--until-epoch",
             str(until),
             "--out",

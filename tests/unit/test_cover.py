@@ -186,3 +186,25 @@ def test_opening_a_cover_cell_yields_no_body() -> None:
     opener = Opener(KEY, kinds=frozenset({Kind.REINCARNATE_REQUEST}))
     opened = opener.open(sealed(cover(1024)), 1000.0)
     assert unframe(opened.plaintext) is None
+
+
+def test_a_request_sent_again_replaces_the_queued_one_and_keeps_its_place():
+    """Retries never pile up behind a burst: 1000 COMMITs, each sent again, stay 1000 cells."""
+    config = CoverConfig(rate=20.0, cell=1024)
+    schedule: CoverSchedule[str] = CoverSchedule(["a", "b"], config, now=0.0)
+    for port in range(1000):
+        schedule.put("a", f"commit {port}", key=("COMMIT", port))
+    for port in range(1000):
+        schedule.put("a", f"commit {port} again", key=("COMMIT", port))
+    schedule.put("a", "unkeyed")
+    assert schedule.queued() == 1001
+    assert schedule.replaced == 1000
+    sent: list[str] = []
+    now = 0.0
+    while schedule.queued():
+        sent += [item for server, item in schedule.take(now) if server == "a" and item]
+        now += config.period
+    assert sent == [f"commit {port} again" for port in range(1000)] + ["unkeyed"]
+    # Once sent, the key is free again: a new request of that key queues anew.
+    schedule.put("a", "commit 0 third", key=("COMMIT", 0))
+    assert schedule.queued() == 1
