@@ -20,12 +20,12 @@ import pytest
 
 from labs import Lab, PoolTopo
 from labs.capture import tcp_flag_counts
-from labs.roaming import RoamingLab
+from labs.roaming import RoamingLab, roam_argv
 from migrate.channel import Kind, Sealer, derive_key
 from migrate.ratelog import RejectionLimiter
 from migrate.registration import Bundle
 from migrate.updates import EpochSync, RoamingUpdate, encode_update, update_context
-from proxy.daemon import DEFAULT_CONTROL_PORT, roam_argv
+from proxy.daemon import DEFAULT_CONTROL_PORT
 
 pytestmark = pytest.mark.system
 
