@@ -313,7 +313,7 @@ def intact_through_roams(
 ) -> list[dict[str, Any]]:
     """The download completed with exactly ``data``, its connections moved intact at every
     hand-over since ``since`` (returned), and every shim is healthy."""
-    assert download.returncode == 0, stderr
+    assert download.returncode == 0, (stderr, handoffs(roaming)[-6:])
     assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
     moved = moved_intact(roaming, ports, since)
     healthy(roaming)
@@ -770,6 +770,10 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
         )
 
 
+@pytest.mark.known_timing(
+    cause="once in CI (2026-12-03) the download was reset during the segment flood with no "
+    "reason recorded by the test (it now prints the client's hand-overs when it fails)"
+)
 def test_crafted_segments_at_the_server_service_port_leave_the_download_intact() -> None:
     with download_lab() as (roaming, data, rng, seed):
         servers = roaming.server_hosts

@@ -193,6 +193,11 @@ def burst(
     return len(items) + len(spoofed)
 
 
+@pytest.mark.known_timing(
+    cause="once in CI (2026-12-03) c1's download met no hand-over (the lab guarantees server "
+    "changes only in the schedule's first 40 s, and the setup takes a varying part of them); "
+    "once in development c1's hand-over got no answer to its prepare (cause not found)"
+)
 def test_an_insider_flooding_the_migration_port_delays_no_other_clients_hand_over() -> None:
     from migrate.channel import Sealer
     from migrate.registration import Bundle
