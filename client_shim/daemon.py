@@ -26,15 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from client_shim.migrator import (
-    DEFAULT_PREPARE_LEAD,
-    HANDOFF_BUDGET_S,
-    LATE_PREPARE_WAIT_S,
-    MAX_PREPARE_LEAD,
-    MIGRATION_PORT,
-    REFRESH_LEAD,
-    Migrator,
-)
+from client_shim.migrator import Migrator
 from client_shim.rules import rewrite_table_body, switch_script, table_family
 from client_shim.state import ClientState, load_state
 from migrate.channel import CounterFloor, ReplayWindow
@@ -42,6 +34,15 @@ from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError, ScheduleError, SubscriptionExpiredError
 from migrate.gating import next_switch
+from migrate.handover import (
+    COMMIT_MARGIN_S,
+    DEFAULT_PREPARE_LEAD_S,
+    HANDOFF_BUDGET_S,
+    LATE_PREPARE_WAIT_S,
+    MAX_PREPARE_LEAD_S,
+    MIGRATION_PORT,
+    REFRESH_LEAD_S,
+)
 from migrate.hashchain import KeyChain
 from migrate.kernel import nft, sockdiag
 from migrate.kernel.eventlog import EventLog, write_status
@@ -55,7 +56,6 @@ from migrate.updates import ClientRoamingState
 
 Clock = Callable[[], float]
 MAX_DATAGRAM = 2048
-COMMIT_MARGIN_S = 0.3  # COMMITs go out at least this long before the new server's window closes
 
 
 class ClientShim:
@@ -70,7 +70,7 @@ class ClientShim:
         clock: Clock = time.time,
         bind_address: str = "",
         live: bool = True,
-        prepare_lead: float = DEFAULT_PREPARE_LEAD,
+        prepare_lead: float = DEFAULT_PREPARE_LEAD_S,
         migration_port: int = MIGRATION_PORT,
         cover_config: CoverConfig | None = None,
     ) -> None:
@@ -202,7 +202,7 @@ class ClientShim:
             index, start, server = next_switch(self.schedule, max(now, epoch.start))
         except RoamError:
             return  # no switch within the keys held; the subscription warning covers it
-        self._arm_prepare(index, start, server, MAX_PREPARE_LEAD)
+        self._arm_prepare(index, start, server, MAX_PREPARE_LEAD_S)
 
     def _arm_prepare(self, index: int, start: float, server: Endpoint, lead: float) -> None:
         if self._prepare_timer is not None:
@@ -245,7 +245,7 @@ class ClientShim:
             record = migrator.prepare(index, server)
             # Just before the boundary, tell the new server how far the client has got; then
             # commit at the boundary. It may move meanwhile (an update re-anchored it).
-            await self._sleep_until(index, REFRESH_LEAD)
+            await self._sleep_until(index, REFRESH_LEAD_S)
             migrator.refresh(record, server)
             await self._sleep_until(index, 0.0)
             params = self.schedule.params

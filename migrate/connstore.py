@@ -144,6 +144,12 @@ class ConnectionStore:
                 if position + len(chunk) > conn.sent:
                     conn.replay += chunk[conn.sent - position :]
 
+    def give_up_all(self, reason: str) -> None:
+        """Every connection becomes unmigratable (the capture lost copies: any may have a
+        hole in its replay bytes)."""
+        for conn in self.connections.values():
+            self._give_up(conn, reason)
+
     def _give_up(self, conn: TrackedConnection, reason: str) -> None:
         if conn.unmigratable is None:
             conn.unmigratable = reason

@@ -68,6 +68,8 @@ from migrate.registration import ClientRecord
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
 from proxy.live import LiveMode
+from proxy.livecontext import LiveContext
+from proxy.modes import MigrationMode, ReconnectMode
 from proxy.rules import Contract, GatePlan, family_of, gate_table_body, gate_update_script
 from proxy.transparent import connect_plain, connect_transparent
 from roam_cli.store import DeploymentDir
@@ -142,7 +144,7 @@ class ServerShim:
         self.nflog_group = (os.getpid() % 60000) + 1 if options.capture_dropped else None
         self.instance: Instance | None = None
         self.relay_server: relay.RelayServer | None = None
-        self.live: LiveMode | None = None
+        self.mode: MigrationMode | None = None
         self.gate: GateState | None = None
         self.plan: GatePlan | None = None
         self.epoch: int | None = None
@@ -275,18 +277,10 @@ class ServerShim:
     def _leave(self) -> None:
         """The gate closed behind the service. Live mode: the connections moved on, close them
         without a word. Reconnect mode (the paper's prototype): drop them."""
-        if self.live is not None:
-            moved = self.live.leave()
-            if moved:
-                self.log.event("connections_left", count=moved)
-            return
-        if self.relay_server is not None:
-            relays = self.relay_server.relays
-            for live in relays:
-                live.abort()
-            dropped = len(relays)
-            if dropped:
-                self.log.event("connections_dropped", count=dropped)
+        if self.mode is not None:
+            ended = self.mode.leave()
+            if ended:
+                self.log.event(self.mode.leave_event, count=ended)
 
     def _fail(self, error: BaseException) -> None:
         self.log.event("fatal", level="error", reason=str(error))
@@ -536,7 +530,7 @@ class ServerShim:
             "connections": len(self.relay_server.relays) if self.relay_server else 0,
             "updates_sent": self.updates_sent,
             "control_rejected": self.control_rejected,
-            "live": self.live.status() if self.live is not None else None,
+            "live": self.mode.status() if self.mode is not None else None,
             "revoked": sorted(self.pool.state.revoked),
             "table": self.table,
             "updated": round(self.clock(), 6),
@@ -549,10 +543,42 @@ class ServerShim:
     # -- relay -------------------------------------------------------------------------------
 
     async def _connect_service(self, client: socket.socket, peer: tuple[str, int]) -> socket.socket:
+        return await self._connect_service_for(peer[0])
+
+    async def _connect_service_for(self, client_address: str) -> socket.socket:
+        """A fresh connection to the service, from the client's address when transparent."""
         service = (str(self.options.service.address), self.options.service.port)
         if self.options.transparent:
-            return await connect_transparent(service, peer[0])
+            return await connect_transparent(service, client_address)
         return await connect_plain(service)
+
+    def _migration_mode(self) -> MigrationMode:
+        if self.options.migration != "live":
+            return ReconnectMode(
+                lambda: self.relay_server.relays if self.relay_server is not None else ()
+            )
+        options = self.options
+        context = LiveContext(
+            listen=(str(options.listen.address), options.listen.port),
+            vport=self.deployment.service_port,
+            deployment_id=self.deployment.deployment_id,
+            sender=self.deployment.servers.index(options.listen),
+            group_key=self.secret.group_key,
+            chain_length=self.deployment.chain_length,
+            pool=self.pool,
+            log=self.log,
+            counter_floor=self.counter_floor,
+            clock=self.clock,
+            epoch=lambda: self.epoch or 0,
+            gate_open=lambda: self.gate_open,
+            leaving_at=self.leaving_at,
+            connect_service=self._connect_service_for,
+            codec=options.codec,
+            checkpoint_period=options.checkpoint_period,
+            migration_port=options.migration_port,
+            max_pending_per_client=options.max_pending_per_client,
+        )
+        return LiveMode(context)
 
     def _start_capture(self) -> None:
         directory = self.options.capture_dropped
@@ -623,14 +649,11 @@ class ServerShim:
             if self.options.capture_dropped is not None:
                 self._start_capture()
             listen = (str(self.options.listen.address), self.options.listen.port)
-            if self.options.migration == "live":
-                self.live = LiveMode(self, self.clock)
-                await self.live.start()
-                self.relay_server = await relay.serve(
-                    listen, self._connect_service, relay_factory=self.live.relay_factory
-                )
-            else:
-                self.relay_server = await relay.serve(listen, self._connect_service)
+            self.mode = self._migration_mode()
+            await self.mode.start()
+            self.relay_server = await relay.serve(
+                listen, self._connect_service, relay_factory=self.mode.relay_factory()
+            )
             # Send-only: nothing reads it, so it takes the smallest receive buffer (with a large
             # one, anyone could park megabytes of kernel memory in it).
             self._update_socket = datagram_socket(family, receive_buffer=1)
@@ -671,8 +694,8 @@ class ServerShim:
             if self.relay_server is not None:
                 self.relay_server.close()
                 await self.relay_server.wait_closed()
-            if self.live is not None:
-                await self.live.close()
+            if self.mode is not None:
+                await self.mode.close()
             await asyncio.to_thread(self.instance.close)
             if self.options.status_path is not None:
                 with contextlib.suppress(FileNotFoundError):

@@ -1,0 +1,123 @@
+"""The kernel's view of the client's connections to the VIP, joined with what was captured.
+
+sock_diag lists the client's sockets (their positions: bytes sent, acknowledged, received);
+``client_shim.capture`` holds each connection's newest checkpoint and replay bytes. Together
+they give the requests a hand-over sends.
+"""
+
+from __future__ import annotations
+
+from client_shim.capture import Capture
+from migrate.connstore import TrackedConnection
+from migrate.errors import RoamError
+from migrate.handover import (
+    MAX_PREPARE_LEAD_S,
+    PREPARE_SECONDS_PER_CONNECTION,
+    REGENERATE_BYTES_PER_S,
+)
+from migrate.kernel import sockdiag
+from migrate.kernel.eventlog import EventLog
+from migrate.reincarnation import Phase, Request
+
+Sockets = dict[int, sockdiag.TcpSocketInfo]
+
+
+def acked_bytes(info: sockdiag.TcpSocketInfo) -> int:
+    """Client bytes the server acknowledged (a connecting socket's count includes its SYN)."""
+    return max(0, info.bytes_acked - 1)
+
+
+def verifiable(conn: TrackedConnection, info: sockdiag.TcpSocketInfo) -> bool:
+    """Whether ``conn`` holds a checkpoint a new server can verify a replay against: one that
+    commits to some of the service's output, unless the client has received none yet. (The
+    server pushes one as soon as the service's first bytes pass.)"""
+    carrier = conn.carrier
+    return carrier is not None and (carrier.s2c_pos > 0 or info.bytes_received == 0)
+
+
+class ClientConnections:
+    def __init__(self, capture: Capture, vport: int, log: EventLog) -> None:
+        self.capture = capture
+        self.store = capture.store
+        self.client_address = capture.client_address
+        self.vip = capture.vip
+        self.vport = vport
+        self.log = log
+
+    def sockets_and_capture(self) -> Sockets:
+        """The live sockets, then every copy captured until now. In this order: the kernel
+        logs a segment's copy before it sends it, so each socket listed has its SYN and every
+        byte it counts as sent in the capture by then."""
+        sockets = self.live_sockets()
+        self.capture.drain()
+        return sockets
+
+    def live_sockets(self) -> Sockets:
+        found, present = {}, set()
+        for info in sockdiag.tcp_sockets(dst=self.vip):
+            if info.src[0] != self.client_address:
+                continue
+            present.add(info.src[1])
+            if info.state == "ESTABLISHED":
+                found[info.src[1]] = info
+        # A dump is not a snapshot: sockets created or moved meanwhile can be missed.
+        # Forgetting a live connection here would reset it at the next roam, so each tracked
+        # connection the dump did not show is asked for exactly before it is believed gone.
+        for port in [p for p in self.store.connections if p not in present]:
+            exact = sockdiag.lookup((self.client_address, port), self.vip)
+            if exact is None:
+                continue
+            present.add(port)
+            if exact.state == "ESTABLISHED":
+                found[port] = exact
+        # Forget connections the kernel no longer has at all (a handshake in progress is kept).
+        gone = self.store.expire(present)
+        if gone:
+            self.log.event("connections_ended", ports=gone[:50], count=len(gone))
+        return found
+
+    def request(
+        self, phase: Phase, epoch: int, info: sockdiag.TcpSocketInfo, start: int | None
+    ) -> Request | None:
+        """A request with the connection's latest checkpoint and its replay bytes from
+        ``start`` (the checkpoint's fresh point when None); None if they are incomplete."""
+        port = info.src[1]
+        conn = self.store.connections.get(port)
+        if conn is None or conn.carrier is None or conn.unmigratable is not None:
+            return None
+        if start is None:
+            start = conn.carrier.c2s_fresh
+        replay = self.store.replay_bytes(port, start)
+        if replay is None or start + len(replay) < acked_bytes(info):
+            return None
+        return Request(
+            phase,
+            epoch,
+            port,
+            self.vport,
+            start + len(replay),
+            info.bytes_received,
+            start,
+            conn.carrier.sealed,
+            replay,
+        )
+
+    def suggested_lead(self, base: float) -> float:
+        """How early to prepare: the base lead plus the time the new server needs to
+        regenerate every connection up to the client's position (all of them: it serves them
+        all), at a conservative replay speed."""
+        try:
+            sockets = self.live_sockets()
+        except (RoamError, OSError):
+            return base
+        total = sum(info.bytes_received for info in sockets.values())
+        work = total / REGENERATE_BYTES_PER_S + len(sockets) * PREPARE_SECONDS_PER_CONNECTION
+        return min(MAX_PREPARE_LEAD_S, base + work)
+
+    def reset(self, port: int) -> None:
+        """Destroy the client's socket (the application gets ECONNABORTED) and forget it."""
+        try:
+            sockdiag.destroy((self.client_address, port), self.vip)
+        except (RoamError, OSError) as error:
+            self.log.event("reset_failed", level="warning", port=port, reason=str(error))
+        self.store.forget(port)

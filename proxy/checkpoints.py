@@ -1,0 +1,406 @@
+"""Live connections on the server and the checkpoints they push to their client.
+
+Theory of operation: every accepted connection is relayed in copy mode so that
+``migrate.streamstate`` sees both byte streams; right after accept the shim reads the
+handshake's sequence numbers and options through TCP_REPAIR (``accept_facts``). Checkpoints go
+to the client periodically (each connection on its own phase, from its start), at every request
+boundary the codec finds, and once more ``LEAVE_PUSH_LEAD_S`` before this server stops being the
+active one. Each is sealed with the pool's checkpoint key, wrapped in a carrier sealed for the
+client, and sent as one TCP segment on the connection's own 5-tuple, marked with the carrier
+option and numbered *before* the server's ISN, so that a client without the shim would discard
+it as an old duplicate. When the gate closes behind the service, the connections still here
+have moved on: their sockets are closed in repair mode, which sends nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+import traceback
+from dataclasses import dataclass
+
+from migrate.channel import Sealer
+from migrate.checkpoint import (
+    Carrier,
+    Checkpoint,
+    CheckpointKeys,
+    TcpSnapshot,
+    carrier_sealer,
+    seal_carrier,
+    seal_checkpoint,
+)
+from migrate.errors import RoamError
+from migrate.handover import LEAVE_PUSH_LEAD_S, ServerHandover
+from migrate.kernel import rawtcp, tcp_repair
+from migrate.registration import ClientRecord
+from migrate.streamstate import StreamState
+from proxy.livecontext import LiveContext
+from proxy.relay import Copy, EndReason, Relay, RelayOutcome
+
+SEQ_MOD = 2**32
+BOUNDARY_MIN_GAP_S = 0.02  # at most one boundary checkpoint per connection per 20 ms
+CHECKPOINT_RETRY_S = 0.05  # a failed push is tried again this soon
+ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are looked at
+# A re-incarnated connection counts its checkpoints on from the presented one plus this much,
+# so that its carriers outrank whatever the previous server pushed after that checkpoint
+# (during the hand-over, and after the switch until its gate closed): the client keeps the
+# new server's checkpoints and ignores the old server's late ones.
+INCARNATION_COUNTER_STRIDE = 2**32
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptFacts:
+    server_isn: int
+    client_isn: int
+    mss: int
+    snd_wscale: int
+    rcv_wscale: int
+    sack: bool
+    timestamps: bool
+
+    @classmethod
+    def of(cls, tcp: TcpSnapshot) -> AcceptFacts:
+        return cls(
+            tcp.server_isn,
+            tcp.client_isn,
+            tcp.mss,
+            tcp.snd_wscale,
+            tcp.rcv_wscale,
+            tcp.sack,
+            tcp.timestamps,
+        )
+
+
+def accept_facts(sock: socket.socket) -> AcceptFacts:
+    """The handshake's ISNs and options of a just-accepted socket, read in repair mode."""
+    try:
+        # A consistent pair: the client's first request may arrive while they are read (a
+        # burst of accepts), and a receive sequence read before it with a queue read after it
+        # would put the client's ISN one request too early (every later re-incarnation of the
+        # connection would then expect those bytes again, and stall).
+        state, queues = tcp_repair.read_snapshot(sock)
+    finally:
+        tcp_repair.leave_repair(sock)
+    return AcceptFacts(
+        server_isn=(state.send_seq - 1 - len(queues.send)) % SEQ_MOD,
+        client_isn=(state.recv_seq - 1 - len(queues.recv)) % SEQ_MOD,
+        mss=state.mss,
+        snd_wscale=state.snd_wscale,
+        rcv_wscale=state.rcv_wscale,
+        sack=state.sack,
+        timestamps=state.timestamps,
+    )
+
+
+class LiveConnection:
+    """One migratable connection on this server: relay, stream state, checkpoint schedule."""
+
+    def __init__(
+        self,
+        pusher: CheckpointPusher,
+        client: socket.socket,
+        service: socket.socket,
+        peer: tuple[str, int],
+        facts: AcceptFacts,
+        record: ClientRecord | None,
+        *,
+        conn_id: bytes,
+        stream: StreamState,
+        counter: int = 0,
+        s2c_base: int = 0,
+        syn_adjust: int = 1,
+        handover: ServerHandover | None = None,
+    ) -> None:
+        self.pusher = pusher
+        self.peer = peer
+        self.facts = facts
+        self.record = record
+        self.conn_id = conn_id
+        self.stream = stream
+        self.counter = counter
+        self.s2c_base = s2c_base  # s2c position of the socket's first byte
+        self.syn_adjust = syn_adjust  # tcpi_bytes_acked counts the SYN on accepted sockets
+        self.client = client
+        now = pusher.context.clock()
+        self.started = now
+        self.next_due = now  # the first checkpoint goes out at once
+        self.last_sent = 0.0
+        self.pushed_s2c = -1  # the service's position in the last checkpoint pushed
+        # For a re-incarnated connection, the hand-over that made it (it answers a repeated
+        # COMMIT whose answers were all lost).
+        self.handover = handover
+        self.sealer = pusher.carrier_sealer(record) if record is not None else None
+        self.relay = Relay(
+            client,
+            service,
+            client_to_service=Copy(stream.feed_c2s),
+            service_to_client=Copy(stream.feed_s2c),
+        )
+
+    def s2c_acked(self) -> int:
+        info = tcp_repair.read_tcp_info(self.client)
+        return self.s2c_base + max(0, info.bytes_acked - self.syn_adjust)
+
+    def snapshot(self, now: float) -> Checkpoint:
+        ts_val = tcp_repair.read_timestamp(self.client) if self.facts.timestamps else 0
+        facts = self.facts
+        tcp = TcpSnapshot(
+            facts.server_isn,
+            facts.client_isn,
+            facts.mss,
+            facts.snd_wscale,
+            facts.rcv_wscale,
+            facts.sack,
+            facts.timestamps,
+            ts_val,
+        )
+        self.counter += 1
+        context = self.pusher.context
+        return self.stream.checkpoint(
+            conn_id=self.conn_id,
+            client=self.peer,
+            vport=context.vport,
+            epoch=context.epoch(),
+            counter=self.counter,
+            now=now,
+            tcp=tcp,
+            s2c_acked=self.s2c_acked(),
+        )
+
+    def push(self, now: float) -> None:
+        """Send a checkpoint to the client on the connection's own 5-tuple."""
+        if self.sealer is None or self.relay.ended:
+            return
+        checkpoint = self.snapshot(now)
+        pusher = self.pusher
+        sealed = seal_checkpoint(
+            checkpoint,
+            pusher.keys.for_epoch(checkpoint.epoch),
+            pusher.context.deployment_id,
+            os.urandom,
+        )
+        message = seal_carrier(self.sealer, Carrier.of(checkpoint, sealed), now)
+        listen = pusher.context.listen
+        packet = rawtcp.build_ipv4_tcp(
+            listen[0],
+            self.peer[0],
+            listen[1],
+            self.peer[1],
+            # Entirely before the server's first byte: an old duplicate to a client's TCP.
+            (self.facts.server_isn - len(message)) % SEQ_MOD,
+            (self.facts.client_isn + 1 + self.stream.c2s_pos) % SEQ_MOD,
+            rawtcp.ACK | rawtcp.PSH,
+            1024,
+            [rawtcp.carrier_option()],
+            message,
+        )
+        pusher.send(packet)
+        self.last_sent = now
+        self.pushed_s2c = checkpoint.s2c_pos
+        period = pusher.context.checkpoint_period
+        # Keep the connection's own phase: due times are start + k * period.
+        elapsed = now - self.started
+        self.next_due = self.started + (int(elapsed / period) + 1) * period
+
+    def due(self, now: float) -> bool:
+        if now >= self.next_due:
+            return True
+        # A checkpoint from before the service's first byte commits to none of its output: a
+        # re-incarnation from it could not be verified. Push one as soon as bytes flowed,
+        # rather than a period later, so that young connections can move too.
+        first_bytes = self.pushed_s2c == 0 < self.stream.s2c_pos
+        return (self.stream.boundary_due or first_bytes) and (
+            now - self.last_sent >= BOUNDARY_MIN_GAP_S
+        )
+
+    def leave_silently(self) -> None:
+        """This connection lives elsewhere now: close the client side without a word."""
+        with contextlib.suppress(OSError):
+            tcp_repair.enter_repair(self.client)
+        self.relay.abort()
+
+
+class CheckpointPusher:
+    """The live connections of one server shim and the rounds that push their checkpoints."""
+
+    def __init__(self, context: LiveContext) -> None:
+        self.context = context
+        self.keys = CheckpointKeys(context.group_key)
+        self.connections: dict[tuple[str, int], LiveConnection] = {}
+        self.carrier_sealers: dict[int, Sealer] = {}
+        self.sent = 0
+        self._raw: rawtcp.RawTcpSender | None = None
+        self._leave_pushed: float | None = None
+
+    def send(self, packet: bytes) -> None:
+        if self._raw is None:
+            self._raw = rawtcp.RawTcpSender()
+        self._raw.send(packet)
+        self.sent += 1
+
+    def carrier_sealer(self, record: ClientRecord) -> Sealer:
+        """One sealer per client, shared by all its connections: nonces are (sender, counter)
+        under the client's key, so two sealers of the same client could repeat a nonce."""
+        sealer = self.carrier_sealers.get(record.client_id)
+        if sealer is None:
+            context = self.context
+            sealer = carrier_sealer(
+                record.channel_key, context.deployment_id, record.client_id, context.sender
+            ).keep_counters(context.counter_floor)
+            self.carrier_sealers[record.client_id] = sealer
+        return sealer
+
+    def record_for(self, address: str) -> ClientRecord | None:
+        pool = self.context.pool
+        for client in pool.clients.by_address(ipaddress.ip_address(address)):
+            record = pool.record(client)
+            if not record.revoked:
+                return record
+        return None
+
+    def relay_factory(
+        self, client: socket.socket, service: socket.socket, peer: tuple[str, int]
+    ) -> Relay:
+        """An accepted connection: relayed in copy mode, checkpointed from the start."""
+        connection = LiveConnection(
+            self,
+            client,
+            service,
+            peer,
+            accept_facts(client),
+            self.record_for(peer[0]),
+            conn_id=os.urandom(16),
+            stream=StreamState(self.context.codec),
+        )
+        if not self.context.gate_open():
+            # Accepted before the gate closed but only now past the service's connect (a burst
+            # at the end of the epoch): the client has moved on. Kept, it would stand in the
+            # way (the same 4-tuple) when the service comes back here.
+            connection.leave_silently()
+            self.context.log.event("connection_left", client=f"{peer[0]}:{peer[1]}", late=True)
+            return connection.relay
+        self.adopt(connection)
+        return connection.relay
+
+    def adopt(self, connection: LiveConnection) -> None:
+        key = connection.peer
+        self.connections[key] = connection
+        log = self.context.log
+
+        def ended(future: asyncio.Future[RelayOutcome]) -> None:
+            if self.connections.get(key) is connection:
+                del self.connections[key]
+            if future.cancelled():
+                return
+            outcome = future.result()
+            client = f"{key[0]}:{key[1]}"
+            if outcome.reason is EndReason.RESET:
+                log.event(
+                    "connection_reset",
+                    client=client,
+                    side=outcome.failed_side,
+                    reason=repr(outcome.error),
+                )
+            if outcome.reason is EndReason.OBSERVER_FAILED:
+                # A bug of ours, not the network's: say so loudly.
+                log.event(
+                    "connection_failed", level="error", client=client, reason=repr(outcome.error)
+                )
+
+        connection.relay.closed.add_done_callback(ended)
+
+    def reincarnated(
+        self,
+        key: tuple[str, int],
+        checkpoint: Checkpoint,
+        record: ClientRecord,
+        sockets: tuple[socket.socket, socket.socket, bytes],
+        stream: StreamState,
+        s2c_base: int,
+        handover: ServerHandover,
+    ) -> LiveConnection:
+        """A re-incarnated connection goes live here: relayed, checkpointed like any other."""
+        sock, service, unsent = sockets
+        connection = LiveConnection(
+            self,
+            sock,
+            service,
+            key,
+            AcceptFacts.of(checkpoint.tcp),
+            record,
+            conn_id=checkpoint.conn_id,
+            stream=stream,
+            counter=checkpoint.counter + INCARNATION_COUNTER_STRIDE,
+            s2c_base=s2c_base,
+            syn_adjust=0,
+            handover=handover,
+        )
+        # Adopted at once: if the service leaves again right away, ``leave`` finds it too.
+        self.adopt(connection)
+        # What was regenerated beyond the client's position goes out first, through the relay,
+        # so that a slow client holds back only this connection.
+        connection.relay.start(to_client_first=unsent)
+        self.context.log.event(
+            "reincarnated",
+            client=f"{key[0]}:{key[1]}",
+            s2c=connection.s2c_base,
+            c2s=connection.stream.c2s_pos,
+            unsent=len(unsent),
+        )
+        connection.push(self.context.clock())
+        return connection
+
+    def round(self, now: float) -> None:
+        """Push every checkpoint due (all of them just before leaving)."""
+        leaving = self.context.leaving_at()
+        # A last round just before leaving: the client's refresh re-prepares a connection whose
+        # PREPARE carried a checkpoint from before the response began with the newest one, and
+        # needs it by then. Its burst of carriers dates the roam early (docs/protocol.md, 9).
+        push_all = (
+            leaving is not None
+            and leaving - LEAVE_PUSH_LEAD_S <= now
+            and self._leave_pushed != leaving
+        )
+        if push_all:
+            self._leave_pushed = leaving
+        for connection in list(self.connections.values()):
+            if not (push_all or connection.due(now)):
+                continue
+            try:
+                connection.push(now)
+            except (OSError, RoamError) as error:
+                self.context.log.event(
+                    "checkpoint_failed",
+                    level="warning",
+                    client=f"{connection.peer[0]}:{connection.peer[1]}",
+                    reason=str(error),
+                )
+                # Soon again: a connection without a recent checkpoint cannot move.
+                connection.next_due = now + min(self.context.checkpoint_period, CHECKPOINT_RETRY_S)
+
+    def leave(self) -> int:
+        """The gate closed behind the service: drop every connection silently."""
+        count = len(self.connections)
+        for connection in list(self.connections.values()):
+            connection.leave_silently()
+        self.connections.clear()
+        return count
+
+    def close(self) -> None:
+        if self._raw is not None:
+            self._raw.close()
+            self._raw = None
+
+
+def log_internal_error(context: LiveContext, where: str, error: Exception) -> None:
+    """A bug of ours: logged loudly, and the loop that met it goes on."""
+    context.log.event(
+        "internal_error",
+        level="error",
+        where=where,
+        reason=repr(error),
+        trace=traceback.format_exc(limit=6),
+    )

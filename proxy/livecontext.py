@@ -1,0 +1,39 @@
+"""What live migration reads of its server shim, and nothing more.
+
+``LiveMode`` used to read sixteen attribute paths off the whole ``ServerShim``; this narrow
+context names them, so that live mode can be built and driven in unit tests with plain values
+and the daemon's other state stays its own.
+"""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+from migrate.channel import CounterFloor
+from migrate.kernel.eventlog import EventLog
+from migrate.pool import ServerPool
+
+
+@dataclass(frozen=True)
+class LiveContext:
+    listen: tuple[str, int]  # the server's address and service port (the VIP's port)
+    vport: int
+    deployment_id: bytes
+    sender: int  # this server's index in the pool (the sender of its sealed messages)
+    group_key: bytes  # the pool's secret: checkpoint keys derive from it
+    chain_length: int
+    pool: ServerPool  # clients, their records, blocks, the schedule
+    log: EventLog
+    counter_floor: CounterFloor  # nonces never repeat across restarts
+    clock: Callable[[], float]
+    epoch: Callable[[], int]  # the running epoch (0 before the first)
+    gate_open: Callable[[], bool]
+    leaving_at: Callable[[], float | None]  # when this server stops serving, if it serves
+    # A fresh connection to the service for a client (from its address when transparent).
+    connect_service: Callable[[str], Awaitable[socket.socket]]
+    codec: str = "http"
+    checkpoint_period: float = 0.5
+    migration_port: int = 47476
+    max_pending_per_client: int = 1024

@@ -1,0 +1,251 @@
+"""The migration port of a server: opening requests, admitting them, sealing answers.
+
+Every datagram on the port is opened with its client's key (``migrate.reincarnation``), and
+every phase is checked before it reaches a hand-over machine: the client is not revoked, sends
+from its registered address and is not blocked for its rate contract (``check_sender``); a
+PREPARE or COMMIT is admitted for an epoch this server serves, within the request window, with
+a checkpoint of the pool that commits to its replay bytes (``admit``). Answers are sealed for
+the client and, to a client that frames its requests (migrate.cover), sent as one cell of
+``ANSWER_CELL_BYTES``: cover answers and real ones look alike, and none is larger than the
+request that caused it (no amplification).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Collection, Iterable
+from enum import Enum
+
+from migrate.channel import Kind, Opened, Opener, Sealer
+from migrate.checkpoint import CheckpointKeys
+from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe
+from migrate.errors import AuthenticationError, MalformedMessageError, RevokedClientError, RoamError
+from migrate.registration import ClientRecord
+from migrate.reincarnation import (
+    LATE_REQUEST_S,
+    PREPARE_AHEAD_S,
+    Admitted,
+    Answer,
+    Phase,
+    Request,
+    admit,
+    answer_sealer,
+    client_id_of,
+    in_request_window,
+    request_opener,
+)
+from proxy.livecontext import LiveContext
+
+# Epochs a request may be from the current one (far more than PREPARE_AHEAD_S and
+# LATE_REQUEST_S span with any sane epoch length; bounds the schedule walk a request costs).
+MAX_EPOCH_DISTANCE = 256
+
+Key = tuple[str, int]
+
+
+class MigrationPort:
+    def __init__(
+        self,
+        context: LiveContext,
+        keys: CheckpointKeys,
+        counts: dict[str, int],
+        connections: Callable[[], Collection[Key]],
+    ) -> None:
+        self.context = context
+        self.keys = keys
+        self.counts = counts
+        self.connections = connections
+        self.openers: dict[int, Opener] = {}
+        self.answer_sealers: dict[int, Sealer] = {}
+        # Clients that frame their requests (migrate.cover) get every answer as one cell of
+        # ANSWER_CELL_BYTES, and one answer per request.
+        self.framed_clients: set[int] = set()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def open(
+        self, data: bytes, source: tuple[str, int]
+    ) -> tuple[ClientRecord, Opener, Opened, Request] | None:
+        """The request in ``data``, checked for its sender; None for cover (answered here)."""
+        pool = self.context.pool
+        client_id = client_id_of(data)
+        found = pool.clients.by_id(client_id)
+        if found is None:
+            raise RoamError(f"unknown client id {client_id}")
+        record = pool.record(found)
+        opener = self.openers.get(client_id)
+        if opener is None:
+            opener = request_opener(record.channel_key, self.context.deployment_id, client_id)
+            self.openers[client_id] = opener
+        opened = opener.open(data, self.context.clock())
+        framed = is_framed(opened.plaintext)
+        if framed and len(data) < MIN_CELL_BYTES:
+            # Framed answers are ANSWER_CELL_BYTES: never more than the request (no
+            # amplification, even by an authentic client towards its own address).
+            raise MalformedMessageError(f"a framed request of {len(data)} bytes is too small")
+        body = unframe(opened.plaintext)
+        request = Request.decode(body) if body is not None else None
+        if request is not None:
+            self.check_sender(record, source[0], request)
+        if framed and source[0] == str(record.address):
+            self.framed_clients.add(record.client_id)
+        if request is None:
+            self.on_cover(record, opener, opened, source)
+            return None
+        return record, opener, opened, request
+
+    # -- answers -----------------------------------------------------------------------------
+
+    def send(self, record: ClientRecord, answer: Answer | None, target: tuple[str, int]) -> None:
+        """Seal and send ``answer``; ``None``: a cover answer, to a client that frames only
+        (each of its requests gets one answer of one size)."""
+        framed = record.client_id in self.framed_clients
+        if self.transport is None or (answer is None and not framed):
+            return
+        sealer = self.answer_sealers.get(record.client_id)
+        if sealer is None:
+            context = self.context
+            sealer = answer_sealer(
+                record.channel_key, context.deployment_id, record.client_id, context.sender
+            ).keep_counters(context.counter_floor)
+            self.answer_sealers[record.client_id] = sealer
+        if answer is None:
+            body = cover(ANSWER_CELL_BYTES)
+        else:
+            body = frame(answer.encode(), ANSWER_CELL_BYTES) if framed else answer.encode()
+        message = sealer.seal(Kind.REINCARNATE_READY, body, self.context.clock())
+        self.transport.sendto(message, target)
+
+    def on_cover(
+        self, record: ClientRecord, opener: Opener, opened: Opened, source: tuple[str, int]
+    ) -> None:
+        """Cover from a client: nothing to do but answer with cover (only at the client's
+        registered address, never to a revoked client; smaller than the cell: no
+        amplification). It holds nothing and counts against no bound on preparations."""
+        if record.revoked or source[0] != str(record.address):
+            self.counts["refused"] += 1
+            return
+        opener.accept(opened)  # a replayed cover cell is not answered twice
+        self.counts["cover"] += 1
+        self.send(record, None, source)
+
+    def reject(self, source: tuple[str, int], error: RoamError) -> None:
+        self.counts["refused"] += 1
+        # Spoofable from outside (and repeatable by an insider): bounded logging
+        # (migrate.ratelog), never one line per datagram.
+        self.context.log.rejection(
+            "reincarnation_rejected",
+            origin=f"{source[0]}:{source[1]}",
+            error=type(error).__name__,
+            reason=str(error),
+        )
+
+    # -- admission ---------------------------------------------------------------------------
+
+    def check_sender(self, record: ClientRecord, source: str, request: Request) -> None:
+        """Checks of every phase: the client is not revoked, sends from its address, and is not
+        blocked here for exceeding its rate contract."""
+        if record.revoked:
+            raise RevokedClientError(f"client {record.name!r} is revoked")
+        if source != str(record.address):
+            raise AuthenticationError(
+                f"request for client {record.name!r} came from {source}, not its address "
+                f"{record.address}"
+            )
+        pool = self.context.pool
+        if (
+            request.phase is not Phase.ABORT
+            and record.client_id in pool.blocks  # cheap first: blocks are rare
+            and record.client_id in pool.blocked(self.context.epoch())
+        ):
+            raise RoamError(
+                f"client {record.name!r} is blocked here (over its rate contract) until the "
+                "service roams"
+            )
+
+    def admit(
+        self, opened: Opened, request: Request, record: ClientRecord, source: str
+    ) -> Admitted:
+        context = self.context
+        schedule = context.pool.schedule
+        now = context.clock()
+        current = context.epoch()
+        try:
+            # From a little before the epoch (prepare) to a little after its start (the
+            # commit of a hand-over that started late), and at no other time of the epoch.
+            if abs(request.epoch - current) > MAX_EPOCH_DISTANCE:
+                # Far from now: refused before the schedule is walked that far (a walk of
+                # thousands of epochs would stall every connection of this server).
+                raise RoamError(f"epoch {request.epoch} is too far from the current {current}")
+            start = schedule.start_of(request.epoch)
+            server = schedule.server_for(request.epoch)
+            serves = (str(server.address), server.port) == context.listen
+            if serves and not in_request_window(start, now):
+                raise RoamError(
+                    f"epoch {request.epoch} starts {start - now:+.1f} s from now: requests "
+                    f"for it are taken from {PREPARE_AHEAD_S:.0f} s before its start to "
+                    f"{LATE_REQUEST_S:.0f} s after"
+                )
+            # Never for an epoch whose window has closed (see ``_behind_closed_gate``).
+            serves = serves and now < schedule.window(request.epoch).closes
+            length = schedule.epoch(request.epoch).length
+        except RoamError:
+            serves, length = False, 0.0
+        # Revoked or past its subscription (and lease) at the running epoch: refused, like
+        # at the gate.
+        context.pool.check_client_allowed(record, max(current, 1))
+        granted = record.grant_for(current, context.chain_length)
+        return admit(
+            opened,
+            request,
+            record,
+            source,
+            granted,
+            serves,
+            self.keys.candidates(request.epoch),
+            context.deployment_id,
+            now=now,
+            epoch_length=length,
+        )
+
+    def behind_closed_gate(self, epoch: int) -> bool:
+        """Whether a connection for ``epoch`` would be created behind a closed gate: the
+        epoch's window has closed, or it has opened and the gate is closed all the same (a
+        reactive roam). Just before the window opens (a client's clock a little ahead) the
+        gate is still closed but is about to open: that is not behind it."""
+        try:
+            window = self.context.pool.schedule.window(epoch)
+        except RoamError:
+            return True
+        now = self.context.clock()
+        return now >= window.closes or (window.opens <= now and not self.context.gate_open())
+
+    def describe_clash(self, key: Key) -> str:
+        """Which socket already holds the 4-tuple a re-incarnation needs (for the log)."""
+        from migrate.kernel import sockdiag
+
+        try:
+            found = sockdiag.lookup(self.context.listen, key)
+        except (OSError, RoamError):
+            return ""
+        if found is None:
+            return "; no such socket any more"
+        known = key in self.connections()
+        return (
+            f"; it is in state {found.state} (inode {found.inode}), "
+            f"{'a connection of ours' if known else 'not a connection we track'}"
+        )
+
+
+def count_states(states: Iterable[Enum]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for state in states:
+        counts[state.value] = counts.get(state.value, 0) + 1
+    return counts
+
+
+class MigrationProtocol(asyncio.DatagramProtocol):
+    def __init__(self, on_datagram: Callable[[bytes, tuple[str, int]], None]) -> None:
+        self.on_datagram = on_datagram
+
+    def datagram_received(self, data: bytes, addr: tuple[str | object, int]) -> None:
+        self.on_datagram(data, (str(addr[0]), int(addr[1])))

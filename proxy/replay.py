@@ -1,0 +1,185 @@
+"""The work of a re-incarnation on the new server: replay, regenerate, verify, restore.
+
+``ServerHandover`` (migrate.handover) decides what to do; this module does it on real sockets:
+a fresh connection to the service (from the client's address when transparent), the client's
+replayed bytes into it, the service's output read up to the client's position and checked
+against the checkpoint's commitment, and finally the client-facing socket created with
+TCP_REPAIR at the client's sequence numbers. Bytes the client already has are dropped as they
+arrive; those beyond its position are kept, to be sent first once the connection is live.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections.abc import Awaitable, Callable
+
+from migrate.checkpoint import Checkpoint
+from migrate.errors import RoamError
+from migrate.handover import SERVICE_IDLE_S
+from migrate.kernel import tcp_repair
+from migrate.reincarnation import Request, Status
+from migrate.streamstate import StreamState
+from proxy.relay import close_abortively
+
+SEQ_MOD = 2**32
+TS_MARGIN_MS = 250  # a restored socket's timestamps run this far ahead of the checkpoint's
+REGENERATE_BUFFER_BYTES = 256 * 1024
+
+
+class Diverged(Exception):
+    """The replayed service did not answer with the same bytes."""
+
+
+def failure_of(error: Exception) -> tuple[Status, str] | None:
+    """The answer to a step that raised ``error``; None for a bug of ours (not the network's,
+    the service's or the client's)."""
+    if isinstance(error, Diverged):
+        return Status.DIVERGED, str(error)
+    if isinstance(error, OSError | TimeoutError | RoamError):
+        return Status.FAILED, f"{type(error).__name__}: {error}"
+    return None
+
+
+class Replayer:
+    """One re-incarnation's service connection and regenerated stream."""
+
+    def __init__(self, checkpoint: Checkpoint, prepare: Request) -> None:
+        self.checkpoint = checkpoint
+        self.prepare = prepare
+        self.stream = StreamState(
+            checkpoint.codec, c2s_start=checkpoint.c2s_fresh, s2c_start=checkpoint.s2c_fresh
+        )
+        self.service: socket.socket | None = None
+        self.unsent = bytearray()
+        self.verified = False
+        self.sock: socket.socket | None = None  # the restored client-facing socket
+        self.s2c_base = 0  # the client's position when the socket was created
+
+    async def start(self, connect: Callable[[], Awaitable[socket.socket]], until: int) -> int:
+        """Connect the service, replay the PREPARE's bytes, regenerate to ``until``."""
+        self.service = await connect()
+        self.stream.feed_c2s(self.prepare.replay)
+        await asyncio.get_running_loop().sock_sendall(self.service, self.prepare.replay)
+        return await self.regenerate(until)
+
+    async def regenerate(self, until: int) -> int:
+        """Read the replayed service until ``until``, the client's position, and at least to
+        the checkpoint's position, where the commitment is checked. Returns the position."""
+        checkpoint = self.checkpoint
+        stream = self.stream
+        assert self.service is not None
+        # Bytes already read beyond the old ``until`` that the client has by now.
+        unsent_from = stream.s2c_pos - len(self.unsent)
+        del self.unsent[: max(0, min(len(self.unsent), until - unsent_from))]
+        if checkpoint.s2c_pos == checkpoint.s2c_fresh == 0 < until:
+            # The checkpoint commits to none of the service's bytes and the connection never
+            # completed an exchange either: nothing has ever been checked against a replay, so
+            # a service that answers differently here would go unnoticed. (After a completed
+            # exchange, bytes past the fresh point belong to later exchanges of a service
+            # that has answered identically so far.)
+            raise Diverged(
+                f"unverifiable: the checkpoint covers none of the {until - checkpoint.s2c_fresh} "
+                "bytes the client has"
+            )
+        goal = until if self.verified else max(until, checkpoint.s2c_pos)
+        self._verify()
+        loop = asyncio.get_running_loop()
+        # One reused buffer per step: many re-incarnations regenerate at once, and a fresh
+        # allocation per read (what sock_recv does) costs more than the read.
+        buffer = memoryview(bytearray(min(REGENERATE_BUFFER_BYTES, max(1, goal - stream.s2c_pos))))
+        while stream.s2c_pos < goal:
+            limit = goal - stream.s2c_pos
+            if not self.verified:
+                # Stop exactly at the checkpoint's position to compare the hashes there.
+                limit = min(limit, checkpoint.s2c_pos - stream.s2c_pos) or limit
+            view = buffer[: min(len(buffer), max(1, limit))]
+            try:
+                async with asyncio.timeout(SERVICE_IDLE_S):
+                    received = await loop.sock_recv_into(self.service, view)
+            except TimeoutError:
+                raise Diverged(
+                    f"the service stopped after {stream.s2c_pos} bytes, short of {goal}"
+                ) from None
+            if not received:
+                raise Diverged(
+                    f"the service closed after {stream.s2c_pos} bytes; the checkpoint has "
+                    f"{checkpoint.s2c_pos}"
+                )
+            chunk = view[:received]
+            start = stream.s2c_pos
+            stream.feed_s2c(chunk)
+            if stream.s2c_pos > until:
+                self.unsent += chunk[max(0, until - start) :]
+            self._verify()
+        return stream.s2c_pos
+
+    def _verify(self) -> None:
+        """Compare the regenerated bytes with the checkpoint's commitment, exactly at the
+        checkpoint's position (which may be the fresh point itself: nothing to compare)."""
+        checkpoint = self.checkpoint
+        stream = self.stream
+        if self.verified or stream.s2c_pos != checkpoint.s2c_pos:
+            return
+        if stream.candidates[0].s2c_hash.digest() != checkpoint.s2c_hash:
+            raise Diverged("the replayed service answered with different bytes")
+        self.verified = True
+
+    async def commit(self, request: Request, listen: tuple[str, int], now: float) -> int:
+        """Replay the COMMIT's bytes, regenerate to its position, restore the client socket."""
+        assert self.service is not None
+        if request.replay_from != self.stream.c2s_pos:
+            raise RoamError(
+                f"commit replay starts at {request.replay_from}, prepared up to "
+                f"{self.stream.c2s_pos}"
+            )
+        if request.replay:
+            self.stream.feed_c2s(request.replay)
+            await asyncio.get_running_loop().sock_sendall(self.service, request.replay)
+        position = await self.regenerate(request.s2c_received)
+        self.sock = self._restore(request, listen, now)
+        self.s2c_base = request.s2c_received
+        return position
+
+    def _restore(self, request: Request, listen: tuple[str, int], now: float) -> socket.socket:
+        checkpoint = self.checkpoint
+        tcp = checkpoint.tcp
+        tsval = None
+        if tcp.timestamps:
+            elapsed_ms = int(max(0.0, now - checkpoint.taken_at) * 1000)
+            tsval = (tcp.ts_val + elapsed_ms + TS_MARGIN_MS) % SEQ_MOD
+        state = tcp_repair.state_from_positions(
+            local=listen,
+            remote=(checkpoint.client[0], checkpoint.client[1]),
+            server_isn=tcp.server_isn,
+            client_isn=tcp.client_isn,
+            bytes_to_client=request.s2c_received,
+            bytes_from_client=request.c2s_sent,
+            mss=tcp.mss,
+            snd_wscale=tcp.snd_wscale,
+            rcv_wscale=tcp.rcv_wscale,
+            sack=tcp.sack,
+            tsval=tsval,
+        )
+        return tcp_repair.restore_socket(state)
+
+    def close(self) -> None:
+        """Free what is held, silently: the restored socket never spoke."""
+        if self.service is not None:
+            close_abortively(self.service)
+            self.service = None
+        if self.sock is not None:
+            with contextlib.suppress(OSError):
+                tcp_repair.enter_repair(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    def hand_over(self) -> tuple[socket.socket, socket.socket, bytes]:
+        """The restored socket, the service and the bytes to send first, now owned by a live
+        connection (``close`` frees nothing any more)."""
+        assert self.sock is not None
+        assert self.service is not None
+        taken = (self.sock, self.service, bytes(self.unsent))
+        self.sock = self.service = None
+        return taken

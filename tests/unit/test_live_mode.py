@@ -1,0 +1,243 @@
+"""The server's live mode (proxy.live) on its narrow context, without a lab.
+
+``LiveMode`` reads only a ``LiveContext``: here it is built from plain values, the service is
+one end of a local socket pair, and answers are caught by a transport that records what it is
+asked to send. What the tests assert is what a client and an operator rely on: a forged or
+misdirected request creates nothing, a repeated PREPARE opens no second service connection,
+and an ABORT frees the service connection at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import ipaddress
+import os
+import socket
+from typing import Any
+
+from migrate.channel import CounterFloor, Kind
+from migrate.checkpoint import Checkpoint, CheckpointKeys, TcpSnapshot, seal_checkpoint
+from migrate.endpoints import parse_server_list
+from migrate.handover import ServerState
+from migrate.kernel.eventlog import EventLog
+from migrate.pool import ServerPool
+from migrate.registration import ClientList, ClientRecord, Deployment, DeploymentSecret
+from migrate.reincarnation import (
+    Answer,
+    Phase,
+    Request,
+    Status,
+    answer_opener,
+    request_sealer,
+)
+from migrate.schedule import MSchedule
+from proxy.live import LiveMode
+from proxy.livecontext import LiveContext
+
+SERVERS = parse_server_list("10.0.0.1:80,10.0.0.2:80,10.0.0.3:80")
+START = 1_000_000.0
+DEPLOYMENT = Deployment(
+    deployment_id=bytes(range(16)),
+    servers=SERVERS,
+    vip=ipaddress.ip_address("10.99.0.1"),
+    service_port=80,
+    chain_length=20_000,
+    m=MSchedule(3),
+    tick=0.5,
+    start=START,
+    delta=0.05,
+    gamma=0.05,
+)
+SECRET = DeploymentSecret(DEPLOYMENT.deployment_id, bytes(range(32)), bytes(range(32, 64)))
+ALICE = ClientRecord("alice", 1, ipaddress.ip_address("10.0.0.50"), 47474, bytes(32), 5000)
+BOB = ClientRecord("bob", 2, ipaddress.ip_address("10.0.0.60"), 47474, bytes([7]) * 32, 5000)
+REPLAY = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+class Recorder(asyncio.DatagramTransport):
+    """Catches what live mode sends (no network in a unit test)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent: list[tuple[bytes, Any]] = []
+
+    def sendto(self, data: Any, addr: Any = None) -> None:
+        self.sent.append((bytes(data), addr))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.pool = ServerPool(DEPLOYMENT, SECRET, ClientList(1, (ALICE, BOB)), SERVERS[0])
+        schedule = self.pool.schedule
+        # An epoch that SERVERS[0] serves, after one that another server serves.
+        epoch = next(
+            i
+            for i in range(2, 2000)
+            if schedule.server_for(i) == SERVERS[0] and schedule.server_for(i - 1) != SERVERS[0]
+        )
+        self.epoch = epoch
+        self.now = schedule.start_of(epoch) - 1.0
+        self.connects = 0
+        self.services: list[socket.socket] = []  # the service's ends of the socket pairs
+        self.context = LiveContext(
+            listen=("10.0.0.1", 80),
+            vport=80,
+            deployment_id=DEPLOYMENT.deployment_id,
+            sender=0,
+            group_key=SECRET.group_key,
+            chain_length=DEPLOYMENT.chain_length,
+            pool=self.pool,
+            log=EventLog("test", stream=None),
+            counter_floor=CounterFloor(0, lambda value: None),
+            clock=lambda: self.now,
+            epoch=lambda: epoch - 1,
+            gate_open=lambda: False,
+            leaving_at=lambda: None,
+            connect_service=self.connect,
+        )
+        self.live = LiveMode(self.context)
+        self.transport = Recorder()
+        self.live.port.transport = self.transport
+        self.sealers: dict[int, Any] = {}
+
+    async def connect(self, client_address: str) -> socket.socket:
+        self.connects += 1
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        self.services.append(theirs)
+        return ours
+
+    def prepare(self, client: ClientRecord = ALICE, received: int = 0) -> Request:
+        checkpoint = Checkpoint(
+            conn_id=b"c" * 16,
+            client=(str(client.address), 40000),
+            vport=80,
+            epoch=self.epoch - 1,
+            counter=3,
+            taken_at=self.now - 0.5,
+            tcp=TcpSnapshot(1000, 2000, 1448, 7, 7, True, True, 5),
+            codec="http",
+            c2s_fresh=0,
+            c2s_pos=len(REPLAY),
+            s2c_fresh=0,
+            s2c_pos=0,
+            c2s_hash=hashlib.sha256(REPLAY).digest(),
+            s2c_hash=hashlib.sha256(b"").digest(),
+        )
+        key = CheckpointKeys(SECRET.group_key).for_epoch(checkpoint.epoch)
+        sealed = seal_checkpoint(checkpoint, key, DEPLOYMENT.deployment_id, os.urandom)
+        return Request(
+            Phase.PREPARE, self.epoch, 40000, 80, len(REPLAY), received, 0, sealed, REPLAY
+        )
+
+    def send(self, request: Request, client: ClientRecord = ALICE, source: str = "") -> None:
+        sealer = self.sealers.get(client.client_id)
+        if sealer is None:
+            sealer = request_sealer(client.channel_key, DEPLOYMENT.deployment_id, client.client_id)
+            self.sealers[client.client_id] = sealer
+        data = sealer.seal(Kind.REINCARNATE_REQUEST, request.encode(), self.now)
+        self.live.on_datagram(data, (source or str(client.address), 50000))
+
+    def answers(self, client: ClientRecord = ALICE) -> list[Answer]:
+        opener = answer_opener(client.channel_key, DEPLOYMENT.deployment_id, client.client_id)
+        found = []
+        for data, _ in self.transport.sent:
+            opened = opener.open(data, self.now)
+            opener.accept(opened)
+            found.append(Answer.decode(opened.plaintext))
+        return found
+
+
+async def settle() -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+
+
+def abort(epoch: int) -> Request:
+    return Request(Phase.ABORT, epoch, 40000, 80, 0, 0, 0, b"", b"")
+
+
+def go(epoch: int) -> Request:
+    return Request(Phase.GO, epoch, 40000, 80, 0, 0, 0, b"", b"")
+
+
+def test_a_prepare_replays_and_answers_ready_and_a_repeat_opens_nothing_more() -> None:
+    async def scenario() -> None:
+        harness = Harness()
+        request = harness.prepare()
+        harness.send(request)
+        await settle()
+        assert harness.connects == 1
+        assert harness.services[0].recv(4096) == REPLAY  # the client's request, replayed
+        assert harness.answers() == [Answer(Phase.PREPARE, 40000, Status.READY)]
+        [pending] = harness.live.pending.values()
+        assert pending.machine.state is ServerState.PREPARED
+        harness.transport.sent.clear()
+        harness.send(request)  # a retry: answered again, no second service connection
+        await settle()
+        assert harness.connects == 1
+        assert harness.answers() == [Answer(Phase.PREPARE, 40000, Status.READY)]
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_an_abort_frees_the_service_connection_at_once() -> None:
+    async def scenario() -> None:
+        harness = Harness()
+        harness.send(harness.prepare())
+        await settle()
+        harness.send(abort(harness.epoch))
+        await settle()
+        assert harness.live.pending == {}
+        assert harness.live.meter.pending_of(ALICE.client_id) == 0
+        service = harness.services[0]
+        service.settimeout(5.0)
+        assert service.recv(4096) == REPLAY
+        assert service.recv(4096) == b""  # closed: the service sees the connection end
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_forged_and_misdirected_requests_create_nothing() -> None:
+    async def scenario() -> None:
+        harness = Harness()
+        harness.live.on_datagram(os.urandom(300), ("10.0.0.50", 50000))  # forged
+        harness.send(harness.prepare(), source="10.0.0.99")  # ALICE's seal, another address
+        await settle()
+        assert harness.connects == 0
+        assert harness.live.pending == {}
+        assert harness.transport.sent == []
+        assert harness.live.counts["refused"] == 2
+        # BOB cannot abort or start ALICE's re-incarnation of the same address and port.
+        harness.send(harness.prepare())
+        await settle()
+        harness.send(abort(harness.epoch), client=BOB, source=str(ALICE.address))
+        harness.send(go(harness.epoch), client=BOB, source=str(ALICE.address))
+        await settle()
+        [pending] = harness.live.pending.values()
+        assert pending.machine.state is ServerState.PREPARED
+        assert harness.live.counts["refused"] == 4
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_go_before_the_commit_is_refused_and_changes_nothing() -> None:
+    async def scenario() -> None:
+        harness = Harness()
+        harness.send(harness.prepare())
+        await settle()
+        harness.send(go(harness.epoch))
+        await settle()
+        [pending] = harness.live.pending.values()
+        assert pending.machine.state is ServerState.PREPARED
+        assert harness.live.counts["refused"] == 1
+        await harness.live.close()
+
+    asyncio.run(scenario())
