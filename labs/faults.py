@@ -303,10 +303,12 @@ class Trial:
 def server_death_trial(
     roaming: RoamingLab, number: int, data: bytes, rate: str, rng: random.Random
 ) -> Trial:
-    """One download; the active server is killed at a random moment and revived once the
-    service has roamed away from it."""
+    """One download; the active server is killed at a random point of the transfer (when the
+    client has received a random 5-70 % of the file: curl's rate limit is an average it
+    overshoots at first, so a moment chosen by the clock could fall after the end) and
+    revived once the service has roamed away from it."""
     duration = len(data) / _rate_bytes(rate)
-    kill_after = rng.uniform(0.5, max(0.6, duration - 1.0))
+    kill_at_bytes = int(len(data) * rng.uniform(0.05, 0.7))
     out = roaming.workdir / f"trial-{number}.out"
     out.unlink(missing_ok=True)
     seen_handoffs = len(handoffs(roaming))
@@ -315,7 +317,12 @@ def server_death_trial(
     curl = start_download(roaming, "data", rate, out)
     killed = ""
     try:
-        time.sleep(kill_after)
+        patience = time.time() + 3 * duration + 30.0  # bounded: a stalled transfer ends it
+        while curl.poll() is None and time.time() < patience:
+            if out.exists() and out.stat().st_size >= kill_at_bytes:
+                break
+            time.sleep(0.02)
+        kill_after = time.time() - began
         if curl.poll() is None:
             killed, ends = active_host(roaming, time.time())
             kill_server(roaming, killed)
