@@ -242,6 +242,17 @@ class Admitted:
     record: ClientRecord
 
 
+def check_client_source(record: ClientRecord, source: str) -> None:
+    """Checks of every phase: the client is not revoked and sends from its address."""
+    if record.revoked:
+        raise RevokedClientError(f"client {record.name!r} is revoked")
+    if source != str(record.address):
+        raise AuthenticationError(
+            f"request for client {record.name!r} came from {source}, not its address "
+            f"{record.address}"
+        )
+
+
 def admit(
     opened: Opened,
     request: Request,
@@ -258,13 +269,7 @@ def admit(
     """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure.
 
     ``epoch_length`` is the length of the requested epoch: it scales the maximum age."""
-    if record.revoked:
-        raise RevokedClientError(f"client {record.name!r} is revoked")
-    if source != str(record.address):
-        raise AuthenticationError(
-            f"request for client {record.name!r} came from {source}, not its address "
-            f"{record.address}"
-        )
+    check_client_source(record, source)
     if request.epoch > granted_epoch:
         raise SubscriptionExpiredError(
             f"client {record.name!r} holds keys up to epoch {granted_epoch}, not {request.epoch}"

@@ -20,7 +20,7 @@ import ipaddress
 import os
 import socket
 import traceback
-from dataclasses import dataclass
+from dataclasses import replace
 
 from migrate.channel import Sealer
 from migrate.checkpoint import (
@@ -51,31 +51,9 @@ ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are lo
 INCARNATION_COUNTER_STRIDE = 2**32
 
 
-@dataclass(frozen=True, slots=True)
-class AcceptFacts:
-    server_isn: int
-    client_isn: int
-    mss: int
-    snd_wscale: int
-    rcv_wscale: int
-    sack: bool
-    timestamps: bool
-
-    @classmethod
-    def of(cls, tcp: TcpSnapshot) -> AcceptFacts:
-        return cls(
-            tcp.server_isn,
-            tcp.client_isn,
-            tcp.mss,
-            tcp.snd_wscale,
-            tcp.rcv_wscale,
-            tcp.sack,
-            tcp.timestamps,
-        )
-
-
-def accept_facts(sock: socket.socket) -> AcceptFacts:
-    """The handshake's ISNs and options of a just-accepted socket, read in repair mode."""
+def accept_facts(sock: socket.socket) -> TcpSnapshot:
+    """The handshake's ISNs and options of a just-accepted socket, read in repair mode (its
+    timestamp clock is read again for each checkpoint)."""
     try:
         # A consistent pair: the client's first request may arrive while they are read (a
         # burst of accepts), and a receive sequence read before it with a queue read after it
@@ -84,7 +62,7 @@ def accept_facts(sock: socket.socket) -> AcceptFacts:
         state, queues = tcp_repair.read_snapshot(sock)
     finally:
         tcp_repair.leave_repair(sock)
-    return AcceptFacts(
+    return TcpSnapshot(
         server_isn=(state.send_seq - 1 - len(queues.send)) % SEQ_MOD,
         client_isn=(state.recv_seq - 1 - len(queues.recv)) % SEQ_MOD,
         mss=state.mss,
@@ -92,6 +70,7 @@ def accept_facts(sock: socket.socket) -> AcceptFacts:
         rcv_wscale=state.rcv_wscale,
         sack=state.sack,
         timestamps=state.timestamps,
+        ts_val=0,
     )
 
 
@@ -104,7 +83,7 @@ class LiveConnection:
         client: socket.socket,
         service: socket.socket,
         peer: tuple[str, int],
-        facts: AcceptFacts,
+        facts: TcpSnapshot,
         record: ClientRecord | None,
         *,
         conn_id: bytes,
@@ -146,17 +125,7 @@ class LiveConnection:
 
     def snapshot(self, now: float) -> Checkpoint:
         ts_val = tcp_repair.read_timestamp(self.client) if self.facts.timestamps else 0
-        facts = self.facts
-        tcp = TcpSnapshot(
-            facts.server_isn,
-            facts.client_isn,
-            facts.mss,
-            facts.snd_wscale,
-            facts.rcv_wscale,
-            facts.sack,
-            facts.timestamps,
-            ts_val,
-        )
+        tcp = replace(self.facts, ts_val=ts_val)
         self.counter += 1
         context = self.pusher.context
         return self.stream.checkpoint(
@@ -244,14 +213,7 @@ class CheckpointPusher:
     def carrier_sealer(self, record: ClientRecord) -> Sealer:
         """One sealer per client, shared by all its connections: nonces are (sender, counter)
         under the client's key, so two sealers of the same client could repeat a nonce."""
-        sealer = self.carrier_sealers.get(record.client_id)
-        if sealer is None:
-            context = self.context
-            sealer = carrier_sealer(
-                record.channel_key, context.deployment_id, record.client_id, context.sender
-            ).keep_counters(context.counter_floor)
-            self.carrier_sealers[record.client_id] = sealer
-        return sealer
+        return self.context.sealer(self.carrier_sealers, carrier_sealer, record)
 
     def record_for(self, address: str) -> ClientRecord | None:
         pool = self.context.pool
@@ -329,7 +291,7 @@ class CheckpointPusher:
             sock,
             service,
             key,
-            AcceptFacts.of(checkpoint.tcp),
+            checkpoint.tcp,
             record,
             conn_id=checkpoint.conn_id,
             stream=stream,

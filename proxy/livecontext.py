@@ -11,9 +11,10 @@ import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from migrate.channel import CounterFloor
+from migrate.channel import CounterFloor, Sealer
 from migrate.kernel.eventlog import EventLog
 from migrate.pool import ServerPool
+from migrate.registration import ClientRecord
 
 
 @dataclass(frozen=True)
@@ -37,3 +38,18 @@ class LiveContext:
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = 1024
+
+    def sealer(
+        self,
+        cache: dict[int, Sealer],
+        make: Callable[[bytes, bytes, int, int], Sealer],
+        record: ClientRecord,
+    ) -> Sealer:
+        """One sealer per client and purpose, kept in ``cache``: nonces are (sender, counter)
+        under the client's key, so two sealers of the same client and purpose could repeat a
+        nonce; its counters start above the floor persisted across restarts."""
+        sealer = cache.get(record.client_id)
+        if sealer is None:
+            sealer = make(record.channel_key, self.deployment_id, record.client_id, self.sender)
+            cache[record.client_id] = sealer.keep_counters(self.counter_floor)
+        return cache[record.client_id]

@@ -19,7 +19,7 @@ from enum import Enum
 from migrate.channel import Kind, Opened, Opener, Sealer
 from migrate.checkpoint import CheckpointKeys
 from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe
-from migrate.errors import AuthenticationError, MalformedMessageError, RevokedClientError, RoamError
+from migrate.errors import MalformedMessageError, RoamError
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     LATE_REQUEST_S,
@@ -30,6 +30,7 @@ from migrate.reincarnation import (
     Request,
     admit,
     answer_sealer,
+    check_client_source,
     client_id_of,
     in_request_window,
     request_opener,
@@ -101,13 +102,7 @@ class MigrationPort:
         framed = record.client_id in self.framed_clients
         if self.transport is None or (answer is None and not framed):
             return
-        sealer = self.answer_sealers.get(record.client_id)
-        if sealer is None:
-            context = self.context
-            sealer = answer_sealer(
-                record.channel_key, context.deployment_id, record.client_id, context.sender
-            ).keep_counters(context.counter_floor)
-            self.answer_sealers[record.client_id] = sealer
+        sealer = self.context.sealer(self.answer_sealers, answer_sealer, record)
         if answer is None:
             body = cover(ANSWER_CELL_BYTES)
         else:
@@ -144,13 +139,7 @@ class MigrationPort:
     def check_sender(self, record: ClientRecord, source: str, request: Request) -> None:
         """Checks of every phase: the client is not revoked, sends from its address, and is not
         blocked here for exceeding its rate contract."""
-        if record.revoked:
-            raise RevokedClientError(f"client {record.name!r} is revoked")
-        if source != str(record.address):
-            raise AuthenticationError(
-                f"request for client {record.name!r} came from {source}, not its address "
-                f"{record.address}"
-            )
+        check_client_source(record, source)
         pool = self.context.pool
         if (
             request.phase is not Phase.ABORT

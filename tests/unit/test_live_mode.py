@@ -18,11 +18,10 @@ from typing import Any
 
 from migrate.channel import CounterFloor, Kind
 from migrate.checkpoint import Checkpoint, CheckpointKeys, TcpSnapshot, seal_checkpoint
-from migrate.endpoints import parse_server_list
 from migrate.handover import ServerState
 from migrate.kernel.eventlog import EventLog
 from migrate.pool import ServerPool
-from migrate.registration import ClientList, ClientRecord, Deployment, DeploymentSecret
+from migrate.registration import ClientList, ClientRecord
 from migrate.reincarnation import (
     Answer,
     Phase,
@@ -31,26 +30,11 @@ from migrate.reincarnation import (
     answer_opener,
     request_sealer,
 )
-from migrate.schedule import MSchedule
 from proxy.live import LiveMode
 from proxy.livecontext import LiveContext
 
-SERVERS = parse_server_list("10.0.0.1:80,10.0.0.2:80,10.0.0.3:80")
-START = 1_000_000.0
-DEPLOYMENT = Deployment(
-    deployment_id=bytes(range(16)),
-    servers=SERVERS,
-    vip=ipaddress.ip_address("10.99.0.1"),
-    service_port=80,
-    chain_length=20_000,
-    m=MSchedule(3),
-    tick=0.5,
-    start=START,
-    delta=0.05,
-    gamma=0.05,
-)
-SECRET = DeploymentSecret(DEPLOYMENT.deployment_id, bytes(range(32)), bytes(range(32, 64)))
-ALICE = ClientRecord("alice", 1, ipaddress.ip_address("10.0.0.50"), 47474, bytes(32), 5000)
+from .test_pool import ALICE, DEPLOYMENT, SECRET, SERVERS
+
 BOB = ClientRecord("bob", 2, ipaddress.ip_address("10.0.0.60"), 47474, bytes([7]) * 32, 5000)
 REPLAY = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"
 
