@@ -50,6 +50,8 @@ from migrate.control import (
     ControlChannel,
     Facts,
     Revoke,
+    StateQuery,
+    StateReport,
     Strike,
     Threat,
     Trigger,
@@ -438,13 +440,19 @@ class ServerShim:
             )
             return
         self.control.accept(opened)
-        if isinstance(message, Ack):
+        if isinstance(message, Ack | StateReport):
             return
         if isinstance(message, Facts):
             self._merge(sender, message, origin)
             return
-        accepted = self._apply_control(message, origin)
-        reply = self.control.seal(Ack(opened.header.counter, accepted), self.clock())
+        if isinstance(message, StateQuery):
+            # ``roam resync``: the operator lost its record of threat changes and triggers.
+            answer: Ack | StateReport = StateReport(
+                opened.header.counter, self.pool.state.anchor, self.pool.schedule.params.m
+            )
+        else:
+            answer = Ack(opened.header.counter, self._apply_control(message, origin))
+        reply = self.control.seal(answer, self.clock())
         if len(self._acks) >= 64:
             self._acks.pop(next(iter(self._acks)))
         self._acks[data[:HEADER_BYTES]] = (reply, source)

@@ -3,11 +3,16 @@
 Every expected failure is a ``RoamError`` (or an ``OSError`` from the file system or the
 kernel) and is printed as one line, ``roam: error: ...``, with exit status 1; usage errors exit
 with status 2 as argparse does. A traceback means a bug.
+
+A standard output closed by its reader (``roam trigger ... | head -1``) does not cut a command
+short: what it does and records is done, the rest of its output is discarded, and its exit
+status is what it would have been.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -47,9 +52,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class ReaderMayLeave:
+    """Standard output whose reader may close it early: writes after that are discarded
+    instead of raising ``BrokenPipeError`` in the middle of a command's work."""
+
+    def __init__(self, stream: object) -> None:
+        self._stream = stream
+        self.reader_left = False
+
+    def write(self, text: str) -> int:
+        if not self.reader_left:
+            try:
+                return int(self._stream.write(text))  # type: ignore[attr-defined]
+            except BrokenPipeError:
+                self._discard()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.reader_left:
+            try:
+                self._stream.flush()  # type: ignore[attr-defined]
+            except BrokenPipeError:
+                self._discard()
+
+    def _discard(self) -> None:
+        # What is still buffered goes to /dev/null, so that the interpreter's last flush at
+        # exit does not fail either.
+        self.reader_left = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())  # type: ignore[attr-defined]
+        finally:
+            os.close(devnull)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._stream, name)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    real_stdout = sys.stdout
+    stdout = ReaderMayLeave(real_stdout)
+    sys.stdout = stdout
+    try:
+        return _run(args)
+    finally:
+        stdout.flush()
+        sys.stdout = real_stdout
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         status: int = args.handler(args)
     except RoamError as error:
