@@ -58,13 +58,16 @@ class Server:
     def serve(self, stop: threading.Event) -> None:
         self.sock.settimeout(0.05)
         while not stop.is_set():
-            if not self.answering.is_set():
-                self.answering.wait(0.05)
-                continue
             try:
                 data, source = self.sock.recvfrom(65536)
             except TimeoutError:
                 continue
+            # Held while the server is told not to answer (checked after the datagram came,
+            # so none slips through while the flag changes).
+            while not self.answering.is_set():
+                if stop.is_set():
+                    return
+                self.answering.wait(0.05)
             self.shim.on_control(data, source)
 
 
