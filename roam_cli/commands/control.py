@@ -34,6 +34,7 @@ from migrate.pool import PoolState, ServerPool
 from migrate.schedule import check_m
 from migrate.strictjson import dump_object, parse_object
 from roam_cli.args import positive_int, positive_seconds
+from roam_cli.recorded import latest_state
 from roam_cli.store import DeploymentDir
 
 if TYPE_CHECKING:
@@ -125,17 +126,6 @@ def operator_counters(directory: Path) -> CounterFloor:
     return CounterFloor(floor, save)
 
 
-def _latest_state(directory: Path) -> PoolState | None:
-    """The most recent view of the pool's run-time state this host has."""
-    candidates = sorted((directory / "state").glob("*.json"), key=lambda path: path.stat().st_mtime)
-    for path in reversed(candidates):
-        try:
-            return PoolState.decode(path.read_bytes())
-        except RoamError:
-            continue
-    return None
-
-
 def _operator_pool(directory: DeploymentDir) -> ServerPool:
     deployment = directory.deployment()
     secret = directory.secret()
@@ -144,7 +134,7 @@ def _operator_pool(directory: DeploymentDir) -> ServerPool:
         secret,
         directory.clients(secret),
         deployment.servers[0],
-        _latest_state(directory.path),
+        latest_state(directory.path),
     )
 
 
@@ -307,7 +297,7 @@ def run_resync(args: argparse.Namespace) -> int:
             "'roam resync' again once they agree)"
         )
     anchor, m = states.pop()
-    previous = _latest_state(directory.path)
+    previous = latest_state(directory.path)
     state = PoolState(deployment.deployment_id, anchor, m)
     if previous is not None and previous.deployment_id == deployment.deployment_id:
         state.revoked = set(previous.revoked)

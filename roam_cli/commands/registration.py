@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,13 @@ from roam_cli.args import (
     seconds,
     server_list,
     unix_time,
+)
+from roam_cli.recorded import (
+    bundle_schedule,
+    bundle_state_path,
+    current_m,
+    deployment_schedule,
+    recorded_state,
 )
 from roam_cli.store import DeploymentDir, random_bytes, read_file, write_new
 
@@ -306,7 +314,10 @@ def run_subscribe(args: argparse.Namespace) -> int:
                 f"--address {address} is already subscribed as client {holder.name!r}; "
                 "revoke it first or give this client its own address"
             )
-        bundle = Bundle.issue(deployment, secret, record, random_bytes)
+        # The bundle carries the m schedule as it runs now (recorded threat changes), so its
+        # client starts on the servers' schedule rather than waiting for its first update.
+        current = replace(deployment, m=current_m(directory, deployment))
+        bundle = Bundle.issue(current, secret, record, random_bytes)
         if args.chain_index:
             bundle = bundle.with_index(random_bytes, _Progress(2 * (bundle.key_index - 1)))
         write_new(args.out, bundle.encode())
@@ -385,7 +396,15 @@ def inspect_deployment(directory: DeploymentDir) -> dict[str, Any]:
         "chain_key": f"fingerprint {fingerprint(secret.chain_key)}",
         "group_key": f"fingerprint {fingerprint(secret.group_key)}",
     }
-    schedule = EpochSchedule(secret.chain(deployment.chain_length), deployment.schedule_params())
+    schedule = deployment_schedule(directory, deployment, secret)
+    state = recorded_state(directory, deployment)
+    if state is not None:
+        info["recorded"] = {
+            "m": schedule.params.m.as_mapping(),
+            "anchor": "none"
+            if state.anchor is None
+            else {"epoch": state.anchor.epoch, "time": state.anchor.time},
+        }
     info["now"] = _current_epoch(schedule, time.time())
     clients = directory.clients(secret)
     info["client_list_generation"] = clients.generation
@@ -407,7 +426,7 @@ def inspect_deployment(directory: DeploymentDir) -> dict[str, Any]:
     return info
 
 
-def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
+def inspect_bundle(bundle: Bundle, path: Path | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {
         "kind": "bundle",
         "deployment_id": bundle.deployment_id.hex(),
@@ -427,9 +446,15 @@ def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
         "delta": bundle.delta,
         "gamma": bundle.gamma,
     }
-    info["now"] = _current_epoch(
-        EpochSchedule(bundle.chain(), bundle.schedule_params()), time.time()
-    )
+    state_path = None if path is None else bundle_state_path(path)
+    schedule = bundle_schedule(bundle, state_path)
+    if state_path is not None and state_path.exists():
+        info["state"] = {
+            "path": str(state_path),
+            "key_index": schedule.chain.held_index,
+            "m": schedule.params.m.as_mapping(),
+        }
+    info["now"] = _current_epoch(schedule, time.time())
     return info
 
 
@@ -456,7 +481,7 @@ def inspect_path(path: Path) -> dict[str, Any]:
     kind = document.get("format") if isinstance(document, dict) else None
     try:
         if kind == "server-roaming/bundle":
-            return inspect_bundle(Bundle.decode(data))
+            return inspect_bundle(Bundle.decode(data), path)
         if kind == "server-roaming/share":
             return inspect_share(Share.decode(data))
         if kind == "server-roaming/deployment":
