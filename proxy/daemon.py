@@ -70,7 +70,14 @@ from migrate.registration import ClientRecord
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
 from proxy.live import LiveMode
-from proxy.rules import Contract, GatePlan, family_of, gate_table_body, gate_update_script
+from proxy.rules import (
+    Contract,
+    GatePlan,
+    contract_update_script,
+    family_of,
+    gate_table_body,
+    gate_update_script,
+)
 from proxy.transparent import connect_plain, connect_transparent
 from roam_cli.store import DeploymentDir
 
@@ -298,11 +305,12 @@ class ServerShim:
     # -- rate contracts ----------------------------------------------------------------------
 
     async def _watch_contracts(self) -> None:
-        contracts = {c.counter: c for c in self._contracts()}
-        if not contracts:
-            return
         while not self._stop.is_set():
             await asyncio.sleep(CONTRACT_POLL_S)
+            # Asked each time: a reload (SIGHUP) may bring clients with contracts.
+            contracts = {c.counter: c for c in self._contracts()}
+            if not contracts:
+                continue
             try:
                 values = await asyncio.to_thread(nft.counters, self.family, self.table)
             except RoamError as error:
@@ -530,6 +538,61 @@ class ServerShim:
     def _persist(self) -> None:
         write_private(self.state_path, self.pool.state.encode())
 
+    # -- reload (SIGHUP, ``roam reload``) ------------------------------------------------------
+
+    def reload_clients(self) -> None:
+        """Re-read ``clients.sealed``: clients subscribed (or revoked) since the start are let
+        in (or out) at once. Only the gate's address sets, contracts and the update sealers
+        change; established connections and the live mode's state are left as they are. A
+        list that does not open, belongs to another deployment or is older than the one in
+        use is refused, logged, and the running list kept."""
+        path = self.options.deployment_dir / "clients.sealed"
+        try:
+            clients = DeploymentDir(self.options.deployment_dir).clients(self.secret)
+        except (RoamError, OSError) as error:
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            self.log.event("reload_failed", level="error", path=str(path), reason=reason)
+            return
+        old = self.pool.clients
+        if clients.generation < old.generation:
+            self.log.event(
+                "reload_failed",
+                level="error",
+                path=str(path),
+                reason=f"generation {clients.generation} is older than the running list's "
+                f"{old.generation}",
+            )
+            return
+        known = {c.client_id: c for c in old.clients}
+        added = [c for c in clients.clients if c.client_id not in known]
+        revoked = [
+            c for c in clients.clients if c.revoked and not known.get(c.client_id, c).revoked
+        ]
+        for client in added:
+            self.sealers[client.client_id] = update_sealer(
+                client.channel_key,
+                self.deployment.deployment_id,
+                client.client_id,
+                self.pool.index,
+            ).keep_counters(self.counter_floor)
+        contracts = self._contracts()
+        self.pool.clients = clients
+        if self.instance is not None and self.gate is not None and self._contracts() != contracts:
+            try:
+                nft.apply(contract_update_script(self.table, self._plan(self.gate)))
+            except RoamError as error:
+                self._fail(error)  # as for any gate the kernel refuses (``_tick``)
+                return
+        self.log.event(
+            "clients_reloaded",
+            generation=clients.generation,
+            clients=len(clients.clients),
+            added=[c.name for c in added],
+            revoked=[c.name for c in revoked],
+        )
+        if self.instance is not None:
+            self._tick()  # the gate's sets now, not at the next boundary
+
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -546,6 +609,8 @@ class ServerShim:
             "control_rejected": self.control_rejected,
             "live": self.live.status() if self.live is not None else None,
             "revoked": sorted(self.pool.state.revoked),
+            "clients": len(self.pool.clients.clients),
+            "client_list_generation": self.pool.clients.generation,
             "table": self.table,
             "updated": round(self.clock(), 6),
         }
@@ -615,6 +680,7 @@ class ServerShim:
             raise
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_clients)
         # Startup sweep: leftovers of instances that died without cleaning up.
         for line in await asyncio.to_thread(sweep_dead):
             self.log.event("swept", detail=line)
@@ -687,7 +753,7 @@ class ServerShim:
                     self.options.status_path.unlink()
             failed = self._failure is not None or sys.exc_info()[0] is not None
             self.log.event("stop", reason="error" if failed else "signal")
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         if self._failure is not None:
             raise self._failure
