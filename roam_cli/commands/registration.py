@@ -166,9 +166,13 @@ def register(subparsers: Subparsers) -> None:
 
     revoke = subparsers.add_parser(
         "revoke",
-        help="revoke a client: it gets no further key extensions",
-        description="Mark NAME revoked in the legitimate-client list. Keys it already holds "
-        "stay valid until their last epoch (the chain is one-way); nothing later is granted.",
+        help="revoke a client: every server refuses it from now on",
+        description="Mark NAME revoked in the legitimate-client list and tell every running "
+        "server: each server's gate drops the client's packets as soon as it applies the "
+        "revocation (within seconds; a server that misses it learns it from the others), "
+        "the servers stop sending it roaming updates and key extensions and refuse its "
+        "hand-overs. The keys it holds still compute the schedule (the chain is one-way), "
+        "but no server lets it in.",
     )
     revoke.add_argument("directory", metavar="DIR", type=Path)
     revoke.add_argument("name", metavar="NAME")
@@ -176,8 +180,8 @@ def register(subparsers: Subparsers) -> None:
         "--no-notify",
         dest="notify",
         action="store_false",
-        help="only change the list; do not tell running servers (they learn it from a "
-        "server that reads the list at start, through anti-entropy)",
+        help="only change the list; do not tell running servers (they learn it when they "
+        "re-read the list: 'roam reload' or a restart, and then from each other)",
     )
     revoke.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
     revoke.set_defaults(handler=run_revoke)
@@ -342,7 +346,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         secret = directory.secret()
         clients = directory.clients(secret).revoke(args.name)
         directory.save_clients(clients, secret)
-    print(f"revoked {args.name}: no further key extensions")
+    print(f"revoked {args.name}: every server that applies it refuses the client from now on")
     if args.notify:
         # Running servers loaded the list at start; tell them now, retrying each second until
         # each answers (UDP may lose the message or the answer). Servers also pass their

@@ -246,7 +246,13 @@ def register(subparsers: Subparsers) -> None:
     client.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
     client.set_defaults(handler=run_client)
     actions = client.add_subparsers(dest="client_command", metavar="ACTION")
-    status = actions.add_parser("status", help="show a running client shim's status")
+    status = actions.add_parser(
+        "status",
+        help="show a running client shim's status",
+        description="Epoch and server, keys held, m schedule, clock offset, roaming updates "
+        "(with a warning when none came for 30 s: revoked, expired or cut off), tracked "
+        "connections and the last roams; --json prints the status file as it is.",
+    )
     status.add_argument("--bundle", dest="status_bundle", type=Path, metavar="FILE")
     status.add_argument("--status", dest="status_file", type=Path, metavar="FILE")
     status.add_argument("--json", action="store_true")
@@ -372,8 +378,9 @@ def run_client_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        for key, value in status.items():
-            print(f"{key}: {value}")
+        from roam_cli.status import client_summary
+
+        print("\n".join(client_summary(status, time.time())))
     return 0
 
 
