@@ -1,8 +1,9 @@
 """Entry point of the ``roam`` command.
 
 Every expected failure is a ``RoamError`` (or an ``OSError`` from the file system or the
-kernel) and is printed as one line, ``roam: error: ...``, with exit status 1; usage errors exit
-with status 2 as argparse does. A traceback means a bug.
+kernel) and is printed as one line, ``roam: error: ...``, with exit status 1; so are usage
+errors (a missing or unknown argument), as the operator's guide promises. A traceback means a
+bug.
 
 A standard output closed by its reader (``roam trigger ... | head -1``) does not cut a command
 short: what it does and records is done, the rest of its output is discarded, and its exit
@@ -32,10 +33,12 @@ def command_modules() -> list[object]:
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
-    """Usage errors are one line on stderr (exit 2), like every other error of ``roam``."""
+    """Usage errors are one line on stderr with exit status 1, like every other error of
+    ``roam`` (argparse's own status 2 would make scripts tell two kinds of error apart that
+    the guide promises are one)."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(1, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

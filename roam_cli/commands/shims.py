@@ -257,12 +257,30 @@ def register(subparsers: Subparsers) -> None:
     status.add_argument("--status", dest="status_file", type=Path, metavar="FILE")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=run_client_status)
-    install = actions.add_parser("install", help="install and start a systemd unit")
-    install.add_argument("--bundle", dest="install_bundle", required=True, type=Path)
+    install = actions.add_parser(
+        "install",
+        help="install and start a systemd unit",
+        description="Write /etc/systemd/system/roam-client-NAME.service and enable and start "
+        "it. Without systemctl nothing is written (unless --no-start); if systemctl fails, the "
+        "unit is removed again.",
+    )
+    install.add_argument(
+        "--bundle", dest="install_bundle", required=True, type=Path, metavar="FILE"
+    )
     install.add_argument("--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS)
     install.add_argument("--no-start", action="store_true", help="write the unit only")
     install.set_defaults(handler=run_client_install)
-    uninstall = actions.add_parser("uninstall", help="stop and remove the systemd unit")
+    uninstall = actions.add_parser(
+        "uninstall",
+        help="stop and remove the systemd unit (of --bundle FILE, or every roam client unit)",
+    )
+    uninstall.add_argument(
+        "--bundle",
+        dest="uninstall_bundle",
+        type=Path,
+        metavar="FILE",
+        help="only the unit of this bundle's client (default: every roam client unit)",
+    )
     uninstall.add_argument("--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS)
     uninstall.set_defaults(handler=run_client_uninstall)
 
@@ -414,14 +432,16 @@ def _roam_executable() -> str:
 
 
 def _systemctl(*args: str) -> None:
-    if shutil.which("systemctl") is None:
-        raise ConfigError(
-            "systemctl is not available on this host; the unit was written but not started"
-        )
     result = subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         line = (result.stderr.strip().splitlines() or ["failed"])[0]
         raise ConfigError(f"systemctl {' '.join(args)}: {line}")
+
+
+def _require_systemctl(what: str) -> None:
+    """Checked before anything is written, so that a host without systemd keeps nothing."""
+    if shutil.which("systemctl") is None:
+        raise ConfigError(f"systemctl is not available on this host; {what}")
 
 
 def run_client_install(args: argparse.Namespace) -> int:
@@ -430,27 +450,42 @@ def run_client_install(args: argparse.Namespace) -> int:
     unit = args.unit_dir / unit_name(bundle.name)
     if unit.exists():
         raise ConfigError(f"{unit} already exists; run 'roam client uninstall' first")
+    if not args.no_start:
+        _require_systemctl("nothing written (--no-start writes the unit only)")
     args.unit_dir.mkdir(parents=True, exist_ok=True)
     unit.write_text(unit_text(bundle_path, _roam_executable()))
     print(f"wrote {unit}")
     if not args.no_start:
-        _systemctl("daemon-reload")
-        _systemctl("enable", "--now", unit.name)
+        try:
+            _systemctl("daemon-reload")
+            _systemctl("enable", "--now", unit.name)
+        except ConfigError as error:
+            # Leave nothing behind: the unit goes, and systemd forgets it.
+            unit.unlink()
+            subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
+            raise ConfigError(f"{error}; {unit} removed") from None
         print(f"started {unit.name}")
     return 0
 
 
 def run_client_uninstall(args: argparse.Namespace) -> int:
-    units = sorted(args.unit_dir.glob("roam-client-*.service"))
+    if args.uninstall_bundle is not None:
+        unit = args.unit_dir / unit_name(load_bundle(args.uninstall_bundle).name)
+        if not unit.exists():
+            raise ConfigError(f"{unit} is not installed")
+        units = [unit]
+    else:
+        units = sorted(args.unit_dir.glob("roam-client-*.service"))
     if not units:
         raise ConfigError(f"no roam client unit is installed in {args.unit_dir}")
+    systemd = shutil.which("systemctl") is not None
     for unit in units:
-        if shutil.which("systemctl") is not None:
+        if systemd:
             subprocess.run(
                 ["systemctl", "disable", "--now", unit.name], capture_output=True, check=False
             )
         unit.unlink()
         print(f"removed {unit}")
-    if shutil.which("systemctl") is not None:
+    if systemd:
         subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
     return 0
