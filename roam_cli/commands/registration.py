@@ -189,7 +189,8 @@ def register(subparsers: Subparsers) -> None:
     inspect = subparsers.add_parser(
         "inspect",
         help="show a deployment, bundle or share without printing secrets",
-        description="Show what PATH (a deployment directory, a bundle or a key share) holds. "
+        description="Show what PATH (a deployment directory, a bundle, a client's saved state "
+        "BUNDLE.state or a key share) holds. "
         "Secrets appear only as fingerprints.",
     )
     inspect.add_argument("path", metavar="PATH", type=Path)
@@ -382,6 +383,10 @@ def _deployment_summary(deployment: Deployment) -> dict[str, Any]:
 
 
 def _current_epoch(schedule: EpochSchedule, now: float) -> dict[str, Any] | str:
+    first = schedule.anchor
+    if first.epoch == 1 and now < first.time:
+        # Right after ``roam init`` (its --start is in the future, or now rounded up).
+        return f"not started: epoch 1 starts in {first.time - now:.1f} s"
     try:
         epoch = schedule.epoch_at(now)
     except RoamError as error:
@@ -420,7 +425,8 @@ def inspect_deployment(directory: DeploymentDir) -> dict[str, Any]:
             "roaming_port": client.roaming_port,
             "until_epoch": client.until_epoch,
             "lease_epochs": client.lease_epochs,
-            "expires_epoch": client.expires_epoch,
+            # 0 in the list means the chain's end: show the epoch it is.
+            "expires_epoch": client.expires_epoch or deployment.chain_length,
             "rate_kbit": client.rate_kbit,
             "revoked": client.revoked,
             "channel_key": f"fingerprint {fingerprint(client.channel_key)}",
@@ -462,6 +468,23 @@ def inspect_bundle(bundle: Bundle, path: Path | None = None) -> dict[str, Any]:
     return info
 
 
+def inspect_client_state(data: bytes) -> dict[str, Any]:
+    """A client shim's saved state (``BUNDLE.state``): what it holds beyond its bundle."""
+    from client_shim.state import ClientState
+
+    state = ClientState.decode(data)
+    return {
+        "kind": "client state",
+        "deployment_id": state.deployment_id.hex(),
+        "client_id": state.client_id,
+        "key_index": state.key_index,
+        "chain_key": f"fingerprint {fingerprint(state.chain_key)}",
+        "m": state.m.as_mapping(),
+        "update_senders_seen": len(state.counters),
+        "counter_floor": state.counter_floor,
+    }
+
+
 def inspect_share(share: Share) -> dict[str, Any]:
     return {
         "kind": "share",
@@ -490,9 +513,13 @@ def inspect_path(path: Path) -> dict[str, Any]:
             return inspect_share(Share.decode(data))
         if kind == "server-roaming/deployment":
             return inspect_deployment(DeploymentDir(path.parent))
+        if kind == "server-roaming/client-state":
+            return inspect_client_state(data)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    raise ConfigError(f"{path}: not a server-roaming deployment, bundle or share")
+    raise ConfigError(
+        f"{path}: not a server-roaming deployment, bundle, client state (BUNDLE.state) or share"
+    )
 
 
 def _print_human(info: dict[str, Any], indent: str = "") -> None:

@@ -294,6 +294,8 @@ def _preflight(kind: str, live: bool) -> None:
         checks += [doctor.check_ip_transparent(), doctor.check_splice()]
     if live and kind == "server":
         checks.append(doctor.check_tcp_repair())
+    if live and kind == "client":
+        checks.append(doctor.check_nflog())  # the checkpoints come from an NFLOG group
     for check in checks:
         if check.required and not check.ok:
             fix = f"; fix: {check.fix}" if check.fix else ""
