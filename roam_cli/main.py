@@ -115,6 +115,14 @@ def _run(args: argparse.Namespace) -> int:
         where = f" ({error.filename})" if error.filename else ""
         print(f"roam: error: {error.strerror or error}{where}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as error:
+        from roam_cli.extras import missing_extra
+
+        message = missing_extra(error)
+        if message is None:
+            raise  # not an optional extra: a bug
+        print(f"roam: error: {message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("roam: interrupted", file=sys.stderr)
         return 130
