@@ -21,6 +21,7 @@ from typing import NoReturn
 import roam_cli.commands
 from migrate import __version__
 from migrate.errors import RoamError
+from roam_cli.config import expand as expand_config
 
 
 def command_modules() -> list[object]:
@@ -94,7 +95,14 @@ class ReaderMayLeave:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    raw = list(sys.argv[1:] if argv is None else argv)
+    try:
+        # ``roam server|client --config FILE``: the file's options, then the command line's.
+        raw = expand_config(parser, raw)
+    except RoamError as error:
+        print(f"roam: error: {error}", file=sys.stderr)
+        return 1
+    args = parser.parse_args(raw)
     real_stdout = sys.stdout
     stdout = ReaderMayLeave(real_stdout)
     sys.stdout = stdout

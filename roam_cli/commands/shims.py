@@ -68,6 +68,20 @@ def register(subparsers: Subparsers) -> None:
         "roaming updates and take group control messages. Runs until SIGTERM/SIGINT; removes "
         "everything it created on exit.",
     )
+    server.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of options: each key is a long option below without its dashes "
+        '(listen = "192.0.2.1:80", update-period = 2, quiet = true); options given on the '
+        "command line override it",
+    )
+    server.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the options (and the deployment, the state file and --listen's place in "
+        "the server list) and exit without starting ('roam doctor' checks the kernel)",
+    )
     server.add_argument("--deployment", required=True, type=Path, metavar="DIR")
     server.add_argument(
         "--listen",
@@ -189,6 +203,14 @@ def register(subparsers: Subparsers) -> None:
         description="Follow the schedule from a bundle and rewrite the VIP to the active server "
         "in the kernel. Applications connect to the VIP. Runs until SIGTERM/SIGINT; removes "
         "everything it created on exit.",
+    )
+    client.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of options: each key is a long option below without its dashes "
+        '(bundle = "/etc/roam/alice.bundle", cover-rate = 20); options given on the command '
+        "line override it",
     )
     client.add_argument("--bundle", type=Path, metavar="FILE")
     client.add_argument(
@@ -316,7 +338,6 @@ def run_server(args: argparse.Namespace) -> int:
 
     # The relay engine reports connection-level trouble through ``logging``.
     logging.basicConfig(level=logging.INFO, format="server: %(levelname)s: %(message)s")
-    _preflight("server", args.migration == "live")
     options = ServerOptions(
         deployment_dir=args.deployment,
         listen=args.listen,
@@ -335,6 +356,16 @@ def run_server(args: argparse.Namespace) -> int:
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,
     )
+    if args.check_config:
+        # Everything the shim reads at start, read now; nothing written, nothing started.
+        shim = ServerShim(options, EventLog("server", quiet=True))
+        print(
+            f"configuration OK: server {options.listen} (index {shim.pool.index}) of deployment "
+            f"{shim.deployment.deployment_id.hex()}, service {options.service}, "
+            f"{len(shim.pool.clients.clients)} clients, migration {options.migration}"
+        )
+        return 0
+    _preflight("server", args.migration == "live")
     log = EventLog(
         "server", args.log_json, quiet=args.quiet, rejection_period_s=args.rejection_log_period
     )
