@@ -604,6 +604,10 @@ class ServerShim:
             "epoch": self.epoch,
             "open": self.plan.open if self.plan else None,
             "active": self.gate.active if self.gate else None,
+            # When the gate may next open or close, and (while active) when the service
+            # leaves this server: for ``roam server status``.
+            "gate_until": round(self.gate.until, 6) if self.gate else None,
+            "leaves_at": self._leaves_at(),
             "connections": len(self.relay_server.relays) if self.relay_server else 0,
             "updates_sent": self.updates_sent,
             "control_rejected": self.control_rejected,
@@ -614,6 +618,10 @@ class ServerShim:
             "table": self.table,
             "updated": round(self.clock(), 6),
         }
+
+    def _leaves_at(self) -> float | None:
+        leaving = self.leaving_at()
+        return None if leaving is None else round(leaving, 6)
 
     def _write_status(self) -> None:
         if self.options.status_path is not None:

@@ -1,4 +1,5 @@
-"""``roam client status`` for people: the status file's JSON turned into a short summary.
+"""``roam client status`` and ``roam server status`` for people: the status file's JSON turned
+into a short summary.
 
 Times are shown relative to now ("ends in 3.2 s", "1.4 s ago"), the m schedule as "m = 3, then
 2 from epoch 50", the last roams one per line. ``--json`` prints the file as it is.
@@ -80,5 +81,46 @@ def client_summary(status: dict[str, Any], now: float) -> list[str]:
                 f"pause {'-' if pause is None else f'{pause:.1f} ms'}, "
                 f"{roam.get('bytes_replayed', 0)} bytes replayed"
             )
+    lines.append(f"status written {_ago(status.get('updated'), now)}")
+    return lines
+
+
+def _in(then: object, now: float) -> str:
+    return f"in {then - now:.1f} s" if isinstance(then, int | float) else "not known"
+
+
+def server_summary(status: dict[str, Any], now: float) -> list[str]:
+    lines = [
+        f"server {status.get('listen')} (pid {status.get('pid')}), service "
+        f"{status.get('service')}, migration {status.get('migration')}",
+    ]
+    gate = "open" if status.get("open") else "closed"
+    until = _in(status.get("gate_until"), now)
+    if status.get("active"):
+        leaves = status.get("leaves_at")
+        lines.append(
+            f"epoch {status.get('epoch')}: ACTIVE, gate {gate}; the service leaves "
+            f"{_in(leaves, now) if leaves is not None else 'not within the keys held'}"
+        )
+    else:
+        lines.append(f"epoch {status.get('epoch')}: inactive, gate {gate} (may change {until})")
+    revoked = status.get("revoked") or []
+    lines.append(
+        f"connections: {status.get('connections', 0)}; clients: {status.get('clients', '?')} "
+        f"(list generation {status.get('client_list_generation', '?')}), "
+        f"{len(revoked)} revoked"
+    )
+    lines.append(
+        f"updates sent: {status.get('updates_sent', 0)}; control messages rejected: "
+        f"{status.get('control_rejected', 0)}"
+    )
+    live = status.get("live")
+    if isinstance(live, dict):
+        counts = ", ".join(
+            f"{key.replace('_', ' ')} {value}"
+            for key, value in live.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)
+        )
+        lines.append(f"live: {counts}")
     lines.append(f"status written {_ago(status.get('updated'), now)}")
     return lines

@@ -82,20 +82,18 @@ def register(subparsers: Subparsers) -> None:
         help="check the options (and the deployment, the state file and --listen's place in "
         "the server list) and exit without starting ('roam doctor' checks the kernel)",
     )
-    server.add_argument("--deployment", required=True, type=Path, metavar="DIR")
+    server.add_argument("--deployment", type=Path, metavar="DIR", help="(required)")
     server.add_argument(
         "--listen",
-        required=True,
         type=endpoint,
         metavar="IP:PORT",
-        help="this server's entry in the deployment's server list",
+        help="(required) this server's entry in the deployment's server list",
     )
     server.add_argument(
         "--service",
-        required=True,
         type=endpoint,
         metavar="HOST:PORT",
-        help="the unmodified legacy service, normally on loopback",
+        help="(required) the unmodified legacy service, normally on loopback",
     )
     server.add_argument(
         "--migration",
@@ -196,6 +194,19 @@ def register(subparsers: Subparsers) -> None:
     server.add_argument("--quiet", action="store_true", help="no human log on stderr")
     server.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
     server.set_defaults(handler=run_server)
+    server_actions = server.add_subparsers(dest="server_command", metavar="ACTION")
+    server_status = server_actions.add_parser(
+        "status",
+        help="show a running server shim's status",
+        description="Epoch, whether this server is active and when the service leaves it, the "
+        "gate, connections, clients and the list's generation, updates sent and live-mode "
+        "counts, from the file the shim writes with --status; --json prints it as it is.",
+    )
+    server_status.add_argument(
+        "--status", dest="status_file", required=True, type=Path, metavar="FILE"
+    )
+    server_status.add_argument("--json", action="store_true")
+    server_status.set_defaults(handler=run_server_status)
 
     client = subparsers.add_parser(
         "client",
@@ -334,6 +345,14 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 def run_server(args: argparse.Namespace) -> int:
     import logging
 
+    missing = [
+        f"--{name}" for name in ("deployment", "listen", "service") if getattr(args, name) is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"the server needs {', '.join(missing)} (on the command line or in --config FILE)"
+        )
+
     from proxy.daemon import ServerOptions, ServerShim
 
     # The relay engine reports connection-level trouble through ``logging``.
@@ -408,6 +427,33 @@ def run_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_status(path: Path, kind: str) -> dict[str, Any]:
+    try:
+        status: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no {kind} shim is running ({path} does not exist)") from None
+    except PermissionError:
+        # 0600: it names the active server and the epoch ends.
+        raise ConfigError(f"{path} is readable only by the shim's user (run as it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not a status file") from None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or not Path(f"/proc/{pid}").exists():
+        raise ConfigError(f"the {kind} shim that wrote {path} (pid {pid}) is not running")
+    return status
+
+
+def run_server_status(args: argparse.Namespace) -> int:
+    from roam_cli.status import server_summary
+
+    status = _read_status(args.status_file, "server")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print("\n".join(server_summary(status, time.time())))
+    return 0
+
+
 def run_client_status(args: argparse.Namespace) -> int:
     from client_shim.daemon import default_status_path
 
@@ -416,16 +462,7 @@ def run_client_status(args: argparse.Namespace) -> int:
         if args.status_bundle is None:
             raise ConfigError("give --bundle FILE or --status FILE")
         path = default_status_path(load_bundle(args.status_bundle).name)
-    try:
-        status = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no client shim is running ({path} does not exist)") from None
-    except PermissionError:
-        # 0600: it names the active server and the epoch ends.
-        raise ConfigError(f"{path} is readable only by the shim's user (run as it)") from None
-    pid = status.get("pid")
-    if not isinstance(pid, int) or not Path(f"/proc/{pid}").exists():
-        raise ConfigError(f"the client shim that wrote {path} (pid {pid}) is not running")
+    status = _read_status(path, "client")
     if args.json:
         print(json.dumps(status, indent=2))
     else:
