@@ -107,6 +107,8 @@ class ClientShim:
         self.current: Epoch | None = None
         self.target: Endpoint | None = None
         self.accepted = 0
+        self.last_update: float | None = None  # when the last update was accepted
+        self.started = clock()
         self.rejected = 0
         self.last_rejection: str | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -312,6 +314,7 @@ class ClientShim:
             )
             return
         self.accepted += 1
+        self.last_update = now
         self.log.event(
             "update_accepted",
             source=f"{source[0]}:{source[1]}",
@@ -367,6 +370,10 @@ class ClientShim:
             "m": self.schedule.params.m.as_mapping(),
             "clock_offset": self.roaming.clock_offset,
             "updates_accepted": self.accepted,
+            # A client that hears no update for long was revoked, expired or is cut off:
+            # ``roam client status`` says so.
+            "last_update": None if self.last_update is None else round(self.last_update, 6),
+            "started": round(self.started, 6),
             "updates_rejected": self.rejected,
             "last_rejection": self.last_rejection,
             "table": self.table,

@@ -26,12 +26,18 @@ Clients learn the effect through their ordinary roaming updates.
   whole grow-only control state (revoked client ids; client id -> epoch of its first offence)
   to every other server once per sync period, padded to a size fixed by the deployment; the
   receiver merges it. Not acknowledged: the next period repeats it.
+* ``StateQuery()``: the operator's ``roam resync`` asks a server for its schedule state.
+* ``StateReport(counter, anchor_epoch, anchor_time, m)``: the answer to the query with that
+  counter: the server's anchor (``anchor_epoch`` 0: none, the deployment's start) and its
+  whole m schedule. The operator adopts it when its own record of threat changes and triggers
+  was lost (an interrupted command, another host).
 
 Plaintext: ``type u8`` then ``Threat: m u8 | from_epoch u64``; ``Trigger: leave u64 | next
 u64 | at i64 microseconds``; ``Revoke: client_id u32``; ``Ack: counter u64 | accepted u8``;
 ``Strike: client_id u32 | epoch u64``; ``Facts: revoked count u32 | strike count u32 |
 revoked ids u32... (ascending) | (client_id u32 | epoch u64)... (ascending ids) | zero
-padding``.
+padding``; ``StateQuery``: empty; ``StateReport: counter u64 | anchor epoch u64 | anchor at i64
+microseconds | initial m u8 | change count u16 | (from_epoch u64 | m u8)... (ascending)``.
 Sealed on the group channel (``Purpose.GROUP_CONTROL``, kind ``GROUP_CONTROL``) with context
 ``"control" || deployment id``; the operator's sender id is ``OPERATOR``, servers use their
 index.
@@ -45,7 +51,7 @@ from dataclasses import dataclass
 
 from migrate.channel import Freshness, Kind, Opened, Opener, Purpose, Sealer, derive_key
 from migrate.errors import MalformedMessageError, RoamError
-from migrate.schedule import check_m
+from migrate.schedule import Anchor, MSchedule, check_m
 
 OPERATOR = 0xFFFF_FFFF
 _THREAT = struct.Struct("!BQ")
@@ -55,6 +61,8 @@ _ACK = struct.Struct("!Q?")
 _STRIKE = struct.Struct("!IQ")
 _FACTS = struct.Struct("!II")
 _ID = struct.Struct("!I")
+_REPORT = struct.Struct("!QQqBH")
+_CHANGE = struct.Struct("!QB")
 MAX_FACTS_BYTES = 60_000  # a sealed Facts fits one datagram (MAX_MESSAGE_BYTES)
 
 
@@ -100,13 +108,76 @@ class Facts:
         return self.revoked, self.strikes
 
 
+@dataclass(frozen=True, slots=True)
+class StateQuery:
+    """The operator asks a server for its schedule state (answered by ``StateReport``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StateReport:
+    """A server's schedule state, answering the ``StateQuery`` with ``counter``."""
+
+    counter: int
+    anchor: Anchor | None
+    m: MSchedule
+
+
 def facts_size(revoked: int, strikes: int) -> int:
     """Encoded size of a ``Facts`` body with so many entries (type byte included)."""
     return 1 + _FACTS.size + revoked * _ID.size + strikes * _STRIKE.size
 
 
-ControlMessage = Threat | Trigger | Revoke | Ack | Strike | Facts
-_TYPES: dict[type, int] = {Threat: 1, Trigger: 2, Revoke: 3, Ack: 4, Strike: 5, Facts: 6}
+ControlMessage = Threat | Trigger | Revoke | Ack | Strike | Facts | StateQuery | StateReport
+_TYPES: dict[type, int] = {
+    Threat: 1,
+    Trigger: 2,
+    Revoke: 3,
+    Ack: 4,
+    Strike: 5,
+    Facts: 6,
+    StateQuery: 7,
+    StateReport: 8,
+}
+MAX_M_CHANGES = (MAX_FACTS_BYTES - 1 - _REPORT.size) // _CHANGE.size
+
+
+def _encode_report(message: StateReport) -> bytes:
+    anchor_epoch, anchor_us = (
+        (0, 0)
+        if message.anchor is None
+        else (
+            message.anchor.epoch,
+            round(message.anchor.time * 1e6),
+        )
+    )
+    changes = message.m.changes
+    if len(changes) > MAX_M_CHANGES:
+        raise MalformedMessageError(f"{len(changes)} m changes do not fit one datagram")
+    body = bytearray(
+        _REPORT.pack(message.counter, anchor_epoch, anchor_us, message.m.initial, len(changes))
+    )
+    for from_epoch, m in changes:
+        body += _CHANGE.pack(from_epoch, m)
+    return bytes(body)
+
+
+def _decode_report(body: bytes) -> StateReport:
+    if len(body) < _REPORT.size:
+        raise MalformedMessageError("state report is shorter than its header")
+    counter, anchor_epoch, anchor_us, initial, count = _REPORT.unpack_from(body)
+    if len(body) != _REPORT.size + count * _CHANGE.size:
+        raise MalformedMessageError(
+            f"state report of {len(body)} bytes does not hold {count} m changes"
+        )
+    changes = tuple(
+        _CHANGE.unpack_from(body, _REPORT.size + i * _CHANGE.size) for i in range(count)
+    )
+    try:
+        m = MSchedule(initial, changes)
+    except RoamError as error:
+        raise MalformedMessageError(f"state report: {error}") from None
+    anchor = None if anchor_epoch == 0 else Anchor(anchor_epoch, anchor_us / 1e6)
+    return StateReport(counter, anchor, m)
 
 
 def _encode_facts(message: Facts) -> bytes:
@@ -162,6 +233,10 @@ def encode_control(message: ControlMessage) -> bytes:
         body = _STRIKE.pack(message.client_id, message.epoch)
     elif isinstance(message, Facts):
         body = _encode_facts(message)
+    elif isinstance(message, StateQuery):
+        body = b""
+    elif isinstance(message, StateReport):
+        body = _encode_report(message)
     else:
         body = _ACK.pack(message.counter, message.accepted)
     return bytes([_TYPES[type(message)]]) + body
@@ -173,7 +248,16 @@ def decode_control(data: bytes) -> ControlMessage:
     kind, body = data[0], data[1:]
     if kind == 6:
         return _decode_facts(body)
-    sizes = {1: _THREAT.size, 2: _TRIGGER.size, 3: _REVOKE.size, 4: _ACK.size, 5: _STRIKE.size}
+    if kind == 8:
+        return _decode_report(body)
+    sizes = {
+        1: _THREAT.size,
+        2: _TRIGGER.size,
+        3: _REVOKE.size,
+        4: _ACK.size,
+        5: _STRIKE.size,
+        7: 0,
+    }
     if kind not in sizes:
         raise MalformedMessageError(f"unknown control message type {kind}")
     if len(body) != sizes[kind]:
@@ -201,6 +285,8 @@ def decode_control(data: bytes) -> ControlMessage:
         if client_id == 0:
             raise MalformedMessageError("revoke names client id 0")
         return Revoke(client_id)
+    if kind == 7:
+        return StateQuery()
     if kind == 5:
         client_id, epoch = _STRIKE.unpack(body)
         if client_id == 0 or epoch == 0:

@@ -50,6 +50,8 @@ from migrate.control import (
     ControlChannel,
     Facts,
     Revoke,
+    StateQuery,
+    StateReport,
     Strike,
     Threat,
     Trigger,
@@ -70,7 +72,14 @@ from proxy import relay
 from proxy.live import LiveMode
 from proxy.livecontext import LiveContext
 from proxy.modes import MigrationMode, ReconnectMode
-from proxy.rules import Contract, GatePlan, family_of, gate_table_body, gate_update_script
+from proxy.rules import (
+    Contract,
+    GatePlan,
+    contract_update_script,
+    family_of,
+    gate_table_body,
+    gate_update_script,
+)
 from proxy.transparent import connect_plain, connect_transparent
 from roam_cli.store import DeploymentDir
 
@@ -290,11 +299,12 @@ class ServerShim:
     # -- rate contracts ----------------------------------------------------------------------
 
     async def _watch_contracts(self) -> None:
-        contracts = {c.counter: c for c in self._contracts()}
-        if not contracts:
-            return
         while not self._stop.is_set():
             await asyncio.sleep(CONTRACT_POLL_S)
+            # Asked each time: a reload (SIGHUP) may bring clients with contracts.
+            contracts = {c.counter: c for c in self._contracts()}
+            if not contracts:
+                continue
             try:
                 values = await asyncio.to_thread(nft.counters, self.family, self.table)
             except RoamError as error:
@@ -432,13 +442,19 @@ class ServerShim:
             )
             return
         self.control.accept(opened)
-        if isinstance(message, Ack):
+        if isinstance(message, Ack | StateReport):
             return
         if isinstance(message, Facts):
             self._merge(sender, message, origin)
             return
-        accepted = self._apply_control(message, origin)
-        reply = self.control.seal(Ack(opened.header.counter, accepted), self.clock())
+        if isinstance(message, StateQuery):
+            # ``roam resync``: the operator lost its record of threat changes and triggers.
+            answer: Ack | StateReport = StateReport(
+                opened.header.counter, self.pool.state.anchor, self.pool.schedule.params.m
+            )
+        else:
+            answer = Ack(opened.header.counter, self._apply_control(message, origin))
+        reply = self.control.seal(answer, self.clock())
         if len(self._acks) >= 64:
             self._acks.pop(next(iter(self._acks)))
         self._acks[data[:HEADER_BYTES]] = (reply, source)
@@ -516,6 +532,61 @@ class ServerShim:
     def _persist(self) -> None:
         write_private(self.state_path, self.pool.state.encode())
 
+    # -- reload (SIGHUP, ``roam reload``) ------------------------------------------------------
+
+    def reload_clients(self) -> None:
+        """Re-read ``clients.sealed``: clients subscribed (or revoked) since the start are let
+        in (or out) at once. Only the gate's address sets, contracts and the update sealers
+        change; established connections and the live mode's state are left as they are. A
+        list that does not open, belongs to another deployment or is older than the one in
+        use is refused, logged, and the running list kept."""
+        path = self.options.deployment_dir / "clients.sealed"
+        try:
+            clients = DeploymentDir(self.options.deployment_dir).clients(self.secret)
+        except (RoamError, OSError) as error:
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            self.log.event("reload_failed", level="error", path=str(path), reason=reason)
+            return
+        old = self.pool.clients
+        if clients.generation < old.generation:
+            self.log.event(
+                "reload_failed",
+                level="error",
+                path=str(path),
+                reason=f"generation {clients.generation} is older than the running list's "
+                f"{old.generation}",
+            )
+            return
+        known = {c.client_id: c for c in old.clients}
+        added = [c for c in clients.clients if c.client_id not in known]
+        revoked = [
+            c for c in clients.clients if c.revoked and not known.get(c.client_id, c).revoked
+        ]
+        for client in added:
+            self.sealers[client.client_id] = update_sealer(
+                client.channel_key,
+                self.deployment.deployment_id,
+                client.client_id,
+                self.pool.index,
+            ).keep_counters(self.counter_floor)
+        contracts = self._contracts()
+        self.pool.clients = clients
+        if self.instance is not None and self.gate is not None and self._contracts() != contracts:
+            try:
+                nft.apply(contract_update_script(self.table, self._plan(self.gate)))
+            except RoamError as error:
+                self._fail(error)  # as for any gate the kernel refuses (``_tick``)
+                return
+        self.log.event(
+            "clients_reloaded",
+            generation=clients.generation,
+            clients=len(clients.clients),
+            added=[c.name for c in added],
+            revoked=[c.name for c in revoked],
+        )
+        if self.instance is not None:
+            self._tick()  # the gate's sets now, not at the next boundary
+
     # -- status ------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
@@ -527,14 +598,24 @@ class ServerShim:
             "epoch": self.epoch,
             "open": self.plan.open if self.plan else None,
             "active": self.gate.active if self.gate else None,
+            # When the gate may next open or close, and (while active) when the service
+            # leaves this server: for ``roam server status``.
+            "gate_until": round(self.gate.until, 6) if self.gate else None,
+            "leaves_at": self._leaves_at(),
             "connections": len(self.relay_server.relays) if self.relay_server else 0,
             "updates_sent": self.updates_sent,
             "control_rejected": self.control_rejected,
             "live": self.mode.status() if self.mode is not None else None,
             "revoked": sorted(self.pool.state.revoked),
+            "clients": len(self.pool.clients.clients),
+            "client_list_generation": self.pool.clients.generation,
             "table": self.table,
             "updated": round(self.clock(), 6),
         }
+
+    def _leaves_at(self) -> float | None:
+        leaving = self.leaving_at()
+        return None if leaving is None else round(leaving, 6)
 
     def _write_status(self) -> None:
         if self.options.status_path is not None:
@@ -633,6 +714,7 @@ class ServerShim:
             raise
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self._stop.set)
+        loop.add_signal_handler(signal.SIGHUP, self.reload_clients)
         # Startup sweep: leftovers of instances that died without cleaning up.
         for line in await asyncio.to_thread(sweep_dead):
             self.log.event("swept", detail=line)
@@ -702,7 +784,7 @@ class ServerShim:
                     self.options.status_path.unlink()
             failed = self._failure is not None or sys.exc_info()[0] is not None
             self.log.event("stop", reason="error" if failed else "signal")
-            for signum in (signal.SIGTERM, signal.SIGINT):
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(signum)
         if self._failure is not None:
             raise self._failure

@@ -164,3 +164,19 @@ def gate_update_script(table: str, plan: GatePlan) -> str:
     lines.append(f"flush chain {family} {table} quiet")
     lines.extend(f"add rule {family} {table} quiet {rule}" for rule in _outbound_rules(plan))
     return "\n".join(lines) + "\n"
+
+
+def contract_update_script(table: str, plan: GatePlan) -> str:
+    """One transaction that brings an existing gate table's contracts to ``plan``'s (after a
+    reload of the client list): counters and the chain are added if missing (``add`` keeps
+    existing ones and their counts), the rules rewritten. Not run at epoch boundaries: it
+    refills every client's rate bucket."""
+    family = family_of(plan.listen)
+    lines = [f"add counter {family} {table} {c.counter}" for c in plan.contracts]
+    lines.append(
+        f"add chain {family} {table} contract "
+        "{ type filter hook prerouting priority mangle; policy accept; }"
+    )
+    lines.append(f"flush chain {family} {table} contract")
+    lines.extend(f"add rule {family} {table} contract {rule}" for rule in _contract_rules(plan))
+    return "\n".join(lines) + "\n"

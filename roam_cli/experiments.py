@@ -154,6 +154,10 @@ def register_experiments(commands: Any) -> None:
 def run_fig2(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from roam_cli.extras import require
+
+    require("matplotlib", "rich", "scapy")  # the figure comes at the end of an hour's run
+
     from labs.experiments.fig2 import Fig2Options, run_fig2
     from labs.experiments.poisson import PaperParams, configurations
     from labs.experiments.report import acceptance, markdown_table
@@ -190,6 +194,9 @@ def run_fig2(args: argparse.Namespace) -> int:
 
 
 def run_overhead(args: argparse.Namespace) -> int:
+    from roam_cli.extras import require
+
+    require("matplotlib", "rich", "scapy")
     from labs.experiments.overhead import OverheadOptions, run_overhead
 
     with _RichProgress() as progress:

@@ -7,7 +7,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 packages=(
   nftables iptables conntrack iproute2 ethtool iputils-ping procps   # kernel plumbing
-  libnetfilter-queue-dev build-essential python3-dev                 # to build netfilterqueue
+  build-essential python3-dev                                        # to build Python extensions
   iperf3 curl tcpdump redis-tools                                    # real clients
   nginx-light redis-server haproxy                                   # real services, baseline
 )

@@ -8,7 +8,6 @@ that the kernel destroys when the probe exits.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import socket
@@ -22,7 +21,6 @@ from migrate.kernel import libnft, nft, sockopts
 
 CAP_NET_ADMIN: Final = 12
 CAP_SYS_ADMIN: Final = 21
-NFQUEUE_PROC: Final = Path("/proc/net/netfilter/nfnetlink_queue")
 PROBE_TIMEOUT_S: Final = 10.0
 
 
@@ -98,35 +96,26 @@ def check_nftables() -> Check:
     return Check("nftables", True, True, "scratch table created, read back (JSON) and deleted")
 
 
-def _free_queue_number() -> int:
-    used = set()
-    with contextlib.suppress(OSError):
-        for line in NFQUEUE_PROC.read_text().splitlines():
-            fields = line.split()
-            if fields and fields[0].isdigit():
-                used.add(int(fields[0]))
-    return next(n for n in range(65535, 0, -1) if n not in used)
+NFLOG_PROBE_GROUPS: Final = 8  # groups tried: another reader may hold one
 
 
-def check_nfqueue() -> Check:
-    fix = "modprobe nfnetlink_queue; pip install netfilterqueue (needs libnetfilter-queue-dev)"
-    try:
-        from netfilterqueue import NetfilterQueue
-    except ImportError as error:
-        return Check("nfqueue", False, True, f"python netfilterqueue missing: {error}", fix)
-    number = _free_queue_number()
-    queue = NetfilterQueue()
-    try:
-        queue.bind(number, lambda packet: None)
-    except OSError as error:
-        loaded = "loaded" if NFQUEUE_PROC.exists() else "not loaded"
-        return Check(
-            "nfqueue", False, True, f"cannot bind queue {number} ({error}; module {loaded})", fix
-        )
-    finally:
-        with contextlib.suppress(Exception):
-            queue.unbind()
-    return Check("nfqueue", True, True, f"bound and released queue {number} (nfnetlink_queue)")
+def check_nflog() -> Check:
+    """The client shim's live mode reads the packets it checkpoints from an NFLOG group
+    (``migrate.kernel.nflog``; docs/architecture.md: this kernel has no nft ``queue``)."""
+    from migrate.kernel.nflog import NflogError, NflogReader
+
+    fix = "modprobe nfnetlink_log (CONFIG_NETFILTER_NETLINK_LOG); run as root"
+    base = 40000 + os.getpid() % 20000
+    error: NflogError | None = None
+    for group in range(base, base + NFLOG_PROBE_GROUPS):
+        try:
+            reader = NflogReader.open(group)
+        except NflogError as failed:
+            error = failed
+            continue
+        reader.close()
+        return Check("nflog", True, True, f"bound and released NFLOG group {group}")
+    return Check("nflog", False, True, f"cannot bind an NFLOG group: {error}", fix)
 
 
 def _own_tcp_repair_probe() -> str | None:
@@ -273,7 +262,7 @@ CHECKS: Final[tuple[Callable[[], Check], ...]] = (
     check_privileges,
     check_nftables,
     check_libnftables,
-    check_nfqueue,
+    check_nflog,
     check_tcp_repair,
     check_ip_transparent,
     check_splice,

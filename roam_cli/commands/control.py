@@ -17,13 +17,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from migrate.channel import CounterFloor
-from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
+from migrate.control import (
+    OPERATOR,
+    Ack,
+    ControlChannel,
+    ControlMessage,
+    Revoke,
+    StateQuery,
+    StateReport,
+    Threat,
+    Trigger,
+)
 from migrate.errors import ConfigError, RoamError
 from migrate.kernel.files import write_private
 from migrate.pool import PoolState, ServerPool
 from migrate.schedule import check_m
 from migrate.strictjson import dump_object, parse_object
 from roam_cli.args import positive_int, positive_seconds
+from roam_cli.recorded import latest_state
 from roam_cli.store import DeploymentDir
 
 if TYPE_CHECKING:
@@ -64,6 +75,19 @@ def register(subparsers: Subparsers) -> None:
     trigger.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
     trigger.set_defaults(handler=run_trigger)
 
+    resync = subparsers.add_parser(
+        "resync",
+        help="record the servers' current schedule state (threat changes, triggers) here",
+        description="Ask every server for its schedule state (its anchor from the last trigger "
+        "and its m schedule) and record it in DIR/state/operator.json, which 'roam threat', "
+        "'trigger', 'inspect', 'schedule' and 'subscribe' read. Needed when that file is "
+        "behind the servers (a command cut short, a change made from another host). Refuses, "
+        "recording nothing, if no server answers or the servers disagree.",
+    )
+    resync.add_argument("directory", metavar="DIR", type=Path)
+    resync.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
+    resync.set_defaults(handler=run_resync)
+
 
 COUNTER_FORMAT = "server-roaming/operator-counter"
 
@@ -102,17 +126,6 @@ def operator_counters(directory: Path) -> CounterFloor:
     return CounterFloor(floor, save)
 
 
-def _latest_state(directory: Path) -> PoolState | None:
-    """The most recent view of the pool's run-time state this host has."""
-    candidates = sorted((directory / "state").glob("*.json"), key=lambda path: path.stat().st_mtime)
-    for path in reversed(candidates):
-        try:
-            return PoolState.decode(path.read_bytes())
-        except RoamError:
-            continue
-    return None
-
-
 def _operator_pool(directory: DeploymentDir) -> ServerPool:
     deployment = directory.deployment()
     secret = directory.secret()
@@ -121,23 +134,24 @@ def _operator_pool(directory: DeploymentDir) -> ServerPool:
         secret,
         directory.clients(secret),
         deployment.servers[0],
-        _latest_state(directory.path),
+        latest_state(directory.path),
     )
 
 
-def send_to_pool(
+def exchange(
     directory: DeploymentDir,
-    message: Threat | Trigger | Revoke,
+    message: ControlMessage,
     control_port: int,
     attempts: int = ATTEMPTS,
-) -> dict[str, str]:
+) -> dict[str, ControlMessage | None]:
     """Send ``message`` to every server, each attempt (``ATTEMPT_TIMEOUT_S``) to those that
-    have not answered yet; returns server -> "applied" | "refused" | "no answer"."""
+    have not answered yet; returns server -> its authenticated answer (an ``Ack`` or a
+    ``StateReport`` naming the message's counter), or None if none came."""
     deployment = directory.deployment()
     secret = directory.secret()
     channel = ControlChannel(secret.group_key, deployment.deployment_id, OPERATOR)
     channel.sealer.keep_counters(operator_counters(directory.path))
-    results = {str(server): "no answer" for server in deployment.servers}
+    answers: dict[str, ControlMessage | None] = {str(server): None for server in deployment.servers}
     family = socket.AF_INET6 if deployment.vip.version == 6 else socket.AF_INET
     with socket.socket(family, socket.SOCK_DGRAM) as sock:
         sock.setblocking(False)
@@ -146,30 +160,43 @@ def send_to_pool(
         data = channel.seal(message, time.time())
         counter = channel.sealer.last_counter
         for _attempt in range(attempts):
-            pending = [s for s in deployment.servers if results[str(s)] == "no answer"]
+            pending = [s for s in deployment.servers if answers[str(s)] is None]
             if not pending:
                 break
             for server in pending:
                 sock.sendto(data, (str(server.address), control_port))
             deadline = time.monotonic() + ATTEMPT_TIMEOUT_S
-            while time.monotonic() < deadline and any(
-                results[str(s)] == "no answer" for s in pending
-            ):
+            while time.monotonic() < deadline and any(answers[str(s)] is None for s in pending):
                 ready, _, _ = select.select([sock], [], [], max(0.0, deadline - time.monotonic()))
                 if not ready:
                     break
-                reply, _source = sock.recvfrom(2048)
+                reply, _source = sock.recvfrom(65536)
                 try:
-                    opened, ack = channel.open(reply, time.time())
+                    opened, answer = channel.open(reply, time.time())
                 except RoamError:
                     continue
-                if not isinstance(ack, Ack) or ack.counter != counter:
+                if not isinstance(answer, Ack | StateReport) or answer.counter != counter:
                     continue
                 channel.accept(opened)
                 if opened.header.sender < len(deployment.servers):
-                    server = deployment.servers[opened.header.sender]
-                    results[str(server)] = "applied" if ack.accepted else "refused"
-    return results
+                    answers[str(deployment.servers[opened.header.sender])] = answer
+    return answers
+
+
+def send_to_pool(
+    directory: DeploymentDir,
+    message: Threat | Trigger | Revoke,
+    control_port: int,
+    attempts: int = ATTEMPTS,
+) -> dict[str, str]:
+    """``exchange`` a control message; returns server -> "applied" | "refused" | "no answer"."""
+    outcomes = {}
+    for server, answer in exchange(directory, message, control_port, attempts).items():
+        if isinstance(answer, Ack):
+            outcomes[server] = "applied" if answer.accepted else "refused"
+        else:
+            outcomes[server] = "no answer"
+    return outcomes
 
 
 def _report(results: dict[str, str], what: str) -> int:
@@ -189,6 +216,22 @@ def _save_operator_state(directory: DeploymentDir, pool: ServerPool) -> None:
     write_private(path, pool.state.encode())
 
 
+def _record(
+    directory: DeploymentDir,
+    pool: ServerPool,
+    message: Threat | Trigger,
+    now: float,
+    results: dict[str, str],
+) -> None:
+    """Record what the servers applied before anything is reported: a report cut short (a
+    closed standard output, ^C) must not leave this host's view of the schedule behind the
+    servers', or every later trigger is refused. One server that applied it is enough: its
+    schedule changed, and the others are refused until they agree (``roam resync``)."""
+    if "applied" in results.values():
+        pool.apply(message, now)
+        _save_operator_state(directory, pool)
+
+
 def run_threat(args: argparse.Namespace) -> int:
     directory = DeploymentDir(args.deployment)
     pool = _operator_pool(directory)
@@ -206,10 +249,9 @@ def run_threat(args: argparse.Namespace) -> int:
         f"m = {args.m} from epoch {from_epoch} (starts at "
         f"{pool.schedule.start_of(from_epoch):.3f}; now in epoch {current})"
     )
-    status = _report(send_to_pool(directory, message, args.control_port), "the threat change")
-    pool.apply(message, now)
-    _save_operator_state(directory, pool)
-    return status
+    results = send_to_pool(directory, message, args.control_port)
+    _record(directory, pool, message, now, results)
+    return _report(results, "the threat change")
 
 
 def run_trigger(args: argparse.Namespace) -> int:
@@ -221,7 +263,47 @@ def run_trigger(args: argparse.Namespace) -> int:
         f"leaving epoch {message.leave_epoch} on {pool.schedule.server_for(message.leave_epoch)}"
         f" for epoch {message.next_epoch} on {pool.schedule.server_for(message.next_epoch)}"
     )
-    status = _report(send_to_pool(directory, message, args.control_port), "the trigger")
-    pool.apply(message, now)
-    _save_operator_state(directory, pool)
-    return status
+    results = send_to_pool(directory, message, args.control_port)
+    _record(directory, pool, message, now, results)
+    return _report(results, "the trigger")
+
+
+def _describe(report: StateReport) -> str:
+    anchor = (
+        "no trigger (anchored at the start)"
+        if report.anchor is None
+        else f"anchored at epoch {report.anchor.epoch} from {report.anchor.time:.6f}"
+    )
+    changes = ", ".join(f"m = {m} from epoch {e}" for e, m in report.m.changes)
+    return f"{anchor}; m = {report.m.initial}" + (f", then {changes}" if changes else "")
+
+
+def run_resync(args: argparse.Namespace) -> int:
+    directory = DeploymentDir(args.directory)
+    deployment = directory.deployment()
+    answers = exchange(directory, StateQuery(), args.control_port)
+    reports = {s: a for s, a in answers.items() if isinstance(a, StateReport)}
+    for server, answer in answers.items():
+        print(f"{server}: {_describe(answer) if isinstance(answer, StateReport) else 'no answer'}")
+    if not reports:
+        raise ConfigError(
+            "no server answered; nothing recorded (run it where every server's control port "
+            f"{args.control_port}/udp is reachable)"
+        )
+    states = {(r.anchor, r.m) for r in reports.values()}
+    if len(states) > 1:
+        raise ConfigError(
+            "the servers disagree on the schedule; nothing recorded (see their logs; run "
+            "'roam resync' again once they agree)"
+        )
+    anchor, m = states.pop()
+    previous = latest_state(directory.path)
+    state = PoolState(deployment.deployment_id, anchor, m)
+    if previous is not None and previous.deployment_id == deployment.deployment_id:
+        state.revoked = set(previous.revoked)
+    path = operator_state_path(directory.path)
+    write_private(path, state.encode())
+    missing = [server for server, answer in answers.items() if answer is None]
+    note = f" ({len(missing)} server(s) did not answer)" if missing else ""
+    print(f"recorded in {path}{note}")
+    return 0

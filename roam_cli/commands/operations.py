@@ -14,8 +14,9 @@ def register(subparsers: Subparsers) -> None:
     doctor = subparsers.add_parser(
         "doctor",
         help="check that this host has the kernel features the shims and labs need",
-        description="Probe privileges, nftables, NFQUEUE, TCP_REPAIR, IP_TRANSPARENT, splice, "
-        "policy routing with port selectors and netem; one line per check with how to fix "
+        description="Probe privileges, nftables, libnftables, NFLOG, TCP_REPAIR, "
+        "IP_TRANSPARENT, splice, policy routing with port selectors and netem; one line per "
+        "check with how to fix "
         "what is missing. Exit status 1 if a required feature is missing.",
     )
     doctor.add_argument(

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,13 @@ from roam_cli.args import (
     seconds,
     server_list,
     unix_time,
+)
+from roam_cli.recorded import (
+    bundle_schedule,
+    bundle_state_path,
+    current_m,
+    deployment_schedule,
+    recorded_state,
 )
 from roam_cli.store import DeploymentDir, random_bytes, read_file, write_new
 
@@ -158,9 +166,13 @@ def register(subparsers: Subparsers) -> None:
 
     revoke = subparsers.add_parser(
         "revoke",
-        help="revoke a client: it gets no further key extensions",
-        description="Mark NAME revoked in the legitimate-client list. Keys it already holds "
-        "stay valid until their last epoch (the chain is one-way); nothing later is granted.",
+        help="revoke a client: every server refuses it from now on",
+        description="Mark NAME revoked in the legitimate-client list and tell every running "
+        "server: each server's gate drops the client's packets as soon as it applies the "
+        "revocation (within seconds; a server that misses it learns it from the others), "
+        "the servers stop sending it roaming updates and key extensions and refuse its "
+        "hand-overs. The keys it holds still compute the schedule (the chain is one-way), "
+        "but no server lets it in.",
     )
     revoke.add_argument("directory", metavar="DIR", type=Path)
     revoke.add_argument("name", metavar="NAME")
@@ -168,8 +180,8 @@ def register(subparsers: Subparsers) -> None:
         "--no-notify",
         dest="notify",
         action="store_false",
-        help="only change the list; do not tell running servers (they learn it from a "
-        "server that reads the list at start, through anti-entropy)",
+        help="only change the list; do not tell running servers (they learn it when they "
+        "re-read the list: 'roam reload' or a restart, and then from each other)",
     )
     revoke.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
     revoke.set_defaults(handler=run_revoke)
@@ -177,7 +189,8 @@ def register(subparsers: Subparsers) -> None:
     inspect = subparsers.add_parser(
         "inspect",
         help="show a deployment, bundle or share without printing secrets",
-        description="Show what PATH (a deployment directory, a bundle or a key share) holds. "
+        description="Show what PATH (a deployment directory, a bundle, a client's saved state "
+        "BUNDLE.state or a key share) holds. "
         "Secrets appear only as fingerprints.",
     )
     inspect.add_argument("path", metavar="PATH", type=Path)
@@ -306,7 +319,10 @@ def run_subscribe(args: argparse.Namespace) -> int:
                 f"--address {address} is already subscribed as client {holder.name!r}; "
                 "revoke it first or give this client its own address"
             )
-        bundle = Bundle.issue(deployment, secret, record, random_bytes)
+        # The bundle carries the m schedule as it runs now (recorded threat changes), so its
+        # client starts on the servers' schedule rather than waiting for its first update.
+        current = replace(deployment, m=current_m(directory, deployment))
+        bundle = Bundle.issue(current, secret, record, random_bytes)
         if args.chain_index:
             bundle = bundle.with_index(random_bytes, _Progress(2 * (bundle.key_index - 1)))
         write_new(args.out, bundle.encode())
@@ -331,7 +347,7 @@ def run_revoke(args: argparse.Namespace) -> int:
         secret = directory.secret()
         clients = directory.clients(secret).revoke(args.name)
         directory.save_clients(clients, secret)
-    print(f"revoked {args.name}: no further key extensions")
+    print(f"revoked {args.name}: every server that applies it refuses the client from now on")
     if args.notify:
         # Running servers loaded the list at start; tell them now, retrying each second until
         # each answers (UDP may lose the message or the answer). Servers also pass their
@@ -367,6 +383,10 @@ def _deployment_summary(deployment: Deployment) -> dict[str, Any]:
 
 
 def _current_epoch(schedule: EpochSchedule, now: float) -> dict[str, Any] | str:
+    first = schedule.anchor
+    if first.epoch == 1 and now < first.time:
+        # Right after ``roam init`` (its --start is in the future, or now rounded up).
+        return f"not started: epoch 1 starts in {first.time - now:.1f} s"
     try:
         epoch = schedule.epoch_at(now)
     except RoamError as error:
@@ -385,7 +405,15 @@ def inspect_deployment(directory: DeploymentDir) -> dict[str, Any]:
         "chain_key": f"fingerprint {fingerprint(secret.chain_key)}",
         "group_key": f"fingerprint {fingerprint(secret.group_key)}",
     }
-    schedule = EpochSchedule(secret.chain(deployment.chain_length), deployment.schedule_params())
+    schedule = deployment_schedule(directory, deployment, secret)
+    state = recorded_state(directory, deployment)
+    if state is not None:
+        info["recorded"] = {
+            "m": schedule.params.m.as_mapping(),
+            "anchor": "none"
+            if state.anchor is None
+            else {"epoch": state.anchor.epoch, "time": state.anchor.time},
+        }
     info["now"] = _current_epoch(schedule, time.time())
     clients = directory.clients(secret)
     info["client_list_generation"] = clients.generation
@@ -397,7 +425,8 @@ def inspect_deployment(directory: DeploymentDir) -> dict[str, Any]:
             "roaming_port": client.roaming_port,
             "until_epoch": client.until_epoch,
             "lease_epochs": client.lease_epochs,
-            "expires_epoch": client.expires_epoch,
+            # 0 in the list means the chain's end: show the epoch it is.
+            "expires_epoch": client.expires_epoch or deployment.chain_length,
             "rate_kbit": client.rate_kbit,
             "revoked": client.revoked,
             "channel_key": f"fingerprint {fingerprint(client.channel_key)}",
@@ -407,7 +436,7 @@ def inspect_deployment(directory: DeploymentDir) -> dict[str, Any]:
     return info
 
 
-def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
+def inspect_bundle(bundle: Bundle, path: Path | None = None) -> dict[str, Any]:
     info: dict[str, Any] = {
         "kind": "bundle",
         "deployment_id": bundle.deployment_id.hex(),
@@ -427,10 +456,33 @@ def inspect_bundle(bundle: Bundle) -> dict[str, Any]:
         "delta": bundle.delta,
         "gamma": bundle.gamma,
     }
-    info["now"] = _current_epoch(
-        EpochSchedule(bundle.chain(), bundle.schedule_params()), time.time()
-    )
+    state_path = None if path is None else bundle_state_path(path)
+    schedule = bundle_schedule(bundle, state_path)
+    if state_path is not None and state_path.exists():
+        info["state"] = {
+            "path": str(state_path),
+            "key_index": schedule.chain.held_index,
+            "m": schedule.params.m.as_mapping(),
+        }
+    info["now"] = _current_epoch(schedule, time.time())
     return info
+
+
+def inspect_client_state(data: bytes) -> dict[str, Any]:
+    """A client shim's saved state (``BUNDLE.state``): what it holds beyond its bundle."""
+    from client_shim.state import ClientState
+
+    state = ClientState.decode(data)
+    return {
+        "kind": "client state",
+        "deployment_id": state.deployment_id.hex(),
+        "client_id": state.client_id,
+        "key_index": state.key_index,
+        "chain_key": f"fingerprint {fingerprint(state.chain_key)}",
+        "m": state.m.as_mapping(),
+        "update_senders_seen": len(state.counters),
+        "counter_floor": state.counter_floor,
+    }
 
 
 def inspect_share(share: Share) -> dict[str, Any]:
@@ -456,14 +508,18 @@ def inspect_path(path: Path) -> dict[str, Any]:
     kind = document.get("format") if isinstance(document, dict) else None
     try:
         if kind == "server-roaming/bundle":
-            return inspect_bundle(Bundle.decode(data))
+            return inspect_bundle(Bundle.decode(data), path)
         if kind == "server-roaming/share":
             return inspect_share(Share.decode(data))
         if kind == "server-roaming/deployment":
             return inspect_deployment(DeploymentDir(path.parent))
+        if kind == "server-roaming/client-state":
+            return inspect_client_state(data)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
-    raise ConfigError(f"{path}: not a server-roaming deployment, bundle or share")
+    raise ConfigError(
+        f"{path}: not a server-roaming deployment, bundle, client state (BUNDLE.state) or share"
+    )
 
 
 def _print_human(info: dict[str, Any], indent: str = "") -> None:

@@ -13,6 +13,7 @@ from migrate.errors import ConfigError
 from migrate.hashchain import KEY_BYTES, MAX_CHAIN_LENGTH, KeyChain
 from migrate.schedule import EpochSchedule, MSchedule, ScheduleParams, check_m
 from roam_cli.args import positive_int, positive_seconds, server_list, unix_time
+from roam_cli.recorded import bundle_schedule, bundle_state_path, deployment_schedule
 from roam_cli.store import DeploymentDir, load_bundle
 
 EXPLICIT = ("chain_key", "key_index", "m", "tick", "start", "servers")
@@ -51,6 +52,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     files = parser.add_argument_group("key material (from a file)")
     files.add_argument("--deployment", metavar="DIR", type=Path, help="a deployment directory")
     files.add_argument("--bundle", metavar="FILE", type=Path, help="a client bundle")
+    files.add_argument(
+        "--state",
+        metavar="FILE",
+        type=Path,
+        help="with --bundle: the client's saved key extensions and m changes (default "
+        "FILE.state beside the bundle, if it exists)",
+    )
     parser.add_argument(
         "--from",
         dest="first",
@@ -117,12 +125,26 @@ def _schedule(args: argparse.Namespace) -> EpochSchedule:
             flag = _flag(given[0])
             raise ConfigError(f"{flag} cannot be combined with --deployment or --bundle")
         if args.deployment is not None:
+            if args.state is not None:
+                raise ConfigError("--state goes with --bundle (a deployment's is in DIR/state)")
             directory = DeploymentDir(args.deployment)
             deployment = directory.deployment()
-            chain = directory.secret_with_index().chain(deployment.chain_length)
-            return EpochSchedule(chain, deployment.schedule_params())
+            args.held_why = "the chain's last epoch"
+            # With the threat changes and triggers recorded in DIR/state (roam threat, trigger,
+            # resync): the schedule the servers run, not the one created.
+            return deployment_schedule(directory, deployment, directory.secret_with_index())
         bundle = load_bundle(args.bundle)
-        return EpochSchedule(bundle.chain(), bundle.schedule_params())
+        state = args.state if args.state is not None else bundle_state_path(args.bundle)
+        if args.state is not None and not args.state.exists():
+            raise ConfigError(f"--state {args.state} does not exist")
+        schedule = bundle_schedule(bundle, state)
+        if schedule.chain.held_index > bundle.key_index:
+            args.held_why = f"the client's last key, extended online ({state})"
+        else:
+            args.held_why = f"the client's last key, from its bundle (--until-epoch; no {state})"
+            if state.exists():
+                args.held_why = f"the client's last key ({state} holds no extension)"
+        return schedule
     missing = [name for name in EXPLICIT if name not in given]
     if missing:
         flags = ", ".join(_flag(name) for name in missing)
@@ -145,13 +167,16 @@ def _schedule(args: argparse.Namespace) -> EpochSchedule:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.state is not None and args.bundle is None and args.deployment is None:
+        raise ConfigError("--state goes with --bundle")
     schedule = _schedule(args)
     if args.at is not None and args.first is not None:
         raise ConfigError("give either --from or --at, not both")
     first = schedule.epoch_at(args.at).index if args.at is not None else (args.first or 1)
     held = schedule.chain.held_index
     if first > held:
-        raise ConfigError(f"epoch {first} is after the last key held (epoch {held})")
+        why = getattr(args, "held_why", "the key given")
+        raise ConfigError(f"epoch {first} is after the last key held (epoch {held}: {why})")
     last = min(held, first + args.count - 1)
     epochs = list(schedule.epochs(first, last - first + 1))  # all computed before printing
     lines = []
@@ -171,6 +196,14 @@ def run(args: argparse.Namespace) -> int:
     if not args.json:
         print(f"{'epoch':>8}  {'start':>16}  {'length':>10}  server")
     print("\n".join(lines))
+    if len(epochs) < args.count:
+        # After the output, on stderr: the rows stop early for a reason the reader must see.
+        why = getattr(args, "held_why", "the key given")
+        print(
+            f"roam: note: {len(epochs)} of {args.count} epochs printed: epoch {held} is the "
+            f"last one held ({why})",
+            file=sys.stderr,
+        )
     if getattr(args, "chain_key_deprecated", False):
         # After the output, so that an error stays one line.
         print(DEPRECATED_CHAIN_KEY, file=sys.stderr)

@@ -68,20 +68,32 @@ def register(subparsers: Subparsers) -> None:
         "roaming updates and take group control messages. Runs until SIGTERM/SIGINT; removes "
         "everything it created on exit.",
     )
-    server.add_argument("--deployment", required=True, type=Path, metavar="DIR")
+    server.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of options: each key is a long option below without its dashes "
+        '(listen = "192.0.2.1:80", update-period = 2, quiet = true); options given on the '
+        "command line override it",
+    )
+    server.add_argument(
+        "--check-config",
+        action="store_true",
+        help="check the options (and the deployment, the state file and --listen's place in "
+        "the server list) and exit without starting ('roam doctor' checks the kernel)",
+    )
+    server.add_argument("--deployment", type=Path, metavar="DIR", help="(required)")
     server.add_argument(
         "--listen",
-        required=True,
         type=endpoint,
         metavar="IP:PORT",
-        help="this server's entry in the deployment's server list",
+        help="(required) this server's entry in the deployment's server list",
     )
     server.add_argument(
         "--service",
-        required=True,
         type=endpoint,
         metavar="HOST:PORT",
-        help="the unmodified legacy service, normally on loopback",
+        help="(required) the unmodified legacy service, normally on loopback",
     )
     server.add_argument(
         "--migration",
@@ -182,6 +194,19 @@ def register(subparsers: Subparsers) -> None:
     server.add_argument("--quiet", action="store_true", help="no human log on stderr")
     server.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
     server.set_defaults(handler=run_server)
+    server_actions = server.add_subparsers(dest="server_command", metavar="ACTION")
+    server_status = server_actions.add_parser(
+        "status",
+        help="show a running server shim's status",
+        description="Epoch, whether this server is active and when the service leaves it, the "
+        "gate, connections, clients and the list's generation, updates sent and live-mode "
+        "counts, from the file the shim writes with --status; --json prints it as it is.",
+    )
+    server_status.add_argument(
+        "--status", dest="status_file", required=True, type=Path, metavar="FILE"
+    )
+    server_status.add_argument("--json", action="store_true")
+    server_status.set_defaults(handler=run_server_status)
 
     client = subparsers.add_parser(
         "client",
@@ -189,6 +214,14 @@ def register(subparsers: Subparsers) -> None:
         description="Follow the schedule from a bundle and rewrite the VIP to the active server "
         "in the kernel. Applications connect to the VIP. Runs until SIGTERM/SIGINT; removes "
         "everything it created on exit.",
+    )
+    client.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="TOML file of options: each key is a long option below without its dashes "
+        '(bundle = "/etc/roam/alice.bundle", cover-rate = 20); options given on the command '
+        "line override it",
     )
     client.add_argument("--bundle", type=Path, metavar="FILE")
     client.add_argument(
@@ -246,17 +279,41 @@ def register(subparsers: Subparsers) -> None:
     client.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
     client.set_defaults(handler=run_client)
     actions = client.add_subparsers(dest="client_command", metavar="ACTION")
-    status = actions.add_parser("status", help="show a running client shim's status")
+    status = actions.add_parser(
+        "status",
+        help="show a running client shim's status",
+        description="Epoch and server, keys held, m schedule, clock offset, roaming updates "
+        "(with a warning when none came for 30 s: revoked, expired or cut off), tracked "
+        "connections and the last roams; --json prints the status file as it is.",
+    )
     status.add_argument("--bundle", dest="status_bundle", type=Path, metavar="FILE")
     status.add_argument("--status", dest="status_file", type=Path, metavar="FILE")
     status.add_argument("--json", action="store_true")
     status.set_defaults(handler=run_client_status)
-    install = actions.add_parser("install", help="install and start a systemd unit")
-    install.add_argument("--bundle", dest="install_bundle", required=True, type=Path)
+    install = actions.add_parser(
+        "install",
+        help="install and start a systemd unit",
+        description="Write /etc/systemd/system/roam-client-NAME.service and enable and start "
+        "it. Without systemctl nothing is written (unless --no-start); if systemctl fails, the "
+        "unit is removed again.",
+    )
+    install.add_argument(
+        "--bundle", dest="install_bundle", required=True, type=Path, metavar="FILE"
+    )
     install.add_argument("--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS)
     install.add_argument("--no-start", action="store_true", help="write the unit only")
     install.set_defaults(handler=run_client_install)
-    uninstall = actions.add_parser("uninstall", help="stop and remove the systemd unit")
+    uninstall = actions.add_parser(
+        "uninstall",
+        help="stop and remove the systemd unit (of --bundle FILE, or every roam client unit)",
+    )
+    uninstall.add_argument(
+        "--bundle",
+        dest="uninstall_bundle",
+        type=Path,
+        metavar="FILE",
+        help="only the unit of this bundle's client (default: every roam client unit)",
+    )
     uninstall.add_argument("--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS)
     uninstall.set_defaults(handler=run_client_uninstall)
 
@@ -270,6 +327,8 @@ def _preflight(kind: str, live: bool) -> None:
         checks += [doctor.check_ip_transparent(), doctor.check_splice()]
     if live and kind == "server":
         checks.append(doctor.check_tcp_repair())
+    if live and kind == "client":
+        checks.append(doctor.check_nflog())  # the checkpoints come from an NFLOG group
     for check in checks:
         if check.required and not check.ok:
             fix = f"; fix: {check.fix}" if check.fix else ""
@@ -286,11 +345,18 @@ def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 def run_server(args: argparse.Namespace) -> int:
     import logging
 
+    missing = [
+        f"--{name}" for name in ("deployment", "listen", "service") if getattr(args, name) is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"the server needs {', '.join(missing)} (on the command line or in --config FILE)"
+        )
+
     from proxy.daemon import ServerOptions, ServerShim
 
     # The relay engine reports connection-level trouble through ``logging``.
     logging.basicConfig(level=logging.INFO, format="server: %(levelname)s: %(message)s")
-    _preflight("server", args.migration == "live")
     options = ServerOptions(
         deployment_dir=args.deployment,
         listen=args.listen,
@@ -309,6 +375,16 @@ def run_server(args: argparse.Namespace) -> int:
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,
     )
+    if args.check_config:
+        # Everything the shim reads at start, read now; nothing written, nothing started.
+        shim = ServerShim(options, EventLog("server", quiet=True))
+        print(
+            f"configuration OK: server {options.listen} (index {shim.pool.index}) of deployment "
+            f"{shim.deployment.deployment_id.hex()}, service {options.service}, "
+            f"{len(shim.pool.clients.clients)} clients, migration {options.migration}"
+        )
+        return 0
+    _preflight("server", args.migration == "live")
     log = EventLog(
         "server", args.log_json, quiet=args.quiet, rejection_period_s=args.rejection_log_period
     )
@@ -351,6 +427,33 @@ def run_client(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_status(path: Path, kind: str) -> dict[str, Any]:
+    try:
+        status: dict[str, Any] = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"no {kind} shim is running ({path} does not exist)") from None
+    except PermissionError:
+        # 0600: it names the active server and the epoch ends.
+        raise ConfigError(f"{path} is readable only by the shim's user (run as it)") from None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ConfigError(f"{path} is not a status file") from None
+    pid = status.get("pid")
+    if not isinstance(pid, int) or not Path(f"/proc/{pid}").exists():
+        raise ConfigError(f"the {kind} shim that wrote {path} (pid {pid}) is not running")
+    return status
+
+
+def run_server_status(args: argparse.Namespace) -> int:
+    from roam_cli.status import server_summary
+
+    status = _read_status(args.status_file, "server")
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        print("\n".join(server_summary(status, time.time())))
+    return 0
+
+
 def run_client_status(args: argparse.Namespace) -> int:
     from client_shim.daemon import default_status_path
 
@@ -359,21 +462,13 @@ def run_client_status(args: argparse.Namespace) -> int:
         if args.status_bundle is None:
             raise ConfigError("give --bundle FILE or --status FILE")
         path = default_status_path(load_bundle(args.status_bundle).name)
-    try:
-        status = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"no client shim is running ({path} does not exist)") from None
-    except PermissionError:
-        # 0600: it names the active server and the epoch ends.
-        raise ConfigError(f"{path} is readable only by the shim's user (run as it)") from None
-    pid = status.get("pid")
-    if not isinstance(pid, int) or not Path(f"/proc/{pid}").exists():
-        raise ConfigError(f"the client shim that wrote {path} (pid {pid}) is not running")
+    status = _read_status(path, "client")
     if args.json:
         print(json.dumps(status, indent=2))
     else:
-        for key, value in status.items():
-            print(f"{key}: {value}")
+        from roam_cli.status import client_summary
+
+        print("\n".join(client_summary(status, time.time())))
     return 0
 
 
@@ -407,14 +502,16 @@ def _roam_executable() -> str:
 
 
 def _systemctl(*args: str) -> None:
-    if shutil.which("systemctl") is None:
-        raise ConfigError(
-            "systemctl is not available on this host; the unit was written but not started"
-        )
     result = subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
     if result.returncode != 0:
         line = (result.stderr.strip().splitlines() or ["failed"])[0]
         raise ConfigError(f"systemctl {' '.join(args)}: {line}")
+
+
+def _require_systemctl(what: str) -> None:
+    """Checked before anything is written, so that a host without systemd keeps nothing."""
+    if shutil.which("systemctl") is None:
+        raise ConfigError(f"systemctl is not available on this host; {what}")
 
 
 def run_client_install(args: argparse.Namespace) -> int:
@@ -423,27 +520,42 @@ def run_client_install(args: argparse.Namespace) -> int:
     unit = args.unit_dir / unit_name(bundle.name)
     if unit.exists():
         raise ConfigError(f"{unit} already exists; run 'roam client uninstall' first")
+    if not args.no_start:
+        _require_systemctl("nothing written (--no-start writes the unit only)")
     args.unit_dir.mkdir(parents=True, exist_ok=True)
     unit.write_text(unit_text(bundle_path, _roam_executable()))
     print(f"wrote {unit}")
     if not args.no_start:
-        _systemctl("daemon-reload")
-        _systemctl("enable", "--now", unit.name)
+        try:
+            _systemctl("daemon-reload")
+            _systemctl("enable", "--now", unit.name)
+        except ConfigError as error:
+            # Leave nothing behind: the unit goes, and systemd forgets it.
+            unit.unlink()
+            subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
+            raise ConfigError(f"{error}; {unit} removed") from None
         print(f"started {unit.name}")
     return 0
 
 
 def run_client_uninstall(args: argparse.Namespace) -> int:
-    units = sorted(args.unit_dir.glob("roam-client-*.service"))
+    if args.uninstall_bundle is not None:
+        unit = args.unit_dir / unit_name(load_bundle(args.uninstall_bundle).name)
+        if not unit.exists():
+            raise ConfigError(f"{unit} is not installed")
+        units = [unit]
+    else:
+        units = sorted(args.unit_dir.glob("roam-client-*.service"))
     if not units:
         raise ConfigError(f"no roam client unit is installed in {args.unit_dir}")
+    systemd = shutil.which("systemctl") is not None
     for unit in units:
-        if shutil.which("systemctl") is not None:
+        if systemd:
             subprocess.run(
                 ["systemctl", "disable", "--now", unit.name], capture_output=True, check=False
             )
         unit.unlink()
         print(f"removed {unit}")
-    if shutil.which("systemctl") is not None:
+    if systemd:
         subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
     return 0

@@ -19,10 +19,11 @@ def test_doctor_json_reports_the_features_this_machine_has(
 ) -> None:
     status = main(["doctor", "--json"])
     checks = {check["name"]: check for check in json.loads(capsys.readouterr().out)["checks"]}
-    for name in ("privileges", "nftables", "nfqueue", "tcp_repair", "ip_transparent",
+    for name in ("privileges", "nftables", "nflog", "tcp_repair", "ip_transparent",
                  "splice", "policy_routing"):  # fmt: skip
         assert checks[name]["ok"], checks[name]
         assert checks[name]["required"]
+    assert "nfqueue" not in checks  # nothing uses NFQUEUE (docs/architecture.md)
     assert checks["netem"]["required"] is False
     # Debian's nftables package brings libnftables1: the shims change rules in-process.
     assert checks["libnftables"]["ok"], checks["libnftables"]

@@ -370,7 +370,7 @@ def test_fig2_bad_arguments_are_one_line(capsys, tmp_path, argv, text):
     with pytest.raises(SystemExit) as exit_:
         main(["lab", "fig2", "--out", str(tmp_path), *argv])
     out, err = capsys.readouterr()
-    assert exit_.value.code == 2
+    assert exit_.value.code == 1
     assert out == ""
     assert err.count("\n") == 1
     assert text in err
