@@ -58,6 +58,7 @@ from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at, next_switch
 from migrate.kernel import nft
+from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.files import private_directory, write_private
 from migrate.kernel.instances import Instance, sweep_dead
@@ -70,7 +71,6 @@ from proxy import relay
 from proxy.live import LiveMode
 from proxy.rules import Contract, GatePlan, family_of, gate_table_body, gate_update_script
 from proxy.transparent import connect_plain, connect_transparent
-from roam_cli.store import DeploymentDir
 
 Clock = Callable[[], float]
 DEFAULT_CONTROL_PORT = 47475

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING
 from migrate.channel import CounterFloor
 from migrate.control import OPERATOR, Ack, ControlChannel, Revoke, Threat, Trigger
 from migrate.errors import ConfigError, RoamError
+from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.files import write_private
 from migrate.pool import PoolState, ServerPool
 from migrate.schedule import check_m
 from migrate.strictjson import dump_object, parse_object
 from roam_cli.args import positive_int, positive_seconds
-from roam_cli.store import DeploymentDir
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -23,11 +23,11 @@ from migrate.cover import (
 )
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, RoamError
+from migrate.kernel.deployment import load_bundle
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.files import own_private_directory
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
-from roam_cli.store import load_bundle
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

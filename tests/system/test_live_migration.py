@@ -517,9 +517,9 @@ def _send_from(pool: RoamingLab, host: str, payload: bytes, target: str, port: i
 def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> None:
     from migrate.channel import Kind, Sealer
     from migrate.checkpoint import Checkpoint, TcpSnapshot, checkpoint_key, seal_checkpoint
+    from migrate.kernel.deployment import DeploymentDir
     from migrate.registration import Bundle
     from migrate.reincarnation import Phase, Request, context, request_sealer
-    from roam_cli.store import DeploymentDir
 
     # No cover from the shims: the crafted requests are sealed with alice's key, and her shim's
     # cover (20 a second, sealed with the same sender and counters) would push them below the

@@ -12,6 +12,7 @@ from migrate.chainindex import open_index, seal_index, sealed_size
 from migrate.endpoints import parse_server_list
 from migrate.errors import AuthenticationError, ConfigError
 from migrate.hashchain import KeyChain, build_index, hash_down
+from migrate.kernel.deployment import CHAIN_INDEX_FILE, DeploymentDir
 from migrate.kernel.eventlog import EventLog
 from migrate.schedule import (
     Anchor,
@@ -23,7 +24,6 @@ from migrate.schedule import (
 )
 from proxy.daemon import ServerOptions, ServerShim
 from roam_cli.main import main
-from roam_cli.store import CHAIN_INDEX_FILE, DeploymentDir
 
 SERVERS = parse_server_list("10.0.0.1:80,10.0.0.2:80,10.0.0.3:80")
 TOP = bytes(range(32))
@@ -253,7 +253,7 @@ def test_index_can_be_built_later_and_a_changed_one_is_a_clear_error(tmp_path, c
 
 
 def test_a_bundle_can_carry_the_index_of_its_own_range(tmp_path, capsys):
-    from roam_cli.store import load_bundle
+    from migrate.kernel.deployment import load_bundle
 
     directory = tmp_path / "dep"
     length = (1 << 17) + 1000

@@ -12,7 +12,6 @@ import pytest
 
 from migrate.kernel.eventlog import EventLog, read_events, write_status
 from migrate.kernel.files import open_private_log, own_private_directory, write_private
-from roam_cli.store import write_replace
 
 
 def mode(path):
@@ -59,7 +58,7 @@ def test_write_private_replaces_atomically_with_the_asked_mode(tmp_path):
     path = tmp_path / "state"
     write_private(path, b"one")
     assert (path.read_bytes(), mode(path)) == (b"one", 0o600)
-    write_replace(tmp_path / "deployment.json", b"{}", 0o644)  # public files may ask for 0644
+    write_private(tmp_path / "deployment.json", b"{}", 0o644)  # public files may ask for 0644
     assert mode(tmp_path / "deployment.json") == 0o644
     # A leftover temporary of a crashed writer (or a symlink planted there) is not written through.
     target = tmp_path / "elsewhere"
