@@ -9,13 +9,13 @@ describe.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from labs.naming import RECORD_DIR, LabId
 from labs.processes import process_start_ticks
 from migrate.errors import ConfigError
+from migrate.kernel.files import write_private
 
 RECORD_VERSION = 1
 
@@ -54,11 +54,8 @@ class LabRecord:
 
     def save(self, directory: Path = RECORD_DIR) -> Path:
         """Write the record atomically (a reader never sees half a file)."""
-        directory.mkdir(parents=True, exist_ok=True)
         path = directory / f"{self.lab_id}.json"
-        temporary = directory / f".{self.lab_id}.json.tmp"
-        temporary.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
-        os.replace(temporary, path)
+        write_private(path, json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
         return path
 
     @classmethod

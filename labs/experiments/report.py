@@ -11,6 +11,7 @@ checks a parsed file against that schema.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
 import math
 import statistics
@@ -21,6 +22,7 @@ from typing import Any
 
 from labs.experiments.poisson import ATTACKS, MODES
 from migrate.errors import ConfigError
+from migrate.kernel.files import PUBLIC_FILE, write_private
 
 RESULT_FIELDS = (
     "mode",
@@ -154,16 +156,17 @@ def write_results_json(records: Iterable[Record], path: Path) -> None:
 
     data = [record.as_json() for record in records]
     validate_results(data)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_private(path, json.dumps(data, indent=2) + "\n", PUBLIC_FILE)
 
 
 def write_csv(records: Iterable[Record], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(RESULT_FIELDS))
-        writer.writeheader()
-        for record in records:
-            row = record.as_json()
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(RESULT_FIELDS))
+    writer.writeheader()
+    for record in records:
+        row = record.as_json()
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    write_private(path, text.getvalue(), PUBLIC_FILE)
 
 
 def _baseline(records: Sequence[Record], attack: str) -> Record | None:

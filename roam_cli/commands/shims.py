@@ -25,7 +25,7 @@ from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, RoamError
 from migrate.kernel.deployment import load_bundle
 from migrate.kernel.eventlog import EventLog
-from migrate.kernel.files import own_private_directory
+from migrate.kernel.files import PUBLIC_FILE, own_private_directory, write_private
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
 
@@ -424,7 +424,8 @@ def run_client_install(args: argparse.Namespace) -> int:
     if unit.exists():
         raise ConfigError(f"{unit} already exists; run 'roam client uninstall' first")
     args.unit_dir.mkdir(parents=True, exist_ok=True)
-    unit.write_text(unit_text(bundle_path, _roam_executable()))
+    # A unit file is public (systemd reads it as any user's units are read): 0644, atomic.
+    write_private(unit, unit_text(bundle_path, _roam_executable()), PUBLIC_FILE)
     print(f"wrote {unit}")
     if not args.no_start:
         _systemctl("daemon-reload")
