@@ -53,7 +53,7 @@ from migrate.errors import (
     RevokedClientError,
     RoamError,
 )
-from migrate.kernel import nft, rawtcp, tcp_repair
+from migrate.kernel import orphans, rawtcp, tcp_repair
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
@@ -1155,37 +1155,9 @@ class LiveMode:
     # -- lifecycle ---------------------------------------------------------------------------
 
     def destroy_orphans(self) -> int:
-        """Abort connections on our address left by a predecessor that died (a crash, a
-        SIGKILL): the kernel keeps such orphans (no process owns them) retransmitting their
-        FIN, and one would keep its client's connection from being re-created here (the same
-        4-tuple) or send that client a FIN. Their RSTs are held back meanwhile: the client's
-        connection lives on, elsewhere or soon here."""
-        from migrate.kernel import sockdiag
-
-        orphans = [
-            info
-            for info in sockdiag.tcp_sockets()
-            if info.src == self.listen and info.inode == 0 and info.state != "LISTEN"
-        ]
-        if not orphans:
-            return 0
-        table = f"roam_hush_{os.getpid()}"
-        family = "ip"
-        nft.replace_table(
-            family,
-            table,
-            f"""
-  chain out {{
-    type filter hook output priority -300; policy accept;
-    ip saddr {self.listen[0]} tcp sport {self.listen[1]} tcp flags & rst == rst drop
-  }}
-""",
-        )
-        try:
-            destroyed = sum(1 for info in orphans if sockdiag.destroy(info.src, info.dst))
-        finally:
-            nft.delete_table(family, table)
-        return destroyed
+        """Abort connections a dead predecessor left on our address (``migrate.kernel.orphans``)."""
+        assert self.shim.instance is not None  # started before live mode
+        return orphans.destroy_orphans(self.listen, self.shim.instance)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
