@@ -548,11 +548,16 @@ class ServerShim:
 
     # -- relay -------------------------------------------------------------------------------
 
-    async def _connect_service(self, client: socket.socket, peer: tuple[str, int]) -> socket.socket:
+    async def connect_service(self, client_address: str) -> socket.socket:
+        """A connection to the service, from ``client_address`` when transparent (both modes:
+        the relay's new connections and live mode's re-incarnations)."""
         service = (str(self.options.service.address), self.options.service.port)
         if self.options.transparent:
-            return await connect_transparent(service, peer[0])
+            return await connect_transparent(service, client_address)
         return await connect_plain(service)
+
+    async def _connect_service(self, client: socket.socket, peer: tuple[str, int]) -> socket.socket:
+        return await self.connect_service(peer[0])
 
     def _start_capture(self) -> None:
         directory = self.options.capture_dropped

@@ -59,6 +59,7 @@ from labs.clients import iperf3, parse_iperf3_json
 from labs.errors import LabError
 from labs.node import Node
 from labs.services import Service, start_iperf3_server, wait_until_listening
+from labs.stats import nearest_rank
 
 IPERF_PORT = 5201
 ECHO_PORT = 7000
@@ -168,13 +169,7 @@ def latency_client(host: str, port: int, requests: int, connects: int) -> dict[s
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    if not ordered:
-        return {"p50": 0.0, "p99": 0.0}
-    return {
-        "p50": ordered[len(ordered) // 2],
-        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-    }
+    return {"p50": nearest_rank(samples, 0.5), "p99": nearest_rank(samples, 0.99)}
 
 
 # --- the lab side ---------------------------------------------------------------------------

@@ -96,8 +96,9 @@ from labs.benchmarks.relay import cpu_seconds as user_system_seconds
 from labs.clients import iperf3
 from labs.errors import LabError
 from labs.node import Node
-from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab
+from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, write_content
 from labs.services import Service, nginx_config, start_iperf3_server, wait_until_listening
+from labs.stats import p50_p99
 
 HTTP_CHUNK = 256 * 1024
 GAP_FLOOR_S = 0.0005  # inter-arrival gaps above this are kept for the per-roam analysis
@@ -119,26 +120,12 @@ SHIM_PATHS = (
 STILL_TICK = 100_000.0  # epochs of a day or more: no roam while a benchmark runs
 BASELINES = ("direct", "haproxy", "haproxy-splice")
 CONNECTION_COUNTS = (1, 100, 1000)
-CONTENT_MTIME = 1_700_000_000
 CLIENT_TIMEOUT_S = 180.0
 # Programs of this project started in the lab run from the project root (see relay.py).
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 # --- pure parts: statistics, log analysis, parsers -----------------------------------------
-
-
-def percentile(samples: Iterable[float], q: float) -> float:
-    """The ``q``-quantile (0..1) by nearest rank; 0.0 for no samples."""
-    ordered = sorted(samples)
-    if not ordered:
-        return 0.0
-    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
-
-
-def p50_p99(samples: Iterable[float]) -> dict[str, float]:
-    values = list(samples)
-    return {"p50": percentile(values, 0.5), "p99": percentile(values, 0.99), "n": len(values)}
 
 
 def median_ratio(runs: Sequence[float], bases: Sequence[float]) -> float | None:
@@ -557,17 +544,6 @@ def source_state() -> dict[str, Any]:
 
 def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def write_content(directory: Path, files: dict[str, bytes]) -> Path:
-    """Identical replicas: the same bytes and modification times (ETag, Last-Modified)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, data in files.items():
-        target = directory / name
-        if not target.exists():
-            target.write_bytes(data)
-        os.utime(target, (CONTENT_MTIME, CONTENT_MTIME))
-    return directory
 
 
 def start_service_nginx(

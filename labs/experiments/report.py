@@ -13,7 +13,6 @@ from __future__ import annotations
 import csv
 import io
 import itertools
-import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from labs.experiments.poisson import ATTACKS, MODES
+from labs.stats import percentile
 from migrate.errors import ConfigError
 from migrate.kernel.files import PUBLIC_FILE, write_private
 
@@ -39,20 +39,6 @@ _STAT_FIELDS = ("mean_s", "median_s", "p95_s")
 _COUNT_FIELDS = ("completed", "failed", "repeats")
 
 PAPER_NO_ATTACK_OVERHEAD = 0.14  # roaming's mean response time over replication's, no attack
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0..1) by linear interpolation between order statistics (numpy's
-    default method)."""
-    if not samples:
-        raise ValueError("percentile of no samples")
-    if not 0 <= q <= 1:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    ordered = sorted(samples)
-    position = (len(ordered) - 1) * q
-    lower = math.floor(position)
-    upper = min(lower + 1, len(ordered) - 1)
-    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
 
 
 def _number(value: float) -> float | int:

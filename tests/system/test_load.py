@@ -19,9 +19,8 @@ from labs.benchmarks.roaming import (
     deploy,
     measure_connections,
     start_service_nginx,
-    write_content,
 )
-from labs.roaming import RoamingLab
+from labs.roaming import RoamingLab, write_content
 
 pytestmark = pytest.mark.system
 
