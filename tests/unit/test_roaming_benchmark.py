@@ -6,20 +6,18 @@ from typing import Any
 
 import pytest
 
-from labs.benchmarks.roaming import (
-    GAP_FLOOR_S,
-    _Arrivals,
+from labs.benchmarks.roaming import GAP_FLOOR_S
+from labs.benchmarks.roaming.analysis import (
     analyse_stream,
     median_ratio,
     netstat_counters,
-    parse_head,
     ping_times,
-    render_migration,
-    render_shims,
     roam_pauses,
     summarise_shims,
     summarise_streams,
 )
+from labs.benchmarks.roaming.clients import _Arrivals, parse_head
+from labs.benchmarks.roaming.rendering import render_migration, render_shims
 from labs.stats import nearest_rank, p50_p99
 
 
