@@ -462,3 +462,32 @@ def redis_benchmark(
             f"{detail[-1] if detail else 'no output'}"
         )
     return RedisBenchmarkResult(results, completed.returncode)
+
+
+# --- raw UDP --------------------------------------------------------------------------------
+
+MAX_DATAGRAMS = 100_000  # one call's bound: floods in tests stay bounded in count
+
+_SEND_DATAGRAMS = (
+    "import socket,sys\n"
+    "s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+    "target=(sys.argv[1], int(sys.argv[2]))\n"
+    "for line in sys.stdin:\n"
+    "    s.sendto(bytes.fromhex(line.strip()), target)\n"
+)
+
+
+def send_datagrams(
+    node: Node, target: str, port: int, payloads: Sequence[bytes], *, timeout: float = 30
+) -> None:
+    """Send each of ``payloads`` as one UDP datagram from ``node`` to ``target:port`` (an
+    outsider's crafted or forged datagrams), in order, as fast as the socket takes them."""
+    if len(payloads) > MAX_DATAGRAMS:
+        raise ConfigError(f"{len(payloads)} datagrams: at most {MAX_DATAGRAMS} per call")
+    text = "".join(payload.hex() + "\n" for payload in payloads)
+    node.run(
+        [sys.executable, "-c", _SEND_DATAGRAMS, target, str(port)],
+        input=text,
+        check=True,
+        timeout=timeout,
+    )

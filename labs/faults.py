@@ -32,6 +32,7 @@ from labs.lab import Lab
 from labs.params import LinkParams
 from labs.roaming import RoamingLab, roam_argv
 from labs.topologies import PoolTopo
+from migrate.kernel.files import PUBLIC_FILE, write_private
 
 # A keep-alive HTTP client, run with python -c in a lab host: COUNT GETs of /k0, /k1, ... on
 # one connection (argv: host, count, pause in seconds); prints the bodies' SHA-256 and the
@@ -408,10 +409,12 @@ def run_server_death_trials(
         "bytes_lost_to_corruption": sum(t.received for t in results if t.verdict == "corrupted"),
         "shim_problems": sorted({p for t in results for p in t.problems}),
     }
-    (out_dir / "faults.json").write_text(
-        json.dumps({"summary": summary, "trials": [asdict(t) for t in results]}, indent=2) + "\n"
+    write_private(
+        out_dir / "faults.json",
+        json.dumps({"summary": summary, "trials": [asdict(t) for t in results]}, indent=2) + "\n",
+        PUBLIC_FILE,
     )
-    (out_dir / "faults.md").write_text(_markdown(summary, results))
+    write_private(out_dir / "faults.md", _markdown(summary, results), PUBLIC_FILE)
     return summary
 
 

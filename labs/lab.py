@@ -3,7 +3,8 @@
 Theory of operation: the constructor checks everything that can be checked without touching the
 kernel (the topology, the link parameters against the kernel's features, the programs needed),
 so a bad lab fails before any namespace exists. ``start()`` picks a lab id, writes the lab
-record listing every namespace it will create, registers the lab for cleanup on signals and at
+record (an instance record of kind ``lab``, ``migrate.kernel.instances``) listing its work
+directory and every namespace it will create, registers the lab for cleanup on signals and at
 exit, then builds the network. ``close()`` (from ``__exit__``, a signal or ``atexit``) stops
 the lab's programs, removes its namespaces, its work directory and its record; it is
 idempotent. A crash that skips all of that (SIGKILL) leaves a record that ``roam lab cleanup``
@@ -12,7 +13,6 @@ acts on.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import threading
@@ -22,18 +22,18 @@ from types import TracebackType
 from typing import Any
 
 from labs import lifecycle
-from labs.cleanup import teardown
+from labs.cleanup import LAB_KIND, TeardownReport, report_of
 from labs.errors import LabError
 from labs.naming import RECORD_DIR, LabId
 from labs.node import Host, Interface, Node, Router, Switch
 from labs.nsexec import require_tools
 from labs.plumbing import build_network
-from labs.processes import DEFAULT_GRACE_S, stop_children
-from labs.records import LabRecord
 from labs.routing import Route, static_routes
 from labs.shaping import netem_available
 from labs.topo import NodeKind, Topo
-from migrate.errors import ConfigError
+from migrate.errors import ConfigError, RoamError
+from migrate.kernel.instances import Instance
+from migrate.kernel.processes import DEFAULT_GRACE_S, stop_children
 
 _NODE_CLASSES: dict[NodeKind, type[Node]] = {
     NodeKind.HOST: Host,
@@ -80,7 +80,8 @@ class Lab:
         self._record_dir = record_dir
         self._id: LabId | None = None
         self._workdir: Path | None = None
-        self._record: LabRecord | None = None
+        self._instance: Instance | None = None
+        self._namespaces: list[str] = []
         self._nodes: dict[str, Node] = {}
         self._processes: list[Any] = []
         self._state = "new"
@@ -109,18 +110,15 @@ class Lab:
             lab_id = LabId.new()
             namespaces = {node.name: lab_id.namespace(node.name) for node in self.topo.nodes()}
             self._id = lab_id
-            record = LabRecord.for_owner(
-                lab_id, list(namespaces.values()), type(self.topo).__name__
-            )
+            self._namespaces = list(namespaces.values())
             self._workdir = Path(tempfile.mkdtemp(prefix=f"roam-{lab_id}-"))
-            record.workdir = str(self._workdir)
-            self._record = record
             try:
-                record.save(self._record_dir)
-            except OSError as error:
+                self._instance = self._record_lab(lab_id, self._workdir, self._namespaces)
+            except (OSError, RoamError) as error:
                 os.rmdir(self._workdir)
+                reason = error.strerror if isinstance(error, OSError) else error
                 raise LabError(
-                    f"cannot write the lab record in {self._record_dir}: {error.strerror}"
+                    f"cannot write the lab record in {self._record_dir}: {reason}"
                 ) from None
             self._state = "running"
             lifecycle.register(self)
@@ -138,23 +136,33 @@ class Lab:
             self._nodes[spec.name] = node_class(self, spec.name, namespaces[spec.name], interfaces)
         return self
 
+    def _record_lab(self, lab_id: LabId, workdir: Path, namespaces: list[str]) -> Instance:
+        """The lab's record, written before any namespace exists."""
+        instance = Instance.start(LAB_KIND, directory=self._record_dir, token=lab_id.token)
+        try:
+            instance.add_workdir(workdir)
+            for name in namespaces:
+                instance.add_netns(name)
+        except BaseException:
+            instance.close()  # nothing of it exists yet: this only removes the record
+            raise
+        return instance
+
+    def _teardown(self) -> TeardownReport:
+        assert self._id is not None
+        assert self._instance is not None
+        undone, failures = self._instance.remove(grace_s=self.stop_grace_s)
+        return report_of(self._id, undone, failures)
+
     def close(self, *, raise_errors: bool = True) -> None:
         """Stop the lab's programs and remove everything it created. Safe to call twice."""
         with self._lock:
             if self._state != "running":
                 return
             self._state = "closing"
-        assert self._id is not None
-        assert self._record is not None
         try:
             stop_children(self._processes, grace_s=self.stop_grace_s)
-            report = teardown(
-                self._id,
-                self._record.namespaces,
-                self._workdir,
-                grace_s=self.stop_grace_s,
-                record_dir=self._record_dir,
-            )
+            report = self._teardown()
         except BaseException:
             # interrupted (a second Ctrl-C): the next close, at the latest atexit's, finishes
             self._state = "running"
@@ -173,12 +181,9 @@ class Lab:
     def track(self, process: Any) -> None:
         """Remember a program started in the lab, to stop it at close."""
         with self._lock:
+            # Not recorded: every program of the lab lives in one of its namespaces, where the
+            # removal of each recorded namespace finds and stops it.
             self._processes.append(process)
-            if self._record is not None:
-                self._record.pids.append(int(process.pid))
-                # the pid list is informative; cleanup finds processes by namespace
-                with contextlib.suppress(OSError):
-                    self._record.save(self._record_dir)
 
     # --- queries ---------------------------------------------------------------------------
 
@@ -207,7 +212,7 @@ class Lab:
     @property
     def namespaces(self) -> list[str]:
         """Every namespace the lab creates (also those of a partly built lab)."""
-        return list(self._record.namespaces) if self._record is not None else []
+        return list(self._namespaces)
 
     def subnet(self, switch: str) -> IPv4Network:
         """The subnet of everything attached to ``switch``."""

@@ -77,7 +77,7 @@ class LabId:
 
     @property
     def record_path(self) -> Path:
-        return RECORD_DIR / f"{self}.json"
+        return RECORD_DIR / f"lab-{self}.json"  # an instance record of kind "lab"
 
 
 def check_node_name(name: object) -> str:

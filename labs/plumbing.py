@@ -16,7 +16,7 @@ from pyroute2 import IPRoute, netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from labs.errors import LabError
-from labs.naming import BRIDGE_IFNAME, NETNS_DIR
+from labs.naming import BRIDGE_IFNAME
 from labs.nsexec import run_in_netns
 from labs.routing import Route
 from labs.shaping import apply_loss, apply_qdiscs, set_offloads
@@ -34,26 +34,11 @@ ROUTER_SYSCTLS = {
 }
 
 
-def namespace_exists(name: str) -> bool:
-    return (NETNS_DIR / name).exists()
-
-
 def create_namespace(name: str) -> None:
     try:
         netns.create(name)
     except OSError as error:
         raise LabError(f"cannot create namespace {name}: {error.strerror or error}") from None
-
-
-def remove_namespace(name: str) -> bool:
-    """Unmount and unlink a namespace; ``False`` if it was not there."""
-    if not namespace_exists(name):
-        return False
-    try:
-        netns.remove(name)
-    except FileNotFoundError:
-        return False
-    return True
 
 
 def write_sysctls(namespace: str, where: str, values: dict[str, str]) -> None:

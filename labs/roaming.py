@@ -39,6 +39,19 @@ READY_TIMEOUT_S = 15.0
 CONTENT_MTIME = 1_700_000_000
 
 
+def write_content(directory: Path, files: dict[str, bytes]) -> Path:
+    """Identical replicas: the same bytes and modification times (ETag, Last-Modified)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, data in files.items():
+        target = directory / name
+        if not target.exists():
+            target.write_bytes(data)
+        # Replicas must serve identical bytes: the same content and the same modification
+        # time (Last-Modified, and nginx's ETag, derive from it), as rsync -t would give.
+        os.utime(target, (CONTENT_MTIME, CONTENT_MTIME))
+    return directory
+
+
 def roam_argv(*args: str) -> list[str]:
     """The ``roam`` command, run with this interpreter (no reliance on PATH in namespaces)."""
     return [sys.executable, "-m", "roam_cli.main", *args]
@@ -237,16 +250,8 @@ class RoamingLab:
     # -- processes ---------------------------------------------------------------------------
 
     def _content_dir(self, host: str) -> Path:
-        directory = self.workdir / f"www-{host}"
-        directory.mkdir(exist_ok=True)
+        directory = write_content(self.workdir / f"www-{host}", self.content)
         (directory / "whoami").write_text(host)
-        for name, data in self.content.items():
-            target = directory / name
-            if not target.exists():
-                target.write_bytes(data)
-            # Replicas must serve identical bytes: the same content and the same modification
-            # time (Last-Modified, and nginx's ETag, derive from it), as rsync -t would give.
-            os.utime(target, (CONTENT_MTIME, CONTENT_MTIME))
         return directory
 
     def start_service(self, host: str) -> None:

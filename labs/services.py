@@ -27,8 +27,8 @@ from typing import Any
 from labs.errors import ServiceStartError
 from labs.naming import NETNS_DIR
 from labs.node import Node
-from labs.processes import DEFAULT_GRACE_S, namespace_inode, stop_children
 from migrate.errors import ConfigError
+from migrate.kernel.processes import DEFAULT_GRACE_S, namespace_inode, stop_children
 
 READY_TIMEOUT_S = 10.0
 _POLL_S = 0.02

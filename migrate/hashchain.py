@@ -37,7 +37,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from migrate.errors import InvalidKeyExtensionError, KeyNotHeldError
@@ -287,24 +287,16 @@ class _Traversal:
         index = self.index
         ready: set[int] = set()
         jobs: dict[int, int] = {}  # target -> position the job must have reached
-        level = 1
-        while (1 << level) <= target:
-            low = 1 << level
-            period = low << 1
-            newest = (target - low) // period * period + low
-            for c in (newest, newest - period):
-                if c < low or c + period < target:
-                    continue  # not started yet at this position (or no such pebble)
-                if c in sources or (index is not None and index.at(c) is not None):
-                    ready.add(c)
-                    continue
-                done = min(low, 2 * (c + period - target + 1))
-                reached = max(c - low + done, self._floor(sources, known, c))
-                if reached == c:
-                    ready.add(c)
-                else:
-                    jobs[c] = reached
-            level += 1
+        for c, low, period in _pebbles_at(target):
+            if c in sources or (index is not None and index.at(c) is not None):
+                ready.add(c)
+                continue
+            done = min(low, 2 * (c + period - target + 1))
+            reached = max(c - low + done, self._floor(sources, known, c))
+            if reached == c:
+                ready.add(c)
+            else:
+                jobs[c] = reached
         keys = self._derive([*ready, *jobs.values(), target], sources)
         self.ready = {0: self.top_key}
         for c in ready:
@@ -533,9 +525,10 @@ class KeyChain:
         return following
 
 
-def _setup_positions(walk: _Traversal, target: int, limit: int) -> list[int]:
-    """Positions ``<= limit`` whose keys ``walk.setup(target)`` may need (cheap superset)."""
-    positions = [target] if target <= limit else []
+def _pebbles_at(target: int) -> Iterator[tuple[int, int, int]]:
+    """``(position, low, period)`` of every pebble (held or moving) that a cursor at ``target``
+    has: per level ``low = 2**level``, the newest two pebbles of period ``2 * low`` that have
+    started (a pebble at ``c`` starts at ``c + period`` and is done ``low`` positions later)."""
     level = 1
     while (1 << level) <= target:
         low = 1 << level
@@ -543,6 +536,13 @@ def _setup_positions(walk: _Traversal, target: int, limit: int) -> list[int]:
         newest = (target - low) // period * period + low
         for c in (newest, newest - period):
             if c >= low and c + period >= target:
-                positions.extend(p for p in (c, c - low) if p <= limit)
+                yield c, low, period
         level += 1
+
+
+def _setup_positions(walk: _Traversal, target: int, limit: int) -> list[int]:
+    """Positions ``<= limit`` whose keys ``walk.setup(target)`` may need (cheap superset)."""
+    positions = [target] if target <= limit else []
+    for c, low, _period in _pebbles_at(target):
+        positions.extend(p for p in (c, c - low) if p <= limit)
     return positions

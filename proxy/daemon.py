@@ -60,6 +60,7 @@ from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import GateState, gate_at, next_switch
 from migrate.kernel import nft
+from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.files import private_directory, write_private
 from migrate.kernel.instances import Instance, sweep_dead
@@ -81,7 +82,6 @@ from proxy.rules import (
     gate_update_script,
 )
 from proxy.transparent import connect_plain, connect_transparent
-from roam_cli.store import DeploymentDir
 
 Clock = Callable[[], float]
 DEFAULT_CONTROL_PORT = 47475
@@ -623,15 +623,16 @@ class ServerShim:
 
     # -- relay -------------------------------------------------------------------------------
 
-    async def _connect_service(self, client: socket.socket, peer: tuple[str, int]) -> socket.socket:
-        return await self._connect_service_for(peer[0])
-
-    async def _connect_service_for(self, client_address: str) -> socket.socket:
-        """A fresh connection to the service, from the client's address when transparent."""
+    async def connect_service(self, client_address: str) -> socket.socket:
+        """A connection to the service, from ``client_address`` when transparent (both modes:
+        the relay's new connections and live mode's re-incarnations)."""
         service = (str(self.options.service.address), self.options.service.port)
         if self.options.transparent:
             return await connect_transparent(service, client_address)
         return await connect_plain(service)
+
+    async def _connect_service(self, client: socket.socket, peer: tuple[str, int]) -> socket.socket:
+        return await self.connect_service(peer[0])
 
     def _migration_mode(self) -> MigrationMode:
         if self.options.migration != "live":
@@ -653,11 +654,12 @@ class ServerShim:
             epoch=lambda: self.epoch or 0,
             gate_open=lambda: self.gate_open,
             leaving_at=self.leaving_at,
-            connect_service=self._connect_service_for,
+            connect_service=self.connect_service,
             codec=options.codec,
             checkpoint_period=options.checkpoint_period,
             migration_port=options.migration_port,
             max_pending_per_client=options.max_pending_per_client,
+            instance=self.instance,
         )
         return LiveMode(context)
 

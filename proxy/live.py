@@ -112,7 +112,10 @@ class LiveMode:
 
     async def start(self) -> None:
         context = self.context
-        destroyed = await asyncio.to_thread(destroy_orphans, context.listen)
+        if context.instance is not None:  # a dead predecessor's connections on our address
+            destroyed = await asyncio.to_thread(destroy_orphans, context.listen, context.instance)
+        else:
+            destroyed = 0
         if destroyed:
             context.log.event("orphans_destroyed", count=destroyed)
         sock = datagram_socket()

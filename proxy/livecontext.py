@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from migrate.channel import CounterFloor, Sealer
 from migrate.kernel.eventlog import EventLog
+from migrate.kernel.instances import Instance
 from migrate.pool import ServerPool
 from migrate.registration import ClientRecord
 
@@ -38,6 +39,8 @@ class LiveContext:
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = 1024
+    # The shim's instance record (temporary tables are recorded in it); None in unit tests.
+    instance: Instance | None = None
 
     def sealer(
         self,

@@ -8,13 +8,12 @@ builds this parser).
 from __future__ import annotations
 
 import argparse
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from migrate.errors import ConfigError
-from roam_cli.args import non_negative_int, positive_int, positive_seconds
+from roam_cli.args import bounded_float, non_negative_int, positive_int, positive_seconds
 
 # The same as labs.experiments.poisson's (a unit test checks): importing labs here would slow
 # every roam command down.
@@ -26,13 +25,9 @@ MAX_SCALE = 100.0
 
 
 def _scale(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or not 1 <= value <= MAX_SCALE:
-        raise argparse.ArgumentTypeError(f"{text!r} must be between 1 and {MAX_SCALE:g}")
-    return value
+    return bounded_float(
+        text, "a number", lambda v: 1 <= v <= MAX_SCALE, f"must be between 1 and {MAX_SCALE:g}"
+    )
 
 
 def _choices(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
@@ -49,16 +44,13 @@ def _choices(allowed: Sequence[str]) -> Callable[[str], tuple[str, ...]]:
 
 
 def _delays(text: str) -> tuple[float, ...]:
-    values = []
-    for item in text.split(","):
-        try:
-            value = float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{item!r} is not a number of seconds") from None
-        if not math.isfinite(value) or value < 0:
-            raise argparse.ArgumentTypeError(f"{item!r} must be a non-negative number")
-        values.append(value)
-    return tuple(sorted(set(values)))
+    values = {
+        bounded_float(
+            item, "a number of seconds", lambda v: v >= 0, "must be a non-negative number"
+        )
+        for item in text.split(",")
+    }
+    return tuple(sorted(values))
 
 
 def register_experiments(commands: Any) -> None:

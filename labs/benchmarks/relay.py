@@ -59,6 +59,7 @@ from labs.clients import iperf3, parse_iperf3_json
 from labs.errors import LabError
 from labs.node import Node
 from labs.services import Service, start_iperf3_server, wait_until_listening
+from labs.stats import nearest_rank
 
 IPERF_PORT = 5201
 ECHO_PORT = 7000
@@ -168,13 +169,7 @@ def latency_client(host: str, port: int, requests: int, connects: int) -> dict[s
 
 
 def _percentiles(samples: list[float]) -> dict[str, float]:
-    ordered = sorted(samples)
-    if not ordered:
-        return {"p50": 0.0, "p99": 0.0}
-    return {
-        "p50": ordered[len(ordered) // 2],
-        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-    }
+    return {"p50": nearest_rank(samples, 0.5), "p99": nearest_rank(samples, 0.99)}
 
 
 # --- the lab side ---------------------------------------------------------------------------
@@ -530,6 +525,23 @@ def _ratio(row: dict[str, Any], base: str) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def idle_and_runs_lines(background_busy_pct: Sequence[float], paths: dict[str, Any]) -> list[str]:
+    """The machine's load before each round and every run's throughput, under a table."""
+    background = ", ".join(f"{value:.0f}" for value in background_busy_pct)
+    lines = [
+        "",
+        f"Machine busy before each round with the lab idle (% of one CPU): {background}",
+        "",
+        "Throughput per run (Gbit/s, c->s then s->c):",
+    ]
+    for name, row in paths.items():
+        lines.append(
+            f"- {name}: {row['client_to_service']['runs_gbit_s']} "
+            f"{row['service_to_client']['runs_gbit_s']}"
+        )
+    return lines
+
+
 def render(results: dict[str, Any]) -> str:
     paths = results["paths"]
     lines = [
@@ -575,18 +587,7 @@ def render(results: dict[str, Any]) -> str:
             for kind in ("rr_us", "connect_us")
         ]
         lines.append(f"| {name} | {cells[0]} | {cells[1]} | {cells[2]} | {cells[3]} |")
-    background = ", ".join(f"{value:.0f}" for value in results["background_busy_pct"])
-    lines += [
-        "",
-        f"Machine busy before each round with the lab idle (% of one CPU): {background}",
-        "",
-        "Throughput per run (Gbit/s, c->s then s->c):",
-    ]
-    for name, row in paths.items():
-        lines.append(
-            f"- {name}: {row['client_to_service']['runs_gbit_s']} "
-            f"{row['service_to_client']['runs_gbit_s']}"
-        )
+    lines += idle_and_runs_lines(results["background_busy_pct"], paths)
     placement = results.get("placement") or {}
     if placement:
         lines += [

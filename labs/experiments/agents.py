@@ -43,6 +43,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from migrate.kernel.files import write_private
+
 RECV_BYTES = 64 * 1024
 HEAD_LIMIT = 16 * 1024
 
@@ -475,9 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = json.loads(args.plan.read_text())
     _raise_nofile()
     result = ROLES[args.role](plan)
-    temporary = args.out.with_name(args.out.name + ".tmp")
-    temporary.write_text(json.dumps(result))
-    temporary.replace(args.out)
+    write_private(args.out, json.dumps(result))
     return 0
 
 

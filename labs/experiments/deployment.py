@@ -21,9 +21,9 @@ from labs.experiments.epochs import FixedStretch, find_fixed_stretch
 from labs.roaming import LISTEN_PORT, RoamingLab
 from labs.topologies import PaperTopo
 from migrate.endpoints import parse_address_and_port, parse_server_list
+from migrate.kernel.deployment import DeploymentDir, random_bytes
 from migrate.registration import DEPLOYMENT_ID_BYTES, Deployment, DeploymentSecret
 from migrate.schedule import MSchedule
-from roam_cli.store import DeploymentDir, random_bytes
 
 STRETCH_DRAWS = 200  # keys drawn before giving up (about 8 are needed on average)
 CHAIN_LENGTH = 4000

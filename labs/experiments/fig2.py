@@ -63,6 +63,7 @@ from labs.lab import Lab
 from labs.roaming import LISTEN_PORT, ShimProcess
 from labs.services import start_nginx
 from migrate.errors import ConfigError
+from migrate.kernel.files import PUBLIC_FILE, write_private
 
 REPLICATION_PORT = 8080
 FILE_PATH = "/file"
@@ -381,7 +382,7 @@ class Experiment:
         stem = self.agent_dir / f"{self._runs:03d}-{role}"
         plan_path = stem.with_suffix(".plan.json")
         out_path = stem.with_suffix(".out.json")
-        plan_path.write_text(json.dumps(plan))
+        write_private(plan_path, json.dumps(plan))
         with open(stem.with_suffix(".stderr"), "wb") as stderr:
             process = self.lab[host].popen(
                 [
@@ -481,11 +482,13 @@ def write_outputs(
         f"{g.name} ({g.detail})"
         for g in goals
     ]
-    (out / "results.md").write_text(
+    write_private(
+        out / "results.md",
         f"# Figure 2, scale {options.scale:g}, {options.repeat} repeat(s), seed {options.seed}\n\n"
         f"Response times of the legitimate requests in the paper's seconds.\n\n{table}\n"
         + "\n".join(goal_lines)
-        + "\n"
+        + "\n",
+        PUBLIC_FILE,
     )
     plot_fig2(
         records,
@@ -514,4 +517,4 @@ def write_outputs(
         },
         "runs": [run.as_json(options.scale) for run in runs],
     }
-    (out / "runs.json").write_text(json.dumps(details, indent=1) + "\n")
+    write_private(out / "runs.json", json.dumps(details, indent=1) + "\n", PUBLIC_FILE)

@@ -43,6 +43,7 @@ from labs.experiments.fig2 import PROJECT_ROOT, NullProgress, Progress
 from labs.lab import Lab
 from labs.roaming import LISTEN_PORT
 from migrate.errors import ConfigError
+from migrate.kernel.files import PUBLIC_FILE, write_private
 
 SCALE = 10.0
 TICKS_S = (0.25, 0.5, 1.0, 2.0)
@@ -157,7 +158,7 @@ class Overhead:
         self._count += 1
         stem = self.agent_dir / f"{self._count:03d}-{role}"
         plan_path, out = stem.with_suffix(".plan.json"), stem.with_suffix(".out.json")
-        plan_path.write_text(json.dumps(plan))
+        write_private(plan_path, json.dumps(plan))
         argv = [sys.executable, "-m", "labs.experiments.agents", role]
         argv += ["--plan", str(plan_path), "--out", str(out)]
         process = self.lab["c"].popen(
@@ -368,9 +369,9 @@ def run_overhead(options: OverheadOptions, progress: Progress | None = None) -> 
         "streams": streams,
         "checkpoints": checkpoints,
     }
-    (options.out / "overhead.json").write_text(json.dumps(results, indent=1) + "\n")
+    write_private(options.out / "overhead.json", json.dumps(results, indent=1) + "\n", PUBLIC_FILE)
     table = render_overhead(results)
-    (options.out / "overhead.md").write_text(table)
+    write_private(options.out / "overhead.md", table, PUBLIC_FILE)
     plot_overhead(results, options.out)
     return table
 

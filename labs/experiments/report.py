@@ -11,8 +11,8 @@ checks a parsed file against that schema.
 from __future__ import annotations
 
 import csv
+import io
 import itertools
-import math
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from labs.experiments.poisson import ATTACKS, MODES
+from labs.stats import percentile
 from migrate.errors import ConfigError
+from migrate.kernel.files import PUBLIC_FILE, write_private
 
 RESULT_FIELDS = (
     "mode",
@@ -37,20 +39,6 @@ _STAT_FIELDS = ("mean_s", "median_s", "p95_s")
 _COUNT_FIELDS = ("completed", "failed", "repeats")
 
 PAPER_NO_ATTACK_OVERHEAD = 0.14  # roaming's mean response time over replication's, no attack
-
-
-def percentile(samples: Sequence[float], q: float) -> float:
-    """The ``q``-quantile (0..1) by linear interpolation between order statistics (numpy's
-    default method)."""
-    if not samples:
-        raise ValueError("percentile of no samples")
-    if not 0 <= q <= 1:
-        raise ValueError(f"q must be in [0, 1], got {q}")
-    ordered = sorted(samples)
-    position = (len(ordered) - 1) * q
-    lower = math.floor(position)
-    upper = min(lower + 1, len(ordered) - 1)
-    return ordered[lower] + (ordered[upper] - ordered[lower]) * (position - lower)
 
 
 def _number(value: float) -> float | int:
@@ -154,16 +142,17 @@ def write_results_json(records: Iterable[Record], path: Path) -> None:
 
     data = [record.as_json() for record in records]
     validate_results(data)
-    path.write_text(json.dumps(data, indent=2) + "\n")
+    write_private(path, json.dumps(data, indent=2) + "\n", PUBLIC_FILE)
 
 
 def write_csv(records: Iterable[Record], path: Path) -> None:
-    with path.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(RESULT_FIELDS))
-        writer.writeheader()
-        for record in records:
-            row = record.as_json()
-            writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(RESULT_FIELDS))
+    writer.writeheader()
+    for record in records:
+        row = record.as_json()
+        writer.writerow({k: "" if v is None else v for k, v in row.items()})
+    write_private(path, text.getvalue(), PUBLIC_FILE)
 
 
 def _baseline(records: Sequence[Record], attack: str) -> Record | None:

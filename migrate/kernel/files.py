@@ -1,4 +1,7 @@
-"""Private files of the daemons and the CLI: one atomic writer and one log opener.
+"""Files of the daemons, the CLI and the labs: the one atomic writer and one log opener.
+
+Every writer of state, records, status and results goes through ``write_private``; there is no
+other write-temporary-then-rename in the tree.
 
 Status files, JSON logs, saved state and lab work directories name the active server and when
 each epoch ends: anyone who reads them learns the schedule the roaming hides. So everything
@@ -23,6 +26,7 @@ from pathlib import Path
 from typing import IO
 
 PRIVATE_FILE = 0o600
+PUBLIC_FILE = 0o644  # only for what is documented public: deployment.json, results, unit files
 PRIVATE_DIRECTORY = 0o700
 
 
@@ -52,8 +56,12 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_private(path: Path, data: bytes, mode: int = PRIVATE_FILE) -> None:
-    """Atomically replace ``path`` with ``data``, created with ``mode`` (0600 by default)."""
+def write_private(path: Path, data: bytes | str, mode: int = PRIVATE_FILE) -> None:
+    """Atomically replace ``path`` with ``data`` (text is written as UTF-8), created with
+    ``mode`` (0600 by default, ``PUBLIC_FILE`` for a public file): written, fsync-ed, renamed
+    over ``path``, the directory fsync-ed. On any error the temporary file is removed."""
+    if isinstance(data, str):
+        data = data.encode()
     private_directory(path.parent)
     # One temporary name per process and thread: two writers never share one. O_EXCL after
     # removing a leftover of a crashed writer: never write through a file (or a symlink)

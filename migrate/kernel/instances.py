@@ -1,5 +1,5 @@
-"""Crash-safe records of what each shim instance created in the kernel, and the sweep that
-removes what dead instances left behind.
+"""Crash-safe records of what each shim instance and each lab created in the kernel, and the
+sweep that removes what dead instances left behind: the one record system of the project.
 
 Theory of operation. An ``Instance`` writes a small JSON record under
 ``/run/server-roaming/instances`` (``$SERVER_ROAMING_RUN_DIR/instances`` when that variable is
@@ -9,6 +9,9 @@ it creates -- nftables tables, ``ip rule`` entries, routes, sysctl changes, chil
 files -- is appended to the record and the record is written *before* the object is created.
 A crash at any point therefore leaves a record that lists everything that may exist; undoing
 an object that was never created is harmless (deleting an absent table or rule is tolerated).
+A lab (``labs.lab``) is an instance of kind ``lab`` whose records live in their own directory
+(``/run/server-roaming/labs``): it records its named network namespaces (removed with every
+process inside) and its work directory.
 
 ``Instance.close()`` undoes everything in reverse order and deletes the record. ``sweep_dead()``
 (``roam cleanup``, and a shim's start-up) does the same for every record whose owner is dead,
@@ -33,27 +36,34 @@ import json
 import os
 import re
 import secrets
-import select
-import signal
+import shutil
 import socket
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from pyroute2 import IPRoute
+from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from migrate.errors import ConfigError, LocalError, RemoteError
 from migrate.kernel import nft
 from migrate.kernel.files import write_private
+from migrate.kernel.processes import (
+    DEFAULT_GRACE_S,
+    is_alive,
+    kill_pids,
+    pids_in_namespaces,
+    process_start_time,
+    stop_process,
+)
 
 RUN_DIR_ENV: Final = "SERVER_ROAMING_RUN_DIR"
 DEFAULT_RUN_DIR: Final = Path("/run/server-roaming")
 NETNS_DIR: Final = Path("/run/netns")
 RECORD_VERSION: Final = 1
-CHILD_GRACE_S: Final = 2.0
 CLONE_NEWNET: Final = 0x40000000
 _GONE_ERRNOS: Final = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV})
 _KIND: Final = re.compile(r"^[a-z][a-z0-9-]{0,15}$")
@@ -84,63 +94,6 @@ def run_dir() -> Path:
 
 def instances_dir() -> Path:
     return run_dir() / "instances"
-
-
-# --- processes ----------------------------------------------------------------------------
-
-
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` (``/proc/<pid>/stat`` field 22, clock ticks since boot), or
-    ``None`` if no such process runs (a zombie counts as finished)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    # the command name (field 2) may contain spaces and parentheses; fields follow the last ')'
-    fields = stat[stat.rfind(")") + 2 :].split()
-    try:
-        if fields[0] in ("Z", "X"):
-            return None
-        return int(fields[19])
-    except (IndexError, ValueError):
-        return None
-
-
-def is_alive(pid: int, starttime: int) -> bool:
-    """Whether process ``pid`` runs and is the one that started at ``starttime``."""
-    return pid > 0 and process_start_time(pid) == starttime
-
-
-def _wait_pidfd(fd: int, timeout_s: float) -> bool:
-    readable, _, _ = select.select([fd], [], [], timeout_s)
-    return bool(readable)
-
-
-def stop_process(pid: int, starttime: int, *, grace_s: float = CHILD_GRACE_S) -> bool:
-    """SIGTERM, then after ``grace_s`` SIGKILL, the process ``(pid, starttime)`` if it runs.
-
-    Signals go through a pidfd opened while the start time still matched, so a reused pid is
-    never hit. ``True`` if the process was running.
-    """
-    try:
-        fd = os.pidfd_open(pid)
-    except OSError:
-        return False
-    try:
-        if process_start_time(pid) != starttime:
-            return False
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                signal.pidfd_send_signal(fd, sig)
-            except ProcessLookupError:
-                break
-            if _wait_pidfd(fd, grace_s if sig == signal.SIGTERM else 5.0):
-                break
-    finally:
-        os.close(fd)
-    with contextlib.suppress(ChildProcessError, OSError):
-        os.waitpid(pid, os.WNOHANG)  # reap it if it was our own child
-    return True
 
 
 # --- network namespaces -------------------------------------------------------------------
@@ -538,8 +491,38 @@ class SysctlRestore:
         return f"sysctl {self.key} (restore {self.old})"
 
 
-Created = NftTable | IpRule | IpRoute | ChildProcess | OwnedFile | SysctlRestore
-C = TypeVar("C", NftTable, IpRule, IpRoute, ChildProcess, OwnedFile, SysctlRestore)
+@dataclass(frozen=True)
+class Netns:
+    """A named network namespace (``/run/netns/<name>``) the instance made: removing it stops
+    every process still inside, then unmounts it (the kernel destroys its interfaces, routes,
+    qdiscs and nftables tables with it)."""
+
+    name: str
+
+    def __post_init__(self) -> None:
+        if not _NETNS_NAME.match(self.name):
+            raise ConfigError(f"invalid network namespace name {self.name!r}")
+
+    def describe(self) -> str:
+        return f"netns {self.name}"
+
+
+@dataclass(frozen=True)
+class WorkDir:
+    """A directory tree the instance made (a lab's work directory): removed whole."""
+
+    path: str
+
+    def __post_init__(self) -> None:
+        if not os.path.isabs(self.path):
+            raise ConfigError(f"an instance directory must be an absolute path, got {self.path!r}")
+
+    def describe(self) -> str:
+        return f"directory {self.path}"
+
+
+Created = NftTable | IpRule | IpRoute | ChildProcess | OwnedFile | SysctlRestore | Netns | WorkDir
+C = TypeVar("C", NftTable, IpRule, IpRoute, ChildProcess, OwnedFile, SysctlRestore, Netns, WorkDir)
 
 
 def _req(data: dict[str, Any], key: str, kind: type[T]) -> T:
@@ -565,6 +548,10 @@ def created_to_json(obj: Created) -> dict[str, Any]:
         return {"object": "child", "pid": obj.pid, "starttime": obj.starttime}
     if isinstance(obj, OwnedFile):
         return {"object": "file", "path": obj.path}
+    if isinstance(obj, Netns):
+        return {"object": "netns", "name": obj.name}
+    if isinstance(obj, WorkDir):
+        return {"object": "workdir", "path": obj.path}
     return {"object": "sysctl", "key": obj.key, "old": obj.old}
 
 
@@ -613,6 +600,12 @@ def created_from_json(data: object) -> Created:
         elif kind == "file":
             allowed = {"path"}
             obj = OwnedFile(_req(data, "path", str))
+        elif kind == "netns":
+            allowed = {"name"}
+            obj = Netns(_req(data, "name", str))
+        elif kind == "workdir":
+            allowed = {"path"}
+            obj = WorkDir(_req(data, "path", str))
         elif kind == "sysctl":
             allowed = {"key", "old"}
             obj = SysctlRestore(_req(data, "key", str), _req(data, "old", str))
@@ -740,11 +733,6 @@ class InstanceRecord:
             raise InstanceRecordError(f"{path}: {error}") from None
 
 
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data``: readers see the old file or the new one, never a part."""
-    write_private(path, data)
-
-
 def record_paths(directory: Path) -> list[Path]:
     if not directory.is_dir():
         return []
@@ -814,48 +802,104 @@ class _Place:
     directory: Path
     inode: int
     record_path: Path
+    grace_s: float = DEFAULT_GRACE_S  # for the processes left in a recorded namespace
 
     @classmethod
-    def of(cls, record: InstanceRecord, directory: Path, record_path: Path) -> _Place:
+    def of(
+        cls,
+        record: InstanceRecord,
+        directory: Path,
+        record_path: Path,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> _Place:
         if record.netns_inode == current_netns_inode():
-            return cls(None, False, directory, record.netns_inode, record_path)
+            return cls(None, False, directory, record.netns_inode, record_path, grace_s)
         found = find_netns(record.netns_inode, record.netns)
-        return cls(found, found is None, directory, record.netns_inode, record_path)
+        return cls(found, found is None, directory, record.netns_inode, record_path, grace_s)
+
+
+@dataclass(frozen=True)
+class Undone:
+    """What undoing one recorded object did: a line for people, whether the object was still
+    there, and the processes stopped on the way (for the lab's cleanup report)."""
+
+    obj: Created
+    line: str
+    removed: bool
+    stopped: tuple[int, ...] = ()
 
 
 def _lives_in_netns(obj: Created) -> bool:
     return isinstance(obj, NftTable | IpRule | IpRoute | SysctlRestore)
 
 
-def _undo(obj: Created, place: _Place) -> str:
-    """Remove one created object; a line saying what happened. Raises on real failures."""
+def remove_netns(name: str, *, grace_s: float = DEFAULT_GRACE_S) -> tuple[list[int], bool]:
+    """Stop every process inside the named namespace (SIGTERM, SIGKILL after ``grace_s``), then
+    unmount and unlink it: the pids signalled, and whether the namespace was there."""
+    path = NETNS_DIR / name
+    stopped = kill_pids(pids_in_namespaces([path]), grace_s=grace_s, still_ours=[path])
+    if not path.exists():
+        return stopped, False
+    try:
+        pyroute2_netns.remove(name)
+    except FileNotFoundError:
+        return stopped, False
+    return stopped, True
+
+
+def _remove_tree(path: str) -> bool:
+    if os.path.islink(path):
+        raise InstanceError(f"{path} is a symbolic link now, not the directory made; left alone")
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        return False
+    except OSError as error:
+        raise InstanceError(f"cannot remove {path}: {error.strerror or error}") from None
+    return True
+
+
+def _done(obj: Created, removed: bool, verb: str = "deleted") -> Undone:
+    line = f"{verb} {obj.describe()}" if removed else f"{obj.describe()} already gone"
+    return Undone(obj, line, removed)
+
+
+def _undo(obj: Created, place: _Place) -> Undone:
+    """Remove one created object, saying what happened. Raises on real failures."""
     netns = place.netns
     if place.gone and _lives_in_netns(obj):
-        return f"{obj.describe()} gone with its network namespace"
+        return Undone(obj, f"{obj.describe()} gone with its network namespace", False)
     if isinstance(obj, NftTable):
-        gone = nft.delete_table(obj.family, obj.name, missing_ok=True, netns=netns)
-        return f"deleted {obj.describe()}" if gone else f"{obj.describe()} already gone"
+        return _done(obj, nft.delete_table(obj.family, obj.name, missing_ok=True, netns=netns))
     if isinstance(obj, IpRule):
-        gone = delete_rule(obj.spec, netns=netns)
-        return f"deleted {obj.describe()}" if gone else f"{obj.describe()} already gone"
+        return _done(obj, delete_rule(obj.spec, netns=netns))
     if isinstance(obj, IpRoute):
-        gone = delete_route(obj.spec, netns=netns)
-        return f"deleted {obj.describe()}" if gone else f"{obj.describe()} already gone"
+        return _done(obj, delete_route(obj.spec, netns=netns))
     if isinstance(obj, ChildProcess):
         stopped = stop_process(obj.pid, obj.starttime)
-        return f"stopped {obj.describe()}" if stopped else f"{obj.describe()} already gone"
+        return replace(_done(obj, stopped, "stopped"), stopped=(obj.pid,) if stopped else ())
     if isinstance(obj, OwnedFile):
         try:
             os.unlink(obj.path)
         except FileNotFoundError:
-            return f"{obj.describe()} already gone"
+            return _done(obj, False)
         except OSError as error:
             raise InstanceError(f"cannot remove {obj.path}: {error.strerror}") from None
-        return f"removed {obj.describe()}"
+        return _done(obj, True, "removed")
+    if isinstance(obj, Netns):
+        pids, removed = remove_netns(obj.name, grace_s=place.grace_s)
+        undone = _done(obj, removed, "removed")
+        if pids:
+            undone = replace(
+                undone, line=f"{undone.line} (stopped pids {', '.join(map(str, pids))})"
+            )
+        return replace(undone, stopped=tuple(pids))
+    if isinstance(obj, WorkDir):
+        return _done(obj, _remove_tree(obj.path), "removed")
     if _other_live_sysctl(place.directory, obj.key, place.inode, place.record_path) is not None:
-        return f"left sysctl {obj.key} as it is: a live instance still needs it"
+        return Undone(obj, f"left sysctl {obj.key} as it is: a live instance still needs it", False)
     write_sysctl(obj.key, obj.old, netns=netns)
-    return f"restored sysctl {obj.key}={obj.old}"
+    return Undone(obj, f"restored sysctl {obj.key}={obj.old}", True)
 
 
 def _would_undo(obj: Created, place: _Place) -> str:
@@ -894,7 +938,12 @@ class Instance:
 
     @classmethod
     def start(
-        cls, kind: str, *, netns: str | None = None, directory: Path | None = None
+        cls,
+        kind: str,
+        *,
+        netns: str | None = None,
+        directory: Path | None = None,
+        token: str | None = None,
     ) -> Instance:
         if not isinstance(kind, str) or not _KIND.match(kind):
             raise ConfigError(
@@ -917,7 +966,10 @@ class Instance:
         starttime = process_start_time(pid)
         if starttime is None:
             raise InstanceError("cannot read this process's start time from /proc")
-        record = InstanceRecord(kind, pid, starttime, secrets.token_hex(4), name, inode)
+        if token is not None and not re.fullmatch(r"[0-9a-f]{1,32}", token):
+            raise ConfigError(f"invalid instance token {token!r}: up to 32 lowercase hex digits")
+        token = token if token is not None else secrets.token_hex(4)
+        record = InstanceRecord(kind, pid, starttime, token, name, inode)
         directory = directory if directory is not None else instances_dir()
         instance = cls(record, directory, act_in=netns)
         instance._save()
@@ -947,7 +999,7 @@ class Instance:
         return nft.instance_table_name(role, self.pid)
 
     def _save(self) -> None:
-        write_atomically(self.path, self.record.encode())
+        write_private(self.path, self.record.encode())
 
     def _check_open(self) -> None:
         if self._closed:
@@ -1038,6 +1090,19 @@ class Instance:
             raise InstanceError(f"process {pid} does not run")
         self._record(ChildProcess(pid, starttime))
 
+    def add_netns(self, name: str) -> Netns:
+        """Record a named network namespace (call before creating it); it is removed, with the
+        processes inside, when the instance ends."""
+        obj = Netns(name)
+        self._record(obj)
+        return obj
+
+    def add_workdir(self, path: str | os.PathLike[str]) -> WorkDir:
+        """Record a directory tree to remove when the instance ends."""
+        obj = WorkDir(os.path.abspath(path))
+        self._record(obj)
+        return obj
+
     def add_file(self, path: str | os.PathLike[str]) -> None:
         """Record a file to delete when the instance ends (call before creating it)."""
         self._record(OwnedFile(os.path.abspath(path)))
@@ -1050,7 +1115,7 @@ class Instance:
         if obj not in self.record.created:
             raise InstanceError(f"{obj.describe()} is not recorded by this instance")
         with locked(self.directory):
-            line = _undo(obj, _Place.of(self.record, self.directory, self.path))
+            line = _undo(obj, _Place.of(self.record, self.directory, self.path)).line
             self._forget(obj)
         return line
 
@@ -1060,58 +1125,89 @@ class Instance:
         Every object is tried; if some could not be removed, their entries stay in the record
         (for ``roam cleanup``) and an ``InstanceError`` lists them.
         """
+        undone, failures = self.remove()
+        if failures:
+            raise InstanceError(
+                f"{self.record.describe()}: could not remove everything "
+                f"({'; '.join(failures)}); run 'roam cleanup' after this process exits"
+            )
+        return [u.line for u in undone]
+
+    def remove(self, *, grace_s: float = DEFAULT_GRACE_S) -> tuple[list[Undone], list[str]]:
+        """``close``, reporting instead of raising: what was undone, and one line per object
+        that could not be (those stay recorded, the record stays for ``roam cleanup``).
+        ``grace_s``: how long processes left in a recorded namespace get after SIGTERM."""
         if self._closed:
-            return []
-        lines: list[str] = []
+            return [], []
+        undone: list[Undone] = []
         failures: list[str] = []
         with locked(self.directory):
-            place = _Place.of(self.record, self.directory, self.path)
+            place = _Place.of(self.record, self.directory, self.path, grace_s)
             for obj in reversed(list(self.record.created)):
                 try:
-                    lines.append(_undo(obj, place))
+                    undone.append(_undo(obj, place))
                 except (nft.NftError, InstanceError, OSError) as error:
                     failures.append(str(error))
                     continue
                 self.record.created.remove(obj)
             if failures:
                 self._save()
-                raise InstanceError(
-                    f"{self.record.describe()}: could not remove everything "
-                    f"({'; '.join(failures)}); run 'roam cleanup' after this process exits"
-                )
+                return undone, failures
             self._closed = True
             with contextlib.suppress(FileNotFoundError):
                 self.path.unlink()
-        return lines
+        return undone, failures
 
 
 # --- sweeping -----------------------------------------------------------------------------
 
 
-def _sweep_record(path: Path, record: InstanceRecord, directory: Path, dry_run: bool) -> list[str]:
+@dataclass
+class Swept:
+    """What sweeping one dead instance's record did."""
+
+    lines: list[str] = field(default_factory=list)
+    undone: list[Undone] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+
+def sweep_record(
+    path: Path,
+    record: InstanceRecord,
+    directory: Path,
+    *,
+    dry_run: bool = False,
+    grace_s: float = DEFAULT_GRACE_S,
+) -> Swept:
+    """Undo everything of one dead instance's record, newest first, then delete the record
+    (kept with what could not be removed). Call with ``locked(directory)`` held."""
     head = f"{record.describe()} (dead)"
-    place = _Place.of(record, directory, path)
-    lines = []
-    failures = []
+    place = _Place.of(record, directory, path, grace_s)
+    swept = Swept()
+    failed: list[Created] = []
     for obj in reversed(list(record.created)):
         if dry_run:
-            lines.append(f"{head}: {_would_undo(obj, place)}")
+            swept.lines.append(f"{head}: {_would_undo(obj, place)}")
             continue
         try:
-            lines.append(f"{head}: {_undo(obj, place)}")
+            undone = _undo(obj, place)
         except (nft.NftError, InstanceError, OSError) as error:
-            failures.append(obj)
-            lines.append(f"{head}: FAILED: {error}")
+            failed.append(obj)
+            swept.failures.append(str(error))
+            swept.lines.append(f"{head}: FAILED: {error}")
+            continue
+        swept.undone.append(undone)
+        swept.lines.append(f"{head}: {undone.line}")
     if dry_run:
-        lines.append(f"{head}: would remove record {path.name}")
-    elif failures:
-        record.created = [obj for obj in record.created if obj in failures]
-        write_atomically(path, record.encode())
-        lines.append(f"{head}: kept record {path.name} for what could not be removed")
+        swept.lines.append(f"{head}: would remove record {path.name}")
+    elif failed:
+        record.created = [obj for obj in record.created if obj in failed]
+        write_private(path, record.encode())
+        swept.lines.append(f"{head}: kept record {path.name} for what could not be removed")
     else:
         path.unlink(missing_ok=True)
-        lines.append(f"{head}: removed record {path.name}")
-    return lines
+        swept.lines.append(f"{head}: removed record {path.name}")
+    return swept
 
 
 def sweep_dead(*, dry_run: bool = False, directory: Path | None = None) -> list[str]:
@@ -1137,7 +1233,7 @@ def sweep_dead(*, dry_run: bool = False, directory: Path | None = None) -> list[
                 if record.netns_inode == here:
                     live_tables.update(record.tables)
                 continue
-            lines += _sweep_record(path, record, directory, dry_run)
+            lines += sweep_record(path, record, directory, dry_run=dry_run).lines
         if nft.nft_available() is None:
             for family, name in nft.list_tables():
                 parsed = nft.parse_instance_table_name(name)

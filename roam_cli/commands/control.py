@@ -9,7 +9,6 @@ and a server that refuses one (its schedule disagrees) logs why and answers "ref
 from __future__ import annotations
 
 import argparse
-import os
 import select
 import socket
 import time
@@ -29,13 +28,13 @@ from migrate.control import (
     Trigger,
 )
 from migrate.errors import ConfigError, RoamError
+from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.files import write_private
 from migrate.pool import PoolState, ServerPool
 from migrate.schedule import check_m
 from migrate.strictjson import dump_object, parse_object
 from roam_cli.args import positive_int, positive_seconds
 from roam_cli.recorded import latest_state
-from roam_cli.store import DeploymentDir
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -114,12 +113,9 @@ def operator_counters(directory: Path) -> CounterFloor:
 
     def save(value: int) -> None:
         try:
-            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(dump_object(COUNTER_FORMAT, 1, {"floor": value}))
-            os.replace(temporary, path)
+            # fsync-ed before the command seals under the reserved counters: after a crash the
+            # floor on disk is at least what any sent message used.
+            write_private(path, dump_object(COUNTER_FORMAT, 1, {"floor": value}))
         except OSError as error:
             raise ConfigError(f"cannot write {path}: {error.strerror}") from None
 

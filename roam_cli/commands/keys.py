@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 from migrate import shamir
 from migrate.errors import ConfigError
+from migrate.kernel.deployment import DeploymentDir, random_bytes, read_file, write_new
 from migrate.registration import DeploymentSecret
 from roam_cli.args import positive_int
-from roam_cli.store import DeploymentDir, random_bytes, read_file, write_new
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -14,6 +14,7 @@ from migrate.chainindex import sealed_size
 from migrate.endpoints import parse_address, parse_address_and_port, parse_server_list
 from migrate.errors import ConfigError, RoamError
 from migrate.hashchain import DEFAULT_INDEX_SPACING, build_index
+from migrate.kernel.deployment import DeploymentDir, random_bytes, read_file, write_new
 from migrate.registration import (
     DEFAULT_ROAMING_PORT,
     DEPLOYMENT_ID_BYTES,
@@ -41,7 +42,6 @@ from roam_cli.recorded import (
     deployment_schedule,
     recorded_state,
 )
-from roam_cli.store import DeploymentDir, random_bytes, read_file, write_new
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]

@@ -11,10 +11,10 @@ from pathlib import Path
 from migrate.endpoints import parse_server_list
 from migrate.errors import ConfigError
 from migrate.hashchain import KEY_BYTES, MAX_CHAIN_LENGTH, KeyChain
+from migrate.kernel.deployment import DeploymentDir, load_bundle
 from migrate.schedule import EpochSchedule, MSchedule, ScheduleParams, check_m
 from roam_cli.args import positive_int, positive_seconds, server_list, unix_time
 from roam_cli.recorded import bundle_schedule, bundle_state_path, deployment_schedule
-from roam_cli.store import DeploymentDir, load_bundle
 
 EXPLICIT = ("chain_key", "key_index", "m", "tick", "start", "servers")
 DEPRECATED_CHAIN_KEY = (

@@ -23,11 +23,11 @@ from migrate.cover import (
 )
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, RoamError
+from migrate.kernel.deployment import load_bundle
 from migrate.kernel.eventlog import EventLog
-from migrate.kernel.files import own_private_directory
+from migrate.kernel.files import PUBLIC_FILE, own_private_directory, write_private
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
-from roam_cli.store import load_bundle
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
@@ -523,7 +523,8 @@ def run_client_install(args: argparse.Namespace) -> int:
     if not args.no_start:
         _require_systemctl("nothing written (--no-start writes the unit only)")
     args.unit_dir.mkdir(parents=True, exist_ok=True)
-    unit.write_text(unit_text(bundle_path, _roam_executable()))
+    # A unit file is public (systemd reads it as any user's units are read): 0644, atomic.
+    write_private(unit, unit_text(bundle_path, _roam_executable()), PUBLIC_FILE)
     print(f"wrote {unit}")
     if not args.no_start:
         try:

@@ -520,7 +520,7 @@ def migration_datagrams(
 def control_datagrams(roaming: RoamingLab, rng: random.Random) -> list[bytes]:
     from migrate.channel import Kind
     from migrate.control import OPERATOR, Ack, ControlChannel, encode_control
-    from roam_cli.store import DeploymentDir
+    from migrate.kernel.deployment import DeploymentDir
 
     secret = DeploymentDir(roaming.deployment_dir).secret()
     now = time.time()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from migrate.kernel import nft
+from migrate.kernel.files import write_private
 from migrate.kernel.instances import (
     Instance,
     InstanceError,
@@ -26,12 +28,10 @@ from migrate.kernel.instances import (
     OwnedFile,
     RouteSpec,
     RuleSpec,
-    is_alive,
-    process_start_time,
     read_sysctl,
     sweep_dead,
-    write_atomically,
 )
+from migrate.kernel.processes import is_alive, process_start_time
 
 pytestmark = pytest.mark.system
 
@@ -168,7 +168,7 @@ def test_record_of_a_vanished_namespace(run_dir: Path, tmp_path: Path) -> None:
     leftover.write_text("x")
     record = InstanceRecord("test", dead_pid(), 1, "ab", "roamk-gone", netns_inode=1)
     record.created += [OwnedFile(str(leftover)), NftTable("inet", "roam_x_1")]
-    write_atomically(run_dir / record.filename, record.encode())
+    write_private(run_dir / record.filename, record.encode())
     lines = sweep_dead()
     assert any("nft table inet roam_x_1 gone with its network namespace" in x for x in lines)
     assert any(f"removed file {leftover}" in x for x in lines)
@@ -179,7 +179,7 @@ def test_record_of_a_vanished_namespace(run_dir: Path, tmp_path: Path) -> None:
 
 def test_unreadable_record_is_reported_and_left(run_dir: Path) -> None:
     bad = run_dir / "test-1-aa.json"
-    write_atomically(bad, b"{not json")
+    write_private(bad, b"{not json")
     assert any("unreadable instance record" in line for line in sweep_dead())
     assert bad.exists()
 
@@ -194,7 +194,7 @@ def test_sweep_in_the_current_namespace(run_dir: Path) -> None:
     nft.replace_table("inet", name, "")
     try:
         record.created.append(NftTable("inet", name))
-        write_atomically(run_dir / record.filename, record.encode())
+        write_private(run_dir / record.filename, record.encode())
         lines = sweep_dead()
         assert f"test instance of pid {pid} (dead): deleted nft table inet {name}" in lines
         assert ("inet", name) not in nft.list_tables()
@@ -251,3 +251,41 @@ def test_daemon_killed_inside_a_namespace_is_swept_from_outside(netns: str, run_
         if daemon.poll() is None:
             daemon.kill()
             daemon.wait()
+
+
+def test_destroy_orphans_records_its_hush_table_while_it_exists(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The temporary ``roam_hush_<pid>`` table is in the instance record for as long as it
+    exists: a shim killed while it aborts orphans leaves a record the sweep acts on."""
+    from migrate.kernel import sockdiag
+    from migrate.kernel.orphans import HUSH_FAMILY, destroy_orphans
+
+    monkeypatch.setenv("SERVER_ROAMING_RUN_DIR", str(tmp_path))
+    listener = socket.create_server(("127.0.0.1", 0))
+    listen = listener.getsockname()
+    client = socket.create_connection(listen)
+    accepted, _ = listener.accept()
+    accepted.close()  # our side becomes an orphan in FIN_WAIT2 (the client keeps its end open)
+    seen = []
+    real_destroy = sockdiag.destroy
+
+    def destroy(src: tuple[str, int], dst: tuple[str, int]) -> bool:
+        seen.append((InstanceRecord.load(instance.path).tables, nft.list_tables()))
+        return real_destroy(src, dst)
+
+    monkeypatch.setattr(sockdiag, "destroy", destroy)
+    try:
+        with Instance.start("server") as instance:
+            hush = (HUSH_FAMILY, instance.table_name("hush"))
+            assert destroy_orphans(listen, instance) == 1
+            assert len(seen) == 1
+            recorded, existing = seen[0]
+            assert hush in recorded
+            assert hush in existing
+            assert hush not in InstanceRecord.load(instance.path).tables  # forgotten once deleted
+            assert not nft.table_exists(*hush)
+            assert destroy_orphans(listen, instance) == 0  # nothing left to abort
+    finally:
+        client.close()
+        listener.close()

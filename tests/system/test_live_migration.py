@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 
+from labs.clients import send_datagrams
 from labs.faults import KEEPALIVE_CLIENT, handoffs, live_lab, shim_problems
 from labs.params import LinkParams
 from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, roam_argv
@@ -504,22 +505,12 @@ def test_a_service_that_differs_between_replicas_is_reset_not_spliced() -> None:
         )
 
 
-def _send_from(pool: RoamingLab, host: str, payload: bytes, target: str, port: int) -> None:
-    code = (
-        "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        "s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))"
-    )
-    pool.lab[host].run(
-        [sys.executable, "-c", code, payload.hex(), target, str(port)], check=True, timeout=10
-    )
-
-
 def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> None:
     from migrate.channel import Kind, Sealer
     from migrate.checkpoint import Checkpoint, TcpSnapshot, checkpoint_key, seal_checkpoint
+    from migrate.kernel.deployment import DeploymentDir
     from migrate.registration import Bundle
     from migrate.reincarnation import Phase, Request, context, request_sealer
-    from roam_cli.store import DeploymentDir
 
     # No cover from the shims: the crafted requests are sealed with alice's key, and her shim's
     # cover (20 a second, sealed with the same sender and counters) would push them below the
@@ -591,14 +582,14 @@ def test_forged_replayed_and_foreign_reincarnation_requests_create_nothing() -> 
         attempts.append(("c2", request(bob, "c2", 55559, epoch["epoch"]), "RevokedClientError"))
         sent_at = time.time()
         for host, payload, _ in attempts:
-            _send_from(pool, host, payload, target, 47476)
+            send_datagrams(pool.lab[host], target, 47476, [payload])
         # A genuine PREPARE (for a connection that does not exist) is admitted once; its
         # replay is refused. (Sealed now: a request is fresh for 5 s, and the sends above
         # each start a process.)
         genuine = request(alice, "c1", 55555, epoch["epoch"])
-        _send_from(pool, "c1", genuine, target, 47476)
+        send_datagrams(pool.lab["c1"], target, 47476, [genuine])
         time.sleep(0.5)
-        _send_from(pool, "c1", genuine, target, 47476)
+        send_datagrams(pool.lab["c1"], target, 47476, [genuine])
         time.sleep(1.0)
         events = [e for e in pool.servers[server].events() if e["ts"] >= sent_at]
         rejected = [e["error"] for e in events if e["event"] == "reincarnation_rejected"]

@@ -14,14 +14,9 @@ from collections.abc import Callable
 import pytest
 
 from labs import Lab, PoolTopo
-from labs.benchmarks.roaming import (
-    SERVICE_PORT,
-    deploy,
-    measure_connections,
-    start_service_nginx,
-    write_content,
-)
-from labs.roaming import RoamingLab
+from labs.benchmarks.roaming.migration import measure_connections
+from labs.benchmarks.roaming.orchestration import deploy, start_service_nginx
+from labs.roaming import SERVICE_PORT, RoamingLab, write_content
 
 pytestmark = pytest.mark.system
 

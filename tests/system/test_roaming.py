@@ -20,6 +20,7 @@ import pytest
 
 from labs import Lab, PoolTopo
 from labs.capture import tcp_flag_counts
+from labs.clients import send_datagrams
 from labs.roaming import RoamingLab, roam_argv
 from migrate.channel import Kind, Sealer, derive_key
 from migrate.ratelog import RejectionLimiter
@@ -164,16 +165,6 @@ def test_outsider_gets_no_answer_from_any_server(pool: RoamingLab) -> None:
     assert tcp_flag_counts(path).get("R", 0) == 0
 
 
-def _send_udp(pool: RoamingLab, host: str, payload: bytes, target: str, port: int) -> None:
-    code = (
-        "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); "
-        "s.sendto(bytes.fromhex(sys.argv[1]), (sys.argv[2], int(sys.argv[3])))"
-    )
-    pool.lab[host].run(
-        ["python3", "-c", code, payload.hex(), target, str(port)], check=True, timeout=10
-    )
-
-
 def _client_status(pool: RoamingLab) -> dict[str, object]:
     return json.loads(pool.clients["c1"].status_path.read_text())
 
@@ -208,7 +199,7 @@ def test_forged_replayed_and_foreign_updates_are_rejected(pool: RoamingLab) -> N
         "AuthenticationError (for bob)": for_bob.seal(Kind.ROAMING_UPDATE, sync, now),
     }
     for payload in attempts.values():
-        _send_udp(pool, "o1", payload, c1, bundle.roaming_port)
+        send_datagrams(pool.lab["o1"], c1, bundle.roaming_port, [payload])
     time.sleep(0.5)
     events = pool.clients["c1"].events()
     # Rejections are logged in full once per kind and period (migrate.ratelog), so each kind
@@ -238,6 +229,11 @@ def test_forged_replayed_and_foreign_updates_are_rejected(pool: RoamingLab) -> N
     assert any(e["event"] == "epoch" and e["ts"] > now for e in pool.clients["c1"].events())
 
 
+def random_datagrams(count: int) -> list[bytes]:
+    """An outsider's flood: ``count`` datagrams of 64 random bytes."""
+    return [os.urandom(64) for _ in range(count)]
+
+
 def test_a_flood_of_forged_updates_writes_a_bounded_log(pool: RoamingLab) -> None:
     """An outsider's datagrams cannot write the client's log at the rate of its link."""
     bundle = Bundle.decode(pool.bundle_path("c1").read_bytes())
@@ -245,14 +241,7 @@ def test_a_flood_of_forged_updates_writes_a_bounded_log(pool: RoamingLab) -> Non
     flood = 1_000
     before = _client_status(pool)
     sent_at = time.time()
-    code = (
-        "import os,socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "for _ in range(int(sys.argv[3])):\n"
-        "    s.sendto(os.urandom(64), (sys.argv[1], int(sys.argv[2])))"
-    )
-    pool.lab["o1"].run(
-        ["python3", "-c", code, c1, str(bundle.roaming_port), str(flood)], check=True, timeout=30
-    )
+    send_datagrams(pool.lab["o1"], c1, bundle.roaming_port, random_datagrams(flood))
 
     def counted() -> int:
         return int(_client_status(pool)["updates_rejected"])  # type: ignore[call-overload]
@@ -289,16 +278,7 @@ def test_a_flood_of_forged_control_datagrams_writes_a_bounded_server_log(
 
     before = counted()
     sent_at = time.time()
-    code = (
-        "import os,socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
-        "for _ in range(int(sys.argv[3])):\n"
-        "    s.sendto(os.urandom(64), (sys.argv[1], int(sys.argv[2])))"
-    )
-    pool.lab["o1"].run(
-        ["python3", "-c", code, server, str(DEFAULT_CONTROL_PORT), str(flood)],
-        check=True,
-        timeout=30,
-    )
+    send_datagrams(pool.lab["o1"], server, DEFAULT_CONTROL_PORT, random_datagrams(flood))
     # The count reaches the status file at the server's next tick (most of the flood: the
     # kernel may drop some of a burst before the shim reads it).
     deadline = time.monotonic() + 4 * TICK + 10

@@ -15,15 +15,14 @@ import json
 import os
 import signal
 import struct
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from labs.clients import send_datagrams
 from labs.faults import live_lab, shim_problems, start_client
-from labs.roaming import RoamingLab
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -70,14 +69,6 @@ def udp_payloads(pcap: Path, port: int) -> list[bytes]:
         if struct.unpack_from("!H", udp, 2)[0] == port:
             payloads.append(bytes(udp[8:]))
     return payloads
-
-
-def send_udp(roaming: RoamingLab, host: str, to: str, port: int, payload: bytes) -> None:
-    code = (
-        "import socket,sys; s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM); "
-        f"s.sendto(bytes.fromhex(sys.stdin.read()), ({to!r}, {port}))"
-    )
-    roaming.lab[host].run([sys.executable, "-c", code], input=payload.hex(), check=True, timeout=10)
 
 
 def gaps(times: list[float]) -> list[float]:
@@ -144,7 +135,7 @@ def test_a_client_silent_for_hours_blocks_nothing_and_nothing_is_accepted_twice(
         replayed_at = time.time()
         sender = roaming.server_hosts[0]
         for payload in captured:
-            send_udp(roaming, sender, str(c1.address), ROAMING_PORT, payload)
+            send_datagrams(roaming.lab[sender], str(c1.address), ROAMING_PORT, [payload])
         wait_for(
             "the replayed updates' rejections",
             lambda: rejected_count() >= before + len(captured),

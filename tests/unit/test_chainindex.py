@@ -12,6 +12,7 @@ from migrate.chainindex import open_index, seal_index, sealed_size
 from migrate.endpoints import parse_server_list
 from migrate.errors import AuthenticationError, ConfigError
 from migrate.hashchain import KeyChain, build_index, hash_down
+from migrate.kernel.deployment import CHAIN_INDEX_FILE, DeploymentDir
 from migrate.kernel.eventlog import EventLog
 from migrate.schedule import (
     Anchor,
@@ -22,8 +23,7 @@ from migrate.schedule import (
     m_tag,
 )
 from proxy.daemon import ServerOptions, ServerShim
-from roam_cli.main import main
-from roam_cli.store import CHAIN_INDEX_FILE, DeploymentDir
+from tests.unit.cli import run, subscribe
 
 SERVERS = parse_server_list("10.0.0.1:80,10.0.0.2:80,10.0.0.3:80")
 TOP = bytes(range(32))
@@ -166,15 +166,6 @@ def test_epoch_by_epoch_across_a_landmark_costs_no_more_than_an_advance(monkeypa
 # --- the CLI and the server's start -------------------------------------------------------
 
 
-def run(capsys, *argv):
-    try:
-        status = main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
-
-
 def init(capsys, directory, length, *extra):
     status, out, err = run(
         capsys,
@@ -253,7 +244,7 @@ def test_index_can_be_built_later_and_a_changed_one_is_a_clear_error(tmp_path, c
 
 
 def test_a_bundle_can_carry_the_index_of_its_own_range(tmp_path, capsys):
-    from roam_cli.store import load_bundle
+    from migrate.kernel.deployment import load_bundle
 
     directory = tmp_path / "dep"
     length = (1 << 17) + 1000
@@ -263,18 +254,8 @@ def test_a_bundle_can_carry_the_index_of_its_own_range(tmp_path, capsys):
     addresses = {"plain": "127.0.0.5", "indexed": "127.0.0.6"}  # one client per address
     for name, extra in (("plain", ()), ("indexed", ("--chain-index",))):
         paths[name] = tmp_path / f"{name}.bundle"
-        status, _, err = run(
-            capsys,
-            "subscribe",
-            str(directory),
-            name,
-            "--address",
-            addresses[name],
-            "--until-epoch",
-            str(until),
-            "--out",
-            str(paths[name]),
-            *extra,
+        status, _, err = subscribe(
+            capsys, directory, name, addresses[name], str(paths[name]), *extra, until=until
         )
         assert status == 0, err
     plain, indexed_bundle = load_bundle(paths["plain"]), load_bundle(paths["indexed"])

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from roam_cli.main import main
+from tests.unit.cli import run, subscribe
 
 from .vectors import CHAIN_KEY_HEX, SERVERS_TEXT, TABLE
 
@@ -25,15 +25,6 @@ VECTOR = [
     "--servers",
     SERVERS_TEXT,
 ]
-
-
-def run(capsys, *argv):
-    try:
-        status = main(list(argv))
-    except SystemExit as exit_:
-        status = exit_.code
-    out, err = capsys.readouterr()
-    return status, out, err
 
 
 def assert_one_line_error(status, out, err, text):
@@ -195,18 +186,7 @@ def test_init_writes_private_secrets_and_refuses_to_overwrite(deployment, capsys
 
 def test_deployment_schedule_matches_bundle_schedule(deployment, tmp_path, capsys):
     bundle = tmp_path / "alice.bundle"
-    status, _, err = run(
-        capsys,
-        "subscribe",
-        str(deployment),
-        "alice",
-        "--address",
-        "10.0.0.50",
-        "--until-epoch",
-        "100",
-        "--out",
-        str(bundle),
-    )
+    status, _, err = subscribe(capsys, deployment, "alice", "10.0.0.50", str(bundle), until=100)
     assert status == 0, err
     assert stat.S_IMODE(bundle.stat().st_mode) == 0o600
     _, from_deployment, _ = run(
@@ -225,18 +205,7 @@ def test_deployment_schedule_matches_bundle_schedule(deployment, tmp_path, capsy
 
 def test_inspect_never_prints_secrets(deployment, tmp_path, capsys):
     bundle = tmp_path / "alice.bundle"
-    run(
-        capsys,
-        "subscribe",
-        str(deployment),
-        "alice",
-        "--address",
-        "10.0.0.50",
-        "--until-epoch",
-        "100",
-        "--out",
-        str(bundle),
-    )
+    subscribe(capsys, deployment, "alice", "10.0.0.50", str(bundle), until=100)
     secret = json.loads((deployment / "secret.json").read_text())
     bundle_doc = json.loads(bundle.read_text())
     secrets = [
@@ -259,89 +228,47 @@ def test_inspect_never_prints_secrets(deployment, tmp_path, capsys):
 def test_subscribe_errors(deployment, tmp_path, capsys):
     out = tmp_path / "b"
     assert_one_line_error(
-        *run(
-            capsys,
-            "subscribe",
-            str(deployment),
-            "a",
-            "--address",
-            "10.0.0.5",
-            "--until-epoch",
-            "1001",
-            "--out",
-            str(out),
-        ),
+        *subscribe(capsys, deployment, "a", "10.0.0.5", str(out), until=1001),
         "past the chain",
     )
     assert_one_line_error(
-        *run(
+        *subscribe(
             capsys,
-            "subscribe",
-            str(deployment),
+            deployment,
             "a b",
-            "--address",
             "10.0.0.5",
-            "--until-epoch",
-            "10",
-            "--out",
             str(out),
         ),
         "client name",
     )
     assert_one_line_error(
-        *run(
+        *subscribe(
             capsys,
-            "subscribe",
-            str(deployment),
+            deployment,
             "a",
-            "--address",
             "nope",
-            "--until-epoch",
-            "10",
-            "--out",
             str(out),
         ),
         "not an IP address",
     )
     assert_one_line_error(
-        *run(
-            capsys,
-            "subscribe",
-            str(tmp_path / "none"),
-            "a",
-            "--address",
-            "10.0.0.5",
-            "--until-epoch",
-            "10",
-            "--out",
-            str(out),
-        ),
+        *subscribe(capsys, tmp_path / "none", "a", "10.0.0.5", str(out)),
         "does not exist",
     )
     assert not out.exists()
-    run(
+    subscribe(
         capsys,
-        "subscribe",
-        str(deployment),
+        deployment,
         "a",
-        "--address",
         "10.0.0.5",
-        "--until-epoch",
-        "10",
-        "--out",
         str(out),
     )
     assert_one_line_error(
-        *run(
+        *subscribe(
             capsys,
-            "subscribe",
-            str(deployment),
+            deployment,
             "a",
-            "--address",
             "10.0.0.5",
-            "--until-epoch",
-            "10",
-            "--out",
             str(tmp_path / "c"),
         ),
         "already subscribed",
@@ -349,40 +276,24 @@ def test_subscribe_errors(deployment, tmp_path, capsys):
 
 
 def test_subscribe_refuses_an_address_already_subscribed(deployment, tmp_path, capsys):
-    def subscribe(name, out):
-        return run(
-            capsys,
-            "subscribe",
-            str(deployment),
-            name,
-            "--address",
-            "10.0.0.7",
-            "--until-epoch",
-            "10",
-            "--out",
-            str(tmp_path / out),
-        )
+    def subscribe_seven(name, out):
+        return subscribe(capsys, deployment, name, "10.0.0.7", tmp_path / out)
 
-    subscribe("first", "b1")
-    assert_one_line_error(*subscribe("second", "b2"), "already subscribed as client 'first'")
+    subscribe_seven("first", "b1")
+    assert_one_line_error(*subscribe_seven("second", "b2"), "already subscribed as client 'first'")
     assert not (tmp_path / "b2").exists()
     # Once the first is revoked, its address may be given to another client.
     assert run(capsys, "revoke", str(deployment), "first", "--no-notify")[0] == 0
-    subscribe("second", "b2")
+    subscribe_seven("second", "b2")
     assert (tmp_path / "b2").exists()
 
 
 def test_revoke(deployment, tmp_path, capsys):
-    run(
+    subscribe(
         capsys,
-        "subscribe",
-        str(deployment),
+        deployment,
         "alice",
-        "--address",
         "10.0.0.50",
-        "--until-epoch",
-        "10",
-        "--out",
         str(tmp_path / "b"),
     )
     assert run(capsys, "revoke", str(deployment), "alice", "--no-notify")[0] == 0
@@ -398,16 +309,11 @@ def test_tampered_client_list_is_reported(deployment, tmp_path, capsys):
     data[-1] ^= 1
     sealed.write_bytes(bytes(data))
     assert_one_line_error(
-        *run(
+        *subscribe(
             capsys,
-            "subscribe",
-            str(deployment),
+            deployment,
             "a",
-            "--address",
             "10.0.0.5",
-            "--until-epoch",
-            "10",
-            "--out",
             str(tmp_path / "b"),
         ),
         "failed authentication",

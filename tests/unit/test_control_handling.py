@@ -15,10 +15,10 @@ import pytest
 from migrate.channel import HEADER, Kind
 from migrate.control import OPERATOR, Ack, ControlChannel, Facts, Revoke
 from migrate.endpoints import parse_address_and_port
+from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.eventlog import EventLog
 from proxy.daemon import ServerOptions, ServerShim
 from roam_cli.main import main
-from roam_cli.store import DeploymentDir
 
 SERVERS = "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80"
 OPERATOR_HOST = ("10.0.0.50", 40000)

@@ -31,9 +31,9 @@ from labs.experiments.report import (
     acceptance,
     make_record,
     markdown_table,
-    percentile,
     validate_results,
 )
+from labs.stats import percentile
 from migrate.errors import ConfigError
 from migrate.hashchain import KeyChain
 from migrate.schedule import epoch_units, server_index

@@ -22,15 +22,16 @@ from migrate.kernel.instances import (
     InstanceRecordError,
     IpRoute,
     IpRule,
+    Netns,
     NftTable,
     OwnedFile,
     RouteSpec,
     RuleSpec,
     SysctlRestore,
+    WorkDir,
     instances_dir,
-    is_alive,
-    process_start_time,
 )
+from migrate.kernel.processes import is_alive, process_start_time
 
 
 @pytest.fixture
@@ -59,6 +60,8 @@ def full_record() -> InstanceRecord:
             IpRoute(RouteSpec(dst="10.99.0.1/32", oif=3, dev="eth0", gateway="10.0.0.1")),
             ChildProcess(4300, 123500),
             OwnedFile("/run/server-roaming/x.sock"),
+            WorkDir("/tmp/roam-4242-abcd-x1"),
+            Netns("roam-4242-abcd-r1"),
         ],
     )
 
@@ -109,6 +112,8 @@ def test_route_spec_as_pyroute2_arguments_and_text() -> None:
         lambda: SysctlRestore("net.ipv4/../../x", "0"),
         lambda: NftTable("inet", "bad name"),
         lambda: OwnedFile("relative/path"),
+        lambda: WorkDir("relative/path"),
+        lambda: Netns("../escape"),
     ],
 )
 def test_invalid_specs_are_refused(make: object) -> None:
@@ -216,6 +221,38 @@ def test_undo_one_object(run_dir: Path, tmp_path: Path) -> None:
         assert instance.record.created == []
         with pytest.raises(InstanceError, match="not recorded"):
             instance.undo(OwnedFile(str(target)))
+
+
+def test_a_work_directory_is_removed_whole_and_a_symlink_left_alone(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    work = tmp_path / "work"
+    (work / "sub").mkdir(parents=True)
+    (work / "sub" / "f").write_text("x")
+    with Instance.start("test") as instance:
+        instance.add_workdir(work)
+        assert InstanceRecord.load(instance.path).created == [WorkDir(str(work))]
+    assert not work.exists()
+    # a recorded directory replaced by a symlink (a local user's trick) is not followed
+    target = tmp_path / "keep"
+    target.mkdir()
+    (target / "f").write_text("x")
+    instance = Instance.start("test")
+    instance.add_workdir(work)
+    work.symlink_to(target)
+    with pytest.raises(InstanceError, match="symbolic link"):
+        instance.close()
+    assert (target / "f").exists()
+    assert InstanceRecord.load(instance.path).created == [WorkDir(str(work))]  # kept for cleanup
+    work.unlink()
+    assert instance.close() == [f"directory {work} already gone"]
+
+
+def test_an_instance_may_choose_its_token(run_dir: Path) -> None:
+    with Instance.start("lab", token="abcd") as instance:
+        assert instance.path.name == f"lab-{os.getpid()}-abcd.json"
+    with pytest.raises(ConfigError, match="token"):
+        Instance.start("lab", token="../x")
 
 
 def test_invalid_kind_and_missing_namespace(run_dir: Path) -> None:

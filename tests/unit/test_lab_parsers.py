@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from ipaddress import IPv4Address
 from pathlib import Path
 
 import pytest
 
 from labs import ConfigError, LabError
-from labs.cleanup import find_dead_labs
+from labs.cleanup import LAB_KIND, find_dead_labs, load_lab_record, namespaces_of, workdir_of
 from labs.clients import (
     parse_curl_write_out,
     parse_iperf3_json,
@@ -19,8 +20,9 @@ from labs.clients import (
     probe_interval_s,
 )
 from labs.naming import LabId
-from labs.records import LabRecord, record_paths
 from labs.services import nginx_config
+from migrate.kernel.files import write_private
+from migrate.kernel.instances import Instance, InstanceRecord, Netns, record_paths
 
 IPERF3_TCP = {
     "start": {"test_start": {"protocol": "TCP"}},
@@ -142,33 +144,43 @@ def test_nginx_config_keeps_everything_in_its_directory(tmp_path: Path) -> None:
 
 def test_lab_record_round_trip_and_validation(tmp_path: Path) -> None:
     lab_id = LabId(os.getpid(), "abcd")
-    record = LabRecord.for_owner(lab_id, [lab_id.namespace("a")], "Two")
-    path = record.save(tmp_path)
-    assert path.name == f"{os.getpid()}-abcd.json"
-    loaded = LabRecord.load(path)
-    assert loaded == record
+    workdir = Path(tempfile.gettempdir()) / f"roam-{lab_id}-x"
+    instance = Instance.start(LAB_KIND, directory=tmp_path, token=lab_id.token)
+    instance.add_workdir(workdir)
+    instance.add_netns(lab_id.namespace("a"))
+    path = instance.path
+    assert path.name == f"lab-{os.getpid()}-abcd.json"
+    loaded_id, loaded = load_lab_record(path)
+    assert (loaded_id, loaded) == (lab_id, instance.record)
     assert loaded.owner_alive()
     assert record_paths(tmp_path) == [path]
-    # a record may only name namespaces of its own lab
-    data = json.loads(path.read_text())
-    data["namespaces"] = ["some-foreign-namespace"]
-    path.write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match="not its own"):
-        LabRecord.load(path)
+    assert (namespaces_of(loaded), workdir_of(loaded)) == ([lab_id.namespace("a")], workdir)
+    # a record may only name namespaces and a work directory of its own lab
+    good = json.loads(path.read_text())
+    for created, reason in (
+        ({"object": "netns", "name": "some-foreign-namespace"}, "namespace that is not its own"),
+        ({"object": "workdir", "path": "/etc"}, "directory that is not its own"),
+        ({"object": "file", "path": "/etc/passwd"}, "which labs never make"),
+    ):
+        path.write_text(json.dumps({**good, "created": [created]}))
+        with pytest.raises(ConfigError, match=reason):
+            load_lab_record(path)
     path.write_text("{not json")
     with pytest.raises(ConfigError, match="malformed"):
-        LabRecord.load(path)
+        load_lab_record(path)
+    path.unlink()
 
 
 def test_dead_owner_is_found_and_live_owner_is_not(tmp_path: Path) -> None:
-    live = LabRecord.for_owner(LabId(os.getpid(), "0001"), [], "Live")
-    live.save(tmp_path)
+    live = Instance.start(LAB_KIND, directory=tmp_path, token="0001")
     # pid_max is at most 2**22; this pid cannot exist
     dead_id = LabId(4_194_999, "0002")
-    dead = LabRecord(str(dead_id), dead_id.owner_pid, 12345, [dead_id.namespace("h")])
-    dead.save(tmp_path)
+    dead = InstanceRecord(LAB_KIND, dead_id.owner_pid, 12345, dead_id.token, None, 1)
+    dead.created.append(Netns(dead_id.namespace("h")))
+    write_private(tmp_path / dead.filename, dead.encode())
     found, problems = find_dead_labs(tmp_path)
     ids = {lab.lab_id for lab in found}
     assert dead_id in ids
     assert LabId(os.getpid(), "0001") not in ids
     assert problems == []
+    live.close()

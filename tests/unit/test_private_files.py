@@ -11,8 +11,7 @@ import threading
 import pytest
 
 from migrate.kernel.eventlog import EventLog, read_events, write_status
-from migrate.kernel.files import open_private_log, own_private_directory, write_private
-from roam_cli.store import write_replace
+from migrate.kernel.files import PUBLIC_FILE, open_private_log, own_private_directory, write_private
 
 
 def mode(path):
@@ -59,7 +58,7 @@ def test_write_private_replaces_atomically_with_the_asked_mode(tmp_path):
     path = tmp_path / "state"
     write_private(path, b"one")
     assert (path.read_bytes(), mode(path)) == (b"one", 0o600)
-    write_replace(tmp_path / "deployment.json", b"{}", 0o644)  # public files may ask for 0644
+    write_private(tmp_path / "deployment.json", b"{}", 0o644)  # public files may ask for 0644
     assert mode(tmp_path / "deployment.json") == 0o644
     # A leftover temporary of a crashed writer (or a symlink planted there) is not written through.
     target = tmp_path / "elsewhere"
@@ -67,6 +66,48 @@ def test_write_private_replaces_atomically_with_the_asked_mode(tmp_path):
     (tmp_path / f".state.{os.getpid()}.{threading.get_ident()}.tmp").symlink_to(target)
     write_private(path, b"two")
     assert (path.read_bytes(), target.read_bytes()) == (b"two", b"keep")
+
+
+def test_write_private_takes_text_and_creates_a_private_directory(tmp_path):
+    path = tmp_path / "new" / "results.md"
+    write_private(path, "durée\n", PUBLIC_FILE)
+    assert (path.read_text(), mode(path), mode(path.parent)) == ("durée\n", 0o644, 0o700)
+
+
+def test_write_private_leaves_no_temporary_file_and_the_old_content_on_error(tmp_path):
+    path = tmp_path / "state"
+    write_private(path, b"old")
+    with pytest.raises(TypeError):
+        write_private(path, 12345)  # type: ignore[arg-type]  # fails while writing
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_bytes(b"")
+    with pytest.raises(IsADirectoryError):
+        write_private(tmp_path / "taken", b"new")  # fails at the rename: a directory is there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["state", "taken"]
+    assert path.read_bytes() == b"old"
+
+
+def test_write_private_fsyncs_the_file_before_the_rename_and_the_directory_after(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "state"
+    synced = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    def replace(source, target):
+        synced.append("rename")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    write_private(path, b"data")
+    assert len(synced) == 3
+    assert synced[0].startswith(str(tmp_path / ".state."))  # the temporary file's content
+    assert synced[1:] == ["rename", str(tmp_path)]  # then the directory entry
 
 
 def test_a_log_opened_private_appends(tmp_path):

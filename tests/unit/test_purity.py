@@ -62,3 +62,29 @@ def test_core_sources_import_nothing_forbidden():
                 if any(name == f or name.startswith(f + ".") for f in FORBIDDEN_IMPORTS):
                     offenders.append(f"{path.name}: {name}")
     assert offenders == []
+
+
+# The daemons and the labs sit below the CLI: they may use the core and the kernel adapters
+# (deployment files included: migrate.kernel.deployment), never the ``roam`` command itself.
+BELOW_THE_CLI = ("migrate", "proxy", "client_shim", "labs")
+
+
+def imported_names(tree: ast.AST) -> list[str]:
+    names = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+    return names
+
+
+def test_nothing_below_the_cli_imports_roam_cli():
+    root = CORE.parent
+    offenders = []
+    for package in BELOW_THE_CLI:
+        for path in sorted((root / package).rglob("*.py")):
+            for name in imported_names(ast.parse(path.read_text())):
+                if name == "roam_cli" or name.startswith("roam_cli."):
+                    offenders.append(f"{path.relative_to(root)}: {name}")
+    assert offenders == []

@@ -6,29 +6,26 @@ from typing import Any
 
 import pytest
 
-from labs.benchmarks.roaming import (
-    GAP_FLOOR_S,
-    _Arrivals,
+from labs.benchmarks.roaming import GAP_FLOOR_S
+from labs.benchmarks.roaming.analysis import (
     analyse_stream,
     median_ratio,
     netstat_counters,
-    p50_p99,
-    parse_head,
-    percentile,
     ping_times,
-    render_migration,
-    render_shims,
     roam_pauses,
     summarise_shims,
     summarise_streams,
 )
+from labs.benchmarks.roaming.clients import _Arrivals, parse_head
+from labs.benchmarks.roaming.rendering import render_migration, render_shims
+from labs.stats import nearest_rank, p50_p99
 
 
 def test_percentiles_by_nearest_rank() -> None:
     samples = [float(i) for i in range(1, 101)]
-    assert percentile(samples, 0.5) == 51.0
-    assert percentile(samples, 0.99) == 100.0
-    assert percentile([], 0.5) == 0.0
+    assert nearest_rank(samples, 0.5) == 51.0
+    assert nearest_rank(samples, 0.99) == 100.0
+    assert nearest_rank([], 0.5) == 0.0
     assert p50_p99([3.0, 1.0, 2.0]) == {"p50": 2.0, "p99": 3.0, "n": 3}
 
 

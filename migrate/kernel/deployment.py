@@ -1,4 +1,7 @@
-"""Deployment directories, bundles and shares on disk.
+"""Deployment directories, bundles and shares on disk: the one file adapter for them.
+
+The CLI (``roam init``, ``roam add-client``...) writes these files; the server shim and the labs
+read them. It lives here, below the CLI, so that no daemon or lab imports ``roam_cli``.
 
 A deployment directory holds three files::
 
@@ -37,6 +40,7 @@ CHAIN_INDEX_FILE = "chain-index.sealed"
 
 
 def random_bytes(count: int) -> bytes:
+    """Randomness for sealing, from the operating system (the core takes it as a callable)."""
     return secrets.token_bytes(count)
 
 
@@ -50,11 +54,6 @@ def write_new(path: Path, data: bytes, mode: int = 0o600) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def write_replace(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Atomically replace ``path`` with ``data`` (``migrate.kernel.files.write_private``)."""
-    write_private(path, data, mode)
 
 
 def read_file(path: Path, what: str) -> bytes:
@@ -124,7 +123,7 @@ class DeploymentDir:
         sealed = seal_index(
             index, secret.group_key, secret.deployment_id, secret.chain_key, random_bytes
         )
-        write_replace(self.path / CHAIN_INDEX_FILE, sealed)
+        write_private(self.path / CHAIN_INDEX_FILE, sealed)
 
     def has_secret(self) -> bool:
         return (self.path / SECRET_FILE).is_file()
@@ -137,10 +136,10 @@ class DeploymentDir:
         return ClientList.open(read_file(path, "client list"), secret)
 
     def save_clients(self, clients: ClientList, secret: DeploymentSecret) -> None:
-        write_replace(self.path / CLIENTS_FILE, clients.seal(secret, random_bytes))
+        write_private(self.path / CLIENTS_FILE, clients.seal(secret, random_bytes))
 
     def save_deployment(self, deployment: Deployment) -> None:
-        write_replace(self.deployment_file, deployment.encode(), 0o644)
+        write_private(self.deployment_file, deployment.encode(), 0o644)
 
     def create(self, deployment: Deployment, secret: DeploymentSecret) -> None:
         """Make a new deployment directory; refuses one that exists and is not empty."""

@@ -1,9 +1,11 @@
-"""Stopping processes by pid, and finding the processes inside a namespace.
+"""Processes by pid: who runs (pid plus start time), stopping one, and finding and stopping the
+processes inside a network namespace.
 
-Only processes the lab started are ever signalled: the ones it holds ``Popen`` objects for, and
-any other process living in one of its own namespaces (every program in a lab namespace was
-started there by the lab or by one of its programs). Signals go through a pidfd, so a pid that
-has been reused by an unrelated process in the meantime is never hit.
+Used by instance records (``migrate.kernel.instances``: shims and labs) and the lab kit. Only
+processes an instance started are ever signalled: the children it recorded (pid and start time),
+and any process living in one of its own namespaces (every program in a lab namespace was started
+there by the lab or by one of its programs). Signals go through a pidfd, so a pid that has been
+reused by an unrelated process in the meantime is never hit.
 """
 
 from __future__ import annotations
@@ -18,23 +20,62 @@ from collections.abc import Iterable
 from pathlib import Path
 
 DEFAULT_GRACE_S = 3.0
+CHILD_GRACE_S = 2.0
 _KILL_WAIT_S = 5.0
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """The start time of ``pid`` in clock ticks since boot, or ``None`` if it does not run."""
+def process_start_time(pid: int) -> int | None:
+    """Start time of ``pid`` (``/proc/<pid>/stat`` field 22, clock ticks since boot), or
+    ``None`` if no such process runs (a zombie counts as finished)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError, PermissionError):
+    except OSError:
         return None
     # the command name (field 2) may contain spaces and parentheses; fields follow the last ')'
     fields = stat[stat.rfind(")") + 2 :].split()
     try:
-        if fields[0] == "Z":
+        if fields[0] in ("Z", "X"):
             return None  # a zombie has finished; it only waits for its parent
         return int(fields[19])
     except (IndexError, ValueError):
         return None
+
+
+def is_alive(pid: int, starttime: int) -> bool:
+    """Whether process ``pid`` runs and is the one that started at ``starttime``."""
+    return pid > 0 and process_start_time(pid) == starttime
+
+
+def _wait_pidfd(fd: int, timeout_s: float) -> bool:
+    readable, _, _ = select.select([fd], [], [], timeout_s)
+    return bool(readable)
+
+
+def stop_process(pid: int, starttime: int, *, grace_s: float = CHILD_GRACE_S) -> bool:
+    """SIGTERM, then after ``grace_s`` SIGKILL, the process ``(pid, starttime)`` if it runs.
+
+    Signals go through a pidfd opened while the start time still matched, so a reused pid is
+    never hit. ``True`` if the process was running.
+    """
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return False
+    try:
+        if process_start_time(pid) != starttime:
+            return False
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                signal.pidfd_send_signal(fd, sig)
+            except ProcessLookupError:
+                break
+            if _wait_pidfd(fd, grace_s if sig == signal.SIGTERM else _KILL_WAIT_S):
+                break
+    finally:
+        os.close(fd)
+    with contextlib.suppress(ChildProcessError, OSError):
+        os.waitpid(pid, os.WNOHANG)  # reap it if it was our own child
+    return True
 
 
 def namespace_inode(path: Path) -> tuple[int, int] | None:

@@ -1,0 +1,151 @@
+"""``python -m labs.benchmarks.roaming shims|migration``, and the client roles it starts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+
+from labs.benchmarks import roaming as package
+from labs.benchmarks.roaming import CONNECTION_COUNTS, SHIM_PATHS
+from labs.benchmarks.roaming.clients import hold_client, latency_client, stream_client
+from labs.benchmarks.roaming.migration import run_migration
+from labs.benchmarks.roaming.orchestration import progress
+from labs.benchmarks.roaming.rendering import render_migration, render_shims
+from labs.benchmarks.roaming.shims import run_shims
+from labs.errors import LabError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m labs.benchmarks.roaming", description=(package.__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--role", choices=("stream-client", "latency-client", "hold-client"), help=argparse.SUPPRESS
+    )
+    parser.add_argument("--host", help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--path", default="/big", help=argparse.SUPPRESS)
+    parser.add_argument("--rate", type=float, default=0.0, help=argparse.SUPPRESS)
+    parser.add_argument("--rcvbuf", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--sha256", default="", help=argparse.SUPPRESS)
+    parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--requests",
+        type=int,
+        default=2000,
+        help="shims: GETs in a row on one connection per round (default 2000)",
+    )
+    parser.add_argument(
+        "--connects",
+        type=int,
+        default=500,
+        help="shims: new connections, one GET each, per round (default 500)",
+    )
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        help="shims: per iperf3 run (default 3); migration: per download (default 20)",
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=None, help="rounds (default 3 for shims, 1 for migration)"
+    )
+    parser.add_argument(
+        "--paths",
+        default=",".join(SHIM_PATHS),
+        help=f"shims: comma-separated, of: {', '.join(SHIM_PATHS)}",
+    )
+    parser.add_argument(
+        "--tick",
+        type=float,
+        default=0.5,
+        help="migration: tick of the roaming deployment (default 0.5, m=1)",
+    )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=0.25,
+        help="migration, reconnect mode: no data this long is a broken connection (default 0.25 s)",
+    )
+    parser.add_argument(
+        "--connections",
+        default=",".join(map(str, CONNECTION_COUNTS)),
+        help="migration: connection counts across one roam (default 1,100,1000; empty to skip)",
+    )
+    parser.add_argument(
+        "--no-streams",
+        action="store_true",
+        help="migration: skip the downloads (pauses and goodput), only RTT and connections",
+    )
+    parser.add_argument("subcommand", nargs="?", choices=("shims", "migration"))
+    args = parser.parse_args(argv)
+    if args.role == "stream-client":
+        print(
+            json.dumps(
+                stream_client(
+                    args.host,
+                    args.port,
+                    args.path,
+                    args.seconds or 10.0,
+                    rate=args.rate,
+                    rcvbuf=args.rcvbuf,
+                    stall_timeout=args.stall_timeout,
+                    expected_sha256=args.sha256,
+                )
+            )
+        )
+        return 0
+    if args.role == "latency-client":
+        print(
+            json.dumps(
+                latency_client(args.host, args.port, args.path, args.requests, args.connects)
+            )
+        )
+        return 0
+    if args.role == "hold-client":
+        hold_client(args.host, args.port, args.path, args.count)
+        return 0
+    if args.subcommand is None:
+        parser.error("choose a subcommand: shims or migration")
+    if os.geteuid() != 0:
+        parser.error("the benchmark builds network namespaces: run it as root")
+    try:
+        if args.subcommand == "shims":
+            paths = [p.strip() for p in args.paths.split(",") if p.strip()]
+            unknown = [p for p in paths if p not in SHIM_PATHS]
+            if unknown or not paths:
+                parser.error(f"unknown paths {unknown}; choose from {', '.join(SHIM_PATHS)}")
+            seconds = args.seconds or 3.0
+            repeat = args.repeat or 3
+            if not 1 <= repeat <= 100 or not 0 < seconds <= 600:
+                parser.error("--repeat must be in [1, 100] and --seconds in (0, 600]")
+            results = run_shims(seconds, repeat, args.requests, args.connects, paths, progress)
+            print(json.dumps(results, indent=2) if args.json else render_shims(results))
+        else:
+            seconds = args.seconds or 20.0
+            repeat = args.repeat or 1
+            if not 1 <= repeat <= 20 or not 2 <= seconds <= 600:
+                parser.error("--repeat must be in [1, 20] and --seconds in [2, 600]")
+            counts = [int(c) for c in args.connections.split(",") if c.strip()]
+            results = run_migration(
+                seconds,
+                repeat,
+                args.tick,
+                args.stall_timeout,
+                counts,
+                progress,
+                with_streams=not args.no_streams,
+            )
+            print(json.dumps(results, indent=2) if args.json else render_migration(results))
+    except (LabError, RuntimeError) as error:
+        print(f"roaming benchmark: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""``migration``: roams, their pauses and goodput, and the cost per re-incarnated connection."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import select
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from ipaddress import IPv4Address
+from typing import Any
+
+from labs import Lab, PoolTopo
+from labs.benchmarks.roaming import (
+    BIG_MIB,
+    CLIENT_TIMEOUT_S,
+    PACED_RATE,
+    PACED_RCVBUF,
+    PROJECT_ROOT,
+    SMALL_BYTES,
+    STILL_TICK,
+)
+from labs.benchmarks.roaming.analysis import (
+    analyse_stream,
+    events_of,
+    ping_times,
+    summarise_streams,
+)
+from labs.benchmarks.roaming.orchestration import (
+    benchmark_argv,
+    client_counters,
+    counter_delta,
+    deploy,
+    shim_trouble,
+    source_state,
+    start_service_nginx,
+)
+from labs.benchmarks.roaming.rendering import connections_line
+from labs.errors import LabError
+from labs.roaming import SERVICE_PORT, RoamingLab, write_content
+from labs.stats import p50_p99
+
+
+@dataclass(frozen=True)
+class StreamRun:
+    name: str
+    rate: float  # bytes/s, 0 = as fast as the client reads
+    rcvbuf: int
+
+
+# Deployments compared per migration mode: one server (the brief's baseline), three servers
+# with epochs of a day (no roam, and no one-server pathology), three servers roaming.
+LAYOUTS = {"live": ("single", "still", "roaming"), "reconnect": ("single", "roaming")}
+STREAM_RUNS = (
+    StreamRun("paced 8 MiB/s", PACED_RATE, PACED_RCVBUF),
+    StreamRun("unlimited", 0.0, 0),
+)
+
+
+def measure_stream(
+    pool: RoamingLab, run: StreamRun, seconds: float, stall_timeout: float, digest: str
+) -> dict[str, Any]:
+    client = pool.lab["c1"]
+    before = client_counters(client)
+    argv = benchmark_argv(
+        "--role", "stream-client", "--host", pool.vip, "--port", 80, "--path", "/big",
+        "--seconds", seconds, "--rate", run.rate, "--rcvbuf", run.rcvbuf,
+        "--stall-timeout", stall_timeout, "--sha256", digest,
+    )  # fmt: skip
+    completed = client.run(argv, timeout=seconds + CLIENT_TIMEOUT_S, cwd=PROJECT_ROOT)
+    if completed.returncode != 0:
+        raise RuntimeError(f"stream client failed: {completed.stderr.strip()[-300:]}")
+    after = client_counters(client)
+    stream: dict[str, Any] = json.loads(completed.stdout)
+    analysis = analyse_stream(stream, pool.clients["c1"].events(), stall_timeout)
+    return {
+        "mbit_s": stream["mbit_s"],
+        "bytes": stream["bytes"],
+        "files": stream["files"],
+        "bad_files": stream["bad_files"],
+        "client_tcp": counter_delta(
+            before, after, "TcpExt.PAWSEstab", "Tcp.RetransSegs", "Tcp.InErrs"
+        ),
+        **analysis,
+        "shim_log": shim_trouble(pool),
+    }
+
+
+def measure_rtt(lab: Lab, target: IPv4Address) -> dict[str, Any]:
+    completed = lab["c1"].run(
+        ["ping", "-n", "-c", "50", "-i", "0.02", "-W", "1", str(target)], timeout=30
+    )
+    times = ping_times(completed.stdout)
+    return {**p50_p99(times), "max": max(times, default=0.0)}
+
+
+def _read_json_line(process: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    assert process.stdout is not None
+    ready, _, _ = select.select([process.stdout], [], [], timeout_s)
+    if not ready:
+        raise RuntimeError(f"no answer from the hold client within {timeout_s:.0f} s")
+    line = process.stdout.readline()
+    if not line:
+        raise RuntimeError(f"the hold client exited with {process.wait(timeout=5)}")
+    result: dict[str, Any] = json.loads(line)
+    return result
+
+
+def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str, Any]:
+    """N keep-alive connections across one roam (see the module docstring)."""
+    client = pool.lab["c1"]
+    counters = client_counters(client)
+    process = client.popen(
+        benchmark_argv("--role", "hold-client", "--host", pool.vip, "--port", 80,
+                     "--path", "/small", "--count", count),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=str(PROJECT_ROOT),
+    )  # fmt: skip
+    try:
+        ready = _read_json_line(process, CLIENT_TIMEOUT_S)
+        ports = set(ready.pop("ports"))
+        # The first roam whose preparations all began after the connections had checkpoints:
+        # the client shim prepares at most MAX_PREPARE_LEAD (4 s) before the boundary.
+        not_before = ready["ready"] + wait_s
+        deadline = time.time() + 60
+        roam: dict[str, Any] | None = None
+        while roam is None:
+            if time.time() > deadline:
+                raise RuntimeError("no roam within 60 s")
+            time.sleep(0.1)
+            roam = next(
+                (
+                    e
+                    for e in events_of(pool.clients["c1"].events(), "roam")
+                    if e["ts"] - (e.get("pause_ms") or 0) / 1000 > not_before
+                ),
+                None,
+            )
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        process.stdin.flush()
+        after = _read_json_line(process, CLIENT_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+        process.wait(timeout=10)
+    handoffs = [
+        e
+        for e in events_of(pool.clients["c1"].events(), "handoff")
+        if e["epoch"] == roam["epoch"] and e["port"] in ports
+    ]
+    ours: dict[str, int] = {}
+    for event in handoffs:
+        ours[event["outcome"]] = ours.get(event["outcome"], 0) + 1
+    earlier: dict[str, int] = {}
+    for event in events_of(pool.clients["c1"].events(), "handoff"):
+        if event["port"] in ports and event["epoch"] < roam["epoch"]:
+            line = f"epoch {event['epoch']} {event['outcome']}: {str(event.get('detail'))[:200]}"
+            earlier[line] = earlier.get(line, 0) + 1
+    new_host = pool.host_of(roam["server"])
+    # This roam's preparations began after the previous roam ended (one hand-over at a time).
+    since = max(
+        [ready["ready"]]
+        + [e["ts"] for e in events_of(pool.clients["c1"].events(), "roam") if e["ts"] < roam["ts"]]
+    )
+    addresses = {f"{pool.lab['c1'].address}:{port}" for port in ports}
+    server_events = [
+        e
+        for e in pool.servers[new_host].events()
+        if since <= e["ts"] <= roam["ts"] + 1.0 and e.get("client") in addresses
+    ]
+    prepared = events_of(server_events, "prepared")
+    epoch = pool.schedule(roam["epoch"], 1)[0]
+    pause_ms = float(roam.get("pause_ms") or 0.0)
+    first_prepare = min((e["ts"] - e["seconds"] for e in prepared), default=None)
+    return {
+        "n": count,
+        "setup": ready,
+        "roam": {k: roam[k] for k in ("epoch", "server", "connections", "outcomes", "pause_ms")},
+        "ours": ours,
+        "earlier_handoffs": earlier,
+        "pause_ms": pause_ms,
+        "pause_per_connection_ms": pause_ms / count,
+        "switch_late_ms": 1000 * (roam["ts"] - epoch["start"]),
+        "prepared": len(prepared),
+        "prepare_s": {
+            **p50_p99(e["seconds"] for e in prepared),
+            "max": max((e["seconds"] for e in prepared), default=0.0),
+        },
+        "first_prepare_to_switch_s": None if first_prepare is None else roam["ts"] - first_prepare,
+        "reincarnated": len(events_of(server_events, "reincarnated")),
+        "failed_on_server": len(events_of(server_events, "reincarnation_failed")),
+        "after": after,
+        "client_tcp": counter_delta(counters, client_counters(client), "TcpExt.PAWSEstab"),
+        "shim_log": shim_trouble(pool),
+    }
+
+
+def run_migration(
+    seconds: float,
+    repeat: int,
+    tick: float,
+    stall_timeout: float,
+    counts: Sequence[int],
+    progress: Callable[[str], None],
+    with_streams: bool = True,
+) -> dict[str, Any]:
+    big = os.urandom(BIG_MIB * 1024 * 1024)
+    digest = hashlib.sha256(big).hexdigest()
+    small = os.urandom(SMALL_BYTES)
+    results: dict[str, Any] = {
+        "subcommand": "migration",
+        "source": source_state(),
+        "date": time.strftime("%Y-%m-%d"),
+        "kernel": os.uname().release,
+        "cpus": os.cpu_count(),
+        "seconds": seconds,
+        "repeat": repeat,
+        "tick": tick,
+        "stall_timeout_s": stall_timeout,
+        "streams": {},
+        "connections": [],
+    }
+    with Lab(PoolTopo(servers=3, clients=1)) as lab:
+        pool = RoamingLab(lab, tick=tick, m=1, service="none", start_delay=2.0)
+        every = list(pool.server_hosts)
+        for host in every:
+            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
+            root = write_content(lab.workdir / f"www-{host}", {"big": big, "small": small})
+            start_service_nginx(lab[host], root, SERVICE_PORT)
+        results["rtt_ms"] = measure_rtt(lab, lab["s1"].address)
+        progress(f"rtt c1 -> s1: {results['rtt_ms']}")
+        streams: dict[str, dict[str, list[dict[str, Any]]]] = {}
+        for round_index in range(repeat if with_streams else 0):
+            for run in STREAM_RUNS:
+                for mode in ("live", "reconnect"):
+                    for layout in LAYOUTS[mode]:
+                        if layout == "single":
+                            deploy(pool, mode=mode, servers=every[:1], tick=tick)
+                        elif layout == "still":
+                            deploy(pool, mode=mode, servers=every, tick=STILL_TICK,
+                                   first_switch_after=seconds + 60)  # fmt: skip
+                        else:
+                            deploy(pool, mode=mode, servers=every, tick=tick)
+                        stall = stall_timeout if mode == "reconnect" else 0.0
+                        measured = measure_stream(pool, run, seconds, stall, digest)
+                        key = f"{run.name} | {mode}"
+                        streams.setdefault(key, {}).setdefault(layout, []).append(measured)
+                        progress(
+                            f"round {round_index + 1}/{repeat} {key} {layout}: "
+                            f"{measured['mbit_s']:.0f} Mbit/s, {measured['roams']} roams, "
+                            f"app pause p50 {measured['app_pause']['p50']:.1f} ms "
+                            f"max {measured['app_pause_max_ms']:.1f} ms, "
+                            f"shim pause p50 {measured['shim_pause']['p50']:.1f} ms, "
+                            f"breaks {measured['breaks']}, {measured['client_tcp']}"
+                        )
+        results["streams"] = summarise_streams(streams)
+        if counts:
+            try:
+                deploy(pool, mode="live", servers=every, tick=2.0, first_switch_after=2.0)
+            except (LabError, RuntimeError) as error:
+                results["connections_error"] = str(error)
+                progress(f"connections: {error}")
+                counts = []
+            for count in counts:
+                try:
+                    measured = measure_connections(pool, count, wait_s=5.0)
+                except (RuntimeError, OSError, json.JSONDecodeError) as error:
+                    measured = {"n": count, "error": str(error), "shim_log": shim_trouble(pool)}
+                results["connections"].append(measured)
+                progress(f"{count} connections: {connections_line(measured)}")
+        pool.stop()
+    return results
