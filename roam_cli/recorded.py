@@ -15,10 +15,10 @@ from pathlib import Path
 
 from migrate.errors import RoamError
 from migrate.hashchain import KeyChain
+from migrate.kernel.deployment import DeploymentDir
 from migrate.pool import PoolState
 from migrate.registration import Bundle, Deployment, DeploymentSecret
 from migrate.schedule import EpochSchedule, MSchedule
-from roam_cli.store import DeploymentDir
 
 
 def latest_state(directory: Path) -> PoolState | None:

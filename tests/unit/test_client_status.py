@@ -11,8 +11,8 @@ import pytest
 
 from migrate.control import OPERATOR, ControlChannel, Revoke
 from migrate.gating import gate_at
+from migrate.kernel.deployment import DeploymentDir
 from roam_cli.main import main
-from roam_cli.store import DeploymentDir
 from tests.unit.test_control_handling import OPERATOR_HOST, make_deployment, make_shim
 
 

@@ -24,11 +24,11 @@ from typing import Any
 import pytest
 
 from migrate.endpoints import parse_address_and_port
+from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.eventlog import EventLog
 from migrate.pool import PoolState, ServerPool
 from proxy.daemon import ServerOptions, ServerShim
 from roam_cli.main import main
-from roam_cli.store import DeploymentDir
 
 SERVERS = ("127.0.0.1:80", "127.0.0.2:80", "127.0.0.3:80")
 

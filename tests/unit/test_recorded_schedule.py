@@ -11,13 +11,13 @@ import pytest
 
 from client_shim.state import ClientState
 from migrate.control import Threat
+from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.files import write_private
 from migrate.pool import ServerPool
 from migrate.registration import Bundle
 from migrate.schedule import EpochSchedule
 from roam_cli.commands.control import _operator_pool, _save_operator_state
 from roam_cli.main import main
-from roam_cli.store import DeploymentDir
 
 SERVERS = "10.0.0.1:80,10.0.0.2:80,10.0.0.3:80"
 
