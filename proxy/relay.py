@@ -14,6 +14,12 @@ Each direction is either
 
 * ``Splice()``: zero-copy, ``splice(2)`` from the source socket into a private pipe, then from
   the pipe into the destination socket; payload pages move by reference and never reach Python.
+  ``Splice(observer=...)`` keeps the forwarding zero-copy and shows the observer every byte
+  all the same: each read is duplicated with ``tee(2)`` (page references, no copy) into a side
+  pipe, which is read in large chunks (``read_size_bytes``) into the observer *before* the
+  bytes are spliced on to the destination. The observer therefore covers at least what was
+  forwarded at every moment the loop can see (what a checkpoint commits to), and a slow
+  observer slows the pump rather than losing bytes: the side pipe holds at most one read.
 * ``Copy(observer)``: ``recv_into`` a reused buffer, hand the chunk to ``observer`` (which sees
   every byte once, in order, before the destination can), then ``send`` it.
 
@@ -56,6 +62,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from migrate.kernel import pipes
 from migrate.kernel.files import write_private
 from proxy.transparent import DEFAULT_CONNECT_TIMEOUT_S, connect_plain, connect_transparent
 
@@ -92,9 +99,16 @@ _splice = os.splice
 class Splice:
     """Zero-copy: socket -> pipe -> socket. The pipe starts at the default 64 KiB and is grown
     to ``pipe_size_bytes`` (F_SETPIPE_SZ) by the first read that fills half of it; if that is
-    refused (beyond /proc/sys/fs/pipe-max-size without privilege) it keeps 64 KiB."""
+    refused (beyond /proc/sys/fs/pipe-max-size without privilege) it keeps 64 KiB.
+
+    With an ``observer``, every chunk read is also teed into a side pipe of the same size and
+    shown to ``observer`` (in order, each byte once, in chunks of up to ``read_size_bytes``)
+    before it is forwarded; as with ``Copy``, the chunk is only valid during the call, and an
+    exception from the observer ends the relay with ``EndReason.OBSERVER_FAILED``."""
 
     pipe_size_bytes: int = DEFAULT_PIPE_SIZE
+    observer: Observer | None = None
+    read_size_bytes: int = DEFAULT_BUFFER_SIZE
 
 
 @dataclass(frozen=True)
@@ -240,12 +254,29 @@ class _SplicePump(_Pump):
         self._capacity = DEFAULT_PIPE_CAPACITY
         self._wanted_capacity = mode.pipe_size_bytes
         self._in_pipe = 0
+        self._cleared = 0  # bytes at the head of the pipe the observer has seen, not forwarded
+        # Bytes sent (plain send) before anything read: Relay.start(to_client_first=...).
+        self._prefix: memoryview | None = None
+        self._observer = mode.observer
+        self._observed = mode.observer is not None
+        self._side: _SidePipe | None = None
+        if mode.observer is not None:
+            try:
+                self._side = _SidePipe(mode.read_size_bytes)
+            except BaseException:
+                self._release()
+                raise
+        self.bytes_observed = 0
 
     def _release(self) -> None:
         if self._pipe_r >= 0:
             os.close(self._pipe_r)
             os.close(self._pipe_w)
             self._pipe_r = self._pipe_w = -1
+        if self._side is not None:
+            self._side.release()
+            self._side = None
+        self._prefix = None
 
     def _on_readable(self) -> None:
         if self._stopped:
@@ -267,14 +298,51 @@ class _SplicePump(_Pump):
             if moved >= capacity // 2 and capacity < self._wanted_capacity:
                 capacity = self._capacity = _enlarge_pipe(pipe_w, self._wanted_capacity)
                 self._wanted_capacity = capacity  # asked once, granted or not
-            if not self._flush() or moved < capacity:
+                if self._side is not None:
+                    self._side.grow(capacity)
+            if not self._advance() or moved < capacity:
                 # A short read most likely emptied the socket: let the (level-triggered) loop
                 # say whether more came, rather than pay a BlockingIOError to find out.
                 return
 
+    def _advance(self) -> bool:
+        """Observe (if observed) and forward what the pipe holds; True once it is empty."""
+        # Bounded: every round observes or forwards at least one byte, or leaves.
+        while self._in_pipe:
+            if self._observed and self._cleared == 0 and not self._observe():
+                return False
+            if not self._flush():
+                return False
+        return True
+
+    def _observe(self) -> bool:
+        """Show the observer the bytes at the head of the pipe, without taking them out of
+        it; they may then be forwarded. False if the relay ended."""
+        side, observer = self._side, self._observer
+        assert side is not None
+        assert observer is not None
+        # The side pipe is empty here (read out after every tee) and as large as the main
+        # one, so one tee normally takes the whole pipe; less only if the side pipe could not
+        # be grown as far, and then the rest goes round again once this part is forwarded
+        # (tee(2) always starts at the head of its source).
+        try:
+            teed = side.duplicate(self._pipe_r, self._in_pipe)
+            side.feed(teed, observer)
+        except Exception as error:
+            if self._relay is not None:
+                self._relay._observer_failed(error)
+            return False
+        self._cleared = teed
+        self.bytes_observed += teed
+        return True
+
     def _flush(self) -> bool:
-        """Move the pipe to the destination; False if it holds bytes still (or failed)."""
-        pipe_r, dst, pending = self._pipe_r, self._dst_fd, self._in_pipe
+        """Move the pipe (or, when observed, its observed head) to the destination; False if
+        that is not all out (or failed)."""
+        pipe_r, dst = self._pipe_r, self._dst_fd
+        observed = self._observed
+        pending = self._cleared if observed else self._in_pipe
+        moved_all = 0
         # Bounded: every round moves at least one byte, or leaves.
         while pending:
             try:
@@ -288,8 +356,11 @@ class _SplicePump(_Pump):
                 self._failed(self.dst_side, OSError(errno.EIO, "splice from pipe returned 0"))
                 return False
             pending -= moved
-            self.bytes_forwarded += moved
-        self._in_pipe = pending
+            moved_all += moved
+        self.bytes_forwarded += moved_all
+        self._in_pipe -= moved_all
+        if observed:
+            self._cleared = pending
         if pending:
             self._blocked()
             return False
@@ -298,8 +369,72 @@ class _SplicePump(_Pump):
     def _on_writable(self) -> None:
         if self._stopped:
             return
-        if self._flush():
+        if self._prefix is not None:
+            if not self._send_prefix():
+                return
+            if self._in_pipe == 0:
+                self._unblocked()
+                return
+        if self._advance():
             self._unblocked()
+
+    def _send_prefix(self) -> bool:
+        """Send what must go first; True once all of it is out."""
+        prefix = self._prefix
+        assert prefix is not None
+        try:
+            sent = self._dst.send(prefix)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            self._failed(self.dst_side, error)
+            return False
+        self.bytes_forwarded += sent
+        if sent < len(prefix):
+            self._prefix = prefix[sent:]
+            return False
+        self._prefix = None
+        return True
+
+
+class _SidePipe:
+    """The observer's copy of one direction: a pipe filled by ``tee(2)`` from the main pipe
+    and read out, in large chunks through one reused buffer, into the observer."""
+
+    def __init__(self, read_size: int) -> None:
+        self._r, self._w = pipes.make_pipe()
+        self._view: memoryview | None = _buffers.acquire(read_size)
+
+    def grow(self, capacity: int) -> None:
+        # A side pipe at least as large as the main one takes a whole read in one tee.
+        pipes.set_pipe_size(self._w, capacity)
+
+    def duplicate(self, pipe_r: int, count: int) -> int:
+        """Tee up to ``count`` bytes from the head of ``pipe_r`` into the (empty) side pipe;
+        return how many were duplicated."""
+        teed = pipes.tee(pipe_r, self._w, count)
+        if teed <= 0:
+            raise OSError(errno.EIO, f"tee returned {teed} with {count} bytes in the pipe")
+        return teed
+
+    def feed(self, count: int, observer: Observer) -> None:
+        """Read ``count`` bytes out of the side pipe into ``observer``."""
+        view = self._view
+        assert view is not None
+        readv, fd, size = os.readv, self._r, len(view)
+        while count:
+            got = readv(fd, [view[: min(size, count)]])
+            if got <= 0:  # the bytes were teed: they are there, or the kernel lost them
+                raise OSError(errno.EIO, f"side pipe read returned {got}, {count} bytes due")
+            observer(view[:got])
+            count -= got
+
+    def release(self) -> None:
+        if self._view is not None:
+            os.close(self._r)
+            os.close(self._w)
+            _buffers.release(self._view)
+            self._view = None
 
 
 class _CopyPump(_Pump):
@@ -504,7 +639,7 @@ class Relay:
         return self._ended
 
     def start(self, *, to_client_first: bytes = b"") -> None:
-        """Start both pumps. ``to_client_first`` (copy mode only) is sent to the client before
+        """Start both pumps. ``to_client_first`` is sent to the client before
         anything read from the service: a re-created connection owes the client the bytes the
         new server regenerated beyond the client's position."""
         if self._started:
@@ -515,9 +650,12 @@ class Relay:
         self._upstream.start()
         downstream = self._downstream
         if to_client_first:
-            if not isinstance(downstream, _CopyPump):
-                raise TypeError("to_client_first needs Copy() for service_to_client")
-            downstream._unsent = memoryview(to_client_first)
+            if isinstance(downstream, _CopyPump):
+                downstream._unsent = memoryview(to_client_first)
+            elif isinstance(downstream, _SplicePump):
+                downstream._prefix = memoryview(to_client_first)
+            else:
+                raise TypeError(f"to_client_first cannot go through {downstream!r}")
             downstream._blocked()  # write those first; reading resumes once they are out
         else:
             downstream.start()
@@ -755,7 +893,14 @@ async def serve(
 
 # --- command line: python -m proxy.relay ----------------------------------------------------
 
-_MODE_SPECS: Final = ("splice", "copy", "copy:noop", "copy:sha256")
+_MODE_SPECS: Final = (
+    "splice",
+    "splice:noop",
+    "splice:sha256",
+    "copy",
+    "copy:noop",
+    "copy:sha256",
+)
 
 
 def _noop_observer(chunk: memoryview) -> None:
@@ -763,9 +908,14 @@ def _noop_observer(chunk: memoryview) -> None:
 
 
 def mode_from_spec(spec: str, *, pipe_size: int, buffer_size: int) -> Mode:
-    """``splice``, ``copy`` (no observer), ``copy:noop`` or ``copy:sha256`` (a fresh hash)."""
+    """``splice``, ``copy`` (no observer), or either with ``:noop`` or ``:sha256`` (a fresh
+    hash) as observer (spliced: fed from a tee of the stream)."""
     if spec == "splice":
         return Splice(pipe_size)
+    if spec == "splice:noop":
+        return Splice(pipe_size, _noop_observer, buffer_size)
+    if spec == "splice:sha256":
+        return Splice(pipe_size, hashlib.sha256().update, buffer_size)
     if spec == "copy":
         return Copy(None, buffer_size)
     if spec == "copy:noop":
