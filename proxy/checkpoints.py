@@ -1,7 +1,9 @@
 """Live connections on the server and the checkpoints they push to their client.
 
-Theory of operation: every accepted connection is relayed in copy mode so that
-``migrate.streamstate`` sees both byte streams; right after accept the shim reads the
+Theory of operation: every accepted connection is relayed so that ``migrate.streamstate``
+sees both byte streams: spliced (zero-copy), with each read teed into a side pipe whose copy
+the stream state reads before the bytes are forwarded (``proxy.relay.Splice(observer=...)``),
+so a checkpoint never commits to less than what went through; right after accept the shim reads the
 handshake's sequence numbers and options through TCP_REPAIR (``accept_facts``). Checkpoints go
 to the client periodically (each connection on its own phase, from its start), at every request
 boundary the codec finds, and once more ``LEAVE_PUSH_LEAD_S`` before this server stops being the
@@ -38,7 +40,7 @@ from migrate.kernel import rawtcp, tcp_repair
 from migrate.registration import ClientRecord
 from migrate.streamstate import StreamState
 from proxy.livecontext import LiveContext
-from proxy.relay import Copy, EndReason, Relay, RelayOutcome
+from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Splice
 
 SEQ_MOD = 2**32
 BOUNDARY_MIN_GAP_S = 0.02  # at most one boundary checkpoint per connection per 20 ms
@@ -49,6 +51,15 @@ ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are lo
 # (during the hand-over, and after the switch until its gate closed): the client keeps the
 # new server's checkpoints and ignores the old server's late ones.
 INCARNATION_COUNTER_STRIDE = 2**32
+
+
+def observed_modes(stream: StreamState, *, zero_copy: bool = True) -> tuple[Mode, Mode]:
+    """The relay's two directions (client to service, service to client), both shown to
+    ``stream``: spliced with a tee for the stream state (the default), or copied through
+    Python (``zero_copy=False``, the engine before; kept to measure one against the other)."""
+    if zero_copy:
+        return Splice(observer=stream.feed_c2s), Splice(observer=stream.feed_s2c)
+    return Copy(stream.feed_c2s), Copy(stream.feed_s2c)
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,12 +144,8 @@ class LiveConnection:
         # COMMIT whose answers were all lost).
         self.handover = handover
         self.sealer = pusher.carrier_sealer(record) if record is not None else None
-        self.relay = Relay(
-            client,
-            service,
-            client_to_service=Copy(stream.feed_c2s),
-            service_to_client=Copy(stream.feed_s2c),
-        )
+        c2s, s2c = observed_modes(stream, zero_copy=pusher.zero_copy)
+        self.relay = Relay(client, service, client_to_service=c2s, service_to_client=s2c)
 
     def s2c_acked(self) -> int:
         info = tcp_repair.read_tcp_info(self.client)
@@ -226,8 +233,9 @@ class LiveConnection:
 class CheckpointPusher:
     """The live connections of one server shim and the rounds that push their checkpoints."""
 
-    def __init__(self, context: LiveContext) -> None:
+    def __init__(self, context: LiveContext, *, zero_copy: bool = True) -> None:
         self.context = context
+        self.zero_copy = zero_copy  # see observed_modes
         self.keys = CheckpointKeys(context.group_key)
         self.connections: dict[tuple[str, int], LiveConnection] = {}
         self.carrier_sealers: dict[int, Sealer] = {}
@@ -264,7 +272,7 @@ class CheckpointPusher:
     def relay_factory(
         self, client: socket.socket, service: socket.socket, peer: tuple[str, int]
     ) -> Relay:
-        """An accepted connection: relayed in copy mode, checkpointed from the start."""
+        """An accepted connection: relayed and observed, checkpointed from the start."""
         connection = LiveConnection(
             self,
             client,
