@@ -14,12 +14,14 @@ Each direction is either
 
 * ``Splice()``: zero-copy, ``splice(2)`` from the source socket into a private pipe, then from
   the pipe into the destination socket; payload pages move by reference and never reach Python.
-  ``Splice(observer=...)`` keeps the forwarding zero-copy and shows the observer every byte
+  ``Splice(observer=...)`` keeps bulk forwarding zero-copy and shows the observer every byte
   all the same: each read is duplicated with ``tee(2)`` (page references, no copy) into a side
   pipe, which is read in large chunks (``read_size_bytes``) into the observer *before* the
   bytes are spliced on to the destination. The observer therefore covers at least what was
   forwarded at every moment the loop can see (what a checkpoint commits to), and a slow
   observer slows the pump rather than losing bytes: the side pipe holds at most one read.
+  Such a pump copies (as below) until its first read of 64 KiB or more: short messages cost
+  two system calls instead of four, and a connection that never carried bulk holds no pipe.
 * ``Copy(observer)``: ``recv_into`` a reused buffer, hand the chunk to ``observer`` (which sees
   every byte once, in order, before the destination can), then ``send`` it.
 
@@ -81,6 +83,9 @@ DEFAULT_BUFFER_SIZE: Final = 256 << 10
 DEFAULT_BACKLOG: Final = 4096
 # Work done per readiness callback before yielding to the loop (fairness between relays).
 _ROUNDS_PER_WAKEUP: Final = 16
+# An observed splice pump starts copying, and splices (with a tee) from its first read this
+# large (or filling its buffer): a sign of bulk, where splicing pays for its extra calls.
+_BULK_READ_BYTES: Final = 64 << 10
 _ACCEPTS_PER_WAKEUP: Final = 64
 _ACCEPT_RETRY_S: Final = 0.5  # pause after EMFILE & co., as asyncio's own accept loop does
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -248,25 +253,45 @@ class _SplicePump(_Pump):
         mode: Splice,
     ) -> None:
         super().__init__(relay, src, dst, src_side, dst_side)
-        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The pipe grows to the asked size on the first large read: short exchanges never pay
         # for the F_SETPIPE_SZ call.
         self._capacity = DEFAULT_PIPE_CAPACITY
         self._wanted_capacity = mode.pipe_size_bytes
         self._in_pipe = 0
         self._cleared = 0  # bytes at the head of the pipe the observer has seen, not forwarded
-        # Bytes sent (plain send) before anything read: Relay.start(to_client_first=...).
-        self._prefix: memoryview | None = None
+        # Bytes to send before anything more is read: a copied chunk the destination did not
+        # take at once, or Relay.start(to_client_first=...).
+        self._unsent: memoryview | None = None
         self._observer = mode.observer
         self._observed = mode.observer is not None
         self._side: _SidePipe | None = None
-        if mode.observer is not None:
-            try:
-                self._side = _SidePipe(mode.read_size_bytes)
-            except BaseException:
-                self._release()
-                raise
+        self._view: memoryview | None = None
         self.bytes_observed = 0
+        self.spliced = not self._observed  # observed pumps splice once a read shows bulk
+        self._pipe_r = self._pipe_w = -1
+        if self._observed:
+            # Until then, a read goes through a buffer (recv, observer, send: two system calls
+            # and no pipe, where splice + tee + read + splice would take four and two pipes):
+            # an exchange of short messages, most keep-alive traffic, costs what copy mode
+            # costs, and an idle connection holds no pipe (10 descriptors in all otherwise).
+            self._view = _buffers.acquire(mode.read_size_bytes)
+            self._bulk_read = min(_BULK_READ_BYTES, mode.read_size_bytes)
+        else:
+            self._pipe_r, self._pipe_w = pipes.make_pipe()
+
+    def _take_pipes(self) -> None:
+        """Bulk through an observed pump: splice from now on, the observer fed by a tee."""
+        assert self._view is not None
+        pipe_r, pipe_w = pipes.make_pipe()
+        try:
+            self._side = _SidePipe(self._view)
+        except BaseException:
+            os.close(pipe_r)
+            os.close(pipe_w)
+            raise
+        self._view = None  # the side pipe's now
+        self._pipe_r, self._pipe_w = pipe_r, pipe_w
+        self.spliced = True
 
     def _release(self) -> None:
         if self._pipe_r >= 0:
@@ -276,11 +301,71 @@ class _SplicePump(_Pump):
         if self._side is not None:
             self._side.release()
             self._side = None
-        self._prefix = None
+        if self._view is not None:
+            _buffers.release(self._view)
+            self._view = None
+        self._unsent = None
 
     def _on_readable(self) -> None:
         if self._stopped:
             return  # a callback queued before the relay ended
+        if not self.spliced:
+            self._copy_reads()
+            return
+        self._splice_reads()
+
+    def _copy_reads(self) -> None:
+        """Reads through the buffer (as _CopyPump does) until one shows bulk."""
+        recv_into, send = self._src.recv_into, self._dst.send
+        view, observer = self._view, self._observer
+        assert view is not None
+        assert observer is not None
+        for _ in range(_ROUNDS_PER_WAKEUP):
+            try:
+                received = recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._failed(self.src_side, error)
+                return
+            if received == 0:
+                self._source_ended()
+                return
+            chunk = view[:received]
+            try:
+                observer(chunk)
+            except Exception as error:
+                if self._relay is not None:
+                    self._relay._observer_failed(error)
+                return
+            self.bytes_observed += received
+            try:
+                sent = send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._failed(self.dst_side, error)
+                return
+            self.bytes_forwarded += sent
+            bulk = received >= self._bulk_read
+            if bulk:
+                try:
+                    self._take_pipes()
+                except OSError as error:
+                    # Out of descriptors: this connection goes on through the buffer.
+                    _log.info("relay %r: no pipes for splicing (%s); copying", self._relay, error)
+                    self._bulk_read = len(view) + 1
+            if sent < received:
+                self._unsent = chunk[sent:]  # the buffer is not read into again before it is out
+                self._blocked()
+                return
+            if self.spliced:
+                # Level-triggered: the loop calls again at once if the source has more.
+                return
+            if received < len(view):
+                return  # most likely drained: see _splice_reads
+
+    def _splice_reads(self) -> None:
         src, pipe_w, capacity = self._src_fd, self._pipe_w, self._capacity
         # Reading happens only with an empty pipe, so EAGAIN here means "source empty".
         for _ in range(_ROUNDS_PER_WAKEUP):
@@ -369,8 +454,8 @@ class _SplicePump(_Pump):
     def _on_writable(self) -> None:
         if self._stopped:
             return
-        if self._prefix is not None:
-            if not self._send_prefix():
+        if self._unsent is not None:
+            if not self._send_unsent():
                 return
             if self._in_pipe == 0:
                 self._unblocked()
@@ -378,22 +463,22 @@ class _SplicePump(_Pump):
         if self._advance():
             self._unblocked()
 
-    def _send_prefix(self) -> bool:
+    def _send_unsent(self) -> bool:
         """Send what must go first; True once all of it is out."""
-        prefix = self._prefix
-        assert prefix is not None
+        unsent = self._unsent
+        assert unsent is not None
         try:
-            sent = self._dst.send(prefix)
+            sent = self._dst.send(unsent)
         except BlockingIOError:
             return False
         except OSError as error:
             self._failed(self.dst_side, error)
             return False
         self.bytes_forwarded += sent
-        if sent < len(prefix):
-            self._prefix = prefix[sent:]
+        if sent < len(unsent):
+            self._unsent = unsent[sent:]
             return False
-        self._prefix = None
+        self._unsent = None
         return True
 
 
@@ -401,9 +486,9 @@ class _SidePipe:
     """The observer's copy of one direction: a pipe filled by ``tee(2)`` from the main pipe
     and read out, in large chunks through one reused buffer, into the observer."""
 
-    def __init__(self, read_size: int) -> None:
+    def __init__(self, view: memoryview) -> None:
         self._r, self._w = pipes.make_pipe()
-        self._view: memoryview | None = _buffers.acquire(read_size)
+        self._view: memoryview | None = view
 
     def grow(self, capacity: int) -> None:
         # A side pipe at least as large as the main one takes a whole read in one tee.
@@ -496,7 +581,7 @@ class _CopyPump(_Pump):
                 self._blocked()
                 return
             if received < len(view):
-                return  # most likely drained: see _SplicePump._on_readable
+                return  # most likely drained: see _SplicePump._splice_reads
 
     def _on_writable(self) -> None:
         if self._stopped or self._unsent is None:
@@ -650,10 +735,8 @@ class Relay:
         self._upstream.start()
         downstream = self._downstream
         if to_client_first:
-            if isinstance(downstream, _CopyPump):
+            if isinstance(downstream, _CopyPump | _SplicePump):
                 downstream._unsent = memoryview(to_client_first)
-            elif isinstance(downstream, _SplicePump):
-                downstream._prefix = memoryview(to_client_first)
             else:
                 raise TypeError(f"to_client_first cannot go through {downstream!r}")
             downstream._blocked()  # write those first; reading resumes once they are out

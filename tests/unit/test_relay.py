@@ -454,6 +454,9 @@ def test_a_spliced_observer_hashes_exactly_the_bytes_forwarded(
         )
         outcome = await relay.wait()
         assert outcome.reason is EndReason.COMPLETED
+        for pump in (relay._upstream, relay._downstream):
+            assert isinstance(pump, _SplicePump)
+            assert pump.spliced  # the bulk went through the tee, not the buffer
         assert hashlib.sha256(received_up).digest() == hashes["up"].digest()
         assert hashlib.sha256(received_down).digest() == hashes["down"].digest()
         assert (received_up, received_down) == (up, down)
@@ -550,3 +553,38 @@ def test_spliced_mode_specs() -> None:
     assert observed.observer is not None
     assert observed.read_size_bytes == 1 << 18
     assert mode_from_spec("splice", pipe_size=1 << 20, buffer_size=1).observer is None
+
+
+def test_short_messages_through_an_observed_relay_take_no_pipes(run: LoopRunner[None]) -> None:
+    """Keep-alive traffic goes through the buffer (two system calls per message) and holds
+    no pipe: an idle observed connection costs its two sockets, not ten descriptors."""
+    seen: list[bytes] = []
+
+    async def scenario() -> None:
+        ends = Ends()
+        without_relay = open_fds()
+        relay = Relay(
+            ends.client,
+            ends.service,
+            client_to_service=Splice(observer=lambda chunk: seen.append(bytes(chunk))),
+            service_to_client=Splice(observer=lambda chunk: seen.append(bytes(chunk))),
+        )
+        relay.start()
+        loop = asyncio.get_running_loop()
+        for number in range(20):
+            await loop.sock_sendall(ends.app, b"GET /%d\r\n" % number)
+            assert await loop.sock_recv(ends.backend, CHUNK) == b"GET /%d\r\n" % number
+            await loop.sock_sendall(ends.backend, b"200 %d\r\n" % number)
+            assert await loop.sock_recv(ends.app, CHUNK) == b"200 %d\r\n" % number
+        assert open_fds() == without_relay
+        for pump in (relay._upstream, relay._downstream):
+            assert isinstance(pump, _SplicePump)
+            assert not pump.spliced
+        relay.abort()
+        await relay.wait()
+        ends.close()
+
+    before = open_fds()
+    run(scenario())
+    assert open_fds() == before
+    assert len(seen) == 40
