@@ -53,12 +53,21 @@ ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are lo
 INCARNATION_COUNTER_STRIDE = 2**32
 
 
-def observed_modes(stream: StreamState, *, zero_copy: bool = True) -> tuple[Mode, Mode]:
+def observed_modes(
+    stream: StreamState, *, zero_copy: bool = True, observer_thread: bool = False
+) -> tuple[Mode, Mode]:
     """The relay's two directions (client to service, service to client), both shown to
     ``stream``: spliced with a tee for the stream state (the default), or copied through
-    Python (``zero_copy=False``, the engine before; kept to measure one against the other)."""
+    Python (``zero_copy=False``, the engine before; kept to measure one against the other).
+    ``observer_thread`` (experimental, off: docs/benchmarks.md) feeds the stream state from a
+    thread per bulk direction; it then lags the forwarded bytes (by a bound), which a
+    checkpoint may: it commits to what the stream state covered, read under the relay's
+    ``observer_lock``."""
     if zero_copy:
-        return Splice(observer=stream.feed_c2s), Splice(observer=stream.feed_s2c)
+        return (
+            Splice(observer=stream.feed_c2s, observer_thread=observer_thread),
+            Splice(observer=stream.feed_s2c, observer_thread=observer_thread),
+        )
     return Copy(stream.feed_c2s), Copy(stream.feed_s2c)
 
 
@@ -144,7 +153,9 @@ class LiveConnection:
         # COMMIT whose answers were all lost).
         self.handover = handover
         self.sealer = pusher.carrier_sealer(record) if record is not None else None
-        c2s, s2c = observed_modes(stream, zero_copy=pusher.zero_copy)
+        c2s, s2c = observed_modes(
+            stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
+        )
         self.relay = Relay(client, service, client_to_service=c2s, service_to_client=s2c)
 
     def s2c_acked(self) -> int:
@@ -166,16 +177,20 @@ class LiveConnection:
         )
         self.counter += 1
         context = self.pusher.context
-        return self.stream.checkpoint(
-            conn_id=self.conn_id,
-            client=self.peer,
-            vport=context.vport,
-            epoch=context.epoch(),
-            counter=self.counter,
-            now=now,
-            tcp=tcp,
-            s2c_acked=self.s2c_acked(),
-        )
+        s2c_acked = self.s2c_acked()
+        # Observer threads (if any) feed the stream state under this lock: the checkpoint then
+        # commits to one consistent state, possibly behind what was forwarded (never ahead).
+        with self.relay.observer_lock:
+            return self.stream.checkpoint(
+                conn_id=self.conn_id,
+                client=self.peer,
+                vport=context.vport,
+                epoch=context.epoch(),
+                counter=self.counter,
+                now=now,
+                tcp=tcp,
+                s2c_acked=s2c_acked,
+            )
 
     def push(self, now: float) -> None:
         """Send a checkpoint to the client on the connection's own 5-tuple."""
@@ -198,7 +213,7 @@ class LiveConnection:
             self.peer[1],
             # Entirely before the server's first byte: an old duplicate to a client's TCP.
             (self.facts.server_isn - len(message)) % SEQ_MOD,
-            (self.facts.client_isn + 1 + self.stream.c2s_pos) % SEQ_MOD,
+            (self.facts.client_isn + 1 + checkpoint.c2s_pos) % SEQ_MOD,
             rawtcp.ACK | rawtcp.PSH,
             1024,
             [rawtcp.carrier_option()],
@@ -233,9 +248,12 @@ class LiveConnection:
 class CheckpointPusher:
     """The live connections of one server shim and the rounds that push their checkpoints."""
 
-    def __init__(self, context: LiveContext, *, zero_copy: bool = True) -> None:
+    def __init__(
+        self, context: LiveContext, *, zero_copy: bool = True, observer_thread: bool = False
+    ) -> None:
         self.context = context
         self.zero_copy = zero_copy  # see observed_modes
+        self.observer_thread = observer_thread
         self.keys = CheckpointKeys(context.group_key)
         self.connections: dict[tuple[str, int], LiveConnection] = {}
         self.carrier_sealers: dict[int, Sealer] = {}

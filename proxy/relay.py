@@ -58,6 +58,7 @@ import signal
 import socket
 import struct
 import sys
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -114,6 +115,11 @@ class Splice:
     pipe_size_bytes: int = DEFAULT_PIPE_SIZE
     observer: Observer | None = None
     read_size_bytes: int = DEFAULT_BUFFER_SIZE
+    # Experimental, off by default (docs/benchmarks.md): once a pump splices, a thread of its
+    # own reads the side pipe into the observer, which then lags the forwarded bytes by at most
+    # the side pipe (the pump waits for room in it: backpressure). Observers of such a relay
+    # run under ``Relay.observer_lock``; whoever reads their state takes it too.
+    observer_thread: bool = False
 
 
 @dataclass(frozen=True)
@@ -264,10 +270,13 @@ class _SplicePump(_Pump):
         self._unsent: memoryview | None = None
         self._observer = mode.observer
         self._observed = mode.observer is not None
-        self._side: _SidePipe | None = None
+        self._side: _SidePipe | _ThreadedSidePipe | None = None
         self._view: memoryview | None = None
         self.bytes_observed = 0
         self.spliced = not self._observed  # observed pumps splice once a read shows bulk
+        self._threaded = mode.observer_thread and self._observed
+        self._lock = relay.observer_lock
+        self._waiting_side = False
         self._pipe_r = self._pipe_w = -1
         if self._observed:
             # Until then, a read goes through a buffer (recv, observer, send: two system calls
@@ -282,18 +291,30 @@ class _SplicePump(_Pump):
     def _take_pipes(self) -> None:
         """Bulk through an observed pump: splice from now on, the observer fed by a tee."""
         assert self._view is not None
+        assert self._observer is not None
         pipe_r, pipe_w = pipes.make_pipe()
         try:
-            self._side = _SidePipe(self._view)
+            if self._threaded:
+                self._side = _ThreadedSidePipe(
+                    self._observer,
+                    len(self._view),
+                    self._wanted_capacity,
+                    self._lock,
+                    self._loop,
+                    (self._on_side_room, self._observer_done),
+                )
+            else:
+                self._side = _SidePipe(self._view)
+                self._view = None  # the side pipe's now
         except BaseException:
             os.close(pipe_r)
             os.close(pipe_w)
             raise
-        self._view = None  # the side pipe's now
         self._pipe_r, self._pipe_w = pipe_r, pipe_w
         self.spliced = True
 
     def _release(self) -> None:
+        self._waiting_side = False
         if self._pipe_r >= 0:
             os.close(self._pipe_r)
             os.close(self._pipe_w)
@@ -333,7 +354,11 @@ class _SplicePump(_Pump):
                 return
             chunk = view[:received]
             try:
-                observer(chunk)
+                if self._threaded:
+                    with self._lock:
+                        observer(chunk)
+                else:
+                    observer(chunk)
             except Exception as error:
                 if self._relay is not None:
                     self._relay._observer_failed(error)
@@ -412,7 +437,17 @@ class _SplicePump(_Pump):
         # (tee(2) always starts at the head of its source).
         try:
             teed = side.duplicate(self._pipe_r, self._in_pipe)
-            side.feed(teed, observer)
+            if isinstance(side, _SidePipe):
+                side.feed(teed, observer)
+            else:
+                side.check()
+        except BlockingIOError:
+            # Threaded: the observer is as far behind as allowed. Its thread calls
+            # _on_side_room once it has caught up by some (backpressure).
+            self._pause_reading()
+            self._stop_writing()
+            self._waiting_side = True
+            return False
         except Exception as error:
             if self._relay is not None:
                 self._relay._observer_failed(error)
@@ -420,6 +455,42 @@ class _SplicePump(_Pump):
         self._cleared = teed
         self.bytes_observed += teed
         return True
+
+    def _on_side_room(self) -> None:
+        if self._stopped or not self._waiting_side:
+            return
+        self._waiting_side = False
+        if self._advance():
+            self._resume_reading()
+
+    def _source_ended(self) -> None:
+        side = self._side
+        if not isinstance(side, _ThreadedSidePipe):
+            super()._source_ended()
+            return
+        # Forwarding is done (the pipe is empty): pass the FIN on now, but the pump is
+        # finished only once its thread has shown the observer everything.
+        self._pause_reading()
+        self._stopped = True
+        try:
+            self._dst.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            self._failed(self.dst_side, error)
+            return
+        side.close_writer()
+
+    def _observer_done(self, error: BaseException | None) -> None:
+        """From the thread, through the loop: the observer has seen all, or failed."""
+        relay = self._relay
+        if relay is None or self.finished:
+            return
+        if error is not None:
+            relay._observer_failed(error)
+            return
+        if self._stopped:  # the source ended: everything was observed
+            self.finished = True
+            self._release()
+            relay._pump_finished()
 
     def _flush(self) -> bool:
         """Move the pipe (or, when observed, its observed head) to the destination; False if
@@ -520,6 +591,116 @@ class _SidePipe:
             os.close(self._w)
             _buffers.release(self._view)
             self._view = None
+
+
+class _ThreadedSidePipe:
+    """A side pipe read by a thread of its own (``Splice(observer_thread=True)``): blocking
+    reads of up to ``read_size`` bytes, each shown to the observer under ``lock``. The thread
+    owns the read end; the pump closes the write end when its source ended (the thread then
+    drains the pipe, reports, and exits) or when the relay ends (the thread stops at once).
+
+    The lag is counted in bytes (a pipe's capacity counts buffers, and one spliced buffer may
+    hold a whole socket buffer fragment): the pump tees nothing more while ``bound`` bytes or
+    more wait for the observer, so it is never more than ``bound`` plus one read ahead."""
+
+    def __init__(
+        self,
+        observer: Observer,
+        read_size: int,
+        bound: int,
+        lock: threading.Lock,
+        loop: asyncio.AbstractEventLoop,
+        callbacks: tuple[Callable[[], None], Callable[[BaseException | None], None]],
+    ) -> None:
+        self._r, self._w = pipes.make_pipe(nonblocking=False)
+        os.set_blocking(self._w, False)  # the pump's end
+        self._bound = bound
+        self._teed = 0  # written by the pump only
+        self._observed = 0  # by the thread only, under _counts
+        self._waiting = False
+        self._counts = threading.Lock()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(observer, read_size, lock, loop, callbacks),
+            name="relay-observer",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def grow(self, capacity: int) -> None:
+        pipes.set_pipe_size(self._w, capacity)
+
+    def duplicate(self, pipe_r: int, count: int) -> int:
+        """Tee up to ``count`` bytes; BlockingIOError if the observer is too far behind (the
+        thread will call back once it caught up)."""
+        with self._counts:
+            if self._teed - self._observed >= self._bound:
+                self._waiting = True
+                raise BlockingIOError(errno.EAGAIN, "the observer is behind")
+        try:
+            teed = pipes.tee(pipe_r, self._w, count)
+        except BlockingIOError:
+            with self._counts:
+                if self._teed == self._observed:
+                    teed = 0  # the thread has read all: the pipe has room now, try again
+                else:
+                    self._waiting = True
+                    raise
+        if teed == 0:
+            teed = pipes.tee(pipe_r, self._w, count)
+        if teed <= 0:
+            raise OSError(errno.EIO, f"tee returned {teed} with {count} bytes in the pipe")
+        self._teed += teed
+        return teed
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(
+        self,
+        observer: Observer,
+        read_size: int,
+        lock: threading.Lock,
+        loop: asyncio.AbstractEventLoop,
+        callbacks: tuple[Callable[[], None], Callable[[BaseException | None], None]],
+    ) -> None:
+        room, done = callbacks
+        view = memoryview(bytearray(read_size))
+        readv, fd, counts = os.readv, self._r, self._counts
+        error: BaseException | None = None
+        try:
+            while not self._stop:
+                got = readv(fd, [view])  # releases the GIL; so do hashlib's large updates
+                if got == 0:
+                    break  # the write end is closed and all was read
+                with lock:
+                    observer(view[:got])
+                with counts:
+                    self._observed += got
+                    wake = self._waiting and self._teed - self._observed < self._bound
+                    if wake:
+                        self._waiting = False
+                if wake:
+                    loop.call_soon_threadsafe(room)
+        except Exception as failure:
+            error = self._error = failure
+        finally:
+            os.close(fd)
+        if not self._stop:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(done, error)
+
+    def close_writer(self) -> None:
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+
+    def release(self) -> None:
+        self._stop = True
+        self.close_writer()  # a blocked read returns 0 once the pipe is empty
 
 
 class _CopyPump(_Pump):
@@ -690,6 +871,9 @@ class Relay:
             if sock.getblocking():  # Python's own flag: no system call when already set
                 sock.setblocking(False)
         self.closed: asyncio.Future[RelayOutcome] = self.loop.create_future()
+        # Held by observer threads while they run an observer (Splice(observer_thread=True)):
+        # take it to read a consistent observer state. Uncontended otherwise.
+        self.observer_lock = threading.Lock()
         self._upstream = _make_pump(
             self, client_to_service or Splice(), client, service, "client", "service"
         )

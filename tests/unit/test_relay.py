@@ -117,6 +117,11 @@ MODES: dict[str, Callable[[], tuple[Mode, Mode]]] = {
         Splice(4096, lambda chunk: None, 1000),
         Splice(4096, lambda chunk: None, 3000),
     ),
+    # The same, the side pipe read by a thread (experimental, off by default).
+    "tee-thread": lambda: (
+        Splice(observer=lambda chunk: None, observer_thread=True),
+        Splice(observer=lambda chunk: None, observer_thread=True),
+    ),
 }
 
 
@@ -157,6 +162,10 @@ OBSERVED: dict[str, Callable[[Callable[[memoryview], None]], Mode]] = {
     "tee": lambda observe: Splice(observer=observe),
     "tee-small": lambda observe: Splice(4096, observe, 1000),
 }
+THREADED: dict[str, Callable[[Callable[[memoryview], None]], Mode]] = {
+    **OBSERVED,
+    "tee-thread": lambda observe: Splice(observer=observe, observer_thread=True),
+}
 
 
 @pytest.mark.parametrize("mode", OBSERVED)
@@ -193,7 +202,7 @@ def test_observer_sees_every_byte_in_order_before_it_is_forwarded(
     assert len(observed) > 1
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy", "tee"])
+@pytest.mark.parametrize("mode", ["splice", "copy", "tee", "tee-thread"])
 def test_half_close_keeps_the_other_direction(run: LoopRunner[None], mode: str) -> None:
     request, response = b"GET / please\r\n", payload(2 << 20, 4)
 
@@ -217,7 +226,7 @@ def test_half_close_keeps_the_other_direction(run: LoopRunner[None], mode: str) 
     run(scenario())
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy", "tee"])
+@pytest.mark.parametrize("mode", ["splice", "copy", "tee", "tee-thread"])
 def test_a_stalled_receiver_stalls_the_sender(run: LoopRunner[None], mode: str) -> None:
     async def scenario() -> None:
         ends = Ends()
@@ -270,7 +279,7 @@ def test_abort_ends_both_sides(run: LoopRunner[None]) -> None:
     assert open_fds() == before
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy", "tee"])
+@pytest.mark.parametrize("mode", ["splice", "copy", "tee", "tee-thread"])
 def test_a_broken_side_ends_the_relay(run: LoopRunner[None], mode: str) -> None:
     async def scenario() -> None:
         ends = Ends()
@@ -296,7 +305,7 @@ def test_a_broken_side_ends_the_relay(run: LoopRunner[None], mode: str) -> None:
     run(scenario())
 
 
-@pytest.mark.parametrize("mode", OBSERVED)
+@pytest.mark.parametrize("mode", THREADED)
 def test_an_observer_exception_ends_the_relay(run: LoopRunner[None], mode: str) -> None:
     class Diverged(Exception):
         pass
@@ -306,7 +315,7 @@ def test_an_observer_exception_ends_the_relay(run: LoopRunner[None], mode: str) 
 
     async def scenario() -> None:
         ends = Ends()
-        relay = Relay(ends.client, ends.service, service_to_client=OBSERVED[mode](refuse))
+        relay = Relay(ends.client, ends.service, service_to_client=THREADED[mode](refuse))
         relay.start()
         await asyncio.get_running_loop().sock_sendall(ends.backend, b"response")
         outcome = await relay.wait()
@@ -423,7 +432,7 @@ def test_an_ended_relay_is_freed_without_the_cycle_collector(run: LoopRunner[Non
         gc.enable()
 
 
-@pytest.mark.parametrize("mode", ["tee", "tee-small"])
+@pytest.mark.parametrize("mode", ["tee", "tee-small", "tee-thread"])
 def test_a_spliced_observer_hashes_exactly_the_bytes_forwarded(
     run: LoopRunner[None], mode: str
 ) -> None:
@@ -435,7 +444,9 @@ def test_a_spliced_observer_hashes_exactly_the_bytes_forwarded(
 
     def observed(name: str) -> Splice:
         update = hashes[name].update
-        return Splice(4096, update, 1000) if small else Splice(observer=update)
+        if small:
+            return Splice(4096, update, 1000)
+        return Splice(observer=update, observer_thread=mode == "tee-thread")
 
     async def scenario() -> None:
         ends = Ends()
@@ -588,3 +599,48 @@ def test_short_messages_through_an_observed_relay_take_no_pipes(run: LoopRunner[
     run(scenario())
     assert open_fds() == before
     assert len(seen) == 40
+
+
+def test_an_observer_thread_lags_by_a_bounded_amount_and_drops_nothing(
+    run: LoopRunner[None],
+) -> None:
+    """A slow observer on its own thread: the forwarding runs ahead of it by at most the side
+    pipe and one read (backpressure), and the observer still sees every byte, in order."""
+    data = payload(16 << 20, 15)
+    pipe_size, read_size = 1 << 20, 1 << 16
+    seen = hashlib.sha256()
+    state = {"observed": 0, "max_ahead": 0}
+    relay_box: list[Relay] = []
+
+    def observe(chunk: memoryview) -> None:
+        if relay_box:
+            ahead = relay_box[0].bytes_client_to_service - state["observed"]
+            state["max_ahead"] = max(state["max_ahead"], ahead)
+        seen.update(chunk)
+        state["observed"] += len(chunk)
+        threading.Event().wait(0.001)  # slow: a millisecond per chunk
+
+    async def scenario() -> None:
+        ends = Ends()
+        relay = Relay(
+            ends.client,
+            ends.service,
+            client_to_service=Splice(pipe_size, observe, read_size, observer_thread=True),
+        )
+        relay_box.append(relay)
+        relay.start()
+        received, _ = await asyncio.gather(
+            receive_to_eof(ends.backend), send_all_then_shut(ends.app, data)
+        )
+        ends.backend.shutdown(socket.SHUT_WR)
+        outcome = await relay.wait()
+        assert outcome.reason is EndReason.COMPLETED
+        assert received == data
+        ends.close()
+
+    before = open_fds()
+    run(scenario())
+    assert state["observed"] == len(data)  # COMPLETED only once the observer saw it all
+    assert seen.digest() == hashlib.sha256(data).digest()
+    assert 0 < state["max_ahead"] <= 2 * pipe_size + read_size
+    assert open_fds() == before
