@@ -1,7 +1,7 @@
 """What a server knows about one connection's two byte streams, for its checkpoints.
 
 Theory of operation: the server shim shows every byte of both directions, in order, to a
-``StreamState`` (it relays in copy mode). The state keeps
+``StreamState`` (its relay feeds it from a tee of the forwarded bytes). The state keeps
 
 * the positions: bytes seen from the client (``c2s_pos``) and from the service (``s2c_pos``);
 * the codec (``migrate.codec``), which finds *boundaries*: points where a request/response

@@ -1,7 +1,9 @@
 """Live connections on the server and the checkpoints they push to their client.
 
-Theory of operation: every accepted connection is relayed in copy mode so that
-``migrate.streamstate`` sees both byte streams; right after accept the shim reads the
+Theory of operation: every accepted connection is relayed so that ``migrate.streamstate``
+sees both byte streams: spliced (zero-copy), with each read teed into a side pipe whose copy
+the stream state reads before the bytes are forwarded (``proxy.relay.Splice(observer=...)``),
+so a checkpoint never commits to less than what went through; right after accept the shim reads the
 handshake's sequence numbers and options through TCP_REPAIR (``accept_facts``). Checkpoints go
 to the client periodically (each connection on its own phase, from its start), at every request
 boundary the codec finds, and once more ``LEAVE_PUSH_LEAD_S`` before this server stops being the
@@ -38,7 +40,7 @@ from migrate.kernel import rawtcp, tcp_repair
 from migrate.registration import ClientRecord
 from migrate.streamstate import StreamState
 from proxy.livecontext import LiveContext
-from proxy.relay import Copy, EndReason, Relay, RelayOutcome
+from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Splice
 
 SEQ_MOD = 2**32
 BOUNDARY_MIN_GAP_S = 0.02  # at most one boundary checkpoint per connection per 20 ms
@@ -49,6 +51,24 @@ ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are lo
 # (during the hand-over, and after the switch until its gate closed): the client keeps the
 # new server's checkpoints and ignores the old server's late ones.
 INCARNATION_COUNTER_STRIDE = 2**32
+
+
+def observed_modes(
+    stream: StreamState, *, zero_copy: bool = False, observer_thread: bool = False
+) -> tuple[Mode, Mode]:
+    """The relay's two directions (client to service, service to client), both shown to
+    ``stream``: copied through Python (the default), or spliced with a tee for the stream
+    state (``zero_copy``: correct and tested, but on this machine no faster while the stream
+    state's own work dominates; docs/benchmarks.md). ``observer_thread`` (experimental) feeds
+    the stream state from a thread per bulk direction; it then lags the forwarded bytes (by a
+    bound), which a checkpoint may: it commits to what the stream state covered, read under
+    the relay's ``observer_lock``."""
+    if zero_copy:
+        return (
+            Splice(observer=stream.feed_c2s, observer_thread=observer_thread),
+            Splice(observer=stream.feed_s2c, observer_thread=observer_thread),
+        )
+    return Copy(stream.feed_c2s), Copy(stream.feed_s2c)
 
 
 def accept_facts(sock: socket.socket) -> TcpSnapshot:
@@ -112,12 +132,10 @@ class LiveConnection:
         # COMMIT whose answers were all lost).
         self.handover = handover
         self.sealer = pusher.carrier_sealer(record) if record is not None else None
-        self.relay = Relay(
-            client,
-            service,
-            client_to_service=Copy(stream.feed_c2s),
-            service_to_client=Copy(stream.feed_s2c),
+        c2s, s2c = observed_modes(
+            stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
         )
+        self.relay = Relay(client, service, client_to_service=c2s, service_to_client=s2c)
 
     def s2c_acked(self) -> int:
         info = tcp_repair.read_tcp_info(self.client)
@@ -128,16 +146,20 @@ class LiveConnection:
         tcp = replace(self.facts, ts_val=ts_val)
         self.counter += 1
         context = self.pusher.context
-        return self.stream.checkpoint(
-            conn_id=self.conn_id,
-            client=self.peer,
-            vport=context.vport,
-            epoch=context.epoch(),
-            counter=self.counter,
-            now=now,
-            tcp=tcp,
-            s2c_acked=self.s2c_acked(),
-        )
+        s2c_acked = self.s2c_acked()
+        # Observer threads (if any) feed the stream state under this lock: the checkpoint then
+        # commits to one consistent state, possibly behind what was forwarded (never ahead).
+        with self.relay.observer_lock:
+            return self.stream.checkpoint(
+                conn_id=self.conn_id,
+                client=self.peer,
+                vport=context.vport,
+                epoch=context.epoch(),
+                counter=self.counter,
+                now=now,
+                tcp=tcp,
+                s2c_acked=s2c_acked,
+            )
 
     def push(self, now: float) -> None:
         """Send a checkpoint to the client on the connection's own 5-tuple."""
@@ -160,7 +182,7 @@ class LiveConnection:
             self.peer[1],
             # Entirely before the server's first byte: an old duplicate to a client's TCP.
             (self.facts.server_isn - len(message)) % SEQ_MOD,
-            (self.facts.client_isn + 1 + self.stream.c2s_pos) % SEQ_MOD,
+            (self.facts.client_isn + 1 + checkpoint.c2s_pos) % SEQ_MOD,
             rawtcp.ACK | rawtcp.PSH,
             1024,
             [rawtcp.carrier_option()],
@@ -195,8 +217,12 @@ class LiveConnection:
 class CheckpointPusher:
     """The live connections of one server shim and the rounds that push their checkpoints."""
 
-    def __init__(self, context: LiveContext) -> None:
+    def __init__(
+        self, context: LiveContext, *, zero_copy: bool = False, observer_thread: bool = False
+    ) -> None:
         self.context = context
+        self.zero_copy = zero_copy  # see observed_modes
+        self.observer_thread = observer_thread
         self.keys = CheckpointKeys(context.group_key)
         self.connections: dict[tuple[str, int], LiveConnection] = {}
         self.carrier_sealers: dict[int, Sealer] = {}
@@ -226,7 +252,7 @@ class CheckpointPusher:
     def relay_factory(
         self, client: socket.socket, service: socket.socket, peer: tuple[str, int]
     ) -> Relay:
-        """An accepted connection: relayed in copy mode, checkpointed from the start."""
+        """An accepted connection: relayed and observed, checkpointed from the start."""
         connection = LiveConnection(
             self,
             client,

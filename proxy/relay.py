@@ -14,6 +14,14 @@ Each direction is either
 
 * ``Splice()``: zero-copy, ``splice(2)`` from the source socket into a private pipe, then from
   the pipe into the destination socket; payload pages move by reference and never reach Python.
+  ``Splice(observer=...)`` keeps bulk forwarding zero-copy and shows the observer every byte
+  all the same: each read is duplicated with ``tee(2)`` (page references, no copy) into a side
+  pipe, which is read in large chunks (``read_size_bytes``) into the observer *before* the
+  bytes are spliced on to the destination. The observer therefore covers at least what was
+  forwarded at every moment the loop can see (what a checkpoint commits to), and a slow
+  observer slows the pump rather than losing bytes: the side pipe holds at most one read.
+  Such a pump copies (as below) until its first read of 64 KiB or more: short messages cost
+  two system calls instead of four, and a connection that never carried bulk holds no pipe.
 * ``Copy(observer)``: ``recv_into`` a reused buffer, hand the chunk to ``observer`` (which sees
   every byte once, in order, before the destination can), then ``send`` it.
 
@@ -50,12 +58,14 @@ import signal
 import socket
 import struct
 import sys
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
+from migrate.kernel import pipes
 from migrate.kernel.files import write_private
 from proxy.transparent import DEFAULT_CONNECT_TIMEOUT_S, connect_plain, connect_transparent
 
@@ -74,6 +84,9 @@ DEFAULT_BUFFER_SIZE: Final = 256 << 10
 DEFAULT_BACKLOG: Final = 4096
 # Work done per readiness callback before yielding to the loop (fairness between relays).
 _ROUNDS_PER_WAKEUP: Final = 16
+# An observed splice pump starts copying, and splices (with a tee) from its first read this
+# large (or filling its buffer): a sign of bulk, where splicing pays for its extra calls.
+_BULK_READ_BYTES: Final = 64 << 10
 _ACCEPTS_PER_WAKEUP: Final = 64
 _ACCEPT_RETRY_S: Final = 0.5  # pause after EMFILE & co., as asyncio's own accept loop does
 _SPLICE_FLAGS: Final = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK
@@ -92,9 +105,21 @@ _splice = os.splice
 class Splice:
     """Zero-copy: socket -> pipe -> socket. The pipe starts at the default 64 KiB and is grown
     to ``pipe_size_bytes`` (F_SETPIPE_SZ) by the first read that fills half of it; if that is
-    refused (beyond /proc/sys/fs/pipe-max-size without privilege) it keeps 64 KiB."""
+    refused (beyond /proc/sys/fs/pipe-max-size without privilege) it keeps 64 KiB.
+
+    With an ``observer``, every chunk read is also teed into a side pipe of the same size and
+    shown to ``observer`` (in order, each byte once, in chunks of up to ``read_size_bytes``)
+    before it is forwarded; as with ``Copy``, the chunk is only valid during the call, and an
+    exception from the observer ends the relay with ``EndReason.OBSERVER_FAILED``."""
 
     pipe_size_bytes: int = DEFAULT_PIPE_SIZE
+    observer: Observer | None = None
+    read_size_bytes: int = DEFAULT_BUFFER_SIZE
+    # Experimental, off by default (docs/benchmarks.md): once a pump splices, a thread of its
+    # own reads the side pipe into the observer, which then lags the forwarded bytes by at most
+    # the side pipe (the pump waits for room in it: backpressure). Observers of such a relay
+    # run under ``Relay.observer_lock``; whoever reads their state takes it too.
+    observer_thread: bool = False
 
 
 @dataclass(frozen=True)
@@ -234,22 +259,138 @@ class _SplicePump(_Pump):
         mode: Splice,
     ) -> None:
         super().__init__(relay, src, dst, src_side, dst_side)
-        self._pipe_r, self._pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         # The pipe grows to the asked size on the first large read: short exchanges never pay
         # for the F_SETPIPE_SZ call.
         self._capacity = DEFAULT_PIPE_CAPACITY
         self._wanted_capacity = mode.pipe_size_bytes
         self._in_pipe = 0
+        self._cleared = 0  # bytes at the head of the pipe the observer has seen, not forwarded
+        # Bytes to send before anything more is read: a copied chunk the destination did not
+        # take at once, or Relay.start(to_client_first=...).
+        self._unsent: memoryview | None = None
+        self._observer = mode.observer
+        self._observed = mode.observer is not None
+        self._side: _SidePipe | _ThreadedSidePipe | None = None
+        self._view: memoryview | None = None
+        self.bytes_observed = 0
+        self.spliced = not self._observed  # observed pumps splice once a read shows bulk
+        self._threaded = mode.observer_thread and self._observed
+        self._lock = relay.observer_lock
+        self._waiting_side = False
+        self._pipe_r = self._pipe_w = -1
+        if self._observed:
+            # Until then, a read goes through a buffer (recv, observer, send: two system calls
+            # and no pipe, where splice + tee + read + splice would take four and two pipes):
+            # an exchange of short messages, most keep-alive traffic, costs what copy mode
+            # costs, and an idle connection holds no pipe (10 descriptors in all otherwise).
+            self._view = _buffers.acquire(mode.read_size_bytes)
+            self._bulk_read = min(_BULK_READ_BYTES, mode.read_size_bytes)
+        else:
+            self._pipe_r, self._pipe_w = pipes.make_pipe()
+
+    def _take_pipes(self) -> None:
+        """Bulk through an observed pump: splice from now on, the observer fed by a tee."""
+        assert self._view is not None
+        assert self._observer is not None
+        pipe_r, pipe_w = pipes.make_pipe()
+        try:
+            if self._threaded:
+                self._side = _ThreadedSidePipe(
+                    self._observer,
+                    len(self._view),
+                    self._wanted_capacity,
+                    self._lock,
+                    self._loop,
+                    (self._on_side_room, self._observer_done),
+                )
+            else:
+                self._side = _SidePipe(self._view)
+                self._view = None  # the side pipe's now
+        except BaseException:
+            os.close(pipe_r)
+            os.close(pipe_w)
+            raise
+        self._pipe_r, self._pipe_w = pipe_r, pipe_w
+        self.spliced = True
 
     def _release(self) -> None:
+        self._waiting_side = False
         if self._pipe_r >= 0:
             os.close(self._pipe_r)
             os.close(self._pipe_w)
             self._pipe_r = self._pipe_w = -1
+        if self._side is not None:
+            self._side.release()
+            self._side = None
+        if self._view is not None:
+            _buffers.release(self._view)
+            self._view = None
+        self._unsent = None
 
     def _on_readable(self) -> None:
         if self._stopped:
             return  # a callback queued before the relay ended
+        if not self.spliced:
+            self._copy_reads()
+            return
+        self._splice_reads()
+
+    def _copy_reads(self) -> None:
+        """Reads through the buffer (as _CopyPump does) until one shows bulk."""
+        recv_into, send = self._src.recv_into, self._dst.send
+        view, observer = self._view, self._observer
+        assert view is not None
+        assert observer is not None
+        for _ in range(_ROUNDS_PER_WAKEUP):
+            try:
+                received = recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._failed(self.src_side, error)
+                return
+            if received == 0:
+                self._source_ended()
+                return
+            chunk = view[:received]
+            try:
+                if self._threaded:
+                    with self._lock:
+                        observer(chunk)
+                else:
+                    observer(chunk)
+            except Exception as error:
+                if self._relay is not None:
+                    self._relay._observer_failed(error)
+                return
+            self.bytes_observed += received
+            try:
+                sent = send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._failed(self.dst_side, error)
+                return
+            self.bytes_forwarded += sent
+            bulk = received >= self._bulk_read
+            if bulk:
+                try:
+                    self._take_pipes()
+                except OSError as error:
+                    # Out of descriptors: this connection goes on through the buffer.
+                    _log.info("relay %r: no pipes for splicing (%s); copying", self._relay, error)
+                    self._bulk_read = len(view) + 1
+            if sent < received:
+                self._unsent = chunk[sent:]  # the buffer is not read into again before it is out
+                self._blocked()
+                return
+            if self.spliced:
+                # Level-triggered: the loop calls again at once if the source has more.
+                return
+            if received < len(view):
+                return  # most likely drained: see _splice_reads
+
+    def _splice_reads(self) -> None:
         src, pipe_w, capacity = self._src_fd, self._pipe_w, self._capacity
         # Reading happens only with an empty pipe, so EAGAIN here means "source empty".
         for _ in range(_ROUNDS_PER_WAKEUP):
@@ -267,14 +408,97 @@ class _SplicePump(_Pump):
             if moved >= capacity // 2 and capacity < self._wanted_capacity:
                 capacity = self._capacity = _enlarge_pipe(pipe_w, self._wanted_capacity)
                 self._wanted_capacity = capacity  # asked once, granted or not
-            if not self._flush() or moved < capacity:
+                if self._side is not None:
+                    self._side.grow(capacity)
+            if not self._advance() or moved < capacity:
                 # A short read most likely emptied the socket: let the (level-triggered) loop
                 # say whether more came, rather than pay a BlockingIOError to find out.
                 return
 
+    def _advance(self) -> bool:
+        """Observe (if observed) and forward what the pipe holds; True once it is empty."""
+        # Bounded: every round observes or forwards at least one byte, or leaves.
+        while self._in_pipe:
+            if self._observed and self._cleared == 0 and not self._observe():
+                return False
+            if not self._flush():
+                return False
+        return True
+
+    def _observe(self) -> bool:
+        """Show the observer the bytes at the head of the pipe, without taking them out of
+        it; they may then be forwarded. False if the relay ended."""
+        side, observer = self._side, self._observer
+        assert side is not None
+        assert observer is not None
+        # The side pipe is empty here (read out after every tee) and as large as the main
+        # one, so one tee normally takes the whole pipe; less only if the side pipe could not
+        # be grown as far, and then the rest goes round again once this part is forwarded
+        # (tee(2) always starts at the head of its source).
+        try:
+            teed = side.duplicate(self._pipe_r, self._in_pipe)
+            if isinstance(side, _SidePipe):
+                side.feed(teed, observer)
+            else:
+                side.check()
+        except BlockingIOError:
+            # Threaded: the observer is as far behind as allowed. Its thread calls
+            # _on_side_room once it has caught up by some (backpressure).
+            self._pause_reading()
+            self._stop_writing()
+            self._waiting_side = True
+            return False
+        except Exception as error:
+            if self._relay is not None:
+                self._relay._observer_failed(error)
+            return False
+        self._cleared = teed
+        self.bytes_observed += teed
+        return True
+
+    def _on_side_room(self) -> None:
+        if self._stopped or not self._waiting_side:
+            return
+        self._waiting_side = False
+        if self._advance():
+            self._resume_reading()
+
+    def _source_ended(self) -> None:
+        side = self._side
+        if not isinstance(side, _ThreadedSidePipe):
+            super()._source_ended()
+            return
+        # Forwarding is done (the pipe is empty): pass the FIN on now, but the pump is
+        # finished only once its thread has shown the observer everything.
+        self._pause_reading()
+        self._stopped = True
+        try:
+            self._dst.shutdown(socket.SHUT_WR)
+        except OSError as error:
+            self._failed(self.dst_side, error)
+            return
+        side.close_writer()
+
+    def _observer_done(self, error: BaseException | None) -> None:
+        """From the thread, through the loop: the observer has seen all, or failed."""
+        relay = self._relay
+        if relay is None or self.finished:
+            return
+        if error is not None:
+            relay._observer_failed(error)
+            return
+        if self._stopped:  # the source ended: everything was observed
+            self.finished = True
+            self._release()
+            relay._pump_finished()
+
     def _flush(self) -> bool:
-        """Move the pipe to the destination; False if it holds bytes still (or failed)."""
-        pipe_r, dst, pending = self._pipe_r, self._dst_fd, self._in_pipe
+        """Move the pipe (or, when observed, its observed head) to the destination; False if
+        that is not all out (or failed)."""
+        pipe_r, dst = self._pipe_r, self._dst_fd
+        observed = self._observed
+        pending = self._cleared if observed else self._in_pipe
+        moved_all = 0
         # Bounded: every round moves at least one byte, or leaves.
         while pending:
             try:
@@ -288,8 +512,11 @@ class _SplicePump(_Pump):
                 self._failed(self.dst_side, OSError(errno.EIO, "splice from pipe returned 0"))
                 return False
             pending -= moved
-            self.bytes_forwarded += moved
-        self._in_pipe = pending
+            moved_all += moved
+        self.bytes_forwarded += moved_all
+        self._in_pipe -= moved_all
+        if observed:
+            self._cleared = pending
         if pending:
             self._blocked()
             return False
@@ -298,8 +525,182 @@ class _SplicePump(_Pump):
     def _on_writable(self) -> None:
         if self._stopped:
             return
-        if self._flush():
+        if self._unsent is not None:
+            if not self._send_unsent():
+                return
+            if self._in_pipe == 0:
+                self._unblocked()
+                return
+        if self._advance():
             self._unblocked()
+
+    def _send_unsent(self) -> bool:
+        """Send what must go first; True once all of it is out."""
+        unsent = self._unsent
+        assert unsent is not None
+        try:
+            sent = self._dst.send(unsent)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            self._failed(self.dst_side, error)
+            return False
+        self.bytes_forwarded += sent
+        if sent < len(unsent):
+            self._unsent = unsent[sent:]
+            return False
+        self._unsent = None
+        return True
+
+
+class _SidePipe:
+    """The observer's copy of one direction: a pipe filled by ``tee(2)`` from the main pipe
+    and read out, in large chunks through one reused buffer, into the observer."""
+
+    def __init__(self, view: memoryview) -> None:
+        self._r, self._w = pipes.make_pipe()
+        self._view: memoryview | None = view
+
+    def grow(self, capacity: int) -> None:
+        # A side pipe at least as large as the main one takes a whole read in one tee.
+        pipes.set_pipe_size(self._w, capacity)
+
+    def duplicate(self, pipe_r: int, count: int) -> int:
+        """Tee up to ``count`` bytes from the head of ``pipe_r`` into the (empty) side pipe;
+        return how many were duplicated."""
+        teed = pipes.tee(pipe_r, self._w, count)
+        if teed <= 0:
+            raise OSError(errno.EIO, f"tee returned {teed} with {count} bytes in the pipe")
+        return teed
+
+    def feed(self, count: int, observer: Observer) -> None:
+        """Read ``count`` bytes out of the side pipe into ``observer``."""
+        view = self._view
+        assert view is not None
+        readv, fd, size = os.readv, self._r, len(view)
+        while count:
+            got = readv(fd, [view[: min(size, count)]])
+            if got <= 0:  # the bytes were teed: they are there, or the kernel lost them
+                raise OSError(errno.EIO, f"side pipe read returned {got}, {count} bytes due")
+            observer(view[:got])
+            count -= got
+
+    def release(self) -> None:
+        if self._view is not None:
+            os.close(self._r)
+            os.close(self._w)
+            _buffers.release(self._view)
+            self._view = None
+
+
+class _ThreadedSidePipe:
+    """A side pipe read by a thread of its own (``Splice(observer_thread=True)``): blocking
+    reads of up to ``read_size`` bytes, each shown to the observer under ``lock``. The thread
+    owns the read end; the pump closes the write end when its source ended (the thread then
+    drains the pipe, reports, and exits) or when the relay ends (the thread stops at once).
+
+    The lag is counted in bytes (a pipe's capacity counts buffers, and one spliced buffer may
+    hold a whole socket buffer fragment): the pump tees nothing more while ``bound`` bytes or
+    more wait for the observer, so it is never more than ``bound`` plus one read ahead."""
+
+    def __init__(
+        self,
+        observer: Observer,
+        read_size: int,
+        bound: int,
+        lock: threading.Lock,
+        loop: asyncio.AbstractEventLoop,
+        callbacks: tuple[Callable[[], None], Callable[[BaseException | None], None]],
+    ) -> None:
+        self._r, self._w = pipes.make_pipe(nonblocking=False)
+        os.set_blocking(self._w, False)  # the pump's end
+        self._bound = bound
+        self._teed = 0  # written by the pump only
+        self._observed = 0  # by the thread only, under _counts
+        self._waiting = False
+        self._counts = threading.Lock()
+        self._stop = False
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(observer, read_size, lock, loop, callbacks),
+            name="relay-observer",
+            daemon=True,
+        )
+        self._thread.start()
+
+    def grow(self, capacity: int) -> None:
+        pipes.set_pipe_size(self._w, capacity)
+
+    def duplicate(self, pipe_r: int, count: int) -> int:
+        """Tee up to ``count`` bytes; BlockingIOError if the observer is too far behind (the
+        thread will call back once it caught up)."""
+        with self._counts:
+            if self._teed - self._observed >= self._bound:
+                self._waiting = True
+                raise BlockingIOError(errno.EAGAIN, "the observer is behind")
+        try:
+            teed = pipes.tee(pipe_r, self._w, count)
+        except BlockingIOError:
+            with self._counts:
+                if self._teed == self._observed:
+                    teed = 0  # the thread has read all: the pipe has room now, try again
+                else:
+                    self._waiting = True
+                    raise
+        if teed == 0:
+            teed = pipes.tee(pipe_r, self._w, count)
+        if teed <= 0:
+            raise OSError(errno.EIO, f"tee returned {teed} with {count} bytes in the pipe")
+        self._teed += teed
+        return teed
+
+    def check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def _run(
+        self,
+        observer: Observer,
+        read_size: int,
+        lock: threading.Lock,
+        loop: asyncio.AbstractEventLoop,
+        callbacks: tuple[Callable[[], None], Callable[[BaseException | None], None]],
+    ) -> None:
+        room, done = callbacks
+        view = memoryview(bytearray(read_size))
+        readv, fd, counts = os.readv, self._r, self._counts
+        error: BaseException | None = None
+        try:
+            while not self._stop:
+                got = readv(fd, [view])  # releases the GIL; so do hashlib's large updates
+                if got == 0:
+                    break  # the write end is closed and all was read
+                with lock:
+                    observer(view[:got])
+                with counts:
+                    self._observed += got
+                    wake = self._waiting and self._teed - self._observed < self._bound
+                    if wake:
+                        self._waiting = False
+                if wake:
+                    loop.call_soon_threadsafe(room)
+        except Exception as failure:
+            error = self._error = failure
+        finally:
+            os.close(fd)
+        if not self._stop:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody to tell
+                loop.call_soon_threadsafe(done, error)
+
+    def close_writer(self) -> None:
+        if self._w >= 0:
+            os.close(self._w)
+            self._w = -1
+
+    def release(self) -> None:
+        self._stop = True
+        self.close_writer()  # a blocked read returns 0 once the pipe is empty
 
 
 class _CopyPump(_Pump):
@@ -361,7 +762,7 @@ class _CopyPump(_Pump):
                 self._blocked()
                 return
             if received < len(view):
-                return  # most likely drained: see _SplicePump._on_readable
+                return  # most likely drained: see _SplicePump._splice_reads
 
     def _on_writable(self) -> None:
         if self._stopped or self._unsent is None:
@@ -470,6 +871,9 @@ class Relay:
             if sock.getblocking():  # Python's own flag: no system call when already set
                 sock.setblocking(False)
         self.closed: asyncio.Future[RelayOutcome] = self.loop.create_future()
+        # Held by observer threads while they run an observer (Splice(observer_thread=True)):
+        # take it to read a consistent observer state. Uncontended otherwise.
+        self.observer_lock = threading.Lock()
         self._upstream = _make_pump(
             self, client_to_service or Splice(), client, service, "client", "service"
         )
@@ -504,7 +908,7 @@ class Relay:
         return self._ended
 
     def start(self, *, to_client_first: bytes = b"") -> None:
-        """Start both pumps. ``to_client_first`` (copy mode only) is sent to the client before
+        """Start both pumps. ``to_client_first`` is sent to the client before
         anything read from the service: a re-created connection owes the client the bytes the
         new server regenerated beyond the client's position."""
         if self._started:
@@ -515,9 +919,10 @@ class Relay:
         self._upstream.start()
         downstream = self._downstream
         if to_client_first:
-            if not isinstance(downstream, _CopyPump):
-                raise TypeError("to_client_first needs Copy() for service_to_client")
-            downstream._unsent = memoryview(to_client_first)
+            if isinstance(downstream, _CopyPump | _SplicePump):
+                downstream._unsent = memoryview(to_client_first)
+            else:
+                raise TypeError(f"to_client_first cannot go through {downstream!r}")
             downstream._blocked()  # write those first; reading resumes once they are out
         else:
             downstream.start()
@@ -755,7 +1160,14 @@ async def serve(
 
 # --- command line: python -m proxy.relay ----------------------------------------------------
 
-_MODE_SPECS: Final = ("splice", "copy", "copy:noop", "copy:sha256")
+_MODE_SPECS: Final = (
+    "splice",
+    "splice:noop",
+    "splice:sha256",
+    "copy",
+    "copy:noop",
+    "copy:sha256",
+)
 
 
 def _noop_observer(chunk: memoryview) -> None:
@@ -763,9 +1175,14 @@ def _noop_observer(chunk: memoryview) -> None:
 
 
 def mode_from_spec(spec: str, *, pipe_size: int, buffer_size: int) -> Mode:
-    """``splice``, ``copy`` (no observer), ``copy:noop`` or ``copy:sha256`` (a fresh hash)."""
+    """``splice``, ``copy`` (no observer), or either with ``:noop`` or ``:sha256`` (a fresh
+    hash) as observer (spliced: fed from a tee of the stream)."""
     if spec == "splice":
         return Splice(pipe_size)
+    if spec == "splice:noop":
+        return Splice(pipe_size, _noop_observer, buffer_size)
+    if spec == "splice:sha256":
+        return Splice(pipe_size, hashlib.sha256().update, buffer_size)
     if spec == "copy":
         return Copy(None, buffer_size)
     if spec == "copy:noop":

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import hashlib
 import os
 import random
 import socket
+import threading
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -109,6 +111,17 @@ MODES: dict[str, Callable[[], tuple[Mode, Mode]]] = {
     "copy-small-buffer": lambda: (Copy(buffer_size_bytes=4096), Copy(buffer_size_bytes=1000)),
     "small-pipe": lambda: (Splice(4096), Splice(4096)),
     "mixed": lambda: (Copy(lambda chunk: None), Splice()),
+    # Spliced, observed through a tee into a side pipe.
+    "tee": lambda: (Splice(observer=lambda chunk: None), Splice(observer=lambda chunk: None)),
+    "tee-small": lambda: (
+        Splice(4096, lambda chunk: None, 1000),
+        Splice(4096, lambda chunk: None, 3000),
+    ),
+    # The same, the side pipe read by a thread (experimental, off by default).
+    "tee-thread": lambda: (
+        Splice(observer=lambda chunk: None, observer_thread=True),
+        Splice(observer=lambda chunk: None, observer_thread=True),
+    ),
 }
 
 
@@ -144,7 +157,21 @@ def test_bulk_both_directions_intact(run: LoopRunner[None], mode: str) -> None:
     assert open_fds() == before
 
 
-def test_observer_sees_every_byte_in_order_before_it_is_forwarded(run: LoopRunner[None]) -> None:
+OBSERVED: dict[str, Callable[[Callable[[memoryview], None]], Mode]] = {
+    "copy": lambda observe: Copy(observe, buffer_size_bytes=8192),
+    "tee": lambda observe: Splice(observer=observe),
+    "tee-small": lambda observe: Splice(4096, observe, 1000),
+}
+THREADED: dict[str, Callable[[Callable[[memoryview], None]], Mode]] = {
+    **OBSERVED,
+    "tee-thread": lambda observe: Splice(observer=observe, observer_thread=True),
+}
+
+
+@pytest.mark.parametrize("mode", OBSERVED)
+def test_observer_sees_every_byte_in_order_before_it_is_forwarded(
+    run: LoopRunner[None], mode: str
+) -> None:
     data = payload(4 << 20, 3)
     observed: list[bytes] = []
 
@@ -159,7 +186,7 @@ def test_observer_sees_every_byte_in_order_before_it_is_forwarded(run: LoopRunne
         relay = Relay(
             ends.client,
             ends.service,
-            client_to_service=Copy(observe, buffer_size_bytes=8192),
+            client_to_service=OBSERVED[mode](observe),
         )
         relay.start()
         received, _ = await asyncio.gather(
@@ -175,7 +202,7 @@ def test_observer_sees_every_byte_in_order_before_it_is_forwarded(run: LoopRunne
     assert len(observed) > 1
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy"])
+@pytest.mark.parametrize("mode", ["splice", "copy", "tee", "tee-thread"])
 def test_half_close_keeps_the_other_direction(run: LoopRunner[None], mode: str) -> None:
     request, response = b"GET / please\r\n", payload(2 << 20, 4)
 
@@ -199,7 +226,7 @@ def test_half_close_keeps_the_other_direction(run: LoopRunner[None], mode: str) 
     run(scenario())
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy"])
+@pytest.mark.parametrize("mode", ["splice", "copy", "tee", "tee-thread"])
 def test_a_stalled_receiver_stalls_the_sender(run: LoopRunner[None], mode: str) -> None:
     async def scenario() -> None:
         ends = Ends()
@@ -252,7 +279,7 @@ def test_abort_ends_both_sides(run: LoopRunner[None]) -> None:
     assert open_fds() == before
 
 
-@pytest.mark.parametrize("mode", ["splice", "copy"])
+@pytest.mark.parametrize("mode", ["splice", "copy", "tee", "tee-thread"])
 def test_a_broken_side_ends_the_relay(run: LoopRunner[None], mode: str) -> None:
     async def scenario() -> None:
         ends = Ends()
@@ -278,7 +305,8 @@ def test_a_broken_side_ends_the_relay(run: LoopRunner[None], mode: str) -> None:
     run(scenario())
 
 
-def test_an_observer_exception_ends_the_relay(run: LoopRunner[None]) -> None:
+@pytest.mark.parametrize("mode", THREADED)
+def test_an_observer_exception_ends_the_relay(run: LoopRunner[None], mode: str) -> None:
     class Diverged(Exception):
         pass
 
@@ -287,7 +315,7 @@ def test_an_observer_exception_ends_the_relay(run: LoopRunner[None]) -> None:
 
     async def scenario() -> None:
         ends = Ends()
-        relay = Relay(ends.client, ends.service, service_to_client=Copy(refuse))
+        relay = Relay(ends.client, ends.service, service_to_client=THREADED[mode](refuse))
         relay.start()
         await asyncio.get_running_loop().sock_sendall(ends.backend, b"response")
         outcome = await relay.wait()
@@ -402,3 +430,217 @@ def test_an_ended_relay_is_freed_without_the_cycle_collector(run: LoopRunner[Non
         assert run(scenario())() is None
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("mode", ["tee", "tee-small", "tee-thread"])
+def test_a_spliced_observer_hashes_exactly_the_bytes_forwarded(
+    run: LoopRunner[None], mode: str
+) -> None:
+    """Zero-copy forwarding with a running hash fed from the tee: both directions arrive
+    intact and each observer's hash is the hash of what its destination received."""
+    up, down = payload(8 << 20, 11), payload(16 << 20, 12)
+    hashes = {"up": hashlib.sha256(), "down": hashlib.sha256()}
+    small = mode == "tee-small"
+
+    def observed(name: str) -> Splice:
+        update = hashes[name].update
+        if small:
+            return Splice(4096, update, 1000)
+        return Splice(observer=update, observer_thread=mode == "tee-thread")
+
+    async def scenario() -> None:
+        ends = Ends()
+        relay = Relay(
+            ends.client,
+            ends.service,
+            client_to_service=observed("up"),
+            service_to_client=observed("down"),
+        )
+        relay.start()
+        received_up, received_down, _, _ = await asyncio.gather(
+            receive_to_eof(ends.backend),
+            receive_to_eof(ends.app),
+            send_all_then_shut(ends.app, up),
+            send_all_then_shut(ends.backend, down),
+        )
+        outcome = await relay.wait()
+        assert outcome.reason is EndReason.COMPLETED
+        for pump in (relay._upstream, relay._downstream):
+            assert isinstance(pump, _SplicePump)
+            assert pump.spliced  # the bulk went through the tee, not the buffer
+        assert hashlib.sha256(received_up).digest() == hashes["up"].digest()
+        assert hashlib.sha256(received_down).digest() == hashes["down"].digest()
+        assert (received_up, received_down) == (up, down)
+        ends.close()
+
+    before = open_fds()
+    run(scenario())
+    assert open_fds() == before  # the side pipes are closed too
+
+
+def test_a_blocked_observer_stalls_the_sender_and_loses_nothing(run: LoopRunner[None]) -> None:
+    """An observer that blocks holds the forwarding back (the sender's socket fills up and it
+    is stalled): nothing is forwarded past what the observer has seen, nothing is dropped,
+    and nothing piles up in memory."""
+    block = b"z" * CHUNK
+    sender_stalled = threading.Event()
+    state = {"observed": 0, "max_ahead": 0, "written": 0, "stalled_at": -1}
+    relay_box: list[Relay] = []
+
+    def sender(sock: socket.socket) -> None:
+        # Non-blocking writes until the kernel refuses: that is the stall, an event.
+        for _ in range(4096):
+            try:
+                state["written"] += sock.send(block)
+            except BlockingIOError:
+                sender_stalled.set()
+                return
+
+    def observe(chunk: memoryview) -> None:
+        relay = relay_box[0]
+        state["max_ahead"] = max(
+            state["max_ahead"], relay.bytes_client_to_service - state["observed"]
+        )
+        if state["observed"] == 0:
+            # The first chunk: block (as a slow hash would) until the sender has been stalled.
+            assert sender_stalled.wait(20.0), "the sender was never stalled"
+            state["stalled_at"] = relay.bytes_client_to_service
+        state["observed"] += len(chunk)
+
+    async def scenario() -> None:
+        ends = Ends()
+        relay = Relay(ends.client, ends.service, client_to_service=Splice(observer=observe))
+        relay_box.append(relay)
+        relay.start()
+        thread = threading.Thread(target=sender, args=(ends.app,))
+        thread.start()
+        received = await receive_to_eof_after(ends, thread)
+        assert (await relay.wait()).reason is EndReason.COMPLETED
+        assert len(received) == state["written"] == state["observed"]
+        assert (
+            received
+            == block * (state["written"] // len(block)) + block[: state["written"] % len(block)]
+        )
+        ends.close()
+
+    async def receive_to_eof_after(ends: Ends, thread: threading.Thread) -> bytes:
+        loop = asyncio.get_running_loop()
+        receiving = asyncio.ensure_future(receive_to_eof(ends.backend))
+        await loop.run_in_executor(None, thread.join)
+        ends.app.shutdown(socket.SHUT_WR)
+        received = await receiving
+        ends.backend.shutdown(socket.SHUT_WR)
+        return received
+
+    run(scenario())
+    assert state["stalled_at"] == 0  # nothing went on while the observer held its first chunk
+    assert state["max_ahead"] <= 0  # the destination never got a byte the observer had not
+    assert state["written"] < 32 << 20  # the sender was held back, not buffered for
+
+
+def test_a_spliced_relay_sends_the_regenerated_bytes_first(run: LoopRunner[None]) -> None:
+    first, rest = payload(300_000, 13), payload(1 << 20, 14)
+    seen = hashlib.sha256()
+
+    async def scenario() -> None:
+        ends = Ends()
+        relay = Relay(ends.client, ends.service, service_to_client=Splice(observer=seen.update))
+        relay.start(to_client_first=first)
+        ends.app.shutdown(socket.SHUT_WR)
+        received, _ = await asyncio.gather(
+            receive_to_eof(ends.app), send_all_then_shut(ends.backend, rest)
+        )
+        assert received == first + rest
+        assert (await relay.wait()).bytes_service_to_client == len(first) + len(rest)
+        ends.close()
+
+    run(scenario())
+    assert seen.digest() == hashlib.sha256(rest).digest()  # the prefix was observed before
+
+
+def test_spliced_mode_specs() -> None:
+    observed = mode_from_spec("splice:sha256", pipe_size=1 << 20, buffer_size=1 << 18)
+    assert isinstance(observed, Splice)
+    assert observed.observer is not None
+    assert observed.read_size_bytes == 1 << 18
+    assert mode_from_spec("splice", pipe_size=1 << 20, buffer_size=1).observer is None
+
+
+def test_short_messages_through_an_observed_relay_take_no_pipes(run: LoopRunner[None]) -> None:
+    """Keep-alive traffic goes through the buffer (two system calls per message) and holds
+    no pipe: an idle observed connection costs its two sockets, not ten descriptors."""
+    seen: list[bytes] = []
+
+    async def scenario() -> None:
+        ends = Ends()
+        without_relay = open_fds()
+        relay = Relay(
+            ends.client,
+            ends.service,
+            client_to_service=Splice(observer=lambda chunk: seen.append(bytes(chunk))),
+            service_to_client=Splice(observer=lambda chunk: seen.append(bytes(chunk))),
+        )
+        relay.start()
+        loop = asyncio.get_running_loop()
+        for number in range(20):
+            await loop.sock_sendall(ends.app, b"GET /%d\r\n" % number)
+            assert await loop.sock_recv(ends.backend, CHUNK) == b"GET /%d\r\n" % number
+            await loop.sock_sendall(ends.backend, b"200 %d\r\n" % number)
+            assert await loop.sock_recv(ends.app, CHUNK) == b"200 %d\r\n" % number
+        assert open_fds() == without_relay
+        for pump in (relay._upstream, relay._downstream):
+            assert isinstance(pump, _SplicePump)
+            assert not pump.spliced
+        relay.abort()
+        await relay.wait()
+        ends.close()
+
+    before = open_fds()
+    run(scenario())
+    assert open_fds() == before
+    assert len(seen) == 40
+
+
+def test_an_observer_thread_lags_by_a_bounded_amount_and_drops_nothing(
+    run: LoopRunner[None],
+) -> None:
+    """A slow observer on its own thread: the forwarding runs ahead of it by at most the side
+    pipe and one read (backpressure), and the observer still sees every byte, in order."""
+    data = payload(16 << 20, 15)
+    pipe_size, read_size = 1 << 20, 1 << 16
+    seen = hashlib.sha256()
+    state = {"observed": 0, "max_ahead": 0}
+    relay_box: list[Relay] = []
+
+    def observe(chunk: memoryview) -> None:
+        if relay_box:
+            ahead = relay_box[0].bytes_client_to_service - state["observed"]
+            state["max_ahead"] = max(state["max_ahead"], ahead)
+        seen.update(chunk)
+        state["observed"] += len(chunk)
+        threading.Event().wait(0.001)  # slow: a millisecond per chunk
+
+    async def scenario() -> None:
+        ends = Ends()
+        relay = Relay(
+            ends.client,
+            ends.service,
+            client_to_service=Splice(pipe_size, observe, read_size, observer_thread=True),
+        )
+        relay_box.append(relay)
+        relay.start()
+        received, _ = await asyncio.gather(
+            receive_to_eof(ends.backend), send_all_then_shut(ends.app, data)
+        )
+        ends.backend.shutdown(socket.SHUT_WR)
+        outcome = await relay.wait()
+        assert outcome.reason is EndReason.COMPLETED
+        assert received == data
+        ends.close()
+
+    before = open_fds()
+    run(scenario())
+    assert state["observed"] == len(data)  # COMPLETED only once the observer saw it all
+    assert seen.digest() == hashlib.sha256(data).digest()
+    assert 0 < state["max_ahead"] <= 2 * pipe_size + read_size
+    assert open_fds() == before
