@@ -112,11 +112,11 @@ class LiveMode:
 
     async def start(self) -> None:
         context = self.context
-        if context.instance is not None:  # a dead predecessor's connections on our address
-            destroyed = await asyncio.to_thread(destroy_orphans, context.listen, context.instance)
-        else:
-            destroyed = 0
-        if destroyed:
+        # A dead predecessor's connections on our address (no instance in unit tests).
+        instance = context.instance
+        if instance and (
+            destroyed := await asyncio.to_thread(destroy_orphans, context.listen, instance)
+        ):
             context.log.event("orphans_destroyed", count=destroyed)
         sock = datagram_socket()
         try:
