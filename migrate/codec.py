@@ -57,7 +57,7 @@ chunk-size line, that the HTTP codec follows; a larger one degrades it."""
 MAX_PIPELINED: Final = 1024
 """Most requests that may wait for their responses; one more degrades the HTTP codec."""
 
-CODEC_NAMES: Final = ("generic", "http", "resp")
+CODEC_NAMES: Final = ("generic", "http", "resp", "memcached")
 """The codecs a connection may use (and a checkpoint names)."""
 
 CODEC_CHOICES: Final = ("auto", *CODEC_NAMES)
@@ -160,6 +160,7 @@ def codec_for(
     """A new codec by its name in configuration and checkpoints (``CODEC_NAMES``), resuming at
     a fresh point with its session ``state`` (from a checkpoint; only redis has one)."""
     # Imported here: the protocol modules import FreshPoint from this one.
+    from migrate.memcached import MemcachedCodec
     from migrate.resp import RespCodec
 
     if state and name != "resp":
@@ -170,6 +171,8 @@ def codec_for(
         return Http11Codec(c2s_start=c2s_start, s2c_start=s2c_start)
     if name == "resp":
         return RespCodec(c2s_start=c2s_start, s2c_start=s2c_start, state=state)
+    if name == "memcached":
+        return MemcachedCodec(c2s_start=c2s_start, s2c_start=s2c_start)
     raise ConfigError(f"unknown codec {name!r} (known: {', '.join(CODEC_NAMES)})")
 
 
