@@ -19,7 +19,8 @@ id), answers on ``Purpose.REINCARNATE_S2C`` (sender = server index), both with c
 Request plaintext::
 
     phase u8 (1 prepare, 2 commit, 3 abort, 4 go) | epoch u64 | client port u16 | vport u16 |
-    c2s_sent u64 | s2c_received u64 | replay_from u64 | sealed checkpoint (SEALED_BYTES) |
+    c2s_sent u64 | s2c_received u64 | replay_from u64 | sealed checkpoint (its length follows
+    from its header: ``migrate.checkpoint.sealed_length``) |
     replay bytes: client-to-server bytes [replay_from, c2s_sent)
 
 In a COMMIT, ``replay_from`` is where the PREPARE's replay bytes ended, and only the new bytes
@@ -56,7 +57,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from migrate.channel import Freshness, Kind, Opened, Opener, Purpose, Sealer, derive_key
-from migrate.checkpoint import SEALED_BYTES, Checkpoint, open_checkpoint
+from migrate.checkpoint import SEALED_BYTES, Checkpoint, open_checkpoint, sealed_length
 from migrate.errors import (
     AuthenticationError,
     InconsistentUpdateError,
@@ -114,7 +115,9 @@ class Request:
         if self.phase in (Phase.ABORT, Phase.GO):
             if self.checkpoint or self.replay:
                 raise MalformedMessageError(f"a {self.phase.name} request carries no data")
-        elif len(self.checkpoint) != SEALED_BYTES:
+        elif len(self.checkpoint) < SEALED_BYTES or len(self.checkpoint) != sealed_length(
+            self.checkpoint
+        ):
             raise MalformedMessageError("re-incarnation request without a sealed checkpoint")
         if self.replay_from + len(self.replay) != self.c2s_sent:
             raise MalformedMessageError(
@@ -153,7 +156,8 @@ class Request:
             if len(data) != start:
                 raise MalformedMessageError(f"a {Phase(phase).name} request carries no data")
             return cls(Phase(phase), epoch, port, vport, sent, received, replay_from, b"", b"")
-        if len(data) < start + SEALED_BYTES:
+        end = start + sealed_length(data, start)
+        if len(data) < end:
             raise MalformedMessageError("re-incarnation request is truncated")
         return cls(
             Phase(phase),
@@ -163,8 +167,8 @@ class Request:
             sent,
             received,
             replay_from,
-            data[start : start + SEALED_BYTES],
-            data[start + SEALED_BYTES :],
+            data[start:end],
+            data[end:],
         )
 
 
