@@ -258,8 +258,13 @@ def admit(
     *,
     now: float,
     epoch_length: float,
+    replays_state: bool = False,
 ) -> Admitted:
     """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure.
+
+    ``replays_state``: the caller sends a checkpoint's session state (``Checkpoint.state``)
+    to the service before the replay. A caller that does not is refused such a checkpoint: a
+    replay without its session (redis SELECT, AUTH) could answer from the wrong database.
 
     ``epoch_length`` is the length of the requested epoch: it scales the maximum age."""
     if record.revoked:
@@ -283,6 +288,10 @@ def admit(
         )
     if checkpoint.unmigratable:
         raise InconsistentUpdateError("the connection was marked unmigratable by its server")
+    if checkpoint.state and not replays_state:
+        raise InconsistentUpdateError(
+            f"the connection has a {checkpoint.codec} session state this server cannot replay"
+        )
     check_checkpoint_age(checkpoint, request.epoch, now, epoch_length)
     if request.phase is Phase.PREPARE:
         if request.replay_from != checkpoint.c2s_fresh:

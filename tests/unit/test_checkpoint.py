@@ -20,7 +20,12 @@ from migrate.checkpoint import (
     sealed_length,
 )
 from migrate.connstore import ConnectionStore, unwrap
-from migrate.errors import AuthenticationError, MalformedMessageError, ReplayedMessageError
+from migrate.errors import (
+    AuthenticationError,
+    InconsistentUpdateError,
+    MalformedMessageError,
+    ReplayedMessageError,
+)
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     Answer,
@@ -175,8 +180,11 @@ def test_a_session_state_is_sealed_in_a_version_2_checkpoint_and_a_carrier_still
 def test_a_request_carries_a_checkpoint_with_session_state():
     state = b"SELECT 2\r\n"
     request = request_for(sample_checkpoint(codec="resp", state=state))
-    admitted = admit_request(request)
+    admitted = admit_request(request, replays_state=True)
     assert admitted.checkpoint.state == state
+    # A server that would replay without the session (the wrong database) refuses.
+    with pytest.raises(InconsistentUpdateError, match="session state"):
+        admit_request(request)
     with pytest.raises(MalformedMessageError):
         Request.decode(request.encode()[: -len(request.replay) - 1])
 
@@ -319,7 +327,14 @@ def request_for(checkpoint, replay=b"GET / HTTP/1.1\r\n\r\n", **changes):
 
 
 def admit_request(
-    request, source="10.0.0.50", record=ALICE, granted=1000, serves=True, now=1001.0, length=3.0
+    request,
+    source="10.0.0.50",
+    record=ALICE,
+    granted=1000,
+    serves=True,
+    now=1001.0,
+    length=3.0,
+    replays_state=False,
 ):
     sealer = request_sealer(record.channel_key, DEPLOYMENT, record.client_id)
     opener = request_opener(record.channel_key, DEPLOYMENT, record.client_id)
@@ -338,6 +353,7 @@ def admit_request(
         DEPLOYMENT,
         now=now,
         epoch_length=length,
+        replays_state=replays_state,
     )
 
 
