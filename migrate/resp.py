@@ -70,6 +70,9 @@ MAX_LINE_BYTES: Final = 64 * 1024
 MAX_DEPTH: Final = 1024
 """Deepest nesting of reply aggregates followed."""
 
+MAX_HELD_BYTES: Final = 64 * 1024
+"""Most bytes of session commands held while they wait for their replies or for EXEC."""
+
 _HEADER_BYTES = 24  # "*" or "$" and a count: 20 digits and a sign fit
 _ARGS_KEPT = 6  # arguments kept to classify a command (XREAD COUNT n BLOCK ms...)
 _ARG_BYTES = 32  # bytes kept of each of them
@@ -344,9 +347,12 @@ def _may_be_state(name: bytes) -> bool:
 
 
 def _number(text: bytes) -> int | None:
-    """A RESP integer: an optional minus and 1 to 20 digits."""
+    """A RESP integer as redis reads one (string2ll): an optional minus, then 0 or 1 to 20
+    digits without a leading zero; anything else (``+1``, ``01``, spaces) is not one."""
     digits = text[1:] if text[:1] == b"-" else text
-    if not 1 <= len(digits) <= 20 or not digits.isdigit():
+    if not 1 <= len(digits) <= 20 or not digits.isdigit() or not digits.isascii():
+        return None
+    if digits[0] == 0x30 and (len(digits) > 1 or len(text) > 1):
         return None
     return int(text)
 
@@ -547,6 +553,7 @@ class RespCodec:
         self._unreplayable: str | None = None
         self._pending: deque[_Pending] = deque()
         self._queued: list[tuple[str, bytes]] = []  # session commands inside MULTI
+        self._held_bytes = 0  # bytes of session commands in _pending and _queued
         # What the command stream has opened, as the client sent it (ahead of the replies).
         self._multi = False
         self._watch = False
@@ -600,6 +607,7 @@ class RespCodec:
         self._degraded = reason
         self._pending.clear()
         self._queued.clear()
+        self._held_bytes = 0
 
     def _command(self, command: Command) -> None:
         if len(self._pending) >= MAX_PENDING:
@@ -619,6 +627,9 @@ class RespCodec:
         raw = bytes(command.raw) if kind is not None and command.raw is not None else b""
         if kind is not None and not raw:
             raise _Degrade(f"session command {name.decode('ascii', 'replace')} too long")
+        self._held_bytes += len(raw)
+        if self._held_bytes > MAX_HELD_BYTES:
+            raise _Degrade(f"over {MAX_HELD_BYTES} bytes of session commands wait")
         self._pending.append(
             _Pending(
                 end=command.end,
@@ -636,18 +647,22 @@ class RespCodec:
         if not self._pending:
             raise _Degrade("a reply without a command")
         command = self._pending.popleft()
+        self._held_bytes -= len(command.raw)
         failed = kind in _ERRORS
         if command.resets and not failed:
             self._session.clear()
+            self._held_bytes -= sum(len(raw) for _, raw in self._queued)
             self._queued.clear()
         elif command.ends_txn:
             if command.exec_ and kind == 0x2A:  # EXEC's array: the transaction ran
                 for queued_kind, raw in self._queued:
                     self._apply(queued_kind, raw)
+            self._held_bytes -= sum(len(raw) for _, raw in self._queued)
             self._queued.clear()
         elif command.kind is not None and not failed:
             if command.queued:
                 self._queued.append((command.kind, command.raw))
+                self._held_bytes += len(command.raw)  # held on until EXEC
             else:
                 self._apply(command.kind, command.raw)
         if not command.held:

@@ -10,7 +10,14 @@ from hypothesis import strategies as st
 
 from migrate.codec import FreshPoint, codec_for, state_replies
 from migrate.errors import ConfigError, MalformedMessageError
-from migrate.resp import MAX_DEPTH, MAX_PENDING, MAX_STATE_BYTES, RespCodec, StateReplies
+from migrate.resp import (
+    MAX_DEPTH,
+    MAX_HELD_BYTES,
+    MAX_PENDING,
+    MAX_STATE_BYTES,
+    RespCodec,
+    StateReplies,
+)
 from tests.unit.budget import bounded_step
 
 
@@ -287,6 +294,32 @@ def test_session_state_beyond_its_bound_degrades():
     codec = run(*steps)
     assert codec.degraded is not None
     assert "session state over" in codec.degraded
+
+
+def test_session_commands_waiting_for_replies_are_bounded_in_bytes():
+    select = cmd("CLIENT", "SETNAME", "n" * 600)
+    codec = run(c2s(select * (MAX_HELD_BYTES // len(select) + 1)))
+    assert codec.degraded is not None
+    assert "session commands wait" in codec.degraded
+    # Inside a transaction too, where they wait for EXEC after their QUEUED.
+    steps = [c2s(cmd("MULTI")), s2c(OK)]
+    for _ in range(MAX_HELD_BYTES // len(select) + 1):
+        steps += [c2s(select), s2c(b"+QUEUED\r\n")]
+    codec = run(*steps)
+    assert codec.degraded is not None
+    # Answered ones no longer count.
+    steps = []
+    for _ in range(3 * MAX_HELD_BYTES // len(select)):
+        steps += [c2s(select), s2c(OK)]
+    codec = run(*steps)
+    assert codec.degraded is None
+
+
+@pytest.mark.parametrize("header", [b"*01\r\n", b"*+1\r\n", b"*-0\r\n", b"* 1\r\n"])
+def test_numbers_are_read_as_redis_reads_them(header):
+    codec = run(c2s(header + cmd("PING")[4:]))
+    assert codec.degraded is not None
+    assert "multibulk length" in codec.degraded
 
 
 def test_too_many_unanswered_commands_degrade():
