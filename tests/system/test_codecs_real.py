@@ -1,4 +1,4 @@
-"""The RESP codec against a real redis-server (Debian's): what it sends is what the codec reads.
+"""The RESP and memcached codecs against the real servers (Debian's redis-server, memcached).
 
 A real server, on a Unix socket in a temporary directory (no port, no namespace needed), is
 sent a pipeline that exercises every reply type redis produces (RESP3 maps, sets, doubles,
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from migrate.memcached import MemcachedCodec
 from migrate.resp import RespCodec, StateReplies
 
 pytestmark = [pytest.mark.system]
@@ -179,3 +180,87 @@ def test_a_state_the_service_refuses_is_reported(redis):
             assert chunk
             replies.feed(chunk)
     assert replies.refused is not None
+
+
+@pytest.fixture
+def memcached(tmp_path: Path) -> Iterator[Path]:
+    binary = shutil.which("memcached")
+    assert binary is not None, "memcached is not installed (scripts/install-deps.sh)"
+    path = tmp_path / "memcached.sock"
+    process = subprocess.Popen(
+        [binary, "-s", str(path), "-u", "root", "-m", "16"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not path.exists():  # the socket appears once memcached accepts connections
+            assert process.poll() is None, "memcached exited at start"
+            assert time.monotonic() < deadline, "memcached did not open its socket"
+            time.sleep(0.02)
+        yield path
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+MEMCACHED_CONVERSATION = [
+    b"set k 0 0 5\r\nhello\r\n",
+    b"add k 0 0 1\r\nx\r\n",  # NOT_STORED
+    b"add a 7 0 3 noreply\r\nabc\r\n",
+    b"get k a missing\r\n",
+    b"gets k\r\n",
+    b"cas k 0 0 2 1\r\nhi\r\n",
+    b"append k 0 0 1\r\n!\r\n",
+    b"prepend k 0 0 1\r\n<\r\n",
+    b"replace nothing 0 0 1\r\nz\r\n",
+    b"set n 0 0 1\r\n5\r\n",
+    b"incr n 10\r\n",
+    b"decr n 3 noreply\r\n",
+    b"incr k 1\r\n",  # CLIENT_ERROR: not a number
+    b"touch k 100\r\n",
+    b"gat 100 k\r\n",
+    b"gats 100 n\r\n",
+    b"delete a\r\n",
+    b"delete a\r\n",
+    b"stats\r\n",
+    b"stats slabs\r\n",
+    b"stats reset\r\n",
+    b"version\r\n",
+    b"verbosity 1\r\n",
+    b"ms m 3 T0\r\nxyz\r\n",
+    b"mg m v\r\n",
+    b"mg missing v q\r\nmg m v q k\r\nmd missing q\r\nmn\r\n",
+    b"ma n\r\n",
+    b"mn\r\n",
+    b"bogus\r\n",  # ERROR; the codec degrades on an unknown command: kept last
+]
+
+
+def test_a_real_memcached_conversation_is_followed(memcached):
+    client = b"".join(MEMCACHED_CONVERSATION[:-1]) + b"set e 0 0 3\r\nend\r\nget e\r\n"
+    with connect(memcached) as sock:
+        server = exchange(sock, client, b"end\r\nEND\r\n")
+    whole = MemcachedCodec()
+    whole.feed_c2s(client)
+    whole.feed_s2c(server)
+    assert whole.degraded is None
+    assert (whole.fresh.c2s, whole.fresh.s2c) == (len(client), len(server))
+    rng = random.Random(11)
+    for _ in range(20):
+        codec = MemcachedCodec()
+        i = 0
+        while i < len(client):
+            size = rng.choice([1, 2, 7, 64])
+            codec.feed_c2s(client[i : i + size])
+            i += size
+        i = 0
+        while i < len(server):
+            size = rng.choice([1, 3, 5, 100, 1500])
+            codec.feed_s2c(server[i : i + size])
+            i += size
+        assert (codec.fresh, codec.boundaries) == (whole.fresh, whole.boundaries)
+    # An unknown command is answered ERROR by memcached; the codec does not guess.
+    with connect(memcached) as sock:
+        answer = exchange(sock, MEMCACHED_CONVERSATION[-1], b"\r\n")
+    assert answer == b"ERROR\r\n"
