@@ -52,7 +52,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Final
 
 from migrate.codec import FreshPoint
@@ -109,13 +109,15 @@ class _Unreplayable(Exception):
     """Internal: the connection uses something a new server cannot re-create."""
 
 
-@dataclass(slots=True)
 class Command:
     """One parsed command: what the codec needs of it, not its bytes (unless session state)."""
 
-    args: list[bytes] = field(default_factory=list)  # the first bytes of the first arguments
-    raw: bytearray | None = field(default_factory=bytearray)  # kept while it may be state
-    end: int = 0
+    __slots__ = ("args", "end", "raw")
+
+    def __init__(self, args: list[bytes] | None = None, end: int = 0) -> None:
+        self.args = [] if args is None else args  # the first bytes of the first arguments
+        self.raw: bytearray | None = bytearray()  # kept while it may be session state
+        self.end = end
 
     @property
     def name(self) -> bytes:
@@ -204,11 +206,22 @@ class _CommandReader:
 
     def feed(self, view: memoryview) -> None:
         i, n = 0, len(view)
+        # Whole commands within one chunk, the common case, are parsed in one go.
+        data = bytes(view) if n <= _FAST_CHUNK else None
         try:
             while i < n:
                 state = self.state
                 if state == self.START:
                     self.start = self.position + i
+                    whole = _whole_command(data, i) if data is not None else None
+                    if whole is not None:
+                        end, args = whole
+                        command = Command(args, self.position + end)
+                        command.raw = bytearray(view[i:end]) if end - i <= MAX_STATE_BYTES else None
+                        self.command = command
+                        i = end
+                        self.done(self.command)
+                        continue
                     self.command = Command()
                     self.arg = -1
                     self.state = self.ARRAY if view[i] == 0x2A else self.INLINE
@@ -335,6 +348,68 @@ class _CommandReader:
             self.done(self.command)
 
 
+_FAST_CHUNK = 1 << 16  # chunks up to this size are copied once for the fast paths
+
+
+def _whole_command(data: bytes, i: int) -> tuple[int, list[bytes]] | None:
+    """A multibulk command wholly in ``data`` from ``i``: its end and kept arguments.
+
+    None when it is not whole, or anything is unusual: the byte-wise reader then decides, so
+    both paths always agree."""
+    if data[i] != 0x2A:
+        return None
+    lf = data.find(b"\r\n", i, i + _HEADER_BYTES)
+    if lf == -1:
+        return None
+    count = _number(data[i + 1 : lf])
+    if count is None or not 0 < count <= 64:
+        return None
+    p = lf + 2
+    args: list[bytes] = []
+    for k in range(count):
+        if data[p : p + 1] != b"$":
+            return None
+        lf = data.find(b"\r\n", p, p + _HEADER_BYTES)
+        if lf == -1:
+            return None
+        length = _number(data[p + 1 : lf])
+        if length is None or length < 0:
+            return None
+        start = lf + 2
+        end = start + length
+        if data[end : end + 2] != b"\r\n":
+            return None
+        if k < _ARGS_KEPT:
+            args.append(data[start : start + min(length, _ARG_BYTES)])
+        p = end + 2
+    return p, args
+
+
+def _whole_reply(data: bytes, i: int) -> tuple[int, int] | None:
+    """A simple string, error, integer or bulk string reply wholly in ``data`` from ``i``: its
+    end and type. None when not whole or unusual (the byte-wise reader decides)."""
+    kind = data[i]
+    if kind in (0x2B, 0x2D, 0x3A):
+        lf = data.find(b"\n", i + 1, i + 1024)
+        if lf == -1 or data[lf - 1] != 13:
+            return None
+        return lf + 1, kind
+    if kind != 0x24:
+        return None
+    lf = data.find(b"\n", i + 1, i + _HEADER_BYTES)
+    if lf == -1 or data[lf - 1] != 13:
+        return None
+    count = _number(data[i + 1 : lf - 1])
+    if count is None or count < -1:
+        return None
+    if count == -1:
+        return lf + 1, _NULL
+    end = lf + 1 + count
+    if data[end : end + 2] != b"\r\n":
+        return None
+    return end + 2, kind
+
+
 def _may_be_state(name: bytes) -> bool:
     return name.upper() in (
         b"AUTH",
@@ -410,9 +485,17 @@ class _ReplyReader:
         """Consume ``view``; return how many bytes were consumed (all, unless stopped)."""
         i, n = 0, len(view)
         self.stop = False
+        data = bytes(view) if n <= _FAST_CHUNK else None
         try:
             while i < n and not self.stop:
                 if self.state == self.LINE:
+                    if data is not None and self.kind == 0 and not self.stack and not self.streamed:
+                        whole = _whole_reply(data, i)
+                        if whole is not None:
+                            self.start = self.position + i
+                            i = whole[0]
+                            self.value_done(whole[1], self.position + i)
+                            continue
                     i = self.read_line(view, i, n)
                 elif self.state == self.BLOB:
                     taken = min(self.blob_left, n - i)
@@ -547,6 +630,7 @@ class RespCodec:
 
     def __init__(self, *, c2s_start: int = 0, s2c_start: int = 0, state: bytes = b"") -> None:
         self._session: list[tuple[str, bytes]] = [] if not state else _parse_state(state)
+        self._state = state  # the session's bytes, joined
         self._fresh = FreshPoint(c2s_start, s2c_start, state)
         self._boundaries = 0
         self._degraded: str | None = None
@@ -651,6 +735,7 @@ class RespCodec:
         failed = kind in _ERRORS
         if command.resets and not failed:
             self._session.clear()
+            self._state = b""
             self._held_bytes -= sum(len(raw) for _, raw in self._queued)
             self._queued.clear()
         elif command.ends_txn:
@@ -667,18 +752,18 @@ class RespCodec:
                 self._apply(command.kind, command.raw)
         if not command.held:
             self._boundaries += 1
-            self._fresh = FreshPoint(command.end, end, b"".join(raw for _, raw in self._session))
+            self._fresh = FreshPoint(command.end, end, self._state)
 
     def _apply(self, kind: str, raw: bytes) -> None:
         session = self._session
         if kind == "tracking-off":
             session[:] = [entry for entry in session if entry[0] != "tracking"]
-            return
-        if kind in _REPLACING:
-            session[:] = [entry for entry in session if entry[0] != kind]
-        session.append((kind, raw))
-        size = sum(len(entry[1]) for entry in session)
-        if size > MAX_STATE_BYTES:
+        else:
+            if kind in _REPLACING:
+                session[:] = [entry for entry in session if entry[0] != kind]
+            session.append((kind, raw))
+        self._state = b"".join(entry[1] for entry in session)
+        if len(self._state) > MAX_STATE_BYTES:
             raise _Degrade(f"session state over {MAX_STATE_BYTES} bytes")
 
 

@@ -556,3 +556,32 @@ def test_garbage_never_raises(steps):
         (codec.feed_c2s if direction == "c2s" else codec.feed_s2c)(data)
         assert codec.fresh.c2s >= before.c2s
         replies.feed(data)
+
+
+_pieces = st.sampled_from(
+    [b"*", b"$", b"+", b"-", b":", b"1", b"2", b"0", b"-1", b"01", b"\r\n", b"\n", b"\r", b"ab",
+     b"GET", b"SELECT", b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", b"+OK\r\n", b"$3\r\nabc\r\n"]
+)  # fmt: skip
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    client=st.lists(_pieces, max_size=12).map(b"".join),
+    server=st.lists(_pieces, max_size=12).map(b"".join),
+)
+def test_whole_chunks_and_single_bytes_agree_on_anything(client, server):
+    """The fast path (whole commands and replies in one chunk) and the byte-wise reader agree,
+    on valid and invalid input alike."""
+    whole = RespCodec()
+    whole.feed_c2s(client)
+    whole.feed_s2c(server)
+    bytewise = RespCodec()
+    for i in range(len(client)):
+        bytewise.feed_c2s(client[i : i + 1])
+    for i in range(len(server)):
+        bytewise.feed_s2c(server[i : i + 1])
+    assert (whole.fresh, whole.boundaries, whole.degraded) == (
+        bytewise.fresh,
+        bytewise.boundaries,
+        bytewise.degraded,
+    )
