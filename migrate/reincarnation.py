@@ -57,7 +57,13 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from migrate.channel import Freshness, Kind, Opened, Opener, Purpose, Sealer, derive_key
-from migrate.checkpoint import SEALED_BYTES, Checkpoint, open_checkpoint, sealed_length
+from migrate.checkpoint import (
+    CHECKPOINT_VERSION_STATE,
+    SEALED_BYTES,
+    Checkpoint,
+    open_checkpoint,
+    sealed_length,
+)
 from migrate.errors import (
     AuthenticationError,
     InconsistentUpdateError,
@@ -99,6 +105,14 @@ class Status(IntEnum):
     FAILED = 3
 
 
+def _checkpoint_length(data: bytes, offset: int) -> int:
+    """The length of the sealed checkpoint at ``offset``: version 2 says it in its header; any
+    other is taken as ``SEALED_BYTES`` long (its version is checked when it is opened)."""
+    if data[offset : offset + 1] == bytes([CHECKPOINT_VERSION_STATE]):
+        return sealed_length(data, offset)
+    return SEALED_BYTES
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     phase: Phase
@@ -115,9 +129,7 @@ class Request:
         if self.phase in (Phase.ABORT, Phase.GO):
             if self.checkpoint or self.replay:
                 raise MalformedMessageError(f"a {self.phase.name} request carries no data")
-        elif len(self.checkpoint) < SEALED_BYTES or len(self.checkpoint) != sealed_length(
-            self.checkpoint
-        ):
+        elif len(self.checkpoint) != _checkpoint_length(self.checkpoint, 0):
             raise MalformedMessageError("re-incarnation request without a sealed checkpoint")
         if self.replay_from + len(self.replay) != self.c2s_sent:
             raise MalformedMessageError(
@@ -156,7 +168,7 @@ class Request:
             if len(data) != start:
                 raise MalformedMessageError(f"a {Phase(phase).name} request carries no data")
             return cls(Phase(phase), epoch, port, vport, sent, received, replay_from, b"", b"")
-        end = start + sealed_length(data, start)
+        end = start + _checkpoint_length(data, start)
         if len(data) < end:
             raise MalformedMessageError("re-incarnation request is truncated")
         return cls(
