@@ -452,10 +452,17 @@ def server_list(data: bytes) -> None:
 # --- stream codec ---------------------------------------------------------------------------
 
 
-def codec_steps(steps: list[tuple[bool, bytes]]) -> None:
+def codec_steps(steps: list[tuple[bool, bytes]], name: str = "http") -> None:
     """Chunks in both directions: the codec never raises; its fresh point never goes back and
-    never passes the bytes fed."""
-    codec = Http11Codec()
+    never passes the bytes fed; a session state stays within its bound and parses again; an
+    unreplayable connection is degraded too. ``auto`` also checks the detection."""
+    from migrate.autodetect import AutoCodec
+    from migrate.codec import StreamCodec, codec_for
+    from migrate.resp import MAX_STATE_BYTES, StateReplies
+
+    codec: StreamCodec = AutoCodec() if name == "auto" else codec_for(name)
+    if name == "http":
+        assert isinstance(codec, Http11Codec)
     fed = [0, 0]
     last = codec.fresh
     boundaries = 0
@@ -472,9 +479,15 @@ def codec_steps(steps: list[tuple[bool, bytes]]) -> None:
         last, boundaries = fresh, codec.boundaries
         if codec.degraded is not None:
             assert isinstance(codec.degraded, str)
+        if codec.unreplayable is not None:
+            assert codec.degraded is not None or name == "auto"
+        if fresh.state:
+            assert len(fresh.state) <= MAX_STATE_BYTES
+            replies = StateReplies(fresh.state)  # a checkpoint's state parses again
+            replies.feed(chunk)
 
 
-def codec(data: bytes) -> None:
+def _steps(data: bytes) -> list[tuple[bool, bytes]]:
     """Bytes as steps: each step is a control byte (bit 7: direction; bits 0-6: length)."""
     steps: list[tuple[bool, bytes]] = []
     i = 0
@@ -483,7 +496,37 @@ def codec(data: bytes) -> None:
         length = control_byte & 0x7F
         steps.append((not control_byte & 0x80, data[i + 1 : i + 1 + length]))
         i += 1 + length
-    codec_steps(steps)
+    return steps
+
+
+def codec(data: bytes) -> None:
+    codec_steps(_steps(data))
+
+
+def resp(data: bytes) -> None:
+    """The RESP (redis) codec; and the same bytes as a checkpoint's session state."""
+    from migrate.resp import RespCodec
+
+    codec_steps(_steps(data), "resp")
+    expect_rejected_or(lambda: RespCodec(state=data))
+
+
+def memcached(data: bytes) -> None:
+    codec_steps(_steps(data), "memcached")
+
+
+def autodetect(data: bytes) -> None:
+    """The detection never raises, answers once ``final``, and never changes its mind."""
+    from migrate.autodetect import DETECT_BYTES, detect, detect_server_first
+
+    first = data[:DETECT_BYTES]
+    whole = detect(first, final=True)
+    assert whole is not None
+    for cut in range(len(first) + 1):
+        early = detect(first[:cut])
+        assert early is None or early == whole
+    detect_server_first(first)
+    codec_steps(_steps(data), "auto")
 
 
 # --- packets: the client shim's NFLOG capture and carrier segments ---------------------------
@@ -543,6 +586,9 @@ TARGETS: dict[str, Target] = {
     "files": _files,
     "registration": _registration,
     "codec": codec,
+    "resp": resp,
+    "memcached": memcached,
+    "autodetect": autodetect,
     "packet": packet,
 }
 
@@ -587,6 +633,21 @@ def seeds(name: str) -> list[bytes]:
         "packet": [_sample_packet()],
         "codec": [
             b"\x12GET / HTTP/1.1\r\n\r\n\xa6HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        ],
+        "resp": [
+            b"\x1d*2\r\n$6\r\nSELECT\r\n$1\r\n2\r\n\x85+OK\r\n"
+            b"\x15*1\r\n$5\r\nMULTI\r\n\x85+OK\r\n\x06PING\r\n"
+            b"\x9b%1\r\n+a\r\n|1\r\n+k\r\n:1\r\n$?\r\n",
+        ],
+        "memcached": [
+            b"\x14set k 0 0 5\r\nhello\r\n\x89STORED\r\n\x07get k\r\n"
+            b"\x9cVALUE k 0 5\r\nhello\r\nEND\r\n\x0fmg k v q\r\nmn\r\n\x84MN\r\n",
+        ],
+        "autodetect": [
+            b"*1\r\n$4\r\nPING\r\n",
+            b"GET / HTTP/1.1\r\n\r\n",
+            b"get k\r\n",
+            b"\x16\x03\x01\x00",
         ],
     }
     return table[name]

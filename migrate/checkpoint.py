@@ -17,7 +17,12 @@ stores it and hands it to the next server. A checkpoint holds:
   makes it exactly as trustworthy as if the server had sealed the bytes, while every
   checkpoint stays small enough for one segment;
 * identity and freshness: connection id, client address and port, the VIP port, the epoch, a
-  counter per connection and the time it was taken.
+  counter per connection and the time it was taken;
+* the session state at the fresh point (``state``, version 2 only), for a protocol whose
+  connections keep state across exchanges (redis: AUTH, SELECT...; ``migrate.resp``): the
+  bytes a new server sends the service before the replay, at most ``MAX_STATE_BYTES`` so that a
+  carrier still fits one segment. Sealed like the rest: the client (which sent those commands
+  itself) cannot change it, and an observer cannot read a password in it.
 
 It is sealed (ChaCha20-Poly1305) under a key derived from the group key, which only the
 server pool holds: the client can store a checkpoint but can neither read nor forge it. The
@@ -34,15 +39,22 @@ A *carrier* wraps a sealed checkpoint for the trip to the client on the connecti
 the few values the client needs in clear: which connection, the fresh point to trim its replay
 buffer to, and the positions covered. An observer sees an encrypted segment of the connection.
 
-Sealed checkpoint (``CHECKPOINT_VERSION`` 1)::
+Sealed checkpoint, version 1 (no session state; ``SEALED_BYTES`` long)::
 
-    version u8 | nonce (12) | ChaCha20-Poly1305(checkpoint key, nonce, body,
-                                                aad = "checkpoint" || deployment id)
+    version u8 (1) | nonce (12) | ChaCha20-Poly1305(checkpoint key, nonce, body,
+                                                    aad = "checkpoint" || deployment id)
     body: conn_id (16) | client address (4) | client port u16 | vport u16 | epoch u64 |
           counter u64 | taken_at i64 us | server_isn u32 | client_isn u32 | mss u16 |
           snd_wscale u8 | rcv_wscale u8 | flags u8 (1 sack, 2 timestamps, 4 unmigratable) |
-          ts_val u32 | codec u8 (0 generic, 1 http) | c2s_fresh u64 | c2s_pos u64 |
-          s2c_fresh u64 | s2c_pos u64 | c2s_hash (32) | s2c_hash (32)
+          ts_val u32 | codec u8 (0 generic, 1 http, 2 resp, 3 memcached) | c2s_fresh u64 |
+          c2s_pos u64 | s2c_fresh u64 | s2c_pos u64 | c2s_hash (32) | s2c_hash (32)
+
+Version 2, with a session state of 1 to ``MAX_STATE_BYTES`` bytes (a checkpoint without one is
+always written as version 1; ``sealed_length`` tells a parser how long one is)::
+
+    version u8 (2) | state length u16 | nonce (12) |
+    ChaCha20-Poly1305(checkpoint key, nonce, body || state,
+                      aad = "checkpoint" || deployment id || version || state length)
 
 Carrier plaintext (inside the channel envelope, kind ``CHECKPOINT_CARRIER``)::
 
@@ -55,7 +67,7 @@ from __future__ import annotations
 import ipaddress
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -71,18 +83,22 @@ from migrate.channel import (
     derive_key,
 )
 from migrate.errors import AuthenticationError, MalformedMessageError
+from migrate.resp import MAX_STATE_BYTES
 
 CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION_STATE = 2  # with a session state
 CONN_ID_BYTES = 16
 _BODY = struct.Struct("!16s4sHHQQqIIHBBBIBQQQQ32s32s")
 _CARRIER = struct.Struct("!16sHQQQQ")
-CODECS = {"generic": 0, "http": 1}
+CODECS = {"generic": 0, "http": 1, "resp": 2, "memcached": 3}
 _CODEC_NAMES = {value: name for name, value in CODECS.items()}
 FLAG_SACK = 1
 FLAG_TIMESTAMPS = 2
 FLAG_UNMIGRATABLE = 4
 MAX_TAKEN_AT_US = 1 << 53  # checkpoint times: microseconds a float still holds exactly
 SEALED_BYTES = 1 + 12 + _BODY.size + 16
+"""Length of a sealed checkpoint without session state (version 1)."""
+_STATE_HEADER = struct.Struct("!BH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +139,7 @@ class Checkpoint:
     c2s_hash: bytes
     s2c_hash: bytes
     unmigratable: bool = False
+    state: bytes = b""
 
     def __post_init__(self) -> None:
         if len(self.conn_id) != CONN_ID_BYTES:
@@ -135,6 +152,10 @@ class Checkpoint:
             raise MalformedMessageError("checkpoint hashes must be 32 bytes")
         if not 1 <= self.client[1] <= 65535 or not 1 <= self.vport <= 65535:
             raise MalformedMessageError("checkpoint port out of range")
+        if len(self.state) > MAX_STATE_BYTES:
+            raise MalformedMessageError(
+                f"checkpoint session state of {len(self.state)} bytes (at most {MAX_STATE_BYTES})"
+            )
 
     def encode_body(self) -> bytes:
         tcp = self.tcp
@@ -277,29 +298,55 @@ def _aad(deployment_id: bytes) -> bytes:
     return b"checkpoint" + deployment_id
 
 
+def sealed_length(data: bytes, offset: int = 0) -> int:
+    """The length of the sealed checkpoint that starts at ``data[offset]``, from its header."""
+    if len(data) < offset + _STATE_HEADER.size:
+        raise MalformedMessageError("sealed checkpoint is truncated")
+    version, state_length = _STATE_HEADER.unpack_from(data, offset)
+    if version == CHECKPOINT_VERSION:
+        return SEALED_BYTES
+    if version == CHECKPOINT_VERSION_STATE:
+        if not 1 <= state_length <= MAX_STATE_BYTES:
+            raise MalformedMessageError(f"checkpoint session state of {state_length} bytes")
+        return SEALED_BYTES + _STATE_HEADER.size - 1 + int(state_length)
+    raise MalformedMessageError(f"unsupported checkpoint version {version}")
+
+
 def seal_checkpoint(
     checkpoint: Checkpoint, key: bytes, deployment_id: bytes, random: Random
 ) -> bytes:
     nonce = random(12)
-    sealed = ChaCha20Poly1305(key).encrypt(nonce, checkpoint.encode_body(), _aad(deployment_id))
-    return bytes([CHECKPOINT_VERSION]) + nonce + sealed
+    aead = ChaCha20Poly1305(key)
+    if not checkpoint.state:
+        sealed = aead.encrypt(nonce, checkpoint.encode_body(), _aad(deployment_id))
+        return bytes([CHECKPOINT_VERSION]) + nonce + sealed
+    header = _STATE_HEADER.pack(CHECKPOINT_VERSION_STATE, len(checkpoint.state))
+    plain = checkpoint.encode_body() + checkpoint.state
+    return header + nonce + aead.encrypt(nonce, plain, _aad(deployment_id) + header)
 
 
 def open_checkpoint(data: bytes, key: bytes | Sequence[bytes], deployment_id: bytes) -> Checkpoint:
     """Open with ``key``, or with the first of several keys that fits (a rotation's overlap)."""
     keys = (key,) if isinstance(key, bytes) else tuple(key)
-    if len(data) != SEALED_BYTES:
-        raise MalformedMessageError(
-            f"sealed checkpoint has {len(data)} bytes, expected {SEALED_BYTES}"
-        )
-    if data[0] != CHECKPOINT_VERSION:
-        raise MalformedMessageError(f"unsupported checkpoint version {data[0]}")
+    expected = sealed_length(data)
+    if len(data) != expected:
+        raise MalformedMessageError(f"sealed checkpoint has {len(data)} bytes, expected {expected}")
+    if data[0] == CHECKPOINT_VERSION:
+        header, aad = 1, _aad(deployment_id)
+    else:
+        header = _STATE_HEADER.size
+        aad = _aad(deployment_id) + data[:header]
     for candidate in keys:
         try:
-            body = ChaCha20Poly1305(candidate).decrypt(data[1:13], data[13:], _aad(deployment_id))
+            plain = ChaCha20Poly1305(candidate).decrypt(
+                data[header : header + 12], data[header + 12 :], aad
+            )
         except InvalidTag:
             continue
-        return Checkpoint.decode_body(body)
+        checkpoint = Checkpoint.decode_body(plain[: _BODY.size])
+        if header == 1:
+            return checkpoint
+        return replace(checkpoint, state=plain[_BODY.size :])
     raise AuthenticationError(
         "checkpoint failed authentication (forged, tampered, another pool's, or sealed under "
         "a key that has rotated out)"
@@ -334,10 +381,9 @@ class Carrier:
 
     @classmethod
     def decode(cls, data: bytes) -> Carrier:
-        if len(data) != _CARRIER.size + SEALED_BYTES:
-            raise MalformedMessageError(
-                f"carrier has {len(data)} bytes, expected {_CARRIER.size + SEALED_BYTES}"
-            )
+        expected = _CARRIER.size + sealed_length(data, _CARRIER.size)
+        if len(data) != expected:
+            raise MalformedMessageError(f"carrier has {len(data)} bytes, expected {expected}")
         conn_id, port, counter, c2s_fresh, c2s_pos, s2c_pos = _CARRIER.unpack_from(data)
         if c2s_fresh > c2s_pos:
             raise MalformedMessageError("carrier fresh point is after its position")

@@ -57,7 +57,12 @@ chunk-size line, that the HTTP codec follows; a larger one degrades it."""
 MAX_PIPELINED: Final = 1024
 """Most requests that may wait for their responses; one more degrades the HTTP codec."""
 
-CODEC_NAMES: Final = ("generic", "http")
+CODEC_NAMES: Final = ("generic", "http", "resp", "memcached")
+"""The codecs a connection may use (and a checkpoint names)."""
+
+CODEC_CHOICES: Final = ("auto", *CODEC_NAMES)
+"""What ``--codec`` accepts: ``auto`` picks one of ``CODEC_NAMES`` per connection
+(``migrate.autodetect``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,11 +70,16 @@ class FreshPoint:
     """Where the replay log starts: absolute byte positions in each direction.
 
     ``c2s`` is where the oldest request not yet fully answered begins; ``s2c`` is where its
-    response begins, which is where the previous response ended.
+    response begins, which is where the previous response ended. ``state`` is what a new
+    server must send the service before the client's bytes from ``c2s`` on, to re-create the
+    session those bytes expect (redis: AUTH, SELECT...; ``migrate.resp``); empty for a
+    protocol whose connections are fresh between exchanges. Its replies are not part of the
+    client's stream (``state_replies``).
     """
 
     c2s: int
     s2c: int
+    state: bytes = b""
 
     def __post_init__(self) -> None:
         if self.c2s < 0 or self.s2c < 0:
@@ -104,6 +114,14 @@ class StreamCodec(Protocol):
         exchange completes after it, but nothing was wrong either.
         """
 
+    @property
+    def unreplayable(self) -> str | None:
+        """Why no new server can re-create this connection (e.g. redis SUBSCRIBE), or None.
+
+        Set at once when the client does it, so that the connection is reported unmigratable
+        then, not at the next roam; the codec is degraded too.
+        """
+
 
 class GenericCodec:
     """Any protocol: the fresh point is where the connection (or the codec) started, forever."""
@@ -131,14 +149,55 @@ class GenericCodec:
     def degraded(self) -> str | None:
         return None
 
+    @property
+    def unreplayable(self) -> str | None:
+        return None
 
-def codec_for(name: str, *, c2s_start: int = 0, s2c_start: int = 0) -> StreamCodec:
-    """A new codec by its name in configuration and checkpoints (``CODEC_NAMES``)."""
+
+def codec_for(
+    name: str, *, c2s_start: int = 0, s2c_start: int = 0, state: bytes = b""
+) -> StreamCodec:
+    """A new codec by its name in configuration and checkpoints (``CODEC_NAMES``), resuming at
+    a fresh point with its session ``state`` (from a checkpoint; only redis has one)."""
+    # Imported here: the protocol modules import FreshPoint from this one.
+    from migrate.memcached import MemcachedCodec
+    from migrate.resp import RespCodec
+
+    if state and name != "resp":
+        raise ConfigError(f"the {name} codec has no session state")
     if name == "generic":
         return GenericCodec(c2s_start=c2s_start, s2c_start=s2c_start)
     if name == "http":
         return Http11Codec(c2s_start=c2s_start, s2c_start=s2c_start)
+    if name == "resp":
+        return RespCodec(c2s_start=c2s_start, s2c_start=s2c_start, state=state)
+    if name == "memcached":
+        return MemcachedCodec(c2s_start=c2s_start, s2c_start=s2c_start)
     raise ConfigError(f"unknown codec {name!r} (known: {', '.join(CODEC_NAMES)})")
+
+
+class StateReplies(Protocol):
+    """Reads the service's replies to a replayed session state (see ``FreshPoint.state``)."""
+
+    @property
+    def done(self) -> bool:
+        """True once every reply to the state has been read (or one refused it)."""
+
+    @property
+    def refused(self) -> str | None:
+        """Why the service did not accept the state, or None."""
+
+    def feed(self, data: bytes | memoryview) -> int:
+        """The service's next bytes; returns how many of them answer the state (drop those)."""
+
+
+def state_replies(name: str, state: bytes) -> StateReplies:
+    """What reads the replies to ``state`` replayed to a service of codec ``name``."""
+    from migrate.resp import StateReplies as RespStateReplies
+
+    if name != "resp":
+        raise ConfigError(f"the {name} codec has no session state")
+    return RespStateReplies(state)
 
 
 # --- HTTP/1.1 -----------------------------------------------------------------------------
@@ -545,6 +604,10 @@ class Http11Codec:
     @property
     def degraded(self) -> str | None:
         return self._degraded
+
+    @property
+    def unreplayable(self) -> str | None:
+        return None
 
     def _feed(self, reader: _Reader, direction: str, data: bytes | memoryview) -> None:
         if self._degraded is not None or self._stalled:

@@ -19,7 +19,8 @@ id), answers on ``Purpose.REINCARNATE_S2C`` (sender = server index), both with c
 Request plaintext::
 
     phase u8 (1 prepare, 2 commit, 3 abort, 4 go) | epoch u64 | client port u16 | vport u16 |
-    c2s_sent u64 | s2c_received u64 | replay_from u64 | sealed checkpoint (SEALED_BYTES) |
+    c2s_sent u64 | s2c_received u64 | replay_from u64 | sealed checkpoint (its length follows
+    from its header: ``migrate.checkpoint.sealed_length``) |
     replay bytes: client-to-server bytes [replay_from, c2s_sent)
 
 In a COMMIT, ``replay_from`` is where the PREPARE's replay bytes ended, and only the new bytes
@@ -56,7 +57,13 @@ from dataclasses import dataclass
 from enum import IntEnum
 
 from migrate.channel import Freshness, Kind, Opened, Opener, Purpose, Sealer, derive_key
-from migrate.checkpoint import SEALED_BYTES, Checkpoint, open_checkpoint
+from migrate.checkpoint import (
+    CHECKPOINT_VERSION_STATE,
+    SEALED_BYTES,
+    Checkpoint,
+    open_checkpoint,
+    sealed_length,
+)
 from migrate.errors import (
     AuthenticationError,
     InconsistentUpdateError,
@@ -98,6 +105,14 @@ class Status(IntEnum):
     FAILED = 3
 
 
+def _checkpoint_length(data: bytes, offset: int) -> int:
+    """The length of the sealed checkpoint at ``offset``: version 2 says it in its header; any
+    other is taken as ``SEALED_BYTES`` long (its version is checked when it is opened)."""
+    if data[offset : offset + 1] == bytes([CHECKPOINT_VERSION_STATE]):
+        return sealed_length(data, offset)
+    return SEALED_BYTES
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     phase: Phase
@@ -114,7 +129,7 @@ class Request:
         if self.phase in (Phase.ABORT, Phase.GO):
             if self.checkpoint or self.replay:
                 raise MalformedMessageError(f"a {self.phase.name} request carries no data")
-        elif len(self.checkpoint) != SEALED_BYTES:
+        elif len(self.checkpoint) != _checkpoint_length(self.checkpoint, 0):
             raise MalformedMessageError("re-incarnation request without a sealed checkpoint")
         if self.replay_from + len(self.replay) != self.c2s_sent:
             raise MalformedMessageError(
@@ -153,7 +168,8 @@ class Request:
             if len(data) != start:
                 raise MalformedMessageError(f"a {Phase(phase).name} request carries no data")
             return cls(Phase(phase), epoch, port, vport, sent, received, replay_from, b"", b"")
-        if len(data) < start + SEALED_BYTES:
+        end = start + _checkpoint_length(data, start)
+        if len(data) < end:
             raise MalformedMessageError("re-incarnation request is truncated")
         return cls(
             Phase(phase),
@@ -163,8 +179,8 @@ class Request:
             sent,
             received,
             replay_from,
-            data[start : start + SEALED_BYTES],
-            data[start + SEALED_BYTES :],
+            data[start:end],
+            data[end:],
         )
 
 
@@ -265,8 +281,13 @@ def admit(
     *,
     now: float,
     epoch_length: float,
+    replays_state: bool = False,
 ) -> Admitted:
     """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure.
+
+    ``replays_state``: the caller sends a checkpoint's session state (``Checkpoint.state``)
+    to the service before the replay. A caller that does not is refused such a checkpoint: a
+    replay without its session (redis SELECT, AUTH) could answer from the wrong database.
 
     ``epoch_length`` is the length of the requested epoch: it scales the maximum age."""
     check_client_source(record, source)
@@ -284,6 +305,10 @@ def admit(
         )
     if checkpoint.unmigratable:
         raise InconsistentUpdateError("the connection was marked unmigratable by its server")
+    if checkpoint.state and not replays_state:
+        raise InconsistentUpdateError(
+            f"the connection has a {checkpoint.codec} session state this server cannot replay"
+        )
     check_checkpoint_age(checkpoint, request.epoch, now, epoch_length)
     if request.phase is Phase.PREPARE:
         if request.replay_from != checkpoint.c2s_fresh:

@@ -103,7 +103,7 @@ class ServerOptions:
     sync_period: float = SYNC_PERIOD_S
     state_path: Path | None = None
     status_path: Path | None = None
-    codec: str = "http"
+    codec: str = "auto"
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT

@@ -9,7 +9,7 @@ packages=(
   nftables iptables conntrack iproute2 ethtool iputils-ping procps   # kernel plumbing
   build-essential python3-dev                                        # to build Python extensions
   iperf3 curl tcpdump redis-tools                                    # real clients
-  nginx-light redis-server haproxy                                   # real services, baseline
+  nginx-light redis-server haproxy memcached                         # real services, baseline
 )
 missing=()
 for package in "${packages[@]}"; do
@@ -24,7 +24,7 @@ apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # Debian starts these services on install where an init system runs; our labs start their
 # own instances inside namespaces, so the system-wide ones are not wanted.
-for service in nginx redis-server haproxy; do
+for service in nginx redis-server haproxy memcached; do
   if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
     systemctl disable --now "$service" >/dev/null 2>&1 || true
   fi

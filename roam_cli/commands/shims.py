@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migrate.admission import MAX_PENDING_PER_CLIENT
+from migrate.codec import CODEC_CHOICES
 from migrate.cover import (
     DEFAULT_CELL_BYTES,
     DEFAULT_COVER_RATE,
@@ -105,10 +106,12 @@ def register(subparsers: Subparsers) -> None:
     )
     server.add_argument(
         "--codec",
-        choices=["http", "generic"],
-        default="http",
-        help="how to find request boundaries, which keep replay logs short (default http; "
-        "other protocols make it degrade to a byte log by itself)",
+        choices=CODEC_CHOICES,
+        default="auto",
+        help="how to find request boundaries, which keep replay logs short: 'auto' (default) "
+        "recognises HTTP/1.x, redis (RESP) and memcached from each connection's first bytes "
+        "and uses 'generic' (a byte log from the connection's start) for anything else; TLS "
+        "and SSH connections are marked unmigratable at once (not replayable)",
     )
     server.add_argument(
         "--checkpoint-period",

@@ -17,9 +17,15 @@ from migrate.checkpoint import (
     open_checkpoint,
     seal_carrier,
     seal_checkpoint,
+    sealed_length,
 )
 from migrate.connstore import ConnectionStore, unwrap
-from migrate.errors import AuthenticationError, MalformedMessageError, ReplayedMessageError
+from migrate.errors import (
+    AuthenticationError,
+    InconsistentUpdateError,
+    MalformedMessageError,
+    ReplayedMessageError,
+)
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     Answer,
@@ -30,6 +36,7 @@ from migrate.reincarnation import (
     request_opener,
     request_sealer,
 )
+from migrate.resp import MAX_STATE_BYTES
 
 KEY = bytes(range(32))
 DEPLOYMENT = bytes(16)
@@ -53,7 +60,7 @@ checkpoints = st.builds(
         st.booleans(),
         st.integers(0, 2**32 - 1),
     ),
-    codec=st.sampled_from(["generic", "http"]),
+    codec=st.sampled_from(["generic", "http", "resp", "memcached"]),
     c2s_fresh=st.just(0),
     c2s_pos=st.integers(0, 2**40),
     s2c_fresh=st.just(0),
@@ -61,6 +68,7 @@ checkpoints = st.builds(
     c2s_hash=st.binary(min_size=32, max_size=32),
     s2c_hash=st.binary(min_size=32, max_size=32),
     unmigratable=st.booleans(),
+    state=st.one_of(st.just(b""), st.binary(min_size=1, max_size=MAX_STATE_BYTES)),
 )
 
 
@@ -136,6 +144,49 @@ def test_carrier_roundtrip_and_replay_window():
     other_client = carrier_opener(KEY, DEPLOYMENT, 2)
     with pytest.raises(AuthenticationError):
         open_carrier(other_client, message, now=100.0)
+
+
+def test_a_session_state_is_sealed_in_a_version_2_checkpoint_and_a_carrier_still_fits():
+    state = b"*2\r\n$4\r\nAUTH\r\n$6\r\nsecret\r\n"
+    checkpoint = sample_checkpoint(codec="resp", state=state)
+    sealed = seal_checkpoint(checkpoint, KEY, DEPLOYMENT, os.urandom)
+    assert sealed[0] == 2
+    assert sealed_length(sealed) == len(sealed)
+    assert b"secret" not in sealed
+    assert open_checkpoint(sealed, KEY, DEPLOYMENT) == checkpoint
+    # Without state: version 1, unchanged.
+    plain = seal_checkpoint(sample_checkpoint(codec="resp"), KEY, DEPLOYMENT, os.urandom)
+    assert plain[0] == 1
+    assert sealed_length(plain) == len(plain)
+    # The header's length is authenticated: a shorter or longer state is refused.
+    for length in (len(state) - 1, len(state) + 1):
+        forged = sealed[:1] + length.to_bytes(2, "big") + sealed[3:]
+        with pytest.raises((AuthenticationError, MalformedMessageError)):
+            open_checkpoint(forged, KEY, DEPLOYMENT)
+    # The largest state: the carrier, in its channel envelope, still fits one segment of a
+    # 1280-byte path (IPv4 and TCP headers with options take at most 120 bytes).
+    biggest = sample_checkpoint(codec="resp", state=b"x" * MAX_STATE_BYTES)
+    sealed = seal_checkpoint(biggest, KEY, DEPLOYMENT, os.urandom)
+    carrier = Carrier.of(biggest, sealed)
+    assert Carrier.decode(carrier.encode()) == carrier
+    message = seal_carrier(carrier_sealer(KEY, DEPLOYMENT, 1, sender=0), carrier, now=100.0)
+    assert len(message) + 120 <= 1280
+    with pytest.raises(MalformedMessageError, match="session state"):
+        sample_checkpoint(state=b"x" * (MAX_STATE_BYTES + 1))
+    with pytest.raises(MalformedMessageError, match="version"):
+        sealed_length(b"\x03\x00\x01")
+
+
+def test_a_request_carries_a_checkpoint_with_session_state():
+    state = b"SELECT 2\r\n"
+    request = request_for(sample_checkpoint(codec="resp", state=state))
+    admitted = admit_request(request, replays_state=True)
+    assert admitted.checkpoint.state == state
+    # A server that would replay without the session (the wrong database) refuses.
+    with pytest.raises(InconsistentUpdateError, match="session state"):
+        admit_request(request)
+    with pytest.raises(MalformedMessageError):
+        Request.decode(request.encode()[: -len(request.replay) - 1])
 
 
 # --- connection store ---------------------------------------------------------------------
@@ -276,7 +327,14 @@ def request_for(checkpoint, replay=b"GET / HTTP/1.1\r\n\r\n", **changes):
 
 
 def admit_request(
-    request, source="10.0.0.50", record=ALICE, granted=1000, serves=True, now=1001.0, length=3.0
+    request,
+    source="10.0.0.50",
+    record=ALICE,
+    granted=1000,
+    serves=True,
+    now=1001.0,
+    length=3.0,
+    replays_state=False,
 ):
     sealer = request_sealer(record.channel_key, DEPLOYMENT, record.client_id)
     opener = request_opener(record.channel_key, DEPLOYMENT, record.client_id)
@@ -295,6 +353,7 @@ def admit_request(
         DEPLOYMENT,
         now=now,
         epoch_length=length,
+        replays_state=replays_state,
     )
 
 

@@ -105,7 +105,7 @@ def assert_degraded(codec: Http11Codec, fragment: str, fresh: FreshPoint, bounda
 
 
 def test_codec_for_knows_generic_and_http():
-    assert CODEC_NAMES == ("generic", "http")
+    assert CODEC_NAMES[:2] == ("generic", "http")
     assert isinstance(codec_for("generic"), GenericCodec)
     assert isinstance(codec_for("http"), Http11Codec)
     for name in CODEC_NAMES:

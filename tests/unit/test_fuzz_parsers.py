@@ -217,7 +217,7 @@ checkpoint_values = st.builds(
     counter=st.integers(0, 2**63),
     taken_at=st.floats(0, 2e6),
     tcp=st.just(TcpSnapshot(1000, 2000, 1448, 7, 7, True, True, 5)),
-    codec=st.sampled_from(["generic", "http"]),
+    codec=st.sampled_from(["generic", "http", "resp", "memcached"]),
     c2s_fresh=st.just(0),
     c2s_pos=st.integers(0, 40),
     s2c_fresh=st.integers(0, 20),
@@ -380,6 +380,101 @@ def test_stream_codec_steps(steps):
 @given(data=inputs("codec"))
 def test_stream_codec_bytes(data):
     targets.codec(data)
+
+
+resp_pieces = st.sampled_from(
+    [
+        b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n",
+        b"*2\r\n$6\r\nSELECT\r\n$1\r\n1\r\n",
+        b"*3\r\n$4\r\nAUTH\r\n$1\r\nu\r\n$1\r\np\r\n",
+        b"*1\r\n$5\r\nMULTI\r\n",
+        b"*1\r\n$4\r\nEXEC\r\n",
+        b"*1\r\n$5\r\nRESET\r\n",
+        b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n",
+        b"PING\r\n",
+        b"+OK\r\n",
+        b"-ERR x\r\n",
+        b"$3\r\nabc\r\n",
+        b"$-1\r\n",
+        b"*2\r\n",
+        b"%1\r\n",
+        b"|1\r\n",
+        b">2\r\n",
+        b"*?\r\n",
+        b".\r\n",
+        b"$?\r\n;2\r\nab\r\n;0\r\n",
+        b"*99999999999\r\n",
+        b"$1099511627776\r\n",
+        b"_\r\n",
+        b"\r\n",
+    ]
+)
+memcached_pieces = st.sampled_from(
+    [
+        b"set k 0 0 3\r\nabc\r\n",
+        b"set k 0 0 3 noreply\r\nabc\r\n",
+        b"get k j\r\n",
+        b"mg k v q\r\n",
+        b"mn\r\n",
+        b"ms k 2\r\nab\r\n",
+        b"stats\r\n",
+        b"STORED\r\n",
+        b"VALUE k 0 3\r\nabc\r\n",
+        b"END\r\n",
+        b"VA 2\r\nab\r\n",
+        b"MN\r\n",
+        b"STAT a 1\r\n",
+        b"ERROR\r\n",
+        b"set k 0 0 1099511627776\r\n",
+        b"\r\n",
+    ]
+)
+
+
+@FUZZ
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.one_of(st.lists(resp_pieces, max_size=6).map(b"".join), st.binary(max_size=40)),
+        ),
+        max_size=16,
+    )
+)
+def test_resp_codec_steps(steps):
+    targets.codec_steps(steps, "resp")
+
+
+@FUZZ
+@given(data=inputs("resp"))
+def test_resp_codec_bytes(data):
+    targets.resp(data)
+
+
+@FUZZ
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.booleans(),
+            st.one_of(st.lists(memcached_pieces, max_size=6).map(b"".join), st.binary(max_size=40)),
+        ),
+        max_size=16,
+    )
+)
+def test_memcached_codec_steps(steps):
+    targets.codec_steps(steps, "memcached")
+
+
+@FUZZ
+@given(data=inputs("memcached"))
+def test_memcached_codec_bytes(data):
+    targets.memcached(data)
+
+
+@FUZZ
+@given(data=st.one_of(inputs("autodetect"), resp_pieces, memcached_pieces, http_pieces))
+def test_codec_detection(data):
+    targets.autodetect(data)
 
 
 # --- packets at the capture paths -----------------------------------------------------------

@@ -105,3 +105,53 @@ def test_a_resumed_state_computes_the_same_checkpoint():
         first.s2c_hash,
         first.s2c_pos,
     )
+
+
+def resp(*args: str) -> bytes:
+    return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args)
+
+
+def test_a_redis_connection_checkpoints_its_session_state_and_only_unanswered_commands():
+    state = StreamState("resp")
+    session = resp("AUTH", "pw") + resp("SELECT", "3")
+    state.feed_c2s(session)
+    state.feed_s2c(b"+OK\r\n+OK\r\n")
+    for k in range(1000):  # a long-lived connection: the log does not grow with its age
+        state.feed_c2s(resp("GET", f"key{k}"))
+        state.feed_s2c(b"$1\r\nv\r\n")
+    state.feed_c2s(resp("SET", "a", "1"))  # unanswered: replayed
+    point = checkpoint(state, acked=state.s2c_pos)
+    assert point.codec == "resp"
+    assert point.state == session
+    assert point.c2s_pos - point.c2s_fresh == len(resp("SET", "a", "1"))
+    assert state.replay_log() == resp("SET", "a", "1")
+    # A new server resumes with the state and computes the same commitments.
+    resumed = StreamState(
+        "resp", c2s_start=point.c2s_fresh, s2c_start=point.s2c_fresh, state=point.state
+    )
+    resumed.feed_c2s(state.replay_log())
+    again = checkpoint(resumed, acked=point.s2c_fresh)
+    assert (again.c2s_hash, again.s2c_hash, again.state) == (
+        point.c2s_hash,
+        point.s2c_hash,
+        point.state,
+    )
+
+
+def test_an_unreplayable_connection_is_marked_at_once():
+    state = StreamState("resp")
+    state.feed_c2s(resp("SUBSCRIBE", "news"))
+    assert state.unmigratable is not None
+    assert "not replayable" in state.unmigratable
+    assert "SUBSCRIBE" in state.unmigratable
+    assert checkpoint(state, acked=0).unmigratable
+
+
+def test_commands_without_replies_keep_the_log_short():
+    state = StreamState("memcached", replay_limit=1000)
+    for _ in range(200):
+        state.feed_c2s(b"set k 0 0 5 noreply\r\nhello\r\n")
+        checkpoint(state, acked=state.s2c_pos)
+    assert state.unmigratable is None
+    assert state.replay_log() == b""
+    assert len(state.candidates) == 1

@@ -1,0 +1,6 @@
+"""atheris harness of the autodetect target in fuzz/targets.py (arguments: fuzz/harness.py)."""
+
+from harness import main
+
+if __name__ == "__main__":
+    main("autodetect")
