@@ -194,6 +194,8 @@ class MigrationPort:
             context.deployment_id,
             now=now,
             epoch_length=length,
+            # The replay sends a checkpoint's session state first (proxy.replay).
+            replays_state=True,
         )
 
     def behind_closed_gate(self, epoch: int) -> bool:

@@ -16,6 +16,7 @@ import socket
 from collections.abc import Awaitable, Callable
 
 from migrate.checkpoint import Checkpoint
+from migrate.codec import state_replies
 from migrate.errors import RoamError
 from migrate.handover import SERVICE_IDLE_S
 from migrate.kernel import tcp_repair
@@ -49,7 +50,10 @@ class Replayer:
         self.checkpoint = checkpoint
         self.prepare = prepare
         self.stream = StreamState(
-            checkpoint.codec, c2s_start=checkpoint.c2s_fresh, s2c_start=checkpoint.s2c_fresh
+            checkpoint.codec,
+            c2s_start=checkpoint.c2s_fresh,
+            s2c_start=checkpoint.s2c_fresh,
+            state=checkpoint.state,
         )
         self.service: socket.socket | None = None
         self.unsent = bytearray()
@@ -60,9 +64,36 @@ class Replayer:
     async def start(self, connect: Callable[[], Awaitable[socket.socket]], until: int) -> int:
         """Connect the service, replay the PREPARE's bytes, regenerate to ``until``."""
         self.service = await connect()
+        if self.checkpoint.state:
+            await self._restore_session()
         self.stream.feed_c2s(self.prepare.replay)
         await asyncio.get_running_loop().sock_sendall(self.service, self.prepare.replay)
         return await self.regenerate(until)
+
+    async def _restore_session(self) -> None:
+        """A session's state first (a redis AUTH, SELECT, HELLO...: migrate.resp): sent to the
+        fresh service connection, its replies read and dropped (the client had them long
+        ago), and refused if the service no longer accepts it."""
+        assert self.service is not None
+        loop = asyncio.get_running_loop()
+        state = self.checkpoint.state
+        await loop.sock_sendall(self.service, state)
+        replies = state_replies(self.checkpoint.codec, state)
+        buffer = bytearray(64 * 1024)
+        while not replies.done:
+            try:
+                async with asyncio.timeout(SERVICE_IDLE_S):
+                    received = await loop.sock_recv_into(self.service, buffer)
+            except TimeoutError:
+                raise Diverged("the service did not answer the session's state") from None
+            if not received:
+                raise Diverged("the service closed while the session's state was restored")
+            used = replies.feed(memoryview(buffer)[:received])
+            if replies.refused is not None:
+                raise Diverged(f"the service refused the session's state: {replies.refused}")
+            if used != received:
+                # Nothing else was sent yet: anything more is not an answer to the state.
+                raise Diverged("the service sent more than the session's replies")
 
     async def regenerate(self, until: int) -> int:
         """Read the replayed service until ``until``, the client's position, and at least to

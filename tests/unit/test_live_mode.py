@@ -16,6 +16,8 @@ import os
 import socket
 from typing import Any
 
+import pytest
+
 from migrate.channel import CounterFloor, Kind
 from migrate.checkpoint import Checkpoint, CheckpointKeys, TcpSnapshot, seal_checkpoint
 from migrate.handover import ServerState
@@ -95,7 +97,14 @@ class Harness:
         self.services.append(theirs)
         return ours
 
-    def prepare(self, client: ClientRecord = ALICE, received: int = 0) -> Request:
+    def prepare(
+        self,
+        client: ClientRecord = ALICE,
+        received: int = 0,
+        replay: bytes = REPLAY,
+        codec: str = "http",
+        state: bytes = b"",
+    ) -> Request:
         checkpoint = Checkpoint(
             conn_id=b"c" * 16,
             client=(str(client.address), 40000),
@@ -104,18 +113,19 @@ class Harness:
             counter=3,
             taken_at=self.now - 0.5,
             tcp=TcpSnapshot(1000, 2000, 1448, 7, 7, True, True, 5),
-            codec="http",
+            codec=codec,
             c2s_fresh=0,
-            c2s_pos=len(REPLAY),
+            c2s_pos=len(replay),
             s2c_fresh=0,
             s2c_pos=0,
-            c2s_hash=hashlib.sha256(REPLAY).digest(),
+            c2s_hash=hashlib.sha256(replay).digest(),
             s2c_hash=hashlib.sha256(b"").digest(),
+            state=state,
         )
         key = CheckpointKeys(SECRET.group_key).for_epoch(checkpoint.epoch)
         sealed = seal_checkpoint(checkpoint, key, DEPLOYMENT.deployment_id, os.urandom)
         return Request(
-            Phase.PREPARE, self.epoch, 40000, 80, len(REPLAY), received, 0, sealed, REPLAY
+            Phase.PREPARE, self.epoch, 40000, 80, len(replay), received, 0, sealed, replay
         )
 
     def send(self, request: Request, client: ClientRecord = ALICE, source: str = "") -> None:
@@ -222,6 +232,45 @@ def test_a_go_before_the_commit_is_refused_and_changes_nothing() -> None:
         [pending] = harness.live.pending.values()
         assert pending.machine.state is ServerState.PREPARED
         assert harness.live.counts["refused"] == 1
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+SELECT_3 = b"*2\r\n$6\r\nSELECT\r\n$1\r\n3\r\n"
+GET_K = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n"
+
+
+@pytest.mark.parametrize(
+    ("reply", "expected"),
+    [(b"+OK\r\n", Status.READY), (b"-ERR DB index is out of range\r\n", Status.DIVERGED)],
+)
+def test_a_redis_session_is_restored_before_the_replay_or_the_hand_over_refused(
+    reply: bytes, expected: Status
+) -> None:
+    """The new server sends the session's state (SELECT 3) first, drops its reply, then
+    replays; a service that refuses the state makes the hand-over fail, never replay into
+    the wrong database."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        harness.send(harness.prepare(replay=GET_K, codec="resp", state=SELECT_3))
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if harness.services:
+                break
+        service = harness.services[0]
+        service.settimeout(5.0)
+        assert service.recv(4096) == SELECT_3  # the session first, alone
+        service.sendall(reply)
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if harness.transport.sent:
+                break
+        [answer] = harness.answers()
+        assert answer.status is expected, answer
+        if expected is Status.READY:
+            assert service.recv(4096) == GET_K  # then the unanswered command
         await harness.live.close()
 
     asyncio.run(scenario())
