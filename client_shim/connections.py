@@ -85,6 +85,21 @@ class ClientConnections:
         conn = self.store.connections.get(port)
         if conn is None or conn.carrier is None or conn.unmigratable is not None:
             return None
+        for _ in range(3):
+            if conn.carrier is None or conn.carrier.s2c_pos <= info.bytes_received:
+                break
+            # The checkpoint may be newer than the socket's positions: the capture is drained
+            # after the sockets are listed, and a request/response protocol (redis) moves the
+            # fresh point at every exchange. Positions older than the checkpoint's fresh point
+            # are refused by the server: read them again, exactly, then what was captured up
+            # to then (in this order, as in ``sockets_and_capture``).
+            fresher = sockdiag.lookup((self.client_address, port), self.vip)
+            if fresher is None or fresher.state != "ESTABLISHED":
+                break
+            info = fresher
+            self.capture.drain()
+        if conn.carrier is None or conn.unmigratable is not None:
+            return None
         if start is None:
             start = conn.carrier.c2s_fresh
         replay = self.store.replay_bytes(port, start)

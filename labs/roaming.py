@@ -112,7 +112,7 @@ class RoamingLab:
     switch_window: float = 0.0
     first_switch_after: float = 0.0  # no switch in the first seconds (time to set things up)
     subscribe_options: dict[str, str] = field(default_factory=dict)  # e.g. {"rate-kbit": "800"}
-    service: str = "http"  # "http" | "nginx" | "none"
+    service: str = "http"  # "http" | "nginx" | "redis" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
     # Each server host holds its own copy of the deployment directory, taken when the
@@ -255,7 +255,7 @@ class RoamingLab:
         return directory
 
     def start_service(self, host: str) -> None:
-        from labs.services import start_http_server, start_nginx
+        from labs.services import start_http_server, start_nginx, start_redis
 
         node = self.lab[host]
         node.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -267,6 +267,17 @@ class RoamingLab:
             self.services[host] = start_nginx(
                 node, self._content_dir(host), port=SERVICE_PORT, address="127.0.0.1"
             )
+        elif self.service == "redis":
+            # The same keys on every replica (the content, in database 0 and 3): a read-only
+            # workload sees one service wherever it runs.
+            self.services[host] = start_redis(node, port=SERVICE_PORT, address="127.0.0.1")
+            for database in ("0", "3"):
+                for key, value in self.content.items():
+                    node.run(
+                        ["redis-cli", "-p", str(SERVICE_PORT), "-n", database, "-x", "SET", key],
+                        input=value.decode(),  # text values (redis-cli -x reads stdin)
+                        check=True,
+                    )
 
     def _spawn(self, host: str, kind: str, args: list[str]) -> ShimProcess:
         # Every run gets its own files, so a restarted shim's log starts empty.
