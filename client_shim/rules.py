@@ -12,11 +12,16 @@ With live migration, two more chains run just before those (priority -310):
 
 * ``capture_out`` copies the client's SYNs and data segments to the VIP to an NFLOG group,
   without holding them (this kernel has no nft ``queue``; ``log`` copies asynchronously), so
-  the shim learns each connection's ISN and keeps the bytes a replay needs. Pure ACKs are not
-  copied: a segment is copied when it has SYN, FIN or PSH (Linux sets PSH on the last segment
-  of every write), or is longer than any pure ACK can be (80 bytes with options). Ports in the
-  ``frozen`` set are dropped during a hand-over, before they are copied: the client's TCP
-  sends them again, to the new server.
+  the shim learns each connection's ISN and keeps the bytes a replay needs. Only those: a
+  segment is copied when it has SYN, FIN or PSH (Linux sets PSH on the last segment of every
+  write), or carries payload, which nft tells by its length against its header's (``tcp doff``;
+  one rule per header length, as nft can neither subtract fields nor list a concatenation
+  with ``doff``). Pure ACKs, the bulk of what a downloading client sends, are not copied, and
+  neither is anything the servers send but carriers. (A rule "longer than any pure ACK",
+  80 bytes, would miss a data segment of up to 28 bytes without PSH, which Linux sends when
+  the peer's window cuts a write: a hole in the replay bytes.) Ports in the ``frozen`` set
+  are dropped during a hand-over, before they are copied: the client's TCP sends them again,
+  to the new server.
 * Ports in ``finished`` are connections that closed during a hand-over: their last segments
   are dropped rather than sent to the new server, which has no socket for them.
 * ``capture_in`` copies checkpoint carriers (segments from a pool server with the carrier
@@ -42,6 +47,23 @@ def _family(address: IPAddress) -> tuple[str, str]:
 
 def table_family(vip: IPAddress) -> str:
     return _family(vip)[0]
+
+
+# TCP data offsets (header length / 4) in the order the client's segments use them: with
+# timestamps, without options, then with SACK blocks; the rest for completeness.
+_DATA_OFFSETS = (8, 5, 11, 13, 15, 10, 12, 14, 6, 7, 9)
+
+
+def _payload_rules(to_vip: str, family: str, log: str) -> list[str]:
+    """Rules that copy every segment carrying payload without FIN, SYN or PSH: longer than its
+    headers. ``ip length`` counts the IPv4 header (20 bytes; IP options only make a pure ACK
+    look longer, and copied, never the reverse); ``ip6 length`` is the payload length."""
+    base = 20 if family == "ip" else 0
+    quiet = f"{to_vip} tcp flags & (fin|syn|psh) == 0"
+    return [f"{quiet} {family} length > {base + 60} {log}"] + [
+        f"{quiet} tcp doff {offset} {family} length > {base + 4 * offset} {log}"
+        for offset in _DATA_OFFSETS
+    ]
 
 
 def rewrite_table_body(
@@ -70,13 +92,14 @@ def rewrite_table_body(
     capture = ""
     if nflog_group is not None:
         log = f"log group {nflog_group} snaplen 65535"
+        payload = "\n    ".join(_payload_rules(to_vip, family, log))
         capture = f"""
   chain capture_out {{
     type filter hook output priority -310; policy accept;
     {to_vip} tcp sport @finished tcp flags & syn == 0 drop
     {to_vip} tcp sport @frozen drop
     {to_vip} tcp flags & (fin|syn|psh) != 0 {log}
-    {to_vip} tcp flags & (fin|syn|psh) == 0 {family} length > 80 {log}
+    {payload}
   }}
   chain capture_in {{
     type filter hook prerouting priority -310; policy accept;

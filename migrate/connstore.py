@@ -13,6 +13,22 @@ Segments may be seen out of order or twice (retransmissions); positions are 64-b
 from the connection's start, recovered from 32-bit sequence numbers by taking the candidate
 nearest to what is already known. Bytes behind a gap wait in ``pending`` until the gap fills.
 
+Losses are counted per connection (``losses``). The client's own segments leave its host in
+sequence order (a retransmission repeats bytes before the newest), and their copies reach the
+store in that order, so a copy that lands beyond ``sent`` means the copy of the bytes between
+was lost (an NFLOG overflow) or never made: that connection has a *hole*, counted once. The
+client's TCP does not send those bytes again once the server acknowledged them, so the hole
+stays until a carrier's fresh point passes it (the bytes before it are then no longer needed
+and the store goes on from there), and a hand-over in the meantime finds the replay bytes
+short of what the server acknowledged (``replay_bytes`` stops at the hole) and resets only
+that connection. A lost carrier costs nothing: the previous one stays valid, with the replay
+bytes from its fresh point. A lost SYN leaves its connection untracked (reset at the next
+roam, "not captured"), or, on a port still tracked for an earlier connection, lets the new
+connection's carriers arrive on the old entry: the carrier segment's acknowledgment number
+(the client's ISN + 1 + the checkpoint's client position) then does not fit the entry's ISN,
+and the entry is marked (``on_carrier`` with ``ack``). So a loss costs at most the
+connections it touched, each counted and marked with its reason.
+
 Memory is bounded: a connection whose replay bytes exceed ``per_connection_limit`` stops
 storing and is marked *unmigratable* with the reason (at the next roam it is reset cleanly
 and counted, never migrated with a hole); when the store's total exceeds ``total_limit`` the
@@ -33,6 +49,7 @@ from dataclasses import dataclass, field
 from migrate.checkpoint import Carrier
 
 SEQ_MOD = 2**32
+MAX_NEW_LOSSES = 256  # losses kept for the caller's log between two takes (all are counted)
 
 
 def unwrap(seq: int, isn: int, near: int) -> int:
@@ -57,6 +74,7 @@ class TrackedConnection:
     last_seen: float = 0.0
     pinned: int | None = None  # replay bytes from here on are in use by a hand-over
     successor: tuple[int, float] | None = None  # (ISN, time) of an unconfirmed SYN on the port
+    losses: int = 0  # captured copies missing from this connection's stream (holes, foreign SYN)
 
     @property
     def sent(self) -> int:
@@ -78,8 +96,11 @@ class ConnectionStore:
     # Why carriers were ignored: "unknown" connection, "other" connection on the same port,
     # "older" than the one held.
     ignored_by_reason: dict[str, int] = field(
-        default_factory=lambda: {"unknown": 0, "other": 0, "older": 0}
+        default_factory=lambda: {"unknown": 0, "other": 0, "older": 0, "foreign": 0}
     )
+    losses: int = 0  # every connection's losses, including connections since forgotten
+    # Losses noticed since the caller last took them (``take_losses``), to log: (port, reason).
+    new_losses: list[tuple[int, str]] = field(default_factory=list)
 
     def on_syn(self, client_port: int, isn: int, now: float) -> None:
         """A SYN from the client: a new connection (a retransmitted SYN changes nothing).
@@ -128,6 +149,10 @@ class ConnectionStore:
             payload = payload[conn.replay_start - position :]
             position = conn.replay_start
         if position > conn.sent:
+            if not conn.pending:
+                # The copies of the bytes in between were lost: they never come again once the
+                # server acknowledged them (see the module's docstring).
+                self._lost(conn, f"capture hole: bytes {conn.sent} to {position} not captured")
             conn.pending[position] = payload
         else:
             conn.replay += payload[conn.sent - position :]
@@ -144,11 +169,26 @@ class ConnectionStore:
                 if position + len(chunk) > conn.sent:
                     conn.replay += chunk[conn.sent - position :]
 
-    def give_up_all(self, reason: str) -> None:
-        """Every connection becomes unmigratable (the capture lost copies: any may have a
-        hole in its replay bytes)."""
-        for conn in self.connections.values():
-            self._give_up(conn, reason)
+    def _lost(self, conn: TrackedConnection, reason: str) -> None:
+        conn.losses += 1
+        self.losses += 1
+        if len(self.new_losses) < MAX_NEW_LOSSES:
+            self.new_losses.append((conn.client_port, reason))
+
+    def take_losses(self) -> list[tuple[int, str]]:
+        """The losses noticed since the last call, (port, reason) each (at most
+        ``MAX_NEW_LOSSES`` between two calls; ``losses`` counts them all)."""
+        taken, self.new_losses = self.new_losses, []
+        return taken
+
+    def losses_by_port(self, limit: int = 20) -> dict[int, int]:
+        """The tracked connections with losses, most first (at most ``limit``)."""
+        hit = sorted(
+            (c for c in self.connections.values() if c.losses),
+            key=lambda c: c.losses,
+            reverse=True,
+        )
+        return {c.client_port: c.losses for c in hit[:limit]}
 
     def _give_up(self, conn: TrackedConnection, reason: str) -> None:
         if conn.unmigratable is None:
@@ -167,20 +207,34 @@ class ConnectionStore:
             total -= largest.stored_bytes
             self._give_up(largest, f"the store exceeds its total bound ({self.total_limit})")
 
-    def on_carrier(self, carrier: Carrier, now: float) -> bool:
+    def on_carrier(self, carrier: Carrier, now: float, ack: int | None = None) -> bool:
         """Keep ``carrier`` if it is the connection's newest; trim replay bytes to its fresh
-        point. Returns whether it was kept."""
+        point. Returns whether it was kept.
+
+        ``ack``, the carrier segment's acknowledgment number, is the client's ISN + 1 + the
+        checkpoint's client position: one that does not fit the tracked connection's ISN
+        belongs to another connection on the port, whose SYN the capture lost."""
         conn = self.connections.get(carrier.client_port)
         current = conn.carrier if conn is not None else None
+        foreign = (
+            conn is not None
+            and ack is not None
+            and (ack - conn.client_isn - 1 - carrier.c2s_pos) % SEQ_MOD != 0
+        )
         reason = (
             "unknown"
             if conn is None
+            else "foreign"
+            if foreign
             else "other"
             if current is not None and carrier.conn_id != current.conn_id
             else "older"
             if current is not None and carrier.counter <= current.counter
             else None
         )
+        if reason == "foreign" and conn is not None and conn.unmigratable is None:
+            self._lost(conn, "a checkpoint of another connection on this port (its SYN copy lost)")
+            self._give_up(conn, "the capture lost the SYN of the connection now on this port")
         if reason is not None:
             self.carriers_ignored += 1
             self.ignored_by_reason[reason] += 1
@@ -189,10 +243,18 @@ class ConnectionStore:
         conn.carrier = carrier
         conn.last_seen = now
         self.carriers_stored += 1
-        keep_from = min(carrier.c2s_fresh, conn.sent)
+        if conn.unmigratable is not None:
+            return True
+        keep_from = carrier.c2s_fresh
         if conn.pinned is not None:
             keep_from = min(keep_from, conn.pinned)
-        if keep_from > conn.replay_start and conn.unmigratable is None:
+        if keep_from > conn.sent:
+            # A hole before the fresh point: the bytes in it are no longer needed. Go on from
+            # the fresh point, with what was captured beyond it.
+            conn.replay = bytearray()
+            conn.replay_start = keep_from
+            self._drain_pending(conn)
+        elif keep_from > conn.replay_start:
             drop = keep_from - conn.replay_start
             del conn.replay[:drop]
             conn.replay_start += drop

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import os
 import select
 import socket
@@ -20,8 +21,10 @@ from typing import TypeVar
 
 import pytest
 
+from client_shim.rules import rewrite_table_body
 from labs import Lab, PoolTopo
 from labs.node import Node
+from migrate.endpoints import Endpoint
 from migrate.kernel import sockdiag
 from migrate.kernel.instances import call_in_netns
 from migrate.kernel.nflog import (
@@ -364,3 +367,51 @@ def test_pf_bind_is_accepted(lab_factory) -> None:
     default logger)."""
     lab = lab_factory(TOPO)
     in_ns(lab["c1"], lambda: NflogReader.open(12, bind_pf=True, nlbufsiz=65536)).close()
+
+
+# --- the client shim's capture chains ---------------------------------------------------------
+
+
+def test_the_client_shims_capture_copies_every_payload_and_no_pure_ack(lab_factory) -> None:
+    """``client_shim.rules``' capture chain, in a real table: segments to the VIP with payload
+    are copied whatever their flags and header length (a replay needs every byte), pure ACKs
+    (a downloading client's bulk) are not."""
+    lab = lab_factory(TOPO)
+    c1, s1 = lab["c1"], lab["s1"]
+    vip = ipaddress.ip_address(str(s1.address))
+    server = Endpoint(vip, PORT + 5)
+    body = rewrite_table_body(vip, PORT + 5, (server,), server, nflog_group=11)
+    timestamps = (8, bytes(8))
+    sack3 = (5, bytes(24))  # three SACK blocks: with timestamps, the longest pure ACK (80)
+    cases = {
+        # name: (flags, options, payload, copied)
+        "pure ack, timestamps": (ACK, [timestamps], b"", False),
+        "pure ack, no options": (ACK, [], b"", False),
+        "pure ack, timestamps and 3 sack blocks": (ACK, [timestamps, sack3], b"", False),
+        "10 bytes without psh, timestamps": (ACK, [timestamps], b"x" * 10, True),
+        "1 byte without psh, no options": (ACK, [], b"y", True),
+        "16 bytes without psh, sack": (ACK, [timestamps, sack3], b"z" * 16, True),
+        "5 bytes with psh": (ACK | PSH, [timestamps], b"w" * 5, True),
+        "1000 bytes": (ACK, [timestamps], bytes(1000), True),
+    }
+    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
+    try:
+        with in_ns(c1, lambda: NflogReader.open(11)) as reader, in_ns(c1, RawTcpSender) as sender:
+            for sport, (flags, options, payload, _copied) in enumerate(cases.values(), 40000):
+                packet = build_ipv4_tcp(
+                    str(c1.address), str(vip), sport, PORT + 5, 1000, 1, flags, 500,
+                    options, payload, ip_id=sport,
+                )  # fmt: skip
+                sender.send(packet)
+            # Copies come in sending order: once the last packet's is in, all are.
+            last = 40000 + len(cases) - 1
+            packets: list[NflogPacket] = []
+            deadline = time.monotonic() + 5.0
+            while last not in {segment_of(p).sport for p in packets}:
+                assert time.monotonic() < deadline, "the last packet was not copied"
+                packets += wait_packets(reader, 1, timeout_s=0.5)
+    finally:
+        c1.run(["nft", "delete", "table", "ip", TABLE], timeout=10)
+    copied = {segment_of(p).sport for p in packets}
+    for sport, (name, case) in enumerate(cases.items(), 40000):
+        assert (sport in copied) == case[3], name
