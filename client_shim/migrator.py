@@ -413,6 +413,7 @@ class Migrator:
             "carriers_ignored": self.store.carriers_ignored,
             "carriers_ignored_by_reason": dict(self.store.ignored_by_reason),
             "capture_losses": self.capture.losses,
+            "capture": self.capture.status(),
             "cover": self.channel.cover_status(),
             "roams": [record.summary() for record in self.roams[-10:]],
         }
