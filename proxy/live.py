@@ -496,6 +496,3 @@ class LiveMode:
             log.event("reincarnation_refused_closed_gate", client=client)
         elif release.kind == "aborted":
             log.event("reincarnation_aborted", client=client)
-
-
-__all__ = ["LiveMode"]

@@ -188,7 +188,7 @@ def test_messages_the_table_does_not_allow_are_remote_errors_and_change_nothing(
     assert server.state is h.ServerState.PREPARED
     assert server.actions() == []
     with pytest.raises(h.RemoteError, match="does not repeat"):
-        server.receive(prepare_request(checkpoint=b"\x02" * SEALED_BYTES), 0.4)
+        server.receive(prepare_request(checkpoint=b"\x01" + b"\x02" * (SEALED_BYTES - 1)), 0.4)
     # Both error kinds are the core's typed errors, which the executors already handle.
     from migrate import errors
 
@@ -255,7 +255,7 @@ def test_client_refresh_with_a_newer_checkpoint_prepares_again() -> None:
     client = h.ClientHandover(prepare_request(0), 0, deadline=5.0, now=0.0)
     client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
     client.actions()
-    newer = prepare_request(900, checkpoint=b"\x03" * SEALED_BYTES)
+    newer = prepare_request(900, checkpoint=b"\x01" + b"\x03" * (SEALED_BYTES - 1))
     client.refresh(900, len(REPLAY), newer, 800, 0.2)
     assert client.state is h.ClientState.PREPARING
     assert client.actions() == [h.Send(request=newer)]
