@@ -131,6 +131,7 @@ class LiveConnection:
         # For a re-incarnated connection, the hand-over that made it (it answers a repeated
         # COMMIT whose answers were all lost).
         self.handover = handover
+        self.codec_reported = self.unmigratable_reported = False
         self.sealer = pusher.carrier_sealer(record) if record is not None else None
         c2s, s2c = observed_modes(
             stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
@@ -165,6 +166,7 @@ class LiveConnection:
         """Send a checkpoint to the client on the connection's own 5-tuple."""
         if self.sealer is None or self.relay.ended:
             return
+        self._report_codec()
         checkpoint = self.snapshot(now)
         pusher = self.pusher
         sealed = seal_checkpoint(
@@ -207,6 +209,21 @@ class LiveConnection:
             now - self.last_sent >= BOUNDARY_MIN_GAP_S
         )
 
+    def _report_codec(self) -> None:
+        """Say once, in the log, which codec the connection got (``--codec auto``) and, at
+        once, if it cannot be migrated (not at the roam that would reset it)."""
+        stream, log = self.stream, self.pusher.context.log
+        client = f"{self.peer[0]}:{self.peer[1]}"
+        if not self.codec_reported and stream.detection is not None:
+            self.codec_reported = True
+            log.event("codec_chosen", client=client, codec=stream.codec_name,
+                      reason=stream.detection.reason)  # fmt: skip
+        if not self.unmigratable_reported and stream.unmigratable is not None:
+            self.unmigratable_reported = True
+            self.pusher.unmigratable += 1
+            log.event("connection_unmigratable", level="warning", client=client,
+                      codec=stream.codec_name, reason=stream.unmigratable)  # fmt: skip
+
     def leave_silently(self) -> None:
         """This connection lives elsewhere now: close the client side without a word."""
         with contextlib.suppress(OSError):
@@ -227,6 +244,7 @@ class CheckpointPusher:
         self.connections: dict[tuple[str, int], LiveConnection] = {}
         self.carrier_sealers: dict[int, Sealer] = {}
         self.sent = 0
+        self.unmigratable = 0  # connections found unmigratable (each logged once)
         self._raw: rawtcp.RawTcpSender | None = None
         self._leave_pushed: float | None = None
 
@@ -368,6 +386,17 @@ class CheckpointPusher:
                 )
                 # Soon again: a connection without a recent checkpoint cannot move.
                 connection.next_due = now + min(self.context.checkpoint_period, CHECKPOINT_RETRY_S)
+
+    def status(self) -> dict[str, object]:
+        codecs: dict[str, int] = {}  # live connections per codec
+        for connection in self.connections.values():
+            codecs[connection.stream.codec_name] = codecs.get(connection.stream.codec_name, 0) + 1
+        return {
+            "live_connections": len(self.connections),
+            "checkpoints_sent": self.sent,
+            "codecs": codecs,
+            "unmigratable": self.unmigratable,
+        }
 
     def leave(self) -> int:
         """The gate closed behind the service: drop every connection silently."""

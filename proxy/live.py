@@ -145,7 +145,6 @@ class LiveMode:
 
     def status(self) -> dict[str, object]:
         return {
-            "live_connections": len(self.pusher.connections),
             "pending": len(self.pending),
             "pending_by_state": count_states(p.machine.state for p in self.pending.values()),
             # Per client id: what the meter holds (issue 12, finding 3).
@@ -154,7 +153,7 @@ class LiveMode:
                 for client in sorted(self.meter.clients)
                 if self.meter.pending_of(client)
             },
-            "checkpoints_sent": self.pusher.sent,
+            **self.pusher.status(),
             **self.counts,
         }
 

@@ -124,6 +124,12 @@ def test_four_redis_connections_keep_their_session_and_replies_across_roams() ->
             for e in shim.events()
             if e["level"] != "info"
         ]
+        chosen = {
+            e["codec"]
+            for shim in roaming.servers.values()
+            for e in shim.events()
+            if e["event"] == "codec_chosen"
+        }
         roaming.stop()
         problems = shim_problems(roaming)
     assert result.returncode == 0, f"{result.stderr[-800:]}\n{summary(events)}\n{complaints[:8]}"
@@ -136,6 +142,7 @@ def test_four_redis_connections_keep_their_session_and_replies_across_roams() ->
     assert others == [], summary(others)
     assert len(migrated) >= 4 * 3, summary(ours)  # each connection moved at least 3 times
     assert problems == []
+    assert chosen == {"resp"}, chosen  # --codec auto recognised redis, and said so
 
 
 def summary(events: list[dict[str, object]]) -> str:
