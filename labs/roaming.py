@@ -57,6 +57,21 @@ def roam_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "roam_cli.main", *args]
 
 
+# Stores the same text values in a memcached on 127.0.0.1 (JSON object on stdin, port argv[1]).
+MEMCACHED_SEED = r"""
+import json, socket, sys
+values = json.load(sys.stdin)
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=10)
+for key, value in values.items():
+    data = value.encode()
+    s.sendall(b"set %s 0 0 %d\r\n%s\r\n" % (key.encode(), len(data), data))
+    answer = b""
+    while not answer.endswith(b"\r\n"):
+        answer += s.recv(100)
+    assert answer == b"STORED\r\n", answer
+"""
+
+
 @dataclass
 class ShimProcess:
     host: str
@@ -112,7 +127,7 @@ class RoamingLab:
     switch_window: float = 0.0
     first_switch_after: float = 0.0  # no switch in the first seconds (time to set things up)
     subscribe_options: dict[str, str] = field(default_factory=dict)  # e.g. {"rate-kbit": "800"}
-    service: str = "http"  # "http" | "nginx" | "redis" | "none"
+    service: str = "http"  # "http" | "nginx" | "redis" | "memcached" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
     # Each server host holds its own copy of the deployment directory, taken when the
@@ -255,7 +270,7 @@ class RoamingLab:
         return directory
 
     def start_service(self, host: str) -> None:
-        from labs.services import start_http_server, start_nginx, start_redis
+        from labs.services import start_http_server, start_memcached, start_nginx, start_redis
 
         node = self.lab[host]
         node.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -266,6 +281,13 @@ class RoamingLab:
         elif self.service == "nginx":
             self.services[host] = start_nginx(
                 node, self._content_dir(host), port=SERVICE_PORT, address="127.0.0.1"
+            )
+        elif self.service == "memcached":
+            self.services[host] = start_memcached(node, port=SERVICE_PORT, address="127.0.0.1")
+            node.run(
+                [sys.executable, "-c", MEMCACHED_SEED, str(SERVICE_PORT)],
+                input=json.dumps({k: v.decode() for k, v in self.content.items()}),
+                check=True,
             )
         elif self.service == "redis":
             # The same keys on every replica (the content, in database 0 and 3): a read-only

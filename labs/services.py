@@ -1,4 +1,5 @@
-"""Real services inside lab hosts: python's http.server, nginx, redis-server, iperf3 -s.
+"""Real services inside lab hosts: python's http.server, nginx, redis-server, memcached,
+iperf3 -s.
 
 Each ``start_*`` helper starts the program in a host (tracked by the lab, so it is stopped at
 the lab's close at the latest), waits until it listens on the requested address and port, and
@@ -362,6 +363,21 @@ def start_redis(
         *extra_args,
     ]
     return _start(node, "redis-server", argv, listen, port, workdir, ready_timeout_s)
+
+
+def start_memcached(
+    node: Node,
+    *,
+    port: int = 11211,
+    address: str | IPv4Address | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Service:
+    """Start memcached in the foreground, TCP only, listening on one address."""
+    port = _check_port(port)
+    listen = _listen_address(node, address)
+    workdir = _service_dir(node, "memcached", port)
+    argv = ["memcached", "-l", str(listen), "-p", str(port), "-U", "0", "-u", "root", "-m", "64"]
+    return _start(node, "memcached", argv, listen, port, workdir, ready_timeout_s)
 
 
 def start_iperf3_server(
