@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
 SYSTEMD_DIR = Path("/etc/systemd/system")
+METRICS_HELP = (
+    "serve Prometheus metrics at http://HOST:PORT/metrics, on that address only (default: off)"
+)
 
 
 def endpoint(text: str) -> Endpoint:
@@ -188,6 +191,7 @@ def register(subparsers: Subparsers) -> None:
         help="persistent state (default DIR/state/server-INDEX.json)",
     )
     server.add_argument("--status", type=Path, metavar="FILE", help="write a status JSON file")
+    server.add_argument("--metrics", type=endpoint, metavar="HOST:PORT", help=METRICS_HELP)
     server.add_argument(
         "--log-json", type=Path, metavar="FILE", help="append one JSON object per event"
     )
@@ -274,6 +278,7 @@ def register(subparsers: Subparsers) -> None:
         metavar="PORT",
         help="servers' UDP port for re-incarnation requests (default 47476)",
     )
+    client.add_argument("--metrics", type=endpoint, metavar="HOST:PORT", help=METRICS_HELP)
     client.add_argument("--log-json", type=Path, metavar="FILE")
     client.add_argument("--quiet", action="store_true")
     client.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
@@ -374,6 +379,7 @@ def run_server(args: argparse.Namespace) -> int:
         checkpoint_period=args.checkpoint_period,
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,
+        metrics=args.metrics,
     )
     if args.check_config:
         # Everything the shim reads at start, read now; nothing written, nothing started.
@@ -419,6 +425,7 @@ def run_client(args: argparse.Namespace) -> int:
             prepare_lead=args.prepare_lead,
             migration_port=args.migration_port,
             cover_config=CoverConfig(rate=args.cover_rate, cell=args.cover_cell),
+            metrics=args.metrics,
             clock=shifted_clock(args.clock_offset),
         )
         _run_loop(shim.run)
