@@ -5,6 +5,8 @@ prometheus-client's own parser, and the server's count of group-control messages
 from __future__ import annotations
 
 import io
+import json
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -142,3 +144,24 @@ def test_the_server_counts_control_messages_by_kind_and_verdict(tmp_path: Path) 
     assert found[(metric, (("kind", "revoke"), ("verdict", "refused")))] == 1
     assert found[(metric, (("kind", "unopened"), ("verdict", "rejected")))] == 1
     assert found[(metric, (("kind", "revoke"), ("verdict", "rejected")))] == 1
+
+
+def test_the_guide_documents_every_metric_and_the_dashboard_uses_only_those() -> None:
+    root = Path(__file__).resolve().parents[2]
+    guide = (root / "docs" / "operators-guide.md").read_text()
+    documented = set(re.findall(r"^\| `(roam_\w+)`", guide, flags=re.MULTILINE))
+    tally = HandoffTally()
+    exposed = {
+        family.name + ("_total" if family.type == "counter" else "")
+        for families in (server_families(SERVER_STATUS), client_families(CLIENT_STATUS, tally))
+        for family in families
+    }
+    assert exposed == documented
+    dashboard = json.loads((root / "docs" / "grafana-dashboard.json").read_text())
+    used = {
+        re.sub(r"_(bucket|sum|count)$", "", name)
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"roam_\w+", target["expr"])
+    }
+    assert used <= documented, used - documented
