@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -27,12 +25,19 @@ from migrate.kernel.eventlog import EventLog
 from migrate.kernel.files import own_private_directory
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
-from roam_cli.store import load_bundle
+from roam_cli.store import DeploymentDir, load_bundle
+from roam_cli.units import (
+    SYSTEMD_DIR,
+    install_unit,
+    roam_executable,
+    server_unit_name,
+    server_unit_text,
+    uninstall_units,
+)
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-SYSTEMD_DIR = Path("/etc/systemd/system")
 METRICS_HELP = (
     "serve Prometheus metrics at http://HOST:PORT/metrics, on that address only (default: off)"
 )
@@ -211,6 +216,40 @@ def register(subparsers: Subparsers) -> None:
     )
     server_status.add_argument("--json", action="store_true")
     server_status.set_defaults(handler=run_server_status)
+    server_install = server_actions.add_parser(
+        "install",
+        help="install and start a hardened systemd unit running 'roam server --config FILE'",
+        description="Write /etc/systemd/system/roam-server-ADDRESS-PORT.service, running "
+        "'roam server --config CONFIG' with a capability bounding set, a read-only file "
+        "system except the directories the shim writes (made 0700 if missing), a private "
+        "/tmp and no new privileges, and 'roam cleanup' after it stops; enable and start it. "
+        "Without systemctl nothing is written (unless --no-start); if systemctl fails, the "
+        "unit is removed again.",
+    )
+    server_install.add_argument(
+        "install_config", type=Path, metavar="CONFIG", help="the server's TOML file"
+    )
+    server_install.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="run the shim in network namespace NAME (NetworkNamespacePath=/run/netns/NAME)",
+    )
+    server_install.add_argument("--no-start", action="store_true", help="write the unit only")
+    server_install.add_argument(
+        "--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS
+    )
+    server_install.set_defaults(handler=run_server_install, server_parser=server)
+    server_uninstall = server_actions.add_parser(
+        "uninstall",
+        help="stop and remove the systemd unit (of CONFIG's server, or every roam server unit)",
+    )
+    server_uninstall.add_argument(
+        "uninstall_config", nargs="?", type=Path, metavar="CONFIG", help="the server's TOML file"
+    )
+    server_uninstall.add_argument(
+        "--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS
+    )
+    server_uninstall.set_defaults(handler=run_server_uninstall, server_parser=server)
 
     client = subparsers.add_parser(
         "client",
@@ -503,45 +542,16 @@ WantedBy=multi-user.target
 """
 
 
-def _roam_executable() -> str:
-    found = shutil.which("roam")
-    return found or f"{sys.executable} -m roam_cli.main"
-
-
-def _systemctl(*args: str) -> None:
-    result = subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        line = (result.stderr.strip().splitlines() or ["failed"])[0]
-        raise ConfigError(f"systemctl {' '.join(args)}: {line}")
-
-
-def _require_systemctl(what: str) -> None:
-    """Checked before anything is written, so that a host without systemd keeps nothing."""
-    if shutil.which("systemctl") is None:
-        raise ConfigError(f"systemctl is not available on this host; {what}")
-
-
 def run_client_install(args: argparse.Namespace) -> int:
     bundle_path = args.install_bundle.resolve()
     bundle = load_bundle(bundle_path)
-    unit = args.unit_dir / unit_name(bundle.name)
-    if unit.exists():
-        raise ConfigError(f"{unit} already exists; run 'roam client uninstall' first")
-    if not args.no_start:
-        _require_systemctl("nothing written (--no-start writes the unit only)")
-    args.unit_dir.mkdir(parents=True, exist_ok=True)
-    unit.write_text(unit_text(bundle_path, _roam_executable()))
-    print(f"wrote {unit}")
-    if not args.no_start:
-        try:
-            _systemctl("daemon-reload")
-            _systemctl("enable", "--now", unit.name)
-        except ConfigError as error:
-            # Leave nothing behind: the unit goes, and systemd forgets it.
-            unit.unlink()
-            subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
-            raise ConfigError(f"{error}; {unit} removed") from None
-        print(f"started {unit.name}")
+    install_unit(
+        args.unit_dir,
+        unit_name(bundle.name),
+        unit_text(bundle_path, roam_executable()),
+        no_start=args.no_start,
+        uninstall_hint="roam client uninstall",
+    )
     return 0
 
 
@@ -555,14 +565,76 @@ def run_client_uninstall(args: argparse.Namespace) -> int:
         units = sorted(args.unit_dir.glob("roam-client-*.service"))
     if not units:
         raise ConfigError(f"no roam client unit is installed in {args.unit_dir}")
-    systemd = shutil.which("systemctl") is not None
-    for unit in units:
-        if systemd:
-            subprocess.run(
-                ["systemctl", "disable", "--now", unit.name], capture_output=True, check=False
+    uninstall_units(units)
+    return 0
+
+
+def _server_options(config: Path, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options ``roam server --config FILE`` would run with (checked the same way)."""
+    from roam_cli.config import file_argv
+
+    options = parser.parse_args(file_argv(config, parser))
+    missing = [
+        name for name in ("deployment", "listen", "service") if getattr(options, name) is None
+    ]
+    if missing:
+        raise ConfigError(f"{config}: the server needs the keys {', '.join(missing)}")
+    servers = DeploymentDir(options.deployment).deployment().servers
+    if options.listen not in servers:
+        raise ConfigError(
+            f"{config}: key 'listen': {options.listen} is not in the deployment's server list"
+        )
+    return options
+
+
+def _server_writes(options: argparse.Namespace) -> list[Path]:
+    """The directories the server shim writes to (its unit's ReadWritePaths)."""
+    deployment = options.deployment.resolve()
+    state = options.state.resolve().parent if options.state else deployment / "state"
+    paths = [state]
+    for path in (options.log_json, options.status):
+        if path is not None:
+            paths.append(path.resolve().parent)
+    if options.capture_dropped is not None:
+        paths.append(options.capture_dropped.resolve())
+    return paths
+
+
+def run_server_install(args: argparse.Namespace) -> int:
+    config = args.install_config.resolve()
+    options = _server_options(config, args.server_parser)
+    listen = str(options.listen)
+    writes = _server_writes(options)
+    text = server_unit_text(config, roam_executable(), listen, writes, args.netns)
+    install_unit(
+        args.unit_dir,
+        server_unit_name(listen),
+        text,
+        no_start=args.no_start,
+        uninstall_hint="roam server uninstall",
+        directories=writes,
+    )
+    for path in writes:
+        if path.is_relative_to("/tmp") or path.is_relative_to("/var/tmp"):
+            # The unit's PrivateTmp= gives the shim a /tmp of its own.
+            print(
+                f"roam: warning: {path} is under /tmp: the unit's private /tmp hides it from "
+                "everything but the shim",
+                file=sys.stderr,
             )
-        unit.unlink()
-        print(f"removed {unit}")
-    if systemd:
-        subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
+    return 0
+
+
+def run_server_uninstall(args: argparse.Namespace) -> int:
+    if args.uninstall_config is not None:
+        options = _server_options(args.uninstall_config.resolve(), args.server_parser)
+        unit = args.unit_dir / server_unit_name(str(options.listen))
+        if not unit.exists():
+            raise ConfigError(f"{unit} is not installed")
+        units = [unit]
+    else:
+        units = sorted(args.unit_dir.glob("roam-server-*.service"))
+    if not units:
+        raise ConfigError(f"no roam server unit is installed in {args.unit_dir}")
+    uninstall_units(units)
     return 0
