@@ -43,6 +43,16 @@ METRICS_HELP = (
 )
 
 
+WATCH_OPTION: dict[str, Any] = {
+    "dest": "watch",
+    "nargs": "?",
+    "const": 2.0,
+    "type": positive_seconds,
+    "metavar": "S",
+    "help": "refresh the summary every S seconds (default 2) until Ctrl-C or SIGTERM",
+}
+
+
 def endpoint(text: str) -> Endpoint:
     try:
         return Endpoint.parse(text)
@@ -215,6 +225,7 @@ def register(subparsers: Subparsers) -> None:
         "--status", dest="status_file", required=True, type=Path, metavar="FILE"
     )
     server_status.add_argument("--json", action="store_true")
+    server_status.add_argument("--watch", **WATCH_OPTION)
     server_status.set_defaults(handler=run_server_status)
     server_install = server_actions.add_parser(
         "install",
@@ -333,6 +344,7 @@ def register(subparsers: Subparsers) -> None:
     status.add_argument("--bundle", dest="status_bundle", type=Path, metavar="FILE")
     status.add_argument("--status", dest="status_file", type=Path, metavar="FILE")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", **WATCH_OPTION)
     status.set_defaults(handler=run_client_status)
     install = actions.add_parser(
         "install",
@@ -489,9 +501,22 @@ def _read_status(path: Path, kind: str) -> dict[str, Any]:
     return status
 
 
+def _watch(args: argparse.Namespace, frame: Callable[[], list[str]]) -> int:
+    if args.json:
+        raise ConfigError("--watch refreshes the summary; --json prints the file once")
+    from roam_cli.watch import watch
+
+    return watch(frame, args.watch)
+
+
 def run_server_status(args: argparse.Namespace) -> int:
     from roam_cli.status import server_summary
 
+    if args.watch is not None:
+        return _watch(
+            args,
+            lambda: server_summary(_read_status(args.status_file, "server"), time.time()),
+        )
     status = _read_status(args.status_file, "server")
     if args.json:
         print(json.dumps(status, indent=2))
@@ -508,6 +533,10 @@ def run_client_status(args: argparse.Namespace) -> int:
         if args.status_bundle is None:
             raise ConfigError("give --bundle FILE or --status FILE")
         path = default_status_path(load_bundle(args.status_bundle).name)
+    if args.watch is not None:
+        from roam_cli.status import client_summary
+
+        return _watch(args, lambda: client_summary(_read_status(path, "client"), time.time()))
     status = _read_status(path, "client")
     if args.json:
         print(json.dumps(status, indent=2))
