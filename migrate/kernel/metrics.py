@@ -283,6 +283,7 @@ class MetricsServer:
         self.before_scrape = before_scrape
         self._server: asyncio.Server | None = None
         self._busy = 0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self, host: str, port: int) -> None:
         try:
@@ -300,6 +301,10 @@ class MetricsServer:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+            # Scrapes under way (or idle connections) end now, not when their timeout comes.
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
             self._server = None
@@ -309,14 +314,21 @@ class MetricsServer:
             writer.close()
             return
         self._busy += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
         try:
             await asyncio.wait_for(self._answer(reader, writer), REQUEST_TIMEOUT_S)
         except (TimeoutError, OSError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
             pass
         except ValueError:  # the request head went over the limit
             pass
+        except asyncio.CancelledError:
+            pass  # ``close``: this connection ends with the endpoint
         finally:
             self._busy -= 1
+            if task is not None:
+                self._tasks.discard(task)
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
