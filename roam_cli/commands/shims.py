@@ -81,7 +81,8 @@ def shifted_clock(offset: float) -> Callable[[], float]:
 def register(subparsers: Subparsers) -> None:
     server = subparsers.add_parser(
         "server",
-        help="run the server shim in front of an unmodified service",
+        help="run the server shim in front of an unmodified service (or: server "
+        "status|install|uninstall)",
         description="Gate the service by the secret schedule, relay clients to it, send "
         "roaming updates and take group control messages. Runs until SIGTERM/SIGINT; removes "
         "everything it created on exit.",
