@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import time
 from collections import Counter
 from typing import Any
@@ -205,3 +206,40 @@ def test_the_endpoint_answers_only_get_metrics_and_is_bounded() -> None:
             await server.close()
 
     asyncio.run(scenario())
+
+
+def test_a_taken_metrics_port_is_one_line_and_leaves_nothing() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root")
+    with live_lab(tick=30.0, m=1, server_extra=("--metrics", METRICS)) as pool:
+        pool.start_service("s1")
+        pool.create()
+        holder = pool.lab["s1"].popen(
+            [
+                sys.executable,
+                "-c",
+                "import socket, sys, time\n"
+                "s = socket.socket()\n"
+                f"s.bind(('127.0.0.1', {METRICS.rsplit(':', 1)[1]}))\n"
+                "s.listen()\n"
+                "print('held', flush=True)\n"
+                "time.sleep(120)\n",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "held\n"
+            shim = pool.start_server("s1")
+            assert shim.process.wait(timeout=60) == 1
+            last = shim.stderr_tail(1)
+            assert last.startswith(f"roam: error: --metrics {METRICS}: "), shim.stderr_tail()
+            assert "in use" in last
+        finally:
+            holder.kill()
+            holder.wait()
+        tables = pool.lab["s1"].run(["nft", "list", "tables"], check=True).stdout
+        assert "roam_" not in tables
+        stopped = [e for e in shim.events() if e["event"] == "stop"]
+        assert [e["reason"] for e in stopped] == ["error"]
