@@ -168,6 +168,7 @@ class ServerShim:
         self.control_messages: Counter[str] = Counter()
         self.gate_dropped: int | None = None  # read from the gate's counter at each scrape
         self.metrics: MetricsServer | None = None
+        self._metrics_failure: str | None = None
         self.update_failures: dict[int, str] = {}  # client id -> kind of the last failure
         self._timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
@@ -659,8 +660,12 @@ class ServerShim:
         try:
             values = await asyncio.to_thread(nft.counters, self.family, self.table)
         except RoamError as error:
-            self.log.event("metrics_read_failed", level="warning", reason=str(error))
+            # Once per new reason, not at every scrape.
+            if self._metrics_failure != str(error):
+                self._metrics_failure = str(error)
+                self.log.event("metrics_read_failed", level="warning", reason=str(error))
             return
+        self._metrics_failure = None
         packets = values.get(GATE_DROPPED_COUNTER)
         if packets is not None:
             self.gate_dropped = packets[0]
