@@ -21,6 +21,7 @@ import signal
 import socket
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -48,6 +49,7 @@ from migrate.kernel import nft, sockdiag
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.files import write_private
 from migrate.kernel.instances import Instance, sweep_dead
+from migrate.kernel.metrics import HandoffTally, MetricsServer, client_families, registry_of
 from migrate.kernel.routing import HostRoute
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import Bundle
@@ -73,7 +75,13 @@ class ClientShim:
         prepare_lead: float = DEFAULT_PREPARE_LEAD_S,
         migration_port: int = MIGRATION_PORT,
         cover_config: CoverConfig | None = None,
+        metrics: Endpoint | None = None,
     ) -> None:
+        self.metrics_endpoint = metrics
+        self.metrics: MetricsServer | None = None
+        # Hand-overs counted from the log's own ``handoff`` events (for the metrics).
+        self.handoffs = HandoffTally()
+        log.taps.append(self.handoffs)
         self.migration_port = migration_port
         self.cover_config = cover_config if cover_config is not None else CoverConfig()
         self.bundle = bundle
@@ -110,6 +118,8 @@ class ClientShim:
         self.last_update: float | None = None  # when the last update was accepted
         self.started = clock()
         self.rejected = 0
+        # By error class: a bounded set (the protocol's error types), for the metrics.
+        self.rejected_by_reason: Counter[str] = Counter()
         self.last_rejection: str | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._prepare_timer: asyncio.TimerHandle | None = None
@@ -303,6 +313,7 @@ class ClientShim:
             outcome = self.roaming.receive(data, now)
         except RoamError as error:
             self.rejected += 1
+            self.rejected_by_reason[type(error).__name__] += 1
             self.last_rejection = f"{type(error).__name__}: {error}"
             # Anyone can send these: bounded logging, and the status file (with the counts)
             # is rewritten at the next epoch or accepted update, not once per datagram.
@@ -375,6 +386,7 @@ class ClientShim:
             "last_update": None if self.last_update is None else round(self.last_update, 6),
             "started": round(self.started, 6),
             "updates_rejected": self.rejected,
+            "updates_rejected_by_reason": dict(sorted(self.rejected_by_reason.items())),
             "last_rejection": self.last_rejection,
             "table": self.table,
             "migration": "live" if self.live else "reconnect",
@@ -439,6 +451,13 @@ class ClientShim:
                     CounterFloor(self.saved.counter_floor, self._save_counter_floor)
                 )
                 await self.migrator.start()
+            if self.metrics_endpoint is not None:
+                self.metrics = MetricsServer(
+                    registry_of(lambda: client_families(self.status(), self.handoffs))
+                )
+                endpoint = self.metrics_endpoint
+                await self.metrics.start(str(endpoint.address), endpoint.port)
+                self.log.event("metrics", listen=str(endpoint))
             self.log.event(
                 "start",
                 name=self.bundle.name,
@@ -458,6 +477,8 @@ class ClientShim:
                 self._handoff.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await self._handoff
+            if self.metrics is not None:
+                await self.metrics.close()
             if self.migrator is not None:
                 self.migrator.close()
             if transport is not None:

@@ -36,6 +36,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,7 @@ from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.eventlog import EventLog, write_status
 from migrate.kernel.files import private_directory, write_private
 from migrate.kernel.instances import Instance, sweep_dead
+from migrate.kernel.metrics import MetricsServer, registry_of, server_families
 from migrate.kernel.routing import TransparentReturnPath
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.pool import PoolState, ServerPool
@@ -74,6 +76,7 @@ from proxy.live import LiveMode
 from proxy.livecontext import LiveContext
 from proxy.modes import MigrationMode, ReconnectMode
 from proxy.rules import (
+    GATE_DROPPED_COUNTER,
     Contract,
     GatePlan,
     contract_update_script,
@@ -107,6 +110,7 @@ class ServerOptions:
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT
+    metrics: Endpoint | None = None  # serve Prometheus metrics at http://HOST:PORT/metrics
 
 
 def default_state_path(directory: Path, index: int) -> Path:
@@ -160,6 +164,11 @@ class ServerShim:
         self.counters: dict[str, int] = {}
         self.updates_sent = 0
         self.control_rejected = 0  # group-control datagrams refused (logged bounded)
+        # Group-control datagrams by "kind/verdict" (bounded: message classes x verdicts).
+        self.control_messages: Counter[str] = Counter()
+        self.gate_dropped: int | None = None  # read from the gate's counter at each scrape
+        self.metrics: MetricsServer | None = None
+        self._metrics_failure: str | None = None
         self.update_failures: dict[int, str] = {}  # client id -> kind of the last failure
         self._timer: asyncio.TimerHandle | None = None
         self._stop = asyncio.Event()
@@ -424,15 +433,20 @@ class ServerShim:
             # the address the first answer went to.
             cached = self._acks.get(data[:HEADER_BYTES])
             if cached is not None and cached[1] == source and self._control_transport:
+                self.control_messages["unopened/repeated"] += 1
                 self._control_transport.sendto(cached[0], source)
                 return
+            self.control_messages["unopened/rejected"] += 1
             self._reject(origin, error)
             return
         except RoamError as error:
+            self.control_messages["unopened/rejected"] += 1
             self._reject(origin, error)
             return
         sender = opened.header.sender
+        kind = type(message).__name__.lower()
         if not self._registered(sender, source) or sender == self.pool.index:
+            self.control_messages[f"{kind}/rejected"] += 1
             self.control_rejected += 1
             self.log.rejection(
                 "control_rejected",
@@ -443,17 +457,22 @@ class ServerShim:
             return
         self.control.accept(opened)
         if isinstance(message, Ack | StateReport):
+            self.control_messages[f"{kind}/taken"] += 1
             return
         if isinstance(message, Facts):
-            self._merge(sender, message, origin)
+            merged = self._merge(sender, message, origin)
+            self.control_messages[f"{kind}/{'merged' if merged else 'rejected'}"] += 1
             return
         if isinstance(message, StateQuery):
             # ``roam resync``: the operator lost its record of threat changes and triggers.
+            self.control_messages[f"{kind}/answered"] += 1
             answer: Ack | StateReport = StateReport(
                 opened.header.counter, self.pool.state.anchor, self.pool.schedule.params.m
             )
         else:
-            answer = Ack(opened.header.counter, self._apply_control(message, origin))
+            applied = self._apply_control(message, origin)
+            self.control_messages[f"{kind}/{'applied' if applied else 'refused'}"] += 1
+            answer = Ack(opened.header.counter, applied)
         reply = self.control.seal(answer, self.clock())
         if len(self._acks) >= 64:
             self._acks.pop(next(iter(self._acks)))
@@ -463,7 +482,7 @@ class ServerShim:
 
     # -- anti-entropy ------------------------------------------------------------------------
 
-    def _merge(self, sender: int, facts: Facts, origin: str) -> None:
+    def _merge(self, sender: int, facts: Facts, origin: str) -> bool:
         if sender == OPERATOR:
             self.control_rejected += 1
             self.log.rejection(
@@ -472,7 +491,7 @@ class ServerShim:
                 error="UnexpectedMessage",
                 reason="control state comes from servers only",
             )
-            return
+            return False
         applied, refused = self.pool.merge(facts, self.clock())
         if applied:
             self._persist()
@@ -485,6 +504,7 @@ class ServerShim:
         if refused and self._sync_refused.get(sender) != summary:
             self.log.event("control_sync_refused", level="warning", origin=origin, reason=summary)
         self._sync_refused[sender] = summary
+        return True
 
     def _send_facts(self) -> None:
         """This server's revocations and strikes to every other server: one message of one
@@ -605,6 +625,9 @@ class ServerShim:
             "connections": len(self.relay_server.relays) if self.relay_server else 0,
             "updates_sent": self.updates_sent,
             "control_rejected": self.control_rejected,
+            "control_messages": dict(sorted(self.control_messages.items())),
+            "relay_bytes": self._relay_bytes(),
+            "gate_dropped": self.gate_dropped,
             "live": self.mode.status() if self.mode is not None else None,
             "revoked": sorted(self.pool.state.revoked),
             "clients": len(self.pool.clients.clients),
@@ -612,6 +635,50 @@ class ServerShim:
             "table": self.table,
             "updated": round(self.clock(), 6),
         }
+
+    def _relay_bytes(self) -> dict[str, int]:
+        """Bytes relayed: by the connections this shim accepted (ended and live ones) and by
+        the re-incarnated connections that live here now (an ended re-incarnated connection's
+        bytes are not kept)."""
+        if self.relay_server is None:
+            return {"client_to_service": 0, "service_to_client": 0}
+        stats = self.relay_server.snapshot()
+        relays = set(self.relay_server.relays)
+        if isinstance(self.mode, LiveMode):  # re-incarnated connections relay there
+            relays.update(c.relay for c in self.mode.pusher.connections.values())
+        return {
+            "client_to_service": stats.bytes_client_to_service
+            + sum(r.bytes_client_to_service for r in relays),
+            "service_to_client": stats.bytes_service_to_client
+            + sum(r.bytes_service_to_client for r in relays),
+        }
+
+    async def _read_gate_dropped(self) -> None:
+        """Before a scrape: the gate's drop counter (pyroute2/nft off the event loop)."""
+        if self.instance is None or self.plan is None:
+            return
+        try:
+            values = await asyncio.to_thread(nft.counters, self.family, self.table)
+        except RoamError as error:
+            # Once per new reason, not at every scrape.
+            if self._metrics_failure != str(error):
+                self._metrics_failure = str(error)
+                self.log.event("metrics_read_failed", level="warning", reason=str(error))
+            return
+        self._metrics_failure = None
+        packets = values.get(GATE_DROPPED_COUNTER)
+        if packets is not None:
+            self.gate_dropped = packets[0]
+
+    async def _start_metrics(self) -> None:
+        endpoint = self.options.metrics
+        if endpoint is None:
+            return
+        self.metrics = MetricsServer(
+            registry_of(lambda: server_families(self.status())), self._read_gate_dropped
+        )
+        await self.metrics.start(str(endpoint.address), endpoint.port)
+        self.log.event("metrics", listen=str(endpoint))
 
     def _leaves_at(self) -> float | None:
         leaving = self.leaving_at()
@@ -746,6 +813,7 @@ class ServerShim:
             self._control_transport, _ = await loop.create_datagram_endpoint(
                 lambda: _ControlProtocol(self), sock=control_socket
             )
+            await self._start_metrics()
             self.log.event(
                 "start",
                 listen=str(self.options.listen),
@@ -769,6 +837,8 @@ class ServerShim:
                     await task
             if self._timer is not None:
                 self._timer.cancel()
+            if self.metrics is not None:
+                await self.metrics.close()
             if self._control_transport is not None:
                 self._control_transport.close()
             else:

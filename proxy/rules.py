@@ -52,6 +52,11 @@ class GatePlan:
     nflog_group: int | None = None
 
 
+# Named counter of every packet the gate drops (closed, blocked, or from an address that holds
+# no subscription): ``roam_gate_dropped_packets_total``. Contract counters are ``over_N``.
+GATE_DROPPED_COUNTER = "gate_dropped"
+
+
 def family_of(endpoint: Endpoint) -> str:
     return "ip" if endpoint.address.version == 4 else "ip6"
 
@@ -66,14 +71,17 @@ def _elements(addresses: tuple[IPAddress, ...]) -> str:
     return f" elements = {{ {', '.join(str(a) for a in addresses)} }};"
 
 
+_DROP = f"counter name {GATE_DROPPED_COUNTER} drop"
+
+
 def _service_rules(plan: GatePlan) -> list[str]:
     family = family_of(plan.listen)
     if not plan.open:
         log = f'log group {plan.nflog_group} prefix "roam-closed" ' if plan.nflog_group else ""
-        return [f"{log}drop"]
-    rules = [f"{family} saddr @blocked drop"]
+        return [f"{log}{_DROP}"]
+    rules = [f"{family} saddr @blocked {_DROP}"]
     rules.append("accept" if plan.allow_any_source else f"{family} saddr @allowed accept")
-    rules.append("drop")
+    rules.append(_DROP)
     return rules
 
 
@@ -113,7 +121,9 @@ def _outbound_rules(plan: GatePlan) -> list[str]:
 def gate_table_body(plan: GatePlan) -> str:
     family = family_of(plan.listen)
     addr_type = _addr_type(plan.listen)
-    counters = "".join(f"  counter {c.counter} {{ }}\n" for c in plan.contracts)
+    counters = f"  counter {GATE_DROPPED_COUNTER} {{ }}\n" + "".join(
+        f"  counter {c.counter} {{ }}\n" for c in plan.contracts
+    )
     service = "\n".join(f"    {rule}" for rule in _service_rules(plan))
     quiet = "\n".join(f"    {rule}" for rule in _outbound_rules(plan))
     # The contract chain exists only with contracts: a ``ct`` expression turns connection

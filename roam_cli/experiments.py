@@ -148,7 +148,7 @@ def run_fig2(args: argparse.Namespace) -> int:
 
     from roam_cli.extras import require
 
-    require("matplotlib", "rich", "scapy")  # the figure comes at the end of an hour's run
+    require("matplotlib", "scapy")  # the figure comes at the end of an hour's run
 
     from labs.experiments.fig2 import Fig2Options, run_fig2
     from labs.experiments.poisson import PaperParams, configurations
@@ -188,7 +188,7 @@ def run_fig2(args: argparse.Namespace) -> int:
 def run_overhead(args: argparse.Namespace) -> int:
     from roam_cli.extras import require
 
-    require("matplotlib", "rich", "scapy")
+    require("matplotlib", "scapy")
     from labs.experiments.overhead import OverheadOptions, run_overhead
 
     with _RichProgress() as progress:

@@ -1,7 +1,8 @@
 """Optional extras: commands that need one say which, in one line, before doing anything.
 
 ``pip install 'server-roaming[labs]'`` brings what the labs and experiments use (matplotlib for
-figures, rich for progress bars, scapy to build and read packets); the shims need none of it.
+figures, scapy to build and read packets); the shims need none of it. (rich, for progress bars
+and ``status --watch``, is a dependency of the package.)
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import importlib.util
 
 from migrate.errors import ConfigError
 
-EXTRA_OF = {"matplotlib": "labs", "rich": "labs", "scapy": "labs"}
+EXTRA_OF = {"matplotlib": "labs", "scapy": "labs"}
 
 
 def _needs(extra: str, module: str) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
@@ -36,6 +37,9 @@ class EventLog:
         self.stream = None if quiet else stream
         self.rejections = RejectionLimiter(rejection_period_s)
         self._file: IO[str] | None = None
+        # Called with every event's name and fields (the metrics count hand-overs from the
+        # very events the JSON log records, so the two cannot disagree).
+        self.taps: list[Callable[[str, dict[str, Any]], None]] = []
         if json_path is not None:
             self._file = open_private_log(json_path)
 
@@ -53,6 +57,8 @@ class EventLog:
             details = " ".join(f"{key}={value}" for key, value in fields.items())
             self.stream.write(f"{self.component}: {level}: {name} {details}\n".rstrip() + "\n")
             self.stream.flush()
+        for tap in self.taps:
+            tap(name, fields)
 
     def rejection(self, name: str, /, now: float | None = None, **fields: Any) -> None:
         """Log a rejected datagram, bounded (``migrate.ratelog``): the first of each event and

@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Coroutine
@@ -24,16 +22,36 @@ from migrate.cover import (
 )
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, RoamError
-from migrate.kernel.deployment import load_bundle
+from migrate.kernel.deployment import DeploymentDir, load_bundle
 from migrate.kernel.eventlog import EventLog
-from migrate.kernel.files import PUBLIC_FILE, own_private_directory, write_private
+from migrate.kernel.files import own_private_directory
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
+from roam_cli.units import (
+    SYSTEMD_DIR,
+    install_unit,
+    roam_executable,
+    server_unit_name,
+    server_unit_text,
+    uninstall_units,
+)
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-SYSTEMD_DIR = Path("/etc/systemd/system")
+METRICS_HELP = (
+    "serve Prometheus metrics at http://HOST:PORT/metrics, on that address only (default: off)"
+)
+
+
+WATCH_OPTION: dict[str, Any] = {
+    "dest": "watch",
+    "nargs": "?",
+    "const": 2.0,
+    "type": positive_seconds,
+    "metavar": "S",
+    "help": "refresh the summary every S seconds (default 2) until Ctrl-C or SIGTERM",
+}
 
 
 def endpoint(text: str) -> Endpoint:
@@ -64,7 +82,8 @@ def shifted_clock(offset: float) -> Callable[[], float]:
 def register(subparsers: Subparsers) -> None:
     server = subparsers.add_parser(
         "server",
-        help="run the server shim in front of an unmodified service",
+        help="run the server shim in front of an unmodified service (or: server "
+        "status|install|uninstall)",
         description="Gate the service by the secret schedule, relay clients to it, send "
         "roaming updates and take group control messages. Runs until SIGTERM/SIGINT; removes "
         "everything it created on exit.",
@@ -191,6 +210,7 @@ def register(subparsers: Subparsers) -> None:
         help="persistent state (default DIR/state/server-INDEX.json)",
     )
     server.add_argument("--status", type=Path, metavar="FILE", help="write a status JSON file")
+    server.add_argument("--metrics", type=endpoint, metavar="HOST:PORT", help=METRICS_HELP)
     server.add_argument(
         "--log-json", type=Path, metavar="FILE", help="append one JSON object per event"
     )
@@ -209,7 +229,42 @@ def register(subparsers: Subparsers) -> None:
         "--status", dest="status_file", required=True, type=Path, metavar="FILE"
     )
     server_status.add_argument("--json", action="store_true")
+    server_status.add_argument("--watch", **WATCH_OPTION)
     server_status.set_defaults(handler=run_server_status)
+    server_install = server_actions.add_parser(
+        "install",
+        help="install and start a hardened systemd unit running 'roam server --config FILE'",
+        description="Write /etc/systemd/system/roam-server-ADDRESS-PORT.service, running "
+        "'roam server --config CONFIG' with a capability bounding set, a read-only file "
+        "system except the directories the shim writes (made 0700 if missing), a private "
+        "/tmp and no new privileges, and 'roam cleanup' after it stops; enable and start it. "
+        "Without systemctl nothing is written (unless --no-start); if systemctl fails, the "
+        "unit is removed again.",
+    )
+    server_install.add_argument(
+        "install_config", type=Path, metavar="CONFIG", help="the server's TOML file"
+    )
+    server_install.add_argument(
+        "--netns",
+        metavar="NAME",
+        help="run the shim in network namespace NAME (NetworkNamespacePath=/run/netns/NAME)",
+    )
+    server_install.add_argument("--no-start", action="store_true", help="write the unit only")
+    server_install.add_argument(
+        "--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS
+    )
+    server_install.set_defaults(handler=run_server_install, server_parser=server)
+    server_uninstall = server_actions.add_parser(
+        "uninstall",
+        help="stop and remove the systemd unit (of CONFIG's server, or every roam server unit)",
+    )
+    server_uninstall.add_argument(
+        "uninstall_config", nargs="?", type=Path, metavar="CONFIG", help="the server's TOML file"
+    )
+    server_uninstall.add_argument(
+        "--unit-dir", type=Path, default=SYSTEMD_DIR, help=argparse.SUPPRESS
+    )
+    server_uninstall.set_defaults(handler=run_server_uninstall, server_parser=server)
 
     client = subparsers.add_parser(
         "client",
@@ -277,6 +332,7 @@ def register(subparsers: Subparsers) -> None:
         metavar="PORT",
         help="servers' UDP port for re-incarnation requests (default 47476)",
     )
+    client.add_argument("--metrics", type=endpoint, metavar="HOST:PORT", help=METRICS_HELP)
     client.add_argument("--log-json", type=Path, metavar="FILE")
     client.add_argument("--quiet", action="store_true")
     client.add_argument("--clock-offset", type=clock_offset, default=0.0, help=argparse.SUPPRESS)
@@ -292,6 +348,7 @@ def register(subparsers: Subparsers) -> None:
     status.add_argument("--bundle", dest="status_bundle", type=Path, metavar="FILE")
     status.add_argument("--status", dest="status_file", type=Path, metavar="FILE")
     status.add_argument("--json", action="store_true")
+    status.add_argument("--watch", **WATCH_OPTION)
     status.set_defaults(handler=run_client_status)
     install = actions.add_parser(
         "install",
@@ -377,6 +434,7 @@ def run_server(args: argparse.Namespace) -> int:
         checkpoint_period=args.checkpoint_period,
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,
+        metrics=args.metrics,
     )
     if args.check_config:
         # Everything the shim reads at start, read now; nothing written, nothing started.
@@ -422,6 +480,7 @@ def run_client(args: argparse.Namespace) -> int:
             prepare_lead=args.prepare_lead,
             migration_port=args.migration_port,
             cover_config=CoverConfig(rate=args.cover_rate, cell=args.cover_cell),
+            metrics=args.metrics,
             clock=shifted_clock(args.clock_offset),
         )
         _run_loop(shim.run)
@@ -446,9 +505,22 @@ def _read_status(path: Path, kind: str) -> dict[str, Any]:
     return status
 
 
+def _watch(args: argparse.Namespace, frame: Callable[[], list[str]]) -> int:
+    if args.json:
+        raise ConfigError("--watch refreshes the summary; --json prints the file once")
+    from roam_cli.watch import watch
+
+    return watch(frame, args.watch)
+
+
 def run_server_status(args: argparse.Namespace) -> int:
     from roam_cli.status import server_summary
 
+    if args.watch is not None:
+        return _watch(
+            args,
+            lambda: server_summary(_read_status(args.status_file, "server"), time.time()),
+        )
     status = _read_status(args.status_file, "server")
     if args.json:
         print(json.dumps(status, indent=2))
@@ -465,6 +537,10 @@ def run_client_status(args: argparse.Namespace) -> int:
         if args.status_bundle is None:
             raise ConfigError("give --bundle FILE or --status FILE")
         path = default_status_path(load_bundle(args.status_bundle).name)
+    if args.watch is not None:
+        from roam_cli.status import client_summary
+
+        return _watch(args, lambda: client_summary(_read_status(path, "client"), time.time()))
     status = _read_status(path, "client")
     if args.json:
         print(json.dumps(status, indent=2))
@@ -499,46 +575,16 @@ WantedBy=multi-user.target
 """
 
 
-def _roam_executable() -> str:
-    found = shutil.which("roam")
-    return found or f"{sys.executable} -m roam_cli.main"
-
-
-def _systemctl(*args: str) -> None:
-    result = subprocess.run(["systemctl", *args], capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        line = (result.stderr.strip().splitlines() or ["failed"])[0]
-        raise ConfigError(f"systemctl {' '.join(args)}: {line}")
-
-
-def _require_systemctl(what: str) -> None:
-    """Checked before anything is written, so that a host without systemd keeps nothing."""
-    if shutil.which("systemctl") is None:
-        raise ConfigError(f"systemctl is not available on this host; {what}")
-
-
 def run_client_install(args: argparse.Namespace) -> int:
     bundle_path = args.install_bundle.resolve()
     bundle = load_bundle(bundle_path)
-    unit = args.unit_dir / unit_name(bundle.name)
-    if unit.exists():
-        raise ConfigError(f"{unit} already exists; run 'roam client uninstall' first")
-    if not args.no_start:
-        _require_systemctl("nothing written (--no-start writes the unit only)")
-    args.unit_dir.mkdir(parents=True, exist_ok=True)
-    # A unit file is public (systemd reads it as any user's units are read): 0644, atomic.
-    write_private(unit, unit_text(bundle_path, _roam_executable()), PUBLIC_FILE)
-    print(f"wrote {unit}")
-    if not args.no_start:
-        try:
-            _systemctl("daemon-reload")
-            _systemctl("enable", "--now", unit.name)
-        except ConfigError as error:
-            # Leave nothing behind: the unit goes, and systemd forgets it.
-            unit.unlink()
-            subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
-            raise ConfigError(f"{error}; {unit} removed") from None
-        print(f"started {unit.name}")
+    install_unit(
+        args.unit_dir,
+        unit_name(bundle.name),
+        unit_text(bundle_path, roam_executable()),
+        no_start=args.no_start,
+        uninstall_hint="roam client uninstall",
+    )
     return 0
 
 
@@ -552,14 +598,76 @@ def run_client_uninstall(args: argparse.Namespace) -> int:
         units = sorted(args.unit_dir.glob("roam-client-*.service"))
     if not units:
         raise ConfigError(f"no roam client unit is installed in {args.unit_dir}")
-    systemd = shutil.which("systemctl") is not None
-    for unit in units:
-        if systemd:
-            subprocess.run(
-                ["systemctl", "disable", "--now", unit.name], capture_output=True, check=False
+    uninstall_units(units)
+    return 0
+
+
+def _server_options(config: Path, parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """The options ``roam server --config FILE`` would run with (checked the same way)."""
+    from roam_cli.config import file_argv
+
+    options = parser.parse_args(file_argv(config, parser))
+    missing = [
+        name for name in ("deployment", "listen", "service") if getattr(options, name) is None
+    ]
+    if missing:
+        raise ConfigError(f"{config}: the server needs the keys {', '.join(missing)}")
+    servers = DeploymentDir(options.deployment).deployment().servers
+    if options.listen not in servers:
+        raise ConfigError(
+            f"{config}: key 'listen': {options.listen} is not in the deployment's server list"
+        )
+    return options
+
+
+def _server_writes(options: argparse.Namespace) -> list[Path]:
+    """The directories the server shim writes to (its unit's ReadWritePaths)."""
+    deployment = options.deployment.resolve()
+    state = options.state.resolve().parent if options.state else deployment / "state"
+    paths = [state]
+    for path in (options.log_json, options.status):
+        if path is not None:
+            paths.append(path.resolve().parent)
+    if options.capture_dropped is not None:
+        paths.append(options.capture_dropped.resolve())
+    return paths
+
+
+def run_server_install(args: argparse.Namespace) -> int:
+    config = args.install_config.resolve()
+    options = _server_options(config, args.server_parser)
+    listen = str(options.listen)
+    writes = _server_writes(options)
+    text = server_unit_text(config, roam_executable(), listen, writes, args.netns)
+    install_unit(
+        args.unit_dir,
+        server_unit_name(listen),
+        text,
+        no_start=args.no_start,
+        uninstall_hint="roam server uninstall",
+        directories=writes,
+    )
+    for path in writes:
+        if path.is_relative_to("/tmp") or path.is_relative_to("/var/tmp"):
+            # The unit's PrivateTmp= gives the shim a /tmp of its own.
+            print(
+                f"roam: warning: {path} is under /tmp: the unit's private /tmp hides it from "
+                "everything but the shim",
+                file=sys.stderr,
             )
-        unit.unlink()
-        print(f"removed {unit}")
-    if systemd:
-        subprocess.run(["systemctl", "daemon-reload"], capture_output=True, check=False)
+    return 0
+
+
+def run_server_uninstall(args: argparse.Namespace) -> int:
+    if args.uninstall_config is not None:
+        options = _server_options(args.uninstall_config.resolve(), args.server_parser)
+        unit = args.unit_dir / server_unit_name(str(options.listen))
+        if not unit.exists():
+            raise ConfigError(f"{unit} is not installed")
+        units = [unit]
+    else:
+        units = sorted(args.unit_dir.glob("roam-server-*.service"))
+    if not units:
+        raise ConfigError(f"no roam server unit is installed in {args.unit_dir}")
+    uninstall_units(units)
     return 0

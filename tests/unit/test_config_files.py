@@ -120,3 +120,16 @@ def test_a_client_takes_its_options_from_a_file(
     status, _out, err = outcome(capsys, "client", "--config", str(tmp_path / "none.toml"))
     assert status == 1
     assert err.startswith("roam: error: config file ")
+
+
+def test_metrics_is_a_key_and_a_bad_address_is_refused_naming_it(
+    directory: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = server_config(tmp_path, directory, 'metrics = "127.0.0.1:9464"\n')
+    status, _out, err = outcome(capsys, "server", "--config", str(good), "--check-config")
+    assert (status, err) == (0, "")
+    bad = server_config(tmp_path, directory, 'metrics = "localhost"\n')
+    status, _out, err = outcome(capsys, "server", "--config", str(bad), "--check-config")
+    assert status == 1
+    assert err.count("\n") == 1
+    assert "key 'metrics'" in err
