@@ -15,12 +15,13 @@ from collections.abc import Callable
 import pytest
 
 from labs.faults import live_lab, reaped, start_download
+from labs.params import LinkParams
 from labs.roaming import RoamingLab, roam_argv
 
 pytestmark = pytest.mark.system
 
 SIZE = 3 * 1024 * 1024
-RATE = "150K"  # about 20 s for the file, within the first epoch (at least 30 s)
+RATE = "150K"  # about 20 s for the file (the link paces it too), within the first epoch
 
 
 def wait_for(what: str, condition: Callable[[], bool], timeout_s: float) -> None:
@@ -41,7 +42,11 @@ def reaches_service(roaming: RoamingLab, host: str) -> bool:
 
 def test_reload_lets_a_new_client_in_without_disturbing_a_download() -> None:
     data = os.urandom(SIZE)
-    with live_lab(clients=2, tick=30.0, m=1, content={"file": data}) as roaming:
+    # Links of 1 Mbit/s pace the download (at least 25 s): curl's --limit-rate alone let the
+    # file through before the reload in some runs.
+    with live_lab(
+        LinkParams(rate_mbit=1), clients=2, tick=30.0, m=1, content={"file": data}
+    ) as roaming:
         roaming.client_hosts = ["c1"]  # c2 is subscribed later, while the pool runs
         roaming.start()
         roaming.wait_for_schedule()
