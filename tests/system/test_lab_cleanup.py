@@ -194,10 +194,17 @@ def interrupt_self() -> None:
 
 
 def test_sigint_handler_is_chained_and_restored() -> None:
-    previous = signal.getsignal(signal.SIGINT)
-    with Lab(LinkTopo(LinkParams())) as lab:
-        assert signal.getsignal(signal.SIGINT) is not previous
-        with pytest.raises(KeyboardInterrupt):
-            interrupt_self()
-        assert lab.state == "closed"  # closed by the handler, before KeyboardInterrupt
-    assert signal.getsignal(signal.SIGINT) is previous
+    # Python's own handler (KeyboardInterrupt) as the one to chain to, whatever this process
+    # inherited: a test run started in the background of a shell inherits SIGINT ignored, and
+    # an ignored signal is (rightly) not turned into KeyboardInterrupt.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        previous = signal.getsignal(signal.SIGINT)
+        with Lab(LinkTopo(LinkParams())) as lab:
+            assert signal.getsignal(signal.SIGINT) is not previous
+            with pytest.raises(KeyboardInterrupt):
+                interrupt_self()
+            assert lab.state == "closed"  # closed by the handler, before KeyboardInterrupt
+        assert signal.getsignal(signal.SIGINT) is previous
+    finally:
+        signal.signal(signal.SIGINT, inherited)
