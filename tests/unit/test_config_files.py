@@ -68,7 +68,10 @@ def test_a_server_configured_from_a_file_checks_out(
         ("updte-period = 2\n", "unknown key 'updte-period'"),
         ('checkpoint-period = "fast"\n', "key 'checkpoint-period': 'fast' is not a number"),
         ("sync-period = -1\n", "key 'sync-period': '-1' must be"),
-        ('codec = "telnet"\n', "key 'codec': 'telnet' is not one of auto, generic, http, resp, memcached"),
+        (
+            'codec = "telnet"\n',
+            "key 'codec': 'telnet' is not one of auto, generic, http, resp, memcached",
+        ),
         ('quiet = "yes"\n', "key 'quiet' is a switch: give true or false"),
         ("control-port = [1, 2]\n", "key 'control-port' takes a string or a number"),
         ("clock-offset = 5\n", "unknown key 'clock-offset'"),  # hidden testing option
