@@ -123,19 +123,15 @@ class StreamCodec(Protocol):
         """
 
 
-class GenericCodec:
-    """Any protocol: the fresh point is where the connection (or the codec) started, forever."""
+class CodecReport:
+    """What every codec reports (the read-only side of ``StreamCodec``), kept in one place:
+    the codecs set ``_fresh``, ``_boundaries``, ``_degraded`` and ``_unreplayable``."""
 
-    name = "generic"
-
-    def __init__(self, *, c2s_start: int = 0, s2c_start: int = 0) -> None:
-        self._fresh = FreshPoint(c2s_start, s2c_start)
-
-    def feed_c2s(self, data: bytes | memoryview) -> None:
-        pass
-
-    def feed_s2c(self, data: bytes | memoryview) -> None:
-        pass
+    def __init__(self, c2s_start: int, s2c_start: int, state: bytes = b"") -> None:
+        self._fresh = FreshPoint(c2s_start, s2c_start, state)
+        self._boundaries = 0
+        self._degraded: str | None = None
+        self._unreplayable: str | None = None
 
     @property
     def fresh(self) -> FreshPoint:
@@ -143,15 +139,30 @@ class GenericCodec:
 
     @property
     def boundaries(self) -> int:
-        return 0
+        return self._boundaries
 
     @property
     def degraded(self) -> str | None:
-        return None
+        return self._degraded
 
     @property
     def unreplayable(self) -> str | None:
-        return None
+        return self._unreplayable
+
+
+class GenericCodec(CodecReport):
+    """Any protocol: the fresh point is where the connection (or the codec) started, forever."""
+
+    name = "generic"
+
+    def __init__(self, *, c2s_start: int = 0, s2c_start: int = 0) -> None:
+        super().__init__(c2s_start, s2c_start)
+
+    def feed_c2s(self, data: bytes | memoryview) -> None:
+        pass
+
+    def feed_s2c(self, data: bytes | memoryview) -> None:
+        pass
 
 
 def codec_for(
@@ -569,15 +580,13 @@ class _ResponseReader(_Reader):
         self.codec._stalled = True
 
 
-class Http11Codec:
+class Http11Codec(CodecReport):
     """HTTP/1.1 and HTTP/1.0: the fresh point follows completed request/response exchanges."""
 
     name = "http"
 
     def __init__(self, *, c2s_start: int = 0, s2c_start: int = 0) -> None:
-        self._fresh = FreshPoint(c2s_start, s2c_start)
-        self._boundaries = 0
-        self._degraded: str | None = None
+        super().__init__(c2s_start, s2c_start)
         # A response whose end is the connection's close: no exchange completes any more.
         self._stalled = False
         # Requests whose exchange has not completed, oldest first; the first ``_answered``
@@ -592,22 +601,6 @@ class Http11Codec:
 
     def feed_s2c(self, data: bytes | memoryview) -> None:
         self._feed(self._s2c, "s2c", data)
-
-    @property
-    def fresh(self) -> FreshPoint:
-        return self._fresh
-
-    @property
-    def boundaries(self) -> int:
-        return self._boundaries
-
-    @property
-    def degraded(self) -> str | None:
-        return self._degraded
-
-    @property
-    def unreplayable(self) -> str | None:
-        return None
 
     def _feed(self, reader: _Reader, direction: str, data: bytes | memoryview) -> None:
         if self._degraded is not None or self._stalled:

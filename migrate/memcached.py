@@ -31,7 +31,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Final
 
-from migrate.codec import FreshPoint
+from migrate.codec import CodecReport, FreshPoint
 
 MAX_LINE_BYTES: Final = 8 * 1024
 """Longest command or reply line followed (memcached's own limit is 2048 for commands)."""
@@ -81,16 +81,13 @@ class _Pending:
     answer: int
 
 
-class MemcachedCodec:
+class MemcachedCodec(CodecReport):
     """memcached text protocol: the fresh point follows completed exchanges."""
 
     name = "memcached"
 
     def __init__(self, *, c2s_start: int = 0, s2c_start: int = 0) -> None:
-        self._fresh = FreshPoint(c2s_start, s2c_start)
-        self._boundaries = 0
-        self._degraded: str | None = None
-        self._unreplayable: str | None = None
+        super().__init__(c2s_start, s2c_start)
         self._pending: deque[_Pending] = deque()
         self._group: _Pending | None = None  # an open group of quiet meta commands
         self._c2s = _Side(c2s_start)
@@ -104,22 +101,6 @@ class MemcachedCodec:
 
     def feed_s2c(self, data: bytes | memoryview) -> None:
         self._feed(False, data)
-
-    @property
-    def fresh(self) -> FreshPoint:
-        return self._fresh
-
-    @property
-    def boundaries(self) -> int:
-        return self._boundaries
-
-    @property
-    def degraded(self) -> str | None:
-        return self._degraded
-
-    @property
-    def unreplayable(self) -> str | None:
-        return self._unreplayable
 
     def _feed(self, c2s: bool, data: bytes | memoryview) -> None:
         if self._degraded is not None:

@@ -55,7 +55,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from migrate.codec import FreshPoint
+from migrate.codec import CodecReport, FreshPoint
 from migrate.errors import MalformedMessageError
 
 MAX_STATE_BYTES: Final = 768
@@ -623,7 +623,7 @@ class _ReplyReader:
 # --- the codec ----------------------------------------------------------------------------
 
 
-class RespCodec:
+class RespCodec(CodecReport):
     """RESP2/RESP3: fresh points after answered commands, with the session state in force."""
 
     name = "resp"
@@ -631,10 +631,7 @@ class RespCodec:
     def __init__(self, *, c2s_start: int = 0, s2c_start: int = 0, state: bytes = b"") -> None:
         self._session: list[tuple[str, bytes]] = [] if not state else _parse_state(state)
         self._state = state  # the session's bytes, joined
-        self._fresh = FreshPoint(c2s_start, s2c_start, state)
-        self._boundaries = 0
-        self._degraded: str | None = None
-        self._unreplayable: str | None = None
+        super().__init__(c2s_start, s2c_start, state)
         self._pending: deque[_Pending] = deque()
         self._queued: list[tuple[str, bytes]] = []  # session commands inside MULTI
         self._held_bytes = 0  # bytes of session commands in _pending and _queued
@@ -650,23 +647,6 @@ class RespCodec:
 
     def feed_s2c(self, data: bytes | memoryview) -> None:
         self._feed(self._s2c.feed, self._s2c, "s2c", data)
-
-    @property
-    def fresh(self) -> FreshPoint:
-        return self._fresh
-
-    @property
-    def boundaries(self) -> int:
-        return self._boundaries
-
-    @property
-    def degraded(self) -> str | None:
-        return self._degraded
-
-    @property
-    def unreplayable(self) -> str | None:
-        """Why the connection cannot be re-created by a new server, or None."""
-        return self._unreplayable
 
     def _feed(
         self,
