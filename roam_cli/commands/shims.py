@@ -589,15 +589,19 @@ def run_client_install(args: argparse.Namespace) -> int:
 
 
 def run_client_uninstall(args: argparse.Namespace) -> int:
+    chosen = None
     if args.uninstall_bundle is not None:
-        unit = args.unit_dir / unit_name(load_bundle(args.uninstall_bundle).name)
-        if not unit.exists():
-            raise ConfigError(f"{unit} is not installed")
-        units = [unit]
-    else:
-        units = sorted(args.unit_dir.glob("roam-client-*.service"))
+        chosen = args.unit_dir / unit_name(load_bundle(args.uninstall_bundle).name)
+    return _uninstall(args.unit_dir, chosen, "client")
+
+
+def _uninstall(unit_dir: Path, chosen: Path | None, kind: str) -> int:
+    """Remove ``chosen``, or every roam unit of ``kind`` in ``unit_dir``."""
+    if chosen is not None and not chosen.exists():
+        raise ConfigError(f"{chosen} is not installed")
+    units = [chosen] if chosen is not None else sorted(unit_dir.glob(f"roam-{kind}-*.service"))
     if not units:
-        raise ConfigError(f"no roam client unit is installed in {args.unit_dir}")
+        raise ConfigError(f"no roam {kind} unit is installed in {unit_dir}")
     uninstall_units(units)
     return 0
 
@@ -659,15 +663,8 @@ def run_server_install(args: argparse.Namespace) -> int:
 
 
 def run_server_uninstall(args: argparse.Namespace) -> int:
+    chosen = None
     if args.uninstall_config is not None:
         options = _server_options(args.uninstall_config.resolve(), args.server_parser)
-        unit = args.unit_dir / server_unit_name(str(options.listen))
-        if not unit.exists():
-            raise ConfigError(f"{unit} is not installed")
-        units = [unit]
-    else:
-        units = sorted(args.unit_dir.glob("roam-server-*.service"))
-    if not units:
-        raise ConfigError(f"no roam server unit is installed in {args.unit_dir}")
-    uninstall_units(units)
-    return 0
+        chosen = args.unit_dir / server_unit_name(str(options.listen))
+    return _uninstall(args.unit_dir, chosen, "server")

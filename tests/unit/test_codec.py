@@ -21,6 +21,8 @@ from migrate.codec import (
 )
 from migrate.errors import ConfigError
 
+from .codec_steps import c2s, s2c
+
 # --- helpers ------------------------------------------------------------------------------
 
 
@@ -74,14 +76,6 @@ def http(*steps: tuple[str, bytes], c2s_start: int = 0, s2c_start: int = 0) -> H
 def bytewise(*steps: tuple[str, bytes]) -> Http11Codec:
     """The same steps, one byte per call."""
     return http(*((d, data[i : i + 1]) for d, data in steps for i in range(len(data))))
-
-
-def c2s(data: bytes) -> tuple[str, bytes]:
-    return ("c2s", data)
-
-
-def s2c(data: bytes) -> tuple[str, bytes]:
-    return ("s2c", data)
 
 
 GET = b"GET / HTTP/1.1\r\nHost: example.org\r\n\r\n"

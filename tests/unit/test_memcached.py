@@ -12,23 +12,11 @@ from migrate.codec import FreshPoint, codec_for
 from migrate.memcached import MAX_LINE_BYTES, MAX_PENDING, MemcachedCodec
 from tests.unit.budget import bounded_step
 
+from .codec_steps import c2s, feed, s2c
+
 
 def run(*steps: tuple[str, bytes], codec: MemcachedCodec | None = None) -> MemcachedCodec:
-    codec = codec or MemcachedCodec()
-    for direction, data in steps:
-        before = codec.fresh
-        (codec.feed_c2s if direction == "c2s" else codec.feed_s2c)(data)
-        assert codec.fresh.c2s >= before.c2s
-        assert codec.fresh.s2c >= before.s2c
-    return codec
-
-
-def c2s(data: bytes) -> tuple[str, bytes]:
-    return ("c2s", data)
-
-
-def s2c(data: bytes) -> tuple[str, bytes]:
-    return ("s2c", data)
+    return feed(codec or MemcachedCodec(), *steps)
 
 
 SET = b"set k 0 0 5\r\nhello\r\n"

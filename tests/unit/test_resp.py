@@ -20,6 +20,8 @@ from migrate.resp import (
 )
 from tests.unit.budget import bounded_step
 
+from .codec_steps import c2s, feed, s2c
+
 
 def cmd(*args: bytes | str) -> bytes:
     parts = [a.encode() if isinstance(a, str) else a for a in args]
@@ -30,24 +32,7 @@ OK = b"+OK\r\n"
 
 
 def run(*steps: tuple[str, bytes], codec: RespCodec | None = None) -> RespCodec:
-    codec = codec or RespCodec()
-    for direction, data in steps:
-        before = codec.fresh
-        if direction == "c2s":
-            codec.feed_c2s(data)
-        else:
-            codec.feed_s2c(data)
-        assert codec.fresh.c2s >= before.c2s
-        assert codec.fresh.s2c >= before.s2c
-    return codec
-
-
-def c2s(data: bytes) -> tuple[str, bytes]:
-    return ("c2s", data)
-
-
-def s2c(data: bytes) -> tuple[str, bytes]:
-    return ("s2c", data)
+    return feed(codec or RespCodec(), *steps)
 
 
 def at(*steps: tuple[str, bytes]) -> tuple[int, int]:

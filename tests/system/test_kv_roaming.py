@@ -1,0 +1,209 @@
+"""Unmodified key-value services behind the shims: long-lived connections survive roams
+(issue 15).
+
+Three servers run the same service from Debian with the same data: redis-server, or memcached.
+A client in c1 holds four connections through the VIP and asks in a loop while the service
+roams about every 0.75 s: redis connections first select database 3 (session state the new
+server must restore before replaying), then GET, MGET and PING; memcached connections get one
+item, two items, and the version. Every reply must be the right one, no connection may be
+reset, every hand-over must migrate, and the server shims must say which protocol they
+recognised (``--codec auto``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import pytest
+
+from labs.faults import handoffs, live_lab, shim_problems
+from labs.roaming import LISTEN_PORT, RoamingLab
+
+KEYS = {f"key{i}": os.urandom(64 + 13 * i).hex() for i in range(20)}
+ITEMS = {f"item{i}": os.urandom(40 + 11 * i).hex() for i in range(20)}
+
+REDIS_CLIENT = r"""
+import json, socket, sys, time
+
+vip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+keys = json.loads(sys.argv[4])
+
+def command(*parts):
+    out = b"*%d\r\n" % len(parts)
+    for part in parts:
+        part = part.encode() if isinstance(part, str) else part
+        out += b"$%d\r\n%s\r\n" % (len(part), part)
+    return out
+
+class Conn:
+    def __init__(self):
+        self.sock = socket.create_connection((vip, port), timeout=30)
+        self.buffer = b""
+    def line(self):
+        while b"\r\n" not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the server")
+            self.buffer += data
+        head, self.buffer = self.buffer.split(b"\r\n", 1)
+        return head
+    def exactly(self, n):
+        while len(self.buffer) < n + 2:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the server")
+            self.buffer += data
+        body, self.buffer = self.buffer[:n], self.buffer[n + 2:]
+        return body
+    def reply(self):
+        head = self.line()
+        kind, rest = head[:1], head[1:]
+        if kind in (b"+", b"-", b":"):
+            return kind + rest
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.exactly(n)
+        if kind == b"*":
+            return [self.reply() for _ in range(int(rest))]
+        raise ValueError(head)
+    def ask(self, *parts):
+        self.sock.sendall(command(*parts))
+        return self.reply()
+
+conns = [Conn() for _ in range(4)]
+for c in conns:
+    assert c.ask("SELECT", "3") == b"+OK"
+ports = [c.sock.getsockname()[1] for c in conns]
+names = sorted(keys)
+done = errors = 0
+wrong = []
+end = time.time() + seconds
+i = 0
+while time.time() < end:
+    for c in conns:
+        name = names[i % len(names)]
+        got = c.ask("GET", name)
+        if got != keys[name].encode():
+            wrong.append(("GET", name, repr(got)[:60]))
+        pair = [names[(i + 1) % len(names)], names[(i + 7) % len(names)]]
+        got = c.ask("MGET", *pair)
+        if got != [keys[k].encode() for k in pair]:
+            wrong.append(("MGET", pair, repr(got)[:60]))
+        if c.ask("PING") != b"+PONG":
+            wrong.append(("PING",))
+        done += 3
+    i += 1
+    time.sleep(0.002)
+print(json.dumps({"replies": done, "wrong": wrong[:10], "ports": ports}))
+"""
+
+MEMCACHED_CLIENT = r"""
+import json, socket, sys, time
+
+vip, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+items = json.loads(sys.argv[4])
+
+class Conn:
+    def __init__(self):
+        self.sock = socket.create_connection((vip, port), timeout=30)
+        self.buffer = b""
+    def until(self, end):
+        while end not in self.buffer:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("closed by the server")
+            self.buffer += data
+        cut = self.buffer.index(end) + len(end)
+        head, self.buffer = self.buffer[:cut], self.buffer[cut:]
+        return head
+    def get(self, *keys):
+        self.sock.sendall(b"get " + b" ".join(k.encode() for k in keys) + b"\r\n")
+        found, text = {}, self.until(b"END\r\n")
+        lines = text.split(b"\r\n")
+        i = 0
+        while lines[i] != b"END":
+            _, key, _, size = lines[i].split()
+            found[key.decode()] = lines[i + 1].decode()
+            assert len(lines[i + 1]) == int(size)
+            i += 2
+        return found
+    def version(self):
+        self.sock.sendall(b"version\r\n")
+        return self.until(b"\r\n")
+
+conns = [Conn() for _ in range(4)]
+ports = [c.sock.getsockname()[1] for c in conns]
+names = sorted(items)
+done, wrong = 0, []
+end = time.time() + seconds
+i = 0
+while time.time() < end:
+    for c in conns:
+        name = names[i % len(names)]
+        if c.get(name) != {name: items[name]}:
+            wrong.append(("get", name))
+        pair = [names[(i + 3) % len(names)], names[(i + 9) % len(names)]]
+        if c.get(*pair) != {k: items[k] for k in pair}:
+            wrong.append(("gets", pair))
+        if not c.version().startswith(b"VERSION "):
+            wrong.append(("version",))
+        done += 3
+    i += 1
+    time.sleep(0.002)
+print(json.dumps({"replies": done, "wrong": wrong[:10], "ports": ports}))
+"""
+
+
+CASES = {
+    # service: (its data, the client program, the codec the servers must recognise)
+    "redis": (KEYS, REDIS_CLIENT, "resp"),
+    "memcached": (ITEMS, MEMCACHED_CLIENT, "memcached"),
+}
+
+
+@pytest.mark.parametrize("service", sorted(CASES))
+def test_four_connections_keep_their_session_and_replies_across_roams(service: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root")
+    data, program, codec = CASES[service]
+    content = {name: value.encode() for name, value in data.items()}
+    with live_lab(
+        tick=0.5, m=1, service=service, content=content, min_switches=6, switch_window=12.0
+    ) as roaming:
+        roaming.start()
+        roaming.wait_for_schedule(0.2)
+        argv = [sys.executable, "-c", program, str(roaming.vip), str(LISTEN_PORT)]
+        result = roaming.lab["c1"].run([*argv, "8", json.dumps(data)], timeout=120)
+        events = handoffs(roaming)
+        complaints = server_events(roaming, lambda e: e["level"] != "info")
+        chosen = {
+            e["codec"] for e in server_events(roaming, lambda e: e["event"] == "codec_chosen")
+        }
+        roaming.stop()
+        problems = shim_problems(roaming)
+    assert result.returncode == 0, f"{result.stderr[-800:]}\n{summary(events)}\n{complaints[:8]}"
+    report = json.loads(result.stdout)
+    assert report["wrong"] == [], report
+    assert report["replies"] > 300, report
+    ours = [e for e in events if e["port"] in report["ports"]]
+    others = [e for e in ours if e["outcome"] not in ("migrated", "closed")]
+    assert others == [], summary(others)
+    migrated = [e for e in ours if e["outcome"] == "migrated"]
+    assert len(migrated) >= 4 * 3, summary(ours)  # each connection moved at least 3 times
+    assert problems == []
+    assert chosen == {codec}, chosen  # --codec auto recognised the protocol, and said so
+
+
+def server_events(roaming: RoamingLab, keep: Any) -> list[dict[str, Any]]:
+    return [e for shim in roaming.servers.values() for e in shim.events() if keep(e)]
+
+
+def summary(events: list[dict[str, Any]]) -> str:
+    return "; ".join(
+        f"epoch {e.get('epoch')} port {e.get('port')} {e.get('outcome')}: "
+        f"{str(e.get('detail'))[:100]}"
+        for e in events[:12]
+    )
