@@ -52,6 +52,17 @@ def write_content(directory: Path, files: dict[str, bytes]) -> Path:
     return directory
 
 
+def read_json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete records of a JSON-lines log that a running process may be appending to:
+    a last line without its newline is still being written (a reader can see part of a
+    write), and is left for the next read."""
+    if not path.exists():
+        return []
+    text = path.read_text()
+    complete = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
+
 def roam_argv(*args: str) -> list[str]:
     """The ``roam`` command, run with this interpreter (no reliance on PATH in namespaces)."""
     return [sys.executable, "-m", "roam_cli.main", *args]
@@ -82,13 +93,7 @@ class ShimProcess:
     status_path: Path
 
     def events(self) -> list[dict[str, Any]]:
-        if not self.log_json.exists():
-            return []
-        events = []
-        for line in self.log_json.read_text().splitlines():
-            if line.strip():
-                events.append(json.loads(line))
-        return events
+        return read_json_lines(self.log_json)
 
     def stderr_tail(self, lines: int = 10) -> str:
         if not self.stderr_path.exists():

@@ -184,3 +184,17 @@ def test_dead_owner_is_found_and_live_owner_is_not(tmp_path: Path) -> None:
     assert LabId(os.getpid(), "0001") not in ids
     assert problems == []
     live.close()
+
+
+def test_a_log_line_still_being_written_is_left_for_the_next_read(tmp_path) -> None:
+    """Found in CI: the load test read a shim's JSON log while the shim appended a long event,
+    saw half of it, and failed with JSONDecodeError."""
+    from labs.roaming import read_json_lines
+
+    log = tmp_path / "shim.jsonl"
+    assert read_json_lines(log) == []
+    log.write_text('{"event": "start"}\n{"event": "roam", "outc')
+    assert read_json_lines(log) == [{"event": "start"}]
+    with log.open("a") as appending:
+        appending.write('omes": {}}\n')
+    assert read_json_lines(log) == [{"event": "start"}, {"event": "roam", "outcomes": {}}]
