@@ -273,11 +273,9 @@ class ClientShim:
                 server,
                 prepare_deadline=deadline,
                 # ... and in time for the COMMITs to reach the new server before its window
-                # for this epoch closes (it refuses them after).
-                give_up_at=min(
-                    self.schedule.start_of(index) + HANDOFF_BUDGET_S,
-                    self.schedule.window(index).closes - COMMIT_MARGIN_S,
-                ),
+                # for this epoch closes (it refuses them after; the windows of the epochs
+                # right after it that the same server serves count as its own).
+                give_up_at=self._give_up_at(index),
             )
             previous, self.target = self.target, server
             self.log.event("switch", server=str(server), previous=str(previous), epoch=index)
@@ -292,6 +290,10 @@ class ClientShim:
             self._write_status()
             if not self._stop.is_set():
                 asyncio.get_running_loop().call_soon(self._tick)
+
+    def _give_up_at(self, index: int) -> float:
+        budget_ends = self.schedule.start_of(index) + HANDOFF_BUDGET_S
+        return min(budget_ends, self.schedule.served_until(index, budget_ends) - COMMIT_MARGIN_S)
 
     def _untracked_connections(self) -> int:
         vip = (str(self.bundle.vip), self.bundle.service_port)

@@ -192,7 +192,8 @@ class Answer:
     detail: str = ""
 
     def encode(self) -> bytes:
-        detail = self.detail.encode()[:MAX_DETAIL_BYTES]
+        # Cut at a character boundary: the client decodes it as UTF-8.
+        detail = self.detail.encode()[:MAX_DETAIL_BYTES].decode(errors="ignore").encode()
         return _ANSWER.pack(self.phase, self.client_port, self.status) + detail
 
     @classmethod
@@ -282,6 +283,7 @@ def admit(
     now: float,
     epoch_length: float,
     replays_state: bool = False,
+    why_not_served: str = "",
 ) -> Admitted:
     """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure.
 
@@ -289,14 +291,17 @@ def admit(
     to the service before the replay. A caller that does not is refused such a checkpoint: a
     replay without its session (redis SELECT, AUTH) could answer from the wrong database.
 
-    ``epoch_length`` is the length of the requested epoch: it scales the maximum age."""
+    ``epoch_length`` is the length of the requested epoch: it scales the maximum age.
+    ``why_not_served``: why ``serves_epoch`` is false, when the caller knows (the message)."""
     check_client_source(record, source)
     if request.epoch > granted_epoch:
         raise SubscriptionExpiredError(
             f"client {record.name!r} holds keys up to epoch {granted_epoch}, not {request.epoch}"
         )
     if not serves_epoch:
-        raise InconsistentUpdateError(f"this server is not the server of epoch {request.epoch}")
+        raise InconsistentUpdateError(
+            why_not_served or f"this server is not the server of epoch {request.epoch}"
+        )
     checkpoint = open_checkpoint(request.checkpoint, checkpoint_key, deployment_id)
     if checkpoint.client != (source, request.client_port) or checkpoint.vport != request.vport:
         raise AuthenticationError(

@@ -44,6 +44,9 @@ from migrate.hashchain import (
 
 M_MIN = 1
 M_MAX = 32
+# Consecutive epochs of one server walked to find when its gate closes (``served_until``): a
+# request is only taken up to LATE_REQUEST_S after its epoch began, far fewer epochs than this.
+MAX_RUN_WALK = 64
 
 
 def check_m(m: int) -> int:
@@ -334,6 +337,24 @@ class EpochSchedule:
             info.start - self.params.delta,
             info.end + self.params.delta + self.params.gamma,
         )
+
+    def served_until(self, epoch: int, now: float) -> float:
+        """When the gate of ``epoch``'s server closes, counting the epochs right after it that
+        the same server also serves (their windows merge: its gate never closes between them).
+
+        Walks forward only while the run's windows have closed by ``now``, and at most
+        ``MAX_RUN_WALK`` epochs, so a request for an old epoch costs a bounded amount of work.
+        """
+        window = self.window(epoch)
+        index = epoch
+        for _ in range(MAX_RUN_WALK):
+            if now < window.closes or index >= self.chain.held_index:
+                return window.closes
+            following = self.window(index + 1)
+            if following.server != window.server:
+                return window.closes
+            index, window = index + 1, following
+        return window.closes
 
     def open_windows(self, now: float) -> list[Window]:
         """Every window containing ``now``: the current epoch's, and a neighbour's near a boundary.

@@ -174,11 +174,18 @@ class MigrationPort:
                     f"for it are taken from {PREPARE_AHEAD_S:.0f} s before its start to "
                     f"{LATE_REQUEST_S:.0f} s after"
                 )
-            # Never for an epoch whose window has closed (see ``_behind_closed_gate``).
-            serves = serves and now < schedule.window(request.epoch).closes
+            # Never for an epoch whose window has closed (see ``behind_closed_gate``); the
+            # windows of the epochs after it that this server also serves count as its own.
+            if serves and now >= (closes := schedule.served_until(request.epoch, now)):
+                raise RoamError(
+                    f"the window of epoch {request.epoch} on this server closed "
+                    f"{now - closes:.1f} s ago"
+                )
             length = schedule.epoch(request.epoch).length
-        except RoamError:
-            serves, length = False, 0.0
+        except RoamError as error:
+            serves, length, why_not = False, 0.0, str(error)
+        else:
+            why_not = ""
         # Revoked or past its subscription (and lease) at the running epoch: refused, like
         # at the gate.
         context.pool.check_client_allowed(record, max(current, 1))
@@ -196,6 +203,7 @@ class MigrationPort:
             epoch_length=length,
             # The replay sends a checkpoint's session state first (proxy.replay).
             replays_state=True,
+            why_not_served=why_not,
         )
 
     def behind_closed_gate(self, epoch: int) -> bool:
@@ -203,12 +211,15 @@ class MigrationPort:
         epoch's window has closed, or it has opened and the gate is closed all the same (a
         reactive roam). Just before the window opens (a client's clock a little ahead) the
         gate is still closed but is about to open: that is not behind it."""
+        schedule = self.context.pool.schedule
+        now = self.context.clock()
         try:
-            window = self.context.pool.schedule.window(epoch)
+            window = schedule.window(epoch)
+            # The epochs right after it on this server keep the gate open (windows merge).
+            closes = schedule.served_until(epoch, now)
         except RoamError:
             return True
-        now = self.context.clock()
-        return now >= window.closes or (window.opens <= now and not self.context.gate_open())
+        return now >= closes or (window.opens <= now and not self.context.gate_open())
 
     def describe_clash(self, key: Key) -> str:
         """Which socket already holds the 4-tuple a re-incarnation needs (for the log)."""

@@ -67,6 +67,7 @@ class Harness:
         )
         self.epoch = epoch
         self.now = schedule.start_of(epoch) - 1.0
+        self.current = epoch - 1  # the epoch running (the context's view)
         self.connects = 0
         self.services: list[socket.socket] = []  # the service's ends of the socket pairs
         self.context = LiveContext(
@@ -80,7 +81,7 @@ class Harness:
             log=EventLog("test", stream=None),
             counter_floor=CounterFloor(0, lambda value: None),
             clock=lambda: self.now,
-            epoch=lambda: epoch - 1,
+            epoch=lambda: self.current,
             gate_open=lambda: False,
             leaving_at=lambda: None,
             connect_service=self.connect,
@@ -271,6 +272,55 @@ def test_a_redis_session_is_restored_before_the_replay_or_the_hand_over_refused(
         assert answer.status is expected, answer
         if expected is Status.READY:
             assert service.recv(4096) == GET_K  # then the unanswered command
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def _run_of_two(schedule: Any, me: Any) -> int:
+    """An epoch of ``me`` followed by another of ``me``, then one of another server."""
+    return next(
+        i
+        for i in range(2, 2000)
+        if schedule.server_for(i) == me
+        and schedule.server_for(i + 1) == me
+        and schedule.server_for(i + 2) != me
+    )
+
+
+def test_a_late_request_is_taken_while_the_same_server_serves_the_next_epoch() -> None:
+    """Epochs in a row on one server are one open gate: a PREPARE for the first that comes
+    after its own window (a hand-over that ran late) is taken while the next epoch runs, and
+    refused, with the reason, once the run is over."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        schedule = harness.pool.schedule
+        first = _run_of_two(schedule, SERVERS[0])
+        harness.epoch = first
+        # In the next epoch (the same server's), past the first's own window.
+        harness.current = first + 1
+        harness.now = schedule.window(first).closes + 0.2
+        assert harness.now < schedule.start_of(first) + 10.0  # within LATE_REQUEST_S
+        harness.send(harness.prepare())
+        await settle()
+        assert harness.connects == 1
+        assert harness.answers() == [Answer(Phase.PREPARE, 40000, Status.READY)]
+        await harness.live.close()
+
+        # After the run: another server's epoch runs, and the request is refused.
+        harness = Harness()
+        harness.epoch = first
+        harness.current = first + 2
+        harness.now = schedule.served_until(first, schedule.start_of(first + 2)) + 0.1
+        assert harness.now < schedule.start_of(first) + 10.0  # within LATE_REQUEST_S
+        harness.send(harness.prepare())
+        await settle()
+        assert harness.connects == 0
+        assert harness.live.pending == {}
+        [answer] = harness.answers()  # refused at once, with the reason
+        assert answer.status is Status.REFUSED
+        assert f"the window of epoch {first} on this server closed" in answer.detail
         await harness.live.close()
 
     asyncio.run(scenario())

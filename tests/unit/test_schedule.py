@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from migrate.endpoints import Endpoint, parse_server_list
 from migrate.errors import ConfigError, ScheduleError, SubscriptionExpiredError
 from migrate.hashchain import KeyChain
-from migrate.schedule import Anchor, EpochSchedule, MSchedule, ScheduleParams
+from migrate.schedule import MAX_RUN_WALK, Anchor, EpochSchedule, MSchedule, ScheduleParams
 
 from .vectors import CHAIN_KEY, CHAIN_LENGTH, SERVERS, START, TABLE, TICK, M
 
@@ -132,6 +132,27 @@ def test_windows_open_early_and_close_late():
     assert schedule.is_open(Endpoint.parse("10.0.0.3:80"), 170.7)
     assert not schedule.is_open(Endpoint.parse("10.0.0.3:80"), 170.8)
     assert not schedule.is_open(Endpoint.parse("10.0.0.2:80"), 100.0)
+
+
+def test_a_server_serving_the_next_epochs_too_keeps_its_gate_open_through_them():
+    # Epochs 26, 27 and 28 are all 10.0.0.2's (then 29 is 10.0.0.1's): a hand-over for 26
+    # that ends late, in 27 or 28, still finds that server's gate open.
+    schedule = vector_schedule(delta=0.5, gamma=0.25)
+    run_end = schedule.window(28).closes
+    assert run_end == 991.0 + 0.75
+    assert schedule.served_until(26, 870.0) == schedule.window(26).closes  # no walk needed
+    assert schedule.served_until(26, 880.0) == schedule.window(27).closes
+    assert schedule.served_until(26, 950.0) == run_end
+    assert schedule.served_until(26, 5000.0) == run_end  # the run ended: it stops there
+    # An epoch whose successor is another server's: its own window.
+    assert schedule.served_until(5, 400.0) == schedule.window(5).closes
+
+
+def test_the_gate_run_walk_is_bounded():
+    # One server: every epoch is its own, and the run never ends; the walk stops all the same.
+    schedule = vector_schedule(servers=[Endpoint.parse("10.0.0.9:80")])
+    closes = schedule.served_until(1, 1e9)
+    assert closes == schedule.window(1 + MAX_RUN_WALK).closes
 
 
 @pytest.mark.parametrize(
