@@ -180,6 +180,9 @@ class _Pump:
         self._stopped = False
         self._reading = False
         self._writing = False
+        # Bytes to send before anything more is read: a chunk the destination did not take
+        # at once (copied out of the shared scratch buffer, which the next read reuses).
+        self._unsent: memoryview | None = None
 
     def start(self) -> None:
         self._resume_reading()
@@ -229,6 +232,68 @@ class _Pump:
     def _on_writable(self) -> None:
         raise NotImplementedError
 
+    def _copy_through(self, size: int) -> None:
+        """Reads of up to ``size`` bytes through the scratch buffer every pump shares: recv,
+        show the observer (``_see``), send. An idle connection holds no buffer of its own; a
+        chunk the destination does not take at once is copied out and sent first."""
+        recv_into, send = self._src.recv_into, self._dst.send
+        view = _scratch(size)
+        for _ in range(_ROUNDS_PER_WAKEUP):
+            try:
+                received = recv_into(view)
+            except BlockingIOError:
+                return
+            except OSError as error:
+                self._failed(self.src_side, error)
+                return
+            if received == 0:
+                self._source_ended()
+                return
+            chunk = view[:received]
+            if not self._see(chunk):
+                return
+            try:
+                sent = send(chunk)
+            except BlockingIOError:
+                sent = 0
+            except OSError as error:
+                self._failed(self.dst_side, error)
+                return
+            self.bytes_forwarded += sent
+            more = self._copied(received)
+            if sent < received:
+                self._unsent = memoryview(bytes(chunk[sent:]))
+                self._blocked()
+                return
+            if not more or received < size:
+                return  # most likely drained: see _SplicePump._splice_reads
+
+    def _see(self, chunk: memoryview) -> bool:
+        """Show a copied chunk to the observer, if any; False if the relay ended."""
+        return True
+
+    def _copied(self, received: int) -> bool:
+        """After a copied chunk: whether to go on reading through the buffer."""
+        return True
+
+    def _send_unsent(self) -> bool:
+        """Send what must go first; True once all of it is out."""
+        unsent = self._unsent
+        assert unsent is not None
+        try:
+            sent = self._dst.send(unsent)
+        except BlockingIOError:
+            return False
+        except OSError as error:
+            self._failed(self.dst_side, error)
+            return False
+        self.bytes_forwarded += sent
+        if sent < len(unsent):
+            self._unsent = unsent[sent:]
+            return False
+        self._unsent = None
+        return True
+
     def _source_ended(self) -> None:
         """EOF on the source, nothing held: pass the FIN on, keep the other direction going."""
         self._pause_reading()
@@ -265,13 +330,10 @@ class _SplicePump(_Pump):
         self._wanted_capacity = mode.pipe_size_bytes
         self._in_pipe = 0
         self._cleared = 0  # bytes at the head of the pipe the observer has seen, not forwarded
-        # Bytes to send before anything more is read: a copied chunk the destination did not
-        # take at once, or Relay.start(to_client_first=...).
-        self._unsent: memoryview | None = None
         self._observer = mode.observer
         self._observed = mode.observer is not None
         self._side: _SidePipe | _ThreadedSidePipe | None = None
-        self._view: memoryview | None = None
+        self._read_size = mode.read_size_bytes
         self.bytes_observed = 0
         self.spliced = not self._observed  # observed pumps splice once a read shows bulk
         self._threaded = mode.observer_thread and self._observed
@@ -283,29 +345,26 @@ class _SplicePump(_Pump):
             # and no pipe, where splice + tee + read + splice would take four and two pipes):
             # an exchange of short messages, most keep-alive traffic, costs what copy mode
             # costs, and an idle connection holds no pipe (10 descriptors in all otherwise).
-            self._view = _buffers.acquire(mode.read_size_bytes)
             self._bulk_read = min(_BULK_READ_BYTES, mode.read_size_bytes)
         else:
             self._pipe_r, self._pipe_w = pipes.make_pipe()
 
     def _take_pipes(self) -> None:
         """Bulk through an observed pump: splice from now on, the observer fed by a tee."""
-        assert self._view is not None
         assert self._observer is not None
         pipe_r, pipe_w = pipes.make_pipe()
         try:
             if self._threaded:
                 self._side = _ThreadedSidePipe(
                     self._observer,
-                    len(self._view),
+                    self._read_size,
                     self._wanted_capacity,
                     self._lock,
                     self._loop,
                     (self._on_side_room, self._observer_done),
                 )
             else:
-                self._side = _SidePipe(self._view)
-                self._view = None  # the side pipe's now
+                self._side = _SidePipe(self._read_size)
         except BaseException:
             os.close(pipe_r)
             os.close(pipe_w)
@@ -322,73 +381,43 @@ class _SplicePump(_Pump):
         if self._side is not None:
             self._side.release()
             self._side = None
-        if self._view is not None:
-            _buffers.release(self._view)
-            self._view = None
         self._unsent = None
 
     def _on_readable(self) -> None:
         if self._stopped:
             return  # a callback queued before the relay ended
         if not self.spliced:
-            self._copy_reads()
+            self._copy_through(self._read_size)
             return
         self._splice_reads()
 
-    def _copy_reads(self) -> None:
-        """Reads through the buffer (as _CopyPump does) until one shows bulk."""
-        recv_into, send = self._src.recv_into, self._dst.send
-        view, observer = self._view, self._observer
-        assert view is not None
+    def _see(self, chunk: memoryview) -> bool:
+        observer = self._observer
         assert observer is not None
-        for _ in range(_ROUNDS_PER_WAKEUP):
-            try:
-                received = recv_into(view)
-            except BlockingIOError:
-                return
-            except OSError as error:
-                self._failed(self.src_side, error)
-                return
-            if received == 0:
-                self._source_ended()
-                return
-            chunk = view[:received]
-            try:
-                if self._threaded:
-                    with self._lock:
-                        observer(chunk)
-                else:
+        try:
+            if self._threaded:
+                with self._lock:
                     observer(chunk)
-            except Exception as error:
-                if self._relay is not None:
-                    self._relay._observer_failed(error)
-                return
-            self.bytes_observed += received
+            else:
+                observer(chunk)
+        except Exception as error:
+            if self._relay is not None:
+                self._relay._observer_failed(error)
+            return False
+        self.bytes_observed += len(chunk)
+        return True
+
+    def _copied(self, received: int) -> bool:
+        """Through the buffer until a read shows bulk; from then on, splice."""
+        if received >= self._bulk_read:
             try:
-                sent = send(chunk)
-            except BlockingIOError:
-                sent = 0
+                self._take_pipes()
             except OSError as error:
-                self._failed(self.dst_side, error)
-                return
-            self.bytes_forwarded += sent
-            bulk = received >= self._bulk_read
-            if bulk:
-                try:
-                    self._take_pipes()
-                except OSError as error:
-                    # Out of descriptors: this connection goes on through the buffer.
-                    _log.info("relay %r: no pipes for splicing (%s); copying", self._relay, error)
-                    self._bulk_read = len(view) + 1
-            if sent < received:
-                self._unsent = chunk[sent:]  # the buffer is not read into again before it is out
-                self._blocked()
-                return
-            if self.spliced:
-                # Level-triggered: the loop calls again at once if the source has more.
-                return
-            if received < len(view):
-                return  # most likely drained: see _splice_reads
+                # Out of descriptors: this connection goes on through the buffer.
+                _log.info("relay %r: no pipes for splicing (%s); copying", self._relay, error)
+                self._bulk_read = self._read_size + 1
+        # Spliced: the (level-triggered) loop calls again at once if the source has more.
+        return not self.spliced
 
     def _splice_reads(self) -> None:
         src, pipe_w, capacity = self._src_fd, self._pipe_w, self._capacity
@@ -534,32 +563,14 @@ class _SplicePump(_Pump):
         if self._advance():
             self._unblocked()
 
-    def _send_unsent(self) -> bool:
-        """Send what must go first; True once all of it is out."""
-        unsent = self._unsent
-        assert unsent is not None
-        try:
-            sent = self._dst.send(unsent)
-        except BlockingIOError:
-            return False
-        except OSError as error:
-            self._failed(self.dst_side, error)
-            return False
-        self.bytes_forwarded += sent
-        if sent < len(unsent):
-            self._unsent = unsent[sent:]
-            return False
-        self._unsent = None
-        return True
-
 
 class _SidePipe:
     """The observer's copy of one direction: a pipe filled by ``tee(2)`` from the main pipe
     and read out, in large chunks through one reused buffer, into the observer."""
 
-    def __init__(self, view: memoryview) -> None:
+    def __init__(self, read_size: int) -> None:
         self._r, self._w = pipes.make_pipe()
-        self._view: memoryview | None = view
+        self._read_size = read_size
 
     def grow(self, capacity: int) -> None:
         # A side pipe at least as large as the main one takes a whole read in one tee.
@@ -574,10 +585,11 @@ class _SidePipe:
         return teed
 
     def feed(self, count: int, observer: Observer) -> None:
-        """Read ``count`` bytes out of the side pipe into ``observer``."""
-        view = self._view
-        assert view is not None
-        readv, fd, size = os.readv, self._r, len(view)
+        """Read ``count`` bytes out of the side pipe into ``observer`` (through the shared
+        scratch buffer: this runs on the loop's thread, like every pump)."""
+        size = self._read_size
+        view = _scratch(size)
+        readv, fd = os.readv, self._r
         while count:
             got = readv(fd, [view[: min(size, count)]])
             if got <= 0:  # the bytes were teed: they are there, or the kernel lost them
@@ -586,11 +598,10 @@ class _SidePipe:
             count -= got
 
     def release(self) -> None:
-        if self._view is not None:
+        if self._r >= 0:
             os.close(self._r)
             os.close(self._w)
-            _buffers.release(self._view)
-            self._view = None
+            self._r = self._w = -1
 
 
 class _ThreadedSidePipe:
@@ -715,96 +726,48 @@ class _CopyPump(_Pump):
     ) -> None:
         super().__init__(relay, src, dst, src_side, dst_side)
         self._observer = mode.observer
-        self._view: memoryview | None = _buffers.acquire(mode.buffer_size_bytes)
-        self._unsent: memoryview | None = None
+        self._size = mode.buffer_size_bytes
 
     def _release(self) -> None:
         self._unsent = None
-        if self._view is not None:
-            _buffers.release(self._view)
-            self._view = None
 
     def _on_readable(self) -> None:
         if self._stopped:
             return
-        recv_into, send = self._src.recv_into, self._dst.send
-        view, observer = self._view, self._observer
-        assert view is not None  # released only once stopped or finished
-        for _ in range(_ROUNDS_PER_WAKEUP):
-            try:
-                received = recv_into(view)
-            except BlockingIOError:
-                return
-            except OSError as error:
-                self._failed(self.src_side, error)
-                return
-            if received == 0:
-                self._source_ended()
-                return
-            chunk = view[:received]
-            if observer is not None:
-                try:
-                    observer(chunk)
-                except Exception as error:
-                    if self._relay is not None:
-                        self._relay._observer_failed(error)
-                    return
-            try:
-                sent = send(chunk)
-            except BlockingIOError:
-                sent = 0
-            except OSError as error:
-                self._failed(self.dst_side, error)
-                return
-            self.bytes_forwarded += sent
-            if sent < received:
-                self._unsent = chunk[sent:]
-                self._blocked()
-                return
-            if received < len(view):
-                return  # most likely drained: see _SplicePump._splice_reads
+        self._copy_through(self._size)
+
+    def _see(self, chunk: memoryview) -> bool:
+        observer = self._observer
+        if observer is None:
+            return True
+        try:
+            observer(chunk)
+        except Exception as error:
+            if self._relay is not None:
+                self._relay._observer_failed(error)
+            return False
+        return True
 
     def _on_writable(self) -> None:
         if self._stopped or self._unsent is None:
             return
-        try:
-            sent = self._dst.send(self._unsent)
-        except BlockingIOError:
-            return
-        except OSError as error:
-            self._failed(self.dst_side, error)
-            return
-        self.bytes_forwarded += sent
-        if sent < len(self._unsent):
-            self._unsent = self._unsent[sent:]
-            return
-        self._unsent = None
-        self._unblocked()
+        if self._send_unsent():
+            self._unblocked()
 
 
-class _BufferPool:
-    """Copy buffers of ended relays, kept for the next ones. Allocating and faulting in two
-    fresh 256 KiB buffers cost ~30 µs per connection, most of a short connection's relay cost.
-    At most ``max_idle`` buffers of each size are kept; buffers never hold data while pooled."""
-
-    def __init__(self, max_idle: int) -> None:
-        self.max_idle = max_idle
-        self._idle: dict[int, list[memoryview]] = {}
-
-    def acquire(self, size: int) -> memoryview:
-        idle = self._idle.get(size)
-        return idle.pop() if idle else memoryview(bytearray(size))
-
-    def release(self, view: memoryview) -> None:
-        idle = self._idle.setdefault(len(view), [])
-        if len(idle) < self.max_idle:
-            idle.append(view)
-
-    def idle_bytes(self) -> int:
-        return sum(size * len(views) for size, views in self._idle.items())
+_scratch_buffers: dict[int, memoryview] = {}
 
 
-_buffers = _BufferPool(max_idle=32)
+def _scratch(size: int) -> memoryview:
+    """The read buffer of ``size`` bytes that every pump shares. They all run on the loop's
+    thread and no chunk outlives its read (an observer copies what it keeps; an unsent rest
+    is copied out), so one buffer serves a thousand connections: before, each direction of
+    each connection held its own, 512 KiB per idle connection and a fresh allocation (page
+    faults included) per re-incarnated one."""
+    view = _scratch_buffers.get(size)
+    if view is None:
+        view = _scratch_buffers[size] = memoryview(bytearray(size))
+    return view
 
 
 def _enlarge_pipe(fd: int, size: int) -> int:
