@@ -212,6 +212,12 @@ class StreamState:
             self.log_start = fresh.c2s
         return fresh
 
+    @property
+    def settled(self) -> bool:
+        """No later fresh point waits for the client's acknowledgement: until more bytes
+        pass, a checkpoint would say what the last one said."""
+        return len(self.candidates) == 1
+
     def mark_unmigratable(self, reason: str) -> None:
         if self.unmigratable is None:
             self.unmigratable = reason

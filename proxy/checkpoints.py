@@ -31,13 +31,20 @@ from migrate.checkpoint import (
     CheckpointKeys,
     TcpSnapshot,
     carrier_sealer,
+    key_range,
     seal_carrier,
     seal_checkpoint,
 )
 from migrate.errors import RoamError
-from migrate.handover import LEAVE_PUSH_LEAD_S, ServerHandover
+from migrate.handover import (
+    HANDOFF_BUDGET_S,
+    LEAVE_PUSH_LEAD_S,
+    MAX_PREPARE_LEAD_S,
+    ServerHandover,
+)
 from migrate.kernel import rawtcp, tcp_repair
 from migrate.registration import ClientRecord
+from migrate.reincarnation import CHECKPOINT_AGE_FLOOR_S
 from migrate.streamstate import StreamState
 from proxy.livecontext import LiveContext
 from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Splice
@@ -46,6 +53,13 @@ SEQ_MOD = 2**32
 BOUNDARY_MIN_GAP_S = 0.02  # at most one boundary checkpoint per connection per 20 ms
 CHECKPOINT_RETRY_S = 0.05  # a failed push is tried again this soon
 ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are looked at
+# An idle connection's checkpoint (nothing moved since the last, no fresh point waiting for an
+# acknowledgement) is sent again only this often. A PREPARE goes out at most MAX_PREPARE_LEAD_S
+# before the boundary and its COMMIT, with the newest checkpoint, at most HANDOFF_BUDGET_S
+# after: each carries one at most this old then (the leave round pushes every connection's
+# just before the boundary besides), well within the age limit (at least the floor).
+IDLE_REFRESH_S = CHECKPOINT_AGE_FLOOR_S / 5
+assert IDLE_REFRESH_S + max(MAX_PREPARE_LEAD_S, HANDOFF_BUDGET_S) < CHECKPOINT_AGE_FLOOR_S
 # A re-incarnated connection counts its checkpoints on from the presented one plus this much,
 # so that its carriers outrank whatever the previous server pushed after that checkpoint
 # (during the hand-over, and after the switch until its gate closed): the client keeps the
@@ -128,6 +142,9 @@ class LiveConnection:
         self.next_due = now  # the first checkpoint goes out at once
         self.last_sent = 0.0
         self.pushed_s2c = -1  # the service's position in the last checkpoint pushed
+        # What the last checkpoint covered: (c2s, s2c, key range) if no later fresh point
+        # waited for the client's acknowledgement then (else None: the next one may differ).
+        self.pushed_idle: tuple[int, int, int] | None = None
         # For a re-incarnated connection, the hand-over that made it (it answers a repeated
         # COMMIT whose answers were all lost).
         self.handover = handover
@@ -193,6 +210,11 @@ class LiveConnection:
         pusher.send(packet)
         self.last_sent = now
         self.pushed_s2c = checkpoint.s2c_pos
+        self.pushed_idle = (
+            (checkpoint.c2s_pos, checkpoint.s2c_pos, key_range(checkpoint.epoch))
+            if self.stream.settled
+            else None
+        )
         period = pusher.context.checkpoint_period
         # Keep the connection's own phase: due times are start + k * period.
         elapsed = now - self.started
@@ -200,6 +222,10 @@ class LiveConnection:
 
     def due(self, now: float) -> bool:
         if now >= self.next_due:
+            if self.idle(now):
+                period = self.pusher.context.checkpoint_period
+                self.next_due += period * max(1, int((now - self.next_due) / period) + 1)
+                return False
             return True
         # A checkpoint from before the service's first byte commits to none of its output: a
         # re-incarnation from it could not be verified. Push one as soon as bytes flowed,
@@ -207,6 +233,18 @@ class LiveConnection:
         first_bytes = self.pushed_s2c == 0 < self.stream.s2c_pos
         return (self.stream.boundary_due or first_bytes) and (
             now - self.last_sent >= BOUNDARY_MIN_GAP_S
+        )
+
+    def idle(self, now: float) -> bool:
+        """Whether the last checkpoint still says all there is: nothing passed either way
+        since, the key range is the same, and it is younger than IDLE_REFRESH_S."""
+        pushed = self.pushed_idle
+        return (
+            pushed is not None
+            and now - self.last_sent < IDLE_REFRESH_S
+            and pushed[0] == self.stream.c2s_pos
+            and pushed[1] == self.stream.s2c_pos
+            and pushed[2] == key_range(self.pusher.context.epoch())
         )
 
     def _report_codec(self) -> None:
