@@ -24,10 +24,6 @@ CONNECTIONS = 1000
 LabFactory = Callable[..., Lab]  # the lab_factory fixture (tests/system/conftest.py)
 
 
-@pytest.mark.known_timing(
-    cause="1000 PREPAREs in one roam can outlast the prepare lead on a busy machine (no answer "
-    "to the prepare); issue 14 starts preparations early enough and bounds their cost"
-)
 def test_a_thousand_connections_move_in_one_roam(lab_factory: LabFactory) -> None:
     lab = lab_factory(PoolTopo(servers=3, clients=1))
     pool = RoamingLab(lab, tick=2.0, m=1, service="none", start_delay=2.0)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from labs.benchmarks import roaming as package
 from labs.benchmarks.roaming import CONNECTION_COUNTS, SHIM_PATHS
+from labs.benchmarks.roaming.busy import busy_client
 from labs.benchmarks.roaming.clients import hold_client, latency_client, stream_client
 from labs.benchmarks.roaming.migration import run_migration
 from labs.benchmarks.roaming.orchestration import progress
@@ -24,7 +25,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
-        "--role", choices=("stream-client", "latency-client", "hold-client"), help=argparse.SUPPRESS
+        "--role",
+        choices=("stream-client", "latency-client", "hold-client", "busy-client"),
+        help=argparse.SUPPRESS,
     )
     parser.add_argument("--host", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -33,6 +36,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rcvbuf", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--sha256", default="", help=argparse.SUPPRESS)
     parser.add_argument("--count", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--interval", type=float, default=0.5, help=argparse.SUPPRESS)
+    parser.add_argument("--tail", type=float, default=5.0, help=argparse.SUPPRESS)
     parser.add_argument(
         "--requests",
         type=int,
@@ -105,6 +110,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 latency_client(args.host, args.port, args.path, args.requests, args.connects)
             )
         )
+        return 0
+    if args.role == "busy-client":
+        busy_client(
+            args.host, args.port, args.path, args.rate, args.seconds or 20.0, args.interval,
+            args.tail,
+        )  # fmt: skip
         return 0
     if args.role == "hold-client":
         hold_client(args.host, args.port, args.path, args.count)
