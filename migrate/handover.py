@@ -642,10 +642,14 @@ class ClientHandover:
             raise LocalError(f"client: an answer for port {answer.client_port} fed to {self.port}")
         expected = Phase.COMMIT if self.state in (_C.COMMITTING, _C.COMMITTED) else Phase.PREPARE
         if answer.phase is not expected:
-            if self.state in CLIENT_FINAL or (
-                answer.phase is Phase.PREPARE and self.state in (_C.COMMITTING, _C.COMMITTED)
+            if (
+                self.state in CLIENT_FINAL
+                or (answer.phase is Phase.PREPARE and self.state in (_C.COMMITTING, _C.COMMITTED))
+                # This machine sent no COMMIT: the answer is to a COMMIT of the connection's
+                # previous hand-over (retried, answered twice, the copy arriving a roam late).
+                or (answer.phase is Phase.COMMIT and self.commit_request is None)
             ):
-                return  # a late answer to an earlier phase: moot
+                return  # a late answer to an earlier phase or hand-over: moot
             raise RemoteError(f"client: an answer to {answer.phase.name} while {self.state.value}")
         if answer.status is Status.READY:
             self._step(_CE.READY, RemoteError)
