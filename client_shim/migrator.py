@@ -66,6 +66,11 @@ class RoamRecord:
     started: float
     switched: float = 0.0
     connections: dict[int, Handoff] = field(default_factory=dict)
+    # When each step of the hand-over ended (the log breaks the pause down by them).
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, step: str, now: float) -> None:
+        self.marks[step] = now
 
     def machines(self, *states: ClientState) -> list[ClientHandover]:
         return [
@@ -85,6 +90,10 @@ class RoamRecord:
             "outcomes": outcomes,
             "pause_ms": round((self.switched - self.started) * 1000, 3) if self.switched else None,
             "bytes_replayed": sum(h.replayed for h in self.connections.values()),
+            # Milliseconds from the freeze to the end of each step (negative: before it).
+            "steps_ms": {
+                step: round((when - self.started) * 1000, 1) for step, when in self.marks.items()
+            },
         }
 
 
@@ -269,8 +278,10 @@ class Migrator:
             deadline = min(deadline, give_up_at)
         # Connections opened since the PREPAREs went out: prepare them now, while the old
         # server still serves (waiting a moment for the first checkpoint of the newest).
+        record.mark("boundary", self.clock())
         sockets = self.view.sockets_and_capture()
-        await self._await_carriers(sockets)
+        await self._await_carriers(sockets, record, opened_before=None)
+        record.mark("carriers_before", self.clock())
         self._newcomers(record, sockets, self.clock(), deadline)
         for machine in record.machines(ClientState.PREPARING):
             machine.wait_until(deadline)
@@ -280,11 +291,13 @@ class Migrator:
         record.started = self.clock()
         ready = record.machines(ClientState.PREPARED)
         self._freeze(ready, target)
+        record.mark("frozen", self.clock())
         try:
             # The copies of everything sent before the freeze are queued by now: take them all
             # before reading positions.
             sockets = self.view.sockets_and_capture()
-            await self._await_carriers(sockets)
+            await self._await_carriers(sockets, record, opened_before=record.started)
+            record.mark("carriers", self.clock())
             # Connections opened in the last moments, still with the old server.
             newcomers = self._newcomers(
                 record, sockets, record.started, self.clock() + self.commit_timeout
@@ -294,6 +307,7 @@ class Migrator:
                 sockets = self.view.sockets_and_capture()
                 await self._run(newcomers, ClientState.PREPARING)
                 ready += [m for m in newcomers if m.state is ClientState.PREPARED]
+                record.mark("newcomers", self.clock())
             now = self.clock()
             for machine in ready:
                 info = sockets.get(machine.port)
@@ -306,7 +320,9 @@ class Migrator:
                     )
                     machine.freeze(request, "replay bytes incomplete", now)
                 self._execute(machine)
+            record.mark("commits_sent", self.clock())
             await self._run(ready, ClientState.COMMITTING)
+            record.mark("committed", self.clock())
         finally:
             nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
             record.switched = self.clock()
@@ -359,9 +375,23 @@ class Migrator:
                 found.append(machine)
         return found
 
-    async def _await_carriers(self, sockets: dict[int, sockdiag.TcpSocketInfo]) -> None:
+    async def _await_carriers(
+        self,
+        sockets: dict[int, sockdiag.TcpSocketInfo],
+        record: RoamRecord,
+        opened_before: float | None,
+    ) -> None:
         """Connections opened just now get their first checkpoint within a round trip: wait
-        that long (bounded) rather than reset them."""
+        that long (bounded) rather than reset them. Only for connections this hand-over still
+        moves: not one it has given up on, nor one opened after ``opened_before`` (the freeze:
+        it talks to the new server already)."""
+
+        def moving(port: int, conn: TrackedConnection) -> bool:
+            handoff = record.connections.get(port)
+            if handoff is not None:
+                return isinstance(handoff, ClientHandover) and not handoff.final
+            return opened_before is None or conn.opened_at < opened_before
+
         deadline = self.clock() + CARRIER_GRACE_S
         while self.clock() < deadline:
             waiting = [
@@ -370,6 +400,7 @@ class Migrator:
                 if (conn := self.store.connections.get(port)) is not None
                 and conn.unmigratable is None
                 and not verifiable(conn, info)
+                and moving(port, conn)
             ]
             if not waiting:
                 return
