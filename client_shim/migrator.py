@@ -405,6 +405,14 @@ class Migrator:
             if not waiting:
                 return
             await asyncio.sleep(0.01)
+        self.log.event(
+            "carriers_late",
+            level="warning",
+            count=len(waiting),
+            ports=waiting[:20],
+            waited_s=CARRIER_GRACE_S,
+            reason="no checkpoint that covers what these connections received",
+        )
 
     def _log_roam(self, record: RoamRecord) -> None:
         pause_ms = round((record.switched - record.started) * 1000, 3)
