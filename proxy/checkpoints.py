@@ -322,7 +322,11 @@ class CheckpointPusher:
         if not self.context.gate_open():
             # Accepted before the gate closed but only now past the service's connect (a burst
             # at the end of the epoch): the client has moved on. Kept, it would stand in the
-            # way (the same 4-tuple) when the service comes back here.
+            # way (the same 4-tuple) when the service comes back here. Its one checkpoint goes
+            # out first: the client's hand-over, waiting for it, moves the connection (nothing
+            # was relayed yet: the new server replays what the client sent).
+            with contextlib.suppress(OSError, RoamError):
+                connection.push(self.context.clock())
             connection.leave_silently()
             self.context.log.event("connection_left", client=f"{peer[0]}:{peer[1]}", late=True)
             return connection.relay
