@@ -25,6 +25,7 @@ from migrate.errors import (
     MalformedMessageError,
     ReplayedMessageError,
     RevokedClientError,
+    ScheduleError,
     SubscriptionExpiredError,
 )
 from migrate.gating import gate_at, next_switch
@@ -108,6 +109,22 @@ def test_next_switch_skips_epochs_on_the_same_server():
     assert server != current.server
     assert all(schedule.server_for(i) == current.server for i in range(current.index, index))
     assert start == schedule.start_of(index)
+
+
+def test_a_pool_of_one_server_has_no_switch_and_says_so_at_once():
+    from dataclasses import replace
+
+    from .budget import bounded_step
+
+    schedule = pools()[0].schedule
+    one = EpochSchedule(
+        schedule.chain, replace(schedule.params, servers=schedule.params.servers[:1])
+    )
+    with (
+        bounded_step("the next switch of a one-server pool"),
+        pytest.raises(ScheduleError, match="one server"),
+    ):
+        next_switch(one, START + 10)
 
 
 def test_threat_change_takes_effect_everywhere_at_the_same_epoch():
