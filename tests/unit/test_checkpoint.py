@@ -254,6 +254,31 @@ def test_store_bounds_memory_with_a_clear_policy():
 
 
 @given(
+    steps=st.lists(st.tuples(st.integers(1, 4), st.integers(0, 700), st.booleans()), max_size=60)
+)
+def test_the_store_bound_holds_and_evicts_only_past_it(steps):
+    # Segments (and carriers that trim) in any order: the bytes held never exceed the total
+    # bound, and no connection is given up for it while the true total stays within it.
+    store = ConnectionStore(per_connection_limit=10_000, total_limit=1500)
+    for port in range(1, 5):
+        store.on_syn(port, 0, now=0.0)
+
+    def evicted() -> int:
+        return sum("total bound" in (c.unmigratable or "") for c in store.connections.values())
+
+    for port, size, trim in steps:
+        conn = store.connections[port]
+        if trim and conn.unmigratable is None:
+            store.on_carrier(Carrier(b"c" * 16, port, conn.sent + 1, conn.sent, 0, 0, b""), 0.1)
+            continue
+        before, given_up = sum(c.stored_bytes for c in store.connections.values()), evicted()
+        store.on_segment(port, 1 + conn.sent, b"x" * size, False, now=0.1)
+        assert sum(c.stored_bytes for c in store.connections.values()) <= store.total_limit
+        if before + size <= store.total_limit:
+            assert evicted() == given_up
+
+
+@given(
     offset=st.integers(1, 2**31 - 1) | st.integers(-(2**31), -19),
     payload=st.binary(max_size=64),
 )
