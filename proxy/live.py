@@ -233,29 +233,10 @@ class LiveMode:
         record: ClientRecord,
         source: tuple[str, int],
     ) -> None:
-        try:
-            self._prepare_or_refuse(key, existing, opened, opener, request, record, source)
-        except RoamError as error:
-            if existing is not None:
-                raise  # perhaps a stale copy: an answer would fail the preparation under way
-            # An authentic request from the client's own address: it learns why at once
-            # (rather than retrying until it gives up), and a framed client gets its one
-            # answer per request. Its replay is dropped as such, never answered again.
-            opener.accept(opened)
-            answer = Answer(Phase.PREPARE, key[1], Status.REFUSED, str(error))
-            self.port.send(record, answer, source)
-            raise
-
-    def _prepare_or_refuse(
-        self,
-        key: Key,
-        existing: Pending | None,
-        opened: Opened,
-        opener: Opener,
-        request: Request,
-        record: ClientRecord,
-        source: tuple[str, int],
-    ) -> None:
+        # A refusal (RoamError) is not answered: answers name no request, and an outsider can
+        # replay the client's captured PREPARE, from its spoofed address, to a server that
+        # refuses it; an authentic REFUSED would then fail the client's real preparation of
+        # that connection (tests/system/test_crafted_server.py caught it).
         now = self.context.clock()
         admitted = self.port.admit(opened, request, record, source[0])
         checkpoint = admitted.checkpoint
