@@ -20,8 +20,9 @@ Each direction is either
   bytes are spliced on to the destination. The observer therefore covers at least what was
   forwarded at every moment the loop can see (what a checkpoint commits to), and a slow
   observer slows the pump rather than losing bytes: the side pipe holds at most one read.
-  Such a pump copies (as below) until its first read of 64 KiB or more: short messages cost
-  two system calls instead of four, and a connection that never carried bulk holds no pipe.
+  A splice pump copies (as below) until its first read of 64 KiB or more: short messages cost
+  two system calls either way (four with a tee), and a connection that never carried bulk
+  makes no pipe.
 * ``Copy(observer)``: ``recv_into`` a reused buffer, hand the chunk to ``observer`` (which sees
   every byte once, in order, before the destination can), then ``send`` it.
 
@@ -103,7 +104,8 @@ _splice = os.splice
 
 @dataclass(frozen=True)
 class Splice:
-    """Zero-copy: socket -> pipe -> socket. The pipe starts at the default 64 KiB and is grown
+    """Zero-copy: socket -> pipe -> socket, from the first read of 64 KiB or more (before it,
+    through the shared buffer). The pipe starts at the default 64 KiB and is grown
     to ``pipe_size_bytes`` (F_SETPIPE_SZ) by the first read that fills half of it; if that is
     refused (beyond /proc/sys/fs/pipe-max-size without privilege) it keeps 64 KiB.
 
@@ -335,26 +337,25 @@ class _SplicePump(_Pump):
         self._side: _SidePipe | _ThreadedSidePipe | None = None
         self._read_size = mode.read_size_bytes
         self.bytes_observed = 0
-        self.spliced = not self._observed  # observed pumps splice once a read shows bulk
+        self.spliced = False  # from the first read that shows bulk
         self._threaded = mode.observer_thread and self._observed
         self._lock = relay.observer_lock
         self._waiting_side = False
         self._pipe_r = self._pipe_w = -1
-        if self._observed:
-            # Until then, a read goes through a buffer (recv, observer, send: two system calls
-            # and no pipe, where splice + tee + read + splice would take four and two pipes):
-            # an exchange of short messages, most keep-alive traffic, costs what copy mode
-            # costs, and an idle connection holds no pipe (10 descriptors in all otherwise).
-            self._bulk_read = min(_BULK_READ_BYTES, mode.read_size_bytes)
-        else:
-            self._pipe_r, self._pipe_w = pipes.make_pipe()
+        # Until then, a read goes through a buffer (recv, [observer,] send: two system calls,
+        # as splice in and out, and no pipe; an observed pump would take four and two pipes):
+        # an exchange of short messages, most keep-alive traffic, costs what copy mode costs,
+        # a connection that never carries bulk never makes a pipe (a pipe2 and two closes per
+        # direction), and an idle one holds none (6 or 10 descriptors in all otherwise).
+        self._bulk_read = min(_BULK_READ_BYTES, mode.read_size_bytes)
 
     def _take_pipes(self) -> None:
-        """Bulk through an observed pump: splice from now on, the observer fed by a tee."""
-        assert self._observer is not None
+        """Bulk: splice from now on (an observer fed by a tee)."""
         pipe_r, pipe_w = pipes.make_pipe()
         try:
-            if self._threaded:
+            if self._observer is None:
+                pass
+            elif self._threaded:
                 self._side = _ThreadedSidePipe(
                     self._observer,
                     self._read_size,
@@ -393,7 +394,8 @@ class _SplicePump(_Pump):
 
     def _see(self, chunk: memoryview) -> bool:
         observer = self._observer
-        assert observer is not None
+        if observer is None:
+            return True
         try:
             if self._threaded:
                 with self._lock:
