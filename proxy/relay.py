@@ -891,6 +891,12 @@ class Relay:
             downstream._blocked()  # write those first; reading resumes once they are out
         else:
             downstream.start()
+        # What the client sent while the service connection was being made (most often its
+        # first request) goes on at once, not after a turn of the loop (an epoll_wait that
+        # would only say so). Nothing there costs one recv that says EAGAIN.
+        upstream = self._upstream
+        if not self._ended and isinstance(upstream, _CopyPump | _SplicePump):
+            upstream._on_readable()
 
     def abort(self) -> None:
         """End now: both peers get a reset. Safe to call at any time, and twice."""

@@ -647,3 +647,25 @@ def test_an_observer_thread_lags_by_a_bounded_amount_and_drops_nothing(
     assert seen.digest() == hashlib.sha256(data).digest()
     assert 0 < state["max_ahead"] <= 2 * pipe_size + read_size
     assert open_fds() == before
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_what_the_client_sent_before_the_start_goes_on_at_start(
+    run: LoopRunner[None], mode: str
+) -> None:
+    """A new connection's first request, which arrives while the service connection is being
+    made, is forwarded by ``start()`` itself, not one turn of the loop later."""
+
+    async def scenario() -> None:
+        ends = Ends()
+        ends.app.send(b"GET / HTTP/1.1\r\n\r\n")
+        chosen = Splice() if mode == "splice" else Copy()
+        relay = Relay(ends.client, ends.service, client_to_service=chosen)
+        relay.start()
+        assert ends.backend.recv(CHUNK) == b"GET / HTTP/1.1\r\n\r\n"  # no await before
+        assert relay.bytes_client_to_service == 18
+        relay.abort()
+        await relay.wait()
+        ends.close()
+
+    run(scenario())
