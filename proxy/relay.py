@@ -61,7 +61,7 @@ import struct
 import sys
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -956,6 +956,40 @@ def splice_both_ways(client: socket.socket, service: socket.socket, client_addr:
     return Relay(client, service)
 
 
+class _Resumed:
+    """Awaits a coroutine that was already run up to its first suspension (``waiting``, what it
+    yielded) outside any task: a task awaiting this goes on with it as if it had started it."""
+
+    __slots__ = ("_coroutine", "_waiting")
+
+    def __init__(
+        self, coroutine: Coroutine[object, object, socket.socket], waiting: object
+    ) -> None:
+        self._coroutine = coroutine
+        self._waiting = waiting
+
+    def __await__(self) -> Generator[object, object, socket.socket]:
+        coroutine, value = self._coroutine, self._waiting
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as error:  # thrown in by the task: cancellation
+                try:
+                    value = coroutine.throw(error)
+                except StopIteration as done:
+                    result: socket.socket = done.value
+                    return result
+            else:
+                try:
+                    value = coroutine.send(sent)
+                except StopIteration as done:
+                    result = done.value
+                    return result
+
+
 @dataclass
 class ServerStats:
     accepted: int = 0
@@ -1033,25 +1067,66 @@ class RelayServer:
                 self._retry = self._loop.call_later(_ACCEPT_RETRY_S, self._start_accepting)
                 return
             self.stats.accepted += 1
-            task = self._loop.create_task(self._open(client, client_addr[:2]))
-            self._opening.add(task)
-            task.add_done_callback(self._opening.discard)
+            self._open(client, client_addr[:2])
 
-    async def _open(self, client: socket.socket, client_addr: Address) -> None:
+    def _open(self, client: socket.socket, client_addr: Address) -> None:
+        """Connect to the service and start the relay: here and now when the connect completes
+        at once (a service on loopback: the handshake is over inside connect()), without a
+        task, a timeout or a turn of the loop; in a task, bounded by the connect timeout,
+        when it has to wait. ``connect_service``'s coroutine is therefore run up to its first
+        suspension outside any task: it must not need ``asyncio.current_task()`` before it."""
         try:
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connecting = self._connect_service(client, client_addr)
+            if isinstance(connecting, Coroutine):
+                try:
+                    waiting = connecting.send(None)
+                except StopIteration as done:
+                    service: socket.socket = done.value
+                else:
+                    self._open_later(client, client_addr, _Resumed(connecting, waiting))
+                    return
+            else:
+                self._open_later(client, client_addr, connecting)
+                return
+        except Exception as error:
+            self._connect_failed(client, client_addr, error)
+            return
+        self._start_relay(client, service, client_addr)
+
+    def _open_later(
+        self, client: socket.socket, client_addr: Address, connecting: Awaitable[socket.socket]
+    ) -> None:
+        task = self._loop.create_task(self._wait_connected(client, client_addr, connecting))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _wait_connected(
+        self, client: socket.socket, client_addr: Address, connecting: Awaitable[socket.socket]
+    ) -> None:
+        try:
             async with asyncio.timeout(self._connect_timeout_s):
-                service = await self._connect_service(client, client_addr)
+                service = await connecting
         except asyncio.CancelledError:
             close_abortively(client)
             raise
         except Exception as error:
-            # A client we cannot serve learns it at once (RST) rather than by a timeout.
-            self.stats.connect_failures += 1
-            _log.info("service connection for %s:%d failed: %r", *client_addr, error)
-            close_abortively(client)
+            self._connect_failed(client, client_addr, error)
             return
+        self._start_relay(client, service, client_addr)
+
+    def _connect_failed(
+        self, client: socket.socket, client_addr: Address, error: Exception
+    ) -> None:
+        # A client we cannot serve learns it at once (RST) rather than by a timeout.
+        self.stats.connect_failures += 1
+        _log.info("service connection for %s:%d failed: %r", *client_addr, error)
+        close_abortively(client)
+
+    def _start_relay(
+        self, client: socket.socket, service: socket.socket, client_addr: Address
+    ) -> None:
         try:
             service.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = self._relay_factory(client, service, client_addr)
