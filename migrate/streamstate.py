@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Callable
 
 from migrate.autodetect import AutoCodec, Detection
 from migrate.checkpoint import Checkpoint, TcpSnapshot
@@ -206,6 +207,11 @@ class StreamState:
         self.mask_dates = codec_name == "http"
         self._backlog = _Backlog()
         self._backlog_limit = hash_backlog
+        # Where the client's acknowledged position can be read (the server's socket), if
+        # anywhere: asked when the backlog is full, so that the candidates the client has
+        # acknowledged past are dropped, as the next checkpoint's ``settle`` would drop them,
+        # rather than hashed. Positions only grow, so settling early changes no checkpoint.
+        self.acked: Callable[[], int] | None = None
         self.candidates = [
             Candidate(c2s_start, s2c_start, StreamHash(self.mask_dates), state, self._backlog)
         ]
@@ -245,6 +251,8 @@ class StreamState:
             backlog.chunks.append(bytes(chunk))  # the relay's chunk is valid only now
             backlog.size += len(chunk)
         else:
+            if self.acked is not None and len(self.candidates) > 1:
+                self.settle(self.acked())
             for candidate in self.candidates:
                 candidate.hash_now(chunk)
             backlog.drop_before(backlog.end)

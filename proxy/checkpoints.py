@@ -199,10 +199,18 @@ class LiveConnection:
         self.handover = handover
         self.codec_reported = self.unmigratable_reported = False
         self.sealer = pusher.carrier_sealer(record) if record is not None else None
+        stream.acked = self._acked_now
         c2s, s2c = observed_modes(
             stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
         )
         self.relay = Relay(client, service, client_to_service=c2s, service_to_client=s2c)
+
+    def _acked_now(self) -> int:
+        """For the stream state, between checkpoints (-1: unknown, nothing is settled)."""
+        try:
+            return self.s2c_acked()
+        except OSError:
+            return -1
 
     def s2c_acked(self) -> int:
         info = tcp_repair.read_tcp_info(self.client)

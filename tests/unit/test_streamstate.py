@@ -200,3 +200,32 @@ def test_hashing_candidates_late_gives_the_same_checkpoints(exchanges, codec):
             assert points[1:] == points[:1] * 2
     final = [checkpoint(state, acked=eager.s2c_pos) for state in states]
     assert final[1:] == final[:1] * 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    exchanges=st.lists(st.integers(0, 400), min_size=1, max_size=300),
+    every=st.integers(1, 200),
+    lag=st.integers(0, 3),
+)
+def test_settling_when_the_backlog_is_full_gives_the_same_checkpoints(exchanges, every, lag):
+    """With the client's acknowledged position at hand (``acked``), a full backlog settles
+    the candidates the client acknowledged past instead of hashing them all (a keep-alive
+    connection of fast GETs has one per response): the checkpoints stay those of eager
+    hashing, whose settles come only with the checkpoints."""
+    eager = StreamState("http", hash_backlog=0)
+    late = StreamState("http", hash_backlog=2000)
+    ends: list[int] = [0]  # s2c position after each response
+    # The client has acknowledged all but the last ``lag`` responses, never more than what
+    # the next checkpoint will be told.
+    late.acked = lambda: ends[max(0, len(ends) - 1 - lag)]
+    for index, body_size in enumerate(exchanges):
+        request, response = _exchange(index, body_size, date=True)
+        for state in (eager, late):
+            state.feed_c2s(request)
+            state.feed_s2c(response)
+        ends.append(eager.s2c_pos)
+        if index % every == every - 1:
+            acked = ends[max(0, len(ends) - 1 - lag)]
+            assert checkpoint(late, acked=acked) == checkpoint(eager, acked=acked)
+    assert checkpoint(late, acked=eager.s2c_pos) == checkpoint(eager, acked=eager.s2c_pos)
