@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from dataclasses import dataclass
+from collections.abc import Callable
 
 from migrate.autodetect import AutoCodec, Detection
 from migrate.checkpoint import Checkpoint, TcpSnapshot
@@ -106,12 +106,84 @@ class StreamHash:
         return final.digest()
 
 
-@dataclass(slots=True)
+# The service's chunks wait, up to this many bytes (and _BACKLOG_CHUNKS chunks), in a backlog
+# shared by the candidates, rather than each being hashed into every candidate at once: a
+# candidate that a later one replaces before any checkpoint needs it (most of them, with short
+# keep-alive exchanges: one per response, a checkpoint every 20 ms at most) is never hashed.
+DEFAULT_HASH_BACKLOG = 32 << 10
+_BACKLOG_CHUNKS = 128
+
+
+class _Backlog:
+    """The service's chunks (``bytes``), numbered from ``base``, that some candidate has not
+    hashed yet; every candidate hashes them in order, the same calls as if at once."""
+
+    __slots__ = ("base", "chunks", "size")
+
+    def __init__(self) -> None:
+        self.base = 0
+        self.chunks: list[bytes] = []
+        self.size = 0
+
+    @property
+    def end(self) -> int:
+        return self.base + len(self.chunks)
+
+    def drop_before(self, index: int) -> None:
+        if index > self.base:
+            del self.chunks[: index - self.base]
+            self.base = index
+            self.size = sum(map(len, self.chunks))
+
+
 class Candidate:
-    c2s: int
-    s2c: int
-    s2c_hash: StreamHash
-    state: bytes = b""
+    """A fresh point (``c2s``, ``s2c``) with the running hash of the service's bytes from it
+    on (``s2c_hash``, brought up to date when read) and the session state there."""
+
+    __slots__ = ("_backlog", "_fed", "_hash", "c2s", "s2c", "state")
+
+    def __init__(
+        self,
+        c2s: int,
+        s2c: int,
+        s2c_hash: StreamHash,
+        state: bytes = b"",
+        backlog: _Backlog | None = None,
+    ) -> None:
+        self.c2s = c2s
+        self.s2c = s2c
+        self.state = state
+        self._backlog = backlog
+        self._hash = s2c_hash
+        self._fed = backlog.end if backlog is not None else 0  # backlog chunks hashed
+
+    def __repr__(self) -> str:
+        return f"Candidate(c2s={self.c2s}, s2c={self.s2c}, state={self.state!r})"
+
+    @property
+    def s2c_hash(self) -> StreamHash:
+        self.catch_up()
+        return self._hash
+
+    @s2c_hash.setter
+    def s2c_hash(self, value: StreamHash) -> None:
+        self._hash = value
+        self._fed = self._backlog.end if self._backlog is not None else 0
+
+    def catch_up(self) -> None:
+        """Hash the backlog's chunks this candidate has not hashed yet."""
+        backlog = self._backlog
+        if backlog is None or self._fed >= backlog.end:
+            return
+        update = self._hash.update
+        for chunk in backlog.chunks[self._fed - backlog.base :]:
+            update(chunk)
+        self._fed = backlog.end
+
+    def hash_now(self, chunk: bytes | memoryview) -> None:
+        """Hash ``chunk`` at once (the backlog, caught up first, stays behind it)."""
+        self.catch_up()
+        self._hash.update(chunk)
 
 
 class StreamState:
@@ -123,8 +195,11 @@ class StreamState:
         s2c_start: int = 0,
         replay_limit: int = DEFAULT_REPLAY_LIMIT,
         state: bytes = b"",
+        hash_backlog: int = DEFAULT_HASH_BACKLOG,
     ) -> None:
-        """``state``: the session state at the starting fresh point (a checkpoint's)."""
+        """``state``: the session state at the starting fresh point (a checkpoint's).
+        ``hash_backlog``: bytes of the service's chunks hashed into the candidates only when
+        needed (0: each at once; the checkpoints are the same)."""
         self.codec_name = codec_name
         self.codec: StreamCodec
         if codec_name == "auto":
@@ -136,7 +211,16 @@ class StreamState:
         self.c2s_pos = c2s_start
         self.s2c_pos = s2c_start
         self.mask_dates = codec_name == "http"
-        self.candidates = [Candidate(c2s_start, s2c_start, StreamHash(self.mask_dates), state)]
+        self._backlog = _Backlog()
+        self._backlog_limit = hash_backlog
+        # Where the client's acknowledged position can be read (the server's socket), if
+        # anywhere: asked when the backlog is full, so that the candidates the client has
+        # acknowledged past are dropped, as the next checkpoint's ``settle`` would drop them,
+        # rather than hashed. Positions only grow, so settling early changes no checkpoint.
+        self.acked: Callable[[], int] | None = None
+        self.candidates = [
+            Candidate(c2s_start, s2c_start, StreamHash(self.mask_dates), state, self._backlog)
+        ]
         self.log_start = c2s_start
         self.log = bytearray()
         self.replay_limit = replay_limit
@@ -165,8 +249,19 @@ class StreamState:
         start = self.s2c_pos
         self.codec.feed_s2c(chunk)
         self._adopt_choice()
-        for candidate in self.candidates:
-            candidate.s2c_hash.update(chunk)
+        backlog = self._backlog
+        if (
+            backlog.size + len(chunk) <= self._backlog_limit
+            and len(backlog.chunks) < _BACKLOG_CHUNKS
+        ):
+            backlog.chunks.append(bytes(chunk))  # the relay's chunk is valid only now
+            backlog.size += len(chunk)
+        else:
+            if self.acked is not None and len(self.candidates) > 1:
+                self.settle(self.acked())
+            for candidate in self.candidates:
+                candidate.hash_now(chunk)
+            backlog.drop_before(backlog.end)
         self.s2c_pos += len(chunk)
         self._observe(start, chunk)
 
@@ -203,16 +298,22 @@ class StreamState:
             # hash, a shorter log. The first candidate, the fresh point in force, stays.
             last.c2s, last.state = fresh.c2s, fresh.state
         elif (fresh.c2s, fresh.s2c) != (last.c2s, last.s2c):
-            candidate = Candidate(fresh.c2s, fresh.s2c, StreamHash(self.mask_dates), fresh.state)
-            candidate.s2c_hash.update(chunk[max(0, fresh.s2c - start) :])
+            candidate = Candidate(
+                fresh.c2s, fresh.s2c, StreamHash(self.mask_dates), fresh.state, self._backlog
+            )
+            candidate.hash_now(chunk[max(0, fresh.s2c - start) :])
             self.candidates.append(candidate)
         self.boundary_due = True
 
     def settle(self, s2c_acked: int) -> Candidate:
         """Adopt the newest candidate the client has acknowledged up to; trim the log."""
-        while len(self.candidates) > 1 and self.candidates[1].s2c <= s2c_acked:
-            self.candidates.pop(0)
-        fresh = self.candidates[0]
+        candidates = self.candidates
+        if len(candidates) > 1 and candidates[1].s2c <= s2c_acked:
+            while len(candidates) > 1 and candidates[1].s2c <= s2c_acked:
+                candidates.pop(0)
+            # Chunks every remaining candidate has hashed are needed no more.
+            self._backlog.drop_before(min(candidate._fed for candidate in candidates))
+        fresh = candidates[0]
         if fresh.c2s > self.log_start and self.unmigratable is None:
             del self.log[: fresh.c2s - self.log_start]
             self.log_start = fresh.c2s

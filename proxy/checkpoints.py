@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import fcntl
 import ipaddress
 import os
 import socket
+import termios
 import traceback
 from dataclasses import replace
 
@@ -43,6 +46,7 @@ from migrate.handover import (
     ServerHandover,
 )
 from migrate.kernel import rawtcp, tcp_repair
+from migrate.kernel import sockopts as so
 from migrate.registration import ClientRecord
 from migrate.reincarnation import CHECKPOINT_AGE_FLOOR_S
 from migrate.streamstate import StreamState
@@ -87,25 +91,70 @@ def observed_modes(
 
 def accept_facts(sock: socket.socket) -> TcpSnapshot:
     """The handshake's ISNs and options of a just-accepted socket, read in repair mode (its
-    timestamp clock is read again for each checkpoint)."""
+    timestamp clock is read again for each checkpoint).
+
+    Only what a checkpoint needs, on the path of every new connection: the sequence numbers
+    and the queues' lengths (not their bytes, nor the windows and addresses a whole
+    ``tcp_repair.read_snapshot`` reads: 13 system calls instead of about 27, a third of the
+    time). A consistent pair: the client's first request may arrive while they are read (a
+    burst of accepts), and a receive sequence read before it with a queue length read after it
+    would put the client's ISN one request too early (every later re-incarnation of the
+    connection would then expect those bytes again, and stall); so the receive sequence is
+    read again after the length, until it stood still."""
+    info = tcp_repair.read_tcp_info(sock)
+    if info.state != so.TCP_ESTABLISHED:
+        raise tcp_repair.TcpRepairError(
+            errno.ENOTCONN, f"only established sockets can be read (tcpi_state {info.state})"
+        )
+    fd = sock.fileno()
+    tcp_repair.enter_repair(sock)
     try:
-        # A consistent pair: the client's first request may arrive while they are read (a
-        # burst of accepts), and a receive sequence read before it with a queue read after it
-        # would put the client's ISN one request too early (every later re-incarnation of the
-        # connection would then expect those bytes again, and stall).
-        state, queues = tcp_repair.read_snapshot(sock)
+        # In repair mode TCP_MAXSEG is mss_clamp, the peer's announced MSS.
+        mss = _get_u32(sock, so.TCP_MAXSEG)
+        _select_queue(sock, so.TCP_SEND_QUEUE)
+        send_seq = _get_u32(sock, so.TCP_QUEUE_SEQ)
+        send_len = _ioctl_int(fd, termios.TIOCOUTQ)
+        _select_queue(sock, so.TCP_RECV_QUEUE)
+        recv_seq = _get_u32(sock, so.TCP_QUEUE_SEQ)
+        for _ in range(tcp_repair.SNAPSHOT_ATTEMPTS):
+            recv_len = _ioctl_int(fd, termios.FIONREAD)
+            again = _get_u32(sock, so.TCP_QUEUE_SEQ)
+            if again == recv_seq:
+                break
+            recv_seq = again
+        else:
+            raise tcp_repair.TcpRepairError(
+                errno.EAGAIN,
+                f"the receive queue kept changing over {tcp_repair.SNAPSHOT_ATTEMPTS} reads",
+            )
+        _select_queue(sock, so.TCP_NO_QUEUE)
     finally:
         tcp_repair.leave_repair(sock)
+    wscale = bool(info.options & so.TCPI_OPT_WSCALE)
     return TcpSnapshot(
-        server_isn=(state.send_seq - 1 - len(queues.send)) % SEQ_MOD,
-        client_isn=(state.recv_seq - 1 - len(queues.recv)) % SEQ_MOD,
-        mss=state.mss,
-        snd_wscale=state.snd_wscale,
-        rcv_wscale=state.rcv_wscale,
-        sack=state.sack,
-        timestamps=state.timestamps,
+        server_isn=(send_seq - 1 - send_len) % SEQ_MOD,
+        client_isn=(recv_seq - 1 - recv_len) % SEQ_MOD,
+        mss=mss,
+        snd_wscale=info.snd_wscale if wscale else 0,
+        rcv_wscale=info.rcv_wscale if wscale else 0,
+        sack=bool(info.options & so.TCPI_OPT_SACK),
+        timestamps=bool(info.options & so.TCPI_OPT_TIMESTAMPS),
         ts_val=0,
     )
+
+
+def _get_u32(sock: socket.socket, option: int) -> int:
+    value: int = so.U32.unpack(sock.getsockopt(socket.SOL_TCP, option, so.U32.size))[0]
+    return value
+
+
+def _select_queue(sock: socket.socket, queue: int) -> None:
+    sock.setsockopt(socket.SOL_TCP, so.TCP_REPAIR_QUEUE, so.S32.pack(queue))
+
+
+def _ioctl_int(fd: int, request: int) -> int:
+    value: int = so.S32.unpack(fcntl.ioctl(fd, request, so.S32.pack(0)))[0]
+    return value
 
 
 class LiveConnection:
@@ -150,10 +199,18 @@ class LiveConnection:
         self.handover = handover
         self.codec_reported = self.unmigratable_reported = False
         self.sealer = pusher.carrier_sealer(record) if record is not None else None
+        stream.acked = self._acked_now
         c2s, s2c = observed_modes(
             stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
         )
         self.relay = Relay(client, service, client_to_service=c2s, service_to_client=s2c)
+
+    def _acked_now(self) -> int:
+        """For the stream state, between checkpoints (-1: unknown, nothing is settled)."""
+        try:
+            return self.s2c_acked()
+        except OSError:
+            return -1
 
     def s2c_acked(self) -> int:
         info = tcp_repair.read_tcp_info(self.client)

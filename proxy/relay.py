@@ -20,8 +20,9 @@ Each direction is either
   bytes are spliced on to the destination. The observer therefore covers at least what was
   forwarded at every moment the loop can see (what a checkpoint commits to), and a slow
   observer slows the pump rather than losing bytes: the side pipe holds at most one read.
-  Such a pump copies (as below) until its first read of 64 KiB or more: short messages cost
-  two system calls instead of four, and a connection that never carried bulk holds no pipe.
+  A splice pump copies (as below) until its first read of 64 KiB or more: short messages cost
+  two system calls either way (four with a tee), and a connection that never carried bulk
+  makes no pipe.
 * ``Copy(observer)``: ``recv_into`` a reused buffer, hand the chunk to ``observer`` (which sees
   every byte once, in order, before the destination can), then ``send`` it.
 
@@ -60,7 +61,7 @@ import struct
 import sys
 import threading
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -103,7 +104,8 @@ _splice = os.splice
 
 @dataclass(frozen=True)
 class Splice:
-    """Zero-copy: socket -> pipe -> socket. The pipe starts at the default 64 KiB and is grown
+    """Zero-copy: socket -> pipe -> socket, from the first read of 64 KiB or more (before it,
+    through the shared buffer). The pipe starts at the default 64 KiB and is grown
     to ``pipe_size_bytes`` (F_SETPIPE_SZ) by the first read that fills half of it; if that is
     refused (beyond /proc/sys/fs/pipe-max-size without privilege) it keeps 64 KiB.
 
@@ -335,26 +337,25 @@ class _SplicePump(_Pump):
         self._side: _SidePipe | _ThreadedSidePipe | None = None
         self._read_size = mode.read_size_bytes
         self.bytes_observed = 0
-        self.spliced = not self._observed  # observed pumps splice once a read shows bulk
+        self.spliced = False  # from the first read that shows bulk
         self._threaded = mode.observer_thread and self._observed
         self._lock = relay.observer_lock
         self._waiting_side = False
         self._pipe_r = self._pipe_w = -1
-        if self._observed:
-            # Until then, a read goes through a buffer (recv, observer, send: two system calls
-            # and no pipe, where splice + tee + read + splice would take four and two pipes):
-            # an exchange of short messages, most keep-alive traffic, costs what copy mode
-            # costs, and an idle connection holds no pipe (10 descriptors in all otherwise).
-            self._bulk_read = min(_BULK_READ_BYTES, mode.read_size_bytes)
-        else:
-            self._pipe_r, self._pipe_w = pipes.make_pipe()
+        # Until then, a read goes through a buffer (recv, [observer,] send: two system calls,
+        # as splice in and out, and no pipe; an observed pump would take four and two pipes):
+        # an exchange of short messages, most keep-alive traffic, costs what copy mode costs,
+        # a connection that never carries bulk never makes a pipe (a pipe2 and two closes per
+        # direction), and an idle one holds none (6 or 10 descriptors in all otherwise).
+        self._bulk_read = min(_BULK_READ_BYTES, mode.read_size_bytes)
 
     def _take_pipes(self) -> None:
-        """Bulk through an observed pump: splice from now on, the observer fed by a tee."""
-        assert self._observer is not None
+        """Bulk: splice from now on (an observer fed by a tee)."""
         pipe_r, pipe_w = pipes.make_pipe()
         try:
-            if self._threaded:
+            if self._observer is None:
+                pass
+            elif self._threaded:
                 self._side = _ThreadedSidePipe(
                     self._observer,
                     self._read_size,
@@ -393,7 +394,8 @@ class _SplicePump(_Pump):
 
     def _see(self, chunk: memoryview) -> bool:
         observer = self._observer
-        assert observer is not None
+        if observer is None:
+            return True
         try:
             if self._threaded:
                 with self._lock:
@@ -889,6 +891,12 @@ class Relay:
             downstream._blocked()  # write those first; reading resumes once they are out
         else:
             downstream.start()
+        # What the client sent while the service connection was being made (most often its
+        # first request) goes on at once, not after a turn of the loop (an epoll_wait that
+        # would only say so). Nothing there costs one recv that says EAGAIN.
+        upstream = self._upstream
+        if not self._ended and isinstance(upstream, _CopyPump | _SplicePump):
+            upstream._on_readable()
 
     def abort(self) -> None:
         """End now: both peers get a reset. Safe to call at any time, and twice."""
@@ -946,6 +954,40 @@ RelayFactory = Callable[[socket.socket, socket.socket, Address], Relay]
 def splice_both_ways(client: socket.socket, service: socket.socket, client_addr: Address) -> Relay:
     """The default relay factory: zero-copy in both directions."""
     return Relay(client, service)
+
+
+class _Resumed:
+    """Awaits a coroutine that was already run up to its first suspension (``waiting``, what it
+    yielded) outside any task: a task awaiting this goes on with it as if it had started it."""
+
+    __slots__ = ("_coroutine", "_waiting")
+
+    def __init__(
+        self, coroutine: Coroutine[object, object, socket.socket], waiting: object
+    ) -> None:
+        self._coroutine = coroutine
+        self._waiting = waiting
+
+    def __await__(self) -> Generator[object, object, socket.socket]:
+        coroutine, value = self._coroutine, self._waiting
+        while True:
+            try:
+                sent = yield value
+            except GeneratorExit:
+                coroutine.close()
+                raise
+            except BaseException as error:  # thrown in by the task: cancellation
+                try:
+                    value = coroutine.throw(error)
+                except StopIteration as done:
+                    result: socket.socket = done.value
+                    return result
+            else:
+                try:
+                    value = coroutine.send(sent)
+                except StopIteration as done:
+                    result = done.value
+                    return result
 
 
 @dataclass
@@ -1025,25 +1067,66 @@ class RelayServer:
                 self._retry = self._loop.call_later(_ACCEPT_RETRY_S, self._start_accepting)
                 return
             self.stats.accepted += 1
-            task = self._loop.create_task(self._open(client, client_addr[:2]))
-            self._opening.add(task)
-            task.add_done_callback(self._opening.discard)
+            self._open(client, client_addr[:2])
 
-    async def _open(self, client: socket.socket, client_addr: Address) -> None:
+    def _open(self, client: socket.socket, client_addr: Address) -> None:
+        """Connect to the service and start the relay: here and now when the connect completes
+        at once (a service on loopback: the handshake is over inside connect()), without a
+        task, a timeout or a turn of the loop; in a task, bounded by the connect timeout,
+        when it has to wait. ``connect_service``'s coroutine is therefore run up to its first
+        suspension outside any task: it must not need ``asyncio.current_task()`` before it."""
         try:
             client.setblocking(False)
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            connecting = self._connect_service(client, client_addr)
+            if isinstance(connecting, Coroutine):
+                try:
+                    waiting = connecting.send(None)
+                except StopIteration as done:
+                    service: socket.socket = done.value
+                else:
+                    self._open_later(client, client_addr, _Resumed(connecting, waiting))
+                    return
+            else:
+                self._open_later(client, client_addr, connecting)
+                return
+        except Exception as error:
+            self._connect_failed(client, client_addr, error)
+            return
+        self._start_relay(client, service, client_addr)
+
+    def _open_later(
+        self, client: socket.socket, client_addr: Address, connecting: Awaitable[socket.socket]
+    ) -> None:
+        task = self._loop.create_task(self._wait_connected(client, client_addr, connecting))
+        self._opening.add(task)
+        task.add_done_callback(self._opening.discard)
+
+    async def _wait_connected(
+        self, client: socket.socket, client_addr: Address, connecting: Awaitable[socket.socket]
+    ) -> None:
+        try:
             async with asyncio.timeout(self._connect_timeout_s):
-                service = await self._connect_service(client, client_addr)
+                service = await connecting
         except asyncio.CancelledError:
             close_abortively(client)
             raise
         except Exception as error:
-            # A client we cannot serve learns it at once (RST) rather than by a timeout.
-            self.stats.connect_failures += 1
-            _log.info("service connection for %s:%d failed: %r", *client_addr, error)
-            close_abortively(client)
+            self._connect_failed(client, client_addr, error)
             return
+        self._start_relay(client, service, client_addr)
+
+    def _connect_failed(
+        self, client: socket.socket, client_addr: Address, error: Exception
+    ) -> None:
+        # A client we cannot serve learns it at once (RST) rather than by a timeout.
+        self.stats.connect_failures += 1
+        _log.info("service connection for %s:%d failed: %r", *client_addr, error)
+        close_abortively(client)
+
+    def _start_relay(
+        self, client: socket.socket, service: socket.socket, client_addr: Address
+    ) -> None:
         try:
             service.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             relay = self._relay_factory(client, service, client_addr)

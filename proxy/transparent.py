@@ -71,20 +71,29 @@ def _established(sock: socket.socket) -> bool:
 async def _wait_connected(
     sock: socket.socket, loop: asyncio.AbstractEventLoop, timeout_s: float | None
 ) -> int:
+    # A timer rather than asyncio.timeout(): this may run outside any task, up to its await
+    # (proxy.relay.RelayServer steps a connect by hand, and starts a task only if it waits).
     writable: asyncio.Future[None] = loop.create_future()
     fd = sock.fileno()
     loop.add_writer(fd, _set_once, writable)
+    timer = None if timeout_s is None else loop.call_later(timeout_s, _time_out, writable)
     try:
-        async with asyncio.timeout(timeout_s):
-            await writable
+        await writable
     finally:
         loop.remove_writer(fd)
+        if timer is not None:
+            timer.cancel()
     return sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
 
 
 def _set_once(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+def _time_out(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("connect timed out"))
 
 
 async def connect_plain(

@@ -403,6 +403,7 @@ def test_pipes_grow_only_for_bulk_transfers(run: LoopRunner[None]) -> None:
         assert (received_up, received_down) == (bulk, small)
         assert upstream._capacity == DEFAULT_PIPE_SIZE
         assert downstream._capacity == DEFAULT_PIPE_CAPACITY
+        assert (upstream.spliced, downstream.spliced) == (True, False)  # a pipe for bulk only
         assert (await relay.wait()).reason is EndReason.COMPLETED
         ends.close()
 
@@ -566,20 +567,22 @@ def test_spliced_mode_specs() -> None:
     assert mode_from_spec("splice", pipe_size=1 << 20, buffer_size=1).observer is None
 
 
-def test_short_messages_through_an_observed_relay_take_no_pipes(run: LoopRunner[None]) -> None:
-    """Keep-alive traffic goes through the buffer (two system calls per message) and holds
-    no pipe: an idle observed connection costs its two sockets, not ten descriptors."""
+@pytest.mark.parametrize("observed", [True, False])
+def test_short_messages_through_a_splice_relay_take_no_pipes(
+    run: LoopRunner[None], observed: bool
+) -> None:
+    """Keep-alive traffic goes through the buffer (two system calls per message, as splice
+    in and out) and holds no pipe: an idle connection costs its two sockets, not six (ten
+    observed) descriptors, and a short-lived one makes no pipe at all."""
     seen: list[bytes] = []
+
+    def mode() -> Splice:
+        return Splice(observer=lambda chunk: seen.append(bytes(chunk))) if observed else Splice()
 
     async def scenario() -> None:
         ends = Ends()
         without_relay = open_fds()
-        relay = Relay(
-            ends.client,
-            ends.service,
-            client_to_service=Splice(observer=lambda chunk: seen.append(bytes(chunk))),
-            service_to_client=Splice(observer=lambda chunk: seen.append(bytes(chunk))),
-        )
+        relay = Relay(ends.client, ends.service, client_to_service=mode(), service_to_client=mode())
         relay.start()
         loop = asyncio.get_running_loop()
         for number in range(20):
@@ -598,7 +601,7 @@ def test_short_messages_through_an_observed_relay_take_no_pipes(run: LoopRunner[
     before = open_fds()
     run(scenario())
     assert open_fds() == before
-    assert len(seen) == 40
+    assert len(seen) == (40 if observed else 0)
 
 
 def test_an_observer_thread_lags_by_a_bounded_amount_and_drops_nothing(
@@ -644,3 +647,25 @@ def test_an_observer_thread_lags_by_a_bounded_amount_and_drops_nothing(
     assert seen.digest() == hashlib.sha256(data).digest()
     assert 0 < state["max_ahead"] <= 2 * pipe_size + read_size
     assert open_fds() == before
+
+
+@pytest.mark.parametrize("mode", ["splice", "copy"])
+def test_what_the_client_sent_before_the_start_goes_on_at_start(
+    run: LoopRunner[None], mode: str
+) -> None:
+    """A new connection's first request, which arrives while the service connection is being
+    made, is forwarded by ``start()`` itself, not one turn of the loop later."""
+
+    async def scenario() -> None:
+        ends = Ends()
+        ends.app.send(b"GET / HTTP/1.1\r\n\r\n")
+        chosen = Splice() if mode == "splice" else Copy()
+        relay = Relay(ends.client, ends.service, client_to_service=chosen)
+        relay.start()
+        assert ends.backend.recv(CHUNK) == b"GET / HTTP/1.1\r\n\r\n"  # no await before
+        assert relay.bytes_client_to_service == 18
+        relay.abort()
+        await relay.wait()
+        ends.close()
+
+    run(scenario())

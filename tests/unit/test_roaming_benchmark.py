@@ -163,6 +163,27 @@ def test_shims_summary_and_table() -> None:
     assert "- 3 x client c1: capture_lost_packets" in text
 
 
+def test_shims_latency_is_compared_with_the_baselines_round_by_round():
+    def latency(rr: float, connect: float) -> dict[str, Any]:
+        return {"rr_us": {"p50": rr, "p99": 2 * rr}, "connect_us": {"p50": connect, "p99": 0.0}}
+
+    runs = {
+        "direct": [latency(20.0, 50.0), latency(40.0, 100.0)],
+        "haproxy": [latency(40.0, 100.0), latency(80.0, 100.0)],
+        "shims-live": [latency(48.0, 150.0), latency(96.0, 130.0)],
+    }
+    bulk: dict[str, dict[str, list[dict[str, Any]]]] = {
+        p: {"client_to_service": [], "service_to_client": []} for p in runs
+    }  # --latency-only
+    paths = summarise_shims(bulk, runs)
+    assert paths["shims-live"]["latency_vs"]["haproxy"]["rr_us"] == pytest.approx(1.2)
+    assert paths["shims-live"]["latency_vs"]["haproxy"]["connect_us"] == pytest.approx(1.4)
+    assert paths["shims-live"]["latency_vs"]["direct"]["rr_us"] == pytest.approx(2.4)
+    text = render_shims({"paths": paths, "background_busy_pct": [5.0]})
+    assert "| shims-live | 72 / 144 | 140 / 0 | 2.40x / 2.15x | 1.20x / 1.40x |" in text
+    assert "Gbit/s" not in text
+
+
 def stream_run(mbit_s: float, pauses: list[float | None]) -> dict[str, Any]:
     return {
         "mbit_s": mbit_s,

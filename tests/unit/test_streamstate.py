@@ -179,3 +179,77 @@ def test_commands_without_replies_keep_the_log_short():
     assert state.unmigratable is None
     assert state.replay_log() == b""
     assert len(state.candidates) == 1
+
+
+def _exchange(index: int, body_size: int, date: bool) -> tuple[bytes, bytes]:
+    request = b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % index
+    head = b"HTTP/1.1 200 OK\r\nServer: nginx\r\n"
+    if date:
+        head += b"Date: Wed, 25 Nov 2026 19:%02d:00 GMT\r\n" % (index % 60)
+    body = bytes((index + k) % 251 for k in range(body_size))
+    return request, head + b"Content-Length: %d\r\n\r\n" % body_size + body
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    exchanges=st.lists(
+        st.tuples(st.integers(0, 3000), st.booleans(), st.integers(1, 9), st.integers(0, 3)),
+        min_size=1,
+        max_size=40,
+    ),
+    codec=st.sampled_from(["http", "auto", "generic"]),
+)
+def test_hashing_candidates_late_gives_the_same_checkpoints(exchanges, codec):
+    """The backlog of unhashed chunks (``hash_backlog``) changes when candidates hash, never
+    what: checkpoints equal those of a state that hashes every chunk at once, whatever the
+    chunking, the acknowledgements and the moments of the checkpoints."""
+    eager = StreamState(codec, hash_backlog=0)
+    states = [eager, StreamState(codec), StreamState(codec, hash_backlog=300)]
+    buffer = bytearray(8192)
+    for index, (body_size, date, pieces, checkpoint_at) in enumerate(exchanges):
+        request, response = _exchange(index, body_size, date)
+        step = max(1, len(response) // pieces)
+        for state in states:
+            # As the relay hands chunks over: views into one reused buffer.
+            buffer[: len(request)] = request
+            state.feed_c2s(memoryview(buffer)[: len(request)])
+            for start in range(0, len(response), step):
+                piece = response[start : start + step]
+                buffer[: len(piece)] = piece
+                state.feed_s2c(memoryview(buffer)[: len(piece)])
+        if checkpoint_at:
+            # Acknowledged: all, none of the newest response, or a part of it.
+            acked = eager.s2c_pos - (0, len(response), len(response) // 2)[checkpoint_at - 1]
+            points = [checkpoint(state, acked=acked) for state in states]
+            assert points[1:] == points[:1] * 2
+    final = [checkpoint(state, acked=eager.s2c_pos) for state in states]
+    assert final[1:] == final[:1] * 2
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    exchanges=st.lists(st.integers(0, 400), min_size=1, max_size=300),
+    every=st.integers(1, 200),
+    lag=st.integers(0, 3),
+)
+def test_settling_when_the_backlog_is_full_gives_the_same_checkpoints(exchanges, every, lag):
+    """With the client's acknowledged position at hand (``acked``), a full backlog settles
+    the candidates the client acknowledged past instead of hashing them all (a keep-alive
+    connection of fast GETs has one per response): the checkpoints stay those of eager
+    hashing, whose settles come only with the checkpoints."""
+    eager = StreamState("http", hash_backlog=0)
+    late = StreamState("http", hash_backlog=2000)
+    ends: list[int] = [0]  # s2c position after each response
+    # The client has acknowledged all but the last ``lag`` responses, never more than what
+    # the next checkpoint will be told.
+    late.acked = lambda: ends[max(0, len(ends) - 1 - lag)]
+    for index, body_size in enumerate(exchanges):
+        request, response = _exchange(index, body_size, date=True)
+        for state in (eager, late):
+            state.feed_c2s(request)
+            state.feed_s2c(response)
+        ends.append(eager.s2c_pos)
+        if index % every == every - 1:
+            acked = ends[max(0, len(ends) - 1 - lag)]
+            assert checkpoint(late, acked=acked) == checkpoint(eager, acked=acked)
+    assert checkpoint(late, acked=eager.s2c_pos) == checkpoint(eager, acked=eager.s2c_pos)

@@ -86,6 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="migration: skip the downloads (pauses and goodput), only RTT and connections",
     )
+    parser.add_argument(
+        "--latency-only",
+        action="store_true",
+        help="shims: skip the iperf3 runs, measure GET latency only",
+    )
     parser.add_argument("subcommand", nargs="?", choices=("shims", "migration"))
     args = parser.parse_args(argv)
     if args.role == "stream-client":
@@ -134,7 +139,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat = args.repeat or 3
             if not 1 <= repeat <= 100 or not 0 < seconds <= 600:
                 parser.error("--repeat must be in [1, 100] and --seconds in (0, 600]")
-            results = run_shims(seconds, repeat, args.requests, args.connects, paths, progress)
+            results = run_shims(
+                0.0 if args.latency_only else seconds,
+                repeat,
+                args.requests,
+                args.connects,
+                paths,
+                progress,
+            )
             print(json.dumps(results, indent=2) if args.json else render_shims(results))
         else:
             seconds = args.seconds or 20.0

@@ -139,6 +139,8 @@ def summarise_shims(
     for path, directions in bulk.items():
         row: dict[str, Any] = {}
         for direction, runs in directions.items():
+            if not runs:
+                continue  # --latency-only
             speeds = [run["gbit_s"] for run in runs]
             cell: dict[str, Any] = {
                 "gbit_s": statistics.median(speeds),
@@ -160,6 +162,18 @@ def summarise_shims(
                 q: statistics.median(run[kind][q] for run in latency[path]) for q in ("p50", "p99")
             }
             for kind in ("rr_us", "connect_us")
+        }
+        # The p50 against each baseline's, round by round, then the median.
+        row["latency_vs"] = {
+            base: {
+                kind: median_ratio(
+                    [run[kind]["p50"] for run in latency[path]],
+                    [run[kind]["p50"] for run in latency[base]],
+                )
+                for kind in ("rr_us", "connect_us")
+            }
+            for base in BASELINES
+            if base in latency
         }
         paths[path] = row
     return paths

@@ -30,8 +30,50 @@ def source_line(results: dict[str, Any]) -> list[str]:
 def render_shims(results: dict[str, Any]) -> str:
     paths = results["paths"]
     bases = [base for base in BASELINES if base in paths]
+    lines = [*source_line(results)]
+    if all("client_to_service" in row for row in paths.values()):
+        lines += _bulk_lines(paths, bases)
+    lines += [
+        "",
+        f"Latency of a GET of a {SMALL_BYTES}-byte file from nginx (µs, p50 / p99; ratios of "
+        "the p50s, round by round, then the median):",
+        "",
+        "| path | one keep-alive connection | new connection each | "
+        + " | ".join(f"vs {base}: keep-alive / new" for base in bases)
+        + " |",
+        "|---|---|---|" + "---|" * len(bases),
+    ]
+    for name, row in paths.items():
+        cells = [
+            f"{row['latency'][kind]['p50']:.0f} / {row['latency'][kind]['p99']:.0f}"
+            for kind in ("rr_us", "connect_us")
+        ]
+        versus = row.get("latency_vs", {})
+        ratios = [
+            " / ".join(_ratio(versus.get(base, {}).get(kind)) for kind in ("rr_us", "connect_us"))
+            for base in bases
+        ]
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | " + " | ".join(ratios) + " |")
+    if all("client_to_service" in row for row in paths.values()):
+        lines += idle_and_runs_lines(results["background_busy_pct"], paths)
+    else:
+        background = ", ".join(f"{value:.0f}" for value in results["background_busy_pct"])
+        lines += ["", f"Machine busy before each round with the lab idle (% of one CPU): "
+                  f"{background}"]  # fmt: skip
+    idle = results.get("idle_shim_cpu_pct") or {}
+    if idle:
+        lines += ["", "Shims with no traffic at all (% of one CPU):"]
+        for path, cpu in idle.items():
+            lines.append(f"- {path}: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
+    for path, log in (results.get("shim_log") or {}).items():
+        if log:
+            lines += ["", f"Shim log of {path} (warnings, errors, connection resets):"]
+            lines += trouble_lines(log)
+    return "\n".join(lines)
+
+
+def _bulk_lines(paths: dict[str, Any], bases: list[str]) -> list[str]:
     lines = [
-        *source_line(results),
         "| path | c->s Gbit/s | s->c Gbit/s | "
         + " | ".join(f"vs {base} c->s / s->c" for base in bases)
         + " |",
@@ -63,30 +105,7 @@ def render_shims(results: dict[str, Any]) -> str:
             f"{down['machine_busy_pct']:.0f} | {up['retransmits']:.0f} / "
             f"{down['retransmits']:.0f} |"
         )
-    lines += [
-        "",
-        f"Latency of a GET of a {SMALL_BYTES}-byte file from nginx (µs, p50 / p99):",
-        "",
-        "| path | one keep-alive connection | new connection each |",
-        "|---|---|---|",
-    ]
-    for name, row in paths.items():
-        cells = [
-            f"{row['latency'][kind]['p50']:.0f} / {row['latency'][kind]['p99']:.0f}"
-            for kind in ("rr_us", "connect_us")
-        ]
-        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
-    lines += idle_and_runs_lines(results["background_busy_pct"], paths)
-    idle = results.get("idle_shim_cpu_pct") or {}
-    if idle:
-        lines += ["", "Shims with no traffic at all (% of one CPU):"]
-        for path, cpu in idle.items():
-            lines.append(f"- {path}: " + ", ".join(f"{k} {v:.0f}" for k, v in cpu.items()))
-    for path, log in (results.get("shim_log") or {}).items():
-        if log:
-            lines += ["", f"Shim log of {path} (warnings, errors, connection resets):"]
-            lines += trouble_lines(log)
-    return "\n".join(lines)
+    return lines
 
 
 def connections_row(row: dict[str, Any]) -> str:

@@ -158,6 +158,7 @@ def run_shims(
     paths: Sequence[str],
     progress: Callable[[str], None],
 ) -> dict[str, Any]:
+    """``seconds`` 0: no bulk runs (latency only)."""
     with Lab(PoolTopo(servers=2, clients=1)) as lab:
         pool = RoamingLab(lab, m=1, service="none", start_delay=1.0)
         server = lab["s1"]
@@ -195,7 +196,7 @@ def run_shims(
         background: list[float] = []
         for round_index in range(repeat):
             background.append(background_busy_pct())
-            for path in paths:
+            for path in paths if seconds else ():
                 address, port, pids = target(path, SERVICE_PORT)
                 for direction, reverse in (("client_to_service", False),
                                            ("service_to_client", True)):  # fmt: skip
