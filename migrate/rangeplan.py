@@ -26,9 +26,12 @@ only outside the window (before it: the client already has those bytes; after th
 position: the client gets the replica's bytes, as with any regeneration past a checkpoint)
 while keeping the same validator.
 
-Requests that do not fit (not GET, a body, the client's own Range or If-Range, more than one
-request in the replay: pipelined) and responses without a record regenerate from the fresh
-point (``FromFreshPoint`` says why). Pure: bytes in, decisions out.
+The client's later requests in the replay (a keep-alive client that has begun its next
+download, or pipelining) follow the rewritten one verbatim: HTTP/1.1 answers in order, and the
+206's body ends where the original response ended, so their answers land at the positions
+they had. A first request that does not fit (not GET, a body, the client's own Range or
+If-Range) and responses without a record regenerate from the fresh point (``FromFreshPoint``
+says why). Pure: bytes in, decisions out.
 """
 
 from __future__ import annotations
@@ -86,8 +89,8 @@ class RangeFacts:
 
 @dataclass(frozen=True, slots=True)
 class RangePlan:
-    """Replay ``request`` (the client's, rewritten) and read the 206's body from s2c position
-    ``s2c_start`` (body offset ``first``) on."""
+    """Replay ``request`` (the client's, its first request rewritten, later ones verbatim)
+    and read the 206's body from s2c position ``s2c_start`` (body offset ``first``) on."""
 
     request: bytes
     first: int
@@ -195,18 +198,18 @@ def response_facts(method: bytes, section: bytes, body_start: int) -> RangeFacts
 @dataclass(frozen=True, slots=True)
 class _Request:
     head: bytes  # the request line and fields, each line ending CRLF, without the empty line
+    rest: bytes  # the client's bytes after the request (later requests)
 
 
 def _parse_request(replay: bytes) -> _Request | str:
-    """The one GET request of a replay log, or why it does not fit a Range hand-over."""
+    """The first request of a replay log, a GET without a body, or why it does not fit a
+    Range hand-over."""
     start = 0
     while replay.startswith(b"\r\n", start):  # empty lines before a request (RFC 9112 2.2)
         start += 2
-    end = replay.find(b"\r\n\r\n", start)
-    if end == -1 or end + 4 - start > MAX_HEAD_BYTES:
+    end = replay.find(b"\r\n\r\n", start, start + MAX_HEAD_BYTES)
+    if end == -1:
         return "the replay holds no complete request head"
-    if end + 4 != len(replay):
-        return "the replay holds more than one request head (pipelined, or a body)"
     lines = _lines(replay[start : end + 4])
     if lines is None:
         return "a malformed request head"
@@ -226,7 +229,7 @@ def _parse_request(replay: bytes) -> _Request | str:
     for name in (b"range", b"if-range", b"expect"):
         if name in fields:
             return f"the request has its own {name.decode()} field"
-    return _Request(replay[start : end + 2])
+    return _Request(replay[start : end + 2], replay[end + 4 :])
 
 
 def plan(checkpoint: Checkpoint, replay: bytes, s2c_received: int) -> Plan:
@@ -237,11 +240,11 @@ def plan(checkpoint: Checkpoint, replay: bytes, s2c_received: int) -> Plan:
         return FromFreshPoint("the response has no strong validator and byte ranges")
     if s2c_received < record.body_start:
         return FromFreshPoint("the client has not received the whole response head")
-    if s2c_received > record.body_end:
-        return FromFreshPoint("the client has bytes past the response's end")
     request = _parse_request(replay)
     if isinstance(request, str):
         return FromFreshPoint(request)
+    if s2c_received > record.body_end and not request.rest:
+        return FromFreshPoint("the client has bytes past the response's end")
     s2c_start = min(record.window_start, s2c_received)
     first = s2c_start - record.body_start
     rewritten = (
@@ -250,6 +253,7 @@ def plan(checkpoint: Checkpoint, replay: bytes, s2c_received: int) -> Plan:
         + b"If-Range: "
         + record.validator
         + b"\r\n\r\n"
+        + request.rest
     )
     return RangePlan(rewritten, first, s2c_start, record)
 

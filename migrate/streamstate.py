@@ -124,10 +124,11 @@ NO_HASH = bytes(32)  # a checkpoint's s2c_hash when it commits to nothing (see R
 class _Window:
     """The last body bytes of a resumable response, for a checkpoint's window hash."""
 
-    __slots__ = ("data", "facts", "start")
+    __slots__ = ("announced", "data", "facts", "start")
 
     def __init__(self, facts: RangeFacts, start: int) -> None:
         self.facts = facts
+        self.announced = False  # a checkpoint was made due once the window had bytes
         self.start = start  # s2c position of data[0]
         self.data = bytearray()
 
@@ -271,6 +272,12 @@ class StreamState:
             self._window.feed(start, chunk)
             if self.s2c_pos > self._window.facts.body_end:
                 self._window = None
+        window = self._window
+        if window is not None and not window.announced and window.data:
+            # The first checkpoint that can carry a range record: due now, not a period later
+            # (a PREPARE carrying an earlier one regenerates from the response's start).
+            window.announced = True
+            self.boundary_due = True
 
     def _take_head(self, http: Http11Codec, start: int, chunk: bytes | memoryview) -> None:
         """A response head passed in ``chunk``: if it starts at a candidate and can be resumed

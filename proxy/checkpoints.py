@@ -398,6 +398,7 @@ class CheckpointPusher:
             # service's bytes from ``range_from`` on, or from the checkpoint's fresh point.
             regeneration="range" if resumed is not None else "fresh point",
             regenerated=s2c_base - (resumed if resumed is not None else checkpoint.s2c_fresh),
+            body_offset=s2c_base - checkpoint.range.body_start if checkpoint.range else None,
         )
         connection.push(self.context.clock())
         return connection

@@ -208,3 +208,35 @@ def test_without_a_range_record_the_response_is_regenerated_from_its_start() -> 
         hashlib.sha256(bytes(replayer.unsent)).digest()
         == hashlib.sha256(body[3_100_000 : 3_100_000 + len(replayer.unsent)]).digest()
     )
+
+
+def test_a_keep_alive_client_in_its_next_download_gets_the_tail_and_the_next_answer() -> None:
+    """The checkpoint is from the end of the first copy, the client already in the second:
+    the rewritten first request and the second one verbatim; the 206 ends where the first
+    copy ended and the second answer follows at its position."""
+    body = os.urandom(SIZE)
+    first = response_head(SIZE, ETAG) + body
+    checkpoint = original_checkpoint(body, len(first))
+    assert checkpoint.range is not None
+    received = len(first) + 1_000_000
+    replayer = Replayer(checkpoint, prepare_two(checkpoint, received))
+    service = Service(body, ETAG)
+
+    async def run() -> None:
+        async with serving(service) as connect:
+            try:
+                await replayer.start(connect, received)
+            finally:
+                replayer.close()
+
+    asyncio.run(run())
+    assert replayer.by_range
+    assert replayer.regenerated < WINDOW_BYTES + 1_000_000 + 256 * 1024
+    unsent = bytes(replayer.unsent)
+    assert unsent == first[1_000_000 : 1_000_000 + len(unsent)]
+
+
+def prepare_two(checkpoint, received: int) -> Request:  # type: ignore[no-untyped-def]
+    sealed = seal_checkpoint(checkpoint, KEY, bytes(16), os.urandom)
+    replay = REQUEST + REQUEST
+    return Request(Phase.PREPARE, 5, 40000, 80, len(replay), received, 0, sealed, replay)

@@ -169,7 +169,6 @@ def test_the_plan_asks_for_the_window_and_everything_after() -> None:
     [
         (REQUEST, 200, "the whole head"),
         (REQUEST, 10_000_301, "past the response's end"),
-        (REQUEST + REQUEST, 2_000_000, "pipelined"),
         (REQUEST[:-2], 2_000_000, "no complete request head"),
         (REQUEST.replace(b"GET", b"POST"), 2_000_000, "not GET"),
         (REQUEST.replace(b"Accept:", b"Range: bytes=0-1\r\nAccept:"), 2_000_000, "own range"),
@@ -187,6 +186,19 @@ def test_requests_and_positions_a_range_cannot_serve(
 ) -> None:
     chosen = plan(range_checkpoint(record()), replay, received)
     assert isinstance(chosen, FromFreshPoint), why
+
+
+def test_later_requests_follow_the_rewritten_one_verbatim() -> None:
+    """A keep-alive client that began its next download (or pipelines): its next request is
+    answered after the 206's body, which ends where the original response did."""
+    checkpoint = range_checkpoint(record())
+    second = REQUEST.replace(b"/big.bin", b"/other")
+    chosen = plan(checkpoint, REQUEST + second, 10_000_300 + 500)
+    assert isinstance(chosen, RangePlan)
+    assert chosen.request.endswith(b"\r\n\r\n" + second)
+    assert chosen.request.count(b"Range: bytes=") == 1
+    # Past the body's end without a later request: the client cannot have those bytes.
+    assert isinstance(plan(checkpoint, REQUEST, 10_000_301), FromFreshPoint)
 
 
 def test_without_a_range_record_the_plan_is_the_fresh_point() -> None:
@@ -339,6 +351,20 @@ def test_the_second_response_on_a_connection_gets_its_record_once_the_first_is_a
     checkpoint = checkpoint_of(state, end_of_first)
     assert checkpoint.range is not None
     assert checkpoint.range.body_start == end_of_first + len(head(9000))
+
+
+def test_the_first_body_bytes_of_a_resumable_response_make_a_checkpoint_due() -> None:
+    """The first checkpoint that can carry a record goes out at once, not a period later."""
+    state = StreamState("http")
+    state.feed_c2s(REQUEST)
+    state.feed_s2c(head(9000))
+    assert not state.boundary_due
+    state.feed_s2c(b"x")
+    assert state.boundary_due
+    assert checkpoint_of(state, 0).range is not None
+    assert not state.boundary_due
+    state.feed_s2c(b"y" * 100)
+    assert not state.boundary_due
 
 
 def test_a_version_3_checkpoint_is_authenticated_and_bounded() -> None:
