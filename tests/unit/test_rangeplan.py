@@ -488,3 +488,16 @@ def test_the_expected_regeneration_of_a_range_checkpoint_does_not_grow_with_the_
     assert expected_regeneration(position + 1000, v1, position) == position + 1000
     assert expected_regeneration(500, None, 0) == 500
     assert expected_regeneration(200_000_000, v3, 200_000_000 - 5) == WINDOW_BYTES + 5
+
+
+def test_the_meter_is_charged_what_a_range_reads_not_the_whole_response() -> None:
+    from migrate.rangeplan import regeneration_bytes
+
+    checkpoint = range_checkpoint(record())
+    # From the window (1 000 000) to the client's claim.
+    assert regeneration_bytes(checkpoint, REQUEST, 2_000_000) == 1_000_000
+    # At least to the checkpoint's position.
+    assert regeneration_bytes(checkpoint, REQUEST, 900_000) == 1_065_536 - 900_000
+    # Without a usable plan: from the fresh point, as before.
+    post = REQUEST.replace(b"GET", b"POST")
+    assert regeneration_bytes(checkpoint, post, 2_000_000) == 2_000_000 - checkpoint.s2c_fresh
