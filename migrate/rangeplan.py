@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from email.utils import parsedate_to_datetime
 from typing import Final
 
 from migrate.checkpoint import (
@@ -62,6 +61,41 @@ _FIELD = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*
 _STRONG_ETAG = re.compile(rb'"[\x21\x23-\x7e\x80-\xff]*"')
 _CONTENT_RANGE = re.compile(rb"bytes ([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18})")
 _DIGITS = re.compile(rb"[0-9]{1,18}")
+# RFC 9110 5.6.7 IMF-fixdate, the format a server must send (the obsolete ones are not taken:
+# such a date is then no validator here, and the response regenerates from its start).
+_IMF_FIXDATE = re.compile(
+    rb"(?:Mon|Tue|Wed|Thu|Fri|Sat|Sun), ([0-9]{2}) (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|"
+    rb"Nov|Dec) ([0-9]{4}) ([0-9]{2}):([0-9]{2}):([0-9]{2}) GMT"
+)
+_MONTHS = b"Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec".split()
+
+
+def _days_from_civil(year: int, month: int, day: int) -> int:
+    """Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm)."""
+    year -= month <= 2
+    era = year // 400
+    year_of_era = year - era * 400
+    day_of_year = (153 * (month + (-3 if month > 2 else 9)) + 2) // 5 + day - 1
+    day_of_era = year_of_era * 365 + year_of_era // 4 - year_of_era // 100 + day_of_year
+    return era * 146097 + day_of_era - 719468
+
+
+_MONTH_DAYS = (31, 29, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31)
+
+
+def http_date(value: bytes) -> int | None:
+    """Seconds since the epoch of an IMF-fixdate, None if it is not one."""
+    match = _IMF_FIXDATE.fullmatch(value)
+    if match is None:
+        return None
+    day, month_name, year, hour, minute, second = match.groups()
+    month = _MONTHS.index(month_name) + 1
+    if not 1 <= int(day) <= _MONTH_DAYS[month - 1] or int(hour) > 23 or int(minute) > 59:
+        return None
+    if int(second) > 60:  # 60: a leap second
+        return None
+    days = _days_from_civil(int(year), month, int(day))
+    return days * 86400 + int(hour) * 3600 + int(minute) * 60 + int(second)
 
 
 class RangeDiverged(Exception):
@@ -156,14 +190,8 @@ def strong_validator(fields: dict[bytes, list[bytes]]) -> Validator | None:
     modified, date = _one(fields, b"last-modified"), _one(fields, b"date")
     if modified is None or date is None or len(modified) > MAX_VALIDATOR_BYTES:
         return None
-    try:
-        modified_at = parsedate_to_datetime(modified.decode("ascii"))
-        sent_at = parsedate_to_datetime(date.decode("ascii"))
-    except (ValueError, TypeError, UnicodeDecodeError):
-        return None
-    if modified_at.tzinfo is None or sent_at.tzinfo is None:
-        return None
-    if (sent_at - modified_at).total_seconds() < 1:
+    modified_at, sent_at = http_date(modified), http_date(date)
+    if modified_at is None or sent_at is None or sent_at - modified_at < 1:
         return None
     return Validator(modified, False)
 

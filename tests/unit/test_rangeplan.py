@@ -501,3 +501,15 @@ def test_the_meter_is_charged_what_a_range_reads_not_the_whole_response() -> Non
     # Without a usable plan: from the fresh point, as before.
     post = REQUEST.replace(b"GET", b"POST")
     assert regeneration_bytes(checkpoint, post, 2_000_000) == 2_000_000 - checkpoint.s2c_fresh
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 2**34))
+def test_http_dates_read_as_the_standard_library_writes_them(seconds: int) -> None:
+    import email.utils
+
+    from migrate.rangeplan import http_date
+
+    text = email.utils.formatdate(seconds, usegmt=True).encode()
+    assert http_date(text) == seconds
+    assert http_date(text.replace(b"GMT", b"UTC")) is None
