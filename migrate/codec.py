@@ -262,6 +262,7 @@ class ResponseHead:
     body_start: int
     method: bytes
     section: bytes
+    length: int  # the body's (Content-Length)
 
 
 @dataclass(slots=True)
@@ -585,7 +586,9 @@ class _ResponseReader(_Reader):
         framing = _body_framing(lengths, codings, version, request=False)
         if framing > 0:
             codec = self.codec
-            codec.last_head = ResponseHead(self.message_start, end, exchange.method, section)
+            codec.last_head = ResponseHead(
+                self.message_start, end, exchange.method, section, framing
+            )
             codec.heads += 1
         return framing
 

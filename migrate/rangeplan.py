@@ -53,6 +53,11 @@ WINDOW_BYTES: Final = 64 * 1024
 MAX_HEAD_BYTES: Final = 64 * 1024
 """Largest response head a new server reads before the body (as the HTTP codec)."""
 
+MIN_BODY_BYTES: Final = 1024 * 1024
+"""Smaller bodies are not looked at for a range record: regenerating one from its start costs
+a few milliseconds, and parsing every small response's head (about 20 us) would tax keep-alive
+GETs for nothing."""
+
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/1\.1")
 _STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([0-9]{3})(?: [\t\x20-\x7e\x80-\xff]*)?")

@@ -43,7 +43,13 @@ from dataclasses import dataclass
 from migrate.autodetect import AutoCodec, Detection
 from migrate.checkpoint import Checkpoint, RangeRecord, TcpSnapshot
 from migrate.codec import Http11Codec, StreamCodec, codec_for
-from migrate.rangeplan import WINDOW_BYTES, RangeFacts, Validator, response_facts
+from migrate.rangeplan import (
+    MIN_BODY_BYTES,
+    WINDOW_BYTES,
+    RangeFacts,
+    Validator,
+    response_facts,
+)
 
 DEFAULT_REPLAY_LIMIT = 60_000
 
@@ -185,8 +191,11 @@ class StreamState:
         s2c_start: int = 0,
         replay_limit: int = DEFAULT_REPLAY_LIMIT,
         state: bytes = b"",
+        range_min_body: int = MIN_BODY_BYTES,
     ) -> None:
-        """``state``: the session state at the starting fresh point (a checkpoint's)."""
+        """``state``: the session state at the starting fresh point (a checkpoint's);
+        ``range_min_body``: responses with smaller bodies get no range record."""
+        self.range_min_body = range_min_body
         self.codec_name = codec_name
         self.codec: StreamCodec
         if codec_name == "auto":
@@ -284,7 +293,7 @@ class StreamState:
         from a range, note its facts there and keep a window of its body."""
         self._window = None
         head = http.last_head
-        if head is None:
+        if head is None or head.length < self.range_min_body:
             return
         candidate = next((c for c in reversed(self.candidates) if c.s2c == head.start), None)
         if candidate is None:

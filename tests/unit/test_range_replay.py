@@ -92,7 +92,7 @@ async def serving(service: Service) -> AsyncIterator[Callable[[], asyncio.Future
 
 def original_checkpoint(body: bytes, at: int):  # type: ignore[no-untyped-def]
     """The old server's checkpoint after the client's request and ``at`` bytes of the answer."""
-    state = StreamState("http")
+    state = StreamState("http", range_min_body=1)
     state.feed_c2s(REQUEST)
     stream = response_head(len(body), ETAG) + body
     for low in range(0, at, 100_000):

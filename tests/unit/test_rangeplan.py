@@ -81,7 +81,7 @@ def checkpoint_of(state: StreamState, acked: int):  # type: ignore[no-untyped-de
 
 def streamed(body: bytes, cuts: list[int], *, response_head: bytes | None = None) -> StreamState:
     """A stream state that saw REQUEST and the response (head and ``body``) in chunks."""
-    state = StreamState("http")
+    state = StreamState("http", range_min_body=1)
     state.feed_c2s(REQUEST)
     data = (response_head if response_head is not None else head(len(body))) + body
     edges = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
@@ -141,7 +141,7 @@ def record(**changes: object) -> RangeRecord:
 
 
 def range_checkpoint(rec: RangeRecord | None, s2c_pos: int = 1_065_536):  # type: ignore[no-untyped-def]
-    state = StreamState("http")
+    state = StreamState("http", range_min_body=1)
     state.feed_c2s(REQUEST)
     checkpoint = checkpoint_of(state, 0)
     return replace(checkpoint, s2c_pos=s2c_pos, range=rec)
@@ -340,7 +340,7 @@ def test_no_record_at_the_head_past_the_body_or_without_a_validator() -> None:
 def test_the_second_response_on_a_connection_gets_its_record_once_the_first_is_acked() -> None:
     first = os.urandom(3000)
     second = os.urandom(9000)
-    state = StreamState("http")
+    state = StreamState("http", range_min_body=1)
     state.feed_c2s(REQUEST)
     state.feed_s2c(head(3000) + first)
     state.feed_c2s(REQUEST)
@@ -355,7 +355,7 @@ def test_the_second_response_on_a_connection_gets_its_record_once_the_first_is_a
 
 def test_the_first_body_bytes_of_a_resumable_response_make_a_checkpoint_due() -> None:
     """The first checkpoint that can carry a record goes out at once, not a period later."""
-    state = StreamState("http")
+    state = StreamState("http", range_min_body=1)
     state.feed_c2s(REQUEST)
     state.feed_s2c(head(9000))
     assert not state.boundary_due
@@ -410,7 +410,9 @@ def resume(
     length = head_length(answer)
     assert length is not None
     assert check_answer(answer[:length], chosen) == Partial()
-    new = StreamState("http", c2s_start=checkpoint.c2s_fresh, s2c_start=checkpoint.s2c_fresh)
+    new = StreamState(
+        "http", c2s_start=checkpoint.c2s_fresh, s2c_start=checkpoint.s2c_fresh, range_min_body=1
+    )
     new.feed_c2s(REQUEST)
     new.resume_range(chosen.record, chosen.s2c_start)
     body = answer[length:]
@@ -460,7 +462,9 @@ def test_a_resumed_stream_checkpoints_a_record_without_a_full_hash() -> None:
     checkpoint = checkpoint_of(old, 0)
     chosen = plan(checkpoint, REQUEST, checkpoint.s2c_pos)
     assert isinstance(chosen, RangePlan)
-    new = StreamState("http", c2s_start=checkpoint.c2s_fresh, s2c_start=checkpoint.s2c_fresh)
+    new = StreamState(
+        "http", c2s_start=checkpoint.c2s_fresh, s2c_start=checkpoint.s2c_fresh, range_min_body=1
+    )
     new.feed_c2s(REQUEST)
     new.resume_range(chosen.record, chosen.s2c_start)
     new.feed_s2c((response_head + original)[chosen.s2c_start : chosen.s2c_start + 150_000])
@@ -513,3 +517,18 @@ def test_http_dates_read_as_the_standard_library_writes_them(seconds: int) -> No
     text = email.utils.formatdate(seconds, usegmt=True).encode()
     assert http_date(text) == seconds
     assert http_date(text.replace(b"GMT", b"UTC")) is None
+
+
+def test_small_responses_are_not_looked_at_for_a_record() -> None:
+    """Below MIN_BODY_BYTES a regeneration from the start is cheap: no record, and no head
+    parsed per keep-alive GET."""
+    from migrate.rangeplan import MIN_BODY_BYTES
+
+    state = StreamState("http")
+    state.feed_c2s(REQUEST)
+    state.feed_s2c(head(MIN_BODY_BYTES - 1) + b"x" * 1000)
+    assert checkpoint_of(state, 0).range is None
+    big = StreamState("http")
+    big.feed_c2s(REQUEST)
+    big.feed_s2c(head(MIN_BODY_BYTES) + b"x" * 1000)
+    assert checkpoint_of(big, 0).range is not None
