@@ -17,6 +17,7 @@ from migrate.handover import (
 )
 from migrate.kernel import sockdiag
 from migrate.kernel.eventlog import EventLog
+from migrate.rangeplan import expected_regeneration
 from migrate.reincarnation import Phase, Request
 
 Sockets = dict[int, sockdiag.TcpSocketInfo]
@@ -120,12 +121,22 @@ class ClientConnections:
     def suggested_lead(self, base: float) -> float:
         """How early to prepare: the base lead plus the time the new server needs to
         regenerate every connection up to the client's position (all of them: it serves them
-        all), at a conservative replay speed."""
+        all), at a conservative replay speed. A connection whose checkpoint has a range record
+        costs a window and the bytes since that checkpoint, whatever its position
+        (``migrate.rangeplan.expected_regeneration``)."""
         try:
             sockets = self.live_sockets()
         except (RoamError, OSError):
             return base
-        total = sum(info.bytes_received for info in sockets.values())
+        total = 0
+        for port, info in sockets.items():
+            conn = self.store.connections.get(port)
+            carrier = conn.carrier if conn is not None else None
+            total += expected_regeneration(
+                info.bytes_received,
+                carrier.sealed if carrier is not None else None,
+                carrier.s2c_pos if carrier is not None else 0,
+            )
         work = total / REGENERATE_BYTES_PER_S + len(sockets) * PREPARE_SECONDS_PER_CONNECTION
         return min(MAX_PREPARE_LEAD_S, base + work)
 

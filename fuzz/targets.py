@@ -258,6 +258,13 @@ def sealed_checkpoint(data: bytes) -> None:
         + ChaCha20Poly1305(_CHECKPOINT_KEY).encrypt(nonce, body, b"checkpoint" + DEPLOYMENT_ID)
     )
     expect_rejected_or(lambda: open_checkpoint(sealed, _CHECKPOINT_KEY, DEPLOYMENT_ID))
+    # Version 3: an authentic body followed by any range record (parsed or refused).
+    record = data[:186]
+    header = bytes([3]) + len(record).to_bytes(2, "big")
+    plain = sample_checkpoint().encode_body() + record
+    aad = b"checkpoint" + DEPLOYMENT_ID + header
+    sealed = header + nonce + ChaCha20Poly1305(_CHECKPOINT_KEY).encrypt(nonce, plain, aad)
+    expect_rejected_or(lambda: open_checkpoint(sealed, _CHECKPOINT_KEY, DEPLOYMENT_ID))
 
 
 def carrier(data: bytes) -> None:

@@ -56,6 +56,20 @@ always written as version 1; ``sealed_length`` tells a parser how long one is)::
     ChaCha20-Poly1305(checkpoint key, nonce, body || state,
                       aad = "checkpoint" || deployment id || version || state length)
 
+Version 3, with a *range record* (``RangeRecord``): what a new server needs to regenerate an
+HTTP response from the client's position with ``Range`` and ``If-Range`` instead of from its
+start (``migrate.rangeplan``). Only the HTTP codec writes one, and never with a session state::
+
+    version u8 (3) | record length u16 | nonce (12) |
+    ChaCha20-Poly1305(checkpoint key, nonce, body || range record,
+                      aad = "checkpoint" || deployment id || version || record length)
+    range record: flags u8 (1 the validator is an entity tag, else a Last-Modified date;
+                  2 s2c_hash covers nothing: the stream was itself resumed by a range) |
+                  length u64 (the body's, = the representation's) | body_start u64 (s2c
+                  position of the body's first byte) | window_start u64 (s2c position) |
+                  window_hash (32: SHA-256 of the s2c bytes [window_start, s2c_pos)) |
+                  validator length u8 (1..MAX_VALIDATOR_BYTES) | validator (the field value)
+
 Carrier plaintext (inside the channel envelope, kind ``CHECKPOINT_CARRIER``)::
 
     conn_id (16) | client port u16 | counter u64 | c2s_fresh u64 | c2s_pos u64 | s2c_pos u64 |
@@ -87,6 +101,7 @@ from migrate.resp import MAX_STATE_BYTES
 
 CHECKPOINT_VERSION = 1
 CHECKPOINT_VERSION_STATE = 2  # with a session state
+CHECKPOINT_VERSION_RANGE = 3  # with a range record
 CONN_ID_BYTES = 16
 _BODY = struct.Struct("!16s4sHHQQqIIHBBBIBQQQQ32s32s")
 _CARRIER = struct.Struct("!16sHQQQQ")
@@ -99,6 +114,80 @@ MAX_TAKEN_AT_US = 1 << 53  # checkpoint times: microseconds a float still holds 
 SEALED_BYTES = 1 + 12 + _BODY.size + 16
 """Length of a sealed checkpoint without session state (version 1)."""
 _STATE_HEADER = struct.Struct("!BH")
+_RANGE = struct.Struct("!BQQQ32sB")
+RANGE_FLAG_ETAG = 1
+RANGE_FLAG_NO_FULL_HASH = 2
+MAX_VALIDATOR_BYTES = 128
+"""Longest validator (entity tag or date) a range record holds; nginx's are about 20 bytes."""
+RANGE_RECORD_MAX = _RANGE.size + MAX_VALIDATOR_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class RangeRecord:
+    """What a Range hand-over checks (``migrate.rangeplan``): the response that starts at the
+    checkpoint's fresh point has a strong ``validator`` and ``length`` body bytes from s2c
+    position ``body_start`` on; ``window_hash`` is the SHA-256 of the s2c bytes
+    ``[window_start, s2c_pos)`` (body bytes just before the checkpoint's position).
+    ``full_hash`` False: the checkpoint's ``s2c_hash`` commits to nothing (the connection was
+    itself re-created from a range, so no server has the response's first bytes)."""
+
+    validator: bytes
+    etag: bool
+    length: int
+    body_start: int
+    window_start: int
+    window_hash: bytes
+    full_hash: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= len(self.validator) <= MAX_VALIDATOR_BYTES:
+            raise MalformedMessageError(
+                f"range record validator of {len(self.validator)} bytes "
+                f"(1 to {MAX_VALIDATOR_BYTES})"
+            )
+        if len(self.window_hash) != 32:
+            raise MalformedMessageError("range record window hash must be 32 bytes")
+        if not 0 <= self.body_start <= self.window_start < 2**63 or not 0 < self.length < 2**63:
+            raise MalformedMessageError("range record positions out of order or out of range")
+
+    @property
+    def body_end(self) -> int:
+        return self.body_start + self.length
+
+    def encode(self) -> bytes:
+        flags = (RANGE_FLAG_ETAG if self.etag else 0) | (
+            0 if self.full_hash else RANGE_FLAG_NO_FULL_HASH
+        )
+        head = _RANGE.pack(
+            flags,
+            self.length,
+            self.body_start,
+            self.window_start,
+            self.window_hash,
+            len(self.validator),
+        )
+        return head + self.validator
+
+    @classmethod
+    def decode(cls, data: bytes) -> RangeRecord:
+        if len(data) < _RANGE.size:
+            raise MalformedMessageError(f"range record of {len(data)} bytes is truncated")
+        flags, length, body_start, window_start, window_hash, size = _RANGE.unpack_from(data)
+        if flags & ~(RANGE_FLAG_ETAG | RANGE_FLAG_NO_FULL_HASH):
+            raise MalformedMessageError(f"unknown range record flags {flags:#x}")
+        if len(data) != _RANGE.size + size:
+            raise MalformedMessageError(
+                f"range record has {len(data)} bytes, its validator says {_RANGE.size + size}"
+            )
+        return cls(
+            bytes(data[_RANGE.size :]),
+            bool(flags & RANGE_FLAG_ETAG),
+            length,
+            body_start,
+            window_start,
+            window_hash,
+            not flags & RANGE_FLAG_NO_FULL_HASH,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +229,7 @@ class Checkpoint:
     s2c_hash: bytes
     unmigratable: bool = False
     state: bytes = b""
+    range: RangeRecord | None = None
 
     def __post_init__(self) -> None:
         if len(self.conn_id) != CONN_ID_BYTES:
@@ -156,6 +246,15 @@ class Checkpoint:
             raise MalformedMessageError(
                 f"checkpoint session state of {len(self.state)} bytes (at most {MAX_STATE_BYTES})"
             )
+        if self.range is not None:
+            if self.state:
+                raise MalformedMessageError("a checkpoint has a session state or a range record")
+            if self.codec != "http":
+                raise MalformedMessageError("only an HTTP checkpoint has a range record")
+            if not self.s2c_fresh <= self.range.body_start <= self.range.window_start:
+                raise MalformedMessageError("range record body starts before the fresh point")
+            if not self.range.window_start < self.s2c_pos <= self.range.body_end:
+                raise MalformedMessageError("range record window is not inside the body")
 
     def encode_body(self) -> bytes:
         tcp = self.tcp
@@ -309,6 +408,10 @@ def sealed_length(data: bytes, offset: int = 0) -> int:
         if not 1 <= state_length <= MAX_STATE_BYTES:
             raise MalformedMessageError(f"checkpoint session state of {state_length} bytes")
         return SEALED_BYTES + _STATE_HEADER.size - 1 + int(state_length)
+    if version == CHECKPOINT_VERSION_RANGE:
+        if not _RANGE.size < state_length <= RANGE_RECORD_MAX:
+            raise MalformedMessageError(f"checkpoint range record of {state_length} bytes")
+        return SEALED_BYTES + _STATE_HEADER.size - 1 + int(state_length)
     raise MalformedMessageError(f"unsupported checkpoint version {version}")
 
 
@@ -317,6 +420,11 @@ def seal_checkpoint(
 ) -> bytes:
     nonce = random(12)
     aead = ChaCha20Poly1305(key)
+    if checkpoint.range is not None:
+        record = checkpoint.range.encode()
+        header = _STATE_HEADER.pack(CHECKPOINT_VERSION_RANGE, len(record))
+        plain = checkpoint.encode_body() + record
+        return header + nonce + aead.encrypt(nonce, plain, _aad(deployment_id) + header)
     if not checkpoint.state:
         sealed = aead.encrypt(nonce, checkpoint.encode_body(), _aad(deployment_id))
         return bytes([CHECKPOINT_VERSION]) + nonce + sealed
@@ -346,6 +454,8 @@ def open_checkpoint(data: bytes, key: bytes | Sequence[bytes], deployment_id: by
         checkpoint = Checkpoint.decode_body(plain[: _BODY.size])
         if header == 1:
             return checkpoint
+        if data[0] == CHECKPOINT_VERSION_RANGE:
+            return replace(checkpoint, range=RangeRecord.decode(plain[_BODY.size :]))
         return replace(checkpoint, state=plain[_BODY.size :])
     raise AuthenticationError(
         "checkpoint failed authentication (forged, tampered, another pool's, or sealed under "

@@ -253,6 +253,18 @@ _UNTIL_CLOSED = -2
 _INTERIM = -3  # a 1xx response: another response follows for the same request
 
 
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    """A final response head with a Content-Length body: where the response and its body
+    start (absolute s2c positions), the request's method, the header section as received."""
+
+    start: int
+    body_start: int
+    method: bytes
+    section: bytes
+    length: int  # the body's (Content-Length)
+
+
 @dataclass(slots=True)
 class _Exchange:
     """One request and, once it comes, its response."""
@@ -413,7 +425,7 @@ class _Reader:
             _framing_fields(_head_lines(section)[1:])  # the first line is the last chunk's
             self.message_done(position)
             return end
-        framing = self.head_done(section)
+        framing = self.head_done(section, position)
         if framing == _INTERIM:
             self.message_start = position
         elif framing == _NO_BODY:
@@ -485,7 +497,8 @@ class _Reader:
         """Degrade if a start line cannot begin with these (up to five) bytes."""
         raise NotImplementedError
 
-    def head_done(self, section: bytes) -> int:
+    def head_done(self, section: bytes, end: int) -> int:
+        """``section`` ends at position ``end`` (where a body would start)."""
         raise NotImplementedError
 
     def message_done(self, position: int) -> None:
@@ -510,7 +523,7 @@ class _RequestReader(_Reader):
         if start[0] not in _TCHARS and start != b"\r":
             raise _Degrade("malformed request line")
 
-    def head_done(self, section: bytes) -> int:
+    def head_done(self, section: bytes, end: int) -> int:
         lines = _head_lines(section)
         match = _REQUEST_LINE.fullmatch(lines[0])
         if match is None:
@@ -550,7 +563,7 @@ class _ResponseReader(_Reader):
         if not b"HTTP/".startswith(start):
             raise _Degrade("malformed status line")
 
-    def head_done(self, section: bytes) -> int:
+    def head_done(self, section: bytes, end: int) -> int:
         lines = _head_lines(section)
         match = _STATUS_LINE.fullmatch(lines[0])
         if match is None:
@@ -570,7 +583,14 @@ class _ResponseReader(_Reader):
             return _INTERIM
         if exchange.method == b"HEAD" or status in (204, 304):
             return _NO_BODY
-        return _body_framing(lengths, codings, version, request=False)
+        framing = _body_framing(lengths, codings, version, request=False)
+        if framing > 0:
+            codec = self.codec
+            codec.last_head = ResponseHead(
+                self.message_start, end, exchange.method, section, framing
+            )
+            codec.heads += 1
+        return framing
 
     def message_done(self, position: int) -> None:
         self.end_message(position)
@@ -595,6 +615,24 @@ class Http11Codec(CodecReport):
         self._answered = 0
         self._c2s = _RequestReader(self, c2s_start)
         self._s2c = _ResponseReader(self, s2c_start)
+        # The latest final response head with a Content-Length body, and how many there were
+        # (``migrate.streamstate`` looks for the range facts of a response in it).
+        self.last_head: ResponseHead | None = None
+        self.heads = 0
+
+    def resume_body(self, position: int, remaining: int) -> None:
+        """Continue in the body of the response to the oldest unanswered request, at s2c
+        ``position`` with ``remaining`` body bytes to come: a connection re-created from a
+        range (``migrate.rangeplan``), whose response head this codec never saw. Its request
+        must have been fed."""
+        reader = self._s2c
+        if self._unanswered() is None or reader.state != _HEAD or reader.buffer:
+            raise ValueError("a response body is resumed only where a response is due")
+        if remaining <= 0:
+            raise ValueError("a resumed body has bytes to come")
+        reader.position = position
+        reader.state = _LENGTH
+        reader.remaining = remaining
 
     def feed_c2s(self, data: bytes | memoryview) -> None:
         self._feed(self._c2s, "c2s", data)

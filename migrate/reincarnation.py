@@ -58,6 +58,7 @@ from enum import IntEnum
 
 from migrate.channel import Freshness, Kind, Opened, Opener, Purpose, Sealer, derive_key
 from migrate.checkpoint import (
+    CHECKPOINT_VERSION_RANGE,
     CHECKPOINT_VERSION_STATE,
     SEALED_BYTES,
     Checkpoint,
@@ -106,9 +107,13 @@ class Status(IntEnum):
 
 
 def _checkpoint_length(data: bytes, offset: int) -> int:
-    """The length of the sealed checkpoint at ``offset``: version 2 says it in its header; any
-    other is taken as ``SEALED_BYTES`` long (its version is checked when it is opened)."""
-    if data[offset : offset + 1] == bytes([CHECKPOINT_VERSION_STATE]):
+    """The length of the sealed checkpoint at ``offset``: versions 2 and 3 say it in their
+    header; any other is taken as ``SEALED_BYTES`` long (its version is checked when it is
+    opened)."""
+    if data[offset : offset + 1] in (
+        bytes([CHECKPOINT_VERSION_STATE]),
+        bytes([CHECKPOINT_VERSION_RANGE]),
+    ):
         return sealed_length(data, offset)
     return SEALED_BYTES
 

@@ -448,12 +448,18 @@ class CheckpointPusher:
         # What was regenerated beyond the client's position goes out first, through the relay,
         # so that a slow client holds back only this connection.
         connection.relay.start(to_client_first=unsent)
+        resumed = stream.resumed_from
         self.context.log.event(
             "reincarnated",
             client=f"{key[0]}:{key[1]}",
             s2c=connection.s2c_base,
             c2s=connection.stream.c2s_pos,
             unsent=len(unsent),
+            # How the response was regenerated: from a range (migrate.rangeplan), reading the
+            # service's bytes from ``range_from`` on, or from the checkpoint's fresh point.
+            regeneration="range" if resumed is not None else "fresh point",
+            regenerated=s2c_base - (resumed if resumed is not None else checkpoint.s2c_fresh),
+            body_offset=s2c_base - checkpoint.range.body_start if checkpoint.range else None,
         )
         connection.push(self.context.clock())
         return connection

@@ -6,12 +6,19 @@ replayed bytes into it, the service's output read up to the client's position an
 against the checkpoint's commitment, and finally the client-facing socket created with
 TCP_REPAIR at the client's sequence numbers. Bytes the client already has are dropped as they
 arrive; those beyond its position are kept, to be sent first once the connection is live.
+
+An HTTP response with a strong validator and byte ranges is regenerated from the client's
+position instead of its start (``migrate.rangeplan``): the request is replayed with ``Range``
+and ``If-Range``, the 206's head is checked and dropped, and the body bytes in the checkpoint's
+window are compared with its hash; a 200 (If-Range fell back) is read from the start and
+verified as any other response.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import socket
 from collections.abc import Awaitable, Callable
 
@@ -20,6 +27,16 @@ from migrate.codec import state_replies
 from migrate.errors import RoamError
 from migrate.handover import SERVICE_IDLE_S
 from migrate.kernel import tcp_repair
+from migrate.rangeplan import (
+    FromFreshPoint,
+    Partial,
+    Plan,
+    RangeDiverged,
+    RangePlan,
+    check_answer,
+    head_length,
+)
+from migrate.rangeplan import plan as plan_regeneration
 from migrate.reincarnation import Request, Status
 from migrate.streamstate import StreamState
 from proxy.relay import close_abortively
@@ -60,6 +77,13 @@ class Replayer:
         self.verified = False
         self.sock: socket.socket | None = None  # the restored client-facing socket
         self.s2c_base = 0  # the client's position when the socket was created
+        self.plan: Plan = (
+            plan_regeneration(checkpoint, prepare.replay, prepare.s2c_received)
+            if checkpoint.codec == "http"
+            else FromFreshPoint(f"the {checkpoint.codec} codec")
+        )
+        self.window: hashlib._Hash | None = None  # the range's window, hashed as it is read
+        self.regenerated = 0  # service bytes read (after a range's head)
 
     async def start(self, connect: Callable[[], Awaitable[socket.socket]], until: int) -> int:
         """Connect the service, replay the PREPARE's bytes, regenerate to ``until``."""
@@ -67,8 +91,54 @@ class Replayer:
         if self.checkpoint.state:
             await self._restore_session()
         self.stream.feed_c2s(self.prepare.replay)
-        await asyncio.get_running_loop().sock_sendall(self.service, self.prepare.replay)
+        loop = asyncio.get_running_loop()
+        if isinstance(self.plan, RangePlan):
+            await loop.sock_sendall(self.service, self.plan.request)
+            rest = await self._range_head(self.plan)
+            self._take(rest, until)
+        else:
+            await loop.sock_sendall(self.service, self.prepare.replay)
         return await self.regenerate(until)
+
+    @property
+    def by_range(self) -> bool:
+        """Whether the response is regenerated from a range (so far as its head was read)."""
+        return isinstance(self.plan, RangePlan)
+
+    async def _range_head(self, chosen: RangePlan) -> bytes:
+        """Read and check the replica's head to the range request; returns the bytes read
+        after it. A 200 (the same validator, ranges ignored) turns this into a regeneration
+        from the start: its head is then part of the response."""
+        assert self.service is not None
+        loop = asyncio.get_running_loop()
+        head = bytearray()
+        buffer = bytearray(64 * 1024)
+        while (length := self._head_length(head)) is None:
+            try:
+                async with asyncio.timeout(SERVICE_IDLE_S):
+                    received = await loop.sock_recv_into(self.service, buffer)
+            except TimeoutError:
+                raise Diverged("the service did not answer the range request") from None
+            if not received:
+                raise Diverged("the service closed instead of answering the range request")
+            head += memoryview(buffer)[:received]
+        try:
+            answer = check_answer(bytes(head[:length]), chosen)
+        except RangeDiverged as error:
+            raise Diverged(str(error)) from None
+        if isinstance(answer, Partial):
+            self.stream.resume_range(chosen.record, chosen.s2c_start)
+            self.window = hashlib.sha256()
+            return bytes(head[length:])
+        self.plan = FromFreshPoint("the replica ignored the range request")
+        return bytes(head)
+
+    @staticmethod
+    def _head_length(head: bytearray) -> int | None:
+        try:
+            return head_length(head)
+        except RangeDiverged as error:
+            raise Diverged(str(error)) from None
 
     async def _restore_session(self) -> None:
         """A session's state first (a redis AUTH, SELECT, HELLO...: migrate.resp): sent to the
@@ -121,11 +191,7 @@ class Replayer:
         # allocation per read (what sock_recv does) costs more than the read.
         buffer = memoryview(bytearray(min(REGENERATE_BUFFER_BYTES, max(1, goal - stream.s2c_pos))))
         while stream.s2c_pos < goal:
-            limit = goal - stream.s2c_pos
-            if not self.verified:
-                # Stop exactly at the checkpoint's position to compare the hashes there.
-                limit = min(limit, checkpoint.s2c_pos - stream.s2c_pos) or limit
-            view = buffer[: min(len(buffer), max(1, limit))]
+            view = buffer[: min(len(buffer), max(1, goal - stream.s2c_pos))]
             try:
                 async with asyncio.timeout(SERVICE_IDLE_S):
                     received = await loop.sock_recv_into(self.service, view)
@@ -138,23 +204,50 @@ class Replayer:
                     f"the service closed after {stream.s2c_pos} bytes; the checkpoint has "
                     f"{checkpoint.s2c_pos}"
                 )
-            chunk = view[:received]
-            start = stream.s2c_pos
-            stream.feed_s2c(chunk)
-            if stream.s2c_pos > until:
-                self.unsent += chunk[max(0, until - start) :]
-            self._verify()
+            self._take(view[:received], until)
         return stream.s2c_pos
+
+    def _take(self, chunk: bytes | memoryview, until: int) -> None:
+        """Regenerated bytes: fed to the stream state, those the client lacks kept, the
+        commitment checked exactly at the checkpoint's position on the way."""
+        stream = self.stream
+        checkpoint = self.checkpoint
+        view = memoryview(chunk)
+        self.regenerated += len(view)
+        while view:
+            start = stream.s2c_pos
+            cut = len(view)
+            if not self.verified and start < checkpoint.s2c_pos:
+                cut = min(cut, checkpoint.s2c_pos - start)
+            piece, view = view[:cut], view[cut:]
+            if self.window is not None and not self.verified:
+                window_start = checkpoint.range.window_start if checkpoint.range else start
+                self.window.update(piece[max(0, window_start - start) :])
+            stream.feed_s2c(piece)
+            if stream.s2c_pos > until:
+                self.unsent += piece[max(0, until - start) :]
+            self._verify()
 
     def _verify(self) -> None:
         """Compare the regenerated bytes with the checkpoint's commitment, exactly at the
-        checkpoint's position (which may be the fresh point itself: nothing to compare)."""
+        checkpoint's position (which may be the fresh point itself: nothing to compare): the
+        whole response's hash, or the window's for a range."""
         checkpoint = self.checkpoint
         stream = self.stream
         if self.verified or stream.s2c_pos != checkpoint.s2c_pos:
             return
-        if stream.candidates[0].s2c_hash.digest() != checkpoint.s2c_hash:
-            raise Diverged("the replayed service answered with different bytes")
+        if self.window is not None:
+            assert checkpoint.range is not None
+            if self.window.digest() != checkpoint.range.window_hash:
+                raise Diverged(
+                    "the replica's body differs from the client's in the "
+                    f"{checkpoint.s2c_pos - checkpoint.range.window_start} bytes before the "
+                    "checkpoint's position (the same validator)"
+                )
+        else:
+            fresh_hash = stream.candidates[0].s2c_hash
+            if fresh_hash is None or fresh_hash.digest() != checkpoint.s2c_hash:
+                raise Diverged("the replayed service answered with different bytes")
         self.verified = True
 
     async def commit(self, request: Request, listen: tuple[str, int], now: float) -> int:

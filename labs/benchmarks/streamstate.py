@@ -46,7 +46,9 @@ def per_get_us(
         observer.feed_s2c(view[: len(response)])  # type: ignore[attr-defined]
         if not codec_only and index % per_checkpoint == per_checkpoint - 1:
             assert isinstance(observer, StreamState)
-            observer.settle(observer.s2c_pos).s2c_hash.digest()
+            fresh_hash = observer.settle(observer.s2c_pos).s2c_hash
+            assert fresh_hash is not None  # a stream from its start always has one
+            fresh_hash.digest()
     return (time.perf_counter() - started) / gets * 1e6
 
 

@@ -174,7 +174,7 @@ def test_a_session_state_is_sealed_in_a_version_2_checkpoint_and_a_carrier_still
     with pytest.raises(MalformedMessageError, match="session state"):
         sample_checkpoint(state=b"x" * (MAX_STATE_BYTES + 1))
     with pytest.raises(MalformedMessageError, match="version"):
-        sealed_length(b"\x03\x00\x01")
+        sealed_length(b"\x04\x00\x01")
 
 
 def test_a_request_carries_a_checkpoint_with_session_state():

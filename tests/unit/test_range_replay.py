@@ -1,0 +1,242 @@
+"""The new server's side of a Range hand-over (proxy.replay.Replayer) against a small HTTP
+service on loopback that honours Range and If-Range as nginx does: the bytes kept for the
+client are exactly the original's after its position, the service is read from the window on
+(not from the response's start), and a replica that differs is refused, never spliced."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import re
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+
+import pytest
+
+from migrate.checkpoint import TcpSnapshot, seal_checkpoint
+from migrate.rangeplan import WINDOW_BYTES
+from migrate.reincarnation import Phase, Request
+from migrate.streamstate import StreamState
+from proxy.replay import Diverged, Replayer
+
+KEY = bytes(range(32))
+ETAG = b'"6751a3c0-400000"'
+REQUEST = b"GET /big.bin HTTP/1.1\r\nHost: vip\r\nAccept: */*\r\n\r\n"
+SIZE = 4 * 1024 * 1024
+
+
+def response_head(length: int, etag: bytes, *, extra: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\nServer: t\r\nDate: Thu, 03 Dec 2026 23:00:00 GMT\r\n"
+        b"Content-Length: %d\r\nETag: %s\r\nAccept-Ranges: bytes\r\n%s\r\n" % (length, etag, extra)
+    )
+
+
+class Service:
+    """An HTTP/1.1 file server on loopback: 206 for ``Range: bytes=N-`` when If-Range matches
+    its ETag, else 200; ``ranges=False`` ignores Range. Counts the body bytes it sends."""
+
+    def __init__(self, body: bytes, etag: bytes, *, ranges: bool = True) -> None:
+        self.body, self.etag, self.ranges = body, etag, ranges
+        self.sent = 0
+        self.requests: list[bytes] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.requests.append(head)
+                wanted = re.search(rb"\r\nRange: bytes=(\d+)-\r\n", head)
+                if_range = re.search(rb"\r\nIf-Range: (.*?)\r\n", head)
+                first = 0
+                if self.ranges and wanted and (if_range is None or if_range[1] == self.etag):
+                    first = int(wanted[1])
+                total = len(self.body)
+                if first:
+                    writer.write(
+                        b"HTTP/1.1 206 Partial Content\r\nServer: t\r\nDate: Thu, 03 Dec 2026 "
+                        b"23:00:01 GMT\r\nContent-Length: %d\r\nETag: %s\r\nContent-Range: "
+                        b"bytes %d-%d/%d\r\n\r\n"
+                        % (total - first, self.etag, first, total - 1, total)
+                    )
+                else:
+                    writer.write(response_head(total, self.etag))
+                writer.write(self.body[first:])
+                self.sent += total - first
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+@asynccontextmanager
+async def serving(service: Service) -> AsyncIterator[Callable[[], asyncio.Future[socket.socket]]]:
+    server = await asyncio.start_server(service.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def connect() -> socket.socket:
+        sock = socket.socket()
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+        return sock
+
+    try:
+        yield connect  # type: ignore[misc]
+    finally:
+        server.close()
+
+
+def original_checkpoint(body: bytes, at: int):  # type: ignore[no-untyped-def]
+    """The old server's checkpoint after the client's request and ``at`` bytes of the answer."""
+    state = StreamState("http", range_min_body=1)
+    state.feed_c2s(REQUEST)
+    stream = response_head(len(body), ETAG) + body
+    for low in range(0, at, 100_000):
+        state.feed_s2c(stream[low : min(at, low + 100_000)])
+    return state.checkpoint(
+        conn_id=bytes(16),
+        client=("10.0.0.2", 40000),
+        vport=80,
+        epoch=5,
+        counter=1,
+        now=100.0,
+        tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 0),
+        s2c_acked=0,
+    )
+
+
+def prepare(checkpoint, received: int) -> Request:  # type: ignore[no-untyped-def]
+    sealed = seal_checkpoint(checkpoint, KEY, bytes(16), os.urandom)
+    return Request(Phase.PREPARE, 5, 40000, 80, len(REQUEST), received, 0, sealed, REQUEST)
+
+
+async def regenerate(service: Service, checkpoint, received: int) -> Replayer:  # type: ignore[no-untyped-def]
+    replayer = Replayer(checkpoint, prepare(checkpoint, received))
+    async with serving(service) as connect:
+        try:
+            await replayer.start(connect, received)
+        finally:
+            replayer.close()
+    return replayer
+
+
+def test_a_client_deep_in_a_download_is_regenerated_from_the_window() -> None:
+    body = os.urandom(SIZE)
+    head_length = len(response_head(SIZE, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 3_000_000)
+    assert checkpoint.range is not None
+    received = head_length + 3_200_000  # the client got more since the checkpoint
+    service = Service(body, ETAG)
+    replayer = asyncio.run(regenerate(service, checkpoint, received))
+    assert replayer.by_range
+    assert b"\r\nRange: bytes=%d-\r\n" % (3_000_000 - WINDOW_BYTES) in service.requests[0]
+    assert b"\r\nIf-Range: " + ETAG + b"\r\n" in service.requests[0]
+    # Read from the window on: 64 KiB and the 200 KB since the checkpoint, not 3 MB.
+    assert replayer.regenerated <= WINDOW_BYTES + 200_000 + 256 * 1024
+    # What the client gets next is exactly the original's next bytes.
+    unsent = bytes(replayer.unsent)
+    assert unsent == body[3_200_000 : 3_200_000 + len(unsent)]
+    assert replayer.stream.s2c_pos == received + len(unsent)
+
+
+def test_a_client_behind_the_checkpoint_gets_the_bytes_it_lacks_verified() -> None:
+    body = os.urandom(SIZE)
+    head_length = len(response_head(SIZE, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 3_000_000)
+    received = head_length + 2_000_000  # 1 MB in flight at the checkpoint
+    replayer = asyncio.run(regenerate(Service(body, ETAG), checkpoint, received))
+    assert replayer.by_range
+    assert replayer.verified
+    unsent = bytes(replayer.unsent)
+    assert len(unsent) >= 1_000_000
+    assert unsent == body[2_000_000 : 2_000_000 + len(unsent)]
+
+
+def test_a_replica_whose_file_differs_in_the_window_is_refused() -> None:
+    body = os.urandom(SIZE)
+    head_length = len(response_head(SIZE, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 3_000_000)
+    changed = bytearray(body)
+    changed[3_000_000 - 10] ^= 1  # same length, same ETag (nginx: size and mtime)
+    with pytest.raises(Diverged, match="body differs from the client's"):
+        asyncio.run(regenerate(Service(bytes(changed), ETAG), checkpoint, head_length + 3_100_000))
+
+
+def test_a_replica_with_another_validator_falls_back_to_200_and_is_refused_at_its_head() -> None:
+    """If-Range falls back to the whole file; its head names another ETag than the bytes the
+    client has, so the result could never be right: refused at once, not after reading it."""
+    body = os.urandom(SIZE)
+    head_length = len(response_head(SIZE, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 3_000_000)
+    service = Service(body, b'"6751a3c1-400000"')
+    with pytest.raises(Diverged, match=r"representation differs.*If-Range fell back to 200"):
+        asyncio.run(regenerate(service, checkpoint, head_length + 3_100_000))
+
+
+def test_a_replica_ignoring_ranges_is_regenerated_whole_and_verified() -> None:
+    body = os.urandom(SIZE)
+    head_length = len(response_head(SIZE, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 3_000_000)
+    received = head_length + 3_100_000
+    replayer = asyncio.run(regenerate(Service(body, ETAG, ranges=False), checkpoint, received))
+    assert not replayer.by_range
+    assert replayer.verified
+    assert replayer.regenerated >= received
+    unsent = bytes(replayer.unsent)
+    assert unsent == body[3_100_000 : 3_100_000 + len(unsent)]
+    # ...and a replica ignoring ranges with a different file is caught by the full hash.
+    changed = bytearray(body)
+    changed[5] ^= 1
+    with pytest.raises(Diverged, match="different bytes"):
+        asyncio.run(regenerate(Service(bytes(changed), ETAG, ranges=False), checkpoint, received))
+
+
+def test_without_a_range_record_the_response_is_regenerated_from_its_start() -> None:
+    body = os.urandom(SIZE)
+    head_length = len(response_head(SIZE, ETAG))
+    checkpoint = replace(original_checkpoint(body, head_length + 3_000_000), range=None)
+    service = Service(body, ETAG)
+    replayer = asyncio.run(regenerate(service, checkpoint, head_length + 3_100_000))
+    assert not replayer.by_range
+    assert b"Range" not in service.requests[0]
+    assert replayer.regenerated >= head_length + 3_000_000
+    assert (
+        hashlib.sha256(bytes(replayer.unsent)).digest()
+        == hashlib.sha256(body[3_100_000 : 3_100_000 + len(replayer.unsent)]).digest()
+    )
+
+
+def test_a_keep_alive_client_in_its_next_download_gets_the_tail_and_the_next_answer() -> None:
+    """The checkpoint is from the end of the first copy, the client already in the second:
+    the rewritten first request and the second one verbatim; the 206 ends where the first
+    copy ended and the second answer follows at its position."""
+    body = os.urandom(SIZE)
+    first = response_head(SIZE, ETAG) + body
+    checkpoint = original_checkpoint(body, len(first))
+    assert checkpoint.range is not None
+    received = len(first) + 1_000_000
+    replayer = Replayer(checkpoint, prepare_two(checkpoint, received))
+    service = Service(body, ETAG)
+
+    async def run() -> None:
+        async with serving(service) as connect:
+            try:
+                await replayer.start(connect, received)
+            finally:
+                replayer.close()
+
+    asyncio.run(run())
+    assert replayer.by_range
+    assert replayer.regenerated < WINDOW_BYTES + 1_000_000 + 256 * 1024
+    unsent = bytes(replayer.unsent)
+    assert unsent == first[1_000_000 : 1_000_000 + len(unsent)]
+
+
+def prepare_two(checkpoint, received: int) -> Request:  # type: ignore[no-untyped-def]
+    sealed = seal_checkpoint(checkpoint, KEY, bytes(16), os.urandom)
+    replay = REQUEST + REQUEST
+    return Request(Phase.PREPARE, 5, 40000, 80, len(replay), received, 0, sealed, replay)
