@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from labs.benchmarks.roaming.clients import parse_head
 from labs.stats import p50_p99
 
 MAX_CONNECTIONS = 20_000
@@ -42,13 +43,7 @@ class _Tally:
 
 async def _read_response(reader: asyncio.StreamReader) -> int:
     head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split()[1])
-    length = 0
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        if name.strip().lower() == "content-length":
-            length = int(value.strip())
+    status, length = parse_head(head[:-4])
     await reader.readexactly(length)
     return status
 
