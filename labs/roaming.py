@@ -436,6 +436,33 @@ class RoamingLab:
         servers = [e["server"] for e in epochs if e["start"] < end]
         return sum(1 for a, b in itertools.pairwise(servers) if a != b)
 
+    def switch_times(self, until_s: float) -> list[float]:
+        """Unix times of the server changes from now to ``until_s`` seconds from now."""
+        now = time.time()
+        epochs = self.schedule(1, max(2, int((now + until_s - self.start_time) / self.tick) + 2))
+        return [
+            b["start"]
+            for a, b in itertools.pairwise(epochs)
+            if a["server"] != b["server"] and now <= b["start"] <= now + until_s
+        ]
+
+    def wait_for_switch_between(self, low_s: float, high_s: float, timeout_s: float = 60) -> float:
+        """Sleep until the next server change is between ``low_s`` and ``high_s`` seconds away
+        (so that something started then meets a roam, and not too late); returns its Unix
+        time. ``LabError`` if the schedule offers no such moment within ``timeout_s``."""
+        assert 0 <= low_s < high_s
+        deadline = time.time() + timeout_s
+        while time.time() < deadline:
+            ahead = self.switch_times(timeout_s + high_s)
+            if not ahead:
+                break
+            wait = ahead[0] - time.time()
+            if low_s <= wait <= high_s:
+                return ahead[0]
+            # Too close: let it pass. Too far: come back when it is ``high_s`` away.
+            time.sleep(max(0.0, wait + 0.01 if wait < low_s else wait - high_s))
+        raise LabError(f"no server change {low_s}-{high_s} s ahead within {timeout_s} s")
+
     def url(self, path: str = "/") -> str:
         return f"http://{self.vip}:{LISTEN_PORT}{path}"
 

@@ -433,6 +433,13 @@ class LiveMode:
                 )
             if pending.machine.state is ServerState.RESTORED:
                 self.counts["ready"] += 1
+                if replayer.half_open_cleared:
+                    # Someone sent a SYN with this connection's 4-tuple: worth an operator's eye.
+                    context.log.event(
+                        "half_open_cleared",
+                        client=f"{key[0]}:{key[1]}",
+                        count=replayer.half_open_cleared,
+                    )
         self._execute(key, pending)
 
     async def _prepare(self, key: Key, pending: Pending, until: int) -> int:

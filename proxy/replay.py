@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import socket
 from collections.abc import Awaitable, Callable
@@ -26,7 +27,7 @@ from migrate.checkpoint import Checkpoint
 from migrate.codec import state_replies
 from migrate.errors import RoamError
 from migrate.handover import SERVICE_IDLE_S
-from migrate.kernel import tcp_repair
+from migrate.kernel import sockdiag, tcp_repair
 from migrate.rangeplan import (
     FromFreshPoint,
     Partial,
@@ -44,6 +45,7 @@ from proxy.relay import close_abortively
 SEQ_MOD = 2**32
 TS_MARGIN_MS = 250  # a restored socket's timestamps run this far ahead of the checkpoint's
 REGENERATE_BUFFER_BYTES = 256 * 1024
+HALF_OPEN_RETRIES = 3  # half-open entries dropped per restore before giving up
 
 
 class Diverged(Exception):
@@ -77,6 +79,7 @@ class Replayer:
         self.verified = False
         self.sock: socket.socket | None = None  # the restored client-facing socket
         self.s2c_base = 0  # the client's position when the socket was created
+        self.half_open_cleared = 0  # spoofed half-open entries dropped to restore
         self.plan: Plan = (
             plan_regeneration(checkpoint, prepare.replay, prepare.s2c_received)
             if checkpoint.codec == "http"
@@ -286,7 +289,19 @@ class Replayer:
             sack=tcp.sack,
             tsval=tsval,
         )
-        return tcp_repair.restore_socket(state)
+        for attempt in range(HALF_OPEN_RETRIES + 1):
+            try:
+                return tcp_repair.restore_socket(state)
+            except tcp_repair.TcpRepairError as error:
+                # A SYN spoofed with this 4-tuple (or the client's own, long before) left a
+                # half-open entry that holds it: drop that entry and try again, a bounded
+                # number of times (an outsider could keep sending them).
+                if error.errno != errno.EADDRNOTAVAIL or attempt == HALF_OPEN_RETRIES:
+                    raise
+                if not sockdiag.clear_half_open(state.local, state.remote):
+                    raise
+                self.half_open_cleared += 1
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """Free what is held, silently: the restored socket never spoke."""

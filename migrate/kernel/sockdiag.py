@@ -395,8 +395,30 @@ def destroy(src: tuple[str, int], dst: tuple[str, int]) -> bool:
     CONFIG_INET_DIAG_DESTROY) otherwise.
     """
     info = lookup(src, dst)
-    if info is None:
+    return info is not None and _destroy_found(info)
+
+
+HALF_OPEN_STATES: Final = frozenset({"SYN_RECV", "NEW_SYN_RECV"})
+
+
+def clear_half_open(src: tuple[str, int], dst: tuple[str, int]) -> bool:
+    """Drop the half-open request socket (a SYN answered, no ACK yet) that holds the 4-tuple
+    ``src``/``dst``, and nothing else: ``True`` if one was dropped.
+
+    A SYN spoofed with a migrating connection's 4-tuple leaves such an entry on the new server
+    for the SYN-ACK retries (about a minute); it holds no byte of any application, yet the
+    re-incarnation's ``connect`` cannot take the 4-tuple while it exists (EADDRNOTAVAIL).
+    Sockets that hold a connection (an inode, or ``tcp_info``) are never touched.
+    """
+    info = lookup(src, dst)
+    if info is None or info.state not in HALF_OPEN_STATES or info.inode or info.has_info:
         return False
+    return _destroy_found(info)
+
+
+def _destroy_found(info: TcpSocketInfo) -> bool:
+    """SOCK_DESTROY the socket ``lookup`` found, by its cookie; ``False`` if it is gone."""
+    src, dst = info.src, info.dst
     request = _request(info.family, TCPF_ALL, src=src, dst=dst, cookie=info.cookie)
     try:
         _exchange(SOCK_DESTROY, NLM_F_REQUEST | NLM_F_ACK, request, f"SOCK_DESTROY {src}->{dst}")

@@ -160,6 +160,9 @@ def test_crafted_packets_at_the_client_capture_are_rejected_and_change_nothing()
         roaming.wait_for_schedule(0.3)
         client = roaming.clients["c1"]
         out = roaming.workdir / "crafted.out"
+        # The server changes while the crafted packets arrive and the download runs (some
+        # stretches of the schedule keep one server for seconds).
+        roaming.wait_for_switch_between(2.0, 3.5)
         download = roaming.lab["c1"].popen(
             ["curl", "-sS", "-o", str(out), roaming.url("/data")],
             stdout=subprocess.DEVNULL,

@@ -772,10 +772,6 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
         )
 
 
-@pytest.mark.known_timing(
-    cause="once in CI (2026-12-03) the download was reset during the segment flood with no "
-    "reason recorded by the test (it now prints the client's hand-overs when it fails)"
-)
 def test_crafted_segments_at_the_server_service_port_leave_the_download_intact() -> None:
     with download_lab() as (roaming, data, rng, seed):
         servers = roaming.server_hosts
