@@ -296,37 +296,59 @@ class Migrator:
             # The copies of everything sent before the freeze are queued by now: take them all
             # before reading positions.
             sockets = self.view.sockets_and_capture()
-            await self._await_carriers(sockets, record, opened_before=record.started)
             record.mark("carriers", self.clock())
-            # Connections opened in the last moments, still with the old server.
-            newcomers = self._newcomers(
-                record, sockets, record.started, self.clock() + self.commit_timeout
-            )
-            if newcomers:
-                self._freeze(newcomers, target)
-                sockets = self.view.sockets_and_capture()
-                await self._run(newcomers, ClientState.PREPARING)
-                ready += [m for m in newcomers if m.state is ClientState.PREPARED]
-                record.mark("newcomers", self.clock())
-            now = self.clock()
-            for machine in ready:
-                info = sockets.get(machine.port)
-                if info is None:
-                    # Closed meanwhile (the server finished and sent its FIN): nothing to move.
-                    machine.ended()
-                else:
-                    request = self.view.request(
-                        Phase.COMMIT, record.epoch, info, machine.prepared_sent
-                    )
-                    machine.freeze(request, "replay bytes incomplete", now)
-                self._execute(machine)
-            record.mark("commits_sent", self.clock())
-            await self._run(ready, ClientState.COMMITTING)
-            record.mark("committed", self.clock())
+            # The prepared connections commit at once; the connections opened in the last
+            # moments (still with the old server, perhaps still without a checkpoint) are
+            # prepared and committed meanwhile, so that waiting for them does not lengthen
+            # the others' pause.
+            late = asyncio.get_running_loop().create_task(self._late_newcomers(record, target))
+            try:
+                self._commit(ready, sockets, record.epoch)
+                record.mark("commits_sent", self.clock())
+                await self._run(ready, ClientState.COMMITTING)
+                record.mark("committed", self.clock())
+            finally:
+                await late
         finally:
             nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
             record.switched = self.clock()
         self._finish(record)
+
+    def _commit(
+        self,
+        machines: list[ClientHandover],
+        sockets: dict[int, sockdiag.TcpSocketInfo],
+        epoch: int,
+    ) -> None:
+        """Send each frozen machine's COMMIT, with the client's positions now."""
+        now = self.clock()
+        for machine in machines:
+            info = sockets.get(machine.port)
+            if info is None:
+                # Closed meanwhile (the server finished and sent its FIN): nothing to move.
+                machine.ended()
+            else:
+                request = self.view.request(Phase.COMMIT, epoch, info, machine.prepared_sent)
+                machine.freeze(request, "replay bytes incomplete", now)
+            self._execute(machine)
+
+    async def _late_newcomers(self, record: RoamRecord, target: Endpoint) -> None:
+        """Connections opened with the old server after the PREPAREs and before the freeze:
+        wait (bounded) for their first checkpoints, then prepare, freeze and commit them."""
+        sockets = self.view.sockets_and_capture()
+        await self._await_carriers(sockets, record, opened_before=record.started)
+        newcomers = self._newcomers(
+            record, sockets, record.started, self.clock() + self.commit_timeout
+        )
+        if not newcomers:
+            return
+        self._freeze(newcomers, target)
+        await self._run(newcomers, ClientState.PREPARING)
+        prepared = [m for m in newcomers if m.state is ClientState.PREPARED]
+        sockets = self.view.sockets_and_capture()
+        self._commit(prepared, sockets, record.epoch)
+        await self._run(prepared, ClientState.COMMITTING)
+        record.mark("newcomers", self.clock())
 
     def _freeze(self, machines: list[ClientHandover], target: Endpoint) -> None:
         ports = [m.port for m in machines]
@@ -367,7 +389,14 @@ class Migrator:
             if conn is not None and conn.opened_at >= opened_before:
                 continue
             if conn is None or conn.carrier is None or conn.unmigratable is not None:
-                reason = "no checkpoint yet" if conn is not None else "not captured"
+                reason = (
+                    "not captured"
+                    if conn is None
+                    else conn.unmigratable
+                    if conn.unmigratable
+                    else "no checkpoint yet (opened "
+                    f"{max(0.0, record.started - conn.opened_at):.2f} s before the roam began)"
+                )
                 record.connections[port] = NotMoved(port, "unmigratable", reason)
                 continue
             machine = self._prepare_one(record, info, conn, deadline)

@@ -46,7 +46,7 @@ Sealed checkpoint, version 1 (no session state; ``SEALED_BYTES`` long)::
     body: conn_id (16) | client address (4) | client port u16 | vport u16 | epoch u64 |
           counter u64 | taken_at i64 us | server_isn u32 | client_isn u32 | mss u16 |
           snd_wscale u8 | rcv_wscale u8 | flags u8 (1 sack, 2 timestamps, 4 unmigratable) |
-          ts_val u32 | codec u8 (0 generic, 1 http, 2 resp, 3 memcached) | c2s_fresh u64 |
+          ts_val u32 | codec u8 (0 generic, 1 http, 2 resp, 3 memcached, 4 auto) | c2s_fresh u64 |
           c2s_pos u64 | s2c_fresh u64 | s2c_pos u64 | c2s_hash (32) | s2c_hash (32)
 
 Version 2, with a session state of 1 to ``MAX_STATE_BYTES`` bytes (a checkpoint without one is
@@ -105,7 +105,11 @@ CHECKPOINT_VERSION_RANGE = 3  # with a range record
 CONN_ID_BYTES = 16
 _BODY = struct.Struct("!16s4sHHQQqIIHBBBIBQQQQ32s32s")
 _CARRIER = struct.Struct("!16sHQQQQ")
-CODECS = {"generic": 0, "http": 1, "resp": 2, "memcached": 3}
+# "auto": the server's ``--codec auto`` had not recognised the protocol yet (no bytes, or too
+# few, since the connection began): the next server recognises it from the same replayed bytes.
+# Written as "generic" before 2026-12-04, which made the next incarnation hash an HTTP response
+# without masking its Date, so the one after it diverged.
+CODECS = {"generic": 0, "http": 1, "resp": 2, "memcached": 3, "auto": 4}
 _CODEC_NAMES = {value: name for name, value in CODECS.items()}
 FLAG_SACK = 1
 FLAG_TIMESTAMPS = 2

@@ -508,7 +508,8 @@ class StreamState:
             counter=counter,
             taken_at=now,
             tcp=tcp,
-            codec="generic" if self.codec_name == "auto" else self.codec_name,
+            # Still "auto": the next server recognises the protocol from the same bytes.
+            codec=self.codec_name,
             c2s_fresh=fresh.c2s,
             c2s_pos=self.c2s_pos,
             s2c_fresh=fresh.s2c,

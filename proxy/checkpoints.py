@@ -56,6 +56,11 @@ from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Splice
 SEQ_MOD = 2**32
 BOUNDARY_MIN_GAP_S = 0.02  # at most one boundary checkpoint per connection per 20 ms
 CHECKPOINT_RETRY_S = 0.05  # a failed push is tried again this soon
+# A connection accepted this close to the service's leaving (after the leave round, or so
+# shortly before it that its first periodic push would come after the boundary) gets its
+# first checkpoint at once: without one its client cannot move it ("no checkpoint yet").
+# Only then: elsewhere an accept costs no carrier.
+ACCEPT_PUSH_WINDOW_S = LEAVE_PUSH_LEAD_S + 0.5
 ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are looked at
 # An idle connection's checkpoint (nothing moved since the last, no fresh point waiting for an
 # acknowledgement) is sent again only this often. A PREPARE goes out at most MAX_PREPARE_LEAD_S
@@ -388,6 +393,10 @@ class CheckpointPusher:
             self.context.log.event("connection_left", client=f"{peer[0]}:{peer[1]}", late=True)
             return connection.relay
         self.adopt(connection)
+        leaving = self.context.leaving_at()
+        now = self.context.clock()
+        if leaving is not None and leaving - now <= ACCEPT_PUSH_WINDOW_S:
+            self.push_logged(connection, now)
         return connection.relay
 
     def adopt(self, connection: LiveConnection) -> None:
@@ -478,19 +487,22 @@ class CheckpointPusher:
         if push_all:
             self._leave_pushed = leaving
         for connection in list(self.connections.values()):
-            if not (push_all or connection.due(now)):
-                continue
-            try:
-                connection.push(now)
-            except (OSError, RoamError) as error:
-                self.context.log.event(
-                    "checkpoint_failed",
-                    level="warning",
-                    client=f"{connection.peer[0]}:{connection.peer[1]}",
-                    reason=str(error),
-                )
-                # Soon again: a connection without a recent checkpoint cannot move.
-                connection.next_due = now + min(self.context.checkpoint_period, CHECKPOINT_RETRY_S)
+            if push_all or connection.due(now):
+                self.push_logged(connection, now)
+
+    def push_logged(self, connection: LiveConnection, now: float) -> None:
+        """Push ``connection``'s checkpoint; a failure is logged and tried again soon."""
+        try:
+            connection.push(now)
+        except (OSError, RoamError) as error:
+            self.context.log.event(
+                "checkpoint_failed",
+                level="warning",
+                client=f"{connection.peer[0]}:{connection.peer[1]}",
+                reason=str(error),
+            )
+            # Soon again: a connection without a recent checkpoint cannot move.
+            connection.next_due = now + min(self.context.checkpoint_period, CHECKPOINT_RETRY_S)
 
     def status(self) -> dict[str, object]:
         codecs: dict[str, int] = {}  # live connections per codec

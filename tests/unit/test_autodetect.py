@@ -149,7 +149,8 @@ def _checkpoint(state: StreamState):
 
 def test_a_stream_state_with_auto_checkpoints_the_chosen_codec():
     undecided = StreamState("auto")
-    assert _checkpoint(undecided).codec == "generic"
+    # Not recognised yet: the next server recognises it from the same replayed bytes.
+    assert _checkpoint(undecided).codec == "auto"
     http = StreamState("auto")
     request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
     response = (

@@ -240,3 +240,21 @@ def prepare_two(checkpoint, received: int) -> Request:  # type: ignore[no-untype
     sealed = seal_checkpoint(checkpoint, KEY, bytes(16), os.urandom)
     replay = REQUEST + REQUEST
     return Request(Phase.PREPARE, 5, 40000, 80, len(replay), received, 0, sealed, replay)
+
+
+def test_a_young_connection_whose_client_has_a_whole_answer_moves_unverified() -> None:
+    """The checkpoint commits to none of the answer (taken before it began) and the client
+    has all of it: nothing the client holds can be spliced, so the new server goes on from
+    the end of the regenerated answer; inside the answer it refuses, as unverifiable."""
+    body = os.urandom(1000)
+    whole = len(response_head(len(body), ETAG)) + len(body)
+    checkpoint = original_checkpoint(body, 0)
+    assert checkpoint.s2c_pos == checkpoint.s2c_fresh == 0
+    replayer = asyncio.run(regenerate(Service(body, ETAG), checkpoint, whole))
+    assert replayer.stream.s2c_pos == whole
+    assert replayer.unsent == b""
+    with pytest.raises(Diverged, match="unverifiable"):
+        asyncio.run(regenerate(Service(body, ETAG), checkpoint, whole - 1))
+    # A replica whose answer is longer does not end where the client is: refused.
+    with pytest.raises(Diverged, match="does not end there"):
+        asyncio.run(regenerate(Service(body + b"!", ETAG), checkpoint, whole))

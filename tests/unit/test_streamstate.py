@@ -131,6 +131,26 @@ def test_a_resumed_state_computes_the_same_checkpoint():
     )
 
 
+def test_a_checkpoint_taken_before_auto_recognised_the_protocol_keeps_recognising_it():
+    # A connection accepted just before its server left: its one checkpoint was taken before
+    # any byte, with --codec auto undecided. The next server re-creates it from that
+    # checkpoint and the replayed request, and its own checkpoint must mask HTTP Date values
+    # like any HTTP one, or the server after it (another answer time) finds "different bytes".
+    undecided = checkpoint(StreamState("auto"), acked=0)
+    assert undecided.codec == "auto"
+    second = StreamState(
+        undecided.codec, c2s_start=undecided.c2s_fresh, s2c_start=undecided.s2c_fresh
+    )
+    second.feed_c2s(REQUEST)
+    second.feed_s2c(RESPONSE)
+    taken = checkpoint(second, acked=0)
+    assert taken.codec == "http"
+    third = StreamState(taken.codec, c2s_start=taken.c2s_fresh, s2c_start=taken.s2c_fresh)
+    third.feed_c2s(REQUEST)
+    third.feed_s2c(RESPONSE.replace(b"19:10:00", b"19:10:01"))
+    assert checkpoint(third, acked=0).s2c_hash == taken.s2c_hash
+
+
 def resp(*args: str) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args)
 
