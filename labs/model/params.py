@@ -80,7 +80,15 @@ QUICK: dict[str, Any] = {
 def quick(params: ModelParams | None = None, **overrides: Any) -> ModelParams:
     """The ``--quick`` scale, with ``overrides`` on top."""
     base = replace(params or ModelParams(), **QUICK)
-    return validate(replace(base, **overrides))
+    return validate(with_horizon(base, **overrides))
+
+
+def with_horizon(params: ModelParams, **overrides: Any) -> ModelParams:
+    """``params`` with ``overrides``; a new horizon without new m changes moves the default
+    threat-level change along to half the new horizon."""
+    if "horizon" in overrides and "m_changes" not in overrides and params.m_changes:
+        overrides["m_changes"] = ((overrides["horizon"] / 2, params.m_changes[-1][1]),)
+    return replace(params, **overrides)
 
 
 def option(name: str) -> str:

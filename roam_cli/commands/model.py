@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import fields, replace
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from migrate.errors import ConfigError
 from roam_cli.args import (
     bounded_float,
     non_negative_float,
@@ -94,7 +95,7 @@ def register(subparsers: Any) -> None:
         default=None,
         metavar="TIME:M",
         help="threat level: epochs starting at TIME or later use M (repeatable; "
-        "default 1800:4, --quick 450:4)",
+        "default: m=4 from half the horizon)",
     )
     parser.add_argument("--no-m-change", action="store_true", help="keep m the whole horizon")
     parser.add_argument("--seed", type=non_negative_int, default=1, help="random seed (default 1)")
@@ -112,7 +113,7 @@ def register(subparsers: Any) -> None:
 
 
 def params_from(args: argparse.Namespace) -> Any:
-    from labs.model.params import ModelParams, quick, validate
+    from labs.model.params import ModelParams, quick, validate, with_horizon
 
     base = quick() if args.quick else ModelParams()
     chosen = {
@@ -125,10 +126,16 @@ def params_from(args: argparse.Namespace) -> Any:
     elif args.m_changes is not None:
         chosen["m_changes"] = tuple(args.m_changes)
     chosen["seed"] = args.seed
-    return validate(replace(base, **chosen))
+    return validate(with_horizon(base, **chosen))
 
 
 def run_model_command(args: argparse.Namespace) -> int:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        raise ConfigError(
+            "roam model needs numpy: install the labs extra (pip install 'server-roaming[labs]')"
+        ) from None
     if args.fig2:
         return _run_fig2(args)
     from labs.model.run import plot, print_tables, run_model
