@@ -18,7 +18,11 @@ Attacks (``Attack.kind``), as the bots aim them in each time slot:
   attacker needs ``delay`` to discover each move); against replication there is nothing to
   follow and it is the diluted attack;
 * ``insider``: the whole load on the servers of the insiders (clients that leak their own
-  server to the bots), as they were ``insider_delay`` seconds earlier.
+  server to the bots), as they were ``insider_delay`` seconds earlier. With ``revoke``, the
+  operator revokes the insiders at the end of the epoch in which the likelihood ranking
+  (``labs.model.isolation``) first puts them above every innocent client: from then on
+  their bots learn nothing and the attack stops. Only roaming with k >= 2 can isolate them
+  (with static replicas or k = 1 an insider's co-clients share its server in every epoch).
 
 Floods (``Attack.flood``): ``server`` (requests that cost the server work: only a server whose
 gate is open receives them; a closed gate drops them for free) or ``link`` (a volumetric
@@ -28,11 +32,13 @@ whether its gate is open or not: the firewall is behind the link).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from labs.model.isolation import isolation_epoch
 from labs.model.queueing import backlog_starts, sample
 from labs.model.schedule import BoolArray, FloatArray, IntArray, Schedule
 
@@ -48,12 +54,15 @@ class Attack:
     delay: float = 0.0  # follow: discovery delay; insider: the insiders' delay
     subset: tuple[int, ...] = ()  # the attacked servers of ``subset``
     retry_window: float = 0.0  # bots retry a closed gate this long (diluted/subset only)
+    revoke: bool = False  # insider: revoked once the ranking isolates them
 
     def label(self) -> str:
         if self.kind == "follow":
             return f"follow {self.delay:g} s"
         if self.kind == "subset":
             return f"subset of {len(self.subset)}"
+        if self.kind == "insider" and self.revoke:
+            return "insider, revoked"
         return self.kind
 
 
@@ -156,6 +165,17 @@ class Layout:
         since = times - self.schedule.starts[epoch]
         return np.where(moved & (since < pause), pause - since, 0.0)
 
+    def revoked_at(self, insiders: IntArray) -> float:
+        """When the insiders are revoked: the end of the first epoch of the horizon after
+        which the ranking isolates them (infinity if it never does)."""
+        assert self.schedule is not None
+        first = int(self.schedule.epoch_at(np.zeros(1))[0])
+        epoch = isolation_epoch(self.schedule.assign[first:], insiders)
+        if epoch is None:
+            return math.inf
+        last = first + epoch - 1
+        return float(self.schedule.starts[last] + self.schedule.lengths[last])
+
     def targets(self, attack: Attack, insiders: Sequence[int]) -> FloatArray:
         """Share of the bots' load aimed at each server in each slot, (slots, servers)."""
         slots = self.slot_times.shape[0]
@@ -193,6 +213,8 @@ class Layout:
                 hit = np.zeros((slots, self.servers), dtype=bool)
                 np.put_along_axis(hit, leaked, True, axis=1)
                 weights = hit / hit.sum(axis=1, keepdims=True)
+                if attack.revoke:
+                    weights[self.slot_times >= self.revoked_at(ids)] = 0.0
         else:
             raise ValueError(f"unknown attack {attack.kind!r}")
         return weights

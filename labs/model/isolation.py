@@ -62,6 +62,27 @@ def epochs_to_isolate(
     return None
 
 
+def isolation_epoch(assign: np.ndarray, insiders: np.ndarray) -> int | None:
+    """On a given schedule's assignments ``assign[e, c]`` (epochs of the horizon, clients),
+    with the bots attacking exactly the insiders' servers: the number of epochs after which
+    the insiders first rank above every innocent client, or ``None``."""
+    ids = np.asarray(insiders, dtype=np.int64)
+    if ids.size == 0:
+        return 0
+    epochs, clients = assign.shape
+    servers = int(assign.max()) + 1
+    attacked = np.zeros((epochs, servers), dtype=bool)
+    np.put_along_axis(attacked, assign[:, ids], True, axis=1)
+    running = np.cumsum(np.take_along_axis(attacked, assign, axis=1), axis=0)
+    innocent = np.ones(clients, dtype=bool)
+    innocent[ids] = False
+    if not innocent.any():
+        return 0
+    separated = running[:, ids].min(axis=1) > running[:, innocent].max(axis=1)
+    found = np.nonzero(separated)[0]
+    return int(found[0]) + 1 if found.size else None
+
+
 def ranking(hits: np.ndarray) -> np.ndarray:
     """Client ids, most suspect first, from an (epochs, clients) array of "my server was
     attacked" flags: by count, ties by id (stable)."""

@@ -46,6 +46,7 @@ def scenarios(params: ModelParams, subset: tuple[int, ...]) -> list[engine.Attac
         attacks.extend(engine.Attack("follow", flood, delay=d) for d in params.delays)
     if params.insiders:
         attacks.append(engine.Attack("insider", "server", delay=params.insider_delay))
+        attacks.append(engine.Attack("insider", "server", delay=params.insider_delay, revoke=True))
     return attacks
 
 
@@ -138,7 +139,15 @@ def simulate_all(params: ModelParams) -> list[dict[str, Any]]:
                 pause=params.pause,
                 samples=params.samples,
             )
-            rows.append(_row(attack, defence, outcome))
+            row = _row(attack, defence, outcome)
+            if attack.revoke:
+                revoked = (
+                    defence.layout.revoked_at(np.asarray(insiders))
+                    if defence.layout.defence == "roaming"
+                    else math.inf
+                )
+                row["revoked_at_s"] = _finite(revoked)
+            rows.append(row)
     return rows
 
 

@@ -208,6 +208,40 @@ def test_one_active_server_never_isolates_anyone():
     )
 
 
+def test_revoking_isolated_insiders_ends_their_attack_under_roaming_only():
+    params = quick(horizon=600.0, samples=20_000, m_changes=())
+    slot_times = np.arange(0.0, params.horizon, params.step)
+    pool = {d.name: d.layout for d in defences(params, slot_times)}
+    insiders = np.array([3, 77, 500])
+    assert pool["roaming k=1"].revoked_at(insiders) == math.inf
+    revoked_at = pool["roaming k=10"].revoked_at(insiders)
+    assert 0 < revoked_at < params.horizon / 2
+    load = engine.Load(
+        params.clients,
+        params.client_rate,
+        params.bots * params.bot_rate,
+        insiders=tuple(insiders.tolist()),
+    )
+    weights = pool["roaming k=10"].targets(engine.Attack("insider", revoke=True), load.insiders)
+    assert weights[slot_times < revoked_at].sum(axis=1) == pytest.approx(1.0)
+    assert not weights[slot_times >= revoked_at].any()
+
+
+def test_isolation_on_a_schedule_is_when_the_insiders_top_the_ranking():
+    sched = schedule.build(
+        rng(8), servers=30, k=6, clients=400, m0=3, changes=(), tick=1.0, horizon=400.0
+    )
+    insiders = np.array([5, 9])
+    epochs = isolation.isolation_epoch(sched.assign, insiders)
+    assert epochs is not None
+    attacked = np.zeros((sched.epochs, 30), dtype=bool)
+    np.put_along_axis(attacked, sched.assign[:, insiders], True, axis=1)
+    hits = np.take_along_axis(attacked, sched.assign, axis=1)
+    assert set(isolation.ranking(hits[:epochs])[:2].tolist()) == {5, 9}
+    counts = hits[: epochs - 1].sum(axis=0)
+    assert counts[insiders].min() <= np.delete(counts, insiders).max()  # not one epoch earlier
+
+
 def test_the_ranking_puts_the_insiders_first():
     hits = np.zeros((5, 6), dtype=bool)
     hits[:, [4, 1]] = True
