@@ -38,7 +38,9 @@ def _m_change(text: str) -> tuple[float, int]:
     return positive_float(at), positive_int(m)
 
 
-# option -> (type, help); defaults come from labs.model.params.ModelParams (or --quick).
+# option -> (type, help). Their defaults are labs.model.params.ModelParams's (and QUICK's for
+# --quick); DEFAULTS repeats them for --help only, because importing labs would slow every roam
+# command down (a unit test checks that they agree).
 OPTIONS: dict[str, tuple[Any, str]] = {
     "servers": (positive_int, "N, servers in the pool"),
     "clients": (positive_int, "subscribed legitimate clients"),
@@ -70,6 +72,43 @@ OPTIONS: dict[str, tuple[Any, str]] = {
 }
 
 
+DEFAULTS: dict[str, tuple[object, object]] = {
+    "servers": (100, None),
+    "clients": (10000, 1000),
+    "bots": (100000, 10000),
+    "insiders": (5, None),
+    "active": (10, None),
+    "client_rate": (0.02, None),
+    "bot_rate": (0.1, None),
+    "capacity": (500.0, 50.0),
+    "buffer": (2000, 200),
+    "link_capacity": (2000.0, 200.0),
+    "link_buffer": (4000, 400),
+    "link_weight": (10.0, None),
+    "m": (6, None),
+    "tick": (1.0, None),
+    "horizon": (3600.0, 900.0),
+    "step": (1.0, None),
+    "delays": ((0.0, 5.0, 15.0, 30.0), None),
+    "subset": (10, None),
+    "pause": (0.05, None),
+    "insider_delay": (0.0, None),
+    "retry_window": (0.0, None),
+    "samples": (200000, 20000),
+    "isolation_k": ((2, 5, 10, 20), None),
+    "isolation_trials": (5, 3),
+    "isolation_epochs": (2000, None),
+    "analysis_epochs": (20000, 4000),
+    "guesses": (200, 100),
+}
+
+
+def _shown(value: object) -> str:
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "model",
@@ -84,8 +123,16 @@ def register(subparsers: Any) -> None:
         "See docs/model.md.",
     )
     for name, (kind, text) in OPTIONS.items():
+        default, quick_default = DEFAULTS[name]
+        shown = _shown(default)
+        if quick_default is not None:
+            shown += f"; --quick: {_shown(quick_default)}"
         parser.add_argument(
-            "--" + name.replace("_", "-"), dest=name, type=kind, default=None, help=text
+            "--" + name.replace("_", "-"),
+            dest=name,
+            type=kind,
+            default=None,
+            help=f"{text} (default {shown})",
         )
     parser.add_argument(
         "--m-change",

@@ -352,6 +352,16 @@ def test_json_output_parses_and_is_deterministic_for_a_seed(capsys):
     assert json.loads(other) != first
 
 
+def test_the_helps_defaults_are_the_models():
+    from labs.model.params import QUICK
+    from roam_cli.commands.model import DEFAULTS, OPTIONS
+
+    assert set(DEFAULTS) == set(OPTIONS)
+    for name, (default, quick_default) in DEFAULTS.items():
+        assert getattr(ModelParams(), name) == default, name
+        assert QUICK.get(name) == quick_default, name
+
+
 def test_plot_and_fig2_outputs(capsys, tmp_path):
     png = tmp_path / "model.png"
     status, out, err = run(capsys, *TINY[:-1], "--plot", str(png))
