@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from labs.model.isolation import isolation_epoch
-from labs.model.queueing import backlog_starts, sample
+from labs.model.queueing import backlog_at, backlog_starts, sample
 from labs.model.schedule import BoolArray, FloatArray, IntArray, Schedule
 
 ATTACK_KINDS = ("none", "diluted", "subset", "follow", "insider")
@@ -77,6 +77,9 @@ class Resources:
     link_buffer: float
     link_weight: float
     shared_queue: bool = False  # one bottleneck queue for all servers (the Fig. 2 topology)
+    # A closing gate drops its server's backlog (the attack's flows die), or freezes it: the
+    # flows stall and resume when the gate opens again (TCP retransmits; Fig. 2's lab).
+    drop_on_close: bool = True
 
 
 @dataclass(frozen=True)
@@ -282,21 +285,34 @@ def simulate(
     legit = layout.clients_at * load.client_rate
     server_in = legit + bot_server
     link_in = legit + bot_link
-    servers = resources.servers
-    queue_of = np.zeros(servers, dtype=np.int64) if resources.shared_queue else np.arange(servers)
-    queues = int(queue_of.max()) + 1
-    queue_in = np.zeros((slots, queues))
-    np.add.at(queue_in.T, queue_of, server_in.T)
+    closed = ~layout.open
     left = np.zeros(layout.open.shape, dtype=bool)
-    left[1:] = layout.open[:-1] & ~layout.open[1:]
-    queue_reset = np.zeros((slots, queues), dtype=bool)
-    np.logical_or.at(queue_reset.T, queue_of, left.T)
-    cap = np.full(queues, resources.capacity)
-    buf = np.full(queues, float(resources.buffer))
-    server_b0 = backlog_starts(queue_in, cap, buf, step, queue_reset)
-    link_cap = np.full(servers, resources.link_capacity)
-    link_buf = np.full(servers, float(resources.link_buffer))
-    link_b0 = backlog_starts(link_in, link_cap, link_buf, step, np.zeros_like(left))
+    left[1:] = layout.open[:-1] & closed[1:]
+    # Each server's fluid backlog, served at its share of the capacity: all of it, or with a
+    # shared bottleneck an equal share among the open servers (closed ones take none).
+    if resources.shared_queue:
+        n_open = np.maximum(layout.open.sum(axis=1, keepdims=True), 1)
+        share = np.broadcast_to(resources.capacity / n_open, server_in.shape)
+        # The stochastic part sees the whole bottleneck: every open server's load.
+        group_in = np.broadcast_to(
+            (server_in * layout.open).sum(axis=1, keepdims=True), server_in.shape
+        )
+    else:
+        share = np.full(server_in.shape, resources.capacity)
+        group_in = server_in
+    if resources.drop_on_close:
+        server_b0 = backlog_starts(server_in, share, np.array(resources.buffer), step, left)
+    else:
+        server_b0 = backlog_starts(
+            server_in, share, np.array(resources.buffer), step, np.zeros_like(left), frozen=closed
+        )
+    link_b0 = backlog_starts(
+        link_in,
+        np.array(resources.link_capacity),
+        np.array(resources.link_buffer),
+        step,
+        np.zeros_like(left),
+    )
 
     if request_times is None:
         times = rng.random(samples) * horizon
@@ -309,22 +325,20 @@ def simulate(
     slot = np.clip((times // step).astype(np.int64), 0, slots - 1)
     offset = times - slot * step
     delay = layout.pause_delay(times, clients, pause)
-    queue = queue_of[server]
+    n = times.shape[0]
+    link_cap = np.full(n, resources.link_capacity)
+    link_buf = np.full(n, float(resources.link_buffer))
+    link_lam = link_in[slot, server]
+    link_b = backlog_at(link_b0[slot, server], link_lam, link_cap, link_buf, offset)
     ok_link, t_link = sample(
-        rng,
-        link_in[slot, server],
-        link_b0[slot, server],
-        offset,
-        link_cap[server],
-        link_buf[server],
+        rng, link_lam, link_cap, link_buf, link_b / link_cap, link_b >= link_buf * (1 - 1e-9)
     )
+    cap = np.full(n, resources.capacity)
+    buf = np.full(n, float(resources.buffer))
+    own = share[slot, server]
+    backlog = backlog_at(server_b0[slot, server], server_in[slot, server], own, buf, offset)
     ok_server, t_server = sample(
-        rng,
-        queue_in[slot, queue],
-        server_b0[slot, queue],
-        offset,
-        cap[queue],
-        buf[queue],
+        rng, group_in[slot, server], cap, buf, backlog / own, backlog >= buf * (1 - 1e-9)
     )
     served = ok_link & ok_server
     total = delay + t_link + t_server

@@ -31,19 +31,35 @@ BoolArray = NDArray[np.bool_]
 
 
 def backlog_starts(
-    load: FloatArray, capacity: FloatArray, buffer: FloatArray, step: float, reset: BoolArray
+    load: FloatArray,
+    capacity: FloatArray,
+    buffer: FloatArray,
+    step: float,
+    reset: BoolArray,
+    frozen: BoolArray | None = None,
 ) -> FloatArray:
     """The fluid backlog at the start of each slot: ``load`` and ``reset`` are (slots,
-    resources); ``reset[t, q]`` empties resource q at the start of slot t."""
+    resources), ``capacity`` that or (resources,); ``reset[t, q]`` empties resource q at the
+    start of slot t; ``frozen[t, q]`` keeps its backlog as it is during slot t (a closed gate
+    whose flows wait for it to open again)."""
     slots, resources = load.shape
     starts = np.empty_like(load)
     backlog = np.zeros(resources)
     growth = (load - capacity) * step
+    if frozen is not None:
+        growth = np.where(frozen, 0.0, growth)
     for t in range(slots):
         backlog[reset[t]] = 0.0
         starts[t] = backlog
         backlog = np.clip(backlog + growth[t], 0.0, buffer)
     return starts
+
+
+def backlog_at(
+    backlog0: FloatArray, lam: FloatArray, capacity: FloatArray, buffer: FloatArray, u: FloatArray
+) -> FloatArray:
+    """The fluid backlog ``u`` seconds into a slot that started with ``backlog0``."""
+    return np.clip(backlog0 + (lam - capacity) * u, 0.0, buffer)
 
 
 def blocking(rho: FloatArray, buffer: FloatArray) -> FloatArray:
@@ -66,20 +82,17 @@ def blocking(rho: FloatArray, buffer: FloatArray) -> FloatArray:
 def sample(
     rng: np.random.Generator,
     lam: FloatArray,
-    backlog0: FloatArray,
-    offset: FloatArray,
     capacity: FloatArray,
     buffer: FloatArray,
+    wait: FloatArray,
+    full: BoolArray,
 ) -> tuple[BoolArray, FloatArray]:
-    """For requests that arrive ``offset`` seconds into their slot at a resource with offered
-    rate ``lam``, slot-start backlog ``backlog0``, capacity and buffer: (admitted, time spent
+    """For requests at a resource with offered rate ``lam``, capacity and buffer, that find a
+    fluid wait of ``wait`` seconds and the backlog ``full`` or not: (admitted, time spent
     there). Arrays of one length, one entry per request."""
     rho = lam / capacity
-    backlog = np.clip(backlog0 + (lam - capacity) * offset, 0.0, buffer)
-    wait = backlog / capacity
     overloaded = rho >= 1.0
     p_block = blocking(rho, buffer)
-    full = backlog >= buffer * (1.0 - 1e-9)
     refuse_p = np.where(overloaded, np.where(full, p_block, 0.0), p_block)
     admitted = rng.random(lam.shape) >= refuse_p
     # Number found in the system (M/M/1/K, admitted arrivals), below capacity only.
