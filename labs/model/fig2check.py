@@ -6,16 +6,17 @@ The lab (labs/experiments/fig2.py, poisson.py; docs/results.md): two servers beh
 Poisson gaps of mean 8 s, an attacker with Poisson gaps of mean 1 s for 300 s, fixed 60 s
 epochs alternating S1, S2. In the model's terms:
 
-* one queue shared by both servers (the bottleneck carries both servers' responses), of
-  capacity 0.25 files/s and unbounded room (the lab's attacker never gives up; its requests
-  time out only after 600 s);
+* one bottleneck shared by both servers (it carries both servers' responses), of capacity
+  0.25 files/s, each open server's backlog served at an equal share, with unbounded room
+  (the lab's attacker never gives up; its requests time out only after 600 s);
 * a server flood (the responses to attack requests load the bottleneck only if the server's
   gate is open);
 * the diluted attacker's requests to a closed gate are retried for 30 s (its connect
   timeout, ``attack_connect_timeout_s``) and land when the gate opens; the follow attacker
   abandons them (``abandon_on_retarget``);
-* a roam drops the leaving server's attack flows; legitimate connections move (live
-  migration, no pause worth counting).
+* legitimate connections move at a roam (live migration, no pause worth counting); the
+  leaving server's attack flows are either dropped or frozen until its gate reopens (the lab
+  does not pin this down: both are run, docs/model.md).
 
 ``LAB_MEANS`` are the means recorded in docs/results.md (``roam lab fig2 --quick``,
 2026-11-25): measured figures, not model output.
