@@ -149,6 +149,14 @@ def validate(params: ModelParams) -> ModelParams:
     for k in params.isolation_k:
         if not 1 <= k <= params.servers:
             raise ConfigError(f"--isolation-k {k} must be between 1 and --servers")
+    # Memory bounds of the vectorised arrays (each about 8 bytes an entry).
     if params.clients * params.isolation_epochs > 200_000_000:
         raise ConfigError("--clients x --isolation-epochs must not exceed 200000000")
+    slots = params.horizon / params.step
+    if params.servers * slots > 50_000_000:
+        raise ConfigError("--servers x --horizon / --step must not exceed 50000000")
+    if params.clients * (params.horizon / params.tick + 2) > 50_000_000:
+        raise ConfigError("--clients x --horizon / --tick must not exceed 50000000")
+    if params.samples > 5_000_000:
+        raise ConfigError(f"--samples must not exceed 5000000, got {params.samples}")
     return params

@@ -303,11 +303,19 @@ def isolation_rows(result: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _main_title(result: dict[str, Any]) -> str:
+    offered = result["scenarios"][0]["offered"] if result["scenarios"] else 0
+    return (
+        f"legitimate requests under attack: share served of {offered:,.0f} offered, "
+        "response-time percentiles"
+    )
+
+
 def render_text(result: dict[str, Any]) -> str:
     """Plain-text tables (what ``roam model`` prints; rich is used when available)."""
     blocks = []
     for title, (header, rows) in (
-        ("legitimate requests under attack", table_rows(result)),
+        (_main_title(result), table_rows(result)),
         ("analytic against simulated", analytic_rows(result)),
         ("insider isolation", isolation_rows(result)),
     ):
@@ -327,7 +335,7 @@ def print_tables(result: dict[str, Any]) -> None:
         return
     console = Console(width=200)
     for title, (header, rows) in (
-        ("legitimate requests under attack", table_rows(result)),
+        (_main_title(result), table_rows(result)),
         ("analytic against simulated", analytic_rows(result)),
         ("insider isolation", isolation_rows(result)),
     ):

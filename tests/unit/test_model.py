@@ -291,6 +291,9 @@ def test_at_the_labs_scale_the_model_has_the_shape_of_figure_2():
         ({"delays": (-1.0,)}, "--delays"),
         ({"isolation_k": (0,)}, "--isolation-k 0"),
         ({"servers": 2.5}, "--servers must be an integer"),
+        ({"clients": 100_000, "horizon": 86_400.0}, "--clients x --horizon / --tick"),
+        ({"servers": 10_000, "horizon": 86_400.0}, "--servers x --horizon / --step"),
+        ({"samples": 10**7}, "--samples must not exceed"),
     ],
 )
 def test_bad_parameters_are_one_line_errors(change, text):
