@@ -370,11 +370,15 @@ def expected_regeneration(received: int, sealed_checkpoint: bytes | None, s2c_po
     return min(received, WINDOW_BYTES + abs(received - s2c_pos))
 
 
-def regeneration_bytes(checkpoint: Checkpoint, replay: bytes, s2c_received: int) -> int:
+def regeneration_bytes(
+    checkpoint: Checkpoint, replay: bytes, s2c_received: int, chosen: Plan | None = None
+) -> int:
     """The service bytes a new server reads for a PREPARE (for its per-client meter,
     ``migrate.admission``): up to the client's claim and at least to the checkpoint's
-    position, from the range's start when ``plan`` takes one, else from the fresh point."""
+    position, from the range's start when ``plan`` takes one (``chosen``, if already
+    made), else from the fresh point."""
     goal = max(s2c_received, checkpoint.s2c_pos)
-    chosen = plan(checkpoint, replay, s2c_received)
+    if chosen is None:
+        chosen = plan(checkpoint, replay, s2c_received)
     start = chosen.s2c_start if isinstance(chosen, RangePlan) else checkpoint.s2c_fresh
     return goal - start

@@ -34,6 +34,7 @@ from migrate.handover import (
 )
 from migrate.kernel.orphans import destroy_orphans
 from migrate.kernel.udp import bind_exclusive, datagram_socket
+from migrate.rangeplan import regeneration_bytes
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     Admitted,
@@ -269,12 +270,17 @@ class LiveMode:
                 f"checkpoint {checkpoint.counter} is older than the one being prepared "
                 f"({held.counter})"
             )
+        replayer = Replayer(checkpoint, request)
         self.meter.admit(
             record.client_id,
             key,
             replay_bytes=len(request.replay),
-            # Up to the client's claim, and at least to the checkpoint's position.
-            regenerate_bytes=max(request.s2c_received, checkpoint.s2c_pos) - checkpoint.s2c_fresh,
+            # Up to the client's claim, and at least to the checkpoint's position; from the
+            # client's position's window when a range is replayed (what is read, not the
+            # position: a client 200 MiB into a download costs a window).
+            regenerate_bytes=regeneration_bytes(
+                checkpoint, request.replay, request.s2c_received, replayer.plan
+            ),
             rate_kbit=record.rate_kbit,
             now=now,
         )
@@ -285,7 +291,7 @@ class LiveMode:
         self.finished.pop(key, None)
         self.counts["admitted"] += 1
         machine = ServerHandover(request, now, record.client_id)
-        pending = Pending(machine, admitted, Replayer(checkpoint, request), record, source)
+        pending = Pending(machine, admitted, replayer, record, source)
         self.pending[key] = pending
         self._execute(key, pending)
 

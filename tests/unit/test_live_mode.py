@@ -19,7 +19,13 @@ from typing import Any
 import pytest
 
 from migrate.channel import CounterFloor, Kind
-from migrate.checkpoint import Checkpoint, CheckpointKeys, TcpSnapshot, seal_checkpoint
+from migrate.checkpoint import (
+    Checkpoint,
+    CheckpointKeys,
+    RangeRecord,
+    TcpSnapshot,
+    seal_checkpoint,
+)
 from migrate.handover import ServerState
 from migrate.kernel.eventlog import EventLog
 from migrate.pool import ServerPool
@@ -105,7 +111,13 @@ class Harness:
         replay: bytes = REPLAY,
         codec: str = "http",
         state: bytes = b"",
+        deep: int = 0,
     ) -> Request:
+        """``deep``: the checkpoint is that many bytes into a long download whose response
+        has a range record (a Range hand-over)."""
+        record = None
+        if deep:
+            record = RangeRecord(b'"etag-1"', True, 4 * deep, 200, deep - 65536, bytes(32))
         checkpoint = Checkpoint(
             conn_id=b"c" * 16,
             client=(str(client.address), 40000),
@@ -118,10 +130,11 @@ class Harness:
             c2s_fresh=0,
             c2s_pos=len(replay),
             s2c_fresh=0,
-            s2c_pos=0,
+            s2c_pos=deep,
             c2s_hash=hashlib.sha256(replay).digest(),
             s2c_hash=hashlib.sha256(b"").digest(),
             state=state,
+            range=record,
         )
         key = CheckpointKeys(SECRET.group_key).for_epoch(checkpoint.epoch)
         sealed = seal_checkpoint(checkpoint, key, DEPLOYMENT.deployment_id, os.urandom)
@@ -176,6 +189,25 @@ def test_a_prepare_replays_and_answers_ready_and_a_repeat_opens_nothing_more() -
         await settle()
         assert harness.connects == 1
         assert harness.answers() == [Answer(Phase.PREPARE, 40000, Status.READY)]
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_range_prepare_deep_in_a_download_is_charged_what_it_reads_not_its_position() -> None:
+    """The per-client regeneration budget (1 GiB burst) counts the bytes a re-incarnation
+    reads: a Range hand-over 3 GiB into a download reads a window and the bytes since, and
+    must be admitted (charged the whole position, it was refused with no answer)."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        deep = 3 * 1024**3
+        harness.send(harness.prepare(received=deep + 1000, deep=deep))
+        await settle()
+        assert harness.connects == 1, "refused: the PREPARE was charged the client's position"
+        assert b"Range: bytes=" in harness.services[0].recv(4096)
+        meter = harness.live.meter.clients[ALICE.client_id]
+        assert meter.regenerate.capacity - meter.regenerate.level <= 65536 + 1000 + 1
         await harness.live.close()
 
     asyncio.run(scenario())
