@@ -545,3 +545,8 @@ def seal_carrier(sealer: Sealer, carrier: Carrier, now: float) -> bytes:
 def open_carrier(opener: Opener, data: bytes, now: float) -> tuple[Opened, Carrier]:
     opened = opener.open(data, now)
     return opened, Carrier.decode(opened.plaintext)
+
+
+def sealed_has_range(sealed: bytes | None) -> bool:
+    """Whether a sealed checkpoint carries a range record (version 3, in its clear header)."""
+    return sealed is not None and len(sealed) > 0 and sealed[0] == CHECKPOINT_VERSION_RANGE

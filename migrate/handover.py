@@ -30,6 +30,7 @@ from enum import Enum
 from typing import Any
 
 from migrate import errors
+from migrate.checkpoint import sealed_has_range
 from migrate.reincarnation import (
     LATE_REQUEST_S,
     PREPARE_AHEAD_S,
@@ -666,11 +667,18 @@ class ClientHandover:
         """The client's position just before the boundary. ``newer``: a PREPARE built on the
         newest checkpoint (at service position ``newer_s2c``), if it differs from the one
         sent."""
-        reprepare = self.checkpoint_s2c == 0 < s2c_received and newer is not None
+        reprepare = newer is not None and (
+            self.checkpoint_s2c == 0 < s2c_received
+            or (
+                not sealed_has_range(self.request.checkpoint) and sealed_has_range(newer.checkpoint)
+            )
+        )
         self._step(_CE.REPREPARE if reprepare else _CE.REFRESH, LocalError)
         if reprepare and newer is not None:
             # The response began after the checkpoint the PREPARE carried, which commits to
-            # none of it: the new server could not verify what the client now has. Prepare
+            # none of it: the new server could not verify what the client now has. Or the
+            # newer one has a range record (its response's head had not passed yet): the new
+            # server then reads a window instead of the response from its start. Prepare
             # again with the newer one (the server replaces the first).
             self.request = newer
             self.checkpoint_s2c = newer_s2c

@@ -41,10 +41,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from migrate.checkpoint import (
-    CHECKPOINT_VERSION_RANGE,
     MAX_VALIDATOR_BYTES,
     Checkpoint,
     RangeRecord,
+    sealed_has_range,
 )
 
 WINDOW_BYTES: Final = 64 * 1024
@@ -365,7 +365,7 @@ def expected_regeneration(received: int, sealed_checkpoint: bytes | None, s2c_po
     (``client_shim``): a checkpoint with a range record (version 3, readable in its clear
     header) costs a window and the bytes since it; any other the client's whole position
     (an upper bound: the fresh point is sealed)."""
-    if not sealed_checkpoint or sealed_checkpoint[0] != CHECKPOINT_VERSION_RANGE:
+    if not sealed_has_range(sealed_checkpoint):
         return received
     return min(received, WINDOW_BYTES + abs(received - s2c_pos))
 

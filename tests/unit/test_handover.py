@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import struct
 from dataclasses import dataclass, field
 
 import pytest
@@ -17,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrate import handover as h
-from migrate.checkpoint import SEALED_BYTES
+from migrate.checkpoint import CHECKPOINT_VERSION_RANGE, SEALED_BYTES
 from migrate.reincarnation import Answer, Phase, Request, Status
 
 CHECKPOINT = b"\x01" * SEALED_BYTES
@@ -38,6 +39,11 @@ def go_request() -> Request:
 
 def abort_request() -> Request:
     return Request(Phase.ABORT, 7, 40000, 80, 0, 0, 0, b"", b"")
+
+
+def sealed_v3(fill: bytes, record: int = 100) -> bytes:
+    """The shape of a sealed checkpoint with a range record (version 3; contents opaque)."""
+    return struct.pack("!BH", CHECKPOINT_VERSION_RANGE, record) + fill * (SEALED_BYTES - 1 + record)
 
 
 def kinds(actions: list[h.Action]) -> list[str]:
@@ -259,6 +265,29 @@ def test_client_refresh_with_a_newer_checkpoint_prepares_again() -> None:
     client.refresh(900, len(REPLAY), newer, 800, 0.2)
     assert client.state is h.ClientState.PREPARING
     assert client.actions() == [h.Send(request=newer)]
+
+
+def test_client_refresh_prepares_again_when_the_newer_checkpoint_has_a_range_record() -> None:
+    # The PREPARE's checkpoint was taken before the response's head had passed (no range
+    # record): the new server would regenerate the response from its start. A newer one
+    # with a record lets it read a window instead: prepare again with that one.
+    client = h.ClientHandover(prepare_request(5000), 5000, deadline=5.0, now=0.0)
+    client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
+    client.actions()
+    ranged = prepare_request(9000, checkpoint=sealed_v3(b"\x04"))
+    client.refresh(9000, len(REPLAY), ranged, 8000, 0.2)
+    assert client.state is h.ClientState.PREPARING
+    assert client.actions() == [h.Send(request=ranged)]
+    # Once it has one, a newer checkpoint without a new reason is no cause to start over.
+    client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.3)
+    client.actions()
+    newer = prepare_request(9500, checkpoint=sealed_v3(b"\x05"))
+    client.refresh(9500, len(REPLAY), newer, 9000, 0.4)
+    assert client.state is h.ClientState.PREPARED
+    [sent] = client.actions()
+    assert isinstance(sent, h.Send)
+    assert sent.request is not None
+    assert sent.request.checkpoint == ranged.checkpoint
 
 
 def test_client_refresh_reports_the_position_only_while_nothing_more_was_sent() -> None:
