@@ -78,6 +78,7 @@ Carrier plaintext (inside the channel envelope, kind ``CHECKPOINT_CARRIER``)::
 
 from __future__ import annotations
 
+import hmac
 import ipaddress
 import struct
 from collections.abc import Sequence
@@ -114,6 +115,10 @@ _CODEC_NAMES = {value: name for name, value in CODECS.items()}
 FLAG_SACK = 1
 FLAG_TIMESTAMPS = 2
 FLAG_UNMIGRATABLE = 4
+# s2c_hash is keyed BLAKE3 (``stream_hash_key``) rather than SHA-256: 2.1x the bytes per
+# second on this project's machines (docs/benchmarks.md, "The running hash").
+FLAG_KEYED_BLAKE3 = 8
+STREAM_HASHES = ("sha256", "blake3")  # what a server shim may use for new connections
 MAX_TAKEN_AT_US = 1 << 53  # checkpoint times: microseconds a float still holds exactly
 SEALED_BYTES = 1 + 12 + _BODY.size + 16
 """Length of a sealed checkpoint without session state (version 1)."""
@@ -234,6 +239,7 @@ class Checkpoint:
     unmigratable: bool = False
     state: bytes = b""
     range: RangeRecord | None = None
+    keyed_hash: bool = False  # s2c_hash is keyed BLAKE3 (FLAG_KEYED_BLAKE3), else SHA-256
 
     def __post_init__(self) -> None:
         if len(self.conn_id) != CONN_ID_BYTES:
@@ -266,6 +272,7 @@ class Checkpoint:
             (FLAG_SACK if tcp.sack else 0)
             | (FLAG_TIMESTAMPS if tcp.timestamps else 0)
             | (FLAG_UNMIGRATABLE if self.unmigratable else 0)
+            | (FLAG_KEYED_BLAKE3 if self.keyed_hash else 0)
         )
         return _BODY.pack(
             self.conn_id,
@@ -322,7 +329,7 @@ class Checkpoint:
         ) = _BODY.unpack(body)
         if codec not in _CODEC_NAMES:
             raise MalformedMessageError(f"unknown codec number {codec}")
-        if flags & ~(FLAG_SACK | FLAG_TIMESTAMPS | FLAG_UNMIGRATABLE):
+        if flags & ~(FLAG_SACK | FLAG_TIMESTAMPS | FLAG_UNMIGRATABLE | FLAG_KEYED_BLAKE3):
             raise MalformedMessageError(f"unknown checkpoint flags {flags:#x}")
         if not 0 <= taken_us < MAX_TAKEN_AT_US:
             # Beyond 2^53 us a float no longer holds every microsecond, so such a time could
@@ -354,6 +361,7 @@ class Checkpoint:
             c2s_hash,
             s2c_hash,
             bool(flags & FLAG_UNMIGRATABLE),
+            keyed_hash=bool(flags & FLAG_KEYED_BLAKE3),
         )
 
 
@@ -550,3 +558,10 @@ def open_carrier(opener: Opener, data: bytes, now: float) -> tuple[Opened, Carri
 def sealed_has_range(sealed: bytes | None) -> bool:
     """Whether a sealed checkpoint carries a range record (version 3, in its clear header)."""
     return sealed is not None and len(sealed) > 0 and sealed[0] == CHECKPOINT_VERSION_RANGE
+
+
+def stream_hash_key(group_key: bytes, conn_id: bytes) -> bytes:
+    """The key of a connection's running hash of the service's bytes (keyed BLAKE3): derived
+    from the pool's group key and the connection's id, so every server of the pool computes
+    the same for the connection, for its whole life, and nobody outside the pool can."""
+    return hmac.new(group_key, b"server-roaming stream hash\x00" + conn_id, "sha256").digest()

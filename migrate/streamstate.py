@@ -39,6 +39,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from typing import Protocol
+
+import blake3
 
 from migrate.autodetect import AutoCodec, Detection
 from migrate.checkpoint import Checkpoint, RangeRecord, TcpSnapshot
@@ -73,16 +76,29 @@ def _has_date(view: memoryview) -> bool:
     return data.find(b"ate:") >= 0 or data.find(b"ATE:") >= 0
 
 
+class _Hash(Protocol):
+    """What SHA-256 (hashlib) and BLAKE3 (blake3) objects both offer."""
+
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+    def copy(self) -> _Hash: ...
+
+    def digest(self) -> bytes: ...
+
+
 class StreamHash:
     """SHA-256 of a byte stream, optionally with HTTP Date values masked.
 
     Masking has to see a whole Date line, which may straddle two chunks, so the last ``_KEEP``
     bytes wait until more arrive (or until ``digest``)."""
 
-    __slots__ = ("_hash", "_mask", "_tail")
+    __slots__ = ("_hash", "_key", "_mask", "_tail")
 
-    def __init__(self, mask_dates: bool) -> None:
-        self._hash = hashlib.sha256()
+    def __init__(self, mask_dates: bool, key: bytes | None = None) -> None:
+        """``key``: keyed BLAKE3 with this 32-byte key (``checkpoint.stream_hash_key``);
+        None: SHA-256 (checkpoints without ``keyed_hash``)."""
+        self._hash: _Hash = hashlib.sha256() if key is None else blake3.blake3(key=key)
+        self._key = key
         self._mask = mask_dates
         self._tail = b""
 
@@ -107,7 +123,7 @@ class StreamHash:
         self._tail = data[cut:]
 
     def copy(self) -> StreamHash:
-        clone = StreamHash(self._mask)
+        clone = StreamHash(self._mask, self._key)
         clone._hash = self._hash.copy()
         clone._tail = self._tail
         return clone
@@ -278,11 +294,14 @@ class StreamState:
         state: bytes = b"",
         hash_backlog: int = DEFAULT_HASH_BACKLOG,
         range_min_body: int = MIN_BODY_BYTES,
+        hash_key: bytes | None = None,
     ) -> None:
         """``state``: the session state at the starting fresh point (a checkpoint's).
         ``hash_backlog``: bytes of the service's chunks hashed into the candidates only when
         needed (0: each at once; the checkpoints are the same). ``range_min_body``: responses
-        with smaller bodies get no range record."""
+        with smaller bodies get no range record. ``hash_key``: the running hashes are keyed
+        BLAKE3 with it (``checkpoint.stream_hash_key``), else SHA-256."""
+        self.hash_key = hash_key
         self.range_min_body = range_min_body
         self.codec_name = codec_name
         self.codec: StreamCodec
@@ -303,7 +322,13 @@ class StreamState:
         # rather than hashed. Positions only grow, so settling early changes no checkpoint.
         self.acked: Callable[[], int] | None = None
         self.candidates = [
-            Candidate(c2s_start, s2c_start, StreamHash(self.mask_dates), state, self._backlog)
+            Candidate(
+                c2s_start,
+                s2c_start,
+                StreamHash(self.mask_dates, self.hash_key),
+                state,
+                self._backlog,
+            )
         ]
         self.log_start = c2s_start
         self.log = bytearray()
@@ -424,7 +449,7 @@ class StreamState:
         self.mask_dates = self.codec_name == "http"
         first = self.candidates[0]
         if len(self.candidates) == 1 and first.s2c == self.s2c_pos:
-            first.s2c_hash = StreamHash(self.mask_dates)  # nothing hashed yet
+            first.s2c_hash = StreamHash(self.mask_dates, self.hash_key)  # nothing hashed yet
         self._find_http()
 
     def _observe(self, start: int, chunk: bytes | memoryview) -> None:
@@ -446,7 +471,11 @@ class StreamState:
             last.c2s, last.state = fresh.c2s, fresh.state
         elif (fresh.c2s, fresh.s2c) != (last.c2s, last.s2c):
             candidate = Candidate(
-                fresh.c2s, fresh.s2c, StreamHash(self.mask_dates), fresh.state, self._backlog
+                fresh.c2s,
+                fresh.s2c,
+                StreamHash(self.mask_dates, self.hash_key),
+                fresh.state,
+                self._backlog,
             )
             candidate.hash_now(chunk[max(0, fresh.s2c - start) :])
             self.candidates.append(candidate)
@@ -516,6 +545,7 @@ class StreamState:
             s2c_pos=self.s2c_pos,
             c2s_hash=hashlib.sha256(self.replay_log()).digest(),
             s2c_hash=NO_HASH if fresh.s2c_hash is None else fresh.s2c_hash.digest(),
+            keyed_hash=self.hash_key is not None,
             unmigratable=self.unmigratable is not None,
             state=fresh.state,
             range=record,

@@ -37,6 +37,7 @@ from migrate.checkpoint import (
     key_range,
     seal_carrier,
     seal_checkpoint,
+    stream_hash_key,
 )
 from migrate.errors import RoamError
 from migrate.handover import (
@@ -371,6 +372,7 @@ class CheckpointPusher:
         self, client: socket.socket, service: socket.socket, peer: tuple[str, int]
     ) -> Relay:
         """An accepted connection: relayed and observed, checkpointed from the start."""
+        conn_id = os.urandom(16)
         connection = LiveConnection(
             self,
             client,
@@ -378,8 +380,13 @@ class CheckpointPusher:
             peer,
             accept_facts(client),
             self.record_for(peer[0]),
-            conn_id=os.urandom(16),
-            stream=StreamState(self.context.codec),
+            conn_id=conn_id,
+            stream=StreamState(
+                self.context.codec,
+                hash_key=stream_hash_key(self.context.group_key, conn_id)
+                if self.context.stream_hash == "blake3"
+                else None,
+            ),
         )
         if not self.context.gate_open():
             # Accepted before the gate closed but only now past the service's connect (a burst

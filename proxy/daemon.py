@@ -107,6 +107,7 @@ class ServerOptions:
     state_path: Path | None = None
     status_path: Path | None = None
     codec: str = "auto"
+    stream_hash: str = "sha256"  # the running hash of new connections (STREAM_HASHES)
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT
@@ -723,6 +724,7 @@ class ServerShim:
             leaving_at=self.leaving_at,
             connect_service=self.connect_service,
             codec=options.codec,
+            stream_hash=options.stream_hash,
             checkpoint_period=options.checkpoint_period,
             migration_port=options.migration_port,
             max_pending_per_client=options.max_pending_per_client,
@@ -820,6 +822,7 @@ class ServerShim:
                 service=str(self.options.service),
                 table=self.table,
                 migration=self.options.migration,
+                stream_hash=self.options.stream_hash,
                 clients=len(self.pool.legitimate(self.gate.epoch if self.gate else 1)),
             )
             self._tick()

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from migrate.admission import PREPARING_PER_CLIENT, MigrationMeter
 from migrate.channel import Opened, Opener
+from migrate.checkpoint import stream_hash_key
 from migrate.errors import AuthenticationError, RoamError
 from migrate.handover import Prepare as PrepareWork
 from migrate.handover import Regenerate as RegenerateWork
@@ -270,7 +271,9 @@ class LiveMode:
                 f"checkpoint {checkpoint.counter} is older than the one being prepared "
                 f"({held.counter})"
             )
-        replayer = Replayer(checkpoint, request)
+        replayer = Replayer(
+            checkpoint, request, stream_hash_key(self.context.group_key, checkpoint.conn_id)
+        )
         self.meter.admit(
             record.client_id,
             key,

@@ -36,6 +36,7 @@ class LiveContext:
     # A fresh connection to the service for a client (from its address when transparent).
     connect_service: Callable[[str], Awaitable[socket.socket]]
     codec: str = "http"
+    stream_hash: str = "sha256"  # new connections' running hash: "sha256" or keyed "blake3"
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = 1024

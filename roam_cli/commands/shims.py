@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migrate.admission import MAX_PENDING_PER_CLIENT
+from migrate.checkpoint import STREAM_HASHES
 from migrate.codec import CODEC_CHOICES
 from migrate.cover import (
     DEFAULT_CELL_BYTES,
@@ -131,6 +132,15 @@ def register(subparsers: Subparsers) -> None:
         "recognises HTTP/1.x, redis (RESP) and memcached from each connection's first bytes "
         "and uses 'generic' (a byte log from the connection's start) for anything else; TLS "
         "and SSH connections are marked unmigratable at once (not replayable)",
+    )
+    server.add_argument(
+        "--stream-hash",
+        choices=STREAM_HASHES,
+        default="sha256",
+        help="the running hash of each connection's service bytes that checkpoints commit to: "
+        "'sha256' (default: cheapest per message on CPUs with SHA extensions) or 'blake3' "
+        "(keyed per connection; cheaper per byte, for bulk downloads; docs/benchmarks.md). "
+        "Every server reads both",
     )
     server.add_argument(
         "--checkpoint-period",
@@ -431,6 +441,7 @@ def run_server(args: argparse.Namespace) -> int:
         state_path=args.state,
         status_path=args.status,
         codec=args.codec,
+        stream_hash=args.stream_hash,
         checkpoint_period=args.checkpoint_period,
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,

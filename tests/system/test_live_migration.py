@@ -249,12 +249,22 @@ def test_download_completes_although_each_old_server_dies_after_the_roam() -> No
         )
 
 
-def test_keep_alive_connection_makes_200_requests_across_roams() -> None:
+@pytest.mark.parametrize("stream_hash", ["sha256", "blake3"])
+def test_keep_alive_connection_makes_200_requests_across_roams(stream_hash: str) -> None:
     files = {f"k{i}": os.urandom(20_000 + 97 * i) for i in range(200)}
     with live_pool(
-        tick=0.5, m=1, service="nginx", content=files, min_switches=6, switch_window=10.0
+        tick=0.5,
+        m=1,
+        service="nginx",
+        content=files,
+        min_switches=6,
+        switch_window=10.0,
+        server_extra=("--stream-hash", stream_hash),
     ) as pool:
         started(pool)
+        for shim in pool.servers.values():
+            [start] = [e for e in shim.events() if e["event"] == "start"]
+            assert start["stream_hash"] == stream_hash
         result = pool.lab["c1"].run(
             [sys.executable, "-c", KEEPALIVE_CLIENT, str(pool.vip), "200", "0.04"], timeout=120
         )

@@ -69,6 +69,7 @@ checkpoints = st.builds(
     s2c_hash=st.binary(min_size=32, max_size=32),
     unmigratable=st.booleans(),
     state=st.one_of(st.just(b""), st.binary(min_size=1, max_size=MAX_STATE_BYTES)),
+    keyed_hash=st.booleans(),
 )
 
 

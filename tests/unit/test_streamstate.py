@@ -151,6 +151,34 @@ def test_a_checkpoint_taken_before_auto_recognised_the_protocol_keeps_recognisin
     assert checkpoint(third, acked=0).s2c_hash == taken.s2c_hash
 
 
+def test_a_keyed_running_hash_is_blake3_and_only_replicas_with_the_key_agree():
+    import blake3
+
+    from migrate.checkpoint import stream_hash_key
+
+    key = stream_hash_key(b"g" * 32, b"c" * 16)
+    original = StreamState("http", hash_key=key)
+    original.feed_c2s(REQUEST)
+    original.feed_s2c(RESPONSE[:50])
+    original.feed_s2c(RESPONSE[50:])
+    taken = checkpoint(original, acked=0)
+    assert taken.keyed_hash
+    masked = RESPONSE.replace(b"Wed, 25 Nov 2026 19:10:00 GMT", b"*" * 29)
+    assert taken.s2c_hash == blake3.blake3(masked, key=key).digest()
+
+    def replica(hash_key: bytes) -> bytes:
+        state = StreamState(
+            taken.codec, c2s_start=taken.c2s_fresh, s2c_start=taken.s2c_fresh, hash_key=hash_key
+        )
+        state.feed_c2s(REQUEST)
+        state.feed_s2c(RESPONSE.replace(b"19:10:00", b"23:59:59"))
+        return checkpoint(state, acked=0).s2c_hash
+
+    assert replica(key) == taken.s2c_hash
+    assert replica(stream_hash_key(b"h" * 32, b"c" * 16)) != taken.s2c_hash  # another pool
+    assert replica(stream_hash_key(b"g" * 32, b"d" * 16)) != taken.s2c_hash  # another connection
+
+
 def resp(*args: str) -> bytes:
     return b"*%d\r\n" % len(args) + b"".join(b"$%d\r\n%s\r\n" % (len(a), a.encode()) for a in args)
 
