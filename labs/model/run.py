@@ -104,12 +104,9 @@ def _finite(value: float) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def simulate_all(params: ModelParams) -> list[dict[str, Any]]:
-    slot_times = np.arange(0.0, params.horizon, params.step)
-    pick = rng_for(params.seed, STREAM_LAYOUT, 1)
-    insiders = tuple(int(c) for c in pick.choice(params.clients, params.insiders, replace=False))
-    subset = tuple(int(s) for s in pick.choice(params.servers, params.subset, replace=False))
-    resources = engine.Resources(
+def resources_of(params: ModelParams) -> engine.Resources:
+    """The pool's capacities as ``params`` set them."""
+    return engine.Resources(
         servers=params.servers,
         capacity=params.capacity,
         buffer=params.buffer,
@@ -117,6 +114,14 @@ def simulate_all(params: ModelParams) -> list[dict[str, Any]]:
         link_buffer=params.link_buffer,
         link_weight=params.link_weight,
     )
+
+
+def simulate_all(params: ModelParams) -> list[dict[str, Any]]:
+    slot_times = np.arange(0.0, params.horizon, params.step)
+    pick = rng_for(params.seed, STREAM_LAYOUT, 1)
+    insiders = tuple(int(c) for c in pick.choice(params.clients, params.insiders, replace=False))
+    subset = tuple(int(s) for s in pick.choice(params.servers, params.subset, replace=False))
+    resources = resources_of(params)
     load = engine.Load(
         clients=params.clients,
         client_rate=params.client_rate,

@@ -10,7 +10,7 @@ import pytest
 
 from labs.model import analytic, engine, fig2check, isolation, queueing, schedule
 from labs.model.params import ModelParams, quick, validate
-from labs.model.run import defences, run_model
+from labs.model.run import defences, resources_of, run_model
 from migrate.errors import ConfigError
 from tests.unit.cli import run
 
@@ -109,14 +109,7 @@ def test_fluid_backlog_grows_under_overload_resets_and_freezes():
 def _simulate(params, defence_name, attack):
     slot_times = np.arange(0.0, params.horizon, params.step)
     pool = {d.name: d for d in defences(params, slot_times)}
-    resources = engine.Resources(
-        servers=params.servers,
-        capacity=params.capacity,
-        buffer=params.buffer,
-        link_capacity=params.link_capacity,
-        link_buffer=params.link_buffer,
-        link_weight=params.link_weight,
-    )
+    resources = resources_of(params)
     load = engine.Load(params.clients, params.client_rate, params.bots * params.bot_rate)
     return engine.simulate(
         rng(5),
