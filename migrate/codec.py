@@ -55,6 +55,9 @@ MAX_HEAD_BYTES: Final = 64 * 1024
 chunk-size line, that the HTTP codec follows; a larger one degrades it."""
 
 MAX_PIPELINED: Final = 1024
+# Response bodies noted between two ``take_bodies`` (a megabyte chunk of the smallest
+# responses with a Content-Length holds fewer).
+MAX_BODIES_KEPT: Final = 1 << 16
 """Most requests that may wait for their responses; one more degrades the HTTP codec."""
 
 CODEC_NAMES: Final = ("generic", "http", "resp", "memcached")
@@ -590,6 +593,9 @@ class _ResponseReader(_Reader):
                 self.message_start, end, exchange.method, section, framing
             )
             codec.heads += 1
+            if len(codec.bodies) >= MAX_BODIES_KEPT:
+                del codec.bodies[: MAX_BODIES_KEPT // 2]
+            codec.bodies.append((end, framing))
         return framing
 
     def message_done(self, position: int) -> None:
@@ -619,6 +625,23 @@ class Http11Codec(CodecReport):
         # (``migrate.streamstate`` looks for the range facts of a response in it).
         self.last_head: ResponseHead | None = None
         self.heads = 0
+        # (start, length) of each Content-Length response body whose head ended since the
+        # last ``take_bodies`` (migrate.streamstate hashes body bytes without looking in them
+        # for Date headers; it takes them after each feed, so they hold one chunk's at most,
+        # fewer than the bound; a user that never takes them loses the oldest).
+        self.bodies: list[tuple[int, int]] = []
+
+    def body_ahead(self) -> int:
+        """How many of the next service bytes are the rest of a Content-Length body."""
+        reader = self._s2c
+        if self._degraded is not None or reader.state != _LENGTH:
+            return 0
+        return reader.remaining
+
+    def take_bodies(self) -> list[tuple[int, int]]:
+        """The Content-Length bodies whose heads ended since the last call (start, length)."""
+        bodies, self.bodies = self.bodies, []
+        return bodies
 
     def resume_body(self, position: int, remaining: int) -> None:
         """Continue in the body of the response to the oldest unanswered request, at s2c

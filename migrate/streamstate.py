@@ -108,8 +108,18 @@ class StreamHash:
         self._mask = mask_dates
         self._tail = b""
 
-    def update(self, chunk: bytes | memoryview) -> None:
+    def update(self, chunk: bytes | memoryview, masked: bool = True) -> None:
+        """Hash ``chunk``. ``masked`` False: a Content-Length response body (the stream's
+        codec knows): hashed as it is, without looking in it for Date lines."""
         if not self._mask:
+            self._hash.update(chunk)
+            return
+        if not masked:
+            # A body follows its head's blank line, so every Date line before it was whole,
+            # its CRLF seen, and the tail is masked already.
+            if self._tail:
+                self._hash.update(self._tail)
+                self._tail = b""
             self._hash.update(chunk)
             return
         view = memoryview(chunk)
@@ -151,15 +161,32 @@ DEFAULT_HASH_BACKLOG = 32 << 10
 _BACKLOG_CHUNKS = 128
 
 
+# A piece of the service's bytes: its s2c position, the bytes, and whether Date values in it
+# are masked (False: inside a Content-Length body).
+Piece = tuple[int, bytes | memoryview, bool]
+
+
+def _clip(pieces: list[Piece], start: int) -> list[Piece]:
+    """The pieces' bytes from s2c position ``start`` on."""
+    clipped = []
+    for position, data, masked in pieces:
+        if position + len(data) <= start:
+            continue
+        skip = max(0, start - position)
+        clipped.append((position + skip, data[skip:], masked))
+    return clipped
+
+
 class _Backlog:
-    """The service's chunks (``bytes``), numbered from ``base``, that some candidate has not
-    hashed yet; every candidate hashes them in order, the same calls as if at once."""
+    """The service's chunks (``bytes``, and whether masked), numbered from ``base``, that some
+    candidate has not hashed yet; every candidate hashes them in order, the same calls as if
+    at once."""
 
     __slots__ = ("base", "chunks", "size")
 
     def __init__(self) -> None:
         self.base = 0
-        self.chunks: list[bytes] = []
+        self.chunks: list[tuple[bytes, bool]] = []
         self.size = 0
 
     @property
@@ -170,7 +197,7 @@ class _Backlog:
         if index > self.base:
             del self.chunks[: index - self.base]
             self.base = index
-            self.size = sum(map(len, self.chunks))
+            self.size = sum(len(chunk) for chunk, _ in self.chunks)
 
 
 class Candidate:
@@ -220,15 +247,16 @@ class Candidate:
             self._fed = backlog.end
             return
         update = self._hash.update
-        for chunk in backlog.chunks[self._fed - backlog.base :]:
-            update(chunk)
+        for chunk, masked in backlog.chunks[self._fed - backlog.base :]:
+            update(chunk, masked)
         self._fed = backlog.end
 
-    def hash_now(self, chunk: bytes | memoryview) -> None:
-        """Hash ``chunk`` at once (the backlog, caught up first, stays behind it)."""
+    def hash_now(self, pieces: list[Piece]) -> None:
+        """Hash ``pieces`` at once (the backlog, caught up first, stays behind them)."""
         self.catch_up()
         if self._hash is not None:
-            self._hash.update(chunk)
+            for _, data, masked in pieces:
+                self._hash.update(data, masked)
 
 
 NO_HASH = bytes(32)  # a checkpoint's s2c_hash when it commits to nothing (see RangeRecord)
@@ -390,27 +418,31 @@ class StreamState:
         self.c2s_pos += len(chunk)
         self._adopt_choice()
         # A command without a reply (memcached noreply) completes on the client's bytes.
-        self._observe(self.s2c_pos, b"")
+        self._observe(self.s2c_pos, [])
 
     def feed_s2c(self, chunk: bytes | memoryview) -> None:
         start = self.s2c_pos
+        http = self._http
+        plain = http.body_ahead() if http is not None else 0
         self.codec.feed_s2c(chunk)
         self._adopt_choice()
+        pieces = self._pieces(start, chunk, plain)
         backlog = self._backlog
         if (
             backlog.size + len(chunk) <= self._backlog_limit
-            and len(backlog.chunks) < _BACKLOG_CHUNKS
+            and len(backlog.chunks) + len(pieces) <= _BACKLOG_CHUNKS
         ):
-            backlog.chunks.append(bytes(chunk))  # the relay's chunk is valid only now
+            # The relay's chunk is valid only now: copied.
+            backlog.chunks.extend((bytes(data), masked) for _, data, masked in pieces)
             backlog.size += len(chunk)
         else:
             if self.acked is not None and len(self.candidates) > 1:
                 self.settle(self.acked())
             for candidate in self.candidates:
-                candidate.hash_now(chunk)
+                candidate.hash_now(pieces)
             backlog.drop_before(backlog.end)
         self.s2c_pos += len(chunk)
-        self._observe(start, chunk)
+        self._observe(start, pieces)
         http = self._http
         if http is not None and http.heads != self._heads:
             self._heads = http.heads
@@ -425,6 +457,32 @@ class StreamState:
             # (a PREPARE carrying an earlier one regenerates from the response's start).
             window.announced = True
             self.boundary_due = True
+
+    def _pieces(self, start: int, chunk: bytes | memoryview, plain: int) -> list[Piece]:
+        """``chunk`` (from s2c position ``start``) cut where Content-Length bodies begin and
+        end: ``plain`` bytes of a body under way first, then those of the heads the codec
+        completed in it. Date values are masked outside bodies only (docs/protocol.md): a
+        position of the stream, not of how it was cut into chunks, decides."""
+        http = self._http
+        bodies = http.take_bodies() if http is not None else []
+        if not self.mask_dates or (not plain and not bodies):
+            return [(start, chunk, True)]
+        end = start + len(chunk)
+        spans = [(start, start + min(plain, len(chunk)))] if plain else []
+        for body_start, length in bodies:
+            low, high = max(body_start, start), min(body_start + length, end)
+            if low < high:
+                spans.append((low, high))
+        pieces: list[Piece] = []
+        position = start
+        for low, high in spans:
+            if low > position:
+                pieces.append((position, chunk[position - start : low - start], True))
+            pieces.append((low, chunk[low - start : high - start], False))
+            position = high
+        if position < end:
+            pieces.append((position, chunk[position - start :], True))
+        return pieces
 
     def _take_head(self, http: Http11Codec, start: int, chunk: bytes | memoryview) -> None:
         """A response head passed in ``chunk``: if it starts at a candidate and can be resumed
@@ -458,8 +516,8 @@ class StreamState:
             first.s2c_hash = StreamHash(self.mask_dates, self.hash_key)  # nothing hashed yet
         self._find_http()
 
-    def _observe(self, start: int, chunk: bytes | memoryview) -> None:
-        """Take a new boundary of the codec as a candidate; ``chunk`` (from ``start``) was
+    def _observe(self, start: int, pieces: list[Piece]) -> None:
+        """Take a new boundary of the codec as a candidate; ``pieces`` (from ``start``) were
         just fed to the codec."""
         codec = self.codec
         if codec.unreplayable is not None and self.unmigratable is None:
@@ -483,7 +541,7 @@ class StreamState:
                 fresh.state,
                 self._backlog,
             )
-            candidate.hash_now(chunk[max(0, fresh.s2c - start) :])
+            candidate.hash_now(_clip(pieces, fresh.s2c))
             self.candidates.append(candidate)
         self.boundary_due = True
 

@@ -301,3 +301,60 @@ def test_settling_when_the_backlog_is_full_gives_the_same_checkpoints(exchanges,
             acked = ends[max(0, len(ends) - 1 - lag)]
             assert checkpoint(late, acked=acked) == checkpoint(eager, acked=acked)
     assert checkpoint(late, acked=eager.s2c_pos) == checkpoint(eager, acked=eager.s2c_pos)
+
+
+BODY_DATE_LINE = b"\r\nDate: Thu, 01 Jan 2026 00:00:00 GMT\r\n"
+
+
+def _replica_stream(exchanges, head_hour: int, body_second: int) -> tuple[bytes, bytes]:  # type: ignore[no-untyped-def]
+    """Requests and responses of ``exchanges`` (body size, a Date-like line in the body,
+    chunked); the heads' Date hour and the body line's second vary per replica."""
+    requests, responses = b"", b""
+    for index, (size, dated_body, chunked) in enumerate(exchanges):
+        requests += b"GET /%d HTTP/1.1\r\nHost: x\r\n\r\n" % index
+        line = BODY_DATE_LINE.replace(b":00 GMT", b":%02d GMT" % body_second)
+        body = bytes((index + k) % 251 for k in range(size))
+        if dated_body:
+            body = body[: size // 2] + line + body[size // 2 :]
+        head = b"HTTP/1.1 200 OK\r\nDate: Wed, 25 Nov 2026 %02d:10:00 GMT\r\n" % head_hour
+        if chunked:
+            head += b"Transfer-Encoding: chunked\r\n\r\n"
+            body = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body) if body else b"0\r\n\r\n"
+        else:
+            head += b"Content-Length: %d\r\n\r\n" % len(body)
+        responses += head + body
+    return requests, responses
+
+
+def _digest(requests: bytes, responses: bytes, cuts: list[int], **options) -> bytes:  # type: ignore[no-untyped-def]
+    state = StreamState("http", **options)
+    state.feed_c2s(requests)
+    for chunk in chunked(responses, cuts):
+        state.feed_s2c(chunk)
+    return checkpoint(state, acked=0).s2c_hash
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    exchanges=st.lists(
+        st.tuples(st.integers(0, 300), st.booleans(), st.booleans()), min_size=1, max_size=10
+    ),
+    cuts_a=st.lists(st.integers(0, 10_000), max_size=20),
+    cuts_b=st.lists(st.integers(0, 10_000), max_size=20),
+    hour=st.integers(0, 23),
+    backlog=st.sampled_from([0, 300, 32768]),
+)
+def test_replicas_cut_differently_hash_alike_and_bodies_are_hashed_as_they_are(
+    exchanges, cuts_a, cuts_b, hour, backlog
+):
+    """Date values are masked in response heads (and chunked bodies), never in
+    Content-Length bodies, whose bytes are hashed as they are: the digest depends on the
+    stream's positions only, not on how the relay cut it into chunks."""
+    requests, original = _replica_stream(exchanges, 19, 0)
+    _, replica = _replica_stream(exchanges, hour, 0)
+    one = _digest(requests, original, cuts_a, hash_backlog=backlog)
+    assert _digest(requests, replica, cuts_b) == one
+    if any(dated and not chunked for _, dated, chunked in exchanges):
+        # A body differs only in a Date-like line of its own: that is a different body.
+        _, other_body = _replica_stream(exchanges, 19, 7)
+        assert _digest(requests, other_body, cuts_b) != one
