@@ -96,6 +96,17 @@ def assigned_index(key: bytes, active: Sequence[int], client_id: int) -> int:
 
 
 @dataclass(frozen=True, slots=True)
+class EpochAssignment:
+    """One epoch's active set (server indices, set order) and the key that assigns clients."""
+
+    key: bytes
+    active: tuple[int, ...]
+
+    def server_of(self, client_id: int) -> int:
+        return assigned_index(self.key, self.active, client_id)
+
+
+@dataclass(frozen=True, slots=True)
 class Boundary:
     """What happens to the gates at ``T_i`` when the set changes from ``before`` to ``after``."""
 
@@ -193,9 +204,12 @@ class ActiveSchedule:
 
     def assigned(self, epoch: int, client_id: int) -> Endpoint:
         """Client ``client_id``'s server in ``epoch``."""
+        return self.servers[self.assignment(epoch).server_of(client_id)]
+
+    def assignment(self, epoch: int) -> EpochAssignment:
+        """``epoch``'s set and the key that assigns its clients (one key, many clients)."""
         key = self.schedule.key_of(epoch)
-        active = active_indices(key, len(self.servers), self.k)
-        return self.servers[assigned_index(key, active, client_id)]
+        return EpochAssignment(key, active_indices(key, len(self.servers), self.k))
 
     def epoch_set(self, epoch: int) -> EpochSet:
         info = self.schedule.epoch(epoch)
