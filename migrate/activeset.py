@@ -29,13 +29,16 @@ from dataclasses import dataclass
 
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError
-from migrate.hashchain import msb, server_digest
+from migrate.hashchain import KeyChain, chain_step, msb, server_digest
 from migrate.schedule import EpochSchedule
 
 _MEMBER = b"\x03"
 _CLIENT = b"\x04"
 MAX_DRAWS = 1 << 32  # j is encoded as u32be
-MAX_CLIENT_ID = 0xFFFF_FFFE  # 1 <= c < 2^32 - 1 (PROTOCOL.md section 4)
+MAX_CLIENT_ID = 0xFFFF_FFFE
+MAX_SPAN = (
+    1 << 16
+)  # epochs of one ``assignments`` call  # 1 <= c < 2^32 - 1 (PROTOCOL.md section 4)
 
 
 class ActiveSetError(ConfigError):
@@ -104,6 +107,22 @@ class EpochAssignment:
 
     def server_of(self, client_id: int) -> int:
         return assigned_index(self.key, self.active, client_id)
+
+
+def assignments(
+    chain: KeyChain, first: int, last: int, server_count: int, k: int
+) -> dict[int, EpochAssignment]:
+    """``EpochAssignment`` of epochs ``first .. last`` (at most ``MAX_SPAN``): one random access
+    for ``K_last``, then one hash down per epoch (``K_{i-1} = H(K_i)``)."""
+    check_active(k, server_count)
+    if not 1 <= first <= last or last - first >= MAX_SPAN:
+        raise ActiveSetError(f"epochs {first}..{last}: not a span of 1..{MAX_SPAN} epochs")
+    key = chain.key(last)  # raises KeyNotHeldError past the key held
+    found = {}
+    for epoch in range(last, first - 1, -1):
+        found[epoch] = EpochAssignment(key, active_indices(key, server_count, k))
+        key = chain_step(key)
+    return found
 
 
 @dataclass(frozen=True, slots=True)

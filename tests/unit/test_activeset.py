@@ -230,3 +230,19 @@ def test_k1_open_servers_match_section1():
     for now in [x * 0.7 for x in range(0, 600)]:
         expected = {w.server for w in plain.open_windows(now)}
         assert active.open_servers(now) == expected, now
+
+
+def test_assignments_of_a_span_match_the_schedule():
+    from migrate.activeset import assignments
+    from migrate.errors import KeyNotHeldError
+
+    active = ActiveSchedule(schedule(), 3)
+    found = assignments(KeyChain(CHAIN_KEY, CHAIN_LENGTH), 990, 1000, 6, 3)
+    assert sorted(found) == list(range(990, 1001))
+    for epoch, facts in found.items():
+        assert tuple(SIX[i] for i in facts.active) == active.active(epoch)
+        assert SIX[facts.server_of(5)] == active.assigned(epoch, 5)
+    with pytest.raises(KeyNotHeldError):
+        assignments(KeyChain(CHAIN_KEY, CHAIN_LENGTH), 999, 1001, 6, 3)
+    with pytest.raises(ActiveSetError, match="span"):
+        assignments(KeyChain(CHAIN_KEY, CHAIN_LENGTH), 5, 4, 6, 3)
