@@ -234,6 +234,23 @@ class ActiveSchedule:
         info = self.schedule.epoch(epoch)
         return EpochSet(info.index, info.start, info.end, self.indices(epoch))
 
+    def admits(self, server: Endpoint, client_id: int, now: float) -> bool:
+        """Whether ``server`` lets client ``client_id`` in at ``now``: it is the client's server
+        in an epoch whose window (``T_j - delta .. T_{j+1} + delta + gamma``) contains ``now``.
+        Near a boundary both the old and the new server admit it (its live connections move
+        between them). For the gate's restriction by source, a later step."""
+        check_client_id(client_id)
+        current = self.schedule.epoch_at(now).index
+        params = self.schedule.params
+        for index in range(
+            max(1, current - 1), min(self.schedule.chain.held_index, current + 1) + 1
+        ):
+            info = self.schedule.epoch(index)
+            opens, closes = info.start - params.delta, info.end + params.delta + params.gamma
+            if opens <= now < closes and self.assigned(index, client_id) == server:
+                return True
+        return False
+
     def open_servers(self, now: float) -> frozenset[Endpoint]:
         """The servers whose gate is open at ``now`` (windows of the current epoch and its
         neighbours, as ``EpochSchedule.open_windows`` looks at)."""

@@ -246,3 +246,28 @@ def test_assignments_of_a_span_match_the_schedule():
         assignments(KeyChain(CHAIN_KEY, CHAIN_LENGTH), 999, 1001, 6, 3)
     with pytest.raises(ActiveSetError, match="span"):
         assignments(KeyChain(CHAIN_KEY, CHAIN_LENGTH), 5, 4, 6, 3)
+
+
+def test_a_server_admits_its_assigned_clients_and_both_admit_near_a_boundary():
+    active = ActiveSchedule(schedule(delta=0.5, gamma=0.5), 3)
+    # Epoch 1 (0..48): client 1 on .2, client 2 on .6; epoch 2 (48..88): both on .3.
+    assert active.admits(server(".2"), 1, 10.0)
+    assert not active.admits(server(".6"), 1, 10.0)
+    assert active.admits(server(".6"), 2, 10.0)
+    assert not active.admits(server(".3"), 1, 10.0)
+    assert active.admits(server(".3"), 1, 47.6)  # the new server opens delta early
+    assert active.admits(server(".2"), 1, 48.9)  # the old one closes delta + gamma late
+    assert not active.admits(server(".2"), 1, 49.0)
+    assert active.admits(server(".3"), 2, 60.0)
+    assert not active.admits(server(".5"), 2, 60.0)  # in the set, but not client 2's
+
+
+@settings(max_examples=30, deadline=None)
+@given(now=st.floats(0.0, 2000.0), client=st.integers(1, 50))
+def test_every_client_is_admitted_by_exactly_its_server_mid_epoch(now, client):
+    active = ActiveSchedule(schedule(delta=0.2, gamma=0.2), 3)
+    epoch = active.schedule.epoch_at(now)
+    if not epoch.start + 0.4 <= now < epoch.end - 0.2:
+        return  # near a boundary two servers admit it
+    admitting = [s for s in SIX if active.admits(s, client, now)]
+    assert admitting == [active.assigned(epoch.index, client)]
