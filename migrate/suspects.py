@@ -24,7 +24,10 @@ where ``KL(a||b) = a ln(a/b) + (1-a) ln((1-a)/(1-b))``. By the Chernoff-Hoeffdin
 innocent client reaches ``G_c >= g`` with probability at most ``e^-g``; over ``C`` clients and the
 ``n_c`` evaluations as its evidence grew (a union bound), at most ``C * n_c * e^-g``. The
 *confidence* is ``1 - min(1, C * n_c * e^-G_c)``: a lower bound on the probability that a
-client this far out is not an innocent one by chance. A client whose server is attacked no more
+client this far out is not an innocent one by chance. Flagging at confidence ``1 - a``, the
+chance that any innocent client is *ever* flagged while the evidence grows to ``n`` epochs
+(evaluated after every epoch) is at most ``a * (1 + ln n)``: the sum of ``a / n'`` over
+``n' <= n``. A client whose server is attacked no more
 often than a random active server drifts to ``G = 0``; an insider's ``G`` grows linearly.
 
 Robustness: a missing report removes that epoch from the evidence of the clients assigned to
