@@ -23,6 +23,7 @@ from dataclasses import dataclass, field, replace
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from migrate.activeset import check_active
 from migrate.chainindex import open_index, seal_index
 from migrate.channel import Purpose, Random, derive_key
 from migrate.endpoints import Endpoint, IPAddress, parse_address
@@ -94,6 +95,9 @@ class Deployment:
     start: float
     delta: float
     gamma: float
+    #: k of PROTOCOL.md section 4: servers active in every epoch. Stored only when not 1, so
+    #: a deployment without the field (every one made before k of N) means 1.
+    active: int = 1
 
     def __post_init__(self) -> None:
         if len(self.deployment_id) != DEPLOYMENT_ID_BYTES:
@@ -107,6 +111,7 @@ class Deployment:
         if any(server.address.version != self.vip.version for server in self.servers):
             raise ConfigError("the VIP and the servers must use the same IP version")
         self.schedule_params()  # validates tick, start, delta, gamma, servers
+        check_active(self.active, len(self.servers))
 
     def schedule_params(self) -> ScheduleParams:
         return ScheduleParams(self.servers, self.tick, self.start, self.m, self.delta, self.gamma)
@@ -126,6 +131,7 @@ class Deployment:
                 "start": self.start,
                 "delta": self.delta,
                 "gamma": self.gamma,
+                **_active_to_json(self.active),
             },
         )
 
@@ -146,6 +152,7 @@ class Deployment:
             start=fields.number("start"),
             delta=fields.number("delta"),
             gamma=fields.number("gamma"),
+            active=_active_from_json(fields),
         )
         fields.done()
         return deployment
@@ -441,6 +448,8 @@ class Bundle:
     #: Optional sealed pebble index of ``K_1 .. K_t`` (``migrate.chainindex``, sealed with
     #: ``K_C``): a client with a long range starts within a few index spacings of hashes.
     chain_index: bytes = b""
+    #: The deployment's k (PROTOCOL.md section 4); stored only when not 1.
+    active: int = 1
 
     def __repr__(self) -> str:
         return f"Bundle(name={self.name!r}, deployment={self.deployment_id.hex()}, <secret>)"
@@ -451,6 +460,8 @@ class Bundle:
             raise ConfigError(
                 f"bundle key index {self.key_index} is outside the chain 1..{self.chain_length}"
             )
+        if self.active < 1:  # checked against N when the sealed server list is opened
+            raise ConfigError(f"bundle: active must be at least 1, got {self.active}")
 
     def servers(self) -> tuple[Endpoint, ...]:
         return open_servers(self.sealed_servers, self.channel_key, self.deployment_id, self.name)
@@ -523,6 +534,7 @@ class Bundle:
             start=deployment.start,
             delta=deployment.delta,
             gamma=deployment.gamma,
+            active=deployment.active,
         )
 
     def encode(self) -> bytes:
@@ -552,6 +564,7 @@ class Bundle:
                     if self.chain_index
                     else {}
                 ),
+                **_active_to_json(self.active),
             },
         )
 
@@ -581,9 +594,19 @@ class Bundle:
             delta=fields.number("delta"),
             gamma=fields.number("gamma"),
             chain_index=_base64_field(fields, "chain_index") if fields.has("chain_index") else b"",
+            active=_active_from_json(fields),
         )
         fields.done()
         return bundle
+
+
+def _active_to_json(active: int) -> dict[str, int]:
+    """k as stored: absent for 1, so files without k of N stay byte for byte as before."""
+    return {} if active == 1 else {"active": active}
+
+
+def _active_from_json(fields: Fields) -> int:
+    return fields.integer("active", 1) if fields.has("active") else 1
 
 
 def _base64_field(fields: Fields, name: str) -> bytes:

@@ -286,6 +286,10 @@ class EpochSchedule:
             cursor.units -= units
         return cursor
 
+    def key_of(self, epoch: int) -> bytes:
+        """``K_epoch`` (for the derived choices of ``migrate.activeset``); moves the cursor."""
+        return self._move_to(epoch).key
+
     def length(self, epoch: int) -> float:
         cursor = self._move_to(epoch)
         return self._facts(epoch, cursor.key)[0] * self.params.tick

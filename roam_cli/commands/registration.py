@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migrate.activeset import check_active
 from migrate.chainindex import sealed_size
 from migrate.endpoints import parse_address, parse_address_and_port, parse_server_list
 from migrate.errors import ConfigError, RoamError
@@ -92,6 +93,14 @@ def register(subparsers: Subparsers) -> None:
         default=0.1,
         metavar="S",
         help="network delay estimate (default 0.1)",
+    )
+    init.add_argument(
+        "--active",
+        type=int,
+        default=1,
+        metavar="K",
+        help="k of N: servers active in every epoch, 1..number of servers (default 1; "
+        "PROTOCOL.md section 4). Each client's server in the set is re-drawn every epoch",
     )
     init.add_argument(
         "--no-index",
@@ -203,6 +212,10 @@ def run_init(args: argparse.Namespace) -> int:
     vip_endpoint = parse_address_and_port(args.vip, servers[0].port)
     vip, service_port = vip_endpoint.address, vip_endpoint.port
     start = float(round(time.time())) if args.start is None else args.start
+    try:
+        check_active(args.active, len(servers))
+    except ConfigError as error:
+        raise ConfigError(f"--active: {error}") from None
     deployment = Deployment(
         deployment_id=random_bytes(DEPLOYMENT_ID_BYTES),
         servers=servers,
@@ -214,13 +227,15 @@ def run_init(args: argparse.Namespace) -> int:
         start=start,
         delta=args.delta,
         gamma=args.gamma,
+        active=args.active,
     )
     secret = DeploymentSecret.generate(deployment.deployment_id, random_bytes)
     directory = DeploymentDir(args.directory)
     directory.create(deployment, secret)
+    active = f" ({deployment.active} active per epoch)" if deployment.active > 1 else ""
     print(
         f"created deployment {deployment.deployment_id.hex()} in {args.directory}: "
-        f"{len(servers)} servers, chain of {deployment.chain_length} epochs, VIP "
+        f"{len(servers)} servers{active}, chain of {deployment.chain_length} epochs, VIP "
         f"{vip}:{service_port}"
     )
     if args.index:
@@ -379,6 +394,7 @@ def _deployment_summary(deployment: Deployment) -> dict[str, Any]:
         "start": deployment.start,
         "delta": deployment.delta,
         "gamma": deployment.gamma,
+        "active": deployment.active,
     }
 
 
@@ -455,6 +471,7 @@ def inspect_bundle(bundle: Bundle, path: Path | None = None) -> dict[str, Any]:
         "start": bundle.start,
         "delta": bundle.delta,
         "gamma": bundle.gamma,
+        "active": bundle.active,
     }
     state_path = None if path is None else bundle_state_path(path)
     schedule = bundle_schedule(bundle, state_path)

@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from migrate.activeset import ActiveSchedule, check_client_id
 from migrate.endpoints import parse_server_list
 from migrate.errors import ConfigError
 from migrate.hashchain import KEY_BYTES, MAX_CHAIN_LENGTH, KeyChain
@@ -76,8 +77,45 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     parser.add_argument(
         "--count", metavar="C", type=positive_int, default=10, help="number of epochs (default 10)"
     )
+    parser.add_argument(
+        "--active",
+        metavar="K",
+        type=int,
+        help="k of N active servers per epoch (PROTOCOL.md section 4; default: the "
+        "deployment's or bundle's k, else 1); prints each epoch's active set",
+    )
+    parser.add_argument(
+        "--clients",
+        metavar="ID,ID,...",
+        type=client_ids,
+        help="client ids (as 'roam inspect DIR' lists them): print each one's server per epoch",
+    )
     parser.add_argument("--json", action="store_true", help="one JSON object per line")
     parser.set_defaults(handler=run)
+
+
+MAX_CLIENTS = 10_000  # ids on one command line: bounds the output per epoch
+
+
+def client_ids(text: str) -> tuple[int, ...]:
+    """``ID,ID,...``: distinct client ids, each in 1..2^32-2."""
+    ids: list[int] = []
+    for raw in text.split(","):
+        item = raw.strip()
+        if not item:
+            raise argparse.ArgumentTypeError(f"{text!r} has an empty entry")
+        try:
+            value = check_client_id(int(item, 10))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{item!r} is not a client id (an integer)") from None
+        except ConfigError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+        if value in ids:
+            raise argparse.ArgumentTypeError(f"client id {value} is given twice")
+        ids.append(value)
+    if len(ids) > MAX_CLIENTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_CLIENTS} ids, got {len(ids)}")
+    return tuple(ids)
 
 
 def _read_chain_key(path: Path) -> str:
@@ -130,6 +168,7 @@ def _schedule(args: argparse.Namespace) -> EpochSchedule:
             directory = DeploymentDir(args.deployment)
             deployment = directory.deployment()
             args.held_why = "the chain's last epoch"
+            args.default_active = deployment.active
             # With the threat changes and triggers recorded in DIR/state (roam threat, trigger,
             # resync): the schedule the servers run, not the one created.
             return deployment_schedule(directory, deployment, directory.secret_with_index())
@@ -138,6 +177,7 @@ def _schedule(args: argparse.Namespace) -> EpochSchedule:
         if args.state is not None and not args.state.exists():
             raise ConfigError(f"--state {args.state} does not exist")
         schedule = bundle_schedule(bundle, state)
+        args.default_active = bundle.active
         if schedule.chain.held_index > bundle.key_index:
             args.held_why = f"the client's last key, extended online ({state})"
         else:
@@ -170,6 +210,10 @@ def run(args: argparse.Namespace) -> int:
     if args.state is not None and args.bundle is None and args.deployment is None:
         raise ConfigError("--state goes with --bundle")
     schedule = _schedule(args)
+    k = args.active if args.active is not None else getattr(args, "default_active", 1)
+    active = ActiveSchedule(schedule, k)  # checks 1 <= k <= N before anything is printed
+    # The k of N fields appear when k of N is in play; without it the output is section 3's.
+    sets = args.active is not None or args.clients is not None or k > 1
     if args.at is not None and args.first is not None:
         raise ConfigError("give either --from or --at, not both")
     first = schedule.epoch_at(args.at).index if args.at is not None else (args.first or 1)
@@ -181,20 +225,36 @@ def run(args: argparse.Namespace) -> int:
     epochs = list(schedule.epochs(first, last - first + 1))  # all computed before printing
     lines = []
     for epoch in epochs:
+        members = [str(server) for server in active.active(epoch.index)] if sets else []
+        assigned = {
+            str(client): str(active.assigned(epoch.index, client)) for client in args.clients or ()
+        }
         if args.json:
-            record = {
+            record: dict[str, object] = {
                 "epoch": epoch.index,
                 "start": epoch.start,
                 "length": epoch.length,
                 "server": str(epoch.server),
             }
+            if sets:
+                record["active"] = members
+            if args.clients is not None:
+                record["assigned"] = assigned
             lines.append(json.dumps(record))
         else:
-            lines.append(
-                f"{epoch.index:>8}  {epoch.start:>16.3f}  {epoch.length:>10.3f}  {epoch.server}"
-            )
+            line = f"{epoch.index:>8}  {epoch.start:>16.3f}  {epoch.length:>10.3f}  {epoch.server}"
+            if sets:
+                line += "  " + ",".join(members)
+            if assigned:
+                line += "  " + " ".join(f"{c}={s}" for c, s in assigned.items())
+            lines.append(line)
     if not args.json:
-        print(f"{'epoch':>8}  {'start':>16}  {'length':>10}  server")
+        header = f"{'epoch':>8}  {'start':>16}  {'length':>10}  server"
+        if sets:
+            header += "  active"
+        if args.clients:
+            header += "  assigned"
+        print(header)
     print("\n".join(lines))
     if len(epochs) < args.count:
         # After the output, on stderr: the rows stop early for a reason the reader must see.

@@ -521,3 +521,31 @@ def crafted_packets(draw: st.DrawFn) -> bytes:
 @given(data=st.one_of(inputs("packet"), crafted_packets()))
 def test_packets_at_the_capture_paths(data):
     targets.packet(data)
+
+
+@FUZZ
+@given(
+    data=st.one_of(
+        raw,
+        st.dictionaries(
+            st.sampled_from(["epoch", "server", "dropped", "syn", "violations", "x"]),
+            json_values,
+            max_size=6,
+        ).map(json.dumps),
+    )
+)
+def test_attack_reports(data):
+    """``roam suspects`` report lines: a report or a one-line SuspectsError, nothing else."""
+    from migrate.suspects import AttackReport, SuspectsError, parse_report
+
+    try:
+        report = parse_report(data, {"10.0.0.1:80": 0}, "line 1")
+    except SuspectsError as error:
+        message = str(error)
+        report = None
+    if report is None:
+        assert "\n" not in message
+        return
+    assert isinstance(report, AttackReport)
+    assert report.epoch >= 1
+    assert min(report.dropped, report.syn, report.violations) >= 0
