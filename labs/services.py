@@ -13,8 +13,10 @@ with the last line of its log.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -59,6 +61,16 @@ class Service:
     def stop(self, *, grace_s: float = DEFAULT_GRACE_S) -> None:
         """Stop the service (SIGTERM, SIGKILL after ``grace_s``); safe to call twice."""
         stop_children([self.process], grace_s=grace_s)
+
+    def kill(self) -> None:
+        """SIGKILL the service at once, with the processes it forked (nginx's workers would
+        otherwise keep its port): the whole process group, which is ours because every
+        program a node starts leads a session of its own. Reaped before returning."""
+        # The group outlives its leader while forked workers remain; the kernel does not reuse
+        # the id of a live group, so this cannot hit a stranger.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=10)
 
     def log_tail(self, lines: int = 5) -> str:
         try:

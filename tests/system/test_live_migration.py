@@ -186,8 +186,7 @@ def test_a_long_download_survives_ten_roams_intact_without_a_reset(service: str)
 def _block_and_kill(pool: RoamingLab, host: str) -> None:
     """The old server dies: shim and service SIGKILLed, its host drops every packet."""
     pool.servers[host].stop(signal.SIGKILL)
-    pool.services[host].process.send_signal(signal.SIGKILL)
-    pool.services[host].process.wait(timeout=10)
+    pool.services[host].kill()
     pool.lab[host].run(
         ["nft", "-f", "-"],
         check=True,
@@ -207,6 +206,35 @@ def _revive(pool: RoamingLab, host: str) -> None:
     pool.start_server(host)
 
 
+@contextmanager
+def killing_each_old_server(pool: RoamingLab) -> Iterator[list[str]]:
+    """For the block: right after each of c1's switches, the server it left is cut off and
+    its shim and service SIGKILLed, then revived; yields the hosts killed so far."""
+    stop = threading.Event()
+    killed: list[str] = []
+
+    def assassin() -> None:
+        seen = 0
+        while not stop.is_set():
+            switches = [e for e in pool.clients["c1"].events() if e["event"] == "switch"]
+            for event in switches[seen:]:
+                old = pool.host_of(str(event["previous"]))
+                _block_and_kill(pool, old)
+                killed.append(old)
+                time.sleep(0.2)
+                _revive(pool, old)
+            seen = len(switches)
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=assassin, daemon=True)
+    thread.start()
+    try:
+        yield killed
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+
+
 def test_download_completes_although_each_old_server_dies_after_the_roam() -> None:
     data = os.urandom(BIG)
     # Epochs of 3 to 6 s: a killed server is back (0.2 s blackhole, `roam cleanup`, then a
@@ -216,30 +244,9 @@ def test_download_completes_although_each_old_server_dies_after_the_roam() -> No
         tick=3.0, m=1, content={"big": data}, min_switches=6, switch_window=42.0
     ) as pool:
         started(pool)
-        stop = threading.Event()
-        killed: list[str] = []
-
-        def assassin() -> None:
-            seen = 0
-            while not stop.is_set():
-                switches = [e for e in pool.clients["c1"].events() if e["event"] == "switch"]
-                for event in switches[seen:]:
-                    old = pool.host_of(str(event["previous"]))
-                    _block_and_kill(pool, old)
-                    killed.append(old)
-                    time.sleep(0.2)
-                    _revive(pool, old)
-                seen = len(switches)
-                time.sleep(0.05)
-
-        thread = threading.Thread(target=assassin, daemon=True)
-        thread.start()
         out = pool.workdir / "big.out"
-        try:
+        with killing_each_old_server(pool) as killed:
             status, detail, _ = download(pool, "big", "6M", out)
-        finally:
-            stop.set()
-            thread.join(timeout=30)
         assert status == 0, f"{detail}\n{diagnostics(pool)}"
         assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(data).digest()
         assert len(killed) >= 5, killed
@@ -247,6 +254,40 @@ def test_download_completes_although_each_old_server_dies_after_the_roam() -> No
         assert all(h["outcome"] in ("migrated", "closed") for h in handoffs(pool)), diagnostics(
             pool
         )
+
+
+def test_flat_out_downloads_on_one_connection_survive_each_old_server_dying() -> None:
+    """Issue 14's flat-out download with the old server's host cut off and its processes
+    SIGKILLed right after each roam: nginx, no rate limit, one keep-alive connection fetching
+    the file again and again; every copy intact, no RST, no failed hand-over. The new server
+    never needs the old one (Range hand-overs read nginx at the new server)."""
+    data = os.urandom(BIG // 2)
+    copies = 40  # 5 GiB: about a minute through both shims on this machine
+    expected = hashlib.sha256()
+    for _ in range(copies):
+        expected.update(data)
+    with live_pool(
+        tick=3.0, m=1, service="nginx", content={"big": data}, min_switches=10, switch_window=60.0
+    ) as pool:
+        started(pool)
+        capture = pool.workdir / "killed.pcap"
+        urls = " ".join([pool.url("/big")] * copies)
+        script = f"set -o pipefail; curl -sS --fail-early {urls} | sha256sum"
+        with (
+            killing_each_old_server(pool) as killed,
+            pool.lab["c1"].capture(
+                "eth0", capture, bpf_filter=["tcp", "port", str(LISTEN_PORT)], snaplen_bytes=96
+            ),
+        ):
+            result = pool.lab["c1"].run(["bash", "-c", script], timeout=300)
+        rsts = resets(capture)
+        print(f"old servers killed during the copies: {killed}")
+        assert result.returncode == 0, f"{result.stderr}\n{diagnostics(pool)}"
+        assert result.stdout.split()[0] == expected.hexdigest(), diagnostics(pool)
+        assert rsts == [], f"{rsts}\n{diagnostics(pool)}"
+        assert len(killed) >= 4, f"only {len(killed)} roams during the copies: {killed}"
+        outcomes = [h["outcome"] for h in handoffs(pool)]
+        assert all(o in ("migrated", "closed") for o in outcomes), diagnostics(pool)
 
 
 @pytest.mark.parametrize("stream_hash", ["sha256", "blake3"])
