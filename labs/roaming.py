@@ -132,7 +132,7 @@ class RoamingLab:
     switch_window: float = 0.0
     first_switch_after: float = 0.0  # no switch in the first seconds (time to set things up)
     subscribe_options: dict[str, str] = field(default_factory=dict)  # e.g. {"rate-kbit": "800"}
-    service: str = "http"  # "http" | "nginx" | "redis" | "memcached" | "none"
+    service: str = "http"  # "http" | "nginx" | "redis" | "memcached" | "tls" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
     server_extra: Sequence[str] = ()
     # Each server host holds its own copy of the deployment directory, taken when the
@@ -275,7 +275,13 @@ class RoamingLab:
         return directory
 
     def start_service(self, host: str) -> None:
-        from labs.services import start_http_server, start_memcached, start_nginx, start_redis
+        from labs.services import (
+            start_http_server,
+            start_memcached,
+            start_nginx,
+            start_redis,
+            start_tls_echo,
+        )
 
         node = self.lab[host]
         node.run(["ip", "link", "set", "lo", "up"], check=True)
@@ -287,6 +293,8 @@ class RoamingLab:
             self.services[host] = start_nginx(
                 node, self._content_dir(host), port=SERVICE_PORT, address="127.0.0.1"
             )
+        elif self.service == "tls":
+            self.services[host] = start_tls_echo(node, port=SERVICE_PORT, address="127.0.0.1")
         elif self.service == "memcached":
             self.services[host] = start_memcached(node, port=SERVICE_PORT, address="127.0.0.1")
             node.run(

@@ -392,6 +392,31 @@ def start_memcached(
     return _start(node, "memcached", argv, listen, port, workdir, ready_timeout_s)
 
 
+def start_tls_echo(
+    node: Node,
+    *,
+    port: int = 4433,
+    address: str | IPv4Address | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> Service:
+    """A TLS service: ``openssl s_server -rev`` (each line sent back reversed), with a
+    throwaway self-signed certificate made for it. TLS end to end is what live migration
+    cannot replay (the server's key share and records differ at every replica)."""
+    port = _check_port(port)
+    listen = _listen_address(node, address)
+    workdir = _service_dir(node, "tls", port)
+    key, cert = workdir / "key.pem", workdir / "cert.pem"
+    if not cert.exists():
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+             "-subj", "/CN=roam-lab", "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+    argv = ["openssl", "s_server", "-quiet", "-rev", "-accept", f"{listen}:{port}",
+            "-cert", str(cert), "-key", str(key)]  # fmt: skip
+    return _start(node, "openssl", argv, listen, port, workdir, ready_timeout_s)
+
+
 def start_iperf3_server(
     node: Node,
     *,

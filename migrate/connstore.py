@@ -33,7 +33,10 @@ Memory is bounded: a connection whose replay bytes exceed ``per_connection_limit
 storing and is marked *unmigratable* with the reason (at the next roam it is reset cleanly
 and counted, never migrated with a hole); when the store's total exceeds ``total_limit`` the
 largest connection is marked the same way. A connection whose client sends FIN is also
-unmigratable (half-closed connections are not re-created).
+unmigratable (half-closed connections are not re-created). So is a connection whose first
+client bytes are a protocol no replica can replay (a TLS ClientHello, an SSH banner:
+``migrate.autodetect``): the client knows at once, without the server's word, stores nothing
+more for it, and its reset at the roam names the reason.
 
 The capture sees every packet the client's host sends to the VIP, including any a local
 process with raw sockets forges. A FIN or SYN that does not fit the connection's stream is
@@ -46,6 +49,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from migrate.autodetect import DETECT_BYTES, detect
 from migrate.checkpoint import Carrier
 
 SEQ_MOD = 2**32
@@ -75,6 +79,7 @@ class TrackedConnection:
     pinned: int | None = None  # replay bytes from here on are in use by a hand-over
     successor: tuple[int, float] | None = None  # (ISN, time) of an unconfirmed SYN on the port
     losses: int = 0  # captured copies missing from this connection's stream (holes, foreign SYN)
+    detecting: bool = True  # its first client bytes not yet looked at for an unreplayable protocol
 
     @property
     def sent(self) -> int:
@@ -163,7 +168,21 @@ class ConnectionStore:
         else:
             conn.replay += payload[conn.sent - position :]
             self._drain_pending(conn)
+            if conn.detecting:
+                self._detect(conn)
         self._enforce_limits(conn)
+
+    def _detect(self, conn: TrackedConnection) -> None:
+        """Look at the connection's first client bytes once: TLS or SSH cannot be replayed."""
+        if conn.replay_start != 0:
+            conn.detecting = False  # trimmed by a checkpoint already: the server looked
+            return
+        found = detect(bytes(conn.replay[:DETECT_BYTES]))
+        if found is None:
+            return  # not sure yet: more bytes will tell
+        conn.detecting = False
+        if found.unreplayable is not None:
+            self._give_up(conn, f"not replayable: {found.unreplayable}")
 
     def _drain_pending(self, conn: TrackedConnection) -> None:
         while conn.pending:
