@@ -207,3 +207,33 @@ def summary(events: list[dict[str, Any]]) -> str:
         f"{str(e.get('detail'))[:100]}"
         for e in events[:12]
     )
+
+
+def test_redis_benchmark_keeps_its_connections_across_roams_without_an_error() -> None:
+    """A real redis client: ``redis-benchmark -k 1`` (keep-alive connections) through the VIP
+    while the service roams; it exits at its first error (a reset connection, an error
+    reply), with status 1. Its SETs write random keys of its own on whichever replica serves
+    them."""
+    if os.geteuid() != 0:
+        pytest.skip("system test: needs root")
+    content = {name: value.encode() for name, value in KEYS.items()}
+    with live_lab(
+        tick=0.5, m=1, service="redis", content=content, min_switches=8, switch_window=16.0
+    ) as roaming:
+        roaming.start()
+        roaming.wait_for_schedule(0.2)
+        argv = ["redis-benchmark", "-h", str(roaming.vip), "-p", str(LISTEN_PORT), "-k", "1",
+                "-c", "4", "-q", "-t", "ping,set,get", "-n", "30000"]  # fmt: skip
+        result = roaming.lab["c1"].run(argv, timeout=240)
+        events = handoffs(roaming)
+        roaming.stop()
+        problems = shim_problems(roaming)
+    output = f"{result.stdout[-600:]}\n{result.stderr[-600:]}"
+    assert result.returncode == 0, f"{output}\n{summary(events)}"
+    assert not [line for line in output.splitlines() if line.startswith("Error")], output
+    assert all(e["outcome"] in ("migrated", "closed") for e in events), summary(events)
+    migrated = [e for e in events if e["outcome"] == "migrated"]
+    rates = [line.strip() for line in result.stdout.splitlines() if "per second" in line]
+    print(f"redis-benchmark across roams: {rates}; {len(migrated)} connections moved")
+    assert len(migrated) >= 4 * 3, summary(events)  # its four connections moved 3 times each
+    assert problems == []
