@@ -2,10 +2,11 @@
 (issue 15).
 
 Three servers run the same service from Debian with the same data: redis-server, or memcached.
-A client in c1 holds four connections through the VIP and asks in a loop while the service
-roams about every 0.75 s: redis connections first select database 3 (session state the new
-server must restore before replaying), then GET, MGET and PING; memcached connections get one
-item, two items, and the version. Every reply must be the right one, no connection may be
+A client in c1 holds four connections through the VIP and asks in a loop for 20 s while the
+service roams about every 0.75 s: redis connections first select database 3 (session state the
+new server must restore before replaying), then GET, MGET, PING and SET (the value the key
+has, so replicas stay equal); memcached connections get one item, two items, the version, and
+set an item to its value. Every reply must be the right one, no connection may be
 reset, every hand-over must migrate, and the server shims must say which protocol they
 recognised (``--codec auto``).
 """
@@ -94,7 +95,10 @@ while time.time() < end:
             wrong.append(("MGET", pair, repr(got)[:60]))
         if c.ask("PING") != b"+PONG":
             wrong.append(("PING",))
-        done += 3
+        # A write, the same value again: the replicas stay equal without replication.
+        if c.ask("SET", name, keys[name]) != b"+OK":
+            wrong.append(("SET", name))
+        done += 4
     i += 1
     time.sleep(0.002)
 print(json.dumps({"replies": done, "wrong": wrong[:10], "ports": ports}))
@@ -130,6 +134,10 @@ class Conn:
             assert len(lines[i + 1]) == int(size)
             i += 2
         return found
+    def set(self, key, value):
+        data = value.encode()
+        self.sock.sendall(b"set %s 0 0 %d\r\n%s\r\n" % (key.encode(), len(data), data))
+        return self.until(b"\r\n")
     def version(self):
         self.sock.sendall(b"version\r\n")
         return self.until(b"\r\n")
@@ -150,7 +158,9 @@ while time.time() < end:
             wrong.append(("gets", pair))
         if not c.version().startswith(b"VERSION "):
             wrong.append(("version",))
-        done += 3
+        if c.set(name, items[name]) != b"STORED\r\n":
+            wrong.append(("set", name))
+        done += 4
     i += 1
     time.sleep(0.002)
 print(json.dumps({"replies": done, "wrong": wrong[:10], "ports": ports}))
@@ -171,12 +181,12 @@ def test_four_connections_keep_their_session_and_replies_across_roams(service: s
     data, program, codec = CASES[service]
     content = {name: value.encode() for name, value in data.items()}
     with live_lab(
-        tick=0.5, m=1, service=service, content=content, min_switches=6, switch_window=12.0
+        tick=0.5, m=1, service=service, content=content, min_switches=12, switch_window=24.0
     ) as roaming:
         roaming.start()
         roaming.wait_for_schedule(0.2)
         argv = [sys.executable, "-c", program, str(roaming.vip), str(LISTEN_PORT)]
-        result = roaming.lab["c1"].run([*argv, "8", json.dumps(data)], timeout=120)
+        result = roaming.lab["c1"].run([*argv, "20", json.dumps(data)], timeout=180)
         events = handoffs(roaming)
         complaints = server_events(roaming, lambda e: e["level"] != "info")
         chosen = {
@@ -192,7 +202,9 @@ def test_four_connections_keep_their_session_and_replies_across_roams(service: s
     others = [e for e in ours if e["outcome"] not in ("migrated", "closed")]
     assert others == [], summary(others)
     migrated = [e for e in ours if e["outcome"] == "migrated"]
-    assert len(migrated) >= 4 * 3, summary(ours)  # each connection moved at least 3 times
+    roams = {e["epoch"] for e in migrated}
+    assert len(roams) >= 10, summary(ours)  # ten roams or more
+    assert len(migrated) >= 4 * len(roams), summary(ours)  # all four connections moved at each
     assert problems == []
     assert chosen == {codec}, chosen  # --codec auto recognised the protocol, and said so
 
