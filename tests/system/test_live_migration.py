@@ -459,10 +459,6 @@ def paced_read(
     return [(h.digest(), n) for h, n in zip(hashes, sizes, strict=True)]
 
 
-@pytest.mark.known_timing(
-    cause="under CPU contention a connection's newest checkpoint can lag the bytes its client "
-    "has (checkpoint covers none of the N bytes); issue 14 makes checkpoints keep up"
-)
 def test_200_concurrent_downloads_survive_the_same_roam() -> None:
     # Each curl writes to a pipe that the test drains at 20 KiB/s: about 50 s per 1 MiB
     # transfer, so that all 200 are open across the first roams. (curl's own --limit-rate lets

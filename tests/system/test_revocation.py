@@ -73,10 +73,6 @@ def allowed_set(roaming: RoamingLab, shim: ShimProcess) -> str:
     return listing.stdout
 
 
-@pytest.mark.known_timing(
-    cause="failed once in the last CI-like run of 2026-12-03 (passed in the three before it); "
-    "the session ended before its output could be read"
-)
 def test_a_revocation_reaches_every_server_through_loss_and_a_server_that_was_down() -> None:
     if os.geteuid() != 0:
         pytest.skip("system test: needs root")
