@@ -289,7 +289,9 @@ def nginx_config(
             "user root;",
             f"pid {workdir}/nginx.pid;",
             f"error_log {workdir}/error.log warn;",
-            "events { worker_connections 1024; }",
+            # Room for the benchmarks' 10,000 keep-alive connections (and the shim's own).
+            "worker_rlimit_nofile 40000;",
+            "events { worker_connections 20000; }",
             "http {",
             mime,
             "    default_type application/octet-stream;",

@@ -54,7 +54,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import signal
 import socket
 import struct
@@ -68,6 +67,7 @@ from typing import Final
 
 from migrate.kernel import pipes
 from migrate.kernel.files import write_private
+from migrate.kernel.processes import raise_open_file_limit
 from proxy.transparent import DEFAULT_CONNECT_TIMEOUT_S, connect_plain, connect_transparent
 
 _log = logging.getLogger(__name__)
@@ -1273,15 +1273,6 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _raise_fd_limit() -> None:
-    """Each relay holds 2 sockets and up to 2 pipes (6 fds); use the whole hard limit."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-
-
 def _write_status(server: RelayServer, path: Path) -> None:
     stats = server.snapshot()
     status = {
@@ -1343,7 +1334,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.WARNING,
         format="%(asctime)s relay %(levelname)s %(message)s",
     )
-    _raise_fd_limit()
+    raise_open_file_limit()
     if args.loop == "uvloop":
         import uvloop
 

@@ -175,3 +175,37 @@ def stop_children(
         # a process stuck in the kernel (D state) may survive; the namespace sweep reports it
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(timeout=_KILL_WAIT_S)
+
+
+# A relayed connection holds two sockets and, while it moves bulk, up to two pipes (splice) or
+# four (splice with tee); a live hand-over adds a repaired socket. A million is the kernel's
+# default fs.nr_open; a daemon asks for no more than that.
+WANTED_OPEN_FILES = 1 << 20
+
+
+def raise_open_file_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int]:
+    """Raise this process's limit of open files (RLIMIT_NOFILE) as far as allowed, towards
+    ``wanted``; returns (before, after) of the soft limit.
+
+    systemd starts services with a soft limit of 1024, which a shim relaying 500 connections
+    would exhaust (EMFILE: new connections refused). The soft limit goes up to the hard one;
+    as root (CAP_SYS_RESOURCE) the hard one too, up to fs.nr_open. Never lowers anything."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        ceiling = int(Path("/proc/sys/fs/nr_open").read_text())
+    except (OSError, ValueError):
+        ceiling = wanted
+    target = min(wanted, ceiling)
+    if hard != resource.RLIM_INFINITY and hard < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, target))
+            return soft, target
+        target = hard  # not allowed to raise the hard limit: use all of it
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return soft, soft
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        return soft, target
+    return soft, soft

@@ -406,9 +406,13 @@ def _preflight(kind: str, live: bool) -> None:
 
 
 def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run a daemon's main coroutine on uvloop (the project's event loop)."""
+    """Run a daemon's main coroutine on uvloop (the project's event loop), with room for as
+    many connections as the host allows (``raise_open_file_limit``)."""
     import uvloop
 
+    from migrate.kernel.processes import raise_open_file_limit
+
+    raise_open_file_limit()
     uvloop.run(main())
 
 
