@@ -4,7 +4,9 @@ Requests are sealed on the client's channel (``migrate.reincarnation``) and sent
 migration port; answers are opened and handed to the roam's hand-over machines. With cover
 traffic (``migrate.cover``) requests wait for their slot and every server of the pool gets as
 many cells of the same size, so that the wire tells neither which server is next nor when a
-hand-over is prepared.
+hand-over is prepared. The freeze's messages (COMMIT, GO, ABORT) go at once in an urgent slot
+(``migrate.cover``: waiting for the grid added up to two slots to every roam's pause), one
+per turn of the event loop however many connections commit together.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from migrate.errors import RoamError
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.udp import datagram_socket
 from migrate.registration import Bundle
-from migrate.reincarnation import Answer, Request, answer_opener, request_sealer
+from migrate.reincarnation import Answer, Phase, Request, answer_opener, request_sealer
+
+# Sent during the freeze, when the application waits: never held for the cover grid.
+URGENT_PHASES = frozenset({Phase.COMMIT, Phase.GO, Phase.ABORT})
 
 
 class RequestChannel:
@@ -53,6 +58,7 @@ class RequestChannel:
             self.cover = CoverSchedule(servers, cover_config, clock())
         self.cover_answers = 0
         self._cover_task: asyncio.Task[None] | None = None
+        self._urgent: asyncio.Handle | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -65,6 +71,9 @@ class RequestChannel:
             self._cover_task = loop.create_task(self._cover_loop())
 
     def close(self) -> None:
+        if self._urgent is not None:
+            self._urgent.cancel()
+            self._urgent = None
         if self._cover_task is not None:
             self._cover_task.cancel()
             self._cover_task = None
@@ -97,6 +106,9 @@ class RequestChannel:
             # Sealed when its slot comes; a request sent again (the same phase for the same
             # connection) replaces the one still queued instead of queuing behind it.
             self.cover.put(str(target.address), request, key=(request.phase, request.client_port))
+            if request.phase in URGENT_PHASES and self._urgent is None:
+                # After the other sends of this turn (1000 COMMITs): one slot for them all.
+                self._urgent = asyncio.get_running_loop().call_soon(self._send_urgent)
             return
         message = self.sealer.seal(
             Kind.REINCARNATE_REQUEST, request.encode(), self.clock() + self.clock_offset()
@@ -110,10 +122,18 @@ class RequestChannel:
         """Send the cover slot due at ``now`` (if any): a cell to every server, real requests
         in place of cover where queued. Sealed now, so that each is fresh when it leaves."""
         assert self.cover is not None
+        return self._send_cells(self.cover.take(now), now)
+
+    def _send_urgent(self) -> None:
+        self._urgent = None
+        if self.cover is not None and self.transport is not None:
+            self._send_cells(self.cover.take_urgent(), self.clock())
+
+    def _send_cells(self, cells: list[tuple[str, Request | None]], now: float) -> int:
         assert self.transport is not None
         cell = self.cover_config.cell
         sent = 0
-        for server, request in self.cover.take(now):
+        for server, request in cells:
             plaintext = cover(cell) if request is None else frame(request.encode(), cell)
             message = self.sealer.seal(
                 Kind.REINCARNATE_REQUEST, plaintext, now + self.clock_offset()
@@ -142,6 +162,7 @@ class RequestChannel:
             "rate": self.cover_config.rate,
             "cell_bytes": self.cover_config.cell,
             "slots": self.cover.slots,
+            "urgent_slots": self.cover.urgent_slots,
             "cells_sent": self.cover.cells,
             "queued": self.cover.queued(),
             "dropped": self.cover.dropped,

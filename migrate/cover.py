@@ -15,6 +15,13 @@ a burst of hand-overs shows as a larger slot to every server at once, never as t
 Each server answers every framed request with exactly one answer cell of ``ANSWER_CELL_BYTES``
 (a cover answer to cover, to GO and ABORT, and to a PREPARE repeated while it is worked on).
 
+Urgent slots: the messages of a hand-over's freeze (COMMIT, GO, ABORT) go in a slot of their
+own at once (``take_urgent``), off the grid, with the same cells to every server as any slot.
+Waiting for the grid cost every roam up to two slots (50 ms each at the default rate) of the
+application's pause, and hid nothing: they are sent at the switch, and the client's data
+segments show the new server's address on the same link a few milliseconds later. The
+PREPAREs, seconds before the roam, keep waiting for the grid: they are what cover hides.
+
 Framing, inside the sealed envelope (``migrate.channel``; the header's kind stays
 ``REINCARNATE_REQUEST`` / ``REINCARNATE_READY``, so cover is indistinguishable on the wire)::
 
@@ -158,6 +165,7 @@ class CoverSchedule(Generic[T]):
         self.dropped = 0
         self.replaced = 0
         self.slots = 0
+        self.urgent_slots = 0
         self.cells = 0
 
     def put(self, server: str, item: T, key: Hashable | None = None) -> None:
@@ -207,11 +215,7 @@ class CoverSchedule(Generic[T]):
             self.next_slot = now
         if now < self.next_slot:
             return []
-        width = min(self.config.max_burst, max(1, *(len(q) for q in self.queues.values())))
-        cells: list[tuple[str, T | None]] = []
-        for _ in range(width):
-            for server in self.servers:
-                cells.append((server, self._pop(server)))
+        cells = self._cells()
         # The next grid point after now: slots missed while the caller was away (a suspended
         # process, a clock step forward) are skipped, not sent in a burst.
         missed = math.floor((now - self.next_slot) / period) + 1
@@ -220,4 +224,22 @@ class CoverSchedule(Generic[T]):
             self.next_slot = now + period
         self.slots += 1
         self.cells += len(cells)
+        return cells
+
+    def take_urgent(self) -> list[tuple[str, T | None]]:
+        """A slot at once, off the grid (which goes on unchanged), for what is queued: the
+        same number of cells to every server as in any slot. Nothing if nothing is queued."""
+        if not self.queued():
+            return []
+        cells = self._cells()
+        self.urgent_slots += 1
+        self.cells += len(cells)
+        return cells
+
+    def _cells(self) -> list[tuple[str, T | None]]:
+        width = min(self.config.max_burst, max(1, *(len(q) for q in self.queues.values())))
+        cells: list[tuple[str, T | None]] = []
+        for _ in range(width):
+            for server in self.servers:
+                cells.append((server, self._pop(server)))
         return cells

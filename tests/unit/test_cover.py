@@ -208,3 +208,26 @@ def test_a_request_sent_again_replaces_the_queued_one_and_keeps_its_place():
     # Once sent, the key is free again: a new request of that key queues anew.
     schedule.put("a", "commit 0 third", key=("COMMIT", 0))
     assert schedule.queued() == 1
+
+
+def test_an_urgent_slot_goes_at_once_to_every_server_and_leaves_the_grid_alone() -> None:
+    schedule: CoverSchedule[str] = CoverSchedule(SERVERS, CoverConfig(rate=10), 0.0)
+    schedule.take(0.0)
+    assert schedule.take_urgent() == []  # nothing queued: no slot at all
+    schedule.put("10.0.0.2", "commit")
+    slot = schedule.take_urgent()
+    assert Counter(server for server, _ in slot) == dict.fromkeys(SERVERS, 1)
+    assert [item for _, item in slot if item is not None] == ["commit"]
+    assert schedule.urgent_slots == 1
+    assert schedule.next_slot == pytest.approx(0.1)  # the grid is where it was
+    assert [item for _, item in schedule.take(0.1)] == [None] * len(SERVERS)
+
+
+def test_an_urgent_slot_widens_for_a_burst_like_any_slot() -> None:
+    schedule: CoverSchedule[int] = CoverSchedule(SERVERS, CoverConfig(rate=10, max_burst=4), 0.0)
+    for i in range(6):
+        schedule.put("10.0.0.1", i)
+    slot = schedule.take_urgent()
+    assert Counter(server for server, _ in slot) == dict.fromkeys(SERVERS, 4)
+    assert [item for _, item in slot if item is not None] == [0, 1, 2, 3]
+    assert schedule.queued() == 2  # the rest in the next slot, urgent or on the grid
