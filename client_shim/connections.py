@@ -7,6 +7,8 @@ they give the requests a hand-over sends.
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from client_shim.capture import Capture
 from migrate.connstore import TrackedConnection
 from migrate.errors import RoamError
@@ -21,6 +23,8 @@ from migrate.rangeplan import expected_regeneration
 from migrate.reincarnation import Phase, Request
 
 Sockets = dict[int, sockdiag.TcpSocketInfo]
+
+EXACT_LOOKUPS_MAX = 16  # ports looked up one by one rather than by a dump (sockets_of)
 
 
 def acked_bytes(info: sockdiag.TcpSocketInfo) -> int:
@@ -52,6 +56,22 @@ class ClientConnections:
         sockets = self.live_sockets()
         self.capture.drain()
         return sockets
+
+    def sockets_of(self, ports: Collection[int]) -> Sockets:
+        """``sockets_and_capture`` for ``ports`` only (the established ones among them). Inside
+        the freeze, where the application waits: a dump costs a walk of the host's whole TCP
+        hash table, whatever the count of sockets (3 ms per address family here, two
+        families), an exact lookup 0.2 ms; for more than ``EXACT_LOOKUPS_MAX`` ports the dump
+        is the cheaper."""
+        if len(ports) > EXACT_LOOKUPS_MAX:
+            return self.sockets_and_capture()
+        found = {}
+        for port in ports:
+            info = sockdiag.lookup((self.client_address, port), self.vip)
+            if info is not None and info.state == "ESTABLISHED":
+                found[port] = info
+        self.capture.drain()
+        return found
 
     def live_sockets(self) -> Sockets:
         found, present = {}, set()

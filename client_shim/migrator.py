@@ -295,16 +295,16 @@ class Migrator:
         try:
             # The copies of everything sent before the freeze are queued by now: take them all
             # before reading positions.
-            sockets = self.view.sockets_and_capture()
+            sockets = self.view.sockets_of([m.port for m in ready])
             record.mark("carriers", self.clock())
+            self._commit(ready, sockets, record.epoch)
+            record.mark("commits_sent", self.clock())
             # The prepared connections commit at once; the connections opened in the last
             # moments (still with the old server, perhaps still without a checkpoint) are
             # prepared and committed meanwhile, so that waiting for them does not lengthen
-            # the others' pause.
+            # the others' pause. (Started after the COMMITs: their urgent slot goes first.)
             late = asyncio.get_running_loop().create_task(self._late_newcomers(record, target))
             try:
-                self._commit(ready, sockets, record.epoch)
-                record.mark("commits_sent", self.clock())
                 await self._run(ready, ClientState.COMMITTING)
                 record.mark("committed", self.clock())
             finally:
@@ -334,8 +334,14 @@ class Migrator:
 
     async def _late_newcomers(self, record: RoamRecord, target: Endpoint) -> None:
         """Connections opened with the old server after the PREPAREs and before the freeze:
-        wait (bounded) for their first checkpoints, then prepare, freeze and commit them."""
-        sockets = self.view.sockets_and_capture()
+        wait (bounded) for their first checkpoints, then prepare, freeze and commit them.
+        Found in the capture's store (their SYNs), not by a dump: this runs in the freeze."""
+        candidates = [
+            port
+            for port, conn in self.store.connections.items()
+            if port not in record.connections and conn.opened_at < record.started
+        ]
+        sockets = self.view.sockets_of(candidates)
         await self._await_carriers(sockets, record, opened_before=record.started)
         newcomers = self._newcomers(
             record, sockets, record.started, self.clock() + self.commit_timeout
@@ -345,7 +351,7 @@ class Migrator:
         self._freeze(newcomers, target)
         await self._run(newcomers, ClientState.PREPARING)
         prepared = [m for m in newcomers if m.state is ClientState.PREPARED]
-        sockets = self.view.sockets_and_capture()
+        sockets = self.view.sockets_of([m.port for m in prepared])
         self._commit(prepared, sockets, record.epoch)
         await self._run(prepared, ClientState.COMMITTING)
         record.mark("newcomers", self.clock())
