@@ -262,6 +262,20 @@ class Candidate:
 NO_HASH = bytes(32)  # a checkpoint's s2c_hash when it commits to nothing (see RangeRecord)
 
 
+def verifies_nothing(checkpoint: Checkpoint) -> bool:
+    """Whether no new server could check a regeneration against ``checkpoint``: it holds
+    service bytes past its fresh point, yet neither their hash nor a range record. A stream
+    resumed from a range has no hash of its response's start; once the service's next response
+    passes (pipelined requests) while the client has not yet acknowledged the end of the resumed
+    one, the window left with the old response. Such a checkpoint is not sent: the client keeps
+    the previous one, whose range record a new server can use."""
+    return (
+        checkpoint.s2c_pos > checkpoint.s2c_fresh
+        and checkpoint.s2c_hash == NO_HASH
+        and checkpoint.range is None
+    )
+
+
 class _Window:
     """The last body bytes of a resumable response, for a checkpoint's window hash."""
 

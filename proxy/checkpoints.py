@@ -50,7 +50,7 @@ from migrate.kernel import rawtcp, tcp_repair
 from migrate.kernel import sockopts as so
 from migrate.registration import ClientRecord
 from migrate.reincarnation import CHECKPOINT_AGE_FLOOR_S
-from migrate.streamstate import StreamState
+from migrate.streamstate import StreamState, verifies_nothing
 from proxy.livecontext import LiveContext
 from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Splice
 
@@ -249,6 +249,11 @@ class LiveConnection:
         self._report_codec()
         checkpoint = self.snapshot(now)
         pusher = self.pusher
+        if verifies_nothing(checkpoint):
+            # The client keeps its previous checkpoint, which a new server can use.
+            pusher.withheld += 1
+            self._next_due(now)
+            return
         sealed = seal_checkpoint(
             checkpoint,
             pusher.keys.for_epoch(checkpoint.epoch),
@@ -278,7 +283,10 @@ class LiveConnection:
             if self.stream.settled
             else None
         )
-        period = pusher.context.checkpoint_period
+        self._next_due(now)
+
+    def _next_due(self, now: float) -> None:
+        period = self.pusher.context.checkpoint_period
         # Keep the connection's own phase: due times are start + k * period.
         elapsed = now - self.started
         self.next_due = self.started + (int(elapsed / period) + 1) * period
@@ -346,6 +354,7 @@ class CheckpointPusher:
         self.carrier_sealers: dict[int, Sealer] = {}
         self.sent = 0
         self.unmigratable = 0  # connections found unmigratable (each logged once)
+        self.withheld = 0  # checkpoints not sent: nothing in them could be verified
         self._raw: rawtcp.RawTcpSender | None = None
         self._leave_pushed: float | None = None
 
@@ -518,6 +527,7 @@ class CheckpointPusher:
         return {
             "live_connections": len(self.connections),
             "checkpoints_sent": self.sent,
+            "checkpoints_withheld": self.withheld,
             "codecs": codecs,
             "unmigratable": self.unmigratable,
         }

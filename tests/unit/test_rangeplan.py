@@ -36,7 +36,7 @@ from migrate.rangeplan import (
     plan,
     response_facts,
 )
-from migrate.streamstate import NO_HASH, StreamState
+from migrate.streamstate import NO_HASH, StreamState, verifies_nothing
 
 KEY = bytes(range(32))
 DEPLOYMENT = bytes(16)
@@ -532,3 +532,30 @@ def test_small_responses_are_not_looked_at_for_a_record() -> None:
     big.feed_c2s(REQUEST)
     big.feed_s2c(head(MIN_BODY_BYTES) + b"x" * 1000)
     assert checkpoint_of(big, 0).range is not None
+
+
+def test_a_resumed_stream_past_its_response_with_the_client_behind_verifies_nothing() -> None:
+    """Pipelined requests: the service's next response passes while the client has not yet
+    acknowledged the end of the resumed one. A checkpoint then would hold neither a hash nor a
+    range record (the next server diverged on it, every time): it is recognised, and not sent."""
+    original = os.urandom(300_000)
+    response_head = head(len(original))
+    old = streamed(original[:100_000], [4096], response_head=response_head)
+    checkpoint = checkpoint_of(old, 0)
+    chosen = plan(checkpoint, REQUEST, checkpoint.s2c_pos)
+    assert isinstance(chosen, RangePlan)
+    new = StreamState(
+        "http", c2s_start=checkpoint.c2s_fresh, s2c_start=checkpoint.s2c_fresh, range_min_body=1
+    )
+    new.feed_c2s(REQUEST + REQUEST)  # the next request is already there: pipelined
+    new.resume_range(chosen.record, chosen.s2c_start)
+    whole = response_head + original
+    new.feed_s2c(whole[chosen.s2c_start : chosen.s2c_start + 50_000])
+    inside = checkpoint_of(new, 0)
+    assert not verifies_nothing(inside)  # a window of the resumed body: usable
+    new.feed_s2c(whole[chosen.s2c_start + 50_000 :] + response_head + original[:70_000])
+    past = checkpoint_of(new, chosen.s2c_start)  # the client still inside the resumed body
+    assert verifies_nothing(past)
+    done = checkpoint_of(new, len(whole) + 1)  # the client acknowledged the whole first answer
+    assert not verifies_nothing(done)
+    assert done.s2c_fresh == len(whole)
