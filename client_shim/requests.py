@@ -128,6 +128,10 @@ class RequestChannel:
         self._urgent = None
         if self.cover is not None and self.transport is not None:
             self._send_cells(self.cover.take_urgent(), self.clock())
+            if self.cover.queued():
+                # A burst wider than a slot (1000 COMMITs): the rest in the next loop turn,
+                # not on the grid.
+                self._urgent = asyncio.get_running_loop().call_soon(self._send_urgent)
 
     def _send_cells(self, cells: list[tuple[str, Request | None]], now: float) -> int:
         assert self.transport is not None
