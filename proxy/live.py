@@ -176,6 +176,12 @@ class LiveMode:
             timer = pending.machine.get_timer()
             if timer is not None and now >= timer:
                 gate = not self.port.behind_closed_gate(pending.machine.prepare.epoch)
+                if pending.machine.state is ServerState.RESTORED:
+                    # The client switched (it answered READY), but its GO never came: started
+                    # anyway, after the application waited GO_TIMEOUT_S. Worth knowing.
+                    self.context.log.event(
+                        "go_timeout", level="warning", client=f"{key[0]}:{key[1]}"
+                    )
                 pending.machine.handle_timer(now, gate_open=gate)
                 self._execute(key, pending)
 
