@@ -132,6 +132,9 @@ class MigrationPort:
         chunk = Chunk.decode(opened.plaintext)
         check_client_source(record, source[0])
         context.pool.check_client_allowed(record, max(context.epoch(), 1))
+        pool = context.pool
+        if record.client_id in pool.blocks and record.client_id in pool.blocked(context.epoch()):
+            raise RoamError(f"client {record.name!r} is blocked here (over its rate contract)")
         if abs(chunk.epoch - context.epoch()) > MAX_EPOCH_DISTANCE:
             raise RoamError(f"replay chunk for epoch {chunk.epoch}, far from the current one")
         ack = self.buffers.add(client_id, chunk, context.clock())
