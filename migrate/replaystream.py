@@ -157,6 +157,7 @@ class Run:
     base: int
     data: bytearray
     updated: float
+    expires: float | None = None  # set by ``retire``
 
     @property
     def end(self) -> int:
@@ -205,6 +206,7 @@ class ReplayBuffers:
         elif growth:
             run.data += chunk.data[len(chunk.data) - growth :]
         run.updated = now
+        run.expires = None
         self.held[client_id] = total
         return Ack(chunk.client_port, run.base, run.end)
 
@@ -228,9 +230,21 @@ class ReplayBuffers:
             else:
                 self.held.pop(client_id, None)
 
+    def retire(self, client_id: int, port: int, now: float, after: float) -> None:
+        """The run's hand-over is done: drop it ``after`` seconds from ``now`` (a repeated
+        COMMIT whose answer was lost still finds its bytes meanwhile)."""
+        run = self.runs.get((client_id, port))
+        if run is not None:
+            run.expires = now + after
+
     def expire(self, now: float, ttl: float) -> list[tuple[int, int]]:
-        """Drop runs not extended for ``ttl`` (their hand-over is over); returns their keys."""
-        old = [key for key, run in self.runs.items() if now - run.updated > ttl]
+        """Drop runs not extended for ``ttl`` (their hand-over is over) and retired runs whose
+        time has come; returns their keys."""
+        old = [
+            key
+            for key, run in self.runs.items()
+            if now - run.updated > ttl or (run.expires is not None and now >= run.expires)
+        ]
         for key in old:
             self.drop(*key)
         return old

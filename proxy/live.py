@@ -23,6 +23,7 @@ from migrate.channel import Opened, Opener
 from migrate.checkpoint import stream_hash_key
 from migrate.errors import AuthenticationError, RoamError
 from migrate.handover import (
+    DEFAULT_COMMIT_TIMEOUT_S,
     PENDING_TTL_S,
     Release,
     Restore,
@@ -486,7 +487,10 @@ class LiveMode:
         """GO (or its timeout): the restored socket becomes a live connection."""
         del self.pending[key]
         self.meter.release(key)
-        self.port.buffers.drop(pending.machine.client_id, key[1])
+        # Kept a little: a repeated COMMIT (its READY lost) still finds its streamed bytes.
+        self.port.buffers.retire(
+            pending.machine.client_id, key[1], self.context.clock(), DEFAULT_COMMIT_TIMEOUT_S
+        )
         sock, service, unsent = pending.replayer.hand_over()
         self.pusher.reincarnated(
             key,

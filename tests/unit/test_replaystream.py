@@ -171,7 +171,10 @@ def test_runs_grow_contiguously_and_refuse_gaps_differences_and_excess():
     buffers.drop(1, 40000)
     assert 1 not in buffers.held
     assert buffers.total == 61
-    assert buffers.expire(10.0, ttl=5.0) == [(2, 40001)]
+    buffers.retire(2, 40001, now=1.0, after=2.0)
+    assert buffers.expire(2.9, ttl=5.0) == []
+    assert buffers.slice(2, 40001, 0, 61) == b"d" * 61  # still there for a repeated COMMIT
+    assert buffers.expire(3.0, ttl=5.0) == [(2, 40001)]
     assert buffers.total == 0
 
 
