@@ -26,6 +26,7 @@ from migrate.kernel.eventlog import EventLog
 from migrate.kernel.nflog import NflogPacket, NflogReader
 from migrate.kernel.rawtcp import is_carrier, parse_ipv4_tcp
 from migrate.registration import Bundle
+from migrate.replaystream import DEFAULT_MAX_REPLAY
 
 # The NFLOG socket's receive buffer (forced past rmem_max: the shim has CAP_NET_ADMIN). Copies
 # are charged at their buffer's true size (a 1500-byte copy costs about 2.3 KB, a 64 KB
@@ -44,6 +45,7 @@ class Capture:
         log: EventLog,
         clock: Callable[[], float],
         clock_offset: Callable[[], float],
+        max_replay: int = DEFAULT_MAX_REPLAY,
     ) -> None:
         self.log = log
         self.clock = clock
@@ -51,7 +53,8 @@ class Capture:
         self.client_address = str(bundle.address)
         self.vip = (str(bundle.vip), bundle.service_port)
         self.pool = {(str(s.address), s.port) for s in bundle.servers()}
-        self.store = ConnectionStore()
+        # --max-replay per connection; the store's total bounds the client's memory.
+        self.store = ConnectionStore(per_connection_limit=max_replay, total_limit=4 * max_replay)
         self.carriers: Opener = carrier_opener(
             bundle.channel_key, bundle.deployment_id, bundle.client_id
         )
@@ -104,6 +107,9 @@ class Capture:
             )
         for port, reason in self.store.take_losses():
             self.log.event("capture_loss", level="warning", port=port, reason=reason)
+        # At once, not at the roam: the connection will be reset when the service roams.
+        for port, reason in self.store.take_unmigratable():
+            self.log.event("connection_unmigratable", level="warning", port=port, reason=reason)
 
     def _take(self, packets: list[NflogPacket]) -> None:
         now = self.clock()
@@ -134,6 +140,7 @@ class Capture:
             "overflows": reader.overflowed if reader is not None else 0,
             "lost_batches": self.lost_batches,
             "connection_losses": self.store.losses,
+            "unmigratable": self.store.unmigratable,
             "losses_by_port": self.store.losses_by_port(),
         }
 

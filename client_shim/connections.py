@@ -21,6 +21,7 @@ from migrate.kernel import sockdiag
 from migrate.kernel.eventlog import EventLog
 from migrate.rangeplan import expected_regeneration
 from migrate.reincarnation import Phase, Request
+from migrate.replaystream import MAX_INLINE_REPLAY_BYTES
 
 Sockets = dict[int, sockdiag.TcpSocketInfo]
 
@@ -136,6 +137,8 @@ class ClientConnections:
             start,
             conn.carrier.sealed,
             replay,
+            # More than a datagram carries: all of it on the replay stream (migrate.replaystream).
+            streamed=len(replay) if len(replay) > MAX_INLINE_REPLAY_BYTES else 0,
         )
 
     def suggested_lead(self, base: float) -> float:

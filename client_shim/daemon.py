@@ -53,6 +53,7 @@ from migrate.kernel.metrics import HandoffTally, MetricsServer, client_families,
 from migrate.kernel.routing import HostRoute
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.registration import Bundle
+from migrate.replaystream import DEFAULT_MAX_REPLAY
 from migrate.schedule import Epoch, EpochSchedule
 from migrate.updates import ClientRoamingState
 
@@ -73,6 +74,7 @@ class ClientShim:
         bind_address: str = "",
         live: bool = True,
         prepare_lead: float = DEFAULT_PREPARE_LEAD_S,
+        max_replay: int = DEFAULT_MAX_REPLAY,
         migration_port: int = MIGRATION_PORT,
         cover_config: CoverConfig | None = None,
         metrics: Endpoint | None = None,
@@ -127,6 +129,7 @@ class ClientShim:
         self.migrator: Migrator | None = None
         self.live = live
         self.prepare_lead = prepare_lead
+        self.max_replay = max_replay
         self.nflog_group = (os.getpid() % 60000) + 1
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
@@ -444,14 +447,15 @@ class ClientShim:
                     self.clock,
                     lambda: self.roaming.clock_offset or 0.0,
                     prepare_lead=self.prepare_lead,
+                    max_replay=self.max_replay,
                     migration_port=self.migration_port,
                     cover_config=self.cover_config,
                 )
                 # Its requests start above the floor the last run persisted: no nonce twice
                 # under the client's key, even if the clock went back.
-                self.migrator.sealer.keep_counters(
-                    CounterFloor(self.saved.counter_floor, self._save_counter_floor)
-                )
+                floor = CounterFloor(self.saved.counter_floor, self._save_counter_floor)
+                self.migrator.sealer.keep_counters(floor)
+                self.migrator.streams.sealer.keep_counters(floor)
                 await self.migrator.start()
             if self.metrics_endpoint is not None:
                 self.metrics = MetricsServer(

@@ -29,7 +29,7 @@ from typing import Any
 
 from client_shim.capture import Capture
 from client_shim.connections import ClientConnections, verifiable
-from client_shim.requests import RequestChannel
+from client_shim.requests import ReplayStreams, RequestChannel
 from client_shim.rules import finished_script, freeze_script, switch_script
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
@@ -53,6 +53,7 @@ from migrate.kernel import nft, sockdiag
 from migrate.kernel.eventlog import EventLog
 from migrate.registration import Bundle
 from migrate.reincarnation import Answer, Phase
+from migrate.replaystream import DEFAULT_MAX_REPLAY
 
 MAX_ROAM_RECORDS = 50
 
@@ -111,6 +112,7 @@ class Migrator:
         commit_timeout: float = DEFAULT_COMMIT_TIMEOUT_S,
         migration_port: int = MIGRATION_PORT,
         cover_config: CoverConfig | None = None,
+        max_replay: int = DEFAULT_MAX_REPLAY,
     ) -> None:
         self.bundle = bundle
         self.table = table
@@ -121,7 +123,7 @@ class Migrator:
         self.commit_timeout = commit_timeout
         self.client_address = str(bundle.address)
         self.vip = (str(bundle.vip), bundle.service_port)
-        self.capture = Capture(bundle, log, clock, clock_offset)
+        self.capture = Capture(bundle, log, clock, clock_offset, max_replay)
         self.store = self.capture.store
         self.view = ClientConnections(self.capture, bundle.service_port, log)
         self.suggested_lead = self.view.suggested_lead
@@ -135,6 +137,8 @@ class Migrator:
             cover_config=cover_config if cover_config is not None else CoverConfig(),
         )
         self.sealer = self.channel.sealer
+        self.streams = ReplayStreams(self.channel, bundle, log)
+        self._pushes: set[asyncio.Task[Any]] = set()
         self.roams: list[RoamRecord] = []
         # The running roam's machines by client port (answers are dispatched to them).
         self._machines: dict[int, ClientHandover] = {}
@@ -160,12 +164,28 @@ class Migrator:
         for action in machine.actions():
             if isinstance(action, Send) and action.request is not None:
                 assert self._target is not None
+                if action.request.streamed:
+                    # Its bytes go on the replay stream first; the datagram follows once the
+                    # server acknowledged them (lost like a datagram if the stream fails).
+                    task = asyncio.get_running_loop().create_task(
+                        self._send_streamed(self._target, action.request)
+                    )
+                    self._pushes.add(task)
+                    task.add_done_callback(self._pushes.discard)
+                    continue
                 try:
                     self.channel.send(self._target, action.request)
                 except (RoamError, OSError) as error:  # lost like a datagram: retried
                     self.log.event("request_send_failed", level="warning", reason=str(error))
             elif isinstance(action, Reset):
                 pass  # the state says RESET: done after the switch, with every other reset
+
+    async def _send_streamed(self, target: Endpoint, request: Any) -> None:
+        if await self.streams.push(target, request):
+            try:
+                self.channel.send(target, request)
+            except (RoamError, OSError) as error:
+                self.log.event("request_send_failed", level="warning", reason=str(error))
 
     async def _run(self, machines: Iterable[ClientHandover], state: ClientState) -> None:
         """Feed answers and timers until none of ``machines`` is in ``state`` any more."""
@@ -198,6 +218,9 @@ class Migrator:
         """Send a PREPARE for every live connection; returns the roam's record."""
         self._machines.clear()
         self._target = target
+        # Each roam streams on fresh connections: a server forgets its runs when their
+        # hand-overs end, and closes a stream idle for long (proxy.migration_port).
+        self.streams.close()
         record = RoamRecord(epoch, str(target), self.clock())
         for port, info in self.view.sockets_and_capture().items():
             conn = self.store.connections.get(port)
@@ -255,6 +278,24 @@ class Migrator:
             if newer is not None and machine.request is newer:
                 self.store.pin(machine.port, newer.c2s_sent)
             self._execute(machine)
+            self._top_up(target, machine)
+
+    def _top_up(self, target: Endpoint, machine: ClientHandover) -> None:
+        """A connection whose PREPARE went on the replay stream: send the bytes written since,
+        so that the COMMIT, during the freeze, carries only the last few."""
+        request = machine.request
+        if not request.streamed:
+            return
+        data = self.store.replay_bytes(machine.port, request.c2s_sent)
+        if not data:
+            return
+        task = asyncio.get_running_loop().create_task(
+            self.streams.push_bytes(
+                target, request.epoch, machine.port, request.vport, request.c2s_sent, data
+            )
+        )
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
 
     async def commit(
         self,
@@ -475,6 +516,7 @@ class Migrator:
 
     def close(self) -> None:
         self.channel.close()
+        self.streams.close()
         if self.capture.reader is not None:
             asyncio.get_running_loop().remove_reader(self.capture.reader.fileno())
             self.capture.close()
@@ -489,5 +531,6 @@ class Migrator:
             "capture_losses": self.capture.losses,
             "capture": self.capture.status(),
             "cover": self.channel.cover_status(),
+            "replay_stream": self.streams.status(),
             "roams": [record.summary() for record in self.roams[-10:]],
         }

@@ -22,10 +22,23 @@ from migrate.errors import RoamError
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.udp import datagram_socket
 from migrate.registration import Bundle
-from migrate.reincarnation import Answer, Phase, Request, answer_opener, request_sealer
+from migrate.reincarnation import (
+    Answer,
+    Phase,
+    Request,
+    answer_opener,
+    request_sealer,
+    stream_ack_opener,
+    stream_sealer,
+)
+from migrate.replaystream import Ack, FrameReader, Positions, chunks, stream_frame
 
 # Sent during the freeze, when the application waits: never held for the cover grid.
 URGENT_PHASES = frozenset({Phase.COMMIT, Phase.GO, Phase.ABORT})
+
+# A replay stream that makes no progress this long has failed (the request is not sent; the
+# hand-over's retry tries again, from the acknowledged position).
+STREAM_TIMEOUT_S = 3.0
 
 
 class RequestChannel:
@@ -173,6 +186,100 @@ class RequestChannel:
             "replaced": self.cover.replaced,
             "answers": self.cover_answers,
         }
+
+
+class ReplayStreams:
+    """The client's replay streams (migrate.replaystream): one TCP connection per server,
+    chunks sealed like requests, acknowledgements opened like answers."""
+
+    def __init__(self, channel: RequestChannel, bundle: Bundle, log: EventLog) -> None:
+        self.channel = channel
+        self.sealer = stream_sealer(bundle.channel_key, bundle.deployment_id, bundle.client_id)
+        self.acks = stream_ack_opener(bundle.channel_key, bundle.deployment_id, bundle.client_id)
+        self.log = log
+        self.positions = Positions()
+        self.streams: dict[str, tuple[asyncio.StreamReader, asyncio.StreamWriter]] = {}
+        self.locks: dict[str, asyncio.Lock] = {}
+        self.sent_bytes = 0  # replay bytes sent on streams (re-sent per roam included)
+        self.failures = 0
+
+    async def push(self, target: Endpoint, request: Request) -> bool:
+        """Make ``target`` hold the streamed part of ``request``; whether it does."""
+        server = str(target.address)
+        port = request.client_port
+        start, end = request.replay_from, request.replay_from + request.streamed
+        data = request.replay[: request.streamed]
+        pushed = await self.push_bytes(target, request.epoch, port, request.vport, start, data)
+        return pushed and self.positions.covers(server, port, start, end)
+
+    async def push_bytes(
+        self, target: Endpoint, epoch: int, port: int, vport: int, start: int, data: bytes
+    ) -> bool:
+        """Send what ``target`` has not acknowledged of ``data`` (the bytes from ``start``)."""
+        server = str(target.address)
+        end = start + len(data)
+        lock = self.locks.setdefault(server, asyncio.Lock())
+        async with lock:
+            base, send_from = self.positions.plan(server, port, start, end)
+            if send_from >= end:
+                return True
+            try:
+                await asyncio.wait_for(
+                    self._send(
+                        server, epoch, port, vport, base, send_from, data[send_from - start :], end
+                    ),
+                    STREAM_TIMEOUT_S + len(data) / 10e6,
+                )
+            except (TimeoutError, OSError, RoamError) as error:
+                self.failures += 1
+                self.log.event("replay_stream_failed", level="warning", server=server,
+                               port=port, reason=str(error) or type(error).__name__)  # fmt: skip
+                self._close(server)
+                return False
+            return True
+
+    async def _send(
+        self, server: str, epoch: int, port: int, vport: int, base: int, start: int,
+        data: bytes, end: int,
+    ) -> None:  # fmt: skip
+        stream = self.streams.get(server)
+        if stream is None:
+            stream = await asyncio.open_connection(
+                server, self.channel.migration_port, local_addr=(self.channel.address, 0)
+            )
+            self.streams[server] = stream
+        reader, writer = stream
+        clock = self.channel.clock
+        for chunk in chunks(epoch, port, vport, base, start, data):
+            sealed = self.sealer.seal(
+                Kind.REINCARNATE_REQUEST, chunk.encode(), clock() + self.channel.clock_offset()
+            )
+            writer.write(stream_frame(sealed))
+            self.sent_bytes += len(chunk.data)
+            await writer.drain()
+        frames = FrameReader()
+        while not self.positions.covers(server, port, start, end):
+            data_in = await reader.read(65536)
+            if not data_in:
+                raise RoamError("the server closed the replay stream")
+            for message in frames.feed(data_in):
+                opened = self.acks.open(message, clock() + self.channel.clock_offset())
+                self.acks.accept(opened)
+                self.positions.on_ack(server, Ack.decode(opened.plaintext))
+
+    def _close(self, server: str) -> None:
+        self.positions.forget(server)
+        stream = self.streams.pop(server, None)
+        if stream is not None:
+            stream[1].close()
+
+    def close(self) -> None:
+        for server in list(self.streams):
+            self._close(server)
+
+    def status(self) -> dict[str, int]:
+        return {"streams": len(self.streams), "bytes_sent": self.sent_bytes,
+                "failures": self.failures}  # fmt: skip
 
 
 class _AnswerProtocol(asyncio.DatagramProtocol):

@@ -92,10 +92,14 @@ class ClientMeter:
 class MigrationMeter:
     """What each client holds and may still ask of this server's migration port."""
 
-    def __init__(self, max_pending: int = MAX_PENDING_PER_CLIENT) -> None:
+    def __init__(
+        self, max_pending: int = MAX_PENDING_PER_CLIENT, replay_burst: int = REPLAY_BURST_BYTES
+    ) -> None:
         if max_pending < 1:
             raise ValueError("at least one pending preparation per client")
         self.max_pending = max_pending
+        # At least one connection's whole replay (--max-replay) fits a full bucket.
+        self.replay_burst = max(REPLAY_BURST_BYTES, replay_burst)
         self.clients: dict[int, ClientMeter] = {}
         self.owners: dict[tuple[str, int], int] = {}  # pending key -> its client
 
@@ -104,7 +108,7 @@ class MigrationMeter:
         replay_rate = rate_kbit * 1000 / 8 if rate_kbit > 0 else REPLAY_RATE
         if meter is None:
             meter = ClientMeter(
-                TokenBucket.full(REPLAY_BURST_BYTES, replay_rate, now),
+                TokenBucket.full(self.replay_burst, replay_rate, now),
                 TokenBucket.full(REGENERATE_BURST_BYTES, REGENERATE_RATE, now),
                 TokenBucket.full(SERVICE_BURST_S, SERVICE_RATE, now),
             )

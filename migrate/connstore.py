@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 
 from migrate.autodetect import DETECT_BYTES, detect
 from migrate.checkpoint import Carrier
+from migrate.replaystream import DEFAULT_MAX_REPLAY
 
 SEQ_MOD = 2**32
 MAX_NEW_LOSSES = 256  # losses kept for the caller's log between two takes (all are counted)
@@ -93,8 +94,11 @@ class TrackedConnection:
 
 @dataclass
 class ConnectionStore:
-    per_connection_limit: int = 4 * 1024 * 1024
-    total_limit: int = 64 * 1024 * 1024
+    per_connection_limit: int = DEFAULT_MAX_REPLAY  # --max-replay
+    total_limit: int = 4 * DEFAULT_MAX_REPLAY
+    unmigratable: int = 0  # connections marked unmigratable (each counted once)
+    # Marked since the caller last took them (``take_unmigratable``), to log: (port, reason).
+    new_unmigratable: list[tuple[int, str]] = field(default_factory=list)
     connections: dict[int, TrackedConnection] = field(default_factory=dict)
     carriers_stored: int = 0
     carriers_ignored: int = 0
@@ -206,6 +210,11 @@ class ConnectionStore:
         taken, self.new_losses = self.new_losses, []
         return taken
 
+    def take_unmigratable(self) -> list[tuple[int, str]]:
+        """The connections marked unmigratable since the last call, (port, reason) each."""
+        taken, self.new_unmigratable = self.new_unmigratable, []
+        return taken
+
     def losses_by_port(self, limit: int = 20) -> dict[int, int]:
         """The tracked connections with losses, most first (at most ``limit``)."""
         hit = sorted(
@@ -218,6 +227,9 @@ class ConnectionStore:
     def _give_up(self, conn: TrackedConnection, reason: str) -> None:
         if conn.unmigratable is None:
             conn.unmigratable = reason
+            self.unmigratable += 1
+            if len(self.new_unmigratable) < MAX_NEW_LOSSES:
+                self.new_unmigratable.append((conn.client_port, reason))
         conn.replay = bytearray()
         conn.pending.clear()
 

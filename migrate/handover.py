@@ -823,6 +823,7 @@ def _with_received(request: Request, s2c_received: int) -> Request:
         request.replay_from,
         request.checkpoint,
         request.replay,
+        request.streamed,
     )
 
 

@@ -24,7 +24,11 @@ Request plaintext::
     replay bytes: client-to-server bytes [replay_from, c2s_sent)
 
 In a COMMIT, ``replay_from`` is where the PREPARE's replay bytes ended, and only the new bytes
-follow. ABORT and GO carry the header only (positions 0, no checkpoint). Answer plaintext::
+follow. Replay bytes beyond one datagram travel on the replay stream (``migrate.replaystream``):
+then the phase byte has its high bit (``STREAMED_FLAG``) set and a ``streamed u64`` follows the
+header: the first ``streamed`` replay bytes are the ones the server holds from the stream, and
+the datagram carries the rest. ABORT and GO carry the header only (positions 0, no
+checkpoint). Answer plaintext::
 
     phase u8 | client port u16 | status u8 (0 ready, 1 diverged, 2 refused, 3 failed) |
     detail (UTF-8, at most 200 bytes)
@@ -74,6 +78,7 @@ from migrate.errors import (
     SubscriptionExpiredError,
 )
 from migrate.registration import ClientRecord
+from migrate.replaystream import MAX_INLINE_REPLAY_BYTES
 
 # A checkpoint older than this many epoch lengths is refused:
 # a hoarded checkpoint would let a client make any server replay and regenerate at will.
@@ -86,10 +91,12 @@ CHECKPOINT_CLOCK_SKEW_S = 2.0  # servers' clocks may differ this much (a checkpo
 # time of the epoch, however long it is.
 PREPARE_AHEAD_S = 5.0
 LATE_REQUEST_S = 10.0
-MAX_REPLAY_BYTES = 60_000  # one UDP datagram; larger logs make a connection unmigratable
+MAX_REPLAY_BYTES = MAX_INLINE_REPLAY_BYTES  # in one datagram; more goes on the replay stream
+STREAMED_FLAG = 0x80  # in the phase byte: a streamed u64 follows the header
 MAX_DETAIL_BYTES = 200
 _REQUEST = struct.Struct("!BQHHQQQ")
 _ANSWER = struct.Struct("!BHB")
+_STREAMED = struct.Struct("!Q")
 
 
 class Phase(IntEnum):
@@ -118,6 +125,13 @@ def _checkpoint_length(data: bytes, offset: int) -> int:
     return SEALED_BYTES
 
 
+def _check_inline(replay: bytes) -> None:
+    """A datagram carries at most ``MAX_REPLAY_BYTES`` (the server's request, its streamed
+    bytes put back, is bounded by --max-replay instead)."""
+    if len(replay) > MAX_REPLAY_BYTES:
+        raise MalformedMessageError(f"replay of {len(replay)} bytes is too long")
+
+
 @dataclass(frozen=True, slots=True)
 class Request:
     phase: Phase
@@ -129,6 +143,9 @@ class Request:
     replay_from: int
     checkpoint: bytes
     replay: bytes
+    # The first ``streamed`` bytes from ``replay_from`` travel on the replay stream; ``replay``
+    # holds the bytes after them (decoded) or all of them (the client's own request).
+    streamed: int = 0
 
     def __post_init__(self) -> None:
         if self.phase in (Phase.ABORT, Phase.GO):
@@ -136,46 +153,71 @@ class Request:
                 raise MalformedMessageError(f"a {self.phase.name} request carries no data")
         elif len(self.checkpoint) != _checkpoint_length(self.checkpoint, 0):
             raise MalformedMessageError("re-incarnation request without a sealed checkpoint")
-        if self.replay_from + len(self.replay) != self.c2s_sent:
+        if self.streamed < 0 or (self.streamed and self.phase in (Phase.ABORT, Phase.GO)):
+            raise MalformedMessageError("bad count of streamed replay bytes")
+        inline = self.inline
+        if self.replay_from + self.streamed + len(inline) != self.c2s_sent:
             raise MalformedMessageError(
                 "replay bytes do not end at the client's sent position "
-                f"({self.replay_from} + {len(self.replay)} != {self.c2s_sent})"
+                f"({self.replay_from} + {self.streamed} + {len(inline)} != {self.c2s_sent})"
             )
-        if len(self.replay) > MAX_REPLAY_BYTES:
-            raise MalformedMessageError(f"replay of {len(self.replay)} bytes is too long")
+
+    @property
+    def inline(self) -> bytes:
+        """The replay bytes the datagram carries."""
+        if self.streamed and len(self.replay) + self.replay_from == self.c2s_sent:
+            return self.replay[self.streamed :]  # the client's request: all its bytes held
+        return self.replay
+
+    def with_streamed(self, streamed: bytes) -> Request:
+        """The server's request: the streamed bytes put in front of the inline ones."""
+        if len(streamed) != self.streamed:
+            raise MalformedMessageError("streamed replay bytes of the wrong length")
+        return Request(self.phase, self.epoch, self.client_port, self.vport, self.c2s_sent,
+                       self.s2c_received, self.replay_from, self.checkpoint,
+                       streamed + self.replay)  # fmt: skip
         if not (1 <= self.client_port <= 65535 and 1 <= self.vport <= 65535):
             raise MalformedMessageError("re-incarnation request port out of range")
 
     def encode(self) -> bytes:
-        return (
-            _REQUEST.pack(
-                self.phase,
-                self.epoch,
-                self.client_port,
-                self.vport,
-                self.c2s_sent,
-                self.s2c_received,
-                self.replay_from,
-            )
-            + self.checkpoint
-            + self.replay
+        _check_inline(self.inline)
+        head = _REQUEST.pack(
+            self.phase | (STREAMED_FLAG if self.streamed else 0),
+            self.epoch,
+            self.client_port,
+            self.vport,
+            self.c2s_sent,
+            self.s2c_received,
+            self.replay_from,
         )
+        if self.streamed:
+            head += _STREAMED.pack(self.streamed)
+        return head + self.checkpoint + self.inline
 
     @classmethod
     def decode(cls, data: bytes) -> Request:
         if len(data) < _REQUEST.size:
             raise MalformedMessageError("re-incarnation request is truncated")
         phase, epoch, port, vport, sent, received, replay_from = _REQUEST.unpack_from(data)
+        start, streamed = _REQUEST.size, 0
+        if phase & STREAMED_FLAG:
+            phase &= ~STREAMED_FLAG
+            if len(data) < start + _STREAMED.size:
+                raise MalformedMessageError("re-incarnation request is truncated")
+            (streamed,) = _STREAMED.unpack_from(data, start)
+            if streamed == 0:
+                raise MalformedMessageError("a streamed request names no streamed bytes")
+            start += _STREAMED.size
         if phase not in Phase._value2member_map_:
             raise MalformedMessageError(f"unknown re-incarnation phase {phase}")
-        start = _REQUEST.size
         if Phase(phase) in (Phase.ABORT, Phase.GO):
-            if len(data) != start:
+            if len(data) != start or streamed:
                 raise MalformedMessageError(f"a {Phase(phase).name} request carries no data")
             return cls(Phase(phase), epoch, port, vport, sent, received, replay_from, b"", b"")
         end = start + _checkpoint_length(data, start)
         if len(data) < end:
             raise MalformedMessageError("re-incarnation request is truncated")
+        _check_inline(data[end:])
         return cls(
             Phase(phase),
             epoch,
@@ -186,6 +228,7 @@ class Request:
             replay_from,
             data[start:end],
             data[end:],
+            streamed,
         )
 
 
@@ -242,6 +285,43 @@ def answer_sealer(channel_key: bytes, deployment_id: bytes, client_id: int, send
 def answer_opener(channel_key: bytes, deployment_id: bytes, client_id: int) -> Opener:
     return Opener(
         derive_key(channel_key, Purpose.REINCARNATE_S2C),
+        context(deployment_id, client_id),
+        kinds=frozenset({Kind.REINCARNATE_READY}),
+        freshness=Freshness(max_age=5.0, max_skew=300.0),
+        window_size=1024,
+    )
+
+
+# The replay stream's keys (migrate.replaystream): derived apart from the datagrams' so that each
+# has its own counters and replay window (TCP and UDP reorder against each other).
+STREAM_KEY_CONTEXT = b"replay stream"
+
+
+def stream_sealer(channel_key: bytes, deployment_id: bytes, client_id: int) -> Sealer:
+    key = derive_key(channel_key, Purpose.REINCARNATE_C2S, STREAM_KEY_CONTEXT)
+    return Sealer(key, client_id, context(deployment_id, client_id))
+
+
+def stream_opener(channel_key: bytes, deployment_id: bytes, client_id: int) -> Opener:
+    return Opener(
+        derive_key(channel_key, Purpose.REINCARNATE_C2S, STREAM_KEY_CONTEXT),
+        context(deployment_id, client_id),
+        kinds=frozenset({Kind.REINCARNATE_REQUEST}),
+        freshness=Freshness(max_age=5.0, max_skew=2.0),
+        window_size=1024,
+    )
+
+
+def stream_ack_sealer(
+    channel_key: bytes, deployment_id: bytes, client_id: int, sender: int
+) -> Sealer:
+    key = derive_key(channel_key, Purpose.REINCARNATE_S2C, STREAM_KEY_CONTEXT)
+    return Sealer(key, sender, context(deployment_id, client_id))
+
+
+def stream_ack_opener(channel_key: bytes, deployment_id: bytes, client_id: int) -> Opener:
+    return Opener(
+        derive_key(channel_key, Purpose.REINCARNATE_S2C, STREAM_KEY_CONTEXT),
         context(deployment_id, client_id),
         kinds=frozenset({Kind.REINCARNATE_READY}),
         freshness=Freshness(max_age=5.0, max_skew=300.0),

@@ -392,6 +392,7 @@ class CheckpointPusher:
             conn_id=conn_id,
             stream=StreamState(
                 self.context.codec,
+                replay_limit=self.context.max_replay,
                 hash_key=stream_hash_key(self.context.group_key, conn_id)
                 if self.context.stream_hash == "blake3"
                 else None,

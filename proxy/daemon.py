@@ -70,6 +70,7 @@ from migrate.kernel.routing import TransparentReturnPath
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
+from migrate.replaystream import DEFAULT_MAX_REPLAY
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
 from proxy.live import LiveMode
@@ -111,6 +112,7 @@ class ServerOptions:
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT
+    max_replay: int = DEFAULT_MAX_REPLAY  # replay bytes per connection (migrate.replaystream)
     metrics: Endpoint | None = None  # serve Prometheus metrics at http://HOST:PORT/metrics
 
 
@@ -728,6 +730,7 @@ class ServerShim:
             checkpoint_period=options.checkpoint_period,
             migration_port=options.migration_port,
             max_pending_per_client=options.max_pending_per_client,
+            max_replay=options.max_replay,
             instance=self.instance,
         )
         return LiveMode(context)

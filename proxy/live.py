@@ -22,9 +22,9 @@ from migrate.admission import PREPARING_PER_CLIENT, MigrationMeter
 from migrate.channel import Opened, Opener
 from migrate.checkpoint import stream_hash_key
 from migrate.errors import AuthenticationError, RoamError
-from migrate.handover import Prepare as PrepareWork
-from migrate.handover import Regenerate as RegenerateWork
 from migrate.handover import (
+    DEFAULT_COMMIT_TIMEOUT_S,
+    PENDING_TTL_S,
     Release,
     Restore,
     Send,
@@ -33,6 +33,8 @@ from migrate.handover import (
     StartRelay,
     commit_identity,
 )
+from migrate.handover import Prepare as PrepareWork
+from migrate.handover import Regenerate as RegenerateWork
 from migrate.kernel.orphans import destroy_orphans
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.rangeplan import regeneration_bytes
@@ -84,7 +86,7 @@ class LiveMode:
     def __init__(self, context: LiveContext) -> None:
         self.context = context
         self.pusher = CheckpointPusher(context)
-        self.meter = MigrationMeter(context.max_pending_per_client)
+        self.meter = MigrationMeter(context.max_pending_per_client, context.max_replay)
         # Preparations of one client running at once: never every slot, so that another
         # client's hand-over always finds slots (acquired before ``prepare_slots``).
         self.client_slots: dict[int, asyncio.Semaphore] = {}
@@ -99,6 +101,7 @@ class LiveMode:
             context, self.pusher.keys, self.counts, self.pusher.connections.keys
         )
         self._task: asyncio.Task[None] | None = None
+        self._stream_server: asyncio.Server | None = None
 
     # -- the migration-mode interface (proxy.modes) -------------------------------------------
 
@@ -132,6 +135,10 @@ class LiveMode:
         self.port.transport, _ = await loop.create_datagram_endpoint(
             lambda: MigrationProtocol(self.on_datagram), sock=sock
         )
+        # The replay stream (migrate.replaystream): TCP on the migration port's number.
+        self._stream_server = await asyncio.start_server(
+            self.port.serve_stream, context.listen[0], context.migration_port
+        )
         self._task = loop.create_task(self._round_loop())
 
     async def close(self) -> None:
@@ -141,6 +148,8 @@ class LiveMode:
                 await self._task
         for key in list(self.pending):
             self._release(key, self.pending[key], Release("stopped", "the shim stops"))
+        if self._stream_server is not None:
+            self._stream_server.close()
         if self.port.transport is not None:
             self.port.transport.close()
         self.pusher.close()
@@ -148,6 +157,7 @@ class LiveMode:
     def status(self) -> dict[str, object]:
         return {
             "pending": len(self.pending),
+            "replay_stream_held": self.port.buffers.total,
             "pending_by_state": count_states(p.machine.state for p in self.pending.values()),
             # Per client id: what the meter holds (issue 12, finding 3).
             "pending_by_client": {
@@ -172,6 +182,8 @@ class LiveMode:
                 log_internal_error(self.context, "checkpoints", error)
 
     def handle_timers(self, now: float) -> None:
+        # Streamed replay bytes nobody's hand-over took (the client gave up before its PREPARE).
+        self.port.buffers.expire(now, PENDING_TTL_S)
         for key, pending in list(self.pending.items()):
             timer = pending.machine.get_timer()
             if timer is not None and now >= timer:
@@ -194,6 +206,7 @@ class LiveMode:
                 return  # cover, answered with cover
             record, opener, message, request = opened
             key = (source[0], request.client_port)
+            request = self.port.with_streamed(record, request)
             self._on_request(key, record, message, opener, request, source)
         except RoamError as error:
             self.port.reject(source, error)
@@ -278,7 +291,10 @@ class LiveMode:
                 f"({held.counter})"
             )
         replayer = Replayer(
-            checkpoint, request, stream_hash_key(self.context.group_key, checkpoint.conn_id)
+            checkpoint,
+            request,
+            stream_hash_key(self.context.group_key, checkpoint.conn_id),
+            replay_limit=self.context.max_replay,
         )
         self.meter.admit(
             record.client_id,
@@ -477,6 +493,10 @@ class LiveMode:
         """GO (or its timeout): the restored socket becomes a live connection."""
         del self.pending[key]
         self.meter.release(key)
+        # Kept a little: a repeated COMMIT (its READY lost) still finds its streamed bytes.
+        self.port.buffers.retire(
+            pending.machine.client_id, key[1], self.context.clock(), DEFAULT_COMMIT_TIMEOUT_S
+        )
         sock, service, unsent = pending.replayer.hand_over()
         self.pusher.reincarnated(
             key,
@@ -496,6 +516,7 @@ class LiveMode:
             del self.pending[key]
             if not keep_accounted:
                 self.meter.release(key)
+                self.port.buffers.drop(pending.machine.client_id, key[1])
         task = pending.task
         if task is not None and not task.done() and task is not asyncio.current_task():
             task.cancel()

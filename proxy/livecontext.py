@@ -40,6 +40,7 @@ class LiveContext:
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = 1024
+    max_replay: int = 64 * 1024 * 1024  # --max-replay (migrate.replaystream.DEFAULT_MAX_REPLAY)
     # The shim's instance record (temporary tables are recorded in it); None in unit tests.
     instance: Instance | None = None
 

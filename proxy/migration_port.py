@@ -34,8 +34,21 @@ from migrate.reincarnation import (
     client_id_of,
     in_request_window,
     request_opener,
+    stream_ack_sealer,
+    stream_opener,
+)
+from migrate.replaystream import (
+    MAX_FRAME_BYTES,
+    Chunk,
+    FrameReader,
+    ReplayBuffers,
+    stream_frame,
 )
 from proxy.livecontext import LiveContext
+
+# Replay streams open at once (each holds a socket and at most a frame); idle ones are closed.
+MAX_STREAMS = 256
+STREAM_IDLE_S = 10.0
 
 # Epochs a request may be from the current one (far more than PREPARE_AHEAD_S and
 # LATE_REQUEST_S span with any sane epoch length; bounds the schedule walk a request costs).
@@ -62,6 +75,88 @@ class MigrationPort:
         # ANSWER_CELL_BYTES, and one answer per request.
         self.framed_clients: set[int] = set()
         self.transport: asyncio.DatagramTransport | None = None
+        self.stream_openers: dict[int, Opener] = {}
+        self.ack_sealers: dict[int, Sealer] = {}
+        self.buffers = ReplayBuffers(
+            context.max_replay, max(2 * context.max_replay, 16 * 1024 * 1024)
+        )
+        self.streams = 0
+        self.counts.setdefault("streamed_bytes", 0)
+        self.counts.setdefault("streams_refused", 0)
+
+    # -- the replay stream (migrate.replaystream) -------------------------------------------
+
+    async def serve_stream(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One client's replay stream: sealed chunks in, sealed acknowledgements out. Any
+        refusal closes the stream with one (rate-limited) log line; nothing is stored."""
+        peer = writer.get_extra_info("peername")
+        source = (str(peer[0]), int(peer[1])) if peer else ("?", 0)
+        if self.streams >= MAX_STREAMS:
+            self.counts["streams_refused"] += 1
+            writer.close()
+            return
+        self.streams += 1
+        frames = FrameReader(MAX_FRAME_BYTES)
+        try:
+            while True:
+                data = await asyncio.wait_for(reader.read(65536), STREAM_IDLE_S)
+                if not data:
+                    return
+                for message in frames.feed(data):
+                    writer.write(stream_frame(self.on_chunk(message, source)))
+                await writer.drain()
+        except RoamError as error:
+            self.counts["streams_refused"] += 1
+            self.reject(source, error)
+        except (TimeoutError, OSError):
+            pass
+        finally:
+            self.streams -= 1
+            writer.close()
+
+    def on_chunk(self, message: bytes, source: tuple[str, int]) -> bytes:
+        """Store one sealed chunk; its sealed acknowledgement."""
+        context = self.context
+        client_id = client_id_of(message)
+        found = context.pool.clients.by_id(client_id)
+        if found is None:
+            raise RoamError(f"unknown client id {client_id}")
+        record = context.pool.record(found)
+        opener = self.stream_openers.get(client_id)
+        if opener is None:
+            opener = stream_opener(record.channel_key, context.deployment_id, client_id)
+            self.stream_openers[client_id] = opener
+        opened = opener.open(message, context.clock())
+        chunk = Chunk.decode(opened.plaintext)
+        check_client_source(record, source[0])
+        context.pool.check_client_allowed(record, max(context.epoch(), 1))
+        pool = context.pool
+        if record.client_id in pool.blocks and record.client_id in pool.blocked(context.epoch()):
+            raise RoamError(f"client {record.name!r} is blocked here (over its rate contract)")
+        if abs(chunk.epoch - context.epoch()) > MAX_EPOCH_DISTANCE:
+            raise RoamError(f"replay chunk for epoch {chunk.epoch}, far from the current one")
+        ack = self.buffers.add(client_id, chunk, context.clock())
+        opener.accept(opened)
+        self.counts["streamed_bytes"] += len(chunk.data)
+        sealer = context.sealer(self.ack_sealers, stream_ack_sealer, record)
+        return sealer.seal(Kind.REINCARNATE_READY, ack.encode(), context.clock())
+
+    def with_streamed(self, record: ClientRecord, request: Request) -> Request:
+        """A request whose first replay bytes came on the stream, with them put back."""
+        if not request.streamed:
+            return request
+        start = request.replay_from
+        data = self.buffers.slice(
+            record.client_id, request.client_port, start, start + request.streamed
+        )
+        if data is None:
+            raise RoamError(
+                f"replay bytes [{start}, {start + request.streamed}) were not streamed here "
+                f"(held: {self.buffers.describe(record.client_id, request.client_port)})"
+            )
+        return request.with_streamed(data)
 
     def open(
         self, data: bytes, source: tuple[str, int]

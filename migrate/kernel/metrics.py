@@ -143,6 +143,20 @@ def server_families(status: Mapping[str, Any]) -> list[Metric]:
             live.get("checkpoints_sent", 0),
         )
     )
+    families.append(
+        _counter(
+            "roam_connections_unmigratable",
+            "Connections found unmigratable (replay past --max-replay, not replayable...).",
+            live.get("unmigratable", 0),
+        )
+    )
+    families.append(
+        _counter(
+            "roam_replay_streamed_bytes",
+            "Replay bytes taken on the replay stream (re-sent at each roam).",
+            live.get("streamed_bytes", 0),
+        )
+    )
     relay: Mapping[str, Any] = status.get("relay_bytes") or {}
     families.append(
         _labelled_counter(
@@ -206,6 +220,24 @@ def client_families(status: Mapping[str, Any], tally: HandoffTally | None) -> li
             "roam_key_epochs_left",
             "Epochs left on the keys this client holds (0: its subscription ends).",
             max(0, key_index - epoch),
+        )
+    live: Mapping[str, Any] = status.get("live") or {}
+    capture: Mapping[str, Any] = live.get("capture") or {}
+    stream: Mapping[str, Any] = live.get("replay_stream") or {}
+    if live:
+        families.append(
+            _counter(
+                "roam_connections_unmigratable",
+                "Connections marked unmigratable when it happened (past --max-replay, FIN...).",
+                capture.get("unmigratable", 0),
+            )
+        )
+        families.append(
+            _counter(
+                "roam_replay_streamed_bytes",
+                "Replay bytes sent on replay streams (re-sent at each roam).",
+                stream.get("bytes_sent", 0),
+            )
         )
     if tally is not None:
         families += tally.families()

@@ -27,6 +27,7 @@ from migrate.kernel.deployment import DeploymentDir, load_bundle
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.files import own_private_directory
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
+from migrate.replaystream import DEFAULT_MAX_REPLAY
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
 from roam_cli.units import (
     SYSTEMD_DIR,
@@ -156,6 +157,14 @@ def register(subparsers: Subparsers) -> None:
         metavar="N",
         help="re-incarnations one client may have prepared at once on this server; its "
         f"excess PREPAREs are refused (default {MAX_PENDING_PER_CLIENT})",
+    )
+    server.add_argument(
+        "--max-replay",
+        type=positive_int,
+        default=DEFAULT_MAX_REPLAY,
+        metavar="BYTES",
+        help="replay bytes one connection may need at a hand-over; a connection past it is "
+        f"reported unmigratable at once (default {DEFAULT_MAX_REPLAY}, 64 MiB)",
     )
     server.add_argument(
         "--rejection-log-period",
@@ -319,6 +328,14 @@ def register(subparsers: Subparsers) -> None:
         help="start preparing a hand-over this long before the boundary (default 0.15)",
     )
     client.add_argument(
+        "--max-replay",
+        type=positive_int,
+        default=DEFAULT_MAX_REPLAY,
+        metavar="BYTES",
+        help="replay bytes kept per connection; a connection past it is reported "
+        f"unmigratable at once (default {DEFAULT_MAX_REPLAY}, 64 MiB)",
+    )
+    client.add_argument(
         "--cover-rate",
         type=non_negative_float,
         default=DEFAULT_COVER_RATE,
@@ -449,6 +466,7 @@ def run_server(args: argparse.Namespace) -> int:
         checkpoint_period=args.checkpoint_period,
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,
+        max_replay=args.max_replay,
         metrics=args.metrics,
     )
     if args.check_config:
@@ -493,6 +511,7 @@ def run_client(args: argparse.Namespace) -> int:
             log=log,
             live=args.migration == "live",
             prepare_lead=args.prepare_lead,
+            max_replay=args.max_replay,
             migration_port=args.migration_port,
             cover_config=CoverConfig(rate=args.cover_rate, cell=args.cover_cell),
             metrics=args.metrics,

@@ -357,3 +357,75 @@ def test_a_late_request_is_taken_while_the_same_server_serves_the_next_epoch() -
         await harness.live.close()
 
     asyncio.run(scenario())
+
+
+def test_a_prepare_beyond_one_datagram_takes_its_bytes_from_the_replay_stream() -> None:
+    """Replay bytes on the stream (migrate.replaystream): sealed chunks stored and
+    acknowledged; forged, replayed, misdirected, oversized chunks refused with nothing held;
+    the datagram naming the bytes creates nothing until they are held, then replays them."""
+    from dataclasses import replace
+
+    from migrate.errors import RoamError
+    from migrate.reincarnation import stream_ack_opener, stream_sealer
+    from migrate.replaystream import Ack, chunks
+
+    async def scenario() -> None:
+        harness = Harness()
+        big = os.urandom(150_000)
+        request = replace(harness.prepare(replay=big, codec="generic"), streamed=len(big))
+        port = harness.live.port
+        buffers = port.buffers
+        # The datagram first: refused (the bytes are not held), nothing created, no answer.
+        harness.send(request)
+        await settle()
+        assert harness.connects == 0
+        assert harness.live.pending == {}
+        assert harness.transport.sent == []
+        sealer = stream_sealer(ALICE.channel_key, DEPLOYMENT.deployment_id, ALICE.client_id)
+        acks = stream_ack_opener(ALICE.channel_key, DEPLOYMENT.deployment_id, ALICE.client_id)
+        pieces = [
+            sealer.seal(Kind.REINCARNATE_REQUEST, piece.encode(), harness.now)
+            for piece in chunks(harness.epoch, 40000, 80, 0, 0, big)
+        ]
+        alice = (str(ALICE.address), 50001)
+        opened = acks.open(port.on_chunk(pieces[0], alice), harness.now)
+        assert Ack.decode(opened.plaintext) == Ack(40000, 0, 64_000)
+
+        def held() -> tuple[dict[int, int], dict[Any, bytes]]:
+            return dict(buffers.held), {k: bytes(r.data) for k, r in buffers.runs.items()}
+
+        before = held()
+        forged = bytearray(pieces[1])
+        forged[-20] ^= 1
+        buffers.max_replay = 100_000
+        for bad, source in (
+            (bytes(forged), alice),  # fails its seal
+            (pieces[0], alice),  # a replay of a chunk taken
+            (pieces[1], (str(BOB.address), 50001)),  # not from the client's address
+            (pieces[1], alice),  # past --max-replay (lowered for this line)
+        ):
+            with pytest.raises(RoamError):
+                port.on_chunk(bad, source)
+            assert (
+                dict(buffers.held),
+                {k: bytes(r.data) for k, r in buffers.runs.items()},
+            ) == before
+        buffers.max_replay = 64 * 1024 * 1024
+        for piece in pieces[1:]:
+            port.on_chunk(piece, alice)
+        harness.send(request)
+        await settle()
+        assert harness.connects == 1
+        received = b""
+        while len(received) < len(big):
+            await settle()
+            received += harness.services[0].recv(1 << 20)
+        assert received == big
+        await settle()
+        assert harness.answers() == [Answer(Phase.PREPARE, 40000, Status.READY)]
+        harness.send(abort(harness.epoch))
+        await settle()
+        assert buffers.runs == {}
+        await harness.live.close()
+
+    asyncio.run(scenario())
