@@ -91,11 +91,24 @@ def run_case(
 
 def simulate(ages: Sequence[float] = AGES_S, rate: int = SIMULATED_RATE) -> list[dict[str, Any]]:
     """The hand-over's cost for one redis connection after ``age`` seconds of traffic."""
-    from migrate.checkpoint import TcpSnapshot
+    from migrate.checkpoint import Checkpoint, TcpSnapshot
     from migrate.streamstate import StreamState
 
     def command(*parts: bytes) -> bytes:
         return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+    def take(state: StreamState) -> Checkpoint:
+        """A checkpoint as the server pushes one, the client having received everything."""
+        return state.checkpoint(
+            conn_id=bytes(16),
+            client=("10.0.0.2", 40000),
+            vport=6379,
+            epoch=1,
+            counter=1,
+            now=0.0,
+            tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 0),
+            s2c_acked=state.s2c_pos,
+        )
 
     rows = []
     for age in ages:
@@ -103,8 +116,11 @@ def simulate(ages: Sequence[float] = AGES_S, rate: int = SIMULATED_RATE) -> list
         state.feed_c2s(command(b"SELECT", b"3"))
         state.feed_s2c(b"+OK\r\n")
         exchanges = int(age * rate)
+        per_checkpoint = max(1, rate // 50)  # a checkpoint every 20 ms, as the server pushes
         began = time.perf_counter()
         for i in range(exchanges):
+            if i % per_checkpoint == 0:
+                take(state)
             key = b"key:%012d" % (i % 1000)
             if i % 2:
                 state.feed_c2s(command(b"SET", key, b"v" * 64))
@@ -115,16 +131,7 @@ def simulate(ages: Sequence[float] = AGES_S, rate: int = SIMULATED_RATE) -> list
         # The hand-over meets the connection with one request unanswered.
         state.feed_c2s(command(b"GET", b"key:000000000001"))
         fed_s = time.perf_counter() - began
-        checkpoint = state.checkpoint(
-            conn_id=bytes(16),
-            client=("10.0.0.2", 40000),
-            vport=6379,
-            epoch=1,
-            counter=1,
-            now=0.0,
-            tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 0),
-            s2c_acked=state.s2c_pos,
-        )
+        checkpoint = take(state)
         rows.append(
             {
                 "age_s": age,
