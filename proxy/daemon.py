@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from migrate.activeset import ActiveSchedule
 from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.antientropy import SYNC_PERIOD_S
 from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
@@ -59,7 +60,7 @@ from migrate.control import (
 )
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ReplayedMessageError, RoamError
-from migrate.gating import GateState, gate_at, next_switch
+from migrate.gating import SCAN_LIMIT, GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.eventlog import EventLog, write_status
@@ -125,6 +126,8 @@ class ServerShim:
         self.clock = clock
         self._leaving_key: tuple[object, ...] | None = None
         self._leaving: float | None = None
+        # k of N (PROTOCOL.md section 4): client id -> (schedule key, when it leaves here).
+        self._client_leaving: dict[int, tuple[tuple[object, ...], float | None]] = {}
         directory = DeploymentDir(options.deployment_dir)
         self.deployment = directory.deployment()
         # With the sealed chain index (roam init), the schedule starts within 3 x 2^16 hashes.
@@ -161,6 +164,10 @@ class ServerShim:
         self.mode: MigrationMode | None = None
         self.gate: GateState | None = None
         self.plan: GatePlan | None = None
+        # k of N: how many servers are active per epoch, and the clients this one admits now
+        # (assigned to it in an epoch whose window is open); with k = 1, every legitimate one.
+        self.k = self.deployment.active
+        self.admitted: frozenset[int] = frozenset()
         self.epoch: int | None = None
         self.counters: dict[str, int] = {}
         self.updates_sent = 0
@@ -195,6 +202,8 @@ class ServerShim:
         # the shim ticks there, so a client is dropped by every gate from the first epoch whose
         # key it does not hold.
         legitimate = self.pool.legitimate(gate.epoch)
+        if self.k > 1:  # only the clients assigned to this server (PROTOCOL.md section 4)
+            legitimate = [c for c in legitimate if c.client_id in self.admitted]
         blocked_ids = self.pool.blocked(gate.epoch)
         return GatePlan(
             listen=self.options.listen,
@@ -211,9 +220,32 @@ class ServerShim:
             nflog_group=self.nflog_group,
         )
 
+    def active_schedule(self) -> ActiveSchedule:
+        """The running schedule with the deployment's k (cheap: a view, rebuilt at each use,
+        since a roaming update or trigger may replace the pool's schedule)."""
+        return ActiveSchedule(self.pool.schedule, self.k)
+
+    def _gate_at(self, now: float) -> GateState:
+        if self.k == 1:
+            return gate_at(self.pool.schedule, self.options.listen, now)
+        return GateState(*self.active_schedule().gate_at(self.options.listen, now))
+
+    def _admit_now(self, now: float) -> frozenset[int]:
+        """k of N: the clients this server admits at ``now``; sets ``self.admitted`` and
+        returns the ones it admitted before and no longer does (their server is another)."""
+        if self.k == 1:
+            return frozenset()
+        ids = [client.client_id for client in self.pool.clients.clients]
+        admitted = self.active_schedule().admitted(self.options.listen, ids, now)
+        gone = self.admitted - admitted
+        self.admitted = admitted
+        return gone
+
     def _install_gate(self) -> None:
         assert self.instance is not None
-        gate = gate_at(self.pool.schedule, self.options.listen, self.clock())
+        now = self.clock()
+        gate = self._gate_at(now)
+        self._admit_now(now)
         plan = self._plan(gate)
         self.instance.add_table(self.family, self.table, gate_table_body(plan))
         self.gate, self.plan = gate, plan
@@ -224,18 +256,22 @@ class ServerShim:
         self.log.flush_rejections()
         try:
             now = self.clock()
-            gate = gate_at(self.pool.schedule, self.options.listen, now)
+            gate = self._gate_at(now)
+            gone = self._admit_now(now)
             current = self.pool.schedule.epoch(gate.epoch)
             if current.start <= now and current.index != self.epoch:
                 self.epoch = current.index
-                self.log.event(
-                    "epoch",
-                    epoch=current.index,
-                    server=str(current.server),
-                    active=current.server == self.options.listen,
-                    start=round(current.start, 6),
-                    length=current.length,
-                )
+                if self.k == 1:
+                    self.log.event(
+                        "epoch",
+                        epoch=current.index,
+                        server=str(current.server),
+                        active=current.server == self.options.listen,
+                        start=round(current.start, 6),
+                        length=current.length,
+                    )
+                else:
+                    self._log_set_epoch(current.index, current.start, current.length)
             plan = self._plan(gate)
             if plan != self.plan:
                 nft.apply(gate_update_script(self.table, plan))
@@ -245,6 +281,8 @@ class ServerShim:
                     self.log.event("gate", open=plan.open, epoch=gate.epoch, active=gate.active)
                     if not plan.open:
                         self._leave()
+            if gone and plan.open:
+                self._leave_clients(gone)
             self.gate = gate
             self._write_status()
             self._arm(min(gate.until, current.end if current.start <= now else current.start))
@@ -285,12 +323,86 @@ class ServerShim:
         if key == self._leaving_key:
             return self._leaving
         leaving: float | None = None
-        if current.server == self.options.listen:
+        if self.k > 1:
+            leaving = self._set_leaving(current.index)
+        elif current.server == self.options.listen:
             try:
                 leaving = next_switch(schedule, now)[1]
             except RoamError:
                 leaving = None
         self._leaving_key, self._leaving = key, leaving
+        return leaving
+
+    def _log_set_epoch(self, index: int, start: float, length: float) -> None:
+        """k of N: the epoch's active set and the clients assigned to this server in it."""
+        active = self.active_schedule()
+        assignment = active.assignment(index)
+        me = self.deployment.servers.index(self.options.listen)
+        clients = self.pool.clients.clients
+        self.log.event(
+            "epoch",
+            epoch=index,
+            server=str(self.deployment.servers[assignment.active[0]]),
+            active=me in assignment.active,
+            set=[str(self.deployment.servers[i]) for i in assignment.active],
+            assigned=sorted(c.name for c in clients if assignment.server_of(c.client_id) == me),
+            start=round(start, 6),
+            length=length,
+        )
+
+    def _leave_clients(self, client_ids: frozenset[int]) -> None:
+        """k of N: these clients' server is another now, this one stays open: their
+        connections moved on (live) or are dropped (reconnect); the others stay."""
+        if self.mode is None:
+            return
+        addresses = {str(c.address) for c in self.pool.clients.clients if c.client_id in client_ids}
+        if isinstance(self.mode, LiveMode):
+            ended = self.mode.pusher.leave_clients(addresses)
+        else:
+            assert isinstance(self.mode, ReconnectMode)
+            ended = self.mode.leave_clients(addresses)
+        if ended:
+            self.log.event(self.mode.leave_event, count=ended, clients=sorted(client_ids))
+
+    def _set_leaving(self, current: int) -> float | None:
+        """k of N: when this server leaves the active set, if it is a member now."""
+        active = self.active_schedule()
+        me = self.deployment.servers.index(self.options.listen)
+        held = self.pool.schedule.chain.held_index
+        if me not in active.indices(current):
+            return None
+        for index in range(current + 1, min(held, current + SCAN_LIMIT) + 1):
+            if me not in active.indices(index):
+                return self.pool.schedule.start_of(index)
+        return None
+
+    def client_leaving_at(self, client_id: int) -> float | None:
+        """k of N: when client ``client_id``'s connections leave this server (its server
+        changes), if this is its server now; kept until the epoch or the schedule changes
+        (asked every 20 ms per connection by the checkpoint loop)."""
+        now = self.clock()
+        schedule = self.pool.schedule
+        try:
+            current = schedule.epoch_at(now)
+        except RoamError:
+            return None
+        key = (
+            id(schedule),
+            schedule.params,
+            schedule.anchor,
+            schedule.chain.held_index,
+            current.index,
+        )
+        cached = self._client_leaving.get(client_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            leaving = self.active_schedule().client_leaving(self.options.listen, client_id, now)
+        except RoamError:
+            leaving = None
+        if len(self._client_leaving) > 4 * len(self.pool.clients.clients) + 64:
+            self._client_leaving.clear()
+        self._client_leaving[client_id] = (key, leaving)
         return leaving
 
     def _leave(self) -> None:
@@ -729,6 +841,10 @@ class ServerShim:
             migration_port=options.migration_port,
             max_pending_per_client=options.max_pending_per_client,
             instance=self.instance,
+            client_leaving_at=self.client_leaving_at if self.k > 1 else None,
+            assigned=(lambda epoch, client: self.active_schedule().assigned(epoch, client))
+            if self.k > 1
+            else None,
         )
         return LiveMode(context)
 
