@@ -4,11 +4,17 @@ plan with k > 1."""
 
 from __future__ import annotations
 
+import io
 import time
 from pathlib import Path
+from typing import Any
 
+from client_shim.daemon import ClientShim
 from migrate.activeset import ActiveSchedule
+from migrate.endpoints import Endpoint
 from migrate.gating import gate_at
+from migrate.kernel.deployment import load_bundle
+from migrate.kernel.eventlog import EventLog
 from roam_cli.main import main
 from tests.unit.test_activeset import SIX, schedule, server
 from tests.unit.test_control_handling import SERVERS, make_shim
@@ -125,3 +131,58 @@ def test_k1_server_plan_is_unchanged(tmp_path: Path) -> None:
     gate = shim._gate_at(now)
     assert gate == gate_at(shim.pool.schedule, shim.options.listen, now)
     assert set(shim._plan(gate).allowed) == {c.address for c in shim.pool.clients.clients}
+
+
+def make_client(tmp_path: Path, name: str, now: float) -> Any:
+    bundle_path = tmp_path / name
+    log = EventLog("client", stream=io.StringIO())
+    return ClientShim(
+        load_bundle(bundle_path),
+        bundle_path=bundle_path,
+        state_path=tmp_path / f"{name}.state",
+        status_path=tmp_path / f"{name}.status",
+        log=log,
+        clock=lambda: now,
+    )
+
+
+def test_each_client_targets_the_server_that_admits_it(tmp_path: Path) -> None:
+    directory = make_active_deployment(tmp_path, 2)
+    now = time.time()
+    # The server shims' view (each computes the same schedule; one stands for all).
+    server_view = make_shim(directory, clock=lambda: now).active_schedule()
+    pool = [Endpoint.parse(listen) for listen in SERVERS.split(",")]
+    for name in ("alice", "bob", "carol", "dave", "erin"):
+        client = make_client(tmp_path, name, now)
+        assert client.k == 2
+        epoch = client._epoch_now()
+        mine = client.server_of(epoch)
+        # Exactly the client's server admits it, in the middle of an epoch.
+        middle = epoch.start + epoch.length / 2
+        client_id = client.bundle.client_id
+        holders = [s for s in pool if client_id in server_view.admitted(s, [client_id], middle)]
+        assert holders == [mine]
+        index, _start, server = client._next_switch(now)
+        assert server != mine
+        assert client.server_of(client.schedule.epoch(index)) == server
+        assert all(
+            client.server_of(client.schedule.epoch(i)) == mine for i in range(epoch.index, index)
+        )
+        client.current, client.target = epoch, mine
+        status = client.status()
+        assert status["server"] == str(mine)
+        assert status["active"] == 2
+        assert str(mine) in status["active_set"]
+
+
+def test_client_status_names_k_and_the_set(tmp_path: Path, capsys: Any) -> None:
+    from tests.unit.test_client_status import status_file
+
+    path = status_file(tmp_path, active=2, active_set=["10.0.0.3:80", "10.0.0.2:80"])
+    assert main(["client", "status", "--status", str(path)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "epoch 42 on 10.0.0.2:80" in out
+    assert "k of N: 2 active servers (10.0.0.3:80, 10.0.0.2:80)" in out
+    path = status_file(tmp_path)
+    assert main(["client", "status", "--status", str(path)]) == 0
+    assert "k of N" not in capsys.readouterr().out
