@@ -71,6 +71,7 @@ from migrate.kernel.routing import TransparentReturnPath
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
+from migrate.suspects import AttackReport, format_report
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
 from proxy.live import LiveMode
@@ -78,6 +79,7 @@ from proxy.livecontext import LiveContext
 from proxy.modes import MigrationMode, ReconnectMode
 from proxy.rules import (
     GATE_DROPPED_COUNTER,
+    SYN_COUNTER,
     Contract,
     GatePlan,
     contract_update_script,
@@ -117,6 +119,12 @@ class ServerOptions:
 
 def default_state_path(directory: Path, index: int) -> Path:
     return directory / "state" / f"server-{index}.json"
+
+
+def attack_reports_path(directory: Path, index: int) -> Path:
+    """Where a server of a k-of-N deployment appends its per-epoch attack summaries (JSON
+    lines, docs/protocol.md section 10), and where ``roam suspects DIR`` reads them."""
+    return directory / "reports" / f"attacks-{index}.jsonl"
 
 
 class ServerShim:
@@ -168,6 +176,12 @@ class ServerShim:
         # (assigned to it in an epoch whose window is open); with k = 1, every legitimate one.
         self.k = self.deployment.active
         self.admitted: frozenset[int] = frozenset()
+        # Attack reports (k > 1): the gate's counters at the running epoch's start, and the
+        # contract violations seen per epoch.
+        self.reports_path = attack_reports_path(options.deployment_dir, index)
+        self._report_mark: tuple[int, int, int] | None = None  # (epoch, dropped, syns)
+        self._violations: Counter[int] = Counter()
+        self._report_tasks: set[asyncio.Task[None]] = set()
         self.epoch: int | None = None
         self.counters: dict[str, int] = {}
         self.updates_sent = 0
@@ -218,6 +232,7 @@ class ServerShim:
             ),
             contracts=self._contracts(),
             nflog_group=self.nflog_group,
+            count_syns=self.k > 1,
         )
 
     def active_schedule(self) -> ActiveSchedule:
@@ -272,6 +287,7 @@ class ServerShim:
                     )
                 else:
                     self._log_set_epoch(current.index, current.start, current.length)
+                    self._start_report(current.index)
             plan = self._plan(gate)
             if plan != self.plan:
                 nft.apply(gate_update_script(self.table, plan))
@@ -332,6 +348,58 @@ class ServerShim:
                 leaving = None
         self._leaving_key, self._leaving = key, leaving
         return leaving
+
+    def _start_report(self, epoch: int) -> None:
+        """At the start of ``epoch``: the summary of the epoch before it (off the loop: nft
+        runs as a subprocess)."""
+        task = asyncio.get_running_loop().create_task(self._report_attacks(epoch))
+        self._report_tasks.add(task)
+        task.add_done_callback(self._report_tasks.discard)
+
+    async def _report_attacks(self, epoch: int) -> None:
+        try:
+            values = await asyncio.to_thread(nft.counters, self.family, self.table)
+        except RoamError as error:
+            self.log.event("attack_report_failed", level="warning", reason=str(error))
+            self._report_mark = None  # that epoch's counts are lost, not misattributed
+            return
+        dropped = values.get(GATE_DROPPED_COUNTER, (0, 0))[0]
+        syns = values.get(SYN_COUNTER, (0, 0))[0]
+        mark, self._report_mark = self._report_mark, (epoch, dropped, syns)
+        if mark is None or mark[0] >= epoch:
+            return
+        previous, dropped_before, syns_before = mark
+        line = self.attack_report_line(
+            previous,
+            dropped - dropped_before,
+            syns - syns_before,
+            self._violations.pop(previous, 0),
+        )
+        if line is None:
+            return
+        try:
+            self.reports_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with self.reports_path.open("a", encoding="ascii") as stream:
+                stream.write(line + "\n")
+        except OSError as error:
+            self.log.event(
+                "attack_report_failed",
+                level="warning",
+                path=str(self.reports_path),
+                reason=error.strerror,
+            )
+
+    def attack_report_line(
+        self, epoch: int, dropped: int, syns: int, violations: int
+    ) -> str | None:
+        """``epoch``'s summary as ``roam suspects`` reads it, if this server was in the
+        epoch's active set (the counts of an epoch it was not active in say nothing about
+        the clients assigned to it)."""
+        me = self.deployment.servers.index(self.options.listen)
+        if me not in self.active_schedule().indices(epoch):
+            return None
+        report = AttackReport(epoch, me, max(0, dropped), max(0, syns), violations)
+        return format_report(report, str(self.options.listen))
 
     def _log_set_epoch(self, index: int, start: float, length: float) -> None:
         """k of N: the epoch's active set and the clients assigned to this server in it."""
@@ -441,6 +509,8 @@ class ServerShim:
 
     def _offence(self, contract: Contract) -> None:
         epoch = self.epoch or 0
+        if self.k > 1 and len(self._violations) < 64:
+            self._violations[epoch] += 1  # for the epoch's attack report
         verdict = self.pool.report_offence(contract.client_id, epoch)
         self.log.event(
             "contract_exceeded",
@@ -949,7 +1019,7 @@ class ServerShim:
             ]
             await self._stop.wait()
         finally:
-            for task in tasks:
+            for task in [*tasks, *self._report_tasks]:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):

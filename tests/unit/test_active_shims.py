@@ -5,16 +5,20 @@ plan with k > 1."""
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 from typing import Any
 
 from client_shim.daemon import ClientShim
 from migrate.activeset import ActiveSchedule
-from migrate.endpoints import Endpoint
+from migrate.endpoints import Endpoint, parse_address_and_port
 from migrate.gating import gate_at
 from migrate.kernel.deployment import load_bundle
 from migrate.kernel.eventlog import EventLog
+from migrate.suspects import parse_report
+from proxy.daemon import ServerOptions, ServerShim
+from proxy.rules import SYN_COUNTER, gate_table_body
 from roam_cli.main import main
 from tests.unit.test_activeset import SIX, schedule, server
 from tests.unit.test_control_handling import SERVERS, make_shim
@@ -186,3 +190,67 @@ def test_client_status_names_k_and_the_set(tmp_path: Path, capsys: Any) -> None:
     path = status_file(tmp_path)
     assert main(["client", "status", "--status", str(path)]) == 0
     assert "k of N" not in capsys.readouterr().out
+
+
+def server_shim(directory: Path, listen: str, now: float) -> ServerShim:
+    options = ServerOptions(
+        directory,
+        parse_address_and_port(listen, 80),
+        parse_address_and_port("127.0.0.1:8000", 8000),
+    )
+    return ServerShim(options, EventLog("server", stream=io.StringIO()), clock=lambda: now)
+
+
+def test_the_servers_attack_reports_are_what_roam_suspects_reads(
+    tmp_path: Path, capsys: Any
+) -> None:
+    directory = make_active_deployment(tmp_path, 2)
+    now = time.time()
+    shims = [server_shim(directory, listen, now) for listen in SERVERS.split(",")]
+    names = {str(server): index for index, server in enumerate(shims[0].deployment.servers)}
+    insider = shims[0].pool.clients.by_name("carol").client_id
+    active = shims[0].active_schedule()
+    written = 0
+    for epoch in range(1, 41):
+        members = active.indices(epoch)
+        flooded = active.assignment(epoch).server_of(insider)
+        for index, shim in enumerate(shims):
+            dropped = 50_000 if index == flooded else 2
+            line = shim.attack_report_line(epoch, dropped, 7, 0)
+            if index not in members:
+                assert line is None  # no summary for an epoch it was not active in
+                continue
+            assert line is not None
+            report = parse_report(line, names, "test")
+            assert (report.epoch, report.server, report.dropped, report.syn) == (
+                epoch,
+                index,
+                dropped,
+                7,
+            )
+            shim.reports_path.parent.mkdir(parents=True, exist_ok=True)
+            with shim.reports_path.open("a") as stream:
+                stream.write(line + "\n")
+            written += 1
+    capsys.readouterr()  # what init and subscribe printed
+    assert main(["suspects", str(directory), "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["reports"] == written
+    assert document["suspects"][0]["client"] == "carol"
+    assert document["attacks_outside_active_set"] == 0
+
+
+def test_roam_suspects_without_reports_says_where_it_looked(tmp_path: Path, capsys: Any) -> None:
+    directory = make_active_deployment(tmp_path, 2)
+    assert main(["suspects", str(directory)]) != 0
+    assert "no attack reports in" in capsys.readouterr().err
+
+
+def test_syns_are_counted_only_with_k_above_1(tmp_path: Path) -> None:
+    now = time.time()
+    for k, counted in ((1, False), (2, True)):
+        directory = make_active_deployment(tmp_path / str(k), k)
+        shim = make_shim(directory, clock=lambda: now)
+        plan = shim._plan(shim._gate_at(now))
+        assert plan.count_syns == counted
+        assert (SYN_COUNTER in gate_table_body(plan)) == counted
