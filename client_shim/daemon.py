@@ -326,7 +326,27 @@ class ClientShim:
 
     def _give_up_at(self, index: int) -> float:
         budget_ends = self.schedule.start_of(index) + HANDOFF_BUDGET_S
-        return min(budget_ends, self.schedule.served_until(index, budget_ends) - COMMIT_MARGIN_S)
+        if self.k == 1:
+            served = self.schedule.served_until(index, budget_ends)
+        else:
+            served = self._client_served_until(index, budget_ends)
+        return min(budget_ends, served - COMMIT_MARGIN_S)
+
+    def _client_served_until(self, index: int, now: float) -> float:
+        """k of N: when this client's server of epoch ``index`` stops admitting it: the
+        window of its run of epochs as this client's server, walked only while closed by
+        ``now`` (``EpochSchedule.served_until`` for the client's own server)."""
+        active = ActiveSchedule(self.schedule, self.k)
+        params = self.schedule.params
+        mine = active.assigned(index, self.bundle.client_id)
+        held = self.schedule.chain.held_index
+        closes = self.schedule.epoch(index).end + params.delta + params.gamma
+        while closes <= now and index < held:
+            if active.assigned(index + 1, self.bundle.client_id) != mine:
+                break
+            index += 1
+            closes = self.schedule.epoch(index).end + params.delta + params.gamma
+        return closes
 
     def _untracked_connections(self) -> int:
         vip = (str(self.bundle.vip), self.bundle.service_port)

@@ -254,3 +254,20 @@ def test_syns_are_counted_only_with_k_above_1(tmp_path: Path) -> None:
         plan = shim._plan(shim._gate_at(now))
         assert plan.count_syns == counted
         assert (SYN_COUNTER in gate_table_body(plan)) == counted
+
+
+def test_a_client_gives_up_before_its_own_servers_window_closes(tmp_path: Path) -> None:
+    make_active_deployment(tmp_path, 2)
+    now = time.time()
+    client = make_client(tmp_path, "alice", now)
+    params = client.schedule.params
+    first = client._epoch_now().index
+    for index in range(first, first + 30):
+        mine = client.server_of(client.schedule.epoch(index))
+        last = index
+        while client.server_of(client.schedule.epoch(last + 1)) == mine:
+            last += 1
+        run_closes = client.schedule.epoch(last).end + params.delta + params.gamma
+        assert client._client_served_until(index, run_closes + 100) == run_closes
+        own = client.schedule.epoch(index).end + params.delta + params.gamma
+        assert client._client_served_until(index, own - 0.01) == own
