@@ -30,6 +30,7 @@ from typing import Any
 from client_shim.migrator import Migrator
 from client_shim.rules import rewrite_table_body, switch_script, table_family
 from client_shim.state import ClientState, load_state
+from migrate.activeset import ActiveSchedule
 from migrate.channel import CounterFloor, ReplayWindow
 from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
@@ -100,6 +101,9 @@ class ClientShim:
         index = bundle.pebble_index() if self.saved.key_index == bundle.key_index else None
         chain = KeyChain(self.saved.chain_key, self.saved.key_index, index)
         self.schedule = EpochSchedule(chain, params)
+        # k of N (PROTOCOL.md section 4): the client's server in each epoch is drawn from the
+        # active set with its client id; with k = 1 it is the epoch's server.
+        self.k = bundle.active
         self.roaming = ClientRoamingState(
             self.schedule,
             bundle.channel_key,
@@ -158,6 +162,21 @@ class ClientShim:
 
     # -- schedule ----------------------------------------------------------------------------
 
+    def server_of(self, epoch: Epoch) -> Endpoint:
+        """This client's server in ``epoch``."""
+        if self.k == 1:
+            return epoch.server
+        return ActiveSchedule(self.schedule, self.k).assigned(epoch.index, self.bundle.client_id)
+
+    def _next_switch(self, now: float) -> tuple[int, float, Endpoint]:
+        """The next epoch in which this client's server changes (a hand-over there only)."""
+        if self.k == 1:
+            return next_switch(self.schedule, now)
+        found = ActiveSchedule(self.schedule, self.k).client_switch(self.bundle.client_id, now)
+        if found is None:
+            raise SubscriptionExpiredError("no change of this client's server within the keys held")
+        return found
+
     def _epoch_now(self) -> Epoch:
         now = self.clock()
         try:
@@ -174,20 +193,33 @@ class ClientShim:
             changed = self.current is None or epoch.index != self.current.index
             self.current = epoch
             if changed:
-                self.log.event(
-                    "epoch",
-                    epoch=epoch.index,
-                    server=str(epoch.server),
-                    start=round(epoch.start, 6),
-                    length=epoch.length,
-                )
+                if self.k == 1:
+                    self.log.event(
+                        "epoch",
+                        epoch=epoch.index,
+                        server=str(epoch.server),
+                        start=round(epoch.start, 6),
+                        length=epoch.length,
+                    )
+                else:
+                    self.log.event(
+                        "epoch",
+                        epoch=epoch.index,
+                        server=str(self.server_of(epoch)),
+                        set=[
+                            str(s)
+                            for s in ActiveSchedule(self.schedule, self.k).active(epoch.index)
+                        ],
+                        start=round(epoch.start, 6),
+                        length=epoch.length,
+                    )
                 held = self.schedule.chain.held_index
                 if held - epoch.index < 16:
                     self.log.event(
                         "subscription_ending", level="warning", held=held, epoch=epoch.index
                     )
             if self.migrator is None:
-                self._point_at(epoch.server)
+                self._point_at(self.server_of(epoch))
             else:
                 self._plan_handoff(epoch)
             self._write_status()
@@ -209,12 +241,13 @@ class ClientShim:
         if self._handoff is not None and not self._handoff.done():
             return
         now = self.clock()
-        if epoch.server != self.target and epoch.start <= now:
+        mine = self.server_of(epoch)
+        if mine != self.target and epoch.start <= now:
             # We are behind the schedule (a reactive roam, a resync): hand over at once.
-            self._start_handoff(epoch.index, epoch.start, epoch.server)
+            self._start_handoff(epoch.index, epoch.start, mine)
             return
         try:
-            index, start, server = next_switch(self.schedule, max(now, epoch.start))
+            index, start, server = self._next_switch(max(now, epoch.start))
         except RoamError:
             return  # no switch within the keys held; the subscription warning covers it
         self._arm_prepare(index, start, server, MAX_PREPARE_LEAD_S)
@@ -296,7 +329,27 @@ class ClientShim:
 
     def _give_up_at(self, index: int) -> float:
         budget_ends = self.schedule.start_of(index) + HANDOFF_BUDGET_S
-        return min(budget_ends, self.schedule.served_until(index, budget_ends) - COMMIT_MARGIN_S)
+        if self.k == 1:
+            served = self.schedule.served_until(index, budget_ends)
+        else:
+            served = self._client_served_until(index, budget_ends)
+        return min(budget_ends, served - COMMIT_MARGIN_S)
+
+    def _client_served_until(self, index: int, now: float) -> float:
+        """k of N: when this client's server of epoch ``index`` stops admitting it: the
+        window of its run of epochs as this client's server, walked only while closed by
+        ``now`` (``EpochSchedule.served_until`` for the client's own server)."""
+        active = ActiveSchedule(self.schedule, self.k)
+        params = self.schedule.params
+        mine = active.assigned(index, self.bundle.client_id)
+        held = self.schedule.chain.held_index
+        closes = self.schedule.epoch(index).end + params.delta + params.gamma
+        while closes <= now and index < held:
+            if active.assigned(index + 1, self.bundle.client_id) != mine:
+                break
+            index += 1
+            closes = self.schedule.epoch(index).end + params.delta + params.gamma
+        return closes
 
     def _untracked_connections(self) -> int:
         vip = (str(self.bundle.vip), self.bundle.service_port)
@@ -382,6 +435,14 @@ class ClientShim:
             "epoch": epoch.index if epoch else None,
             "epoch_ends": round(epoch.end, 6) if epoch else None,
             "server": str(self.target) if self.target else None,
+            # k of N: servers active per epoch, and this epoch's set (this client's server is
+            # one of them, drawn with its client id).
+            "active": self.k,
+            "active_set": [
+                str(s) for s in ActiveSchedule(self.schedule, self.k).active(epoch.index)
+            ]
+            if epoch and self.k > 1
+            else None,
             "key_index": self.schedule.chain.held_index,
             "m": self.schedule.params.m.as_mapping(),
             "clock_offset": self.roaming.clock_offset,
@@ -433,8 +494,8 @@ class ClientShim:
         try:
             first = self._epoch_now()
             # pyroute2's netlink calls run their own event loop: keep them off ours.
-            await asyncio.to_thread(self._install, first.server)
-            self.target = first.server
+            await asyncio.to_thread(self._install, self.server_of(first))
+            self.target = self.server_of(first)
             transport, _ = await loop.create_datagram_endpoint(
                 lambda: _UpdateProtocol(self), sock=sock
             )

@@ -126,6 +126,7 @@ class RoamingLab:
     gamma: float = 0.05
     chain_length: int = 100_000
     start_delay: float = 2.0
+    active: int = 1  # k of N: servers active per epoch (``roam init --active``)
     migration: str = "reconnect"
     update_period: float = 1.0
     min_switches: int = 0
@@ -223,6 +224,7 @@ class RoamingLab:
                 str(self.delta),
                 "--gamma",
                 str(self.gamma),
+                *(("--active", str(self.active)) if self.active > 1 else ()),
             )
             if (
                 self.switches_within(self.switch_window) >= self.min_switches
@@ -434,6 +436,33 @@ class RoamingLab:
             "--json",
         )
         return [json.loads(line) for line in result.stdout.splitlines()]
+
+    def assignments(self, first: int = 1, count: int = 1000) -> list[dict[str, Any]]:
+        """k of N: each epoch's active set and every client host's server (``roam schedule
+        --clients``), the client hosts keyed by name."""
+        names = {self.client_id(host): host for host in self.client_hosts}
+        result = self.roam(
+            "schedule",
+            "--deployment",
+            str(self.deployment_dir),
+            "--from",
+            str(first),
+            "--count",
+            str(count),
+            "--json",
+            "--clients",
+            ",".join(str(client) for client in sorted(names)),
+        )
+        epochs = [json.loads(line) for line in result.stdout.splitlines()]
+        for epoch in epochs:
+            epoch["assigned"] = {names[int(c)]: s for c, s in epoch["assigned"].items()}
+        return epochs
+
+    def client_id(self, host: str) -> int:
+        """The client id in ``host``'s bundle."""
+        from migrate.kernel.deployment import load_bundle
+
+        return load_bundle(self.bundle_path(host)).client_id
 
     def switches_within(self, seconds: float) -> int:
         """How often the server changes in the first ``seconds`` of the schedule."""

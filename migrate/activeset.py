@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from migrate.endpoints import Endpoint
-from migrate.errors import ConfigError
+from migrate.errors import ConfigError, ScheduleError
 from migrate.hashchain import KeyChain, chain_step, msb, server_digest
 from migrate.schedule import EpochSchedule
 
@@ -264,3 +264,92 @@ class ActiveSchedule:
             if window.contains(now):
                 open_now.add(self.servers[window.server])
         return frozenset(open_now)
+
+    # -- what the shims ask (k > 1; with k = 1 they keep migrate.gating's section 1 answers) --
+
+    def client_epoch(self, client_id: int, epoch: int) -> Endpoint:
+        """Client ``client_id``'s server in ``epoch`` (the client shim's target)."""
+        return self.assigned(epoch, client_id)
+
+    def client_switch(
+        self, client_id: int, now: float, scan_limit: int = 4096
+    ) -> tuple[int, float, Endpoint] | None:
+        """The next epoch after the one running at ``now`` whose server for ``client_id``
+        differs from the current one: ``(epoch, start, server)``, or None within
+        ``scan_limit`` epochs or the keys held (a hand-over happens only there)."""
+        check_client_id(client_id)
+        current = self.schedule.epoch_at(now).index
+        mine = self.assigned(current, client_id)
+        held = self.schedule.chain.held_index
+        for index in range(current + 1, min(held, current + scan_limit) + 1):
+            server = self.assigned(index, client_id)
+            if server != mine:
+                return index, self.schedule.start_of(index), server
+        return None
+
+    def client_leaving(
+        self, server: Endpoint, client_id: int, now: float, scan_limit: int = 4096
+    ) -> float | None:
+        """When client ``client_id`` leaves ``server`` (the start of its next epoch on another
+        server), if ``server`` is its server in the epoch running at ``now``; else None."""
+        current = self.schedule.epoch_at(now).index
+        if self.assigned(current, client_id) != server:
+            return None
+        switch = self.client_switch(client_id, now, scan_limit)
+        return None if switch is None else switch[1]
+
+    def admitted(self, server: Endpoint, client_ids: Sequence[int], now: float) -> frozenset[int]:
+        """The clients of ``client_ids`` that ``server`` admits at ``now`` (``admits`` for
+        many clients, one assignment per epoch)."""
+        params = self.schedule.params
+        try:
+            current = self.schedule.epoch_at(now).index
+        except ScheduleError:
+            current = 1  # before the schedule starts: epoch 1's window opens delta early
+        found: set[int] = set()
+        for index in range(
+            max(1, current - 1), min(self.schedule.chain.held_index, current + 1) + 1
+        ):
+            info = self.schedule.epoch(index)
+            if not info.start - params.delta <= now < info.end + params.delta + params.gamma:
+                continue
+            assignment = self.assignment(index)
+            target = self.servers.index(server) if server in self.servers else -1
+            if target not in assignment.active:
+                continue
+            found.update(c for c in client_ids if assignment.server_of(c) == target)
+        return frozenset(found)
+
+    def gate_at(self, server: Endpoint, now: float) -> tuple[bool, int, bool, float]:
+        """``server``'s gate at ``now`` under the windows rule: ``(open, epoch, active, until)``
+        as ``migrate.gating.GateState`` has them (``active``: a member of the running epoch's
+        set). ``until`` is the next window edge of *any* epoch near ``now``: which clients a
+        member admits changes there too."""
+        params = self.schedule.params
+        me = self.servers.index(server) if server in self.servers else -1
+        held = self.schedule.chain.held_index
+        try:
+            current = self.schedule.epoch_at(now).index
+        except ScheduleError:
+            one = self.schedule.epoch(1)
+            opens = one.start - params.delta
+            if now >= opens:
+                return me in self.indices(1), 1, False, one.end + params.delta + params.gamma
+            return False, 1, False, opens
+        first, last = max(1, current - 1), min(held, current + 1)
+        epochs = [self.epoch_set(index) for index in range(first, last + 1)]
+        is_open = any(
+            window.server == me and window.contains(now)
+            for window in set_windows(epochs, params.delta, params.gamma)
+        )
+        # A run cut at the last epoch given closes at that epoch's end + delta + gamma: the
+        # real close may be later, so that edge is looked at again (a wake-up, nothing else).
+        edges: list[float] = []
+        for index in range(first, min(held, current + 2) + 1):
+            info = self.schedule.epoch(index)
+            edges.extend(
+                edge
+                for edge in (info.start - params.delta, info.end + params.delta + params.gamma)
+                if edge > now
+            )
+        return is_open, current, me in self.indices(current), min(edges)

@@ -46,6 +46,7 @@ one hash per (client, epoch in the window).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -320,6 +321,20 @@ def _explained_away(full: dict[int, float], records: list[_Record]) -> dict[int,
 # -- reports as JSON lines -------------------------------------------------------------------
 
 REPORT_FIELDS = frozenset({"epoch", "server", *MEASURES})
+
+
+def format_report(report: AttackReport, server: str) -> str:
+    """The JSON line ``parse_report`` reads for ``report`` (``server`` as the deployment
+    writes it): what a server shim appends for each epoch it was active in."""
+    return json.dumps(
+        {
+            "epoch": report.epoch,
+            "server": server,
+            "dropped": report.dropped,
+            "syn": report.syn,
+            "violations": report.violations,
+        }
+    )
 
 
 def parse_report(line: str | bytes, servers: Mapping[str, int], where: str) -> AttackReport:

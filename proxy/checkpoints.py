@@ -25,6 +25,7 @@ import os
 import socket
 import termios
 import traceback
+from collections.abc import Collection
 from dataclasses import replace
 
 from migrate.channel import Sealer
@@ -357,6 +358,7 @@ class CheckpointPusher:
         self.withheld = 0  # checkpoints not sent: nothing in them could be verified
         self._raw: rawtcp.RawTcpSender | None = None
         self._leave_pushed: float | None = None
+        self._leave_pushed_by: dict[int, float] = {}  # k of N: client id -> leaving pushed
 
     def send(self, packet: bytes) -> None:
         if self._raw is None:
@@ -410,7 +412,7 @@ class CheckpointPusher:
             self.context.log.event("connection_left", client=f"{peer[0]}:{peer[1]}", late=True)
             return connection.relay
         self.adopt(connection)
-        leaving = self.context.leaving_at()
+        leaving = self.leaving_of(connection.record)
         now = self.context.clock()
         if leaving is not None and leaving - now <= ACCEPT_PUSH_WINDOW_S:
             self.push_logged(connection, now)
@@ -490,8 +492,18 @@ class CheckpointPusher:
         connection.push(self.context.clock())
         return connection
 
+    def leaving_of(self, record: ClientRecord | None) -> float | None:
+        """When ``record``'s connections leave this server (k of N: per client; else when
+        the service leaves it)."""
+        if self.context.client_leaving_at is not None and record is not None:
+            return self.context.client_leaving_at(record.client_id)
+        return self.context.leaving_at()
+
     def round(self, now: float) -> None:
         """Push every checkpoint due (all of them just before leaving)."""
+        if self.context.client_leaving_at is not None:
+            self._round_per_client(now)
+            return
         leaving = self.context.leaving_at()
         # A last round just before leaving: the client's refresh re-prepares a connection whose
         # PREPARE carried a checkpoint from before the response began with the newest one, and
@@ -506,6 +518,27 @@ class CheckpointPusher:
         for connection in list(self.connections.values()):
             if push_all or connection.due(now):
                 self.push_logged(connection, now)
+
+    def _round_per_client(self, now: float) -> None:
+        """k of N: each client leaves this server at its own time; its connections' last
+        round comes just before that (``round``'s reason), once per client and leaving."""
+        leavings: dict[int, float | None] = {}
+        for connection in list(self.connections.values()):
+            record = connection.record
+            client = record.client_id if record is not None else 0
+            if client not in leavings:
+                leavings[client] = self.leaving_of(record)
+            leaving = leavings[client]
+            push_all = (
+                leaving is not None
+                and leaving - LEAVE_PUSH_LEAD_S <= now
+                and self._leave_pushed_by.get(client) != leaving
+            )
+            if push_all or connection.due(now):
+                self.push_logged(connection, now)
+        for client, leaving in leavings.items():
+            if leaving is not None and leaving - LEAVE_PUSH_LEAD_S <= now:
+                self._leave_pushed_by[client] = leaving
 
     def push_logged(self, connection: LiveConnection, now: float) -> None:
         """Push ``connection``'s checkpoint; a failure is logged and tried again soon."""
@@ -539,6 +572,17 @@ class CheckpointPusher:
         for connection in list(self.connections.values()):
             connection.leave_silently()
         self.connections.clear()
+        return count
+
+    def leave_clients(self, addresses: Collection[str]) -> int:
+        """k of N: these clients' server is another one now while this one stays open (their
+        connections moved there): drop theirs silently, keep the others."""
+        count = 0
+        for key, connection in list(self.connections.items()):
+            if key[0] in addresses:
+                connection.leave_silently()
+                del self.connections[key]
+                count += 1
         return count
 
     def close(self) -> None:

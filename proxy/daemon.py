@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from migrate.activeset import ActiveSchedule
 from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.antientropy import SYNC_PERIOD_S
 from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
@@ -59,7 +60,7 @@ from migrate.control import (
 )
 from migrate.endpoints import Endpoint
 from migrate.errors import ConfigError, ReplayedMessageError, RoamError
-from migrate.gating import GateState, gate_at, next_switch
+from migrate.gating import SCAN_LIMIT, GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.eventlog import EventLog, write_status
@@ -71,6 +72,7 @@ from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
 from migrate.replaystream import DEFAULT_MAX_REPLAY
+from migrate.suspects import AttackReport, format_report
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
 from proxy.live import LiveMode
@@ -78,6 +80,7 @@ from proxy.livecontext import LiveContext
 from proxy.modes import MigrationMode, ReconnectMode
 from proxy.rules import (
     GATE_DROPPED_COUNTER,
+    SYN_COUNTER,
     Contract,
     GatePlan,
     contract_update_script,
@@ -120,6 +123,12 @@ def default_state_path(directory: Path, index: int) -> Path:
     return directory / "state" / f"server-{index}.json"
 
 
+def attack_reports_path(directory: Path, index: int) -> Path:
+    """Where a server of a k-of-N deployment appends its per-epoch attack summaries (JSON
+    lines, docs/protocol.md section 10), and where ``roam suspects DIR`` reads them."""
+    return directory / "reports" / f"attacks-{index}.jsonl"
+
+
 class ServerShim:
     def __init__(self, options: ServerOptions, log: EventLog, clock: Clock = time.time) -> None:
         self.options = options
@@ -127,6 +136,8 @@ class ServerShim:
         self.clock = clock
         self._leaving_key: tuple[object, ...] | None = None
         self._leaving: float | None = None
+        # k of N (PROTOCOL.md section 4): client id -> (schedule key, when it leaves here).
+        self._client_leaving: dict[int, tuple[tuple[object, ...], float | None]] = {}
         directory = DeploymentDir(options.deployment_dir)
         self.deployment = directory.deployment()
         # With the sealed chain index (roam init), the schedule starts within 3 x 2^16 hashes.
@@ -163,6 +174,16 @@ class ServerShim:
         self.mode: MigrationMode | None = None
         self.gate: GateState | None = None
         self.plan: GatePlan | None = None
+        # k of N: how many servers are active per epoch, and the clients this one admits now
+        # (assigned to it in an epoch whose window is open); with k = 1, every legitimate one.
+        self.k = self.deployment.active
+        self.admitted: frozenset[int] = frozenset()
+        # Attack reports (k > 1): the gate's counters at the running epoch's start, and the
+        # contract violations seen per epoch.
+        self.reports_path = attack_reports_path(options.deployment_dir, index)
+        self._report_mark: tuple[int, int, int] | None = None  # (epoch, dropped, syns)
+        self._violations: Counter[int] = Counter()
+        self._report_tasks: set[asyncio.Task[None]] = set()
         self.epoch: int | None = None
         self.counters: dict[str, int] = {}
         self.updates_sent = 0
@@ -197,6 +218,8 @@ class ServerShim:
         # the shim ticks there, so a client is dropped by every gate from the first epoch whose
         # key it does not hold.
         legitimate = self.pool.legitimate(gate.epoch)
+        if self.k > 1:  # only the clients assigned to this server (PROTOCOL.md section 4)
+            legitimate = [c for c in legitimate if c.client_id in self.admitted]
         blocked_ids = self.pool.blocked(gate.epoch)
         return GatePlan(
             listen=self.options.listen,
@@ -211,11 +234,35 @@ class ServerShim:
             ),
             contracts=self._contracts(),
             nflog_group=self.nflog_group,
+            count_syns=self.k > 1,
         )
+
+    def active_schedule(self) -> ActiveSchedule:
+        """The running schedule with the deployment's k (cheap: a view, rebuilt at each use,
+        since a roaming update or trigger may replace the pool's schedule)."""
+        return ActiveSchedule(self.pool.schedule, self.k)
+
+    def _gate_at(self, now: float) -> GateState:
+        if self.k == 1:
+            return gate_at(self.pool.schedule, self.options.listen, now)
+        return GateState(*self.active_schedule().gate_at(self.options.listen, now))
+
+    def _admit_now(self, now: float) -> frozenset[int]:
+        """k of N: the clients this server admits at ``now``; sets ``self.admitted`` and
+        returns the ones it admitted before and no longer does (their server is another)."""
+        if self.k == 1:
+            return frozenset()
+        ids = [client.client_id for client in self.pool.clients.clients]
+        admitted = self.active_schedule().admitted(self.options.listen, ids, now)
+        gone = self.admitted - admitted
+        self.admitted = admitted
+        return gone
 
     def _install_gate(self) -> None:
         assert self.instance is not None
-        gate = gate_at(self.pool.schedule, self.options.listen, self.clock())
+        now = self.clock()
+        gate = self._gate_at(now)
+        self._admit_now(now)
         plan = self._plan(gate)
         self.instance.add_table(self.family, self.table, gate_table_body(plan))
         self.gate, self.plan = gate, plan
@@ -226,18 +273,23 @@ class ServerShim:
         self.log.flush_rejections()
         try:
             now = self.clock()
-            gate = gate_at(self.pool.schedule, self.options.listen, now)
+            gate = self._gate_at(now)
+            gone = self._admit_now(now)
             current = self.pool.schedule.epoch(gate.epoch)
             if current.start <= now and current.index != self.epoch:
                 self.epoch = current.index
-                self.log.event(
-                    "epoch",
-                    epoch=current.index,
-                    server=str(current.server),
-                    active=current.server == self.options.listen,
-                    start=round(current.start, 6),
-                    length=current.length,
-                )
+                if self.k == 1:
+                    self.log.event(
+                        "epoch",
+                        epoch=current.index,
+                        server=str(current.server),
+                        active=current.server == self.options.listen,
+                        start=round(current.start, 6),
+                        length=current.length,
+                    )
+                else:
+                    self._log_set_epoch(current.index, current.start, current.length)
+                    self._start_report(current.index)
             plan = self._plan(gate)
             if plan != self.plan:
                 nft.apply(gate_update_script(self.table, plan))
@@ -247,6 +299,8 @@ class ServerShim:
                     self.log.event("gate", open=plan.open, epoch=gate.epoch, active=gate.active)
                     if not plan.open:
                         self._leave()
+            if gone and plan.open:
+                self._leave_clients(gone)
             self.gate = gate
             self._write_status()
             self._arm(min(gate.until, current.end if current.start <= now else current.start))
@@ -287,12 +341,138 @@ class ServerShim:
         if key == self._leaving_key:
             return self._leaving
         leaving: float | None = None
-        if current.server == self.options.listen:
+        if self.k > 1:
+            leaving = self._set_leaving(current.index)
+        elif current.server == self.options.listen:
             try:
                 leaving = next_switch(schedule, now)[1]
             except RoamError:
                 leaving = None
         self._leaving_key, self._leaving = key, leaving
+        return leaving
+
+    def _start_report(self, epoch: int) -> None:
+        """At the start of ``epoch``: the summary of the epoch before it (off the loop: nft
+        runs as a subprocess)."""
+        task = asyncio.get_running_loop().create_task(self._report_attacks(epoch))
+        self._report_tasks.add(task)
+        task.add_done_callback(self._report_tasks.discard)
+
+    async def _report_attacks(self, epoch: int) -> None:
+        try:
+            values = await asyncio.to_thread(nft.counters, self.family, self.table)
+        except RoamError as error:
+            self.log.event("attack_report_failed", level="warning", reason=str(error))
+            self._report_mark = None  # that epoch's counts are lost, not misattributed
+            return
+        dropped = values.get(GATE_DROPPED_COUNTER, (0, 0))[0]
+        syns = values.get(SYN_COUNTER, (0, 0))[0]
+        mark, self._report_mark = self._report_mark, (epoch, dropped, syns)
+        if mark is None or mark[0] >= epoch:
+            return
+        previous, dropped_before, syns_before = mark
+        line = self.attack_report_line(
+            previous,
+            dropped - dropped_before,
+            syns - syns_before,
+            self._violations.pop(previous, 0),
+        )
+        if line is None:
+            return
+        try:
+            self.reports_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            with self.reports_path.open("a", encoding="ascii") as stream:
+                stream.write(line + "\n")
+        except OSError as error:
+            self.log.event(
+                "attack_report_failed",
+                level="warning",
+                path=str(self.reports_path),
+                reason=error.strerror,
+            )
+
+    def attack_report_line(
+        self, epoch: int, dropped: int, syns: int, violations: int
+    ) -> str | None:
+        """``epoch``'s summary as ``roam suspects`` reads it, if this server was in the
+        epoch's active set (the counts of an epoch it was not active in say nothing about
+        the clients assigned to it)."""
+        me = self.deployment.servers.index(self.options.listen)
+        if me not in self.active_schedule().indices(epoch):
+            return None
+        report = AttackReport(epoch, me, max(0, dropped), max(0, syns), violations)
+        return format_report(report, str(self.options.listen))
+
+    def _log_set_epoch(self, index: int, start: float, length: float) -> None:
+        """k of N: the epoch's active set and the clients assigned to this server in it."""
+        active = self.active_schedule()
+        assignment = active.assignment(index)
+        me = self.deployment.servers.index(self.options.listen)
+        clients = self.pool.clients.clients
+        self.log.event(
+            "epoch",
+            epoch=index,
+            server=str(self.deployment.servers[assignment.active[0]]),
+            active=me in assignment.active,
+            set=[str(self.deployment.servers[i]) for i in assignment.active],
+            assigned=sorted(c.name for c in clients if assignment.server_of(c.client_id) == me),
+            start=round(start, 6),
+            length=length,
+        )
+
+    def _leave_clients(self, client_ids: frozenset[int]) -> None:
+        """k of N: these clients' server is another now, this one stays open: their
+        connections moved on (live) or are dropped (reconnect); the others stay."""
+        if self.mode is None:
+            return
+        addresses = {str(c.address) for c in self.pool.clients.clients if c.client_id in client_ids}
+        if isinstance(self.mode, LiveMode):
+            ended = self.mode.pusher.leave_clients(addresses)
+        else:
+            assert isinstance(self.mode, ReconnectMode)
+            ended = self.mode.leave_clients(addresses)
+        if ended:
+            self.log.event(self.mode.leave_event, count=ended, clients=sorted(client_ids))
+
+    def _set_leaving(self, current: int) -> float | None:
+        """k of N: when this server leaves the active set, if it is a member now."""
+        active = self.active_schedule()
+        me = self.deployment.servers.index(self.options.listen)
+        held = self.pool.schedule.chain.held_index
+        if me not in active.indices(current):
+            return None
+        for index in range(current + 1, min(held, current + SCAN_LIMIT) + 1):
+            if me not in active.indices(index):
+                return self.pool.schedule.start_of(index)
+        return None
+
+    def client_leaving_at(self, client_id: int) -> float | None:
+        """k of N: when client ``client_id``'s connections leave this server (its server
+        changes), if this is its server now; kept until the epoch or the schedule changes
+        (asked every 20 ms per connection by the checkpoint loop)."""
+        now = self.clock()
+        schedule = self.pool.schedule
+        try:
+            current = schedule.epoch_at(now)
+        except RoamError:
+            return None
+        key = (
+            id(schedule),
+            schedule.params,
+            schedule.anchor,
+            schedule.chain.held_index,
+            current.index,
+        )
+        cached = self._client_leaving.get(client_id)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        try:
+            leaving = self.active_schedule().client_leaving(self.options.listen, client_id, now)
+        except RoamError:
+            leaving = None
+        if len(self._client_leaving) > 4 * len(self.pool.clients.clients) + 64:
+            self._client_leaving.clear()
+        self._client_leaving[client_id] = (key, leaving)
         return leaving
 
     def _leave(self) -> None:
@@ -331,6 +511,8 @@ class ServerShim:
 
     def _offence(self, contract: Contract) -> None:
         epoch = self.epoch or 0
+        if self.k > 1 and len(self._violations) < 64:
+            self._violations[epoch] += 1  # for the epoch's attack report
         verdict = self.pool.report_offence(contract.client_id, epoch)
         self.log.event(
             "contract_exceeded",
@@ -732,6 +914,10 @@ class ServerShim:
             max_pending_per_client=options.max_pending_per_client,
             max_replay=options.max_replay,
             instance=self.instance,
+            client_leaving_at=self.client_leaving_at if self.k > 1 else None,
+            assigned=(lambda epoch, client: self.active_schedule().assigned(epoch, client))
+            if self.k > 1
+            else None,
         )
         return LiveMode(context)
 
@@ -836,7 +1022,7 @@ class ServerShim:
             ]
             await self._stop.wait()
         finally:
-            for task in tasks:
+            for task in [*tasks, *self._report_tasks]:
                 task.cancel()
             for task in tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from migrate.channel import CounterFloor, Sealer
+from migrate.endpoints import Endpoint
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.instances import Instance
 from migrate.pool import ServerPool
@@ -43,6 +44,10 @@ class LiveContext:
     max_replay: int = 64 * 1024 * 1024  # --max-replay (migrate.replaystream.DEFAULT_MAX_REPLAY)
     # The shim's instance record (temporary tables are recorded in it); None in unit tests.
     instance: Instance | None = None
+    # k of N (PROTOCOL.md section 4), None with k = 1: when a client's connections leave this
+    # server (its server changes; this one may stay open), and a client's server in an epoch.
+    client_leaving_at: Callable[[int], float | None] | None = None
+    assigned: Callable[[int, int], Endpoint] | None = None
 
     def sealer(
         self,

@@ -261,7 +261,11 @@ class MigrationPort:
                 # thousands of epochs would stall every connection of this server).
                 raise RoamError(f"epoch {request.epoch} is too far from the current {current}")
             start = schedule.start_of(request.epoch)
-            server = schedule.server_for(request.epoch)
+            server = (
+                schedule.server_for(request.epoch)
+                if context.assigned is None  # k of N: the client's own server in the epoch
+                else context.assigned(request.epoch, record.client_id)
+            )
             serves = (str(server.address), server.port) == context.listen
             if serves and not in_request_window(start, now):
                 raise RoamError(

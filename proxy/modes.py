@@ -58,5 +58,18 @@ class ReconnectMode:
             relay.abort()
         return len(relays)
 
+    def leave_clients(self, addresses: Collection[str]) -> int:
+        """k of N: these clients' server is another one now (this one stays open)."""
+        ended = 0
+        for relay in list(self._relays()):
+            try:
+                peer = relay.client.getpeername()[0]
+            except OSError:
+                continue
+            if peer in addresses:
+                relay.abort()
+                ended += 1
+        return ended
+
     def status(self) -> dict[str, object] | None:
         return None

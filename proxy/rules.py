@@ -50,11 +50,15 @@ class GatePlan:
     blocked: tuple[IPAddress, ...] = ()
     contracts: tuple[Contract, ...] = ()
     nflog_group: int | None = None
+    # k of N: count the SYNs for the service (open or closed) for the attack reports.
+    count_syns: bool = False
 
 
 # Named counter of every packet the gate drops (closed, blocked, or from an address that holds
 # no subscription): ``roam_gate_dropped_packets_total``. Contract counters are ``over_N``.
 GATE_DROPPED_COUNTER = "gate_dropped"
+# SYNs for the service's address and port (``count_syns``): the attack reports' ``syn``.
+SYN_COUNTER = "syn_seen"
 
 
 def family_of(endpoint: Endpoint) -> str:
@@ -124,6 +128,13 @@ def gate_table_body(plan: GatePlan) -> str:
     counters = f"  counter {GATE_DROPPED_COUNTER} {{ }}\n" + "".join(
         f"  counter {c.counter} {{ }}\n" for c in plan.contracts
     )
+    syns = ""
+    if plan.count_syns:
+        counters += f"  counter {SYN_COUNTER} {{ }}\n"
+        syns = (
+            f"    {family} daddr {plan.listen.address} tcp dport {plan.listen.port} "
+            f"tcp flags & (syn|ack) == syn counter name {SYN_COUNTER}\n"
+        )
     service = "\n".join(f"    {rule}" for rule in _service_rules(plan))
     quiet = "\n".join(f"    {rule}" for rule in _outbound_rules(plan))
     # The contract chain exists only with contracts: a ``ct`` expression turns connection
@@ -142,7 +153,7 @@ def gate_table_body(plan: GatePlan) -> str:
   set blocked {{ type {addr_type};{_elements(plan.blocked)} }}
 {counters}  chain gate {{
     type filter hook prerouting priority raw; policy accept;
-    {family} daddr {plan.listen.address} tcp dport {plan.listen.port} jump service
+{syns}    {family} daddr {plan.listen.address} tcp dport {plan.listen.port} jump service
   }}
   chain service {{
 {service}

@@ -53,6 +53,13 @@ def client_summary(status: dict[str, Any], now: float) -> list[str]:
     else:
         left = f", ends in {ends - now:.1f} s" if isinstance(ends, int | float) else ""
         lines.append(f"epoch {epoch} on {status.get('server')}{left}")
+        k, members = status.get("active"), status.get("active_set")
+        if isinstance(k, int) and k > 1 and isinstance(members, list):
+            # k of N: the line above names this client's own server, drawn from the set.
+            lines.append(
+                f"k of N: {k} active servers ({', '.join(map(str, members))}); this "
+                "client's server is drawn from them every epoch"
+            )
     lines.append(f"keys held up to epoch {status.get('key_index')}; {_m_schedule(status.get('m'))}")
     offset = status.get("clock_offset")
     if isinstance(offset, int | float):

@@ -50,7 +50,11 @@ def register(subparsers: Subparsers) -> None:
     )
     parser.add_argument("directory", metavar="DIR", type=Path)
     parser.add_argument(
-        "--reports", required=True, type=Path, metavar="FILE", help="JSON lines ('-': stdin)"
+        "--reports",
+        type=Path,
+        metavar="FILE",
+        help="JSON lines ('-': stdin); default: every DIR/reports/*.jsonl, where the server "
+        "shims of a k-of-N deployment append theirs",
     )
     parser.add_argument(
         "--window",
@@ -115,6 +119,17 @@ def _lines(path: Path) -> list[tuple[int, bytes]]:
     return found
 
 
+def _server_reports(directory: Path) -> list[Path]:
+    """The server shims' report files (``proxy.daemon.attack_reports_path``)."""
+    found = sorted((directory / "reports").glob("*.jsonl"))
+    if not found:
+        raise ConfigError(
+            f"no attack reports in {directory / 'reports'} (the servers of a k-of-N "
+            "deployment write them there); give --reports FILE"
+        )
+    return found
+
+
 def run(args: argparse.Namespace) -> int:
     if args.window > MAX_WINDOW:
         raise ConfigError(f"--window must be at most {MAX_WINDOW}, got {args.window}")
@@ -130,15 +145,17 @@ def run(args: argparse.Namespace) -> int:
     thresholds = Thresholds(args.dropped, args.syn, args.violations)
     evidence = Evidence(len(servers), args.window, thresholds)
     count = 0
-    for number, line in _lines(args.reports):
-        report = parse_report(line, names, f"{args.reports} line {number}")
-        if report.epoch > deployment.chain_length:
-            raise SuspectsError(
-                f"{args.reports} line {number}: epoch {report.epoch} is after the chain's "
-                f"last epoch {deployment.chain_length}"
-            )
-        evidence.add(report)
-        count += 1
+    sources = [args.reports] if args.reports is not None else _server_reports(args.directory)
+    for source in sources:
+        for number, line in _lines(source):
+            report = parse_report(line, names, f"{source} line {number}")
+            if report.epoch > deployment.chain_length:
+                raise SuspectsError(
+                    f"{source} line {number}: epoch {report.epoch} is after the chain's "
+                    f"last epoch {deployment.chain_length}"
+                )
+            evidence.add(report)
+            count += 1
     secret = directory.secret_with_index()
     clients = [client for client in directory.clients(secret).clients if not client.revoked]
     epochs = evidence.epochs()
