@@ -83,6 +83,7 @@ import ipaddress
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from decimal import Decimal
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -281,7 +282,9 @@ class Checkpoint:
             self.vport,
             self.epoch,
             self.counter,
-            round(self.taken_at * 1_000_000),
+            # Exactly: a float product rounds twice (at 2**32 s and beyond, a time of whole
+            # microseconds came back one microsecond off).
+            round(Decimal(self.taken_at) * 1_000_000),
             tcp.server_isn,
             tcp.client_isn,
             tcp.mss,

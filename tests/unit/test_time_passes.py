@@ -498,3 +498,29 @@ def test_roam_errors_stay_typed():
     """Every refusal above is a ``RoamError`` the daemons log with its reason."""
     for error in (StaleMessageError, InconsistentUpdateError, SubscriptionExpiredError):
         assert issubclass(error, RoamError)
+
+
+def test_a_checkpoint_time_past_2_to_the_32_seconds_keeps_its_microseconds():
+    """Found by hypothesis: sealing multiplied the float by 10^6, which rounded twice."""
+    checkpoint = Checkpoint(
+        conn_id=bytes(16),
+        client=("10.0.0.9", 40000),
+        vport=80,
+        epoch=1,
+        counter=1,
+        taken_at=4294967296.171391,
+        tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 5),
+        codec="http",
+        c2s_fresh=0,
+        c2s_pos=0,
+        s2c_fresh=0,
+        s2c_pos=0,
+        c2s_hash=bytes(32),
+        s2c_hash=bytes(32),
+        unmigratable=False,
+    )
+    key = derive_key(bytes(range(32)), "checkpoint")
+    opened = open_checkpoint(
+        seal_checkpoint(checkpoint, key, DEPLOYMENT_ID, bytes), key, DEPLOYMENT_ID
+    )
+    assert opened.taken_at == checkpoint.taken_at
