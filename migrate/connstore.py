@@ -55,6 +55,12 @@ from migrate.replaystream import DEFAULT_MAX_REPLAY
 
 SEQ_MOD = 2**32
 MAX_NEW_LOSSES = 256  # losses kept for the caller's log between two takes (all are counted)
+# How far past the bytes stored a client's segment can start: more than the receive window a
+# Linux server advertises by default (tcp_rmem's 6 MiB, half of it window). A copy further
+# ahead is not the client's (forged on its host) and is ignored, not taken for a hole. Not the
+# replay bound (``per_connection_limit``, --max-replay, 64 MiB by default): a forged segment
+# that far ahead made a hole of a connection that had none.
+MAX_AHEAD_BYTES = 4 * 1024 * 1024
 
 
 def unwrap(seq: int, isn: int, near: int) -> int:
@@ -158,7 +164,7 @@ class ConnectionStore:
         end = position + len(payload)
         if end <= conn.sent:
             return  # a retransmission of bytes we have
-        if position - conn.sent > self.per_connection_limit:
+        if position - conn.sent > MAX_AHEAD_BYTES:
             return  # beyond any window the client could have: not the client's bytes
         if position < conn.replay_start:
             payload = payload[conn.replay_start - position :]

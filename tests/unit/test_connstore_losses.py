@@ -155,3 +155,18 @@ def test_replay_bytes_are_never_wrong_and_complete_past_every_hole(
     )
     if not seen_after_a_loss:
         assert store.losses == 0
+
+
+def test_a_segment_forged_far_ahead_is_ignored_not_taken_for_a_hole():
+    """Forged on the client's host (the crafted-segments system test): a copy starting more
+    than a receive window past the stored bytes is not the client's, whatever --max-replay."""
+    from migrate.connstore import MAX_AHEAD_BYTES
+
+    store = ConnectionStore(per_connection_limit=64 * 1024 * 1024)
+    store.on_syn(A, 7, now=0.0)
+    store.on_segment(A, 8, b"a" * 100, False, now=0.1)
+    store.on_segment(A, 8 + 100 + MAX_AHEAD_BYTES + 1, b"x" * 100, False, now=0.2)
+    assert store.losses == 0
+    assert store.connections[A].pending == {}
+    store.on_segment(A, 8 + 100, b"b" * 100, False, now=0.3)
+    assert store.replay_bytes(A, 0) == b"a" * 100 + b"b" * 100
