@@ -164,8 +164,10 @@ class ConnectionStore:
         end = position + len(payload)
         if end <= conn.sent:
             return  # a retransmission of bytes we have
-        if position - conn.sent > MAX_AHEAD_BYTES:
-            return  # beyond any window the client could have: not the client's bytes
+        if position - conn.sent > min(MAX_AHEAD_BYTES, self.per_connection_limit):
+            # Beyond any window the client could have: not the client's bytes. (Past a
+            # smaller replay bound, they could not be kept anyway.)
+            return
         if position < conn.replay_start:
             payload = payload[conn.replay_start - position :]
             position = conn.replay_start
