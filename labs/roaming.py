@@ -424,7 +424,9 @@ class RoamingLab:
 
     # -- schedule ----------------------------------------------------------------------------
 
-    def schedule(self, first: int = 1, count: int = 1000) -> list[dict[str, Any]]:
+    def schedule(self, first: int = 1, count: int = 1000, *extra: str) -> list[dict[str, Any]]:
+        """``roam schedule --json`` of the deployment, one dict per epoch (``extra``: more
+        options, e.g. ``--clients``)."""
         result = self.roam(
             "schedule",
             "--deployment",
@@ -434,6 +436,7 @@ class RoamingLab:
             "--count",
             str(count),
             "--json",
+            *extra,
         )
         return [json.loads(line) for line in result.stdout.splitlines()]
 
@@ -441,19 +444,9 @@ class RoamingLab:
         """k of N: each epoch's active set and every client host's server (``roam schedule
         --clients``), the client hosts keyed by name."""
         names = {self.client_id(host): host for host in self.client_hosts}
-        result = self.roam(
-            "schedule",
-            "--deployment",
-            str(self.deployment_dir),
-            "--from",
-            str(first),
-            "--count",
-            str(count),
-            "--json",
-            "--clients",
-            ",".join(str(client) for client in sorted(names)),
+        epochs = self.schedule(
+            first, count, "--clients", ",".join(str(client) for client in sorted(names))
         )
-        epochs = [json.loads(line) for line in result.stdout.splitlines()]
         for epoch in epochs:
             epoch["assigned"] = {names[int(c)]: s for c, s in epoch["assigned"].items()}
         return epochs

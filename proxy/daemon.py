@@ -72,6 +72,7 @@ from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.pool import PoolState, ServerPool
 from migrate.registration import ClientRecord
 from migrate.replaystream import DEFAULT_MAX_REPLAY
+from migrate.schedule import Epoch
 from migrate.suspects import AttackReport, format_report
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
@@ -326,18 +327,11 @@ class ServerShim:
         service rarely or never moves, e.g. one server), so it is kept until then."""
         now = self.clock()
         schedule = self.pool.schedule
-        try:
-            current = schedule.epoch_at(now)
-        except RoamError:
+        found = self._epoch_key(now)
+        if found is None:
             return None
-        key = (
-            id(schedule),
-            schedule.params,
-            schedule.anchor,
-            schedule.chain.held_index,
-            current.index,
-            current.server,
-        )
+        current, epoch_key = found
+        key = (*epoch_key, current.server)
         if key == self._leaving_key:
             return self._leaving
         leaving: float | None = None
@@ -446,11 +440,10 @@ class ServerShim:
                 return self.pool.schedule.start_of(index)
         return None
 
-    def client_leaving_at(self, client_id: int) -> float | None:
-        """k of N: when client ``client_id``'s connections leave this server (its server
-        changes), if this is its server now; kept until the epoch or the schedule changes
-        (asked every 20 ms per connection by the checkpoint loop)."""
-        now = self.clock()
+    def _epoch_key(self, now: float) -> tuple[Epoch, tuple[object, ...]] | None:
+        """The epoch at ``now`` and what a cached answer about it depends on (the schedule
+        object, its parameters and anchor, the chain's held key, the epoch); None before the
+        schedule's start."""
         schedule = self.pool.schedule
         try:
             current = schedule.epoch_at(now)
@@ -463,6 +456,17 @@ class ServerShim:
             schedule.chain.held_index,
             current.index,
         )
+        return current, key
+
+    def client_leaving_at(self, client_id: int) -> float | None:
+        """k of N: when client ``client_id``'s connections leave this server (its server
+        changes), if this is its server now; kept until the epoch or the schedule changes
+        (asked every 20 ms per connection by the checkpoint loop)."""
+        now = self.clock()
+        found = self._epoch_key(now)
+        if found is None:
+            return None
+        key = found[1]
         cached = self._client_leaving.get(client_id)
         if cached is not None and cached[0] == key:
             return cached[1]
