@@ -5,6 +5,12 @@ segments to the VIP and the carriers the servers push; ``Capture`` turns them in
 connection (``migrate.connstore``), the newest sealed checkpoint and the client's bytes from its
 fresh point on.
 
+The kernel batches the copies (``CAPTURE_BATCH`` per message, at most ``CAPTURE_FLUSH_CS``
+late): one request at a time from the client would otherwise wake the shim once per request
+(a keep-alive GET cost it 70 us of CPU, most of it the wakeup). ``drain`` first sends the
+rules' flush barrier (``client_shim.rules``), which makes the kernel send its batch at once,
+inside the ``sendto``: a drain still sees every copy made before it.
+
 Copies are lost when the reader falls behind (its socket buffer overflows). NFLOG's sequence
 numbers say how many, not whose; the store finds out per connection instead (a hole in a
 connection's own sequence space, a carrier that does not fit the connection tracked on its
@@ -16,8 +22,10 @@ readiness event reads until the socket is empty, so that a burst does not overfl
 
 from __future__ import annotations
 
+import socket
 from collections.abc import Callable
 
+from client_shim.rules import BARRIER_MARK, BARRIER_PORT
 from migrate.channel import Opener
 from migrate.checkpoint import carrier_opener, open_carrier
 from migrate.connstore import ConnectionStore
@@ -36,6 +44,12 @@ CAPTURE_RCVBUF = 32 * 1024 * 1024
 # Reads (of up to 1024 datagrams each) per readiness event before the loop gets control back:
 # enough to empty a full buffer, bounded so that a flood cannot starve the rest of the shim.
 READS_PER_EVENT = 16
+# The kernel's batching of copies (see the module's docstring): a batch goes out when it holds
+# CAPTURE_BATCH copies, fills CAPTURE_NLBUFSIZ bytes, or is CAPTURE_FLUSH_CS hundredths of a
+# second old (the kernel's least), or when a barrier is copied.
+CAPTURE_BATCH = 64
+CAPTURE_FLUSH_CS = 1
+CAPTURE_NLBUFSIZ = 65536
 
 
 class Capture:
@@ -59,6 +73,8 @@ class Capture:
             bundle.channel_key, bundle.deployment_id, bundle.client_id
         )
         self.reader: NflogReader | None = None
+        self.barrier: socket.socket | None = None
+        self.barrier_failures = 0
         self.rejected_carriers = 0
         self.lost_batches = 0  # reads after which NFLOG reported lost copies
 
@@ -68,19 +84,60 @@ class Capture:
         return self.store.losses
 
     def open(self, group: int) -> int:
-        self.reader = NflogReader.open(group, rcvbuf=CAPTURE_RCVBUF)
+        self.reader = NflogReader.open(
+            group,
+            rcvbuf=CAPTURE_RCVBUF,
+            qthreshold=CAPTURE_BATCH,
+            flush_timeout_cs=CAPTURE_FLUSH_CS,
+            nlbufsiz=CAPTURE_NLBUFSIZ,
+        )
+        barrier = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            barrier.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, BARRIER_MARK)
+            barrier.setblocking(False)
+        except OSError:
+            barrier.close()
+            self.close()
+            raise
+        self.barrier = barrier
         return self.reader.fileno()
 
     def close(self) -> None:
         if self.reader is not None:
             self.reader.close()
             self.reader = None
+        if self.barrier is not None:
+            self.barrier.close()
+            self.barrier = None
+
+    def flush(self) -> None:
+        """Make the kernel send the copies it batches now (the rules' barrier). The barrier
+        is dropped by the rule that copies it, so ``sendto`` fails with EPERM: that is the
+        success. Any other outcome is counted and logged; the batch then comes within
+        ``CAPTURE_FLUSH_CS``, and a drain before it may miss copies (a connection reset at
+        that roam, as after a loss)."""
+        barrier = self.barrier
+        if barrier is None:
+            return
+        try:
+            barrier.sendto(b"roam-capture-barrier", (self.vip[0], BARRIER_PORT))
+        except PermissionError:
+            return  # dropped by the barrier rule after it was copied, with the batch
+        except OSError as error:
+            self._barrier_failed(str(error))
+            return
+        self._barrier_failed("the barrier was not dropped: no barrier rule")
+
+    def _barrier_failed(self, reason: str) -> None:
+        self.barrier_failures += 1
+        self.log.rejection("capture_barrier_failed", reason=reason)
 
     def drain(self) -> None:
         """Everything captured so far, however much is queued. A roam's decisions need it: a
         connection whose SYN copy still waits behind a burst (1000 connects in a second fill
         more than one read) would look like one opened before the shim, and be reset."""
         assert self.reader is not None
+        self.flush()
         self.on_readable()
         while self.reader.backlog:
             self.on_readable()
@@ -139,6 +196,7 @@ class Capture:
             "lost_copies": reader.missed if reader is not None else 0,
             "overflows": reader.overflowed if reader is not None else 0,
             "lost_batches": self.lost_batches,
+            "barrier_failures": self.barrier_failures,
             "connection_losses": self.store.losses,
             "unmigratable": self.store.unmigratable,
             "losses_by_port": self.store.losses_by_port(),

@@ -24,6 +24,13 @@ With live migration, two more chains run just before those (priority -310):
   to the new server.
 * Ports in ``finished`` are connections that closed during a hand-over: their last segments
   are dropped rather than sent to the new server, which has no socket for them.
+* The kernel batches the copies (``client_shim.capture``: up to 64 per message, at most 10 ms
+  late), so that a client sending one request at a time does not wake the shim for each. A
+  hand-over needs every copy made so far, at once: the shim sends a *barrier*, a UDP
+  datagram to the VIP's ``BARRIER_PORT`` with ``BARRIER_MARK``, which the first rule of
+  ``capture_out`` copies with ``queue-threshold 1`` (the kernel sends its whole batch with
+  it, inside the shim's ``sendto``) and drops. Setting the mark needs CAP_NET_ADMIN; a
+  barrier from anyone else would only flush a batch early.
 * ``capture_in`` copies checkpoint carriers (segments from a pool server with the carrier
   option, kind 253 and ExID 0x5352) to the same group and drops them: the client's TCP never
   sees them.
@@ -37,6 +44,10 @@ from migrate.endpoints import Endpoint, IPAddress
 # there: the rest of its closing handshake would meet no socket at the new server and draw a
 # RST. Its port is free again for new connections (SYNs pass) and forgotten after this long.
 FINISHED_TIMEOUT_S = 120
+# The capture's flush barrier (see the module's docstring): a UDP datagram to the VIP on this
+# port, with this mark ("SR" and 0xB1), is copied with the batch before it and dropped.
+BARRIER_MARK = 0x535200B1
+BARRIER_PORT = 9
 
 
 def _family(address: IPAddress) -> tuple[str, str]:
@@ -96,6 +107,8 @@ def rewrite_table_body(
         capture = f"""
   chain capture_out {{
     type filter hook output priority -310; policy accept;
+    {family} daddr {vip} udp dport {BARRIER_PORT} meta mark {BARRIER_MARK:#x} \
+      log group {nflog_group} queue-threshold 1 drop
     {to_vip} tcp sport @finished tcp flags & syn == 0 drop
     {to_vip} tcp sport @frozen drop
     {to_vip} tcp flags & (fin|syn|psh) != 0 {log}

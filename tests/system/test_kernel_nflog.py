@@ -21,7 +21,7 @@ from typing import TypeVar
 
 import pytest
 
-from client_shim.rules import rewrite_table_body
+from client_shim.rules import BARRIER_MARK, BARRIER_PORT, rewrite_table_body
 from labs import Lab, PoolTopo
 from labs.node import Node
 from migrate.endpoints import Endpoint
@@ -415,3 +415,51 @@ def test_the_client_shims_capture_copies_every_payload_and_no_pure_ack(lab_facto
     copied = {segment_of(p).sport for p in packets}
     for sport, (name, case) in enumerate(cases.items(), 40000):
         assert (sport in copied) == case[3], name
+
+
+def test_a_barrier_sends_the_kernels_batch_of_copies_at_once(lab_factory) -> None:
+    """``client_shim.capture`` lets the kernel batch its copies and flushes them with the
+    rules' barrier before every decision: a copy held in a batch (here for up to a second) is
+    in the reader's socket as soon as the barrier's ``sendto`` returns, and the barrier itself
+    is dropped (EPERM), never sent."""
+    lab = lab_factory(TOPO)
+    c1, s1 = lab["c1"], lab["s1"]
+    vip = ipaddress.ip_address(str(s1.address))
+    server = Endpoint(vip, PORT + 6)
+    body = rewrite_table_body(vip, PORT + 6, (server,), server, nflog_group=12)
+    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
+
+    def open_batching() -> NflogReader:
+        return NflogReader.open(12, qthreshold=64, flush_timeout_cs=100, nlbufsiz=65536)
+
+    def barrier() -> socket.socket:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, BARRIER_MARK)
+        return sock
+
+    try:
+        with (
+            in_ns(c1, open_batching) as reader,
+            in_ns(c1, RawTcpSender) as sender,
+            in_ns(c1, barrier) as flusher,
+        ):
+            for sport in (41000, 41001, 41002):
+                sender.send(
+                    build_ipv4_tcp(
+                        str(c1.address), str(vip), sport, PORT + 6, 1000, 1, ACK | PSH, 500,
+                        [], b"request", ip_id=sport,
+                    )
+                )  # fmt: skip
+            # Batched: nothing yet (the batch's time limit is a second).
+            readable, _, _ = select.select([reader.fileno()], [], [], 0.2)
+            assert not readable, "the kernel sent a copy before its batch was full or old"
+            with pytest.raises(PermissionError):
+                flusher.sendto(b"barrier", (str(vip), BARRIER_PORT))
+            # No wait: the batch was sent inside the barrier's sendto.
+            copies = [parse_ipv4_tcp(p.payload) for p in reader.read()]
+    finally:
+        c1.run(["nft", "delete", "table", "ip", TABLE], timeout=10)
+    segments = [s for s in copies if s is not None]
+    assert [s.sport for s in segments] == [41000, 41001, 41002]
+    assert all(s.payload == b"request" for s in segments)
+    assert len(copies) == 4  # and the barrier's own copy (UDP), last
