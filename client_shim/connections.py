@@ -26,6 +26,9 @@ from migrate.replaystream import MAX_INLINE_REPLAY_BYTES
 Sockets = dict[int, sockdiag.TcpSocketInfo]
 
 EXACT_LOOKUPS_MAX = 16  # ports looked up one by one rather than by a dump (sockets_of)
+# Client socket states after the server's FIN: the client's own FIN is still to come (or to be
+# acknowledged), and the server that closed is the only one with a socket for it.
+SERVER_CLOSED_STATES = frozenset({"CLOSE_WAIT", "LAST_ACK", "CLOSING"})
 
 
 def acked_bytes(info: sockdiag.TcpSocketInfo) -> int:
@@ -49,6 +52,8 @@ class ClientConnections:
         self.vip = capture.vip
         self.vport = vport
         self.log = log
+        # Ports of connections the server had closed at the last dump (``live_sockets``).
+        self.closing: set[int] = set()
 
     def sockets_and_capture(self) -> Sockets:
         """The live sockets, then every copy captured until now. In this order: the kernel
@@ -75,13 +80,19 @@ class ClientConnections:
         return found
 
     def live_sockets(self) -> Sockets:
-        found, present = {}, set()
+        """The established connections to the VIP; also notes in ``closing`` the ones the
+        server has closed (the client has its FIN), whose last segments must not reach the
+        next server."""
+        found, present, closing = {}, set(), set()
         for info in sockdiag.tcp_sockets(dst=self.vip):
             if info.src[0] != self.client_address:
                 continue
             present.add(info.src[1])
             if info.state == "ESTABLISHED":
                 found[info.src[1]] = info
+            elif info.state in SERVER_CLOSED_STATES:
+                closing.add(info.src[1])
+        self.closing = closing
         # A dump is not a snapshot: sockets created or moved meanwhile can be missed.
         # Forgetting a live connection here would reset it at the next roam, so each tracked
         # connection the dump did not show is asked for exactly before it is believed gone.

@@ -406,6 +406,9 @@ class Migrator:
     def _finish(self, record: RoamRecord) -> None:
         """After the switch: GO for each committed connection, reset what could not follow."""
         finished = [p for p, h in record.connections.items() if h.state is ClientState.CLOSED]
+        # And those the server had closed before the roam: when the application closes them
+        # later, its FIN must not reach the new server (a RST).
+        finished += sorted(self.view.closing - set(record.connections))
         if finished:
             nft.apply(finished_script(self.table, self.bundle.vip, finished))
         now = self.clock()

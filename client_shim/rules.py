@@ -22,8 +22,11 @@ With live migration, two more chains run just before those (priority -310):
   the peer's window cuts a write: a hole in the replay bytes.) Ports in the ``frozen`` set
   are dropped during a hand-over, before they are copied: the client's TCP sends them again,
   to the new server.
-* Ports in ``finished`` are connections that closed during a hand-over: their last segments
-  are dropped rather than sent to the new server, which has no socket for them.
+* Ports in ``finished`` are connections the server had closed (its FIN) when the service
+  roamed, or that closed during the hand-over: their last segments (the client's own FIN,
+  however late the application closes) are dropped rather than sent to the new server, which
+  has no socket for them and would answer with a RST. A new connection's SYN on such a port
+  takes the port out of the set, so the new connection's segments pass.
 * The kernel batches the copies (``client_shim.capture``: up to 64 per message, at most 10 ms
   late), so that a client sending one request at a time does not wake the shim for each. A
   hand-over needs every copy made so far, at once: the shim sends a *barrier*, a UDP
@@ -40,9 +43,10 @@ from __future__ import annotations
 
 from migrate.endpoints import Endpoint, IPAddress
 
-# A connection that ended at the old server just as the service roamed is left to die quietly
-# there: the rest of its closing handshake would meet no socket at the new server and draw a
-# RST. Its port is free again for new connections (SYNs pass) and forgotten after this long.
+# A connection that ended at the old server (its FIN) before or as the service roamed is left
+# to die quietly there: the rest of its closing handshake would meet no socket at the new
+# server and draw a RST. Its port is free again for new connections (a SYN takes it out) and
+# forgotten after this long.
 FINISHED_TIMEOUT_S = 120
 # The capture's flush barrier (see the module's docstring): a UDP datagram to the VIP on this
 # port, with this mark ("SR" and 0xB1), is copied with the batch before it and dropped.
@@ -109,6 +113,7 @@ def rewrite_table_body(
     type filter hook output priority -310; policy accept;
     {family} daddr {vip} udp dport {BARRIER_PORT} meta mark {BARRIER_MARK:#x} \
       log group {nflog_group} queue-threshold 1 drop
+    {to_vip} tcp flags & (syn|ack) == syn delete @finished {{ tcp sport }}
     {to_vip} tcp sport @finished tcp flags & syn == 0 drop
     {to_vip} tcp sport @frozen drop
     {to_vip} tcp flags & (fin|syn|psh) != 0 {log}
@@ -126,7 +131,9 @@ def rewrite_table_body(
   set current {{ type {addr_type} . inet_service; elements = {{ {active_pair} }} }}
   set pool {{ type {addr_type} . inet_service; elements = {{ {pool} }} }}
   set frozen {{ type inet_service; }}
-  set finished {{ type inet_service; flags timeout; timeout {FINISHED_TIMEOUT_S}s; }}{capture}
+  set finished {{
+    type inet_service; flags dynamic,timeout; timeout {FINISHED_TIMEOUT_S}s;
+  }}{capture}
   chain out {{
     type route hook output priority raw; policy accept;
     {opening}

@@ -30,10 +30,8 @@ from labs.topologies import PoolTopo
 pytestmark = [pytest.mark.system]
 
 # About 10 s over the 4 Mbit/s links: several roams per client. The links set the pace, not
-# curl's --limit-rate: curl's rate limit reads the last bytes late, so curl closes its end
-# seconds after the server's FIN, when its connection's server may have changed; that FIN
-# then meets a server with no such socket, which answers with a RST (the client shim stops
-# tracking a connection its server has closed: a known limit, k = 1 alike).
+# curl's --limit-rate (which reads the last bytes late: curl then closes its end seconds after
+# the server's FIN, across a roam; tests/system/test_closed_by_server.py covers that case).
 SIZE = 5 * 1024 * 1024
 CLIENTS = ("c1", "c2", "c3")
 
