@@ -4,8 +4,11 @@ schedule (k of N, migrate.suspects; docs/insiders.md)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +21,8 @@ from migrate.suspects import (
     MAX_WINDOW,
     Evidence,
     Ranking,
+    RevocationPolicy,
+    Suspect,
     SuspectsError,
     Thresholds,
     parse_report,
@@ -90,6 +95,28 @@ def register(subparsers: Subparsers) -> None:
             help=f"an epoch counts as attacked at a server with N or more {what} "
             f"(default {getattr(defaults, name)})",
         )
+    parser.add_argument(
+        "--revoke-above",
+        type=_probability,
+        metavar="P",
+        help="automatic policy (off by default): revoke the clients ranked at or above "
+        "confidence P, best first, at most --revoke-at-most of them, as 'roam revoke' does "
+        "(the list, then every server's control port); run it every epoch or minute",
+    )
+    parser.add_argument(
+        "--revoke-at-most",
+        type=positive_int,
+        default=1,
+        metavar="N",
+        help="with --revoke-above: revoke at most N clients per run (default 1)",
+    )
+    parser.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="with --revoke-above: only change the list, do not tell running servers",
+    )
+    parser.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
 
@@ -130,22 +157,41 @@ def _server_reports(directory: Path) -> list[Path]:
     return found
 
 
-def run(args: argparse.Namespace) -> int:
-    if args.window > MAX_WINDOW:
-        raise ConfigError(f"--window must be at most {MAX_WINDOW}, got {args.window}")
-    directory = DeploymentDir(args.directory)
+@dataclass(frozen=True)
+class Evaluation:
+    """A ranking of a deployment's clients that are not revoked, with what it was made of."""
+
+    ranking: Ranking
+    names: dict[int, str]  # client id -> name
+    active: int
+    reports: int
+
+
+def evaluate(
+    path: Path,
+    reports: Path | None = None,
+    *,
+    window: int = DEFAULT_WINDOW,
+    thresholds: Thresholds | None = None,
+    active: int | None = None,
+) -> Evaluation:
+    """Read the reports (``reports``, else every ``path/reports/*.jsonl``) and rank the
+    deployment's clients that are not revoked: what ``roam suspects`` prints, and what the
+    ``insiders`` lab evaluates after every epoch."""
+    if window > MAX_WINDOW:
+        raise ConfigError(f"--window must be at most {MAX_WINDOW}, got {window}")
+    directory = DeploymentDir(path)
     deployment = directory.deployment()
     servers = deployment.servers
-    k = deployment.active if args.active is None else args.active
+    k = deployment.active if active is None else active
     try:
         check_active(k, len(servers))
     except ConfigError as error:
         raise ConfigError(f"--active: {error}") from None
     names = {str(server): index for index, server in enumerate(servers)}
-    thresholds = Thresholds(args.dropped, args.syn, args.violations)
-    evidence = Evidence(len(servers), args.window, thresholds)
+    evidence = Evidence(len(servers), window, thresholds or Thresholds())
     count = 0
-    sources = [args.reports] if args.reports is not None else _server_reports(args.directory)
+    sources = [reports] if reports is not None else _server_reports(path)
     for source in sources:
         for number, line in _lines(source):
             report = parse_report(line, names, f"{source} line {number}")
@@ -165,11 +211,50 @@ def run(args: argparse.Namespace) -> int:
         facts = assignments(chain, epochs[0], epochs[-1], len(servers), k)
     ranking = rank(evidence, [client.client_id for client in clients], facts.get)
     by_id = {client.client_id: client.name for client in clients}
+    return Evaluation(ranking, by_id, k, count)
+
+
+def run(args: argparse.Namespace) -> int:
+    policy = None
+    if args.revoke_above is not None:
+        policy = RevocationPolicy(args.revoke_above, args.revoke_at_most)
+    result = evaluate(
+        args.directory,
+        args.reports,
+        window=args.window,
+        thresholds=Thresholds(args.dropped, args.syn, args.violations),
+        active=args.active,
+    )
+    ranking, by_id, k, count = result.ranking, result.names, result.active, result.reports
+    chosen = policy.choose(ranking) if policy is not None else ()
     if args.json:
-        print(json.dumps(_document(ranking, by_id, k, count, args.confidence)))
+        document = _document(ranking, by_id, k, count, args.confidence)
+        if policy is not None:
+            document["revoke_above"] = policy.confidence
+            document["revoked"] = [by_id[suspect.client] for suspect in chosen]
+        # The revocations' own lines go to stderr: stdout stays one JSON object.
+        with contextlib.redirect_stdout(sys.stderr):
+            _revoke(args, chosen, by_id)
+        print(json.dumps(document))
     else:
         _table(ranking, by_id, k, count, args.confidence)
+        if policy is not None and not chosen:
+            print(f"no client at or above confidence {policy.confidence}: nobody revoked")
+        _revoke(args, chosen, by_id)
     return 0
+
+
+def _revoke(args: argparse.Namespace, chosen: Sequence[Suspect], names: dict[int, str]) -> None:
+    from roam_cli.commands.registration import revoke_client
+
+    for suspect in chosen:
+        print(
+            f"policy: revoking {names[suspect.client]} (confidence {suspect.confidence:.4f} "
+            f">= {args.revoke_above}, {suspect.hits}/{suspect.epochs} epochs attacked)"
+        )
+        revoke_client(
+            DeploymentDir(args.directory), names[suspect.client], args.notify, args.control_port
+        )
 
 
 def _document(
