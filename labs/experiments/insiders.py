@@ -202,6 +202,7 @@ class InsidersResult:
     policy_output: str = ""
     problems: list[str] = field(default_factory=list)
     insider_shim_exited: bool = False
+    lab: dict[str, Any] = field(default_factory=dict)  # id, namespaces, workdir (all removed)
 
     def epochs_to(self, epoch: int | None) -> int | None:
         return None if epoch is None else epoch - self.attack_epoch + 1
@@ -280,6 +281,7 @@ class InsidersResult:
             "policy_output": self.policy_output,
             "problems": self.problems,
             "insider_shim_exited": self.insider_shim_exited,
+            "lab": self.lab,
         }
 
 
@@ -637,12 +639,14 @@ def run_insiders(
         params=LinkParams(rate_mbit=options.rate_mbit),
     )
     with Lab(topo) as lab:
+        info = {"id": str(lab.id), "namespaces": lab.namespaces, "workdir": str(lab.workdir)}
         experiment = InsidersRun(lab, options, say)
         try:
             result = experiment.run()
         finally:
             experiment.stop_agents()
             experiment.roaming.stop()
+        result.lab = info
     if options.out is not None:
         options.out.mkdir(parents=True, exist_ok=True)
         write_private(
