@@ -114,14 +114,12 @@ class InsidersOptions:
                 flag = "--" + name.replace("_", "-")
                 raise ConfigError(f"{flag} must be an integer in {low}..{high}, got {value!r}")
 
-        def number(name: str, low: float, high: float) -> None:
+        def number(name: str, flag: str, low: float, high: float) -> None:
             value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value):
-                raise ConfigError(f"--{name.replace('_', '-')} must be a number, got {value!r}")
-            if not low < value <= high:
-                raise ConfigError(
-                    f"--{name.replace('_', '-')} must be in ({low:g}, {high:g}], got {value:g}"
-                )
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{flag} must be a number, got {value!r}")
+            if not math.isfinite(value) or not low < value <= high:
+                raise ConfigError(f"{flag} must be in ({low:g}, {high:g}], got {value:g}")
 
         integer("servers", 2, 20)
         integer("clients", 2, 40)
@@ -130,12 +128,14 @@ class InsidersOptions:
         integer("max_attack_epochs", 1, 500)
         integer("after_epochs", 1, 200)
         integer("lease_epochs", 1, 100)
-        number("tick_s", 0.2, 30.0)
-        number("confidence", 0.0, 0.999999)
-        number("rate_mbit", 0.0, 100.0)
-        number("flood_pps", 0.0, 20_000.0)
-        number("request_gap_s", 0.0, 60.0)
-        number("request_timeout_s", 0.0, 60.0)
+        number("tick_s", "--tick", 0.2, 30.0)
+        number("rate_mbit", "--rate-mbit", 0.0, 100.0)
+        number("flood_pps", "--flood-pps", 0.0, 20_000.0)
+        number("request_gap_s", "--request-gap", 0.0, 60.0)
+        number("request_timeout_s", "request_timeout_s", 0.0, 60.0)
+        number("confidence", "--confidence", 0.0, 1.0)
+        if self.confidence >= 1:
+            raise ConfigError(f"--confidence must be below 1, got {self.confidence:g}")
         try:
             check_active(self.active, self.servers)
         except ConfigError as error:
