@@ -16,7 +16,7 @@ One lab, one run (issue 17; docs/insiders.md):
   floods it with SYNs from the start of the epoch to its end.
 * The operator: after every epoch, the servers' attack reports (each server appends one line
   per epoch it was active in to its directory's ``reports/``) are gathered into the
-  operator's directory and ranked (``roam_cli.commands.suspects.evaluate``, the code of ``roam
+  operator's directory and ranked (``migrate.kernel.reports.evaluate``, the code of ``roam
   suspects``). Once the insider is first at the confidence asked for, the automatic policy
   runs once on a lab host: ``roam suspects DIR --revoke-above P`` (which revokes as ``roam
   revoke`` does: the list, then every server's control port).
@@ -324,12 +324,13 @@ class InsidersRun:
 
     def schedule(self) -> ActiveSchedule:
         from migrate.kernel.deployment import DeploymentDir
-        from roam_cli.recorded import deployment_schedule
+        from migrate.schedule import EpochSchedule
 
+        # The lab changes neither the threat level nor the anchor: the deployment's schedule.
         directory = DeploymentDir(self.roaming.deployment_dir)
         deployment = directory.deployment()
-        plain = deployment_schedule(directory, deployment, directory.secret())
-        return ActiveSchedule(plain, deployment.active)
+        chain = directory.secret().chain(deployment.chain_length)
+        return ActiveSchedule(EpochSchedule(chain, deployment.schedule_params()), deployment.active)
 
     def gather_reports(self) -> None:
         """Copy the servers' report files (their complete lines) into the operator's
@@ -417,7 +418,7 @@ class InsidersRun:
                 process.wait(timeout=5)
 
     def rank_after(self, epoch: int, ended: float, insider: str) -> EpochRank:
-        from roam_cli.commands.suspects import evaluate
+        from migrate.kernel.reports import evaluate
 
         self.gather_reports()
         evaluation = evaluate(self.roaming.deployment_dir)
