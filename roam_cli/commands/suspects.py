@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from migrate.errors import ConfigError
 from migrate.kernel.deployment import DeploymentDir
 from migrate.kernel.reports import evaluate
 from migrate.suspects import (
@@ -98,7 +99,7 @@ def register(subparsers: Subparsers) -> None:
     parser.add_argument(
         "--revoke-at-most",
         type=positive_int,
-        default=1,
+        default=None,
         metavar="N",
         help="with --revoke-above: revoke at most N clients per run (default 1)",
     )
@@ -116,7 +117,9 @@ def register(subparsers: Subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     policy = None
     if args.revoke_above is not None:
-        policy = RevocationPolicy(args.revoke_above, args.revoke_at_most)
+        policy = RevocationPolicy(args.revoke_above, args.revoke_at_most or 1)
+    elif args.revoke_at_most is not None or not args.notify:
+        raise ConfigError("--revoke-at-most and --no-notify go with --revoke-above P")
     result = evaluate(
         args.directory,
         args.reports,

@@ -116,3 +116,14 @@ def test_below_the_threshold_the_command_says_nobody_was_revoked(deployment, tmp
     status, out, _ = run(capsys, *argv)
     assert status == 0
     assert "no client at or above confidence 0.99: nobody revoked" in out
+
+
+def test_policy_options_without_the_policy_are_one_line_errors(deployment, tmp_path, capsys):  # noqa: F811
+    reports = flood_reports(deployment, 5, range(1, 4), tmp_path / "reports.jsonl")
+    for extra in (["--revoke-at-most", "2"], ["--no-notify"]):
+        argv = ["suspects", str(deployment), "--reports", str(reports), *extra]
+        status, out, err = run(capsys, *argv)
+        assert status != 0
+        assert out == ""
+        assert err.count("\n") == 1
+        assert "go with --revoke-above P" in err
