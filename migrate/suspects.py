@@ -280,6 +280,44 @@ def rank(
 
 
 @dataclass(frozen=True, slots=True)
+class RevocationPolicy:
+    """The automatic revocation policy (off unless asked for: ``roam suspects --revoke-above``).
+
+    Revoke the clients ranked at or above ``confidence`` (best first), at most ``at_most`` per
+    evaluation. Pure: the caller revokes what ``choose`` returns, then evaluates again on
+    fresh reports (a revoked client is not ranked any more). The bound on ``at_most`` is the
+    defence against framing (docs/insiders.md): an attacker who floods the servers of chosen
+    victims can push their scores up; one revocation per evaluation, and the next evaluation
+    on the reports that follow it, limit what a framing attack costs before an operator sees
+    that revocations change nothing.
+    """
+
+    confidence: float
+    at_most: int = 1
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.confidence, float | int) or not 0 < self.confidence < 1:
+            raise SuspectsError(
+                f"the revocation confidence must be between 0 and 1, got {self.confidence!r}"
+            )
+        if isinstance(self.at_most, bool) or not isinstance(self.at_most, int):
+            raise SuspectsError(f"revocations per run must be an integer, got {self.at_most!r}")
+        if self.at_most < 1:
+            raise SuspectsError(f"revocations per run must be at least 1, got {self.at_most}")
+
+    def choose(self, ranking: Ranking) -> tuple[Suspect, ...]:
+        """The suspects to revoke now: at or above the confidence, best first, with at least
+        one epoch of evidence, at most ``at_most`` of them."""
+        chosen = [
+            suspect
+            for suspect in ranking.suspects
+            if suspect.hits > 0 and suspect.above(self.confidence)
+        ]
+        chosen.sort(key=lambda suspect: (-suspect.confidence, -suspect.score, suspect.client))
+        return tuple(chosen[: self.at_most])
+
+
+@dataclass(frozen=True, slots=True)
 class _Record:
     epoch: int
     facts: EpochAssignment

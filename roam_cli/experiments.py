@@ -142,6 +142,91 @@ def register_experiments(commands: Any) -> None:
     )
     overhead.set_defaults(handler=run_overhead)
 
+    insiders = commands.add_parser(
+        "insiders",
+        help="k of N: an insider leaks its schedule, is ranked first and revoked (issue 17)",
+        description="One lab run (docs/insiders.md): N servers with k active per epoch, "
+        "several clients fetching through real client shims, one insider whose leaked keys "
+        "aim a SYN flood at its own server from the start of every epoch. Prints the "
+        "legitimate clients' response times in a no-attack phase, under the attack, and after "
+        "the revocation; the epochs until 'roam suspects' ranks the insider first, and first at "
+        "the confidence; the automatic policy (roam suspects --revoke-above) then revokes it "
+        "and, once its leased keys run out, the attacker computes no server. Needs root.",
+    )
+    insiders.add_argument("--servers", type=positive_int, default=6, metavar="N", help="(6)")
+    insiders.add_argument("--active", type=positive_int, default=3, metavar="K", help="(3)")
+    insiders.add_argument("--clients", type=positive_int, default=5, metavar="C", help="(5)")
+    insiders.add_argument(
+        "--insider",
+        type=positive_int,
+        default=0,
+        metavar="I",
+        help="the insider is client cI (default: the last)",
+    )
+    insiders.add_argument(
+        "--tick",
+        type=positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="the schedule's tick; m = 1, so epochs last S or 2S seconds (default 1)",
+    )
+    insiders.add_argument(
+        "--baseline-epochs", type=positive_int, default=6, metavar="E", help="no attack (6)"
+    )
+    insiders.add_argument(
+        "--max-attack-epochs",
+        type=positive_int,
+        default=40,
+        metavar="E",
+        help="give up the ranking after E epochs of attack (40)",
+    )
+    insiders.add_argument(
+        "--after-epochs",
+        type=positive_int,
+        default=6,
+        metavar="E",
+        help="epochs measured once the attacker's keys ran out (6)",
+    )
+    insiders.add_argument(
+        "--lease-epochs",
+        type=positive_int,
+        default=4,
+        metavar="L",
+        help="clients hold keys L epochs ahead, extended online (4)",
+    )
+    insiders.add_argument(
+        "--confidence",
+        type=bounded_float_type(0, 1),
+        default=0.99,
+        metavar="P",
+        help="the policy revokes at or above this confidence (0.99)",
+    )
+    insiders.add_argument(
+        "--rate-mbit",
+        type=bounded_float_type(0, 100),
+        default=1.0,
+        metavar="R",
+        help="the servers' and clients' links (the attacker's is unshaped; default 1)",
+    )
+    insiders.add_argument(
+        "--flood-pps",
+        type=bounded_float_type(0, 20000),
+        default=3000.0,
+        metavar="P",
+        help="SYNs per second at the insider's server (3000)",
+    )
+    insiders.add_argument(
+        "--request-gap",
+        type=positive_seconds,
+        default=0.25,
+        metavar="S",
+        help="each client's pause between requests (0.25)",
+    )
+    insiders.add_argument("--out", type=Path, metavar="DIR", help="write DIR/results.json")
+    insiders.add_argument("--plot", type=Path, metavar="DIR", help="write DIR/insiders.png")
+    insiders.add_argument("--json", action="store_true", help="print the results as JSON")
+    insiders.set_defaults(handler=run_insiders)
+
 
 def run_fig2(args: argparse.Namespace) -> int:
     from dataclasses import replace
@@ -196,6 +281,53 @@ def run_overhead(args: argparse.Namespace) -> int:
             OverheadOptions(out=args.out, seconds=args.seconds, repeat=args.repeat), progress
         )
     print(summary)
+    return 0
+
+
+def bounded_float_type(low: float, high: float) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        return bounded_float(
+            text, "a number", lambda v: low < v <= high, f"must be in ({low:g}, {high:g}]"
+        )
+
+    return parse
+
+
+def run_insiders(args: argparse.Namespace) -> int:
+    import json
+    import sys
+
+    from roam_cli.extras import require
+
+    require("scapy", *(("matplotlib",) if args.plot else ()))
+    from labs.experiments.insiders import InsidersOptions, report_lines, run_insiders
+
+    options = InsidersOptions(
+        servers=args.servers,
+        active=args.active,
+        clients=args.clients,
+        insider=args.insider,
+        tick_s=args.tick,
+        baseline_epochs=args.baseline_epochs,
+        max_attack_epochs=args.max_attack_epochs,
+        after_epochs=args.after_epochs,
+        lease_epochs=args.lease_epochs,
+        confidence=args.confidence,
+        rate_mbit=args.rate_mbit,
+        flood_pps=args.flood_pps,
+        request_gap_s=args.request_gap,
+        out=args.out,
+        plot=args.plot,
+    )
+
+    def say(line: str) -> None:
+        print(line, file=sys.stderr, flush=True)
+
+    result = run_insiders(options, say)
+    if args.json:
+        print(json.dumps(result.as_json()))
+    else:
+        print("\n".join(report_lines(result)))
     return 0
 
 

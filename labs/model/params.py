@@ -41,6 +41,7 @@ class ModelParams:
     pause: float = 0.05  # a moved client reaches no server for this long after a roam
     insider_delay: float = 0.0  # the insiders' bots learn the schedule this late
     retry_window: float = 0.0  # bots retry a closed gate this long (their SYNs retransmit)
+    insider_flood: str = "server"  # the insiders' bots: "server" or "link" flood
     samples: int = 200_000  # legitimate requests sampled per simulation
     isolation_k: tuple[int, ...] = (2, 5, 10, 20)
     isolation_trials: int = 5
@@ -121,6 +122,8 @@ def validate(params: ModelParams) -> ModelParams:
     _positive(params, ("isolation_trials", "isolation_epochs", "analysis_epochs", "guesses"))
     _non_negative(params, ("bots", "insiders", "client_rate", "bot_rate", "subset", "pause"))
     _non_negative(params, ("insider_delay", "retry_window"))
+    if params.insider_flood not in ("server", "link"):
+        raise ConfigError(f"--insider-flood must be server or link, got {params.insider_flood!r}")
     for name in (f.name for f in fields(params)):
         value = getattr(params, name)
         integral = {"servers", "clients", "bots", "insiders", "active", "buffer", "link_buffer"}

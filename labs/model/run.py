@@ -45,8 +45,9 @@ def scenarios(params: ModelParams, subset: tuple[int, ...]) -> list[engine.Attac
             )
         attacks.extend(engine.Attack("follow", flood, delay=d) for d in params.delays)
     if params.insiders:
-        attacks.append(engine.Attack("insider", "server", delay=params.insider_delay))
-        attacks.append(engine.Attack("insider", "server", delay=params.insider_delay, revoke=True))
+        flood = params.insider_flood
+        attacks.append(engine.Attack("insider", flood, delay=params.insider_delay))
+        attacks.append(engine.Attack("insider", flood, delay=params.insider_delay, revoke=True))
     return attacks
 
 

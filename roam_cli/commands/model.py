@@ -27,6 +27,12 @@ def _delays(text: str) -> tuple[float, ...]:
     return tuple(sorted(values))
 
 
+def _flood(text: str) -> str:
+    if text not in ("server", "link"):
+        raise argparse.ArgumentTypeError(f"{text!r}: choose server or link")
+    return text
+
+
 def _ks(text: str) -> tuple[int, ...]:
     return tuple(sorted({positive_int(item) for item in text.split(",")}))
 
@@ -63,6 +69,7 @@ OPTIONS: dict[str, tuple[Any, str]] = {
     "pause": (non_negative_float, "seconds a moved client reaches no server after a roam"),
     "insider_delay": (non_negative_float, "seconds the insiders' bots lag behind"),
     "retry_window": (non_negative_float, "seconds bots retry a closed gate (diluted attacks)"),
+    "insider_flood": (_flood, "the insiders' bots flood their servers (server) or links (link)"),
     "samples": (positive_int, "legitimate requests sampled per simulation"),
     "isolation_k": (_ks, "k values of the isolation figure, comma-separated"),
     "isolation_trials": (positive_int, "trials per k of the isolation figure"),
@@ -94,6 +101,7 @@ DEFAULTS: dict[str, tuple[object, object]] = {
     "pause": (0.05, None),
     "insider_delay": (0.0, None),
     "retry_window": (0.0, None),
+    "insider_flood": ("server", None),
     "samples": (200000, 20000),
     "isolation_k": ((2, 5, 10, 20), None),
     "isolation_trials": (5, 3),

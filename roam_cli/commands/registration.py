@@ -353,34 +353,44 @@ REVOKE_ATTEMPTS = 10
 
 
 def run_revoke(args: argparse.Namespace) -> int:
+    revoke_client(DeploymentDir(args.directory), args.name, args.notify, args.control_port)
+    return 0
+
+
+def revoke_client(
+    directory: DeploymentDir, name: str, notify: bool = True, control_port: int = 47475
+) -> dict[str, str]:
+    """Revoke ``name`` in the operator's list and (``notify``) tell every server, printing
+    what happened; returns server -> "applied" | "refused" | "no answer" (empty without
+    ``notify``). ``roam revoke`` and ``roam suspects --revoke-above`` both come here."""
     from migrate.antientropy import CONVERGENCE_PERIODS
     from migrate.control import Revoke
     from roam_cli.commands.control import send_to_pool
 
-    directory = DeploymentDir(args.directory)
     with directory.locked():
         secret = directory.secret()
-        clients = directory.clients(secret).revoke(args.name)
+        clients = directory.clients(secret).revoke(name)
         directory.save_clients(clients, secret)
-    print(f"revoked {args.name}: every server that applies it refuses the client from now on")
-    if args.notify:
-        # Running servers loaded the list at start; tell them now, retrying each second until
-        # each answers (UDP may lose the message or the answer). Servers also pass their
-        # revocations on to each other every sync period (migrate.antientropy): one that
-        # misses this, or is down, learns it from any live server within the bound.
-        results = send_to_pool(
-            directory,
-            Revoke(clients.by_name(args.name).client_id),
-            args.control_port,
-            attempts=REVOKE_ATTEMPTS,
-        )
-        absent = (
-            "no answer (down or unreachable: it learns the revocation from any live server "
-            f"within {CONVERGENCE_PERIODS} sync periods of its return)"
-        )
-        for server, outcome in results.items():
-            print(f"{server}: {absent if outcome == 'no answer' else outcome}")
-    return 0
+    print(f"revoked {name}: every server that applies it refuses the client from now on")
+    if not notify:
+        return {}
+    # Running servers loaded the list at start; tell them now, retrying each second until
+    # each answers (UDP may lose the message or the answer). Servers also pass their
+    # revocations on to each other every sync period (migrate.antientropy): one that
+    # misses this, or is down, learns it from any live server within the bound.
+    results = send_to_pool(
+        directory,
+        Revoke(clients.by_name(name).client_id),
+        control_port,
+        attempts=REVOKE_ATTEMPTS,
+    )
+    absent = (
+        "no answer (down or unreachable: it learns the revocation from any live server "
+        f"within {CONVERGENCE_PERIODS} sync periods of its return)"
+    )
+    for server, outcome in results.items():
+        print(f"{server}: {absent if outcome == 'no answer' else outcome}")
+    return results
 
 
 def _deployment_summary(deployment: Deployment) -> dict[str, Any]:

@@ -4,32 +4,30 @@ schedule (k of N, migrate.suspects; docs/insiders.md)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from migrate.activeset import assignments, check_active
 from migrate.errors import ConfigError
 from migrate.kernel.deployment import DeploymentDir
+from migrate.kernel.reports import evaluate
 from migrate.suspects import (
     DEFAULT_CONFIDENCE,
     DEFAULT_WINDOW,
     MAX_WINDOW,
-    Evidence,
     Ranking,
-    SuspectsError,
+    RevocationPolicy,
+    Suspect,
     Thresholds,
-    parse_report,
-    rank,
 )
 from roam_cli.args import bounded_float, positive_int
 
 if TYPE_CHECKING:
     Subparsers = argparse._SubParsersAction[argparse.ArgumentParser]
 
-MAX_LINE = 4096  # bytes of one report line
-MAX_REPORT_BYTES = 1 << 30  # a reports file larger than this is refused, not read
 SHOWN_EVIDENCE = 12  # epochs of evidence per client in the table (all of them with --json)
 
 
@@ -90,86 +88,75 @@ def register(subparsers: Subparsers) -> None:
             help=f"an epoch counts as attacked at a server with N or more {what} "
             f"(default {getattr(defaults, name)})",
         )
+    parser.add_argument(
+        "--revoke-above",
+        type=_probability,
+        metavar="P",
+        help="automatic policy (off by default): revoke the clients ranked at or above "
+        "confidence P, best first, at most --revoke-at-most of them, as 'roam revoke' does "
+        "(the list, then every server's control port); run it every epoch or minute",
+    )
+    parser.add_argument(
+        "--revoke-at-most",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --revoke-above: revoke at most N clients per run (default 1)",
+    )
+    parser.add_argument(
+        "--no-notify",
+        dest="notify",
+        action="store_false",
+        help="with --revoke-above: only change the list, do not tell running servers",
+    )
+    parser.add_argument("--control-port", type=positive_int, default=47475, metavar="PORT")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.set_defaults(handler=run)
 
 
-def _lines(path: Path) -> list[tuple[int, bytes]]:
-    """The non-empty lines of ``path`` with their numbers; bounded in size."""
-    if str(path) == "-":
-        data = sys.stdin.buffer.read(MAX_REPORT_BYTES + 1)
-    else:
-        try:
-            if path.stat().st_size > MAX_REPORT_BYTES:
-                raise ConfigError(f"--reports {path} is larger than {MAX_REPORT_BYTES} bytes")
-            data = path.read_bytes()
-        except FileNotFoundError:
-            raise ConfigError(f"--reports {path} does not exist") from None
-        except IsADirectoryError:
-            raise ConfigError(f"--reports {path} is a directory") from None
-    if len(data) > MAX_REPORT_BYTES:
-        raise ConfigError(f"--reports: more than {MAX_REPORT_BYTES} bytes")
-    found = []
-    for number, line in enumerate(data.split(b"\n"), 1):
-        if not line.strip():
-            continue
-        if len(line) > MAX_LINE:
-            raise SuspectsError(f"{path} line {number}: longer than {MAX_LINE} bytes")
-        found.append((number, line))
-    return found
-
-
-def _server_reports(directory: Path) -> list[Path]:
-    """The server shims' report files (``proxy.daemon.attack_reports_path``)."""
-    found = sorted((directory / "reports").glob("*.jsonl"))
-    if not found:
-        raise ConfigError(
-            f"no attack reports in {directory / 'reports'} (the servers of a k-of-N "
-            "deployment write them there); give --reports FILE"
-        )
-    return found
-
-
 def run(args: argparse.Namespace) -> int:
-    if args.window > MAX_WINDOW:
-        raise ConfigError(f"--window must be at most {MAX_WINDOW}, got {args.window}")
-    directory = DeploymentDir(args.directory)
-    deployment = directory.deployment()
-    servers = deployment.servers
-    k = deployment.active if args.active is None else args.active
-    try:
-        check_active(k, len(servers))
-    except ConfigError as error:
-        raise ConfigError(f"--active: {error}") from None
-    names = {str(server): index for index, server in enumerate(servers)}
-    thresholds = Thresholds(args.dropped, args.syn, args.violations)
-    evidence = Evidence(len(servers), args.window, thresholds)
-    count = 0
-    sources = [args.reports] if args.reports is not None else _server_reports(args.directory)
-    for source in sources:
-        for number, line in _lines(source):
-            report = parse_report(line, names, f"{source} line {number}")
-            if report.epoch > deployment.chain_length:
-                raise SuspectsError(
-                    f"{source} line {number}: epoch {report.epoch} is after the chain's "
-                    f"last epoch {deployment.chain_length}"
-                )
-            evidence.add(report)
-            count += 1
-    secret = directory.secret_with_index()
-    clients = [client for client in directory.clients(secret).clients if not client.revoked]
-    epochs = evidence.epochs()
-    facts = {}
-    if epochs:
-        chain = secret.chain(deployment.chain_length)
-        facts = assignments(chain, epochs[0], epochs[-1], len(servers), k)
-    ranking = rank(evidence, [client.client_id for client in clients], facts.get)
-    by_id = {client.client_id: client.name for client in clients}
+    policy = None
+    if args.revoke_above is not None:
+        policy = RevocationPolicy(args.revoke_above, args.revoke_at_most or 1)
+    elif args.revoke_at_most is not None or not args.notify:
+        raise ConfigError("--revoke-at-most and --no-notify go with --revoke-above P")
+    result = evaluate(
+        args.directory,
+        args.reports,
+        window=args.window,
+        thresholds=Thresholds(args.dropped, args.syn, args.violations),
+        active=args.active,
+    )
+    ranking, by_id, k, count = result.ranking, result.names, result.active, result.reports
+    chosen = policy.choose(ranking) if policy is not None else ()
     if args.json:
-        print(json.dumps(_document(ranking, by_id, k, count, args.confidence)))
+        document = _document(ranking, by_id, k, count, args.confidence)
+        if policy is not None:
+            document["revoke_above"] = policy.confidence
+            document["revoked"] = [by_id[suspect.client] for suspect in chosen]
+        # The revocations' own lines go to stderr: stdout stays one JSON object.
+        with contextlib.redirect_stdout(sys.stderr):
+            _revoke(args, chosen, by_id)
+        print(json.dumps(document))
     else:
         _table(ranking, by_id, k, count, args.confidence)
+        if policy is not None and not chosen:
+            print(f"no client at or above confidence {policy.confidence}: nobody revoked")
+        _revoke(args, chosen, by_id)
     return 0
+
+
+def _revoke(args: argparse.Namespace, chosen: Sequence[Suspect], names: dict[int, str]) -> None:
+    from roam_cli.commands.registration import revoke_client
+
+    for suspect in chosen:
+        print(
+            f"policy: revoking {names[suspect.client]} (confidence {suspect.confidence:.4f} "
+            f">= {args.revoke_above}, {suspect.hits}/{suspect.epochs} epochs attacked)"
+        )
+        revoke_client(
+            DeploymentDir(args.directory), names[suspect.client], args.notify, args.control_port
+        )
 
 
 def _document(
