@@ -28,7 +28,7 @@ from collections.abc import Callable
 from client_shim.rules import BARRIER_MARK, BARRIER_PORT
 from migrate.channel import Opener
 from migrate.checkpoint import carrier_opener, open_carrier
-from migrate.connstore import ConnectionStore
+from migrate.connstore import CLIENT_FIN, ConnectionStore
 from migrate.errors import RoamError
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.nflog import NflogPacket, NflogReader
@@ -166,7 +166,8 @@ class Capture:
             self.log.event("capture_loss", level="warning", port=port, reason=reason)
         # At once, not at the roam: the connection will be reset when the service roams.
         for port, reason in self.store.take_unmigratable():
-            self.log.event("connection_unmigratable", level="warning", port=port, reason=reason)
+            level = "info" if reason == CLIENT_FIN else "warning"
+            self.log.event("connection_unmigratable", level=level, port=port, reason=reason)
 
     def _take(self, packets: list[NflogPacket]) -> None:
         now = self.clock()

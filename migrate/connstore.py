@@ -61,6 +61,9 @@ MAX_NEW_LOSSES = 256  # losses kept for the caller's log between two takes (all 
 # replay bound (``per_connection_limit``, --max-replay, 64 MiB by default): a forged segment
 # that far ahead made a hole of a connection that had none.
 MAX_AHEAD_BYTES = 4 * 1024 * 1024
+# Why a connection whose client sent its FIN cannot move: most often the connection's normal
+# end (the server closes right after), so the shim logs it as information, not as a warning.
+CLIENT_FIN = "the client half-closed the connection (FIN)"
 
 
 def unwrap(seq: int, isn: int, near: int) -> int:
@@ -156,7 +159,7 @@ class ConnectionStore:
             and unwrap(seq, conn.client_isn, conn.sent) + len(payload) == conn.sent
         ):
             conn.fin = True
-            self._give_up(conn, "the client half-closed the connection (FIN)")
+            self._give_up(conn, CLIENT_FIN)
 
     def _store(self, conn: TrackedConnection, seq: int, payload: bytes) -> None:
         self.stored_bound += len(payload)
