@@ -573,6 +573,15 @@ class StreamState:
             self.log_start = fresh.c2s
         return fresh
 
+    def message_ends_at(self, s2c: int) -> bool:
+        """Whether a whole service message the codec followed ends at ``s2c``, past the fresh
+        point in force: an exchange (a later candidate) or an interim HTTP response (a 100
+        Continue, before an upload's body). What follows there starts a new message."""
+        if any(candidate.s2c == s2c for candidate in self.candidates[1:]):
+            return True
+        http = self._http
+        return http is not None and s2c > self.candidates[0].s2c and s2c in http.interim_ends
+
     @property
     def settled(self) -> bool:
         """No later fresh point waits for the client's acknowledgement: until more bytes
