@@ -15,7 +15,10 @@ each, and the hand-over pauses.
 
 Run as root: ``python -m labs.benchmarks.uploads [--sizes-mib 1,8,64] [--seconds 6]``. The
 shims run with ``--max-replay`` of ``--max-replay-mib`` (default 72): a 64 MiB body with its
-request head is more than the default bound of exactly 64 MiB.
+request head is more than the default bound of exactly 64 MiB. ``--rate-kbit`` subscribes the
+client with a rate contract: a server refills a client's replay budget at its contract, at
+2 MiB/s without one (migrate.admission), and re-sending a growing upload at every roam asks
+for more than that.
 """
 
 from __future__ import annotations
@@ -225,6 +228,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     rows[str(size)] = row = summarise(done, handoffs)
                     if not row["completed"]:
                         row["shim_reasons"] = logged_reasons(pool)[-6:]
+                        row["shim_warnings"] = [
+                            f"{shim.host} {e['event']}: "
+                            f"{str(e.get('reason', e.get('error', e.get('detail', ''))))[:200]}"
+                            for shim in [*pool.servers.values(), *pool.clients.values()]
+                            for e in shim.events()
+                            if e["level"] != "info" and done["started"] <= e["ts"] <= done["ended"]
+                        ][:12]
                     progress(f"{name} {size} MiB: {json.dumps(row)}")
         finally:
             pool.stop()
