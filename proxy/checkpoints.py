@@ -25,7 +25,7 @@ import os
 import socket
 import termios
 import traceback
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from migrate.channel import Sealer
@@ -337,6 +337,8 @@ class LiveConnection:
             self.pusher.unmigratable += 1
             log.event("connection_unmigratable", level="warning", client=client,
                       codec=stream.codec_name, reason=stream.unmigratable)  # fmt: skip
+            if self.pusher.on_unmigratable is not None:
+                self.pusher.on_unmigratable()  # the status file says so soon, not at the roam
 
     def leave_silently(self) -> None:
         """This connection lives elsewhere now: close the client side without a word."""
@@ -359,6 +361,7 @@ class CheckpointPusher:
         self.carrier_sealers: dict[int, Sealer] = {}
         self.sent = 0
         self.unmigratable = 0  # connections found unmigratable (each logged once)
+        self.on_unmigratable: Callable[[], None] | None = None  # after each one is counted
         self.withheld = 0  # checkpoints not sent: nothing in them could be verified
         self._raw: rawtcp.RawTcpSender | None = None
         self._leave_pushed: float | None = None

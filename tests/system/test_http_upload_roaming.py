@@ -23,11 +23,16 @@ partial file.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import subprocess
+import time
+from typing import Any
 
 import pytest
 
-from labs.faults import handoffs, live_lab, shim_problems
+from labs.faults import handoffs, live_lab, reaped, shim_problems
+from labs.roaming import RoamingLab
 from labs.services import DAV_PUT
 
 pytestmark = pytest.mark.system
@@ -104,3 +109,87 @@ def test_an_8_mib_http_put_spans_three_roams_and_is_stored_intact() -> None:
         "stored on:",
         list(stored),
     )
+
+
+METRICS = "127.0.0.1:9464"
+BOUND = 1024 * 1024  # --max-replay of both shims in the test below
+
+
+def _unmigratable_total(roaming: RoamingLab, host: str) -> float:
+    """``roam_connections_unmigratable_total`` of the shim on ``host`` (its /metrics)."""
+    result = roaming.lab[host].run(
+        ["curl", "-sS", "--fail", "--max-time", "5", f"http://{METRICS}/metrics"], timeout=10
+    )
+    assert result.returncode == 0, f"{host}: {result.stderr}"
+    for line in result.stdout.splitlines():
+        if line.startswith("roam_connections_unmigratable_total "):
+            return float(line.split()[1])
+    raise AssertionError(f"{host}: no roam_connections_unmigratable_total in its metrics")
+
+
+def test_an_upload_past_max_replay_is_reported_at_once_not_at_the_roam() -> None:
+    """A 3 MiB PUT with --max-replay of 1 MiB on both shims and no roam at all: both shims
+    report the connection unmigratable while the upload runs (their logs, status and metrics),
+    long before any roam would reset it; the upload itself is not disturbed."""
+    bound = ("--max-replay", str(BOUND), "--metrics", METRICS)
+    with live_lab(
+        tick=1000.0,  # no roam during the test
+        m=1,
+        service="nginx",
+        service_config=DAV_PUT,
+        server_extra=bound,
+        client_extra=bound,
+    ) as roaming:
+        source = roaming.lab.workdir / "upload-source.bin"
+        source.write_bytes(os.urandom(3 * BOUND))
+        roaming.start()
+        roaming.wait_for_schedule(0.2)
+        upload = roaming.lab["c1"].popen(
+            ["curl", "-sS", "--fail", "--limit-rate", "1M", "-T", str(source),
+             "-o", "/dev/null", "-w", "%{http_code}", roaming.url(f"/{NAME}")],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        with reaped(upload):
+            # Both shims say so while the upload is still under way.
+            deadline = time.monotonic() + 15
+            reported: dict[str, dict[str, Any]] = {}
+            while len(reported) < 2 and time.monotonic() < deadline:
+                for shim in [*roaming.servers.values(), *roaming.clients.values()]:
+                    for event in shim.events():
+                        if event["event"] == "connection_unmigratable":
+                            reported.setdefault(shim.kind, {**event, "host": shim.host})
+                time.sleep(0.05)
+            running = upload.poll() is None
+            totals = {kind: _unmigratable_total(roaming, e["host"]) for kind, e in reported.items()}
+            # The status files are rewritten periodically: the next one says so too.
+            statuses = {"server": -1, "client": -1}
+            until = time.monotonic() + 5
+            while -1 in statuses.values() and time.monotonic() < until:
+                for kind, event in reported.items():
+                    shims = roaming.servers if kind == "server" else roaming.clients
+                    status = json.loads(shims[event["host"]].status_path.read_text())
+                    live = status.get("live") or {}
+                    count = (
+                        live.get("unmigratable", 0)
+                        if kind == "server"
+                        else (live.get("capture") or {}).get("unmigratable", 0)
+                    )
+                    if count:
+                        statuses[kind] = count
+                time.sleep(0.1)
+            out, err = upload.communicate(timeout=30)
+        switches = [e for e in roaming.clients["c1"].events() if e["event"] == "switch"]
+        events = handoffs(roaming)
+        roaming.stop()
+        problems = shim_problems(roaming)
+    assert set(reported) == {"server", "client"}, reported
+    assert running, "the upload had ended before both shims reported it"
+    assert f"exceeds {BOUND} bytes" in reported["server"]["reason"], reported
+    assert f"per-connection bound ({BOUND})" in reported["client"]["reason"], reported
+    assert totals == {"server": 1.0, "client": 1.0}, totals
+    assert statuses == {"server": 1, "client": 1}, statuses
+    assert switches == [], switches  # no roam: nothing was reset
+    assert events == [], events
+    assert upload.returncode == 0, err
+    assert out == "201", (out, err)
+    assert problems == []
