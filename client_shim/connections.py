@@ -16,6 +16,7 @@ from migrate.handover import (
     MAX_PREPARE_LEAD_S,
     PREPARE_SECONDS_PER_CONNECTION,
     REGENERATE_BYTES_PER_S,
+    REPLAY_BYTES_PER_S,
 )
 from migrate.kernel import sockdiag
 from migrate.kernel.eventlog import EventLog
@@ -155,23 +156,30 @@ class ClientConnections:
     def suggested_lead(self, base: float) -> float:
         """How early to prepare: the base lead plus the time the new server needs to
         regenerate every connection up to the client's position (all of them: it serves them
-        all), at a conservative replay speed. A connection whose checkpoint has a range record
-        costs a window and the bytes since that checkpoint, whatever its position
-        (``migrate.rangeplan.expected_regeneration``)."""
+        all), at a conservative replay speed, and to take every connection's replay bytes
+        (an unanswered upload's, streamed and replayed into the service). A connection whose
+        checkpoint has a range record costs a window and the bytes since that checkpoint,
+        whatever its position (``migrate.rangeplan.expected_regeneration``)."""
         try:
             sockets = self.live_sockets()
         except (RoamError, OSError):
             return base
-        total = 0
+        total = replayed = 0
         for port, info in sockets.items():
             conn = self.store.connections.get(port)
             carrier = conn.carrier if conn is not None else None
+            if conn is not None:
+                replayed += len(conn.replay)
             total += expected_regeneration(
                 info.bytes_received,
                 carrier.sealed if carrier is not None else None,
                 carrier.s2c_pos if carrier is not None else 0,
             )
-        work = total / REGENERATE_BYTES_PER_S + len(sockets) * PREPARE_SECONDS_PER_CONNECTION
+        work = (
+            total / REGENERATE_BYTES_PER_S
+            + replayed / REPLAY_BYTES_PER_S
+            + len(sockets) * PREPARE_SECONDS_PER_CONNECTION
+        )
         return min(MAX_PREPARE_LEAD_S, base + work)
 
     def reset(self, port: int) -> None:

@@ -464,7 +464,7 @@ def codec_steps(steps: list[tuple[bool, bytes]], name: str = "http") -> None:
     never passes the bytes fed; a session state stays within its bound and parses again; an
     unreplayable connection is degraded too. ``auto`` also checks the detection."""
     from migrate.autodetect import AutoCodec
-    from migrate.codec import StreamCodec, codec_for
+    from migrate.codec import MAX_INTERIM_KEPT, StreamCodec, codec_for
     from migrate.resp import MAX_STATE_BYTES, StateReplies
 
     codec: StreamCodec = AutoCodec() if name == "auto" else codec_for(name)
@@ -492,6 +492,12 @@ def codec_steps(steps: list[tuple[bool, bytes]], name: str = "http") -> None:
             assert len(fresh.state) <= MAX_STATE_BYTES
             replies = StateReplies(fresh.state)  # a checkpoint's state parses again
             replies.feed(chunk)
+        if isinstance(codec, Http11Codec):
+            # Interim response ends: increasing, within the service's bytes, bounded.
+            ends = list(codec.interim_ends)
+            assert ends == sorted(set(ends))
+            assert all(0 < end <= fed[1] for end in ends)
+            assert len(ends) <= MAX_INTERIM_KEPT
 
 
 def _steps(data: bytes) -> list[tuple[bool, bytes]]:

@@ -135,6 +135,8 @@ class RoamingLab:
     subscribe_options: dict[str, str] = field(default_factory=dict)  # e.g. {"rate-kbit": "800"}
     service: str = "http"  # "http" | "nginx" | "redis" | "memcached" | "tls" | "none"
     content: dict[str, bytes] = field(default_factory=dict)
+    # nginx only: directives added to its server block (e.g. WebDAV PUT, labs.services.DAV_PUT)
+    service_config: str = ""
     server_extra: Sequence[str] = ()
     # Each server host holds its own copy of the deployment directory, taken when the
     # deployment is created, as on separate machines: the operator's later changes (``roam
@@ -293,7 +295,11 @@ class RoamingLab:
             )
         elif self.service == "nginx":
             self.services[host] = start_nginx(
-                node, self._content_dir(host), port=SERVICE_PORT, address="127.0.0.1"
+                node,
+                self._content_dir(host),
+                port=SERVICE_PORT,
+                address="127.0.0.1",
+                server_config=self.service_config,
             )
         elif self.service == "tls":
             self.services[host] = start_tls_echo(node, port=SERVICE_PORT, address="127.0.0.1")

@@ -311,6 +311,16 @@ def nginx_config(
     )
 
 
+DAV_PUT = """\
+        dav_methods PUT;
+        create_full_put_path on;
+        client_max_body_size 0;
+        client_body_timeout 60s;
+"""
+"""nginx's own WebDAV module (built into Debian's nginx): PUT stores the request body as a file
+under the root, bodies of any size (``start_nginx(..., server_config=DAV_PUT)``)."""
+
+
 def start_nginx(
     node: Node,
     root: str | Path,

@@ -60,6 +60,9 @@ MAX_PIPELINED: Final = 1024
 MAX_BODIES_KEPT: Final = 1 << 16
 """Most requests that may wait for their responses; one more degrades the HTTP codec."""
 
+MAX_INTERIM_KEPT: Final = 8
+"""Interim (1xx) response ends the HTTP codec remembers (``Http11Codec.interim_ends``)."""
+
 CODEC_NAMES: Final = ("generic", "http", "resp", "memcached")
 """The codecs a connection may use (and a checkpoint names)."""
 
@@ -583,6 +586,7 @@ class _ResponseReader(_Reader):
             raise _Degrade("101 Switching Protocols (another protocol follows)")
         lengths, codings = _framing_fields(lines[1:])
         if status < 200:
+            self.codec.interim_ends.append(end)
             return _INTERIM
         if exchange.method == b"HEAD" or status in (204, 304):
             return _NO_BODY
@@ -630,6 +634,10 @@ class Http11Codec(CodecReport):
         # for Date headers; it takes them after each feed, so they hold one chunk's at most,
         # fewer than the bound; a user that never takes them loses the oldest).
         self.bodies: list[tuple[int, int]] = []
+        # Where the latest interim (1xx) responses ended, absolute s2c positions: a whole
+        # service message ends there, though no exchange does (a 100 Continue before an
+        # upload's body; proxy.replay may splice a young connection there).
+        self.interim_ends: deque[int] = deque(maxlen=MAX_INTERIM_KEPT)
 
     def body_ahead(self) -> int:
         """How many of the next service bytes are the rest of a Content-Length body."""

@@ -53,6 +53,12 @@ DEFAULT_PREPARE_LEAD_S = 0.15  # a service connection and a replay on an idle po
 # The new server regenerates each connection's response up to the client's position before it
 # answers READY: give it that long, at a conservative replay speed, on top of the base lead.
 REGENERATE_BYTES_PER_S = 60e6
+# An upload's replay bytes (a PUT body, a redis SET of megabytes, unanswered) go to the new
+# server on the replay stream and into its service before it answers READY: give them that long
+# too, at a conservative speed (sealed, streamed, opened and replayed on a busy 2-CPU host:
+# labs.benchmarks.replay_stream measures about 240 MB/s for the stream alone, idle; at 40 MB/s
+# a 64 MiB upload roaming every second still met unanswered PREPAREs, labs.benchmarks.uploads).
+REPLAY_BYTES_PER_S = 20e6
 PREPARE_SECONDS_PER_CONNECTION = 0.02  # a service connection, a replay, a few round trips
 MAX_PREPARE_LEAD_S = 4.0  # well inside PREPARE_AHEAD_S: a clock 1 s off is still admitted
 # Client: the last position report before the boundary, so that the server regenerates those

@@ -24,8 +24,10 @@ with inline bytes (the checkpoint's commitment is checked on the whole). The cli
 acknowledged positions per server and connection (``Positions``): a refresh tops the run up,
 the COMMIT sends only what no acknowledgement covers, a retry sends nothing twice.
 
-Bounds: a run longer than ``max_replay`` (``--max-replay``) is refused, and a client's runs
-together hold at most ``max_per_client``. Pure: no I/O, no clock (``now`` comes in).
+Bounds: a run longer than ``max_replay`` (``--max-replay``) is refused, a client's runs
+together hold at most ``max_per_client``, and all clients' runs on the server at most
+``max_total`` (many clients, each within its own bound, still cannot exhaust its memory).
+Pure: no I/O, no clock (``now`` comes in).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ MAX_INLINE_REPLAY_BYTES = 60_000  # what a datagram carries; more goes on the st
 CHUNK_BYTES = 64_000  # bytes per frame: a sealed chunk is a channel message (MAX_MESSAGE_BYTES)
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES
 PER_CLIENT_RUNS = 2  # a client's runs together hold at most this many max_replay
+TOTAL_RUNS = 8  # all clients' runs on a server together hold at most this many max_replay
 CHUNK_TAG = 5
 ACK_TAG = 6
 _LENGTH = struct.Struct("!I")
@@ -170,8 +173,10 @@ class ReplayBuffers:
 
     max_replay: int = DEFAULT_MAX_REPLAY
     max_per_client: int = PER_CLIENT_RUNS * DEFAULT_MAX_REPLAY
+    max_total: int = TOTAL_RUNS * DEFAULT_MAX_REPLAY
     runs: dict[tuple[int, int], Run] = field(default_factory=dict)
     held: dict[int, int] = field(default_factory=dict)  # bytes per client id
+    total: int = 0  # bytes held for all clients
 
     def add(self, client_id: int, chunk: Chunk, now: float) -> Ack:
         """Store ``chunk``; a refusal raises and changes nothing."""
@@ -201,6 +206,12 @@ class ReplayBuffers:
                 f"client {client_id} would hold {total} streamed replay bytes here (at most "
                 f"{self.max_per_client})"
             )
+        everyone = self.total - replaced + growth
+        if everyone > self.max_total:
+            raise ReplayStreamError(
+                f"this server would hold {everyone} streamed replay bytes for all clients (at "
+                f"most {self.max_total})"
+            )
         if run is None or replaced or run.base != chunk.base:
             run = self.runs[key] = Run(chunk.base, bytearray(chunk.data), now)
         elif growth:
@@ -208,6 +219,7 @@ class ReplayBuffers:
         run.updated = now
         run.expires = None
         self.held[client_id] = total
+        self.total = everyone
         return Ack(chunk.client_port, run.base, run.end)
 
     def slice(self, client_id: int, port: int, start: int, end: int) -> bytes | None:
@@ -224,6 +236,7 @@ class ReplayBuffers:
     def drop(self, client_id: int, port: int) -> None:
         run = self.runs.pop((client_id, port), None)
         if run is not None:
+            self.total -= len(run.data)
             left = self.held.get(client_id, 0) - len(run.data)
             if left > 0:
                 self.held[client_id] = left
@@ -248,10 +261,6 @@ class ReplayBuffers:
         for key in old:
             self.drop(*key)
         return old
-
-    @property
-    def total(self) -> int:
-        return sum(self.held.values())
 
 
 # -- the client: acknowledged positions per server and connection ------------------------------

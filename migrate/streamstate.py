@@ -11,7 +11,8 @@ Theory of operation: the server shim shows every byte of both directions, in ord
   it (``settle``): a client that has not received the end of a response must get it from the
   replay, so the replay has to start before it;
 * the client's bytes from the oldest candidate on (the replay log), bounded: past
-  ``replay_limit`` bytes the connection is marked unmigratable, with the reason;
+  ``replay_limit`` bytes the connection is marked unmigratable, with the reason (and a server
+  gives up its largest logs when all of them together pass a total: ``over_total``);
 * with each candidate, the session state the codec reports there (``FreshPoint.state``:
   redis AUTH, SELECT...), which the checkpoint carries so that a new server can send it to the
   service ahead of the replay log. A connection the codec declares unreplayable (redis
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import blake3
@@ -260,6 +261,21 @@ class Candidate:
 
 
 NO_HASH = bytes(32)  # a checkpoint's s2c_hash when it commits to nothing (see RangeRecord)
+
+
+def over_total(sizes: Sequence[int], limit: int) -> list[int]:
+    """Which of several replay logs (their ``sizes``) to give up so that the rest hold at most
+    ``limit`` bytes together: the largest first (indices, largest first; none if within)."""
+    total = sum(sizes)
+    chosen: list[int] = []
+    for index in sorted(range(len(sizes)), key=lambda i: sizes[i], reverse=True):
+        if total <= limit:
+            break
+        if sizes[index] == 0:
+            break
+        chosen.append(index)
+        total -= sizes[index]
+    return chosen
 
 
 def verifies_nothing(checkpoint: Checkpoint) -> bool:
@@ -572,6 +588,15 @@ class StreamState:
             del self.log[: fresh.c2s - self.log_start]
             self.log_start = fresh.c2s
         return fresh
+
+    def message_ends_at(self, s2c: int) -> bool:
+        """Whether a whole service message the codec followed ends at ``s2c``, past the fresh
+        point in force: an exchange (a later candidate) or an interim HTTP response (a 100
+        Continue, before an upload's body). What follows there starts a new message."""
+        if any(candidate.s2c == s2c for candidate in self.candidates[1:]):
+            return True
+        http = self._http
+        return http is not None and s2c > self.candidates[0].s2c and s2c in http.interim_ends
 
     @property
     def settled(self) -> bool:

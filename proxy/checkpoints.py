@@ -25,7 +25,7 @@ import os
 import socket
 import termios
 import traceback
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import replace
 
 from migrate.channel import Sealer
@@ -51,7 +51,8 @@ from migrate.kernel import rawtcp, tcp_repair
 from migrate.kernel import sockopts as so
 from migrate.registration import ClientRecord
 from migrate.reincarnation import CHECKPOINT_AGE_FLOOR_S
-from migrate.streamstate import StreamState, verifies_nothing
+from migrate.replaystream import TOTAL_RUNS
+from migrate.streamstate import StreamState, over_total, verifies_nothing
 from proxy.livecontext import LiveContext
 from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Splice
 
@@ -64,6 +65,9 @@ CHECKPOINT_RETRY_S = 0.05  # a failed push is tried again this soon
 # Only then: elsewhere an accept costs no carrier.
 ACCEPT_PUSH_WINDOW_S = LEAVE_PUSH_LEAD_S + 0.5
 ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are looked at
+# How often the live connections' replay logs are added up against their total bound
+# (TOTAL_RUNS x --max-replay): between two looks they grow by what clients send in this time.
+LOG_TOTAL_PERIOD_S = 0.1
 # An idle connection's checkpoint (nothing moved since the last, no fresh point waiting for an
 # acknowledgement) is sent again only this often. A PREPARE goes out at most MAX_PREPARE_LEAD_S
 # before the boundary and its COMMIT, with the newest checkpoint, at most HANDOFF_BUDGET_S
@@ -333,6 +337,8 @@ class LiveConnection:
             self.pusher.unmigratable += 1
             log.event("connection_unmigratable", level="warning", client=client,
                       codec=stream.codec_name, reason=stream.unmigratable)  # fmt: skip
+            if self.pusher.on_unmigratable is not None:
+                self.pusher.on_unmigratable()  # the status file says so soon, not at the roam
 
     def leave_silently(self) -> None:
         """This connection lives elsewhere now: close the client side without a word."""
@@ -355,10 +361,14 @@ class CheckpointPusher:
         self.carrier_sealers: dict[int, Sealer] = {}
         self.sent = 0
         self.unmigratable = 0  # connections found unmigratable (each logged once)
+        self.on_unmigratable: Callable[[], None] | None = None  # after each one is counted
         self.withheld = 0  # checkpoints not sent: nothing in them could be verified
         self._raw: rawtcp.RawTcpSender | None = None
         self._leave_pushed: float | None = None
         self._leave_pushed_by: dict[int, float] = {}  # k of N: client id -> leaving pushed
+        # All live connections' replay logs together: at most this many bytes.
+        self.log_limit = TOTAL_RUNS * context.max_replay
+        self._logs_checked = 0.0
 
     def send(self, packet: bytes) -> None:
         if self._raw is None:
@@ -499,8 +509,28 @@ class CheckpointPusher:
             return self.context.client_leaving_at(record.client_id)
         return self.context.leaving_at()
 
+    def bound_logs(self, now: float) -> int:
+        """Keep the live connections' replay logs within ``log_limit`` together: past it, the
+        largest are marked unmigratable and reported at once (event, status, metric), as a
+        connection past --max-replay is. Returns how many were given up."""
+        connections = list(self.connections.values())
+        sizes = [len(connection.stream.log) for connection in connections]
+        chosen = over_total(sizes, self.log_limit)
+        for index in chosen:
+            connection = connections[index]
+            with connection.relay.observer_lock:
+                connection.stream.mark_unmigratable(
+                    f"the server's replay logs exceed their total bound ({self.log_limit} "
+                    f"bytes: {TOTAL_RUNS} x --max-replay)"
+                )
+            self.push_logged(connection, now)
+        return len(chosen)
+
     def round(self, now: float) -> None:
         """Push every checkpoint due (all of them just before leaving)."""
+        if now - self._logs_checked >= LOG_TOTAL_PERIOD_S:
+            self._logs_checked = now
+            self.bound_logs(now)
         if self.context.client_leaving_at is not None:
             self._round_per_client(now)
             return

@@ -95,6 +95,7 @@ Clock = Callable[[], float]
 DEFAULT_CONTROL_PORT = 47475
 DEFAULT_UPDATE_PERIOD = 2.0
 CONTRACT_POLL_S = 0.5
+STATUS_SOON_S = 0.2  # a status change between gate changes is written this soon (at most)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,7 @@ class ServerShim:
         self.options = options
         self.log = log
         self.clock = clock
+        self._status_pending = False
         self._leaving_key: tuple[object, ...] | None = None
         self._leaving: float | None = None
         # k of N (PROTOCOL.md section 4): client id -> (schedule key, when it leaves here).
@@ -877,6 +879,19 @@ class ServerShim:
         if self.options.status_path is not None:
             write_status(self.options.status_path, self.status())
 
+    def _status_soon(self) -> None:
+        """Write the status within ``STATUS_SOON_S`` (once for a burst of changes), not only at
+        the next gate change: a connection found unmigratable shows there at once."""
+        if self._status_pending or self.options.status_path is None:
+            return
+        self._status_pending = True
+
+        def write() -> None:
+            self._status_pending = False
+            self._write_status()
+
+        asyncio.get_running_loop().call_later(STATUS_SOON_S, write)
+
     # -- relay -------------------------------------------------------------------------------
 
     async def connect_service(self, client_address: str) -> socket.socket:
@@ -996,6 +1011,8 @@ class ServerShim:
                 self._start_capture()
             listen = (str(self.options.listen.address), self.options.listen.port)
             self.mode = self._migration_mode()
+            if isinstance(self.mode, LiveMode):
+                self.mode.pusher.on_unmigratable = self._status_soon
             await self.mode.start()
             self.relay_server = await relay.serve(
                 listen, self._connect_service, relay_factory=self.mode.relay_factory()

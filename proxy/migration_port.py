@@ -39,6 +39,8 @@ from migrate.reincarnation import (
 )
 from migrate.replaystream import (
     MAX_FRAME_BYTES,
+    PER_CLIENT_RUNS,
+    TOTAL_RUNS,
     Chunk,
     FrameReader,
     ReplayBuffers,
@@ -77,8 +79,9 @@ class MigrationPort:
         self.transport: asyncio.DatagramTransport | None = None
         self.stream_openers: dict[int, Opener] = {}
         self.ack_sealers: dict[int, Sealer] = {}
+        per_client = max(PER_CLIENT_RUNS * context.max_replay, 16 * 1024 * 1024)
         self.buffers = ReplayBuffers(
-            context.max_replay, max(2 * context.max_replay, 16 * 1024 * 1024)
+            context.max_replay, per_client, max(TOTAL_RUNS * context.max_replay, per_client)
         )
         self.streams = 0
         self.counts.setdefault("streamed_bytes", 0)

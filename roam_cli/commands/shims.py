@@ -164,7 +164,8 @@ def register(subparsers: Subparsers) -> None:
         default=DEFAULT_MAX_REPLAY,
         metavar="BYTES",
         help="replay bytes one connection may need at a hand-over; a connection past it is "
-        f"reported unmigratable at once (default {DEFAULT_MAX_REPLAY}, 64 MiB)",
+        "reported unmigratable at once; all connections together hold at most 8 times it "
+        f"(default {DEFAULT_MAX_REPLAY}, 64 MiB)",
     )
     server.add_argument(
         "--rejection-log-period",

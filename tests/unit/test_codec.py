@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from migrate.codec import (
     CODEC_NAMES,
     MAX_HEAD_BYTES,
+    MAX_INTERIM_KEPT,
     MAX_PIPELINED,
     FreshPoint,
     GenericCodec,
@@ -226,6 +227,29 @@ def test_100_continue_is_interim_and_the_body_follows():
     watched.run(s2c(OK))
     assert codec.boundaries == 1
     assert codec.fresh == FreshPoint(len(head) + 4, len(cont) + len(hints) + len(OK))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(1, 200), max_size=12), st.integers(0, 12))
+def test_interim_response_ends_are_remembered_however_the_bytes_are_cut(cuts, count):
+    # An upload's head with Expect: 100-continue; interim responses, the body, the answer.
+    head = post(b"", b"Content-Length: 4", b"Expect: 100-continue")
+    interim = [b"HTTP/1.1 100 Continue\r\n\r\n", b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n"]
+    service = b"".join(interim[i % 2] for i in range(count)) + OK
+    ends, position = [], 0
+    for i in range(count):
+        position += len(interim[i % 2])
+        ends.append(position)
+    codec = Http11Codec(s2c_start=0)
+    codec.feed_c2s(head + b"data")
+    start = 0
+    for cut in [*sorted(set(cuts)), len(service)]:
+        codec.feed_s2c(service[start:cut])
+        start = max(start, cut)
+    assert codec.degraded is None
+    assert codec.boundaries == 1
+    # The latest MAX_INTERIM_KEPT only; a final response's end is an exchange, not interim.
+    assert list(codec.interim_ends) == ends[-MAX_INTERIM_KEPT:]
 
 
 @pytest.mark.parametrize("status", [204, 304])

@@ -178,6 +178,59 @@ def test_runs_grow_contiguously_and_refuse_gaps_differences_and_excess():
     assert buffers.total == 0
 
 
+def test_all_clients_together_hold_at_most_the_servers_total():
+    # Three clients, each within its own bounds; the third's run would pass the total.
+    buffers = ReplayBuffers(max_replay=100, max_per_client=150, max_total=200)
+    buffers.add(1, chunk(0, b"a" * 100), 0.0)
+    buffers.add(2, chunk(0, b"b" * 90), 0.0)
+    before = copy.deepcopy(buffers)
+    with pytest.raises(ReplayStreamError, match="for all clients"):
+        buffers.add(3, chunk(0, b"c" * 20), 0.1)
+    assert buffers == before  # nothing changed
+    buffers.add(3, chunk(0, b"c" * 10), 0.1)  # what fits is taken
+    assert buffers.total == 200
+    # A run that replaces one of the same client counts only what it adds.
+    buffers.add(1, chunk(5, b"d" * 100, base=5), 0.2)
+    assert buffers.total == 200
+    buffers.drop(2, 40000)
+    buffers.add(3, chunk(10, b"c" * 50), 0.3)
+    assert buffers.total == 160
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 4),  # client
+            st.integers(40000, 40002),  # port
+            st.integers(0, 3),  # base
+            st.integers(0, 60),  # offset from the run's end (0: contiguous)
+            st.integers(1, 70),  # length
+            st.booleans(),  # drop the run instead
+        ),
+        max_size=40,
+    )
+)
+def test_the_bounds_hold_whatever_the_chunks(steps):
+    buffers = ReplayBuffers(max_replay=100, max_per_client=150, max_total=260)
+    for client, port, base, offset, length, drop in steps:
+        if drop:
+            buffers.drop(client, port)
+        else:
+            held = buffers.runs.get((client, port))
+            start = held.end - offset if held is not None and held.base == base else base
+            with contextlib.suppress(ReplayStreamError):
+                buffers.add(
+                    client, chunk(max(base, start), b"x" * length, base=base, port=port), 0.0
+                )
+        runs = buffers.runs
+        assert buffers.total == sum(len(run.data) for run in runs.values()) <= 260
+        for owner in {key[0] for key in runs}:
+            assert buffers.held[owner] == sum(len(r.data) for k, r in runs.items() if k[0] == owner)
+            assert buffers.held[owner] <= 150
+        assert all(len(run.data) <= 100 for run in runs.values())
+
+
 def test_acknowledged_positions_send_nothing_twice():
     positions = Positions()
     assert positions.plan("s", 1, 100, 500) == (100, 100)  # nothing held: a run from 100

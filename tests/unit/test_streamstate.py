@@ -108,6 +108,31 @@ def test_fresh_point_advances_only_when_the_client_has_acknowledged_the_response
     assert checkpoint(state, acked=len(RESPONSE)).c2s_hash == hashlib.sha256(REQUEST).digest()
 
 
+def test_a_message_ends_after_a_100_continue_and_after_an_exchange_only():
+    state = StreamState("auto")
+    head = b"PUT /f HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nExpect: 100-continue\r\n\r\n"
+    cont = b"HTTP/1.1 100 Continue\r\n\r\n"
+    state.feed_c2s(head)
+    assert not state.message_ends_at(0)  # the fresh point itself is not past it
+    state.feed_s2c(cont[:10])
+    assert not state.message_ends_at(10)
+    state.feed_s2c(cont[10:])
+    assert state.codec_name == "http"
+    assert state.message_ends_at(len(cont))
+    assert not state.message_ends_at(len(cont) - 1)
+    state.feed_c2s(b"12345678")
+    created = b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\n\r\n"
+    state.feed_s2c(created)
+    assert state.message_ends_at(len(cont) + len(created))  # an exchange: a candidate
+    assert not state.message_ends_at(len(cont) + 5)
+    # Another protocol has no interim responses.
+    redis = StreamState("resp")
+    redis.feed_c2s(b"*1\r\n$4\r\nPING\r\n")
+    assert not redis.message_ends_at(3)
+    redis.feed_s2c(b"+PONG\r\n")
+    assert redis.message_ends_at(7)
+
+
 def test_replay_log_is_bounded():
     state = StreamState("generic", replay_limit=100)
     state.feed_c2s(os.urandom(101))
