@@ -327,6 +327,7 @@ def test_flat_out_downloads_on_one_connection_survive_each_old_server_dying() ->
         assert all(o in ("migrated", "closed") for o in outcomes), diagnostics(pool)
 
 
+@pytest.mark.parametrize("stream_hash", ["sha256", "blake3"])
 def test_keep_alive_connection_makes_200_requests_across_roams(stream_hash: str) -> None:
     files = {f"k{i}": os.urandom(20_000 + 97 * i) for i in range(200)}
     with live_pool(
