@@ -221,6 +221,9 @@ def summary(events: list[dict[str, Any]]) -> str:
     )
 
 
+@pytest.mark.known_timing(
+    cause="ECONNABORTED once in four CI runs, on a loaded machine (docs/reliability.md)"
+)
 def test_redis_benchmark_keeps_its_connections_across_roams_without_an_error() -> None:
     """A real redis client: ``redis-benchmark -k 1`` (keep-alive connections) through the VIP
     while the service roams; it exits at its first error (a reset connection, an error
