@@ -182,6 +182,29 @@ class ClientConnections:
         )
         return min(MAX_PREPARE_LEAD_S, base + work)
 
+    def closed_by_application(self, ports: Collection[int]) -> set[int]:
+        """Those of ``ports`` the application has closed: the socket is gone, or orphaned (no
+        file refers to it, inode 0) past the established state. Nothing of such a connection
+        can reach the application any more, so one that could not move is finished quietly
+        (its segments kept from the next server) rather than reset: a reset's RST reaches a
+        server, and a connection that ends at a roam is a normal end, not a failure."""
+        if not ports:
+            return set()
+        if len(ports) > EXACT_LOOKUPS_MAX:
+            listed = {
+                info.src[1]: info
+                for info in sockdiag.tcp_sockets(dst=self.vip)
+                if info.src[0] == self.client_address
+            }
+            found: dict[int, sockdiag.TcpSocketInfo | None] = {p: listed.get(p) for p in ports}
+        else:
+            found = {p: sockdiag.lookup((self.client_address, p), self.vip) for p in ports}
+        return {
+            port
+            for port, info in found.items()
+            if info is None or (info.state != "ESTABLISHED" and info.inode == 0)
+        }
+
     def reset(self, port: int) -> None:
         """Destroy the client's socket (the application gets ECONNABORTED) and forget it."""
         try:

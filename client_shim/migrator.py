@@ -30,7 +30,7 @@ from typing import Any
 from client_shim.capture import Capture
 from client_shim.connections import ClientConnections, verifiable
 from client_shim.requests import ReplayStreams, RequestChannel
-from client_shim.rules import finished_script, freeze_script, switch_script
+from client_shim.rules import freeze_script, switch_script
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
@@ -351,9 +351,26 @@ class Migrator:
             finally:
                 await late
         finally:
-            nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
+            nft.apply(
+                switch_script(
+                    self.table,
+                    self.bundle.vip,
+                    self.bundle.service_port,
+                    target,
+                    self._not_following(record),
+                )
+            )
             record.switched = self.clock()
         self._finish(record)
+
+    def _not_following(self, record: RoamRecord) -> list[int]:
+        """The ports whose segments must not reach the new server from the switch on: every
+        connection of the hand-over but those with a socket waiting there (COMMITTED: the
+        others closed, or will be reset after the switch), and those the server had closed
+        before it (when the application closes them later, its FIN must not reach the new
+        server: a RST)."""
+        ports = {p for p, h in record.connections.items() if h.state is not ClientState.COMMITTED}
+        return sorted(ports | (self.view.closing - set(record.connections)))
 
     def _commit(
         self,
@@ -404,13 +421,23 @@ class Migrator:
         )
 
     def _finish(self, record: RoamRecord) -> None:
-        """After the switch: GO for each committed connection, reset what could not follow."""
-        finished = [p for p, h in record.connections.items() if h.state is ClientState.CLOSED]
-        # And those the server had closed before the roam: when the application closes them
-        # later, its FIN must not reach the new server (a RST).
-        finished += sorted(self.view.closing - set(record.connections))
-        if finished:
-            nft.apply(finished_script(self.table, self.bundle.vip, finished))
+        """After the switch: GO for each committed connection, reset what could not follow
+        (unless its application has closed it meanwhile: then it ends quietly)."""
+        failed = [p for p, h in record.connections.items() if h.state is ClientState.RESET]
+        try:
+            closed = self.view.closed_by_application(failed)
+        except (RoamError, OSError) as error:
+            self.log.event("sockets_unreadable", level="warning", reason=str(error))
+            closed = set()
+        for port in sorted(closed):
+            handoff = record.connections[port]
+            record.connections[port] = NotMoved(
+                port,
+                "closed",
+                f"closed by its application during the roam (could not move: {handoff.reason})",
+                handoff.replayed,
+                ClientState.CLOSED,
+            )
         now = self.clock()
         for port, handoff in record.connections.items():
             if isinstance(handoff, ClientHandover) and not handoff.final:

@@ -23,7 +23,8 @@ With live migration, two more chains run just before those (priority -310):
   are dropped during a hand-over, before they are copied: the client's TCP sends them again,
   to the new server.
 * Ports in ``finished`` are connections the server had closed (its FIN) when the service
-  roamed, or that closed during the hand-over: their last segments (the client's own FIN,
+  roamed, that closed during the hand-over, or that could not follow it (added in the
+  switch's own transaction, before they are reset): their last segments (the client's own FIN,
   however late the application closes) are dropped rather than sent to the new server, which
   has no socket for them and would answer with a RST. A new connection's SYN on such a port
   takes the port out of the set, so the new connection's segments pass.
@@ -40,6 +41,8 @@ With live migration, two more chains run just before those (priority -310):
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from migrate.endpoints import Endpoint, IPAddress
 
@@ -159,8 +162,12 @@ def _point(
     ]
 
 
-def switch_script(table: str, vip: IPAddress, vport: int, active: Endpoint) -> str:
-    """One transaction that points the VIP at ``active`` and thaws every frozen port."""
+def switch_script(
+    table: str, vip: IPAddress, vport: int, active: Endpoint, finished: Sequence[int] = ()
+) -> str:
+    """One transaction that points the VIP at ``active``, thaws every frozen port and adds
+    ``finished`` (the connections that do not follow: not one of their segments may reach
+    the new server, which has no socket for them and would answer with a RST)."""
     family = _family(vip)[0]
     lines = [
         *_point(family, table, vip, vport, active, ("addr_out", "port_out")),
@@ -169,7 +176,13 @@ def switch_script(table: str, vip: IPAddress, vport: int, active: Endpoint) -> s
         f"flush set {family} {table} frozen",
         f"add element {family} {table} current {{ {active.address} . {active.port} }}",
     ]
+    if finished:
+        lines.append(f"add element {family} {table} finished {{ {_ports(finished)} }}")
     return "\n".join(lines) + "\n"
+
+
+def _ports(ports: Sequence[int]) -> str:
+    return ", ".join(str(p) for p in ports)
 
 
 def freeze_script(
@@ -189,8 +202,3 @@ def freeze_script(
             f"add element {family} {table} frozen {{ {', '.join(str(p) for p in ports)} }}"
         )
     return "\n".join(lines) + "\n"
-
-
-def finished_script(table: str, vip: IPAddress, ports: list[int]) -> str:
-    family = _family(vip)[0]
-    return f"add element {family} {table} finished {{ {', '.join(str(p) for p in ports)} }}\n"
