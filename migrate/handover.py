@@ -95,6 +95,11 @@ CARRIER_GRACE_S = 0.3
 WORK_TIMEOUT_S = 20.0
 # Server: a replayed service silent this long will not produce the missing bytes.
 SERVICE_IDLE_S = 5.0
+# Server: the same, once the service has answered every replayed request in full under a
+# request/response codec (``StreamState.all_answered``): it speaks only when asked, so its
+# answers were shorter than the client's (a replica with other data). Not 0: a RESP3 push
+# may still be on its way, and waiting 5 s would outlast the client's wait for the answer.
+ANSWERED_IDLE_S = 0.2
 # Server: a restored socket waits this long for GO, then starts anyway: the client answered
 # READY by switching, and only the GO datagram was lost (the client sends GO once, after its
 # switch; COMMIT_RETRY_S shows a switch follows READY within a round trip).

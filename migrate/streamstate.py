@@ -347,6 +347,11 @@ class _Window:
         )
 
 
+# Codecs of request/response protocols: the service sends nothing unasked (HTTP/1.1, RESP2 and
+# RESP3 outside SUBSCRIBE/MONITOR, which degrade the codec, memcached).
+ANSWERING_CODECS = frozenset({"http", "resp", "memcached"})
+
+
 class StreamState:
     def __init__(
         self,
@@ -436,6 +441,16 @@ class StreamState:
     @property
     def fresh(self) -> Candidate:
         return self.candidates[0]
+
+    def all_answered(self) -> bool:
+        """Whether every request fed has been answered in full, under a codec whose service
+        speaks only when asked (``ANSWERING_CODECS``): nothing more comes from the service
+        until the next request."""
+        codec = self.codec
+        if codec.name not in ANSWERING_CODECS or codec.degraded is not None:
+            return False
+        point = codec.fresh
+        return point.c2s == self.c2s_pos and point.s2c == self.s2c_pos
 
     def feed_c2s(self, chunk: bytes | memoryview) -> None:
         if self.unmigratable is None:

@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from migrate.checkpoint import Checkpoint
 from migrate.codec import state_replies
 from migrate.errors import RoamError
-from migrate.handover import SERVICE_IDLE_S
+from migrate.handover import ANSWERED_IDLE_S, SERVICE_IDLE_S
 from migrate.kernel import sockdiag, tcp_repair
 from migrate.rangeplan import (
     FromFreshPoint,
@@ -209,12 +209,14 @@ class Replayer:
         buffer = memoryview(bytearray(min(REGENERATE_BUFFER_BYTES, max(1, goal - stream.s2c_pos))))
         while stream.s2c_pos < goal:
             view = buffer[: min(len(buffer), max(1, goal - stream.s2c_pos))]
+            answered = stream.all_answered()
             try:
-                async with asyncio.timeout(SERVICE_IDLE_S):
+                async with asyncio.timeout(ANSWERED_IDLE_S if answered else SERVICE_IDLE_S):
                     received = await loop.sock_recv_into(self.service, view)
             except TimeoutError:
                 raise Diverged(
                     f"the service stopped after {stream.s2c_pos} bytes, short of {goal}"
+                    + (" (it answered every replayed request: shorter answers)" if answered else "")
                 ) from None
             if not received:
                 raise Diverged(

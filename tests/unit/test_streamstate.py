@@ -383,3 +383,39 @@ def test_replicas_cut_differently_hash_alike_and_bodies_are_hashed_as_they_are(
         # A body differs only in a Date-like line of its own: that is a different body.
         _, other_body = _replica_stream(exchanges, 19, 7)
         assert _digest(requests, other_body, cuts_b) != one
+
+
+def test_all_answered_once_every_request_has_its_whole_answer_under_a_request_codec() -> None:
+    """A new server that regenerates gives up at once (not after a long idle wait) when the
+    service has answered everything it was asked and is still short of the client."""
+    get = b"*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n"
+    for codec in ("resp", "auto"):
+        state = StreamState(codec)
+        # Nothing asked yet (auto: the protocol not known yet either).
+        assert state.all_answered() is (codec == "resp")
+        state.feed_c2s(get + get)
+        assert not state.all_answered()
+        state.feed_s2c(b"$3\r\nxxx\r\n")
+        assert not state.all_answered()  # one of two answered
+        state.feed_s2c(b"$3\r\nxx")
+        assert not state.all_answered()  # the second one in part
+        state.feed_s2c(b"x\r\n")
+        assert state.all_answered()
+    http = StreamState("http")
+    http.feed_c2s(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    http.feed_s2c(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    assert not http.all_answered()
+    http.feed_s2c(b"cd")
+    assert http.all_answered()
+
+
+def test_a_service_that_may_speak_unasked_is_never_all_answered() -> None:
+    generic = StreamState("generic")
+    assert not generic.all_answered()  # a banner protocol speaks first
+    generic.feed_c2s(b"HELO x\r\n")
+    generic.feed_s2c(b"250 ok\r\n")
+    assert not generic.all_answered()
+    subscribed = StreamState("resp")
+    subscribed.feed_c2s(b"*2\r\n$9\r\nSUBSCRIBE\r\n$1\r\nc\r\n")
+    subscribed.feed_s2c(b"*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n")
+    assert not subscribed.all_answered()  # messages arrive unasked from now on
