@@ -112,6 +112,26 @@ def handoffs(roaming: RoamingLab, host: str = "c1") -> list[dict[str, Any]]:
     return [e for e in roaming.clients[host].events() if e["event"] == "handoff"]
 
 
+def complaints(roaming: RoamingLab) -> list[str]:
+    """Every shim's warnings and errors but the hand-overs', a line each (failure messages)."""
+    return [
+        f"{shim.host} {e['event']}: {str(e.get('reason', e.get('error', '')))[:160]}"
+        for shim in [*roaming.servers.values(), *roaming.clients.values()]
+        for e in shim.events()
+        if e["level"] != "info" and e["event"] != "handoff"
+    ]
+
+
+def handoff_detail(handoffs: list[dict[str, Any]], complaints: list[str]) -> str:
+    """Hand-overs (two dozen at most) and complaints, for a failure message."""
+    lines = "; ".join(
+        f"epoch {e.get('epoch')} {e.get('outcome')} {e.get('bytes_replayed')}: "
+        f"{str(e.get('detail'))[:100]}"
+        for e in handoffs[:24]
+    )
+    return lines + "\n" + "\n".join(complaints[:12])
+
+
 def logged_reasons(roaming: RoamingLab) -> list[str]:
     """Why connections were lost, as the shims logged it (hand-overs that did not migrate,
     refused or failed re-incarnations)."""

@@ -31,7 +31,8 @@ from typing import Any
 
 import pytest
 
-from labs.faults import handoffs, live_lab, reaped, shim_problems
+from labs.faults import complaints as shim_complaints
+from labs.faults import handoff_detail, handoffs, live_lab, reaped, shim_problems
 from labs.roaming import RoamingLab
 from labs.services import DAV_PUT
 
@@ -64,12 +65,7 @@ def test_an_8_mib_http_put_spans_three_roams_and_is_stored_intact() -> None:
             timeout=180,
         )  # fmt: skip
         events = handoffs(roaming)
-        complaints = [
-            f"{shim.host} {e['event']}: {str(e.get('reason', e.get('error', '')))[:160]}"
-            for shim in [*roaming.servers.values(), *roaming.clients.values()]
-            for e in shim.events()
-            if e["level"] != "info" and e["event"] != "handoff"
-        ]
+        complaints = shim_complaints(roaming)
         roaming.stop()
         problems = shim_problems(roaming)
         stored = {
@@ -80,12 +76,7 @@ def test_an_8_mib_http_put_spans_three_roams_and_is_stored_intact() -> None:
     fields = result.stdout.split()
     port = int(fields[1]) if result.returncode == 0 and len(fields) == 3 else None
     mine = [e for e in events if e.get("port") == port]
-    detail = "; ".join(
-        f"epoch {e.get('epoch')} {e.get('outcome')} {e.get('bytes_replayed')}: "
-        f"{str(e.get('detail'))[:100]}"
-        for e in mine or events[:12]
-    )
-    detail += "\n" + "\n".join(complaints[:12])
+    detail = handoff_detail(mine or events, complaints)
     assert result.returncode == 0, f"curl: {result.stderr[-800:]}\n{detail}"
     assert fields[0] == "201", f"{result.stdout}\n{detail}"
     assert mine, f"no hand-over of the uploading connection\n{detail}"

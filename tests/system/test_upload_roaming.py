@@ -19,7 +19,8 @@ import sys
 
 import pytest
 
-from labs.faults import handoffs, live_lab, shim_problems
+from labs.faults import complaints as shim_complaints
+from labs.faults import handoff_detail, handoffs, live_lab, shim_problems
 from labs.roaming import LISTEN_PORT
 
 pytestmark = pytest.mark.system
@@ -76,22 +77,12 @@ def test_an_8_mib_set_spans_three_roams_and_is_stored_intact() -> None:
         result = roaming.lab["c1"].run([*argv, str(SIZE), str(UPLOAD_S), seed], timeout=180)
         events = handoffs(roaming)
         client_events = roaming.clients["c1"].events()
-        complaints = [
-            f"{shim.host} {e['event']}: {str(e.get('reason', e.get('error', '')))[:160]}"
-            for shim in [*roaming.servers.values(), *roaming.clients.values()]
-            for e in shim.events()
-            if e["level"] != "info" and e["event"] != "handoff"
-        ]
+        complaints = shim_complaints(roaming)
         roaming.stop()
         problems = shim_problems(roaming)
     report = json.loads(result.stdout) if result.returncode == 0 else {}
     mine = [e for e in events if e.get("port") == report.get("port")]
-    detail = "; ".join(
-        f"epoch {e.get('epoch')} {e.get('outcome')} {e.get('bytes_replayed')}: "
-        f"{str(e.get('detail'))[:100]}"
-        for e in mine or events[:12]
-    )
-    detail += "\n" + "\n".join(complaints[:12])
+    detail = handoff_detail(mine or events, complaints)
     assert result.returncode == 0, f"{result.stderr[-800:]}\n{detail}"
     assert report["set"] == "+OK", report
     assert report["digest"] == hashlib.sha1(value).hexdigest(), report
