@@ -665,6 +665,16 @@ class Http11Codec(CodecReport):
         reader.state = _LENGTH
         reader.remaining = remaining
 
+    def skip_body(self, count: int) -> None:
+        """Pass over ``count`` bytes of the Content-Length body under way without seeing them
+        (a stream resumed from a range moving further into the same body); at least one of
+        its bytes stays to come."""
+        reader = self._s2c
+        if reader.state != _LENGTH or not 0 <= count < reader.remaining:
+            raise ValueError("only bytes inside a Content-Length body under way are skipped")
+        reader.position += count
+        reader.remaining -= count
+
     def feed_c2s(self, data: bytes | memoryview) -> None:
         self._feed(self._c2s, "c2s", data)
 

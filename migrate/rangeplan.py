@@ -280,15 +280,36 @@ def plan(checkpoint: Checkpoint, replay: bytes, s2c_received: int) -> Plan:
         return FromFreshPoint("the client has bytes past the response's end")
     s2c_start = min(record.window_start, s2c_received)
     first = s2c_start - record.body_start
-    rewritten = (
+    return RangePlan(_ranged(request, first, record.validator), first, s2c_start, record)
+
+
+def _ranged(request: _Request, first: int, validator: bytes) -> bytes:
+    """``request`` asking for its response's body from offset ``first`` if it is still the
+    representation ``validator`` names; its later requests after it, verbatim."""
+    return (
         request.head
         + b"Range: bytes=%d-\r\n" % first
         + b"If-Range: "
-        + record.validator
+        + validator
         + b"\r\n\r\n"
         + request.rest
     )
-    return RangePlan(rewritten, first, s2c_start, record)
+
+
+def replan(chosen: RangePlan, replay: bytes, s2c_start: int) -> RangePlan | None:
+    """The response of ``chosen`` asked for again from s2c ``s2c_start``, further into its
+    body (a COMMIT whose client is far past what the new server regenerated: it asks a second
+    time rather than read the bytes between); None when ``s2c_start`` is not past the first
+    range's start and inside the body, or the replay holds later requests than the first
+    (their answers follow this body on the first range's connection)."""
+    record = chosen.record
+    if not chosen.s2c_start < s2c_start < record.body_end:
+        return None
+    request = _parse_request(replay)
+    if isinstance(request, str) or request.rest:
+        return None
+    first = s2c_start - record.body_start
+    return RangePlan(_ranged(request, first, record.validator), first, s2c_start, record)
 
 
 def head_length(data: bytes | bytearray) -> int | None:

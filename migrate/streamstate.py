@@ -438,6 +438,20 @@ class StreamState:
         self._window = _Window(facts, s2c_start)
         self.resumed_from = s2c_start
 
+    def skip_body(self, s2c_position: int) -> None:
+        """A stream resumed from a range (``resume_range``) goes on from ``s2c_position``,
+        further into the same body, without the bytes between: the service was asked for a
+        second range from there. Its window for later checkpoints starts there afresh."""
+        http = self._http
+        window = self._window
+        if self.resumed_from is None or http is None or window is None:
+            raise ValueError("only a stream resumed from a range skips bytes of its body")
+        if len(self.candidates) != 1 or not self.s2c_pos <= s2c_position < window.facts.body_end:
+            raise ValueError("a skip stays inside the body of the response resumed")
+        http.skip_body(s2c_position - self.s2c_pos)
+        self.s2c_pos = s2c_position
+        self._window = _Window(window.facts, s2c_position)
+
     @property
     def fresh(self) -> Candidate:
         return self.candidates[0]

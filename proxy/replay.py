@@ -29,6 +29,7 @@ from migrate.errors import RoamError
 from migrate.handover import ANSWERED_IDLE_S, SERVICE_IDLE_S
 from migrate.kernel import sockdiag, tcp_repair
 from migrate.rangeplan import (
+    WINDOW_BYTES,
     FromFreshPoint,
     Partial,
     Plan,
@@ -36,6 +37,7 @@ from migrate.rangeplan import (
     RangePlan,
     check_answer,
     head_length,
+    replan,
 )
 from migrate.rangeplan import plan as plan_regeneration
 from migrate.reincarnation import Request, Status
@@ -47,6 +49,10 @@ SEQ_MOD = 2**32
 TS_MARGIN_MS = 250  # a restored socket's timestamps run this far ahead of the checkpoint's
 REGENERATE_BUFFER_BYTES = 256 * 1024
 HALF_OPEN_RETRIES = 3  # half-open entries dropped per restore before giving up
+# A COMMIT asks for a second range rather than read this many bytes or more (a loopback round
+# trip to the service costs about what reading 1-2 MB does here; 8 MiB leaves a margin).
+RANGE_AGAIN_BYTES = 8 * 1024 * 1024
+RANGE_AGAIN_IDLE_S = 1.0  # inside the freeze: a service slower than this, and reading goes on
 
 
 class Diverged(Exception):
@@ -101,9 +107,12 @@ class Replayer:
         )
         self.window: hashlib._Hash | None = None  # the range's window, hashed as it is read
         self.regenerated = 0  # service bytes read (after a range's head)
+        self.skipped = 0  # body bytes a second range at the COMMIT spared reading
+        self._connect: Callable[[], Awaitable[socket.socket]] | None = None
 
     async def start(self, connect: Callable[[], Awaitable[socket.socket]], until: int) -> int:
         """Connect the service, replay the PREPARE's bytes, regenerate to ``until``."""
+        self._connect = connect
         self.service = await connect()
         if self.checkpoint.state:
             await self._restore_session()
@@ -127,18 +136,7 @@ class Replayer:
         after it. A 200 (the same validator, ranges ignored) turns this into a regeneration
         from the start: its head is then part of the response."""
         assert self.service is not None
-        loop = asyncio.get_running_loop()
-        head = bytearray()
-        buffer = bytearray(64 * 1024)
-        while (length := self._head_length(head)) is None:
-            try:
-                async with asyncio.timeout(SERVICE_IDLE_S):
-                    received = await loop.sock_recv_into(self.service, buffer)
-            except TimeoutError:
-                raise Diverged("the service did not answer the range request") from None
-            if not received:
-                raise Diverged("the service closed instead of answering the range request")
-            head += memoryview(buffer)[:received]
+        head, length = await self._read_head(self.service, SERVICE_IDLE_S)
         try:
             answer = check_answer(bytes(head[:length]), chosen)
         except RangeDiverged as error:
@@ -149,6 +147,71 @@ class Replayer:
             return bytes(head[length:])
         self.plan = FromFreshPoint("the replica ignored the range request")
         return bytes(head)
+
+    async def _read_head(self, service: socket.socket, idle_s: float) -> tuple[bytearray, int]:
+        """What the service sent up to the end of its response head at least, and the head's
+        length."""
+        loop = asyncio.get_running_loop()
+        head = bytearray()
+        buffer = bytearray(64 * 1024)
+        while (length := self._head_length(head)) is None:
+            try:
+                async with asyncio.timeout(idle_s):
+                    received = await loop.sock_recv_into(service, buffer)
+            except TimeoutError:
+                raise Diverged("the service did not answer the range request") from None
+            if not received:
+                raise Diverged("the service closed instead of answering the range request")
+            head += memoryview(buffer)[:received]
+        return head, length
+
+    async def _range_again(self, until: int) -> None:
+        """At the COMMIT of a range hand-over whose client is ``RANGE_AGAIN_BYTES`` or more
+        past what was regenerated: ask the service for the body again from a window before
+        the client's position, on a fresh connection, instead of reading the bytes between
+        (tens of MB at full speed: the whole pause, docs/benchmarks.md). The window before the
+        checkpoint was verified at the PREPARE; the bytes between are not checked by a range
+        hand-over either way (docs/architecture.md). Anything amiss (the service refuses, the
+        representation changed: If-Range answers 200) and the first connection goes on."""
+        chosen = self.plan
+        stream = self.stream
+        target = until - WINDOW_BYTES
+        if (
+            not isinstance(chosen, RangePlan)
+            or not self.verified
+            or self._connect is None
+            or self.unsent
+            or target - stream.s2c_pos < RANGE_AGAIN_BYTES
+        ):
+            return
+        again = replan(chosen, self.prepare.replay, target)
+        if again is None:
+            return
+        loop = asyncio.get_running_loop()
+        try:
+            service = await self._connect()
+        except (OSError, TimeoutError):
+            return
+        try:
+            await loop.sock_sendall(service, again.request)
+            head, length = await self._read_head(service, RANGE_AGAIN_IDLE_S)
+            answer = check_answer(bytes(head[:length]), again)
+        except (OSError, Diverged, RangeDiverged):
+            close_abortively(service)
+            return
+        skipped = target - stream.s2c_pos
+        try:
+            if not isinstance(answer, Partial):
+                raise ValueError("the service ignored the range")
+            stream.skip_body(target)  # checks before it changes anything
+        except ValueError:
+            close_abortively(service)
+            return
+        assert self.service is not None
+        close_abortively(self.service)
+        self.service = service
+        self.skipped += skipped
+        self._take(bytes(head[length:]), until)
 
     @staticmethod
     def _head_length(head: bytearray) -> int | None:
@@ -290,6 +353,8 @@ class Replayer:
         if request.replay:
             self.stream.feed_c2s(request.replay)
             await asyncio.get_running_loop().sock_sendall(self.service, request.replay)
+        else:
+            await self._range_again(request.s2c_received)
         position = await self.regenerate(request.s2c_received)
         self.sock = self._restore(request, listen, now)
         self.s2c_base = request.s2c_received

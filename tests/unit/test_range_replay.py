@@ -258,3 +258,100 @@ def test_a_young_connection_whose_client_has_a_whole_answer_moves_unverified() -
     # A replica whose answer is longer does not end where the client is: refused.
     with pytest.raises(Diverged, match="does not end there"):
         asyncio.run(regenerate(Service(body + b"!", ETAG), checkpoint, whole))
+
+
+BIG = 32 * 1024 * 1024
+
+
+async def commit_far(service: Service, checkpoint, prepared: int, committed: int) -> Replayer:  # type: ignore[no-untyped-def]
+    """Prepared to ``prepared``; then the COMMIT's step for a client at ``committed``, as
+    ``Replayer.commit`` does it (without the socket restore, which needs root)."""
+    replayer = Replayer(checkpoint, prepare(checkpoint, prepared))
+    async with serving(service) as connect:
+        try:
+            await replayer.start(connect, prepared)
+            await replayer._range_again(committed)
+            await replayer.regenerate(committed)
+        finally:
+            replayer.close()
+    return replayer
+
+
+def test_a_commit_far_past_the_preparation_asks_a_second_range_instead_of_reading() -> None:
+    body = os.urandom(BIG)
+    head_length = len(response_head(BIG, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 1_000_000)
+    prepared = head_length + 1_100_000
+    committed = head_length + 25_000_000  # 24 MB more reached the client before the freeze
+    service = Service(body, ETAG)
+    replayer = asyncio.run(commit_far(service, checkpoint, prepared, committed))
+    assert len(service.requests) == 2
+    again = committed - head_length - WINDOW_BYTES
+    assert b"\r\nRange: bytes=%d-\r\n" % again in service.requests[1]
+    assert b"\r\nIf-Range: " + ETAG + b"\r\n" in service.requests[1]
+    assert replayer.skipped >= 23_000_000
+    assert replayer.regenerated < 4 * 1024 * 1024  # the window and a read's worth, not 24 MB
+    unsent = bytes(replayer.unsent)
+    assert unsent == body[25_000_000 : 25_000_000 + len(unsent)]
+    stream = replayer.stream
+    assert stream.s2c_pos == committed + len(unsent)
+    # The live connection's next checkpoints: a range record whose window is the body's own
+    # bytes, and the codec still counting the body to its end.
+    offset = stream.s2c_pos - head_length
+    stream.feed_s2c(body[offset : offset + 100_000])
+    later = stream.checkpoint(
+        conn_id=bytes(16),
+        client=("10.0.0.2", 40000),
+        vport=80,
+        epoch=6,
+        counter=2,
+        now=101.0,
+        tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 0),
+        s2c_acked=0,
+    )
+    record = later.range
+    assert record is not None
+    window = body[record.window_start - head_length : stream.s2c_pos - head_length]
+    assert record.window_hash == hashlib.sha256(window).digest()
+    stream.feed_s2c(body[offset + 100_000 :])
+    stream.feed_c2s(REQUEST)  # the next request of the keep-alive connection
+    assert stream.codec.degraded is None
+    assert len(stream.candidates) == 2  # the response ended exactly where its length said
+
+
+def test_a_representation_changed_since_the_prepare_makes_the_commit_read_on() -> None:
+    """If-Range answers 200 on the second request: the first range's connection, verified at
+    the PREPARE, goes on (every byte read), and the bytes are still the original's."""
+    body = os.urandom(BIG)
+    head_length = len(response_head(BIG, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 1_000_000)
+    prepared = head_length + 1_100_000
+    committed = head_length + 25_000_000
+
+    class Changing(Service):
+        async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if self.requests:  # the file was replaced after the first request
+                self.etag = b'"another"'
+            await super().handle(reader, writer)
+
+    service = Changing(body, ETAG)
+    replayer = asyncio.run(commit_far(service, checkpoint, prepared, committed))
+    assert len(service.requests) == 2  # asked, answered 200, dropped
+    assert replayer.skipped == 0
+    assert replayer.regenerated >= 24_000_000
+    unsent = bytes(replayer.unsent)
+    assert unsent == body[25_000_000 : 25_000_000 + len(unsent)]
+
+
+def test_a_commit_near_the_preparation_reads_on_without_a_second_request() -> None:
+    body = os.urandom(BIG)
+    head_length = len(response_head(BIG, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 1_000_000)
+    prepared = head_length + 1_100_000
+    committed = prepared + 2_000_000
+    service = Service(body, ETAG)
+    replayer = asyncio.run(commit_far(service, checkpoint, prepared, committed))
+    assert len(service.requests) == 1
+    assert replayer.skipped == 0
+    unsent = bytes(replayer.unsent)
+    assert unsent == body[3_100_000 : 3_100_000 + len(unsent)]
