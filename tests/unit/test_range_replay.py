@@ -97,13 +97,17 @@ def original_checkpoint(body: bytes, at: int):  # type: ignore[no-untyped-def]
     stream = response_head(len(body), ETAG) + body
     for low in range(0, at, 100_000):
         state.feed_s2c(stream[low : min(at, low + 100_000)])
+    return checkpoint_of(state, epoch=5, counter=1)
+
+
+def checkpoint_of(state: StreamState, epoch: int, counter: int):  # type: ignore[no-untyped-def]
     return state.checkpoint(
         conn_id=bytes(16),
         client=("10.0.0.2", 40000),
         vport=80,
-        epoch=5,
-        counter=1,
-        now=100.0,
+        epoch=epoch,
+        counter=counter,
+        now=100.0 + counter,
         tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 0),
         s2c_acked=0,
     )
@@ -299,16 +303,7 @@ def test_a_commit_far_past_the_preparation_asks_a_second_range_instead_of_readin
     # bytes, and the codec still counting the body to its end.
     offset = stream.s2c_pos - head_length
     stream.feed_s2c(body[offset : offset + 100_000])
-    later = stream.checkpoint(
-        conn_id=bytes(16),
-        client=("10.0.0.2", 40000),
-        vport=80,
-        epoch=6,
-        counter=2,
-        now=101.0,
-        tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 0),
-        s2c_acked=0,
-    )
+    later = checkpoint_of(stream, epoch=6, counter=2)
     record = later.range
     assert record is not None
     window = body[record.window_start - head_length : stream.s2c_pos - head_length]
