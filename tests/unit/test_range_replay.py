@@ -118,11 +118,18 @@ def prepare(checkpoint, received: int) -> Request:  # type: ignore[no-untyped-de
     return Request(Phase.PREPARE, 5, 40000, 80, len(REQUEST), received, 0, sealed, REQUEST)
 
 
-async def regenerate(service: Service, checkpoint, received: int) -> Replayer:  # type: ignore[no-untyped-def]
+async def regenerate(  # type: ignore[no-untyped-def]
+    service: Service, checkpoint, received: int, committed: int | None = None
+) -> Replayer:
+    """Prepared to ``received``; with ``committed``, then the COMMIT's step for a client
+    there, as ``Replayer.commit`` does it (without the socket restore, which needs root)."""
     replayer = Replayer(checkpoint, prepare(checkpoint, received))
     async with serving(service) as connect:
         try:
             await replayer.start(connect, received)
+            if committed is not None:
+                await replayer._range_again(committed)
+                await replayer.regenerate(committed)
         finally:
             replayer.close()
     return replayer
@@ -267,20 +274,6 @@ def test_a_young_connection_whose_client_has_a_whole_answer_moves_unverified() -
 BIG = 32 * 1024 * 1024
 
 
-async def commit_far(service: Service, checkpoint, prepared: int, committed: int) -> Replayer:  # type: ignore[no-untyped-def]
-    """Prepared to ``prepared``; then the COMMIT's step for a client at ``committed``, as
-    ``Replayer.commit`` does it (without the socket restore, which needs root)."""
-    replayer = Replayer(checkpoint, prepare(checkpoint, prepared))
-    async with serving(service) as connect:
-        try:
-            await replayer.start(connect, prepared)
-            await replayer._range_again(committed)
-            await replayer.regenerate(committed)
-        finally:
-            replayer.close()
-    return replayer
-
-
 def test_a_commit_far_past_the_preparation_asks_a_second_range_instead_of_reading() -> None:
     body = os.urandom(BIG)
     head_length = len(response_head(BIG, ETAG))
@@ -288,7 +281,7 @@ def test_a_commit_far_past_the_preparation_asks_a_second_range_instead_of_readin
     prepared = head_length + 1_100_000
     committed = head_length + 25_000_000  # 24 MB more reached the client before the freeze
     service = Service(body, ETAG)
-    replayer = asyncio.run(commit_far(service, checkpoint, prepared, committed))
+    replayer = asyncio.run(regenerate(service, checkpoint, prepared, committed))
     assert len(service.requests) == 2
     again = committed - head_length - WINDOW_BYTES
     assert b"\r\nRange: bytes=%d-\r\n" % again in service.requests[1]
@@ -330,7 +323,7 @@ def test_a_representation_changed_since_the_prepare_makes_the_commit_read_on() -
             await super().handle(reader, writer)
 
     service = Changing(body, ETAG)
-    replayer = asyncio.run(commit_far(service, checkpoint, prepared, committed))
+    replayer = asyncio.run(regenerate(service, checkpoint, prepared, committed))
     assert len(service.requests) == 2  # asked, answered 200, dropped
     assert replayer.skipped == 0
     assert replayer.regenerated >= 24_000_000
@@ -345,7 +338,7 @@ def test_a_commit_near_the_preparation_reads_on_without_a_second_request() -> No
     prepared = head_length + 1_100_000
     committed = prepared + 2_000_000
     service = Service(body, ETAG)
-    replayer = asyncio.run(commit_far(service, checkpoint, prepared, committed))
+    replayer = asyncio.run(regenerate(service, checkpoint, prepared, committed))
     assert len(service.requests) == 1
     assert replayer.skipped == 0
     unsent = bytes(replayer.unsent)
