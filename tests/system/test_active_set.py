@@ -67,6 +67,10 @@ def events(roaming: RoamingLab, kind: str, name: str) -> list[dict[str, Any]]:
     return [e for shim in shims.values() for e in shim.events() if e["event"] == name]
 
 
+@pytest.mark.known_timing(
+    cause="a RST from a client, once in the third CI run of 2026-12-04 after the fixes "
+    "(docs/reliability.md); cause not found yet"
+)
 def test_three_clients_each_reach_only_their_assigned_server_across_roams() -> None:
     if os.geteuid() != 0:
         pytest.skip("system test: needs root")
