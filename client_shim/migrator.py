@@ -24,19 +24,19 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
 from typing import Any
 
+from client_shim.candidates import await_carriers, unmovable_reason
 from client_shim.capture import Capture
 from client_shim.connections import ClientConnections, verifiable
 from client_shim.requests import ReplayStreams, RequestChannel
+from client_shim.roams import RoamRecord, log_roam
 from client_shim.rules import freeze_script, switch_script
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError
 from migrate.handover import (
-    CARRIER_GRACE_S,
     DEFAULT_COMMIT_TIMEOUT_S,
     DEFAULT_PREPARE_LEAD_S,
     MIGRATION_PORT,
@@ -54,48 +54,6 @@ from migrate.kernel.eventlog import EventLog
 from migrate.registration import Bundle
 from migrate.reincarnation import Answer, Phase
 from migrate.replaystream import DEFAULT_MAX_REPLAY
-
-MAX_ROAM_RECORDS = 50
-
-Handoff = ClientHandover | NotMoved
-
-
-@dataclass
-class RoamRecord:
-    epoch: int
-    server: str
-    started: float
-    switched: float = 0.0
-    connections: dict[int, Handoff] = field(default_factory=dict)
-    # When each step of the hand-over ended (the log breaks the pause down by them).
-    marks: dict[str, float] = field(default_factory=dict)
-
-    def mark(self, step: str, now: float) -> None:
-        self.marks[step] = now
-
-    def machines(self, *states: ClientState) -> list[ClientHandover]:
-        return [
-            h
-            for h in self.connections.values()
-            if isinstance(h, ClientHandover) and (not states or h.state in states)
-        ]
-
-    def summary(self) -> dict[str, Any]:
-        outcomes: dict[str, int] = {}
-        for handoff in self.connections.values():
-            outcomes[handoff.outcome] = outcomes.get(handoff.outcome, 0) + 1
-        return {
-            "epoch": self.epoch,
-            "server": self.server,
-            "connections": len(self.connections),
-            "outcomes": outcomes,
-            "pause_ms": round((self.switched - self.started) * 1000, 3) if self.switched else None,
-            "bytes_replayed": sum(h.replayed for h in self.connections.values()),
-            # Milliseconds from the freeze to the end of each step (negative: before it).
-            "steps_ms": {
-                step: round((when - self.started) * 1000, 1) for step, when in self.marks.items()
-            },
-        }
 
 
 class Migrator:
@@ -138,7 +96,6 @@ class Migrator:
         )
         self.sealer = self.channel.sealer
         self.streams = ReplayStreams(self.channel, bundle, log)
-        self._pushes: set[asyncio.Task[Any]] = set()
         self.roams: list[RoamRecord] = []
         # The running roam's machines by client port (answers are dispatched to them).
         self._machines: dict[int, ClientHandover] = {}
@@ -164,28 +121,9 @@ class Migrator:
         for action in machine.actions():
             if isinstance(action, Send) and action.request is not None:
                 assert self._target is not None
-                if action.request.streamed:
-                    # Its bytes go on the replay stream first; the datagram follows once the
-                    # server acknowledged them (lost like a datagram if the stream fails).
-                    task = asyncio.get_running_loop().create_task(
-                        self._send_streamed(self._target, action.request)
-                    )
-                    self._pushes.add(task)
-                    task.add_done_callback(self._pushes.discard)
-                    continue
-                try:
-                    self.channel.send(self._target, action.request)
-                except (RoamError, OSError) as error:  # lost like a datagram: retried
-                    self.log.event("request_send_failed", level="warning", reason=str(error))
+                self.streams.send(self._target, action.request)
             elif isinstance(action, Reset):
                 pass  # the state says RESET: done after the switch, with every other reset
-
-    async def _send_streamed(self, target: Endpoint, request: Any) -> None:
-        if await self.streams.push(target, request):
-            try:
-                self.channel.send(target, request)
-            except (RoamError, OSError) as error:
-                self.log.event("request_send_failed", level="warning", reason=str(error))
 
     async def _run(self, machines: Iterable[ClientHandover], state: ClientState) -> None:
         """Feed answers and timers until none of ``machines`` is in ``state`` any more."""
@@ -226,15 +164,9 @@ class Migrator:
             conn = self.store.connections.get(port)
             if conn is not None and conn.unmigratable is None and not verifiable(conn, info):
                 continue  # too new for a usable checkpoint: handled at the commit, as a newcomer
-            if conn is None or conn.carrier is None or conn.unmigratable is not None:
-                reason = (
-                    conn.unmigratable
-                    if conn is not None and conn.unmigratable
-                    else "no checkpoint yet"
-                    if conn is not None
-                    else "opened before the shim"
-                )
-                record.connections[port] = NotMoved(port, "unmigratable", reason)
+            reason = unmovable_reason(conn, None)
+            if reason is not None or conn is None:
+                record.connections[port] = NotMoved(port, "unmigratable", str(reason))
                 continue
             self._prepare_one(record, info, conn, self.clock() + PREPARE_WAIT_S)
         return record
@@ -284,18 +216,9 @@ class Migrator:
         """A connection whose PREPARE went on the replay stream: send the bytes written since,
         so that the COMMIT, during the freeze, carries only the last few."""
         request = machine.request
-        if not request.streamed:
-            return
-        data = self.store.replay_bytes(machine.port, request.c2s_sent)
-        if not data:
-            return
-        task = asyncio.get_running_loop().create_task(
-            self.streams.push_bytes(
-                target, request.epoch, machine.port, request.vport, request.c2s_sent, data
-            )
-        )
-        self._pushes.add(task)
-        task.add_done_callback(self._pushes.discard)
+        if request.streamed:
+            data = self.store.replay_bytes(machine.port, request.c2s_sent)
+            self.streams.top_up(target, request, data)
 
     async def commit(
         self,
@@ -447,7 +370,7 @@ class Migrator:
                 self.view.reset(port)
             self.store.pin(port, None)
         self._machines.clear()
-        self._log_roam(record)
+        log_roam(self.log, record, self.roams)
 
     def _newcomers(
         self,
@@ -465,16 +388,9 @@ class Migrator:
             conn = self.store.connections.get(port)
             if conn is not None and conn.opened_at >= opened_before:
                 continue
-            if conn is None or conn.carrier is None or conn.unmigratable is not None:
-                reason = (
-                    "not captured"
-                    if conn is None
-                    else conn.unmigratable
-                    if conn.unmigratable
-                    else "no checkpoint yet (opened "
-                    f"{max(0.0, record.started - conn.opened_at):.2f} s before the roam began)"
-                )
-                record.connections[port] = NotMoved(port, "unmigratable", reason)
+            reason = unmovable_reason(conn, record.started)
+            if reason is not None or conn is None:
+                record.connections[port] = NotMoved(port, "unmigratable", str(reason))
                 continue
             machine = self._prepare_one(record, info, conn, deadline)
             if machine is not None:
@@ -498,44 +414,7 @@ class Migrator:
                 return isinstance(handoff, ClientHandover) and not handoff.final
             return opened_before is None or conn.opened_at < opened_before
 
-        deadline = self.clock() + CARRIER_GRACE_S
-        while self.clock() < deadline:
-            waiting = [
-                port
-                for port, info in sockets.items()
-                if (conn := self.store.connections.get(port)) is not None
-                and conn.unmigratable is None
-                and not verifiable(conn, info)
-                and moving(port, conn)
-            ]
-            if not waiting:
-                return
-            await asyncio.sleep(0.01)
-        self.log.event(
-            "carriers_late",
-            level="warning",
-            count=len(waiting),
-            ports=waiting[:20],
-            waited_s=CARRIER_GRACE_S,
-            reason="no checkpoint that covers what these connections received",
-        )
-
-    def _log_roam(self, record: RoamRecord) -> None:
-        pause_ms = round((record.switched - record.started) * 1000, 3)
-        for port, handoff in record.connections.items():
-            self.log.event(
-                "handoff",
-                epoch=record.epoch,
-                server=record.server,
-                port=port,
-                outcome=handoff.outcome,
-                detail=handoff.reason,
-                bytes_replayed=handoff.replayed,
-                pause_ms=pause_ms,
-            )
-        self.roams.append(record)
-        del self.roams[:-MAX_ROAM_RECORDS]
-        self.log.event("roam", **record.summary())
+        await await_carriers(self.store, sockets, moving, self.clock, self.log)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -202,6 +202,42 @@ class ReplayStreams:
         self.locks: dict[str, asyncio.Lock] = {}
         self.sent_bytes = 0  # replay bytes sent on streams (re-sent per roam included)
         self.failures = 0
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def send(self, target: Endpoint, request: Request) -> None:
+        """Send ``request`` to ``target``: a streamed one's bytes go on the replay stream first
+        (in a task) and the datagram once the server acknowledged them. Lost like a datagram
+        if either fails (the hand-over's retry sends it again)."""
+        if request.streamed:
+            self._spawn(self._push_then_send(target, request))
+        else:
+            self._send_datagram(target, request)
+
+    def top_up(self, target: Endpoint, request: Request, data: bytes | None) -> None:
+        """Stream ``data``, the bytes the application wrote since ``request`` (a streamed
+        PREPARE), so that the COMMIT, during the freeze, carries only the last few."""
+        if data:
+            self._spawn(
+                self.push_bytes(
+                    target, request.epoch, request.client_port, request.vport,
+                    request.c2s_sent, data,
+                )
+            )  # fmt: skip
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _push_then_send(self, target: Endpoint, request: Request) -> None:
+        if await self.push(target, request):
+            self._send_datagram(target, request)
+
+    def _send_datagram(self, target: Endpoint, request: Request) -> None:
+        try:
+            self.channel.send(target, request)
+        except (RoamError, OSError) as error:  # lost like a datagram: retried
+            self.log.event("request_send_failed", level="warning", reason=str(error))
 
     async def push(self, target: Endpoint, request: Request) -> bool:
         """Make ``target`` hold the streamed part of ``request``; whether it does."""

@@ -34,7 +34,7 @@ from migrate.errors import RemoteError
 # client moving a thousand connections in one roam (tests/system/test_load.py); an operator
 # whose clients hold few connections lowers it (roam server --max-pending-per-client).
 MAX_PENDING_PER_CLIENT = 1024
-# Of the server's 8 slots (proxy.live.PREPARE_CONCURRENCY): a lone client still prepares
+# Of the server's 8 slots (proxy.work.PREPARE_CONCURRENCY): a lone client still prepares
 # almost at full speed, and 2 slots are always left to the other clients.
 PREPARING_PER_CLIENT = 6
 REPLAY_BURST_BYTES = 16 * 1024 * 1024

@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
-from dataclasses import dataclass, field
 
-from migrate.admission import PREPARING_PER_CLIENT, MigrationMeter
+from migrate.admission import MigrationMeter
 from migrate.channel import Opened, Opener
 from migrate.checkpoint import stream_hash_key
 from migrate.errors import AuthenticationError, RoamError
@@ -40,7 +38,6 @@ from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.rangeplan import regeneration_bytes
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
-    Admitted,
     Answer,
     Phase,
     Request,
@@ -54,28 +51,10 @@ from proxy.checkpoints import (
 from proxy.livecontext import LiveContext
 from proxy.migration_port import MigrationPort, MigrationProtocol, count_states
 from proxy.relay import RelayFactory
-from proxy.replay import Replayer, failure_of
+from proxy.replay import Replayer
+from proxy.work import Key, Pending, Work, Workshop
 
-# Re-incarnations prepared at once. A legacy service may have a short accept queue (python's
-# http.server listens with a backlog of 5): a burst of connects beyond it waits for SYN
-# retransmissions, seconds, instead of a few milliseconds here.
-PREPARE_CONCURRENCY = 8
 MAX_FINISHED_KEPT = 4096  # failed and aborted preparations remembered (bounded memory)
-
-Key = tuple[str, int]
-
-
-@dataclass
-class Pending:
-    """A re-incarnation between PREPARE and GO: its machine and what executes it."""
-
-    machine: ServerHandover
-    admitted: Admitted
-    replayer: Replayer
-    record: ClientRecord
-    reply_to: tuple[str, int]
-    task: asyncio.Task[None] | None = None
-    started: float = field(default=0.0)
 
 
 class LiveMode:
@@ -87,10 +66,6 @@ class LiveMode:
         self.context = context
         self.pusher = CheckpointPusher(context)
         self.meter = MigrationMeter(context.max_pending_per_client, context.max_replay)
-        # Preparations of one client running at once: never every slot, so that another
-        # client's hand-over always finds slots (acquired before ``prepare_slots``).
-        self.client_slots: dict[int, asyncio.Semaphore] = {}
-        self.prepare_slots = asyncio.Semaphore(PREPARE_CONCURRENCY)
         self.pending: dict[Key, Pending] = {}
         # Failed and aborted re-incarnations, for the repeats that may still come (bounded).
         self.finished: dict[Key, ServerHandover] = {}
@@ -100,6 +75,7 @@ class LiveMode:
         self.port = MigrationPort(
             context, self.pusher.keys, self.counts, self.pusher.connections.keys
         )
+        self.workshop = Workshop(context, self.meter, self.port, self.counts)
         self._task: asyncio.Task[None] | None = None
         self._stream_server: asyncio.Server | None = None
 
@@ -424,70 +400,9 @@ class LiveMode:
             elif isinstance(action, Release):
                 self._release(key, pending, action, keep_accounted=keep_accounted)
 
-    async def _work(
-        self, key: Key, pending: Pending, work: PrepareWork | RegenerateWork | Restore
-    ) -> None:
-        context = self.context
-        replayer = pending.replayer
-        try:
-            if isinstance(work, PrepareWork):
-                position = await self._prepare(key, pending, work.until)
-            elif isinstance(work, RegenerateWork):
-                position = await replayer.regenerate(work.until)
-            else:
-                position = await replayer.commit(work.request, context.listen, context.clock())
-        except asyncio.CancelledError:
-            raise
-        except Exception as error:
-            status_detail = failure_of(error)
-            if status_detail is None:
-                log_internal_error(context, "re-incarnation", error)
-                status_detail = (Status.FAILED, f"internal error: {error!r}")
-            if isinstance(error, OSError) and error.errno == errno.EADDRNOTAVAIL:
-                status_detail = (status_detail[0], status_detail[1] + self.port.describe_clash(key))
-            if pending.machine.state in (ServerState.RELEASED, ServerState.FAILED):
-                return
-            status, detail = status_detail
-            self.counts["diverged" if status is Status.DIVERGED else "failed"] += 1
-            pending.machine.work_failed(status, detail, context.clock())
-        else:
-            if pending.machine.state in (ServerState.RELEASED, ServerState.FAILED):
-                return
-            was = pending.machine.state
-            pending.machine.work_done(position, context.clock())
-            if was is ServerState.PREPARING and pending.machine.state is ServerState.PREPARED:
-                context.log.event(
-                    "prepared",
-                    client=f"{key[0]}:{key[1]}",
-                    regenerated=position - pending.admitted.checkpoint.s2c_fresh,
-                    seconds=round(context.clock() - pending.machine.created, 4),
-                )
-            if pending.machine.state is ServerState.RESTORED:
-                self.counts["ready"] += 1
-                if replayer.half_open_cleared:
-                    # Someone sent a SYN with this connection's 4-tuple: worth an operator's eye.
-                    context.log.event(
-                        "half_open_cleared",
-                        client=f"{key[0]}:{key[1]}",
-                        count=replayer.half_open_cleared,
-                    )
-        self._execute(key, pending)
-
-    async def _prepare(self, key: Key, pending: Pending, until: int) -> int:
-        """The first work of a re-incarnation, within the client's and the server's slots."""
-        client_id = pending.machine.client_id
-        mine = self.client_slots.get(client_id)
-        if mine is None:
-            mine = self.client_slots[client_id] = asyncio.Semaphore(PREPARING_PER_CLIENT)
-        clock = self.context.clock
-        async with mine, self.prepare_slots:
-            held_from = clock()
-            try:
-                return await pending.replayer.start(
-                    lambda: self.context.connect_service(key[0]), until
-                )
-            finally:
-                self.meter.used_service(client_id, clock() - held_from, clock())
+    async def _work(self, key: Key, pending: Pending, work: Work) -> None:
+        if await self.workshop.run(key, pending, work):
+            self._execute(key, pending)
 
     def _start_relay(self, key: Key, pending: Pending) -> None:
         """GO (or its timeout): the restored socket becomes a live connection."""

@@ -1,0 +1,60 @@
+"""Which of the client's connections a roam can move, and waiting (bounded) for the first
+checkpoint of connections opened just now."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from client_shim.connections import verifiable
+from migrate.connstore import ConnectionStore, TrackedConnection
+from migrate.handover import CARRIER_GRACE_S
+from migrate.kernel import sockdiag
+from migrate.kernel.eventlog import EventLog
+
+
+def unmovable_reason(conn: TrackedConnection | None, roam_started: float | None) -> str | None:
+    """Why ``conn`` cannot be prepared (None: it can). ``roam_started`` is given for a
+    connection found after the PREPAREs went out (a newcomer), whose age the reason names."""
+    if conn is None:
+        return "opened before the shim" if roam_started is None else "not captured"
+    if conn.unmigratable is not None:
+        return conn.unmigratable
+    if conn.carrier is None:
+        if roam_started is None:
+            return "no checkpoint yet"
+        age = max(0.0, roam_started - conn.opened_at)
+        return f"no checkpoint yet (opened {age:.2f} s before the roam began)"
+    return None
+
+
+async def await_carriers(
+    store: ConnectionStore,
+    sockets: dict[int, sockdiag.TcpSocketInfo],
+    moving: Callable[[int, TrackedConnection], bool],
+    clock: Callable[[], float],
+    log: EventLog,
+) -> None:
+    """Connections opened just now get their first checkpoint within a round trip: wait that
+    long (``CARRIER_GRACE_S``) rather than reset them; only for those ``moving`` names."""
+    deadline = clock() + CARRIER_GRACE_S
+    while clock() < deadline:
+        waiting = [
+            port
+            for port, info in sockets.items()
+            if (conn := store.connections.get(port)) is not None
+            and conn.unmigratable is None
+            and not verifiable(conn, info)
+            and moving(port, conn)
+        ]
+        if not waiting:
+            return
+        await asyncio.sleep(0.01)
+    log.event(
+        "carriers_late",
+        level="warning",
+        count=len(waiting),
+        ports=waiting[:20],
+        waited_s=CARRIER_GRACE_S,
+        reason="no checkpoint that covers what these connections received",
+    )

@@ -1,0 +1,72 @@
+"""What the client shim remembers and logs of each roam: one ``RoamRecord`` per roam, with
+every connection's hand-over (or why it did not move) and when each step ended."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from migrate.handover import ClientHandover, ClientState, NotMoved
+from migrate.kernel.eventlog import EventLog
+
+MAX_ROAM_RECORDS = 50  # kept for status; older roams are in the log only
+
+Handoff = ClientHandover | NotMoved
+
+
+@dataclass
+class RoamRecord:
+    epoch: int
+    server: str
+    started: float
+    switched: float = 0.0
+    connections: dict[int, Handoff] = field(default_factory=dict)
+    # When each step of the hand-over ended (the log breaks the pause down by them).
+    marks: dict[str, float] = field(default_factory=dict)
+
+    def mark(self, step: str, now: float) -> None:
+        self.marks[step] = now
+
+    def machines(self, *states: ClientState) -> list[ClientHandover]:
+        return [
+            h
+            for h in self.connections.values()
+            if isinstance(h, ClientHandover) and (not states or h.state in states)
+        ]
+
+    def summary(self) -> dict[str, Any]:
+        outcomes: dict[str, int] = {}
+        for handoff in self.connections.values():
+            outcomes[handoff.outcome] = outcomes.get(handoff.outcome, 0) + 1
+        return {
+            "epoch": self.epoch,
+            "server": self.server,
+            "connections": len(self.connections),
+            "outcomes": outcomes,
+            "pause_ms": round((self.switched - self.started) * 1000, 3) if self.switched else None,
+            "bytes_replayed": sum(h.replayed for h in self.connections.values()),
+            # Milliseconds from the freeze to the end of each step (negative: before it).
+            "steps_ms": {
+                step: round((when - self.started) * 1000, 1) for step, when in self.marks.items()
+            },
+        }
+
+
+def log_roam(log: EventLog, record: RoamRecord, roams: list[RoamRecord]) -> None:
+    """One ``handoff`` event per connection and a ``roam`` summary; ``record`` joins ``roams``
+    (the newest ``MAX_ROAM_RECORDS`` kept)."""
+    pause_ms = round((record.switched - record.started) * 1000, 3)
+    for port, handoff in record.connections.items():
+        log.event(
+            "handoff",
+            epoch=record.epoch,
+            server=record.server,
+            port=port,
+            outcome=handoff.outcome,
+            detail=handoff.reason,
+            bytes_replayed=handoff.replayed,
+            pause_ms=pause_ms,
+        )
+    roams.append(record)
+    del roams[:-MAX_ROAM_RECORDS]
+    log.event("roam", **record.summary())
