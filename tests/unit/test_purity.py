@@ -88,3 +88,14 @@ def test_nothing_below_the_cli_imports_roam_cli():
                 if name == "roam_cli" or name.startswith("roam_cli."):
                     offenders.append(f"{path.relative_to(root)}: {name}")
     assert offenders == []
+
+
+# The hand-over's decisions live in migrate.handover; the executors only feed and execute its
+# machines (issue 13). Their size is the symptom a decision creeping back in shows first.
+EXECUTOR_BOUNDS = {"proxy/live.py": 500, "client_shim/migrator.py": 450}
+
+
+def test_the_hand_over_executors_stay_thin():
+    root = CORE.parent
+    sizes = {name: len((root / name).read_text().splitlines()) for name in EXECUTOR_BOUNDS}
+    assert {n: s for n, s in sizes.items() if s > EXECUTOR_BOUNDS[n]} == {}
