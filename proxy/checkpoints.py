@@ -27,6 +27,7 @@ import termios
 import traceback
 from collections.abc import Callable, Collection
 from dataclasses import replace
+from typing import Any
 
 from migrate.channel import Sealer
 from migrate.checkpoint import (
@@ -464,8 +465,10 @@ class CheckpointPusher:
         stream: StreamState,
         s2c_base: int,
         handover: ServerHandover,
+        work: dict[str, Any] | None = None,
     ) -> LiveConnection:
-        """A re-incarnated connection goes live here: relayed, checkpointed like any other."""
+        """A re-incarnated connection goes live here: relayed, checkpointed like any other.
+        ``work``: what its re-incarnation read and spared, for the log."""
         sock, service, unsent = sockets
         connection = LiveConnection(
             self,
@@ -498,6 +501,7 @@ class CheckpointPusher:
             regeneration="range" if resumed is not None else "fresh point",
             regenerated=s2c_base - (resumed if resumed is not None else checkpoint.s2c_fresh),
             body_offset=s2c_base - checkpoint.range.body_start if checkpoint.range else None,
+            **(work or {}),
         )
         connection.push(self.context.clock())
         return connection

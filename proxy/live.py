@@ -336,6 +336,7 @@ class LiveMode:
         opener.accept(opened)
         if pending is not None and machine is not None:
             pending.reply_to = source
+            pending.commit_checkpoint = admitted.checkpoint
             try:
                 machine.receive(request, self.context.clock())
             except RoamError as error:
@@ -415,12 +416,13 @@ class LiveMode:
         sock, service, unsent = pending.replayer.hand_over()
         self.pusher.reincarnated(
             key,
-            pending.admitted.checkpoint,
+            pending.replayer.checkpoint,  # the COMMIT's, if the replay started again from it
             pending.admitted.record,
             (sock, service, unsent),
             pending.replayer.stream,
             pending.replayer.s2c_base,
             pending.machine,
+            pending.replayer.work(),
         )
 
     def _release(

@@ -11,6 +11,7 @@ import errno
 from dataclasses import dataclass, field
 
 from migrate.admission import PREPARING_PER_CLIENT, MigrationMeter
+from migrate.checkpoint import Checkpoint
 from migrate.handover import Prepare, Regenerate, Restore, ServerHandover, ServerState
 from migrate.registration import ClientRecord
 from migrate.reincarnation import Admitted, Status
@@ -39,6 +40,8 @@ class Pending:
     reply_to: tuple[str, int]
     task: asyncio.Task[None] | None = None
     started: float = field(default=0.0)
+    # The COMMIT's own checkpoint (authenticated with it): the replay may start again from it.
+    commit_checkpoint: Checkpoint | None = None
 
 
 class Workshop:
@@ -70,7 +73,9 @@ class Workshop:
             elif isinstance(work, Regenerate):
                 position = await replayer.regenerate(work.until)
             else:
-                position = await replayer.commit(work.request, context.listen, context.clock())
+                position = await replayer.commit(
+                    work.request, context.listen, context.clock(), pending.commit_checkpoint
+                )
         except asyncio.CancelledError:
             raise
         except Exception as error:

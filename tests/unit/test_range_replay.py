@@ -100,7 +100,7 @@ def original_checkpoint(body: bytes, at: int):  # type: ignore[no-untyped-def]
     return checkpoint_of(state, epoch=5, counter=1)
 
 
-def checkpoint_of(state: StreamState, epoch: int, counter: int):  # type: ignore[no-untyped-def]
+def checkpoint_of(state: StreamState, epoch: int, counter: int, acked: int = 0):  # type: ignore[no-untyped-def]
     return state.checkpoint(
         conn_id=bytes(16),
         client=("10.0.0.2", 40000),
@@ -109,7 +109,7 @@ def checkpoint_of(state: StreamState, epoch: int, counter: int):  # type: ignore
         counter=counter,
         now=100.0 + counter,
         tcp=TcpSnapshot(1, 2, 1460, 7, 7, True, True, 0),
-        s2c_acked=0,
+        s2c_acked=acked,
     )
 
 
@@ -343,3 +343,89 @@ def test_a_commit_near_the_preparation_reads_on_without_a_second_request() -> No
     assert replayer.skipped == 0
     unsent = bytes(replayer.unsent)
     assert unsent == body[3_100_000 : 3_100_000 + len(unsent)]
+
+
+# A COMMIT in a later response than the one prepared (issue 14): the keep-alive client has
+# finished the first copy, asked for the second and is deep into it.
+LATER = 12 * 1024 * 1024
+
+
+def two_copies(body: bytes, into_second: int, behind: int):  # type: ignore[no-untyped-def]
+    """The prepared checkpoint (1 MB into the first copy), the COMMIT's checkpoint (``behind``
+    bytes before the client's position, ``into_second`` bytes into the second copy's body)
+    and the client's final position."""
+    first = response_head(len(body), ETAG) + body
+    prepared = original_checkpoint(body, len(response_head(len(body), ETAG)) + 1_000_000)
+    final = len(first) + len(first) - len(body) + into_second
+    state = StreamState("http", range_min_body=1)
+    state.feed_c2s(REQUEST)
+    for low in range(0, len(first), 1_000_000):
+        state.feed_s2c(first[low : low + 1_000_000])
+    state.feed_c2s(REQUEST)
+    second = (first * 2)[len(first) : final - behind]
+    for low in range(0, len(second), 1_000_000):
+        state.feed_s2c(second[low : low + 1_000_000])
+    newer = checkpoint_of(state, epoch=5, counter=2, acked=final - behind)
+    return prepared, newer, final
+
+
+async def commit_later(  # type: ignore[no-untyped-def]
+    service: Service, prepared, newer, final: int
+) -> tuple[Replayer, bytes]:
+    """PREPARE 1.1 MB into the first copy, then the COMMIT (carrying the second request and
+    ``newer``) at ``final``; returns the replayer and the next 64 KiB it holds or reads from
+    the service for the client (what the restored connection would send first)."""
+    received = len(response_head(LATER, ETAG)) + 1_100_000
+    replayer = Replayer(prepared, prepare(prepared, received))
+    sealed = seal_checkpoint(newer, KEY, bytes(16), os.urandom)
+    commit = Request(
+        Phase.COMMIT, 5, 40000, 80, 2 * len(REQUEST), final, len(REQUEST), sealed, REQUEST
+    )
+    async with serving(service) as connect:
+        try:
+            await replayer.start(connect, received)
+            await replayer.commit_stream(commit, newer)
+            assert replayer.service is not None
+            after = bytearray(replayer.unsent)
+            loop = asyncio.get_running_loop()
+            while len(after) < 65536:
+                chunk = await loop.sock_recv(replayer.service, 65536 - len(after))
+                assert chunk
+                after += chunk
+        finally:
+            replayer.close()
+    return replayer, bytes(after[:65536])
+
+
+def test_a_commit_in_a_later_response_starts_again_from_its_newer_checkpoint() -> None:
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
+    service = Service(body, ETAG)
+    replayer, after = asyncio.run(commit_later(service, prepared, newer, final))
+    assert replayer.rebased == 1
+    assert replayer.checkpoint is newer
+    # The client's next bytes are the second copy's, from exactly where it is.
+    assert after == body[10_000_000 : 10_000_000 + 65536]
+    # Read: the first range's window and a read's worth, then the second copy's window before
+    # the newer checkpoint and on to the client; not the 21 MB between.
+    assert replayer.regenerated < 2 * 1024 * 1024
+    assert b"\r\nIf-Range: " + ETAG + b"\r\n" in service.requests[-1]
+
+
+def test_a_commit_whose_newer_checkpoint_the_replica_contradicts_is_refused() -> None:
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
+    changed = bytearray(body)
+    changed[9_490_000] ^= 1  # in the second copy's window before the newer checkpoint
+    with pytest.raises(Diverged, match="differs"):
+        asyncio.run(commit_later(Service(bytes(changed), ETAG), prepared, newer, final))
+
+
+def test_a_commit_without_a_newer_checkpoint_reads_on_and_stays_intact() -> None:
+    body = os.urandom(LATER)
+    prepared, _, final = two_copies(body, into_second=10_000_000, behind=500_000)
+    service = Service(body, ETAG)
+    replayer, after = asyncio.run(commit_later(service, prepared, prepared, final))
+    assert replayer.rebased == 0
+    assert after == body[10_000_000 : 10_000_000 + 65536]
+    assert replayer.regenerated > 20_000_000  # the rest of the first copy and the second's
