@@ -50,9 +50,10 @@ SEQ_MOD = 2**32
 TS_MARGIN_MS = 250  # a restored socket's timestamps run this far ahead of the checkpoint's
 REGENERATE_BUFFER_BYTES = 256 * 1024
 HALF_OPEN_RETRIES = 3  # half-open entries dropped per restore before giving up
-# A COMMIT asks for a second range rather than read this many bytes or more (a loopback round
-# trip to the service costs about what reading 1-2 MB does here; 8 MiB leaves a margin).
-RANGE_AGAIN_BYTES = 8 * 1024 * 1024
+# A COMMIT asks for a second range rather than read this many bytes or more: a loopback round
+# trip to the service costs about what reading 1-2 MB does here (0.75-1.5 GB/s read and
+# hashed), and every MB read is a millisecond of the application's pause.
+RANGE_AGAIN_BYTES = 2 * 1024 * 1024
 RANGE_AGAIN_IDLE_S = 1.0  # inside the freeze: a service slower than this, and reading goes on
 
 
@@ -372,23 +373,25 @@ class Replayer:
                 f"commit replay starts at {request.replay_from}, prepared up to "
                 f"{self.stream.c2s_pos}"
             )
-        if request.replay:
-            if not await self._rebase(request, newer):
-                self.stream.feed_c2s(request.replay)
-                await asyncio.get_running_loop().sock_sendall(self.service, request.replay)
+        if await self._rebase(request, newer):
+            pass
+        elif request.replay:
+            self.stream.feed_c2s(request.replay)
+            await asyncio.get_running_loop().sock_sendall(self.service, request.replay)
         else:
             await self._range_again(request.s2c_received)
         return await self.regenerate(request.s2c_received)
 
     async def _rebase(self, request: Request, newer: Checkpoint | None) -> bool:
-        """A COMMIT in a later response than the one prepared (it carries the client's next
-        requests), far past what was regenerated: rather than read the rest of the prepared
-        response and the later ones up to the client's position (tens of MB at full speed),
-        prepare again from the COMMIT's newer checkpoint, as a refreshed PREPARE would: a
-        fresh service connection, the client's response asked for by range from that
-        checkpoint's window, which is verified as at any PREPARE (a replica that differs
-        there fails the hand-over). Whether it did; when it cannot (no such checkpoint, no
-        range, the service unreachable), the prepared connection goes on as before."""
+        """A COMMIT in a later response than the one prepared (the COMMIT's or the refreshed
+        PREPARE's replay holds the client's next requests), far past what was regenerated:
+        rather than read the rest of the prepared response and the later ones up to the
+        client's position (tens of MB at full speed), prepare again from the COMMIT's newer
+        checkpoint, as a refreshed PREPARE would: a fresh service connection, the client's
+        response asked for by range from that checkpoint's window, which is verified as at
+        any PREPARE (a replica that differs there fails the hand-over). Whether it did; when
+        it cannot (no such checkpoint, no range, the service unreachable), the prepared
+        connection goes on as before."""
         old = self.checkpoint
         if (
             newer is None

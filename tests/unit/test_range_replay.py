@@ -336,13 +336,13 @@ def test_a_commit_near_the_preparation_reads_on_without_a_second_request() -> No
     head_length = len(response_head(BIG, ETAG))
     checkpoint = original_checkpoint(body, head_length + 1_000_000)
     prepared = head_length + 1_100_000
-    committed = prepared + 2_000_000
+    committed = prepared + 1_000_000
     service = Service(body, ETAG)
     replayer = asyncio.run(regenerate(service, checkpoint, prepared, committed))
     assert len(service.requests) == 1
     assert replayer.skipped == 0
     unsent = bytes(replayer.unsent)
-    assert unsent == body[3_100_000 : 3_100_000 + len(unsent)]
+    assert unsent == body[2_100_000 : 2_100_000 + len(unsent)]
 
 
 # A COMMIT in a later response than the one prepared (issue 14): the keep-alive client has
@@ -370,17 +370,23 @@ def two_copies(body: bytes, into_second: int, behind: int):  # type: ignore[no-u
 
 
 async def commit_later(  # type: ignore[no-untyped-def]
-    service: Service, prepared, newer, final: int
+    service: Service, prepared, newer, final: int, *, next_in_prepare: bool = False
 ) -> tuple[Replayer, bytes]:
-    """PREPARE 1.1 MB into the first copy, then the COMMIT (carrying the second request and
-    ``newer``) at ``final``; returns the replayer and the next 64 KiB it holds or reads from
-    the service for the client (what the restored connection would send first)."""
+    """PREPARE 1.1 MB into the first copy, then the COMMIT (carrying ``newer``) at ``final``;
+    the second request in the COMMIT's replay, or (``next_in_prepare``: the client had sent
+    it by its refresh) in the PREPARE's. Returns the replayer and the next 64 KiB it holds or
+    reads from the service for the client (what the restored connection would send first)."""
     received = len(response_head(LATER, ETAG)) + 1_100_000
-    replayer = Replayer(prepared, prepare(prepared, received))
+    if next_in_prepare:
+        replayer = Replayer(prepared, prepare_two(prepared, received))
+    else:
+        replayer = Replayer(prepared, prepare(prepared, received))
     sealed = seal_checkpoint(newer, KEY, bytes(16), os.urandom)
+    replay = b"" if next_in_prepare else REQUEST
     commit = Request(
-        Phase.COMMIT, 5, 40000, 80, 2 * len(REQUEST), final, len(REQUEST), sealed, REQUEST
-    )
+        Phase.COMMIT, 5, 40000, 80, 2 * len(REQUEST), final, 2 * len(REQUEST) - len(replay),
+        sealed, replay,
+    )  # fmt: skip
     async with serving(service) as connect:
         try:
             await replayer.start(connect, received)
@@ -397,11 +403,16 @@ async def commit_later(  # type: ignore[no-untyped-def]
     return replayer, bytes(after[:65536])
 
 
-def test_a_commit_in_a_later_response_starts_again_from_its_newer_checkpoint() -> None:
+@pytest.mark.parametrize("next_in_prepare", [False, True], ids=["in-commit", "in-prepare"])
+def test_a_commit_in_a_later_response_starts_again_from_its_newer_checkpoint(
+    next_in_prepare: bool,
+) -> None:
     body = os.urandom(LATER)
     prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
     service = Service(body, ETAG)
-    replayer, after = asyncio.run(commit_later(service, prepared, newer, final))
+    replayer, after = asyncio.run(
+        commit_later(service, prepared, newer, final, next_in_prepare=next_in_prepare)
+    )
     assert replayer.rebased == 1
     assert replayer.checkpoint is newer
     # The client's next bytes are the second copy's, from exactly where it is.
