@@ -296,12 +296,15 @@ def _ranged(request: _Request, first: int, validator: bytes) -> bytes:
     )
 
 
-def replan(chosen: RangePlan, replay: bytes, s2c_start: int) -> RangePlan | None:
+def replan(
+    chosen: RangePlan, replay: bytes, s2c_start: int, later: bytes = b""
+) -> RangePlan | None:
     """The response of ``chosen`` asked for again from s2c ``s2c_start``, further into its
     body (a COMMIT whose client is far past what the new server regenerated: it asks a second
-    time rather than read the bytes between); None when ``s2c_start`` is not past the first
-    range's start and inside the body, or the replay holds later requests than the first
-    (their answers follow this body on the first range's connection)."""
+    time rather than read the bytes between), followed by ``later``, requests the service has
+    not been sent yet (the COMMIT's); None when ``s2c_start`` is not past the first range's
+    start and inside the body, or the replay holds later requests than the first (the first
+    range's connection sent them: sent again, the service would do their work twice)."""
     record = chosen.record
     if not chosen.s2c_start < s2c_start < record.body_end:
         return None
@@ -309,7 +312,15 @@ def replan(chosen: RangePlan, replay: bytes, s2c_start: int) -> RangePlan | None
     if isinstance(request, str) or request.rest:
         return None
     first = s2c_start - record.body_start
-    return RangePlan(_ranged(request, first, record.validator), first, s2c_start, record)
+    asked = _ranged(request, first, record.validator) + later
+    return RangePlan(asked, first, s2c_start, record)
+
+
+def first_request_length(replay: bytes) -> int | None:
+    """How many bytes of ``replay`` its first request takes, if it is a GET a range can
+    resume (None otherwise); what follows are later requests."""
+    request = _parse_request(replay)
+    return None if isinstance(request, str) else len(replay) - len(request.rest)
 
 
 def head_length(data: bytes | bytearray) -> int | None:

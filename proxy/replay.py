@@ -37,6 +37,7 @@ from migrate.rangeplan import (
     RangeDiverged,
     RangePlan,
     check_answer,
+    first_request_length,
     head_length,
     replan,
 )
@@ -170,40 +171,45 @@ class Replayer:
             head += memoryview(buffer)[:received]
         return head, length
 
-    async def _range_again(self, until: int) -> None:
+    async def _range_again(self, until: int, later: bytes = b"") -> bool:
         """At the COMMIT of a range hand-over whose client is ``RANGE_AGAIN_BYTES`` or more
         past what was regenerated: ask the service for the body again from a window before
         the client's position, on a fresh connection, instead of reading the bytes between
         (tens of MB at full speed: the whole pause, docs/benchmarks.md). The window before the
         checkpoint was verified at the PREPARE; the bytes between are not checked by a range
-        hand-over either way (docs/architecture.md). Anything amiss (the service refuses, the
-        representation changed: If-Range answers 200) and the first connection goes on."""
+        hand-over either way (docs/architecture.md). ``later``: the COMMIT's replay, requests
+        the service was not sent yet (the client may be past this response's end, in the next
+        one: the second range then asks for the body's last byte, and the later requests
+        follow it on the fresh connection). Whether it asked again; anything amiss (the
+        service refuses, the representation changed: If-Range answers 200) and the first
+        connection goes on."""
         chosen = self.plan
         stream = self.stream
-        target = until - WINDOW_BYTES
+        if not isinstance(chosen, RangePlan):
+            return False
+        target = min(until - WINDOW_BYTES, chosen.record.body_end - 1)
         if (
-            not isinstance(chosen, RangePlan)
-            or not self.verified
+            not self.verified
             or self._connect is None
             or self.unsent
             or target - stream.s2c_pos < RANGE_AGAIN_BYTES
         ):
-            return
-        again = replan(chosen, self.prepare.replay, target)
+            return False
+        again = replan(chosen, self.prepare.replay, target, later)
         if again is None:
-            return
+            return False
         loop = asyncio.get_running_loop()
         try:
             service = await self._connect()
         except (OSError, TimeoutError):
-            return
+            return False
         try:
             await loop.sock_sendall(service, again.request)
             head, length = await self._read_head(service, RANGE_AGAIN_IDLE_S)
             answer = check_answer(bytes(head[:length]), again)
         except (OSError, Diverged, RangeDiverged):
             close_abortively(service)
-            return
+            return False
         skipped = target - stream.s2c_pos
         try:
             if not isinstance(answer, Partial):
@@ -211,12 +217,15 @@ class Replayer:
             stream.skip_body(target)  # checks before it changes anything
         except ValueError:
             close_abortively(service)
-            return
+            return False
         assert self.service is not None
         close_abortively(self.service)
         self.service = service
         self.skipped += skipped
+        if later:
+            stream.feed_c2s(later)
         self._take(bytes(head[length:]), until)
+        return True
 
     @staticmethod
     def _head_length(head: bytearray) -> int | None:
@@ -373,13 +382,12 @@ class Replayer:
                 f"commit replay starts at {request.replay_from}, prepared up to "
                 f"{self.stream.c2s_pos}"
             )
-        if await self._rebase(request, newer):
-            pass
-        elif request.replay:
+        moved = await self._rebase(request, newer) or await self._range_again(
+            request.s2c_received, request.replay
+        )
+        if not moved and request.replay:
             self.stream.feed_c2s(request.replay)
             await asyncio.get_running_loop().sock_sendall(self.service, request.replay)
-        else:
-            await self._range_again(request.s2c_received)
         return await self.regenerate(request.s2c_received)
 
     async def _rebase(self, request: Request, newer: Checkpoint | None) -> bool:
@@ -407,6 +415,11 @@ class Replayer:
             return False
         sent = self.prepare.replay + request.replay
         replay = sent[newer.c2s_fresh - self.prepare.replay_from :]
+        first = first_request_length(replay)
+        if first is None or newer.c2s_fresh + first < self.stream.c2s_pos:
+            # Requests after the resumed GET went to the service on the first connection:
+            # asked again on a fresh one, the service would do their work twice.
+            return False
         fresh_request = replace(request, replay_from=newer.c2s_fresh, replay=replay, streamed=0)
         fresh = Replayer(newer, fresh_request, self.hash_key, self.replay_limit)
         if not isinstance(fresh.plan, RangePlan):

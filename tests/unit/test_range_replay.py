@@ -370,23 +370,32 @@ def two_copies(body: bytes, into_second: int, behind: int):  # type: ignore[no-u
 
 
 async def commit_later(  # type: ignore[no-untyped-def]
-    service: Service, prepared, newer, final: int, *, next_in_prepare: bool = False
+    service: Service,
+    prepared,
+    newer,
+    final: int,
+    *,
+    next_in_prepare: bool = False,
+    pipelined: int = 0,
 ) -> tuple[Replayer, bytes]:
     """PREPARE 1.1 MB into the first copy, then the COMMIT (carrying ``newer``) at ``final``;
     the second request in the COMMIT's replay, or (``next_in_prepare``: the client had sent
     it by its refresh) in the PREPARE's. Returns the replayer and the next 64 KiB it holds or
-    reads from the service for the client (what the restored connection would send first)."""
+    reads from the service for the client (what the restored connection would send first).
+    ``pipelined``: more requests the client sent after the second, in the PREPARE."""
     received = len(response_head(LATER, ETAG)) + 1_100_000
+    sent = (2 + pipelined) * len(REQUEST)
     if next_in_prepare:
-        replayer = Replayer(prepared, prepare_two(prepared, received))
+        sealed = seal_checkpoint(prepared, KEY, bytes(16), os.urandom)
+        first = REQUEST * (2 + pipelined)
+        replayer = Replayer(
+            prepared, Request(Phase.PREPARE, 5, 40000, 80, sent, received, 0, sealed, first)
+        )
     else:
         replayer = Replayer(prepared, prepare(prepared, received))
     sealed = seal_checkpoint(newer, KEY, bytes(16), os.urandom)
     replay = b"" if next_in_prepare else REQUEST
-    commit = Request(
-        Phase.COMMIT, 5, 40000, 80, 2 * len(REQUEST), final, 2 * len(REQUEST) - len(replay),
-        sealed, replay,
-    )  # fmt: skip
+    commit = Request(Phase.COMMIT, 5, 40000, 80, sent, final, sent - len(replay), sealed, replay)
     async with serving(service) as connect:
         try:
             await replayer.start(connect, received)
@@ -432,11 +441,40 @@ def test_a_commit_whose_newer_checkpoint_the_replica_contradicts_is_refused() ->
         asyncio.run(commit_later(Service(bytes(changed), ETAG), prepared, newer, final))
 
 
-def test_a_commit_without_a_newer_checkpoint_reads_on_and_stays_intact() -> None:
+@pytest.mark.parametrize("next_in_prepare", [False, True], ids=["in-commit", "in-prepare"])
+def test_a_commit_without_a_newer_checkpoint_stays_intact(next_in_prepare: bool) -> None:
+    """The COMMIT's checkpoint is the prepared one. With the next request in the COMMIT (not
+    sent to the service yet), the first copy's tail is asked for by range on a fresh
+    connection and the request follows it; in the PREPARE (sent on the first connection),
+    never twice: the first connection reads on."""
     body = os.urandom(LATER)
     prepared, _, final = two_copies(body, into_second=10_000_000, behind=500_000)
     service = Service(body, ETAG)
-    replayer, after = asyncio.run(commit_later(service, prepared, prepared, final))
+    replayer, after = asyncio.run(
+        commit_later(service, prepared, prepared, final, next_in_prepare=next_in_prepare)
+    )
     assert replayer.rebased == 0
     assert after == body[10_000_000 : 10_000_000 + 65536]
-    assert replayer.regenerated > 20_000_000  # the rest of the first copy and the second's
+    if next_in_prepare:
+        assert replayer.skipped == 0
+        assert replayer.regenerated > 20_000_000  # the rest of the first copy, the second's
+    else:
+        assert replayer.skipped > 10_000_000
+        assert replayer.regenerated < 11_000_000  # the second copy up to the client
+        assert len(service.requests) == 3
+        assert service.requests[2] == REQUEST
+
+
+def test_a_commit_never_asks_again_for_requests_the_first_connection_sent() -> None:
+    """The client pipelined a third request before its refresh: the first connection sent
+    it to the service. Starting again from the newer checkpoint would send it a second time
+    (its work done twice): the first connection reads on."""
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
+    service = Service(body, ETAG)
+    replayer, after = asyncio.run(
+        commit_later(service, prepared, newer, final, next_in_prepare=True, pipelined=1)
+    )
+    assert replayer.rebased == 0
+    assert len(service.requests) == 3  # the ranged first request and the two after it, once
+    assert after == body[10_000_000 : 10_000_000 + 65536]
