@@ -204,9 +204,15 @@ def test_unwrap_recovers_positions_near_the_known_one(isn, position, slack):
     assert unwrap(seq, isn, near) == position
 
 
+def replayable(data: bytes) -> bool:
+    """Not the start of a protocol the store refuses at once (migrate.autodetect: a TLS
+    ClientHello or an SSH banner, whose bytes it does not keep)."""
+    return not data.startswith(b"SSH-") and data[:2] != b"\x16\x03"
+
+
 @settings(max_examples=200)
 @given(
-    data=st.binary(min_size=1, max_size=3000),
+    data=st.binary(min_size=1, max_size=3000).filter(replayable),
     cuts=st.lists(st.integers(1, 3000)),
     isn=st.integers(0, 2**32 - 1),
     order=st.randoms(use_true_random=False),
