@@ -129,3 +129,103 @@ def count_tcp_packets(path: str | Path, flags: str = "R", *, port: int | None = 
             if wanted <= set(str(segment.flags)):
                 count += 1
     return count
+
+
+@dataclass(frozen=True)
+class Reset:
+    """One RST of a client's capture, and whether its connection was over before it."""
+
+    line: str  # "client:port > server:port FLAGS seq N at T"
+    after_close: bool  # the client kernel's answer to a segment for a connection closed for good
+
+
+def client_resets(path: str | Path, service_port: int) -> list[Reset]:
+    """Every RST in a client host's capture of its connections to ``service_port`` (in order).
+
+    ``after_close`` marks the one kind that touches no connection: the client's kernel
+    answering a segment that arrives after the connection has closed for good. Closed for good
+    means both FINs were exchanged with the client closing second (the server's FIN came
+    first, as an HTTP/1.0 server's does) and a server acknowledged the client's FIN: the
+    passive closer keeps no TIME_WAIT, its socket is gone from that acknowledgement on, so any
+    later segment for the 4-tuple draws a bare RST (flags R alone, sequence number = the
+    segment's acknowledgement number, RFC 793) that no application can see. Two such segments
+    are known: a second acknowledgement of the client's FIN (the server's TIME_WAIT answer to
+    that FIN sent once more, because the first acknowledgement took longer than the client's
+    retransmission timeout of at least 200 ms: a deep queue behind another download, a busy
+    machine), and a SYN-ACK from a server that got the connection's first SYN just before a
+    roam and keeps its half-open entry (its answers are dropped until the client comes back
+    to that server). Every other RST is ``after_close=False``: any RST from a server, a
+    client's RST|ACK (a socket destroyed, or closed with unread data), a RST before the close
+    completed or answering another acknowledgement number.
+    """
+    from scapy.layers.inet import IP, TCP  # scapy is slow to import: only when reading
+    from scapy.utils import PcapReader
+
+    closing: dict[tuple[str, int], _Closing] = {}  # (client, port) -> how far it has closed
+    last_ack: dict[tuple[str, int, str], int | None] = {}  # (client, port, server) -> its ACK
+    found: list[Reset] = []
+    with PcapReader(str(path)) as reader:
+        for packet in reader:
+            if IP not in packet or TCP not in packet:
+                continue
+            ip, segment = packet[IP], packet[TCP]
+            flags = int(segment.flags)
+            outbound = segment.dport == service_port
+            if not outbound and segment.sport != service_port:
+                continue
+            client, port, server = (
+                (ip.src, segment.sport, ip.dst) if outbound else (ip.dst, segment.dport, ip.src)
+            )
+            state = closing.setdefault((client, port), _Closing())
+            if flags & _RST:
+                line = (
+                    f"{ip.src}:{segment.sport} > {ip.dst}:{segment.dport} {segment.flags} "
+                    f"seq {segment.seq} at {float(packet.time):.3f}"
+                )
+                answered = last_ack.get((client, port, server))
+                after_close = (
+                    outbound
+                    and flags & (_RST | _ACK | _SYN | _FIN) == _RST
+                    and state.closed
+                    and answered is not None
+                    and segment.seq == answered
+                )
+                found.append(Reset(line, after_close))
+                continue
+            if outbound:
+                if flags & _SYN and segment.seq != state.isn:
+                    # A new connection on the port (a SYN sent again keeps its number).
+                    state = closing[(client, port)] = _Closing(isn=segment.seq)
+                    for key in [k for k in last_ack if k[:2] == (client, port)]:
+                        del last_ack[key]
+                if flags & _FIN and state.client_fin is None:
+                    # The FIN's own number follows the segment's payload (the capture may be
+                    # cut short: the length comes from the IP header).
+                    payload = ip.len - 4 * ip.ihl - 4 * segment.dataofs
+                    state.client_fin = (segment.seq + payload) % _SEQ_MOD
+                    state.passive = state.server_fin
+                continue
+            if flags & _FIN and state.client_fin is None:
+                state.server_fin = True
+            ack = segment.ack if flags & _ACK else None
+            last_ack[(client, port, server)] = ack
+            if (
+                state.client_fin is not None
+                and state.passive
+                and ack == (state.client_fin + 1) % _SEQ_MOD
+            ):
+                state.closed = True
+    return found
+
+
+@dataclass
+class _Closing:
+    isn: int | None = None
+    server_fin: bool = False  # the server's FIN arrived (before the client's)
+    client_fin: int | None = None  # the sequence number of the client's FIN
+    passive: bool = False  # the client closed second: no TIME_WAIT on its side
+    closed: bool = False  # ... and a server acknowledged its FIN: the socket is gone
+
+
+_FIN, _SYN, _RST, _ACK = 0x01, 0x02, 0x04, 0x10
+_SEQ_MOD = 2**32
