@@ -303,17 +303,30 @@ def replan(
     body (a COMMIT whose client is far past what the new server regenerated: it asks a second
     time rather than read the bytes between), followed by ``later``, requests the service has
     not been sent yet (the COMMIT's); None when ``s2c_start`` is not past the first range's
-    start and inside the body, or the replay holds later requests than the first (the first
-    range's connection sent them: sent again, the service would do their work twice)."""
+    start and inside the body, or the replay holds later requests than the first that are not
+    all ``resendable`` (the first range's connection sent them: sent again, the service would
+    do their work twice)."""
     record = chosen.record
     if not chosen.s2c_start < s2c_start < record.body_end:
         return None
     request = _parse_request(replay)
-    if isinstance(request, str) or request.rest:
+    if isinstance(request, str) or not resendable(request.rest):
         return None
     first = s2c_start - record.body_start
     asked = _ranged(request, first, record.validator) + later
     return RangePlan(asked, first, s2c_start, record)
+
+
+def resendable(data: bytes) -> bool:
+    """Whether ``data`` is whole requests, each a GET without a body, that a service may be
+    sent a second time: GET is a safe method (RFC 9110 9.2.1), asking again does no work twice.
+    Anything else (another method, a body, a request cut short) is not."""
+    while data:
+        request = _parse_request(data)
+        if isinstance(request, str):
+            return False
+        data = request.rest
+    return True
 
 
 def first_request_length(replay: bytes) -> int | None:

@@ -40,6 +40,7 @@ from migrate.rangeplan import (
     first_request_length,
     head_length,
     replan,
+    resendable,
 )
 from migrate.rangeplan import plan as plan_regeneration
 from migrate.reincarnation import Request, Status
@@ -416,9 +417,9 @@ class Replayer:
         sent = self.prepare.replay + request.replay
         replay = sent[newer.c2s_fresh - self.prepare.replay_from :]
         first = first_request_length(replay)
-        if first is None or newer.c2s_fresh + first < self.stream.c2s_pos:
-            # Requests after the resumed GET went to the service on the first connection:
-            # asked again on a fresh one, the service would do their work twice.
+        if first is None or not resendable(replay[first : self.stream.c2s_pos - newer.c2s_fresh]):
+            # Requests after the resumed GET that went to the service on the first connection,
+            # unless all GETs: asked again on a fresh one, the service would do their work twice.
             return False
         fresh_request = replace(request, replay_from=newer.c2s_fresh, replay=replay, streamed=0)
         fresh = Replayer(newer, fresh_request, self.hash_key, self.replay_limit)

@@ -376,7 +376,7 @@ async def commit_later(  # type: ignore[no-untyped-def]
     final: int,
     *,
     next_in_prepare: bool = False,
-    pipelined: int = 0,
+    pipelined: bytes = b"",
 ) -> tuple[Replayer, bytes]:
     """PREPARE 1.1 MB into the first copy, then the COMMIT (carrying ``newer``) at ``final``;
     the second request in the COMMIT's replay, or (``next_in_prepare``: the client had sent
@@ -384,10 +384,10 @@ async def commit_later(  # type: ignore[no-untyped-def]
     reads from the service for the client (what the restored connection would send first).
     ``pipelined``: more requests the client sent after the second, in the PREPARE."""
     received = len(response_head(LATER, ETAG)) + 1_100_000
-    sent = (2 + pipelined) * len(REQUEST)
+    sent = 2 * len(REQUEST) + len(pipelined)
     if next_in_prepare:
         sealed = seal_checkpoint(prepared, KEY, bytes(16), os.urandom)
-        first = REQUEST * (2 + pipelined)
+        first = REQUEST * 2 + pipelined
         replayer = Replayer(
             prepared, Request(Phase.PREPARE, 5, 40000, 80, sent, received, 0, sealed, first)
         )
@@ -443,10 +443,10 @@ def test_a_commit_whose_newer_checkpoint_the_replica_contradicts_is_refused() ->
 
 @pytest.mark.parametrize("next_in_prepare", [False, True], ids=["in-commit", "in-prepare"])
 def test_a_commit_without_a_newer_checkpoint_stays_intact(next_in_prepare: bool) -> None:
-    """The COMMIT's checkpoint is the prepared one. With the next request in the COMMIT (not
-    sent to the service yet), the first copy's tail is asked for by range on a fresh
-    connection and the request follows it; in the PREPARE (sent on the first connection),
-    never twice: the first connection reads on."""
+    """The COMMIT's checkpoint is the prepared one: the first copy's last byte is asked for by
+    range on a fresh connection and the second request follows it (a GET, safe to send again
+    when the first connection had sent it already), so only the second copy up to the client
+    is read."""
     body = os.urandom(LATER)
     prepared, _, final = two_copies(body, into_second=10_000_000, behind=500_000)
     service = Service(body, ETAG)
@@ -455,26 +455,38 @@ def test_a_commit_without_a_newer_checkpoint_stays_intact(next_in_prepare: bool)
     )
     assert replayer.rebased == 0
     assert after == body[10_000_000 : 10_000_000 + 65536]
-    if next_in_prepare:
-        assert replayer.skipped == 0
-        assert replayer.regenerated > 20_000_000  # the rest of the first copy, the second's
-    else:
-        assert replayer.skipped > 10_000_000
-        assert replayer.regenerated < 11_000_000  # the second copy up to the client
-        assert len(service.requests) == 3
-        assert service.requests[2] == REQUEST
+    assert replayer.skipped > 10_000_000
+    assert replayer.regenerated < 11_000_000  # the second copy up to the client
+    assert service.requests[-1] == REQUEST
+    assert b"Range: bytes=%d-" % (LATER - 1) in service.requests[-2]
 
 
 def test_a_commit_never_asks_again_for_requests_the_first_connection_sent() -> None:
-    """The client pipelined a third request before its refresh: the first connection sent
-    it to the service. Starting again from the newer checkpoint would send it a second time
-    (its work done twice): the first connection reads on."""
+    """The client pipelined a DELETE before its refresh: the first connection sent it to the
+    service. Starting again from the newer checkpoint would send it a second time (its work
+    done twice): the first connection reads on."""
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
+    service = Service(body, ETAG)
+    delete = b"DELETE /big.bin HTTP/1.1\r\nHost: vip\r\n\r\n"
+    replayer, after = asyncio.run(
+        commit_later(service, prepared, newer, final, next_in_prepare=True, pipelined=delete)
+    )
+    assert replayer.rebased == 0
+    assert len(service.requests) == 3  # the ranged first request and the two after it, once
+    assert service.requests.count(delete) == 1
+    assert after == body[10_000_000 : 10_000_000 + 65536]
+
+
+def test_a_pipelined_get_the_first_connection_sent_may_be_asked_again() -> None:
+    """A GET is a safe method (RFC 9110 9.2.1): asking for it again does no work twice, so the
+    COMMIT starts again from its newer checkpoint, the pipelined GET after the range."""
     body = os.urandom(LATER)
     prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
     service = Service(body, ETAG)
     replayer, after = asyncio.run(
-        commit_later(service, prepared, newer, final, next_in_prepare=True, pipelined=1)
+        commit_later(service, prepared, newer, final, next_in_prepare=True, pipelined=REQUEST)
     )
-    assert replayer.rebased == 0
-    assert len(service.requests) == 3  # the ranged first request and the two after it, once
+    assert replayer.rebased == 1
+    assert service.requests[-1] == REQUEST  # after the ranged second request, on the fresh one
     assert after == body[10_000_000 : 10_000_000 + 65536]

@@ -34,6 +34,7 @@ from migrate.rangeplan import (
     expected_regeneration,
     head_length,
     plan,
+    resendable,
     response_facts,
 )
 from migrate.streamstate import NO_HASH, StreamState, verifies_nothing
@@ -559,3 +560,22 @@ def test_a_resumed_stream_past_its_response_with_the_client_behind_verifies_noth
     done = checkpoint_of(new, len(whole) + 1)  # the client acknowledged the whole first answer
     assert not verifies_nothing(done)
     assert done.s2c_fresh == len(whole)
+
+
+GET = b"GET /a HTTP/1.1\r\nHost: vip\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (b"", True),
+        (GET, True),
+        (GET * 3, True),
+        (GET + b"DELETE /a HTTP/1.1\r\nHost: vip\r\n\r\n", False),
+        (b"POST /a HTTP/1.1\r\nHost: vip\r\nContent-Length: 2\r\n\r\nhi", False),
+        (b"GET /a HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", False),
+        (GET + GET[:10], False),  # a request cut short
+    ],
+)
+def test_only_whole_gets_without_a_body_are_sent_twice(data: bytes, expected: bool) -> None:
+    assert resendable(data) is expected
