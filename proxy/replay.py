@@ -428,7 +428,9 @@ class Replayer:
         try:
             # To the checkpoint's position first (the window verified), then on by a second
             # range if the client is far past it, as at any COMMIT.
-            await fresh.start(self._connect, newer.s2c_pos)
+            # (The checkpoint may be ahead of the client: bytes the old server had sent that the
+            # freeze kept from it. Those are kept for the client, never skipped.)
+            await fresh.start(self._connect, min(newer.s2c_pos, request.s2c_received))
             fresh._drop_delivered(request.s2c_received)
             await fresh._range_again(request.s2c_received)
         except (OSError, TimeoutError):

@@ -490,3 +490,16 @@ def test_a_pipelined_get_the_first_connection_sent_may_be_asked_again() -> None:
     assert replayer.rebased == 1
     assert service.requests[-1] == REQUEST  # after the ranged second request, on the fresh one
     assert after == body[10_000_000 : 10_000_000 + 65536]
+
+
+def test_a_commit_behind_its_newer_checkpoint_gets_every_byte_it_lacks() -> None:
+    """At full speed the old server's checkpoint can be ahead of the client: it covers bytes
+    still in flight when the freeze stopped them. Starting again from it, the bytes between
+    the client's position and the checkpoint's are kept for the client, not skipped."""
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=-300_000)
+    assert newer.s2c_pos > final
+    service = Service(body, ETAG)
+    replayer, after = asyncio.run(commit_later(service, prepared, newer, final))
+    assert replayer.rebased == 1
+    assert after == body[10_000_000 : 10_000_000 + 65536]
