@@ -412,18 +412,26 @@ async def commit_later(  # type: ignore[no-untyped-def]
     return replayer, bytes(after[:65536])
 
 
+def commit_on_two_copies(  # type: ignore[no-untyped-def]
+    *, with_newer: bool = True, behind: int = 500_000, **options
+) -> tuple[bytes, Service, Replayer, bytes]:
+    """The keep-alive client 10 MB into the second copy commits (``commit_later``), with the
+    newer checkpoint ``behind`` bytes before it or (not ``with_newer``) the prepared one."""
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=behind)
+    service = Service(body, ETAG)
+    chosen = newer if with_newer else prepared
+    replayer, after = asyncio.run(commit_later(service, prepared, chosen, final, **options))
+    return body, service, replayer, after
+
+
 @pytest.mark.parametrize("next_in_prepare", [False, True], ids=["in-commit", "in-prepare"])
 def test_a_commit_in_a_later_response_starts_again_from_its_newer_checkpoint(
     next_in_prepare: bool,
 ) -> None:
-    body = os.urandom(LATER)
-    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
-    service = Service(body, ETAG)
-    replayer, after = asyncio.run(
-        commit_later(service, prepared, newer, final, next_in_prepare=next_in_prepare)
-    )
+    body, service, replayer, after = commit_on_two_copies(next_in_prepare=next_in_prepare)
     assert replayer.rebased == 1
-    assert replayer.checkpoint is newer
+    assert replayer.checkpoint.counter == 2  # the newer checkpoint, not the prepared one (1)
     # The client's next bytes are the second copy's, from exactly where it is.
     assert after == body[10_000_000 : 10_000_000 + 65536]
     # Read: the first range's window and a read's worth, then the second copy's window before
@@ -447,11 +455,8 @@ def test_a_commit_without_a_newer_checkpoint_stays_intact(next_in_prepare: bool)
     range on a fresh connection and the second request follows it (a GET, safe to send again
     when the first connection had sent it already), so only the second copy up to the client
     is read."""
-    body = os.urandom(LATER)
-    prepared, _, final = two_copies(body, into_second=10_000_000, behind=500_000)
-    service = Service(body, ETAG)
-    replayer, after = asyncio.run(
-        commit_later(service, prepared, prepared, final, next_in_prepare=next_in_prepare)
+    body, service, replayer, after = commit_on_two_copies(
+        with_newer=False, next_in_prepare=next_in_prepare
     )
     assert replayer.rebased == 0
     assert after == body[10_000_000 : 10_000_000 + 65536]
@@ -465,13 +470,8 @@ def test_a_commit_never_asks_again_for_requests_the_first_connection_sent() -> N
     """The client pipelined a DELETE before its refresh: the first connection sent it to the
     service. Starting again from the newer checkpoint would send it a second time (its work
     done twice): the first connection reads on."""
-    body = os.urandom(LATER)
-    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
-    service = Service(body, ETAG)
     delete = b"DELETE /big.bin HTTP/1.1\r\nHost: vip\r\n\r\n"
-    replayer, after = asyncio.run(
-        commit_later(service, prepared, newer, final, next_in_prepare=True, pipelined=delete)
-    )
+    body, service, replayer, after = commit_on_two_copies(next_in_prepare=True, pipelined=delete)
     assert replayer.rebased == 0
     assert len(service.requests) == 3  # the ranged first request and the two after it, once
     assert service.requests.count(delete) == 1
@@ -481,12 +481,7 @@ def test_a_commit_never_asks_again_for_requests_the_first_connection_sent() -> N
 def test_a_pipelined_get_the_first_connection_sent_may_be_asked_again() -> None:
     """A GET is a safe method (RFC 9110 9.2.1): asking for it again does no work twice, so the
     COMMIT starts again from its newer checkpoint, the pipelined GET after the range."""
-    body = os.urandom(LATER)
-    prepared, newer, final = two_copies(body, into_second=10_000_000, behind=500_000)
-    service = Service(body, ETAG)
-    replayer, after = asyncio.run(
-        commit_later(service, prepared, newer, final, next_in_prepare=True, pipelined=REQUEST)
-    )
+    body, service, replayer, after = commit_on_two_copies(next_in_prepare=True, pipelined=REQUEST)
     assert replayer.rebased == 1
     assert service.requests[-1] == REQUEST  # after the ranged second request, on the fresh one
     assert after == body[10_000_000 : 10_000_000 + 65536]
