@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 from client_shim.connections import verifiable
 from migrate.connstore import ConnectionStore, TrackedConnection
-from migrate.handover import CARRIER_GRACE_S
+from migrate.handover import CARRIER_GRACE_S, NEWCOMER_MARGIN_S
 from migrate.kernel import sockdiag
 from migrate.kernel.eventlog import EventLog
 
@@ -34,11 +34,19 @@ async def await_carriers(
     moving: Callable[[int, TrackedConnection], bool],
     clock: Callable[[], float],
     log: EventLog,
+    until: float | None = None,
 ) -> None:
     """Connections opened just now get their first checkpoint within a round trip: wait that
-    long (``CARRIER_GRACE_S``) rather than reset them; only for those ``moving`` names."""
-    deadline = clock() + CARRIER_GRACE_S
-    while clock() < deadline:
+    long (``CARRIER_GRACE_S``) rather than reset them; only for those ``moving`` names. If the
+    hand-over must be over by ``until``, the wait ends ``NEWCOMER_MARGIN_S`` before it: their
+    PREPAREs and COMMITs need that time, and a wait past it only lengthens the freeze (of
+    every connection, for those found during it) for connections that cannot move anyway."""
+    started = clock()
+    deadline = started + CARRIER_GRACE_S
+    if until is not None:
+        deadline = min(deadline, until - NEWCOMER_MARGIN_S)
+    waiting: list[int] = []
+    while True:
         waiting = [
             port
             for port, info in sockets.items()
@@ -49,12 +57,14 @@ async def await_carriers(
         ]
         if not waiting:
             return
+        if clock() >= deadline:
+            break
         await asyncio.sleep(0.01)
     log.event(
         "carriers_late",
         level="warning",
         count=len(waiting),
         ports=waiting[:20],
-        waited_s=CARRIER_GRACE_S,
+        waited_s=round(max(0.0, deadline - started), 3),
         reason="no checkpoint that covers what these connections received",
     )

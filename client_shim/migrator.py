@@ -244,7 +244,7 @@ class Migrator:
         # server still serves (waiting a moment for the first checkpoint of the newest).
         record.mark("boundary", self.clock())
         sockets = self.view.sockets_and_capture()
-        await self._await_carriers(sockets, record, opened_before=None)
+        await self._await_carriers(sockets, record, None, deadline)
         record.mark("carriers_before", self.clock())
         self._newcomers(record, sockets, self.clock(), deadline)
         for machine in record.machines(ClientState.PREPARING):
@@ -267,7 +267,7 @@ class Migrator:
             # moments (still with the old server, perhaps still without a checkpoint) are
             # prepared and committed meanwhile, so that waiting for them does not lengthen
             # the others' pause. (Started after the COMMITs: their urgent slot goes first.)
-            late = asyncio.get_running_loop().create_task(self._late_newcomers(record, target))
+            late = asyncio.create_task(self._late_newcomers(record, target, give_up_at))
             try:
                 await self._run(ready, ClientState.COMMITTING)
                 record.mark("committed", self.clock())
@@ -313,20 +313,22 @@ class Migrator:
                 machine.freeze(request, "replay bytes incomplete", now)
             self._execute(machine)
 
-    async def _late_newcomers(self, record: RoamRecord, target: Endpoint) -> None:
+    async def _late_newcomers(
+        self, record: RoamRecord, target: Endpoint, give_up_at: float | None
+    ) -> None:
         """Connections opened with the old server after the PREPAREs and before the freeze:
         wait (bounded) for their first checkpoints, then prepare, freeze and commit them.
-        Found in the capture's store (their SYNs), not by a dump: this runs in the freeze."""
+        Found in the capture's store (their SYNs), not by a dump: this runs in the freeze.
+        Never past ``give_up_at``: every connection's switch waits for this."""
+        limit = min(self.clock() + self.commit_timeout, give_up_at or float("inf"))
         candidates = [
             port
             for port, conn in self.store.connections.items()
             if port not in record.connections and conn.opened_at < record.started
         ]
         sockets = self.view.sockets_of(candidates)
-        await self._await_carriers(sockets, record, opened_before=record.started)
-        newcomers = self._newcomers(
-            record, sockets, record.started, self.clock() + self.commit_timeout
-        )
+        await self._await_carriers(sockets, record, record.started, limit)
+        newcomers = self._newcomers(record, sockets, record.started, limit)
         if not newcomers:
             return
         self._freeze(newcomers, target)
@@ -402,9 +404,11 @@ class Migrator:
         sockets: dict[int, sockdiag.TcpSocketInfo],
         record: RoamRecord,
         opened_before: float | None,
+        until: float,
     ) -> None:
         """Connections opened just now get their first checkpoint within a round trip: wait
-        that long (bounded) rather than reset them. Only for connections this hand-over still
+        that long (bounded, and ending in time for their hand-over to be done by ``until``)
+        rather than reset them. Only for connections this hand-over still
         moves: not one it has given up on, nor one opened after ``opened_before`` (the freeze:
         it talks to the new server already)."""
 
@@ -414,7 +418,7 @@ class Migrator:
                 return isinstance(handoff, ClientHandover) and not handoff.final
             return opened_before is None or conn.opened_at < opened_before
 
-        await await_carriers(self.store, sockets, moving, self.clock, self.log)
+        await await_carriers(self.store, sockets, moving, self.clock, self.log, until)
 
     # -- lifecycle ---------------------------------------------------------------------------
 

@@ -91,6 +91,9 @@ DEFAULT_COMMIT_TIMEOUT_S = 5.0  # HANDOFF_BUDGET_S + a retried COMMIT < LATE_REQ
 # Client: a connection opened in the last moments gets its first checkpoint within a round
 # trip (the server pushes one when the service's first bytes pass): wait that long for it.
 CARRIER_GRACE_S = 0.3
+# ... but that wait ends this long before the hand-over must be over (the new server's window
+# for COMMITs), leaving the young connections' PREPARE and COMMIT round trips their time.
+NEWCOMER_MARGIN_S = 0.1
 # Server: a preparation or commit step that takes longer has failed (a service that stalls).
 WORK_TIMEOUT_S = 20.0
 # Server: a replayed service silent this long will not produce the missing bytes.
