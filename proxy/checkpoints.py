@@ -341,6 +341,11 @@ class LiveConnection:
             if self.pusher.on_unmigratable is not None:
                 self.pusher.on_unmigratable()  # the status file says so soon, not at the roam
 
+    def lacks_checkpoint(self) -> bool:
+        """Whether its client holds no checkpoint a hand-over could move it with: none pushed
+        yet, or only one from before the service's first bytes, which have passed since."""
+        return self.pushed_s2c < 0 or self.pushed_s2c == 0 < self.stream.s2c_pos
+
     def leave_silently(self) -> None:
         """This connection lives elsewhere now: close the client side without a word."""
         with contextlib.suppress(OSError):
@@ -603,18 +608,30 @@ class CheckpointPusher:
     def leave(self) -> int:
         """The gate closed behind the service: drop every connection silently."""
         count = len(self.connections)
+        now = self.context.clock()
         for connection in list(self.connections.values()):
-            connection.leave_silently()
+            self._leave_one(connection, now)
         self.connections.clear()
         return count
+
+    def _leave_one(self, connection: LiveConnection, now: float) -> None:
+        """Drop ``connection`` silently; first, if its client has no checkpoint to move it
+        with, push one. A connection accepted after the leave round (its client roams late:
+        the hand-over of many connections, a wait for others' first checkpoints) may not have
+        had its first push yet (the next round, up to 20 ms on); without one its client
+        cannot move it and resets it, and the client's hand-over is still waiting for it."""
+        if connection.lacks_checkpoint():
+            self.push_logged(connection, now)
+        connection.leave_silently()
 
     def leave_clients(self, addresses: Collection[str]) -> int:
         """k of N: these clients' server is another one now while this one stays open (their
         connections moved there): drop theirs silently, keep the others."""
         count = 0
+        now = self.context.clock()
         for key, connection in list(self.connections.items()):
             if key[0] in addresses:
-                connection.leave_silently()
+                self._leave_one(connection, now)
                 del self.connections[key]
                 count += 1
         return count

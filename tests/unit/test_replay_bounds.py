@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import threading
 from types import SimpleNamespace
+from typing import Any
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrate.replaystream import TOTAL_RUNS
 from migrate.streamstate import StreamState, over_total
-from proxy.checkpoints import CheckpointPusher
+from proxy.checkpoints import CheckpointPusher, LiveConnection
 
 
 def test_the_largest_logs_are_given_up_first_and_only_as_many_as_needed() -> None:
@@ -61,3 +62,60 @@ def test_a_server_gives_up_its_largest_logs_past_the_total_at_once() -> None:
     assert streams[0].log == bytearray()
     assert [c.stream for c in pushed] == [streams[0]]
     assert all(stream.unmigratable is None for stream in streams[1:])
+
+
+def _leaving_connection(
+    events: list[tuple[str, int]], port: int, pushed_s2c: int, s2c_pos: int
+) -> Any:
+    """A stand-in for a live connection: its checkpoint facts and what is done to it, in order."""
+    connection = SimpleNamespace(
+        port=port, pushed_s2c=pushed_s2c, stream=SimpleNamespace(s2c_pos=s2c_pos)
+    )
+    connection.lacks_checkpoint = lambda: LiveConnection.lacks_checkpoint(connection)  # type: ignore[arg-type]
+    connection.leave_silently = lambda: events.append(("left", port))
+    return connection
+
+
+def _record_pushes(pusher: CheckpointPusher, events: list[tuple[str, int]]) -> None:
+    def push(connection: Any, now: float) -> None:
+        events.append(("pushed", connection.port))
+
+    pusher.push_logged = push  # type: ignore[method-assign]
+
+
+def test_a_leaving_server_first_pushes_the_checkpoint_a_young_connection_lacks() -> None:
+    # A connection accepted after the leave round (its client roams late) may have had no
+    # push yet when the gate closes: without one its client cannot move it and resets it.
+    context = SimpleNamespace(max_replay=1000, group_key=bytes(32), clock=lambda: 5.0)
+    pusher = CheckpointPusher(context)  # type: ignore[arg-type]
+    events: list[tuple[str, int]] = []
+    _record_pushes(pusher, events)
+    cases = {
+        40001: (-1, 0),  # never pushed, nothing from the service yet
+        40002: (-1, 352),  # never pushed, an answer relayed (accepted just before leaving)
+        40003: (0, 352),  # pushed at the accept, its answer relayed since
+        40004: (0, 0),  # pushed at the accept, still nothing from the service: it is enough
+        40005: (352, 704),  # a checkpoint inside the stream: a hand-over replays from it
+    }
+    for port, (pushed_s2c, s2c_pos) in cases.items():
+        pusher.connections[("10.0.0.2", port)] = _leaving_connection(
+            events, port, pushed_s2c, s2c_pos
+        )
+    assert pusher.leave() == 5
+    assert pusher.connections == {}
+    assert [port for what, port in events if what == "pushed"] == [40001, 40002, 40003]
+    assert {port for what, port in events if what == "left"} == set(cases)
+    for port in (40001, 40002, 40003):  # each pushed before it was dropped
+        assert events.index(("pushed", port)) < events.index(("left", port))
+
+
+def test_a_server_leaving_some_clients_pushes_only_theirs() -> None:
+    context = SimpleNamespace(max_replay=1000, group_key=bytes(32), clock=lambda: 5.0)
+    pusher = CheckpointPusher(context)  # type: ignore[arg-type]
+    events: list[tuple[str, int]] = []
+    _record_pushes(pusher, events)
+    for address, port in (("10.0.0.2", 40001), ("10.0.0.3", 40002)):
+        pusher.connections[(address, port)] = _leaving_connection(events, port, -1, 352)
+    assert pusher.leave_clients({"10.0.0.2"}) == 1
+    assert events == [("pushed", 40001), ("left", 40001)]
+    assert list(pusher.connections) == [("10.0.0.3", 40002)]
