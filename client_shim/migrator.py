@@ -31,7 +31,7 @@ from client_shim.capture import Capture
 from client_shim.connections import ClientConnections, verifiable
 from client_shim.requests import ReplayStreams, RequestChannel
 from client_shim.roams import RoamRecord, log_roam
-from client_shim.rules import freeze_script, switch_script
+from client_shim.rules import freeze_script, hold_script, switch_script
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
@@ -246,17 +246,22 @@ class Migrator:
         sockets = self.view.sockets_and_capture()
         await self._await_carriers(sockets, record, None, deadline)
         record.mark("carriers_before", self.clock())
-        self._newcomers(record, sockets, self.clock(), deadline)
+        self._newcomers(record, sockets, deadline, None)
         for machine in record.machines(ClientState.PREPARING):
             machine.wait_until(deadline)
         # Wait for the new server's regeneration while the old server still serves. All
         # connections at once: the waits overlap, the slowest one bounds the total.
         await self._run(record.machines(), ClientState.PREPARING)
-        record.started = self.clock()
-        ready = record.machines(ClientState.PREPARED)
-        self._freeze(ready, target)
-        record.mark("frozen", self.clock())
+        # Which connections the old server has: all captured by now. New ones wait (their SYNs
+        # dropped, sent again by their TCP) until the freeze sends them to the new server.
+        nft.apply(hold_script(self.table, self.bundle.vip, self.bundle.service_port))
         try:
+            self.capture.drain()
+            record.with_old = set(self.store.connections)
+            record.started = self.clock()
+            ready = record.machines(ClientState.PREPARED)
+            self._freeze(ready, target)
+            record.mark("frozen", self.clock())
             # The copies of everything sent before the freeze are queued by now: take them all
             # before reading positions.
             sockets = self.view.sockets_of([m.port for m in ready])
@@ -321,14 +326,11 @@ class Migrator:
         Found in the capture's store (their SYNs), not by a dump: this runs in the freeze.
         Never past ``give_up_at``: every connection's switch waits for this."""
         limit = min(self.clock() + self.commit_timeout, give_up_at or float("inf"))
-        candidates = [
-            port
-            for port, conn in self.store.connections.items()
-            if port not in record.connections and conn.opened_at < record.started
-        ]
+        old = record.with_old
+        candidates = [p for p in old if p not in record.connections and p in self.store.connections]
         sockets = self.view.sockets_of(candidates)
-        await self._await_carriers(sockets, record, record.started, limit)
-        newcomers = self._newcomers(record, sockets, record.started, limit)
+        await self._await_carriers(sockets, record, old, limit)
+        newcomers = self._newcomers(record, sockets, limit, old)
         if not newcomers:
             return
         self._freeze(newcomers, target)
@@ -378,18 +380,16 @@ class Migrator:
         self,
         record: RoamRecord,
         sockets: dict[int, sockdiag.TcpSocketInfo],
-        opened_before: float,
         deadline: float,
+        with_old: set[int] | None,
     ) -> list[ClientHandover]:
         """Prepare, now, the connections opened with the old server after the PREPAREs; those
-        opened since ``opened_before`` (the freeze) already talk to the new server."""
+        not in ``with_old`` (when given: those found at the freeze) talk to the new server."""
         found = []
         for port, info in sockets.items():
-            if port in record.connections:
+            if port in record.connections or (with_old is not None and port not in with_old):
                 continue
             conn = self.store.connections.get(port)
-            if conn is not None and conn.opened_at >= opened_before:
-                continue
             reason = unmovable_reason(conn, record.started)
             if reason is not None or conn is None:
                 record.connections[port] = NotMoved(port, "unmigratable", str(reason))
@@ -403,20 +403,20 @@ class Migrator:
         self,
         sockets: dict[int, sockdiag.TcpSocketInfo],
         record: RoamRecord,
-        opened_before: float | None,
+        with_old: set[int] | None,
         until: float,
     ) -> None:
         """Connections opened just now get their first checkpoint within a round trip: wait
         that long (bounded, and ending in time for their hand-over to be done by ``until``)
         rather than reset them. Only for connections this hand-over still
-        moves: not one it has given up on, nor one opened after ``opened_before`` (the freeze:
+        moves: not one it has given up on, nor one not in ``with_old`` (opened after the freeze:
         it talks to the new server already)."""
 
         def moving(port: int, conn: TrackedConnection) -> bool:
             handoff = record.connections.get(port)
             if handoff is not None:
                 return isinstance(handoff, ClientHandover) and not handoff.final
-            return opened_before is None or conn.opened_at < opened_before
+            return with_old is None or port in with_old
 
         await await_carriers(self.store, sockets, moving, self.clock, self.log, until)
 

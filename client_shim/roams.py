@@ -20,6 +20,9 @@ class RoamRecord:
     server: str
     started: float
     switched: float = 0.0
+    # The connections the old server has (all captured when the hand-over froze): the others
+    # talk to the new server already.
+    with_old: set[int] = field(default_factory=set)
     connections: dict[int, Handoff] = field(default_factory=dict)
     # When each step of the hand-over ended (the log breaks the pause down by them).
     marks: dict[str, float] = field(default_factory=dict)

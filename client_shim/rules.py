@@ -35,6 +35,13 @@ With live migration, two more chains run just before those (priority -310):
   ``capture_out`` copies with ``queue-threshold 1`` (the kernel sends its whole batch with
   it, inside the shim's ``sendto``) and drops. Setting the mark needs CAP_NET_ADMIN; a
   barrier from anyone else would only flush a batch early.
+* A new connection's SYN is dropped, before it is copied, while ``syn_hold`` holds the VIP's
+  port: for the moment between a hand-over reading which connections exist (its last
+  drain before the freeze) and the freeze, which sends new connections to the new server.
+  Every connection the drain found talks to the old server, every later one to the new;
+  without the hold, one opened in that moment would be neither moved nor reset, and met a
+  RST from the new server. A SYN dropped there is sent again by the client's TCP (a second
+  later), to the new server.
 * ``capture_in`` copies checkpoint carriers (segments from a pool server with the carrier
   option, kind 253 and ExID 0x5352) to the same group and drops them: the client's TCP never
   sees them.
@@ -116,6 +123,7 @@ def rewrite_table_body(
     type filter hook output priority -310; policy accept;
     {family} daddr {vip} udp dport {BARRIER_PORT} meta mark {BARRIER_MARK:#x} \
       log group {nflog_group} queue-threshold 1 drop
+    {to_vip} tcp flags & (syn|ack) == syn tcp dport @syn_hold drop
     {to_vip} tcp flags & (syn|ack) == syn delete @finished {{ tcp sport }}
     {to_vip} tcp sport @finished tcp flags & syn == 0 drop
     {to_vip} tcp sport @frozen drop
@@ -134,6 +142,7 @@ def rewrite_table_body(
   set current {{ type {addr_type} . inet_service; elements = {{ {active_pair} }} }}
   set pool {{ type {addr_type} . inet_service; elements = {{ {pool} }} }}
   set frozen {{ type inet_service; }}
+  set syn_hold {{ type inet_service; }}
   set finished {{
     type inet_service; flags dynamic,timeout; timeout {FINISHED_TIMEOUT_S}s;
   }}{capture}
@@ -174,6 +183,7 @@ def switch_script(
         *_point(family, table, vip, vport, active, ("syn_addr", "syn_port")),
         f"flush set {family} {table} current",
         f"flush set {family} {table} frozen",
+        f"flush set {family} {table} syn_hold",
         f"add element {family} {table} current {{ {active.address} . {active.port} }}",
     ]
     if finished:
@@ -190,10 +200,12 @@ def freeze_script(
 ) -> str:
     """One transaction at the start of a hand-over: hold the given connections' outgoing data,
     take nothing more from the old server (so the positions read next are final), and send
-    new connections, and accept their answers, to the new server already."""
+    new connections, and accept their answers, to the new server already (the SYNs held
+    since ``hold_script`` pass again)."""
     family = _family(vip)[0]
     lines = [
         *_point(family, table, vip, vport, target, ("syn_addr", "syn_port")),
+        f"flush set {family} {table} syn_hold",
         f"flush set {family} {table} current",
         f"add element {family} {table} current {{ {target.address} . {target.port} }}",
     ]
@@ -202,3 +214,10 @@ def freeze_script(
             f"add element {family} {table} frozen {{ {', '.join(str(p) for p in ports)} }}"
         )
     return "\n".join(lines) + "\n"
+
+
+def hold_script(table: str, vip: IPAddress, vport: int) -> str:
+    """Drop new connections' SYNs (uncopied) until the next freeze or switch, which both end
+    the hold: the moment in which a hand-over reads which connections the old server has."""
+    family = _family(vip)[0]
+    return f"add element {family} {table} syn_hold {{ {vport} }}\n"

@@ -21,7 +21,13 @@ from typing import TypeVar
 
 import pytest
 
-from client_shim.rules import BARRIER_MARK, BARRIER_PORT, rewrite_table_body
+from client_shim.rules import (
+    BARRIER_MARK,
+    BARRIER_PORT,
+    freeze_script,
+    hold_script,
+    rewrite_table_body,
+)
 from labs import Lab, PoolTopo
 from labs.node import Node
 from migrate.endpoints import Endpoint
@@ -37,6 +43,8 @@ from migrate.kernel.nflog import (
 from migrate.kernel.rawtcp import (
     ACK,
     PSH,
+    SYN,
+    RawSocketError,
     RawTcpSender,
     TcpSegment,
     build_ipv4_tcp,
@@ -463,3 +471,46 @@ def test_a_barrier_sends_the_kernels_batch_of_copies_at_once(lab_factory) -> Non
     assert [s.sport for s in segments] == [41000, 41001, 41002]
     assert all(s.payload == b"request" for s in segments)
     assert len(copies) == 4  # and the barrier's own copy (UDP), last
+
+
+def test_a_held_syn_is_dropped_uncopied_and_the_freeze_lets_the_next_one_through(
+    lab_factory,
+) -> None:
+    """``client_shim.rules``' SYN hold, in a real table: while a hand-over reads which
+    connections the old server has, a new connection's SYN is dropped before it is copied
+    (so every connection the capture knows talks to the old server); the freeze ends the hold
+    and points new connections at the new server, where the SYN sent again arrives."""
+    lab = lab_factory(TOPO)
+    c1, s1 = lab["c1"], lab["s1"]
+    vip = ipaddress.ip_address(str(s1.address))
+    old = Endpoint(vip, PORT + 7)
+    new = Endpoint(vip, PORT + 8)
+    body = rewrite_table_body(vip, PORT + 7, (old, new), old, nflog_group=13)
+    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
+
+    def syn(sport: int) -> bytes:
+        return build_ipv4_tcp(
+            str(c1.address), str(vip), sport, PORT + 7, 1000, 0, SYN, 500, [], b"", ip_id=sport
+        )
+
+    pcap = lab.workdir / "held.pcap"
+    try:
+        with (
+            in_ns(c1, lambda: NflogReader.open(13)) as reader,
+            in_ns(c1, RawTcpSender) as sender,
+            s1.capture("any", pcap, bpf_filter=["tcp[13] == 2"]),
+        ):
+            c1.run(["nft", "-f", "-"], input=hold_script(TABLE, vip, PORT + 7), check=True)
+            with pytest.raises(RawSocketError):  # held: dropped (EPERM), not copied
+                sender.send(syn(42000))
+            freeze = freeze_script(TABLE, vip, PORT + 7, [], new)
+            c1.run(["nft", "-f", "-"], input=freeze, check=True)
+            sender.send(syn(42001))  # after the freeze: copied, to the new server
+            copies = wait_packets(reader, 1, timeout_s=5.0, settle_s=0.3)
+    finally:
+        c1.run(["nft", "delete", "table", "ip", TABLE], timeout=10)
+    assert {segment_of(p).sport for p in copies} == {42001}
+    # On the wire, only the second SYN, and to the new server's port.
+    seen = s1.run(["tcpdump", "-r", str(pcap), "-nn"], check=True).stdout
+    assert ".42000 >" not in seen, seen
+    assert f".42001 > {vip}.{PORT + 8}:" in seen, seen
