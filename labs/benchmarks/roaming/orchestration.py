@@ -128,11 +128,14 @@ def deploy(
     first_switch_after: float = 0.0,
     first_server: str | None = None,
     extra: Sequence[str] = (),
+    switches: tuple[int, float] | None = None,
 ) -> None:
     """A fresh deployment (new chain, new bundles) of ``servers`` in the same lab, its shims
     started in ``mode`` and ready, returning once its schedule has begun. ``first_server``:
     draw until that host serves the first epoch (with a long tick and ``first_switch_after``,
-    the service then stays there for the whole benchmark)."""
+    the service then stays there for the whole benchmark). ``switches``, ``(n, seconds)``: draw
+    until the service changes server at least ``n`` times in the schedule's first ``seconds``
+    (the schedule is random: a run that must meet roams asks for enough of them)."""
     for shim in [*pool.clients.values(), *pool.servers.values()]:
         shim.stop()
     pool.clients.clear()
@@ -149,10 +152,14 @@ def deploy(
             bundle.unlink(missing_ok=True)
             bundle.with_name(bundle.name + ".state").unlink(missing_ok=True)
         pool.create()
-        if first_server is None or pool.schedule(1, 1)[0]["server"] == pool.listen_of(first_server):
+        if (
+            first_server is None or pool.schedule(1, 1)[0]["server"] == pool.listen_of(first_server)
+        ) and (switches is None or pool.switches_within(switches[1]) >= switches[0]):
             break
     else:
-        raise RuntimeError(f"no deployment starting on {first_server} in 50 draws")
+        raise RuntimeError(
+            f"no deployment starting on {first_server} with {switches} switches in 50 draws"
+        )
     restart_shims(pool, mode, servers, extra)
     pool.wait_for_schedule(0.3)
 

@@ -1,0 +1,95 @@
+"""Busy connections opened at any moment survive roams (issue 14's overload acceptance).
+
+The benchmark's busy client (``labs.benchmarks.roaming --role busy-client``) opens 50 HTTP/1.1
+keep-alive connections a second for 20 s through the VIP (1000 in all), each GETting a small
+file from nginx every 500 ms, while the service roams among three servers in live mode. Every
+GET of every connection must be answered and none reset: a connection opened just before a
+roam, whose first checkpoint is still on its way (or never left a server that was leaving),
+must move like the others. The same client against one server without roaming, in the same
+lab, is the baseline: if it breaks, the machine cannot carry the load at all.
+
+The roam rate here is a roam every ~3 s (tick 1.5 s). At a roam a second this machine cannot
+hand over ~1000 busy connections between roams yet (docs/benchmarks.md, "Busy connections").
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from labs import Lab, PoolTopo
+from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, start_service_nginx
+from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, write_content
+
+pytestmark = pytest.mark.system
+
+LabFactory = Callable[..., Lab]  # the lab_factory fixture (tests/system/conftest.py)
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+RATE = 50  # new connections a second
+SECONDS = 20  # of opening them: 1000 in all
+INTERVAL = 0.5  # between two GETs of one connection
+TICK = 1.5  # m=1, three servers: a roam every ~3 s
+ROAMS = 6
+
+
+def busy(lab: Lab, pool: RoamingLab) -> dict[str, Any]:
+    argv = benchmark_argv(
+        "--role", "busy-client", "--host", pool.vip, "--port", LISTEN_PORT, "--path", "/small",
+        "--rate", RATE, "--seconds", SECONDS, "--interval", INTERVAL,
+    )  # fmt: skip
+    done = lab["c1"].run(argv, timeout=180, cwd=PROJECT_ROOT)
+    lines = done.stdout.strip().splitlines()
+    assert lines, f"the busy client printed nothing: {done.stderr[-800:]}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def test_busy_connections_opened_at_any_moment_survive_roams(lab_factory: LabFactory) -> None:
+    lab = lab_factory(PoolTopo(servers=3, clients=1))
+    pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=2.0)
+    try:
+        every = list(pool.server_hosts)
+        small = os.urandom(100)  # the replicas serve the same bytes, with the same times
+        for host in every:
+            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
+            root = write_content(lab.workdir / f"www-{host}", {"small": small})
+            start_service_nginx(lab[host], root, SERVICE_PORT)
+        deploy(pool, mode="live", servers=every[:1], tick=86400.0)
+        baseline = busy(lab, pool)
+        # The schedule is random: one that roams at least ROAMS times while the client runs.
+        deploy(pool, mode="live", servers=every, tick=TICK, switches=(ROAMS, SECONDS + 5))
+        roaming = busy(lab, pool)
+        events = pool.clients["c1"].events()
+        roams = [e for e in events if e["event"] == "roam" and e.get("connections")]
+        not_moved = collections.Counter(
+            f"{e['outcome']}: {e.get('detail')}"
+            for e in events
+            if e["event"] == "handoff" and e["outcome"] not in ("migrated", "closed")
+        )
+        shim_errors = [
+            e
+            for shim in [*pool.servers.values(), *pool.clients.values()]
+            for e in shim.events()
+            if e["event"] in ("internal_error", "fatal")
+        ]
+    finally:
+        pool.stop()
+    summary = {k: v for k, v in roaming.items() if k != "errors"}
+    print(f"baseline: { {k: v for k, v in baseline.items() if k != 'errors'} }")
+    print(f"roaming: {summary}; roams with connections: {len(roams)}")
+    assert baseline["opened"] == RATE * SECONDS, baseline
+    assert baseline["broken"] == 0, baseline
+    assert baseline["answered"] == baseline["gets"], baseline
+    # The roams moved busy connections, many at a time.
+    assert len(roams) >= ROAMS - 1, roams  # the first may come before any connection
+    assert max(r["connections"] for r in roams) >= 300, roams
+    assert roaming["opened"] == RATE * SECONDS, summary
+    assert roaming["broken"] == 0, (summary, roaming["errors"][:5], not_moved.most_common(5))
+    assert roaming["answered"] == roaming["gets"], summary
+    assert not_moved == {}, not_moved.most_common(5)
+    assert shim_errors == [], shim_errors[:3]
