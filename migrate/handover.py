@@ -391,7 +391,9 @@ class ServerHandover:
         if self.state is _S.RESTORED:
             self._start_relay(_SE.TIMEOUT, gate_open, LocalError)
             return
-        if now - self.created >= PENDING_TTL_S:
+        # The same sum as ``get_timer``'s: ``now - created >= TTL`` can miss by a rounding
+        # when the timer fires exactly at its time (a TIMEOUT then, which PREPARED refuses).
+        if now >= self.created + PENDING_TTL_S:
             self._step(_SE.EXPIRED, LocalError)
             self._actions.append(Release("expired", "the client never came back"))
             return
