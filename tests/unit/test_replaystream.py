@@ -127,7 +127,7 @@ def test_a_streamed_request_carries_only_its_tail_and_is_whole_again_at_the_serv
 
     assert admit_whole(replay[:-10]).request == full
     with pytest.raises(AuthenticationError, match="commitment"):
-        admit_whole(b"X" + replay[1:-10])
+        admit_whole(bytes([replay[0] ^ 0xFF]) + replay[1:-10])  # changed whatever it was
     # ABORT and GO never name streamed bytes; a flag with no count is refused.
     abort = Request(Phase.ABORT, 8, 40000, 80, 0, 0, 0, b"", b"").encode()
     with pytest.raises(MalformedMessageError):
