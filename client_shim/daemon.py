@@ -39,6 +39,7 @@ from migrate.gating import next_switch
 from migrate.handover import (
     COMMIT_MARGIN_S,
     DEFAULT_PREPARE_LEAD_S,
+    DEFER_WITHIN_S,
     HANDOFF_BUDGET_S,
     LATE_PREPARE_WAIT_S,
     MAX_PREPARE_LEAD_S,
@@ -312,6 +313,7 @@ class ClientShim:
                 # for this epoch closes (it refuses them after; the windows of the epochs
                 # right after it that the same server serves count as its own).
                 give_up_at=self._give_up_at(index),
+                may_defer=self._may_defer(index, server),
             )
             previous, self.target = self.target, server
             self.log.event("switch", server=str(server), previous=str(previous), epoch=index)
@@ -326,6 +328,16 @@ class ClientShim:
             self._write_status()
             if not self._stop.is_set():
                 asyncio.get_running_loop().call_soon(self._tick)
+
+    def _may_defer(self, index: int, server: Endpoint) -> bool:
+        """Whether connections the new server cannot prepare in its window may wait, frozen,
+        for the next roam: it must come within ``DEFER_WITHIN_S`` and go to another server."""
+        start = self.schedule.start_of(index)
+        try:
+            _, after, following = self._next_switch(start)
+        except RoamError:
+            return False
+        return following != server and after - start <= DEFER_WITHIN_S
 
     def _give_up_at(self, index: int) -> float:
         budget_ends = self.schedule.start_of(index) + HANDOFF_BUDGET_S

@@ -30,7 +30,7 @@ from client_shim.candidates import await_carriers, unmovable_reason
 from client_shim.capture import Capture
 from client_shim.connections import ClientConnections, verifiable
 from client_shim.requests import ReplayStreams, RequestChannel
-from client_shim.roams import RoamRecord, log_roam
+from client_shim.roams import RoamRecord, defer_unanswered, log_roam
 from client_shim.rules import freeze_script, hold_script, switch_script
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
@@ -226,8 +226,10 @@ class Migrator:
         target: Endpoint,
         prepare_deadline: float | None = None,
         give_up_at: float | None = None,
+        may_defer: bool = False,
     ) -> None:
-        """Freeze, commit, switch, GO; reset what could not follow. Records every outcome.
+        """Freeze, commit, switch, GO; reset what could not follow (or, ``may_defer``, hold
+        those the new server could not prepare for the next roam). Records every outcome.
 
         PREPAREs are waited for until ``prepare_deadline`` (the old server stops serving soon
         after the boundary) and late ones ``PREPARE_OVERTIME_S`` longer, but never past
@@ -279,15 +281,11 @@ class Migrator:
             finally:
                 await late
         finally:
-            nft.apply(
-                switch_script(
-                    self.table,
-                    self.bundle.vip,
-                    self.bundle.service_port,
-                    target,
-                    self._not_following(record),
-                )
-            )
+            if may_defer:
+                defer_unanswered(record, self.roams[-1] if self.roams else None, self.clock())
+            vip, vport, held = self.bundle.vip, self.bundle.service_port, sorted(record.deferred)
+            gone = self._not_following(record)
+            nft.apply(switch_script(self.table, vip, vport, target, gone, held))
             record.switched = self.clock()
         self._finish(record)
 
@@ -298,6 +296,7 @@ class Migrator:
         before it (when the application closes them later, its FIN must not reach the new
         server: a RST)."""
         ports = {p for p, h in record.connections.items() if h.state is not ClientState.COMMITTED}
+        ports -= record.deferred.keys()
         return sorted(ports | (self.view.closing - set(record.connections)))
 
     def _commit(

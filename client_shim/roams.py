@@ -6,7 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from migrate.handover import ClientHandover, ClientState, NotMoved
+from migrate.handover import (
+    DEFER_HELD_MAX_S,
+    NO_PREPARE_ANSWER,
+    ClientHandover,
+    ClientState,
+    NotMoved,
+)
 from migrate.kernel.eventlog import EventLog
 
 MAX_ROAM_RECORDS = 50  # kept for status; older roams are in the log only
@@ -23,6 +29,8 @@ class RoamRecord:
     # The connections the old server has (all captured when the hand-over froze): the others
     # talk to the new server already.
     with_old: set[int] = field(default_factory=set)
+    # Connections held frozen for the next roam (``defer_unanswered``), and since when.
+    deferred: dict[int, float] = field(default_factory=dict)
     connections: dict[int, Handoff] = field(default_factory=dict)
     # When each step of the hand-over ended (the log breaks the pause down by them).
     marks: dict[str, float] = field(default_factory=dict)
@@ -53,6 +61,26 @@ class RoamRecord:
                 step: round((when - self.started) * 1000, 1) for step, when in self.marks.items()
             },
         }
+
+
+def defer_unanswered(record: RoamRecord, previous: RoamRecord | None, now: float) -> None:
+    """The connections whose PREPARE the new server did not answer in its window are held
+    frozen for the next roam instead of being reset (``DEFER_WITHIN_S``: the caller says
+    whether that roam comes soon enough), unless held since the roams before for
+    ``DEFER_HELD_MAX_S`` already. Their ABORT is sent: the new server frees what it holds."""
+    held_before = previous.deferred if previous is not None else {}
+    for port, handoff in list(record.connections.items()):
+        since = held_before.get(port, now)
+        if (
+            handoff.state is ClientState.RESET
+            and handoff.reason == NO_PREPARE_ANSWER
+            and now - since < DEFER_HELD_MAX_S
+        ):
+            reason = f"{NO_PREPARE_ANSWER} in the new server's window: moved at the next roam"
+            record.connections[port] = NotMoved(
+                port, "deferred", reason, handoff.replayed, ClientState.CLOSED
+            )
+            record.deferred[port] = since
 
 
 def log_roam(log: EventLog, record: RoamRecord, roams: list[RoamRecord]) -> None:

@@ -172,11 +172,17 @@ def _point(
 
 
 def switch_script(
-    table: str, vip: IPAddress, vport: int, active: Endpoint, finished: Sequence[int] = ()
+    table: str,
+    vip: IPAddress,
+    vport: int,
+    active: Endpoint,
+    finished: Sequence[int] = (),
+    held: Sequence[int] = (),
 ) -> str:
-    """One transaction that points the VIP at ``active``, thaws every frozen port and adds
-    ``finished`` (the connections that do not follow: not one of their segments may reach
-    the new server, which has no socket for them and would answer with a RST)."""
+    """One transaction that points the VIP at ``active``, thaws every frozen port but
+    ``held`` (connections deferred to the next roam: still the old server's, which is gone)
+    and adds ``finished`` (the connections that do not follow: not one of their segments may
+    reach the new server, which has no socket for them and would answer with a RST)."""
     family = _family(vip)[0]
     lines = [
         *_point(family, table, vip, vport, active, ("addr_out", "port_out")),
@@ -188,6 +194,8 @@ def switch_script(
     ]
     if finished:
         lines.append(f"add element {family} {table} finished {{ {_ports(finished)} }}")
+    if held:
+        lines.append(f"add element {family} {table} frozen {{ {_ports(held)} }}")
     return "\n".join(lines) + "\n"
 
 

@@ -91,6 +91,15 @@ DEFAULT_COMMIT_TIMEOUT_S = 5.0  # HANDOFF_BUDGET_S + a retried COMMIT < LATE_REQ
 # Client: a connection opened in the last moments gets its first checkpoint within a round
 # trip (the server pushes one when the service's first bytes pass): wait that long for it.
 CARRIER_GRACE_S = 0.3
+# Client: connections whose PREPARE the new server could not answer within its window (an
+# epoch too short for it to prepare them all) wait frozen for the next roam rather than being
+# reset, if that roam comes within this long and goes to another server: a pause of about an
+# epoch instead of a broken connection. Again at the next roam if need be, while the
+# connection has been held less than DEFER_HELD_MAX_S (its checkpoint stays well inside its
+# age limit, CHECKPOINT_AGE_FLOOR_S).
+DEFER_WITHIN_S = 3.0
+DEFER_HELD_MAX_S = 4.0
+NO_PREPARE_ANSWER = "no answer to the prepare"
 # ... but that wait ends this long before the hand-over must be over (the new server's window
 # for COMMITs), leaving the young connections' PREPARE and COMMIT round trips their time.
 NEWCOMER_MARGIN_S = 0.1
@@ -729,7 +738,7 @@ class ClientHandover:
         because there is none (``why_not``)."""
         if self.state is _C.PREPARING:
             self._step(_CE.COMMIT, LocalError)
-            self._give_up("no answer to the prepare", abort=True)
+            self._give_up(NO_PREPARE_ANSWER, abort=True)
             return
         self._step(_CE.COMMIT if commit is not None else _CE.NOTHING_TO_COMMIT, LocalError)
         if commit is None:

@@ -36,6 +36,7 @@ PAUSE_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 HANDOFF_OUTCOMES = (
     "migrated",
     "closed",
+    "deferred",
     "failed",
     "diverged",
     "refused",

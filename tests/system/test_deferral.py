@@ -1,0 +1,97 @@
+"""A new server that cannot answer in its window: the connections wait for the next roam.
+
+When the next server cannot prepare the client's connections within its epoch (here its shim
+is stopped, SIGSTOP, from before its PREPAREs until after its epoch; in production, an epoch
+too short for the number of connections on a loaded pool), the client does not reset them:
+it keeps them frozen through the switch and moves them at the next roam, to another server,
+from their checkpoints (docs/protocol.md, "A new server that cannot be ready in its window").
+The application's GETs wait about an epoch, and every one is answered.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from labs import Lab, PoolTopo
+from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, start_service_nginx
+from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, write_content
+from migrate.handover import DEFER_WITHIN_S
+
+pytestmark = pytest.mark.system
+
+LabFactory = Callable[..., Lab]  # the lab_factory fixture (tests/system/conftest.py)
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONNECTIONS = 10
+TICK = 1.0
+
+
+def stalled_switch(pool: RoamingLab, earliest: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Two switches in a row, the first at least ``earliest`` from now, the second to another
+    server within ``DEFER_WITHIN_S`` of it: the first's server is the one stopped."""
+    epochs = pool.schedule(1, 200)
+    switches = [b for a, b in itertools.pairwise(epochs) if a["server"] != b["server"]]
+    now = time.time()
+    for first, second in itertools.pairwise(switches):
+        if (
+            first["start"] >= now + earliest
+            and second["server"] != first["server"]
+            and second["start"] - first["start"] <= DEFER_WITHIN_S - 0.5
+        ):
+            return first, second
+    pytest.fail("the schedule offers no two roams close enough in its first 200 epochs")
+
+
+def test_connections_the_new_server_cannot_prepare_wait_for_the_next_roam(
+    lab_factory: LabFactory,
+) -> None:
+    lab = lab_factory(PoolTopo(servers=3, clients=1))
+    pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=2.0)
+    try:
+        small = os.urandom(100)
+        for host in pool.server_hosts:
+            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
+            root = write_content(lab.workdir / f"www-{host}", {"small": small})
+            start_service_nginx(lab[host], root, SERVICE_PORT)
+        deploy(pool, mode="live", servers=list(pool.server_hosts), tick=TICK)
+        first, second = stalled_switch(pool, earliest=6.0)
+        stalled = pool.host_of(first["server"])
+        # Connections open well before the stalled roam, GETting until after the next one.
+        tail = second["start"] + 3.0 - time.time()
+        argv = benchmark_argv(
+            "--role", "busy-client", "--host", pool.vip, "--port", LISTEN_PORT,
+            "--path", "/small", "--rate", CONNECTIONS, "--seconds", 1, "--interval", 0.2,
+            "--tail", round(tail, 1),
+        )  # fmt: skip
+        client = lab["c1"].popen(argv, cwd=PROJECT_ROOT, stdout=-1, stderr=-1, text=True)
+        # Stopped before the client's PREPAREs reach it (the lead is well under a second for
+        # ten connections), resumed once its epoch is over.
+        shim = pool.servers[stalled].process
+        time.sleep(max(0.0, first["start"] - 1.5 - time.time()))
+        shim.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(max(0.0, second["start"] + 0.5 - time.time()))
+        finally:
+            shim.send_signal(signal.SIGCONT)
+        out, err = client.communicate(timeout=tail + 60)
+        events = pool.clients["c1"].events()
+    finally:
+        pool.stop()
+    assert out.strip(), err[-800:]
+    result = json.loads(out.strip().splitlines()[-1])
+    handoffs = [e for e in events if e["event"] == "handoff"]
+    at_first = [e["outcome"] for e in handoffs if e["epoch"] == first["epoch"]]
+    at_second = [e["outcome"] for e in handoffs if e["epoch"] == second["epoch"]]
+    summary = {k: v for k, v in result.items() if k != "errors"}
+    assert at_first == ["deferred"] * CONNECTIONS, (at_first, handoffs[-25:])
+    assert at_second == ["migrated"] * CONNECTIONS, (at_second, handoffs[-25:])
+    assert result["opened"] == CONNECTIONS, summary
+    assert result["broken"] == 0, (summary, result["errors"][:3])
+    assert result["answered"] == result["gets"], summary
