@@ -76,6 +76,8 @@ LEAVE_PUSH_LEAD_S = REFRESH_LEAD_S + 0.02
 # Client: retries of an unanswered request (a datagram lost, a server busy or restarting).
 PREPARE_RETRY_S = 1.0
 COMMIT_RETRY_S = 0.5  # shorter: the connection is frozen while a COMMIT waits
+# Timers due this close together are handled in one wake-up (one look at the sockets).
+TIMER_QUANTUM_S = 0.005
 # Client: how long PREPARE answers are awaited. Normally until shortly before the old server
 # closes its gate (the daemon computes that from the schedule); a roam that starts late waits
 # at least LATE_PREPARE_WAIT_S; answers that keep coming are awaited PREPARE_OVERTIME_S more
