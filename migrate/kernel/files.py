@@ -56,10 +56,14 @@ def _fsync_directory(path: Path) -> None:
         os.close(fd)
 
 
-def write_private(path: Path, data: bytes | str, mode: int = PRIVATE_FILE) -> None:
+def write_private(
+    path: Path, data: bytes | str, mode: int = PRIVATE_FILE, *, durable: bool = True
+) -> None:
     """Atomically replace ``path`` with ``data`` (text is written as UTF-8), created with
     ``mode`` (0600 by default, ``PUBLIC_FILE`` for a public file): written, fsync-ed, renamed
-    over ``path``, the directory fsync-ed. On any error the temporary file is removed."""
+    over ``path``, the directory fsync-ed. On any error the temporary file is removed.
+    ``durable=False`` skips both fsyncs: for a file rewritten often and rebuilt at start (a
+    status), readers still see the old or the new content whole."""
     if isinstance(data, str):
         data = data.encode()
     private_directory(path.parent)
@@ -77,7 +81,8 @@ def write_private(path: Path, data: bytes | str, mode: int = PRIVATE_FILE) -> No
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view) :]
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(temporary, path)
@@ -85,7 +90,8 @@ def write_private(path: Path, data: bytes | str, mode: int = PRIVATE_FILE) -> No
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise
-    _fsync_directory(path.parent)
+    if durable:
+        _fsync_directory(path.parent)
 
 
 def open_private_log(path: Path) -> IO[str]:

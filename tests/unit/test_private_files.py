@@ -4,6 +4,7 @@ Run under umask 0, so a file gets 0600 only because its writer asked for it (wit
 umask 022 a plain ``write_text`` already gives 0644: world-readable).
 """
 
+import json
 import os
 import stat
 import threading
@@ -108,6 +109,19 @@ def test_write_private_fsyncs_the_file_before_the_rename_and_the_directory_after
     assert len(synced) == 3
     assert synced[0].startswith(str(tmp_path / ".state."))  # the temporary file's content
     assert synced[1:] == ["rename", str(tmp_path)]  # then the directory entry
+
+
+def test_a_status_is_replaced_whole_without_fsync(tmp_path, monkeypatch):
+    """A status is rewritten at every gate change and hand-over: no fsync, still atomic."""
+    path = tmp_path / "status.json"
+    write_status(path, {"epoch": 1})
+    synced = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    write_status(path, {"epoch": 2})
+    assert synced == []
+    assert json.loads(path.read_text()) == {"epoch": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["status.json"]
+    assert mode(path) == 0o600
 
 
 def test_a_log_opened_private_appends(tmp_path):
