@@ -85,6 +85,9 @@ _REQ_HEAD: Final = struct.Struct("=BBBxI")
 _MSG_HEAD: Final = struct.Struct("=BBBB")
 _MSG_TAIL: Final = struct.Struct("=IIIII")
 _MSG_SIZE: Final = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size  # 72
+_DPORT: Final = struct.Struct("!H")
+_DPORT_AT: Final = _MSG_HEAD.size + 2  # idiag_dport in an inet_diag_msg
+_DST_AT: Final = _MSG_HEAD.size + 4 + 16  # idiag_dst
 
 # Offsets in struct tcp_info (include/uapi/linux/tcp.h); the struct only grows.
 _U8: Final = struct.Struct("=B")
@@ -122,6 +125,22 @@ _TCPI_FIELDS: Final = (
     ("rcv_wnd", 232, _U32),  # Linux 6.12
 )
 _TCPI_WSCALE_OFFSET: Final = 6  # tcpi_snd_wscale:4 (low nibble), tcpi_rcv_wscale:4
+
+
+def _layout(fields: tuple[tuple[str, int, struct.Struct], ...]) -> tuple[struct.Struct, list[str]]:
+    """One ``struct`` for all of ``fields`` (sorted by offset, the gaps skipped) and their
+    names in its order: one unpack per socket instead of one per field (a dump of 1000
+    sockets parsed in a quarter of the time)."""
+    layout, names, position = "=", [], 0
+    for name, offset, fmt in sorted(fields, key=lambda field: field[1]):
+        layout += "x" * (offset - position) + fmt.format[-1]
+        names.append(name)
+        position = offset + fmt.size
+    return struct.Struct(layout), names
+
+
+_TCPI_WHOLE, _TCPI_NAMES = _layout((*_TCPI_FIELDS, ("wscales", _TCPI_WSCALE_OFFSET, _U8)))
+_MAPPED_PREFIX: Final = bytes(10) + b"\xff\xff"  # ::ffff:a.b.c.d
 _RECV_BUFFER: Final = 64 * 1024
 _TIMEOUT_S: Final = 5.0
 
@@ -228,20 +247,24 @@ def _request(
 def _ipv4_of(family: int, raw: bytes) -> str | None:
     """The IPv4 address in a 16-byte ``idiag_src``/``idiag_dst``, or ``None`` (real IPv6)."""
     if family == socket.AF_INET:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    address = ipaddress.IPv6Address(raw)
-    if address.ipv4_mapped is not None:
-        return str(address.ipv4_mapped)
-    if address == ipaddress.IPv6Address(0):
+        return socket.inet_ntoa(raw[:4])
+    if raw[:12] == _MAPPED_PREFIX:
+        return socket.inet_ntoa(raw[12:16])
+    if raw == bytes(16):
         return "0.0.0.0"  # an unconnected dual-stack socket
     return None
 
 
 def _parse_tcp_info(data: bytes) -> dict[str, int]:
-    values: dict[str, int] = {}
-    for name, offset, fmt in _TCPI_FIELDS:
-        if offset + fmt.size <= len(data):
-            values[name] = fmt.unpack_from(data, offset)[0]
+    if len(data) >= _TCPI_WHOLE.size:  # any kernel since 6.12: every field at once
+        values = dict(zip(_TCPI_NAMES, _TCPI_WHOLE.unpack_from(data), strict=True))
+        del values["wscales"]
+    else:
+        values = {
+            name: fmt.unpack_from(data, offset)[0]
+            for name, offset, fmt in _TCPI_FIELDS
+            if offset + fmt.size <= len(data)
+        }
     if len(data) > _TCPI_WSCALE_OFFSET:
         scales = data[_TCPI_WSCALE_OFFSET]
         values["snd_wscale"] = scales & 0x0F
@@ -273,7 +296,8 @@ def parse_diag_message(body: bytes) -> TcpSocketInfo | None:
         if kind & 0x3FFF == INET_DIAG_INFO:
             info = _parse_tcp_info(body[offset + _NLATTR.size : offset + length])
         offset += (length + 3) & ~3
-    return TcpSocketInfo(
+    fields: dict[str, object] = dict(
+        info,
         src=(src, sport),
         dst=(dst, dport),
         state=TCP_STATES.get(state, str(state)),
@@ -284,8 +308,13 @@ def parse_diag_message(body: bytes) -> TcpSocketInfo | None:
         rqueue=rqueue,
         wqueue=wqueue,
         has_info=bool(info),
-        **info,
     )
+    # Not through __init__: a frozen dataclass sets its 40 fields one object.__setattr__ at a
+    # time, 18 us a socket, most of a 1000-socket dump's parse (on the client, inside the
+    # freeze). Fields the kernel did not send keep their class defaults (0).
+    parsed = object.__new__(TcpSocketInfo)
+    parsed.__dict__.update(fields)
+    return parsed
 
 
 # --- netlink exchange -----------------------------------------------------------------------
@@ -328,11 +357,22 @@ def _exchange(message_type: int, flags: int, payload: bytes, what: str) -> list[
                     return bodies
 
 
-def _dump(family: int, states: int) -> list[TcpSocketInfo]:
+def _dump(family: int, states: int, dst: tuple[str, int] | None = None) -> list[TcpSocketInfo]:
     request = _request(family, states)
     bodies = _exchange(
         SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, request, "sock_diag TCP dump"
     )
+    if dst is not None:
+        # Only the sockets to ``dst`` are parsed (the others of a busy host cost nothing
+        # more than their copy): its port and address compared in the message's own bytes.
+        port, address = _DPORT.pack(dst[1]), _address_bytes(family, dst[0])
+        width = 4 if family == socket.AF_INET else 16
+        bodies = [
+            body
+            for body in bodies
+            if body[_DPORT_AT : _DPORT_AT + 2] == port
+            and body[_DST_AT : _DST_AT + width] == address[:width]
+        ]
     return [info for body in bodies if (info := parse_diag_message(body)) is not None]
 
 
@@ -349,9 +389,9 @@ def tcp_sockets(
     ``TCPF_ALL & ~TCPF_LISTEN``). ``dst`` (remote address and port) and ``src_port`` filter
     the result. ``include_mapped`` adds IPv4-mapped ``AF_INET6`` sockets.
     """
-    found = _dump(socket.AF_INET, states)
+    found = _dump(socket.AF_INET, states, dst)
     if include_mapped and socket.has_ipv6:
-        found += _dump(socket.AF_INET6, states)
+        found += _dump(socket.AF_INET6, states, dst)
     return [
         info
         for info in found
