@@ -6,13 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from migrate.handover import (
-    DEFER_HELD_MAX_S,
-    NO_PREPARE_ANSWER,
-    ClientHandover,
-    ClientState,
-    NotMoved,
-)
+from migrate.handover import DEFER_HELD_MAX_S, ClientHandover, ClientState, NotMoved
 from migrate.kernel.eventlog import EventLog
 
 MAX_ROAM_RECORDS = 50  # kept for status; older roams are in the log only
@@ -64,19 +58,21 @@ class RoamRecord:
 
 
 def defer_unanswered(record: RoamRecord, previous: RoamRecord | None, now: float) -> None:
-    """The connections whose PREPARE the new server did not answer in its window are held
-    frozen for the next roam instead of being reset (``DEFER_WITHIN_S``: the caller says
-    whether that roam comes soon enough), unless held since the roams before for
-    ``DEFER_HELD_MAX_S`` already. Their ABORT is sent: the new server frees what it holds."""
+    """The connections the new server could not prepare in its window (no answer to their
+    PREPARE by the freeze: ``ClientHandover.movable_later``) are held frozen for the next
+    roam instead of being reset (``DEFER_WITHIN_S``: the caller says whether
+    that roam comes soon enough), unless held since the roams before for ``DEFER_HELD_MAX_S``
+    already. Their ABORT is sent: the new server frees what it holds."""
     held_before = previous.deferred if previous is not None else {}
     for port, handoff in list(record.connections.items()):
         since = held_before.get(port, now)
         if (
-            handoff.state is ClientState.RESET
-            and handoff.reason == NO_PREPARE_ANSWER
+            isinstance(handoff, ClientHandover)
+            and handoff.state is ClientState.RESET
+            and handoff.movable_later
             and now - since < DEFER_HELD_MAX_S
         ):
-            reason = f"{NO_PREPARE_ANSWER} in the new server's window: moved at the next roam"
+            reason = f"{handoff.reason} in the new server's window: moved at the next roam"
             record.connections[port] = NotMoved(
                 port, "deferred", reason, handoff.replayed, ClientState.CLOSED
             )

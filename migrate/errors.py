@@ -68,6 +68,11 @@ class InconsistentUpdateError(RemoteError):
     """An authentic update contradicts itself or the schedule (e.g. epoch sync out of range)."""
 
 
+class WindowClosedError(InconsistentUpdateError):
+    """A request for an epoch whose window on this server has closed: too late for it here,
+    and nothing of it was created here (the client may take the connection elsewhere)."""
+
+
 # --- configuration ------------------------------------------------------------------------
 
 

@@ -629,6 +629,10 @@ class ClientHandover:
     state: ClientState = CLIENT_INITIAL
     reason: str = ""
     failed_as: str = "failed"  # the outcome logged for a reset: failed, diverged, refused...
+    # Reset because the new server could not prepare the connection in its window (no answer
+    # to the PREPARE by the freeze): nothing of it was created there and its checkpoint still
+    # holds, so it may be held for the next roam instead (client_shim.roams.defer_unanswered).
+    movable_later: bool = False
     commit_request: Request | None = None
     replayed: int = 0
     _retry_at: float = 0.0
@@ -690,8 +694,12 @@ class ClientHandover:
         was = self.state
         self._step(_CE.REFUSED, RemoteError)
         if was not in CLIENT_FINAL:
-            # The server released what it held when it failed: no ABORT needed.
-            self._give_up(answer.detail, abort=False, outcome=answer.status.name.lower())
+            # The server released what it held when its work failed; a COMMIT it refused
+            # (REFUSED, LATE) leaves the preparation held there: freed at once by the ABORT.
+            # A LATE one is not held for the next roam: tried, a pool in sustained overload
+            # then moved ever more connections per roam until every one failed.
+            held = was is _C.COMMITTING and answer.status in (Status.REFUSED, Status.LATE)
+            self._give_up(answer.detail, abort=held, outcome=answer.status.name.lower())
 
     def refresh(
         self, s2c_received: int, c2s_sent: int, newer: Request | None, newer_s2c: int, now: float
@@ -741,6 +749,7 @@ class ClientHandover:
         if self.state is _C.PREPARING:
             self._step(_CE.COMMIT, LocalError)
             self._give_up(NO_PREPARE_ANSWER, abort=True)
+            self.movable_later = True
             return
         self._step(_CE.COMMIT if commit is not None else _CE.NOTHING_TO_COMMIT, LocalError)
         if commit is None:

@@ -74,6 +74,7 @@ from migrate.errors import (
     InconsistentUpdateError,
     MalformedMessageError,
     RevokedClientError,
+    RoamError,
     StaleMessageError,
     SubscriptionExpiredError,
 )
@@ -111,6 +112,10 @@ class Status(IntEnum):
     DIVERGED = 1
     REFUSED = 2
     FAILED = 3
+    # A COMMIT after the epoch's window on this server closed (a pool too loaded to take
+    # every connection in time): nothing was restored (the client's ABORT frees the
+    # preparation). Told apart from REFUSED so that the log and metrics name the overload.
+    LATE = 4
 
 
 def _checkpoint_length(data: bytes, offset: int) -> int:
@@ -368,7 +373,7 @@ def admit(
     now: float,
     epoch_length: float,
     replays_state: bool = False,
-    why_not_served: str = "",
+    not_served: RoamError | None = None,
 ) -> Admitted:
     """All checks of a PREPARE (or a COMMIT's checkpoint) that need no service; pure.
 
@@ -377,15 +382,15 @@ def admit(
     replay without its session (redis SELECT, AUTH) could answer from the wrong database.
 
     ``epoch_length`` is the length of the requested epoch: it scales the maximum age.
-    ``why_not_served``: why ``serves_epoch`` is false, when the caller knows (the message)."""
+    ``not_served``: why ``serves_epoch`` is false, when the caller knows (raised as it is)."""
     check_client_source(record, source)
     if request.epoch > granted_epoch:
         raise SubscriptionExpiredError(
             f"client {record.name!r} holds keys up to epoch {granted_epoch}, not {request.epoch}"
         )
     if not serves_epoch:
-        raise InconsistentUpdateError(
-            why_not_served or f"this server is not the server of epoch {request.epoch}"
+        raise not_served or InconsistentUpdateError(
+            f"this server is not the server of epoch {request.epoch}"
         )
     checkpoint = open_checkpoint(request.checkpoint, checkpoint_key, deployment_id)
     if checkpoint.client != (source, request.client_port) or checkpoint.vport != request.vport:

@@ -19,7 +19,7 @@ import contextlib
 from migrate.admission import MigrationMeter
 from migrate.channel import Opened, Opener
 from migrate.checkpoint import stream_hash_key
-from migrate.errors import AuthenticationError, RoamError
+from migrate.errors import AuthenticationError, RoamError, WindowClosedError
 from migrate.handover import (
     DEFAULT_COMMIT_TIMEOUT_S,
     PENDING_TTL_S,
@@ -330,7 +330,9 @@ class LiveMode:
                 ServerState.PREPARING,
                 ServerState.PREPARED,
             ):
-                answer = Answer(Phase.COMMIT, key[1], Status.REFUSED, str(error))
+                late = isinstance(error, WindowClosedError)  # the client may hold it for later
+                status = Status.LATE if late else Status.REFUSED
+                answer = Answer(Phase.COMMIT, key[1], status, str(error))
                 self.port.send(record, answer, source)
             raise
         opener.accept(opened)

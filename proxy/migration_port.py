@@ -19,7 +19,12 @@ from enum import Enum
 from migrate.channel import Kind, Opened, Opener, Sealer
 from migrate.checkpoint import CheckpointKeys
 from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe
-from migrate.errors import MalformedMessageError, RoamError
+from migrate.errors import (
+    InconsistentUpdateError,
+    MalformedMessageError,
+    RoamError,
+    WindowClosedError,
+)
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     LATE_REQUEST_S,
@@ -256,6 +261,7 @@ class MigrationPort:
         schedule = context.pool.schedule
         now = context.clock()
         current = context.epoch()
+        not_served: RoamError | None = None
         try:
             # From a little before the epoch (prepare) to a little after its start (the
             # commit of a hand-over that started late), and at no other time of the epoch.
@@ -279,15 +285,16 @@ class MigrationPort:
             # Never for an epoch whose window has closed (see ``behind_closed_gate``); the
             # windows of the epochs after it that this server also serves count as its own.
             if serves and now >= (closes := schedule.served_until(request.epoch, now)):
-                raise RoamError(
+                raise WindowClosedError(
                     f"the window of epoch {request.epoch} on this server closed "
                     f"{now - closes:.1f} s ago"
                 )
             length = schedule.epoch(request.epoch).length
+        except WindowClosedError as error:
+            serves, length, not_served = False, 0.0, error
         except RoamError as error:
-            serves, length, why_not = False, 0.0, str(error)
-        else:
-            why_not = ""
+            serves, length = False, 0.0
+            not_served = InconsistentUpdateError(str(error))
         # Revoked or past its subscription (and lease) at the running epoch: refused, like
         # at the gate.
         context.pool.check_client_allowed(record, max(current, 1))
@@ -305,7 +312,7 @@ class MigrationPort:
             epoch_length=length,
             # The replay sends a checkpoint's session state first (proxy.replay).
             replays_state=True,
-            why_not_served=why_not,
+            not_served=not_served,
         )
 
     def behind_closed_gate(self, epoch: int) -> bool:

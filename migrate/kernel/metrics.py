@@ -40,6 +40,7 @@ HANDOFF_OUTCOMES = (
     "failed",
     "diverged",
     "refused",
+    "late",
     "unmigratable",
     "pending",
     "other",

@@ -8,41 +8,79 @@ import ipaddress
 from client_shim.roams import RoamRecord, defer_unanswered
 from client_shim.rules import switch_script
 from migrate.endpoints import Endpoint
-from migrate.handover import DEFER_HELD_MAX_S, NO_PREPARE_ANSWER, ClientState, NotMoved
+from migrate.handover import (
+    DEFER_HELD_MAX_S,
+    NO_PREPARE_ANSWER,
+    ClientHandover,
+    ClientState,
+    NotMoved,
+)
+from migrate.reincarnation import Answer, Phase, Request, Status
+
+CHECKPOINT = b"\x01" * 191
 
 
-def roam(epoch: int, **handoffs: NotMoved) -> RoamRecord:
+def machine(port: int) -> ClientHandover:
+    prepare = Request(Phase.PREPARE, 7, port, 80, 10, 1000, 0, CHECKPOINT, b"x" * 10)
+    return ClientHandover(prepare, 500, deadline=5.0, now=0.0)
+
+
+def unanswered(port: int) -> ClientHandover:
+    """No answer to its PREPARE by the freeze."""
+    handoff = machine(port)
+    handoff.freeze(None, "", 1.0)
+    return handoff
+
+
+def answered_at_commit(port: int, status: Status, detail: str) -> ClientHandover:
+    handoff = machine(port)
+    handoff.receive(Answer(Phase.PREPARE, port, Status.READY), 0.5)
+    commit = Request(Phase.COMMIT, 7, port, 80, 10, 1200, 10, CHECKPOINT, b"")
+    handoff.freeze(commit, "", 1.0)
+    handoff.actions()
+    handoff.receive(Answer(Phase.COMMIT, port, status, detail), 1.2)
+    return handoff
+
+
+def roam(epoch: int, *handoffs: ClientHandover | NotMoved) -> RoamRecord:
     record = RoamRecord(epoch, "10.0.1.2:80", 100.0)
-    for handoff in handoffs.values():
+    for handoff in handoffs:
         record.connections[handoff.port] = handoff
     return record
 
 
-def test_only_unanswered_preparations_are_held_and_the_rest_reset_as_before() -> None:
+def test_only_connections_the_new_server_could_not_prepare_in_time_are_held() -> None:
+    """Held: no answer to the PREPARE by the freeze. Reset: what a server answered it cannot
+    do, a COMMIT it took too late included (holding those made an overloaded pool collapse),
+    and a reset whose reason merely reads like an unanswered PREPARE."""
     record = roam(
         5,
-        unanswered=NotMoved(40001, "failed", NO_PREPARE_ANSWER),
-        diverged=NotMoved(40002, "diverged", "the replayed service answered with different bytes"),
-        refused=NotMoved(40003, "refused", "the window of epoch 5 on this server closed"),
-        closed=NotMoved(40004, "closed", "ended before the hand-over", state=ClientState.CLOSED),
+        unanswered(40001),
+        answered_at_commit(40002, Status.DIVERGED, "the replayed service answered otherwise"),
+        answered_at_commit(40003, Status.REFUSED, "the COMMIT's checkpoint is of another"),
+        NotMoved(40004, "closed", "ended before the hand-over", state=ClientState.CLOSED),
+        answered_at_commit(40005, Status.LATE, "the window of epoch 5 on this server closed"),
+        NotMoved(40006, "failed", NO_PREPARE_ANSWER),  # the text alone does not hold one
     )
     defer_unanswered(record, None, 100.5)
     assert record.deferred == {40001: 100.5}
     held = record.connections[40001]
     assert held.outcome == "deferred"
     assert held.state is not ClientState.RESET  # not reset after the switch
-    for port in (40002, 40003):  # a server's answer that it cannot: reset, as before
+    assert held.reason.startswith(NO_PREPARE_ANSWER)
+    assert record.connections[40005].outcome == "late"
+    for port in (40002, 40003, 40005, 40006):  # a server's answer that it cannot: reset, as before
         assert record.connections[port].state is ClientState.RESET
     assert record.connections[40004].outcome == "closed"
 
 
 def test_a_connection_is_held_again_only_while_held_less_than_the_bound() -> None:
-    first = roam(5, a=NotMoved(40001, "failed", NO_PREPARE_ANSWER))
+    first = roam(5, unanswered(40001))
     defer_unanswered(first, None, 100.0)
-    again = roam(6, a=NotMoved(40001, "failed", NO_PREPARE_ANSWER))
+    again = roam(6, unanswered(40001))
     defer_unanswered(again, first, 100.0 + DEFER_HELD_MAX_S / 2)
     assert again.deferred == {40001: 100.0}  # held since the first roam
-    last = roam(7, a=NotMoved(40001, "failed", NO_PREPARE_ANSWER))
+    last = roam(7, unanswered(40001))
     defer_unanswered(last, again, 100.0 + DEFER_HELD_MAX_S)
     assert last.deferred == {}
     assert last.connections[40001].state is ClientState.RESET

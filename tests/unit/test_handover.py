@@ -257,6 +257,24 @@ def test_client_refusal_resets_without_abort_and_names_the_status() -> None:
     assert client.actions() == [h.Reset("bytes differ")]
 
 
+@pytest.mark.parametrize("status", [Status.REFUSED, Status.LATE])
+def test_a_refused_commit_resets_and_frees_the_preparation_the_server_still_holds(
+    status: Status,
+) -> None:
+    client = h.ClientHandover(prepare_request(), 500, deadline=5.0, now=0.0)
+    client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
+    client.freeze(commit_request(), "", 0.2)
+    client.actions()
+    client.receive(Answer(Phase.COMMIT, 40000, status, "the window of epoch 7 closed"), 0.3)
+    assert client.outcome == status.name.lower()
+    assert not client.movable_later  # reset, not held for the next roam
+    actions = client.actions()
+    assert [a.request.phase for a in actions if isinstance(a, h.Send) and a.request] == [
+        Phase.ABORT
+    ]
+    assert h.Reset("the window of epoch 7 closed") in actions
+
+
 def test_client_refresh_with_a_newer_checkpoint_prepares_again() -> None:
     client = h.ClientHandover(prepare_request(0), 0, deadline=5.0, now=0.0)
     client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)

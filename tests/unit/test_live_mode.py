@@ -359,6 +359,45 @@ def test_a_late_request_is_taken_while_the_same_server_serves_the_next_epoch() -
     asyncio.run(scenario())
 
 
+def test_a_commit_after_the_window_closed_is_answered_late_and_restores_nothing() -> None:
+    """A pool too loaded to take every connection in its window: a COMMIT that arrives after
+    the window closed is answered LATE (the client may hold the connection for the next
+    roam, ``migrate.handover.ClientHandover.movable_later``), never restored; its ABORT
+    frees the preparation at once."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        schedule = harness.pool.schedule
+        prepare = harness.prepare()
+        harness.send(prepare)
+        await settle()
+        assert harness.answers() == [Answer(Phase.PREPARE, 40000, Status.READY)]
+        harness.transport.sent.clear()
+        start = schedule.start_of(harness.epoch)
+        harness.now = schedule.served_until(harness.epoch, start + 9.0) + 0.1
+        assert harness.now < start + 10.0  # within LATE_REQUEST_S: only the window says no
+        harness.current = schedule.epoch_at(harness.now).index
+        commit = Request(
+            Phase.COMMIT, harness.epoch, 40000, 80, len(REPLAY), 0, len(REPLAY),
+            prepare.checkpoint, b"",
+        )  # fmt: skip
+        harness.send(commit)
+        await settle()
+        [answer] = harness.answers()
+        assert (answer.phase, answer.status) == (Phase.COMMIT, Status.LATE)
+        assert f"the window of epoch {harness.epoch} on this server closed" in answer.detail
+        [pending] = harness.live.pending.values()
+        assert pending.machine.state is ServerState.PREPARED  # nothing restored
+        harness.send(abort(harness.epoch))
+        await settle()
+        assert harness.live.pending == {}
+        assert harness.services[0].recv(4096) == REPLAY
+        assert harness.services[0].recv(4096) == b""  # the service connection closed
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_prepare_beyond_one_datagram_takes_its_bytes_from_the_replay_stream() -> None:
     """Replay bytes on the stream (migrate.replaystream): sealed chunks stored and
     acknowledged; forged, replayed, misdirected, oversized chunks refused with nothing held;
