@@ -748,8 +748,7 @@ class ClientHandover:
         because there is none (``why_not``)."""
         if self.state is _C.PREPARING:
             self._step(_CE.COMMIT, LocalError)
-            self._give_up(NO_PREPARE_ANSWER, abort=True)
-            self.movable_later = True
+            self._unanswered_prepare(abort=True)
             return
         self._step(_CE.COMMIT if commit is not None else _CE.NOTHING_TO_COMMIT, LocalError)
         if commit is None:
@@ -775,9 +774,10 @@ class ClientHandover:
             go = Request(Phase.GO, self.request.epoch, self.port, self.request.vport, 0, 0, 0,
                          b"", b"")  # fmt: skip
             self._actions.append(Send(request=go))
-        elif was not in CLIENT_FINAL:
-            self._give_up(f"no answer to the {'commit' if was is _C.COMMITTING else 'prepare'}",
-                          abort=was is not _C.PREPARING)  # fmt: skip
+        elif was is _C.COMMITTING:
+            self._give_up("no answer to the commit", abort=True)
+        elif was not in CLIENT_FINAL:  # never frozen: nothing was restored at the new server
+            self._unanswered_prepare(abort=was is not _C.PREPARING)
 
     def handle_timer(self, now: float) -> None:
         timer = self.get_timer()
@@ -787,7 +787,10 @@ class ClientHandover:
         deadline = self._commit_deadline if phase == "commit" else self.deadline
         if now >= deadline:
             self._step(_CE.DEADLINE, LocalError)
-            self._give_up(f"no answer to the {phase}", abort=True)
+            if phase == "prepare":
+                self._unanswered_prepare(abort=True)
+            else:
+                self._give_up("no answer to the commit", abort=True)
             return
         self._step(_CE.TIMEOUT, LocalError)
         if phase == "prepare":
@@ -823,6 +826,12 @@ class ClientHandover:
         if abort:
             self._actions.append(self._abort_request())
         self._actions.append(Reset(reason))
+
+    def _unanswered_prepare(self, *, abort: bool) -> None:
+        """No answer to the PREPARE (by its deadline, the freeze or the switch): nothing of
+        the connection was created at the new server, so it may wait for the next roam."""
+        self._give_up(NO_PREPARE_ANSWER, abort=abort)
+        self.movable_later = True
 
     def _abort_request(self) -> Send:
         abort = Request(Phase.ABORT, self.request.epoch, self.port, self.request.vport, 0, 0, 0,

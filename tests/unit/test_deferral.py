@@ -74,6 +74,26 @@ def test_only_connections_the_new_server_could_not_prepare_in_time_are_held() ->
     assert record.connections[40004].outcome == "closed"
 
 
+def test_a_prepare_unanswered_by_its_deadline_or_the_switch_is_held_too() -> None:
+    by_deadline = machine(40001)
+    by_deadline.handle_timer(5.0)  # the PREPARE's deadline (the new server's window)
+    by_switch = machine(40002)
+    by_switch.switched(1.0)  # still unanswered when the rewrite moved on
+    committing = answered_at_commit(40003, Status.READY, "")
+    committing.switched(1.5)  # READY came: migrated, nothing to hold
+    unanswered_commit = machine(40004)
+    unanswered_commit.receive(Answer(Phase.PREPARE, 40004, Status.READY), 0.5)
+    unanswered_commit.freeze(
+        Request(Phase.COMMIT, 7, 40004, 80, 10, 1200, 10, CHECKPOINT, b""), "", 1.0
+    )
+    unanswered_commit.handle_timer(1.0 + 5.0)  # a restore may have happened there: reset
+    record = roam(5, by_deadline, by_switch, committing, unanswered_commit)
+    defer_unanswered(record, None, 100.0)
+    assert record.deferred == {40001: 100.0, 40002: 100.0}
+    assert record.connections[40003].outcome == "migrated"
+    assert record.connections[40004].state is ClientState.RESET
+
+
 def test_a_connection_is_held_again_only_while_held_less_than_the_bound() -> None:
     first = roam(5, unanswered(40001))
     defer_unanswered(first, None, 100.0)
