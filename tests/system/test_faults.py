@@ -171,7 +171,15 @@ def test_roaming_updates_lost_for_several_periods() -> None:
         result, _reasons, stderr = transfer(roaming, data, drop_updates)
         assert shim_problems(roaming) == []
         assert result == "intact", summary(roaming, stderr)
+        # The download may end just as the rule goes: wait (bounded) for the next update.
+        end = blocked[1]
+        deadline = time.time() + 4 * roaming.update_period
         events = roaming.clients["c1"].events()
+        while time.time() < deadline and not any(
+            e["event"] == "update_accepted" and e["sent_at"] > end for e in events
+        ):
+            time.sleep(0.1)
+            events = roaming.clients["c1"].events()
         # Judged by when each accepted update was sent (the servers' clock is this machine's):
         # one sent just before the rule went in may wait in the client's socket while its
         # event loop is busy with a hand-over, and be read well after.
