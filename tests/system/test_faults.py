@@ -163,8 +163,21 @@ def test_roaming_updates_lost_for_several_periods() -> None:
                     "}\n"
                 ),
             )
-            blocked.append(time.time())  # the rule is in
-            time.sleep(5 * roaming.update_period)
+            start = time.time()
+            blocked.append(start)  # the rule is in
+            # Five update periods, and until the client has roamed: consecutive epochs may
+            # share a server (a few % of blocks of five 1-2 s epochs meet no change), so the
+            # block lasts, bounded, until past the schedule's first change of server in it.
+            change = min(roaming.switch_times(60.0), default=start + 60.0)
+            deadline = max(start + 5 * roaming.update_period, change + 3.0)
+            while time.time() < deadline and (
+                time.time() < start + 5 * roaming.update_period
+                or not any(
+                    e["event"] == "switch" and e["ts"] > start
+                    for e in roaming.clients["c1"].events()
+                )
+            ):
+                time.sleep(0.1)
             blocked.append(time.time())  # the rule is still in
             c1.run(["nft", "delete", "table", "inet", "faults_drop_updates"], check=True)
 
