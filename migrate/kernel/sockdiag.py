@@ -5,8 +5,9 @@ Theory of operation. The client shim does not own the application's sockets, yet
 each connection's positions (bytes the server acknowledged, bytes received from it) to ask
 for a re-incarnation, and it must be able to reset a connection that cannot be migrated. Both
 are what ``ss -ti`` and ``ss -K`` do: an ``inet_diag_req_v2`` dump of a family and protocol,
-filtered in the kernel by a state mask, with ``INET_DIAG_INFO`` (``struct tcp_info``) attached
-to each ``inet_diag_msg``; and the same request with exact addresses as ``SOCK_DESTROY``, after
+filtered in the kernel by a state mask (and, for one destination, by the bytecode program
+``ss dst A:P`` sends), with ``INET_DIAG_INFO`` (``struct tcp_info``) attached to each
+``inet_diag_msg``; and the same request with exact addresses as ``SOCK_DESTROY``, after
 which the kernel aborts the socket: the owning application's next call fails with
 ``ECONNABORTED``. The protocol is spoken with ``struct`` (no pyroute2: its synchronous API must
 not run inside an asyncio loop, and these calls are short).
@@ -46,6 +47,8 @@ NLM_F_DUMP: Final = 0x300
 NLMSG_ERROR: Final = 2
 NLMSG_DONE: Final = 3
 INET_DIAG_INFO: Final = 2
+INET_DIAG_REQ_BYTECODE: Final = 1  # a request attribute: a filter the kernel runs per socket
+INET_DIAG_BC_D_COND: Final = 8  # the remote address (a prefix) and port match
 INET_DIAG_NOCOOKIE: Final = 0xFFFFFFFF
 
 TCP_STATES: Final = {
@@ -85,9 +88,10 @@ _REQ_HEAD: Final = struct.Struct("=BBBxI")
 _MSG_HEAD: Final = struct.Struct("=BBBB")
 _MSG_TAIL: Final = struct.Struct("=IIIII")
 _MSG_SIZE: Final = _MSG_HEAD.size + _SOCKID_SIZE + _MSG_TAIL.size  # 72
-_DPORT: Final = struct.Struct("!H")
-_DPORT_AT: Final = _MSG_HEAD.size + 2  # idiag_dport in an inet_diag_msg
-_DST_AT: Final = _MSG_HEAD.size + 4 + 16  # idiag_dst
+# struct inet_diag_bc_op: u8 code, yes; u16 no (offsets to jump by: past the end accepts,
+# beyond it by 4 rejects). struct inet_diag_hostcond: u8 family, prefix_len; int port; addr.
+_BC_OP: Final = struct.Struct("=BBH")
+_BC_HOSTCOND: Final = struct.Struct("=BBxxi")
 
 # Offsets in struct tcp_info (include/uapi/linux/tcp.h); the struct only grows.
 _U8: Final = struct.Struct("=B")
@@ -258,15 +262,15 @@ def _ipv4_of(family: int, raw: bytes) -> str | None:
 def _parse_tcp_info(data: bytes) -> dict[str, int]:
     if len(data) >= _TCPI_WHOLE.size:  # any kernel since 6.12: every field at once
         values = dict(zip(_TCPI_NAMES, _TCPI_WHOLE.unpack_from(data), strict=True))
-        del values["wscales"]
+        scales = values.pop("wscales")
     else:
         values = {
             name: fmt.unpack_from(data, offset)[0]
             for name, offset, fmt in _TCPI_FIELDS
             if offset + fmt.size <= len(data)
         }
-    if len(data) > _TCPI_WSCALE_OFFSET:
-        scales = data[_TCPI_WSCALE_OFFSET]
+        scales = data[_TCPI_WSCALE_OFFSET] if len(data) > _TCPI_WSCALE_OFFSET else None
+    if scales is not None:
         values["snd_wscale"] = scales & 0x0F
         values["rcv_wscale"] = scales >> 4
     return values
@@ -357,22 +361,28 @@ def _exchange(message_type: int, flags: int, payload: bytes, what: str) -> list[
                     return bodies
 
 
+def destination_filter(dst: tuple[str, int]) -> bytes:
+    """An ``INET_DIAG_REQ_BYTECODE`` attribute keeping only sockets whose remote end is
+    ``dst`` (IPv4; the kernel matches IPv4-mapped ``AF_INET6`` sockets to it too), as ``ss dst
+    A:P`` sends: one ``D_COND`` whose "yes" ends the program (accept) and whose "no" jumps 4
+    bytes beyond it (reject)."""
+    condition = (
+        _BC_HOSTCOND.pack(socket.AF_INET, 32, dst[1]) + _address_bytes(socket.AF_INET, dst[0])[:4]
+    )
+    length = _BC_OP.size + len(condition)
+    program = _BC_OP.pack(INET_DIAG_BC_D_COND, length, length + 4) + condition
+    return _NLATTR.pack(_NLATTR.size + len(program), INET_DIAG_REQ_BYTECODE) + program
+
+
 def _dump(family: int, states: int, dst: tuple[str, int] | None = None) -> list[TcpSocketInfo]:
     request = _request(family, states)
+    if dst is not None:
+        # The kernel skips the sockets to other destinations before copying them: on a busy
+        # host (the client shim dumps its VIP's sockets inside the freeze) most of the dump.
+        request += destination_filter(dst)
     bodies = _exchange(
         SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, request, "sock_diag TCP dump"
     )
-    if dst is not None:
-        # Only the sockets to ``dst`` are parsed (the others of a busy host cost nothing
-        # more than their copy): its port and address compared in the message's own bytes.
-        port, address = _DPORT.pack(dst[1]), _address_bytes(family, dst[0])
-        width = 4 if family == socket.AF_INET else 16
-        bodies = [
-            body
-            for body in bodies
-            if body[_DPORT_AT : _DPORT_AT + 2] == port
-            and body[_DST_AT : _DST_AT + width] == address[:width]
-        ]
     return [info for body in bodies if (info := parse_diag_message(body)) is not None]
 
 
@@ -392,12 +402,9 @@ def tcp_sockets(
     found = _dump(socket.AF_INET, states, dst)
     if include_mapped and socket.has_ipv6:
         found += _dump(socket.AF_INET6, states, dst)
-    return [
-        info
-        for info in found
-        if (dst is None or info.dst == (dst[0], dst[1]))
-        and (src_port is None or info.src[1] == src_port)
-    ]
+    if src_port is None:
+        return found
+    return [info for info in found if info.src[1] == src_port]
 
 
 def lookup(src: tuple[str, int], dst: tuple[str, int]) -> TcpSocketInfo | None:

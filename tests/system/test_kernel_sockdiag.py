@@ -230,3 +230,42 @@ def test_ipv4_mapped_sockets_are_reported_and_destroyed(lab_factory) -> None:
             assert in_ns(c1, lambda: sockdiag.destroy(info.src, server_addr))
             with pytest.raises(ConnectionAbortedError):
                 client.recv(10)
+
+
+def test_a_dump_for_one_destination_is_filtered_by_the_kernel(lab_factory) -> None:
+    """The kernel runs the destination filter: only the sockets whose remote end is exactly
+    the address and port asked for come back, IPv4 and IPv4-mapped alike; not those to
+    another port of the same address, nor the listener, nor the server's own ends."""
+    lab = lab_factory(TOPO)
+    c1, s1 = lab["c1"], lab["s1"]
+    server_ip = str(s1.address)
+    with listen(s1, PORT + 3) as wanted, listen(s1, PORT + 4) as other:
+
+        def connect(family: int, port: int) -> socket.socket:
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            host = server_ip if family == socket.AF_INET else f"::ffff:{server_ip}"
+            sock.connect((host, port))
+            return sock
+
+        clients = [
+            in_ns(c1, lambda f=family, p=port: connect(f, p))
+            for family in (socket.AF_INET, socket.AF_INET6)
+            for port in (PORT + 3, PORT + 4)
+        ]
+        accepted = [wanted.accept()[0], wanted.accept()[0], other.accept()[0], other.accept()[0]]
+        try:
+            expected = {
+                (sock.family, sock.getsockname()[1])
+                for sock in clients
+                if sock.getpeername()[1] == PORT + 3
+            }
+            found = in_ns(c1, lambda: sockdiag.tcp_sockets(dst=(server_ip, PORT + 3)))
+            assert {(info.family, info.src[1]) for info in found} == expected
+            assert all(info.dst == (server_ip, PORT + 3) for info in found)
+            everything = in_ns(c1, sockdiag.tcp_sockets)
+            assert len(everything) == len(clients)  # the filter, not an empty namespace
+            assert in_ns(s1, lambda: sockdiag.tcp_sockets(dst=(server_ip, PORT + 3))) == []
+        finally:
+            for sock in clients + accepted:
+                sock.close()
