@@ -102,6 +102,7 @@ CARRIER_GRACE_S = 0.3
 DEFER_WITHIN_S = 3.0
 DEFER_HELD_MAX_S = 4.0
 NO_PREPARE_ANSWER = "no answer to the prepare"
+NEVER_COMMITTED = "prepared, but not frozen before the switch (never committed)"
 # ... but that wait ends this long before the hand-over must be over (the new server's window
 # for COMMITs), leaving the young connections' PREPARE and COMMIT round trips their time.
 NEWCOMER_MARGIN_S = 0.1
@@ -776,8 +777,11 @@ class ClientHandover:
             self._actions.append(Send(request=go))
         elif was is _C.COMMITTING:
             self._give_up("no answer to the commit", abort=True)
+        elif was is _C.PREPARED:  # answered but never frozen: nothing restored there either
+            self._give_up(NEVER_COMMITTED, abort=True)
+            self.movable_later = True
         elif was not in CLIENT_FINAL:  # never frozen: nothing was restored at the new server
-            self._unanswered_prepare(abort=was is not _C.PREPARING)
+            self._unanswered_prepare(abort=False)
 
     def handle_timer(self, now: float) -> None:
         timer = self.get_timer()

@@ -10,6 +10,7 @@ from client_shim.rules import switch_script
 from migrate.endpoints import Endpoint
 from migrate.handover import (
     DEFER_HELD_MAX_S,
+    NEVER_COMMITTED,
     NO_PREPARE_ANSWER,
     ClientHandover,
     ClientState,
@@ -87,9 +88,15 @@ def test_a_prepare_unanswered_by_its_deadline_or_the_switch_is_held_too() -> Non
         Request(Phase.COMMIT, 7, 40004, 80, 10, 1200, 10, CHECKPOINT, b""), "", 1.0
     )
     unanswered_commit.handle_timer(1.0 + 5.0)  # a restore may have happened there: reset
-    record = roam(5, by_deadline, by_switch, committing, unanswered_commit)
+    prepared = machine(40005)
+    prepared.receive(Answer(Phase.PREPARE, 40005, Status.READY), 0.5)
+    prepared.actions()
+    prepared.switched(1.0)  # answered, never frozen: nothing restored, its preparation freed
+    assert prepared.reason == NEVER_COMMITTED
+    assert [a.request.phase for a in prepared.actions() if hasattr(a, "request")] == [Phase.ABORT]
+    record = roam(5, by_deadline, by_switch, committing, unanswered_commit, prepared)
     defer_unanswered(record, None, 100.0)
-    assert record.deferred == {40001: 100.0, 40002: 100.0}
+    assert record.deferred == {40001: 100.0, 40002: 100.0, 40005: 100.0}
     assert record.connections[40003].outcome == "migrated"
     assert record.connections[40004].state is ClientState.RESET
 
