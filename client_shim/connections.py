@@ -70,14 +70,20 @@ class ClientConnections:
         hash table, whatever the count of sockets (3 ms per address family here, two
         families), an exact lookup 0.2 ms; for more than ``EXACT_LOOKUPS_MAX`` ports the dump
         is the cheaper."""
+        found = self.established(ports)
+        self.capture.drain()
+        return found
+
+    def established(self, ports: Collection[int]) -> Sockets:
+        """Which of ``ports`` are still established connections to the VIP (the capture left
+        as it is: a retry timer needs to know only whether its connection still lives)."""
         if len(ports) > EXACT_LOOKUPS_MAX:
-            return self.sockets_and_capture()
+            return self.live_sockets()
         found = {}
         for port in ports:
             info = sockdiag.lookup((self.client_address, port), self.vip)
             if info is not None and info.state == "ESTABLISHED":
                 found[port] = info
-        self.capture.drain()
         return found
 
     def live_sockets(self) -> Sockets:

@@ -145,7 +145,7 @@ class Migrator:
             due = [m for m in waiting if (t := m.get_timer()) is not None and t <= now]
             # A connection that ended while its answer was awaited needs none: it is closed, not
             # failed. Only the due are looked up (a dump per retry: a third of the client's CPU).
-            sockets = self.view.sockets_of([m.port for m in due])
+            sockets = self.view.established([m.port for m in due])
             for machine in due:
                 if machine.port not in sockets and machine.state is state:
                     machine.ended()
