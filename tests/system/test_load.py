@@ -44,6 +44,7 @@ def test_a_thousand_connections_move_in_one_roam(lab_factory: LabFactory) -> Non
             servers=list(pool.server_hosts),
             tick=TICK_S,
             first_switch_after=2 * TICK_S,
+            switches=(1, 5 * TICK_S),  # and one soon after: the measurement waits 60 s at most
         )
         measured = measure_connections(pool, CONNECTIONS, wait_s=5.0)
         live = json.loads(pool.clients["c1"].status_path.read_text())["live"]
