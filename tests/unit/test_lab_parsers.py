@@ -198,3 +198,18 @@ def test_a_log_line_still_being_written_is_left_for_the_next_read(tmp_path) -> N
     with log.open("a") as appending:
         appending.write('omes": {}}\n')
     assert read_json_lines(log) == [{"event": "start"}, {"event": "roam", "outcomes": {}}]
+
+
+def test_a_deferred_hand_over_counts_as_failed_unless_a_later_roam_moved_it() -> None:
+    from labs.faults import unfinished
+
+    def handoff(port: int, epoch: int, outcome: str) -> dict[str, object]:
+        return {"port": port, "epoch": epoch, "outcome": outcome, "detail": ""}
+
+    moved_later = [handoff(1, 5, "deferred"), handoff(1, 6, "migrated")]
+    closed_later = [handoff(2, 5, "deferred"), handoff(2, 7, "closed")]
+    never = [handoff(3, 5, "deferred"), handoff(3, 4, "migrated")]  # moved before, not after
+    other_port = [handoff(4, 5, "deferred"), handoff(5, 6, "migrated")]
+    failed = [handoff(6, 5, "failed"), handoff(6, 6, "migrated")]  # a failure stays one
+    events = moved_later + closed_later + never + other_port + failed
+    assert unfinished(events) == [never[0], other_port[0], failed[0]]
