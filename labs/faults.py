@@ -117,15 +117,15 @@ def unfinished(handoffs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     deferred whose connection a later roam migrated (or found closed). A hand-over whose
     PREPARE the new server could not answer in its window (a late start on a busy machine)
     holds the connection frozen for the next roam by design: a longer pause, not a loss."""
-    done = {(h["port"], h["epoch"]) for h in handoffs if h["outcome"] in ("migrated", "closed")}
+    latest: dict[Any, int] = {}
+    for h in handoffs:
+        if h["outcome"] in ("migrated", "closed"):
+            latest[h["port"]] = max(h["epoch"], latest.get(h["port"], h["epoch"]))
     return [
         h
         for h in handoffs
         if h["outcome"] not in ("migrated", "closed")
-        and not (
-            h["outcome"] == "deferred"
-            and any(port == h["port"] and epoch > h["epoch"] for port, epoch in done)
-        )
+        and not (h["outcome"] == "deferred" and latest.get(h["port"], h["epoch"]) > h["epoch"])
     ]
 
 

@@ -778,8 +778,7 @@ class ClientHandover:
         elif was is _C.COMMITTING:
             self._give_up("no answer to the commit", abort=True)
         elif was is _C.PREPARED:  # answered but never frozen: nothing restored there either
-            self._give_up(NEVER_COMMITTED, abort=True)
-            self.movable_later = True
+            self._unanswered_prepare(abort=True, reason=NEVER_COMMITTED)
         elif was not in CLIENT_FINAL:  # never frozen: nothing was restored at the new server
             self._unanswered_prepare(abort=False)
 
@@ -831,10 +830,11 @@ class ClientHandover:
             self._actions.append(self._abort_request())
         self._actions.append(Reset(reason))
 
-    def _unanswered_prepare(self, *, abort: bool) -> None:
-        """No answer to the PREPARE (by its deadline, the freeze or the switch): nothing of
-        the connection was created at the new server, so it may wait for the next roam."""
-        self._give_up(NO_PREPARE_ANSWER, abort=abort)
+    def _unanswered_prepare(self, *, abort: bool, reason: str = NO_PREPARE_ANSWER) -> None:
+        """No answer to the PREPARE (by its deadline, the freeze or the switch), or one never
+        committed: nothing of the connection was restored at the new server, so it may wait
+        for the next roam."""
+        self._give_up(reason, abort=abort)
         self.movable_later = True
 
     def _abort_request(self) -> Send:

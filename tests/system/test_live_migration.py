@@ -66,8 +66,7 @@ def diagnostics(roaming: RoamingLab) -> str:
     counted."""
     counts: Counter[str] = Counter(
         f"epoch {e['epoch']} {e['outcome']}: {str(e['detail'])[:120]}"
-        for e in handoffs(roaming)
-        if e["outcome"] not in ("migrated", "closed")
+        for e in unfinished(handoffs(roaming))
     )
     for shim in roaming.servers.values():
         counts.update(
