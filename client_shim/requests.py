@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from migrate.channel import Kind, Opener
-from migrate.cover import CoverConfig, CoverSchedule, cover, frame, unframe
+from migrate.cover import CoverConfig, CoverSchedule, cover, frame_many, unframe
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError
 from migrate.kernel.eventlog import EventLog
@@ -27,6 +27,7 @@ from migrate.reincarnation import (
     Phase,
     Request,
     answer_opener,
+    packable,
     request_sealer,
     stream_ack_opener,
     stream_sealer,
@@ -68,7 +69,7 @@ class RequestChannel:
         self.cover: CoverSchedule[Request] | None = None
         if cover_config.enabled:
             servers = [str(s.address) for s in bundle.servers()]
-            self.cover = CoverSchedule(servers, cover_config, clock())
+            self.cover = CoverSchedule(servers, cover_config, clock(), packable=packable)
         self.cover_answers = 0
         self._cover_task: asyncio.Task[None] | None = None
         self._urgent: asyncio.Handle | None = None
@@ -146,12 +147,16 @@ class RequestChannel:
                 # not on the grid.
                 self._urgent = asyncio.get_running_loop().call_soon(self._send_urgent)
 
-    def _send_cells(self, cells: list[tuple[str, Request | None]], now: float) -> int:
+    def _send_cells(self, cells: list[tuple[str, tuple[Request, ...]]], now: float) -> int:
         assert self.transport is not None
         cell = self.cover_config.cell
         sent = 0
-        for server, request in cells:
-            plaintext = cover(cell) if request is None else frame(request.encode(), cell)
+        for server, requests in cells:
+            plaintext = (
+                frame_many([request.encode() for request in requests], cell)
+                if requests
+                else cover(cell)
+            )
             message = self.sealer.seal(
                 Kind.REINCARNATE_REQUEST, plaintext, now + self.clock_offset()
             )
@@ -181,6 +186,7 @@ class RequestChannel:
             "slots": self.cover.slots,
             "urgent_slots": self.cover.urgent_slots,
             "cells_sent": self.cover.cells,
+            "packed": self.cover.packed,
             "queued": self.cover.queued(),
             "dropped": self.cover.dropped,
             "replaced": self.cover.replaced,

@@ -69,6 +69,7 @@ from migrate.checkpoint import (
     open_checkpoint,
     sealed_length,
 )
+from migrate.cover import packed_bytes
 from migrate.errors import (
     AuthenticationError,
     InconsistentUpdateError,
@@ -105,6 +106,17 @@ class Phase(IntEnum):
     COMMIT = 2
     ABORT = 3
     GO = 4  # the client has switched: the new server may speak
+
+
+# Header-only requests answered with cover: they may share a cell (migrate.cover, packed).
+PACKABLE_PHASES = frozenset({Phase.ABORT, Phase.GO})
+
+
+def packable(request: Request) -> int:
+    """What ``request`` takes of a packed cell, or 0 if it goes alone in its cell."""
+    if request.phase in PACKABLE_PHASES:
+        return packed_bytes(_REQUEST.size)
+    return 0
 
 
 class Status(IntEnum):

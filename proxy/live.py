@@ -180,12 +180,34 @@ class LiveMode:
             opened = self.port.open(data, source)
             if opened is None:
                 return  # cover, answered with cover
-            record, opener, message, request = opened
+            record, opener, message, requests = opened
+            if len(requests) > 1:
+                self._on_packed(record, message, opener, requests, source)
+                return
+            request = requests[0]
             key = (source[0], request.client_port)
             request = self.port.with_streamed(record, request)
             self._on_request(key, record, message, opener, request, source)
         except RoamError as error:
             self.port.reject(source, error)
+
+    def _on_packed(
+        self,
+        record: ClientRecord,
+        opened: Opened,
+        opener: Opener,
+        requests: list[Request],
+        source: tuple[str, int],
+    ) -> None:
+        """A packed cell of GOs and ABORTs (migrate.cover): each as if alone, but one replay
+        record for the cell and one cover answer, as for any cell."""
+        opener.accept(opened)
+        for request in requests:
+            try:
+                self._go_or_abort((source[0], request.client_port), record, request)
+            except RoamError as error:  # one refused request does not stop its neighbours
+                self.port.reject(source, error)
+        self.port.send(record, None, source)
 
     def _on_request(
         self,
@@ -196,6 +218,22 @@ class LiveMode:
         request: Request,
         source: tuple[str, int],
     ) -> None:
+        if request.phase is Phase.PREPARE:
+            pending = self._bound_pending(key, record, request)
+            self._on_prepare(key, pending, opened, opener, request, record, source)
+            return
+        if request.phase is Phase.COMMIT:
+            pending = self._bound_pending(key, record, request)
+            self._on_commit(key, pending, opened, opener, request, record, source)
+            return
+        self._bound_pending(key, record, request)  # refused before it is recorded as seen
+        opener.accept(opened)
+        try:
+            self._go_or_abort(key, record, request)
+        finally:
+            self.port.send(record, None, source)  # nobody waits for it; cover has one
+
+    def _bound_pending(self, key: Key, record: ClientRecord, request: Request) -> Pending | None:
         pending = self.pending.get(key)
         if pending is not None and pending.machine.client_id != record.client_id:
             # Bound to the client of the PREPARE: nobody else commits, starts or aborts it.
@@ -203,20 +241,15 @@ class LiveMode:
                 f"{request.phase.name} from client {record.client_id} for a re-incarnation "
                 f"prepared by client {pending.machine.client_id}"
             )
-        if request.phase is Phase.PREPARE:
-            self._on_prepare(key, pending, opened, opener, request, record, source)
-            return
-        if request.phase is Phase.COMMIT:
-            self._on_commit(key, pending, opened, opener, request, record, source)
-            return
-        opener.accept(opened)
+        return pending
+
+    def _go_or_abort(self, key: Key, record: ClientRecord, request: Request) -> None:
+        pending = self._bound_pending(key, record, request)
         machine = pending.machine if pending is not None else self._live_machine(key, record)
         if machine is None:
-            self.port.send(record, None, source)  # nobody waits for an answer to a GO or ABORT
-            return
+            return  # nobody waits for an answer to a GO or ABORT
         gate = pending is None or not self.port.behind_closed_gate(request.epoch)
         machine.receive(request, self.context.clock(), gate_open=gate)
-        self.port.send(record, None, source)  # nobody waits for it; cover has one
         if pending is not None:
             self._execute(key, pending)
 

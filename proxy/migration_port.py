@@ -18,7 +18,7 @@ from enum import Enum
 
 from migrate.channel import Kind, Opened, Opener, Sealer
 from migrate.checkpoint import CheckpointKeys
-from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe
+from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe_all
 from migrate.errors import (
     InconsistentUpdateError,
     MalformedMessageError,
@@ -28,6 +28,7 @@ from migrate.errors import (
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     LATE_REQUEST_S,
+    PACKABLE_PHASES,
     PREPARE_AHEAD_S,
     Admitted,
     Answer,
@@ -168,8 +169,9 @@ class MigrationPort:
 
     def open(
         self, data: bytes, source: tuple[str, int]
-    ) -> tuple[ClientRecord, Opener, Opened, Request] | None:
-        """The request in ``data``, checked for its sender; None for cover (answered here)."""
+    ) -> tuple[ClientRecord, Opener, Opened, list[Request]] | None:
+        """The requests in ``data`` (one, or the GOs and ABORTs of a packed cell), checked for
+        their sender; None for cover (answered here)."""
         pool = self.context.pool
         client_id = client_id_of(data)
         found = pool.clients.by_id(client_id)
@@ -186,16 +188,22 @@ class MigrationPort:
             # Framed answers are ANSWER_CELL_BYTES: never more than the request (no
             # amplification, even by an authentic client towards its own address).
             raise MalformedMessageError(f"a framed request of {len(data)} bytes is too small")
-        body = unframe(opened.plaintext)
-        request = Request.decode(body) if body is not None else None
-        if request is not None:
+        requests = [Request.decode(body) for body in unframe_all(opened.plaintext)]
+        if len(requests) > 1 and any(r.phase not in PACKABLE_PHASES for r in requests):
+            # Their answers could not be one cell (cover's one answer per cell).
+            raise MalformedMessageError(
+                "a packed cell holds a "
+                + next(r.phase.name for r in requests if r.phase not in PACKABLE_PHASES)
+                + ": only GO and ABORT share a cell"
+            )
+        for request in requests:
             self.check_sender(record, source[0], request)
         if framed and source[0] == str(record.address):
             self.framed_clients.add(record.client_id)
-        if request is None:
+        if not requests:
             self.on_cover(record, opener, opened, source)
             return None
-        return record, opener, opened, request
+        return record, opener, opened, requests
 
     # -- answers -----------------------------------------------------------------------------
 

@@ -6,19 +6,25 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from migrate.channel import Kind, Opener, Purpose, Sealer, derive_key
 from migrate.cover import (
     ANSWER_CELL_BYTES,
+    MAX_PACKED,
     CoverConfig,
     CoverSchedule,
+    cell_room,
     cover,
     frame,
+    frame_many,
     sealed_size,
     unframe,
+    unframe_all,
 )
 from migrate.errors import ConfigError, MalformedMessageError
-from migrate.reincarnation import MAX_DETAIL_BYTES, Answer, Phase, Request, Status
+from migrate.reincarnation import MAX_DETAIL_BYTES, Answer, Phase, Request, Status, packable
 from tests.unit.budget import bounded_step
 
 SERVERS = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
@@ -101,8 +107,8 @@ def test_idle_slots_send_one_cover_cell_to_every_server_at_the_rate() -> None:
     now = 100.0
     for _ in range(200):  # ten simulated seconds, woken at each due time
         now += schedule.due_in(now)
-        for server, item in schedule.take(now):
-            assert item is None
+        for server, items in schedule.take(now):
+            assert items == ()
             sent[server] += 1
         assert schedule.take(now) == []  # a slot is taken once
     assert sent == dict.fromkeys(SERVERS, 200)
@@ -116,7 +122,7 @@ def test_a_real_message_takes_the_place_of_cover_and_every_server_gets_as_many()
     assert schedule.take(0.05) == []  # waits for its slot
     slot = schedule.take(0.1)
     assert Counter(server for server, _ in slot) == dict.fromkeys(SERVERS, 1)
-    assert [item for _, item in slot if item is not None] == ["prepare"]
+    assert [items for _, items in slot if items] == [("prepare",)]
 
 
 def test_a_burst_widens_the_slot_for_every_server_up_to_the_bound() -> None:
@@ -130,7 +136,7 @@ def test_a_burst_widens_the_slot_for_every_server_up_to_the_bound() -> None:
         counts = Counter(server for server, _ in slot)
         assert len(set(counts.values())) == 1, "every server gets as many cells"
         widths.append(counts["10.0.0.1"])
-        real += [item for _, item in slot if item is not None]
+        real += [item for _, items in slot for item in items]
         now += 0.1
     assert widths == [4, 4, 2]
     assert real == list(range(10))  # in order, none lost
@@ -202,7 +208,7 @@ def test_a_request_sent_again_replaces_the_queued_one_and_keeps_its_place():
     sent: list[str] = []
     now = 0.0
     while schedule.queued():
-        sent += [item for server, item in schedule.take(now) if server == "a" and item]
+        sent += [item for server, items in schedule.take(now) if server == "a" for item in items]
         now += config.period
     assert sent == [f"commit {port} again" for port in range(1000)] + ["unkeyed"]
     # Once sent, the key is free again: a new request of that key queues anew.
@@ -217,10 +223,10 @@ def test_an_urgent_slot_goes_at_once_to_every_server_and_leaves_the_grid_alone()
     schedule.put("10.0.0.2", "commit")
     slot = schedule.take_urgent()
     assert Counter(server for server, _ in slot) == dict.fromkeys(SERVERS, 1)
-    assert [item for _, item in slot if item is not None] == ["commit"]
+    assert [items for _, items in slot if items] == [("commit",)]
     assert schedule.urgent_slots == 1
     assert schedule.next_slot == pytest.approx(0.1)  # the grid is where it was
-    assert [item for _, item in schedule.take(0.1)] == [None] * len(SERVERS)
+    assert [items for _, items in schedule.take(0.1)] == [()] * len(SERVERS)
 
 
 def test_an_urgent_slot_widens_for_a_burst_like_any_slot() -> None:
@@ -229,5 +235,86 @@ def test_an_urgent_slot_widens_for_a_burst_like_any_slot() -> None:
         schedule.put("10.0.0.1", i)
     slot = schedule.take_urgent()
     assert Counter(server for server, _ in slot) == dict.fromkeys(SERVERS, 4)
-    assert [item for _, item in slot if item is not None] == [0, 1, 2, 3]
+    assert [item for _, items in slot for item in items] == [0, 1, 2, 3]
     assert schedule.queued() == 2  # the rest in the next slot, urgent or on the grid
+
+
+def go(port: int) -> Request:
+    return Request(Phase.GO, 7, port, 80, 0, 0, 0, b"", b"")
+
+
+def test_gos_and_aborts_share_cells_other_requests_go_alone_and_servers_get_as_many() -> None:
+    """A roam's 1000 GOs go in some 42 cells per server, not 1000: the client seals, and
+    every server opens and answers, 24 times fewer datagrams after the switch."""
+    config = CoverConfig(rate=10, cell=1024)
+    schedule: CoverSchedule[Request] = CoverSchedule(SERVERS, config, 0.0, packable=packable)
+    schedule.put("10.0.0.2", request())  # a PREPARE: alone in its cell
+    for port in range(1000, 2000):
+        schedule.put("10.0.0.2", go(port), key=(Phase.GO, port))
+    schedule.put("10.0.0.2", request(phase=Phase.COMMIT))
+    schedule.put("10.0.0.2", go(5))
+    slot = schedule.take_urgent()
+    counts = Counter(server for server, _ in slot)
+    assert len(set(counts.values())) == 1, "every server gets as many cells"
+    mine = [items for server, items in slot if server == "10.0.0.2"]
+    assert [r.phase for r in mine[0]] == [Phase.PREPARE]
+    per_cell = cell_room(1024) // packable(go(1))
+    assert per_cell == 24
+    assert [len(items) for items in mine[1:-2]] == [per_cell] * 41 + [1000 - 41 * per_cell]
+    sent = [r for items in mine for r in items]
+    assert [r.client_port for r in sent if r.phase is Phase.GO] == [*range(1000, 2000), 5]
+    assert [r.phase for r in mine[-2]] == [Phase.COMMIT]  # the order is kept
+    assert [r.phase for r in mine[-1]] == [Phase.GO]
+    assert len(mine) == 1 + -(-1000 // per_cell) + 2
+    assert schedule.packed == 1000 - -(-1000 // per_cell)
+    # Each cell seals to exactly one cell on the wire, and unpacks to what was packed.
+    for items in mine:
+        plaintext = frame_many([r.encode() for r in items], 1024)
+        assert len(sealed(plaintext)) == 1024
+        assert [Request.decode(b) for b in unframe_all(plaintext)] == list(items)
+    assert schedule.queued() == 0
+
+
+def test_without_a_packable_rule_every_message_goes_alone() -> None:
+    schedule: CoverSchedule[Request] = CoverSchedule(SERVERS, CoverConfig(rate=10), 0.0)
+    for port in range(1, 6):
+        schedule.put("10.0.0.1", go(port))
+    slot = schedule.take_urgent()
+    assert [len(items) for server, items in slot if server == "10.0.0.1"] == [1] * 5
+
+
+@given(st.lists(st.binary(max_size=300), min_size=1, max_size=MAX_PACKED))
+def test_packed_bodies_unpack_in_order(bodies: list[bytes]) -> None:
+    plaintext = frame_many(bodies, 1024)
+    assert len(sealed(plaintext)) % 1024 == 0
+    assert unframe_all(plaintext) == bodies
+    assert unframe(plaintext) == bodies[0]
+
+
+@given(st.binary(max_size=2000))
+def test_unframe_all_takes_any_bytes_with_a_body_list_or_one_line_error(data: bytes) -> None:
+    try:
+        bodies = unframe_all(data)
+    except MalformedMessageError as error:
+        message = str(error)
+        bodies = []
+    else:
+        message = ""
+    assert "\n" not in message
+    assert len(bodies) <= MAX_PACKED
+    assert sum(len(b) for b in bodies) <= len(data)
+
+
+def test_a_malformed_packed_cell_is_refused() -> None:
+    body = go(1).encode()
+    too_many = b"".join(bytes([0x80, 0, len(body)]) + body for _ in range(MAX_PACKED + 1))
+    with pytest.raises(MalformedMessageError, match="more than"):
+        unframe_all(too_many)
+    with pytest.raises(MalformedMessageError, match="after a framed body"):
+        unframe_all(bytes([0x80, 0, len(body)]) + body + b"\x01" + bytes(10))
+    with pytest.raises(MalformedMessageError, match="claims"):
+        unframe_all(bytes([0x80, 0, len(body)]) + body + bytes([0x80, 0xFF, 0xFF]) + body)
+    with pytest.raises(MalformedMessageError):
+        frame_many([], 1024)
+    with pytest.raises(MalformedMessageError):
+        frame_many([body] * (MAX_PACKED + 1), 8192)

@@ -26,6 +26,7 @@ from migrate.checkpoint import (
     TcpSnapshot,
     seal_checkpoint,
 )
+from migrate.cover import ANSWER_CELL_BYTES, frame_many, unframe_all
 from migrate.handover import ServerState
 from migrate.kernel.eventlog import EventLog
 from migrate.pool import ServerPool
@@ -112,6 +113,7 @@ class Harness:
         codec: str = "http",
         state: bytes = b"",
         deep: int = 0,
+        port: int = 40000,
     ) -> Request:
         """``deep``: the checkpoint is that many bytes into a long download whose response
         has a range record (a Range hand-over)."""
@@ -120,7 +122,7 @@ class Harness:
             record = RangeRecord(b'"etag-1"', True, 4 * deep, 200, deep - 65536, bytes(32))
         checkpoint = Checkpoint(
             conn_id=b"c" * 16,
-            client=(str(client.address), 40000),
+            client=(str(client.address), port),
             vport=80,
             epoch=self.epoch - 1,
             counter=3,
@@ -139,7 +141,7 @@ class Harness:
         key = CheckpointKeys(SECRET.group_key).for_epoch(checkpoint.epoch)
         sealed = seal_checkpoint(checkpoint, key, DEPLOYMENT.deployment_id, os.urandom)
         return Request(
-            Phase.PREPARE, self.epoch, 40000, 80, len(replay), received, 0, sealed, replay
+            Phase.PREPARE, self.epoch, port, 80, len(replay), received, 0, sealed, replay
         )
 
     def send(self, request: Request, client: ClientRecord = ALICE, source: str = "") -> None:
@@ -149,6 +151,19 @@ class Harness:
             self.sealers[client.client_id] = sealer
         data = sealer.seal(Kind.REINCARNATE_REQUEST, request.encode(), self.now)
         self.live.on_datagram(data, (source or str(client.address), 50000))
+
+    def send_packed(
+        self, requests: list[Request], client: ClientRecord = ALICE, source: str = ""
+    ) -> bytes:
+        """A packed cell (migrate.cover), as the client's cover sends GOs and ABORTs."""
+        sealer = self.sealers.get(client.client_id)
+        if sealer is None:
+            sealer = request_sealer(client.channel_key, DEPLOYMENT.deployment_id, client.client_id)
+            self.sealers[client.client_id] = sealer
+        plaintext = frame_many([r.encode() for r in requests], 1024)
+        data = sealer.seal(Kind.REINCARNATE_REQUEST, plaintext, self.now)
+        self.live.on_datagram(data, (source or str(client.address), 50000))
+        return data
 
     def answers(self, client: ClientRecord = ALICE) -> list[Answer]:
         opener = answer_opener(client.channel_key, DEPLOYMENT.deployment_id, client.client_id)
@@ -465,6 +480,68 @@ def test_a_prepare_beyond_one_datagram_takes_its_bytes_from_the_replay_stream() 
         harness.send(abort(harness.epoch))
         await settle()
         assert buffers.runs == {}
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_packed_cell_of_aborts_frees_each_connection_and_is_answered_once() -> None:
+    """GOs and ABORTs share cells (migrate.cover): each request acts as if alone, the cell
+    is answered with one cover cell as any cell is, and a replayed cell changes nothing."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        for port in (40000, 40001, 40002):
+            harness.send(harness.prepare(port=port))
+        await settle()
+        assert harness.connects == 3
+        assert len(harness.live.pending) == 3
+        harness.transport.sent.clear()
+        aborts = [
+            Request(Phase.ABORT, harness.epoch, p, 80, 0, 0, 0, b"", b"") for p in (40000, 40002)
+        ]
+        cell = harness.send_packed(aborts)
+        await settle()
+        assert sorted(key[1] for key in harness.live.pending) == [40001]
+        assert harness.live.meter.pending_of(ALICE.client_id) == 1
+        opener = answer_opener(ALICE.channel_key, DEPLOYMENT.deployment_id, ALICE.client_id)
+        [(answer, _)] = harness.transport.sent
+        assert len(answer) == ANSWER_CELL_BYTES
+        assert unframe_all(opener.open(answer, harness.now).plaintext) == []  # cover
+        refused = harness.live.counts["refused"]
+        harness.live.on_datagram(cell, (str(ALICE.address), 50000))  # replayed
+        harness.send_packed(
+            [Request(Phase.ABORT, harness.epoch, 40001, 80, 0, 0, 0, b"", b"")] * 2,
+            client=BOB,  # BOB cannot abort ALICE's connection, packed or not
+            source=str(ALICE.address),
+        )
+        await settle()
+        assert harness.live.counts["refused"] == refused + 2
+        assert [key[1] for key in harness.live.pending] == [40001]
+        assert len(harness.transport.sent) == 1
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_packed_cell_holding_a_prepare_is_refused_and_creates_nothing() -> None:
+    """Only GO and ABORT share a cell: a PREPARE's or COMMIT's answer is its own cell, so a
+    cell packing one would be answered by more cells than it is (cover would show it)."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        prepare = harness.prepare()
+        harness.send_packed(
+            [prepare, Request(Phase.GO, harness.epoch, 40001, 80, 0, 0, 0, b"", b"")]
+        )
+        await settle()
+        assert harness.connects == 0
+        assert harness.live.pending == {}
+        assert harness.transport.sent == []
+        assert harness.live.counts["refused"] == 1
+        harness.send(prepare)  # the same PREPARE alone is taken: the cell was not recorded
+        await settle()
+        assert harness.connects == 1
         await harness.live.close()
 
     asyncio.run(scenario())

@@ -179,7 +179,10 @@ def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str
     return {
         "n": count,
         "setup": ready,
-        "roam": {k: roam[k] for k in ("epoch", "server", "connections", "outcomes", "pause_ms")},
+        "roam": {
+            k: roam.get(k)
+            for k in ("epoch", "server", "connections", "outcomes", "pause_ms", "steps_ms")
+        },
         "ours": ours,
         "earlier_handoffs": earlier,
         "pause_ms": pause_ms,
