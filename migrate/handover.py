@@ -119,6 +119,10 @@ ANSWERED_IDLE_S = 0.2
 # READY by switching, and only the GO datagram was lost (the client sends GO once, after its
 # switch; COMMIT_RETRY_S shows a switch follows READY within a round trip).
 GO_TIMEOUT_S = 1.0
+# Server: a client still being answered COMMITs of the same roam has not switched yet (it
+# switches after its last answer): the wait for GO runs from its newest answer instead, up
+# to this long after the restore (a roam of thousands of connections takes seconds here).
+GO_WAIT_MAX_S = 5.0
 # Server: a re-incarnation whose client never came back is forgotten this long after its
 # PREPARE: the client's whole hand-over (prepare ahead, work, overtime, commit) fits in it.
 PENDING_TTL_S = PREPARE_AHEAD_S + WORK_TIMEOUT_S + 5.0
@@ -335,6 +339,7 @@ class ServerHandover:
     answered_prepare: bool = False
     working_since: float | None = None
     restored_at: float | None = None
+    go_deadline: float | None = None  # RESTORED: the GO is waited for until then
     _actions: list[Action] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -383,7 +388,19 @@ class ServerHandover:
             assert self.commit is not None
             self.committed = commit_identity(self.commit)
             self.restored_at = now
+            self.go_deadline = now + GO_TIMEOUT_S
             self._actions.append(Send(answer=self._answer(Phase.COMMIT, Status.READY)))
+
+    def client_still_committing(self, answered_at: float) -> None:
+        """The client was answered READY to another COMMIT of this roam at ``answered_at``.
+        It switches, and sends GO, only after its last answer: the wait for GO runs from
+        there (a restored socket that started early speaks before the client listens), but
+        never past ``GO_WAIT_MAX_S`` after this restore."""
+        if self.state is _S.RESTORED:
+            assert self.restored_at is not None
+            assert self.go_deadline is not None
+            later = max(self.go_deadline, answered_at + GO_TIMEOUT_S)
+            self.go_deadline = min(later, self.restored_at + GO_WAIT_MAX_S)
 
     def work_failed(self, status: Status, detail: str, now: float) -> None:
         previous = self.state
@@ -426,8 +443,8 @@ class ServerHandover:
         if self.state in (_S.LIVE, _S.FAILED, _S.RELEASED):
             return None
         if self.state is _S.RESTORED:
-            assert self.restored_at is not None
-            return self.restored_at + GO_TIMEOUT_S
+            assert self.go_deadline is not None
+            return self.go_deadline
         ttl = self.created + PENDING_TTL_S
         if self.working_since is not None:
             return min(ttl, self.working_since + WORK_TIMEOUT_S)
@@ -514,7 +531,7 @@ class ServerHandover:
             self._actions.append(Release("closed_gate", "behind a closed gate"))
             return
         self._step(event, error)
-        self.restored_at = None
+        self.restored_at = self.go_deadline = None
         self._actions.append(StartRelay())
 
     def _fail(self, previous: ServerState, status: Status, detail: str) -> None:

@@ -20,6 +20,7 @@ from migrate.admission import MigrationMeter
 from migrate.channel import Opened, Opener
 from migrate.checkpoint import stream_hash_key
 from migrate.errors import AuthenticationError, RoamError, WindowClosedError
+from migrate.gowait import CommitAnswers
 from migrate.handover import (
     DEFAULT_COMMIT_TIMEOUT_S,
     PENDING_TTL_S,
@@ -69,6 +70,7 @@ class LiveMode:
         self.pending: dict[Key, Pending] = {}
         # Failed and aborted re-incarnations, for the repeats that may still come (bounded).
         self.finished: dict[Key, ServerHandover] = {}
+        self.commit_answers = CommitAnswers()  # the wait for GO (migrate.gowait)
         self.counts = dict.fromkeys(
             ("admitted", "ready", "diverged", "refused", "failed", "repeated", "cover"), 0
         )
@@ -163,10 +165,11 @@ class LiveMode:
         for key, pending in list(self.pending.items()):
             timer = pending.machine.get_timer()
             if timer is not None and now >= timer:
+                if self.commit_answers.postpone(pending.machine, now):
+                    continue  # its client is still being answered: it has not switched yet
                 gate = not self.port.behind_closed_gate(pending.machine.prepare.epoch)
                 if pending.machine.state is ServerState.RESTORED:
-                    # The client switched (it answered READY), but its GO never came: started
-                    # anyway, after the application waited GO_TIMEOUT_S. Worth knowing.
+                    # The client switched long ago, but its GO never came: started anyway.
                     self.context.log.event(
                         "go_timeout", level="warning", client=f"{key[0]}:{key[1]}"
                     )
@@ -199,8 +202,7 @@ class LiveMode:
         requests: list[Request],
         source: tuple[str, int],
     ) -> None:
-        """A packed cell of GOs and ABORTs (migrate.cover): each as if alone, but one replay
-        record for the cell and one cover answer, as for any cell."""
+        """GOs and ABORTs packed in a cell (migrate.cover): one replay record and answer."""
         opener.accept(opened)
         for request in requests:
             try:
@@ -224,6 +226,7 @@ class LiveMode:
             return
         if request.phase is Phase.COMMIT:
             pending = self._bound_pending(key, record, request)
+            self.commit_answers.note(record.client_id, request.epoch, self.context.clock())
             self._on_commit(key, pending, opened, opener, request, record, source)
             return
         self._bound_pending(key, record, request)  # refused before it is recorded as seen
@@ -438,6 +441,7 @@ class LiveMode:
 
     async def _work(self, key: Key, pending: Pending, work: Work) -> None:
         if await self.workshop.run(key, pending, work):
+            self.commit_answers.saw(pending.machine)  # restored: its READY is answered now
             self._execute(key, pending)
 
     def _start_relay(self, key: Key, pending: Pending) -> None:

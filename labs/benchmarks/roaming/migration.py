@@ -156,10 +156,12 @@ def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str
     for event in handoffs:
         ours[event["outcome"]] = ours.get(event["outcome"], 0) + 1
     earlier: dict[str, int] = {}
+    later: dict[str, int] = {}  # the roams while the GETs after it ran: what broke them
     for event in events_of(pool.clients["c1"].events(), "handoff"):
-        if event["port"] in ports and event["epoch"] < roam["epoch"]:
+        if event["port"] in ports and event["epoch"] != roam["epoch"]:
             line = f"epoch {event['epoch']} {event['outcome']}: {str(event.get('detail'))[:200]}"
-            earlier[line] = earlier.get(line, 0) + 1
+            side = earlier if event["epoch"] < roam["epoch"] else later
+            side[line] = side.get(line, 0) + 1
     new_host = pool.host_of(roam["server"])
     # This roam's preparations began after the previous roam ended (one hand-over at a time).
     since = max(
@@ -185,6 +187,7 @@ def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str
         },
         "ours": ours,
         "earlier_handoffs": earlier,
+        "later_handoffs": later,
         "pause_ms": pause_ms,
         "pause_per_connection_ms": pause_ms / count,
         "switch_late_ms": 1000 * (roam["ts"] - epoch["start"]),

@@ -204,12 +204,13 @@ def render_migration(results: dict[str, Any]) -> str:
             errors = [*row["setup"]["errors"], *row["after"]["errors"]]
             if errors:
                 notes.append(f"- N={row['n']}: " + "; ".join(errors))
-            for line, count in (row.get("earlier_handoffs") or {}).items():
-                notes.append(f"- N={row['n']}, an earlier roam: {count} x {line}")
+            for when in ("earlier", "later"):
+                for line, count in (row.get(f"{when}_handoffs") or {}).items():
+                    notes.append(f"- N={row['n']}, a {when} roam: {count} x {line}")
         if notes:
             lines += [
                 "",
-                "Errors the application saw, and earlier hand-overs of its connections:",
+                "Errors the application saw, and the other hand-overs of its connections:",
                 *notes,
             ]
     for key, row in results["streams"].items():
