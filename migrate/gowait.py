@@ -7,8 +7,10 @@ connection restored early used to wait ``GO_TIMEOUT_S`` from its own restore and
 the client had switched: every restored connection of such a roam logged ``go_timeout``, and
 what it sent then was dropped at the frozen client (docs/benchmarks.md, 2026-12-05).
 
-Bounded: one entry per (client, epoch) answered in the last ``GO_WAIT_MAX_S``, pruned at most
-once a second (and at once after a clock step back). Pure: time comes in as ``now``.
+Bounded per sender: one entry per client (its newest roam's epoch and time), so an
+authentic client naming any epochs it likes costs one entry, and delays only its own
+connections, by at most ``GO_WAIT_MAX_S``; entries older than that are pruned at most once a
+second (and at once after a clock step back). Pure: time comes in as ``now``.
 """
 
 from __future__ import annotations
@@ -20,14 +22,16 @@ PRUNE_PERIOD_S = 1.0
 
 class CommitAnswers:
     def __init__(self) -> None:
-        self.last: dict[tuple[int, int], float] = {}
+        self.last: dict[int, tuple[int, float]] = {}  # client id: (epoch, when)
         self._pruned_at = float("-inf")
 
     def note(self, client_id: int, epoch: int, now: float) -> None:
         """A COMMIT of ``client_id`` for ``epoch`` came, or was answered, at ``now``: the
         client waits for its answer (READY, LATE, REFUSED or FAILED) before it switches."""
-        key = (client_id, epoch)
-        self.last[key] = max(now, self.last.get(key, now))
+        previous = self.last.get(client_id)
+        if previous is not None and previous[0] == epoch:
+            now = max(now, previous[1])
+        self.last[client_id] = (epoch, now)
 
     def saw(self, machine: ServerHandover) -> None:
         """Note ``machine``'s restore: its client was answered READY to its COMMIT then."""
@@ -40,10 +44,10 @@ class CommitAnswers:
         self._prune(now)
         if machine.state is not ServerState.RESTORED:
             return False
-        answered = self.last.get((machine.client_id, machine.prepare.epoch))
-        if answered is None:
+        newest = self.last.get(machine.client_id)
+        if newest is None or newest[0] != machine.prepare.epoch:
             return False
-        machine.client_still_committing(answered)
+        machine.client_still_committing(newest[1])
         timer = machine.get_timer()
         return timer is not None and now < timer
 
@@ -51,4 +55,8 @@ class CommitAnswers:
         if 0 <= now - self._pruned_at < PRUNE_PERIOD_S:
             return
         self._pruned_at = now
-        self.last = {k: at for k, at in self.last.items() if 0 <= now - at <= GO_WAIT_MAX_S}
+        self.last = {
+            client: (epoch, at)
+            for client, (epoch, at) in self.last.items()
+            if 0 <= now - at <= GO_WAIT_MAX_S
+        }

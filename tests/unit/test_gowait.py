@@ -121,3 +121,13 @@ def test_commits_refused_after_a_restore_still_hold_it() -> None:
     answers.note(1, 7, 2.0)  # the roam's last COMMIT came (and was answered LATE) at 2.0
     assert not due(answers, first, 2.5)
     assert due(answers, first, 3.0)
+
+
+def test_an_insider_naming_many_epochs_costs_one_entry() -> None:
+    """Bounded per sender: an authentic client's COMMITs for 10,000 epochs hold one entry."""
+    answers = CommitAnswers()
+    for epoch in range(10_000):
+        answers.note(3, epoch, 100.0)
+    answers.note(4, 7, 100.0)
+    assert len(answers.last) == 2
+    assert answers.last[3] == (9_999, 100.0)
