@@ -232,6 +232,8 @@ def test_migration_summary_and_table() -> None:
         },
         "client_tcp": {"PAWSEstab": 3},
         "shim_log": {},
+        "earlier_handoffs": {"epoch 3 migrated: ": 100},
+        "later_handoffs": {"epoch 9 late: the window of epoch 9 closed 0.1 s ago": 7},
     }
     text = render_migration(
         {
@@ -245,4 +247,7 @@ def test_migration_summary_and_table() -> None:
     assert "| 100 | 100 (0.1) | 100 | migrated 100 | 50.0 | 0.500 |" in text
     assert "| 0.30 / 4.00 / 3900.00 | 3 |" in text
     assert "TimeoutError: timed out" in text
+    assert "- N=100, an earlier roam: 100 x epoch 3 migrated: " in text
+    # What broke connections after the measured roam: the roams while the GETs ran.
+    assert "- N=100, a later roam: 7 x epoch 9 late: the window of epoch 9 closed" in text
     assert "- 1 x server s2: reincarnation_failed unverifiable" in text

@@ -204,9 +204,9 @@ def render_migration(results: dict[str, Any]) -> str:
             errors = [*row["setup"]["errors"], *row["after"]["errors"]]
             if errors:
                 notes.append(f"- N={row['n']}: " + "; ".join(errors))
-            for when in ("earlier", "later"):
+            for when, roam in (("earlier", "an earlier roam"), ("later", "a later roam")):
                 for line, count in (row.get(f"{when}_handoffs") or {}).items():
-                    notes.append(f"- N={row['n']}, a {when} roam: {count} x {line}")
+                    notes.append(f"- N={row['n']}, {roam}: {count} x {line}")
         if notes:
             lines += [
                 "",
