@@ -306,19 +306,19 @@ class CoverSchedule(Generic[T]):
         """Up to ``max_burst`` cells of ``server``'s queue, in order, packable neighbours
         sharing a cell while they fit."""
         queue = self.queues[server]
+        packable = self.packable or _alone
         room_of_cell = cell_room(self.config.cell)
         cells: list[tuple[T, ...]] = []
         while queue and len(cells) < self.config.max_burst:
             first = self._pop_entry(server)
-            size = self.packable(first) if self.packable is not None else 0
+            size = packable(first)
             if not size:
                 cells.append((first,))
                 continue
             group = [first]
             room = room_of_cell - size
             while queue and len(group) < MAX_PACKED:
-                assert self.packable is not None
-                size = self.packable(queue[0].item)
+                size = packable(queue[0].item)
                 if not size or size > room:
                     break
                 group.append(self._pop_entry(server))
@@ -326,3 +326,8 @@ class CoverSchedule(Generic[T]):
             self.packed += len(group) - 1
             cells.append(tuple(group))
         return cells
+
+
+def _alone(_message: object) -> int:
+    """The packing rule of a schedule given none: every message goes alone in its cell."""
+    return 0
