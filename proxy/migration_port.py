@@ -189,12 +189,11 @@ class MigrationPort:
             # amplification, even by an authentic client towards its own address).
             raise MalformedMessageError(f"a framed request of {len(data)} bytes is too small")
         requests = [Request.decode(body) for body in unframe_all(opened.plaintext)]
-        if len(requests) > 1 and any(r.phase not in PACKABLE_PHASES for r in requests):
+        alone = [r.phase.name for r in requests if r.phase not in PACKABLE_PHASES]
+        if len(requests) > 1 and alone:
             # Their answers could not be one cell (cover's one answer per cell).
             raise MalformedMessageError(
-                "a packed cell holds a "
-                + next(r.phase.name for r in requests if r.phase not in PACKABLE_PHASES)
-                + ": only GO and ABORT share a cell"
+                f"a packed cell holds a {alone[0]}: only GO and ABORT share a cell"
             )
         for request in requests:
             self.check_sender(record, source[0], request)
