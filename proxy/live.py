@@ -205,8 +205,9 @@ class LiveMode:
         """GOs and ABORTs packed in a cell (migrate.cover): one replay record and answer."""
         opener.accept(opened)
         for request in requests:
+            key = (source[0], request.client_port)
             try:
-                self._go_or_abort((source[0], request.client_port), record, request)
+                self._go_or_abort(key, record, request, self._bound_pending(key, record, request))
             except RoamError as error:  # one refused request does not stop its neighbours
                 self.port.reject(source, error)
         self.port.send(record, None, source)
@@ -220,19 +221,17 @@ class LiveMode:
         request: Request,
         source: tuple[str, int],
     ) -> None:
+        pending = self._bound_pending(key, record, request)  # refused before recorded as seen
         if request.phase is Phase.PREPARE:
-            pending = self._bound_pending(key, record, request)
             self._on_prepare(key, pending, opened, opener, request, record, source)
             return
         if request.phase is Phase.COMMIT:
-            pending = self._bound_pending(key, record, request)
             self.commit_answers.note(record.client_id, request.epoch, self.context.clock())
             self._on_commit(key, pending, opened, opener, request, record, source)
             return
-        self._bound_pending(key, record, request)  # refused before it is recorded as seen
         opener.accept(opened)
         try:
-            self._go_or_abort(key, record, request)
+            self._go_or_abort(key, record, request, pending)
         finally:
             self.port.send(record, None, source)  # nobody waits for it; cover has one
 
@@ -246,8 +245,9 @@ class LiveMode:
             )
         return pending
 
-    def _go_or_abort(self, key: Key, record: ClientRecord, request: Request) -> None:
-        pending = self._bound_pending(key, record, request)
+    def _go_or_abort(
+        self, key: Key, record: ClientRecord, request: Request, pending: Pending | None
+    ) -> None:
         machine = pending.machine if pending is not None else self._live_machine(key, record)
         if machine is None:
             return  # nobody waits for an answer to a GO or ABORT
