@@ -163,6 +163,28 @@ def test_shims_summary_and_table() -> None:
     assert "- 3 x client c1: capture_lost_packets" in text
 
 
+def test_shims_http_downloads_get_their_own_table_with_ratios_per_round() -> None:
+    latency = {"rr_us": {"p50": 30.0, "p99": 60.0}, "connect_us": {"p50": 90.0, "p99": 200.0}}
+
+    def directions(up: float, down: float, http: list[float]) -> dict[str, Any]:
+        return {
+            "client_to_service": [bulk_run(up)] * len(http),
+            "service_to_client": [bulk_run(down)] * len(http),
+            "http_service_to_client": [bulk_run(value) for value in http],
+        }
+
+    bulk = {
+        "direct": directions(10.0, 10.0, [8.0, 4.0]),
+        "shims-live": directions(8.0, 2.0, [4.0, 3.0]),
+    }
+    paths = summarise_shims(bulk, {"direct": [latency] * 2, "shims-live": [latency] * 2})
+    # 4/8 and 3/4 round by round, not 3.5/6 of the medians.
+    assert paths["shims-live"]["http_service_to_client"]["vs_direct"] == pytest.approx(0.625)
+    text = render_shims({"paths": paths, "background_busy_pct": [5.0]})
+    assert "| shims-live | 3.50 | 0.62x | server shim 40 |" in text
+    assert "| shims-live | 8.00 | 2.00 | 0.80x / 0.20x |" in text  # the iperf3 table stays
+
+
 def test_shims_latency_is_compared_with_the_baselines_round_by_round():
     def latency(rr: float, connect: float) -> dict[str, Any]:
         return {"rr_us": {"p50": rr, "p99": 2 * rr}, "connect_us": {"p50": connect, "p99": 0.0}}

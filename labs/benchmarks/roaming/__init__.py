@@ -78,6 +78,8 @@ from pathlib import Path
 HTTP_CHUNK = 256 * 1024
 GAP_FLOOR_S = 0.0005  # inter-arrival gaps above this are kept for the per-roam analysis
 SMALL_BYTES = 100
+HTTP_BULK_MIB = 256  # shims: the file curl fetches HTTP_COPIES times on one connection
+HTTP_COPIES = 4
 BIG_MIB = 64
 PACED_RATE = 8 * 1024 * 1024  # bytes/s
 PACED_RCVBUF = 32 * 1024  # the kernel doubles it: ~8 ms of data at the paced rate

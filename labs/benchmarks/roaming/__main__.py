@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from labs.benchmarks import roaming as package
-from labs.benchmarks.roaming import CONNECTION_COUNTS, SHIM_PATHS
+from labs.benchmarks.roaming import CONNECTION_COUNTS, HTTP_BULK_MIB, HTTP_COPIES, SHIM_PATHS
 from labs.benchmarks.roaming.busy import busy_client
 from labs.benchmarks.roaming.clients import hold_client, latency_client, stream_client
 from labs.benchmarks.roaming.migration import run_migration
@@ -89,7 +89,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--latency-only",
         action="store_true",
-        help="shims: skip the iperf3 runs, measure GET latency only",
+        help="shims: skip the iperf3 runs and HTTP downloads, measure GET latency only",
+    )
+    parser.add_argument(
+        "--http-mib",
+        type=int,
+        default=HTTP_BULK_MIB,
+        help=f"shims: size of the file curl downloads {HTTP_COPIES} times on one connection "
+        f"from nginx per path and round (default {HTTP_BULK_MIB}; 0 to skip)",
     )
     parser.add_argument("subcommand", nargs="?", choices=("shims", "migration"))
     args = parser.parse_args(argv)
@@ -139,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat = args.repeat or 3
             if not 1 <= repeat <= 100 or not 0 < seconds <= 600:
                 parser.error("--repeat must be in [1, 100] and --seconds in (0, 600]")
+            if not 0 <= args.http_mib <= 4096:
+                parser.error("--http-mib must be in [0, 4096]")
             results = run_shims(
                 0.0 if args.latency_only else seconds,
                 repeat,
@@ -146,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.connects,
                 paths,
                 progress,
+                http_mib=args.http_mib,
             )
             print(json.dumps(results, indent=2) if args.json else render_shims(results))
         else:

@@ -85,6 +85,8 @@ def _bulk_lines(paths: dict[str, Any], bases: list[str]) -> list[str]:
             f"{_ratio(up.get(f'vs_{base}'))} / {_ratio(down.get(f'vs_{base}'))}" for base in bases
         )
         lines.append(f"| {name} | {up['gbit_s']:.2f} | {down['gbit_s']:.2f} | {ratios} |")
+    if all("http_service_to_client" in row for row in paths.values()):
+        lines += _http_bulk_lines(paths, bases)
     lines += [
         "",
         "CPU during the bulk runs (% of one CPU; machine: 2 CPUs = 200) and TCP retransmissions",
@@ -105,6 +107,24 @@ def _bulk_lines(paths: dict[str, Any], bases: list[str]) -> list[str]:
             f"{down['machine_busy_pct']:.0f} | {up['retransmits']:.0f} / "
             f"{down['retransmits']:.0f} |"
         )
+    return lines
+
+
+def _http_bulk_lines(paths: dict[str, Any], bases: list[str]) -> list[str]:
+    lines = [
+        "",
+        "HTTP download through each path (curl, one keep-alive connection, the file several "
+        "times; nginx's sendfile; ratios round by round, then the median):",
+        "",
+        "| path | HTTP s->c Gbit/s | " + " | ".join(f"vs {base}" for base in bases) + " | "
+        "proxy processes |",
+        "|---|---|" + "---|" * len(bases) + "---|",
+    ]
+    for name, row in paths.items():
+        cell = row["http_service_to_client"]
+        ratios = " | ".join(_ratio(cell.get(f"vs_{base}")) for base in bases)
+        cpu = ", ".join(f"{proc} {pct:.0f}" for proc, pct in cell["cpu_pct"].items()) or "-"
+        lines.append(f"| {name} | {cell['gbit_s']:.2f} | {ratios} | {cpu} |")
     return lines
 
 

@@ -20,6 +20,8 @@ from labs.benchmarks.roaming import (
     CLIENT_TIMEOUT_S,
     DIRECT_BULK_PORT,
     HAPROXY_PORTS,
+    HTTP_BULK_MIB,
+    HTTP_COPIES,
     LATENCY_PORT,
     PROJECT_ROOT,
     SMALL_BYTES,
@@ -66,6 +68,38 @@ def measure_bulk(
             name: 100 * (cpu_seconds(pid) - before[name]) / elapsed for name, pid in pids.items()
         },
         "machine_busy_pct": 100 * busy * cpus,
+    }
+
+
+def measure_http_bulk(
+    lab: Lab, address: str, port: int, copies: int, size: int, pids: dict[str, int]
+) -> dict[str, Any]:
+    """curl fetches /big ``copies`` times on one keep-alive connection (nginx's sendfile on
+    the service side: the live shims' HTTP codec, Date masking and running hash, not
+    iperf3's opaque stream); the same figures as ``measure_bulk``."""
+    url = f"http://{address}:{port}/big"
+    argv = ["curl", "-sS", "--fail", "--max-time", f"{CLIENT_TIMEOUT_S:g}",
+            "-w", "%{size_download}\n"] + ["-o", "/dev/null", url] * copies  # fmt: skip
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    busy_before = machine_busy_ticks()
+    started = time.monotonic()
+    completed = lab["c1"].run(argv, timeout=CLIENT_TIMEOUT_S + 10)
+    elapsed = time.monotonic() - started
+    busy_after = machine_busy_ticks()
+    sizes = [int(line) for line in completed.stdout.split() if line.isdigit()]
+    if completed.returncode != 0 or sizes != [size] * copies:
+        raise RuntimeError(
+            f"curl of {url} x{copies} failed (exit {completed.returncode}, sizes {sizes}): "
+            f"{completed.stderr.strip()[:200]}"
+        )
+    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
+    return {
+        "gbit_s": 8 * size * copies / elapsed / 1e9,
+        "retransmits": 0,  # curl does not count them; iperf3's runs do
+        "cpu_pct": {
+            name: 100 * (cpu_seconds(pid) - before[name]) / elapsed for name, pid in pids.items()
+        },
+        "machine_busy_pct": 100 * busy * (os.cpu_count() or 1),
     }
 
 
@@ -157,8 +191,9 @@ def run_shims(
     connects: int,
     paths: Sequence[str],
     progress: Callable[[str], None],
+    http_mib: int = HTTP_BULK_MIB,
 ) -> dict[str, Any]:
-    """``seconds`` 0: no bulk runs (latency only)."""
+    """``seconds`` 0: no bulk runs (latency only); ``http_mib`` 0: no HTTP downloads."""
     with Lab(PoolTopo(servers=2, clients=1)) as lab:
         pool = RoamingLab(lab, m=1, service="none", start_delay=1.0)
         server = lab["s1"]
@@ -166,7 +201,10 @@ def run_shims(
         server.run(["ip", "link", "set", "lo", "up"], check=True)
         start_iperf3_server(server, port=SERVICE_PORT, address="127.0.0.1")
         start_iperf3_server(server, port=DIRECT_BULK_PORT, address=lan)
-        root = write_content(lab.workdir / "www", {"small": os.urandom(SMALL_BYTES)})
+        files = {"small": os.urandom(SMALL_BYTES)}
+        if seconds and http_mib:
+            files["big"] = os.urandom(http_mib << 20)
+        root = write_content(lab.workdir / "www", files)
         start_service_nginx(server, root, LATENCY_PORT, extra_listen=f"{lan}:{LATENCY_PORT}")
         haproxy_pids: dict[str, int] = {}
         options = {
@@ -192,6 +230,9 @@ def run_shims(
         bulk: dict[str, dict[str, list[dict[str, Any]]]] = {
             p: {"client_to_service": [], "service_to_client": []} for p in paths
         }
+        if seconds and http_mib:
+            for directions in bulk.values():
+                directions["http_service_to_client"] = []
         latency: dict[str, list[dict[str, Any]]] = {p: [] for p in paths}
         background: list[float] = []
         for round_index in range(repeat):
@@ -206,7 +247,12 @@ def run_shims(
                     progress(f"round {round_index + 1}/{repeat} {path} {direction}: {speed}")
         for round_index in range(repeat):
             for path in paths:
-                address, port, _ = target(path, LATENCY_PORT)
+                address, port, pids = target(path, LATENCY_PORT)
+                if seconds and http_mib:
+                    run = measure_http_bulk(lab, address, port, HTTP_COPIES, http_mib << 20, pids)
+                    bulk[path]["http_service_to_client"].append(run)
+                    speed = f"{run['gbit_s']:.2f} Gbit/s"
+                    progress(f"round {round_index + 1}/{repeat} {path} HTTP s->c: {speed}")
                 result = measure_latency(lab, address, port, requests, connects)
                 latency[path].append(result)
                 p50s = f"{result['rr_us']['p50']:.0f} / {result['connect_us']['p50']:.0f} µs"
@@ -224,6 +270,8 @@ def run_shims(
         "repeat": repeat,
         "requests": requests,
         "connects": connects,
+        "http_mib": http_mib if seconds else 0,
+        "http_copies": HTTP_COPIES,
         "background_busy_pct": background,
         "paths": summarise_shims(bulk, latency),
         "idle_shim_cpu_pct": idle,
