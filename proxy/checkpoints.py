@@ -360,8 +360,9 @@ class CheckpointPusher:
         self, context: LiveContext, *, zero_copy: bool = False, observer_thread: bool = False
     ) -> None:
         self.context = context
-        self.zero_copy = zero_copy  # see observed_modes
-        self.observer_thread = observer_thread
+        # See observed_modes; the keywords (for tests) or the shim's --live-relay.
+        self.zero_copy = zero_copy or context.live_relay != "copy"
+        self.observer_thread = observer_thread or context.live_relay == "splice-thread"
         self.keys = CheckpointKeys(context.group_key)
         self.connections: dict[tuple[str, int], LiveConnection] = {}
         self.carrier_sealers: dict[int, Sealer] = {}

@@ -114,6 +114,7 @@ class ServerOptions:
     status_path: Path | None = None
     codec: str = "auto"
     stream_hash: str = "sha256"  # the running hash of new connections (STREAM_HASHES)
+    live_relay: str = "copy"  # how live connections are forwarded (proxy.livecontext.LIVE_RELAYS)
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT
@@ -928,6 +929,7 @@ class ServerShim:
             connect_service=self.connect_service,
             codec=options.codec,
             stream_hash=options.stream_hash,
+            live_relay=options.live_relay,
             checkpoint_period=options.checkpoint_period,
             migration_port=options.migration_port,
             max_pending_per_client=options.max_pending_per_client,
@@ -1033,6 +1035,7 @@ class ServerShim:
                 table=self.table,
                 migration=self.options.migration,
                 stream_hash=self.options.stream_hash,
+                live_relay=self.options.live_relay,
                 clients=len(self.pool.legitimate(self.gate.epoch if self.gate else 1)),
             )
             self._tick()

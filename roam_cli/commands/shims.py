@@ -28,6 +28,7 @@ from migrate.kernel.eventlog import EventLog
 from migrate.kernel.files import own_private_directory
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from migrate.replaystream import DEFAULT_MAX_REPLAY
+from proxy.livecontext import LIVE_RELAYS
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
 from roam_cli.units import (
     SYSTEMD_DIR,
@@ -142,6 +143,15 @@ def register(subparsers: Subparsers) -> None:
         "'sha256' (default: cheapest per message on CPUs with SHA extensions) or 'blake3' "
         "(keyed per connection; cheaper per byte, for bulk downloads; docs/benchmarks.md). "
         "Every server reads both",
+    )
+    server.add_argument(
+        "--live-relay",
+        choices=LIVE_RELAYS,
+        default="copy",
+        help="how live mode forwards each connection's bytes past its checkpoint observer: "
+        "'copy' through Python (default); 'splice' zero-copy, each bulk read teed to the "
+        "observer; 'splice-thread' the same with the observer on a thread of its own per "
+        "bulk direction (fastest for downloads when a CPU is spare; docs/benchmarks.md)",
     )
     server.add_argument(
         "--checkpoint-period",
@@ -464,6 +474,7 @@ def run_server(args: argparse.Namespace) -> int:
         status_path=args.status,
         codec=args.codec,
         stream_hash=args.stream_hash,
+        live_relay=args.live_relay,
         checkpoint_period=args.checkpoint_period,
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,

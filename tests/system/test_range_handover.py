@@ -28,19 +28,32 @@ def server_events(pool: RoamingLab, name: str) -> list[dict[str, Any]]:
     return [e for shim in pool.servers.values() for e in shim.events() if e["event"] == name]
 
 
-def test_a_256_mib_download_repeated_on_one_connection_moves_by_range_intact() -> None:
+@pytest.mark.parametrize("live_relay", ["copy", "splice-thread"])
+def test_a_256_mib_download_repeated_on_one_connection_moves_by_range_intact(
+    live_relay: str,
+) -> None:
     """No rate limit: curl fetches the file eight times on one keep-alive connection while the
     service roams every half second or so. Each hand-over deep into a copy reads a window
-    and the bytes since the last checkpoint from the new nginx, not the copy up to there."""
+    and the bytes since the last checkpoint from the new nginx, not the copy up to there.
+    The same with the servers' zero-copy relay, its stream state fed by a thread."""
     data = os.urandom(256 * MIB)
     copies = 8
     expected = hashlib.sha256()
     for _ in range(copies):
         expected.update(data)
     with live_pool(
-        tick=0.5, m=1, service="nginx", content={"big": data}, min_switches=10, switch_window=12.0
+        tick=0.5,
+        m=1,
+        service="nginx",
+        content={"big": data},
+        min_switches=10,
+        switch_window=12.0,
+        server_extra=("--live-relay", live_relay),
     ) as pool:
         started(pool)
+        for shim in pool.servers.values():
+            [start] = [e for e in shim.events() if e["event"] == "start"]
+            assert start["live_relay"] == live_relay
         url = pool.url("/big")
         capture = pool.workdir / "range.pcap"
         with pool.lab["c1"].capture(

@@ -40,7 +40,7 @@ def test_what_is_left_fits_and_nothing_smaller_was_taken_before_a_larger(sizes, 
 
 def test_a_server_gives_up_its_largest_logs_past_the_total_at_once() -> None:
     max_replay = 1000
-    context = SimpleNamespace(max_replay=max_replay, group_key=bytes(32))
+    context = SimpleNamespace(max_replay=max_replay, group_key=bytes(32), live_relay="copy")
     pusher = CheckpointPusher(context)  # type: ignore[arg-type]
     assert pusher.log_limit == TOTAL_RUNS * max_replay
     pushed = []
@@ -86,7 +86,9 @@ def _record_pushes(pusher: CheckpointPusher, events: list[tuple[str, int]]) -> N
 def test_a_leaving_server_first_pushes_the_checkpoint_a_young_connection_lacks() -> None:
     # A connection accepted after the leave round (its client roams late) may have had no
     # push yet when the gate closes: without one its client cannot move it and resets it.
-    context = SimpleNamespace(max_replay=1000, group_key=bytes(32), clock=lambda: 5.0)
+    context = SimpleNamespace(
+        max_replay=1000, group_key=bytes(32), clock=lambda: 5.0, live_relay="copy"
+    )
     pusher = CheckpointPusher(context)  # type: ignore[arg-type]
     events: list[tuple[str, int]] = []
     _record_pushes(pusher, events)
@@ -110,7 +112,9 @@ def test_a_leaving_server_first_pushes_the_checkpoint_a_young_connection_lacks()
 
 
 def test_a_server_leaving_some_clients_pushes_only_theirs() -> None:
-    context = SimpleNamespace(max_replay=1000, group_key=bytes(32), clock=lambda: 5.0)
+    context = SimpleNamespace(
+        max_replay=1000, group_key=bytes(32), clock=lambda: 5.0, live_relay="copy"
+    )
     pusher = CheckpointPusher(context)  # type: ignore[arg-type]
     events: list[tuple[str, int]] = []
     _record_pushes(pusher, events)

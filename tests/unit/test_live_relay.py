@@ -1,0 +1,89 @@
+"""``roam server --live-relay``: each choice forwards an HTTP exchange intact and leaves the
+stream state (what checkpoints commit to) exactly as copying through Python does."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import socket
+from types import SimpleNamespace
+
+import pytest
+import uvloop
+
+from migrate.streamstate import StreamState
+from proxy.checkpoints import CheckpointPusher, observed_modes
+from proxy.livecontext import LIVE_RELAYS
+from proxy.relay import Copy, EndReason, Relay, Splice
+
+REQUEST = b"GET /big HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n"
+BODY_BYTES = 6 << 20  # bulk: the splice relays tee it (reads of 64 KiB and more)
+
+
+def response(body: bytes) -> bytes:
+    head = (
+        b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/octet-stream\r\n"
+        b'Content-Length: %d\r\nETag: "6a0b-600000"\r\nAccept-Ranges: bytes\r\n\r\n'
+    ) % len(body)
+    return head + body
+
+
+def pusher_for(relay: str) -> CheckpointPusher:
+    context = SimpleNamespace(max_replay=1 << 20, group_key=bytes(32), live_relay=relay)
+    return CheckpointPusher(context)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("relay", LIVE_RELAYS)
+def test_each_live_relay_gives_the_stream_state_every_byte_in_order(relay: str) -> None:
+    pusher = pusher_for(relay)
+    stream = StreamState("http")
+    up, down = observed_modes(
+        stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
+    )
+    expected_mode = Copy if relay == "copy" else Splice
+    assert isinstance(up, expected_mode)
+    assert isinstance(down, expected_mode)
+    if isinstance(down, Splice):
+        assert down.observer_thread is (relay == "splice-thread")
+    sent = response(random.Random(7).randbytes(BODY_BYTES))
+
+    async def scenario() -> bytes:
+        loop = asyncio.get_running_loop()
+        app, client = socket.socketpair()
+        service, backend = socket.socketpair()
+        for sock in (app, backend):
+            sock.setblocking(False)
+        forwarder = Relay(client, service, client_to_service=up, service_to_client=down)
+        forwarder.start()
+        try:
+            await loop.sock_sendall(app, REQUEST)
+            assert await loop.sock_recv(backend, 4096) == REQUEST
+            app.shutdown(socket.SHUT_WR)
+
+            async def answer() -> None:
+                await loop.sock_sendall(backend, sent)
+                backend.shutdown(socket.SHUT_WR)
+
+            async def read_all() -> bytes:
+                parts = []
+                while chunk := await loop.sock_recv(app, 1 << 16):
+                    parts.append(chunk)
+                return b"".join(parts)
+
+            _, received = await asyncio.gather(answer(), read_all())
+            outcome = await forwarder.wait()
+            assert outcome.reason is EndReason.COMPLETED
+            return received
+        finally:
+            for sock in (app, client, service, backend):
+                sock.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        received = runner.run(asyncio.wait_for(scenario(), 60))
+    assert received == sent
+    # The relay ended once its observers had seen every byte (threads included).
+    assert (stream.c2s_pos, stream.s2c_pos) == (len(REQUEST), len(sent))
+    fresh = stream.settle(0)  # the exchange's start: the hash covers the whole response
+    assert fresh.s2c_hash is not None
+    assert fresh.s2c_hash.digest() == hashlib.sha256(sent).digest()
