@@ -92,6 +92,7 @@ SHIM_PATHS = (
     "haproxy-splice",
     "shims-reconnect",
     "shims-live",
+    "shims-live-splice-thread",
     "shims-live-1server",
 )
 STILL_TICK = 100_000.0  # epochs of a day or more: no roam while a benchmark runs

@@ -119,11 +119,13 @@ def measure_latency(
 class ShimSetup:
     mode: str  # --migration of both shims
     servers: int  # hosts in the deployment: 2 (a long tick, s1 serves throughout) or 1
+    relay: str = "copy"  # the server shim's --live-relay (live mode)
 
 
 SHIM_SETUPS = {
     "shims-reconnect": ShimSetup("reconnect", 2),
     "shims-live": ShimSetup("live", 2),
+    "shims-live-splice-thread": ShimSetup("live", 2, "splice-thread"),
     "shims-live-1server": ShimSetup("live", 1),
 }
 
@@ -138,6 +140,7 @@ class ShimControl:
         self.deployment: int | None = None
         self.mode: str | None = None
         self.service: int | None = None
+        self.relay: str | None = None
         self.label: str | None = None
         self.log: dict[str, dict[str, int]] = {}
 
@@ -151,12 +154,11 @@ class ShimControl:
     def use(self, path: str, service_port: int) -> dict[str, int]:
         pool = self.pool
         setup = SHIM_SETUPS[path]
-        extra = ("--service", f"127.0.0.1:{service_port}")
-        changing = (self.deployment, self.mode, self.service) != (
-            setup.servers,
-            setup.mode,
-            service_port,
-        )
+        extra: tuple[str, ...] = ("--service", f"127.0.0.1:{service_port}")
+        if setup.mode == "live":
+            extra += ("--live-relay", setup.relay)
+        running = (self.deployment, self.mode, self.service, self.relay)
+        changing = running != (setup.servers, setup.mode, service_port, setup.relay)
         if changing:
             self.collect()
         self.label = path
@@ -175,9 +177,10 @@ class ShimControl:
                 )
             else:
                 deploy(pool, mode=setup.mode, servers=hosts, tick=1.0, extra=extra)
-        elif (self.mode, self.service) != (setup.mode, service_port):
+        elif (self.mode, self.service, self.relay) != (setup.mode, service_port, setup.relay):
             restart_shims(pool, setup.mode, ["s1"], extra, client=self.mode != setup.mode)
         self.deployment, self.mode, self.service = setup.servers, setup.mode, service_port
+        self.relay = setup.relay
         return {
             "server shim": pool.servers["s1"].process.pid,
             "client shim": pool.clients["c1"].process.pid,
