@@ -88,11 +88,11 @@ def observed_modes(
 ) -> tuple[Mode, Mode]:
     """The relay's two directions (client to service, service to client), both shown to
     ``stream``: copied through Python (the default), or spliced with a tee for the stream
-    state (``zero_copy``: correct and tested, but on this machine no faster while the stream
-    state's own work dominates; docs/benchmarks.md). ``observer_thread`` (experimental) feeds
-    the stream state from a thread per bulk direction; it then lags the forwarded bytes (by a
-    bound), which a checkpoint may: it commits to what the stream state covered, read under
-    the relay's ``observer_lock``."""
+    state (``zero_copy``: alone, no faster on this machine while the stream state's own work
+    dominates). ``observer_thread`` feeds the stream state from a thread per bulk direction
+    (``--live-relay splice-thread``: 1.1-1.45x the downloads of copy, docs/benchmarks.md); it
+    then lags the forwarded bytes (by a bound), which a checkpoint may: it commits to what the
+    stream state covered, read under the relay's ``observer_lock``."""
     if zero_copy:
         return (
             Splice(observer=stream.feed_c2s, observer_thread=observer_thread),

@@ -117,10 +117,11 @@ class Splice:
     pipe_size_bytes: int = DEFAULT_PIPE_SIZE
     observer: Observer | None = None
     read_size_bytes: int = DEFAULT_BUFFER_SIZE
-    # Experimental, off by default (docs/benchmarks.md): once a pump splices, a thread of its
-    # own reads the side pipe into the observer, which then lags the forwarded bytes by at most
-    # the side pipe (the pump waits for room in it: backpressure). Observers of such a relay
-    # run under ``Relay.observer_lock``; whoever reads their state takes it too.
+    # Off by default (roam server --live-relay splice-thread; docs/benchmarks.md): once a
+    # pump splices, a thread of its own reads the side pipe into the observer, which then lags
+    # the forwarded bytes by at most the side pipe (the pump waits for room in it:
+    # backpressure). Observers of such a relay run under ``Relay.observer_lock``; whoever
+    # reads their state takes it too.
     observer_thread: bool = False
 
 
