@@ -11,7 +11,7 @@ run, prints a table with ratios (or, with ``--json``, the figures).
 ``shims`` (the steady state, no roam): ``PoolTopo(servers=2, clients=1)``. On s1: ``iperf3 -s`` on
 127.0.0.1:8000 (the legacy service behind the shims and HAProxy) and another on s1's LAN address
 (the direct path); nginx serving a 100-byte file on 127.0.0.1:8080 and the LAN address (the
-request/response service). Paths from c1:
+request/response service), and the ``--http-mib`` file for the HTTP download. Paths from c1:
 
 * ``direct``: to the services on s1's LAN address, no shims;
 * ``haproxy``: HAProxy in TCP mode in the server shim's place (LAN:81/82 -> loopback), with
@@ -24,6 +24,8 @@ request/response service). Paths from c1:
 * ``shims-live``: the same with ``--migration live`` on both shims: the client copies SYNs and
   data to NFLOG, the server relays in copy mode with the stream observers (codec, running
   hashes, replay log) and pushes checkpoints;
+* ``shims-live-splice-thread``: the same with ``roam server --live-relay splice-thread`` (the
+  zero-copy relay, its stream state fed by a thread per bulk direction);
 * ``shims-live-1server``: ``--migration live`` in a deployment of s1 alone (tick 1 s), as the
   issue describes the steady state. (Until commit "Server shim: keep when the service
   leaves", a live server shim with no other server to hand over to spent most of a CPU
@@ -31,7 +33,9 @@ request/response service). Paths from c1:
   that cost.)
 
 Bulk: ``iperf3 -J`` client -> service and service -> client (``-R``), with the CPU the proxy
-processes used. Latency: HTTP/1.1 GETs of the 100-byte file, p50/p99 of ``--requests`` in a row
+processes used; and an HTTP download: curl fetches the ``--http-mib`` file (256 MiB) from nginx
+``HTTP_COPIES`` times on one keep-alive connection (the live shims' HTTP codec, not iperf3's
+opaque stream). Latency: HTTP/1.1 GETs of the 100-byte file, p50/p99 of ``--requests`` in a row
 on one keep-alive connection and of ``--connects`` with a new connection each. The server shim
 is restarted between modes and between services (``RoamingLab.start_server`` with
 ``--service``); paths are interleaved round by round; ratios are taken per round against the
