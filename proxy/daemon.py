@@ -114,7 +114,7 @@ class ServerOptions:
     status_path: Path | None = None
     codec: str = "auto"
     stream_hash: str = "sha256"  # the running hash of new connections (STREAM_HASHES)
-    live_relay: str = "copy"  # how live connections are forwarded (proxy.livecontext.LIVE_RELAYS)
+    live_relay: str = "copy"  # how live connections are forwarded (proxy.live_relays)
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT

@@ -18,14 +18,6 @@ from migrate.kernel.instances import Instance
 from migrate.pool import ServerPool
 from migrate.registration import ClientRecord
 
-# How a live connection's relay forwards and shows its bytes to the stream state
-# (proxy.checkpoints.observed_modes): "copy" through Python (the default, the longest record of
-# system-test runs); "splice" (zero-copy, each bulk read teed to the stream state on the event
-# loop); "splice-thread" (the same, the stream state fed by a thread per bulk direction, so that
-# hashing runs beside the forwarding: the fastest for downloads on a machine with a CPU to spare,
-# docs/benchmarks.md).
-LIVE_RELAYS = ("copy", "splice", "splice-thread")
-
 
 @dataclass(frozen=True)
 class LiveContext:
@@ -46,7 +38,7 @@ class LiveContext:
     connect_service: Callable[[str], Awaitable[socket.socket]]
     codec: str = "http"
     stream_hash: str = "sha256"  # new connections' running hash: "sha256" or keyed "blake3"
-    live_relay: str = "copy"  # how live connections' bytes are forwarded (LIVE_RELAYS)
+    live_relay: str = "copy"  # how live connections' bytes are forwarded (proxy.live_relays)
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = 1024

@@ -28,7 +28,7 @@ from migrate.kernel.eventlog import EventLog
 from migrate.kernel.files import own_private_directory
 from migrate.ratelog import DEFAULT_PERIOD_S as DEFAULT_REJECTION_PERIOD_S
 from migrate.replaystream import DEFAULT_MAX_REPLAY
-from proxy.livecontext import LIVE_RELAYS
+from proxy.live_relays import LIVE_RELAYS
 from roam_cli.args import non_negative_float, positive_int, positive_seconds
 from roam_cli.units import (
     SYSTEMD_DIR,

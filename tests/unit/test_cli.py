@@ -370,3 +370,18 @@ def test_console_script_is_installed():
     )
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["server"] == "10.0.0.3:80"
+
+
+def test_building_the_command_line_imports_no_shim_module() -> None:
+    """Every ``roam`` command builds the whole parser. A shim module imported there (the
+    relay, live mode, the event loop) cost every command 0.4 s on this machine, and a lab
+    that waits for a roam with ``roam schedule`` then missed its moment."""
+    code = (
+        "import json, sys, roam_cli.main as m; m.build_parser(); "
+        "print(json.dumps(sorted(x for x in sys.modules if x.split('.')[0] in "
+        "('proxy', 'client_shim', 'labs', 'asyncio', 'uvloop', 'pyroute2', 'scapy'))))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert json.loads(result.stdout) == ["proxy", "proxy.live_relays"]

@@ -14,7 +14,7 @@ import uvloop
 
 from migrate.streamstate import StreamState
 from proxy.checkpoints import CheckpointPusher, observed_modes
-from proxy.livecontext import LIVE_RELAYS
+from proxy.live_relays import LIVE_RELAYS
 from proxy.relay import Copy, EndReason, Relay, Splice
 
 REQUEST = b"GET /big HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n"
