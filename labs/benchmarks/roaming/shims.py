@@ -7,7 +7,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from labs import Lab, PoolTopo
 from labs.benchmarks.relay import (
@@ -40,6 +40,8 @@ from labs.clients import iperf3
 from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, write_content
 from labs.services import start_iperf3_server
 
+T = TypeVar("T")
+
 
 def cpu_seconds(pid: int) -> float:
     """User + system CPU seconds of process ``pid`` and its threads (0 if it is gone)."""
@@ -53,21 +55,14 @@ def cpu_seconds(pid: int) -> float:
 def measure_bulk(
     lab: Lab, address: str, port: int, seconds: float, reverse: bool, pids: dict[str, int]
 ) -> dict[str, Any]:
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    busy_before = machine_busy_ticks()
-    started = time.monotonic()
-    result = iperf3(lab["c1"], address, port=port, duration_s=seconds, reverse=reverse)
-    elapsed = time.monotonic() - started
-    busy_after = machine_busy_ticks()
-    cpus = os.cpu_count() or 1
-    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
+    result, figures = _with_cpu(
+        pids,
+        lambda: iperf3(lab["c1"], address, port=port, duration_s=seconds, reverse=reverse),
+    )
     return {
         "gbit_s": result.received_mbit / 1000,
         "retransmits": result.retransmits or 0,
-        "cpu_pct": {
-            name: 100 * (cpu_seconds(pid) - before[name]) / elapsed for name, pid in pids.items()
-        },
-        "machine_busy_pct": 100 * busy * cpus,
+        **figures,
     }
 
 
@@ -80,22 +75,32 @@ def measure_http_bulk(
     url = f"http://{address}:{port}/big"
     argv = ["curl", "-sS", "--fail", "--max-time", f"{CLIENT_TIMEOUT_S:g}",
             "-w", "%{size_download}\n"] + ["-o", "/dev/null", url] * copies  # fmt: skip
-    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
-    busy_before = machine_busy_ticks()
-    started = time.monotonic()
-    completed = lab["c1"].run(argv, timeout=CLIENT_TIMEOUT_S + 10)
-    elapsed = time.monotonic() - started
-    busy_after = machine_busy_ticks()
+    completed, figures = _with_cpu(pids, lambda: lab["c1"].run(argv, timeout=CLIENT_TIMEOUT_S + 10))
     sizes = [int(line) for line in completed.stdout.split() if line.isdigit()]
     if completed.returncode != 0 or sizes != [size] * copies:
         raise RuntimeError(
             f"curl of {url} x{copies} failed (exit {completed.returncode}, sizes {sizes}): "
             f"{completed.stderr.strip()[:200]}"
         )
-    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
     return {
-        "gbit_s": 8 * size * copies / elapsed / 1e9,
+        "gbit_s": 8 * size * copies / figures["elapsed_s"] / 1e9,
         "retransmits": 0,  # curl does not count them; iperf3's runs do
+        **figures,
+    }
+
+
+def _with_cpu(pids: dict[str, int], client: Callable[[], T]) -> tuple[T, dict[str, Any]]:
+    """Run ``client`` and return its result with the CPU share of each process in ``pids``
+    and of the whole machine over the run (100 = one CPU)."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    busy_before = machine_busy_ticks()
+    started = time.monotonic()
+    result = client()
+    elapsed = time.monotonic() - started
+    busy_after = machine_busy_ticks()
+    busy = (busy_after[0] - busy_before[0]) / max(1, busy_after[1] - busy_before[1])
+    return result, {
+        "elapsed_s": elapsed,
         "cpu_pct": {
             name: 100 * (cpu_seconds(pid) - before[name]) / elapsed for name, pid in pids.items()
         },
