@@ -46,6 +46,8 @@ from migrate.activeset import ActiveSchedule
 from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.antientropy import SYNC_PERIOD_S
 from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
+from migrate.checkpoint import STREAM_HASHES
+from migrate.codec import CODEC_CHOICES
 from migrate.control import (
     OPERATOR,
     Ack,
@@ -77,6 +79,7 @@ from migrate.suspects import AttackReport, format_report
 from migrate.updates import seal_update, update_sealer
 from proxy import relay
 from proxy.live import LiveMode
+from proxy.live_relays import LIVE_RELAYS
 from proxy.livecontext import LiveContext
 from proxy.modes import MigrationMode, ReconnectMode
 from proxy.rules import (
@@ -122,6 +125,20 @@ class ServerOptions:
     metrics: Endpoint | None = None  # serve Prometheus metrics at http://HOST:PORT/metrics
 
 
+def check_choices(options: ServerOptions) -> None:
+    """The command line offers only these values; a program building ``ServerOptions`` itself
+    learns of a bad one here, by name, before anything is set up (a relay mode the pusher does
+    not know would otherwise be taken for zero-copy)."""
+    for name, value, choices in (
+        ("migration", options.migration, ("live", "reconnect")),
+        ("codec", options.codec, CODEC_CHOICES),
+        ("stream_hash", options.stream_hash, STREAM_HASHES),
+        ("live_relay", options.live_relay, LIVE_RELAYS),
+    ):
+        if value not in choices:
+            raise ConfigError(f"{name} {value!r} is not one of: {', '.join(choices)}")
+
+
 def default_state_path(directory: Path, index: int) -> Path:
     return directory / "state" / f"server-{index}.json"
 
@@ -134,6 +151,7 @@ def attack_reports_path(directory: Path, index: int) -> Path:
 
 class ServerShim:
     def __init__(self, options: ServerOptions, log: EventLog, clock: Clock = time.time) -> None:
+        check_choices(options)
         self.options = options
         self.log = log
         self.clock = clock

@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import random
 import socket
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import uvloop
 
+from migrate.endpoints import parse_address_and_port
+from migrate.errors import ConfigError
+from migrate.kernel.eventlog import EventLog
 from migrate.streamstate import StreamState
 from proxy.checkpoints import CheckpointPusher, observed_modes
+from proxy.daemon import ServerOptions, ServerShim
 from proxy.live_relays import LIVE_RELAYS
 from proxy.relay import Copy, EndReason, Relay, Splice
 
@@ -87,3 +93,23 @@ def test_each_live_relay_gives_the_stream_state_every_byte_in_order(relay: str) 
     fresh = stream.settle(0)  # the exchange's start: the hash covers the whole response
     assert fresh.s2c_hash is not None
     assert fresh.s2c_hash.digest() == hashlib.sha256(sent).digest()
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("live_relay", "zero-copy"), ("stream_hash", "md5"), ("codec", "smtp"), ("migration", "x")],
+)
+def test_a_server_shim_built_with_an_unknown_choice_names_it_before_setting_anything_up(
+    tmp_path: Path, field: str, value: str
+) -> None:
+    """The command line offers only its choices; a program building ``ServerOptions`` itself
+    gets the bad value by name (the pusher would take any unknown relay for zero-copy)."""
+    options = ServerOptions(
+        tmp_path / "absent",
+        parse_address_and_port("10.0.0.2:80", 80),
+        parse_address_and_port("127.0.0.1:8000", 8000),
+        **{field: value},
+    )
+    with pytest.raises(ConfigError, match=f"^{field} '{value}' is not one of: "):
+        ServerShim(options, EventLog("server", stream=io.StringIO()))
+    assert not (tmp_path / "absent").exists()
