@@ -13,10 +13,12 @@ is retried here, as Python's own system call wrappers do (PEP 475).
 
 from __future__ import annotations
 
+import array
 import ctypes
 import errno
 import fcntl
 import os
+import termios
 from typing import Final
 
 SPLICE_F_MOVE: Final = os.SPLICE_F_MOVE
@@ -66,3 +68,32 @@ def make_pipe(*, nonblocking: bool = True) -> tuple[int, int]:
     """A close-on-exec pipe (read end, write end), non-blocking on both ends if asked."""
     flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblocking else 0)
     return os.pipe2(flags)
+
+
+_null_fd = -1
+
+
+def _null() -> int:
+    """/dev/null, opened once per process for writing (kept: every discard shares it)."""
+    global _null_fd
+    if _null_fd < 0:
+        _null_fd = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+    return _null_fd
+
+
+def discard(fd: int, count: int) -> None:
+    """Drop the first ``count`` bytes of pipe ``fd``, which holds at least that many, inside
+    the kernel (spliced to /dev/null: the pages are released, never copied)."""
+    null = _null()
+    while count > 0:
+        moved = os.splice(fd, null, count)
+        if moved <= 0:
+            raise OSError(errno.EIO, f"discarding a pipe's bytes: splice returned {moved}")
+        count -= moved
+
+
+def pending(fd: int) -> int:
+    """Bytes waiting in pipe ``fd`` (FIONREAD)."""
+    buffer = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buffer, True)
+    return buffer[0]
