@@ -120,6 +120,10 @@ FLAG_UNMIGRATABLE = 4
 # second on this project's machines (docs/benchmarks.md, "The running hash").
 FLAG_KEYED_BLAKE3 = 8
 STREAM_HASHES = ("sha256", "blake3")  # what a server shim may use for new connections
+# What a server's running hash covers of a Range-capable response's body (roam server
+# --range-bodies, ``migrate.streamstate.StreamState``): every byte ("hash"), or only the window
+# before each checkpoint's position ("window": the range record's ``full_hash`` False).
+RANGE_BODIES = ("hash", "window")
 MAX_TAKEN_AT_US = 1 << 53  # checkpoint times: microseconds a float still holds exactly
 SEALED_BYTES = 1 + 12 + _BODY.size + 16
 """Length of a sealed checkpoint without session state (version 1)."""
@@ -138,8 +142,9 @@ class RangeRecord:
     checkpoint's fresh point has a strong ``validator`` and ``length`` body bytes from s2c
     position ``body_start`` on; ``window_hash`` is the SHA-256 of the s2c bytes
     ``[window_start, s2c_pos)`` (body bytes just before the checkpoint's position).
-    ``full_hash`` False: the checkpoint's ``s2c_hash`` commits to nothing (the connection was
-    itself re-created from a range, so no server has the response's first bytes)."""
+    ``full_hash`` False: the checkpoint's ``s2c_hash`` commits to nothing (no server hashed
+    the response from its start: the connection was itself re-created from a range, or its
+    server hashes only windows of such bodies, ``RANGE_BODIES`` "window")."""
 
     validator: bytes
     etag: bool

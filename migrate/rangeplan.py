@@ -368,7 +368,8 @@ def check_answer(section: bytes, chosen: RangePlan) -> Partial | Whole:
         if not record.full_hash:
             raise RangeDiverged(
                 "the replica ignored the range request and the checkpoint has no hash of the "
-                "response's start (it was itself resumed from a range)"
+                "response's start (its server hashed only a window of the body, or was itself "
+                "resumed from a range)"
             )
         return Whole()
     if code != 206:

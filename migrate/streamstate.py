@@ -45,7 +45,7 @@ from typing import Protocol
 import blake3
 
 from migrate.autodetect import AutoCodec, Detection
-from migrate.checkpoint import Checkpoint, RangeRecord, TcpSnapshot
+from migrate.checkpoint import RANGE_BODIES, Checkpoint, RangeRecord, TcpSnapshot
 from migrate.codec import Http11Codec, StreamCodec, codec_for
 from migrate.rangeplan import (
     MIN_BODY_BYTES,
@@ -364,12 +364,21 @@ class StreamState:
         hash_backlog: int = DEFAULT_HASH_BACKLOG,
         range_min_body: int = MIN_BODY_BYTES,
         hash_key: bytes | None = None,
+        range_bodies: str = "hash",
     ) -> None:
         """``state``: the session state at the starting fresh point (a checkpoint's).
         ``hash_backlog``: bytes of the service's chunks hashed into the candidates only when
         needed (0: each at once; the checkpoints are the same). ``range_min_body``: responses
         with smaller bodies get no range record. ``hash_key``: the running hashes are keyed
-        BLAKE3 with it (``checkpoint.stream_hash_key``), else SHA-256."""
+        BLAKE3 with it (``checkpoint.stream_hash_key``), else SHA-256. ``range_bodies``
+        (``RANGE_BODIES``): "hash" runs the full hash through a Range-capable response's body
+        like any other bytes; "window" drops it at such a body's head (its checkpoints commit
+        to the window only, the range record's ``full_hash`` False) and lets the relay pass
+        over the body's bytes that no window needs (``skippable``)."""
+        if range_bodies not in RANGE_BODIES:
+            raise ValueError(f"range_bodies {range_bodies!r} is not one of {RANGE_BODIES}")
+        self.hash_range_bodies = range_bodies == "hash"
+        self.skipped_s2c = 0  # service bytes passed over unseen (skip_s2c)
         self.hash_key = hash_key
         self.range_min_body = range_min_body
         self.codec_name = codec_name
@@ -451,6 +460,40 @@ class StreamState:
         http.skip_body(s2c_position - self.s2c_pos)
         self.s2c_pos = s2c_position
         self._window = _Window(window.facts, s2c_position)
+
+    def skippable(self) -> int:
+        """How many of the next service bytes may pass unseen (``skip_s2c``): inside the body
+        of a Range-capable response whose bytes no candidate hashes (``range_bodies``
+        "window", or a stream resumed from a range), all but the body's last ``WINDOW_BYTES``
+        (read, so that a checkpoint at the body's end has its window and the codec sees the
+        end). 0 otherwise. The relay reads at least the last ``WINDOW_BYTES`` of what it has
+        before each checkpoint can be taken, so every checkpoint inside the body has a window."""
+        window, http = self._window, self._http
+        if window is None or http is None or self.unmigratable is not None:
+            return 0
+        ahead = http.body_ahead()
+        if ahead <= WINDOW_BYTES or self.s2c_pos < window.facts.body_start:
+            return 0
+        for candidate in self.candidates:
+            if candidate._hash is not None:
+                return 0
+        return ahead - WINDOW_BYTES
+
+    def skip_s2c(self, count: int) -> None:
+        """``count`` service bytes passed without being shown here (at most ``skippable``):
+        the positions move on, and the window starts afresh after them."""
+        if count == 0:
+            return
+        if not 0 < count <= self.skippable():
+            raise ValueError(f"{count} service bytes cannot be skipped here")
+        window = self._window
+        assert window is not None
+        assert self._http is not None
+        self._http.skip_body(count)
+        self.s2c_pos += count
+        self.skipped_s2c += count
+        self._window = _Window(window.facts, self.s2c_pos)
+        self._window.announced = window.announced
 
     @property
     def fresh(self) -> Candidate:
@@ -555,6 +598,8 @@ class StreamState:
             return
         facts = response_facts(head.method, head.section, head.body_start)
         candidate.range = facts
+        if facts is not None and not self.hash_range_bodies:
+            candidate.s2c_hash = None  # the window stands for the body (range_bodies "window")
         if facts is not None and self.s2c_pos <= facts.body_end:
             self._window = _Window(facts, facts.body_start)
             self._window.feed(start, chunk)
