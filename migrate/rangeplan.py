@@ -21,6 +21,11 @@ the checkpoint's position (``WINDOW_BYTES``). The new server then
    compares the window with the checkpoint's hash, and relays only what follows the client's
    position.
 
+A record whose ``full_hash`` is False (its server hashed only windows of such bodies, or was
+itself resumed from a range) comes with a checkpoint that commits to nothing else of the
+response: any regeneration of it, by range or from the start (a replica that ignores ranges,
+a client behind the head), is checked against the window, which is then all it checks.
+
 What a Range hand-over cannot detect is in docs/architecture.md: a replica whose file differs
 only outside the window (before it: the client already has those bytes; after the client's
 position: the client gets the replica's bytes, as with any regeneration past a checkpoint)
@@ -155,7 +160,8 @@ class Partial:
 @dataclass(frozen=True, slots=True)
 class Whole:
     """The replica answered 200 with the same validator (it ignores ranges): regenerate from
-    the start; the checkpoint's full hash decides."""
+    the start; the checkpoint's full hash decides, or without one (``full_hash`` False) its
+    window, as for a range."""
 
 
 def _fields(lines: list[bytes]) -> dict[bytes, list[bytes]] | None:
@@ -364,12 +370,6 @@ def check_answer(section: bytes, chosen: RangePlan) -> Partial | Whole:
             raise RangeDiverged(
                 f"the replica's representation differs: {kind} {_show(theirs)}, the "
                 f"checkpoint's {_show(record.validator)} (If-Range fell back to 200)"
-            )
-        if not record.full_hash:
-            raise RangeDiverged(
-                "the replica ignored the range request and the checkpoint has no hash of the "
-                "response's start (its server hashed only a window of the body, or was itself "
-                "resumed from a range)"
             )
         return Whole()
     if code != 206:

@@ -112,6 +112,7 @@ class Replayer:
             else FromFreshPoint(f"the {checkpoint.codec} codec")
         )
         self.window: hashlib._Hash | None = None  # the range's window, hashed as it is read
+        self._window_only()
         self.regenerated = 0  # service bytes read (after a range's head)
         self.skipped = 0  # body bytes a second range at the COMMIT spared reading
         self.rebased = 0  # COMMITs prepared again from their newer checkpoint (``_rebase``)
@@ -153,7 +154,15 @@ class Replayer:
             self.window = hashlib.sha256()
             return bytes(head[length:])
         self.plan = FromFreshPoint("the replica ignored the range request")
+        self._window_only()
         return bytes(head)
+
+    def _window_only(self) -> None:
+        """From the fresh point, a checkpoint that commits to a window alone (its range
+        record's ``full_hash`` False) is checked by that window: the bytes before it pass."""
+        record = self.checkpoint.range
+        if isinstance(self.plan, FromFreshPoint) and record is not None and not record.full_hash:
+            self.window = hashlib.sha256()
 
     async def _read_head(self, service: socket.socket, idle_s: float) -> tuple[bytearray, int]:
         """What the service sent up to the end of its response head at least, and the head's

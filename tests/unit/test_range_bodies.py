@@ -154,11 +154,33 @@ def test_a_replica_differing_in_the_window_is_refused():
         asyncio.run(regenerate(Service(bytes(changed), ETAG), checkpoint, len(HEAD) + 2_600_000))
 
 
-def test_a_replica_ignoring_ranges_is_refused_at_its_head_not_spliced_unverified():
-    """Without the full hash a whole regeneration could not be verified: refused, naming why
-    (the cost of --range-bodies window; with hash such a replica is regenerated whole)."""
+def test_a_replica_ignoring_ranges_is_regenerated_whole_and_checked_by_the_window():
+    """Without the full hash a whole regeneration is checked as a range would be: by the
+    window before the checkpoint's position (the bytes before it pass unchecked)."""
     checkpoint = window_checkpoint(2_500_000)
-    service = Service(BODY, ETAG, ranges=False)
-    with pytest.raises(Diverged, match="hashed only a window of the body"):
-        asyncio.run(regenerate(service, checkpoint, len(HEAD) + 2_600_000))
-    assert service.sent <= len(BODY)  # it was asked once, and nothing was taken from it
+    received = len(HEAD) + 2_600_000
+    replayer = asyncio.run(regenerate(Service(BODY, ETAG, ranges=False), checkpoint, received))
+    assert not replayer.by_range
+    assert replayer.verified
+    unsent = bytes(replayer.unsent)
+    assert unsent == BODY[2_600_000 : 2_600_000 + len(unsent)]
+    changed = bytearray(BODY)
+    changed[2_500_000 - 1] ^= 1
+    with pytest.raises(Diverged, match="body differs from the client's"):
+        asyncio.run(regenerate(Service(bytes(changed), ETAG, ranges=False), checkpoint, received))
+
+
+def test_a_client_behind_the_head_is_regenerated_from_the_start_and_checked_by_the_window():
+    """The client holds a checkpoint from inside the body but has not received the whole head
+    yet: no range plan; the regeneration from the response's start reaches the checkpoint's
+    position and its window decides."""
+    checkpoint = window_checkpoint(2_500_000)
+    received = len(HEAD) - 10
+    replayer = asyncio.run(regenerate(Service(BODY, ETAG), checkpoint, received))
+    assert not replayer.by_range
+    assert replayer.verified
+    assert bytes(replayer.unsent[10:]) == BODY[: len(replayer.unsent) - 10]
+    changed = bytearray(BODY)
+    changed[2_500_000 - 1] ^= 1
+    with pytest.raises(Diverged, match="body differs from the client's"):
+        asyncio.run(regenerate(Service(bytes(changed), ETAG), checkpoint, received))
