@@ -50,12 +50,13 @@ from migrate.handover import (
 )
 from migrate.kernel import rawtcp, tcp_repair
 from migrate.kernel import sockopts as so
+from migrate.rangeplan import WINDOW_BYTES
 from migrate.registration import ClientRecord
 from migrate.reincarnation import CHECKPOINT_AGE_FLOOR_S
 from migrate.replaystream import TOTAL_RUNS
 from migrate.streamstate import StreamState, over_total, verifies_nothing
 from proxy.livecontext import LiveContext
-from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Splice
+from proxy.relay import Copy, EndReason, Mode, Relay, RelayOutcome, Skip, Splice
 
 SEQ_MOD = 2**32
 BOUNDARY_MIN_GAP_S = 0.02  # at most one boundary checkpoint per connection per 20 ms
@@ -94,9 +95,12 @@ def observed_modes(
     then lags the forwarded bytes (by a bound), which a checkpoint may: it commits to what the
     stream state covered, read under the relay's ``observer_lock``."""
     if zero_copy:
+        # The service's bytes a checkpoint needs no more (a Range-capable body that no hash
+        # covers, but its window) are dropped in the kernel, never read.
+        skip = Skip(stream.skippable, stream.skip_s2c, keep=WINDOW_BYTES)
         return (
             Splice(observer=stream.feed_c2s, observer_thread=observer_thread),
-            Splice(observer=stream.feed_s2c, observer_thread=observer_thread),
+            Splice(observer=stream.feed_s2c, observer_thread=observer_thread, skip=skip),
         )
     return Copy(stream.feed_c2s), Copy(stream.feed_s2c)
 
@@ -415,6 +419,7 @@ class CheckpointPusher:
                 hash_key=stream_hash_key(self.context.group_key, conn_id)
                 if self.context.stream_hash == "blake3"
                 else None,
+                range_bodies=self.context.range_bodies,
             ),
         )
         if not self.context.gate_open():
@@ -476,6 +481,9 @@ class CheckpointPusher:
         """A re-incarnated connection goes live here: relayed, checkpointed like any other.
         ``work``: what its re-incarnation read and spared, for the log."""
         sock, service, unsent = sockets
+        # Regenerated and verified with the checkpoint's hashing; later responses are
+        # hashed as this server's own connections are.
+        stream.hash_range_bodies = self.context.range_bodies == "hash"
         connection = LiveConnection(
             self,
             sock,

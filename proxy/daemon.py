@@ -46,7 +46,7 @@ from migrate.activeset import ActiveSchedule
 from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.antientropy import SYNC_PERIOD_S
 from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
-from migrate.checkpoint import STREAM_HASHES
+from migrate.checkpoint import RANGE_BODIES, STREAM_HASHES
 from migrate.codec import CODEC_CHOICES
 from migrate.control import (
     OPERATOR,
@@ -118,6 +118,7 @@ class ServerOptions:
     codec: str = "auto"
     stream_hash: str = "sha256"  # the running hash of new connections (STREAM_HASHES)
     live_relay: str = "copy"  # how live connections are forwarded (proxy.live_relays)
+    range_bodies: str = "hash"  # what checkpoints commit to of Range-capable bodies (RANGE_BODIES)
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = MAX_PENDING_PER_CLIENT
@@ -134,6 +135,7 @@ def check_choices(options: ServerOptions) -> None:
         ("codec", options.codec, CODEC_CHOICES),
         ("stream_hash", options.stream_hash, STREAM_HASHES),
         ("live_relay", options.live_relay, LIVE_RELAYS),
+        ("range_bodies", options.range_bodies, RANGE_BODIES),
     ):
         if value not in choices:
             raise ConfigError(f"{name} {value!r} is not one of: {', '.join(choices)}")
@@ -948,6 +950,7 @@ class ServerShim:
             codec=options.codec,
             stream_hash=options.stream_hash,
             live_relay=options.live_relay,
+            range_bodies=options.range_bodies,
             checkpoint_period=options.checkpoint_period,
             migration_port=options.migration_port,
             max_pending_per_client=options.max_pending_per_client,
@@ -1054,6 +1057,7 @@ class ServerShim:
                 migration=self.options.migration,
                 stream_hash=self.options.stream_hash,
                 live_relay=self.options.live_relay,
+                range_bodies=self.options.range_bodies,
                 clients=len(self.pool.legitimate(self.gate.epoch if self.gate else 1)),
             )
             self._tick()

@@ -39,6 +39,9 @@ class LiveContext:
     codec: str = "http"
     stream_hash: str = "sha256"  # new connections' running hash: "sha256" or keyed "blake3"
     live_relay: str = "copy"  # how live connections' bytes are forwarded (proxy.live_relays)
+    # Range-capable bodies: hashed whole ("hash") or only a window ("window"); StreamState's
+    # range_bodies (migrate.streamstate.RANGE_BODIES).
+    range_bodies: str = "hash"
     checkpoint_period: float = 0.5
     migration_port: int = 47476
     max_pending_per_client: int = 1024

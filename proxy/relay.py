@@ -20,6 +20,10 @@ Each direction is either
   bytes are spliced on to the destination. The observer therefore covers at least what was
   forwarded at every moment the loop can see (what a checkpoint commits to), and a slow
   observer slows the pump rather than losing bytes: the side pipe holds at most one read.
+  ``Splice(skip=Skip(...))`` lets the observer go without bytes it says it does not need
+  (the body of a Range-capable response under ``--range-bodies window``): those are dropped
+  from the side pipe in the kernel (spliced to /dev/null), all but the last ``keep`` bytes of
+  each tee, which it reads as before.
   A splice pump copies (as below) until its first read of 64 KiB or more: short messages cost
   two system calls either way (four with a tee), and a connection that never carried bulk
   makes no pipe.
@@ -54,6 +58,7 @@ import hashlib
 import json
 import logging
 import os
+import select
 import signal
 import socket
 import struct
@@ -103,6 +108,20 @@ _splice = os.splice
 
 
 @dataclass(frozen=True)
+class Skip:
+    """What an observer may go without (``Splice(skip=...)``): before the side pipe's bytes
+    are read, ``skippable()`` says how many of the next ones it need not see; those are
+    dropped in the kernel (spliced to /dev/null) and ``skipped(count)`` is told, except the
+    last ``keep`` bytes of what the pipe holds, which are always read (a checkpoint between
+    two reads needs the bytes just before its position: ``migrate.streamstate``'s window).
+    Called under ``Relay.observer_lock`` when the observer has a thread."""
+
+    skippable: Callable[[], int]
+    skipped: Callable[[int], None]
+    keep: int
+
+
+@dataclass(frozen=True)
 class Splice:
     """Zero-copy: socket -> pipe -> socket, from the first read of 64 KiB or more (before it,
     through the shared buffer). The pipe starts at the default 64 KiB and is grown
@@ -123,6 +142,9 @@ class Splice:
     # backpressure). Observers of such a relay run under ``Relay.observer_lock``; whoever
     # reads their state takes it too.
     observer_thread: bool = False
+    # The observer's bytes it may go without, dropped in the kernel (``Skip``; with an
+    # observer only).
+    skip: Skip | None = None
 
 
 @dataclass(frozen=True)
@@ -337,6 +359,7 @@ class _SplicePump(_Pump):
         self._observed = mode.observer is not None
         self._side: _SidePipe | _ThreadedSidePipe | None = None
         self._read_size = mode.read_size_bytes
+        self._skip = mode.skip
         self.bytes_observed = 0
         self.spliced = False  # from the first read that shows bulk
         self._threaded = mode.observer_thread and self._observed
@@ -359,6 +382,7 @@ class _SplicePump(_Pump):
             elif self._threaded:
                 self._side = _ThreadedSidePipe(
                     self._observer,
+                    self._skip,
                     self._read_size,
                     self._wanted_capacity,
                     self._lock,
@@ -366,7 +390,7 @@ class _SplicePump(_Pump):
                     (self._on_side_room, self._observer_done),
                 )
             else:
-                self._side = _SidePipe(self._read_size)
+                self._side = _SidePipe(self._read_size, self._skip)
         except BaseException:
             os.close(pipe_r)
             os.close(pipe_w)
@@ -571,9 +595,10 @@ class _SidePipe:
     """The observer's copy of one direction: a pipe filled by ``tee(2)`` from the main pipe
     and read out, in large chunks through one reused buffer, into the observer."""
 
-    def __init__(self, read_size: int) -> None:
+    def __init__(self, read_size: int, skip: Skip | None = None) -> None:
         self._r, self._w = pipes.make_pipe()
         self._read_size = read_size
+        self._skip = skip
 
     def grow(self, capacity: int) -> None:
         # A side pipe at least as large as the main one takes a whole read in one tee.
@@ -593,6 +618,13 @@ class _SidePipe:
         size = self._read_size
         view = _scratch(size)
         readv, fd = os.readv, self._r
+        skip = self._skip
+        if skip is not None and count > skip.keep:
+            dropped = min(skip.skippable(), count - skip.keep)
+            if dropped > 0:
+                pipes.discard(fd, dropped)
+                skip.skipped(dropped)
+                count -= dropped
         while count:
             got = readv(fd, [view[: min(size, count)]])
             if got <= 0:  # the bytes were teed: they are there, or the kernel lost them
@@ -620,6 +652,7 @@ class _ThreadedSidePipe:
     def __init__(
         self,
         observer: Observer,
+        skip: Skip | None,
         read_size: int,
         bound: int,
         lock: threading.Lock,
@@ -637,7 +670,7 @@ class _ThreadedSidePipe:
         self._error: BaseException | None = None
         self._thread = threading.Thread(
             target=self._run,
-            args=(observer, read_size, lock, loop, callbacks),
+            args=(observer, skip, read_size, lock, loop, callbacks),
             name="relay-observer",
             daemon=True,
         )
@@ -676,6 +709,7 @@ class _ThreadedSidePipe:
     def _run(
         self,
         observer: Observer,
+        skip: Skip | None,
         read_size: int,
         lock: threading.Lock,
         loop: asyncio.AbstractEventLoop,
@@ -684,14 +718,32 @@ class _ThreadedSidePipe:
         room, done = callbacks
         view = memoryview(bytearray(read_size))
         readv, fd, counts = os.readv, self._r, self._counts
+        waiting = select.poll()
+        waiting.register(fd, select.POLLIN)
         error: BaseException | None = None
         try:
             while not self._stop:
-                got = readv(fd, [view])  # releases the GIL; so do hashlib's large updates
-                if got == 0:
-                    break  # the write end is closed and all was read
-                with lock:
-                    observer(view[:got])
+                got = 0
+                if skip is not None:
+                    # Wait for a tee, then drop what the observer may go without before
+                    # reading: a blocking read would take the head of the chunk first.
+                    waiting.poll()
+                    held = pipes.pending(fd)
+                    if held > skip.keep:
+                        with lock:  # no checkpoint between the drop and the kept bytes
+                            dropped = min(skip.skippable(), held - skip.keep)
+                            if dropped > 0:
+                                pipes.discard(fd, dropped)
+                                skip.skipped(dropped)
+                                got = readv(fd, [view])  # the kept bytes: there, no wait
+                                observer(view[:got])
+                                got += dropped
+                if got <= 0:
+                    got = readv(fd, [view])  # releases the GIL; so do hashlib's large updates
+                    if got == 0:
+                        break  # the write end is closed and all was read
+                    with lock:
+                        observer(view[:got])
                 with counts:
                     self._observed += got
                     wake = self._waiting and self._teed - self._observed < self._bound

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migrate.admission import MAX_PENDING_PER_CLIENT
-from migrate.checkpoint import STREAM_HASHES
+from migrate.checkpoint import RANGE_BODIES, STREAM_HASHES
 from migrate.codec import CODEC_CHOICES
 from migrate.cover import (
     DEFAULT_CELL_BYTES,
@@ -152,6 +152,17 @@ def register(subparsers: Subparsers) -> None:
         "'copy' through Python (default); 'splice' zero-copy, each bulk read teed to the "
         "observer; 'splice-thread' the same with the observer on a thread of its own per "
         "bulk direction (fastest for downloads when a CPU is spare; docs/benchmarks.md)",
+    )
+    server.add_argument(
+        "--range-bodies",
+        choices=RANGE_BODIES,
+        default="hash",
+        help="what checkpoints commit to of a response body that can be resumed by Range (a "
+        "strong validator and Accept-Ranges): 'hash' every byte (default: a replica that "
+        "ignores Range is regenerated from the start and verified); 'window' only the 64 KiB "
+        "before the client's position, so that with a splice relay the body's other bytes "
+        "never leave the kernel (a replica that ignores Range then resets the connection; "
+        "docs/benchmarks.md)",
     )
     server.add_argument(
         "--checkpoint-period",
@@ -475,6 +486,7 @@ def run_server(args: argparse.Namespace) -> int:
         codec=args.codec,
         stream_hash=args.stream_hash,
         live_relay=args.live_relay,
+        range_bodies=args.range_bodies,
         checkpoint_period=args.checkpoint_period,
         migration_port=args.migration_port,
         max_pending_per_client=args.max_pending_per_client,

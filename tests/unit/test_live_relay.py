@@ -14,10 +14,12 @@ from types import SimpleNamespace
 import pytest
 import uvloop
 
+from migrate.checkpoint import TcpSnapshot
 from migrate.endpoints import parse_address_and_port
 from migrate.errors import ConfigError
 from migrate.kernel.eventlog import EventLog
-from migrate.streamstate import StreamState
+from migrate.rangeplan import WINDOW_BYTES
+from migrate.streamstate import NO_HASH, StreamState
 from proxy.checkpoints import CheckpointPusher, observed_modes
 from proxy.daemon import ServerOptions, ServerShim
 from proxy.live_relays import LIVE_RELAYS
@@ -40,19 +42,12 @@ def pusher_for(relay: str) -> CheckpointPusher:
     return CheckpointPusher(context)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("relay", LIVE_RELAYS)
-def test_each_live_relay_gives_the_stream_state_every_byte_in_order(relay: str) -> None:
-    pusher = pusher_for(relay)
-    stream = StreamState("http")
+def relay_one_exchange(stream: StreamState, pusher: CheckpointPusher, sent: bytes) -> bytes:
+    """REQUEST from an application through a real relay observed by ``stream`` (the modes
+    ``pusher`` picks), ``sent`` back from a service; what the application received."""
     up, down = observed_modes(
         stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
     )
-    expected_mode = Copy if relay == "copy" else Splice
-    assert isinstance(up, expected_mode)
-    assert isinstance(down, expected_mode)
-    if isinstance(down, Splice):
-        assert down.observer_thread is (relay == "splice-thread")
-    sent = response(random.Random(7).randbytes(BODY_BYTES))
 
     async def scenario() -> bytes:
         loop = asyncio.get_running_loop()
@@ -86,7 +81,23 @@ def test_each_live_relay_gives_the_stream_state_every_byte_in_order(relay: str) 
                 sock.close()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        received = runner.run(asyncio.wait_for(scenario(), 60))
+        return runner.run(asyncio.wait_for(scenario(), 60))
+
+
+@pytest.mark.parametrize("relay", LIVE_RELAYS)
+def test_each_live_relay_gives_the_stream_state_every_byte_in_order(relay: str) -> None:
+    pusher = pusher_for(relay)
+    stream = StreamState("http")
+    up, down = observed_modes(
+        stream, zero_copy=pusher.zero_copy, observer_thread=pusher.observer_thread
+    )
+    expected_mode = Copy if relay == "copy" else Splice
+    assert isinstance(up, expected_mode)
+    assert isinstance(down, expected_mode)
+    if isinstance(down, Splice):
+        assert down.observer_thread is (relay == "splice-thread")
+    sent = response(random.Random(7).randbytes(BODY_BYTES))
+    received = relay_one_exchange(stream, pusher, sent)
     assert received == sent
     # The relay ended once its observers had seen every byte (threads included).
     assert (stream.c2s_pos, stream.s2c_pos) == (len(REQUEST), len(sent))
@@ -113,3 +124,37 @@ def test_a_server_shim_built_with_an_unknown_choice_names_it_before_setting_anyt
     with pytest.raises(ConfigError, match=f"^{field} '{value}' is not one of: "):
         ServerShim(options, EventLog("server", stream=io.StringIO()))
     assert not (tmp_path / "absent").exists()
+
+
+@pytest.mark.parametrize("relay", LIVE_RELAYS)
+def test_with_window_range_bodies_a_splice_relay_never_reads_most_of_the_body(relay: str) -> None:
+    """``--range-bodies window``: the splice relays drop the body's bytes that no checkpoint
+    needs in the kernel; the client still gets every byte, and the stream state ends with the
+    positions and the window of the bytes sent (copy reads all, as before)."""
+    pusher = pusher_for(relay)
+    stream = StreamState("http", range_bodies="window")
+    body = random.Random(8).randbytes(BODY_BYTES)
+    sent = response(body)
+    received = relay_one_exchange(stream, pusher, sent)
+    assert received == sent
+    assert (stream.c2s_pos, stream.s2c_pos) == (len(REQUEST), len(sent))
+    if relay == "copy":
+        assert stream.skipped_s2c == 0
+    else:
+        # Each tee'd chunk's last 64 KiB is read, the rest dropped: most of 6 MiB.
+        assert stream.skipped_s2c >= BODY_BYTES // 2, stream.skipped_s2c
+    checkpoint = stream.checkpoint(
+        conn_id=bytes(16),
+        client=("10.0.0.5", 4000),
+        vport=80,
+        epoch=1,
+        counter=1,
+        now=0.0,
+        tcp=TcpSnapshot(1, 2, 1448, 7, 7, True, True, 0),
+        s2c_acked=0,
+    )
+    assert checkpoint.s2c_hash == NO_HASH
+    assert checkpoint.range is not None
+    assert not checkpoint.range.full_hash
+    assert checkpoint.range.window_start == len(sent) - WINDOW_BYTES
+    assert checkpoint.range.window_hash == hashlib.sha256(body[-WINDOW_BYTES:]).digest()
