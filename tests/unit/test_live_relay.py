@@ -108,7 +108,13 @@ def test_each_live_relay_gives_the_stream_state_every_byte_in_order(relay: str) 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("live_relay", "zero-copy"), ("stream_hash", "md5"), ("codec", "smtp"), ("migration", "x")],
+    [
+        ("live_relay", "zero-copy"),
+        ("range_bodies", "none"),
+        ("stream_hash", "md5"),
+        ("codec", "smtp"),
+        ("migration", "x"),
+    ],
 )
 def test_a_server_shim_built_with_an_unknown_choice_names_it_before_setting_anything_up(
     tmp_path: Path, field: str, value: str
