@@ -26,6 +26,8 @@ request/response service), and the ``--http-mib`` file for the HTTP download. Pa
   hashes, replay log) and pushes checkpoints;
 * ``shims-live-splice-thread``: the same with ``roam server --live-relay splice-thread`` (the
   zero-copy relay, its stream state fed by a thread per bulk direction);
+* ``shims-live-window``: the same with ``--range-bodies window`` besides (checkpoints commit
+  to a window of a Range-capable body; the relay drops the body's other bytes in the kernel);
 * ``shims-live-1server``: ``--migration live`` in a deployment of s1 alone (tick 1 s), as the
   issue describes the steady state. (Until commit "Server shim: keep when the service
   leaves", a live server shim with no other server to hand over to spent most of a CPU
@@ -97,6 +99,7 @@ SHIM_PATHS = (
     "shims-reconnect",
     "shims-live",
     "shims-live-splice-thread",
+    "shims-live-window",
     "shims-live-1server",
 )
 STILL_TICK = 100_000.0  # epochs of a day or more: no roam while a benchmark runs

@@ -17,6 +17,8 @@ from labs.benchmarks.roaming.orchestration import progress
 from labs.benchmarks.roaming.rendering import render_migration, render_shims
 from labs.benchmarks.roaming.shims import run_shims
 from labs.errors import LabError
+from migrate.checkpoint import RANGE_BODIES
+from proxy.live_relays import LIVE_RELAYS
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -80,6 +82,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--connections",
         default=",".join(map(str, CONNECTION_COUNTS)),
         help="migration: connection counts across one roam (default 1,100,1000; empty to skip)",
+    )
+    parser.add_argument(
+        "--live-relay",
+        choices=LIVE_RELAYS,
+        default="copy",
+        help="migration: the live server shims' --live-relay (default copy)",
+    )
+    parser.add_argument(
+        "--range-bodies",
+        choices=RANGE_BODIES,
+        default="hash",
+        help="migration: the live server shims' --range-bodies (default hash)",
     )
     parser.add_argument(
         "--no-streams",
@@ -172,6 +186,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts,
                 progress,
                 with_streams=not args.no_streams,
+                live_server_args=(
+                    "--live-relay",
+                    args.live_relay,
+                    "--range-bodies",
+                    args.range_bodies,
+                ),
             )
             print(json.dumps(results, indent=2) if args.json else render_migration(results))
     except (LabError, RuntimeError) as error:

@@ -213,7 +213,9 @@ def run_migration(
     counts: Sequence[int],
     progress: Callable[[str], None],
     with_streams: bool = True,
+    live_server_args: Sequence[str] = (),
 ) -> dict[str, Any]:
+    """``live_server_args``: options of every live-mode server shim (its relay)."""
     big = os.urandom(BIG_MIB * 1024 * 1024)
     digest = hashlib.sha256(big).hexdigest()
     small = os.urandom(SMALL_BYTES)
@@ -227,6 +229,7 @@ def run_migration(
         "repeat": repeat,
         "tick": tick,
         "stall_timeout_s": stall_timeout,
+        "live_server_args": list(live_server_args),
         "streams": {},
         "connections": [],
     }
@@ -243,14 +246,15 @@ def run_migration(
         for round_index in range(repeat if with_streams else 0):
             for run in STREAM_RUNS:
                 for mode in ("live", "reconnect"):
+                    extra = tuple(live_server_args) if mode == "live" else ()
                     for layout in LAYOUTS[mode]:
                         if layout == "single":
-                            deploy(pool, mode=mode, servers=every[:1], tick=tick)
+                            deploy(pool, mode=mode, servers=every[:1], tick=tick, extra=extra)
                         elif layout == "still":
                             deploy(pool, mode=mode, servers=every, tick=STILL_TICK,
-                                   first_switch_after=seconds + 60)  # fmt: skip
+                                   first_switch_after=seconds + 60, extra=extra)  # fmt: skip
                         else:
-                            deploy(pool, mode=mode, servers=every, tick=tick)
+                            deploy(pool, mode=mode, servers=every, tick=tick, extra=extra)
                         stall = stall_timeout if mode == "reconnect" else 0.0
                         measured = measure_stream(pool, run, seconds, stall, digest)
                         key = f"{run.name} | {mode}"
@@ -266,7 +270,8 @@ def run_migration(
         results["streams"] = summarise_streams(streams)
         if counts:
             try:
-                deploy(pool, mode="live", servers=every, tick=2.0, first_switch_after=2.0)
+                deploy(pool, mode="live", servers=every, tick=2.0, first_switch_after=2.0,
+                       extra=tuple(live_server_args))  # fmt: skip
             except (LabError, RuntimeError) as error:
                 results["connections_error"] = str(error)
                 progress(f"connections: {error}")

@@ -161,6 +161,7 @@ def render_migration(results: dict[str, Any]) -> str:
     lines = [
         *source_line(results),
         f"Lab RTT c1 -> s1 (ping, 50): p50 {rtt['p50']:.3f} ms, p99 {rtt['p99']:.3f} ms",
+        f"Live server shims: {' '.join(results.get('live_server_args') or ['(defaults)'])}",
         "",
         "| download | migration | goodput Mbit/s: 1 server / 3, no roam / roaming | "
         "roaming vs 1 server / vs no roam | roams | app pause p50 / p99 / max ms | "

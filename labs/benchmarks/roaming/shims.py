@@ -125,12 +125,20 @@ class ShimSetup:
     mode: str  # --migration of both shims
     servers: int  # hosts in the deployment: 2 (a long tick, s1 serves throughout) or 1
     relay: str = "copy"  # the server shim's --live-relay (live mode)
+    range_bodies: str = "hash"  # the server shim's --range-bodies (live mode)
+
+    @property
+    def server_args(self) -> tuple[str, ...]:
+        if self.mode != "live":
+            return ()
+        return ("--live-relay", self.relay, "--range-bodies", self.range_bodies)
 
 
 SHIM_SETUPS = {
     "shims-reconnect": ShimSetup("reconnect", 2),
     "shims-live": ShimSetup("live", 2),
     "shims-live-splice-thread": ShimSetup("live", 2, "splice-thread"),
+    "shims-live-window": ShimSetup("live", 2, "splice-thread", "window"),
     "shims-live-1server": ShimSetup("live", 1),
 }
 
@@ -145,7 +153,7 @@ class ShimControl:
         self.deployment: int | None = None
         self.mode: str | None = None
         self.service: int | None = None
-        self.relay: str | None = None
+        self.relay: tuple[str, ...] | None = None  # the live server shim's relay options
         self.label: str | None = None
         self.log: dict[str, dict[str, int]] = {}
 
@@ -159,11 +167,9 @@ class ShimControl:
     def use(self, path: str, service_port: int) -> dict[str, int]:
         pool = self.pool
         setup = SHIM_SETUPS[path]
-        extra: tuple[str, ...] = ("--service", f"127.0.0.1:{service_port}")
-        if setup.mode == "live":
-            extra += ("--live-relay", setup.relay)
+        extra = ("--service", f"127.0.0.1:{service_port}", *setup.server_args)
         running = (self.deployment, self.mode, self.service, self.relay)
-        changing = running != (setup.servers, setup.mode, service_port, setup.relay)
+        changing = running != (setup.servers, setup.mode, service_port, setup.server_args)
         if changing:
             self.collect()
         self.label = path
@@ -182,10 +188,14 @@ class ShimControl:
                 )
             else:
                 deploy(pool, mode=setup.mode, servers=hosts, tick=1.0, extra=extra)
-        elif (self.mode, self.service, self.relay) != (setup.mode, service_port, setup.relay):
+        elif (self.mode, self.service, self.relay) != (
+            setup.mode,
+            service_port,
+            setup.server_args,
+        ):
             restart_shims(pool, setup.mode, ["s1"], extra, client=self.mode != setup.mode)
         self.deployment, self.mode, self.service = setup.servers, setup.mode, service_port
-        self.relay = setup.relay
+        self.relay = setup.server_args
         return {
             "server shim": pool.servers["s1"].process.pid,
             "client shim": pool.clients["c1"].process.pid,
