@@ -40,7 +40,7 @@ class LiveContext:
     stream_hash: str = "sha256"  # new connections' running hash: "sha256" or keyed "blake3"
     live_relay: str = "copy"  # how live connections' bytes are forwarded (proxy.live_relays)
     # Range-capable bodies: hashed whole ("hash") or only a window ("window"); StreamState's
-    # range_bodies (migrate.streamstate.RANGE_BODIES).
+    # range_bodies (migrate.checkpoint.RANGE_BODIES).
     range_bodies: str = "hash"
     checkpoint_period: float = 0.5
     migration_port: int = 47476

@@ -153,7 +153,7 @@ class ShimControl:
         self.deployment: int | None = None
         self.mode: str | None = None
         self.service: int | None = None
-        self.relay: tuple[str, ...] | None = None  # the live server shim's relay options
+        self.server_args: tuple[str, ...] | None = None  # the live server shim's relay options
         self.label: str | None = None
         self.log: dict[str, dict[str, int]] = {}
 
@@ -168,7 +168,7 @@ class ShimControl:
         pool = self.pool
         setup = SHIM_SETUPS[path]
         extra = ("--service", f"127.0.0.1:{service_port}", *setup.server_args)
-        running = (self.deployment, self.mode, self.service, self.relay)
+        running = (self.deployment, self.mode, self.service, self.server_args)
         changing = running != (setup.servers, setup.mode, service_port, setup.server_args)
         if changing:
             self.collect()
@@ -188,14 +188,14 @@ class ShimControl:
                 )
             else:
                 deploy(pool, mode=setup.mode, servers=hosts, tick=1.0, extra=extra)
-        elif (self.mode, self.service, self.relay) != (
+        elif (self.mode, self.service, self.server_args) != (
             setup.mode,
             service_port,
             setup.server_args,
         ):
             restart_shims(pool, setup.mode, ["s1"], extra, client=self.mode != setup.mode)
         self.deployment, self.mode, self.service = setup.servers, setup.mode, service_port
-        self.relay = setup.server_args
+        self.server_args = setup.server_args
         return {
             "server shim": pool.servers["s1"].process.pid,
             "client shim": pool.clients["c1"].process.pid,
