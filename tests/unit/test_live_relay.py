@@ -14,7 +14,6 @@ from types import SimpleNamespace
 import pytest
 import uvloop
 
-from migrate.checkpoint import TcpSnapshot
 from migrate.endpoints import parse_address_and_port
 from migrate.errors import ConfigError
 from migrate.kernel.eventlog import EventLog
@@ -24,6 +23,7 @@ from proxy.checkpoints import CheckpointPusher, observed_modes
 from proxy.daemon import ServerOptions, ServerShim
 from proxy.live_relays import LIVE_RELAYS
 from proxy.relay import Copy, EndReason, Relay, Splice
+from tests.unit.test_range_replay import checkpoint_of
 
 REQUEST = b"GET /big HTTP/1.1\r\nHost: 10.0.0.1\r\n\r\n"
 BODY_BYTES = 6 << 20  # bulk: the splice relays tee it (reads of 64 KiB and more)
@@ -149,16 +149,7 @@ def test_with_window_range_bodies_a_splice_relay_never_reads_most_of_the_body(re
     else:
         # Each tee'd chunk's last 64 KiB is read, the rest dropped: most of 6 MiB.
         assert stream.skipped_s2c >= BODY_BYTES // 2, stream.skipped_s2c
-    checkpoint = stream.checkpoint(
-        conn_id=bytes(16),
-        client=("10.0.0.5", 4000),
-        vport=80,
-        epoch=1,
-        counter=1,
-        now=0.0,
-        tcp=TcpSnapshot(1, 2, 1448, 7, 7, True, True, 0),
-        s2c_acked=0,
-    )
+    checkpoint = checkpoint_of(stream, epoch=1, counter=1)
     assert checkpoint.s2c_hash == NO_HASH
     assert checkpoint.range is not None
     assert not checkpoint.range.full_hash
