@@ -255,6 +255,16 @@ def finish(process: subprocess.Popen[str], timeout: float = 90) -> tuple[str, st
             process.wait()
 
 
+def not_running(roaming: RoamingLab, download: subprocess.Popen[str]) -> str:
+    """Why a download that should still be running is not: curl's end and the hand-overs."""
+    code = download.poll()
+    stderr = download.stderr.read() if code is not None and download.stderr else ""
+    return (
+        f"the download is not running: curl exit {code} {stderr.strip()[-300:]!r}, "
+        f"hand-overs {handoffs(roaming)[-4:]}, shim problems {shim_problems(roaming)}"
+    )
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -694,7 +704,7 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
         with reaped(download):
             genuine = captured_requests(pcap)
             ports = live_ports(roaming)
-            assert ports, "the download is not running"
+            assert ports, not_running(roaming, download)
             sent: Sent = []
             malformed_sent = 0
             for round_ in range(2):
@@ -782,7 +792,7 @@ def test_crafted_segments_at_the_server_service_port_leave_the_download_intact()
         with reaped(download):
             time.sleep(1.0)
             ports = live_ports(roaming)
-            assert ports, "the download is not running"
+            assert ports, not_running(roaming, download)
             known = positions(roaming, ports)
             live: dict[int, tuple[int, int] | None] = {p: known.get(p) for p in ports}
             ends = dict.fromkeys(ports, ("FA", "S"))
