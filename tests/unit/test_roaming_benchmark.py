@@ -12,6 +12,7 @@ from labs.benchmarks.roaming.analysis import (
     median_ratio,
     netstat_counters,
     ping_times,
+    regenerations,
     roam_pauses,
     summarise_shims,
     summarise_streams,
@@ -127,6 +128,22 @@ def test_analyse_stream_matches_switches_roams_and_breaks() -> None:
     assert result["break_errors"] == ["X"]
 
 
+def test_regenerations_are_the_new_servers_reincarnations_during_the_download_in_order() -> None:
+    events = [
+        {"event": "reincarnated", "ts": 12.0, "regeneration": "fresh point", "regenerated": 900},
+        {"event": "reincarnated", "ts": 1.0, "regeneration": "range", "regenerated": 5},
+        {"event": "prepared", "ts": 10.5},
+        {"event": "reincarnated", "ts": 10.0, "regeneration": "range", "regenerated": 3 << 20,
+         "body_offset": 200 << 20},
+        {"event": "reincarnated", "ts": 30.0, "regeneration": "range", "regenerated": 7},
+    ]  # fmt: skip
+    found = regenerations(events, 2.0, 20.0)
+    assert found == [
+        {"regeneration": "range", "regenerated": 3 << 20, "body_offset": 200 << 20},
+        {"regeneration": "fresh point", "regenerated": 900, "body_offset": None},
+    ]
+
+
 def bulk_run(gbit_s: float) -> dict[str, Any]:
     return {
         "gbit_s": gbit_s,
@@ -232,6 +249,10 @@ def test_migration_summary_and_table() -> None:
             "roaming": [stream_run(32.0, [31.0, 1000.0, None])],
         }
     }
+    streams["paced 8 MiB/s | live"]["roaming"][0]["regenerations"] = [
+        {"regeneration": "range", "regenerated": 3 << 20, "body_offset": 200 << 20},
+        {"regeneration": "fresh point", "regenerated": 1 << 19, "body_offset": None},
+    ]
     summary = summarise_streams(streams)
     row = summary["paced 8 MiB/s | live"]
     assert row["ratio_still"] == pytest.approx(0.5)
@@ -262,8 +283,12 @@ def test_migration_summary_and_table() -> None:
             "rtt_ms": {"p50": 0.05, "p99": 0.09, "n": 50, "max": 0.1},
             "streams": summary,
             "connections": [connection],
+            "stream_mib": 256,
         }
     )
+    assert "Complete 256 MiB files received" in text
+    assert "- paced 8 MiB/s | live: 3.0 MiB by range at 200.0 MiB, 0.5 MiB from the fresh" in text
+    assert row["regenerated_bytes"]["n"] == 2
     assert "| paced 8 MiB/s | live | 60 / 64 / 32 | 0.53x / 0.50x | 3 (1 inside" in text
     assert "31.0, 1000.0, (in the stall before)" in text
     assert "| 100 | 100 (0.1) | 100 | migrated 100 | 50.0 | 0.500 |" in text

@@ -9,7 +9,13 @@ import sys
 from collections.abc import Sequence
 
 from labs.benchmarks import roaming as package
-from labs.benchmarks.roaming import CONNECTION_COUNTS, HTTP_BULK_MIB, HTTP_COPIES, SHIM_PATHS
+from labs.benchmarks.roaming import (
+    BIG_MIB,
+    CONNECTION_COUNTS,
+    HTTP_BULK_MIB,
+    HTTP_COPIES,
+    SHIM_PATHS,
+)
 from labs.benchmarks.roaming.busy import busy_client
 from labs.benchmarks.roaming.clients import hold_client, latency_client, stream_client
 from labs.benchmarks.roaming.migration import run_migration
@@ -112,6 +118,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"shims: size of the file curl downloads {HTTP_COPIES} times on one connection "
         f"from nginx per path and round (default {HTTP_BULK_MIB}; 0 to skip)",
     )
+    parser.add_argument(
+        "--stream-mib",
+        type=int,
+        default=BIG_MIB,
+        help=f"migration: size of the file the downloads fetch again and again on one "
+        f"connection (default {BIG_MIB}; 1 to 4096: a hand-over must cost the same whatever it)",
+    )
     parser.add_argument("subcommand", nargs="?", choices=("shims", "migration"))
     args = parser.parse_args(argv)
     if args.role == "stream-client":
@@ -177,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat = args.repeat or 1
             if not 1 <= repeat <= 20 or not 2 <= seconds <= 600:
                 parser.error("--repeat must be in [1, 20] and --seconds in [2, 600]")
+            if not 1 <= args.stream_mib <= 4096:
+                parser.error("--stream-mib must be in [1, 4096]")
             counts = [int(c) for c in args.connections.split(",") if c.strip()]
             results = run_migration(
                 seconds,
@@ -186,6 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 counts,
                 progress,
                 with_streams=not args.no_streams,
+                stream_mib=args.stream_mib,
                 live_server_args=(
                     "--live-relay",
                     args.live_relay,

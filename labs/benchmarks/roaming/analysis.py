@@ -131,6 +131,28 @@ def analyse_stream(
     }
 
 
+def regenerations(
+    server_events: Iterable[dict[str, Any]], first: float, last: float
+) -> list[dict[str, Any]]:
+    """What each new server regenerated to re-incarnate a connection between ``first`` and
+    ``last`` (its ``reincarnated`` events, in order): how (``range`` or ``fresh point``), how
+    many service bytes it read to reach the client's position (``regenerated``), and how far
+    into the response body the client was (``body_offset``, for a range). The cost a hand-over
+    must keep independent of the response's length."""
+    found = sorted(
+        (e for e in server_events if e.get("event") == "reincarnated" and first <= e["ts"] <= last),
+        key=lambda e: e["ts"],
+    )
+    return [
+        {
+            "regeneration": e.get("regeneration"),
+            "regenerated": e.get("regenerated", 0),
+            "body_offset": e.get("body_offset"),
+        }
+        for e in found
+    ]
+
+
 def summarise_shims(
     bulk: dict[str, dict[str, list[dict[str, Any]]]], latency: dict[str, list[dict[str, Any]]]
 ) -> dict[str, Any]:
@@ -207,6 +229,9 @@ def summarise_streams(streams: dict[str, dict[str, list[dict[str, Any]]]]) -> di
             "bad_files": sum(r["bad_files"] for r in [*single, *still, *roaming]),
             "files": sum(r["files"] for r in [*single, *still, *roaming]),
             "client_tcp": sum_dicts(r["client_tcp"] for r in roaming),
+            "regenerated_bytes": p50_p99(
+                g["regenerated"] for r in roaming for g in r.get("regenerations", [])
+            ),
             "single_client_tcp": sum_dicts(r["client_tcp"] for r in single),
             "runs": {"single": single, "still": still, "roaming": roaming},
         }

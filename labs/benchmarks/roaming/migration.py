@@ -28,6 +28,7 @@ from labs.benchmarks.roaming.analysis import (
     analyse_stream,
     events_of,
     ping_times,
+    regenerations,
     summarise_streams,
 )
 from labs.benchmarks.roaming.orchestration import (
@@ -77,6 +78,7 @@ def measure_stream(
     after = client_counters(client)
     stream: dict[str, Any] = json.loads(completed.stdout)
     analysis = analyse_stream(stream, pool.clients["c1"].events(), stall_timeout)
+    server_events = [e for shim in pool.servers.values() for e in shim.events()]
     return {
         "mbit_s": stream["mbit_s"],
         "bytes": stream["bytes"],
@@ -86,6 +88,7 @@ def measure_stream(
             before, after, "TcpExt.PAWSEstab", "Tcp.RetransSegs", "Tcp.InErrs"
         ),
         **analysis,
+        "regenerations": regenerations(server_events, stream["first"], stream["last"]),
         "shim_log": shim_trouble(pool),
     }
 
@@ -214,9 +217,11 @@ def run_migration(
     progress: Callable[[str], None],
     with_streams: bool = True,
     live_server_args: Sequence[str] = (),
+    stream_mib: int = BIG_MIB,
 ) -> dict[str, Any]:
-    """``live_server_args``: options of every live-mode server shim (its relay)."""
-    big = os.urandom(BIG_MIB * 1024 * 1024)
+    """``live_server_args``: options of every live-mode server shim (its relay);
+    ``stream_mib``: the size of the file the downloads fetch again and again."""
+    big = os.urandom(stream_mib * 1024 * 1024) if with_streams else b""
     digest = hashlib.sha256(big).hexdigest()
     small = os.urandom(SMALL_BYTES)
     results: dict[str, Any] = {
@@ -230,6 +235,7 @@ def run_migration(
         "tick": tick,
         "stall_timeout_s": stall_timeout,
         "live_server_args": list(live_server_args),
+        "stream_mib": stream_mib,
         "streams": {},
         "connections": [],
     }

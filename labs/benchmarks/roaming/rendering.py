@@ -156,6 +156,16 @@ def connections_line(row: dict[str, Any]) -> str:
     )
 
 
+def regeneration_text(regeneration: dict[str, Any]) -> str:
+    """One re-incarnation's regeneration: "2.1 MiB by range at 130.0 MiB" (the body offset
+    the client had reached) or "0.1 MiB from the fresh point"."""
+    read = f"{regeneration['regenerated'] / 2**20:.1f} MiB"
+    if regeneration["regeneration"] == "range":
+        offset = regeneration.get("body_offset") or 0
+        return f"{read} by range at {offset / 2**20:.1f} MiB"
+    return f"{read} from the fresh point"
+
+
 def render_migration(results: dict[str, Any]) -> str:
     rtt = results["rtt_ms"]
     lines = [
@@ -187,12 +197,18 @@ def render_migration(results: dict[str, Any]) -> str:
         )
     files = sum(row["files"] for row in results["streams"].values())
     bad = sum(row["bad_files"] for row in results["streams"].values())
-    lines += ["", f"Complete 64 MiB files received and checked (sha256): {files}, wrong: {bad}"]
+    mib = results.get("stream_mib", 64)
+    lines += ["", f"Complete {mib} MiB files received and checked (sha256): {files}, wrong: {bad}"]
     lines += ["", "Per roam, app pause (ms), in order:"]
     for key, row in results["streams"].items():
         pauses = [p for run in row["runs"]["roaming"] for p in run["app_pause_ms"]]
         text = ", ".join("(in the stall before)" if p is None else f"{p:.1f}" for p in pauses)
         lines.append(f"- {key}: {text}")
+    lines += ["", "Per roam, what the new server read to reach the client's position, in order:"]
+    for key, row in results["streams"].items():
+        found = [g for run in row["runs"]["roaming"] for g in run.get("regenerations", [])]
+        if found:
+            lines.append(f"- {key}: {', '.join(regeneration_text(g) for g in found)}")
     recovery = [
         f"{key}: {row['recovery_ms']['p50']:.1f} ms ({', '.join(row['break_errors'])})"
         for key, row in results["streams"].items()
