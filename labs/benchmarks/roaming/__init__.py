@@ -1,7 +1,7 @@
 """Benchmark: the roaming data path, through both shims and across live migrations.
 
     python -m labs.benchmarks.roaming shims [--seconds 3] [--repeat 3] [--json]
-    python -m labs.benchmarks.roaming migration [--seconds 20] [--repeat 1] [--json]
+    python -m labs.benchmarks.roaming migration [--seconds 20] [--stream-mib 64] [--json]
 
 Each subcommand builds one lab, runs real programs only (``roam server``/``roam client`` through
 ``labs.roaming.RoamingLab``, iperf3, nginx, HAProxy, and small Python clients of this package run
@@ -47,8 +47,9 @@ baselines of the same round, then the median. Last, the shims' CPU with no traff
 files, identical mtimes) behind ``roam server``; one deployment after another in the same lab:
 
 * RTT: ``ping`` c1 -> s1.
-* Pause and goodput: a Python client in c1 downloads a 64 MiB file through the VIP again and
-  again on one keep-alive connection for ``--seconds``, time-stamping every receive: paced at
+* Pause and goodput: a Python client in c1 downloads a 64 MiB file (``--stream-mib``, 1 MiB to
+  4 GiB) through the VIP again and again on one keep-alive connection for ``--seconds``,
+  time-stamping every receive: paced at
   8 MiB/s with a 32 KiB receive buffer (the machine is not saturated; the buffer can hide up to
   ~8 ms of a pause), and as fast as it can. Every complete file is checked (sha256). Each runs
   on three deployments: ``roaming`` (s1-s3, ``tick=0.5, m=1``: a roam about every second),
