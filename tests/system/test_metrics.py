@@ -91,10 +91,23 @@ def test_metrics_agree_with_the_logs_during_a_download_across_roams() -> None:
             stderr=subprocess.PIPE,
         )
         try:
-            # During the download: every shim answers, in the text format.
-            during = {host: scrape(pool, host) for host in [*pool.server_hosts, "c1"]}
+            # During the download: every shim answers, in the text format, and one server
+            # relays the connection (once curl has connected, and not in the instant of a
+            # hand-over, when the old server has let it go and the new one not yet taken it).
+            during: dict[str, Samples] = {}
+
+            def relayed() -> bool:
+                during.update({host: scrape(pool, host) for host in [*pool.server_hosts, "c1"]})
+                return sum(during[h][("roam_connections", ())] for h in pool.server_hosts) >= 1
+
+            deadline = time.monotonic() + 10
+            while not relayed() and time.monotonic() < deadline and download.poll() is None:
+                time.sleep(0.2)
             assert during["c1"][("roam_key_epochs_left", ())] > 0
-            assert sum(during[h][("roam_connections", ())] for h in pool.server_hosts) >= 1
+            assert sum(during[h][("roam_connections", ())] for h in pool.server_hosts) >= 1, (
+                download.poll(),
+                handoffs(pool)[-3:],
+            )
             assert download.wait(timeout=120) == 0, download.stderr
         finally:
             if download.poll() is None:
