@@ -143,7 +143,12 @@ def test_three_clients_each_reach_only_their_assigned_server_across_roams() -> N
         }
         assert shim_problems(roaming) == []
         for host in CLIENTS:
-            assert codes[host] == 0, f"{host}: {detail[host]}"
+            failed = [
+                (e["epoch"], e["server"], e["outcome"], e["detail"])
+                for e in roaming.clients[host].events()
+                if e["event"] == "handoff" and e["outcome"] not in ("migrated", "closed")
+            ]
+            assert codes[host] == 0, f"{host}: {detail[host]} hand-overs not moved: {failed}"
             digest = hashlib.sha256(outputs[host].read_bytes()).digest()
             assert digest == hashlib.sha256(data).digest(), f"{host}'s download differs"
             assert resets(captures[host]) == [], host
