@@ -15,12 +15,12 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 from labs.faults import live_lab, shim_problems
 from labs.roaming import LISTEN_PORT, RoamingLab
+from labs.waiting import wait_for
 from migrate.kernel.instances import call_in_netns
 from migrate.kernel.rawtcp import ACK, RawTcpSender, build_ipv4_tcp
 
@@ -62,16 +62,6 @@ def netfilter_socket_drops(pool: RoamingLab) -> int:
 
 def events_named(pool: RoamingLab, name: str) -> list[dict[str, object]]:
     return [e for e in pool.clients["c1"].events() if e["event"] == name]
-
-
-def wait_for(what: str, check, timeout_s: float = WAIT_S):  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
 
 
 def overflow_the_capture(pool: RoamingLab) -> int:
@@ -122,9 +112,11 @@ def test_an_nflog_overflow_costs_no_connection_whose_stream_is_whole() -> None:
             port = opened["port"]
             # Right after a roam: the next is seconds away, the shim can pause meanwhile.
             switches = len(events_named(pool, "switch"))
-            wait_for("a roam", lambda: len(events_named(pool, "switch")) > switches)
+            wait_for("a roam", lambda: len(events_named(pool, "switch")) > switches, WAIT_S)
             sent = overflow_the_capture(pool)
-            lost = wait_for("the loss logged", lambda: events_named(pool, "capture_lost_packets"))
+            lost = wait_for(
+                "the loss logged", lambda: events_named(pool, "capture_lost_packets"), WAIT_S
+            )
             lost_at = float(str(lost[0]["ts"]))
             # The next roam after the loss: the holder's connection must follow it.
             moved = wait_for(
@@ -134,6 +126,7 @@ def test_an_nflog_overflow_costs_no_connection_whose_stream_is_whole() -> None:
                     for e in events_named(pool, "handoff")
                     if e["port"] == port and float(str(e["ts"])) > lost_at
                 ],
+                WAIT_S,
             )
             holder.stdin.write("go\n")
             holder.stdin.flush()

@@ -47,7 +47,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,7 @@ from labs.crafted import (
 from labs.faults import KEEPALIVE_CLIENT, handoffs, live_lab, reaped, shim_problems
 from labs.params import LinkParams
 from labs.roaming import LISTEN_PORT, RoamingLab, ShimProcess
+from labs.waiting import poll
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -265,18 +266,9 @@ def not_running(roaming: RoamingLab, download: subprocess.Popen[str]) -> str:
     )
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return condition()
-
-
 def fresh_status(roaming: RoamingLab, shim: ShimProcess, asked: float) -> dict[str, Any]:
     """A shim's status, written after ``asked`` (it is rewritten at epochs and window edges)."""
-    wait_until(lambda: shim.status_path.stat().st_mtime > asked, 5 * roaming.tick)
+    poll(lambda: shim.status_path.stat().st_mtime > asked, 5 * roaming.tick)
     status: dict[str, Any] = json.loads(shim.status_path.read_text())
     return status
 
@@ -700,7 +692,7 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
         ):
             download = start_download(roaming, out)
             # Genuine requests to replay: those of the first hand-over (bounded wait).
-            wait_until(lambda: bool(handoffs(roaming)), 4.0)
+            poll(lambda: bool(handoffs(roaming)), 4.0)
         with reaped(download):
             genuine = captured_requests(pcap)
             ports = live_ports(roaming)
@@ -722,7 +714,7 @@ def test_crafted_datagrams_at_the_server_shim_ports_are_rejected_and_change_noth
         listened = sum(1 for _, _, p, _ in sent if p in (CONTROL_PORT, MIGRATION_PORT))
         # An event to wait for, bounded: on a loaded machine (seen with other tests running
         # beside it) the servers logged the last rejections after 5 s.
-        wait_until(lambda: rejections(roaming, origins) >= listened, 30.0)
+        poll(lambda: rejections(roaming, origins) >= listened, 30.0)
         rejected_by: Counter[str] = Counter()
         total_sent = total_rejected = total_dropped = 0
         for host in servers:
@@ -847,7 +839,7 @@ def run_client_barrage(forge_ends: bool) -> None:
         download = start_download(roaming, out)
         keepalive = None
         try:
-            assert wait_until(lambda: len(live_ports(roaming)) == 1, 5.0), live_ports(roaming)
+            assert poll(lambda: len(live_ports(roaming)) == 1, 5.0), live_ports(roaming)
             (download_port,) = live_ports(roaming)
             keepalive = roaming.lab["c1"].popen(
                 [sys.executable, "-c", KEEPALIVE_CLIENT, str(roaming.vip), "100", "0.05"],
@@ -855,7 +847,7 @@ def run_client_barrage(forge_ends: bool) -> None:
                 stderr=subprocess.PIPE,
                 text=True,
             )
-            assert wait_until(lambda: len(live_ports(roaming)) == 2, 5.0), live_ports(roaming)
+            assert poll(lambda: len(live_ports(roaming)) == 2, 5.0), live_ports(roaming)
             ports = live_ports(roaming)
             (keepalive_port,) = set(ports) - {download_port}
             time.sleep(0.5)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
@@ -14,6 +14,7 @@ import pytest
 from labs import Lab, PoolTopo
 from labs.faults import learnt
 from labs.roaming import RoamingLab
+from labs.waiting import wait_for
 from migrate.antientropy import pad_size
 from migrate.control import ControlChannel, Facts
 from proxy.daemon import DEFAULT_CONTROL_PORT
@@ -86,13 +87,6 @@ def control_datagrams(roaming: RoamingLab, host: str) -> dict[str, int]:
     }
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-
-
 def test_a_client_over_its_contract_gets_a_second_chance_then_is_revoked() -> None:
     data = os.urandom(32 * 1024 * 1024)
     with pool(
@@ -142,9 +136,9 @@ def test_a_client_over_its_contract_gets_a_second_chance_then_is_revoked() -> No
         told = {shim.host for shim in roaming.servers.values() if learnt(shim.events(), "Strike")}
         assert len(told) >= len(roaming.servers) - 1, told
         wait_for(
+            "every server to apply the revocation",
             lambda: all(learnt(shim.events(), "Revoke") for shim in roaming.servers.values()),
             10.0,
-            "every server to apply the revocation",
         )
         # An eavesdropper on the control traffic saw every server send the same datagrams:
         # control states of one size, at one rate, whoever caught the client (issue 12,

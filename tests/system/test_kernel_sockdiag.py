@@ -21,6 +21,7 @@ import pytest
 
 from labs import Lab, PoolTopo
 from labs.node import Node
+from labs.waiting import wait_for
 from migrate.kernel import sockdiag
 from migrate.kernel.instances import call_in_netns
 from migrate.kernel.tcp_repair import read_tcp_info
@@ -68,13 +69,6 @@ def recv_exact(sock: socket.socket, size: int) -> bytes:
     return bytes(data)
 
 
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
-
-
 def test_counters_match_the_traffic(lab_factory) -> None:
     lab = lab_factory(TOPO)
     c1, s1 = lab["c1"], lab["s1"]
@@ -93,7 +87,7 @@ def test_counters_match_the_traffic(lab_factory) -> None:
             return found[0]
 
         # the connecting side counts its SYN in bytes_acked (docs/tcp_repair.md)
-        wait_for(lambda: client_view().bytes_acked == up + 1)
+        wait_for("the server to ack the upload", lambda: client_view().bytes_acked == up + 1, 3.0)
         info = client_view()
         assert info.src == client_addr
         assert info.dst == server_addr
@@ -128,7 +122,7 @@ def test_counters_match_the_traffic(lab_factory) -> None:
             return found[0]
 
         # the accepting side does not count the client's SYN
-        wait_for(lambda: server_view().bytes_acked == down)
+        wait_for("the client to ack the download", lambda: server_view().bytes_acked == down, 3.0)
         theirs = server_view()
         assert theirs.dst == client_addr
         assert theirs.bytes_received == up
@@ -218,7 +212,9 @@ def test_ipv4_mapped_sockets_are_reported_and_destroyed(lab_factory) -> None:
             assert recv_exact(server, 5) == b"12345"
             local_port = client.getsockname()[1]
             wait_for(
-                lambda: in_ns(c1, lambda: sockdiag.tcp_sockets(dst=server_addr))[0].unacked == 0
+                "the five bytes acked",
+                lambda: in_ns(c1, lambda: sockdiag.tcp_sockets(dst=server_addr))[0].unacked == 0,
+                3.0,
             )
             [info] = in_ns(c1, lambda: sockdiag.tcp_sockets(dst=server_addr))
             assert info.family == socket.AF_INET6

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from labs.faults import handoffs, live_lab, shim_problems
 from labs.params import LinkParams
 from labs.roaming import RoamingLab
+from labs.waiting import poll
 
 pytestmark = pytest.mark.system
 
@@ -100,9 +101,7 @@ def test_metrics_agree_with_the_logs_during_a_download_across_roams() -> None:
                 during.update({host: scrape(pool, host) for host in [*pool.server_hosts, "c1"]})
                 return sum(during[h][("roam_connections", ())] for h in pool.server_hosts) >= 1
 
-            deadline = time.monotonic() + 10
-            while not relayed() and time.monotonic() < deadline and download.poll() is None:
-                time.sleep(0.2)
+            poll(lambda: relayed() or download.poll() is not None, 10, interval_s=0.2)
             assert during["c1"][("roam_key_epochs_left", ())] > 0
             assert sum(during[h][("roam_connections", ())] for h in pool.server_hosts) >= 1, (
                 download.poll(),

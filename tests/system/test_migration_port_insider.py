@@ -29,6 +29,7 @@ import pytest
 from labs.faults import handoffs, live_lab, reaped, shim_problems
 from labs.params import LinkParams
 from labs.roaming import LISTEN_PORT, RoamingLab
+from labs.waiting import poll
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -91,15 +92,6 @@ def _root() -> None:
 
 def address(roaming: RoamingLab, host: str) -> str:
     return str(roaming.lab[host].address)
-
-
-def wait_until(condition: Any, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.05)
-    return bool(condition())
 
 
 def captured_prepares(path: Path, roaming: RoamingLab) -> dict[int, Any]:
@@ -234,9 +226,9 @@ def test_an_insider_flooding_the_migration_port_delays_no_other_clients_hand_ove
                 # The insider's genuine PREPAREs: those of its first hand-over.
                 # (Only CAP of them can migrate: the servers' cap applies to c2's own
                 # hand-overs too. The PREPAREs of the others are as genuine all the same.)
-                assert wait_until(
-                    lambda: len(handoffs(roaming, "c2")) >= INSIDER_CONNECTIONS, 20.0
-                ), f"the insider's connections were not handed over: {handoffs(roaming, 'c2')}"
+                assert poll(lambda: len(handoffs(roaming, "c2")) >= INSIDER_CONNECTIONS, 20.0), (
+                    f"the insider's connections were not handed over: {handoffs(roaming, 'c2')}"
+                )
             prepares = captured_prepares(pcap, roaming)
             assert len(prepares) > CAP, f"only {len(prepares)} of c2's PREPAREs captured"
             bundle = Bundle.decode(roaming.bundle_path("c2").read_bytes())

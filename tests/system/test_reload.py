@@ -9,28 +9,18 @@ from __future__ import annotations
 
 import hashlib
 import os
-import time
-from collections.abc import Callable
 
 import pytest
 
 from labs.faults import live_lab, reaped, start_download
 from labs.params import LinkParams
 from labs.roaming import RoamingLab, roam_argv
+from labs.waiting import wait_for
 
 pytestmark = pytest.mark.system
 
 SIZE = 3 * 1024 * 1024
 RATE = "150K"  # about 20 s for the file (the link paces it too), within the first epoch
-
-
-def wait_for(what: str, condition: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s:.0f} s")
 
 
 def reaches_service(roaming: RoamingLab, host: str) -> bool:

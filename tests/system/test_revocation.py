@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -22,6 +21,7 @@ import pytest
 from labs import Lab, PoolTopo
 from labs.faults import control_loss
 from labs.roaming import RoamingLab, ShimProcess
+from labs.waiting import wait_for
 from migrate.antientropy import CONVERGENCE_PERIODS
 from roam_cli.commands.registration import REVOKE_ATTEMPTS
 
@@ -30,17 +30,6 @@ pytestmark = pytest.mark.system
 SYNC_PERIOD_S = 0.5
 BOUND_S = CONVERGENCE_PERIODS * SYNC_PERIOD_S * 1.2  # periods are jittered up to +20 %
 SLACK_S = 5.0  # a loaded two-CPU machine: processes start and schedule late
-
-
-def wait_for(what: str, condition: Callable[[], float | None], timeout_s: float) -> float:
-    """Poll ``condition`` (the time of the event, or None) until it happens; its time."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        when = condition()
-        if when is not None:
-            return when
-        time.sleep(0.1)
-    raise AssertionError(f"{what}: not within {timeout_s:.1f} s")
 
 
 def revoked_at(shim: ShimProcess, client_id: int) -> float | None:
@@ -90,7 +79,7 @@ def test_a_revocation_reaches_every_server_through_loss_and_a_server_that_was_do
         roaming.wait_for_schedule(0.5)
         inspect = json.loads(roaming.roam("inspect", str(roaming.deployment_dir), "--json").stdout)
         c2_id = next(c["client_id"] for c in inspect["clients"] if c["name"] == "c2")
-        wait_for("c2 served before", lambda: 0.0 if fetch(roaming, "c2") == 0 else None, 10)
+        wait_for("c2 served before", lambda: fetch(roaming, "c2") == 0, 10)
 
         down = roaming.server_hosts[2]
         live = roaming.server_hosts[:2]

@@ -23,6 +23,7 @@ import pytest
 
 from labs.clients import send_datagrams
 from labs.faults import live_lab, shim_problems, start_client
+from labs.waiting import wait_for
 
 pytestmark = [pytest.mark.system, pytest.mark.slow]
 
@@ -35,17 +36,6 @@ WAIT_S = 30.0
 def _root() -> None:
     if os.geteuid() != 0:
         pytest.skip("system test: needs root")
-
-
-def wait_for(what: str, found: Any, timeout_s: float = WAIT_S) -> Any:
-    """Poll ``found()`` until it returns something true (bounded)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = found()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
 
 
 def events(shim: Any, name: str) -> list[dict[str, Any]]:
@@ -89,6 +79,7 @@ def test_a_client_silent_for_hours_blocks_nothing_and_nothing_is_accepted_twice(
             wait_for(
                 "three updates on the wire",
                 lambda: len(events(client, "update_accepted")) >= seen + 3,
+                WAIT_S,
             )
         captured = udp_payloads(pcap, ROAMING_PORT)
         assert captured, f"no roaming update was captured ({pcap.stat().st_size} bytes of pcap)"
@@ -110,6 +101,7 @@ def test_a_client_silent_for_hours_blocks_nothing_and_nothing_is_accepted_twice(
             lambda: (
                 len(events(client, "update_accepted")) >= 8 and events(client, "update_accepted")
             ),
+            WAIT_S,
         )
         update_gaps = gaps([e["ts"] for e in accepted[:8]])
         print(f"update intervals after the jump: {[round(g, 3) for g in update_gaps]} s")
@@ -139,6 +131,7 @@ def test_a_client_silent_for_hours_blocks_nothing_and_nothing_is_accepted_twice(
         wait_for(
             "the replayed updates' rejections",
             lambda: rejected_count() >= before + len(captured),
+            WAIT_S,
         )
         rejected = [e for e in events(client, "update_rejected") if e["ts"] >= replayed_at]
         reasons = {e["error"] for e in rejected}
