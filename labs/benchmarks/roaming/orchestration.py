@@ -16,7 +16,7 @@ from typing import Any
 from labs.benchmarks.roaming import PROJECT_ROOT
 from labs.benchmarks.roaming.analysis import netstat_counters
 from labs.node import Node
-from labs.roaming import RoamingLab
+from labs.roaming import START_ATTEMPTS, START_MARGIN_S, RoamingLab
 from labs.services import Service, nginx_config, wait_until_listening
 
 
@@ -144,6 +144,24 @@ def deploy(
     pool.tick = tick
     pool.migration = mode
     pool.first_switch_after = first_switch_after
+    for attempt in range(START_ATTEMPTS):
+        draw(pool, first_server, switches)
+        restart_shims(pool, mode, servers, extra)
+        # The schedule's start was fixed at creation: shims that took longer to start (4.6 to 8
+        # s on a busy two-core machine) would miss its first roams, and a run asking for
+        # ``switches`` would meet fewer. Drawn again with room (learnt for later deployments).
+        late_by = time.time() + START_MARGIN_S - pool.start_time
+        if late_by <= 0 or attempt == START_ATTEMPTS - 1:
+            break
+        progress(f"shims up {late_by:.1f} s too late for the schedule: deploying again")
+        for shim in [*pool.clients.values(), *pool.servers.values()]:
+            shim.stop()
+        pool.start_delay = 2 * pool.start_delay + late_by
+    pool.wait_for_schedule(0.3)
+
+
+def draw(pool: RoamingLab, first_server: str | None, switches: tuple[int, float] | None) -> None:
+    """Create deployments until one meets ``first_server`` and ``switches`` (50 draws)."""
     for _attempt in range(50):
         for host in pool.client_hosts:
             # ``roam subscribe`` refuses to overwrite a bundle, and the client shim refuses a
@@ -155,13 +173,10 @@ def deploy(
         if (
             first_server is None or pool.schedule(1, 1)[0]["server"] == pool.listen_of(first_server)
         ) and (switches is None or pool.switches_within(switches[1]) >= switches[0]):
-            break
-    else:
-        raise RuntimeError(
-            f"no deployment starting on {first_server} with {switches} switches in 50 draws"
-        )
-    restart_shims(pool, mode, servers, extra)
-    pool.wait_for_schedule(0.3)
+            return
+    raise RuntimeError(
+        f"no deployment starting on {first_server} with {switches} switches in 50 draws"
+    )
 
 
 def shim_trouble(pool: RoamingLab) -> dict[str, int]:
