@@ -289,6 +289,7 @@ def test_migration_summary_and_table() -> None:
     assert "Complete 256 MiB files received" in text
     assert "- paced 8 MiB/s | live: 3.0 MiB by range at 200.0 MiB, 0.5 MiB from the fresh" in text
     assert row["regenerated_bytes"]["n"] == 2
+    assert "from the fresh point (p50 3.0 MiB, p99 3.0 MiB)" in text
     assert "| paced 8 MiB/s | live | 60 / 64 / 32 | 0.53x / 0.50x | 3 (1 inside" in text
     assert "31.0, 1000.0, (in the stall before)" in text
     assert "| 100 | 100 (0.1) | 100 | migrated 100 | 50.0 | 0.500 |" in text

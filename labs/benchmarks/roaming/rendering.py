@@ -208,7 +208,11 @@ def render_migration(results: dict[str, Any]) -> str:
     for key, row in results["streams"].items():
         found = [g for run in row["runs"]["roaming"] for g in run.get("regenerations", [])]
         if found:
-            lines.append(f"- {key}: {', '.join(regeneration_text(g) for g in found)}")
+            read = row["regenerated_bytes"]
+            lines.append(
+                f"- {key}: {', '.join(regeneration_text(g) for g in found)} "
+                f"(p50 {read['p50'] / 2**20:.1f} MiB, p99 {read['p99'] / 2**20:.1f} MiB)"
+            )
     recovery = [
         f"{key}: {row['recovery_ms']['p50']:.1f} ms ({', '.join(row['break_errors'])})"
         for key, row in results["streams"].items()
