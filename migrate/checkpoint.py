@@ -119,6 +119,9 @@ FLAG_UNMIGRATABLE = 4
 # s2c_hash is keyed BLAKE3 (``stream_hash_key``) rather than SHA-256: 2.1x the bytes per
 # second on this project's machines (docs/benchmarks.md, "The running hash").
 FLAG_KEYED_BLAKE3 = 8
+# What becomes of live connections at a roam (roam server/client --migration): re-created
+# at the next server from client-held checkpoints, or dropped (the paper's prototype).
+MIGRATION_MODES = ("live", "reconnect")
 STREAM_HASHES = ("sha256", "blake3")  # what a server shim may use for new connections
 # What a server's running hash covers of a Range-capable response's body (roam server
 # --range-bodies, ``migrate.streamstate.StreamState``): every byte ("hash"), or only the window

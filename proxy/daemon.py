@@ -46,7 +46,7 @@ from migrate.activeset import ActiveSchedule
 from migrate.admission import MAX_PENDING_PER_CLIENT
 from migrate.antientropy import SYNC_PERIOD_S
 from migrate.channel import HEADER_BYTES, CounterFloor, Sealer
-from migrate.checkpoint import RANGE_BODIES, STREAM_HASHES
+from migrate.checkpoint import MIGRATION_MODES, RANGE_BODIES, STREAM_HASHES
 from migrate.codec import CODEC_CHOICES
 from migrate.control import (
     OPERATOR,
@@ -131,7 +131,7 @@ def check_choices(options: ServerOptions) -> None:
     learns of a bad one here, by name, before anything is set up (a relay mode the pusher does
     not know would otherwise be taken for zero-copy)."""
     for name, value, choices in (
-        ("migration", options.migration, ("live", "reconnect")),
+        ("migration", options.migration, MIGRATION_MODES),
         ("codec", options.codec, CODEC_CHOICES),
         ("stream_hash", options.stream_hash, STREAM_HASHES),
         ("live_relay", options.live_relay, LIVE_RELAYS),

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from migrate.admission import MAX_PENDING_PER_CLIENT
-from migrate.checkpoint import RANGE_BODIES, STREAM_HASHES
+from migrate.checkpoint import MIGRATION_MODES, RANGE_BODIES, STREAM_HASHES
 from migrate.codec import CODEC_CHOICES
 from migrate.cover import (
     DEFAULT_CELL_BYTES,
@@ -120,7 +120,7 @@ def register(subparsers: Subparsers) -> None:
     )
     server.add_argument(
         "--migration",
-        choices=["live", "reconnect"],
+        choices=MIGRATION_MODES,
         default="live",
         help="what happens to live connections at a roam: 'live' re-creates them at the next "
         "server from client-held checkpoints (default); 'reconnect' drops them (the paper's "
@@ -337,7 +337,7 @@ def register(subparsers: Subparsers) -> None:
     )
     client.add_argument(
         "--migration",
-        choices=["live", "reconnect"],
+        choices=MIGRATION_MODES,
         default="live",
         help="'live' (default): keep checkpoints and hand live connections "
         "over at each roam; 'reconnect': only follow the schedule",
