@@ -19,6 +19,8 @@ from labs.node import Node
 from labs.roaming import START_ATTEMPTS, START_MARGIN_S, RoamingLab
 from labs.services import Service, nginx_config, wait_until_listening
 
+GATE_OPEN_S = 15.0  # from the schedule's start until a server's gate has opened
+
 
 def benchmark_argv(*args: object) -> list[str]:
     return [sys.executable, "-m", "labs.benchmarks.roaming", *map(str, args)]
@@ -107,14 +109,15 @@ def restart_shims(
         for host in pool.client_hosts:
             pool.start_client(host)
     pool.wait_ready()
-    deadline = time.monotonic() + 15
+    # A gate opens when the schedule begins, which may still be ahead (the start delay).
+    deadline = time.monotonic() + max(0.0, pool.start_time - time.time()) + GATE_OPEN_S
     while not any(
         e["event"] == "gate" and e.get("open")
         for shim in pool.servers.values()
         for e in shim.events()
     ):
         if time.monotonic() > deadline:
-            raise RuntimeError("no server gate opened within 15 s")
+            raise RuntimeError(f"no server gate opened within {GATE_OPEN_S:g} s of the start")
         time.sleep(0.05)
     time.sleep(0.2)
 
@@ -156,7 +159,7 @@ def deploy(
         progress(f"shims up {late_by:.1f} s too late for the schedule: deploying again")
         for shim in [*pool.clients.values(), *pool.servers.values()]:
             shim.stop()
-        pool.start_delay = 2 * pool.start_delay + late_by
+        pool.start_delay += late_by + 1.0
     pool.wait_for_schedule(0.3)
 
 
