@@ -93,9 +93,10 @@ def restart_shims(
     extra: Sequence[str] = (),
     *,
     client: bool = True,
-) -> None:
+) -> float:
     """Stop the running shims (only the server shims unless ``client``) and start them in
-    ``mode``; return once every one has started and a gate is open."""
+    ``mode``; return once every one has started and a gate is open. When they had all
+    started (wall clock)."""
     stopping = [*(pool.clients.values() if client else ()), *pool.servers.values()]
     for shim in stopping:
         shim.stop()
@@ -109,6 +110,7 @@ def restart_shims(
         for host in pool.client_hosts:
             pool.start_client(host)
     pool.wait_ready()
+    ready_at = time.time()
     # A gate opens when the schedule begins, which may still be ahead (the start delay).
     deadline = time.monotonic() + max(0.0, pool.start_time - time.time()) + GATE_OPEN_S
     while not any(
@@ -120,6 +122,7 @@ def restart_shims(
             raise RuntimeError(f"no server gate opened within {GATE_OPEN_S:g} s of the start")
         time.sleep(0.05)
     time.sleep(0.2)
+    return ready_at
 
 
 def deploy(
@@ -149,11 +152,11 @@ def deploy(
     pool.first_switch_after = first_switch_after
     for attempt in range(START_ATTEMPTS):
         draw(pool, first_server, switches)
-        restart_shims(pool, mode, servers, extra)
+        ready_at = restart_shims(pool, mode, servers, extra)
         # The schedule's start was fixed at creation: shims that took longer to start (4.6 to 8
         # s on a busy two-core machine) would miss its first roams, and a run asking for
         # ``switches`` would meet fewer. Drawn again with room (learnt for later deployments).
-        late_by = time.time() + START_MARGIN_S - pool.start_time
+        late_by = ready_at + START_MARGIN_S - pool.start_time
         if late_by <= 0 or attempt == START_ATTEMPTS - 1:
             break
         progress(f"shims up {late_by:.1f} s too late for the schedule: deploying again")
