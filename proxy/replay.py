@@ -45,7 +45,7 @@ from migrate.rangeplan import (
 from migrate.rangeplan import plan as plan_regeneration
 from migrate.reincarnation import Request, Status
 from migrate.replaystream import DEFAULT_MAX_REPLAY
-from migrate.streamstate import StreamState
+from migrate.streamstate import NO_HASH, StreamState
 from proxy.relay import close_abortively
 
 SEQ_MOD = 2**32
@@ -407,8 +407,11 @@ class Replayer:
         client's position (tens of MB at full speed), prepare again from the COMMIT's newer
         checkpoint, as a refreshed PREPARE would: a fresh service connection, the client's
         response asked for by range from that checkpoint's window, which is verified as at
-        any PREPARE (a replica that differs there fails the hand-over). Whether it did; when
-        it cannot (no such checkpoint, no range, the service unreachable), the prepared
+        any PREPARE (a replica that differs there fails the hand-over). A newer checkpoint
+        without a range record whose fresh point is past what was regenerated (one taken
+        between two short responses, say) is started from that fresh point instead: its
+        requests replayed, its hash verified, only the responses after it read. Whether it
+        did; when it cannot (no such checkpoint, the service unreachable), the prepared
         connection goes on as before."""
         old = self.checkpoint
         if (
@@ -425,14 +428,20 @@ class Replayer:
             return False
         sent = self.prepare.replay + request.replay
         replay = sent[newer.c2s_fresh - self.prepare.replay_from :]
-        first = first_request_length(replay)
-        if first is None or not resendable(replay[first : self.stream.c2s_pos - newer.c2s_fresh]):
-            # Requests after the resumed GET that went to the service on the first connection,
-            # unless all GETs: asked again on a fresh one, the service would do their work twice.
+        first = first_request_length(replay) if replay else 0
+        if first is None:
             return False
         fresh_request = replace(request, replay_from=newer.c2s_fresh, replay=replay, streamed=0)
         fresh = Replayer(newer, fresh_request, self.hash_key, self.replay_limit)
-        if not isinstance(fresh.plan, RangePlan):
+        ranged = isinstance(fresh.plan, RangePlan)
+        if not ranged and (newer.s2c_fresh <= self.stream.s2c_pos or newer.s2c_hash == NO_HASH):
+            # From its fresh point it would read no less, or nothing would verify the bytes.
+            return False
+        # Requests the first connection sent the service go again on the fresh one (all of
+        # them but a ranged first, which is asked for by range): unless all GETs, the service
+        # would do their work twice.
+        sent_twice = replay[first if ranged else 0 : max(0, self.stream.c2s_pos - newer.c2s_fresh)]
+        if not resendable(sent_twice):
             return False
         try:
             # To the checkpoint's position first (the window verified), then on by a second

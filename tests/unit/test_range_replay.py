@@ -498,3 +498,80 @@ def test_a_commit_behind_its_newer_checkpoint_gets_every_byte_it_lacks() -> None
     replayer, after = asyncio.run(commit_later(service, prepared, newer, final))
     assert replayer.rebased == 1
     assert after == body[10_000_000 : 10_000_000 + 65536]
+
+
+# Short responses one after the other at full speed (issue 14): the client is many responses
+# past the prepared one at the COMMIT, whose checkpoint was taken between two of them.
+SHORT = 1024 * 1024
+
+
+async def commit_many_short(
+    service: Service, body: bytes, copies: int, *, newer_at: int, tail: int
+) -> tuple[Replayer, bytes, bytes]:
+    """PREPARE 0.5 MB into the first copy; the COMMIT carries a checkpoint taken at the end of
+    copy ``newer_at`` (its next request seen, none of its answer: no range record), and the
+    client is ``tail`` bytes into copy ``copies - 1``. Returns the replayer, the next 64 KiB it
+    holds or reads for the client, and what the client should get there."""
+    whole = response_head(len(body), ETAG) + body
+    prepared = original_checkpoint(body, len(response_head(len(body), ETAG)) + 400_000)
+    received = len(response_head(len(body), ETAG)) + 500_000
+    state = StreamState("http", range_min_body=1)
+    for _ in range(newer_at):
+        state.feed_c2s(REQUEST)
+        state.feed_s2c(whole)
+    state.feed_c2s(REQUEST)
+    newer = checkpoint_of(state, epoch=5, counter=2, acked=newer_at * len(whole))
+    assert newer.range is None
+    assert newer.s2c_fresh == newer.s2c_pos == newer_at * len(whole)
+    final = (copies - 1) * len(whole) + tail
+    sent = copies * len(REQUEST)
+    sealed = seal_checkpoint(newer, KEY, bytes(16), os.urandom)
+    replay = REQUEST * (copies - 1)
+    commit = Request(Phase.COMMIT, 5, 40000, 80, sent, final, len(REQUEST), sealed, replay)
+    replayer = Replayer(prepared, prepare(prepared, received))
+    async with serving(service) as connect:
+        try:
+            await replayer.start(connect, received)
+            await replayer.commit_stream(commit, newer)
+            assert replayer.service is not None
+            after = bytearray(replayer.unsent)
+            loop = asyncio.get_running_loop()
+            while len(after) < 65536:
+                chunk = await loop.sock_recv(replayer.service, 65536 - len(after))
+                assert chunk
+                after += chunk
+        finally:
+            replayer.close()
+    expected = (whole * copies)[final : final + 65536]
+    return replayer, bytes(after[:65536]), expected
+
+
+def test_a_commit_many_short_responses_on_starts_again_from_its_newer_fresh_point() -> None:
+    """Measured: 1 MiB responses flat out, a client 185 MB past the prepared position at its
+    COMMIT; the newer checkpoint, between two responses, has no range record, and the new
+    server read on through Python from the prepared position until the client gave up (no
+    answer to the commit in 5 s). Started from that checkpoint's fresh point, only the
+    responses after it are read."""
+    body = os.urandom(SHORT)
+    service = Service(body, ETAG)
+    replayer, after, expected = asyncio.run(
+        commit_many_short(service, body, 12, newer_at=10, tail=300_000)
+    )
+    assert replayer.rebased == 1
+    assert replayer.checkpoint.counter == 2
+    assert after == expected
+    # The first range's window and read, then copy 10 and 0.3 MB of copy 11: not copies 1-9.
+    assert replayer.regenerated < 2 * len(body) + 600_000
+    assert service.requests[-2:] == [REQUEST, REQUEST]  # copies 10 and 11, on the fresh one
+
+
+def test_a_commit_whose_newer_fresh_point_is_behind_the_regenerated_reads_on() -> None:
+    """A newer checkpoint between two responses but before what the prepared connection has
+    read already: starting there would read no less, so the prepared connection goes on."""
+    body = os.urandom(SHORT)
+    service = Service(body, ETAG)
+    replayer, after, expected = asyncio.run(
+        commit_many_short(service, body, 4, newer_at=0, tail=300_000)
+    )
+    assert replayer.rebased == 0
+    assert after == expected
