@@ -56,6 +56,7 @@ from proxy.replay import Replayer
 from proxy.work import Key, Pending, Work, Workshop
 
 MAX_FINISHED_KEPT = 4096  # failed and aborted preparations remembered (bounded memory)
+UNCOMMITTED = (ServerState.PREPARING, ServerState.PREPARED)  # a COMMIT still changes these
 
 
 class LiveMode:
@@ -354,18 +355,17 @@ class LiveMode:
                     raise AuthenticationError(
                         "the COMMIT's checkpoint is of another connection than its PREPARE's"
                     )
-                if machine.state in (ServerState.PREPARING, ServerState.PREPARED):
+                if machine.state in UNCOMMITTED:
                     self.meter.extend(
                         record.client_id,
                         replay_bytes=len(request.replay),
-                        regenerate_bytes=max(0, request.s2c_received - machine.until),
+                        regenerate_bytes=pending.replayer.commit_reads(
+                            request, admitted.checkpoint, machine.until
+                        ),
                         now=self.context.clock(),
                     )
         except RoamError as error:
-            if machine is not None and machine.state in (
-                ServerState.PREPARING,
-                ServerState.PREPARED,
-            ):
+            if machine is not None and machine.state in UNCOMMITTED:
                 late = isinstance(error, WindowClosedError)  # the client may hold it for later
                 status = Status.LATE if late else Status.REFUSED
                 answer = Answer(Phase.COMMIT, key[1], status, str(error))

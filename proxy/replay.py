@@ -39,6 +39,7 @@ from migrate.rangeplan import (
     check_answer,
     first_request_length,
     head_length,
+    regeneration_bytes,
     replan,
     resendable,
 )
@@ -400,6 +401,53 @@ class Replayer:
             await asyncio.get_running_loop().sock_sendall(self.service, request.replay)
         return await self.regenerate(request.s2c_received)
 
+    def _rebase_plan(
+        self, request: Request, newer: Checkpoint | None, position: int
+    ) -> Replayer | None:
+        """The replayer a COMMIT would start again from (``_rebase``) with the service read
+        up to ``position``, before any of its work; None if it reads on instead."""
+        old = self.checkpoint
+        if (
+            newer is None
+            or newer.conn_id != old.conn_id
+            or newer.counter <= old.counter
+            or newer.codec != "http"
+            or newer.state
+            or (newer.keyed_hash and self.hash_key is None)
+            or not self.prepare.replay_from <= newer.c2s_fresh <= request.c2s_sent
+            or request.s2c_received - position < RANGE_AGAIN_BYTES
+        ):
+            return None
+        sent = self.prepare.replay + request.replay
+        replay = sent[newer.c2s_fresh - self.prepare.replay_from :]
+        first = first_request_length(replay) if replay else 0
+        if first is None:
+            return None
+        fresh_request = replace(request, replay_from=newer.c2s_fresh, replay=replay, streamed=0)
+        fresh = Replayer(newer, fresh_request, self.hash_key, self.replay_limit)
+        ranged = isinstance(fresh.plan, RangePlan)
+        if not ranged and (newer.s2c_fresh <= position or newer.s2c_hash == NO_HASH):
+            # From its fresh point it would read no less, or nothing would verify the bytes.
+            return None
+        # Requests the first connection sent the service (the PREPARE's) go again on the fresh
+        # one (all of them but a ranged first, which is asked for by range): unless all GETs,
+        # the service would do their work twice.
+        prepared_end = self.prepare.replay_from + len(self.prepare.replay)
+        sent_twice = replay[first if ranged else 0 : max(0, prepared_end - newer.c2s_fresh)]
+        return fresh if resendable(sent_twice) else None
+
+    def commit_reads(self, request: Request, newer: Checkpoint | None, position: int) -> int:
+        """The service bytes a COMMIT reads, for the client's meter (``migrate.admission``),
+        the service read up to ``position`` so far: from the newer checkpoint's range or
+        fresh point when it starts again from there, else on to the client's position.
+        (Should starting again fail on the network, it reads on, more than this.)"""
+        on = max(0, request.s2c_received - position)
+        fresh = self._rebase_plan(request, newer, position)
+        if fresh is None:
+            return on
+        again = regeneration_bytes(fresh.checkpoint, fresh.prepare.replay, request.s2c_received)
+        return min(on, again)
+
     async def _rebase(self, request: Request, newer: Checkpoint | None) -> bool:
         """A COMMIT in a later response than the one prepared (the COMMIT's or the refreshed
         PREPARE's replay holds the client's next requests), far past what was regenerated:
@@ -413,36 +461,10 @@ class Replayer:
         requests replayed, its hash verified, only the responses after it read. Whether it
         did; when it cannot (no such checkpoint, the service unreachable), the prepared
         connection goes on as before."""
-        old = self.checkpoint
-        if (
-            newer is None
-            or self._connect is None
-            or newer.conn_id != old.conn_id
-            or newer.counter <= old.counter
-            or newer.codec != "http"
-            or newer.state
-            or (newer.keyed_hash and self.hash_key is None)
-            or not self.prepare.replay_from <= newer.c2s_fresh <= request.c2s_sent
-            or request.s2c_received - self.stream.s2c_pos < RANGE_AGAIN_BYTES
-        ):
+        fresh = self._rebase_plan(request, newer, self.stream.s2c_pos)
+        if fresh is None or self._connect is None:
             return False
-        sent = self.prepare.replay + request.replay
-        replay = sent[newer.c2s_fresh - self.prepare.replay_from :]
-        first = first_request_length(replay) if replay else 0
-        if first is None:
-            return False
-        fresh_request = replace(request, replay_from=newer.c2s_fresh, replay=replay, streamed=0)
-        fresh = Replayer(newer, fresh_request, self.hash_key, self.replay_limit)
-        ranged = isinstance(fresh.plan, RangePlan)
-        if not ranged and (newer.s2c_fresh <= self.stream.s2c_pos or newer.s2c_hash == NO_HASH):
-            # From its fresh point it would read no less, or nothing would verify the bytes.
-            return False
-        # Requests the first connection sent the service go again on the fresh one (all of
-        # them but a ranged first, which is asked for by range): unless all GETs, the service
-        # would do their work twice.
-        sent_twice = replay[first if ranged else 0 : max(0, self.stream.c2s_pos - newer.c2s_fresh)]
-        if not resendable(sent_twice):
-            return False
+        assert newer is not None
         try:
             # To the checkpoint's position first (the window verified), then on by a second
             # range if the client is far past it, as at any COMMIT.

@@ -575,3 +575,32 @@ def test_a_commit_whose_newer_fresh_point_is_behind_the_regenerated_reads_on() -
     )
     assert replayer.rebased == 0
     assert after == expected
+
+
+def test_a_commit_is_metered_for_what_it_reads_not_for_how_far_the_client_went() -> None:
+    """The client's regeneration budget (migrate.admission) is charged, at the COMMIT, with
+    the bytes the new server will read: from the newer checkpoint's fresh point when it
+    starts again from there, not the 10 responses the client went through meanwhile (flat
+    out, those charges emptied the budget in a few roams and the next hand-overs were
+    refused)."""
+    body = os.urandom(SHORT)
+    whole = response_head(len(body), ETAG) + body
+    prepared = original_checkpoint(body, len(response_head(len(body), ETAG)) + 400_000)
+    received = len(response_head(len(body), ETAG)) + 500_000
+    state = StreamState("http", range_min_body=1)
+    for _ in range(10):
+        state.feed_c2s(REQUEST)
+        state.feed_s2c(whole)
+    state.feed_c2s(REQUEST)
+    newer = checkpoint_of(state, epoch=5, counter=2, acked=10 * len(whole))
+    final = 11 * len(whole) + 300_000
+    sealed = seal_checkpoint(newer, KEY, bytes(16), os.urandom)
+    commit = Request(
+        Phase.COMMIT, 5, 40000, 80, 12 * len(REQUEST), final, len(REQUEST), sealed, REQUEST * 11
+    )
+    replayer = Replayer(prepared, prepare(prepared, received))
+    # Starting again from the newer checkpoint: its response and 0.3 MB of the next.
+    assert replayer.commit_reads(commit, newer, received) == final - newer.s2c_fresh
+    # Without a newer checkpoint (or with the prepared one) it reads on to the client.
+    assert replayer.commit_reads(commit, None, received) == final - received
+    assert replayer.commit_reads(commit, prepared, received) == final - received
