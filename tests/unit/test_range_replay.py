@@ -369,6 +369,28 @@ def two_copies(body: bytes, into_second: int, behind: int):  # type: ignore[no-u
     return prepared, newer, final
 
 
+async def committed_bytes(  # type: ignore[no-untyped-def]
+    service: Service, replayer: Replayer, received: int, commit: Request, newer
+) -> bytes:
+    """Prepare to ``received``, run the COMMIT's step with ``newer``, and return the next
+    64 KiB the replayer holds or reads from the service for the client (what the restored
+    connection would send first)."""
+    async with serving(service) as connect:
+        try:
+            await replayer.start(connect, received)
+            await replayer.commit_stream(commit, newer)
+            assert replayer.service is not None
+            after = bytearray(replayer.unsent)
+            loop = asyncio.get_running_loop()
+            while len(after) < 65536:
+                chunk = await loop.sock_recv(replayer.service, 65536 - len(after))
+                assert chunk
+                after += chunk
+        finally:
+            replayer.close()
+    return bytes(after[:65536])
+
+
 async def commit_later(  # type: ignore[no-untyped-def]
     service: Service,
     prepared,
@@ -396,20 +418,8 @@ async def commit_later(  # type: ignore[no-untyped-def]
     sealed = seal_checkpoint(newer, KEY, bytes(16), os.urandom)
     replay = b"" if next_in_prepare else REQUEST
     commit = Request(Phase.COMMIT, 5, 40000, 80, sent, final, sent - len(replay), sealed, replay)
-    async with serving(service) as connect:
-        try:
-            await replayer.start(connect, received)
-            await replayer.commit_stream(commit, newer)
-            assert replayer.service is not None
-            after = bytearray(replayer.unsent)
-            loop = asyncio.get_running_loop()
-            while len(after) < 65536:
-                chunk = await loop.sock_recv(replayer.service, 65536 - len(after))
-                assert chunk
-                after += chunk
-        finally:
-            replayer.close()
-    return replayer, bytes(after[:65536])
+    after = await committed_bytes(service, replayer, received, commit, newer)
+    return replayer, after
 
 
 def commit_on_two_copies(  # type: ignore[no-untyped-def]
@@ -529,21 +539,9 @@ async def commit_many_short(
     replay = REQUEST * (copies - 1)
     commit = Request(Phase.COMMIT, 5, 40000, 80, sent, final, len(REQUEST), sealed, replay)
     replayer = Replayer(prepared, prepare(prepared, received))
-    async with serving(service) as connect:
-        try:
-            await replayer.start(connect, received)
-            await replayer.commit_stream(commit, newer)
-            assert replayer.service is not None
-            after = bytearray(replayer.unsent)
-            loop = asyncio.get_running_loop()
-            while len(after) < 65536:
-                chunk = await loop.sock_recv(replayer.service, 65536 - len(after))
-                assert chunk
-                after += chunk
-        finally:
-            replayer.close()
+    after = await committed_bytes(service, replayer, received, commit, newer)
     expected = (whole * copies)[final : final + 65536]
-    return replayer, bytes(after[:65536]), expected
+    return replayer, after, expected
 
 
 def test_a_commit_many_short_responses_on_starts_again_from_its_newer_fresh_point() -> None:
