@@ -445,7 +445,9 @@ class Replayer:
         fresh = self._rebase_plan(request, newer, position)
         if fresh is None:
             return on
-        again = regeneration_bytes(fresh.checkpoint, fresh.prepare.replay, request.s2c_received)
+        again = regeneration_bytes(
+            fresh.checkpoint, fresh.prepare.replay, request.s2c_received, fresh.plan
+        )
         return min(on, again)
 
     async def _rebase(self, request: Request, newer: Checkpoint | None) -> bool:
@@ -464,13 +466,12 @@ class Replayer:
         fresh = self._rebase_plan(request, newer, self.stream.s2c_pos)
         if fresh is None or self._connect is None:
             return False
-        assert newer is not None
         try:
             # To the checkpoint's position first (the window verified), then on by a second
             # range if the client is far past it, as at any COMMIT.
             # (The checkpoint may be ahead of the client: bytes the old server had sent that the
             # freeze kept from it. Those are kept for the client, never skipped.)
-            await fresh.start(self._connect, min(newer.s2c_pos, request.s2c_received))
+            await fresh.start(self._connect, min(fresh.checkpoint.s2c_pos, request.s2c_received))
             fresh._drop_delivered(request.s2c_received)
             await fresh._range_again(request.s2c_received)
         except (OSError, TimeoutError):
