@@ -48,8 +48,8 @@ from migrate.handover import (
 )
 from migrate.hashchain import KeyChain
 from migrate.kernel import nft, sockdiag
-from migrate.kernel.eventlog import EventLog, write_status
-from migrate.kernel.files import write_private
+from migrate.kernel.eventlog import EventLog, close_writers, status_bytes, status_writer
+from migrate.kernel.files import LatestWriter
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.metrics import HandoffTally, MetricsServer, client_families, registry_of
 from migrate.kernel.routing import HostRoute
@@ -93,6 +93,10 @@ class ClientShim:
         self.servers = bundle.servers()
         self.state_path = state_path
         self.status_path = status_path
+        # Both written from threads: a file replaced on the event loop stalled hand-overs
+        # behind the disk (migrate.kernel.files).
+        self.state_writer = LatestWriter(state_path)
+        self.status_writer = status_writer(status_path)
         self.log = log
         self.clock = clock
         self.bind_address = bind_address
@@ -432,10 +436,13 @@ class ClientShim:
 
     def _save_counter_floor(self, floor: int) -> None:
         self.saved.counter_floor = floor
-        self._persist()
+        # On disk before a counter above the old floor is used: a restart starts above it.
+        self._persist(wait=True)
 
-    def _persist(self) -> None:
-        write_private(self.state_path, self.saved.encode())
+    def _persist(self, *, wait: bool = False) -> None:
+        self.state_writer.submit(self.saved.encode())
+        if wait:
+            self.state_writer.flush()
 
     def status(self) -> dict[str, Any]:
         epoch = self.current
@@ -473,7 +480,7 @@ class ClientShim:
         }
 
     def _write_status(self) -> None:
-        write_status(self.status_path, self.status())
+        self.status_writer.submit(status_bytes(self.status()))
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -565,8 +572,8 @@ class ClientShim:
             else:
                 sock.close()
             await asyncio.to_thread(self.instance.close)
-            with contextlib.suppress(FileNotFoundError):
-                self.status_path.unlink()
+            writers = [self.status_writer, self.state_writer]
+            close_writers(self.log, writers, self.status_path)
             failed = self._failure is not None or sys.exc_info()[0] is not None
             self.log.event("stop", reason="error" if failed else "signal")
             for signum in (signal.SIGTERM, signal.SIGINT):

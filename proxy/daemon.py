@@ -65,8 +65,8 @@ from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import SCAN_LIMIT, GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.deployment import DeploymentDir
-from migrate.kernel.eventlog import EventLog, write_status
-from migrate.kernel.files import private_directory, write_private
+from migrate.kernel.eventlog import EventLog, close_writers, status_bytes, status_writer
+from migrate.kernel.files import LatestWriter, private_directory
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.metrics import MetricsServer, registry_of, server_families
 from migrate.kernel.routing import TransparentReturnPath
@@ -175,6 +175,12 @@ class ServerShim:
             )
         index = self.deployment.servers.index(options.listen)
         self.state_path = options.state_path or default_state_path(options.deployment_dir, index)
+        # Both written from threads: a file replaced on the event loop stalled hand-overs
+        # behind the disk (migrate.kernel.files).
+        self.state_writer = LatestWriter(self.state_path)
+        self.status_writer = (
+            status_writer(options.status_path) if options.status_path is not None else None
+        )
         state = None
         if self.state_path.exists():
             state = PoolState.decode(self.state_path.read_bytes())
@@ -752,7 +758,8 @@ class ServerShim:
     def _save_counter_floor(self, floor: int) -> None:
         self.pool.state.counter_floor = floor
         try:
-            self._persist()
+            # On disk before a counter above the old floor is used: a restart starts above it.
+            self._persist(wait=True)
         except OSError as error:
             # Sealing on without a persisted floor could reuse nonces after a restart: stop.
             failure = ConfigError(
@@ -761,8 +768,10 @@ class ServerShim:
             self._fail(failure)
             raise failure from None
 
-    def _persist(self) -> None:
-        write_private(self.state_path, self.pool.state.encode())
+    def _persist(self, *, wait: bool = False) -> None:
+        self.state_writer.submit(self.pool.state.encode())
+        if wait:
+            self.state_writer.flush()
 
     # -- reload (SIGHUP, ``roam reload``) ------------------------------------------------------
 
@@ -897,8 +906,8 @@ class ServerShim:
         return None if leaving is None else round(leaving, 6)
 
     def _write_status(self) -> None:
-        if self.options.status_path is not None:
-            write_status(self.options.status_path, self.status())
+        if self.status_writer is not None:
+            self.status_writer.submit(status_bytes(self.status()))
 
     def _status_soon(self) -> None:
         """Write the status within ``STATUS_SOON_S`` (once for a burst of changes), not only at
@@ -1089,9 +1098,10 @@ class ServerShim:
             if self.mode is not None:
                 await self.mode.close()
             await asyncio.to_thread(self.instance.close)
-            if self.options.status_path is not None:
-                with contextlib.suppress(FileNotFoundError):
-                    self.options.status_path.unlink()
+            writers = [self.state_writer]
+            if self.status_writer is not None:
+                writers.insert(0, self.status_writer)
+            close_writers(self.log, writers, self.options.status_path)
             failed = self._failure is not None or sys.exc_info()[0] is not None
             self.log.event("stop", reason="error" if failed else "signal")
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -9,6 +9,7 @@ directory created 0700 (``migrate.kernel.files``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from migrate.kernel.files import open_private_log, write_private
+from migrate.kernel.files import LatestWriter, open_private_log, write_private
 from migrate.ratelog import DEFAULT_PERIOD_S, RejectionLimiter, Suppressed
 
 
@@ -92,12 +93,34 @@ class EventLog:
             self._file = None
 
 
+def status_bytes(status: dict[str, Any]) -> bytes:
+    return (json.dumps(status, indent=2, default=_default) + "\n").encode()
+
+
+def status_writer(path: Path) -> LatestWriter:
+    """The writer of a daemon's status file: from a thread, never on the event loop (see
+    ``migrate.kernel.files``). Not fsync-ed: a status is rewritten at every gate change and
+    hand-over (two fsyncs each were a tenth of an idle server shim's CPU in a busy pool) and
+    again when the shim starts."""
+    return LatestWriter(path, durable=False)
+
+
+def close_writers(log: EventLog, writers: list[LatestWriter], status_path: Path | None) -> None:
+    """At a daemon's exit: its last state on disk, and its status file removed (after the
+    writer's last write, which would otherwise bring it back). A failure is logged."""
+    for writer in writers:
+        try:
+            writer.close()
+        except Exception as error:  # shutting down: say so and go on
+            log.event("write_failed", level="error", path=str(writer.path), reason=str(error))
+    if status_path is not None:
+        with contextlib.suppress(FileNotFoundError):
+            status_path.unlink()
+
+
 def write_status(path: Path, status: dict[str, Any]) -> None:
-    """Atomically replace ``path`` with ``status`` as JSON, 0600. Not fsync-ed: a status is
-    rewritten at every gate change and hand-over (two fsyncs each were a tenth of an idle
-    server shim's CPU in a busy pool) and again when the shim starts."""
-    data = json.dumps(status, indent=2, default=_default) + "\n"
-    write_private(path, data.encode(), durable=False)
+    """Atomically replace ``path`` with ``status`` as JSON, 0600, on the caller's thread."""
+    write_private(path, status_bytes(status), durable=False)
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -99,7 +99,8 @@ def test_control_state_is_merged_only_from_a_server_at_its_registered_address(
     shim.on_control(peer.seal(facts, time.time()), ("10.0.0.2", 47475))
     assert shim.pool.revoked_ids() == {2}
     assert shim._control_transport.sent == []  # control state is never answered
-    # Persisted: a restart keeps it.
+    # Persisted (from the writer's thread): a restart keeps it.
+    shim.state_writer.flush(timeout=10)
     state = json.loads(shim.state_path.read_text())
     assert state["revoked"] == [2]
     log = shim.log_text.getvalue()
