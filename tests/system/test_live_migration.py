@@ -88,6 +88,15 @@ def diagnostics(roaming: RoamingLab) -> str:
             if e["level"] != "info"
         )
     lines = [f"{n} x {line}" for line, n in counts.most_common(15)]
+    # Where the time of each failed hand-over's roam went (a late COMMIT: which step was slow).
+    failed_epochs = {h["epoch"] for h in unfinished(handoffs(roaming))}
+    for shim in roaming.clients.values():
+        for e in shim.events():
+            if e["event"] == "roam" and e["epoch"] in failed_epochs:
+                lines.append(
+                    f"{shim.host} roam epoch {e['epoch']} at {e['ts']:.3f}: pause "
+                    f"{e['pause_ms']} ms, steps (ms from the freeze) {e['steps_ms']}"
+                )
     for shim in [*roaming.clients.values(), *roaming.servers.values()]:
         with contextlib.suppress(OSError, ValueError):
             status = json.loads(shim.status_path.read_text())
