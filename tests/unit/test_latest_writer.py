@@ -108,3 +108,18 @@ def test_a_writer_never_used_starts_no_thread(tmp_path: Path) -> None:
     writer.close()
     assert threading.active_count() == before
     assert not (tmp_path / "status.json").exists()
+
+
+def test_the_disk_stall_benchmark_times_both_ways_in_both_phases_and_cleans_up(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from labs.benchmarks import disk_stall
+
+    assert disk_stall.main(["--seconds", "1", "--writeback-mib", "16", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for phase in ("idle:", "writeback of 16 MiB:"):
+        assert phase in out
+    for way in ("status on the loop", "state on the loop", "status to its writer"):
+        assert out.count(way) == 2, out
+    assert "state: worst call under writeback" in out
+    assert list(tmp_path.iterdir()) == []  # its files, the bulk ones too, removed
