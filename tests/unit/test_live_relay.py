@@ -155,3 +155,53 @@ def test_with_window_range_bodies_a_splice_relay_never_reads_most_of_the_body(re
     assert not checkpoint.range.full_hash
     assert checkpoint.range.window_start == len(sent) - WINDOW_BYTES
     assert checkpoint.range.window_hash == hashlib.sha256(body[-WINDOW_BYTES:]).digest()
+
+
+def test_a_reincarnated_connection_is_relayed_without_nagle_on_either_side() -> None:
+    """As the relay's accepted connections are: with Nagle on, the restored socket held each
+    response's last short segment until the client's delayed ACK (1 MiB responses one after
+    the other on a moved connection ran at 0.14x the goodput of no roam)."""
+    log = io.StringIO()
+    context = SimpleNamespace(
+        max_replay=1 << 20,
+        group_key=bytes(32),
+        live_relay="copy",
+        range_bodies="hash",
+        clock=lambda: 5.0,
+        log=EventLog("server", stream=log),
+    )
+    pusher = CheckpointPusher(context)  # type: ignore[arg-type]
+    pusher.carrier_sealer = lambda record: None  # type: ignore[method-assign,assignment,return-value]
+
+    async def scenario() -> tuple[int, int]:
+        pairs = []
+        for _ in range(2):  # the client's restored socket and the replay's service connection
+            listener = socket.create_server(("127.0.0.1", 0))
+            near = socket.create_connection(listener.getsockname())
+            far, _ = listener.accept()
+            listener.close()
+            pairs.append((near, far))
+        (client, client_peer), (service, service_peer) = pairs
+        try:
+            assert client.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+            checkpoint = SimpleNamespace(
+                tcp=None, counter=3, conn_id=bytes(16), range=None, s2c_fresh=0
+            )
+            stream = StreamState("http")
+            connection = pusher.reincarnated(
+                ("10.0.0.2", 40000), checkpoint, SimpleNamespace(client_id=1),  # type: ignore[arg-type]
+                (client, service, b""), stream, 0, None, None,  # type: ignore[arg-type]
+            )  # fmt: skip
+            options = tuple(
+                end.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for end in (client, service)
+            )
+            connection.relay.abort()
+            return options  # type: ignore[return-value]
+        finally:
+            for sock in (client, client_peer, service, service_peer):
+                sock.close()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        nodelay = runner.run(asyncio.wait_for(scenario(), 10))
+    assert all(nodelay), nodelay
+    assert "reincarnated client=10.0.0.2:40000" in log.getvalue()
