@@ -483,8 +483,10 @@ def test_a_commit_never_asks_again_for_requests_the_first_connection_sent() -> N
     delete = b"DELETE /big.bin HTTP/1.1\r\nHost: vip\r\n\r\n"
     body, service, replayer, after = commit_on_two_copies(next_in_prepare=True, pipelined=delete)
     assert replayer.rebased == 0
-    assert len(service.requests) == 3  # the ranged first request and the two after it, once
-    assert service.requests.count(delete) == 1
+    # Every request at most once. (The service reads the DELETE only once it has written the
+    # second copy, which the client stops reading 10 MB in: it may not have read it yet.)
+    assert len(service.requests) == len(set(service.requests)), service.requests
+    assert service.requests.count(delete) <= 1
     assert after == body[10_000_000 : 10_000_000 + 65536]
 
 
