@@ -48,8 +48,7 @@ from migrate.handover import (
 )
 from migrate.hashchain import KeyChain
 from migrate.kernel import nft, sockdiag
-from migrate.kernel.eventlog import EventLog, close_writers, status_bytes, status_writer
-from migrate.kernel.files import LatestWriter
+from migrate.kernel.eventlog import DaemonFiles, EventLog
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.metrics import HandoffTally, MetricsServer, client_families, registry_of
 from migrate.kernel.routing import HostRoute
@@ -93,10 +92,7 @@ class ClientShim:
         self.servers = bundle.servers()
         self.state_path = state_path
         self.status_path = status_path
-        # Both written from threads: a file replaced on the event loop stalled hand-overs
-        # behind the disk (migrate.kernel.files).
-        self.state_writer = LatestWriter(state_path)
-        self.status_writer = status_writer(status_path)
+        self.files = DaemonFiles(state_path, status_path)
         self.log = log
         self.clock = clock
         self.bind_address = bind_address
@@ -440,9 +436,7 @@ class ClientShim:
         self._persist(wait=True)
 
     def _persist(self, *, wait: bool = False) -> None:
-        self.state_writer.submit(self.saved.encode())
-        if wait:
-            self.state_writer.flush()
+        self.files.save_state(self.saved.encode(), wait=wait)
 
     def status(self) -> dict[str, Any]:
         epoch = self.current
@@ -480,7 +474,7 @@ class ClientShim:
         }
 
     def _write_status(self) -> None:
-        self.status_writer.submit(status_bytes(self.status()))
+        self.files.show_status(self.status())
 
     # -- run ---------------------------------------------------------------------------------
 
@@ -572,8 +566,7 @@ class ClientShim:
             else:
                 sock.close()
             await asyncio.to_thread(self.instance.close)
-            writers = [self.status_writer, self.state_writer]
-            close_writers(self.log, writers, self.status_path)
+            self.files.close(self.log)
             failed = self._failure is not None or sys.exc_info()[0] is not None
             self.log.event("stop", reason="error" if failed else "signal")
             for signum in (signal.SIGTERM, signal.SIGINT):

@@ -65,8 +65,8 @@ from migrate.errors import ConfigError, ReplayedMessageError, RoamError
 from migrate.gating import SCAN_LIMIT, GateState, gate_at, next_switch
 from migrate.kernel import nft
 from migrate.kernel.deployment import DeploymentDir
-from migrate.kernel.eventlog import EventLog, close_writers, status_bytes, status_writer
-from migrate.kernel.files import LatestWriter, private_directory
+from migrate.kernel.eventlog import DaemonFiles, EventLog
+from migrate.kernel.files import private_directory
 from migrate.kernel.instances import Instance, sweep_dead
 from migrate.kernel.metrics import MetricsServer, registry_of, server_families
 from migrate.kernel.routing import TransparentReturnPath
@@ -175,12 +175,7 @@ class ServerShim:
             )
         index = self.deployment.servers.index(options.listen)
         self.state_path = options.state_path or default_state_path(options.deployment_dir, index)
-        # Both written from threads: a file replaced on the event loop stalled hand-overs
-        # behind the disk (migrate.kernel.files).
-        self.state_writer = LatestWriter(self.state_path)
-        self.status_writer = (
-            status_writer(options.status_path) if options.status_path is not None else None
-        )
+        self.files = DaemonFiles(self.state_path, options.status_path)
         state = None
         if self.state_path.exists():
             state = PoolState.decode(self.state_path.read_bytes())
@@ -769,9 +764,7 @@ class ServerShim:
             raise failure from None
 
     def _persist(self, *, wait: bool = False) -> None:
-        self.state_writer.submit(self.pool.state.encode())
-        if wait:
-            self.state_writer.flush()
+        self.files.save_state(self.pool.state.encode(), wait=wait)
 
     # -- reload (SIGHUP, ``roam reload``) ------------------------------------------------------
 
@@ -906,8 +899,8 @@ class ServerShim:
         return None if leaving is None else round(leaving, 6)
 
     def _write_status(self) -> None:
-        if self.status_writer is not None:
-            self.status_writer.submit(status_bytes(self.status()))
+        if self.options.status_path is not None:
+            self.files.show_status(self.status())
 
     def _status_soon(self) -> None:
         """Write the status within ``STATUS_SOON_S`` (once for a burst of changes), not only at
@@ -1098,10 +1091,7 @@ class ServerShim:
             if self.mode is not None:
                 await self.mode.close()
             await asyncio.to_thread(self.instance.close)
-            writers = [self.state_writer]
-            if self.status_writer is not None:
-                writers.insert(0, self.status_writer)
-            close_writers(self.log, writers, self.options.status_path)
+            self.files.close(self.log)
             failed = self._failure is not None or sys.exc_info()[0] is not None
             self.log.event("stop", reason="error" if failed else "signal")
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-from migrate.kernel.files import LatestWriter, open_private_log, write_private
+from migrate.kernel.files import LatestWriter, open_private_log
 from migrate.ratelog import DEFAULT_PERIOD_S, RejectionLimiter, Suppressed
 
 
@@ -97,30 +97,49 @@ def status_bytes(status: dict[str, Any]) -> bytes:
     return (json.dumps(status, indent=2, default=_default) + "\n").encode()
 
 
-def status_writer(path: Path) -> LatestWriter:
-    """The writer of a daemon's status file: from a thread, never on the event loop (see
-    ``migrate.kernel.files``). Not fsync-ed: a status is rewritten at every gate change and
-    hand-over (two fsyncs each were a tenth of an idle server shim's CPU in a busy pool) and
-    again when the shim starts."""
-    return LatestWriter(path, durable=False)
+class DaemonFiles:
+    """A daemon's state file and (optional) status file, each replaced from its own
+    ``LatestWriter`` thread, never on the event loop: a file replaced on the loop stalled
+    hand-overs behind the disk (``migrate.kernel.files``). The status is not fsync-ed: it is
+    rewritten at every gate change and hand-over (two fsyncs each were a tenth of an idle server
+    shim's CPU in a busy pool) and again when the daemon starts."""
 
+    def __init__(self, state_path: Path, status_path: Path | None) -> None:
+        self.state_path = state_path
+        self.status_path = status_path
+        self._state = LatestWriter(state_path)
+        self._status = LatestWriter(status_path, durable=False) if status_path else None
 
-def close_writers(log: EventLog, writers: list[LatestWriter], status_path: Path | None) -> None:
-    """At a daemon's exit: its last state on disk, and its status file removed (after the
-    writer's last write, which would otherwise bring it back). A failure is logged."""
-    for writer in writers:
-        try:
-            writer.close()
-        except Exception as error:  # shutting down: say so and go on
-            log.event("write_failed", level="error", path=str(writer.path), reason=str(error))
-    if status_path is not None:
-        with contextlib.suppress(FileNotFoundError):
-            status_path.unlink()
+    def save_state(self, content: bytes, *, wait: bool = False) -> None:
+        """Hand the newest state to its writer; with ``wait``, return once it is on disk (a
+        counter reservation). A failed earlier write is raised here, as ``OSError``."""
+        self._state.submit(content)
+        if wait:
+            self._state.flush()
 
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until both files hold everything handed over so far (tests, a reload)."""
+        for writer in (self._status, self._state):
+            if writer is not None:
+                writer.flush(timeout=timeout)
 
-def write_status(path: Path, status: dict[str, Any]) -> None:
-    """Atomically replace ``path`` with ``status`` as JSON, 0600, on the caller's thread."""
-    write_private(path, status_bytes(status), durable=False)
+    def show_status(self, status: dict[str, Any]) -> None:
+        if self._status is not None:
+            self._status.submit(status_bytes(status))
+
+    def close(self, log: EventLog) -> None:
+        """At the daemon's exit: its last state on disk, and its status file removed (after the
+        writer's last write, which would otherwise bring it back). A failure is logged."""
+        for writer in (self._status, self._state):
+            if writer is None:
+                continue
+            try:
+                writer.close()
+            except Exception as error:  # shutting down: say so and go on
+                log.event("write_failed", level="error", path=str(writer.path), reason=str(error))
+        if self.status_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.status_path.unlink()
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -100,7 +100,7 @@ def test_control_state_is_merged_only_from_a_server_at_its_registered_address(
     assert shim.pool.revoked_ids() == {2}
     assert shim._control_transport.sent == []  # control state is never answered
     # Persisted (from the writer's thread): a restart keeps it.
-    shim.state_writer.flush(timeout=10)
+    shim.files.flush(timeout=10)
     state = json.loads(shim.state_path.read_text())
     assert state["revoked"] == [2]
     log = shim.log_text.getvalue()

@@ -11,12 +11,19 @@ import threading
 
 import pytest
 
-from migrate.kernel.eventlog import EventLog, read_events, write_status
+from migrate.kernel.eventlog import DaemonFiles, EventLog, read_events
 from migrate.kernel.files import PUBLIC_FILE, open_private_log, own_private_directory, write_private
 
 
 def mode(path):
     return stat.S_IMODE(path.stat().st_mode)
+
+
+def write_status(path, status):
+    """As a daemon does: handed to the status writer's thread, then waited for."""
+    files = DaemonFiles(path.parent / "unused.state", path)
+    files.show_status(status)
+    files.flush(timeout=10)
 
 
 @pytest.fixture(autouse=True)
