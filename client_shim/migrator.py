@@ -40,6 +40,7 @@ from migrate.handover import (
     DEFAULT_COMMIT_TIMEOUT_S,
     DEFAULT_PREPARE_LEAD_S,
     MIGRATION_PORT,
+    MISSED_WINDOW_S,
     PREPARE_OVERTIME_S,
     PREPARE_WAIT_S,
     TIMER_QUANTUM_S,
@@ -47,7 +48,6 @@ from migrate.handover import (
     ClientState,
     NotMoved,
     RemoteError,
-    Reset,
     Send,
 )
 from migrate.kernel import nft, sockdiag
@@ -101,6 +101,7 @@ class Migrator:
         # The running roam's machines by client port (answers are dispatched to them).
         self._machines: dict[int, ClientHandover] = {}
         self._target: Endpoint | None = None
+        self._give_up_at = float("inf")  # the running roam's (MISSED_WINDOW_S)
         self._changed = asyncio.Event()
 
     # -- feeding the machines and executing their actions -----------------------------------
@@ -118,13 +119,12 @@ class Migrator:
         self._changed.set()
 
     def _execute(self, machine: ClientHandover) -> None:
-        """Send what the machine asks to send; resets wait for the switch (``_finish``)."""
+        """Send what the machine asks to send. A ``Reset`` waits for the switch (``_finish``
+        resets every connection whose state says RESET)."""
         for action in machine.actions():
             if isinstance(action, Send) and action.request is not None:
                 assert self._target is not None
                 self.streams.send(self._target, action.request)
-            elif isinstance(action, Reset):
-                pass  # the state says RESET: done after the switch, with every other reset
 
     async def _run(self, machines: Iterable[ClientHandover], state: ClientState) -> None:
         """Feed answers and timers until none of ``machines`` is in ``state`` any more."""
@@ -158,8 +158,7 @@ class Migrator:
         """Send a PREPARE for every live connection; returns the roam's record."""
         self._machines.clear()
         self._target = target
-        # Each roam streams on fresh connections: a server forgets its runs when their
-        # hand-overs end, and closes a stream idle for long (proxy.migration_port).
+        # Fresh streams per roam: a server forgets runs whose hand-overs ended (migration_port).
         self.streams.close()
         record = RoamRecord(epoch, str(target), self.clock())
         for port, info in self.view.sockets_and_capture().items():
@@ -196,8 +195,7 @@ class Migrator:
         return machine
 
     def refresh(self, record: RoamRecord, target: Endpoint) -> None:
-        """Just before the boundary: tell the new server how far each client has got, so it
-        regenerates those bytes now rather than during the freeze."""
+        """Just before the boundary: how far each client has got (regenerated before the freeze)."""
         sockets = self.view.sockets_and_capture()
         now = self.clock()
         for machine in record.machines(ClientState.PREPARING, ClientState.PREPARED):
@@ -236,16 +234,16 @@ class Migrator:
         PREPAREs are waited for until ``prepare_deadline`` (the old server stops serving soon
         after the boundary) and late ones ``PREPARE_OVERTIME_S`` longer, but never past
         ``give_up_at``: the new server takes COMMITs for its epoch only until shortly after
-        the epoch began."""
+        the epoch began (frozen ``MISSED_WINDOW_S`` past it, a connection sends none)."""
         self._target = target
+        self._give_up_at = give_up_at if give_up_at is not None else float("inf")
         deadline = (
             prepare_deadline if prepare_deadline is not None else self.clock() + PREPARE_WAIT_S
         )
         deadline += PREPARE_OVERTIME_S
         if give_up_at is not None:
             deadline = min(deadline, give_up_at)
-        # Connections opened since the PREPAREs went out: prepare them now, while the old
-        # server still serves (waiting a moment for the first checkpoint of the newest).
+        # Connections opened since the PREPAREs: prepared now, while the old server serves.
         record.mark("boundary", self.clock())
         sockets = self.view.sockets_and_capture()
         await self._await_carriers(sockets, record, None, deadline)
@@ -253,8 +251,7 @@ class Migrator:
         self._newcomers(record, sockets, deadline, None)
         for machine in record.machines(ClientState.PREPARING):
             machine.wait_until(deadline)
-        # Wait for the new server's regeneration while the old server still serves. All
-        # connections at once: the waits overlap, the slowest one bounds the total.
+        # The new server regenerates while the old one serves; all at once, the slowest bounds.
         await self._run(record.machines(), ClientState.PREPARING)
         # Which connections the old server has: all captured by now. New ones wait (their SYNs
         # dropped, sent again by their TCP) until the freeze sends them to the new server.
@@ -309,11 +306,14 @@ class Migrator:
     ) -> None:
         """Send each frozen machine's COMMIT, with the client's positions now."""
         now = self.clock()
+        late_by = now - self._give_up_at
         for machine in machines:
             info = sockets.get(machine.port)
             if info is None:
                 # Closed meanwhile (the server finished and sent its FIN): nothing to move.
                 machine.ended()
+            elif late_by >= MISSED_WINDOW_S:
+                machine.missed_window(late_by)  # held for the next roam, not LATE and reset
             else:
                 request = self.view.request(Phase.COMMIT, epoch, info, machine.prepared_sent)
                 machine.freeze(request, "replay bytes incomplete", now)

@@ -72,7 +72,7 @@ def defer_unanswered(record: RoamRecord, previous: RoamRecord | None, now: float
             and handoff.movable_later
             and now - since < DEFER_HELD_MAX_S
         ):
-            reason = f"{handoff.reason} in the new server's window: moved at the next roam"
+            reason = f"{handoff.reason}; held for the next roam"
             record.connections[port] = NotMoved(
                 port, "deferred", reason, handoff.replayed, ClientState.CLOSED
             )

@@ -89,6 +89,12 @@ LATE_PREPARE_WAIT_S = 2.0
 PREPARE_OVERTIME_S = 3.0
 HANDOFF_BUDGET_S = 4.0
 COMMIT_MARGIN_S = 0.3
+# Client: a connection frozen this long after its hand-over's give-up time (the client's host
+# stalled: a stopped or starved process, a VM paused) sends no COMMIT. The give-up time is
+# COMMIT_MARGIN_S before the new server's window closes, so the COMMIT would be answered LATE
+# and the connection reset; it is held like one whose PREPARE went unanswered instead (ABORT,
+# then the next roam, which starts at once since the client is behind the schedule).
+MISSED_WINDOW_S = COMMIT_MARGIN_S
 DEFAULT_COMMIT_TIMEOUT_S = 5.0  # HANDOFF_BUDGET_S + a retried COMMIT < LATE_REQUEST_S
 # Client: a connection opened in the last moments gets its first checkpoint within a round
 # trip (the server pushes one when the service's first bytes pass): wait that long for it.
@@ -576,6 +582,7 @@ class ClientEvent(Enum):
     REPREPARE = "refresh with a newer checkpoint"  # the server replaces its preparation
     COMMIT = "commit"  # frozen: the final positions
     NOTHING_TO_COMMIT = "commit without positions"  # frozen, but the replay is incomplete
+    MISSED = "frozen too late for the window"  # MISSED_WINDOW_S past the give-up time
     SWITCHED = "switched"  # the rewrite points at the new server
     ENDED = "ended"  # the connection closed on its own
     TIMEOUT = "timeout"  # a retry is due
@@ -604,6 +611,7 @@ CLIENT_TRANSITIONS: dict[ClientState, dict[ClientEvent, ClientState]] = {
         _CE.REPREPARE: _C.PREPARING,
         _CE.COMMIT: _C.COMMITTING,
         _CE.NOTHING_TO_COMMIT: _C.RESET,
+        _CE.MISSED: _C.RESET,
         _CE.ENDED: _C.CLOSED,
         _CE.SWITCHED: _C.RESET,
         _CE.TIMEOUT: _C.PREPARED,
@@ -776,6 +784,15 @@ class ClientHandover:
         self.replayed += len(commit.replay)
         self._commit_deadline = now + self.commit_timeout
         self._send(commit, now, COMMIT_RETRY_S)
+
+    def missed_window(self, late_by: float) -> None:
+        """Frozen ``late_by`` seconds after the hand-over's give-up time (at least
+        ``MISSED_WINDOW_S``): no COMMIT, which the new server would refuse as LATE. Nothing was
+        restored there, so the connection may wait for the next roam (ABORT frees what the
+        server prepared)."""
+        self._step(_CE.MISSED, LocalError)
+        reason = f"frozen {late_by:.2f} s after the hand-over's give-up time (a stalled host)"
+        self._unanswered_prepare(abort=True, reason=reason)
 
     def ended(self) -> None:
         """The connection closed on its own (its socket is gone)."""

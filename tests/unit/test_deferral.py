@@ -101,6 +101,22 @@ def test_a_prepare_unanswered_by_its_deadline_or_the_switch_is_held_too() -> Non
     assert record.connections[40004].state is ClientState.RESET
 
 
+def test_a_connection_frozen_too_late_for_the_window_is_held_not_reset() -> None:
+    """The client's host stalled through the new server's window (its COMMIT would be LATE):
+    held for the next roam like an unanswered PREPARE, its reason saying why."""
+    late = machine(40001)
+    late.receive(Answer(Phase.PREPARE, 40001, Status.READY), 0.5)
+    late.missed_window(1.2)
+    record = roam(5, late)
+    defer_unanswered(record, None, 100.0)
+    assert record.deferred == {40001: 100.0}
+    held = record.connections[40001]
+    assert held.outcome == "deferred"
+    assert held.reason == (
+        "frozen 1.20 s after the hand-over's give-up time (a stalled host); held for the next roam"
+    )
+
+
 def test_a_connection_is_held_again_only_while_held_less_than_the_bound() -> None:
     first = roam(5, unanswered(40001))
     defer_unanswered(first, None, 100.0)

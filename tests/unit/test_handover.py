@@ -348,6 +348,31 @@ def test_client_without_final_positions_is_unmigratable() -> None:
     assert kinds(client.actions()) == ["Send", "Reset"]  # ABORT, then the reset
 
 
+def test_a_client_frozen_too_late_for_the_window_sends_no_commit_and_may_wait() -> None:
+    """A stalled client host (a stopped process, a paused VM) that freezes the connection
+    ``MISSED_WINDOW_S`` past the give-up time: a COMMIT would be answered LATE and reset it;
+    instead the preparation is freed (ABORT) and the connection may wait for the next roam."""
+    client = h.ClientHandover(prepare_request(), 500, deadline=5.0, now=0.0)
+    client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
+    client.actions()
+    client.missed_window(h.MISSED_WINDOW_S + 0.25)
+    assert client.state is h.ClientState.RESET
+    assert client.movable_later
+    assert client.reason.startswith("frozen 0.55 s after the hand-over's give-up time")
+    actions = client.actions()
+    assert [a.request.phase for a in actions if isinstance(a, h.Send) and a.request] == [
+        Phase.ABORT
+    ]
+    assert client.commit_request is None  # no COMMIT went out
+    # Only a prepared connection can miss the window: one already committing cannot.
+    committing = h.ClientHandover(prepare_request(), 500, deadline=5.0, now=0.0)
+    committing.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
+    committing.freeze(commit_request(), "", 0.2)
+    with pytest.raises(h.LocalError):
+        committing.missed_window(1.0)
+    assert committing.state is h.ClientState.COMMITTING
+
+
 def test_a_commit_answer_of_the_previous_hand_over_changes_nothing() -> None:
     # The last roam's COMMIT was retried and answered twice; the second copy arrives while
     # this roam prepares the same connection: moot, whether READY or a refusal.
