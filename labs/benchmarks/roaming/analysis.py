@@ -92,9 +92,11 @@ def analyse_stream(
     roams = {e["epoch"]: e for e in events_of(client_events, "roam")}
     leads = []
     shim_pauses: list[float] = []
+    steps: list[dict[str, float]] = []
     outcomes: dict[str, int] = {}
     for switch in switches:
         roam = roams.get(switch.get("epoch"))
+        steps.append((roam or {}).get("steps_ms", {}))
         pause_ms = roam.get("pause_ms") if roam else None
         if pause_ms is not None:
             shim_pauses.append(float(pause_ms))
@@ -122,6 +124,7 @@ def analyse_stream(
         "app_pause": {k: v * 1000 if k != "n" else v for k, v in p50_p99(app).items()},
         "app_pause_max_ms": 1000 * max(app, default=0.0),
         "shim_pause_ms": shim_pauses,
+        "roam_steps_ms": steps,  # per roam: the client's steps, ms from the freeze
         "shim_pause": p50_p99(shim_pauses),
         "outcomes": outcomes,
         "handoffs_not_migrated": failed,

@@ -29,6 +29,7 @@ from labs.benchmarks.roaming.analysis import (
     events_of,
     ping_times,
     regenerations,
+    sum_dicts,
     summarise_streams,
 )
 from labs.benchmarks.roaming.orchestration import (
@@ -61,12 +62,15 @@ STREAM_RUNS = (
     StreamRun("unlimited", 0.0, 0),
 )
 
+SERVER_COUNTERS = ("Tcp.RetransSegs", "TcpExt.TCPTimeouts", "TcpExt.TCPLossProbes")
+
 
 def measure_stream(
     pool: RoamingLab, run: StreamRun, seconds: float, stall_timeout: float, digest: str
 ) -> dict[str, Any]:
     client = pool.lab["c1"]
     before = client_counters(client)
+    servers_before = [client_counters(pool.lab[host]) for host in pool.servers]
     argv = benchmark_argv(
         "--role", "stream-client", "--host", pool.vip, "--port", 80, "--path", "/big",
         "--seconds", seconds, "--rate", run.rate, "--rcvbuf", run.rcvbuf,
@@ -76,6 +80,10 @@ def measure_stream(
     if completed.returncode != 0:
         raise RuntimeError(f"stream client failed: {completed.stderr.strip()[-300:]}")
     after = client_counters(client)
+    servers_tcp = sum_dicts(
+        counter_delta(b, client_counters(pool.lab[host]), *SERVER_COUNTERS)
+        for b, host in zip(servers_before, pool.servers, strict=True)
+    )
     stream: dict[str, Any] = json.loads(completed.stdout)
     analysis = analyse_stream(stream, pool.clients["c1"].events(), stall_timeout)
     server_events = [e for shim in pool.servers.values() for e in shim.events()]
@@ -87,6 +95,8 @@ def measure_stream(
         "client_tcp": counter_delta(
             before, after, "TcpExt.PAWSEstab", "Tcp.RetransSegs", "Tcp.InErrs"
         ),
+        # Where a pause of about an RTO comes from: the servers' retransmissions and timeouts.
+        "servers_tcp": servers_tcp,
         **analysis,
         "regenerations": regenerations(server_events, stream["first"], stream["last"]),
         "shim_log": shim_trouble(pool),
@@ -271,7 +281,8 @@ def run_migration(
                             f"app pause p50 {measured['app_pause']['p50']:.1f} ms "
                             f"max {measured['app_pause_max_ms']:.1f} ms, "
                             f"shim pause p50 {measured['shim_pause']['p50']:.1f} ms, "
-                            f"breaks {measured['breaks']}, {measured['client_tcp']}"
+                            f"breaks {measured['breaks']}, client {measured['client_tcp']}, "
+                            f"servers {measured['servers_tcp']}"
                         )
         results["streams"] = summarise_streams(streams)
         if counts:

@@ -14,6 +14,10 @@ def trouble_lines(counts: dict[str, int], limit: int = 15) -> list[str]:
     return [f"- {count} x {line}" for line, count in ordered[:limit]]
 
 
+# Roams whose app pause reaches this are listed with the client's step times (where it went).
+SLOW_PAUSE_MS = 100.0
+
+
 def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
@@ -204,6 +208,18 @@ def render_migration(results: dict[str, Any]) -> str:
         pauses = [p for run in row["runs"]["roaming"] for p in run["app_pause_ms"]]
         text = ", ".join("(in the stall before)" if p is None else f"{p:.1f}" for p in pauses)
         lines.append(f"- {key}: {text}")
+    slow = [
+        f"- {key}, roam {i + 1}: app {pause:.1f} ms, client steps (ms from the freeze) "
+        + ", ".join(f"{step} {at}" for step, at in steps.items())
+        for key, row in results["streams"].items()
+        for run in row["runs"]["roaming"]
+        for i, (pause, steps) in enumerate(
+            zip(run["app_pause_ms"], run.get("roam_steps_ms", []), strict=False)
+        )
+        if pause is not None and pause >= SLOW_PAUSE_MS
+    ]
+    if slow:
+        lines += ["", f"Roams with an app pause of {SLOW_PAUSE_MS:.0f} ms or more:", *slow]
     lines += ["", "Per roam, what the new server read to reach the client's position, in order:"]
     for key, row in results["streams"].items():
         found = [g for run in row["runs"]["roaming"] for g in run.get("regenerations", [])]
