@@ -513,7 +513,7 @@ class Replayer:
             snd_wscale=tcp.snd_wscale,
             rcv_wscale=tcp.rcv_wscale,
             sack=tcp.sack,
-            tsval=tsval,
+            tsval=tsval,  # the client's window unknown: tcp_repair.RESTORED_WINDOW_SEGMENTS
         )
         for attempt in range(HALF_OPEN_RETRIES + 1):
             try:

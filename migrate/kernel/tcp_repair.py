@@ -151,6 +151,15 @@ def seq_add(seq: int, count: int) -> int:
     return (seq + count) % _SEQ_MOD
 
 
+# A restored socket that does not know the client's receive window assumes two segments: the
+# client ACKs two full segments at once (no delayed ACK), and that ACK brings its real window
+# one round trip after the first send. A larger guess (65535 bytes before) sent past a client
+# whose buffer was nearly full (its application reading slower than the network): those
+# segments were dropped and came again only by retransmission, 200 ms to 1 s of pause after a
+# roam (docs/benchmarks.md, "The restored socket's window").
+RESTORED_WINDOW_SEGMENTS = 2
+
+
 def state_from_positions(
     *,
     local: tuple[str, int],
@@ -164,7 +173,7 @@ def state_from_positions(
     rcv_wscale: int = 0,
     sack: bool = False,
     tsval: int | None = None,
-    snd_wnd: int = 65535,
+    snd_wnd: int | None = None,
     rcv_wnd: int = 65535,
 ) -> TcpRepairState:
     """Build the server's state from what the client knows, not from the kernel.
@@ -182,10 +191,13 @@ def state_from_positions(
     ``tsval`` the timestamp clock the new server should continue from (a value at or above the
     last TSval the client received, or the client drops the segments under PAWS, RFC 7323
     section 5), ``None`` if timestamps were not agreed. ``snd_wnd`` is the client's receive
-    window in bytes (the most the server may send unacknowledged) and ``rcv_wnd`` the window
-    the server last advertised, in bytes; both are corrected by the first segment the client
-    sends after the roam.
+    window in bytes (the most the server may send unacknowledged; unknown, ``None``:
+    ``RESTORED_WINDOW_SEGMENTS`` segments) and ``rcv_wnd`` the window the server last
+    advertised, in bytes; both are corrected by the first segment the client sends after the
+    roam.
     """
+    if snd_wnd is None:
+        snd_wnd = RESTORED_WINDOW_SEGMENTS * mss
     for name, value in (("server_isn", server_isn), ("client_isn", client_isn)):
         if not 0 <= value <= _U32_MAX:
             raise InvalidRepairStateError(f"{name} {value} is not a 32-bit unsigned value")
