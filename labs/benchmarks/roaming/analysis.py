@@ -125,6 +125,16 @@ def analyse_stream(
         "app_pause_max_ms": 1000 * max(app, default=0.0),
         "shim_pause_ms": shim_pauses,
         "roam_steps_ms": steps,  # per roam: the client's steps, ms from the freeze
+        "switch_ts": [s["ts"] for s in switches],
+        # Per roam, the gaps of 50 ms or more near it: (start, length) in ms from the switch.
+        "gaps_near_ms": [
+            [
+                (round(1000 * (first - s["ts"]), 1), round(1000 * (last - first), 1))
+                for first, last in stream["gaps"]
+                if last - first >= 0.05 and s["ts"] - 0.2 <= last and first <= s["ts"] + 1.5
+            ]
+            for s in switches
+        ],
         "shim_pause": p50_p99(shim_pauses),
         "outcomes": outcomes,
         "handoffs_not_migrated": failed,

@@ -86,7 +86,9 @@ def measure_stream(
     )
     stream: dict[str, Any] = json.loads(completed.stdout)
     analysis = analyse_stream(stream, pool.clients["c1"].events(), stall_timeout)
-    server_events = [e for shim in pool.servers.values() for e in shim.events()]
+    server_events = [
+        {**e, "host": shim.host} for shim in pool.servers.values() for e in shim.events()
+    ]
     return {
         "mbit_s": stream["mbit_s"],
         "bytes": stream["bytes"],
@@ -99,6 +101,15 @@ def measure_stream(
         "servers_tcp": servers_tcp,
         **analysis,
         "regenerations": regenerations(server_events, stream["first"], stream["last"]),
+        # Per roam: what the servers logged from 50 ms before the switch to 400 ms after it.
+        "server_near_switch": [
+            [
+                f"{e['host']}:{e['event']} {1000 * (e['ts'] - at):+.1f}"
+                for e in sorted(server_events, key=lambda e: e["ts"])
+                if at - 0.05 <= e["ts"] <= at + 0.4
+            ]
+            for at in analysis["switch_ts"]
+        ],
         "shim_log": shim_trouble(pool),
     }
 

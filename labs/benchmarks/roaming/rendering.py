@@ -211,10 +211,18 @@ def render_migration(results: dict[str, Any]) -> str:
     slow = [
         f"- {key}, roam {i + 1}: app {pause:.1f} ms, client steps (ms from the freeze) "
         + ", ".join(f"{step} {at}" for step, at in steps.items())
+        + f"; gaps (start, length) ms from the switch: {gaps}"
+        + (f"; servers (ms from the switch): {', '.join(near)}" if near else "")
         for key, row in results["streams"].items()
         for run in row["runs"]["roaming"]
-        for i, (pause, steps) in enumerate(
-            zip(run["app_pause_ms"], run.get("roam_steps_ms", []), strict=False)
+        for i, (pause, steps, near, gaps) in enumerate(
+            zip(
+                run["app_pause_ms"],
+                run.get("roam_steps_ms", []),
+                run.get("server_near_switch", []),
+                run.get("gaps_near_ms", []),
+                strict=False,
+            )
         )
         if pause is not None and pause >= SLOW_PAUSE_MS
     ]
