@@ -17,6 +17,7 @@ import itertools
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,35 @@ LabFactory = Callable[..., Lab]  # the lab_factory fixture (tests/system/conftes
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONNECTIONS = 10
 TICK = 1.0
+
+
+def nginx_pool(lab_factory: LabFactory) -> RoamingLab:
+    """Three servers, each with nginx serving ``/small`` (100 bytes), and the shims in live
+    mode; stopped again if anything fails on the way."""
+    lab = lab_factory(PoolTopo(servers=3, clients=1))
+    pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=2.0)
+    try:
+        small = os.urandom(100)
+        for host in pool.server_hosts:
+            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
+            root = write_content(lab.workdir / f"www-{host}", {"small": small})
+            start_service_nginx(lab[host], root, SERVICE_PORT)
+        deploy(pool, mode="live", servers=list(pool.server_hosts), tick=TICK)
+    except BaseException:
+        pool.stop()
+        raise
+    return pool
+
+
+def busy_client(pool: RoamingLab, tail: float) -> subprocess.Popen[str]:
+    """``CONNECTIONS`` keep-alive connections opened within a second, each GETting every
+    0.2 s for ``tail`` seconds more."""
+    argv = benchmark_argv(
+        "--role", "busy-client", "--host", pool.vip, "--port", LISTEN_PORT,
+        "--path", "/small", "--rate", CONNECTIONS, "--seconds", 1, "--interval", 0.2,
+        "--tail", round(tail, 1),
+    )  # fmt: skip
+    return pool.lab["c1"].popen(argv, cwd=PROJECT_ROOT, stdout=-1, stderr=-1, text=True)
 
 
 def stalled_switch(pool: RoamingLab, earliest: float) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -56,25 +86,13 @@ def stalled_switch(pool: RoamingLab, earliest: float) -> tuple[dict[str, Any], d
 def test_connections_the_new_server_cannot_prepare_wait_for_the_next_roam(
     lab_factory: LabFactory,
 ) -> None:
-    lab = lab_factory(PoolTopo(servers=3, clients=1))
-    pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=2.0)
+    pool = nginx_pool(lab_factory)
     try:
-        small = os.urandom(100)
-        for host in pool.server_hosts:
-            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
-            root = write_content(lab.workdir / f"www-{host}", {"small": small})
-            start_service_nginx(lab[host], root, SERVICE_PORT)
-        deploy(pool, mode="live", servers=list(pool.server_hosts), tick=TICK)
         first, second = stalled_switch(pool, earliest=6.0)
         stalled = pool.host_of(first["server"])
         # Connections open well before the stalled roam, GETting until after the next one.
         tail = second["start"] + 3.0 - time.time()
-        argv = benchmark_argv(
-            "--role", "busy-client", "--host", pool.vip, "--port", LISTEN_PORT,
-            "--path", "/small", "--rate", CONNECTIONS, "--seconds", 1, "--interval", 0.2,
-            "--tail", round(tail, 1),
-        )  # fmt: skip
-        client = lab["c1"].popen(argv, cwd=PROJECT_ROOT, stdout=-1, stderr=-1, text=True)
+        client = busy_client(pool, tail)
         # Stopped before the client's PREPAREs reach it (the lead is well under a second for
         # ten connections), resumed once its epoch is over.
         shim = pool.servers[stalled].process
@@ -129,27 +147,15 @@ def test_a_client_stalled_past_the_new_servers_window_holds_its_connections(
     answered its PREPAREs, and resumed after that server's window for the epoch closed. Its
     COMMITs would be answered LATE and every connection reset; instead none is sent, the
     connections are held, and the next roam (at once: the client is behind) moves them."""
-    lab = lab_factory(PoolTopo(servers=3, clients=1))
-    pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=2.0)
+    pool = nginx_pool(lab_factory)
     try:
-        small = os.urandom(100)
-        for host in pool.server_hosts:
-            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
-            root = write_content(lab.workdir / f"www-{host}", {"small": small})
-            start_service_nginx(lab[host], root, SERVICE_PORT)
-        deploy(pool, mode="live", servers=list(pool.server_hosts), tick=TICK)
         first, second = consecutive_switches(pool, earliest=6.0)
         new_server = pool.servers[pool.host_of(first["server"])]
         # The first server's window for the epoch closes when its run of epochs ends (at the
         # second switch) plus delta and gamma; the COMMITs would come after it.
         closes = second["start"] + pool.delta + pool.gamma
         tail = second["start"] + 3.0 - time.time()
-        argv = benchmark_argv(
-            "--role", "busy-client", "--host", pool.vip, "--port", LISTEN_PORT,
-            "--path", "/small", "--rate", CONNECTIONS, "--seconds", 1, "--interval", 0.2,
-            "--tail", round(tail, 1),
-        )  # fmt: skip
-        client = lab["c1"].popen(argv, cwd=PROJECT_ROOT, stdout=-1, stderr=-1, text=True)
+        client = busy_client(pool, tail)
         shim = pool.clients["c1"]
 
         def prepared() -> bool:
