@@ -188,6 +188,18 @@ class ClientConnections:
         )
         return min(MAX_PREPARE_LEAD_S, base + work)
 
+    def receive_windows(self, ports: Collection[int]) -> dict[int, int | None]:
+        """Each of ``ports``' receive window now (``tcpi_rcv_wnd``, bytes; None on kernels
+        before 6.12), read right after the switch for its GO: the new server sends that much
+        at once instead of a guess. A failed read only leaves the guess (logged)."""
+        if not ports:
+            return {}
+        try:
+            return {port: info.rcv_wnd for port, info in self.established(ports).items()}
+        except (RoamError, OSError) as error:
+            self.log.event("sockets_unreadable", level="warning", reason=str(error))
+            return {}
+
     def closed_by_application(self, ports: Collection[int]) -> set[int]:
         """Those of ``ports`` the application has closed: the socket is gone, or orphaned (no
         file refers to it, inode 0) past the established state. Nothing of such a connection

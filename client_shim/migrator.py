@@ -101,7 +101,6 @@ class Migrator:
         # The running roam's machines by client port (answers are dispatched to them).
         self._machines: dict[int, ClientHandover] = {}
         self._target: Endpoint | None = None
-        self._give_up_at = float("inf")  # the running roam's (MISSED_WINDOW_S)
         self._changed = asyncio.Event()
 
     # -- feeding the machines and executing their actions -----------------------------------
@@ -236,7 +235,6 @@ class Migrator:
         ``give_up_at``: the new server takes COMMITs for its epoch only until shortly after
         the epoch began (frozen ``MISSED_WINDOW_S`` past it, a connection sends none)."""
         self._target = target
-        self._give_up_at = give_up_at if give_up_at is not None else float("inf")
         deadline = (
             prepare_deadline if prepare_deadline is not None else self.clock() + PREPARE_WAIT_S
         )
@@ -267,7 +265,7 @@ class Migrator:
             # before reading positions.
             sockets = self.view.sockets_of([m.port for m in ready])
             record.mark("carriers", self.clock())
-            self._commit(ready, sockets, record.epoch)
+            self._commit(ready, sockets, record.epoch, give_up_at)
             record.mark("commits_sent", self.clock())
             # The prepared connections commit at once; the connections opened in the last
             # moments (still with the old server, perhaps still without a checkpoint) are
@@ -303,10 +301,11 @@ class Migrator:
         machines: list[ClientHandover],
         sockets: dict[int, sockdiag.TcpSocketInfo],
         epoch: int,
+        give_up_at: float | None,
     ) -> None:
-        """Send each frozen machine's COMMIT, with the client's positions now."""
+        """Each frozen machine's COMMIT with the client's positions now (``missed_window``)."""
         now = self.clock()
-        late_by = now - self._give_up_at
+        late_by = now - (give_up_at if give_up_at is not None else float("inf"))
         for machine in machines:
             info = sockets.get(machine.port)
             if info is None:
@@ -338,7 +337,7 @@ class Migrator:
         await self._run(newcomers, ClientState.PREPARING)
         prepared = [m for m in newcomers if m.state is ClientState.PREPARED]
         sockets = self.view.sockets_of([m.port for m in prepared])
-        self._commit(prepared, sockets, record.epoch)
+        self._commit(prepared, sockets, record.epoch, give_up_at)
         await self._run(prepared, ClientState.COMMITTING)
         record.mark("newcomers", self.clock())
 
@@ -366,10 +365,11 @@ class Migrator:
                 handoff.replayed,
                 ClientState.CLOSED,
             )
-        now = self.clock()
+        going = [p for p, h in record.connections.items() if h.state is ClientState.COMMITTED]
+        windows, now = self.view.receive_windows(going), self.clock()
         for port, handoff in record.connections.items():
             if isinstance(handoff, ClientHandover) and not handoff.final:
-                handoff.switched(now)
+                handoff.switched(now, windows.get(port))
                 self._execute(handoff)
             if handoff.state is ClientState.RESET:
                 self.view.reset(port)

@@ -186,7 +186,11 @@ class Restore:
 
 @dataclass(frozen=True, slots=True)
 class StartRelay:
-    """Server: the client has switched: hand the socket and service to a live connection."""
+    """Server: the client has switched: hand the socket and service to a live connection.
+    ``client_window``: the client's receive window its GO carried (None: GO's timeout, or a
+    client that did not say)."""
+
+    client_window: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -366,7 +370,7 @@ class ServerHandover:
             if self.state is _S.LIVE:
                 self._step(_SE.GO, RemoteError)  # a repeat
                 return
-            self._start_relay(_SE.GO, gate_open, RemoteError)
+            self._start_relay(_SE.GO, gate_open, RemoteError, request.window)
         elif request.phase is Phase.ABORT:
             was = self.state
             self._step(_SE.ABORT, RemoteError)
@@ -531,14 +535,20 @@ class ServerHandover:
         if previous is _S.PREPARED:
             self._start_work(Restore(request), now)
 
-    def _start_relay(self, event: ServerEvent, gate_open: bool, error: type[HandoverError]) -> None:
+    def _start_relay(
+        self,
+        event: ServerEvent,
+        gate_open: bool,
+        error: type[HandoverError],
+        client_window: int | None = None,
+    ) -> None:
         if not gate_open:
             self._step(_SE.GATE_CLOSED, error)
             self._actions.append(Release("closed_gate", "behind a closed gate"))
             return
         self._step(event, error)
         self.restored_at = self.go_deadline = None
-        self._actions.append(StartRelay())
+        self._actions.append(StartRelay(client_window))
 
     def _fail(self, previous: ServerState, status: Status, detail: str) -> None:
         self.failure = (status, detail)
@@ -801,13 +811,14 @@ class ClientHandover:
             self.reason = "ended before the hand-over"
             self._actions.append(self._abort_request())
 
-    def switched(self, now: float) -> None:
-        """The rewrite points at the new server now."""
+    def switched(self, now: float, window: int | None = None) -> None:
+        """The rewrite points at the new server now. ``window``: the connection's receive
+        window read since (bytes; None if the kernel does not say), which GO carries."""
         was = self.state
         self._step(_CE.SWITCHED, LocalError)
         if self.state is _C.MIGRATED:
             go = Request(Phase.GO, self.request.epoch, self.port, self.request.vport, 0, 0, 0,
-                         b"", b"")  # fmt: skip
+                         b"", b"", window=window)  # fmt: skip
             self._actions.append(Send(request=go))
         elif was is _C.COMMITTING:
             self._give_up("no answer to the commit", abort=True)

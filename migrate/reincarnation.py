@@ -28,7 +28,9 @@ follow. Replay bytes beyond one datagram travel on the replay stream (``migrate.
 then the phase byte has its high bit (``STREAMED_FLAG``) set and a ``streamed u64`` follows the
 header: the first ``streamed`` replay bytes are the ones the server holds from the stream, and
 the datagram carries the rest. ABORT and GO carry the header only (positions 0, no
-checkpoint). Answer plaintext::
+checkpoint), except that a GO may say the client's receive window: then the phase byte has
+``WINDOW_FLAG`` (0x40) set and a ``window u32`` (bytes, read after the switch) follows the
+header. Answer plaintext::
 
     phase u8 | client port u16 | status u8 (0 ready, 1 diverged, 2 refused, 3 failed) |
     detail (UTF-8, at most 200 bytes)
@@ -95,10 +97,14 @@ PREPARE_AHEAD_S = 5.0
 LATE_REQUEST_S = 10.0
 MAX_REPLAY_BYTES = MAX_INLINE_REPLAY_BYTES  # in one datagram; more goes on the replay stream
 STREAMED_FLAG = 0x80  # in the phase byte: a streamed u64 follows the header
+WINDOW_FLAG = 0x40  # in a GO's phase byte: the client's receive window (u32) follows
+# TCP's largest window: 65535 scaled by 2**14 (RFC 7323); a larger one is not a window.
+MAX_WINDOW = 65535 << 14
 MAX_DETAIL_BYTES = 200
 _REQUEST = struct.Struct("!BQHHQQQ")
 _ANSWER = struct.Struct("!BHB")
 _STREAMED = struct.Struct("!Q")
+_WINDOW = struct.Struct("!I")
 
 
 class Phase(IntEnum):
@@ -115,7 +121,7 @@ PACKABLE_PHASES = frozenset({Phase.ABORT, Phase.GO})
 def packable(request: Request) -> int:
     """What ``request`` takes of a packed cell, or 0 if it goes alone in its cell."""
     if request.phase in PACKABLE_PHASES:
-        return packed_bytes(_REQUEST.size)
+        return packed_bytes(_REQUEST.size + (_WINDOW.size if request.window is not None else 0))
     return 0
 
 
@@ -163,8 +169,19 @@ class Request:
     # The first ``streamed`` bytes from ``replay_from`` travel on the replay stream; ``replay``
     # holds the bytes after them (decoded) or all of them (the client's own request).
     streamed: int = 0
+    # GO only: the client's receive window for this connection right after its switch (bytes;
+    # None: not known). The new server's restored socket assumed a small one until then.
+    window: int | None = None
 
     def __post_init__(self) -> None:
+        if not (1 <= self.client_port <= 65535 and 1 <= self.vport <= 65535):
+            raise MalformedMessageError("re-incarnation request port out of range")
+        if self.window is not None and (
+            self.phase is not Phase.GO or not 0 <= self.window <= MAX_WINDOW
+        ):
+            raise MalformedMessageError(
+                f"a receive window of {self.window} bytes in a {self.phase.name} request"
+            )
         if self.phase in (Phase.ABORT, Phase.GO):
             if self.checkpoint or self.replay:
                 raise MalformedMessageError(f"a {self.phase.name} request carries no data")
@@ -193,13 +210,14 @@ class Request:
         return Request(self.phase, self.epoch, self.client_port, self.vport, self.c2s_sent,
                        self.s2c_received, self.replay_from, self.checkpoint,
                        streamed + self.replay)  # fmt: skip
-        if not (1 <= self.client_port <= 65535 and 1 <= self.vport <= 65535):
-            raise MalformedMessageError("re-incarnation request port out of range")
 
     def encode(self) -> bytes:
         _check_inline(self.inline)
+        flags = (STREAMED_FLAG if self.streamed else 0) | (
+            WINDOW_FLAG if self.window is not None else 0
+        )
         head = _REQUEST.pack(
-            self.phase | (STREAMED_FLAG if self.streamed else 0),
+            self.phase | flags,
             self.epoch,
             self.client_port,
             self.vport,
@@ -209,6 +227,8 @@ class Request:
         )
         if self.streamed:
             head += _STREAMED.pack(self.streamed)
+        if self.window is not None:
+            head += _WINDOW.pack(self.window)
         return head + self.checkpoint + self.inline
 
     @classmethod
@@ -225,12 +245,20 @@ class Request:
             if streamed == 0:
                 raise MalformedMessageError("a streamed request names no streamed bytes")
             start += _STREAMED.size
+        window = None
+        if phase & WINDOW_FLAG:
+            phase &= ~WINDOW_FLAG
+            if len(data) < start + _WINDOW.size:
+                raise MalformedMessageError("re-incarnation request is truncated")
+            (window,) = _WINDOW.unpack_from(data, start)
+            start += _WINDOW.size
         if phase not in Phase._value2member_map_:
             raise MalformedMessageError(f"unknown re-incarnation phase {phase}")
         if Phase(phase) in (Phase.ABORT, Phase.GO):
             if len(data) != start or streamed:
                 raise MalformedMessageError(f"a {Phase(phase).name} request carries no data")
-            return cls(Phase(phase), epoch, port, vport, sent, received, replay_from, b"", b"")
+            return cls(Phase(phase), epoch, port, vport, sent, received, replay_from, b"", b"",
+                       window=window)  # fmt: skip
         end = start + _checkpoint_length(data, start)
         if len(data) < end:
             raise MalformedMessageError("re-incarnation request is truncated")
@@ -246,6 +274,7 @@ class Request:
             data[start:end],
             data[end:],
             streamed,
+            window,
         )
 
 

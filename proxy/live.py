@@ -435,7 +435,7 @@ class LiveMode:
                     self._work(key, pending, action)
                 )
             elif isinstance(action, StartRelay):
-                self._start_relay(key, pending)
+                self._start_relay(key, pending, action.client_window)
             elif isinstance(action, Release):
                 self._release(key, pending, action, keep_accounted=keep_accounted)
 
@@ -444,7 +444,7 @@ class LiveMode:
             self.commit_answers.saw(pending.machine)  # restored: its READY is answered now
             self._execute(key, pending)
 
-    def _start_relay(self, key: Key, pending: Pending) -> None:
+    def _start_relay(self, key: Key, pending: Pending, client_window: int | None) -> None:
         """GO (or its timeout): the restored socket becomes a live connection."""
         del self.pending[key]
         self.meter.release(key)
@@ -452,7 +452,7 @@ class LiveMode:
         self.port.buffers.retire(
             pending.machine.client_id, key[1], self.context.clock(), DEFAULT_COMMIT_TIMEOUT_S
         )
-        sock, service, unsent = pending.replayer.hand_over()
+        sock, service, unsent = pending.replayer.hand_over(client_window)
         self.pusher.reincarnated(
             key,
             pending.replayer.checkpoint,  # the COMMIT's, if the replay started again from it

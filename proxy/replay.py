@@ -107,6 +107,7 @@ class Replayer:
         self.sock: socket.socket | None = None  # the restored client-facing socket
         self.s2c_base = 0  # the client's position when the socket was created
         self.half_open_cleared = 0  # spoofed half-open entries dropped to restore
+        self.assumed_window = 0  # the client's receive window the socket was restored with
         self.plan: Plan = (
             plan_regeneration(checkpoint, prepare.replay, prepare.s2c_received)
             if checkpoint.codec == "http"
@@ -515,6 +516,7 @@ class Replayer:
             sack=tcp.sack,
             tsval=tsval,  # the client's window unknown: tcp_repair.RESTORED_WINDOW_SEGMENTS
         )
+        self.assumed_window = state.snd_wnd  # until GO says the client's (``hand_over``)
         for attempt in range(HALF_OPEN_RETRIES + 1):
             try:
                 return tcp_repair.restore_socket(state)
@@ -545,11 +547,19 @@ class Replayer:
             self.sock.close()
             self.sock = None
 
-    def hand_over(self) -> tuple[socket.socket, socket.socket, bytes]:
+    def hand_over(
+        self, client_window: int | None = None
+    ) -> tuple[socket.socket, socket.socket, bytes]:
         """The restored socket, the service and the bytes to send first, now owned by a live
-        connection (``close`` frees nothing any more)."""
+        connection (``close`` frees nothing any more). ``client_window``: the client's receive
+        window that its GO carried, which the socket takes before it sends a byte."""
         assert self.sock is not None
         assert self.service is not None
+        if client_window is not None:
+            # Only a better start: if it fails, the socket keeps the window it was restored
+            # with, and a socket that broke meanwhile is the relay's to find.
+            with contextlib.suppress(tcp_repair.TcpRepairError):
+                tcp_repair.take_peer_window(self.sock, client_window, assumed=self.assumed_window)
         taken = (self.sock, self.service, bytes(self.unsent))
         self.sock = self.service = None
         return taken

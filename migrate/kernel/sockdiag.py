@@ -199,7 +199,7 @@ class TcpSocketInfo:
     bytes_sent: int = 0
     bytes_retrans: int = 0
     snd_wnd: int = 0
-    rcv_wnd: int = 0
+    rcv_wnd: int | None = None  # None: a kernel before 6.12 does not say
 
     @property
     def timestamps(self) -> bool:

@@ -715,6 +715,41 @@ def supported() -> str | None:
     return None
 
 
+def take_peer_window(sock: socket.socket, window: int, *, assumed: int) -> int:
+    """Tell a restored socket, before it sends, the peer's receive window: ``window`` bytes,
+    as the peer's kernel reported it after its switch. ``assumed`` is the window the socket was
+    restored with: if the socket's window differs from it, an ACK of the peer's (after the
+    switch, so as recent) came meanwhile, and the larger of the two is kept. Returns the window
+    set. A window of 0 sends nothing until the peer's window update, which, sent after the
+    switch, reaches this socket.
+
+    Sending past the peer's real window is what this avoids: those segments are dropped and
+    come again only by a loss probe or retransmission, 200 ms or more later."""
+    _set_repair(sock, so.TCP_REPAIR_ON)
+    try:
+        try:
+            raw = sock.getsockopt(
+                socket.SOL_TCP, so.TCP_REPAIR_WINDOW, so.TCP_REPAIR_WINDOW_STRUCT.size
+            )
+        except OSError as exc:
+            raise _fail(exc, "TCP_REPAIR_WINDOW") from exc
+        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = so.TCP_REPAIR_WINDOW_STRUCT.unpack(raw)
+        if snd_wnd != assumed:
+            window = max(window, snd_wnd)
+        _set(
+            sock,
+            socket.SOL_TCP,
+            so.TCP_REPAIR_WINDOW,
+            so.TCP_REPAIR_WINDOW_STRUCT.pack(
+                snd_wl1, window, max(max_window, window), rcv_wnd, rcv_wup
+            ),
+            "TCP_REPAIR_WINDOW",
+        )
+    finally:
+        _leave_repair_quietly(sock)
+    return window
+
+
 def leave_repair(sock: socket.socket) -> None:
     """Take ``sock`` out of repair mode without sending anything (no window probe)."""
     _leave_repair_quietly(sock)

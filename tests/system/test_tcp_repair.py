@@ -45,6 +45,7 @@ from migrate.kernel.tcp_repair import (
     silent_close,
     state_from_positions,
     supported,
+    take_peer_window,
 )
 
 pytestmark = pytest.mark.system
@@ -358,7 +359,7 @@ def client_view_state(
 ) -> TcpRepairState:
     """The server's state from the client's knowledge only (plus the checkpoint's TSval);
     without ``known_window``, the client's receive window is left to the restore's guess, as
-    a new server's is (its COMMIT does not carry it).
+    a new server's is until the client's GO says it (``take_peer_window``).
 
     ``tcpi_bytes_acked`` on the side that connected counts its SYN, hence the ``- 1``;
     ``tcpi_bytes_received`` does not count the peer's SYN. The client's windows are the
@@ -541,6 +542,53 @@ def test_a_restored_socket_sends_nothing_past_a_nearly_full_client_window(
     assert got == bytes(received) + tail
     wait_settled(new_server)
     assert resent() == before
+
+
+def test_a_restored_socket_told_a_closed_client_window_waits_for_its_update(
+    topo: Topology, conn: Connection
+) -> None:
+    """The client's window is closed at the roam (its application busy elsewhere, as the
+    flat-out benchmark's client hashing each file). Told that window after the switch, as the
+    client's GO tells it, the new server sends nothing into it: the client's window update, once
+    its application reads, reaches the new server and the rest follows at once. No segment
+    is dropped beyond the window, none sent again, no window probe needed. (With the
+    two-segment guess both segments are dropped, and a loss probe sends them again 200 ms
+    later.)"""
+    client, server = conn.client, conn.server
+    client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    data = pattern(b"w", 4 << 20)
+    server.setblocking(False)
+    sent = server.send(data[: 1 << 20])  # more than the client's buffer takes
+    deadline = time.monotonic() + IO_TIMEOUT_S
+    while read_tcp_info(client).rcv_wnd != 0:
+        assert time.monotonic() < deadline, "the client's window did not close"
+        time.sleep(0.005)
+    assert sent > read_tcp_info(client).bytes_received
+    topo.cut_server_a()
+    state = client_view_state(conn, server_tsval(server), known_window=False)
+    silent_close(server)  # what the client has not received goes with it
+
+    def counters() -> tuple[int, int, int, int]:
+        """The client's segments dropped beyond its window; B's segments sent again but for
+        loss probes, its loss probes and its window probes."""
+        ext, b_ext = tcp_ext_counters(topo.client), tcp_ext_counters(topo.server_b)
+        again = tcp_counters(topo.server_b)["RetransSegs"] - b_ext["TCPLossProbes"]
+        return ext["BeyondWindow"], again, b_ext["TCPLossProbes"], b_ext["TCPWinProbe"]
+
+    before = counters()
+    new_server = restore_in_b(topo, conn, state)  # then the client's switch
+    window = read_tcp_info(client).rcv_wnd
+    assert window == 0
+    assert take_peer_window(new_server, window, assumed=state.snd_wnd) == 0
+    received = read_tcp_info(client).bytes_received
+    # The client's application reads again only after the new server has had time to send.
+    _, got = run_parallel(
+        lambda: new_server.sendall(data[received:]),
+        lambda: (time.sleep(0.2), recv_exactly(client, len(data)))[1],
+    )
+    assert got == data
+    wait_settled(new_server)
+    assert counters() == before
 
 
 def _roam_with_shifted_state(

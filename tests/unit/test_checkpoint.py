@@ -28,11 +28,14 @@ from migrate.errors import (
 )
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
+    MAX_WINDOW,
+    WINDOW_FLAG,
     Answer,
     Phase,
     Request,
     Status,
     admit,
+    packable,
     request_opener,
     request_sealer,
 )
@@ -433,6 +436,36 @@ def test_request_and_answer_parsing_is_strict():
         Answer.decode(b"\x01")
     # The answer is always smaller than the request it answers (no amplification).
     assert len(answer.encode()) * 3 < len(data)
+
+
+@given(window=st.integers(0, MAX_WINDOW) | st.none(), epoch=st.integers(0, 2**64 - 1))
+def test_a_go_carries_the_clients_receive_window_or_none(window, epoch):
+    go = Request(Phase.GO, epoch, 40000, 80, 0, 0, 0, b"", b"", window=window)
+    data = go.encode()
+    assert Request.decode(data) == go
+    assert packable(go) == packable(Request(Phase.GO, 1, 40000, 80, 0, 0, 0, b"", b"")) + (
+        0 if window is None else 4
+    )
+    if window is not None:
+        assert data[0] == Phase.GO | WINDOW_FLAG  # a GO without it is as before this field
+        with pytest.raises(MalformedMessageError, match="truncated"):
+            Request.decode(data[:-1])
+
+
+def test_a_receive_window_is_refused_where_it_does_not_belong():
+    with pytest.raises(MalformedMessageError, match="window of 1024 bytes in a COMMIT"):
+        request_for(sample_checkpoint(), phase=Phase.COMMIT, window=1024)
+    with pytest.raises(MalformedMessageError, match="window of 1073725441 bytes in a GO"):
+        Request(Phase.GO, 7, 40000, 80, 0, 0, 0, b"", b"", window=MAX_WINDOW + 1)
+    abort = Request(Phase.ABORT, 7, 40000, 80, 0, 0, 0, b"", b"").encode()
+    with pytest.raises(MalformedMessageError, match="in a ABORT request"):
+        Request.decode(bytes([abort[0] | WINDOW_FLAG]) + abort[1:] + bytes(4))
+    commit = request_for(sample_checkpoint()).encode()
+    flagged = bytes([commit[0] | WINDOW_FLAG]) + commit[1:37] + (64).to_bytes(4, "big")
+    with pytest.raises(MalformedMessageError, match="in a PREPARE request"):
+        Request.decode(flagged + commit[37:])
+    with pytest.raises(MalformedMessageError, match="port out of range"):
+        Request(Phase.GO, 7, 0, 80, 0, 0, 0, b"", b"")
 
 
 # --- checkpoint expiry and key rotation (issue 12, findings 3 and 10) ---------------------

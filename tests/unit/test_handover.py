@@ -339,6 +339,31 @@ def test_client_commit_go_and_the_outcomes() -> None:
     ]
 
 
+def test_the_clients_window_after_its_switch_reaches_the_new_servers_relay() -> None:
+    """GO carries the client's receive window read after the switch, and the server's relay
+    starts with it; a GO lost (its timeout) starts the relay without one."""
+    client = h.ClientHandover(prepare_request(), 500, deadline=5.0, now=0.0)
+    client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
+    client.freeze(commit_request(), "", 0.2)
+    client.receive(Answer(Phase.COMMIT, 40000, Status.READY), 0.3)
+    client.actions()
+    client.switched(0.4, window=0)
+    [send] = client.actions()
+    assert isinstance(send, h.Send)
+    assert send.request is not None
+    go = Request.decode(send.request.encode())
+    assert (go.phase, go.window) == (Phase.GO, 0)
+    server = h.ServerHandover(prepare_request(), 0.0, client_id=1)
+    server.work_done(1000, 0.1)
+    server.receive(commit_request(), 0.2)
+    server.work_done(1500, 0.3)
+    server.actions()
+    server.receive(go, 0.4)
+    assert server.actions() == [h.StartRelay(client_window=0)]
+    server.receive(go, 0.5)  # a repeat changes nothing
+    assert server.actions() == []
+
+
 def test_client_without_final_positions_is_unmigratable() -> None:
     client = h.ClientHandover(prepare_request(), 500, deadline=5.0, now=0.0)
     client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)

@@ -94,8 +94,15 @@ def measure_stream(
         "bytes": stream["bytes"],
         "files": stream["files"],
         "bad_files": stream["bad_files"],
+        # BeyondWindow: segments the client dropped past its receive window (a new server
+        # sending more than the client could take).
         "client_tcp": counter_delta(
-            before, after, "TcpExt.PAWSEstab", "Tcp.RetransSegs", "Tcp.InErrs"
+            before,
+            after,
+            "TcpExt.PAWSEstab",
+            "Tcp.RetransSegs",
+            "Tcp.InErrs",
+            "TcpExt.BeyondWindow",
         ),
         # Where a pause of about an RTO comes from: the servers' retransmissions and timeouts.
         "servers_tcp": servers_tcp,
