@@ -108,6 +108,7 @@ class Replayer:
         self.s2c_base = 0  # the client's position when the socket was created
         self.half_open_cleared = 0  # spoofed half-open entries dropped to restore
         self.assumed_window = 0  # the client's receive window the socket was restored with
+        self.told_window: int | None = None  # the window GO said and the socket took
         self.plan: Plan = (
             plan_regeneration(checkpoint, prepare.replay, prepare.s2c_received)
             if checkpoint.codec == "http"
@@ -531,10 +532,16 @@ class Replayer:
                 self.half_open_cleared += 1
         raise AssertionError("unreachable")
 
-    def work(self) -> dict[str, int]:
+    def work(self) -> dict[str, int | None]:
         """What this re-incarnation read of the service, what second ranges spared reading,
-        and how often a COMMIT started again from its newer checkpoint."""
-        return {"read": self.regenerated, "skipped": self.skipped, "rebased": self.rebased}
+        how often a COMMIT started again from its newer checkpoint, and the client's window
+        the socket took from GO (None: the guess stood)."""
+        return {
+            "read": self.regenerated,
+            "skipped": self.skipped,
+            "rebased": self.rebased,
+            "window": self.told_window,
+        }
 
     def close(self) -> None:
         """Free what is held, silently: the restored socket never spoke."""
@@ -559,7 +566,9 @@ class Replayer:
             # Only a better start: if it fails, the socket keeps the window it was restored
             # with, and a socket that broke meanwhile is the relay's to find.
             with contextlib.suppress(tcp_repair.TcpRepairError):
-                tcp_repair.take_peer_window(self.sock, client_window, assumed=self.assumed_window)
+                self.told_window = tcp_repair.take_peer_window(
+                    self.sock, client_window, assumed=self.assumed_window
+                )
         taken = (self.sock, self.service, bytes(self.unsent))
         self.sock = self.service = None
         return taken

@@ -118,7 +118,8 @@ class DaemonFiles:
             self._state.flush()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until both files hold everything handed over so far (tests, a reload)."""
+        """Wait until both files hold everything handed over so far. For tests: a daemon
+        waits for its state file alone (``save_state(wait=True)``), and ``close`` ends both."""
         for writer in (self._status, self._state):
             if writer is not None:
                 writer.flush(timeout=timeout)

@@ -112,6 +112,7 @@ def measure_stream(
         "server_near_switch": [
             [
                 f"{e['host']}:{e['event']} {1000 * (e['ts'] - at):+.1f}"
+                + (f" (window {e['window']})" if e.get("window") is not None else "")
                 for e in sorted(server_events, key=lambda e: e["ts"])
                 if at - 0.05 <= e["ts"] <= at + 0.4
             ]
