@@ -559,7 +559,8 @@ class Replayer:
     ) -> tuple[socket.socket, socket.socket, bytes]:
         """The restored socket, the service and the bytes to send first, now owned by a live
         connection (``close`` frees nothing any more). ``client_window``: the client's receive
-        window that its GO carried, which the socket takes before it sends a byte."""
+        window that its GO carried; below the window the socket assumed, the socket takes it
+        before it sends a byte."""
         assert self.sock is not None
         assert self.service is not None
         if client_window is not None:

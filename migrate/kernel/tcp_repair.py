@@ -716,15 +716,19 @@ def supported() -> str | None:
 
 
 def take_peer_window(sock: socket.socket, window: int, *, assumed: int) -> int:
-    """Tell a restored socket, before it sends, the peer's receive window: ``window`` bytes,
-    as the peer's kernel reported it after its switch. ``assumed`` is the window the socket was
-    restored with: if the socket's window differs from it, an ACK of the peer's (after the
-    switch, so as recent) came meanwhile, and the larger of the two is kept. Returns the window
-    set. A window of 0 sends nothing until the peer's window update, which, sent after the
-    switch, reaches this socket.
+    """Tell a restored socket, before it sends, that the peer's receive window is smaller than
+    the ``assumed`` one it was restored with: ``window`` bytes, as the peer's kernel reported
+    it after its switch. Returns the socket's window after it.
 
-    Sending past the peer's real window is what this avoids: those segments are dropped and
-    come again only by a loss probe or retransmission, 200 ms or more later."""
+    Only ever lowered, never raised: the peer's report is its last advertised window, which
+    overstates the room left when data came after its last ACK (a delayed ACK), and segments
+    sent past the real window are dropped and sent again only by a loss probe, whose answers
+    the peer rate-limits (500 ms). A window of 0 sends nothing until the peer's own window
+    update, which, sent after the switch, reaches this socket. If the socket's window is no
+    longer ``assumed``, an ACK of the peer's came since the switch, as fresh, and nothing
+    changes."""
+    if window >= assumed:
+        return assumed  # the restored guess is no more than the peer said
     _set_repair(sock, so.TCP_REPAIR_ON)
     try:
         try:
@@ -735,14 +739,12 @@ def take_peer_window(sock: socket.socket, window: int, *, assumed: int) -> int:
             raise _fail(exc, "TCP_REPAIR_WINDOW") from exc
         snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = so.TCP_REPAIR_WINDOW_STRUCT.unpack(raw)
         if snd_wnd != assumed:
-            window = max(window, snd_wnd)
+            return int(snd_wnd)
         _set(
             sock,
             socket.SOL_TCP,
             so.TCP_REPAIR_WINDOW,
-            so.TCP_REPAIR_WINDOW_STRUCT.pack(
-                snd_wl1, window, max(max_window, window), rcv_wnd, rcv_wup
-            ),
+            so.TCP_REPAIR_WINDOW_STRUCT.pack(snd_wl1, window, max_window, rcv_wnd, rcv_wup),
             "TCP_REPAIR_WINDOW",
         )
     finally:
