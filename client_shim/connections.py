@@ -190,8 +190,9 @@ class ClientConnections:
 
     def receive_windows(self, ports: Collection[int]) -> dict[int, int | None]:
         """Each of ``ports``' receive window now (``tcpi_rcv_wnd``, bytes; None on kernels
-        before 6.12), read right after the switch for its GO: the new server sends that much
-        at once instead of a guess. A failed read only leaves the guess (logged)."""
+        before 6.12), read right after the switch for its GO: a new server whose restored
+        socket guessed more lowers it (protocol.md 8.3). A failed read leaves the guess
+        (logged)."""
         if not ports:
             return {}
         try:
