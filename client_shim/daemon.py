@@ -27,6 +27,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from client_shim.holding import FrozenHold, open_hold
 from client_shim.migrator import Migrator
 from client_shim.rules import rewrite_table_body, switch_script, table_family
 from client_shim.state import ClientState, load_state
@@ -136,6 +137,7 @@ class ClientShim:
         self.prepare_lead = prepare_lead
         self.max_replay = max_replay
         self.nflog_group = (os.getpid() % 60000) + 1
+        self.hold: FrozenHold | None = None  # frozen segments held, not dropped (live mode)
         self._stop = asyncio.Event()
         self._failure: BaseException | None = None
 
@@ -144,12 +146,16 @@ class ClientShim:
     def _install(self, target: Endpoint) -> None:
         instance = self.instance
         assert instance is not None
+        if self.live:
+            # The queue shares the NFLOG group's number (another subsystem).
+            self.hold = open_hold(instance, self.family, self.nflog_group, self.log)
         body = rewrite_table_body(
             self.bundle.vip,
             self.bundle.service_port,
             self.servers,
             target,
             self.nflog_group if self.live else None,
+            self.hold.mark if self.hold is not None else None,
         )
         instance.add_table(self.family, self.table, body)
         HostRoute(instance).add_vip_route(str(self.bundle.vip), toward=str(target.address))
@@ -470,6 +476,7 @@ class ClientShim:
             "table": self.table,
             "migration": "live" if self.live else "reconnect",
             "live": self.migrator.status() if self.migrator is not None else None,
+            "freeze": "drop" if self.hold is None else {"hold": self.hold.status()},
             "updated": round(self.clock(), 6),
         }
 
@@ -525,6 +532,7 @@ class ClientShim:
                     migration_port=self.migration_port,
                     cover_config=self.cover_config,
                 )
+                self.migrator.hold = self.hold
                 # Its requests start above the floor the last run persisted: no nonce twice
                 # under the client's key, even if the clock went back.
                 floor = CounterFloor(self.saved.counter_floor, self._save_counter_floor)
@@ -561,6 +569,8 @@ class ClientShim:
                 await self.metrics.close()
             if self.migrator is not None:
                 self.migrator.close()
+            if self.hold is not None:
+                self.hold.close()  # what it still holds is dropped; the rule goes with the instance
             if transport is not None:
                 transport.close()
             else:

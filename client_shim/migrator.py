@@ -28,7 +28,8 @@ from typing import Any
 
 from client_shim.candidates import await_carriers, unmovable_reason
 from client_shim.capture import Capture
-from client_shim.connections import ClientConnections, verifiable
+from client_shim.connections import ClientConnections, Sockets, verifiable
+from client_shim.holding import FrozenHold
 from client_shim.requests import ReplayStreams, RequestChannel
 from client_shim.roams import RoamRecord, defer_unanswered, log_roam
 from client_shim.rules import freeze_script, hold_script, switch_script
@@ -77,6 +78,7 @@ class Migrator:
         self.table = table
         self.group = nflog_group
         self.log = log
+        self.hold: FrozenHold | None = None  # set by the daemon where the host can hold
         self.clock = clock
         self.prepare_lead = prepare_lead
         self.commit_timeout = commit_timeout
@@ -284,6 +286,8 @@ class Migrator:
             gone = self._not_following(record)
             nft.apply(switch_script(self.table, vip, vport, target, gone, held))
             record.switched = self.clock()
+            if self.hold is not None:  # held segments on to the new server, or dropped
+                record.held = self.hold.release({*gone, *held})
         self._finish(record)
 
     def _not_following(self, record: RoamRecord) -> list[int]:
@@ -401,17 +405,12 @@ class Migrator:
         return found
 
     async def _await_carriers(
-        self,
-        sockets: dict[int, sockdiag.TcpSocketInfo],
-        record: RoamRecord,
-        with_old: set[int] | None,
-        until: float,
+        self, sockets: Sockets, record: RoamRecord, with_old: set[int] | None, until: float
     ) -> None:
         """Connections opened just now get their first checkpoint within a round trip: wait
-        that long (bounded, and ending in time for their hand-over to be done by ``until``)
-        rather than reset them. Only for connections this hand-over still
-        moves: not one it has given up on, nor one not in ``with_old`` (opened after the freeze:
-        it talks to the new server already)."""
+        that long (bounded, ending in time for their hand-over to be done by ``until``) rather
+        than reset them; only those this hand-over still moves (not one given up on, nor one
+        opened after the freeze, not in ``with_old``: it talks to the new server already)."""
 
         def moving(port: int, conn: TrackedConnection) -> bool:
             handoff = record.connections.get(port)

@@ -28,6 +28,8 @@ class RoamRecord:
     connections: dict[int, Handoff] = field(default_factory=dict)
     # When each step of the hand-over ended (the log breaks the pause down by them).
     marks: dict[str, float] = field(default_factory=dict)
+    # Segments written during the freeze and held (client_shim.holding): (sent on, dropped).
+    held: tuple[int, int] = (0, 0)
 
     def mark(self, step: str, now: float) -> None:
         self.marks[step] = now
@@ -50,6 +52,7 @@ class RoamRecord:
             "outcomes": outcomes,
             "pause_ms": round((self.switched - self.started) * 1000, 3) if self.switched else None,
             "bytes_replayed": sum(h.replayed for h in self.connections.values()),
+            "held_segments": {"sent_on": self.held[0], "dropped": self.held[1]},
             # Milliseconds from the freeze to the end of each step (negative: before it).
             "steps_ms": {
                 step: round((when - self.started) * 1000, 1) for step, when in self.marks.items()

@@ -2,8 +2,9 @@
 
 Applications connect to ``VIP:vport``. Two maps rewrite the destination to the active server
 in the output path, and the ``current`` set rewrites that server's replies back to the VIP in
-prerouting. Both chains sit at the raw priority with ``notrack``: no connection tracking, no
-Python on the packet path. The output chain is of type ``route`` so that the kernel routes the
+prerouting. Both chains run before connection tracking with ``notrack`` (prerouting at the raw
+priority, output at ``OUT_PRIORITY``, just after iptables' raw table): no connection tracking,
+no Python on the packet path. The output chain is of type ``route`` so that the kernel routes the
 packet again after its destination changed. A roam is one transaction that replaces the
 single element of each map and of ``current``; late packets from any other server of the pool
 are dropped silently (they would otherwise meet no socket and draw a RST from the client).
@@ -20,8 +21,10 @@ With live migration, two more chains run just before those (priority -310):
   neither is anything the servers send but carriers. (A rule "longer than any pure ACK",
   80 bytes, would miss a data segment of up to 28 bytes without PSH, which Linux sends when
   the peer's window cuts a write: a hole in the replay bytes.) Ports in the ``frozen`` set
-  are dropped during a hand-over, before they are copied: the client's TCP sends them again,
-  to the new server.
+  are held during a hand-over where the host can (``hold_mark``: marked here, copied, queued
+  by an iptables rule, released after the switch to the rewrite, which then names the new
+  server: ``client_shim.holding``); elsewhere dropped before they are copied, and the
+  client's TCP sends them again, to the new server, at its probe timer (200 ms or more).
 * Ports in ``finished`` are connections the server had closed (its FIN) when the service
   roamed, that closed during the hand-over, or that could not follow it (added in the
   switch's own transaction, before they are reset): their last segments (the client's own FIN,
@@ -62,6 +65,10 @@ FINISHED_TIMEOUT_S = 120
 # port, with this mark ("SR" and 0xB1), is copied with the batch before it and dropped.
 BARRIER_MARK = 0x535200B1
 BARRIER_PORT = 9
+# The rewrite runs after iptables' raw table (-300), where held segments wait (client_shim.holding),
+# so that a segment released after a switch is rewritten to the new server; before conntrack
+# (-200), which ``notrack`` must precede.
+OUT_PRIORITY = -290
 
 
 def _family(address: IPAddress) -> tuple[str, str]:
@@ -97,6 +104,7 @@ def rewrite_table_body(
     servers: tuple[Endpoint, ...],
     active: Endpoint,
     nflog_group: int | None = None,
+    hold_mark: int | None = None,
 ) -> str:
     family, addr_type = _family(vip)
     pool = ", ".join(f"{s.address} . {s.port}" for s in servers)
@@ -118,6 +126,14 @@ def rewrite_table_body(
     if nflog_group is not None:
         log = f"log group {nflog_group} snaplen 65535"
         payload = "\n    ".join(_payload_rules(to_vip, family, log))
+        frozen = f"{to_vip} tcp sport @frozen drop"
+        if hold_mark is not None:
+            # Held, not dropped (client_shim.holding): marked here, copied by the rules below,
+            # queued by the iptables raw rule (priority -300), released to ``out`` (-290).
+            frozen = (
+                f"{to_vip} tcp sport @frozen meta mark 0 meta mark set {hold_mark:#x}\n    "
+                f"{to_vip} tcp sport @frozen meta mark != {hold_mark:#x} drop"
+            )
         capture = f"""
   chain capture_out {{
     type filter hook output priority -310; policy accept;
@@ -126,7 +142,7 @@ def rewrite_table_body(
     {to_vip} tcp flags & (syn|ack) == syn tcp dport @syn_hold drop
     {to_vip} tcp flags & (syn|ack) == syn delete @finished {{ tcp sport }}
     {to_vip} tcp sport @finished tcp flags & syn == 0 drop
-    {to_vip} tcp sport @frozen drop
+    {frozen}
     {to_vip} tcp flags & (fin|syn|psh) != 0 {log}
     {payload}
   }}
@@ -147,7 +163,7 @@ def rewrite_table_body(
     type inet_service; flags dynamic,timeout; timeout {FINISHED_TIMEOUT_S}s;
   }}{capture}
   chain out {{
-    type route hook output priority raw; policy accept;
+    type route hook output priority {OUT_PRIORITY}; policy accept;
     {opening}
     {outbound}
   }}

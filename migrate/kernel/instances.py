@@ -49,7 +49,7 @@ from pyroute2 import netns as pyroute2_netns
 from pyroute2.netlink.exceptions import NetlinkError
 
 from migrate.errors import ConfigError, LocalError, RemoteError
-from migrate.kernel import nft
+from migrate.kernel import nft, xtqueue
 from migrate.kernel.files import write_private
 from migrate.kernel.processes import (
     DEFAULT_GRACE_S,
@@ -443,6 +443,23 @@ class NftTable:
 
 
 @dataclass(frozen=True)
+class XtQueueRule:
+    """The iptables ``raw`` rule queueing the client shim's frozen segments
+    (``migrate.kernel.xtqueue``)."""
+
+    family: str
+    queue: int
+
+    def __post_init__(self) -> None:
+        if self.family not in ("ip", "ip6"):
+            raise ConfigError(f"an NFQUEUE rule's family must be ip or ip6, not {self.family!r}")
+        _check_u32(self.queue, "NFQUEUE number", 0, 0xFFFF)
+
+    def describe(self) -> str:
+        return f"{xtqueue._binary(self.family)} raw rule for NFQUEUE {self.queue}"
+
+
+@dataclass(frozen=True)
 class IpRule:
     spec: RuleSpec
 
@@ -521,8 +538,29 @@ class WorkDir:
         return f"directory {self.path}"
 
 
-Created = NftTable | IpRule | IpRoute | ChildProcess | OwnedFile | SysctlRestore | Netns | WorkDir
-C = TypeVar("C", NftTable, IpRule, IpRoute, ChildProcess, OwnedFile, SysctlRestore, Netns, WorkDir)
+Created = (
+    NftTable
+    | XtQueueRule
+    | IpRule
+    | IpRoute
+    | ChildProcess
+    | OwnedFile
+    | SysctlRestore
+    | Netns
+    | WorkDir
+)
+C = TypeVar(
+    "C",
+    NftTable,
+    XtQueueRule,
+    IpRule,
+    IpRoute,
+    ChildProcess,
+    OwnedFile,
+    SysctlRestore,
+    Netns,
+    WorkDir,
+)
 
 
 def _req(data: dict[str, Any], key: str, kind: type[T]) -> T:
@@ -539,6 +577,8 @@ def _opt(data: dict[str, Any], key: str, kind: type[T]) -> T | None:
 def created_to_json(obj: Created) -> dict[str, Any]:
     if isinstance(obj, NftTable):
         return {"object": "nft_table", "family": obj.family, "name": obj.name}
+    if isinstance(obj, XtQueueRule):
+        return {"object": "xt_queue", "family": obj.family, "queue": obj.queue}
     if isinstance(obj, IpRule):
         spec = obj.spec
         return {"object": "rule", **{k: v for k, v in vars(spec).items() if v is not None}}
@@ -568,6 +608,9 @@ def created_from_json(data: object) -> Created:
         if kind == "nft_table":
             allowed = {"family", "name"}
             obj: Created = NftTable(_req(data, "family", str), _req(data, "name", str))
+        elif kind == "xt_queue":
+            allowed = {"family", "queue"}
+            obj = XtQueueRule(_req(data, "family", str), _req(data, "queue", int))
         elif kind == "rule":
             allowed = {"priority", "table", "family", "src", "dst", *_RULE_INTS}
             obj = IpRule(
@@ -830,7 +873,7 @@ class Undone:
 
 
 def _lives_in_netns(obj: Created) -> bool:
-    return isinstance(obj, NftTable | IpRule | IpRoute | SysctlRestore)
+    return isinstance(obj, NftTable | XtQueueRule | IpRule | IpRoute | SysctlRestore)
 
 
 def remove_netns(name: str, *, grace_s: float = DEFAULT_GRACE_S) -> tuple[list[int], bool]:
@@ -871,6 +914,8 @@ def _undo(obj: Created, place: _Place) -> Undone:
         return Undone(obj, f"{obj.describe()} gone with its network namespace", False)
     if isinstance(obj, NftTable):
         return _done(obj, nft.delete_table(obj.family, obj.name, missing_ok=True, netns=netns))
+    if isinstance(obj, XtQueueRule):
+        return _done(obj, xtqueue.delete(obj.family, obj.queue, netns=netns))
     if isinstance(obj, IpRule):
         return _done(obj, delete_rule(obj.spec, netns=netns))
     if isinstance(obj, IpRoute):
@@ -1055,6 +1100,12 @@ class Instance:
         """Run an nft script (e.g. set element updates) in this instance's namespace."""
         self._check_open()
         nft.apply(script, netns=self.netns)
+
+    def add_xt_queue(self, family: str, queue: int) -> XtQueueRule:
+        """Record, then add the iptables rule queueing segments marked for ``queue``."""
+        rule = XtQueueRule(family, queue)
+        with locked(self.directory):  # its removal may delete the raw table: not meanwhile
+            return self._create(rule, lambda: xtqueue.add(family, queue, netns=self.netns))
 
     # routing
 

@@ -40,32 +40,27 @@ from __future__ import annotations
 
 import errno
 import os
-import select
 import socket
 import struct
-import time
 from dataclasses import dataclass
 from typing import Final
 
 from migrate.errors import LocalError
+from migrate.kernel.nfnetlink import (
+    NFGENMSG,
+    NLM_F_ACK,
+    ack_code,
+    attr,
+    attributes,
+    drain,
+    messages,
+    open_socket,
+    request,
+    wait_ack,
+)
 
 # --- constants (linux/netlink.h, linux/netfilter/nfnetlink.h, nfnetlink_log.h) -------------
 
-NETLINK_NETFILTER: Final = 12
-SOL_NETLINK: Final = 270
-NETLINK_NO_ENOBUFS: Final = 5
-SO_RCVBUFFORCE: Final = 33
-
-NLM_F_REQUEST: Final = 0x01
-NLM_F_MULTI: Final = 0x02
-NLM_F_ACK: Final = 0x04
-NLMSG_NOOP: Final = 1
-NLMSG_ERROR: Final = 2
-NLMSG_DONE: Final = 3
-NLMSG_OVERRUN: Final = 4
-NLA_TYPE_MASK: Final = 0x3FFF
-
-NFNETLINK_V0: Final = 0
 NFNL_SUBSYS_ULOG: Final = 4
 NFULNL_MSG_PACKET: Final = 0
 NFULNL_MSG_CONFIG: Final = 1
@@ -124,12 +119,7 @@ _RECV_BUFFER: Final = 256 * 1024
 # read() returns after this many datagrams even if more are queued, so a flood cannot starve
 # the event loop; the socket stays readable and the loop calls back.
 _MAX_DATAGRAMS_PER_READ: Final = 1024
-_ACK_TIMEOUT_S: Final = 5.0
 
-_NLMSGHDR: Final = struct.Struct("=IHHII")
-_NLATTR: Final = struct.Struct("=HH")
-_NFGENMSG: Final = struct.Struct("!BBH")
-_NLMSGERR: Final = struct.Struct("=i")
 _BE16: Final = struct.Struct("!H")
 _BE32: Final = struct.Struct("!I")
 _PACKET_HDR: Final = struct.Struct("!HBB")
@@ -174,24 +164,6 @@ class NflogPacket:
 # --- netlink encoding -----------------------------------------------------------------------
 
 
-def _attr(kind: int, data: bytes) -> bytes:
-    length = _NLATTR.size + len(data)
-    return _NLATTR.pack(length, kind) + data + b"\x00" * (-length % 4)
-
-
-def _attributes(data: memoryview) -> dict[int, memoryview]:
-    """The attributes in ``data`` by type (the last of a repeated type wins)."""
-    found: dict[int, memoryview] = {}
-    offset = 0
-    while offset + _NLATTR.size <= len(data):
-        length, kind = _NLATTR.unpack_from(data, offset)
-        if length < _NLATTR.size or offset + length > len(data):
-            break
-        found[kind & NLA_TYPE_MASK] = data[offset + _NLATTR.size : offset + length]
-        offset += (length + 3) & ~3
-    return found
-
-
 def _be32(value: memoryview | None) -> int | None:
     if value is None or len(value) < 4:
         return None
@@ -201,7 +173,7 @@ def _be32(value: memoryview | None) -> int | None:
 
 def parse_packet_message(group: int, family: int, body: memoryview) -> NflogPacket:
     """An ``NflogPacket`` from the attributes of one ``NFULNL_MSG_PACKET`` (after nfgenmsg)."""
-    attrs = _attributes(body)
+    attrs = attributes(body)
     hw_protocol = hook = 0
     header = attrs.get(NFULA_PACKET_HDR)
     if header is not None and len(header) >= _PACKET_HDR.size:
@@ -290,50 +262,32 @@ class NflogReader:
             raise NflogError(errno.EINVAL, f"queue threshold {qthreshold} is below 1")
         if nlbufsiz is not None and not 4096 <= nlbufsiz <= NLBUFSIZ_MAX:
             raise NflogError(errno.EINVAL, f"nlbufsiz {nlbufsiz} is out of range 4096..131072")
-        try:
-            sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        except OSError as error:
-            code = error.errno or errno.EIO
-            raise NflogError(
-                code, f"cannot open a netfilter netlink socket: {os.strerror(code)}"
-            ) from error
+        sock = open_socket(rcvbuf, NflogError)
         reader = cls(sock, group)
         try:
-            reader._setup_socket(rcvbuf)
             if bind_pf:
                 reader._config(
-                    socket.AF_INET, 0, [_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_PF_UNBIND]))]
+                    socket.AF_INET, 0, [attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_PF_UNBIND]))]
                 )
                 reader._config(
-                    socket.AF_INET, 0, [_attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_PF_BIND]))]
+                    socket.AF_INET, 0, [attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_PF_BIND]))]
                 )
             attrs = [
-                _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])),
-                _attr(NFULA_CFG_MODE, _CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET, 0)),
-                _attr(NFULA_CFG_QTHRESH, _BE32.pack(qthreshold)),
-                _attr(NFULA_CFG_FLAGS, _BE16.pack(NFULNL_CFG_F_SEQ)),
+                attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_BIND])),
+                attr(NFULA_CFG_MODE, _CFG_MODE.pack(copy_range, NFULNL_COPY_PACKET, 0)),
+                attr(NFULA_CFG_QTHRESH, _BE32.pack(qthreshold)),
+                attr(NFULA_CFG_FLAGS, _BE16.pack(NFULNL_CFG_F_SEQ)),
             ]
             if nlbufsiz is not None:
-                attrs.append(_attr(NFULA_CFG_NLBUFSIZ, _BE32.pack(nlbufsiz)))
+                attrs.append(attr(NFULA_CFG_NLBUFSIZ, _BE32.pack(nlbufsiz)))
             if flush_timeout_cs is not None:
-                attrs.append(_attr(NFULA_CFG_TIMEOUT, _BE32.pack(flush_timeout_cs)))
+                attrs.append(attr(NFULA_CFG_TIMEOUT, _BE32.pack(flush_timeout_cs)))
             reader._config(socket.AF_UNSPEC, group, attrs, binding=True)
         except BaseException:
             sock.close()
             reader._sock = None
             raise
         return reader
-
-    def _setup_socket(self, rcvbuf: int) -> None:
-        sock = self._live()
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, rcvbuf)
-        except PermissionError:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
-        # ENOBUFS must be reported: it is how the caller learns that copies were lost.
-        sock.setsockopt(SOL_NETLINK, NETLINK_NO_ENOBUFS, 0)
-        sock.bind((0, 0))
-        sock.setblocking(False)
 
     def _live(self) -> socket.socket:
         if self._sock is None:
@@ -348,13 +302,11 @@ class NflogReader:
         """Send one NFULNL_MSG_CONFIG and wait for its acknowledgment."""
         sock = self._live()
         self._seq += 1
-        body = _NFGENMSG.pack(family, NFNETLINK_V0, group) + b"".join(attrs)
-        message_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_CONFIG
-        header = _NLMSGHDR.pack(
-            _NLMSGHDR.size + len(body), message_type, NLM_F_REQUEST | NLM_F_ACK, self._seq, 0
+        message = request(
+            NFNL_SUBSYS_ULOG, NFULNL_MSG_CONFIG, family, group, attrs, NLM_F_ACK, self._seq
         )
         try:
-            sock.send(header + body)
+            sock.send(message)
         except OSError as error:
             code = error.errno or errno.EIO
             raise NflogError(
@@ -374,27 +326,17 @@ class NflogReader:
     def _wait_ack(self, seq: int) -> int:
         """The error code (0: success) of the acknowledgment of request ``seq``; packets
         arriving meanwhile are kept for the next ``read()``."""
-        sock = self._live()
-        deadline = time.monotonic() + _ACK_TIMEOUT_S
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise NflogError(errno.ETIMEDOUT, "no acknowledgment from nfnetlink_log")
-            readable, _, _ = select.select([sock], [], [], remaining)
-            if not readable:
-                continue
-            try:
-                size = sock.recv_into(self._buffer)
-            except BlockingIOError:
-                continue
-            except OSError as error:
-                if error.errno == errno.ENOBUFS:
-                    self.overflowed += 1
-                    continue
-                raise
-            code = self._parse_datagram(memoryview(self._buffer)[:size], ack_seq=seq)
-            if code is not None:
-                return code
+        return wait_ack(
+            self._live(),
+            self._buffer,
+            lambda data: self._parse_datagram(data, ack_seq=seq),
+            self._overflow,
+            NflogError,
+            "nfnetlink_log",
+        )
+
+    def _overflow(self) -> None:
+        self.overflowed += 1
 
     # --- reading -------------------------------------------------------------------------
 
@@ -409,25 +351,15 @@ class NflogReader:
         """
         sock = self._live()
         packets, self._pending = self._pending, []
-        view = memoryview(self._buffer)
-        self.backlog = True
-        for _ in range(_MAX_DATAGRAMS_PER_READ):
-            try:
-                size = sock.recv_into(self._buffer)
-            except BlockingIOError:
-                self.backlog = False
-                break
-            except InterruptedError:
-                continue
-            except OSError as error:
-                if error.errno == errno.ENOBUFS:
-                    self.overflowed += 1
-                    continue
-                code = error.errno or errno.EIO
-                raise NflogError(
-                    code, f"NFLOG group {self.group}: receive failed: {os.strerror(code)}"
-                ) from error
-            self._parse_datagram(view[:size], ack_seq=None, out=packets)
+        self.backlog = drain(
+            sock,
+            self._buffer,
+            _MAX_DATAGRAMS_PER_READ,
+            lambda data: self._parse_datagram(data, ack_seq=None, out=packets),
+            self._overflow,
+            NflogError,
+            f"NFLOG group {self.group}",
+        )
         return packets
 
     def _parse_datagram(
@@ -437,27 +369,17 @@ class NflogReader:
         code of the acknowledgment of ``ack_seq`` if the datagram holds it."""
         sink = self._pending if out is None else out
         result: int | None = None
-        offset = 0
         packet_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
-        while offset + _NLMSGHDR.size <= len(data):
-            length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(data, offset)
-            if length < _NLMSGHDR.size or offset + length > len(data):
-                break
-            body = data[offset + _NLMSGHDR.size : offset + length]
-            offset += (length + 3) & ~3
-            if kind == packet_type and len(body) >= _NFGENMSG.size:
-                family, _version, group = _NFGENMSG.unpack_from(body)
-                packet = parse_packet_message(group, family, body[_NFGENMSG.size :])
+        for kind, seq, body in messages(data):
+            if kind == packet_type and len(body) >= NFGENMSG.size:
+                family, _version, group = NFGENMSG.unpack_from(body)
+                packet = parse_packet_message(group, family, body[NFGENMSG.size :])
                 self._count(packet)
                 sink.append(packet)
-            elif (
-                kind == NLMSG_ERROR
-                and len(body) >= _NLMSGERR.size
-                and ack_seq is not None
-                and seq == ack_seq
-            ):
-                result = -_NLMSGERR.unpack_from(body)[0]
-            # NLMSG_DONE ends a batch of several packets; NOOP and others carry nothing
+            else:
+                # NLMSG_DONE ends a batch of several packets; NOOP and others carry nothing
+                code = ack_code(kind, seq, body, ack_seq)
+                result = code if code is not None else result
         return result
 
     def _count(self, packet: NflogPacket) -> None:
@@ -476,7 +398,7 @@ class NflogReader:
         if self._sock is None:
             return
         try:
-            unbind = _attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND]))
+            unbind = attr(NFULA_CFG_CMD, bytes([NFULNL_CFG_CMD_UNBIND]))
             self._config(socket.AF_UNSPEC, self.group, [unbind])
         except (NflogError, OSError):
             pass  # closing the socket releases the group anyway (NETLINK_URELEASE)

@@ -29,6 +29,7 @@ from migrate.kernel.instances import (
     RuleSpec,
     SysctlRestore,
     WorkDir,
+    XtQueueRule,
     instances_dir,
 )
 from migrate.kernel.processes import is_alive, process_start_time
@@ -62,6 +63,7 @@ def full_record() -> InstanceRecord:
             OwnedFile("/run/server-roaming/x.sock"),
             WorkDir("/tmp/roam-4242-abcd-x1"),
             Netns("roam-4242-abcd-r1"),
+            XtQueueRule("ip", 4243),
         ],
     )
 
@@ -153,6 +155,9 @@ def test_record_round_trip() -> None:
         lambda d: d["created"].append({"object": "file", "path": "/x", "mode": 1}),
         lambda d: d["created"].append({"object": "rule", "priority": 1}),
         lambda d: d["created"].append({"object": "sysctl", "key": "kernel.x", "old": "0"}),
+        lambda d: d["created"].append({"object": "xt_queue", "family": "inet", "queue": 1}),
+        lambda d: d["created"].append({"object": "xt_queue", "family": "ip", "queue": 70000}),
+        lambda d: d["created"].append({"object": "xt_queue", "family": "ip"}),
     ],
 )
 def test_malformed_records_are_refused(change: object) -> None:
