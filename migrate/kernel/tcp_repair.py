@@ -391,6 +391,19 @@ def _allow_reuse(sock: socket.socket) -> None:
 # --- reading ------------------------------------------------------------------------------
 
 
+def _get_repair_window(sock: socket.socket) -> tuple[int, int, int, int, int]:
+    """``TCP_REPAIR_WINDOW`` of a socket in repair mode: snd_wl1, snd_wnd, max_window,
+    rcv_wnd, rcv_wup."""
+    try:
+        raw = sock.getsockopt(
+            socket.SOL_TCP, so.TCP_REPAIR_WINDOW, so.TCP_REPAIR_WINDOW_STRUCT.size
+        )
+    except OSError as exc:
+        raise _fail(exc, "TCP_REPAIR_WINDOW") from exc
+    snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = so.TCP_REPAIR_WINDOW_STRUCT.unpack(raw)
+    return snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup
+
+
 def read_repair_state(sock: socket.socket, *, keep_repair: bool = False) -> TcpRepairState:
     """Read the state of an established TCP socket (the server end) through TCP_REPAIR.
 
@@ -416,13 +429,7 @@ def read_repair_state(sock: socket.socket, *, keep_repair: bool = False) -> TcpR
         tsval = None
         if info.options & so.TCPI_OPT_TIMESTAMPS:
             tsval = _get_u32(sock, so.TCP_TIMESTAMP, "TCP_TIMESTAMP")
-        try:
-            raw = sock.getsockopt(
-                socket.SOL_TCP, so.TCP_REPAIR_WINDOW, so.TCP_REPAIR_WINDOW_STRUCT.size
-            )
-        except OSError as exc:
-            raise _fail(exc, "TCP_REPAIR_WINDOW") from exc
-        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = so.TCP_REPAIR_WINDOW_STRUCT.unpack(raw)
+        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = _get_repair_window(sock)
         _select_queue(sock, so.TCP_RECV_QUEUE)
         recv_seq = _get_u32(sock, so.TCP_QUEUE_SEQ, "TCP_QUEUE_SEQ (receive queue)")
         _select_queue(sock, so.TCP_SEND_QUEUE)
@@ -731,13 +738,7 @@ def take_peer_window(sock: socket.socket, window: int, *, assumed: int) -> int:
         return assumed  # the restored guess is no more than the peer said
     _set_repair(sock, so.TCP_REPAIR_ON)
     try:
-        try:
-            raw = sock.getsockopt(
-                socket.SOL_TCP, so.TCP_REPAIR_WINDOW, so.TCP_REPAIR_WINDOW_STRUCT.size
-            )
-        except OSError as exc:
-            raise _fail(exc, "TCP_REPAIR_WINDOW") from exc
-        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = so.TCP_REPAIR_WINDOW_STRUCT.unpack(raw)
+        snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup = _get_repair_window(sock)
         if snd_wnd != assumed:
             return int(snd_wnd)
         _set(
