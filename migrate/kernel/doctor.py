@@ -118,6 +118,30 @@ def check_nflog() -> Check:
     return Check("nflog", False, True, f"cannot bind an NFLOG group: {error}", fix)
 
 
+def check_nfqueue() -> Check:
+    """The client shim holds a frozen connection's segments in an NFQUEUE during a hand-over
+    (``client_shim.holding``): it needs a queue it can bind and iptables for the rule that fills
+    it. Not required: without them it drops those segments, and a request written in the
+    freeze waits for the client's TCP to send it again (200 ms or more)."""
+    from migrate.kernel.nfqueue import NfqueueError, PacketHolder
+
+    if shutil.which("iptables") is None:
+        reason = "iptables not found: the freeze drops segments instead of holding them"
+        return Check("nfqueue", False, False, reason, "apt-get install iptables")
+    fix = "modprobe nfnetlink_queue xt_NFQUEUE (CONFIG_NETFILTER_NETLINK_QUEUE); run as root"
+    base = 40000 + os.getpid() % 20000
+    error: NfqueueError | None = None
+    for queue in range(base, base + NFLOG_PROBE_GROUPS):
+        try:
+            holder = PacketHolder.open(queue)
+        except NfqueueError as failed:
+            error = failed
+            continue
+        holder.close()
+        return Check("nfqueue", True, False, f"bound and released NFQUEUE {queue}; iptables found")
+    return Check("nfqueue", False, False, f"cannot bind an NFQUEUE: {error}", fix)
+
+
 def _own_tcp_repair_probe() -> str | None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         try:
@@ -263,6 +287,7 @@ CHECKS: Final[tuple[Callable[[], Check], ...]] = (
     check_nftables,
     check_libnftables,
     check_nflog,
+    check_nfqueue,
     check_tcp_repair,
     check_ip_transparent,
     check_splice,
