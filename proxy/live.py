@@ -308,6 +308,7 @@ class LiveMode:
             request,
             stream_hash_key(self.context.group_key, checkpoint.conn_id),
             replay_limit=self.context.max_replay,
+            range_bodies=self.context.range_bodies,
         )
         self.meter.admit(
             record.client_id,
@@ -402,8 +403,7 @@ class LiveMode:
         self.port.send(record, answer, source)
 
     def _done_machine(self, key: Key, record: ClientRecord) -> ServerHandover | None:
-        """The finished re-incarnation of ``key`` (live here, failed or aborted), if it is
-        this client's."""
+        """The finished re-incarnation of ``key`` (live, failed or aborted), if this client's."""
         done = self._live_machine(key, record) or self.finished.get(key)
         return done if done is not None and done.client_id == record.client_id else None
 

@@ -14,11 +14,13 @@ is retried here, as Python's own system call wrappers do (PEP 475).
 from __future__ import annotations
 
 import array
+import contextlib
 import ctypes
 import errno
 import fcntl
 import os
 import termios
+import threading
 from typing import Final
 
 SPLICE_F_MOVE: Final = os.SPLICE_F_MOVE
@@ -90,6 +92,28 @@ def discard(fd: int, count: int) -> None:
         if moved <= 0:
             raise OSError(errno.EIO, f"discarding a pipe's bytes: splice returned {moved}")
         count -= moved
+
+
+_sink: tuple[int, int] | None = None
+_sink_lock = threading.Lock()
+SINK_BYTES: Final = 1 << 20  # what one drop_from moves at most (the sink pipe's size, if granted)
+
+
+def drop_from(fd: int, count: int) -> int:
+    """Drop up to ``count`` of the next bytes of socket ``fd`` inside the kernel, through a
+    pipe of this process to /dev/null (never copied to user space); how many were dropped, 0 if
+    the peer closed. ``BlockingIOError`` when none are there yet (a non-blocking socket)."""
+    global _sink
+    with _sink_lock:
+        if _sink is None:
+            _sink = make_pipe()
+            with contextlib.suppress(OSError):  # beyond pipe-max-size: the default size
+                set_pipe_size(_sink[1], SINK_BYTES)
+        read_end, write_end = _sink
+        moved = os.splice(fd, write_end, min(count, SINK_BYTES), flags=SPLICE_F_NONBLOCK)
+        if moved > 0:
+            discard(read_end, moved)
+        return moved
 
 
 def pending(fd: int) -> int:

@@ -604,3 +604,52 @@ def test_a_commit_is_metered_for_what_it_reads_not_for_how_far_the_client_went()
     # Without a newer checkpoint (or with the prepared one) it reads on to the client.
     assert replayer.commit_reads(commit, None, received) == final - received
     assert replayer.commit_reads(commit, prepared, received) == final - received
+
+
+def regenerate_many(copies: int, received: int, range_bodies: str) -> tuple[Replayer, bytes, bytes]:
+    """A keep-alive client that asked for the file ``copies`` times; the checkpoint from the
+    end of the first copy, the client at ``received``. The replayer (closed), the whole
+    original stream and the next 100 KB the service sent after the regeneration."""
+    body = os.urandom(SIZE)
+    first = response_head(SIZE, ETAG) + body
+    checkpoint = original_checkpoint(body, len(first))
+    sealed = seal_checkpoint(checkpoint, KEY, bytes(16), os.urandom)
+    replay = REQUEST * copies
+    request = Request(Phase.PREPARE, 5, 40000, 80, len(replay), received, 0, sealed, replay)
+    replayer = Replayer(checkpoint, request, range_bodies=range_bodies)
+    service = Service(body, ETAG)
+    following = bytearray()
+
+    async def run() -> None:
+        async with serving(service) as connect:
+            try:
+                await replayer.start(connect, received)
+                assert replayer.service is not None
+                loop = asyncio.get_running_loop()
+                while len(following) < 100_000:
+                    following.extend(await loop.sock_recv(replayer.service, 100_000))
+            finally:
+                replayer.close()
+
+    asyncio.run(run())
+    return replayer, first * copies, bytes(following[:100_000])
+
+
+@pytest.mark.parametrize("range_bodies", ["window", "hash"])
+def test_whole_answers_after_the_checkpoint_are_dropped_in_the_kernel_with_window_bodies(
+    range_bodies: str,
+) -> None:
+    """The client three answers past its checkpoint (a flat-out keep-alive client at a roam):
+    with ``--range-bodies window`` the bodies it has are dropped in the kernel, never read
+    (only heads and each body's last window are), and what it gets next is still exactly the
+    original's; with ``hash`` every byte is read, as before."""
+    received = 3 * (len(response_head(SIZE, ETAG)) + SIZE) + 1_000_000
+    replayer, original, following = regenerate_many(4, received, range_bodies)
+    assert replayer.stream.s2c_pos == received
+    assert following == original[received : received + len(following)]
+    if range_bodies == "window":
+        assert replayer.dropped >= 2 * (SIZE - 2 * WINDOW_BYTES)
+        assert replayer.regenerated < 4 * (WINDOW_BYTES + 1024) + 1_000_000 + 256 * 1024
+    else:
+        assert replayer.dropped == 0
+        assert replayer.regenerated >= received - len(original) // 4
