@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 
 from labs import Lab, PoolTopo
-from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, start_service_nginx
-from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, write_content
+from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, serve_files_with_nginx
+from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab
 
 pytestmark = pytest.mark.system
 
@@ -66,11 +66,7 @@ def test_busy_connections_opened_at_any_moment_survive_roams(lab_factory: LabFac
     pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=START_DELAY)
     try:
         every = list(pool.server_hosts)
-        small = os.urandom(100)  # the replicas serve the same bytes, with the same times
-        for host in every:
-            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
-            root = write_content(lab.workdir / f"www-{host}", {"small": small})
-            start_service_nginx(lab[host], root, SERVICE_PORT)
+        serve_files_with_nginx(pool, {"small": os.urandom(100)}, SERVICE_PORT)
         deploy(pool, mode="live", servers=every[:1], tick=86400.0)
         baseline = busy(lab, pool)
         # The schedule is random: one that roams at least ROAMS times while the client runs.

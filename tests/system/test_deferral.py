@@ -25,8 +25,8 @@ from typing import Any
 import pytest
 
 from labs import Lab, PoolTopo
-from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, start_service_nginx
-from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab, write_content
+from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, serve_files_with_nginx
+from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab
 from labs.waiting import poll, wait_for
 from migrate.handover import DEFER_WITHIN_S
 
@@ -44,11 +44,7 @@ def nginx_pool(lab_factory: LabFactory) -> RoamingLab:
     lab = lab_factory(PoolTopo(servers=3, clients=1))
     pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=2.0)
     try:
-        small = os.urandom(100)
-        for host in pool.server_hosts:
-            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
-            root = write_content(lab.workdir / f"www-{host}", {"small": small})
-            start_service_nginx(lab[host], root, SERVICE_PORT)
+        serve_files_with_nginx(pool, {"small": os.urandom(100)}, SERVICE_PORT)
         deploy(pool, mode="live", servers=list(pool.server_hosts), tick=TICK)
     except BaseException:
         pool.stop()

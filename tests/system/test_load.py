@@ -15,8 +15,8 @@ import pytest
 
 from labs import Lab, PoolTopo
 from labs.benchmarks.roaming.migration import measure_connections
-from labs.benchmarks.roaming.orchestration import deploy, start_service_nginx
-from labs.roaming import SERVICE_PORT, RoamingLab, write_content
+from labs.benchmarks.roaming.orchestration import deploy, serve_files_with_nginx
+from labs.roaming import SERVICE_PORT, RoamingLab
 
 pytestmark = pytest.mark.system
 
@@ -29,11 +29,7 @@ def test_a_thousand_connections_move_in_one_roam(lab_factory: LabFactory) -> Non
     lab = lab_factory(PoolTopo(servers=3, clients=1))
     pool = RoamingLab(lab, tick=TICK_S, m=1, service="none", start_delay=2.0)
     try:
-        small = os.urandom(100)
-        for host in pool.server_hosts:
-            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
-            root = write_content(lab.workdir / f"www-{host}", {"small": small, "big": b""})
-            start_service_nginx(lab[host], root, SERVICE_PORT)
+        serve_files_with_nginx(pool, {"small": os.urandom(100), "big": b""}, SERVICE_PORT)
         # No roam while the thousand connect (about 1.2 s, several on a slow machine): one
         # opened in the last moments before a roam has no checkpoint yet and is reset, by
         # design. Epochs of 8 or 16 s: the next roam comes after the GETs that follow this one

@@ -37,13 +37,13 @@ from labs.benchmarks.roaming.orchestration import (
     client_counters,
     counter_delta,
     deploy,
+    serve_files_with_nginx,
     shim_trouble,
     source_state,
-    start_service_nginx,
 )
 from labs.benchmarks.roaming.rendering import connections_line
 from labs.errors import LabError
-from labs.roaming import SERVICE_PORT, RoamingLab, write_content
+from labs.roaming import SERVICE_PORT, RoamingLab
 from labs.stats import p50_p99
 
 
@@ -111,8 +111,7 @@ def measure_stream(
         # Per roam: what the servers logged from 50 ms before the switch to 400 ms after it.
         "server_near_switch": [
             [
-                f"{e['host']}:{e['event']} {1000 * (e['ts'] - at):+.1f}"
-                + (f" (window {e['window']})" if e.get("window") is not None else "")
+                f"{e['host']}:{e['event']} {1000 * (e['ts'] - at):+.1f}" + event_detail(e)
                 for e in sorted(server_events, key=lambda e: e["ts"])
                 if at - 0.05 <= e["ts"] <= at + 0.4
             ]
@@ -120,6 +119,19 @@ def measure_stream(
         ],
         "shim_log": shim_trouble(pool),
     }
+
+
+def event_detail(event: dict[str, Any]) -> str:
+    """What a slow roam's server event says about the pause: for a re-incarnation, the window
+    its socket took and how much it read of the service to reach the client (and how)."""
+    if event["event"] != "reincarnated":
+        return ""
+    parts = [f"{event.get('regeneration')} {event.get('regenerated', 0) / 2**20:.1f} MiB"]
+    if event.get("rebased"):
+        parts.append(f"rebased {event['rebased']}")
+    if event.get("window") is not None:
+        parts.append(f"window {event['window']}")
+    return f" ({', '.join(parts)})"
 
 
 def measure_rtt(lab: Lab, target: IPv4Address) -> dict[str, Any]:
@@ -271,10 +283,7 @@ def run_migration(
     with Lab(PoolTopo(servers=3, clients=1)) as lab:
         pool = RoamingLab(lab, tick=tick, m=1, service="none", start_delay=2.0)
         every = list(pool.server_hosts)
-        for host in every:
-            lab[host].run(["ip", "link", "set", "lo", "up"], check=True)
-            root = write_content(lab.workdir / f"www-{host}", {"big": big, "small": small})
-            start_service_nginx(lab[host], root, SERVICE_PORT)
+        serve_files_with_nginx(pool, {"big": big, "small": small}, SERVICE_PORT)
         results["rtt_ms"] = measure_rtt(lab, lab["s1"].address)
         progress(f"rtt c1 -> s1: {results['rtt_ms']}")
         streams: dict[str, dict[str, list[dict[str, Any]]]] = {}

@@ -16,7 +16,7 @@ from typing import Any
 from labs.benchmarks.roaming import PROJECT_ROOT
 from labs.benchmarks.roaming.analysis import netstat_counters
 from labs.node import Node
-from labs.roaming import START_ATTEMPTS, START_MARGIN_S, RoamingLab
+from labs.roaming import START_ATTEMPTS, START_MARGIN_S, RoamingLab, write_content
 from labs.services import Service, nginx_config, wait_until_listening
 
 GATE_OPEN_S = 15.0  # from the schedule's start until a server's gate has opened
@@ -75,6 +75,16 @@ def start_service_nginx(
         process = node.popen(argv, stdout=log, stderr=subprocess.STDOUT)
     service = Service("nginx", node, IPv4Address("127.0.0.1"), port, process, workdir, log_path)
     return wait_until_listening(service)
+
+
+def serve_files_with_nginx(pool: RoamingLab, files: dict[str, bytes], port: int) -> None:
+    """On every server of ``pool``: loopback up, ``files`` written to the host's own web root
+    (the same bytes everywhere, as replicas serve them) and nginx serving them on ``port``."""
+    for host in pool.server_hosts:
+        node = pool.lab[host]
+        node.run(["ip", "link", "set", "lo", "up"], check=True)
+        root = write_content(pool.lab.workdir / f"www-{host}", files)
+        start_service_nginx(node, root, port)
 
 
 def client_counters(node: Node) -> dict[str, int]:

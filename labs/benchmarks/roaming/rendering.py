@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 from labs.benchmarks.relay import idle_and_runs_lines
@@ -170,6 +171,15 @@ def regeneration_text(regeneration: dict[str, Any]) -> str:
     return f"{read} from the fresh point"
 
 
+def step_medians(steps: list[dict[str, float]]) -> str:
+    """Each step's median over the roams that had it, in the order of the steps."""
+    order: dict[str, list[float]] = {}
+    for roam in steps:
+        for step, at in roam.items():
+            order.setdefault(step, []).append(at)
+    return ", ".join(f"{step} {statistics.median(values):.1f}" for step, values in order.items())
+
+
 def render_migration(results: dict[str, Any]) -> str:
     rtt = results["rtt_ms"]
     lines = [
@@ -208,6 +218,11 @@ def render_migration(results: dict[str, Any]) -> str:
         pauses = [p for run in row["runs"]["roaming"] for p in run["app_pause_ms"]]
         text = ", ".join("(in the stall before)" if p is None else f"{p:.1f}" for p in pauses)
         lines.append(f"- {key}: {text}")
+    lines += ["", "Where a live pause goes: the client's steps, median ms from the freeze:"]
+    for key, row in results["streams"].items():
+        steps = [s for run in row["runs"]["roaming"] for s in run.get("roam_steps_ms", []) if s]
+        if steps:
+            lines.append(f"- {key}: {step_medians(steps)}")
     slow = [
         f"- {key}, roam {i + 1}: app {pause:.1f} ms, client steps (ms from the freeze) "
         + ", ".join(f"{step} {at}" for step, at in steps.items())
