@@ -67,6 +67,11 @@ CHECKPOINT_RETRY_S = 0.05  # a failed push is tried again this soon
 # Only then: elsewhere an accept costs no carrier.
 ACCEPT_PUSH_WINDOW_S = LEAVE_PUSH_LEAD_S + 0.5
 ROUND_PERIOD_S = 0.02  # how often due checkpoints (and hand-over timers) are looked at
+# The last round at the boundary (``CheckpointPusher.round``) pushes only connections this far
+# past their last checkpoint (fast downloads: a thousand small exchanges push nothing more),
+# and counts as at the boundary this early (the loop's sleep may end a hair before it).
+LAST_ROUND_MIN_BYTES = 1 << 20
+LAST_ROUND_EARLY_S = 0.002
 # How often the live connections' replay logs are added up against their total bound
 # (TOTAL_RUNS x --max-replay): between two looks they grow by what clients send in this time.
 LOG_TOTAL_PERIOD_S = 0.1
@@ -316,6 +321,10 @@ class LiveConnection:
             now - self.last_sent >= BOUNDARY_MIN_GAP_S
         )
 
+    def moved_far(self) -> bool:
+        """Whether the service sent ``LAST_ROUND_MIN_BYTES`` or more since the last push."""
+        return self.stream.s2c_pos - self.pushed_s2c >= LAST_ROUND_MIN_BYTES
+
     def idle(self, now: float) -> bool:
         """Whether the last checkpoint still says all there is: nothing passed either way
         since, the key range is the same, and it is younger than IDLE_REFRESH_S."""
@@ -376,6 +385,7 @@ class CheckpointPusher:
         self.withheld = 0  # checkpoints not sent: nothing in them could be verified
         self._raw: rawtcp.RawTcpSender | None = None
         self._leave_pushed: float | None = None
+        self._last_pushed: float | None = None  # the boundary of the last round (``round``)
         self._leave_pushed_by: dict[int, float] = {}  # k of N: client id -> leaving pushed
         # All live connections' replay logs together: at most this many bytes.
         self.log_limit = TOTAL_RUNS * context.max_replay
@@ -570,9 +580,27 @@ class CheckpointPusher:
         )
         if push_all:
             self._leave_pushed = leaving
+        # And a last round at the boundary itself, for the connections that moved a lot since
+        # their last push: a fast download's newest checkpoint would otherwise be up to a round
+        # (megabytes) behind the client's freeze, which the new server reads in the pause.
+        last = (
+            leaving is not None
+            and now >= leaving - LAST_ROUND_EARLY_S
+            and self._last_pushed != leaving
+        )
+        if last:
+            self._last_pushed = leaving
         for connection in list(self.connections.values()):
-            if push_all or connection.due(now):
+            if push_all or connection.due(now) or (last and connection.moved_far()):
                 self.push_logged(connection, now)
+
+    def next_round_in(self, now: float) -> float:
+        """How long the round loop sleeps: a round period, or less to wake at the boundary
+        (the last round's moment)."""
+        leaving = self.context.leaving_at()
+        if leaving is None or self._last_pushed == leaving or leaving <= now:
+            return ROUND_PERIOD_S
+        return min(ROUND_PERIOD_S, leaving - now)
 
     def _round_per_client(self, now: float) -> None:
         """k of N: each client leaves this server at its own time; its connections' last

@@ -45,7 +45,6 @@ from migrate.reincarnation import (
     Status,
 )
 from proxy.checkpoints import (
-    ROUND_PERIOD_S,
     CheckpointPusher,
     log_internal_error,
 )
@@ -152,7 +151,7 @@ class LiveMode:
 
     async def _round_loop(self) -> None:
         while True:
-            await asyncio.sleep(ROUND_PERIOD_S)
+            await asyncio.sleep(self.pusher.next_round_in(self.context.clock()))
             try:
                 now = self.context.clock()
                 self.pusher.round(now)

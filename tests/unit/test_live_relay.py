@@ -205,3 +205,46 @@ def test_a_reincarnated_connection_is_relayed_without_nagle_on_either_side() -> 
         nodelay = runner.run(asyncio.wait_for(scenario(), 10))
     assert all(nodelay), nodelay
     assert "reincarnated client=10.0.0.2:40000" in log.getvalue()
+
+
+class FakeConnection:
+    """What ``CheckpointPusher.round`` asks of a live connection; counts its pushes."""
+
+    def __init__(self, moved: int) -> None:
+        self.moved, self.pushes = moved, 0
+
+    def due(self, now: float) -> bool:
+        return False
+
+    def moved_far(self) -> bool:
+        return self.moved >= 1 << 20
+
+    def push(self, now: float) -> None:
+        self.pushes += 1
+
+
+def test_a_last_round_at_the_boundary_pushes_only_the_connections_that_moved_far() -> None:
+    """A fast download's checkpoint is pushed again at the boundary itself (the round loop
+    wakes for it), once per boundary; a thousand small exchanges push nothing more."""
+    leaving = 100.0
+    context = SimpleNamespace(
+        max_replay=1 << 20,
+        group_key=bytes(32),
+        live_relay="copy",
+        client_leaving_at=None,
+        leaving_at=lambda: leaving,
+    )
+    pusher = CheckpointPusher(context)  # type: ignore[arg-type]
+    pusher._leave_pushed = leaving  # the leave round went out already (not under test)
+    fast, slow = FakeConnection(5 << 20), FakeConnection(2000)
+    pusher.connections = {("10.0.0.2", 1): fast, ("10.0.0.2", 2): slow}  # type: ignore[dict-item]
+    now = leaving - 0.015
+    pusher._logs_checked = now
+    assert pusher.next_round_in(now) == pytest.approx(0.015)  # wakes at the boundary
+    pusher.round(now)
+    assert (fast.pushes, slow.pushes) == (0, 0)
+    pusher.round(leaving - 0.0005)  # the loop's sleep ends a hair early: counts
+    assert (fast.pushes, slow.pushes) == (1, 0)
+    pusher.round(leaving + 0.02)
+    assert (fast.pushes, slow.pushes) == (1, 0)  # once per boundary
+    assert pusher.next_round_in(leaving + 0.02) == pytest.approx(0.02)  # a period again
