@@ -47,6 +47,7 @@ CHILD = textwrap.dedent(
     instance = Instance.start("test", netns=netns)
     name = instance.table_name("test")
     instance.add_table("inet", name, "chain input { type filter hook input priority 0; }")
+    instance.add_xt_queue("ip", 4242)
     instance.add_rule(RuleSpec(priority=4800, table=4800, src="10.243.0.9/32"))
     instance.add_route(RouteSpec(dst="10.243.9.0/24", table=4800, type="blackhole"))
     instance.set_sysctl("net.ipv4.conf.all.route_localnet", "1")
@@ -136,12 +137,14 @@ def test_sweep_removes_a_killed_instance_and_keeps_a_live_one(
             assert f"stopped process {sleeper}" in text
             assert f"left sysctl {SYSCTL} as it is" in text
             assert f"unrecorded nft table inet {root_table}: deleted" in text
+            assert "deleted iptables raw rule for NFQUEUE 4242" in text
 
             assert not is_alive(sleeper, sleeper_start)
             assert not marker.exists()
             tables = nft.list_tables(netns=netns)
             assert ("inet", f"roam_test_{child.pid}") not in tables
             assert ("inet", live_table) in tables
+            assert ("ip", "raw") not in tables  # the rule's table, empty, went with it
             assert ("inet", root_table) not in nft.list_tables()
             shown = ip("-n", netns, "rule", "show")
             assert "lookup 4800" not in shown
