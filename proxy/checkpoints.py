@@ -596,8 +596,12 @@ class CheckpointPusher:
 
     def next_round_in(self, now: float) -> float:
         """How long the round loop sleeps: a round period, or less to wake at the boundary
-        (the last round's moment)."""
-        leaving = self.context.leaving_at()
+        (the last round's moment). Never raises: the round loop must go on (``round`` itself
+        reports what is wrong)."""
+        try:
+            leaving = self.context.leaving_at()
+        except Exception:
+            return ROUND_PERIOD_S
         if leaving is None or self._last_pushed == leaving or leaving <= now:
             return ROUND_PERIOD_S
         return min(ROUND_PERIOD_S, leaving - now)

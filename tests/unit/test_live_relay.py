@@ -248,3 +248,9 @@ def test_a_last_round_at_the_boundary_pushes_only_the_connections_that_moved_far
     pusher.round(leaving + 0.02)
     assert (fast.pushes, slow.pushes) == (1, 0)  # once per boundary
     assert pusher.next_round_in(leaving + 0.02) == pytest.approx(0.02)  # a period again
+
+    def broken() -> float:
+        raise RuntimeError("a schedule that cannot say")
+
+    context.leaving_at = broken
+    assert pusher.next_round_in(leaving) == pytest.approx(0.02)  # the loop goes on
