@@ -72,6 +72,8 @@ _BE32: Final = struct.Struct("!I")
 _PACKET_HDR: Final = struct.Struct("!IHB")
 _VERDICT: Final = struct.Struct("!II")
 _PORT: Final = struct.Struct("!H")
+_FIN: Final = 0x01
+_SYN: Final = 0x02
 
 
 class NfqueueError(LocalError, OSError):
@@ -82,24 +84,38 @@ class NfqueueError(LocalError, OSError):
 class HeldPacket:
     id: int
     sport: int | None  # None: not a TCP segment this reader could parse
+    # A pure ACK: no payload, no SYN or FIN (False when the copy does not say).
+    pure_ack: bool = False
 
 
 def tcp_source_port(packet: bytes | memoryview) -> int | None:
     """The TCP source port of an IPv4 or IPv6 packet (no extension headers), else None."""
+    return held_packet(0, packet).sport
+
+
+def held_packet(packet_id: int, packet: bytes | memoryview) -> HeldPacket:
+    """What a held packet's first bytes say: its TCP source port, and whether it is a pure
+    ACK (its IP length is its headers' length and it has neither SYN nor FIN)."""
     if len(packet) < 1:
-        return None
+        return HeldPacket(packet_id, None)
     version = packet[0] >> 4
-    if version == 4:
-        start = (packet[0] & 0x0F) * 4
-        protocol = packet[9] if len(packet) > 9 else None
-    elif version == 6:
-        start, protocol = 40, packet[6] if len(packet) > 6 else None
+    if version == 4 and len(packet) >= 20:
+        start, protocol = (packet[0] & 0x0F) * 4, packet[9]
+        payload_end = _PORT.unpack_from(packet, 2)[0]  # the total length
+    elif version == 6 and len(packet) >= 40:
+        start, protocol = 40, packet[6]
+        payload_end = 40 + _PORT.unpack_from(packet, 4)[0]  # header + payload length
     else:
-        return None
+        return HeldPacket(packet_id, None)
     if protocol != socket.IPPROTO_TCP or start < 20 or len(packet) < start + 2:
-        return None
+        return HeldPacket(packet_id, None)
     port: int = _PORT.unpack_from(packet, start)[0]
-    return port
+    if len(packet) < start + 14:
+        return HeldPacket(packet_id, port)
+    header = (packet[start + 12] >> 4) * 4
+    flags = packet[start + 13]
+    pure_ack = payload_end <= start + header and not flags & (_SYN | _FIN)
+    return HeldPacket(packet_id, port, pure_ack)
 
 
 def parse_messages(
@@ -117,7 +133,7 @@ def parse_messages(
             if header is not None and len(header) >= _PACKET_HDR.size:
                 packet_id = _PACKET_HDR.unpack_from(header)[0]
                 payload = attrs.get(NFQA_PAYLOAD)
-                packets.append(HeldPacket(packet_id, tcp_source_port(payload or b"")))
+                packets.append(held_packet(packet_id, payload or b""))
         else:
             code = ack_code(kind, seq, body, ack_seq)
             result = code if code is not None else result

@@ -24,6 +24,7 @@ from migrate.kernel.nfqueue import (
     NFQNL_MSG_PACKET,
     NFQNL_MSG_VERDICT,
     HeldPacket,
+    held_packet,
     parse_messages,
     queue_message,
     tcp_source_port,
@@ -89,7 +90,8 @@ def ack(seq: int, code: int) -> bytes:
 @given(st.lists(st.tuples(st.integers(0, 2**32 - 1), ports), max_size=20))
 def test_held_packets_are_read_in_order_from_one_datagram(held: list[tuple[int, int]]) -> None:
     data = b"".join(packet_message(i, ipv4_tcp(port)) for i, port in held)
-    assert parse_messages(memoryview(data)) == ([HeldPacket(i, p) for i, p in held], None)
+    packets, code = parse_messages(memoryview(data))
+    assert ([(p.id, p.sport) for p in packets], code) == (held, None)
 
 
 def test_the_acknowledgment_asked_for_is_found_and_others_ignored() -> None:
@@ -139,3 +141,35 @@ def test_the_client_rules_mark_frozen_segments_only_when_holding() -> None:
     # The rewrite runs after iptables' raw table (-300), before conntrack (-200).
     assert -300 < OUT_PRIORITY < -200
     assert f"type route hook output priority {OUT_PRIORITY};" in held
+
+
+def segment(payload: bytes = b"", flags: int = 0x10, ip_options: bytes = b"") -> bytes:
+    """An IPv4 TCP segment with its lengths right (doff 5)."""
+    ihl = 5 + len(ip_options) // 4
+    tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 1, 5 << 4, flags, 500, 0, 0)
+    total = 4 * ihl + len(tcp) + len(payload)
+    ip = struct.pack("!BBHHHBBH4s4s", 0x40 | ihl, 0, total, 0, 0, 64, 6, 0, bytes(4), bytes(4))
+    return ip + ip_options + tcp + payload
+
+
+def ipv6_segment(payload: bytes = b"", flags: int = 0x10) -> bytes:
+    tcp = struct.pack("!HHIIBBHHH", 40000, 80, 1, 1, 5 << 4, flags, 500, 0, 0)
+    ip = struct.pack("!IHBB16s16s", 6 << 28, len(tcp) + len(payload), 6, 64, bytes(16), bytes(16))
+    return ip + tcp + payload
+
+
+@given(st.binary(min_size=1, max_size=40), st.sampled_from([0, 4, 8]))
+def test_a_segment_with_payload_is_not_a_pure_ack(payload: bytes, words: int) -> None:
+    packet = segment(payload, ip_options=b"\x01" * words)
+    assert held_packet(1, packet[:64]) == HeldPacket(1, 40000, False)
+    assert held_packet(1, ipv6_segment(payload)[:64]) == HeldPacket(1, 40000, False)
+
+
+def test_a_pure_ack_is_told_apart_from_syn_fin_and_data() -> None:
+    assert held_packet(1, segment()).pure_ack
+    assert held_packet(1, ipv6_segment()).pure_ack
+    assert not held_packet(1, segment(flags=0x11)).pure_ack  # FIN
+    assert not held_packet(1, segment(flags=0x02)).pure_ack  # SYN
+    assert not held_packet(1, segment(b"x", flags=0x18)).pure_ack
+    # A copy too short to say: not a pure ACK (sent on rather than lost).
+    assert not held_packet(1, segment()[:30]).pure_ack
