@@ -15,7 +15,7 @@ import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 from migrate.kernel import libnft, nft, sockopts
 
@@ -99,23 +99,34 @@ def check_nftables() -> Check:
 NFLOG_PROBE_GROUPS: Final = 8  # groups tried: another reader may hold one
 
 
+def _bind_probe(open_one: Callable[[int], Any], error_type: type[Exception]) -> str:
+    """Bind and release one of ``NFLOG_PROBE_GROUPS`` numbers with ``open_one`` (another
+    reader may hold one): the number bound, or raises the last ``error_type``."""
+    base = 40000 + os.getpid() % 20000
+    error: Exception | None = None
+    for number in range(base, base + NFLOG_PROBE_GROUPS):
+        try:
+            opened = open_one(number)
+        except error_type as failed:
+            error = failed
+            continue
+        opened.close()
+        return str(number)
+    assert error is not None
+    raise error
+
+
 def check_nflog() -> Check:
     """The client shim's live mode reads the packets it checkpoints from an NFLOG group
     (``migrate.kernel.nflog``; docs/architecture.md: this kernel has no nft ``queue``)."""
     from migrate.kernel.nflog import NflogError, NflogReader
 
     fix = "modprobe nfnetlink_log (CONFIG_NETFILTER_NETLINK_LOG); run as root"
-    base = 40000 + os.getpid() % 20000
-    error: NflogError | None = None
-    for group in range(base, base + NFLOG_PROBE_GROUPS):
-        try:
-            reader = NflogReader.open(group)
-        except NflogError as failed:
-            error = failed
-            continue
-        reader.close()
-        return Check("nflog", True, True, f"bound and released NFLOG group {group}")
-    return Check("nflog", False, True, f"cannot bind an NFLOG group: {error}", fix)
+    try:
+        group = _bind_probe(NflogReader.open, NflogError)
+    except NflogError as error:
+        return Check("nflog", False, True, f"cannot bind an NFLOG group: {error}", fix)
+    return Check("nflog", True, True, f"bound and released NFLOG group {group}")
 
 
 def check_nfqueue() -> Check:
@@ -129,17 +140,11 @@ def check_nfqueue() -> Check:
         reason = "iptables not found: the freeze drops segments instead of holding them"
         return Check("nfqueue", False, False, reason, "apt-get install iptables")
     fix = "modprobe nfnetlink_queue xt_NFQUEUE (CONFIG_NETFILTER_NETLINK_QUEUE); run as root"
-    base = 40000 + os.getpid() % 20000
-    error: NfqueueError | None = None
-    for queue in range(base, base + NFLOG_PROBE_GROUPS):
-        try:
-            holder = PacketHolder.open(queue)
-        except NfqueueError as failed:
-            error = failed
-            continue
-        holder.close()
-        return Check("nfqueue", True, False, f"bound and released NFQUEUE {queue}; iptables found")
-    return Check("nfqueue", False, False, f"cannot bind an NFQUEUE: {error}", fix)
+    try:
+        queue = _bind_probe(PacketHolder.open, NfqueueError)
+    except NfqueueError as error:
+        return Check("nfqueue", False, False, f"cannot bind an NFQUEUE: {error}", fix)
+    return Check("nfqueue", True, False, f"bound and released NFQUEUE {queue}; iptables found")
 
 
 def _own_tcp_repair_probe() -> str | None:

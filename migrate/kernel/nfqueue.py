@@ -88,11 +88,6 @@ class HeldPacket:
     pure_ack: bool = False
 
 
-def tcp_source_port(packet: bytes | memoryview) -> int | None:
-    """The TCP source port of an IPv4 or IPv6 packet (no extension headers), else None."""
-    return held_packet(0, packet).sport
-
-
 def held_packet(packet_id: int, packet: bytes | memoryview) -> HeldPacket:
     """What a held packet's first bytes say: its TCP source port, and whether it is a pure
     ACK (its IP length is its headers' length and it has neither SYN nor FIN)."""

@@ -27,12 +27,15 @@ from migrate.kernel.nfqueue import (
     held_packet,
     parse_messages,
     queue_message,
-    tcp_source_port,
     verdict_attrs,
 )
 from migrate.kernel.xtqueue import HOLD_MARK_BASE, hold_mark, rule_args
 
 ports = st.integers(0, 0xFFFF)
+
+
+def tcp_source_port(packet: bytes) -> int | None:
+    return held_packet(0, packet).sport
 
 
 def ipv4_tcp(sport: int, options: bytes = b"", protocol: int = 6) -> bytes:
