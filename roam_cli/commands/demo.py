@@ -70,9 +70,25 @@ def run_demo(args: argparse.Namespace) -> int:
         f"a {args.size_mib} MiB file on each server"
     )
     links = LinkParams(rate_mbit=args.rate_mbit)
+    transfer_s = args.size_mib * 8 * 1.048576 / args.rate_mbit
+    wanted = demo_roams(transfer_s, args.tick)
+    if wanted == 0:
+        print(
+            f"note: the download takes about {transfer_s:.1f} s, less than two epochs of "
+            f"{args.tick:g} s: it may meet no roam (raise --size-mib or lower --rate-mbit)"
+        )
     with Lab(PoolTopo(servers=3, clients=1, outsiders=1, params=links)) as lab:
         pool = RoamingLab(
-            lab, tick=args.tick, m=1, migration="live", service=args.service, content={"file": data}
+            lab,
+            tick=args.tick,
+            m=1,
+            migration="live",
+            service=args.service,
+            content={"file": data},
+            # A random chain key may keep one server for a short download: the deployment is
+            # drawn again until the schedule roams while the download runs.
+            min_switches=wanted,
+            switch_window=transfer_s,
         )
         pool.start()
         print(f"deployment: VIP {pool.vip}:80, servers {pool.server_list}")
@@ -102,6 +118,15 @@ def run_demo(args: argparse.Namespace) -> int:
     ok = result.returncode == 0 and got == digest and outsider.returncode != 0
     print("demo: OK, the download survived every roam intact" if ok else "demo: FAILED")
     return 0 if ok else 1
+
+
+def demo_roams(transfer_s: float, tick: float) -> int:
+    """How many roams the demo's schedule must have while the download runs: an epoch lasts
+    one or two ticks, so a schedule can always change server twice in four ticks, once in
+    two."""
+    if transfer_s >= 4 * tick:
+        return 2
+    return 1 if transfer_s >= 2 * tick else 0
 
 
 def _watch(pool: object, stop: threading.Event) -> None:

@@ -51,8 +51,10 @@ def test_an_8_mib_http_put_spans_three_roams_and_is_stored_intact() -> None:
         m=1,
         service="nginx",
         service_config=DAV_PUT,
-        min_switches=12,
-        switch_window=24.0,
+        # Within the upload itself (about 7 s from the schedule's start): 12 in 24 s left
+        # two in the upload in one CI run, short of the three asked.
+        min_switches=5,
+        switch_window=6.5,
     ) as roaming:
         source = roaming.lab.workdir / "upload-source.bin"
         source.write_bytes(data)
