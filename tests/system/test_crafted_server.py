@@ -72,6 +72,10 @@ LINKS = LinkParams(rate_mbit=10)  # a download of a few MiB lasts several roams
 # Epochs of a second or two, and a schedule drawn to change server at least four times in the
 # first twelve seconds (the barrages and downloads run then).
 SCHEDULE: dict[str, Any] = {"tick": 1.0, "m": 1, "min_switches": 4, "switch_window": 12.0}
+# The barrage from c1's host must meet a hand-over: it begins 2-3 s into the schedule (after the
+# sniff of the positions), the 6 MiB download ends about 6 s into it. Four changes in the first
+# 6.5 s put at least one at 4-6 s (two at 3-6 s); four in 12 s could put none in the barrage.
+CLIENT_BARRAGE_SCHEDULE: dict[str, Any] = {**SCHEDULE, "min_switches": 4, "switch_window": 6.5}
 MIGRATION_PORT = 47476  # proxy.live.MIGRATION_PORT
 CONTROL_PORT = 47475  # proxy.daemon.DEFAULT_CONTROL_PORT
 O1_PORT, C1_PORT, O1_RAW_PORT = 31991, 31992, 31993  # below the ephemeral range: ours alone
@@ -830,7 +834,7 @@ def run_client_barrage(forge_ends: bool) -> None:
     rng = random.Random(seed)
     data = os.urandom(6 * 1024 * 1024)
     files = {"data": data, **{f"k{i}": os.urandom(3000 + 61 * i) for i in range(100)}}
-    with live_lab(LINKS, service="nginx", content=files, **SCHEDULE) as roaming:
+    with live_lab(LINKS, service="nginx", content=files, **CLIENT_BARRAGE_SCHEDULE) as roaming:
         roaming.start()
         roaming.wait_for_schedule(0.3)
         verify_checksums(roaming, roaming.server_hosts)
