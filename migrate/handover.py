@@ -349,6 +349,7 @@ class ServerHandover:
     answered_prepare: bool = False
     working_since: float | None = None
     restored_at: float | None = None
+    commit_received_at: float | None = None  # the first COMMIT: where its hand-over's time goes
     go_deadline: float | None = None  # RESTORED: the GO is waited for until then
     _actions: list[Action] = field(default_factory=list)
 
@@ -531,6 +532,7 @@ class ServerHandover:
         previous = self.state
         self._step(_SE.COMMIT, RemoteError)
         self.commit = request
+        self.commit_received_at = now
         self.until = max(self.until, request.s2c_received)
         if previous is _S.PREPARED:
             self._start_work(Restore(request), now)

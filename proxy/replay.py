@@ -21,6 +21,7 @@ import contextlib
 import errno
 import hashlib
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 
@@ -128,6 +129,10 @@ class Replayer:
         self.skipped = 0  # body bytes a second range at the COMMIT spared reading
         self.dropped = 0  # body bytes the client has, dropped in the kernel unread (``_drop``)
         self.rebased = 0  # COMMITs prepared again from their newer checkpoint (``_rebase``)
+        # Where the COMMIT's time went, ms from its arrival: "queued" (behind the preparation
+        # still regenerating), "regenerated", "restored", "go" (the client's GO came).
+        self.commit_ms: dict[str, float] = {}
+        self._commit_arrived = 0.0
         self._connect: Callable[[], Awaitable[socket.socket]] | None = None
 
     async def start(self, connect: Callable[[], Awaitable[socket.socket]], until: int) -> int:
@@ -438,10 +443,20 @@ class Replayer:
     ) -> int:
         """Replay the COMMIT's bytes, regenerate to its position, restore the client socket.
         ``newer``: the COMMIT's own checkpoint (authenticated), if newer than the prepared."""
+        self._commit_arrived = time.perf_counter() - self.commit_ms.get("queued", 0.0) / 1000
         position = await self.commit_stream(request, newer)
+        self._mark("regenerated")
         self.sock = self._restore(request, listen, now)
+        self._mark("restored")
         self.s2c_base = request.s2c_received
         return position
+
+    def queued(self, seconds: float) -> None:
+        """The COMMIT waited ``seconds`` for the preparation before its work began."""
+        self.commit_ms["queued"] = round(1000 * max(0.0, seconds), 2)
+
+    def _mark(self, step: str) -> None:
+        self.commit_ms[step] = round(1000 * (time.perf_counter() - self._commit_arrived), 2)
 
     async def commit_stream(self, request: Request, newer: Checkpoint | None = None) -> int:
         """The COMMIT's step up to the socket's restore: the stream regenerated to the
@@ -590,16 +605,17 @@ class Replayer:
                 self.half_open_cleared += 1
         raise AssertionError("unreachable")
 
-    def work(self) -> dict[str, int | None]:
+    def work(self) -> dict[str, int | dict[str, float] | None]:
         """What this re-incarnation read of the service, what second ranges spared reading,
-        how often a COMMIT started again from its newer checkpoint, and the client's window
-        the socket took from GO (None: the guess stood)."""
+        how often a COMMIT started again from its newer checkpoint, the client's window the
+        socket took from GO (None: the guess stood), and where the COMMIT's time went."""
         return {
             "read": self.regenerated,
             "skipped": self.skipped,
             "rebased": self.rebased,
             "dropped": self.dropped,
             "window": self.told_window,
+            "commit_ms": dict(self.commit_ms),
         }
 
     def close(self) -> None:
@@ -622,6 +638,8 @@ class Replayer:
         before it sends a byte."""
         assert self.sock is not None
         assert self.service is not None
+        if self.commit_ms:
+            self._mark("go")
         if client_window is not None:
             # Only a better start: if it fails, the socket keeps the window it was restored
             # with, and a socket that broke meanwhile is the relay's to find.

@@ -73,6 +73,8 @@ class Workshop:
             elif isinstance(work, Regenerate):
                 position = await replayer.regenerate(work.until)
             else:
+                if machine.commit_received_at is not None:
+                    replayer.queued(context.clock() - machine.commit_received_at)
                 position = await replayer.commit(
                     work.request, context.listen, context.clock(), pending.commit_checkpoint
                 )

@@ -134,13 +134,18 @@ def test_regenerations_are_the_new_servers_reincarnations_during_the_download_in
         {"event": "reincarnated", "ts": 1.0, "regeneration": "range", "regenerated": 5},
         {"event": "prepared", "ts": 10.5},
         {"event": "reincarnated", "ts": 10.0, "regeneration": "range", "regenerated": 3 << 20,
-         "body_offset": 200 << 20},
+         "body_offset": 200 << 20, "commit_ms": {"regenerated": 0.4, "restored": 0.6}},
         {"event": "reincarnated", "ts": 30.0, "regeneration": "range", "regenerated": 7},
     ]  # fmt: skip
     found = regenerations(events, 2.0, 20.0)
     assert found == [
-        {"regeneration": "range", "regenerated": 3 << 20, "body_offset": 200 << 20},
-        {"regeneration": "fresh point", "regenerated": 900, "body_offset": None},
+        {
+            "regeneration": "range",
+            "regenerated": 3 << 20,
+            "body_offset": 200 << 20,
+            "commit_ms": {"regenerated": 0.4, "restored": 0.6},
+        },
+        {"regeneration": "fresh point", "regenerated": 900, "body_offset": None, "commit_ms": {}},
     ]
 
 

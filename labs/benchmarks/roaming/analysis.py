@@ -161,6 +161,7 @@ def regenerations(
             "regeneration": e.get("regeneration"),
             "regenerated": e.get("regenerated", 0),
             "body_offset": e.get("body_offset"),
+            "commit_ms": e.get("commit_ms") or {},
         }
         for e in found
     ]

@@ -131,6 +131,9 @@ def event_detail(event: dict[str, Any]) -> str:
         parts.append(f"rebased {event['rebased']}")
     if event.get("window") is not None:
         parts.append(f"window {event['window']}")
+    if event.get("commit_ms"):
+        steps = ", ".join(f"{step} {at}" for step, at in event["commit_ms"].items())
+        parts.append(f"COMMIT ms from its arrival: {steps}")
     return f" ({', '.join(parts)})"
 
 

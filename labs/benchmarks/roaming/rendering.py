@@ -223,6 +223,10 @@ def render_migration(results: dict[str, Any]) -> str:
         steps = [s for run in row["runs"]["roaming"] for s in run.get("roam_steps_ms", []) if s]
         if steps:
             lines.append(f"- {key}: {step_medians(steps)}")
+        found = [g for run in row["runs"]["roaming"] for g in run.get("regenerations", [])]
+        commits = [g["commit_ms"] for g in found if g.get("commit_ms")]
+        if commits:
+            lines.append(f"  the new server's COMMIT, ms from its arrival: {step_medians(commits)}")
     slow = [
         f"- {key}, roam {i + 1}: app {pause:.1f} ms, client steps (ms from the freeze) "
         + ", ".join(f"{step} {at}" for step, at in steps.items())
