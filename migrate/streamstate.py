@@ -461,30 +461,37 @@ class StreamState:
         self.s2c_pos = s2c_position
         self._window = _Window(window.facts, s2c_position)
 
-    def skippable(self) -> int:
+    def skippable(self, before: int | None = None) -> int:
         """How many of the next service bytes may pass unseen (``skip_s2c``): inside the body
         of a Range-capable response whose bytes no candidate hashes (``range_bodies``
         "window", or a stream resumed from a range), all but the body's last ``WINDOW_BYTES``
         (read, so that a checkpoint at the body's end has its window and the codec sees the
         end). 0 otherwise. The relay reads at least the last ``WINDOW_BYTES`` of what it has
-        before each checkpoint can be taken, so every checkpoint inside the body has a window."""
+        before each checkpoint can be taken, so every checkpoint inside the body has a window.
+
+        ``before``: no checkpoint will be taken before this position (a re-incarnation
+        regenerating what its client already has): a body that ends before it passes all but
+        its last byte (no checkpoint can be at its end; the codec still sees the end)."""
         window, http = self._window, self._http
         if window is None or http is None or self.unmigratable is not None:
             return 0
-        ahead = http.body_ahead()
-        if ahead <= WINDOW_BYTES or self.s2c_pos < window.facts.body_start:
+        if self.s2c_pos < window.facts.body_start:
             return 0
         for candidate in self.candidates:
             if candidate._hash is not None:
                 return 0
-        return ahead - WINDOW_BYTES
+        ahead = http.body_ahead()
+        if before is not None and self.s2c_pos + ahead < before:
+            return max(0, ahead - 1)
+        return max(0, ahead - WINDOW_BYTES)
 
-    def skip_s2c(self, count: int) -> None:
-        """``count`` service bytes passed without being shown here (at most ``skippable``):
-        the positions move on, and the window starts afresh after them."""
+    def skip_s2c(self, count: int, before: int | None = None) -> None:
+        """``count`` service bytes passed without being shown here (at most ``skippable``
+        with the same ``before``): the positions move on, and the window starts afresh
+        after them."""
         if count == 0:
             return
-        if not 0 < count <= self.skippable():
+        if not 0 < count <= self.skippable(before):
             raise ValueError(f"{count} service bytes cannot be skipped here")
         window = self._window
         assert window is not None

@@ -56,6 +56,7 @@ REGENERATE_BUFFER_BYTES = 256 * 1024
 # Bodies dropped in the kernel during a regeneration (``Replayer._drop``) come in pieces of at
 # least this much; less is read (a system call or two either way).
 DROP_MIN_BYTES = 64 * 1024
+AFTER_DROP_READ_BYTES = 8 * 1024  # a body's last byte and a response head, with room to spare
 HALF_OPEN_RETRIES = 3  # half-open entries dropped per restore before giving up
 # A COMMIT asks for a second range rather than read this many bytes or more: a loopback round
 # trip to the service costs about what reading 1-2 MB does here (0.75-1.5 GB/s read and
@@ -309,10 +310,15 @@ class Replayer:
         # One reused buffer per step: many re-incarnations regenerate at once, and a fresh
         # allocation per read (what sock_recv does) costs more than the read.
         buffer = memoryview(bytearray(min(REGENERATE_BUFFER_BYTES, max(1, goal - stream.s2c_pos))))
+        read_at_most = len(buffer)
         while stream.s2c_pos < goal:
             if self.verified and await self._drop(until):
+                # What follows a dropped body is its last byte and the next response's head:
+                # a short read, so that the next body stays in the kernel for the next drop.
+                read_at_most = AFTER_DROP_READ_BYTES
                 continue
-            view = buffer[: min(len(buffer), max(1, goal - stream.s2c_pos))]
+            view = buffer[: min(read_at_most, max(1, goal - stream.s2c_pos))]
+            read_at_most = len(buffer)
             answered = stream.all_answered()
             try:
                 async with asyncio.timeout(ANSWERED_IDLE_S if answered else SERVICE_IDLE_S):
@@ -347,7 +353,7 @@ class Replayer:
         # The client has every byte to ``until``: the exchanges it holds whole need no running
         # hash any more (the candidates that hash them would forbid the drop).
         stream.settle(until)
-        count = min(stream.skippable(), until - stream.s2c_pos)
+        count = min(stream.skippable(before=until), until - stream.s2c_pos)
         if count < DROP_MIN_BYTES:
             return False
         assert self.service is not None
@@ -374,7 +380,7 @@ class Replayer:
             return True
         if moved == 0:
             raise Diverged(f"the service closed after {stream.s2c_pos} bytes, short of {until}")
-        stream.skip_s2c(moved)
+        stream.skip_s2c(moved, before=until)
         self.dropped += moved
         return True
 

@@ -184,3 +184,24 @@ def test_a_client_behind_the_head_is_regenerated_from_the_start_and_checked_by_t
     changed[2_500_000 - 1] ^= 1
     with pytest.raises(Diverged, match="body differs from the client's"):
         asyncio.run(regenerate(Service(bytes(changed), ETAG), checkpoint, received))
+
+
+def test_a_body_that_ends_before_the_first_possible_checkpoint_passes_all_but_its_last_byte():
+    """A re-incarnation regenerating what its client has (``before``: its position) takes no
+    checkpoint at the end of a body the client has whole: all of it but the last byte may
+    pass (the codec sees the end); a body the position lies in, or ends at, keeps its last
+    window as always."""
+    state = fed("window", HEAD + BODY[:500_000], [], skip=False)
+    end = len(HEAD) + len(BODY)
+    ahead = len(BODY) - 500_000
+    assert state.skippable(before=end + 1) == ahead - 1
+    assert state.skippable(before=end) == ahead - WINDOW_BYTES
+    assert state.skippable(before=end - 10) == ahead - WINDOW_BYTES
+    assert state.skippable() == ahead - WINDOW_BYTES
+    with pytest.raises(ValueError, match="cannot be skipped"):
+        state.skip_s2c(ahead - 1)  # without ``before``: the window stays
+    with pytest.raises(ValueError, match="cannot be skipped"):
+        state.skip_s2c(ahead, before=end + 1)  # never the last byte
+    state.skip_s2c(ahead - 1, before=end + 1)
+    assert state.s2c_pos == end - 1
+    assert state.skippable(before=end + 1) == 0

@@ -641,15 +641,18 @@ def test_whole_answers_after_the_checkpoint_are_dropped_in_the_kernel_with_windo
 ) -> None:
     """The client three answers past its checkpoint (a flat-out keep-alive client at a roam):
     with ``--range-bodies window`` the bodies it has are dropped in the kernel, never read
-    (only heads and each body's last window are), and what it gets next is still exactly the
-    original's; with ``hash`` every byte is read, as before."""
+    (only heads and a few bytes around them are: no checkpoint of the new server can lie at
+    the end of a body its client has whole, so no body's last window is read either), and
+    what it gets next is still exactly the original's; with ``hash`` every byte is read, as
+    before."""
     received = 3 * (len(response_head(SIZE, ETAG)) + SIZE) + 1_000_000
     replayer, original, following = regenerate_many(4, received, range_bodies)
     assert replayer.stream.s2c_pos == received
     assert following == original[received : received + len(following)]
     if range_bodies == "window":
         assert replayer.dropped >= 2 * (SIZE - 2 * WINDOW_BYTES)
-        assert replayer.regenerated < 4 * (WINDOW_BYTES + 1024) + 1_000_000 + 256 * 1024
+        # (Reading each whole body's last window, as before, came to 0.68 MB here.)
+        assert replayer.regenerated < 3 * WINDOW_BYTES
     else:
         assert replayer.dropped == 0
         assert replayer.regenerated >= received - len(original) // 4
