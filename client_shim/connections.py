@@ -206,18 +206,23 @@ class ClientConnections:
         file refers to it, inode 0) past the established state. Nothing of such a connection
         can reach the application any more, so one that could not move is finished quietly
         (its segments kept from the next server) rather than reset: a reset's RST reaches a
-        server, and a connection that ends at a roam is a normal end, not a failure."""
+        server, and a connection that ends at a roam is a normal end, not a failure. A failed
+        read finds none closed (logged): they are reset."""
         if not ports:
             return set()
-        if len(ports) > EXACT_LOOKUPS_MAX:
-            listed = {
-                info.src[1]: info
-                for info in sockdiag.tcp_sockets(dst=self.vip)
-                if info.src[0] == self.client_address
-            }
-            found: dict[int, sockdiag.TcpSocketInfo | None] = {p: listed.get(p) for p in ports}
-        else:
-            found = {p: sockdiag.lookup((self.client_address, p), self.vip) for p in ports}
+        try:
+            if len(ports) > EXACT_LOOKUPS_MAX:
+                listed = {
+                    info.src[1]: info
+                    for info in sockdiag.tcp_sockets(dst=self.vip)
+                    if info.src[0] == self.client_address
+                }
+                found: dict[int, sockdiag.TcpSocketInfo | None] = {p: listed.get(p) for p in ports}
+            else:
+                found = {p: sockdiag.lookup((self.client_address, p), self.vip) for p in ports}
+        except (RoamError, OSError) as error:
+            self.log.event("sockets_unreadable", level="warning", reason=str(error))
+            return set()
         return {
             port
             for port, info in found.items()

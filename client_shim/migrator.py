@@ -36,7 +36,6 @@ from client_shim.rules import freeze_script, hold_script, switch_script
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
-from migrate.errors import RoamError
 from migrate.handover import (
     DEFAULT_COMMIT_TIMEOUT_S,
     DEFAULT_PREPARE_LEAD_S,
@@ -285,7 +284,7 @@ class Migrator:
             vip, vport, held = self.bundle.vip, self.bundle.service_port, sorted(record.deferred)
             gone = self._not_following(record)
             nft.apply(switch_script(self.table, vip, vport, target, gone, held))
-            record.switched = self.clock()
+            record.mark("switched", self.clock())
             if self.hold is not None:  # held segments on to the new server, or dropped
                 record.held = self.hold.release({*gone, *held})
         self._finish(record)
@@ -321,6 +320,7 @@ class Migrator:
                 request = self.view.request(Phase.COMMIT, epoch, info, machine.prepared_sent)
                 machine.freeze(request, "replay bytes incomplete", now)
             self._execute(machine)
+        self.channel.flush_urgent()
 
     async def _late_newcomers(
         self, record: RoamRecord, target: Endpoint, give_up_at: float | None
@@ -355,12 +355,7 @@ class Migrator:
         """After the switch: GO for each committed connection, reset what could not follow
         (unless its application has closed it meanwhile: then it ends quietly)."""
         failed = [p for p, h in record.connections.items() if h.state is ClientState.RESET]
-        try:
-            closed = self.view.closed_by_application(failed)
-        except (RoamError, OSError) as error:
-            self.log.event("sockets_unreadable", level="warning", reason=str(error))
-            closed = set()
-        for port in sorted(closed):
+        for port in sorted(self.view.closed_by_application(failed)):
             handoff = record.connections[port]
             record.connections[port] = NotMoved(
                 port,
@@ -378,6 +373,8 @@ class Migrator:
             if handoff.state is ClientState.RESET:
                 self.view.reset(port)
             self.store.pin(port, None)
+        self.channel.flush_urgent()
+        record.mark("go_sent", self.clock())
         self._machines.clear()
         log_roam(self.log, record, self.roams)
 

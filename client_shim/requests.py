@@ -138,6 +138,14 @@ class RequestChannel:
         assert self.cover is not None
         return self._send_cells(self.cover.take(now), now)
 
+    def flush_urgent(self) -> None:
+        """Send the queued urgent requests now, not at the loop's next turn: the caller has
+        queued its whole burst (a freeze's COMMITs, the GOs after the switch), and whatever
+        else the loop has ready would otherwise go first, inside the pause."""
+        if self._urgent is not None:
+            self._urgent.cancel()
+            self._send_urgent()
+
     def _send_urgent(self) -> None:
         self._urgent = None
         if self.cover is not None and self.transport is not None:

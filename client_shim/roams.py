@@ -19,7 +19,6 @@ class RoamRecord:
     epoch: int
     server: str
     started: float
-    switched: float = 0.0
     # The connections the old server has (all captured when the hand-over froze): the others
     # talk to the new server already.
     with_old: set[int] = field(default_factory=set)
@@ -33,6 +32,11 @@ class RoamRecord:
 
     def mark(self, step: str, now: float) -> None:
         self.marks[step] = now
+
+    @property
+    def switched(self) -> float:
+        """When the rewrite moved to the new server (0: not yet): the end of the pause."""
+        return self.marks.get("switched", 0.0)
 
     def machines(self, *states: ClientState) -> list[ClientHandover]:
         return [
