@@ -4,6 +4,7 @@ checkpoint of connections opened just now."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Callable
 
 from client_shim.connections import verifiable
@@ -11,6 +12,8 @@ from migrate.connstore import ConnectionStore, TrackedConnection
 from migrate.handover import CARRIER_GRACE_S, NEWCOMER_MARGIN_S
 from migrate.kernel import sockdiag
 from migrate.kernel.eventlog import EventLog
+
+CARRIER_POLL_S = 0.01  # a look at the connections still without a usable checkpoint, at most
 
 
 def unmovable_reason(conn: TrackedConnection | None, roam_started: float | None) -> str | None:
@@ -35,18 +38,24 @@ async def await_carriers(
     clock: Callable[[], float],
     log: EventLog,
     until: float | None = None,
+    arrived: asyncio.Event | None = None,
 ) -> None:
     """Connections opened just now get their first checkpoint within a round trip: wait that
     long (``CARRIER_GRACE_S``) rather than reset them; only for those ``moving`` names. If the
     hand-over must be over by ``until``, the wait ends ``NEWCOMER_MARGIN_S`` before it: their
     PREPAREs and COMMITs need that time, and a wait past it only lengthens the freeze (of
-    every connection, for those found during it) for connections that cannot move anyway."""
+    every connection, for those found during it) for connections that cannot move anyway.
+    ``arrived``: set when a checkpoint is stored (``Capture.carriers_arrived``): the wait ends
+    as soon as the last one needed is here, not at the next look ``CARRIER_POLL_S`` later
+    (half of it on average, at every roam whose boundary round was awaited)."""
     started = clock()
     deadline = started + CARRIER_GRACE_S
     if until is not None:
         deadline = min(deadline, until - NEWCOMER_MARGIN_S)
     waiting: list[int] = []
     while True:
+        if arrived is not None:
+            arrived.clear()  # before the look: a checkpoint stored after it sets it again
         waiting = [
             port
             for port, info in sockets.items()
@@ -59,7 +68,11 @@ async def await_carriers(
             return
         if clock() >= deadline:
             break
-        await asyncio.sleep(0.01)
+        if arrived is None:
+            await asyncio.sleep(CARRIER_POLL_S)
+            continue
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(arrived.wait(), CARRIER_POLL_S)
     log.event(
         "carriers_late",
         level="warning",

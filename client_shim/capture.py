@@ -22,6 +22,7 @@ readiness event reads until the socket is empty, so that a burst does not overfl
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import Callable
 
@@ -77,6 +78,8 @@ class Capture:
         self.barrier_failures = 0
         self.rejected_carriers = 0
         self.lost_batches = 0  # reads after which NFLOG reported lost copies
+        # Set when a read stored a checkpoint: a hand-over waiting for one looks again at once.
+        self.carriers_arrived = asyncio.Event()
 
     @property
     def losses(self) -> int:
@@ -148,10 +151,13 @@ class Capture:
         reader = self.reader
         assert reader is not None
         lost = reader.missed + reader.overflowed
+        stored = self.store.carriers_stored
         for _ in range(READS_PER_EVENT):
             self._take(reader.read())
             if not reader.backlog:
                 break
+        if self.store.carriers_stored != stored:
+            self.carriers_arrived.set()
         if reader.missed + reader.overflowed != lost:
             # Copies were lost: whose, the store finds out per connection (and logs below).
             self.lost_batches += 1

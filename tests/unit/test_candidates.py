@@ -83,3 +83,30 @@ def test_the_wait_ends_the_margin_before_the_hand_over_must_be_done() -> None:
     waited, events = wait(NEWCOMER_MARGIN_S + 0.05)
     assert 0.03 <= waited <= 0.05 + 1e-9  # polled until the margin, not a poll longer
     assert events[0][0] == "carriers_late"
+
+
+def test_a_checkpoint_stored_during_the_wait_ends_it_at_once(monkeypatch: Any) -> None:
+    """With ``arrived`` (the capture's event), the wait looks again as soon as something was
+    stored, not at its next poll: with polls an hour apart, it still ends within the test."""
+    monkeypatch.setattr("client_shim.candidates.CARRIER_POLL_S", 3600.0)
+    store, sockets = young_connection(40000)
+    log = Recorder()
+
+    async def run() -> None:
+        arrived = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        waiting = loop.create_task(
+            await_carriers(
+                store, sockets, lambda port, conn: True, loop.time, log, loop.time() + 7200, arrived
+            )  # type: ignore[arg-type]
+        )
+        await asyncio.sleep(0)  # the wait has looked once and sleeps
+        assert not waiting.done()
+        # What a stored checkpoint does to the look (here: the connection stops being one to
+        # wait for), and the capture's signal.
+        store.connections[40000].unmigratable = "closed meanwhile"
+        arrived.set()
+        await asyncio.wait_for(waiting, 30)
+
+    asyncio.run(run())
+    assert log.events == []  # ended because nothing is waited for, not late
