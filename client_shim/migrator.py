@@ -244,7 +244,7 @@ class Migrator:
             deadline = min(deadline, give_up_at)
         # Connections opened since the PREPAREs: prepared now, while the old server serves.
         record.mark("boundary", self.clock())
-        sockets = self.view.sockets_and_capture()
+        sockets = self.view.tracked_sockets()
         await self._await_carriers(sockets, record, None, deadline)
         record.mark("carriers_before", self.clock())
         self._newcomers(record, sockets, deadline, None)
@@ -415,7 +415,8 @@ class Migrator:
                 return isinstance(handoff, ClientHandover) and not handoff.final
             return with_old is None or port in with_old
 
-        await await_carriers(self.store, sockets, moving, self.clock, self.log, until)
+        arrived = self.capture.carriers_arrived
+        await await_carriers(self.store, sockets, moving, self.clock, self.log, until, arrived)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
