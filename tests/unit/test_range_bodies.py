@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import os
 from dataclasses import replace
 
@@ -205,3 +206,34 @@ def test_a_body_that_ends_before_the_first_possible_checkpoint_passes_all_but_it
     state.skip_s2c(ahead - 1, before=end + 1)
     assert state.s2c_pos == end - 1
     assert state.skippable(before=end + 1) == 0
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    reads=st.lists(st.integers(1, 300_000), min_size=1, max_size=20),
+    past=st.integers(1, len(SMALL)),
+)
+def test_a_regeneration_past_a_body_checkpoints_as_if_it_had_read_it(reads, past):
+    """A re-incarnation regenerating to a client ``past`` bytes into the answer after the
+    download (``before``): passing over all of the download's body but its last byte, in
+    reads of any size, leaves every checkpoint as reading those bytes in the same pieces
+    does (the codec's boundaries fall where the reads end)."""
+    stream = HEAD + BODY + SMALL
+    before = len(HEAD) + len(BODY) + past
+    requests = REQUEST + b"GET /small HTTP/1.1\r\nHost: vip\r\n\r\n"
+    state = StreamState("http", range_min_body=1, range_bodies="window")
+    state.feed_c2s(requests)
+    sizes = itertools.cycle(reads)
+    ends = []
+    while state.s2c_pos < len(stream):
+        skip = min(state.skippable(before=before), before - state.s2c_pos)
+        if skip > 0:
+            state.skip_s2c(skip, before=before)
+        else:
+            end = min(len(stream), state.s2c_pos + next(sizes))
+            state.feed_s2c(stream[state.s2c_pos : end])
+        ends.append(state.s2c_pos)
+    assert state.skipped_s2c >= len(BODY) - 300_000 - 1  # all but a read's worth and a byte
+    read = fed("window", stream, ends[:-1], skip=False, requests=requests)
+    for acked in (0, before, len(stream)):
+        assert checkpoint(state, acked) == checkpoint(read, acked)
