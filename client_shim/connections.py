@@ -85,19 +85,15 @@ class ClientConnections:
         ports = list(self.store.connections)
         if len(ports) > EXACT_LOOKUPS_MAX:
             return self.sockets_and_capture()
-        found = {}
-        for port in ports:
-            info = sockdiag.lookup((self.client_address, port), self.vip)
-            if info is not None and info.state == "ESTABLISHED":
-                found[port] = info
-            elif info is not None and info.state in SERVER_CLOSED_STATES:
-                self.closing.add(port)
+        found = self.established(ports, note_closing=True)
         self.capture.drain()
         return found
 
-    def established(self, ports: Collection[int]) -> Sockets:
+    def established(self, ports: Collection[int], *, note_closing: bool = False) -> Sockets:
         """Which of ``ports`` are still established connections to the VIP (the capture left
-        as it is: a retry timer needs to know only whether its connection still lives)."""
+        as it is: a retry timer needs to know only whether its connection still lives).
+        ``note_closing``: those the server has closed join ``closing`` (a dump, for more than
+        ``EXACT_LOOKUPS_MAX`` ports, notes them all)."""
         if len(ports) > EXACT_LOOKUPS_MAX:
             return self.live_sockets()
         found = {}
@@ -105,6 +101,8 @@ class ClientConnections:
             info = sockdiag.lookup((self.client_address, port), self.vip)
             if info is not None and info.state == "ESTABLISHED":
                 found[port] = info
+            elif note_closing and info is not None and info.state in SERVER_CLOSED_STATES:
+                self.closing.add(port)
         return found
 
     def live_sockets(self) -> Sockets:
