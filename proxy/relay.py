@@ -130,8 +130,9 @@ class Splice:
 
     With an ``observer``, every chunk read is also teed into a side pipe of the same size and
     shown to ``observer`` (in order, each byte once, in chunks of up to ``read_size_bytes``)
-    before it is forwarded; as with ``Copy``, the chunk is only valid during the call, and an
-    exception from the observer ends the relay with ``EndReason.OBSERVER_FAILED``."""
+    before it is spliced on (a read through the buffer: as with ``Copy``); the chunk is only
+    valid during the call, and an exception from the observer ends the relay with
+    ``EndReason.OBSERVER_FAILED``."""
 
     pipe_size_bytes: int = DEFAULT_PIPE_SIZE
     observer: Observer | None = None
@@ -149,9 +150,12 @@ class Splice:
 
 @dataclass(frozen=True)
 class Copy:
-    """Through a reused buffer. ``observer(chunk)`` is called for every chunk, in order, before
-    it is forwarded; ``chunk`` is only valid during the call (copy it to keep it). An exception
-    from the observer ends the relay with ``EndReason.OBSERVER_FAILED``."""
+    """Through a reused buffer. ``observer(chunk)`` is called for every chunk, in order, right
+    after its send, in the same callback: whoever reads the observer's state from the loop
+    never finds it behind what was forwarded, and the observer's work is off the round trip.
+    ``chunk`` is only valid during the call (copy it to keep it). An exception from the
+    observer ends the relay with ``EndReason.OBSERVER_FAILED`` (the chunk it refused may have
+    gone out: observers record, they do not filter)."""
 
     observer: Observer | None = None
     buffer_size_bytes: int = DEFAULT_BUFFER_SIZE
@@ -259,7 +263,7 @@ class _Pump:
 
     def _copy_through(self, size: int) -> None:
         """Reads of up to ``size`` bytes through the scratch buffer every pump shares: recv,
-        show the observer (``_see``), send. An idle connection holds no buffer of its own; a
+        send, show the observer (``_see``). An idle connection holds no buffer of its own; a
         chunk the destination does not take at once is copied out and sent first."""
         recv_into, send = self._src.recv_into, self._dst.send
         view = _scratch(size)
@@ -275,8 +279,6 @@ class _Pump:
                 self._source_ended()
                 return
             chunk = view[:received]
-            if not self._see(chunk):
-                return
             try:
                 sent = send(chunk)
             except BlockingIOError:
@@ -285,6 +287,11 @@ class _Pump:
                 self._failed(self.dst_side, error)
                 return
             self.bytes_forwarded += sent
+            # Shown after the send: the observer's work (a live relay's codec and stream
+            # state, 50-70 µs a message) then runs while the peer handles the bytes, not before.
+            # No checkpoint runs in between (one callback), so none sees them unobserved.
+            if not self._see(chunk):
+                return
             more = self._copied(received)
             if sent < received:
                 self._unsent = memoryview(bytes(chunk[sent:]))
