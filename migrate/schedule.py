@@ -211,6 +211,12 @@ class EpochSchedule:
         self._anchor = anchor or Anchor(1, params.start)
         self._anchor_units: int | None = None  # ticks before the anchor epoch, once needed
         self._cursor = self._cursor_at_anchor()
+        # The last answer of ``epoch_at``: asked many times a second (every connection, every
+        # checkpoint round) with ``now`` inside the same epoch. An epoch's facts never change
+        # once its key is held (a chain only grows); the anchor and the m schedule, which
+        # place it, drop it when they change.
+        self._at: Epoch | None = None
+        self._m_tag: tuple[MSchedule, bytes] | None = None
 
     # -- anchor ------------------------------------------------------------------------------
 
@@ -234,6 +240,7 @@ class EpochSchedule:
         self._anchor = anchor
         self._anchor_units = None
         self._cursor = self._cursor_at_anchor()
+        self._at = None
 
     def set_m_schedule(self, m: MSchedule) -> None:
         """Adopt a new m schedule. Lengths of epochs before the anchor are not re-derived."""
@@ -249,6 +256,7 @@ class EpochSchedule:
             # Units after the anchor may change; recompute from the anchor.
             self._anchor_units = None
             self._cursor = self._cursor_at_anchor()
+            self._at = None
 
     # -- per-epoch facts ---------------------------------------------------------------------
 
@@ -316,6 +324,9 @@ class EpochSchedule:
 
     def epoch_at(self, now: float) -> Epoch:
         """The epoch running at ``now`` (in the clock the anchor was given in)."""
+        at = self._at
+        if at is not None and at.start <= now < at.end:
+            return at
         if not math.isfinite(now):
             raise ScheduleError(f"time {now} is not a finite number")
         if self._anchor.epoch == 1 and now < self._anchor.time:
@@ -330,6 +341,7 @@ class EpochSchedule:
             if current.index == 1:
                 raise ScheduleError(f"the schedule starts at {current.start}, {now} is before it")
             current = self.epoch(current.index - 1)
+        self._at = current
         return current
 
     def window(self, epoch: int) -> Window:
@@ -382,7 +394,12 @@ class EpochSchedule:
 
     def _landmarks(self) -> PebbleIndex | None:
         index = self.chain.index
-        if index is None or not index.units or index.units_tag != m_tag(self.params.m):
+        if index is None or not index.units:
+            return None
+        m = self.params.m
+        if self._m_tag is None or self._m_tag[0] != m:
+            self._m_tag = (m, m_tag(m))  # a hash of the whole m schedule: once per schedule
+        if index.units_tag != self._m_tag[1]:
             return None
         return index
 

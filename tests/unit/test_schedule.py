@@ -3,7 +3,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from migrate.endpoints import Endpoint, parse_server_list
-from migrate.errors import ConfigError, ScheduleError, SubscriptionExpiredError
+from migrate.errors import ConfigError, RoamError, ScheduleError, SubscriptionExpiredError
 from migrate.hashchain import KeyChain
 from migrate.schedule import MAX_RUN_WALK, Anchor, EpochSchedule, MSchedule, ScheduleParams
 
@@ -80,6 +80,47 @@ def test_schedule_is_monotone_and_covers_time(top, m, tick, start, servers, data
     now = start + offset
     found = schedule.epoch_at(now)
     assert found.start <= now < found.end + 1e-9
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    top=st.binary(min_size=32, max_size=32),
+    times=st.lists(st.floats(-20.0, 700.0), min_size=1, max_size=3),
+    steps=st.lists(
+        st.one_of(
+            st.tuples(st.just("at"), st.integers(0, 2)),
+            st.tuples(st.just("anchor"), st.integers(1, 150), st.floats(0.0, 300.0)),
+            st.tuples(st.just("m"), st.integers(1, 6)),
+        ),
+        min_size=1,
+        max_size=30,
+    ),
+)
+def test_a_schedule_asked_again_and_again_answers_as_a_fresh_one(top, times, steps):
+    """``epoch_at`` keeps its last answer (asked for every connection and every 20 ms): kept
+    across any sequence of questions (the same few instants again and again), re-anchorings
+    and m changes, it answers as a schedule that never kept anything."""
+    pool = tuple(Endpoint.parse(f"10.1.0.{i + 1}:443") for i in range(3))
+    kept = EpochSchedule(KeyChain(top, 200), ScheduleParams(pool, 1.0, 0.0, MSchedule(2)))
+    anchor, m = None, MSchedule(2)
+    for step in steps:
+        if step[0] == "anchor":
+            anchor = Anchor(step[1], step[2])
+            kept.reanchor(anchor)
+        elif step[0] == "m":
+            m = MSchedule(step[1])
+            kept.set_m_schedule(m)
+        now = times[step[1] % len(times)] if step[0] == "at" else times[0]
+        fresh = EpochSchedule(KeyChain(top, 200), ScheduleParams(pool, 1.0, 0.0, m), anchor)
+        try:
+            expected: object = fresh.epoch_at(now)
+        except RoamError as error:
+            expected = type(error)
+        try:
+            answer: object = kept.epoch_at(now)
+        except RoamError as error:
+            answer = type(error)
+        assert answer == expected
 
 
 def test_m_change_applies_from_its_epoch_only():
