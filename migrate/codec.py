@@ -235,6 +235,12 @@ _FIELD = re.compile(rb"(" + _TOKEN + rb"):([\t\x20-\x7e\x80-\xff]*)")
 _CHUNK_SIZE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[\t\x20-\x7e\x80-\xff]*)?")
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,18}")
 _END_OF_HEAD = re.compile(rb"\r\n\r\n")
+# Every line of a header section after the first, each a valid field ending in CRLF (no
+# obs-fold: a token never starts with a space), and the two fields that frame a body.
+_FIELD_LINES = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_FRAMING_FIELD = re.compile(
+    rb"^(content-length|transfer-encoding):([\t\x20-\x7e\x80-\xff]*)", re.IGNORECASE | re.MULTILINE
+)
 _LF = re.compile(rb"\n")
 # Never valid in a header section: controls other than HTAB, CR and LF.
 _CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
@@ -287,6 +293,44 @@ def _head_lines(head: bytes) -> list[bytes]:
         if b"\r" in line or b"\n" in line:
             raise _Degrade("bare CR or LF in a header section")
     return lines
+
+
+def _first_line(section: bytes) -> tuple[bytes, list[bytes] | None]:
+    """A header section's first line, and its lines if the field lines need checking one by
+    one (None: ``_FIELD_LINES`` found them all valid). Raises what ``_head_lines`` raises.
+
+    Most heads are well formed: one match over all their field lines (and, in
+    ``_framing``, one search for the two framing fields) decides them without a Python loop
+    over every line; anything else goes the line-by-line way, for its exact error."""
+    first_end = section.find(b"\r\n")
+    first = section[:first_end]
+    if (
+        b"\r" not in first
+        and b"\n" not in first
+        and _FIELD_LINES.fullmatch(section, first_end + 2, len(section) - 2)
+    ):
+        return first, None
+    lines = _head_lines(section)
+    return lines[0], lines
+
+
+def _framing(section: bytes, lines: list[bytes] | None) -> tuple[list[bytes], list[bytes] | None]:
+    """``_framing_fields`` of a section whose first line ``_first_line`` gave with ``lines``."""
+    if lines is not None:
+        return _framing_fields(lines[1:])
+    lengths: list[bytes] = []
+    codings: list[bytes] | None = None
+    for match in _FRAMING_FIELD.finditer(section, section.find(b"\r\n") + 2):
+        if match[1][:1] in (b"c", b"C"):
+            lengths.extend(element.strip(b" \t") for element in match[2].split(b","))
+        else:
+            if codings is None:
+                codings = []
+            for element in match[2].split(b","):
+                coding = element.split(b";", 1)[0].strip(b" \t").lower()
+                if coding:
+                    codings.append(coding)
+    return lengths, codings
 
 
 def _framing_fields(lines: list[bytes]) -> tuple[list[bytes], list[bytes] | None]:
@@ -530,8 +574,8 @@ class _RequestReader(_Reader):
             raise _Degrade("malformed request line")
 
     def head_done(self, section: bytes, end: int) -> int:
-        lines = _head_lines(section)
-        match = _REQUEST_LINE.fullmatch(lines[0])
+        first, lines = _first_line(section)
+        match = _REQUEST_LINE.fullmatch(first)
         if match is None:
             raise _Degrade("malformed request line")
         method, version = match[1], match[3]
@@ -539,7 +583,7 @@ class _RequestReader(_Reader):
             raise _Degrade(f"unsupported version HTTP/{version.decode()}")
         if method == b"CONNECT":
             raise _Degrade("CONNECT request (a tunnel follows)")
-        lengths, codings = _framing_fields(lines[1:])
+        lengths, codings = _framing(section, lines)
         framing = _body_framing(lengths, codings, version, request=True)
         self.exchange = self.codec._request_started(method)
         return framing
@@ -570,8 +614,8 @@ class _ResponseReader(_Reader):
             raise _Degrade("malformed status line")
 
     def head_done(self, section: bytes, end: int) -> int:
-        lines = _head_lines(section)
-        match = _STATUS_LINE.fullmatch(lines[0])
+        first, lines = _first_line(section)
+        match = _STATUS_LINE.fullmatch(first)
         if match is None:
             raise _Degrade("malformed status line")
         version, status = match[1], int(match[2])
@@ -584,7 +628,7 @@ class _ResponseReader(_Reader):
             raise _Degrade("response without a request")
         if status == 101:
             raise _Degrade("101 Switching Protocols (another protocol follows)")
-        lengths, codings = _framing_fields(lines[1:])
+        lengths, codings = _framing(section, lines)
         if status < 200:
             self.codec.interim_ends.append(end)
             return _INTERIM

@@ -899,3 +899,59 @@ def test_after_degrading_valid_traffic_does_not_move_the_fresh_point(
     assert codec.degraded is not None
     feed_all(watched, chunked(after.segments, chunking), chunking.views)
     assert (codec.fresh, codec.boundaries) == (before.fresh, before.boundaries)
+
+
+# --- the header fast path -----------------------------------------------------------------
+
+_HEAD_LINES = st.sampled_from(
+    [
+        b"Content-Length: 12",
+        b"content-length:7",
+        b"CONTENT-LENGTH: 3, 3",
+        b"Content-Length:",
+        b"Transfer-Encoding: gzip, chunked",
+        b"transfer-encoding: chunked;q=1",
+        b"Transfer-Encoding:",
+        b"Host: example.test",
+        b"X-Content-Length: 5",
+        b"Content-Lengthy: 5",
+        b"Date: Thu, 03 Dec 2026 23:10:36 GMT",
+        b"X-Odd: \t\x80\xff tab and high bytes",
+        b" folded continuation",
+        b"\tfolded tab",
+        b"No Colon Here",
+        b"Bad Name: value",
+        b": empty name",
+        b"X-Bare: a\rb",
+        b"X-Bare: a\nb",
+        b"X-Ctl: a\x01b",
+        b"",
+    ]
+)
+
+
+@given(first=st.sampled_from([b"GET / HTTP/1.1", b"HTTP/1.1 200 OK", b"GE\rT / HTTP/1.1", b""]),
+       lines=st.lists(_HEAD_LINES, max_size=6))  # fmt: skip
+def test_the_header_fast_path_decides_as_the_line_by_line_check(first, lines):
+    """``_first_line`` and ``_framing`` (one match for a well-formed head) give the first
+    line, the Content-Length elements and the codings that ``_head_lines`` and
+    ``_framing_fields`` give, and raise the same error for any other head."""
+    from migrate.codec import _Degrade, _first_line, _framing, _framing_fields, _head_lines
+
+    section = b"\r\n".join([first, *lines]) + b"\r\n\r\n"
+
+    def outcome(split):
+        try:
+            return split()
+        except _Degrade as error:
+            return ("degrade", str(error))
+
+    def fast():
+        line, checked = _first_line(section)
+        return line, *_framing(section, checked)
+
+    def slow():
+        split = _head_lines(section)
+        return split[0], *_framing_fields(split[1:])
+
+    assert outcome(fast) == outcome(slow)
