@@ -308,6 +308,22 @@ class ClientList:
 
     generation: int = 0
     clients: tuple[ClientRecord, ...] = ()
+    # Indexes, built once: ``by_id`` runs for every migration-port datagram and
+    # ``by_address`` for every accepted connection; a scan of thousands of clients each time
+    # would make every message's cost grow with the deployment (and a spoofer's too).
+    _ids: dict[int, ClientRecord] = field(init=False, repr=False, compare=False)
+    _addresses: dict[IPAddress, tuple[ClientRecord, ...]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        ids: dict[int, ClientRecord] = {}
+        addresses: dict[IPAddress, tuple[ClientRecord, ...]] = {}
+        for client in self.clients:
+            ids.setdefault(client.client_id, client)  # the first, as a scan finds it
+            addresses[client.address] = (*addresses.get(client.address, ()), client)
+        object.__setattr__(self, "_ids", ids)
+        object.__setattr__(self, "_addresses", addresses)
 
     def by_name(self, name: str) -> ClientRecord:
         for client in self.clients:
@@ -316,13 +332,10 @@ class ClientList:
         raise ConfigError(f"no client named {name!r} in this deployment")
 
     def by_id(self, client_id: int) -> ClientRecord | None:
-        for client in self.clients:
-            if client.client_id == client_id:
-                return client
-        return None
+        return self._ids.get(client_id)
 
     def by_address(self, address: IPAddress) -> list[ClientRecord]:
-        return [client for client in self.clients if client.address == address]
+        return list(self._addresses.get(address, ()))
 
     def next_client_id(self) -> int:
         return max((client.client_id for client in self.clients), default=0) + 1

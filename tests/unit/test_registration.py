@@ -178,3 +178,31 @@ def test_corrupted_bundles_fail_cleanly(position, value):
 def test_fingerprint_is_stable_and_short():
     assert fingerprint(b"k" * 32) == fingerprint(b"k" * 32)
     assert len(fingerprint(b"k" * 32)) == 16
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    entries=st.lists(
+        st.tuples(st.integers(1, 6), st.sampled_from(["10.0.0.1", "10.0.0.2", "fd00::1"])),
+        max_size=12,
+    ),
+    revoke=st.integers(0, 12),
+)
+def test_a_client_list_finds_by_id_and_address_as_a_scan_does(entries, revoke):
+    """``by_id`` and ``by_address`` look up indexes built with the list (every datagram and
+    every connection asks): the same answers as a scan, in the same order, after any change."""
+    clients = ClientList()
+    for number, (client_id, address) in enumerate(entries):
+        record = client(f"c{number}", client_id, address=ipaddress.ip_address(address))
+        try:
+            clients = clients.add(record)
+        except ConfigError:
+            continue  # an id in use: refused, the list unchanged
+    if clients.clients and revoke < len(clients.clients):
+        clients = clients.revoke(clients.clients[revoke].name)
+    for client_id in range(0, 8):
+        scan = next((c for c in clients.clients if c.client_id == client_id), None)
+        assert clients.by_id(client_id) == scan
+    for address in ("10.0.0.1", "10.0.0.2", "fd00::1", "10.0.0.9"):
+        ip = ipaddress.ip_address(address)
+        assert clients.by_address(ip) == [c for c in clients.clients if c.address == ip]
