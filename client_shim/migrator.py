@@ -287,6 +287,7 @@ class Migrator:
             record.mark("switched", self.clock())
             if self.hold is not None:  # held segments on to the new server, or dropped
                 record.held = self.hold.release({*gone, *held})
+                record.mark("released", self.clock())
         self._finish(record)
 
     def _not_following(self, record: RoamRecord) -> list[int]:
@@ -366,6 +367,7 @@ class Migrator:
             )
         going = [p for p, h in record.connections.items() if h.state is ClientState.COMMITTED]
         windows, now = self.view.receive_windows(going), self.clock()
+        record.mark("windows", now)
         for port, handoff in record.connections.items():
             if isinstance(handoff, ClientHandover) and not handoff.final:
                 handoff.switched(now, windows.get(port))
