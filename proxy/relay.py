@@ -27,8 +27,10 @@ Each direction is either
   A splice pump copies (as below) until its first read of 64 KiB or more: short messages cost
   two system calls either way (four with a tee), and a connection that never carried bulk
   makes no pipe.
-* ``Copy(observer)``: ``recv_into`` a reused buffer, hand the chunk to ``observer`` (which sees
-  every byte once, in order, before the destination can), then ``send`` it.
+* ``Copy(observer)``: ``recv_into`` a reused buffer, ``send`` the chunk, then hand it to
+  ``observer`` in the same callback (every byte once, in order): the observer's work runs
+  while the peer handles the bytes, not on their way, and nothing the loop runs between two
+  callbacks (a checkpoint) finds the observer behind what was forwarded.
 
 Backpressure: a pump reads only when it holds nothing (empty pipe, or no unsent tail). When the
 destination cannot take everything, the pump stops reading the source and waits for
