@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol, runtime_checkable
 
@@ -318,19 +319,8 @@ def _framing(section: bytes, lines: list[bytes] | None) -> tuple[list[bytes], li
     """``_framing_fields`` of a section whose first line ``_first_line`` gave with ``lines``."""
     if lines is not None:
         return _framing_fields(lines[1:])
-    lengths: list[bytes] = []
-    codings: list[bytes] | None = None
-    for match in _FRAMING_FIELD.finditer(section, section.find(b"\r\n") + 2):
-        if match[1][:1] in (b"c", b"C"):
-            lengths.extend(element.strip(b" \t") for element in match[2].split(b","))
-        else:
-            if codings is None:
-                codings = []
-            for element in match[2].split(b","):
-                coding = element.split(b";", 1)[0].strip(b" \t").lower()
-                if coding:
-                    codings.append(coding)
-    return lengths, codings
+    found = _FRAMING_FIELD.finditer(section, section.find(b"\r\n") + 2)
+    return _framing_of((match[1].lower(), match[2]) for match in found)
 
 
 def _framing_fields(lines: list[bytes]) -> tuple[list[bytes], list[bytes] | None]:
@@ -338,8 +328,11 @@ def _framing_fields(lines: list[bytes]) -> tuple[list[bytes], list[bytes] | None
 
     The codings are None when there is no Transfer-Encoding field.
     """
-    lengths: list[bytes] = []
-    codings: list[bytes] | None = None
+    return _framing_of(_checked_fields(lines))
+
+
+def _checked_fields(lines: list[bytes]) -> Iterator[tuple[bytes, bytes]]:
+    """Each field line's lower-case name and value; ``_Degrade`` at the first invalid line."""
     for line in lines:
         if line[:1] in (b" ", b"\t"):
             # RFC 9112 section 5.2: obs-fold; a server may reject it, a proxy may rewrite it.
@@ -347,13 +340,21 @@ def _framing_fields(lines: list[bytes]) -> tuple[list[bytes], list[bytes] | None
         match = _FIELD.fullmatch(line)
         if match is None:
             raise _Degrade("malformed header field")
-        name = match[1].lower()
+        yield match[1].lower(), match[2]
+
+
+def _framing_of(fields: Iterable[tuple[bytes, bytes]]) -> tuple[list[bytes], list[bytes] | None]:
+    """The Content-Length elements and transfer codings among ``fields`` (lower-case name,
+    value); the codings are None when there is no Transfer-Encoding field."""
+    lengths: list[bytes] = []
+    codings: list[bytes] | None = None
+    for name, value in fields:
         if name == b"content-length":
-            lengths.extend(element.strip(b" \t") for element in match[2].split(b","))
+            lengths.extend(element.strip(b" \t") for element in value.split(b","))
         elif name == b"transfer-encoding":
             if codings is None:
                 codings = []
-            for element in match[2].split(b","):
+            for element in value.split(b","):
                 coding = element.split(b";", 1)[0].strip(b" \t").lower()
                 if coding:
                     codings.append(coding)
