@@ -32,8 +32,8 @@ from migrate.checkpoint import carrier_opener, open_carrier
 from migrate.connstore import CLIENT_FIN, ConnectionStore
 from migrate.errors import RoamError
 from migrate.kernel.eventlog import EventLog
-from migrate.kernel.nflog import NflogPacket, NflogReader
-from migrate.kernel.rawtcp import is_carrier, parse_ipv4_tcp
+from migrate.kernel.nflog import NflogReader
+from migrate.kernel.rawtcp import ACK, FIN, SYN, segment_fields
 from migrate.registration import Bundle
 from migrate.replaystream import DEFAULT_MAX_REPLAY
 
@@ -68,6 +68,9 @@ class Capture:
         self.client_address = str(bundle.address)
         self.vip = (str(bundle.vip), bundle.service_port)
         self.pool = {(str(s.address), s.port) for s in bundle.servers()}
+        # As a copy's header has them (``segment_fields``): compared for every copy.
+        self._client_packed = bundle.address.packed
+        self._vip_packed = bundle.vip.packed
         # --max-replay per connection; the store's total bounds the client's memory.
         self.store = ConnectionStore(per_connection_limit=max_replay, total_limit=4 * max_replay)
         self.carriers: Opener = carrier_opener(
@@ -153,7 +156,7 @@ class Capture:
         lost = reader.missed + reader.overflowed
         stored = self.store.carriers_stored
         for _ in range(READS_PER_EVENT):
-            self._take(reader.read())
+            self._take(reader.read_payloads())
             if not reader.backlog:
                 break
         if self.store.carriers_stored != stored:
@@ -175,24 +178,25 @@ class Capture:
             level = "info" if reason == CLIENT_FIN else "warning"
             self.log.event("connection_unmigratable", level=level, port=port, reason=reason)
 
-    def _take(self, packets: list[NflogPacket]) -> None:
+    def _take(self, packets: list[bytes]) -> None:
         now = self.clock()
+        client, vip, vport = self._client_packed, self._vip_packed, self.vip[1]
         for packet in packets:
             try:
-                segment = parse_ipv4_tcp(packet.payload)
+                segment = segment_fields(packet)
             except RoamError as error:
                 self.log.event("capture_malformed", level="warning", reason=str(error))
                 continue
             if segment is None:
                 continue
-            if (segment.dst, segment.dport) == self.vip and segment.src == self.client_address:
-                if segment.syn and not segment.ack_flag:
+            if segment.dst == vip and segment.dport == vport and segment.src == client:
+                if segment.flags & SYN and not segment.flags & ACK:
                     self.store.on_syn(segment.sport, segment.seq, now)
                 else:
                     self.store.on_segment(
-                        segment.sport, segment.seq, segment.payload, segment.fin, now
+                        segment.sport, segment.seq, segment.payload, bool(segment.flags & FIN), now
                     )
-            elif (segment.src, segment.sport) in self.pool and is_carrier(segment):
+            elif segment.carrier and (socket.inet_ntoa(segment.src), segment.sport) in self.pool:
                 self._on_carrier(segment.payload, segment.dport, segment.ack, now)
 
     def status(self) -> dict[str, object]:

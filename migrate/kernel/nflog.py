@@ -48,6 +48,8 @@ from typing import Final
 from migrate.errors import LocalError
 from migrate.kernel.nfnetlink import (
     NFGENMSG,
+    NLA_TYPE_MASK,
+    NLATTR,
     NLM_F_ACK,
     ack_code,
     attr,
@@ -203,6 +205,31 @@ def parse_packet_message(group: int, family: int, body: memoryview) -> NflogPack
         uid=_be32(attrs.get(NFULA_UID)),
         gid=_be32(attrs.get(NFULA_GID)),
     )
+
+
+def packet_payload(body: memoryview) -> tuple[int | None, bytes]:
+    """``parse_packet_message``'s ``seq`` and ``payload`` alone, for a reader that needs only
+    the packets' bytes (the client's capture, a copy of every segment the client sends):
+    the attributes are walked as ``attributes`` walks them (the last of a repeated type wins,
+    a malformed one ends the walk), and nothing else is built."""
+    seq: int | None = None
+    payload = b""
+    offset = 0
+    size = len(body)
+    while offset + NLATTR.size <= size:
+        length, kind = NLATTR.unpack_from(body, offset)
+        if length < NLATTR.size or offset + length > size:
+            break
+        kind &= NLA_TYPE_MASK
+        if kind == NFULA_PAYLOAD:
+            payload = bytes(body[offset + NLATTR.size : offset + length])
+        elif kind == NFULA_SEQ:
+            value: int | None = None
+            if length >= NLATTR.size + _BE32.size:
+                value = _BE32.unpack_from(body, offset + NLATTR.size)[0]
+            seq = value
+        offset += (length + 3) & ~3
+    return seq, payload
 
 
 # --- the reader ---------------------------------------------------------------------------
@@ -362,6 +389,31 @@ class NflogReader:
         )
         return packets
 
+    def read_payloads(self) -> list[bytes]:
+        """``read``, each packet's bytes only (``packet_payload``): counted as ``read`` counts
+        them (``received``, ``missed``, ``overflowed``, ``backlog``)."""
+        sock = self._live()
+        pending, self._pending = self._pending, []
+        payloads = [packet.payload for packet in pending]  # counted when parsed
+        self.backlog = drain(
+            sock,
+            self._buffer,
+            _MAX_DATAGRAMS_PER_READ,
+            lambda data: self._payloads_of(data, payloads),
+            self._overflow,
+            NflogError,
+            f"NFLOG group {self.group}",
+        )
+        return payloads
+
+    def _payloads_of(self, data: memoryview, out: list[bytes]) -> None:
+        packet_type = (NFNL_SUBSYS_ULOG << 8) | NFULNL_MSG_PACKET
+        for kind, _seq, body in messages(data):
+            if kind == packet_type and len(body) >= NFGENMSG.size:
+                seq, payload = packet_payload(body[NFGENMSG.size :])
+                self._count_seq(seq)
+                out.append(payload)
+
     def _parse_datagram(
         self, data: memoryview, *, ack_seq: int | None, out: list[NflogPacket] | None = None
     ) -> int | None:
@@ -383,13 +435,16 @@ class NflogReader:
         return result
 
     def _count(self, packet: NflogPacket) -> None:
+        self._count_seq(packet.seq)
+
+    def _count_seq(self, seq: int | None) -> None:
         self.received += 1
-        if packet.seq is None:
+        if seq is None:
             return
         expected = self._next_packet_seq
-        if expected is not None and packet.seq != expected:
-            self.missed += (packet.seq - expected) % (1 << 32)
-        self._next_packet_seq = (packet.seq + 1) % (1 << 32)
+        if expected is not None and seq != expected:
+            self.missed += (seq - expected) % (1 << 32)
+        self._next_packet_seq = (seq + 1) % (1 << 32)
 
     # --- closing -------------------------------------------------------------------------
 

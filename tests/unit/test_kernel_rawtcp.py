@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import socket
+from collections.abc import Callable
 
 import pytest
 from hypothesis import given, settings
@@ -33,6 +34,7 @@ from migrate.kernel.rawtcp import (
     internet_checksum,
     is_carrier,
     parse_ipv4_tcp,
+    segment_fields,
 )
 
 addresses = st.integers(0, 2**32 - 1).map(lambda n: str(ipaddress.IPv4Address(n)))
@@ -127,6 +129,57 @@ def test_corrupted_headers_never_raise_anything_else(
     doff = (packet[ihl + 12] >> 4) * 4
     assert segment.payload == bytes(packet[ihl + doff : total])
     assert len(segment.payload) == total - ihl - doff
+
+
+def outcome(parse: Callable[[bytes], object], packet: bytes) -> object:
+    """What ``parse`` makes of ``packet``: its result, or its error's class and line."""
+    try:
+        return parse(packet)
+    except MalformedPacketError as error:
+        return (type(error), str(error))
+
+
+def captured_view(packet: bytes) -> object:
+    """``parse_ipv4_tcp``'s outcome as ``segment_fields`` reports it."""
+    result = outcome(parse_ipv4_tcp, packet)
+    if not isinstance(result, TcpSegment):
+        return result
+    return (
+        socket.inet_aton(result.src),
+        socket.inet_aton(result.dst),
+        result.sport,
+        result.dport,
+        result.seq,
+        result.ack,
+        result.flags,
+        result.payload,
+        is_carrier(result),
+    )
+
+
+def with_carrier(fields: dict[str, object]) -> dict[str, object]:
+    options = fields["options"]
+    assert isinstance(options, list)
+    return {**fields, "options": [*options[:2], carrier_option()]}
+
+
+@given(
+    st.one_of(segments().map(build), segments().map(with_carrier).map(build)),
+    st.lists(st.tuples(st.integers(0, 99), st.integers(0, 255)), max_size=6),
+    st.integers(0, 400),
+)
+@settings(max_examples=500)
+def test_the_captures_parse_gives_the_full_parses_values_and_errors(
+    packet: bytes, edits: list[tuple[int, int]], cut: int
+) -> None:
+    """The client's capture reads every copy with ``segment_fields``: whatever the bytes
+    (built segments, carriers among them, corrupted and truncated), it must say what
+    ``parse_ipv4_tcp`` says, value for value or error for error."""
+    data = bytearray(packet[: max(cut, 1)] if cut < len(packet) else packet)
+    for position, value in edits:
+        if position < len(data):
+            data[position] = value
+    assert outcome(segment_fields, bytes(data)) == captured_view(bytes(data))
 
 
 @given(st.binary(max_size=120))
