@@ -931,6 +931,16 @@ class Relay:
         return self._downstream.bytes_forwarded
 
     @property
+    def bytes_read_from_client(self) -> int | None:
+        """Bytes read from the client socket so far (delivered, or waiting to be), when the
+        client's bytes are copied; None when they are spliced (a pipe may hold some)."""
+        upstream = self._upstream
+        if not isinstance(upstream, _CopyPump):
+            return None
+        unsent = upstream._unsent
+        return upstream.bytes_forwarded + (len(unsent) if unsent is not None else 0)
+
+    @property
     def ended(self) -> bool:
         return self._ended
 
