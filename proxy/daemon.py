@@ -155,6 +155,8 @@ class ServerShim:
     def __init__(self, options: ServerOptions, log: EventLog, clock: Clock = time.time) -> None:
         check_choices(options)
         self.options = options
+        # Where the relay connects, as ``connect`` takes it: formatted once, not per connection.
+        self._service = (str(options.service.address), options.service.port)
         self.log = log
         self.clock = clock
         self._status_pending = False
@@ -920,7 +922,7 @@ class ServerShim:
     async def connect_service(self, client_address: str) -> socket.socket:
         """A connection to the service, from ``client_address`` when transparent (both modes:
         the relay's new connections and live mode's re-incarnations)."""
-        service = (str(self.options.service.address), self.options.service.port)
+        service = self._service
         if self.options.transparent:
             return await connect_transparent(service, client_address)
         return await connect_plain(service)
