@@ -1,10 +1,15 @@
 """Live connections on the server and the checkpoints they push to their client.
 
 Theory of operation: every accepted connection is relayed so that ``migrate.streamstate``
-sees both byte streams: spliced (zero-copy), with each read teed into a side pipe whose copy
-the stream state reads before the bytes are forwarded (``proxy.relay.Splice(observer=...)``),
-so a checkpoint never commits to less than what went through; right after accept the shim reads the
-handshake's sequence numbers and options through TCP_REPAIR (``accept_facts``). Checkpoints go
+sees both byte streams: copied through Python (the default, ``--live-relay copy``), each chunk
+shown to the stream state right after its send in the same callback (``proxy.relay.Copy``),
+or spliced, each read teed into a side pipe whose copy the stream state reads before the bytes
+are forwarded (``proxy.relay.Splice(observer=...)``). Checkpoints are taken from the loop, never
+between a send and its showing, so a checkpoint never commits to less than what went through
+(with observer threads, to what they covered, under the relay's lock). The handshake's
+sequence numbers and options are read through TCP_REPAIR (``accept_facts``) right after
+accept, or, when the relay copies and so counts what it read and wrote, at the first
+checkpoint. Checkpoints go
 to the client periodically (each connection on its own phase, from its start), at every request
 boundary the codec finds, and once more ``LEAVE_PUSH_LEAD_S`` before this server stops being the
 active one. Each is sealed with the pool's checkpoint key, wrapped in a carrier sealed for the
