@@ -390,6 +390,31 @@ def _body_framing(
     return _NO_BODY if request else _UNTIL_CLOSED
 
 
+# A reader keeps the last head it parsed, up to this size, and what it said: a keep-alive
+# connection's requests (and, within a second, its answers) repeat byte for byte, and the
+# same bytes say the same (``_request_head`` and a status head's checks are functions of the
+# section alone).
+MAX_KEPT_HEAD_BYTES = 4096
+
+# A status head's checked facts: version, status, framing fields (``_framing``'s).
+_StatusHead = tuple[bytes, int, tuple[list[bytes], list[bytes] | None]]
+
+
+def _request_head(section: bytes) -> tuple[bytes, int]:
+    """A request head's method and body framing; ``_Degrade`` for what cannot be followed."""
+    first, lines = _first_line(section)
+    match = _REQUEST_LINE.fullmatch(first)
+    if match is None:
+        raise _Degrade("malformed request line")
+    method, version = match[1], match[3]
+    if version not in _VERSIONS:
+        raise _Degrade(f"unsupported version HTTP/{version.decode()}")
+    if method == b"CONNECT":
+        raise _Degrade("CONNECT request (a tunnel follows)")
+    lengths, codings = _framing(section, lines)
+    return method, _body_framing(lengths, codings, version, request=True)
+
+
 class _Reader:
     """Follows the message framing of one direction; the codec interprets the headers."""
 
@@ -560,12 +585,14 @@ class _Reader:
 
 
 class _RequestReader(_Reader):
-    __slots__ = ("codec", "exchange")
+    __slots__ = ("_last", "codec", "exchange")
 
     def __init__(self, codec: Http11Codec, start: int) -> None:
         super().__init__(start)
         self.codec = codec
         self.exchange: _Exchange | None = None
+        # The last head parsed and what it said (``_same_head``).
+        self._last: tuple[bytes, tuple[bytes, int]] | None = None
 
     def blank_lines_allowed(self) -> bool:
         return True
@@ -575,17 +602,13 @@ class _RequestReader(_Reader):
             raise _Degrade("malformed request line")
 
     def head_done(self, section: bytes, end: int) -> int:
-        first, lines = _first_line(section)
-        match = _REQUEST_LINE.fullmatch(first)
-        if match is None:
-            raise _Degrade("malformed request line")
-        method, version = match[1], match[3]
-        if version not in _VERSIONS:
-            raise _Degrade(f"unsupported version HTTP/{version.decode()}")
-        if method == b"CONNECT":
-            raise _Degrade("CONNECT request (a tunnel follows)")
-        lengths, codings = _framing(section, lines)
-        framing = _body_framing(lengths, codings, version, request=True)
+        last = self._last
+        if last is not None and last[0] == section:
+            method, framing = last[1]
+        else:
+            method, framing = _request_head(section)
+            if len(section) <= MAX_KEPT_HEAD_BYTES:
+                self._last = (section, (method, framing))
         self.exchange = self.codec._request_started(method)
         return framing
 
@@ -601,11 +624,12 @@ class _RequestReader(_Reader):
 
 
 class _ResponseReader(_Reader):
-    __slots__ = ("codec",)
+    __slots__ = ("_last", "codec")
 
     def __init__(self, codec: Http11Codec, start: int) -> None:
         super().__init__(start)
         self.codec = codec
+        self._last: tuple[bytes, _StatusHead] | None = None  # as _RequestReader's
 
     def blank_lines_allowed(self) -> bool:
         return False
@@ -615,21 +639,31 @@ class _ResponseReader(_Reader):
             raise _Degrade("malformed status line")
 
     def head_done(self, section: bytes, end: int) -> int:
-        first, lines = _first_line(section)
-        match = _STATUS_LINE.fullmatch(first)
-        if match is None:
-            raise _Degrade("malformed status line")
-        version, status = match[1], int(match[2])
-        if version not in _VERSIONS:
-            raise _Degrade(f"unsupported version HTTP/{version.decode()}")
-        if status < 100:
-            raise _Degrade(f"invalid status code {status}")
+        last = self._last
+        framed: tuple[list[bytes], list[bytes] | None] | None = None
+        if last is not None and last[0] == section:
+            version, status, framed = last[1]
+            lines = None
+        else:
+            first, lines = _first_line(section)
+            match = _STATUS_LINE.fullmatch(first)
+            if match is None:
+                raise _Degrade("malformed status line")
+            version, status = match[1], int(match[2])
+            if version not in _VERSIONS:
+                raise _Degrade(f"unsupported version HTTP/{version.decode()}")
+            if status < 100:
+                raise _Degrade(f"invalid status code {status}")
         exchange = self.codec._unanswered()
         if exchange is None:
             raise _Degrade("response without a request")
         if status == 101:
             raise _Degrade("101 Switching Protocols (another protocol follows)")
-        lengths, codings = _framing(section, lines)
+        if framed is None:
+            framed = _framing(section, lines)
+            if len(section) <= MAX_KEPT_HEAD_BYTES:
+                self._last = (section, (version, status, framed))
+        lengths, codings = framed
         if status < 200:
             self.codec.interim_ends.append(end)
             return _INTERIM

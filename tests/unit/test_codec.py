@@ -955,3 +955,44 @@ def test_the_header_fast_path_decides_as_the_line_by_line_check(first, lines):
         return split[0], *_framing_fields(split[1:])
 
     assert outcome(fast) == outcome(slow)
+
+
+def observed(codec: Http11Codec) -> tuple[object, ...]:
+    """All a codec tells its stream state."""
+    return (
+        codec.fresh,
+        codec.boundaries,
+        codec.degraded,
+        list(codec.interim_ends),
+        codec.heads,
+        codec.last_head,
+        list(codec.bodies),
+        codec.body_ahead(),
+    )
+
+
+def forgotten(segments: list[tuple[str, bytes]]) -> Conversation:
+    """Damaged segments as a conversation whose fresh point nobody checks."""
+    return Conversation(segments, FreshPoint(0, 0), 0, False)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    first=conversations(may_close=False),
+    then=st.one_of(conversations(), mutated().map(forgotten)),
+    repeats=st.integers(1, 3),
+    chunking=chunkings,
+)
+def test_a_codec_that_keeps_its_last_heads_says_what_one_that_keeps_none_says(
+    first: Conversation, then: Conversation, repeats: int, chunking: Chunking
+) -> None:
+    """Each direction keeps its last head and what it said (a keep-alive connection repeats
+    its requests, and its answers within a second): the same exchanges over and over, then
+    others or damaged ones, must give every observable, after every chunk, as a codec that
+    parses every head."""
+    keeping, parsing = Http11Codec(), Http11Codec()
+    for direction, data in chunked(first.segments * (repeats + 1) + then.segments, chunking):
+        getattr(keeping, f"feed_{direction}")(data)
+        getattr(parsing, f"feed_{direction}")(data)
+        parsing._c2s._last = parsing._s2c._last = None  # parses every head
+        assert observed(keeping) == observed(parsing)
