@@ -391,9 +391,11 @@ def _body_framing(
 
 
 # A reader keeps the last head it parsed, up to this size, and what it said: a keep-alive
-# connection's requests (and, within a second, its answers) repeat byte for byte, and the
-# same bytes say the same (``_request_head`` and a status head's checks are functions of the
-# section alone).
+# connection's requests (and, within a second, its answers: their Date changes each second)
+# repeat byte for byte, and the same bytes say the same (``_request_head`` and a status
+# head's checks are functions of the section alone; what depends on the exchange, its method
+# and whether there is one, is looked at every time). At most this much a direction a
+# connection, most often a few hundred bytes.
 MAX_KEPT_HEAD_BYTES = 4096
 
 # A status head's checked facts: version, status, framing fields (``_framing``'s).
