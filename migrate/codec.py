@@ -593,7 +593,7 @@ class _RequestReader(_Reader):
         super().__init__(start)
         self.codec = codec
         self.exchange: _Exchange | None = None
-        # The last head parsed and what it said (``_same_head``).
+        # The last head parsed and what it said (``MAX_KEPT_HEAD_BYTES``).
         self._last: tuple[bytes, tuple[bytes, int]] | None = None
 
     def blank_lines_allowed(self) -> bool:
