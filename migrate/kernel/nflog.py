@@ -48,8 +48,6 @@ from typing import Final
 from migrate.errors import LocalError
 from migrate.kernel.nfnetlink import (
     NFGENMSG,
-    NLA_TYPE_MASK,
-    NLATTR,
     NLM_F_ACK,
     ack_code,
     attr,
@@ -210,26 +208,10 @@ def parse_packet_message(group: int, family: int, body: memoryview) -> NflogPack
 def packet_payload(body: memoryview) -> tuple[int | None, bytes]:
     """``parse_packet_message``'s ``seq`` and ``payload`` alone, for a reader that needs only
     the packets' bytes (the client's capture, a copy of every segment the client sends):
-    the attributes are walked as ``attributes`` walks them (the last of a repeated type wins,
-    a malformed one ends the walk), and nothing else is built."""
-    seq: int | None = None
-    payload = b""
-    offset = 0
-    size = len(body)
-    while offset + NLATTR.size <= size:
-        length, kind = NLATTR.unpack_from(body, offset)
-        if length < NLATTR.size or offset + length > size:
-            break
-        kind &= NLA_TYPE_MASK
-        if kind == NFULA_PAYLOAD:
-            payload = bytes(body[offset + NLATTR.size : offset + length])
-        elif kind == NFULA_SEQ:
-            value: int | None = None
-            if length >= NLATTR.size + _BE32.size:
-                value = _BE32.unpack_from(body, offset + NLATTR.size)[0]
-            seq = value
-        offset += (length + 3) & ~3
-    return seq, payload
+    nothing else is built."""
+    attrs = attributes(body)
+    payload = attrs.get(NFULA_PAYLOAD)
+    return _be32(attrs.get(NFULA_SEQ)), bytes(payload) if payload is not None else b""
 
 
 # --- the reader ---------------------------------------------------------------------------
