@@ -266,7 +266,7 @@ class Migrator:
             # before reading positions.
             sockets = self.view.sockets_of([m.port for m in ready])
             record.mark("carriers", self.clock())
-            self._commit(ready, sockets, record.epoch, give_up_at)
+            self._commit(ready, sockets, record, give_up_at)
             record.mark("commits_sent", self.clock())
             # The prepared connections commit at once; the connections opened in the last
             # moments (still with the old server, perhaps still without a checkpoint) are
@@ -304,11 +304,12 @@ class Migrator:
         self,
         machines: list[ClientHandover],
         sockets: dict[int, sockdiag.TcpSocketInfo],
-        epoch: int,
+        record: RoamRecord,
         give_up_at: float | None,
     ) -> None:
-        """Each frozen machine's COMMIT with the client's positions now (``missed_window``)."""
+        """Each frozen machine's COMMIT with its positions now, and its GO's window."""
         now = self.clock()
+        record.note_windows(sockets)
         late_by = now - (give_up_at if give_up_at is not None else float("inf"))
         for machine in machines:
             info = sockets.get(machine.port)
@@ -318,7 +319,7 @@ class Migrator:
             elif late_by >= MISSED_WINDOW_S:
                 machine.missed_window(late_by)  # held for the next roam, not LATE and reset
             else:
-                request = self.view.request(Phase.COMMIT, epoch, info, machine.prepared_sent)
+                request = self.view.request(Phase.COMMIT, record.epoch, info, machine.prepared_sent)
                 machine.freeze(request, "replay bytes incomplete", now)
             self._execute(machine)
         self.channel.flush_urgent()
@@ -342,7 +343,7 @@ class Migrator:
         await self._run(newcomers, ClientState.PREPARING)
         prepared = [m for m in newcomers if m.state is ClientState.PREPARED]
         sockets = self.view.sockets_of([m.port for m in prepared])
-        self._commit(prepared, sockets, record.epoch, give_up_at)
+        self._commit(prepared, sockets, record, give_up_at)
         await self._run(prepared, ClientState.COMMITTING)
         record.mark("newcomers", self.clock())
 
@@ -366,11 +367,11 @@ class Migrator:
                 ClientState.CLOSED,
             )
         going = [p for p, h in record.connections.items() if h.state is ClientState.COMMITTED]
-        windows, now = self.view.receive_windows(going), self.clock()
-        record.mark("windows", now)
+        record.windows.update(self.view.receive_windows(record.low_windows.intersection(going)))
+        record.mark("windows", now := self.clock())
         for port, handoff in record.connections.items():
             if isinstance(handoff, ClientHandover) and not handoff.final:
-                handoff.switched(now, windows.get(port))
+                handoff.switched(now, record.windows.get(port))
                 self._execute(handoff)
             if handoff.state is ClientState.RESET:
                 self.view.reset(port)

@@ -8,10 +8,28 @@ from typing import Any
 
 from migrate.handover import DEFER_HELD_MAX_S, ClientHandover, ClientState, NotMoved
 from migrate.kernel.eventlog import EventLog
+from migrate.kernel.sockdiag import TcpSocketInfo
+from migrate.kernel.tcp_repair import RESTORED_WINDOW_SEGMENTS
 
 MAX_ROAM_RECORDS = 50  # kept for status; older roams are in the log only
 
 Handoff = ClientHandover | NotMoved
+
+
+# A window read in the freeze this large (in the connection's segments) is final for its GO: the
+# new server's restored socket assumes RESTORED_WINDOW_SEGMENTS and only ever lowers that to the
+# told window, and the window can only open by the switch (nothing comes from the old server in
+# the freeze). A smaller one may have opened meanwhile (the application read), and the ACK that
+# said so was dropped with the freeze's other pure ACKs (client_shim.holding): it is read again
+# after the switch. Twice the guess, against a new server whose MSS is larger than the client's.
+LOW_WINDOW_SEGMENTS = 2 * RESTORED_WINDOW_SEGMENTS
+MIN_MSS = 1460
+
+
+def low_window(info: TcpSocketInfo) -> int:
+    """Bytes below which ``info``'s receive window, read in the freeze, is read again after the
+    switch (``LOW_WINDOW_SEGMENTS``)."""
+    return LOW_WINDOW_SEGMENTS * max(info.snd_mss, info.rcv_mss, MIN_MSS)
 
 
 @dataclass
@@ -27,8 +45,20 @@ class RoamRecord:
     connections: dict[int, Handoff] = field(default_factory=dict)
     # When each step of the hand-over ended (the log breaks the pause down by them).
     marks: dict[str, float] = field(default_factory=dict)
+    # Each committed connection's receive window for its GO (protocol.md 8.3), read in the
+    # freeze with its positions; those below ``low_window`` are read again after the switch.
+    windows: dict[int, int | None] = field(default_factory=dict)
+    low_windows: set[int] = field(default_factory=set)
     # Segments written during the freeze and held (client_shim.holding): (sent on, dropped).
     held: tuple[int, int] = (0, 0)
+
+    def note_windows(self, sockets: dict[int, TcpSocketInfo]) -> None:
+        """The receive windows of ``sockets``, read in the freeze, for their GOs; those below
+        ``low_window`` are to be read again after the switch."""
+        for port, info in sockets.items():
+            self.windows[port] = info.rcv_wnd
+            if info.rcv_wnd is not None and info.rcv_wnd < low_window(info):
+                self.low_windows.add(port)
 
     def mark(self, step: str, now: float) -> None:
         self.marks[step] = now

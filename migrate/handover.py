@@ -815,7 +815,8 @@ class ClientHandover:
 
     def switched(self, now: float, window: int | None = None) -> None:
         """The rewrite points at the new server now. ``window``: the connection's receive
-        window read since (bytes; None if the kernel does not say), which GO carries."""
+        window (bytes; None if the kernel does not say), which GO carries: read in the freeze, or
+        after the switch if it was small then (``client_shim.roams.low_window``)."""
         was = self.state
         self._step(_CE.SWITCHED, LocalError)
         if self.state is _C.MIGRATED:
