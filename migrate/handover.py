@@ -734,10 +734,14 @@ class ClientHandover:
         if was not in CLIENT_FINAL:
             # The server released what it held when its work failed; a COMMIT it refused
             # (REFUSED, LATE) leaves the preparation held there: freed at once by the ABORT.
-            # A LATE one is not held for the next roam: tried, a pool in sustained overload
-            # then moved ever more connections per roam until every one failed.
             held = was is _C.COMMITTING and answer.status in (Status.REFUSED, Status.LATE)
             self._give_up(answer.detail, abort=held, outcome=answer.status.name.lower())
+            # A LATE one restored nothing there (refused before any work) and may wait for
+            # the next roam, as an unanswered PREPARE does: a roam into a short epoch that
+            # the hand-over outlasted (hundreds of busy connections) then pauses them for an
+            # epoch instead of resetting them. (Tried on 2026-12-05, on a machine three times
+            # slower, it made an overloaded pool collapse; docs/benchmarks.md has both runs.)
+            self.movable_later = was is _C.COMMITTING and answer.status is Status.LATE
 
     def refresh(
         self, s2c_received: int, c2s_sent: int, newer: Request | None, newer_s2c: int, now: float

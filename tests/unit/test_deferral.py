@@ -51,9 +51,9 @@ def roam(epoch: int, *handoffs: ClientHandover | NotMoved) -> RoamRecord:
 
 
 def test_only_connections_the_new_server_could_not_prepare_in_time_are_held() -> None:
-    """Held: no answer to the PREPARE by the freeze. Reset: what a server answered it cannot
-    do, a COMMIT it took too late included (holding those made an overloaded pool collapse),
-    and a reset whose reason merely reads like an unanswered PREPARE."""
+    """Held: no answer to the PREPARE by the freeze, and a COMMIT the server took too late
+    (LATE: refused before any work). Reset: what a server answered it cannot do, and a reset
+    whose reason merely reads like an unanswered PREPARE."""
     record = roam(
         5,
         unanswered(40001),
@@ -64,13 +64,16 @@ def test_only_connections_the_new_server_could_not_prepare_in_time_are_held() ->
         NotMoved(40006, "failed", NO_PREPARE_ANSWER),  # the text alone does not hold one
     )
     defer_unanswered(record, None, 100.5)
-    assert record.deferred == {40001: 100.5}
+    assert record.deferred == {40001: 100.5, 40005: 100.5}
     held = record.connections[40001]
     assert held.outcome == "deferred"
     assert held.state is not ClientState.RESET  # not reset after the switch
     assert held.reason.startswith(NO_PREPARE_ANSWER)
-    assert record.connections[40005].outcome == "late"
-    for port in (40002, 40003, 40005, 40006):  # a server's answer that it cannot: reset, as before
+    late = record.connections[40005]
+    assert late.outcome == "deferred"
+    assert late.state is not ClientState.RESET
+    assert late.reason == "the window of epoch 5 on this server closed; held for the next roam"
+    for port in (40002, 40003, 40006):  # a server's answer that it cannot: reset, as before
         assert record.connections[port].state is ClientState.RESET
     assert record.connections[40004].outcome == "closed"
 
