@@ -16,7 +16,7 @@ def info(port: int, rcv_wnd: int | None, mss: int = 1448) -> TcpSocketInfo:
     )  # fmt: skip
 
 
-def test_a_window_below_the_restored_guess_is_always_read_again() -> None:
+def test_the_threshold_lies_above_the_new_servers_guess_for_any_mss() -> None:
     # The new server lowers its guess (RESTORED_WINDOW_SEGMENTS) only to a smaller window: any
     # window at or above the threshold leaves the guess as it is, whatever it opened to since.
     assert LOW_WINDOW_SEGMENTS > RESTORED_WINDOW_SEGMENTS
