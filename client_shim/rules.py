@@ -45,6 +45,14 @@ With live migration, two more chains run just before those (priority -310):
   without the hold, one opened in that moment would be neither moved nor reset, and met a
   RST from the new server. A SYN dropped there is sent again by the client's TCP (a second
   later), to the new server.
+* Every SYN that passes adds its port to ``fresh``, which the hold empties, and the ``out``
+  chain sends a ``fresh`` port's segments where its SYN went (the ``syn_*`` maps). Outside a
+  hand-over those maps name the same server as ``addr_out``; inside the freeze they name the
+  new server, and so a connection opened in the freeze completes its handshake, and sends its
+  first request, to the server that answered its SYN, while the old server's connections
+  (``addr_out``) still reach the old one. Without it the ACK and the first request went to
+  the old server (a RST, dropped here, or silence), the new server sent its SYN-ACK again a
+  second later, and the next roam found the connection without a checkpoint and reset it.
 * ``capture_in`` copies checkpoint carriers (segments from a pool server with the carrier
   option, kind 253 and ExID 0x5352) to the same group and drops them: the client's TCP never
   sees them.
@@ -65,6 +73,9 @@ FINISHED_TIMEOUT_S = 120
 # port, with this mark ("SR" and 0xB1), is copied with the batch before it and dropped.
 BARRIER_MARK = 0x535200B1
 BARRIER_PORT = 9
+# A port joins ``fresh`` with each SYN and leaves it at the next hand-over's hold; the timeout
+# only bounds the set between hand-overs far apart (a freeze lasts a second at most).
+FRESH_TIMEOUT_S = 120
 # The rewrite runs after iptables' raw table (-300), where held segments wait (client_shim.holding),
 # so that a segment released after a switch is rewritten to the new server; before conntrack
 # (-200), which ``notrack`` must precede.
@@ -122,8 +133,13 @@ def rewrite_table_body(
         f"{family} saddr set {vip} tcp sport set {vport}"
     )
     active_pair = f"{active.address} . {active.port}"
-    capture = ""
+    capture = fresh = ""
     if nflog_group is not None:
+        # Only live mode freezes: elsewhere the ``syn_*`` maps always equal the others.
+        fresh = (
+            f"\n    {to_vip} tcp sport @fresh notrack "
+            f"tcp dport set tcp dport map @syn_port {family} daddr set {family} daddr map @syn_addr"
+        )
         log = f"log group {nflog_group} snaplen 65535"
         payload = "\n    ".join(_payload_rules(to_vip, family, log))
         frozen = f"{to_vip} tcp sport @frozen drop"
@@ -141,6 +157,7 @@ def rewrite_table_body(
       log group {nflog_group} queue-threshold 1 drop
     {to_vip} tcp flags & (syn|ack) == syn tcp dport @syn_hold drop
     {to_vip} tcp flags & (syn|ack) == syn delete @finished {{ tcp sport }}
+    {to_vip} tcp flags & (syn|ack) == syn add @fresh {{ tcp sport }}
     {to_vip} tcp sport @finished tcp flags & syn == 0 drop
     {frozen}
     {to_vip} tcp flags & (fin|syn|psh) != 0 {log}
@@ -161,10 +178,13 @@ def rewrite_table_body(
   set syn_hold {{ type inet_service; }}
   set finished {{
     type inet_service; flags dynamic,timeout; timeout {FINISHED_TIMEOUT_S}s;
+  }}
+  set fresh {{
+    type inet_service; flags dynamic,timeout; timeout {FRESH_TIMEOUT_S}s;
   }}{capture}
   chain out {{
     type route hook output priority {OUT_PRIORITY}; policy accept;
-    {opening}
+    {opening}{fresh}
     {outbound}
   }}
   chain in {{
@@ -242,6 +262,10 @@ def freeze_script(
 
 def hold_script(table: str, vip: IPAddress, vport: int) -> str:
     """Drop new connections' SYNs (uncopied) until the next freeze or switch, which both end
-    the hold: the moment in which a hand-over reads which connections the old server has."""
+    the hold: the moment in which a hand-over reads which connections the old server has.
+    Empties ``fresh``: every connection opened so far talks to the old server, and those the
+    freeze sends to the new one join it with their SYN."""
     family = _family(vip)[0]
-    return f"add element {family} {table} syn_hold {{ {vport} }}\n"
+    return (
+        f"add element {family} {table} syn_hold {{ {vport} }}\nflush set {family} {table} fresh\n"
+    )

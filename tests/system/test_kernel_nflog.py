@@ -514,3 +514,54 @@ def test_a_held_syn_is_dropped_uncopied_and_the_freeze_lets_the_next_one_through
     seen = s1.run(["tcpdump", "-r", str(pcap), "-nn"], check=True).stdout
     assert ".42000 >" not in seen, seen
     assert f".42001 > {vip}.{PORT + 8}:" in seen, seen
+
+
+def test_a_connection_opened_in_the_freeze_sends_everything_to_the_new_server(
+    lab_factory,
+) -> None:
+    """``client_shim.rules``' ``fresh`` set, in a real table: in a hand-over's freeze, a
+    connection whose SYN went to the new server sends its ACK and its first request there too,
+    while a connection opened before the hold still reaches the old server; the next hold
+    forgets which connections were new."""
+    lab = lab_factory(TOPO)
+    c1, s1 = lab["c1"], lab["s1"]
+    vip = ipaddress.ip_address(str(s1.address))
+    old = Endpoint(vip, PORT + 9)
+    new = Endpoint(vip, PORT + 10)
+    body = rewrite_table_body(vip, PORT + 9, (old, new), old, nflog_group=14)
+    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
+
+    def segment(sport: int, flags: int, payload: bytes = b"") -> bytes:
+        return build_ipv4_tcp(
+            str(c1.address), str(vip), sport, PORT + 9, 1000, 1, flags, 500, [], payload,
+            ip_id=sport,
+        )  # fmt: skip
+
+    pcap = lab.workdir / "fresh.pcap"
+    try:
+        with in_ns(c1, RawTcpSender) as sender, s1.capture("any", pcap, bpf_filter=["tcp"]):
+            sender.send(segment(43000, SYN))  # before the hand-over: the old server's
+            c1.run(["nft", "-f", "-"], input=hold_script(TABLE, vip, PORT + 9), check=True)
+            c1.run(
+                ["nft", "-f", "-"], input=freeze_script(TABLE, vip, PORT + 9, [], new), check=True
+            )
+            sender.send(segment(43001, SYN))  # in the freeze: the new server's
+            sender.send(segment(43001, ACK))
+            sender.send(segment(43001, ACK | PSH, b"GET"))
+            sender.send(segment(43000, ACK | PSH, b"GET"))
+            # The next hand-over's hold: 43001 is an old connection now (no switch here, so
+            # ``addr_out`` still names the first server: where its segments go).
+            c1.run(["nft", "-f", "-"], input=hold_script(TABLE, vip, PORT + 9), check=True)
+            sender.send(segment(43001, ACK | PSH, b"PUT"))
+    finally:
+        c1.run(["nft", "delete", "table", "ip", TABLE], timeout=10)
+    seen = s1.run(["tcpdump", "-r", str(pcap), "-nn", "-A"], check=True).stdout
+    lines = [line for line in seen.splitlines() if " > " in line]
+
+    def went(sport: int, port: int) -> list[str]:
+        return [line for line in lines if f".{sport} > {vip}.{port}:" in line]
+
+    assert len(went(43001, PORT + 10)) == 3, seen  # SYN, ACK and request to the new server
+    assert len(went(43000, PORT + 9)) == 2, seen  # SYN and request to the old one
+    assert not went(43000, PORT + 10), seen
+    assert len(went(43001, PORT + 9)) == 1, seen  # after the next hold: the old map's
