@@ -81,8 +81,6 @@ class Migrator:
         self.clock = clock
         self.prepare_lead = prepare_lead
         self.commit_timeout = commit_timeout
-        self.client_address = str(bundle.address)
-        self.vip = (str(bundle.vip), bundle.service_port)
         self.capture = Capture(bundle, log, clock, clock_offset, max_replay)
         self.store = self.capture.store
         self.view = ClientConnections(self.capture, bundle.service_port, log)
@@ -263,8 +261,11 @@ class Migrator:
             self._freeze(ready, target)
             record.mark("frozen", self.clock())
             # The copies of everything sent before the freeze are queued by now: take them all
-            # before reading positions.
-            sockets = self.view.sockets_of([m.port for m in ready])
+            # before reading positions. One opened with the old server, its SYN-ACK not here
+            # by the freeze (dropped now), completes with the new one (``rules``: ``fresh``).
+            opening = record.with_old - record.connections.keys()
+            sockets = self.view.sockets_of([*(m.port for m in ready), *opening])
+            record.with_old -= opening - sockets.keys()
             record.mark("carriers", self.clock())
             self._commit(ready, sockets, record, give_up_at)
             record.mark("commits_sent", self.clock())
@@ -348,10 +349,8 @@ class Migrator:
         record.mark("newcomers", self.clock())
 
     def _freeze(self, machines: list[ClientHandover], target: Endpoint) -> None:
-        ports = [m.port for m in machines]
-        nft.apply(
-            freeze_script(self.table, self.bundle.vip, self.bundle.service_port, ports, target)
-        )
+        vip, vport = self.bundle.vip, self.bundle.service_port
+        nft.apply(freeze_script(self.table, vip, vport, [m.port for m in machines], target))
 
     def _finish(self, record: RoamRecord) -> None:
         """After the switch: GO for each committed connection, reset what could not follow
