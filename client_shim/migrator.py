@@ -255,17 +255,15 @@ class Migrator:
         nft.apply(hold_script(self.table, self.bundle.vip, self.bundle.service_port))
         try:
             self.capture.drain()
-            record.with_old = set(self.store.connections)
+            record.note_old(self.store.connections)
             record.started = self.clock()
             ready = record.machines(ClientState.PREPARED)
             self._freeze(ready, target)
             record.mark("frozen", self.clock())
             # The copies of everything sent before the freeze are queued by now: take them all
-            # before reading positions. One opened with the old server, its SYN-ACK not here
-            # by the freeze (dropped now), completes with the new one (``rules``: ``fresh``).
-            opening = record.with_old - record.connections.keys()
-            sockets = self.view.sockets_of([*(m.port for m in ready), *opening])
-            record.with_old -= opening - sockets.keys()
+            # before reading positions (and the candidates' SYN copies, ``answered_by_new``).
+            sockets = self.view.sockets_of([*(m.port for m in ready), *record.opening])
+            record.answered_by_new(sockets.keys(), self.store.connections)
             record.mark("carriers", self.clock())
             self._commit(ready, sockets, record, give_up_at)
             record.mark("commits_sent", self.clock())

@@ -3,9 +3,11 @@ every connection's hand-over (or why it did not move) and when each step ended."
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from migrate.connstore import TrackedConnection
 from migrate.handover import DEFER_HELD_MAX_S, ClientHandover, ClientState, NotMoved
 from migrate.kernel.eventlog import EventLog
 from migrate.kernel.sockdiag import TcpSocketInfo
@@ -40,6 +42,9 @@ class RoamRecord:
     # The connections the old server has (all captured when the hand-over froze): the others
     # talk to the new server already.
     with_old: set[int] = field(default_factory=set)
+    # Of those, the ones no hand-over of this roam has yet, with their SYN copies so far: the
+    # late newcomers' candidates (``note_old``, ``answered_by_new``).
+    opening: dict[int, int] = field(default_factory=dict)
     # Connections held frozen for the next roam (``defer_unanswered``), and since when.
     deferred: dict[int, float] = field(default_factory=dict)
     connections: dict[int, Handoff] = field(default_factory=dict)
@@ -59,6 +64,30 @@ class RoamRecord:
             self.windows[port] = info.rcv_wnd
             if info.rcv_wnd is not None and info.rcv_wnd < low_window(info):
                 self.low_windows.add(port)
+
+    def note_old(self, connections: Mapping[int, TrackedConnection]) -> None:
+        """The connections the old server has: every one captured when new SYNs were held."""
+        self.with_old = set(connections)
+        self.opening = {p: c.syns for p, c in connections.items() if p not in self.connections}
+
+    def answered_by_new(
+        self, established: Collection[int], connections: Mapping[int, TrackedConnection]
+    ) -> set[int]:
+        """Take out of ``with_old`` the candidates whose handshake completes with the new
+        server: not established when read after the freeze (the old server's SYN-ACK is
+        dropped from then on, and the client's TCP sends its SYN again, to the new server), or
+        whose SYN was sent again since the hold (SYNs are dropped uncopied in the hold, so the
+        copy is of one sent after the freeze). ``established``: read after the freeze, and
+        ``connections`` the capture's, drained after that read. Returns the ports taken out."""
+        taken = {
+            port
+            for port, syns in self.opening.items()
+            if port not in established
+            or (conn := connections.get(port)) is None
+            or conn.syns != syns
+        }
+        self.with_old -= taken
+        return taken
 
     def mark(self, step: str, now: float) -> None:
         self.marks[step] = now

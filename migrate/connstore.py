@@ -90,6 +90,7 @@ class TrackedConnection:
     successor: tuple[int, float] | None = None  # (ISN, time) of an unconfirmed SYN on the port
     losses: int = 0  # captured copies missing from this connection's stream (holes, foreign SYN)
     detecting: bool = True  # its first client bytes not yet looked at for an unreplayable protocol
+    syns: int = 1  # copies of its SYN seen: more than one, its TCP sent the SYN again
 
     @property
     def sent(self) -> int:
@@ -126,13 +127,14 @@ class ConnectionStore:
     stored_bound: int = 0
 
     def on_syn(self, client_port: int, isn: int, now: float) -> None:
-        """A SYN from the client: a new connection (a retransmitted SYN changes nothing).
+        """A SYN from the client: a new connection (a retransmitted SYN is only counted).
 
         On the port of a connection that has not ended, the new one is only noted: the port
         may have been reused after an end the capture did not show, or the SYN may not be the
         client's at all (forged on its host). The ACK that completes its handshake decides."""
         known = self.connections.get(client_port)
         if known is not None and known.client_isn == isn:
+            known.syns += 1
             return
         if known is not None and not known.fin:
             known.successor = (isn, now)
