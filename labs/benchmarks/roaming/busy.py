@@ -15,6 +15,7 @@ import asyncio
 import json
 import resource
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,9 +35,13 @@ class _Tally:
     answered: int = 0
     latencies_ms: list[float] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # Every break by its kind (the exception's type, or the HTTP status): the first 20 alone
+    # may all be one early roam's.
+    kinds: Counter[str] = field(default_factory=Counter)
 
     def fail(self, port: int, when: float, what: str) -> None:
         self.broken += 1
+        self.kinds[what.split(":", 1)[0]] += 1
         if len(self.errors) < 20:
             self.errors.append(f"port {port} at {when:.3f}: {what}")
 
@@ -106,6 +111,7 @@ async def _run(
             "max": round(max(tally.latencies_ms, default=0.0), 1),
         },
         "errors": tally.errors,
+        "broken_by_kind": dict(tally.kinds),
         "started": started,
         "ended": time.time(),
     }
