@@ -25,7 +25,8 @@ def test_a_retransmitted_syn_is_counted_and_changes_nothing_else() -> None:
     assert (conn.syns, conn.opened_at) == (2, 1.0)
     # A SYN of another ISN is another connection's (noted, not counted).
     store.on_syn(40000, 7, 3.0)
-    assert conn.syns == 2 and conn.successor == (7, 3.0)
+    assert conn.syns == 2
+    assert conn.successor == (7, 3.0)
 
 
 def test_the_candidates_are_the_connections_no_hand_over_has_yet() -> None:
