@@ -167,7 +167,7 @@ class LiveMode:
             if timer is not None and now >= timer:
                 if self.commit_answers.postpone(pending.machine, now):
                     continue  # its client is still being answered: it has not switched yet
-                gate = not self.port.behind_closed_gate(pending.machine.prepare.epoch)
+                gate = not self.port.start_behind_closed_gate(pending.machine.prepare.epoch)
                 if pending.machine.state is ServerState.RESTORED:
                     # The client switched long ago, but its GO never came: started anyway.
                     self.context.log.event(
@@ -251,7 +251,7 @@ class LiveMode:
         machine = pending.machine if pending is not None else self._live_machine(key, record)
         if machine is None:
             return  # nobody waits for an answer to a GO or ABORT
-        gate = pending is None or not self.port.behind_closed_gate(request.epoch)
+        gate = pending is None or not self.port.start_behind_closed_gate(request.epoch)
         machine.receive(request, self.context.clock(), gate_open=gate)
         if pending is not None:
             self._execute(key, pending)

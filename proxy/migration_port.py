@@ -337,6 +337,19 @@ class MigrationPort:
             return True
         return now >= closes or (window.opens <= now and not self.context.gate_open())
 
+    def start_behind_closed_gate(self, epoch: int) -> bool:
+        """Whether a restored connection for ``epoch`` must not start now (at its GO, or the
+        GO's timeout): ``behind_closed_gate``, unless the gate has not closed yet. The shim's
+        tick closes it, and leaves every connection, a few ms after the window (later on a
+        busy host); a GO in between is of a hand-over that ended at the boundary, whose client
+        has switched here. Refused, its connection would meet no socket here, and the client a
+        RST, until the gate closed; started, it is left with the others, its checkpoint pushed
+        first, and the client's next roam moves it. Not with k of N, where a client's
+        connections are left while the gate stays open."""
+        if self.context.client_leaving_at is None and self.context.gate_open():
+            return False
+        return self.behind_closed_gate(epoch)
+
     def describe_clash(self, key: Key) -> str:
         """Which socket already holds the 4-tuple a re-incarnation needs (for the log)."""
         from migrate.kernel import sockdiag

@@ -10,6 +10,7 @@ and an ABORT frees the service connection at once.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import ipaddress
 import os
@@ -545,3 +546,29 @@ def test_a_packed_cell_holding_a_prepare_is_refused_and_creates_nothing() -> Non
         await harness.live.close()
 
     asyncio.run(scenario())
+
+
+def test_a_go_after_the_window_starts_until_the_gate_has_closed_and_never_after() -> None:
+    """A hand-over that ended at the boundary: its GO comes after the epoch's window closed
+    but before the shim's tick has closed the gate (and left every connection). Its client
+    has switched here: refused, the connection would meet no socket and a RST until the gate
+    closed; started, the leave that follows pushes its checkpoint and leaves it like the
+    others. Once the gate has closed, or with k of N (a client's connections are left while
+    the gate stays open), a restored connection never starts behind a closed window."""
+    harness = Harness()
+    schedule = harness.pool.schedule
+    start = schedule.start_of(harness.epoch)
+    harness.now = schedule.served_until(harness.epoch, start + 9.0) + 0.05
+    gate = {"open": True}
+    port = harness.live.port
+    port.context = dataclasses.replace(harness.context, gate_open=lambda: gate["open"])
+    assert port.behind_closed_gate(harness.epoch)  # the window has closed
+    assert not port.start_behind_closed_gate(harness.epoch)  # the gate not yet
+    gate["open"] = False
+    assert port.start_behind_closed_gate(harness.epoch)
+    gate["open"] = True
+    port.context = dataclasses.replace(port.context, client_leaving_at=lambda client_id: None)
+    assert port.start_behind_closed_gate(harness.epoch)
+    # Inside the window, nothing changes: it starts whatever the gate says.
+    harness.now = start + 0.01
+    assert not port.start_behind_closed_gate(harness.epoch)
