@@ -394,7 +394,9 @@ class Migrator:
             conn = self.store.connections.get(port)
             reason = unmovable_reason(conn, record.started)
             if reason is not None or conn is None:
-                record.connections[port] = NotMoved(port, "unmigratable", str(reason))
+                later = conn is not None and conn.unmigratable is None  # no checkpoint yet
+                handoff = NotMoved(port, "unmigratable", str(reason), movable_later=later)
+                record.connections[port] = handoff
                 continue
             machine = self._prepare_one(record, info, conn, deadline)
             if machine is not None:

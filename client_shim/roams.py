@@ -125,16 +125,16 @@ class RoamRecord:
 
 def defer_unanswered(record: RoamRecord, previous: RoamRecord | None, now: float) -> None:
     """The connections the new server could not prepare in its window (no answer to their
-    PREPARE by the freeze: ``ClientHandover.movable_later``) are held frozen for the next
-    roam instead of being reset (``DEFER_WITHIN_S``: the caller says whether
-    that roam comes soon enough), unless held since the roams before for ``DEFER_HELD_MAX_S``
+    PREPARE by the freeze, or a COMMIT too late: ``ClientHandover.movable_later``), and those
+    only waiting for their first checkpoint (``NotMoved.movable_later``), are held frozen for
+    the next roam instead of being reset (``DEFER_WITHIN_S``: the caller says whether that
+    roam comes soon enough), unless held since the roams before for ``DEFER_HELD_MAX_S``
     already. Their ABORT is sent: the new server frees what it holds."""
     held_before = previous.deferred if previous is not None else {}
     for port, handoff in list(record.connections.items()):
         since = held_before.get(port, now)
         if (
-            isinstance(handoff, ClientHandover)
-            and handoff.state is ClientState.RESET
+            handoff.state is ClientState.RESET
             and handoff.movable_later
             and now - since < DEFER_HELD_MAX_S
         ):

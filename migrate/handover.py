@@ -904,13 +904,17 @@ class ClientHandover:
 @dataclass(frozen=True, slots=True)
 class NotMoved:
     """A connection of the roam that had no hand-over at all (no checkpoint yet, opened before
-    the shim, replay bytes incomplete): it is reset after the switch."""
+    the shim, replay bytes incomplete): it is reset after the switch, unless ``movable_later``
+    and held for the next roam (client_shim.roams.defer_unanswered)."""
 
     port: int
     outcome: str
     reason: str
     replayed: int = 0
     state: ClientState = ClientState.RESET
+    # Only its first checkpoint is missing: its server pushes one as it leaves, or as it
+    # gets to a connection it accepted late (a busy host), and the next roam may move it.
+    movable_later: bool = False
 
 
 def _with_received(request: Request, s2c_received: int) -> Request:

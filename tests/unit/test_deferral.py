@@ -141,3 +141,27 @@ def test_the_switch_keeps_held_connections_frozen_and_thaws_the_others() -> None
     assert lines.index("add element ip roam_cli_1 frozen { 40001, 40005 }") > flush
     assert "add element ip roam_cli_1 finished { 40003 }" in lines
     assert "frozen {" not in switch_script("roam_cli_1", vip, 80, target, finished=[40003])
+
+
+def test_a_connection_only_waiting_for_its_first_checkpoint_is_held_and_no_other() -> None:
+    """A newcomer without a checkpoint (its server, busy, had not got to it: it pushes one as
+    it gets to it or leaves) is held for the next roam like an unanswered PREPARE; one the
+    capture gave up on (unmigratable for good) is reset. Held at most DEFER_HELD_MAX_S."""
+    young = "no checkpoint yet (opened 0.01 s before the roam began)"
+    record = roam(
+        5,
+        NotMoved(40001, "unmigratable", young, movable_later=True),
+        NotMoved(40002, "unmigratable", "the client half-closed the connection (FIN)"),
+    )
+    defer_unanswered(record, None, 100.5)
+    assert record.deferred == {40001: 100.5}
+    held = record.connections[40001]
+    assert held.outcome == "deferred"
+    assert held.state is not ClientState.RESET
+    assert held.reason == f"{young}; held for the next roam"
+    assert record.connections[40002].state is ClientState.RESET
+    # Still without one when the holding time is up: reset.
+    later = roam(6, NotMoved(40001, "unmigratable", young, movable_later=True))
+    defer_unanswered(later, record, 100.5 + DEFER_HELD_MAX_S)
+    assert later.deferred == {}
+    assert later.connections[40001].state is ClientState.RESET
