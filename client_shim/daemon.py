@@ -320,6 +320,9 @@ class ClientShim:
                 # right after it that the same server serves count as its own).
                 give_up_at=self._give_up_at(index),
                 may_defer=self._may_defer(index, server),
+                # ... and GOs until the window closes: past it, everything waits for the next
+                # roam, which comes at once (the client is behind).
+                window_closes=self._window_closes(index),
             )
             previous, self.target = self.target, server
             self.log.event("switch", server=str(server), previous=str(previous), epoch=index)
@@ -347,11 +350,16 @@ class ClientShim:
 
     def _give_up_at(self, index: int) -> float:
         budget_ends = self.schedule.start_of(index) + HANDOFF_BUDGET_S
+        return min(budget_ends, self._window_closes(index) - COMMIT_MARGIN_S)
+
+    def _window_closes(self, index: int) -> float:
+        """When the server of epoch ``index`` stops taking this client's requests for it: its
+        window, with those of the epochs right after it that it serves too (walked as far as
+        a hand-over may last, ``HANDOFF_BUDGET_S``)."""
+        budget_ends = self.schedule.start_of(index) + HANDOFF_BUDGET_S
         if self.k == 1:
-            served = self.schedule.served_until(index, budget_ends)
-        else:
-            served = self._client_served_until(index, budget_ends)
-        return min(budget_ends, served - COMMIT_MARGIN_S)
+            return self.schedule.served_until(index, budget_ends)
+        return self._client_served_until(index, budget_ends)
 
     def _client_served_until(self, index: int, now: float) -> float:
         """k of N: when this client's server of epoch ``index`` stops admitting it: the

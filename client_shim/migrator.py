@@ -23,6 +23,7 @@ bytes replayed.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -225,6 +226,7 @@ class Migrator:
         prepare_deadline: float | None = None,
         give_up_at: float | None = None,
         may_defer: bool = False,
+        window_closes: float | None = None,
     ) -> None:
         """Freeze, commit, switch, GO; reset what could not follow (or, ``may_defer``, hold
         those the new server could not prepare for the next roam). Records every outcome.
@@ -232,7 +234,8 @@ class Migrator:
         PREPAREs are waited for until ``prepare_deadline`` (the old server stops serving soon
         after the boundary) and late ones ``PREPARE_OVERTIME_S`` longer, but never past
         ``give_up_at``: the new server takes COMMITs for its epoch only until shortly after
-        the epoch began (frozen ``MISSED_WINDOW_S`` past it, a connection sends none)."""
+        the epoch began (frozen ``MISSED_WINDOW_S`` past it, a connection sends none), and
+        GOs until ``window_closes`` (``hold_after_window`` past it)."""
         self._target = target
         deadline = (
             prepare_deadline if prepare_deadline is not None else self.clock() + PREPARE_WAIT_S
@@ -279,7 +282,10 @@ class Migrator:
                 await late
         finally:
             if may_defer:
-                defer_unanswered(record, self.roams[-1] if self.roams else None, self.clock())
+                now, connections = self.clock(), self.store.connections
+                for machine in record.hold_after_window(connections, window_closes, now):
+                    self._execute(machine)  # its ABORT
+                defer_unanswered(record, self.roams[-1] if self.roams else None, now)
             vip, vport, held = self.bundle.vip, self.bundle.service_port, sorted(record.deferred)
             gone = self._not_following(record)
             nft.apply(switch_script(self.table, vip, vport, target, gone, held))
@@ -410,13 +416,7 @@ class Migrator:
         that long (bounded, ending in time for their hand-over to be done by ``until``) rather
         than reset them; only those this hand-over still moves (not one given up on, nor one
         opened after the freeze, not in ``with_old``: it talks to the new server already)."""
-
-        def moving(port: int, conn: TrackedConnection) -> bool:
-            handoff = record.connections.get(port)
-            if handoff is not None:
-                return isinstance(handoff, ClientHandover) and not handoff.final
-            return with_old is None or port in with_old
-
+        moving = functools.partial(record.moving, with_old=with_old)
         arrived = self.capture.carriers_arrived
         await await_carriers(self.store, sockets, moving, self.clock, self.log, until, arrived)
 

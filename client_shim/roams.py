@@ -89,6 +89,41 @@ class RoamRecord:
         self.with_old -= taken
         return taken
 
+    def moving(self, port: int, conn: TrackedConnection, *, with_old: set[int] | None) -> bool:
+        """Whether this roam still moves ``port`` (for ``await_carriers``): one of its
+        hand-overs not over yet, or one it has none for yet that the old server has (all
+        before the freeze, ``with_old`` None; else only those in it)."""
+        handoff = self.connections.get(port)
+        if handoff is not None:
+            return isinstance(handoff, ClientHandover) and not handoff.final
+        return with_old is None or port in with_old
+
+    def hold_after_window(
+        self, connections: Mapping[int, TrackedConnection], closes: float | None, now: float
+    ) -> list[ClientHandover]:
+        """If the switch comes after the new server's window ``closes`` (a hand-over longer
+        than the epoch): that server's gate is closed or closing, and the connections sent on
+        to it would meet no socket there, and a RST once its gate opened again for a later
+        epoch. Every committed connection is to wait for the next roam instead
+        (``ClientHandover.window_closed``; returned, their ABORTs to send, and held by
+        ``defer_unanswered``), and so is every connection opened since the hold (in the
+        capture's ``connections``, not in ``with_old``): it talks to the new server already,
+        which leaves it, pushing its checkpoint, as its gate closes."""
+        if closes is None or now < closes:
+            return []
+        committed = self.machines(ClientState.COMMITTED)
+        for handoff in committed:
+            handoff.window_closed(now - closes)
+        reason = f"opened in a hand-over that switched {now - closes:.2f} s after the window"
+        for port, conn in connections.items():
+            if port not in self.connections and port not in self.with_old and not conn.fin:
+                self.connections[port] = NotMoved(
+                    port, "deferred", f"{reason} closed; held for the next roam",
+                    state=ClientState.CLOSED,
+                )  # fmt: skip
+                self.deferred[port] = now
+        return committed
+
     def mark(self, step: str, now: float) -> None:
         self.marks[step] = now
 

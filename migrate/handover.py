@@ -595,6 +595,7 @@ class ClientEvent(Enum):
     COMMIT = "commit"  # frozen: the final positions
     NOTHING_TO_COMMIT = "commit without positions"  # frozen, but the replay is incomplete
     MISSED = "frozen too late for the window"  # MISSED_WINDOW_S past the give-up time
+    WINDOW_CLOSED = "the window closed before the switch"  # the new server refuses the GO
     SWITCHED = "switched"  # the rewrite points at the new server
     ENDED = "ended"  # the connection closed on its own
     TIMEOUT = "timeout"  # a retry is due
@@ -639,6 +640,7 @@ CLIENT_TRANSITIONS: dict[ClientState, dict[ClientEvent, ClientState]] = {
     _C.COMMITTED: {
         _CE.READY: _C.COMMITTED,  # a repeated COMMIT's answer
         _CE.SWITCHED: _C.MIGRATED,
+        _CE.WINDOW_CLOSED: _C.RESET,  # held for the next roam (``window_closed``)
         _CE.ENDED: _C.COMMITTED,  # the old socket's end is moot: it lives at the new server
         _CE.TIMEOUT: _C.COMMITTED,
     },
@@ -808,6 +810,16 @@ class ClientHandover:
         server prepared)."""
         self._step(_CE.MISSED, LocalError)
         reason = f"frozen {late_by:.2f} s after the hand-over's give-up time (a stalled host)"
+        self._unanswered_prepare(abort=True, reason=reason)
+
+    def window_closed(self, late_by: float) -> None:
+        """Committed, but the switch comes ``late_by`` seconds after the new server's window
+        closed (a hand-over longer than the epoch): that server's gate is closed or closing,
+        and a GO would meet no socket there, or one it leaves at once. The restored socket
+        never spoke (ABORT frees it) and the checkpoint still holds, so the connection may
+        wait for the next roam."""
+        self._step(_CE.WINDOW_CLOSED, LocalError)
+        reason = f"the new server's window closed {late_by:.2f} s before the switch"
         self._unanswered_prepare(abort=True, reason=reason)
 
     def ended(self) -> None:

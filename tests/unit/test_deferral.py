@@ -7,6 +7,7 @@ import ipaddress
 
 from client_shim.roams import RoamRecord, defer_unanswered
 from client_shim.rules import switch_script
+from migrate.connstore import ConnectionStore
 from migrate.endpoints import Endpoint
 from migrate.handover import (
     DEFER_HELD_MAX_S,
@@ -165,3 +166,46 @@ def test_a_connection_only_waiting_for_its_first_checkpoint_is_held_and_no_other
     defer_unanswered(later, record, 100.5 + DEFER_HELD_MAX_S)
     assert later.deferred == {}
     assert later.connections[40001].state is ClientState.RESET
+
+
+def test_a_switch_after_the_new_servers_window_holds_everything_for_the_next_roam() -> None:
+    """A hand-over longer than the epoch: by the switch, the new server's gate is closed or
+    closing, and connections sent on to it would meet no socket there (a RST once its gate
+    opens again for a later epoch). The committed ones are held (their ABORT frees the
+    restored sockets), and so are those opened since the hold, which talk to that server;
+    nothing else changes, and nothing at all before the window closes."""
+    store = ConnectionStore()
+    for port in (40001, 40002, 40003, 40004, 40005):
+        store.on_syn(port, 1000 + port, 99.0)
+    store.connections[40005].fin = True  # opened since the hold but closed already
+
+    def record_with_commit() -> RoamRecord:
+        record = roam(
+            5,
+            answered_at_commit(40001, Status.READY, ""),
+            NotMoved(40002, "closed", "ended before the hand-over", state=ClientState.CLOSED),
+        )
+        record.with_old = {40001, 40002, 40003}
+        return record
+
+    early = record_with_commit()
+    assert early.hold_after_window(store.connections, 101.0, 100.9) == []
+    assert early.hold_after_window(store.connections, None, 100.9) == []
+    assert early.connections[40001].state is ClientState.COMMITTED
+    assert early.deferred == {}
+
+    record = record_with_commit()
+    [committed] = record.hold_after_window(store.connections, 100.8, 101.0)
+    assert committed.port == 40001
+    assert committed.state is ClientState.RESET
+    assert committed.reason == "the new server's window closed 0.20 s before the switch"
+    assert [a.request.phase for a in committed.actions() if hasattr(a, "request")] == [Phase.ABORT]
+    # Opened since the hold: held from now; the old server's and the closed one untouched.
+    assert record.deferred == {40004: 101.0}
+    assert record.connections[40004].outcome == "deferred"
+    assert 40003 not in record.connections
+    assert 40005 not in record.connections
+    defer_unanswered(record, None, 101.0)
+    assert record.deferred == {40001: 101.0, 40004: 101.0}
+    assert record.connections[40001].outcome == "deferred"
+    assert record.connections[40002].outcome == "closed"
