@@ -22,40 +22,26 @@ than an epoch"): overload that does not yet degrade, issue 14's, not what this t
 
 from __future__ import annotations
 
-import collections
-import json
 import os
 from collections.abc import Callable
-from typing import Any
 
 import pytest
 
 from labs import Lab, PoolTopo
-from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, serve_files_with_nginx
-from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab
+from labs.benchmarks.roaming.orchestration import deploy, serve_files_with_nginx
+from labs.benchmarks.roaming.overload import busy_run
+from labs.benchmarks.roaming.overload import not_moved as handoffs_not_moved
+from labs.roaming import SERVICE_PORT, RoamingLab
 
 pytestmark = pytest.mark.system
 
 LabFactory = Callable[..., Lab]  # the lab_factory fixture (tests/system/conftest.py)
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RATE = 25  # new connections a second
 SECONDS = 20  # of opening them: 500 in all
 INTERVAL = 1.0  # between two GETs of one connection
 TICK = 3.0  # m=1, three servers: epochs of 3 or 6 s
 ROAMS = 5  # in the client's first 25 s (about one schedule in five has as many)
 START_DELAY = 12.0  # from a deployment's creation to its first epoch
-
-
-def busy(lab: Lab, pool: RoamingLab) -> dict[str, Any]:
-    argv = benchmark_argv(
-        "--role", "busy-client", "--host", pool.vip, "--port", LISTEN_PORT, "--path", "/small",
-        "--rate", RATE, "--seconds", SECONDS, "--interval", INTERVAL,
-    )  # fmt: skip
-    done = lab["c1"].run(argv, timeout=180, cwd=PROJECT_ROOT)
-    lines = done.stdout.strip().splitlines()
-    assert lines, f"the busy client printed nothing: {done.stderr[-800:]}"
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
 
 
 def test_busy_connections_opened_at_any_moment_survive_roams(lab_factory: LabFactory) -> None:
@@ -68,17 +54,13 @@ def test_busy_connections_opened_at_any_moment_survive_roams(lab_factory: LabFac
         every = list(pool.server_hosts)
         serve_files_with_nginx(pool, {"small": os.urandom(100)}, SERVICE_PORT)
         deploy(pool, mode="live", servers=every[:1], tick=86400.0)
-        baseline = busy(lab, pool)
+        baseline = busy_run(lab, pool, RATE, SECONDS, INTERVAL)
         # The schedule is random: one that roams at least ROAMS times while the client runs.
         deploy(pool, mode="live", servers=every, tick=TICK, switches=(ROAMS, SECONDS + 5))
-        roaming = busy(lab, pool)
+        roaming = busy_run(lab, pool, RATE, SECONDS, INTERVAL)
         events = pool.clients["c1"].events()
         roams = [e for e in events if e["event"] == "roam" and e.get("connections")]
-        not_moved = collections.Counter(
-            f"{e['outcome']}: {e.get('detail')}"
-            for e in events
-            if e["event"] == "handoff" and e["outcome"] not in ("migrated", "closed")
-        )
+        not_moved = handoffs_not_moved(events)
         shim_errors = [
             e
             for shim in [*pool.servers.values(), *pool.clients.values()]

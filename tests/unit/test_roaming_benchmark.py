@@ -304,3 +304,27 @@ def test_migration_summary_and_table() -> None:
     # What broke connections after the measured roam: the roams while the GETs ran.
     assert "- N=100, a later roam: 7 x epoch 9 late: the window of epoch 9 closed" in text
     assert "- 1 x server s2: reincarnation_failed unverifiable" in text
+
+
+def test_overload_table_names_each_runs_breaks_and_the_median() -> None:
+    from labs.benchmarks.roaming.overload import not_moved, render_overload
+
+    events = [
+        {"event": "handoff", "outcome": "migrated", "detail": ""},
+        {"event": "handoff", "outcome": "closed", "detail": "ended before the hand-over"},
+        {"event": "handoff", "outcome": "deferred", "detail": "no answer to the prepare; held"},
+        {"event": "handoff", "outcome": "deferred", "detail": "no answer to the prepare; held"},
+        {"event": "roam", "connections": 3},
+    ]
+    assert not_moved(events) == {"deferred: no answer to the prepare; held": 2}
+    run = {
+        "connections": 1000, "broken": 3, "broken_by_kind": {"ConnectionAbortedError": 3},
+        "gets": 100, "answered": 97, "get_ms": {"p50": 5.0, "p99": 90.0}, "roams": 22,
+        "largest_roam": 990, "not_moved": {"deferred: no answer to the prepare; held": 2},
+    }  # fmt: skip
+    baseline = {"broken": 0, "gets": 100, "answered": 100, "get_ms": {"p50": 2.0}}
+    text = render_overload({"baseline": baseline, "runs": [run, {**run, "broken": 0}]})
+    assert "one server, no roam: 0 broken, 100 of 100 GETs answered" in text
+    assert "1 | 22 (990) | 3 {'ConnectionAbortedError': 3} | 97/100 | 5.0 / 90.0 |" in text
+    assert "2 deferred: no answer to the prepare; held" in text
+    assert text.endswith("broken per run, sorted: [0, 3]; median 1.5")

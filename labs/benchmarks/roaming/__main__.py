@@ -1,4 +1,5 @@
-"""``python -m labs.benchmarks.roaming shims|migration``, and the client roles it starts."""
+"""``python -m labs.benchmarks.roaming shims|migration|overload``, and the client roles it
+starts."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from labs.benchmarks.roaming.busy import busy_client
 from labs.benchmarks.roaming.clients import hold_client, latency_client, stream_client
 from labs.benchmarks.roaming.migration import run_migration
 from labs.benchmarks.roaming.orchestration import progress
+from labs.benchmarks.roaming.overload import render_overload, run_overload
 from labs.benchmarks.roaming.rendering import render_migration, render_shims
 from labs.benchmarks.roaming.shims import run_shims
 from labs.errors import LabError
@@ -65,7 +67,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="shims: per iperf3 run (default 3); migration: per download (default 20)",
     )
     parser.add_argument(
-        "--repeat", type=int, default=None, help="rounds (default 3 for shims, 1 for migration)"
+        "--repeat",
+        type=int,
+        default=None,
+        help="rounds (default 3 for shims, 1 for migration, 5 for overload)",
     )
     parser.add_argument(
         "--paths",
@@ -125,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"migration: size of the file the downloads fetch again and again on one "
         f"connection (default {BIG_MIB}; 1 to 4096: a hand-over must cost the same whatever it)",
     )
-    parser.add_argument("subcommand", nargs="?", choices=("shims", "migration"))
+    parser.add_argument("subcommand", nargs="?", choices=("shims", "migration", "overload"))
     args = parser.parse_args(argv)
     if args.role == "stream-client":
         print(
@@ -160,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         hold_client(args.host, args.port, args.path, args.count)
         return 0
     if args.subcommand is None:
-        parser.error("choose a subcommand: shims or migration")
+        parser.error("choose a subcommand: shims, migration or overload")
     if os.geteuid() != 0:
         parser.error("the benchmark builds network namespaces: run it as root")
     try:
@@ -185,6 +190,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 http_mib=args.http_mib,
             )
             print(json.dumps(results, indent=2) if args.json else render_shims(results))
+        elif args.subcommand == "overload":
+            repeat = args.repeat or 5
+            if not 1 <= repeat <= 50:
+                parser.error("--repeat must be in [1, 50]")
+            results = run_overload(repeat, progress)
+            print(json.dumps(results, indent=2) if args.json else render_overload(results))
         else:
             seconds = args.seconds or 20.0
             repeat = args.repeat or 1
