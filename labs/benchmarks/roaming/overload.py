@@ -94,13 +94,17 @@ def run_overload(repeat: int, progress: Callable[[str], None]) -> dict[str, Any]
     return results
 
 
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
 def render_overload(results: dict[str, Any]) -> str:
     baseline = results["baseline"]
     lines = [
         f"1000 busy connections ({RATE} new a second for {SECONDS} s, a GET every {INTERVAL} s "
         f"each), live mode, tick {TICK} s (m=1)",
         f"one server, no roam: {baseline['broken']} broken, {baseline['answered']} of "
-        f"{baseline['gets']} GETs answered, GET p50 {baseline['get_ms'].get('p50')} ms",
+        f"{baseline['gets']} GETs answered, GET p50 {_ms(baseline['get_ms'].get('p50'))} ms",
         "run | roams (largest) | broken (by kind) | GETs answered | GET p50 / p99 ms | "
         "hand-overs not migrated (most common)",
     ]
@@ -109,7 +113,7 @@ def render_overload(results: dict[str, Any]) -> str:
         lines.append(
             f"{index} | {run['roams']} ({run['largest_roam']}) | {run['broken']} "
             f"{run.get('broken_by_kind') or ''} | {run['answered']}/{run['gets']} | "
-            f"{run['get_ms'].get('p50')} / {run['get_ms'].get('p99')} | {held or '-'}"
+            f"{_ms(run['get_ms'].get('p50'))} / {_ms(run['get_ms'].get('p99'))} | {held or '-'}"
         )
     broken = sorted(run["broken"] for run in results["runs"])
     if broken:
