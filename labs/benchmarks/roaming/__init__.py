@@ -2,11 +2,15 @@
 
     python -m labs.benchmarks.roaming shims [--seconds 3] [--repeat 3] [--json]
     python -m labs.benchmarks.roaming migration [--seconds 20] [--stream-mib 64] [--json]
+    python -m labs.benchmarks.roaming overload [--repeat 5] [--json]
 
 Each subcommand builds one lab, runs real programs only (``roam server``/``roam client`` through
 ``labs.roaming.RoamingLab``, iperf3, nginx, HAProxy, and small Python clients of this package run
 inside the client's namespace), measures every configuration next to its baseline in the same
 run, prints a table with ratios (or, with ``--json``, the figures).
+
+``overload`` (issue 14's overload acceptance, 1000 busy connections at a roam about every
+second, against one server without roaming in the same lab): ``labs.benchmarks.roaming.overload``.
 
 ``shims`` (the steady state, no roam): ``PoolTopo(servers=2, clients=1)``. On s1: ``iperf3 -s`` on
 127.0.0.1:8000 (the legacy service behind the shims and HAProxy) and another on s1's LAN address
