@@ -109,8 +109,8 @@ class RoamRecord:
         ``defer_unanswered``), and so is every connection opened since the hold (in the
         capture's ``connections``, not in ``with_old``): it talks to the new server already,
         which leaves it, pushing its checkpoint, as its gate closes."""
-        if closes is None or now < closes:
-            return []
+        if closes is None or now < closes or "frozen" not in self.marks:
+            return []  # (not frozen: the hand-over failed before it, nothing was opened since)
         committed = self.machines(ClientState.COMMITTED)
         for handoff in committed:
             handoff.window_closed(now - closes)

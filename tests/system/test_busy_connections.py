@@ -11,13 +11,14 @@ lab, is the baseline: if it breaks, the machine cannot carry the load at all.
 The load is a quarter of the acceptance's (50 a second, a GET every 500 ms: 1000 connections,
 2000 GETs a second): on a 2 GHz two-core machine that load saturates it without any roam (the
 baseline's GET p50 45-118 ms, 2-4 ms on a faster one), and a test of the hand-over must not
-measure the machine's speed. The full load and a roam a second are the benchmark's
-(``python -m labs.benchmarks.roaming overload``, docs/benchmarks.md). For the same reason the roams here are 3 or 6 s
-apart, never closer (tick 3 s, m=1): on this machine the hand-over of 450 busy connections
-takes up to 1.5 s from the boundary to the switch, and a schedule that roams again 1.5 s later
-(tick 1.5 s, drawn at random: 1 run in 9 on 2026-12-05, 2 in 5 the day before) put the client
-an epoch behind and broke 4-30 connections (docs/reliability.md, "When hand-overs take longer
-than an epoch"): overload that does not yet degrade, issue 14's, not what this test is about.
+measure the machine's speed. The full load and a roam a second are the benchmark's (``python -m
+labs.benchmarks.roaming overload``, docs/benchmarks.md). For the same reason the roams here are
+3 or 6 s apart, never closer (tick 3 s, m=1): on this machine the hand-over of 450 busy
+connections takes up to 1.5 s from the boundary to the switch, and a schedule that roams again
+1.5 s later (tick 1.5 s, drawn at random: 1 run in 9 on 2026-12-05, 2 in 5 the day before) put
+the client an epoch behind and broke 4-30 connections (docs/reliability.md, "When hand-overs
+take longer than an epoch"): overload that does not yet degrade, issue 14's, not what this test
+is about.
 """
 
 from __future__ import annotations

@@ -186,8 +186,12 @@ def test_a_switch_after_the_new_servers_window_holds_everything_for_the_next_roa
             NotMoved(40002, "closed", "ended before the hand-over", state=ClientState.CLOSED),
         )
         record.with_old = {40001, 40002, 40003}
+        record.mark("frozen", 100.0)
         return record
 
+    unfrozen = roam(5, answered_at_commit(40001, Status.READY, ""))  # failed before the freeze
+    assert unfrozen.hold_after_window(store.connections, 100.8, 101.0) == []
+    assert unfrozen.deferred == {}
     early = record_with_commit()
     assert early.hold_after_window(store.connections, 101.0, 100.9) == []
     assert early.hold_after_window(store.connections, None, 100.9) == []
