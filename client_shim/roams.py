@@ -66,9 +66,13 @@ class RoamRecord:
                 self.low_windows.add(port)
 
     def note_old(self, connections: Mapping[int, TrackedConnection]) -> None:
-        """The connections the old server has: every one captured when new SYNs were held."""
+        """The connections the old server has: every one captured when new SYNs were held.
+        The candidates (read in the freeze, before the COMMITs go) leave out those the client
+        has closed: no late newcomer, and each would cost a lookup there."""
         self.with_old = set(connections)
-        self.opening = {p: c.syns for p, c in connections.items() if p not in self.connections}
+        self.opening = {
+            p: c.syns for p, c in connections.items() if p not in self.connections and not c.fin
+        }
 
     def answered_by_new(
         self, established: Collection[int], connections: Mapping[int, TrackedConnection]

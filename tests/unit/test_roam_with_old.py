@@ -30,11 +30,12 @@ def test_a_retransmitted_syn_is_counted_and_changes_nothing_else() -> None:
 
 
 def test_the_candidates_are_the_connections_no_hand_over_has_yet() -> None:
-    store = store_with(40000, 40001, 40002)
+    store = store_with(40000, 40001, 40002, 40003)
+    store.connections[40003].fin = True  # closed by the client: no candidate
     record = RoamRecord(7, "10.0.1.2:80", 0.0)
     record.connections[40000] = NotMoved(40000, "unmigratable", "no checkpoint yet")
     record.note_old(store.connections)
-    assert record.with_old == {40000, 40001, 40002}
+    assert record.with_old == {40000, 40001, 40002, 40003}
     assert record.opening == {40001: 1, 40002: 1}
 
 
