@@ -108,6 +108,10 @@ CARRIER_GRACE_S = 0.3
 DEFER_WITHIN_S = 3.0
 DEFER_HELD_MAX_S = 4.0
 NO_PREPARE_ANSWER = "no answer to the prepare"
+# A COMMIT unanswered may have been restored at the new server (its READY lost), but nothing
+# was started there (no GO): the ABORT frees it, the checkpoint still holds, and the connection
+# may wait for the next roam like one whose PREPARE went unanswered.
+NO_COMMIT_ANSWER = "no answer to the commit"
 NEVER_COMMITTED = "prepared, but not frozen before the switch (never committed)"
 # ... but that wait ends this long before the hand-over must be over (the new server's window
 # for COMMITs), leaving the young connections' PREPARE and COMMIT round trips their time.
@@ -840,7 +844,7 @@ class ClientHandover:
                          b"", b"", window=window)  # fmt: skip
             self._actions.append(Send(request=go))
         elif was is _C.COMMITTING:
-            self._give_up("no answer to the commit", abort=True)
+            self._unanswered_prepare(abort=True, reason=NO_COMMIT_ANSWER)
         elif was is _C.PREPARED:  # answered but never frozen: nothing restored there either
             self._unanswered_prepare(abort=True, reason=NEVER_COMMITTED)
         elif was not in CLIENT_FINAL:  # never frozen: nothing was restored at the new server
@@ -857,7 +861,7 @@ class ClientHandover:
             if phase == "prepare":
                 self._unanswered_prepare(abort=True)
             else:
-                self._give_up("no answer to the commit", abort=True)
+                self._unanswered_prepare(abort=True, reason=NO_COMMIT_ANSWER)
             return
         self._step(_CE.TIMEOUT, LocalError)
         if phase == "prepare":
@@ -897,7 +901,8 @@ class ClientHandover:
     def _unanswered_prepare(self, *, abort: bool, reason: str = NO_PREPARE_ANSWER) -> None:
         """No answer to the PREPARE (by its deadline, the freeze or the switch), or one never
         committed: nothing of the connection was restored at the new server, so it may wait
-        for the next roam."""
+        for the next roam. (Also for what was restored but never started there: an unanswered
+        COMMIT, a switch after the window; the ABORT frees it.)"""
         self._give_up(reason, abort=abort)
         self.movable_later = True
 

@@ -12,6 +12,7 @@ from migrate.endpoints import Endpoint
 from migrate.handover import (
     DEFER_HELD_MAX_S,
     NEVER_COMMITTED,
+    NO_COMMIT_ANSWER,
     NO_PREPARE_ANSWER,
     ClientHandover,
     ClientState,
@@ -91,7 +92,12 @@ def test_a_prepare_unanswered_by_its_deadline_or_the_switch_is_held_too() -> Non
     unanswered_commit.freeze(
         Request(Phase.COMMIT, 7, 40004, 80, 10, 1200, 10, CHECKPOINT, b""), "", 1.0
     )
-    unanswered_commit.handle_timer(1.0 + 5.0)  # a restore may have happened there: reset
+    # Unanswered: a restore may have happened there (its READY lost), but nothing started (no
+    # GO): the ABORT frees it and the checkpoint still holds. Held too.
+    unanswered_commit.handle_timer(1.0 + 5.0)
+    assert unanswered_commit.reason == NO_COMMIT_ANSWER
+    sent = [a.request.phase for a in unanswered_commit.actions() if hasattr(a, "request")]
+    assert sent[-1] is Phase.ABORT
     prepared = machine(40005)
     prepared.receive(Answer(Phase.PREPARE, 40005, Status.READY), 0.5)
     prepared.actions()
@@ -100,9 +106,8 @@ def test_a_prepare_unanswered_by_its_deadline_or_the_switch_is_held_too() -> Non
     assert [a.request.phase for a in prepared.actions() if hasattr(a, "request")] == [Phase.ABORT]
     record = roam(5, by_deadline, by_switch, committing, unanswered_commit, prepared)
     defer_unanswered(record, None, 100.0)
-    assert record.deferred == {40001: 100.0, 40002: 100.0, 40005: 100.0}
+    assert record.deferred == {40001: 100.0, 40002: 100.0, 40004: 100.0, 40005: 100.0}
     assert record.connections[40003].outcome == "migrated"
-    assert record.connections[40004].state is ClientState.RESET
 
 
 def test_a_connection_frozen_too_late_for_the_window_is_held_not_reset() -> None:
