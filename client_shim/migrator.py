@@ -315,7 +315,8 @@ class Migrator:
         """Each frozen machine's COMMIT with its positions now, and its GO's window."""
         now = self.clock()
         record.note_windows(sockets)
-        late_by = now - (give_up_at if give_up_at is not None else float("inf"))
+        give_up = give_up_at if give_up_at is not None else float("inf")
+        late_by = now - give_up  # and the window closes MISSED_WINDOW_S after: no answer then
         for machine in machines:
             info = sockets.get(machine.port)
             if info is None:
@@ -325,7 +326,7 @@ class Migrator:
                 machine.missed_window(late_by)  # held for the next roam, not LATE and reset
             else:
                 request = self.view.request(Phase.COMMIT, record.epoch, info, machine.prepared_sent)
-                machine.freeze(request, "replay bytes incomplete", now)
+                machine.freeze(request, "replay bytes incomplete", now, give_up + MISSED_WINDOW_S)
             self._execute(machine)
         self.channel.flush_urgent()
 
@@ -419,8 +420,6 @@ class Migrator:
         moving = functools.partial(record.moving, with_old=with_old)
         arrived = self.capture.carriers_arrived
         await await_carriers(self.store, sockets, moving, self.clock, self.log, until, arrived)
-
-    # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -791,9 +791,13 @@ class ClientHandover:
         """PREPARE answers are awaited until ``deadline`` (known only at the boundary)."""
         self.deadline = deadline
 
-    def freeze(self, commit: Request | None, why_not: str, now: float) -> None:
+    def freeze(
+        self, commit: Request | None, why_not: str, now: float, until: float | None = None
+    ) -> None:
         """The connection is frozen: commit with ``commit`` (its final positions), or reset
-        because there is none (``why_not``)."""
+        because there is none (``why_not``). Its answer is awaited ``commit_timeout``, but not
+        past ``until`` (when the new server's window closes: a READY after it would be of no
+        use, the switch then holding the connection for the next roam)."""
         if self.state is _C.PREPARING:
             self._step(_CE.COMMIT, LocalError)
             self._unanswered_prepare(abort=True)
@@ -805,6 +809,8 @@ class ClientHandover:
         self.commit_request = commit
         self.replayed += len(commit.replay)
         self._commit_deadline = now + self.commit_timeout
+        if until is not None:
+            self._commit_deadline = max(now, min(self._commit_deadline, until))
         self._send(commit, now, COMMIT_RETRY_S)
 
     def missed_window(self, late_by: float) -> None:

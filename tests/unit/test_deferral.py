@@ -218,3 +218,28 @@ def test_a_switch_after_the_new_servers_window_holds_everything_for_the_next_roa
     assert record.deferred == {40001: 101.0, 40004: 101.0}
     assert record.connections[40001].outcome == "deferred"
     assert record.connections[40002].outcome == "closed"
+
+
+def test_a_commit_answer_is_not_awaited_past_the_new_servers_window() -> None:
+    """Frozen 0.2 s before the window closes: its COMMIT is retried until then, not for the
+    whole COMMIT timeout (a READY after the window is of no use: the switch would hold the
+    connection anyway), and then it is held for the next roam."""
+    handoff = machine(40001)
+    handoff.receive(Answer(Phase.PREPARE, 40001, Status.READY), 0.5)
+    commit = Request(Phase.COMMIT, 7, 40001, 80, 10, 1200, 10, CHECKPOINT, b"")
+    handoff.freeze(commit, "", 1.0, until=1.2)
+    timer = handoff.get_timer()
+    assert timer is not None
+    assert timer <= 1.2
+    handoff.handle_timer(1.2)
+    assert handoff.state is ClientState.RESET
+    assert handoff.reason == NO_COMMIT_ANSWER
+    record = roam(5, handoff)
+    defer_unanswered(record, None, 1.2)
+    assert record.deferred == {40001: 1.2}
+    # Without a window (tests, direct calls) the COMMIT timeout alone bounds the wait.
+    patient = machine(40002)
+    patient.receive(Answer(Phase.PREPARE, 40002, Status.READY), 0.5)
+    patient.freeze(Request(Phase.COMMIT, 7, 40002, 80, 10, 1200, 10, CHECKPOINT, b""), "", 1.0)
+    patient.handle_timer(1.2)
+    assert patient.state is ClientState.COMMITTING
