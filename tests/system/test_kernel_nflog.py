@@ -473,6 +473,19 @@ def test_a_barrier_sends_the_kernels_batch_of_copies_at_once(lab_factory) -> Non
     assert len(copies) == 4  # and the barrier's own copy (UDP), last
 
 
+def two_server_table(
+    lab: Lab, port: int, group: int
+) -> tuple[Node, Node, ipaddress.IPv4Address | ipaddress.IPv6Address, Endpoint]:
+    """The client's rules in ``c1`` for two servers on s1's address, ``port`` (active) and
+    ``port + 1``, copying to NFLOG ``group``: (c1, s1, the VIP, the second server)."""
+    c1, s1 = lab["c1"], lab["s1"]
+    vip = ipaddress.ip_address(str(s1.address))
+    old, new = Endpoint(vip, port), Endpoint(vip, port + 1)
+    body = rewrite_table_body(vip, port, (old, new), old, nflog_group=group)
+    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
+    return c1, s1, vip, new
+
+
 def test_a_held_syn_is_dropped_uncopied_and_the_freeze_lets_the_next_one_through(
     lab_factory,
 ) -> None:
@@ -481,12 +494,7 @@ def test_a_held_syn_is_dropped_uncopied_and_the_freeze_lets_the_next_one_through
     (so every connection the capture knows talks to the old server); the freeze ends the hold
     and points new connections at the new server, where the SYN sent again arrives."""
     lab = lab_factory(TOPO)
-    c1, s1 = lab["c1"], lab["s1"]
-    vip = ipaddress.ip_address(str(s1.address))
-    old = Endpoint(vip, PORT + 7)
-    new = Endpoint(vip, PORT + 8)
-    body = rewrite_table_body(vip, PORT + 7, (old, new), old, nflog_group=13)
-    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
+    c1, s1, vip, new = two_server_table(lab, PORT + 7, 13)
 
     def syn(sport: int) -> bytes:
         return build_ipv4_tcp(
@@ -524,12 +532,7 @@ def test_a_connection_opened_in_the_freeze_sends_everything_to_the_new_server(
     while a connection opened before the hold still reaches the old server; the next hold
     forgets which connections were new."""
     lab = lab_factory(TOPO)
-    c1, s1 = lab["c1"], lab["s1"]
-    vip = ipaddress.ip_address(str(s1.address))
-    old = Endpoint(vip, PORT + 9)
-    new = Endpoint(vip, PORT + 10)
-    body = rewrite_table_body(vip, PORT + 9, (old, new), old, nflog_group=14)
-    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
+    c1, s1, vip, new = two_server_table(lab, PORT + 9, 14)
 
     def segment(sport: int, flags: int, payload: bytes = b"") -> bytes:
         return build_ipv4_tcp(
