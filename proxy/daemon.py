@@ -342,8 +342,23 @@ class ServerShim:
 
     @property
     def gate_open(self) -> bool:
-        """Whether the gate lets the clients in now (before it is installed, nobody comes)."""
-        return self.plan is None or self.plan.open
+        """Whether the gate lets the clients in now (before it is installed, nobody comes).
+
+        A gate due to open counts as open: its window has opened and the tick that opens it
+        has not run yet. A busy loop runs a datagram that came meanwhile before the timer (a
+        COMMIT from a client whose clock is ahead, a few ms after the window opened), and
+        that hand-over would fail for the tick's lateness alone. A gate due to close stays
+        open until the tick closes it and leaves its connections
+        (``MigrationPort.start_behind_closed_gate`` relies on it)."""
+        if self.plan is None or self.plan.open:
+            return True
+        now = self.clock()
+        if self.gate is None or now < self.gate.until:
+            return False
+        try:
+            return self._gate_at(now).open
+        except RoamError:
+            return False  # the tick reports it
 
     def leaving_at(self) -> float | None:
         """When the service leaves this server, if it is the active one now.

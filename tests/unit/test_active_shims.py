@@ -271,3 +271,45 @@ def test_a_client_gives_up_before_its_own_servers_window_closes(tmp_path: Path) 
         assert client._client_served_until(index, run_closes + 100) == run_closes
         own = client.schedule.epoch(index).end + params.delta + params.gamma
         assert client._client_served_until(index, own - 0.01) == own
+
+
+def test_a_gate_due_to_open_is_open_before_the_tick_and_one_due_to_close_until_it(
+    tmp_path: Path,
+) -> None:
+    """A busy loop runs a datagram before the tick's timer: a COMMIT that came a few ms after
+    this server's window opened (its client's clock ahead) found the gate closed and was
+    refused, the connection reset (CI, a client delta ahead). The gate's state is its last
+    tick's, except that a gate due to open is open; one due to close stays open until the
+    tick closes it and leaves its connections."""
+    directory = make_active_deployment(tmp_path, 1)
+    clock = {"now": time.time()}
+    shim = make_shim(directory, clock=lambda: clock["now"])
+    me = shim.options.listen
+    schedule = shim.pool.schedule
+    index = schedule.epoch_at(clock["now"]).index + 2
+    while not (
+        schedule.window(index).server == me
+        and not gate_at(schedule, me, schedule.window(index).opens - 0.001).open
+    ):
+        index += 1
+    window = schedule.window(index)
+
+    def tick_at(when: float) -> None:
+        clock["now"] = when
+        gate = shim._gate_at(when)
+        shim.gate, shim.plan = gate, shim._plan(gate)
+
+    tick_at(window.opens - 0.01)
+    assert not shim.gate_open
+    clock["now"] = window.opens - 0.0001  # not due yet
+    assert not shim.gate_open
+    clock["now"] = window.opens + 0.003  # due; the tick has not run
+    assert shim.gate_open
+    tick_at(window.opens + 0.004)
+    assert shim.gate_open
+    closes = schedule.served_until(index, window.closes + 1.0)
+    tick_at(closes - 0.001)
+    clock["now"] = closes + 0.003  # due to close: open until the tick has closed it
+    assert shim.gate_open
+    tick_at(closes + 0.004)
+    assert not shim.gate_open
