@@ -143,6 +143,9 @@ class RoamingLab:
     # revoke``) reach a server only through the network, not through a shared file.
     server_dirs: bool = False
     client_extra: Sequence[str] = ()  # e.g. ("--cover-rate", "0")
+    # More options for one host's shim, after the others (e.g. a hidden ``--clock-offset``):
+    # ``start`` then starts it so, and draws again if the shims come up late.
+    host_extra: dict[str, Sequence[str]] = field(default_factory=dict)
     servers: dict[str, ShimProcess] = field(default_factory=dict)
     clients: dict[str, ShimProcess] = field(default_factory=dict)
     services: dict[str, Any] = field(default_factory=dict)
@@ -357,6 +360,7 @@ class RoamingLab:
                 str(self.update_period),
                 *self.server_extra,
                 *extra,
+                *self.host_extra.get(host, ()),
             ],
         )
         self.servers[host] = shim
@@ -372,6 +376,7 @@ class RoamingLab:
                 "--migration",
                 self.migration,
                 *self.client_extra,
+                *self.host_extra.get(host, ()),
             ],
         )
         self.clients[host] = shim
