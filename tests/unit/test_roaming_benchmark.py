@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from labs.benchmarks.roaming import GAP_FLOOR_S
+from labs.benchmarks.roaming.__main__ import main as roaming_main
 from labs.benchmarks.roaming.analysis import (
     analyse_stream,
     median_ratio,
@@ -328,3 +329,25 @@ def test_overload_table_names_each_runs_breaks_and_the_median() -> None:
     assert "1 | 22 (990) | 3 {'ConnectionAbortedError': 3} | 97/100 | 5.0 / 90.0 |" in text
     assert "2 deferred: no answer to the prepare; held" in text
     assert text.endswith("broken per run, sorted: [0, 3]; median 1.5")
+
+
+@pytest.mark.parametrize(
+    ("argv", "complaint"),
+    [
+        (["--connections", "1,x"], "not a comma-separated list of counts: '1,x'"),
+        (["--connections", "0"], "each count must be in [1, 15000]"),
+        (["--connections", "20000"], "each count must be in [1, 15000]"),
+        (["--connections-tick", "0.1"], "--connections-tick must be in [0.5, 60]"),
+    ],
+)
+def test_bad_connection_options_are_refused_in_one_line_before_any_lab(
+    argv: list[str],
+    complaint: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("labs.benchmarks.roaming.__main__.os.geteuid", lambda: 0)
+    with pytest.raises(SystemExit) as exit_:
+        roaming_main(["migration", *argv])
+    assert exit_.value.code == 2
+    assert complaint in capsys.readouterr().err

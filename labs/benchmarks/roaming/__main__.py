@@ -15,6 +15,7 @@ from labs.benchmarks.roaming import (
     CONNECTION_COUNTS,
     HTTP_BULK_MIB,
     HTTP_COPIES,
+    MAX_CONNECTIONS,
     SHIM_PATHS,
 )
 from labs.benchmarks.roaming.busy import busy_client
@@ -93,6 +94,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--connections",
         default=",".join(map(str, CONNECTION_COUNTS)),
         help="migration: connection counts across one roam (default 1,100,1000; empty to skip)",
+    )
+    parser.add_argument(
+        "--connections-tick",
+        type=float,
+        default=2.0,
+        help="migration: tick of the deployment the connection counts roam in (default 2; "
+        "thousands of connections from one client need epochs longer than their hand-over)",
     )
     parser.add_argument(
         "--live-relay",
@@ -203,7 +211,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error("--repeat must be in [1, 20] and --seconds in [2, 600]")
             if not 1 <= args.stream_mib <= 4096:
                 parser.error("--stream-mib must be in [1, 4096]")
-            counts = [int(c) for c in args.connections.split(",") if c.strip()]
+            try:
+                counts = [int(c) for c in args.connections.split(",") if c.strip()]
+            except ValueError:
+                parser.error(
+                    f"--connections: not a comma-separated list of counts: {args.connections!r}"
+                )
+            if not all(1 <= c <= MAX_CONNECTIONS for c in counts):
+                parser.error(f"--connections: each count must be in [1, {MAX_CONNECTIONS}]")
+            if not 0.5 <= args.connections_tick <= 60:
+                parser.error("--connections-tick must be in [0.5, 60]")
             results = run_migration(
                 seconds,
                 repeat,
@@ -213,6 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 progress,
                 with_streams=not args.no_streams,
                 stream_mib=args.stream_mib,
+                connections_tick=args.connections_tick,
                 live_server_args=(
                     "--live-relay",
                     args.live_relay,

@@ -262,9 +262,18 @@ def run_migration(
     with_streams: bool = True,
     live_server_args: Sequence[str] = (),
     stream_mib: int = BIG_MIB,
+    connections_tick: float = 2.0,
 ) -> dict[str, Any]:
     """``live_server_args``: options of every live-mode server shim (its relay);
-    ``stream_mib``: the size of the file the downloads fetch again and again."""
+    ``stream_mib``: the size of the file the downloads fetch again and again;
+    ``connections_tick``: the tick of the deployment the connection counts roam in.
+
+    The connection counts are one client's: its servers' bound of pending preparations per
+    client (``--max-pending-per-client``) is raised to the largest count, as an operator
+    would for such a client (the default, 1024, refuses the rest by design), and nginx has
+    room for twice as many connections (its own and the previous roam's)."""
+    most = max(counts, default=0)
+    pending = max(1024, most)
     big = os.urandom(stream_mib * 1024 * 1024) if with_streams else b""
     digest = hashlib.sha256(big).hexdigest()
     small = os.urandom(SMALL_BYTES)
@@ -280,13 +289,16 @@ def run_migration(
         "stall_timeout_s": stall_timeout,
         "live_server_args": list(live_server_args),
         "stream_mib": stream_mib,
+        "connections_tick": connections_tick,
+        "max_pending_per_client": pending,
         "streams": {},
         "connections": [],
     }
     with Lab(PoolTopo(servers=3, clients=1)) as lab:
         pool = RoamingLab(lab, tick=tick, m=1, service="none", start_delay=2.0)
         every = list(pool.server_hosts)
-        serve_files_with_nginx(pool, {"big": big, "small": small}, SERVICE_PORT)
+        room = max(4096, 2 * most + 1000)
+        serve_files_with_nginx(pool, {"big": big, "small": small}, SERVICE_PORT, room)
         results["rtt_ms"] = measure_rtt(lab, lab["s1"].address)
         progress(f"rtt c1 -> s1: {results['rtt_ms']}")
         streams: dict[str, dict[str, list[dict[str, Any]]]] = {}
@@ -318,8 +330,9 @@ def run_migration(
         results["streams"] = summarise_streams(streams)
         if counts:
             try:
-                deploy(pool, mode="live", servers=every, tick=2.0, first_switch_after=2.0,
-                       extra=tuple(live_server_args))  # fmt: skip
+                extra = (*live_server_args, "--max-pending-per-client", str(pending))
+                deploy(pool, mode="live", servers=every, tick=connections_tick,
+                       first_switch_after=2.0, extra=extra)  # fmt: skip
             except (LabError, RuntimeError) as error:
                 results["connections_error"] = str(error)
                 progress(f"connections: {error}")

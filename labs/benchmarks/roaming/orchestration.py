@@ -77,14 +77,17 @@ def start_service_nginx(
     return wait_until_listening(service)
 
 
-def serve_files_with_nginx(pool: RoamingLab, files: dict[str, bytes], port: int) -> None:
+def serve_files_with_nginx(
+    pool: RoamingLab, files: dict[str, bytes], port: int, connections: int = 4096
+) -> None:
     """On every server of ``pool``: loopback up, ``files`` written to the host's own web root
-    (the same bytes everywhere, as replicas serve them) and nginx serving them on ``port``."""
+    (the same bytes everywhere, as replicas serve them) and nginx serving them on ``port``,
+    with room for ``connections`` (past it, nginx closes the connections it cannot hold)."""
     for host in pool.server_hosts:
         node = pool.lab[host]
         node.run(["ip", "link", "set", "lo", "up"], check=True)
         root = write_content(pool.lab.workdir / f"www-{host}", files)
-        start_service_nginx(node, root, port)
+        start_service_nginx(node, root, port, connections=connections)
 
 
 def client_counters(node: Node) -> dict[str, int]:
