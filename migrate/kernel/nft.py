@@ -23,6 +23,7 @@ from typing import Any, Final
 
 from migrate.errors import ConfigError, LocalError
 from migrate.kernel import libnft
+from migrate.kernel.fdreserve import RESERVE
 
 NFT_TIMEOUT_S: Final = 30.0
 FAMILIES: Final = frozenset({"ip", "ip6", "inet", "arp", "bridge", "netdev"})
@@ -186,12 +187,17 @@ def apply(script: str, *, netns: str | None = None, what: str = "applying an nft
 
     In the caller's own namespace through libnftables when it is there (no program started:
     the hand-overs' rule changes sit inside the pause the application sees), else ``nft``.
-    ``ROAM_NFT_PROGRAM=1`` forces the program."""
-    if netns is None and libnft.available():
-        status, errors = libnft.run(script)
-        _check(subprocess.CompletedProcess(["libnftables"], status, "", errors), what)
-        return
-    _check(_run(["-f", "-"], what=what, netns=netns, script=script), what)
+    ``ROAM_NFT_PROGRAM=1`` forces the program. A daemon's reserved descriptors are free for
+    it (``fdreserve``: a daemon at its open-file limit can still change its rules)."""
+    with RESERVE.released():
+        if netns is None and libnft.available():
+            try:
+                status, errors = libnft.run(script)
+            except OSError as error:  # no descriptor for the script (the open-file limit)
+                raise NftError(f"{what}: {error.strerror or error}") from None
+            _check(subprocess.CompletedProcess(["libnftables"], status, "", errors), what)
+            return
+        _check(_run(["-f", "-"], what=what, netns=netns, script=script), what)
 
 
 def replace_table(family: str, name: str, body: str, *, netns: str | None = None) -> None:

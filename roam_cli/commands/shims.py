@@ -446,13 +446,19 @@ def _preflight(kind: str, live: bool) -> None:
 
 def _run_loop(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """Run a daemon's main coroutine on uvloop (the project's event loop), with room for as
-    many connections as the host allows (``raise_open_file_limit``)."""
+    many connections as the host allows (``raise_open_file_limit``), and descriptors held
+    back for its rule changes when its connections reach that limit (``fdreserve``)."""
     import uvloop
 
+    from migrate.kernel.fdreserve import RESERVE
     from migrate.kernel.processes import raise_open_file_limit
 
     raise_open_file_limit()
-    uvloop.run(main())
+    RESERVE.hold()
+    try:
+        uvloop.run(main())
+    finally:
+        RESERVE.let_go()
 
 
 def run_server(args: argparse.Namespace) -> int:
