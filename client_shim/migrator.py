@@ -23,6 +23,7 @@ bytes replayed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -34,6 +35,7 @@ from client_shim.holding import FrozenHold
 from client_shim.requests import ReplayStreams, RequestChannel
 from client_shim.roams import RoamRecord, defer_unanswered, log_roam
 from client_shim.rules import freeze_script, hold_script, switch_script
+from client_shim.waiting import Waiting
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
 from migrate.endpoints import Endpoint
@@ -44,7 +46,6 @@ from migrate.handover import (
     MISSED_WINDOW_S,
     PREPARE_OVERTIME_S,
     PREPARE_WAIT_S,
-    TIMER_QUANTUM_S,
     ClientHandover,
     ClientState,
     NotMoved,
@@ -102,6 +103,7 @@ class Migrator:
         self._machines: dict[int, ClientHandover] = {}
         self._target: Endpoint | None = None
         self._changed = asyncio.Event()
+        self._waits: list[Waiting[ClientHandover]] = []  # the running ``_run``s' (one per wait)
 
     # -- feeding the machines and executing their actions -----------------------------------
 
@@ -115,6 +117,8 @@ class Migrator:
             self.log.rejection("answer_rejected", error=type(error).__name__, reason=str(error))
             return
         self._execute(machine)
+        for waiting in self._waits:
+            waiting.touch(answer.client_port)
         self._changed.set()
 
     def _execute(self, machine: ClientHandover) -> None:
@@ -126,30 +130,28 @@ class Migrator:
                 self.streams.send(self._target, action.request)
 
     async def _run(self, machines: Iterable[ClientHandover], state: ClientState) -> None:
-        """Feed answers and timers until none of ``machines`` is in ``state`` any more."""
-        machines = list(machines)
-        while True:
-            waiting = [m for m in machines if m.state is state]
-            if not waiting:
-                return
-            timers = [t for m in waiting if (t := m.get_timer()) is not None]
-            wait = max(0.0, min(timers) - self.clock()) + TIMER_QUANTUM_S if timers else 0.0
-            self._changed.clear()
-            try:
-                await asyncio.wait_for(self._changed.wait(), wait)
-                continue  # an answer: look again
-            except TimeoutError:
-                pass
-            now = self.clock()
-            due = [m for m in waiting if (t := m.get_timer()) is not None and t <= now]
-            # A connection that ended while its answer was awaited needs none: it is closed, not
-            # failed. Only the due are looked up (a dump per retry: a third of the client's CPU).
-            sockets = self.view.established([m.port for m in due])
-            for machine in due:
-                if machine.port not in sockets and machine.state is state:
-                    machine.ended()
-                machine.handle_timer(now)
-                self._execute(machine)
+        """Feed answers and timers until none of ``machines`` is in ``state`` any more (looking
+        again only at the answered ones at each wake-up: ``client_shim.waiting``)."""
+        waiting = Waiting(machines, state)
+        self._waits.append(waiting)
+        try:
+            while waiting.pending():
+                self._changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), waiting.wait_s(self.clock()))
+                waiting.settle()
+                now = self.clock()
+                due = waiting.due(now)
+                # A connection that ended while its answer was awaited needs none: it is closed,
+                # not failed. Only the due are looked up (a dump per retry: costly).
+                sockets = self.view.established([m.port for m in due]) if due else {}
+                for machine in due:
+                    if machine.port not in sockets and machine.state is state:
+                        machine.ended()
+                    machine.handle_timer(now)
+                    self._execute(machine)
+        finally:
+            self._waits.remove(waiting)
 
     # -- a roam ------------------------------------------------------------------------------
 
