@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import itertools
 
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from migrate.autodetect import DETECT_BYTES, detect
 from migrate.checkpoint import Carrier
 from migrate.connstore import MAX_NEW_LOSSES, ConnectionStore
 
@@ -121,6 +122,10 @@ def test_replay_bytes_are_never_wrong_and_complete_past_every_hole(
 ):
     """Copies in sending order, some lost, carriers in between: whatever the store returns
     is the client's bytes, and it returns all of them from a fresh point past every hole."""
+    # Bytes that open like TLS or SSH make the connection unmigratable on purpose (connstore's
+    # detection; hypothesis found b"SSH-"): another test's subject.
+    found = detect(data[:DETECT_BYTES])
+    assume(found is None or found.unreplayable is None)
     bounds = sorted({0, len(data), *(c for c in cuts if c < len(data))})
     segments = list(itertools.pairwise(bounds))
     store = ConnectionStore()
