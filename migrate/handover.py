@@ -800,7 +800,7 @@ class ClientHandover:
         use, the switch then holding the connection for the next roam)."""
         if self.state is _C.PREPARING:
             self._step(_CE.COMMIT, LocalError)
-            self._unanswered_prepare(abort=True)
+            self._hold_for_next_roam(abort=True)
             return
         self._step(_CE.COMMIT if commit is not None else _CE.NOTHING_TO_COMMIT, LocalError)
         if commit is None:
@@ -820,7 +820,7 @@ class ClientHandover:
         server prepared)."""
         self._step(_CE.MISSED, LocalError)
         reason = f"frozen {late_by:.2f} s after the hand-over's give-up time (a stalled host)"
-        self._unanswered_prepare(abort=True, reason=reason)
+        self._hold_for_next_roam(abort=True, reason=reason)
 
     def window_closed(self, late_by: float) -> None:
         """Committed, but the switch comes ``late_by`` seconds after the new server's window
@@ -830,7 +830,7 @@ class ClientHandover:
         wait for the next roam."""
         self._step(_CE.WINDOW_CLOSED, LocalError)
         reason = f"the new server's window closed {late_by:.2f} s before the switch"
-        self._unanswered_prepare(abort=True, reason=reason)
+        self._hold_for_next_roam(abort=True, reason=reason)
 
     def ended(self) -> None:
         """The connection closed on its own (its socket is gone)."""
@@ -850,11 +850,11 @@ class ClientHandover:
                          b"", b"", window=window)  # fmt: skip
             self._actions.append(Send(request=go))
         elif was is _C.COMMITTING:
-            self._unanswered_prepare(abort=True, reason=NO_COMMIT_ANSWER)
+            self._hold_for_next_roam(abort=True, reason=NO_COMMIT_ANSWER)
         elif was is _C.PREPARED:  # answered but never frozen: nothing restored there either
-            self._unanswered_prepare(abort=True, reason=NEVER_COMMITTED)
+            self._hold_for_next_roam(abort=True, reason=NEVER_COMMITTED)
         elif was not in CLIENT_FINAL:  # never frozen: nothing was restored at the new server
-            self._unanswered_prepare(abort=False)
+            self._hold_for_next_roam(abort=False)
 
     def handle_timer(self, now: float) -> None:
         timer = self.get_timer()
@@ -865,9 +865,9 @@ class ClientHandover:
         if now >= deadline:
             self._step(_CE.DEADLINE, LocalError)
             if phase == "prepare":
-                self._unanswered_prepare(abort=True)
+                self._hold_for_next_roam(abort=True)
             else:
-                self._unanswered_prepare(abort=True, reason=NO_COMMIT_ANSWER)
+                self._hold_for_next_roam(abort=True, reason=NO_COMMIT_ANSWER)
             return
         self._step(_CE.TIMEOUT, LocalError)
         if phase == "prepare":
@@ -904,11 +904,11 @@ class ClientHandover:
             self._actions.append(self._abort_request())
         self._actions.append(Reset(reason))
 
-    def _unanswered_prepare(self, *, abort: bool, reason: str = NO_PREPARE_ANSWER) -> None:
-        """No answer to the PREPARE (by its deadline, the freeze or the switch), or one never
-        committed: nothing of the connection was restored at the new server, so it may wait
-        for the next roam. (Also for what was restored but never started there: an unanswered
-        COMMIT, a switch after the window; the ABORT frees it.)"""
+    def _hold_for_next_roam(self, *, abort: bool, reason: str = NO_PREPARE_ANSWER) -> None:
+        """Given up for this roam, held for the next: nothing of the connection was started at
+        the new server. No answer to the PREPARE (by its deadline, the freeze or the switch),
+        one never committed, or restored there but never started (an unanswered COMMIT, a
+        switch after the window: the ABORT frees it)."""
         self._give_up(reason, abort=abort)
         self.movable_later = True
 
