@@ -6,8 +6,15 @@ prerouting. Both chains run before connection tracking with ``notrack`` (prerout
 priority, output at ``OUT_PRIORITY``, just after iptables' raw table): no connection tracking,
 no Python on the packet path. The output chain is of type ``route`` so that the kernel routes the
 packet again after its destination changed. A roam is one transaction that replaces the
-single element of each map and of ``current``; late packets from any other server of the pool
-are dropped silently (they would otherwise meet no socket and draw a RST from the client).
+single element of each map and of ``current``. With live migration, late packets from any
+other server of the pool are dropped silently (the connection lives at the new server now; they
+would otherwise meet a socket that has moved on, or none, and draw a RST from the client). In
+reconnect mode (the paper's drop-and-reconnect) a connection never moves: it stays with the
+server it opened to until that server drops it when its gate closes behind the service, so the
+prerouting rewrite takes every pool server's answers (``pool``, not ``current``). Without that,
+the answer to a request sent just before a switch, and the RST of the drop, were thrown away
+and the application waited for its own timeout (curl: 2 s, 0 bytes) instead of being served
+or told at once.
 
 With live migration, two more chains run just before those (priority -310):
 
@@ -117,6 +124,9 @@ def rewrite_table_body(
     nflog_group: int | None = None,
     hold_mark: int | None = None,
 ) -> str:
+    """The client's table, pointed at ``active``: live mode with ``nflog_group`` (capture and
+    freeze chains; only the current server's answers pass), reconnect mode without it (every
+    pool server's answers pass)."""
     family, addr_type = _family(vip)
     pool = ", ".join(f"{s.address} . {s.port}" for s in servers)
     to_vip = f"{family} daddr {vip} tcp dport {vport}"
@@ -128,8 +138,10 @@ def rewrite_table_body(
         f"{to_vip} notrack "
         f"tcp dport set tcp dport map @port_out {family} daddr set {family} daddr map @addr_out"
     )
+    # See the module's docstring: only live mode moves connections away from their server.
+    answering = "current" if nflog_group is not None else "pool"
     inbound = (
-        f"{family} saddr . tcp sport @current notrack "
+        f"{family} saddr . tcp sport @{answering} notrack "
         f"{family} saddr set {vip} tcp sport set {vport}"
     )
     active_pair = f"{active.address} . {active.port}"
