@@ -593,8 +593,8 @@ def test_reconnect_mode_a_connection_opened_before_a_switch_hears_its_server_to_
     port = PORT + 20
     # A VIP of its own, routed on the link as the shim routes it (HostRoute.add_vip_route).
     vip = list(TOPO.subnet().hosts())[-1]
-    server = ipaddress.ip_address(str(s1.address))
-    old, new = Endpoint(server, port), Endpoint(server, port + 1)
+    address = ipaddress.ip_address(str(s1.address))
+    old, new = Endpoint(address, port), Endpoint(address, port + 1)
     body = rewrite_table_body(vip, port, (old, new), old)
     c1.run(["ip", "route", "add", f"{vip}/32", "dev", "eth0"], check=True)
     c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
