@@ -307,6 +307,28 @@ def test_a_commit_far_past_the_preparation_asks_a_second_range_instead_of_readin
     assert len(stream.candidates) == 2  # the response ended exactly where its length said
 
 
+def test_a_commit_far_past_a_checkpoint_that_was_ahead_of_the_prepare_asks_again() -> None:
+    """At full speed the old server's checkpoint is ahead of what its client has (the bytes in
+    flight): the PREPARE reads on to the checkpoint, and keeps what the client lacked for it.
+    The client has those by the COMMIT; they must not stop the second range (a COMMIT 56 MiB
+    on read every byte between: 28 ms of a 29 ms pause, docs/benchmarks.md)."""
+    body = os.urandom(BIG)
+    head_length = len(response_head(BIG, ETAG))
+    checkpoint = original_checkpoint(body, head_length + 1_100_000)
+    prepared = head_length + 1_000_000  # the client 100 KB behind the checkpoint
+    committed = head_length + 25_000_000
+    service = Service(body, ETAG)
+    replayer = asyncio.run(regenerate(service, checkpoint, prepared, committed))
+    assert len(service.requests) == 2
+    again = committed - head_length - WINDOW_BYTES
+    assert b"\r\nRange: bytes=%d-\r\n" % again in service.requests[1]
+    assert replayer.skipped >= 23_000_000
+    assert replayer.regenerated < 4 * 1024 * 1024
+    unsent = bytes(replayer.unsent)
+    assert unsent == body[25_000_000 : 25_000_000 + len(unsent)]
+    assert replayer.stream.s2c_pos == committed + len(unsent)
+
+
 def test_a_representation_changed_since_the_prepare_makes_the_commit_read_on() -> None:
     """If-Range answers 200 on the second request: the first range's connection, verified at
     the PREPARE, goes on (every byte read), and the bytes are still the original's."""
