@@ -112,6 +112,8 @@ class Replayer:
             replay_limit=replay_limit,
         )
         self.service: socket.socket | None = None
+        # A wait for the service's bytes in progress (``_readable``): its loop and future.
+        self._waiting: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self.unsent = bytearray()
         self.verified = False
         self.sock: socket.socket | None = None  # the restored client-facing socket
@@ -361,32 +363,44 @@ class Replayer:
         if count < DROP_MIN_BYTES:
             return False
         assert self.service is not None
-        loop = asyncio.get_running_loop()
         try:
             moved = pipes.drop_from(self.service.fileno(), count)
         except BlockingIOError:
-            readable: asyncio.Future[None] = loop.create_future()
-
-            def ready() -> None:
-                if not readable.done():
-                    readable.set_result(None)
-
-            loop.add_reader(self.service, ready)
-            try:
-                async with asyncio.timeout(SERVICE_IDLE_S):
-                    await readable
-            except TimeoutError:
-                raise Diverged(
-                    f"the service stopped after {stream.s2c_pos} bytes, short of {until}"
-                ) from None
-            finally:
-                loop.remove_reader(self.service)
+            await self._readable(
+                f"the service stopped after {stream.s2c_pos} bytes, short of {until}"
+            )
             return True
         if moved == 0:
             raise Diverged(f"the service closed after {stream.s2c_pos} bytes, short of {until}")
         stream.skip_s2c(moved, before=until)
         self.dropped += moved
         return True
+
+    async def _readable(self, stopped: str) -> None:
+        """Wait until the service connection has bytes (``Diverged(stopped)`` after
+        ``SERVICE_IDLE_S``). ``close`` meanwhile (the preparation released: a newer one, an
+        abort) ends the wait at once and unregisters the socket before closing it: a closed
+        descriptor left registered with the loop could be reused by a relay's socket."""
+        service = self.service
+        assert service is not None
+        loop = asyncio.get_running_loop()
+        readable: asyncio.Future[None] = loop.create_future()
+
+        def ready() -> None:
+            if not readable.done():
+                readable.set_result(None)
+
+        loop.add_reader(service, ready)
+        self._waiting = (loop, readable)
+        try:
+            async with asyncio.timeout(SERVICE_IDLE_S):
+                await readable
+        except TimeoutError:
+            raise Diverged(stopped) from None
+        finally:
+            if self._waiting is not None:  # not ended by ``close``, which unregistered it
+                self._waiting = None
+                loop.remove_reader(service)
 
     def _drop_delivered(self, until: int) -> None:
         """Bytes already read beyond an earlier ``until`` that the client has by now."""
@@ -630,6 +644,12 @@ class Replayer:
     def close(self) -> None:
         """Free what is held, silently: the restored socket never spoke."""
         if self.service is not None:
+            if self._waiting is not None:
+                loop, readable = self._waiting
+                self._waiting = None
+                loop.remove_reader(self.service)
+                if not readable.done():
+                    readable.set_exception(Diverged("the preparation was released"))
             close_abortively(self.service)
             self.service = None
         if self.sock is not None:

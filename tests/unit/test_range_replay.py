@@ -678,3 +678,41 @@ def test_whole_answers_after_the_checkpoint_are_dropped_in_the_kernel_with_windo
     else:
         assert replayer.dropped == 0
         assert replayer.regenerated >= received - len(original) // 4
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_preparation_released_while_it_waits_for_the_service_ends_and_unregisters(
+    loop: str,
+) -> None:
+    """A preparation dropping bodies in the kernel waits for the service's next bytes; released
+    meanwhile (a newer PREPARE, an abort: ``close``), the wait ends at once as a divergence, and
+    the service socket leaves the loop before it is closed (the wait's own clean-up met a
+    closed replayer and logged an internal error; a descriptor closed while registered could
+    be reused by a relay's socket)."""
+    import uvloop
+
+    body = os.urandom(SIZE)
+    checkpoint = original_checkpoint(body, len(response_head(SIZE, ETAG)) + 1_000_000)
+    replayer = Replayer(checkpoint, prepare(checkpoint, checkpoint.s2c_pos))
+    service, peer = socket.socketpair()
+    service.setblocking(False)
+    fd = service.fileno()
+
+    async def scenario() -> str:
+        replayer.service = service
+        waiting = asyncio.create_task(replayer._readable("the service stopped"))
+        await asyncio.sleep(0.01)
+        replayer.close()
+        with pytest.raises(Diverged) as ended:
+            async with asyncio.timeout(2):
+                await waiting
+        # Nothing of the replayer's is registered under the descriptor any more.
+        assert not asyncio.get_running_loop().remove_reader(fd)
+        return str(ended.value)
+
+    try:
+        reason = uvloop.run(scenario()) if loop == "uvloop" else asyncio.run(scenario())
+    finally:
+        peer.close()
+    assert reason == "the preparation was released"
+    assert service.fileno() == -1
