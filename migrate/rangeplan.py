@@ -353,27 +353,23 @@ def head_length(data: bytes | bytearray) -> int | None:
     return end + 4
 
 
-def check_answer(section: bytes, chosen: RangePlan) -> Partial | Whole:
-    """Check the replica's response head to the range request of ``chosen``."""
-    record = chosen.record
+def _answer(section: bytes) -> tuple[int, dict[bytes, list[bytes]]]:
+    """The status code and fields of the replica's answer to a range request."""
     lines = _lines(section)
     status = _STATUS_LINE.fullmatch(lines[0]) if lines else None
     fields = _fields(lines[1:]) if lines else None
     if lines is None or status is None or fields is None:
         raise RangeDiverged("the replica's answer to the range request is not an HTTP response")
-    code = int(status[2])
+    return int(status[2]), fields
+
+
+def _check_partial(
+    fields: dict[bytes, list[bytes]], record: RangeRecord, first: int, last: int
+) -> None:
+    """A 206's fields must name the checkpoint's validator and exactly the bytes asked."""
     name = b"etag" if record.etag else b"last-modified"
     theirs = _one(fields, name)
     kind = "ETag" if record.etag else "Last-Modified"
-    if code == 200:
-        if theirs != record.validator:
-            raise RangeDiverged(
-                f"the replica's representation differs: {kind} {_show(theirs)}, the "
-                f"checkpoint's {_show(record.validator)} (If-Range fell back to 200)"
-            )
-        return Whole()
-    if code != 206:
-        raise RangeDiverged(f"the replica answered {code} to the range request")
     if theirs != record.validator:
         raise RangeDiverged(
             f"the replica's 206 has {kind} {_show(theirs)}, the checkpoint's "
@@ -381,7 +377,7 @@ def check_answer(section: bytes, chosen: RangePlan) -> Partial | Whole:
         )
     if b"transfer-encoding" in fields:
         raise RangeDiverged("the replica's 206 is not framed by Content-Length")
-    expected = b"bytes %d-%d/%d" % (chosen.first, record.length - 1, record.length)
+    expected = b"bytes %d-%d/%d" % (first, last, record.length)
     content_range = _one(fields, b"content-range")
     match = _CONTENT_RANGE.fullmatch(content_range) if content_range is not None else None
     if match is None or content_range != expected:
@@ -390,12 +386,75 @@ def check_answer(section: bytes, chosen: RangePlan) -> Partial | Whole:
             f"{expected.decode()}"
         )
     length = _one(fields, b"content-length")
-    if length is None or length != b"%d" % (record.length - chosen.first):
+    if length is None or length != b"%d" % (last + 1 - first):
         raise RangeDiverged(
-            f"the replica's 206 has Content-Length {_show(length)}, expected "
-            f"{record.length - chosen.first}"
+            f"the replica's 206 has Content-Length {_show(length)}, expected {last + 1 - first}"
         )
+
+
+def check_answer(section: bytes, chosen: RangePlan) -> Partial | Whole:
+    """Check the replica's response head to the range request of ``chosen``."""
+    record = chosen.record
+    code, fields = _answer(section)
+    if code == 200:
+        theirs = _one(fields, b"etag" if record.etag else b"last-modified")
+        if theirs != record.validator:
+            kind = "ETag" if record.etag else "Last-Modified"
+            raise RangeDiverged(
+                f"the replica's representation differs: {kind} {_show(theirs)}, the "
+                f"checkpoint's {_show(record.validator)} (If-Range fell back to 200)"
+            )
+        return Whole()
+    if code != 206:
+        raise RangeDiverged(f"the replica answered {code} to the range request")
+    _check_partial(fields, record, chosen.first, record.length - 1)
     return Partial()
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCheck:
+    """Ask for the checkpoint's window alone: body offsets ``first`` to ``last`` (inclusive),
+    the bytes ``[window_start, s2c_pos)`` whose hash the checkpoint carries."""
+
+    request: bytes
+    first: int
+    last: int
+    record: RangeRecord
+
+    @property
+    def length(self) -> int:
+        return self.last + 1 - self.first
+
+
+def window_check(chosen: RangePlan, replay: bytes, s2c_pos: int) -> WindowCheck | None:
+    """For a client behind the window of ``chosen``'s checkpoint (at ``s2c_pos``): its first
+    request asking for the window's bytes alone (``Range: bytes=a-b`` and If-Range), none of
+    its later ones, so that the window can be checked on a connection of its own while the
+    client's range starts where the client is. None if the first request does not fit."""
+    record = chosen.record
+    request = _parse_request(replay)
+    if isinstance(request, str) or not record.window_start < s2c_pos <= record.body_end:
+        return None
+    first = record.window_start - record.body_start
+    last = s2c_pos - record.body_start - 1
+    asked = (
+        request.head
+        + b"Range: bytes=%d-%d\r\n" % (first, last)
+        + b"If-Range: "
+        + record.validator
+        + b"\r\n\r\n"
+    )
+    return WindowCheck(asked, first, last, record)
+
+
+def check_window_answer(section: bytes, check: WindowCheck) -> None:
+    """Check the replica's response head to ``check``'s request: a 206 of exactly the window,
+    with the checkpoint's validator (a 200 here, after a 206 for the client's own range, is a
+    replica that answers the same request two ways)."""
+    code, fields = _answer(section)
+    if code != 206:
+        raise RangeDiverged(f"the replica answered {code} to the window's range request")
+    _check_partial(fields, check.record, check.first, check.last)
 
 
 def _show(value: bytes | None) -> str:

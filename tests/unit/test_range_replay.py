@@ -49,23 +49,24 @@ class Service:
             while True:
                 head = await reader.readuntil(b"\r\n\r\n")
                 self.requests.append(head)
-                wanted = re.search(rb"\r\nRange: bytes=(\d+)-\r\n", head)
+                wanted = re.search(rb"\r\nRange: bytes=(\d+)-(\d*)\r\n", head)
                 if_range = re.search(rb"\r\nIf-Range: (.*?)\r\n", head)
-                first = 0
+                total = len(self.body)
+                first, last = 0, total - 1
                 if self.ranges and wanted and (if_range is None or if_range[1] == self.etag):
                     first = int(wanted[1])
-                total = len(self.body)
-                if first:
+                    last = int(wanted[2]) if wanted[2] else last
+                if (first, last) != (0, total - 1):
                     writer.write(
                         b"HTTP/1.1 206 Partial Content\r\nServer: t\r\nDate: Thu, 03 Dec 2026 "
                         b"23:00:01 GMT\r\nContent-Length: %d\r\nETag: %s\r\nContent-Range: "
                         b"bytes %d-%d/%d\r\n\r\n"
-                        % (total - first, self.etag, first, total - 1, total)
+                        % (last + 1 - first, self.etag, first, last, total)
                     )
                 else:
                     writer.write(response_head(total, self.etag))
-                writer.write(self.body[first:])
-                self.sent += total - first
+                writer.write(self.body[first : last + 1])
+                self.sent += last + 1 - first
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
@@ -532,6 +533,35 @@ def test_a_commit_behind_its_newer_checkpoint_gets_every_byte_it_lacks() -> None
     replayer, after = asyncio.run(commit_later(service, prepared, newer, final))
     assert replayer.rebased == 1
     assert after == body[10_000_000 : 10_000_000 + 65536]
+
+
+def test_a_commit_far_behind_its_newer_checkpoint_has_the_window_checked_aside() -> None:
+    """3 MB behind the checkpoint (bytes in flight at full speed): the window is asked for
+    alone on a second connection and compared there, and the client's own range is not read
+    up to the checkpoint (those bytes were read here and sent from Python: 5-13 ms of a
+    COMMIT); the client's next bytes are still exactly the original's."""
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=8_000_000, behind=-3_000_000)
+    assert newer.range is not None
+    assert newer.range.window_start - final > 2_900_000
+    service = Service(body, ETAG)
+    replayer, after = asyncio.run(commit_later(service, prepared, newer, final))
+    assert replayer.rebased == 1
+    assert after == body[8_000_000 : 8_000_000 + 65536]
+    window = b"\r\nRange: bytes=%d-%d\r\n" % (11_000_000 - WINDOW_BYTES, 11_000_000 - 1)
+    assert sum(window in request for request in service.requests) == 1
+    assert len(replayer.unsent) < 256 * 1024  # not the 3 MB between
+    assert replayer.stream.s2c_pos - len(replayer.unsent) == final
+
+
+def test_a_replica_that_differs_in_the_window_asked_alone_is_refused() -> None:
+    body = os.urandom(LATER)
+    prepared, newer, final = two_copies(body, into_second=8_000_000, behind=-3_000_000)
+    changed = bytearray(body)
+    changed[11_000_000 - 100] ^= 1  # inside the newer checkpoint's window, same size and ETag
+    service = Service(bytes(changed), ETAG)
+    with pytest.raises(Diverged, match="asked alone"):
+        asyncio.run(commit_later(service, prepared, newer, final))
 
 
 # Short responses one after the other at full speed (issue 14): the client is many responses
