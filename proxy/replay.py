@@ -138,6 +138,7 @@ class Replayer:
         self.skipped = 0  # body bytes a second range at the COMMIT spared reading
         self.dropped = 0  # body bytes the client has, dropped in the kernel unread (``_drop``)
         self.rebased = 0  # COMMITs prepared again from their newer checkpoint (``_rebase``)
+        self.aside = 0  # windows checked on a connection of their own (``_verify_aside``)
         # Where the COMMIT's time went, ms from its arrival: "queued" (behind the preparation
         # still regenerating), "regenerated", "restored", "go" (the client's GO came).
         self.commit_ms: dict[str, float] = {}
@@ -235,6 +236,7 @@ class Replayer:
                 "asked alone)"
             )
         self.window = None
+        self.aside += 1
         self._verified()
 
     def _window_only(self) -> None:
@@ -655,6 +657,7 @@ class Replayer:
         self.skipped += fresh.skipped
         self.dropped += fresh.dropped
         self.rebased += 1
+        self.aside += fresh.aside
 
     def _restore(self, request: Request, listen: tuple[str, int], now: float) -> socket.socket:
         checkpoint = self.checkpoint
@@ -693,12 +696,14 @@ class Replayer:
 
     def work(self) -> dict[str, int | dict[str, float] | None]:
         """What this re-incarnation read of the service, what second ranges spared reading,
-        how often a COMMIT started again from its newer checkpoint, the client's window the
+        how often a COMMIT started again from its newer checkpoint, how many windows were
+        checked on a connection of their own, the client's window the
         socket took from GO (None: the guess stood), and where the COMMIT's time went."""
         return {
             "read": self.regenerated,
             "skipped": self.skipped,
             "rebased": self.rebased,
+            "aside": self.aside,
             "dropped": self.dropped,
             "window": self.told_window,
             "commit_ms": dict(self.commit_ms),

@@ -547,6 +547,7 @@ def test_a_commit_far_behind_its_newer_checkpoint_has_the_window_checked_aside()
     service = Service(body, ETAG)
     replayer, after = asyncio.run(commit_later(service, prepared, newer, final))
     assert replayer.rebased == 1
+    assert replayer.aside == 1
     assert after == body[8_000_000 : 8_000_000 + 65536]
     window = b"\r\nRange: bytes=%d-%d\r\n" % (11_000_000 - WINDOW_BYTES, 11_000_000 - 1)
     assert sum(window in request for request in service.requests) == 1

@@ -129,6 +129,10 @@ def event_detail(event: dict[str, Any]) -> str:
     parts = [f"{event.get('regeneration')} {event.get('regenerated', 0) / 2**20:.1f} MiB"]
     if event.get("rebased"):
         parts.append(f"rebased {event['rebased']}")
+    if event.get("aside"):
+        parts.append(f"window checked aside {event['aside']}")
+    if event.get("unsent"):
+        parts.append(f"sent first {event['unsent'] / 2**20:.1f} MiB")
     if event.get("window") is not None:
         parts.append(f"window {event['window']}")
     if event.get("commit_ms"):
