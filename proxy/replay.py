@@ -157,6 +157,8 @@ class Replayer:
             await loop.sock_sendall(self.service, self.plan.request)
             rest = await self._range_head(self.plan)
             await self._verify_aside()
+            if self.service is None:  # released while the window was asked for (``close``)
+                raise Diverged("the preparation was released")
             self._take(rest, until)
         else:
             await loop.sock_sendall(self.service, self.prepare.replay)
