@@ -286,20 +286,15 @@ def plan(checkpoint: Checkpoint, replay: bytes, s2c_received: int) -> Plan:
         return FromFreshPoint("the client has bytes past the response's end")
     s2c_start = min(record.window_start, s2c_received)
     first = s2c_start - record.body_start
-    return RangePlan(_ranged(request, first, record.validator), first, s2c_start, record)
+    asked = _ranged(request, first, record.validator) + request.rest
+    return RangePlan(asked, first, s2c_start, record)
 
 
-def _ranged(request: _Request, first: int, validator: bytes) -> bytes:
-    """``request`` asking for its response's body from offset ``first`` if it is still the
-    representation ``validator`` names; its later requests after it, verbatim."""
-    return (
-        request.head
-        + b"Range: bytes=%d-\r\n" % first
-        + b"If-Range: "
-        + validator
-        + b"\r\n\r\n"
-        + request.rest
-    )
+def _ranged(request: _Request, first: int, validator: bytes, last: int | None = None) -> bytes:
+    """``request``'s head asking for its response's body from offset ``first`` (to ``last``,
+    inclusive, if given) if it is still the representation ``validator`` names."""
+    asked = b"%d-%d" % (first, last) if last is not None else b"%d-" % first
+    return request.head + b"Range: bytes=" + asked + b"\r\nIf-Range: " + validator + b"\r\n\r\n"
 
 
 def replan(
@@ -319,7 +314,7 @@ def replan(
     if isinstance(request, str) or not resendable(request.rest):
         return None
     first = s2c_start - record.body_start
-    asked = _ranged(request, first, record.validator) + later
+    asked = _ranged(request, first, record.validator) + request.rest + later
     return RangePlan(asked, first, s2c_start, record)
 
 
@@ -437,14 +432,7 @@ def window_check(chosen: RangePlan, replay: bytes, s2c_pos: int) -> WindowCheck 
         return None
     first = record.window_start - record.body_start
     last = s2c_pos - record.body_start - 1
-    asked = (
-        request.head
-        + b"Range: bytes=%d-%d\r\n" % (first, last)
-        + b"If-Range: "
-        + record.validator
-        + b"\r\n\r\n"
-    )
-    return WindowCheck(asked, first, last, record)
+    return WindowCheck(_ranged(request, first, record.validator, last), first, last, record)
 
 
 def check_window_answer(section: bytes, check: WindowCheck) -> None:

@@ -75,6 +75,13 @@ class Diverged(Exception):
     """The replayed service did not answer with the same bytes."""
 
 
+def _window_differs(length: int, how: str = "") -> Diverged:
+    return Diverged(
+        f"the replica's body differs from the client's in the {length} bytes before the "
+        f"checkpoint's position (the same validator{how})"
+    )
+
+
 def failure_of(error: Exception) -> tuple[Status, str] | None:
     """The answer to a step that raised ``error``; None for a bug of ours (not the network's,
     the service's or the client's)."""
@@ -208,12 +215,13 @@ class Replayer:
             return
         loop = asyncio.get_running_loop()
         try:
-            side = await self._connect()
-        except (OSError, TimeoutError):
+            asked = await self._ask_fresh(check.request, SERVICE_IDLE_S)
+        except OSError:
+            return  # this connection's trouble: the client's range is read to the checkpoint
+        if asked is None:
             return
+        side, head, length = asked
         try:
-            await loop.sock_sendall(side, check.request)
-            head, length = await self._read_head(side, SERVICE_IDLE_S)
             try:
                 check_window_answer(bytes(head[:length]), check)
             except RangeDiverged as error:
@@ -228,15 +236,11 @@ class Replayer:
         except TimeoutError:
             raise Diverged("the service did not answer the window's range request") from None
         except OSError:
-            return  # this connection's trouble: the client's range is read to the checkpoint
+            return
         finally:
             close_abortively(side)
         if len(window) != check.length or hashlib.sha256(window).digest() != record.window_hash:
-            raise Diverged(
-                "the replica's body differs from the client's in the "
-                f"{check.length} bytes before the checkpoint's position (the same validator; "
-                "asked alone)"
-            )
+            raise _window_differs(check.length, "; asked alone")
         self.window = None
         self.aside += 1
         self._verified()
@@ -247,6 +251,25 @@ class Replayer:
         record = self.checkpoint.range
         if isinstance(self.plan, FromFreshPoint) and record is not None and not record.full_hash:
             self.window = hashlib.sha256()
+
+    async def _ask_fresh(
+        self, request: bytes, idle_s: float
+    ) -> tuple[socket.socket, bytearray, int] | None:
+        """``request`` sent on a fresh service connection and its answer read to the end of
+        its head at least: the connection, what was read and the head's length; None if no
+        connection could be opened. What fails after (``OSError``, ``Diverged``) closes it."""
+        assert self._connect is not None
+        try:
+            service = await self._connect()
+        except (OSError, TimeoutError):
+            return None
+        try:
+            await asyncio.get_running_loop().sock_sendall(service, request)
+            head, length = await self._read_head(service, idle_s)
+        except BaseException:
+            close_abortively(service)
+            raise
+        return service, head, length
 
     async def _read_head(self, service: socket.socket, idle_s: float) -> tuple[bytearray, int]:
         """What the service sent up to the end of its response head at least, and the head's
@@ -296,16 +319,16 @@ class Replayer:
         again = replan(chosen, self.prepare.replay, target, later)
         if again is None:
             return False
-        loop = asyncio.get_running_loop()
         try:
-            service = await self._connect()
-        except (OSError, TimeoutError):
+            asked = await self._ask_fresh(again.request, RANGE_AGAIN_IDLE_S)
+        except (OSError, Diverged):
             return False
+        if asked is None:
+            return False
+        service, head, length = asked
         try:
-            await loop.sock_sendall(service, again.request)
-            head, length = await self._read_head(service, RANGE_AGAIN_IDLE_S)
             answer = check_answer(bytes(head[:length]), again)
-        except (OSError, Diverged, RangeDiverged):
+        except RangeDiverged:
             close_abortively(service)
             return False
         skipped = target - stream.s2c_pos
@@ -503,11 +526,7 @@ class Replayer:
         if self.window is not None:
             assert checkpoint.range is not None
             if self.window.digest() != checkpoint.range.window_hash:
-                raise Diverged(
-                    "the replica's body differs from the client's in the "
-                    f"{checkpoint.s2c_pos - checkpoint.range.window_start} bytes before the "
-                    "checkpoint's position (the same validator)"
-                )
+                raise _window_differs(checkpoint.s2c_pos - checkpoint.range.window_start)
         else:
             fresh_hash = stream.candidates[0].s2c_hash
             if fresh_hash is None or fresh_hash.digest() != checkpoint.s2c_hash:

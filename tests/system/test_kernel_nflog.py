@@ -34,7 +34,7 @@ from labs import Lab, PoolTopo
 from labs.node import Node
 from migrate.endpoints import Endpoint
 from migrate.kernel import sockdiag
-from migrate.kernel.instances import call_in_netns
+from migrate.kernel.instances import Instance, call_in_netns
 from migrate.kernel.nflog import (
     NF_INET_LOCAL_OUT,
     NF_INET_PRE_ROUTING,
@@ -54,6 +54,7 @@ from migrate.kernel.rawtcp import (
     is_carrier,
     parse_ipv4_tcp,
 )
+from migrate.kernel.routing import HostRoute
 from proxy.relay import close_abortively
 
 pytestmark = pytest.mark.system
@@ -591,14 +592,14 @@ def test_reconnect_mode_a_connection_opened_before_a_switch_hears_its_server_to_
     lab = lab_factory(TOPO)
     c1, s1 = lab["c1"], lab["s1"]
     port = PORT + 20
-    # A VIP of its own, routed on the link as the shim routes it (HostRoute.add_vip_route).
+    # A VIP of its own, routed and ruled as the client shim does (its daemon's ``_install``),
+    # through an instance that removes both when the test ends.
     vip = list(TOPO.subnet().hosts())[-1]
     address = ipaddress.ip_address(str(s1.address))
     old, new = Endpoint(address, port), Endpoint(address, port + 1)
-    body = rewrite_table_body(vip, port, (old, new), old)
-    c1.run(["ip", "route", "add", f"{vip}/32", "dev", "eth0"], check=True)
-    c1.run(["nft", "-f", "-"], input=f"table ip {TABLE} {{\n{body}\n}}\n", check=True)
-    try:
+    with Instance.start("nflogtest", netns=c1.netns) as instance:
+        instance.add_table("ip", TABLE, rewrite_table_body(vip, port, (old, new), old))
+        HostRoute(instance).add_vip_route(str(vip), toward=str(s1.address))
         with connection(lab, port, to=str(vip)) as (client, server):
             client.sendall(b"GET")
             assert recv_exact(server, 3) == b"GET"
@@ -612,6 +613,3 @@ def test_reconnect_mode_a_connection_opened_before_a_switch_hears_its_server_to_
                 close_abortively(server)
                 with pytest.raises(ConnectionResetError):
                     client.recv(100)
-    finally:
-        c1.run(["nft", "delete", "table", "ip", TABLE], timeout=10)
-        c1.run(["ip", "route", "del", f"{vip}/32", "dev", "eth0"], timeout=10)

@@ -31,11 +31,13 @@ from migrate.rangeplan import (
     RangePlan,
     Whole,
     check_answer,
+    check_window_answer,
     expected_regeneration,
     head_length,
     plan,
     resendable,
     response_facts,
+    window_check,
 )
 from migrate.streamstate import NO_HASH, StreamState, verifies_nothing
 
@@ -259,6 +261,92 @@ def test_a_200_with_the_same_validator_is_regenerated_whole() -> None:
     assert check_answer(head(10_000_000), range_plan()) == Whole()
     resumed = range_plan(rec=record(full_hash=False))
     assert check_answer(head(10_000_000), resumed) == Whole()
+
+
+# -- the window asked for alone (a client far behind its checkpoint: proxy.replay) -----------
+
+
+def test_the_window_alone_is_asked_for_exactly_and_without_the_later_requests() -> None:
+    rec = record()  # body from s2c 300, the window from s2c 1_000_000
+    second = REQUEST.replace(b"/big.bin", b"/other")
+    check = window_check(range_plan(500_000, rec), REQUEST + second, 1_065_536)
+    assert check is not None
+    assert (check.first, check.last, check.length) == (999_700, 1_065_235, 65_536)
+    assert check.request == (
+        REQUEST[:-2] + b"Range: bytes=999700-1065235\r\nIf-Range: " + ETAG + b"\r\n\r\n"
+    )
+    check_window_answer(partial_of(999_700, 1_065_235, 10_000_000), check)
+
+
+@pytest.mark.parametrize(
+    ("replay", "s2c_pos", "why"),
+    [
+        (REQUEST, 1_000_000, "an empty window"),
+        (REQUEST, 10_000_301, "past the body's end"),
+        (REQUEST[:-2], 1_065_536, "no complete request head"),
+        (REQUEST.replace(b"GET", b"POST"), 1_065_536, "not GET"),
+    ],
+)
+def test_no_window_check_where_a_range_cannot_ask_for_it(
+    replay: bytes, s2c_pos: int, why: str
+) -> None:
+    assert window_check(range_plan(), replay, s2c_pos) is None, why
+
+
+def partial_of(first: int, last: int, total: int, *, etag: bytes = ETAG) -> bytes:
+    fields = [
+        b"HTTP/1.1 206 Partial Content",
+        b"Content-Length: %d" % (last + 1 - first),
+        b"Content-Range: bytes %d-%d/%d" % (first, last, total),
+        b"ETag: " + etag,
+    ]
+    return b"\r\n".join(fields) + b"\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (head(10_000_000), "answered 200 to the window"),
+        (head(10_000_000, status=b"412 Precondition Failed"), "answered 412"),
+        (partial_of(999_700, 1_065_235, 10_000_000, etag=b'"x"'), "206 has ETag"),
+        (partial_of(999_700, 1_065_236, 10_000_000), "Content-Range"),
+        (partial_of(999_699, 1_065_235, 10_000_000), "Content-Range"),
+        (partial_of(999_700, 1_065_235, 10_000_001), "Content-Range"),
+        (partial(999_700, 10_000_000), "Content-Range"),
+        (b"HTTP/1.1 206 x\r\nContent-Range: nope\r\n\r\n", "ETag"),
+    ],
+)
+def test_any_other_answer_to_the_window_diverges_with_its_reason(
+    answer: bytes, reason: str
+) -> None:
+    check = window_check(range_plan(500_000), REQUEST, 1_065_536)
+    assert check is not None
+    with pytest.raises(RangeDiverged, match=reason):
+        check_window_answer(answer, check)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(1, 2**40),
+    st.integers(0, 2**20),
+    st.data(),
+)
+def test_the_window_asked_is_the_checkpoints_whatever_the_positions(
+    length: int, body_start: int, data: st.DataObject
+) -> None:
+    """For any window inside any body: the bytes asked are ``[window_start, s2c_pos)``, a
+    206 naming them passes and one shifted by a byte does not."""
+    window_start = data.draw(st.integers(body_start, body_start + length - 1))
+    s2c_pos = data.draw(st.integers(window_start + 1, body_start + length))
+    rec = record(length=length, body_start=body_start, window_start=window_start)
+    check = window_check(range_plan(0, rec), REQUEST, s2c_pos)
+    assert check is not None
+    assert check.length == s2c_pos - window_start
+    assert check.request.count(b"\r\nRange: bytes=%d-%d\r\n" % (check.first, check.last)) == 1
+    assert body_start + check.first == window_start
+    check_window_answer(partial_of(check.first, check.last, length), check)
+    with pytest.raises(RangeDiverged):
+        check_window_answer(partial_of(check.first, check.last + 1, length), check)
 
 
 def test_a_head_longer_than_the_limit_diverges() -> None:
