@@ -144,7 +144,11 @@ class ClientConnections:
         conn = self.store.connections.get(port)
         if conn is None or conn.carrier is None or conn.unmigratable is not None:
             return None
-        for _ in range(3):
+        # A COMMIT's positions were read in the freeze, which takes nothing more from the old
+        # server: they are final, and a checkpoint ahead of them (the old server counts bytes
+        # still in flight; its carriers still pass) stays ahead. Reading them again only
+        # lengthened the pause, by three lookups and drains (0.3-0.4 ms a busy connection).
+        for _ in range(0 if phase is Phase.COMMIT else 3):
             if conn.carrier is None or conn.carrier.s2c_pos <= info.bytes_received:
                 break
             # The checkpoint may be newer than the socket's positions: the capture is drained
