@@ -29,8 +29,9 @@ from typing import Any
 
 from client_shim.holding import FrozenHold, open_hold
 from client_shim.migrator import Migrator
-from client_shim.rules import rewrite_table_body, switch_script, table_family
+from client_shim.rules import rewrite_table_body, table_family
 from client_shim.state import ClientState, load_state
+from client_shim.switching import Switching
 from migrate.activeset import ActiveSchedule
 from migrate.channel import CounterFloor, ReplayWindow
 from migrate.cover import CoverConfig
@@ -163,7 +164,7 @@ class ClientShim:
     def _point_at(self, target: Endpoint) -> None:
         if target == self.target:
             return
-        nft.apply(switch_script(self.table, self.bundle.vip, self.bundle.service_port, target))
+        Switching(self.table, self.bundle.vip, self.bundle.service_port).switch(target)
         previous, self.target = self.target, target
         self.log.event("switch", server=str(target), previous=str(previous))
 

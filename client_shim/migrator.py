@@ -34,7 +34,7 @@ from client_shim.connections import ClientConnections, Sockets, verifiable
 from client_shim.holding import FrozenHold
 from client_shim.requests import ReplayStreams, RequestChannel
 from client_shim.roams import RoamRecord, defer_unanswered, log_roam
-from client_shim.rules import freeze_script, hold_script, switch_script
+from client_shim.switching import Switching
 from client_shim.waiting import Waiting
 from migrate.connstore import TrackedConnection
 from migrate.cover import CoverConfig
@@ -52,7 +52,7 @@ from migrate.handover import (
     RemoteError,
     Send,
 )
-from migrate.kernel import nft, sockdiag
+from migrate.kernel import sockdiag
 from migrate.kernel.eventlog import EventLog
 from migrate.registration import Bundle
 from migrate.reincarnation import Answer, Phase
@@ -76,7 +76,7 @@ class Migrator:
         max_replay: int = DEFAULT_MAX_REPLAY,
     ) -> None:
         self.bundle = bundle
-        self.table = table
+        self.table, self.rules = table, Switching(table, bundle.vip, bundle.service_port)
         self.group = nflog_group
         self.log = log
         self.hold: FrozenHold | None = None  # set by the daemon where the host can hold
@@ -257,7 +257,7 @@ class Migrator:
         await self._run(record.machines(), ClientState.PREPARING)
         # Which connections the old server has: all captured by now. New ones wait (their SYNs
         # dropped, sent again by their TCP) until the freeze sends them to the new server.
-        nft.apply(hold_script(self.table, self.bundle.vip, self.bundle.service_port))
+        self.rules.hold()
         try:
             self.capture.drain()
             record.note_old(self.store.connections)
@@ -288,9 +288,8 @@ class Migrator:
                 for machine in record.hold_after_window(connections, window_closes, now):
                     self._execute(machine)  # its ABORT
                 defer_unanswered(record, self.roams[-1] if self.roams else None, now)
-            vip, vport, held = self.bundle.vip, self.bundle.service_port, sorted(record.deferred)
-            gone = self._not_following(record)
-            nft.apply(switch_script(self.table, vip, vport, target, gone, held))
+            held, gone = sorted(record.deferred), self._not_following(record)
+            self.rules.switch(target, gone, held)
             record.mark("switched", self.clock())
             if self.hold is not None:  # held segments on to the new server, or dropped
                 record.held = self.hold.release({*gone, *held})
@@ -356,8 +355,7 @@ class Migrator:
         record.mark("newcomers", self.clock())
 
     def _freeze(self, machines: list[ClientHandover], target: Endpoint) -> None:
-        vip, vport = self.bundle.vip, self.bundle.service_port
-        nft.apply(freeze_script(self.table, vip, vport, [m.port for m in machines], target))
+        self.rules.freeze([m.port for m in machines], target)
 
     def _finish(self, record: RoamRecord) -> None:
         """After the switch: GO for each committed connection, reset what could not follow

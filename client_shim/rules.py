@@ -70,6 +70,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from migrate.endpoints import Endpoint, IPAddress
+from migrate.kernel.nftsets import Add, Change, Element, Flush, concat, script, service
 
 # A connection that ended at the old server (its FIN) before or as the service roamed is left
 # to die quietly there: the rest of its closing handshake would meet no socket at the new
@@ -207,16 +208,74 @@ def rewrite_table_body(
 """
 
 
-def _point(
-    family: str, table: str, vip: IPAddress, vport: int, active: Endpoint, maps: tuple[str, str]
-) -> list[str]:
+def _pair(endpoint: Endpoint) -> Element:
+    address, port = endpoint.address, endpoint.port
+    return Element(f"{address} . {port}", concat(address.packed, service(port)))
+
+
+def _ports(ports: Sequence[int]) -> tuple[Element, ...]:
+    return tuple(Element(str(port), service(port)) for port in ports)
+
+
+def _point(vip: IPAddress, vport: int, active: Endpoint, maps: tuple[str, str]) -> list[Change]:
     address_map, port_map = maps
+    address, port = active.address, active.port
     return [
-        f"flush map {family} {table} {address_map}",
-        f"flush map {family} {table} {port_map}",
-        f"add element {family} {table} {address_map} {{ {vip} : {active.address} }}",
-        f"add element {family} {table} {port_map} {{ {vport} : {active.port} }}",
+        Flush("map", address_map),
+        Flush("map", port_map),
+        Add(address_map, (Element(f"{vip} : {address}", vip.packed, address.packed),)),
+        Add(port_map, (Element(f"{vport} : {port}", service(vport), service(port)),)),
     ]
+
+
+def switch_changes(
+    vip: IPAddress,
+    vport: int,
+    active: Endpoint,
+    finished: Sequence[int] = (),
+    held: Sequence[int] = (),
+) -> list[Change]:
+    """One transaction that points the VIP at ``active``, thaws every frozen port but
+    ``held`` (connections deferred to the next roam: still the old server's, which is gone)
+    and adds ``finished`` (the connections that do not follow: not one of their segments may
+    reach the new server, which has no socket for them and would answer with a RST)."""
+    changes = [
+        *_point(vip, vport, active, ("addr_out", "port_out")),
+        *_point(vip, vport, active, ("syn_addr", "syn_port")),
+        Flush("set", "current"),
+        Flush("set", "frozen"),
+        Flush("set", "syn_hold"),
+        Add("current", (_pair(active),)),
+    ]
+    if finished:
+        changes.append(Add("finished", _ports(finished)))
+    if held:
+        changes.append(Add("frozen", _ports(held)))
+    return changes
+
+
+def freeze_changes(vip: IPAddress, vport: int, ports: list[int], target: Endpoint) -> list[Change]:
+    """One transaction at the start of a hand-over: hold the given connections' outgoing data,
+    take nothing more from the old server (so the positions read next are final), and send
+    new connections, and accept their answers, to the new server already (the SYNs held
+    since ``hold_changes`` pass again)."""
+    changes = [
+        *_point(vip, vport, target, ("syn_addr", "syn_port")),
+        Flush("set", "syn_hold"),
+        Flush("set", "current"),
+        Add("current", (_pair(target),)),
+    ]
+    if ports:
+        changes.append(Add("frozen", _ports(ports)))
+    return changes
+
+
+def hold_changes(vport: int) -> list[Change]:
+    """Drop new connections' SYNs (uncopied) until the next freeze or switch, which both end
+    the hold: the moment in which a hand-over reads which connections the old server has.
+    Empties ``fresh``: every connection opened so far talks to the old server, and those the
+    freeze sends to the new one join it with their SYN."""
+    return [Add("syn_hold", _ports([vport])), Flush("set", "fresh")]
 
 
 def switch_script(
@@ -227,57 +286,17 @@ def switch_script(
     finished: Sequence[int] = (),
     held: Sequence[int] = (),
 ) -> str:
-    """One transaction that points the VIP at ``active``, thaws every frozen port but
-    ``held`` (connections deferred to the next roam: still the old server's, which is gone)
-    and adds ``finished`` (the connections that do not follow: not one of their segments may
-    reach the new server, which has no socket for them and would answer with a RST)."""
-    family = _family(vip)[0]
-    lines = [
-        *_point(family, table, vip, vport, active, ("addr_out", "port_out")),
-        *_point(family, table, vip, vport, active, ("syn_addr", "syn_port")),
-        f"flush set {family} {table} current",
-        f"flush set {family} {table} frozen",
-        f"flush set {family} {table} syn_hold",
-        f"add element {family} {table} current {{ {active.address} . {active.port} }}",
-    ]
-    if finished:
-        lines.append(f"add element {family} {table} finished {{ {_ports(finished)} }}")
-    if held:
-        lines.append(f"add element {family} {table} frozen {{ {_ports(held)} }}")
-    return "\n".join(lines) + "\n"
-
-
-def _ports(ports: Sequence[int]) -> str:
-    return ", ".join(str(p) for p in ports)
+    """``switch_changes`` as an nft script."""
+    return script(table_family(vip), table, switch_changes(vip, vport, active, finished, held))
 
 
 def freeze_script(
     table: str, vip: IPAddress, vport: int, ports: list[int], target: Endpoint
 ) -> str:
-    """One transaction at the start of a hand-over: hold the given connections' outgoing data,
-    take nothing more from the old server (so the positions read next are final), and send
-    new connections, and accept their answers, to the new server already (the SYNs held
-    since ``hold_script`` pass again)."""
-    family = _family(vip)[0]
-    lines = [
-        *_point(family, table, vip, vport, target, ("syn_addr", "syn_port")),
-        f"flush set {family} {table} syn_hold",
-        f"flush set {family} {table} current",
-        f"add element {family} {table} current {{ {target.address} . {target.port} }}",
-    ]
-    if ports:
-        lines.append(
-            f"add element {family} {table} frozen {{ {', '.join(str(p) for p in ports)} }}"
-        )
-    return "\n".join(lines) + "\n"
+    """``freeze_changes`` as an nft script."""
+    return script(table_family(vip), table, freeze_changes(vip, vport, ports, target))
 
 
 def hold_script(table: str, vip: IPAddress, vport: int) -> str:
-    """Drop new connections' SYNs (uncopied) until the next freeze or switch, which both end
-    the hold: the moment in which a hand-over reads which connections the old server has.
-    Empties ``fresh``: every connection opened so far talks to the old server, and those the
-    freeze sends to the new one join it with their SYN."""
-    family = _family(vip)[0]
-    return (
-        f"add element {family} {table} syn_hold {{ {vport} }}\nflush set {family} {table} fresh\n"
-    )
+    """``hold_changes`` as an nft script."""
+    return script(table_family(vip), table, hold_changes(vport))

@@ -15,6 +15,7 @@ whole daemons inside a namespace, so this is the usual case); a bare name runs `
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -22,7 +23,7 @@ from collections.abc import Sequence
 from typing import Any, Final
 
 from migrate.errors import ConfigError, LocalError
-from migrate.kernel import libnft
+from migrate.kernel import libnft, nftsets
 from migrate.kernel.fdreserve import RESERVE
 
 NFT_TIMEOUT_S: Final = 30.0
@@ -198,6 +199,31 @@ def apply(script: str, *, netns: str | None = None, what: str = "applying an nft
             _check(subprocess.CompletedProcess(["libnftables"], status, "", errors), what)
             return
         _check(_run(["-f", "-"], what=what, netns=netns, script=script), what)
+
+
+def apply_changes(
+    family: str,
+    table: str,
+    changes: Sequence[nftsets.Change],
+    *,
+    netns: str | None = None,
+    what: str = "changing set elements",
+) -> None:
+    """Element changes to one table (``nftsets``) as one transaction: over netlink in the
+    caller's own namespace (a hand-over's freeze and switch, inside the pause), else as the
+    equivalent script. ``ROAM_NFT_PROGRAM=1`` forces the program, as for ``apply``."""
+    check_family(family)
+    check_identifier(table)
+    if netns is not None or os.environ.get("ROAM_NFT_PROGRAM") == "1":
+        apply(nftsets.script(family, table, changes), netns=netns, what=what)
+        return
+    try:
+        if not nftsets.WRITER.is_open:  # kept open after: no descriptor to find in a pause
+            with RESERVE.released():
+                nftsets.WRITER.open()
+        nftsets.WRITER.apply(family, table, changes)
+    except nftsets.NftSetError as error:
+        raise NftError(f"{what} in table {family} {table}: {error}") from None
 
 
 def replace_table(family: str, name: str, body: str, *, netns: str | None = None) -> None:
