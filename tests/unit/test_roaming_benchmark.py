@@ -10,6 +10,7 @@ from labs.benchmarks.roaming import GAP_FLOOR_S
 from labs.benchmarks.roaming.__main__ import main as roaming_main
 from labs.benchmarks.roaming.analysis import (
     analyse_stream,
+    handover_waits,
     median_ratio,
     netstat_counters,
     ping_times,
@@ -127,6 +128,23 @@ def test_analyse_stream_matches_switches_roams_and_breaks() -> None:
     assert result["outcomes"] == {"migrated": 2}
     assert result["recovery_ms"] == [pytest.approx(3.0)]
     assert result["break_errors"] == ["X"]
+
+
+def test_the_wait_in_a_hand_over_is_the_gap_that_overlaps_its_own_steps() -> None:
+    """A paced client's own gap between files, 50 ms before the freeze, is the roam's pause
+    (an upper bound) but not a wait in the hand-over; a receive buffer that bridges the steps
+    is no wait at all; a gap that starts in the steps counts whole, however long after."""
+    gaps = [(9.90, 9.906), (10.001, 10.0042), (19.0, 19.005), (30.003, 30.5)]
+    steps = [(10.0, 10.003), (20.0, 20.003), (30.0, 30.003)]
+    assert handover_waits(gaps, steps) == pytest.approx([0.0032, 0.0, 0.497])
+    events = [
+        {"event": "roam", "ts": 10.0, "epoch": 5, "pause_ms": 3.0,
+         "steps_ms": {"frozen": 0.2, "switched": 2.8, "go_sent": 3.0}},
+        {"event": "switch", "ts": 10.0028, "epoch": 5},
+    ]  # fmt: skip
+    result = analyse_stream(stream([(9.95, 9.956), (10.001, 10.0042)], []), events, 0.0)
+    assert result["app_pause_ms"] == [pytest.approx(6.0)]
+    assert result["handover_wait_ms"] == [pytest.approx(3.2)]
 
 
 def test_regenerations_are_the_new_servers_reincarnations_during_the_download_in_order() -> None:
@@ -255,6 +273,7 @@ def test_migration_summary_and_table() -> None:
             "roaming": [stream_run(32.0, [31.0, 1000.0, None])],
         }
     }
+    streams["paced 8 MiB/s | live"]["roaming"][0]["handover_wait_ms"] = [2.5, 0.0, 4.0]
     streams["paced 8 MiB/s | live"]["roaming"][0]["regenerations"] = [
         {"regeneration": "range", "regenerated": 3 << 20, "body_offset": 200 << 20},
         {"regeneration": "fresh point", "regenerated": 1 << 19, "body_offset": None},
@@ -298,6 +317,7 @@ def test_migration_summary_and_table() -> None:
     assert "from the fresh point (p50 3.0 MiB, p99 3.0 MiB)" in text
     assert "| paced 8 MiB/s | live | 60 / 64 / 32 | 0.53x / 0.50x | 3 (1 inside" in text
     assert "31.0, 1000.0, (in the stall before)" in text
+    assert "| 1000.0 / 1000.0 / 1000.0 | 2.5 / 4.0 / 4.0 | 30.0 / 30.0 / 30.0 |" in text
     assert "| 100 | 100 (0.1) | 100 | migrated 100 | 50.0 | 0.500 |" in text
     assert "| 0.30 / 4.00 / 3900.00 | 3 |" in text
     assert "TimeoutError: timed out" in text

@@ -77,6 +77,21 @@ def roam_pauses(
     return result
 
 
+def handover_waits(
+    gaps: Sequence[Sequence[float]], steps: Sequence[tuple[float, float]]
+) -> list[float]:
+    """For each hand-over's own steps (``(freeze, go_sent)`` times), the longest interval
+    without data that overlaps them, whole; 0.0 where the application never waited longer
+    than the gaps' floor meanwhile (its receive buffer bridged the hand-over). Unlike
+    ``roam_pauses`` (the longest gap anywhere from 0.1 s before the freeze to well after the
+    switch, an upper bound), a gap of the application's own away from the steps (a paced
+    client's next request, every file) does not count."""
+    return [
+        max((last - first for first, last in gaps if first <= done and last >= frozen), default=0.0)
+        for frozen, done in steps
+    ]
+
+
 def events_of(events: Sequence[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [event for event in events if event.get("event") == name]
 
@@ -110,6 +125,11 @@ def analyse_stream(
         after_s=max(1.5, stall_timeout + 1.0),
     )
     app = [pause for pause in pauses if pause is not None]
+    own = [
+        (s["ts"] - step["switched"] / 1000, s["ts"] + (step["go_sent"] - step["switched"]) / 1000)
+        for s, step in zip(switches, steps, strict=True)
+        if "switched" in step and "go_sent" in step
+    ]
     failed: dict[str, int] = {}
     for event in events_of(client_events, "handoff"):
         if first < event["ts"] < last and event["outcome"] not in ("migrated", "closed"):
@@ -123,6 +143,7 @@ def analyse_stream(
         "roams_inside_a_stall": pauses.count(None),
         "app_pause": {k: v * 1000 if k != "n" else v for k, v in p50_p99(app).items()},
         "app_pause_max_ms": 1000 * max(app, default=0.0),
+        "handover_wait_ms": [round(1000 * v, 3) for v in handover_waits(stream["gaps"], own)],
         "shim_pause_ms": shim_pauses,
         "roam_steps_ms": steps,  # per roam: the client's steps, ms from the freeze
         "switch_ts": [s["ts"] for s in switches],
@@ -224,6 +245,7 @@ def summarise_streams(streams: dict[str, dict[str, list[dict[str, Any]]]]) -> di
         still = layouts.get("still", [])
         app = [p for run in roaming for p in run["app_pause_ms"] if p is not None]
         shim = [p for run in roaming for p in run["shim_pause_ms"]]
+        waits = [p for run in roaming for p in run.get("handover_wait_ms", [])]
         speeds = [r["mbit_s"] for r in roaming]
         summary[key] = {
             "single_mbit_s": statistics.median(r["mbit_s"] for r in single),
@@ -235,6 +257,7 @@ def summarise_streams(streams: dict[str, dict[str, list[dict[str, Any]]]]) -> di
             "roams_inside_a_stall": sum(r["roams_inside_a_stall"] for r in roaming),
             "app_pause_ms": {**p50_p99(app), "max": max(app, default=0.0)},
             "shim_pause_ms": {**p50_p99(shim), "max": max(shim, default=0.0)},
+            "handover_wait_ms": {**p50_p99(waits), "max": max(waits, default=0.0)},
             "outcomes": sum_dicts(r["outcomes"] for r in roaming),
             "breaks": [r["breaks"] for r in roaming],
             "single_breaks": [r["breaks"] for r in single],

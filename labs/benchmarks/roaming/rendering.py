@@ -189,14 +189,16 @@ def render_migration(results: dict[str, Any]) -> str:
         "",
         "| download | migration | goodput Mbit/s: 1 server / 3, no roam / roaming | "
         "roaming vs 1 server / vs no roam | roams | app pause p50 / p99 / max ms | "
+        "app wait in the hand-over's steps p50 / p99 / max ms | "
         "shim pause_ms p50 / p99 / max | outcomes | breaks | client PAWS drops |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for key, row in results["streams"].items():
         run, mode = key.split(" | ")
         app, shim = row["app_pause_ms"], row["shim_pause_ms"]
-        shim_text = (
-            f"{shim['p50']:.1f} / {shim['p99']:.1f} / {shim['max']:.1f}" if shim["n"] else "-"
+        shim_text, wait_text = (
+            f"{v['p50']:.1f} / {v['p99']:.1f} / {v['max']:.1f}" if v.get("n") else "-"
+            for v in (shim, row.get("handover_wait_ms", {}))
         )
         outcomes = ", ".join(f"{k} {v}" for k, v in row["outcomes"].items()) or "-"
         still = "-" if row["still_mbit_s"] is None else f"{row['still_mbit_s']:.0f}"
@@ -206,7 +208,7 @@ def render_migration(results: dict[str, Any]) -> str:
             f"| {run} | {mode} | {row['single_mbit_s']:.0f} / {still} / "
             f"{row['roaming_mbit_s']:.0f} | {_ratio(row['ratio'])} / "
             f"{_ratio(row['ratio_still'])} | {row['roams']}{inside} | "
-            f"{app['p50']:.1f} / {app['p99']:.1f} / {app['max']:.1f} | {shim_text} | "
+            f"{app['p50']:.1f} / {app['p99']:.1f} / {app['max']:.1f} | {wait_text} | {shim_text} | "
             f"{outcomes} | {sum(row['breaks'])} | {row['client_tcp'].get('PAWSEstab', 0)} |"
         )
     files = sum(row["files"] for row in results["streams"].values())
