@@ -1,4 +1,5 @@
-"""nftables rules of the client shim (pure text generation).
+"""nftables rules of the client shim (pure: the table's text, and the element changes of a
+hand-over, ``*_changes``, which ``client_shim.switching`` applies over netlink).
 
 Applications connect to ``VIP:vport``. Two maps rewrite the destination to the active server
 in the output path, and the ``current`` set rewrites that server's replies back to the VIP in
