@@ -135,6 +135,12 @@ class ClientConnections:
             self.log.event("connections_ended", ports=gone[:50], count=len(gone))
         return found
 
+    def unverifiable(self, port: int, info: sockdiag.TcpSocketInfo) -> bool:
+        """Whether the connection on ``port`` has received service bytes none of its
+        checkpoints covers yet (``verifiable``, read with the freeze's positions)."""
+        conn = self.store.connections.get(port)
+        return conn is not None and conn.carrier is not None and not verifiable(conn, info)
+
     def request(
         self, phase: Phase, epoch: int, info: sockdiag.TcpSocketInfo, start: int | None
     ) -> Request | None:

@@ -325,6 +325,8 @@ class Migrator:
                 machine.ended()
             elif late_by >= MISSED_WINDOW_S:
                 machine.missed_window(late_by)  # held for the next roam, not LATE and reset
+            elif self.view.unverifiable(machine.port, info):
+                machine.unverifiable(info.bytes_received)  # held: not refused and reset
             else:
                 request = self.view.request(Phase.COMMIT, record.epoch, info, machine.prepared_sent)
                 machine.freeze(request, "replay bytes incomplete", now, give_up + MISSED_WINDOW_S)

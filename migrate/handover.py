@@ -599,6 +599,7 @@ class ClientEvent(Enum):
     COMMIT = "commit"  # frozen: the final positions
     NOTHING_TO_COMMIT = "commit without positions"  # frozen, but the replay is incomplete
     MISSED = "frozen too late for the window"  # MISSED_WINDOW_S past the give-up time
+    UNVERIFIABLE = "frozen with no checkpoint of the bytes received"  # the server would refuse
     WINDOW_CLOSED = "the window closed before the switch"  # the new server refuses the GO
     SWITCHED = "switched"  # the rewrite points at the new server
     ENDED = "ended"  # the connection closed on its own
@@ -629,6 +630,7 @@ CLIENT_TRANSITIONS: dict[ClientState, dict[ClientEvent, ClientState]] = {
         _CE.COMMIT: _C.COMMITTING,
         _CE.NOTHING_TO_COMMIT: _C.RESET,
         _CE.MISSED: _C.RESET,
+        _CE.UNVERIFIABLE: _C.RESET,
         _CE.ENDED: _C.CLOSED,
         _CE.SWITCHED: _C.RESET,
         _CE.TIMEOUT: _C.PREPARED,
@@ -820,6 +822,17 @@ class ClientHandover:
         server prepared)."""
         self._step(_CE.MISSED, LocalError)
         reason = f"frozen {late_by:.2f} s after the hand-over's give-up time (a stalled host)"
+        self._hold_for_next_roam(abort=True, reason=reason)
+
+    def unverifiable(self, received: int) -> None:
+        """Frozen with a checkpoint that commits to none of the service's bytes while the
+        client has ``received`` of them: a connection prepared before its first bytes, whose
+        server had not pushed a checkpoint covering them by the freeze. The new server could
+        only refuse its COMMIT (unverifiable) and reset it. Nothing was restored there, and the
+        old server's next checkpoint covers those bytes: held for the next roam (the ABORT
+        frees the preparation)."""
+        self._step(_CE.UNVERIFIABLE, LocalError)
+        reason = f"frozen before a checkpoint covered any of the {received} bytes received"
         self._hold_for_next_roam(abort=True, reason=reason)
 
     def window_closed(self, late_by: float) -> None:

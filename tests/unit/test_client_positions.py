@@ -98,3 +98,15 @@ def test_a_commit_takes_the_positions_read_in_the_freeze(lookups: list[int]) -> 
     assert request is not None
     assert (request.s2c_received, request.replay) == (1_000_000, REQUEST)
     assert (lookups, drains) == ([], [])
+
+
+def test_bytes_no_checkpoint_covers_make_a_frozen_connection_unverifiable() -> None:
+    """The freeze's positions against the newest checkpoint: one covering none of the
+    service's bytes is unverifiable once the client has some (``Migrator._commit`` then holds
+    the connection for the next roam instead of committing it to a refusal)."""
+    empty, _ = view_with_checkpoint_at(0)
+    assert empty.unverifiable(PORT, info(183_896))
+    assert not empty.unverifiable(PORT, info(0))  # nothing received: nothing to check
+    covering, _ = view_with_checkpoint_at(1_000)
+    assert not covering.unverifiable(PORT, info(183_896))
+    assert not empty.unverifiable(PORT + 1, info(10))  # not tracked: the request decides

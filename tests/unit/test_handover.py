@@ -11,6 +11,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -392,12 +393,37 @@ def test_a_client_frozen_too_late_for_the_window_sends_no_commit_and_may_wait() 
     ]
     assert client.commit_request is None  # no COMMIT went out
     # Only a prepared connection can miss the window: one already committing cannot.
+    assert_only_prepared(lambda machine: machine.missed_window(1.0))
+
+
+def assert_only_prepared(step: Callable[[h.ClientHandover], None]) -> None:
+    """``step`` is refused to a connection already committing, which it leaves so."""
     committing = h.ClientHandover(prepare_request(), 500, deadline=5.0, now=0.0)
     committing.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
     committing.freeze(commit_request(), "", 0.2)
     with pytest.raises(h.LocalError):
-        committing.missed_window(1.0)
+        step(committing)
     assert committing.state is h.ClientState.COMMITTING
+
+
+def test_a_client_frozen_before_a_checkpoint_covered_its_bytes_may_wait() -> None:
+    """Prepared before its first bytes (a checkpoint covering none is then verifiable), frozen
+    after some arrived with no checkpoint covering them yet: the new server would refuse the
+    COMMIT as unverifiable and reset the connection. Instead: ABORT, held for the next roam."""
+    client = h.ClientHandover(prepare_request(), 500, deadline=5.0, now=0.0)
+    client.receive(Answer(Phase.PREPARE, 40000, Status.READY), 0.1)
+    client.actions()
+    client.unverifiable(183_896)
+    assert client.state is h.ClientState.RESET
+    assert client.movable_later
+    assert client.reason == "frozen before a checkpoint covered any of the 183896 bytes received"
+    actions = client.actions()
+    assert [a.request.phase for a in actions if isinstance(a, h.Send) and a.request] == [
+        Phase.ABORT
+    ]
+    assert client.commit_request is None
+    # Only a prepared connection is frozen so: one already committing cannot be.
+    assert_only_prepared(lambda machine: machine.unverifiable(1))
 
 
 def test_a_commit_answer_of_the_previous_hand_over_changes_nothing() -> None:
