@@ -1,5 +1,6 @@
 """Fixtures of the system tests: root check, and labs that are checked for leftovers.
 
+``netns`` is a bare network namespace of the test's own, deleted afterwards.
 ``lab_factory(topo)`` starts a lab and, after the test, closes it and fails the test if
 anything of it remains: a namespace, a process it started, its record, its work directory or an
 nftables table with its name in the root namespace. ``lab`` is one such lab, of the topology
@@ -8,6 +9,7 @@ given by indirect parametrisation (default: ``PoolTopo(servers=2, clients=1, out
 
 from __future__ import annotations
 
+import itertools
 import os
 import subprocess
 from collections.abc import Callable, Iterator
@@ -19,6 +21,8 @@ from labs import Lab, LabError, PoolTopo, Topo
 from labs.naming import NETNS_DIR
 
 LabFactory = Callable[..., Lab]
+
+_namespaces = itertools.count()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -39,6 +43,19 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _system_tests_need_root(request: pytest.FixtureRequest) -> None:
     if request.node.get_closest_marker("system") is not None and os.geteuid() != 0:
         pytest.skip("system test: needs root (network namespaces, tc, nftables); run as root")
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """A new, empty network namespace, deleted after the test (with all that is in it).
+
+    The name carries this process's id, so that parallel runs never share one."""
+    name = f"roamk{os.getpid()}x{next(_namespaces)}"
+    subprocess.run(["ip", "netns", "add", name], check=True, capture_output=True, timeout=10)
+    try:
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10, check=False)
 
 
 def lab_leftovers(lab: Lab) -> list[str]:

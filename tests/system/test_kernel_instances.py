@@ -6,14 +6,12 @@ table ``roam_test_<dead pid>`` in the root namespace, which the sweep must delet
 
 from __future__ import annotations
 
-import itertools
 import os
 import signal
 import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,7 +34,6 @@ from migrate.kernel.processes import is_alive, process_start_time
 pytestmark = pytest.mark.system
 
 SYSCTL = "net.ipv4.conf.all.route_localnet"
-_counter = itertools.count()
 
 CHILD = textwrap.dedent(
     """
@@ -67,16 +64,6 @@ def ip(*args: str) -> str:
     return subprocess.run(
         ["ip", *args], check=True, capture_output=True, text=True, timeout=10
     ).stdout
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"roamk{os.getpid()}i{next(_counter)}"
-    ip("netns", "add", name)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 @pytest.fixture

@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
-import os
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 
@@ -14,7 +11,6 @@ from migrate.kernel import nft
 
 pytestmark = pytest.mark.system
 
-_counter = itertools.count()
 TABLE = "roam_srv_4242"
 BODY = """
     counter gate_drops { }
@@ -27,16 +23,6 @@ BODY = """
         tcp dport 9 counter name gate_drops drop
     }
 """
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"roamk{os.getpid()}n{next(_counter)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 def test_nft_is_available() -> None:

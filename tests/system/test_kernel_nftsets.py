@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import itertools
-import os
-import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 
@@ -27,19 +24,8 @@ from migrate.kernel.nftsets import Add, Change, Element, Flush, script, service
 
 pytestmark = pytest.mark.system
 
-_counter = itertools.count()
 SETS = ("current", "frozen", "syn_hold", "finished", "fresh", "pool")
 MAPS = ("addr_out", "port_out", "syn_addr", "syn_port")
-
-
-@pytest.fixture
-def netns() -> Iterator[str]:
-    name = f"roamk{os.getpid()}s{next(_counter)}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)
-    try:
-        yield name
-    finally:
-        subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
 
 
 def endpoint(address: str, port: int) -> Endpoint:
