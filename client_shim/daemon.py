@@ -120,6 +120,8 @@ class ClientShim:
             self.roaming.opener.windows[sender] = window
         self.table = nft.instance_table_name("cli", os.getpid())
         self.family = table_family(bundle.vip)
+        # The rule changes of a switch in reconnect mode (live mode's migrator has its own).
+        self.switching = Switching(self.table, bundle.vip, bundle.service_port)
         self.instance: Instance | None = None
         self.current: Epoch | None = None
         self.target: Endpoint | None = None
@@ -164,7 +166,7 @@ class ClientShim:
     def _point_at(self, target: Endpoint) -> None:
         if target == self.target:
             return
-        Switching(self.table, self.bundle.vip, self.bundle.service_port).switch(target)
+        self.switching.switch(target)
         previous, self.target = self.target, target
         self.log.event("switch", server=str(target), previous=str(previous))
 
