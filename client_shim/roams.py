@@ -79,9 +79,10 @@ class RoamRecord:
     ) -> set[int]:
         """Take out of ``with_old`` the candidates whose handshake completes with the new
         server: not established when read after the freeze (the old server's SYN-ACK is
-        dropped from then on, and the client's TCP sends its SYN again, to the new server), or
-        whose SYN was sent again since the hold (SYNs are dropped uncopied in the hold, so the
-        copy is of one sent after the freeze). ``established``: read after the freeze, and
+        dropped from then on, and the client's TCP sends its SYN again, to the new server; a
+        SYN held in the hold waits in the queue until the switch), or whose SYN was sent again
+        since the hold (where the hold drops SYNs uncopied, the copy is of one sent after the
+        freeze). ``established``: read after the freeze, and
         ``connections`` the capture's, drained after that read. Returns the ports taken out."""
         taken = {
             port

@@ -46,13 +46,17 @@ With live migration, two more chains run just before those (priority -310):
   ``capture_out`` copies with ``queue-threshold 1`` (the kernel sends its whole batch with
   it, inside the shim's ``sendto``) and drops. Setting the mark needs CAP_NET_ADMIN; a
   barrier from anyone else would only flush a batch early.
-* A new connection's SYN is dropped, before it is copied, while ``syn_hold`` holds the VIP's
-  port: for the moment between a hand-over reading which connections exist (its last
-  drain before the freeze) and the freeze, which sends new connections to the new server.
-  Every connection the drain found talks to the old server, every later one to the new;
-  without the hold, one opened in that moment would be neither moved nor reset, and met a
-  RST from the new server. A SYN dropped there is sent again by the client's TCP (a second
-  later), to the new server.
+* A new connection's SYN does not leave while ``syn_hold`` holds the VIP's port: for the
+  moment between a hand-over reading which connections exist (its last drain before the
+  freeze) and the freeze, which sends new connections to the new server. Every connection
+  the drain found talks to the old server, every later one to the new; without
+  the hold, one opened in that moment would be neither moved nor reset, and met a RST from
+  the new server. Where frozen segments are held (``hold_mark``), such a SYN is held with
+  them, copied first, and released after the switch, to the new server: its connection is
+  not established when the hand-over reads its sockets after the freeze, and so is the new
+  server's (``RoamRecord.answered_by_new``). Elsewhere it is dropped before it is copied and
+  the client's TCP sends it again a second later, to the new server: a second's wait for a
+  connection opened in that moment.
 * Every SYN that passes adds its port to ``fresh``, which the hold empties, and the ``out``
   chain sends a ``fresh`` port's segments where its SYN went (the ``syn_*`` maps). Outside a
   hand-over those maps name the same server as ``addr_out``; inside the freeze they name the
@@ -156,7 +160,9 @@ def rewrite_table_body(
         )
         log = f"log group {nflog_group} snaplen 65535"
         payload = "\n    ".join(_payload_rules(to_vip, family, log))
+        opening_held = f"{to_vip} tcp flags & (syn|ack) == syn tcp dport @syn_hold"
         frozen = f"{to_vip} tcp sport @frozen drop"
+        syn_held = f"{opening_held} drop"
         if hold_mark is not None:
             # Held, not dropped (client_shim.holding): marked here, copied by the rules below,
             # queued by the iptables raw rule (priority -300), released to ``out`` (-290).
@@ -164,12 +170,18 @@ def rewrite_table_body(
                 f"{to_vip} tcp sport @frozen meta mark 0 meta mark set {hold_mark:#x}\n    "
                 f"{to_vip} tcp sport @frozen meta mark != {hold_mark:#x} drop"
             )
+            # A SYN in the hold too (copied by the rules below: the capture needs its ISN), so
+            # that its connection does not wait a second for its TCP to send it again.
+            syn_held = (
+                f"{opening_held} meta mark 0 meta mark set {hold_mark:#x}\n    "
+                f"{opening_held} meta mark != {hold_mark:#x} drop"
+            )
         capture = f"""
   chain capture_out {{
     type filter hook output priority -310; policy accept;
     {family} daddr {vip} udp dport {BARRIER_PORT} meta mark {BARRIER_MARK:#x} \
       log group {nflog_group} queue-threshold 1 drop
-    {to_vip} tcp flags & (syn|ack) == syn tcp dport @syn_hold drop
+    {syn_held}
     {to_vip} tcp flags & (syn|ack) == syn delete @finished {{ tcp sport }}
     {to_vip} tcp flags & (syn|ack) == syn add @fresh {{ tcp sport }}
     {to_vip} tcp sport @finished tcp flags & syn == 0 drop
@@ -272,7 +284,8 @@ def freeze_changes(vip: IPAddress, vport: int, ports: list[int], target: Endpoin
 
 
 def hold_changes(vport: int) -> list[Change]:
-    """Drop new connections' SYNs (uncopied) until the next freeze or switch, which both end
+    """Hold new connections' SYNs (queued with the frozen segments where the table has a hold
+    mark, else dropped uncopied) until the next freeze or switch, which both end
     the hold: the moment in which a hand-over reads which connections the old server has.
     Empties ``fresh``: every connection opened so far talks to the old server, and those the
     freeze sends to the new one join it with their SYN."""

@@ -22,7 +22,7 @@ class Switching:
         return table_family(self.vip)
 
     def hold(self) -> None:
-        """New connections' SYNs dropped until the freeze or the switch."""
+        """New connections' SYNs held (or dropped) until the freeze or the switch."""
         nft.apply_changes(self.family, self.table, hold_changes(self.vport), what="holding SYNs")
 
     def freeze(self, ports: Sequence[int], target: Endpoint) -> None:

@@ -11,6 +11,7 @@ nowhere for a connection that does not follow; nothing is left behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import ipaddress
 import os
 import socket
@@ -19,7 +20,7 @@ from collections.abc import Iterator
 import pytest
 
 from client_shim.holding import FrozenHold
-from client_shim.rules import freeze_script, rewrite_table_body, switch_script
+from client_shim.rules import freeze_script, hold_script, rewrite_table_body, switch_script
 from labs import Lab, PoolTopo
 from labs.node import Node
 from labs.waiting import wait_for
@@ -166,3 +167,52 @@ def test_without_the_hold_a_write_in_the_freeze_stays_unsent(lab_factory) -> Non
     unsent (it tries again only at its probe timer, 200 ms or more later)."""
     info, _seen = frozen_write(lab_factory(TOPO), hold=False, follows=False)
     assert (info.unacked, info.notsent_bytes) == (0, len(FROZEN_WRITE))
+
+
+def test_a_syn_in_the_hold_waits_in_the_queue_and_opens_its_connection_with_the_new_server(
+    lab_factory,
+) -> None:
+    """A connection opened while a hand-over holds new SYNs (between its last drain and the
+    freeze): its SYN is held with the frozen segments, copied by nothing else here, and after
+    the freeze and the switch it goes to the new server, where the handshake completes with
+    that very SYN: the client's TCP never sent it again (the drop it replaces cost a second)."""
+    lab = lab_factory(TOPO)
+    c1, s1 = lab["c1"], lab["s1"]
+    with (
+        client_rules(lab, hold=True) as (old, new, frozen),
+        listener(s1, PORT + 1) as old_listener,
+        listener(s1, PORT + 2) as new_listener,
+    ):
+        address = str(s1.address)
+        c1.run(["nft", "-f", "-"], input=hold_script(TABLE, old.address, PORT), check=True)
+        client = call_in_netns(c1.netns, socket.socket)
+        with client:
+            client.setblocking(False)
+            # The SYN is queued inside this call (the output path runs in it).
+            assert client.connect_ex((address, PORT)) == errno.EINPROGRESS
+            port = client.getsockname()[1]
+            ends = ((str(c1.address), port), (address, PORT))
+            held = client_info(c1, ends)
+            assert held is not None
+            assert held.state == "SYN_SENT", held
+            freeze = freeze_script(TABLE, old.address, PORT, [], new)
+            c1.run(["nft", "-f", "-"], input=freeze, check=True)
+            switch = switch_script(TABLE, old.address, PORT, new)
+            c1.run(["nft", "-f", "-"], input=switch, check=True)
+            assert frozen.release(set()) == (1, 0)
+            accepted, _peer = new_listener.accept()
+            with accepted:
+                info = wait_for(
+                    "the handshake with the new server",
+                    lambda: (
+                        (i := client_info(c1, ends)) is not None and i.state == "ESTABLISHED" and i
+                    ),
+                    5,
+                )
+                assert info.total_retrans == 0, info  # the held SYN itself, not a second one
+                client.sendall(b"first request")
+                accepted.settimeout(5)
+                assert accepted.recv(100) == b"first request"
+            old_listener.settimeout(0)
+            with pytest.raises(BlockingIOError):
+                old_listener.accept()  # the old server never saw it

@@ -141,6 +141,14 @@ def test_the_client_rules_mark_frozen_segments_only_when_holding() -> None:
     assert f"tcp sport @frozen meta mark != {mark} drop" in held
     assert "tcp sport @frozen drop" in dropped
     assert "meta mark set" not in dropped
+    # A SYN in the hold: held with them (copied first, by the later rules) or dropped.
+    syn_hold = "tcp flags & (syn|ack) == syn tcp dport @syn_hold"
+    assert f"{syn_hold} meta mark 0 meta mark set {mark}" in held
+    assert f"{syn_hold} meta mark != {mark} drop" in held
+    assert f"{syn_hold} drop" in dropped
+    for body in (held, dropped):
+        chain = body[body.index("chain capture_out") :]
+        assert chain.index(syn_hold) < chain.index("tcp flags & (fin|syn|psh) != 0 log group")
     # The rewrite runs after iptables' raw table (-300), before conntrack (-200).
     assert -300 < OUT_PRIORITY < -200
     assert f"type route hook output priority {OUT_PRIORITY};" in held
