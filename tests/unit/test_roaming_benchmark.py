@@ -20,7 +20,7 @@ from labs.benchmarks.roaming.analysis import (
     summarise_streams,
 )
 from labs.benchmarks.roaming.clients import _Arrivals, parse_head
-from labs.benchmarks.roaming.rendering import render_migration, render_shims
+from labs.benchmarks.roaming.rendering import opening_line, render_migration, render_shims
 from labs.stats import nearest_rank, p50_p99
 
 
@@ -327,6 +327,50 @@ def test_migration_summary_and_table() -> None:
     assert "- 1 x server s2: reincarnation_failed unverifiable" in text
 
 
+def opening_run(slow_at: list[list[float]], roams: int) -> dict[str, Any]:
+    return {
+        "opened": 1000 - len(slow_at),
+        "failed": 0,
+        "errors": [],
+        "get_ms": {
+            "p50": 0.95,
+            "p99": 4.9,
+            "n": 1000,
+            "max": max((ms for _, ms in slow_at), default=9.5),
+        },
+        "slow": len(slow_at),
+        "slow_at": slow_at,
+        "roams": roams,
+        "outcomes": {"migrated": roams} if roams else {},
+        "shim_log": {},
+    }
+
+
+def test_new_connections_get_a_table_naming_those_that_waited() -> None:
+    """``--opening``: one row per deployment, and when each slow connection began."""
+    text = render_migration(
+        {
+            "rtt_ms": {"p50": 0.05, "p99": 0.09, "n": 50, "max": 0.1},
+            "streams": {},
+            "connections": [],
+            "opening_s": 30.0,
+            "opening": {
+                "single": opening_run([], 0),
+                "roaming": opening_run([[4.25, 1028.1], [9.5, 1003.0]], 27),
+            },
+        }
+    )
+    assert "New connections one after another for 30 s, live, a GET each:" in text
+    assert "| 1 server, no roam | 1000 | 0 | 0.95 / 4.90 / 9.5 | 0 | 0 | - |" in text
+    assert "| roaming | 998 | 0 | 0.95 / 4.90 / 1028.1 | 2 | 27 | migrated 27 |" in text
+    assert "- roaming: slow at 4.2 s: 1028 ms, 9.5 s: 1003 ms; errors -" in text
+    assert "- single:" not in text
+    assert opening_line(opening_run([[1.0, 1001.0]], 3)) == (
+        "999 opened, 0 failed, GET ms p50 0.95 p99 4.90 max 1001.0, 1 of 0.5 s or more, "
+        "3 roams (migrated 3)"
+    )
+
+
 def test_overload_table_names_each_runs_breaks_and_the_median() -> None:
     from labs.benchmarks.roaming.overload import not_moved, render_overload
 
@@ -358,6 +402,8 @@ def test_overload_table_names_each_runs_breaks_and_the_median() -> None:
         (["--connections", "0"], "each count must be in [1, 15000]"),
         (["--connections", "20000"], "each count must be in [1, 15000]"),
         (["--connections-tick", "0.1"], "--connections-tick must be in [0.5, 60]"),
+        (["--opening", "1"], "--opening must be 0 or in [2, 600]"),
+        (["--opening", "-3"], "--opening must be 0 or in [2, 600]"),
     ],
 )
 def test_bad_connection_options_are_refused_in_one_line_before_any_lab(

@@ -1,7 +1,8 @@
 """Benchmark: the roaming data path, through both shims and across live migrations.
 
     python -m labs.benchmarks.roaming shims [--seconds 3] [--repeat 3] [--json]
-    python -m labs.benchmarks.roaming migration [--seconds 20] [--stream-mib 64] [--json]
+    python -m labs.benchmarks.roaming migration [--seconds 20] [--stream-mib 64] [--opening 0]
+                                                [--json]
     python -m labs.benchmarks.roaming overload [--repeat 5] [--json]
 
 Each subcommand builds one lab, runs real programs only (``roam server``/``roam client`` through
@@ -72,6 +73,12 @@ files, identical mtimes) behind ``roam server``; one deployment after another in
   (``tick=2``), then sends one more GET on each. From the client shim's ``roam`` event:
   connections, outcomes, ``pause_ms``; from the new server's ``prepared`` events: how long the
   preparations took; the switch's lateness against the schedule.
+* New connections through roams (``--opening SECONDS``, off by default): a Python client in c1
+  opens connections one after another for that long, one GET each (``Connection: close``: the
+  server closes first, so that the client's kernel is not left searching among thousands of
+  its own TIME_WAIT ports), live mode, against s1 alone and then roaming (``--tick``): how
+  many, their times, and how many took half a second or more (a SYN the client's TCP had to
+  send again waits a second), with the outcomes of the roams meanwhile.
 
 Tests never assert times; this script is where speed is judged (docs/benchmarks.md).
 

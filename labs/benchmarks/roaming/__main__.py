@@ -19,7 +19,12 @@ from labs.benchmarks.roaming import (
     SHIM_PATHS,
 )
 from labs.benchmarks.roaming.busy import busy_client
-from labs.benchmarks.roaming.clients import hold_client, latency_client, stream_client
+from labs.benchmarks.roaming.clients import (
+    hold_client,
+    latency_client,
+    opening_client,
+    stream_client,
+)
 from labs.benchmarks.roaming.migration import run_migration
 from labs.benchmarks.roaming.orchestration import progress
 from labs.benchmarks.roaming.overload import render_overload, run_overload
@@ -37,7 +42,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--role",
-        choices=("stream-client", "latency-client", "hold-client", "busy-client"),
+        choices=("stream-client", "latency-client", "hold-client", "busy-client", "opening-client"),
         help=argparse.SUPPRESS,
     )
     parser.add_argument("--host", help=argparse.SUPPRESS)
@@ -138,6 +143,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help=f"migration: size of the file the downloads fetch again and again on one "
         f"connection (default {BIG_MIB}; 1 to 4096: a hand-over must cost the same whatever it)",
     )
+    parser.add_argument(
+        "--opening",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="migration: also open new connections one after another (a GET each) this long, "
+        "live, with one server and roaming: how many waited a second for a SYN sent again "
+        "(default 0: not measured)",
+    )
     parser.add_argument("subcommand", nargs="?", choices=("shims", "migration", "overload"))
     args = parser.parse_args(argv)
     if args.role == "stream-client":
@@ -168,6 +182,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.host, args.port, args.path, args.rate, args.seconds or 20.0, args.interval,
             args.tail,
         )  # fmt: skip
+        return 0
+    if args.role == "opening-client":
+        print(json.dumps(opening_client(args.host, args.port, args.path, args.seconds or 10.0)))
         return 0
     if args.role == "hold-client":
         hold_client(args.host, args.port, args.path, args.count)
@@ -221,6 +238,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(f"--connections: each count must be in [1, {MAX_CONNECTIONS}]")
             if not 0.5 <= args.connections_tick <= 60:
                 parser.error("--connections-tick must be in [0.5, 60]")
+            if not (args.opening == 0 or 2 <= args.opening <= 600):
+                parser.error("--opening must be 0 or in [2, 600]")
             results = run_migration(
                 seconds,
                 repeat,
@@ -231,6 +250,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 with_streams=not args.no_streams,
                 stream_mib=args.stream_mib,
                 connections_tick=args.connections_tick,
+                opening_s=args.opening,
                 live_server_args=(
                     "--live-relay",
                     args.live_relay,

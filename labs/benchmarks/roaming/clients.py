@@ -225,6 +225,45 @@ def latency_client(host: str, port: int, path: str, requests: int, connects: int
 SLOW_GET_MS = 500.0
 
 
+def opening_client(host: str, port: int, path: str, seconds: float) -> dict[str, Any]:
+    """New connections one after another for ``seconds``, one GET each (connect, request,
+    response, the server's close): how many, their times in ms, and those of ``SLOW_GET_MS``
+    or more (a SYN the client's TCP had to send again waits a second) with when they began (s
+    from the start). The server closes first (``Connection: close``): a client closing first
+    keeps each connection in TIME_WAIT for a minute, and with ten thousand of them to one
+    address its kernel searches milliseconds for a free port at each connect."""
+    times: list[float] = []
+    slow: list[list[float]] = []
+    failures: list[str] = []
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
+    start = time.perf_counter()
+    while (began := time.perf_counter()) - start < seconds:
+        try:
+            with socket.create_connection((host, port), timeout=10) as sock:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(request)
+                pending = bytearray()
+                status, length = _read_head(sock, pending)
+                while chunk := sock.recv(HTTP_CHUNK):
+                    pending += chunk
+                if status != 200 or len(pending) != length:
+                    raise ConnectionError(f"status {status}, {len(pending)} of {length} bytes")
+        except OSError as error:
+            failures.append(f"{type(error).__name__}: {error}")
+            continue
+        times.append(1000 * (time.perf_counter() - began))
+        if times[-1] >= SLOW_GET_MS:
+            slow.append([round(began - start, 3), round(times[-1], 1)])
+    return {
+        "opened": len(times),
+        "failed": len(failures),
+        "errors": sorted(set(failures))[:5],
+        "get_ms": {**p50_p99(times), "max": max(times, default=0.0)},
+        "slow": len(slow),
+        "slow_at": slow[:20],
+    }
+
+
 def hold_client(host: str, port: int, path: str, count: int) -> None:
     """Open ``count`` keep-alive connections with one GET each, report, hold them until a line
     arrives on stdin, then send one more GET on each and report again (JSON lines)."""

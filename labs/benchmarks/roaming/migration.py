@@ -41,7 +41,7 @@ from labs.benchmarks.roaming.orchestration import (
     shim_trouble,
     source_state,
 )
-from labs.benchmarks.roaming.rendering import connections_line
+from labs.benchmarks.roaming.rendering import connections_line, opening_line
 from labs.errors import LabError
 from labs.roaming import SERVICE_PORT, RoamingLab
 from labs.stats import p50_p99
@@ -256,6 +256,23 @@ def measure_connections(pool: RoamingLab, count: int, wait_s: float) -> dict[str
     }
 
 
+def measure_opening(pool: RoamingLab, seconds: float) -> dict[str, Any]:
+    """New connections one after another for ``seconds`` (``opening_client``), with the roams
+    the client made meanwhile and the outcome of the connections they moved."""
+    since = time.time()
+    completed = pool.lab["c1"].run(
+        benchmark_argv("--role", "opening-client", "--host", pool.vip, "--port", 80,
+                       "--path", "/small", "--seconds", seconds),
+        check=True, timeout=seconds + CLIENT_TIMEOUT_S, cwd=PROJECT_ROOT,
+    )  # fmt: skip
+    measured: dict[str, Any] = json.loads(completed.stdout)
+    roams = [e for e in events_of(pool.clients["c1"].events(), "roam") if e["ts"] >= since]
+    measured["roams"] = len(roams)
+    measured["outcomes"] = sum_dicts(e.get("outcomes", {}) for e in roams)
+    measured["shim_log"] = shim_trouble(pool)
+    return measured
+
+
 def run_migration(
     seconds: float,
     repeat: int,
@@ -267,8 +284,11 @@ def run_migration(
     live_server_args: Sequence[str] = (),
     stream_mib: int = BIG_MIB,
     connections_tick: float = 2.0,
+    opening_s: float = 0.0,
 ) -> dict[str, Any]:
     """``live_server_args``: options of every live-mode server shim (its relay);
+    ``opening_s``: how long new connections are opened one after another, live, with one
+    server (the baseline) and roaming (0: not measured);
     ``stream_mib``: the size of the file the downloads fetch again and again;
     ``connections_tick``: the tick of the deployment the connection counts roam in.
 
@@ -297,6 +317,8 @@ def run_migration(
         "max_pending_per_client": pending,
         "streams": {},
         "connections": [],
+        "opening_s": opening_s,
+        "opening": {},
     }
     with Lab(PoolTopo(servers=3, clients=1)) as lab:
         pool = RoamingLab(lab, tick=tick, m=1, service="none", start_delay=2.0)
@@ -332,6 +354,11 @@ def run_migration(
                             f"servers {measured['servers_tcp']}"
                         )
         results["streams"] = summarise_streams(streams)
+        for layout in ("single", "roaming") if opening_s else ():
+            deploy(pool, mode="live", servers=every[: 1 if layout == "single" else 3],
+                   tick=tick, extra=tuple(live_server_args))  # fmt: skip
+            results["opening"][layout] = opened = measure_opening(pool, opening_s)
+            progress(f"new connections, live, {layout}: {opening_line(opened)}")
         if counts:
             try:
                 extra = (*live_server_args, "--max-pending-per-client", str(pending))

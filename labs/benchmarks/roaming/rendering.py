@@ -161,6 +161,17 @@ def connections_line(row: dict[str, Any]) -> str:
     )
 
 
+def opening_line(row: dict[str, Any]) -> str:
+    """New connections one after another (``measure_opening``), in one line."""
+    get = row["get_ms"]
+    outcomes = ", ".join(f"{k} {v}" for k, v in row["outcomes"].items()) or "-"
+    return (
+        f"{row['opened']} opened, {row['failed']} failed, GET ms p50 {get['p50']:.2f} "
+        f"p99 {get['p99']:.2f} max {get['max']:.1f}, {row['slow']} of 0.5 s or more, "
+        f"{row['roams']} roams ({outcomes})"
+    )
+
+
 def regeneration_text(regeneration: dict[str, Any]) -> str:
     """One re-incarnation's regeneration: "2.1 MiB by range at 130.0 MiB" (the body offset
     the client had reached) or "0.1 MiB from the fresh point"."""
@@ -299,6 +310,30 @@ def render_migration(results: dict[str, Any]) -> str:
                 "Errors the application saw, and the other hand-overs of its connections:",
                 *notes,
             ]
+    if results.get("opening"):
+        lines += [
+            "",
+            f"New connections one after another for {results['opening_s']:g} s, live, a GET each:",
+            "",
+            "| deployment | opened | failed | GET ms p50 / p99 / max | of 0.5 s or more | "
+            "roams | outcomes of the roams |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for layout, row in results["opening"].items():
+            get = row["get_ms"]
+            outcomes = ", ".join(f"{k} {v}" for k, v in row["outcomes"].items()) or "-"
+            lines.append(
+                f"| {'1 server, no roam' if layout == 'single' else 'roaming'} | {row['opened']} "
+                f"| {row['failed']} | {get['p50']:.2f} / {get['p99']:.2f} / {get['max']:.1f} | "
+                f"{row['slow']} | {row['roams']} | {outcomes} |"
+            )
+        for layout, row in results["opening"].items():
+            if row["slow_at"] or row["errors"]:
+                late = ", ".join(f"{at:.1f} s: {ms:.0f} ms" for at, ms in row["slow_at"])
+                lines.append(f"- {layout}: slow at {late or '-'}; errors {row['errors'] or '-'}")
+            if row["shim_log"]:
+                lines += ["", f"Shim log, new connections, {layout}:"]
+                lines += trouble_lines(row["shim_log"])
     for key, row in results["streams"].items():
         trouble = sum_dicts(run["shim_log"] for run in row["runs"]["roaming"])
         if trouble:
