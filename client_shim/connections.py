@@ -30,6 +30,12 @@ EXACT_LOOKUPS_MAX = 16  # ports looked up one by one rather than by a dump (sock
 # Client socket states after the server's FIN: the client's own FIN is still to come (or to be
 # acknowledged), and the server that closed is the only one with a socket for it.
 SERVER_CLOSED_STATES = frozenset({"CLOSE_WAIT", "LAST_ACK", "CLOSING"})
+# What the client's dumps of its VIP's sockets ask the kernel for: every state but TIME_WAIT.
+# A connection in TIME_WAIT has ended on both sides, and a client that closes first (most
+# HTTP clients) keeps every one of them for a minute: thousands at a few hundred connections
+# a second, each parsed in Python at every dump (several a roam) when they were listed
+# (docs/benchmarks.md, new connections through roams).
+DUMPED_STATES = sockdiag.TCPF_ALL & ~sockdiag.TCPF_TIME_WAIT
 
 
 def acked_bytes(info: sockdiag.TcpSocketInfo) -> int:
@@ -110,7 +116,7 @@ class ClientConnections:
         server has closed (the client has its FIN), whose last segments must not reach the
         next server."""
         found, present, closing = {}, set(), set()
-        for info in sockdiag.tcp_sockets(dst=self.vip):
+        for info in sockdiag.tcp_sockets(dst=self.vip, states=DUMPED_STATES):
             if info.src[0] != self.client_address:
                 continue
             present.add(info.src[1])
@@ -121,10 +127,14 @@ class ClientConnections:
         self.closing = closing
         # A dump is not a snapshot: sockets created or moved meanwhile can be missed.
         # Forgetting a live connection here would reset it at the next roam, so each tracked
-        # connection the dump did not show is asked for exactly before it is believed gone.
-        for port in [p for p in self.store.connections if p not in present]:
+        # connection the dump did not show is asked for exactly before it is believed gone;
+        # but one whose FIN the client sent is in TIME_WAIT or gone (the dump lists every
+        # other state), over either way: at a thousand closed a second, a lookup each would
+        # cost more than the dump saved.
+        missing = [p for p, c in self.store.connections.items() if p not in present and not c.fin]
+        for port in missing:
             exact = sockdiag.lookup((self.client_address, port), self.vip)
-            if exact is None:
+            if exact is None or exact.state == "TIME_WAIT":
                 continue
             present.add(port)
             if exact.state == "ESTABLISHED":
@@ -243,7 +253,7 @@ class ClientConnections:
             if len(ports) > EXACT_LOOKUPS_MAX:
                 listed = {
                     info.src[1]: info
-                    for info in sockdiag.tcp_sockets(dst=self.vip)
+                    for info in sockdiag.tcp_sockets(dst=self.vip, states=DUMPED_STATES)
                     if info.src[0] == self.client_address
                 }
                 found: dict[int, sockdiag.TcpSocketInfo | None] = {p: listed.get(p) for p in ports}

@@ -383,7 +383,7 @@ class ClientShim:
     def _untracked_connections(self) -> int:
         vip = (str(self.bundle.vip), self.bundle.service_port)
         try:
-            return sum(1 for info in sockdiag.tcp_sockets(dst=vip) if info.state == "ESTABLISHED")
+            return len(sockdiag.tcp_sockets(dst=vip, states=sockdiag.TCPF_ESTABLISHED))
         except (RoamError, OSError):
             return 0
 

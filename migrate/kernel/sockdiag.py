@@ -67,6 +67,8 @@ TCP_STATES: Final = {
     13: "BOUND_INACTIVE",
 }
 TCPF_ALL: Final = 0xFFFFFFFF
+TCPF_ESTABLISHED: Final = 1 << 1
+TCPF_TIME_WAIT: Final = 1 << 6
 TCPF_LISTEN: Final = 1 << 10
 
 # tcp_info.tcpi_options bits.

@@ -19,6 +19,7 @@ from typing import TypeVar
 
 import pytest
 
+from client_shim.connections import DUMPED_STATES
 from labs import Lab, PoolTopo
 from labs.node import Node
 from labs.waiting import wait_for
@@ -265,3 +266,35 @@ def test_a_dump_for_one_destination_is_filtered_by_the_kernel(lab_factory) -> No
         finally:
             for sock in clients + accepted:
                 sock.close()
+
+
+def test_a_dump_without_time_wait_leaves_the_connections_the_client_closed_first(
+    lab_factory,
+) -> None:
+    """The client shim's dumps (``client_shim.connections.DUMPED_STATES``): a connection the
+    client closed first stays in TIME_WAIT for a minute, and the kernel leaves it out of the
+    dump, while the same dump still lists an established connection to the same place."""
+    lab = lab_factory(TOPO)
+    c1, s1 = lab["c1"], lab["s1"]
+    server_ip = str(s1.address)
+    dst = (server_ip, PORT + 5)
+    with connection(lab, PORT + 5) as (closed, its_server), connection(lab, PORT + 5) as (live, _):
+        closed.close()  # the client's FIN first, then the server's: TIME_WAIT on the client
+        assert its_server.recv(10) == b""
+        its_server.close()
+        port = live.getsockname()[1]
+
+        def states(mask: int) -> dict[int, str]:
+            return {info.src[1]: info.state for info in sockdiag.tcp_sockets(dst=dst, states=mask)}
+
+        every = wait_for(
+            "the closed connection in TIME_WAIT",
+            lambda: (
+                found
+                if "TIME_WAIT" in (found := in_ns(c1, lambda: states(sockdiag.TCPF_ALL))).values()
+                else None
+            ),
+            5,
+        )
+        assert sorted(every.values()) == ["ESTABLISHED", "TIME_WAIT"]
+        assert in_ns(c1, lambda: states(DUMPED_STATES)) == {port: "ESTABLISHED"}
