@@ -230,7 +230,7 @@ def opening_client(host: str, port: int, path: str, seconds: float) -> dict[str,
     response, the server's close): how many, their times in ms, and those of ``SLOW_GET_MS``
     or more (a SYN the client's TCP had to send again waits a second) with when they began (s
     from the start). The server closes first (``Connection: close``): a client closing first
-    keeps each connection in TIME_WAIT for a minute, and with ten thousand of them to one
+    keeps each connection in TIME_WAIT for a minute, and with some 14,000 of them to one
     address its kernel searches milliseconds for a free port at each connect."""
     times: list[float] = []
     slow: list[list[float]] = []
