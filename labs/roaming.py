@@ -131,6 +131,8 @@ class RoamingLab:
     update_period: float = 1.0
     min_switches: int = 0
     switch_window: float = 0.0
+    # ... and comes back to the server it left one epoch before (A, B, A) this often in it.
+    min_returns: int = 0
     first_switch_after: float = 0.0  # no switch in the first seconds (time to set things up)
     subscribe_options: dict[str, str] = field(default_factory=dict)  # e.g. {"rate-kbit": "800"}
     service: str = "http"  # "http" | "nginx" | "redis" | "memcached" | "tls" | "none"
@@ -233,6 +235,7 @@ class RoamingLab:
             )
             if (
                 self.switches_within(self.switch_window) >= self.min_switches
+                and self.returns_within(self.switch_window) >= self.min_returns
                 and self.switches_within(self.first_switch_after) == 0
             ):
                 break
@@ -468,14 +471,25 @@ class RoamingLab:
 
         return load_bundle(self.bundle_path(host)).client_id
 
-    def switches_within(self, seconds: float) -> int:
-        """How often the server changes in the first ``seconds`` of the schedule."""
+    def _servers_within(self, seconds: float) -> list[str]:
+        """The servers of the epochs that begin in the first ``seconds`` of the schedule."""
         if seconds <= 0:
-            return 0
+            return []
         epochs = self.schedule(1, max(2, int(seconds / self.tick) + 2))
         end = self.start_time + seconds
-        servers = [e["server"] for e in epochs if e["start"] < end]
+        return [e["server"] for e in epochs if e["start"] < end]
+
+    def switches_within(self, seconds: float) -> int:
+        """How often the server changes in the first ``seconds`` of the schedule."""
+        servers = self._servers_within(seconds)
         return sum(1 for a, b in itertools.pairwise(servers) if a != b)
+
+    def returns_within(self, seconds: float) -> int:
+        """How often, in the first ``seconds`` of the schedule, the service comes back to the
+        server it left one epoch before (A, B, A)."""
+        servers = self._servers_within(seconds)
+        triples = zip(servers, servers[1:], servers[2:], strict=False)
+        return sum(1 for a, b, c in triples if a != b and c == a)
 
     def switch_times(self, until_s: float) -> list[float]:
         """Unix times of the server changes from now to ``until_s`` seconds from now."""

@@ -721,6 +721,27 @@ class CheckpointPusher:
             self.push_logged(connection, now)
         connection.leave_silently()
 
+    def evict(self, key: tuple[str, int], client_id: int) -> bool:
+        """A re-incarnation of ``key`` is about to be restored here while this server still
+        relays an earlier incarnation of the same 4-tuple: its gate never closed in between
+        (the service came back within the windows' margins, or the shim's tick ran late on a
+        busy host and found the next window open), so it never left it. The restore needs the
+        4-tuple (EADDRNOTAVAIL otherwise, and the client's connection reset). The client has
+        committed to the new incarnation and sends the old one nothing: drop it silently, as
+        the gate's closing would have. Only a connection of the same client (or of none
+        known); whether one was dropped."""
+        connection = self.connections.get(key)
+        if connection is None or (
+            connection.record is not None and connection.record.client_id != client_id
+        ):
+            return False
+        del self.connections[key]
+        connection.leave_silently()
+        self.context.log.event(
+            "incarnation_replaced", client=f"{key[0]}:{key[1]}", counter=connection.counter
+        )
+        return True
+
     def leave_clients(self, addresses: Collection[str]) -> int:
         """k of N: these clients' server is another one now while this one stays open (their
         connections moved there): drop theirs silently, keep the others."""

@@ -77,7 +77,7 @@ class LiveMode:
         self.port = MigrationPort(
             context, self.pusher.keys, self.counts, self.pusher.connections.keys
         )
-        self.workshop = Workshop(context, self.meter, self.port, self.counts)
+        self.workshop = Workshop(context, self.meter, self.port, self.counts, self.pusher.evict)
         self._task: asyncio.Task[None] | None = None
         self._stream_server: asyncio.Server | None = None
 

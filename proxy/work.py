@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from migrate.admission import PREPARING_PER_CLIENT, MigrationMeter
@@ -51,8 +52,12 @@ class Workshop:
         meter: MigrationMeter,
         port: MigrationPort,
         counts: dict[str, int],
+        evict: Callable[[Key, int], bool] = lambda _key, _client: False,
     ) -> None:
+        """``evict``: drop this server's own live connection on a 4-tuple about to be
+        restored, for the given client id (``CheckpointPusher.evict``)."""
         self.context = context
+        self.evict = evict
         self.meter = meter
         self.port = port
         self.counts = counts
@@ -75,6 +80,8 @@ class Workshop:
             else:
                 if machine.commit_received_at is not None:
                     replayer.queued(context.clock() - machine.commit_received_at)
+                # An earlier incarnation still relayed here holds the 4-tuple the restore needs.
+                self.evict(key, machine.client_id)
                 position = await replayer.commit(
                     work.request, context.listen, context.clock(), pending.commit_checkpoint
                 )
