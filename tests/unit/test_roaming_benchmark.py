@@ -386,11 +386,15 @@ def test_overload_table_names_each_runs_breaks_and_the_median() -> None:
         "connections": 1000, "broken": 3, "broken_by_kind": {"ConnectionAbortedError": 3},
         "gets": 100, "answered": 97, "get_ms": {"p50": 5.0, "p99": 90.0}, "roams": 22,
         "largest_roam": 990, "not_moved": {"deferred: no answer to the prepare; held": 2},
+        "pause_ms": {"p50": 120.0, "p99": 410.5}, "shim_cpu_s": 61.2, "cells_sent": 14000,
     }  # fmt: skip
     baseline = {"broken": 0, "gets": 100, "answered": 100, "get_ms": {"p50": 2.0}}
     text = render_overload({"baseline": baseline, "runs": [run, {**run, "broken": 0}]})
     assert "one server, no roam: 0 broken, 100 of 100 GETs answered" in text
-    assert "1 | 22 (990) | 3 {'ConnectionAbortedError': 3} | 97/100 | 5.0 / 90.0 |" in text
+    assert (
+        "1 | 22 (990) | 3 {'ConnectionAbortedError': 3} | 97/100 | 5.0 / 90.0 | 120.0 / 410.5 "
+        "| 61.2 | 14000 |"
+    ) in text
     assert "2 deferred: no answer to the prepare; held" in text
     assert text.endswith("broken per run, sorted: [0, 3]; median 1.5")
 

@@ -6,8 +6,10 @@ busy-client``), while the service roams among three servers in live mode about e
 (tick 0.5 s, m=1: epochs of 0.5 or 1 s; a schedule with at least ``SWITCHES[0]`` roams in the
 client's first ``SWITCHES[1]`` s is drawn for each run). The baseline, in the same lab and
 run, is the same client against one server that never roams: if it breaks, the machine cannot
-carry the load at all. Each run prints the connections broken (of 1000, by kind) and what the
-client shim logged for the hand-overs that did not migrate. The schedule is random, and the
+carry the load at all. Each run prints the connections broken (of 1000, by kind), the roams'
+pauses, the CPU seconds of the four shims (``/proc``, since their start), the datagrams the
+client sent on the migration ports (cover cells, real requests among them) and what the client
+shim logged for the hand-overs that did not migrate. The schedule is random, and the
 count of broken connections depends on it (a burst of short epochs is what a pool cannot keep
 up with): compare medians over several runs (``--repeat``), never single runs.
 """
@@ -15,16 +17,19 @@ up with): compare medians over several runs (``--repeat``), never single runs.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import os
 import statistics
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from labs import Lab, PoolTopo
 from labs.benchmarks.roaming import PROJECT_ROOT
 from labs.benchmarks.roaming.orchestration import benchmark_argv, deploy, serve_files_with_nginx
 from labs.roaming import LISTEN_PORT, SERVICE_PORT, RoamingLab
+from labs.stats import p50_p99
 
 RATE = 50  # new connections a second
 SECONDS = 20  # of opening them
@@ -61,6 +66,25 @@ def not_moved(events: list[dict[str, Any]]) -> collections.Counter[str]:
     )
 
 
+def shim_cpu_s(pool: RoamingLab) -> float:
+    """CPU seconds the running shims have used since they started (user and system)."""
+    total = 0
+    for shim in [*pool.clients.values(), *pool.servers.values()]:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = Path(f"/proc/{shim.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return round(total / os.sysconf("SC_CLK_TCK"), 1)
+
+
+def cells_sent(pool: RoamingLab, host: str = "c1") -> int | None:
+    """Datagrams the client sent on the migration ports (cover cells, real ones among them)."""
+    try:
+        status = json.loads(pool.clients[host].status_path.read_text())
+        return int(status["live"]["cover"]["cells_sent"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+
+
 def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("errors", "started", "ended")}
 
@@ -78,8 +102,11 @@ def run_overload(repeat: int, progress: Callable[[str], None]) -> dict[str, Any]
             for index in range(repeat):
                 deploy(pool, mode="live", servers=every, tick=TICK, switches=SWITCHES)
                 measured = _summary(busy_run(lab, pool, RATE, SECONDS, INTERVAL))
+                measured["shim_cpu_s"] = shim_cpu_s(pool)
+                measured["cells_sent"] = cells_sent(pool)
                 events = pool.clients["c1"].events()
                 roams = [e for e in events if e["event"] == "roam" and e.get("connections")]
+                measured["pause_ms"] = p50_p99(r["pause_ms"] for r in roams)
                 measured["roams"] = len(roams)
                 measured["largest_roam"] = max((r["connections"] for r in roams), default=0)
                 measured["not_moved"] = dict(not_moved(events).most_common(8))
@@ -106,14 +133,18 @@ def render_overload(results: dict[str, Any]) -> str:
         f"one server, no roam: {baseline['broken']} broken, {baseline['answered']} of "
         f"{baseline['gets']} GETs answered, GET p50 {_ms(baseline['get_ms'].get('p50'))} ms",
         "run | roams (largest) | broken (by kind) | GETs answered | GET p50 / p99 ms | "
+        "roam pause p50 / p99 ms | shims' CPU s | client's cells | "
         "hand-overs not migrated (most common)",
     ]
     for index, run in enumerate(results["runs"], 1):
         held = "; ".join(f"{count} {what}" for what, count in list(run["not_moved"].items())[:3])
+        pause = run.get("pause_ms") or {}
         lines.append(
             f"{index} | {run['roams']} ({run['largest_roam']}) | {run['broken']} "
             f"{run.get('broken_by_kind') or ''} | {run['answered']}/{run['gets']} | "
-            f"{_ms(run['get_ms'].get('p50'))} / {_ms(run['get_ms'].get('p99'))} | {held or '-'}"
+            f"{_ms(run['get_ms'].get('p50'))} / {_ms(run['get_ms'].get('p99'))} | "
+            f"{_ms(pause.get('p50'))} / {_ms(pause.get('p99'))} | "
+            f"{run.get('shim_cpu_s', '-')} | {run.get('cells_sent') or '-'} | {held or '-'}"
         )
     broken = sorted(run["broken"] for run in results["runs"])
     if broken:
