@@ -16,7 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from migrate.channel import Kind, Opener
-from migrate.cover import CoverConfig, CoverSchedule, cover, frame_many, unframe
+from migrate.cover import CoverConfig, CoverSchedule, cover, frame_many, unframe_all
 from migrate.endpoints import Endpoint
 from migrate.errors import RoamError
 from migrate.kernel.eventlog import EventLog
@@ -27,6 +27,7 @@ from migrate.reincarnation import (
     Phase,
     Request,
     answer_opener,
+    pack_group,
     packable,
     request_sealer,
     stream_ack_opener,
@@ -69,7 +70,9 @@ class RequestChannel:
         self.cover: CoverSchedule[Request] | None = None
         if cover_config.enabled:
             servers = [str(s.address) for s in bundle.servers()]
-            self.cover = CoverSchedule(servers, cover_config, clock(), packable=packable)
+            self.cover = CoverSchedule(
+                servers, cover_config, clock(), packable=packable, pack_group=pack_group
+            )
         self.cover_answers = 0
         self._cover_task: asyncio.Task[None] | None = None
         self._urgent: asyncio.Handle | None = None
@@ -98,8 +101,8 @@ class RequestChannel:
         now = self.clock()
         try:
             opened = self.answers.open(data, now + self.clock_offset())
-            body = unframe(opened.plaintext)
-            answer = Answer.decode(body) if body is not None else None
+            # One answer, cover, or the answers of a packed cell (migrate.gathering).
+            answers = [Answer.decode(body) for body in unframe_all(opened.plaintext)]
         except RoamError as error:
             self.log.rejection(  # spoofable from outside: bounded logging (migrate.ratelog)
                 "answer_rejected",
@@ -109,10 +112,10 @@ class RequestChannel:
             )
             return
         self.answers.accept(opened)
-        if answer is None:
+        if not answers:
             self.cover_answers += 1
-            return
-        self.deliver(answer, now)
+        for answer in answers:
+            self.deliver(answer, now)
 
     def send(self, target: Endpoint, request: Request) -> None:
         assert self.transport is not None

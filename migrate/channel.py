@@ -287,6 +287,7 @@ class Opener:
     max_senders: int = 4096
     windows: dict[int, ReplayWindow] = field(default_factory=dict)
     _aead: ChaCha20Poly1305 | None = None
+    _accepted: Opened | None = None  # the message ``accept`` recorded last
 
     def _cipher(self) -> ChaCha20Poly1305:
         if self._aead is None:
@@ -323,9 +324,14 @@ class Opener:
         return Opened(header, plaintext)
 
     def accept(self, opened: Opened) -> None:
-        """Record ``opened`` in its sender's replay window: it will never be accepted again."""
+        """Record ``opened`` in its sender's replay window: it will never be accepted again.
+        Accepting the very message recorded last again does nothing (each request of a packed
+        cell accepts the cell as if it had come alone)."""
+        if opened is self._accepted:
+            return
         sender = opened.header.sender
         window = self.windows.get(sender)
         if window is None:
             window = self.windows[sender] = ReplayWindow(self.window_size, self.strict_order)
         window.commit(opened.header.counter)
+        self._accepted = opened

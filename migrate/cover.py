@@ -33,15 +33,16 @@ Framing, inside the sealed envelope (``migrate.channel``; the header's kind stay
 A framed datagram is ``cell`` bytes, or the smallest multiple of it that holds the body (a
 PREPARE with more replay bytes than a cell holds shows its size class).
 
-Packed cells: requests that carry nothing but their header and are answered with cover (GO
-and ABORT) share a cell, up to ``MAX_PACKED`` of them (about 24 in a 1024-byte cell). A roam
-of 1000 connections sends its 1000 GOs in some 42 cells per server instead of 1000: the
-client seals, and every server opens and answers with cover, 24 times fewer datagrams in the
-moments after the switch, when the new server is restoring sockets and the application is
-waiting for its GO. A packed cell is answered with one cover cell, as any cell is, so packing
-shows nothing a cover cell does not. The schedule packs only what its ``packable`` rule says
-may share a cell; a server refuses a packed cell holding anything else (its answers could
-not be one cell).
+Packed cells: neighbours in a server's queue share a cell while they fit, up to
+``MAX_PACKED`` of them, if they are of one ``pack_group``: GOs and ABORTs (header only, about
+24 in a 1024-byte cell), PREPAREs (3 or 4: each carries its sealed checkpoint), or COMMITs.
+A roam of 1000 connections sends its 1000 GOs in some 42 cells per server instead of 1000,
+and its PREPAREs and COMMITs in some 250 each: the client seals, and every server opens and
+answers, that many fewer datagrams. Each cell is answered with one answer cell, as any cell
+is, so packing shows nothing a cover cell does not: a cell of GOs and ABORTs with cover, a
+cell of PREPAREs or of COMMITs with their answers packed alike (``packed`` framing, answers
+gathered by ``migrate.gathering``), no larger than the cell. The schedule packs only what its
+``packable`` rule says may share a cell; a server refuses a packed cell mixing groups.
 
 Pure: time comes in as ``now``; nothing here sends.
 """
@@ -117,7 +118,7 @@ def cover(cell: int) -> bytes:
 
 def unframe(plaintext: bytes) -> bytes | None:
     """The body of an opened datagram; None for cover. An unframed body passes unchanged.
-    Only the first body of a packed cell (answers are never packed: ``unframe_all``)."""
+    Only the first body of a packed cell (``unframe_all`` reads them all)."""
     bodies = unframe_all(plaintext, limit=1)
     return bodies[0] if bodies else None
 
@@ -199,7 +200,8 @@ class CoverSchedule(Generic[T]):
     """Which datagrams go where at each slot. ``put`` queues a real message for a server;
     ``take`` at or after ``next_slot`` returns the slot's datagrams, each the messages it
     packs (none: cover). ``packable`` says what a message takes of a packed cell
-    (``packed_bytes``), or 0 if it goes alone in its cell."""
+    (``packed_bytes``), or 0 if it goes alone in its cell; ``pack_group``, which messages may
+    share a cell (equal groups; default: any)."""
 
     def __init__(
         self,
@@ -207,6 +209,7 @@ class CoverSchedule(Generic[T]):
         config: CoverConfig,
         now: float,
         packable: Callable[[T], int] | None = None,
+        pack_group: Callable[[T], Hashable] | None = None,
     ) -> None:
         if not config.enabled:
             raise ConfigError("a cover schedule needs a rate above 0")
@@ -214,6 +217,7 @@ class CoverSchedule(Generic[T]):
             raise ConfigError("a cover schedule needs at least one server")
         self.config = config
         self.packable = packable
+        self.pack_group = pack_group
         self.servers = sorted(set(servers))
         self.queues: dict[str, deque[_Queued[T]]] = {server: deque() for server in self.servers}
         # Queued messages by (server, key): a newer message of the same key (a request sent
@@ -303,23 +307,25 @@ class CoverSchedule(Generic[T]):
         ]
 
     def _pack(self, server: str) -> list[tuple[T, ...]]:
-        """Up to ``max_burst`` cells of ``server``'s queue, in order, packable neighbours
-        sharing a cell while they fit."""
+        """Up to ``max_burst`` cells of ``server``'s queue, in order, packable neighbours of one
+        ``pack_group`` sharing a cell while they fit."""
         queue = self.queues[server]
         packable = self.packable or _alone
+        pack_group = self.pack_group or _one_group
         room_of_cell = cell_room(self.config.cell)
         cells: list[tuple[T, ...]] = []
         while queue and len(cells) < self.config.max_burst:
             first = self._pop_entry(server)
             size = packable(first)
-            if not size:
+            if not size or size > room_of_cell:
                 cells.append((first,))
                 continue
+            kind = pack_group(first)
             group = [first]
             room = room_of_cell - size
             while queue and len(group) < MAX_PACKED:
                 size = packable(queue[0].item)
-                if not size or size > room:
+                if not size or size > room or pack_group(queue[0].item) != kind:
                     break
                 group.append(self._pop_entry(server))
                 room -= size
@@ -331,3 +337,8 @@ class CoverSchedule(Generic[T]):
 def _alone(_message: object) -> int:
     """The packing rule of a schedule given none: every message goes alone in its cell."""
     return 0
+
+
+def _one_group(_message: object) -> Hashable:
+    """The grouping of a schedule given none: any packable messages may share a cell."""
+    return None

@@ -114,15 +114,20 @@ class Phase(IntEnum):
     GO = 4  # the client has switched: the new server may speak
 
 
-# Header-only requests answered with cover: they may share a cell (migrate.cover, packed).
-PACKABLE_PHASES = frozenset({Phase.ABORT, Phase.GO})
+# Header-only requests, answered with cover: they share cells with each other.
+HEADER_PHASES = frozenset({Phase.ABORT, Phase.GO})
+
+
+def pack_group(request: Request) -> Phase | None:
+    """Which requests may share a cell (migrate.cover): GOs and ABORTs (answered with one
+    cover cell), PREPAREs with PREPAREs and COMMITs with COMMITs (answered with one cell of
+    their gathered answers, migrate.gathering)."""
+    return None if request.phase in HEADER_PHASES else request.phase
 
 
 def packable(request: Request) -> int:
-    """What ``request`` takes of a packed cell, or 0 if it goes alone in its cell."""
-    if request.phase in PACKABLE_PHASES:
-        return packed_bytes(_REQUEST.size + (_WINDOW.size if request.window is not None else 0))
-    return 0
+    """What ``request`` takes of a packed cell (its group's neighbours may share it)."""
+    return packed_bytes(request.encoded_length)
 
 
 class Status(IntEnum):
@@ -210,6 +215,20 @@ class Request:
         return Request(self.phase, self.epoch, self.client_port, self.vport, self.c2s_sent,
                        self.s2c_received, self.replay_from, self.checkpoint,
                        streamed + self.replay)  # fmt: skip
+
+    @property
+    def encoded_length(self) -> int:
+        """``len(self.encode())``, without encoding (or copying the inline bytes)."""
+        inline = len(self.replay)
+        if self.streamed and inline + self.replay_from == self.c2s_sent:
+            inline -= self.streamed
+        return (
+            _REQUEST.size
+            + (_STREAMED.size if self.streamed else 0)
+            + (_WINDOW.size if self.window is not None else 0)
+            + len(self.checkpoint)
+            + inline
+        )
 
     def encode(self) -> bytes:
         _check_inline(self.inline)

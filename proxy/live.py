@@ -38,16 +38,8 @@ from migrate.kernel.orphans import destroy_orphans
 from migrate.kernel.udp import bind_exclusive, datagram_socket
 from migrate.rangeplan import regeneration_bytes
 from migrate.registration import ClientRecord
-from migrate.reincarnation import (
-    Answer,
-    Phase,
-    Request,
-    Status,
-)
-from proxy.checkpoints import (
-    CheckpointPusher,
-    log_internal_error,
-)
+from migrate.reincarnation import Answer, Phase, Request, Status
+from proxy.checkpoints import CheckpointPusher, log_internal_error
 from proxy.livecontext import LiveContext
 from proxy.migration_port import MigrationPort, MigrationProtocol, count_states
 from proxy.relay import RelayFactory
@@ -162,6 +154,7 @@ class LiveMode:
     def handle_timers(self, now: float) -> None:
         # Streamed replay bytes nobody's hand-over took (the client gave up before its PREPARE).
         self.port.buffers.expire(now, PENDING_TTL_S)
+        self.port.answer_due(now)  # packed cells waiting for a slow request's answer
         for key, pending in list(self.pending.items()):
             timer = pending.machine.get_timer()
             if timer is not None and now >= timer:
@@ -202,15 +195,25 @@ class LiveMode:
         requests: list[Request],
         source: tuple[str, int],
     ) -> None:
-        """GOs and ABORTs packed in a cell (migrate.cover): one replay record and answer."""
+        """A packed cell (migrate.cover): one replay record, each request worked on as if it
+        came alone, one answer cell (cover for GOs and ABORTs; PREPAREs' or COMMITs' answers,
+        now or when their work ends, gathered: migrate.gathering)."""
         opener.accept(opened)
+        gatherer = self.port.gatherer
+        cell = self.port.gather(record, requests, source, opened)
         for request in requests:
-            key = (source[0], request.client_port)
+            gatherer.enter(cell, request.client_port)
             try:
-                self._go_or_abort(key, record, request, self._bound_pending(key, record, request))
+                streamed = self.port.with_streamed(record, request)
+                key = (source[0], request.client_port)
+                self._on_request(key, record, opened, opener, streamed, source)
             except RoamError as error:  # one refused request does not stop its neighbours
+                gatherer.refused(cell, request.client_port)
                 self.port.reject(source, error)
-        self.port.send(record, None, source)
+            finally:
+                gatherer.leave()
+        if cell.complete:
+            self.port.answer_cell(cell)
 
     def _on_request(
         self,
@@ -290,7 +293,7 @@ class LiveMode:
             # A late copy of a PREPARE whose re-incarnation failed, was aborted or went live:
             # answered from the outcome, never worked on again.
             opener.accept(opened)
-            self._answer_from(done, request, record, source)
+            self.port.answer_from(done, request, record, source)
             return
         held = existing.admitted.checkpoint if existing is not None else None
         if (
@@ -396,7 +399,7 @@ class LiveMode:
                 self.context.log.event(
                     "commit_repeated", client=f"{key[0]}:{key[1]}", epoch=request.epoch
                 )
-            self._answer_from(done, request, record, source)
+            self.port.answer_from(done, request, record, source)
             return
         answer = Answer(Phase.COMMIT, key[1], Status.FAILED, "no prepared re-incarnation")
         self.port.send(record, answer, source)
@@ -405,15 +408,6 @@ class LiveMode:
         """The finished re-incarnation of ``key`` (live, failed or aborted), if this client's."""
         done = self._live_machine(key, record) or self.finished.get(key)
         return done if done is not None and done.client_id == record.client_id else None
-
-    def _answer_from(
-        self, done: ServerHandover, request: Request, record: ClientRecord, source: Key
-    ) -> None:
-        """Feed a finished machine a repeated request: it only answers (nothing to execute)."""
-        done.receive(request, self.context.clock())
-        for action in done.actions():
-            if isinstance(action, Send):
-                self.port.send(record, action.answer, source)
 
     def _live_machine(self, key: Key, record: ClientRecord) -> ServerHandover | None:
         connection = self.pusher.connections.get(key)

@@ -18,17 +18,27 @@ from enum import Enum
 
 from migrate.channel import Kind, Opened, Opener, Sealer
 from migrate.checkpoint import CheckpointKeys
-from migrate.cover import ANSWER_CELL_BYTES, MIN_CELL_BYTES, cover, frame, is_framed, unframe_all
+from migrate.cover import (
+    ANSWER_CELL_BYTES,
+    ENVELOPE_BYTES,
+    MIN_CELL_BYTES,
+    cover,
+    frame,
+    frame_many,
+    is_framed,
+    unframe_all,
+)
 from migrate.errors import (
     InconsistentUpdateError,
     MalformedMessageError,
     RoamError,
     WindowClosedError,
 )
+from migrate.gathering import Gatherer, Gathering, fit_answers
+from migrate.handover import Send, ServerHandover
 from migrate.registration import ClientRecord
 from migrate.reincarnation import (
     LATE_REQUEST_S,
-    PACKABLE_PHASES,
     PREPARE_AHEAD_S,
     Admitted,
     Answer,
@@ -39,6 +49,7 @@ from migrate.reincarnation import (
     check_client_source,
     client_id_of,
     in_request_window,
+    pack_group,
     request_opener,
     stream_ack_sealer,
     stream_opener,
@@ -82,6 +93,8 @@ class MigrationPort:
         # Clients that frame their requests (migrate.cover) get every answer as one cell of
         # ANSWER_CELL_BYTES, and one answer per request.
         self.framed_clients: set[int] = set()
+        # The answers owed to packed cells of PREPAREs or COMMITs (migrate.gathering).
+        self.gatherer: Gatherer[tuple[ClientRecord, tuple[str, int]]] = Gatherer()
         self.transport: asyncio.DatagramTransport | None = None
         self.stream_openers: dict[int, Opener] = {}
         self.ack_sealers: dict[int, Sealer] = {}
@@ -189,11 +202,12 @@ class MigrationPort:
             # amplification, even by an authentic client towards its own address).
             raise MalformedMessageError(f"a framed request of {len(data)} bytes is too small")
         requests = [Request.decode(body) for body in unframe_all(opened.plaintext)]
-        alone = [r.phase.name for r in requests if r.phase not in PACKABLE_PHASES]
-        if len(requests) > 1 and alone:
+        if len({pack_group(request) for request in requests}) > 1:
             # Their answers could not be one cell (cover's one answer per cell).
+            phases = sorted({request.phase.name for request in requests})
             raise MalformedMessageError(
-                f"a packed cell holds a {alone[0]}: only GO and ABORT share a cell"
+                f"a packed cell mixes {' and '.join(phases)}: a cell holds PREPAREs, COMMITs, "
+                "or GOs and ABORTs"
             )
         for request in requests:
             self.check_sender(record, source[0], request)
@@ -208,7 +222,13 @@ class MigrationPort:
 
     def send(self, record: ClientRecord, answer: Answer | None, target: tuple[str, int]) -> None:
         """Seal and send ``answer``; ``None``: a cover answer, to a client that frames only
-        (each of its requests gets one answer of one size)."""
+        (each of its requests gets one answer of one size). An answer a packed cell waits for
+        joins its neighbours' instead (``gather``)."""
+        cell = self.gatherer.absorb(record.client_id, answer)
+        if cell is not None:
+            if cell.answerable and not self.gatherer.working:
+                self.answer_cell(cell)
+            return
         framed = record.client_id in self.framed_clients
         if self.transport is None or (answer is None and not framed):
             return
@@ -219,6 +239,50 @@ class MigrationPort:
             body = frame(answer.encode(), ANSWER_CELL_BYTES) if framed else answer.encode()
         message = sealer.seal(Kind.REINCARNATE_READY, body, self.context.clock())
         self.transport.sendto(message, target)
+
+    def gather(
+        self, record: ClientRecord, requests: list[Request], source: tuple[str, int], cell: Opened
+    ) -> Gathering[tuple[ClientRecord, tuple[str, int]]]:
+        """A packed cell, about to be worked on request by request: what they answer, now or
+        when their work ends, is sent as one answer cell, no larger than the cell."""
+        return self.gatherer.begin(
+            record.client_id,
+            requests[0].phase,
+            [request.client_port for request in requests],
+            (record, source),
+            len(cell.plaintext) + ENVELOPE_BYTES,
+            self.context.clock(),
+        )
+
+    def answer_from(
+        self, done: ServerHandover, request: Request, record: ClientRecord, source: Key
+    ) -> None:
+        """Feed a finished machine a repeated request: it only answers (nothing to execute)."""
+        done.receive(request, self.context.clock())
+        for action in done.actions():
+            if isinstance(action, Send):
+                self.send(record, action.answer, source)
+
+    def answer_cell(self, cell: Gathering[tuple[ClientRecord, tuple[str, int]]]) -> None:
+        """Send a packed cell's answers in one answer cell: cover if no request had more to
+        say than "nothing new", nothing if every one was refused."""
+        if not self.gatherer.done(cell):
+            return
+        record, target = cell.to
+        if self.transport is None or not (cell.answers or cell.said_nothing):
+            return
+        if cell.answers:
+            body = frame_many(fit_answers(cell.answers, cell.budget), ANSWER_CELL_BYTES)
+        else:
+            body = cover(ANSWER_CELL_BYTES)
+        sealer = self.context.sealer(self.answer_sealers, answer_sealer, record)
+        message = sealer.seal(Kind.REINCARNATE_READY, body, self.context.clock())
+        self.transport.sendto(message, target)
+
+    def answer_due(self, now: float) -> None:
+        """Answer the packed cells that waited long enough for their slowest request."""
+        for cell in self.gatherer.due(now):
+            self.answer_cell(cell)
 
     def on_cover(
         self, record: ClientRecord, opener: Opener, opened: Opened, source: tuple[str, int]

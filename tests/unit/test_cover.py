@@ -3,6 +3,7 @@ sizes it goes at. Time is simulated: slots over weeks, gaps of years, clock step
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -24,7 +25,15 @@ from migrate.cover import (
     unframe_all,
 )
 from migrate.errors import ConfigError, MalformedMessageError
-from migrate.reincarnation import MAX_DETAIL_BYTES, Answer, Phase, Request, Status, packable
+from migrate.reincarnation import (
+    MAX_DETAIL_BYTES,
+    Answer,
+    Phase,
+    Request,
+    Status,
+    pack_group,
+    packable,
+)
 from tests.unit.budget import bounded_step
 
 SERVERS = ["10.0.0.1", "10.0.0.2", "10.0.0.3"]
@@ -243,36 +252,56 @@ def go(port: int) -> Request:
     return Request(Phase.GO, 7, port, 80, 0, 0, 0, b"", b"")
 
 
-def test_gos_and_aborts_share_cells_other_requests_go_alone_and_servers_get_as_many() -> None:
-    """A roam's 1000 GOs go in some 42 cells per server, not 1000: the client seals, and
-    every server opens and answers, 24 times fewer datagrams after the switch."""
+def test_requests_share_cells_with_their_own_group_only_and_servers_get_as_many() -> None:
+    """A roam's 1000 GOs go in some 42 cells per server, not 1000, and its PREPAREs and
+    COMMITs four to a cell: the client seals, and every server opens and answers, that many
+    fewer datagrams. A cell holds one group (GOs and ABORTs, PREPAREs, or COMMITs: a server
+    answers it with one cell, migrate.gathering), in the queue's order; a request too large
+    for a cell goes alone."""
     config = CoverConfig(rate=10, cell=1024)
-    schedule: CoverSchedule[Request] = CoverSchedule(SERVERS, config, 0.0, packable=packable)
-    schedule.put("10.0.0.2", request())  # a PREPARE: alone in its cell
+    schedule: CoverSchedule[Request] = CoverSchedule(
+        SERVERS, config, 0.0, packable=packable, pack_group=pack_group
+    )
+    for port in range(9):  # idle keep-alive connections: nothing to replay
+        schedule.put("10.0.0.2", dataclasses.replace(request(b""), client_port=30000 + port))
     for port in range(1000, 2000):
         schedule.put("10.0.0.2", go(port), key=(Phase.GO, port))
     schedule.put("10.0.0.2", request(phase=Phase.COMMIT))
     schedule.put("10.0.0.2", go(5))
+    schedule.put("10.0.0.2", request(b"x" * 900))  # a PREPARE too large to share a cell
+    schedule.put("10.0.0.2", request(phase=Phase.COMMIT))
+    schedule.put("10.0.0.2", request(phase=Phase.COMMIT))
     slot = schedule.take_urgent()
     counts = Counter(server for server, _ in slot)
     assert len(set(counts.values())) == 1, "every server gets as many cells"
     mine = [items for server, items in slot if server == "10.0.0.2"]
-    assert [r.phase for r in mine[0]] == [Phase.PREPARE]
+    assert cell_room(1024) // packable(request(b"")) == 4
+    assert [len(items) for items in mine[:3]] == [4, 4, 1]
+    assert {r.phase for items in mine[:3] for r in items} == {Phase.PREPARE}
     per_cell = cell_room(1024) // packable(go(1))
     assert per_cell == 24
-    assert [len(items) for items in mine[1:-2]] == [per_cell] * 41 + [1000 - 41 * per_cell]
+    gos = mine[3 : 3 + -(-1000 // per_cell)]
+    assert [len(items) for items in gos] == [per_cell] * 41 + [1000 - 41 * per_cell]
     sent = [r for items in mine for r in items]
     assert [r.client_port for r in sent if r.phase is Phase.GO] == [*range(1000, 2000), 5]
-    assert [r.phase for r in mine[-2]] == [Phase.COMMIT]  # the order is kept
-    assert [r.phase for r in mine[-1]] == [Phase.GO]
-    assert len(mine) == 1 + -(-1000 // per_cell) + 2
-    assert schedule.packed == 1000 - -(-1000 // per_cell)
-    # Each cell seals to exactly one cell on the wire, and unpacks to what was packed.
+    rest = [[r.phase for r in items] for items in mine[3 + len(gos) :]]
+    # The order is kept; the COMMIT and the GO after it, of other groups, go alone.
+    assert rest == [[Phase.COMMIT], [Phase.GO], [Phase.PREPARE], [Phase.COMMIT, Phase.COMMIT]]
+    assert schedule.packed == (9 - 3) + (1000 - len(gos)) + 1
+    # Each cell seals to one cell on the wire (the large PREPARE to two), and unpacks to
+    # what was packed.
     for items in mine:
         plaintext = frame_many([r.encode() for r in items], 1024)
-        assert len(sealed(plaintext)) == 1024
+        assert len(sealed(plaintext)) == (2048 if len(items[0].replay) == 900 else 1024)
         assert [Request.decode(b) for b in unframe_all(plaintext)] == list(items)
     assert schedule.queued() == 0
+
+
+def test_a_request_s_packed_size_is_its_encoding_s() -> None:
+    for made in (request(), request(b"y" * 500, Phase.COMMIT), go(3), request(phase=Phase.ABORT)):
+        assert packable(made) == len(made.encode()) + 3
+    streamed = Request(Phase.PREPARE, 7, 40000, 80, 50, 0, 0, bytes(191), b"z" * 50, streamed=20)
+    assert packable(streamed) == len(streamed.encode()) + 3
 
 
 def test_without_a_packable_rule_every_message_goes_alone() -> None:

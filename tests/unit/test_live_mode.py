@@ -525,9 +525,84 @@ def test_a_packed_cell_of_aborts_frees_each_connection_and_is_answered_once() ->
     asyncio.run(scenario())
 
 
-def test_a_packed_cell_holding_a_prepare_is_refused_and_creates_nothing() -> None:
-    """Only GO and ABORT share a cell: a PREPARE's or COMMIT's answer is its own cell, so a
-    cell packing one would be answered by more cells than it is (cover would show it)."""
+def packed_answers(harness: Harness, client: ClientRecord = ALICE) -> list[list[Answer]]:
+    """The answers of each datagram sent (a packed answer cell holds several; cover none)."""
+    opener = answer_opener(client.channel_key, DEPLOYMENT.deployment_id, client.client_id)
+    found = []
+    for data, _ in harness.transport.sent:
+        opened = opener.open(data, harness.now)
+        opener.accept(opened)
+        found.append([Answer.decode(body) for body in unframe_all(opened.plaintext)])
+    return found
+
+
+def test_a_packed_cell_of_prepares_is_answered_with_one_cell_of_their_readys() -> None:
+    """PREPAREs share cells (migrate.cover): each is prepared as if it came alone, and their
+    READYs, which come as each replay ends, leave together in one answer cell no larger than
+    the request cell (migrate.gathering). A refused one holds nobody and is not answered; a
+    replayed cell changes nothing."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        good = [harness.prepare(port=port) for port in (40000, 40001, 40002)]
+        far = dataclasses.replace(harness.prepare(port=40003), epoch=harness.epoch + 400)
+        cell = harness.send_packed([good[0], far, *good[1:]])
+        await settle()
+        assert harness.connects == 3
+        assert sorted(key[1] for key in harness.live.pending) == [40000, 40001, 40002]
+        assert harness.live.counts["refused"] == 1
+        [(answer, _)] = harness.transport.sent
+        assert len(answer) == ANSWER_CELL_BYTES <= len(cell)
+        [answers] = packed_answers(harness)
+        assert sorted(answers, key=lambda a: a.client_port) == [
+            Answer(Phase.PREPARE, port, Status.READY) for port in (40000, 40001, 40002)
+        ]
+        harness.live.on_datagram(cell, (str(ALICE.address), 50000))  # replayed
+        await settle()
+        assert harness.connects == 3
+        assert len(harness.transport.sent) == 1
+        assert harness.live.port.gatherer._cells == {}  # nothing left waiting
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_packed_cell_of_late_commits_is_answered_late_in_one_cell() -> None:
+    """COMMITs share cells too: answered at once (LATE, after the window closed), their
+    answers still leave as one cell, and nothing is restored."""
+
+    async def scenario() -> None:
+        harness = Harness()
+        schedule = harness.pool.schedule
+        prepares = [harness.prepare(port=port) for port in (40000, 40001)]
+        harness.send_packed(prepares)
+        await settle()
+        harness.transport.sent.clear()
+        start = schedule.start_of(harness.epoch)
+        harness.now = schedule.served_until(harness.epoch, start + 9.0) + 0.1
+        harness.current = schedule.epoch_at(harness.now).index
+        commits = [
+            Request(Phase.COMMIT, harness.epoch, prepare.client_port, 80, len(REPLAY), 0,
+                    len(REPLAY), prepare.checkpoint, b"")
+            for prepare in prepares
+        ]  # fmt: skip
+        harness.send_packed(commits)
+        await settle()
+        [answers] = packed_answers(harness)
+        assert [(a.phase, a.client_port, a.status) for a in answers] == [
+            (Phase.COMMIT, 40000, Status.LATE),
+            (Phase.COMMIT, 40001, Status.LATE),
+        ]
+        states = {pending.machine.state for pending in harness.live.pending.values()}
+        assert states == {ServerState.PREPARED}  # nothing restored
+        await harness.live.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_packed_cell_mixing_groups_is_refused_and_creates_nothing() -> None:
+    """A cell holds PREPAREs, or COMMITs, or GOs and ABORTs: one mixing them could not be
+    answered with one cell (cover would show it), and is refused whole."""
 
     async def scenario() -> None:
         harness = Harness()
