@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -421,3 +422,14 @@ def test_bad_connection_options_are_refused_in_one_line_before_any_lab(
         roaming_main(["migration", *argv])
     assert exit_.value.code == 2
     assert complaint in capsys.readouterr().err
+
+
+def test_overload_refuses_a_missing_log_directory_in_one_line_before_any_lab(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr("labs.benchmarks.roaming.__main__.os.geteuid", lambda: 0)
+    missing = tmp_path / "nowhere"
+    with pytest.raises(SystemExit) as exit_:
+        roaming_main(["overload", "--keep-logs", str(missing)])
+    assert exit_.value.code == 2
+    assert f"--keep-logs: {missing} is not a directory" in capsys.readouterr().err

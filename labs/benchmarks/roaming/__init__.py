@@ -3,7 +3,7 @@
     python -m labs.benchmarks.roaming shims [--seconds 3] [--repeat 3] [--json]
     python -m labs.benchmarks.roaming migration [--seconds 20] [--stream-mib 64] [--opening 0]
                                                 [--json]
-    python -m labs.benchmarks.roaming overload [--repeat 5] [--json]
+    python -m labs.benchmarks.roaming overload [--repeat 5] [--json] [--keep-logs DIR]
 
 Each subcommand builds one lab, runs real programs only (``roam server``/``roam client`` through
 ``labs.roaming.RoamingLab``, iperf3, nginx, HAProxy, and small Python clients of this package run

@@ -8,6 +8,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from labs.benchmarks import roaming as package
 from labs.benchmarks.roaming import (
@@ -152,6 +153,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "live, with one server and roaming: how many waited a second for a SYN sent again "
         "(default 0: not measured)",
     )
+    parser.add_argument(
+        "--keep-logs",
+        type=Path,
+        metavar="DIR",
+        help="overload: copy each run's shim event logs (JSON lines) into DIR, which must exist "
+        "(run-N-HOST.jsonl): why a run broke connections, after the lab is gone",
+    )
     parser.add_argument("subcommand", nargs="?", choices=("shims", "migration", "overload"))
     args = parser.parse_args(argv)
     if args.role == "stream-client":
@@ -219,7 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             repeat = args.repeat or 5
             if not 1 <= repeat <= 50:
                 parser.error("--repeat must be in [1, 50]")
-            results = run_overload(repeat, progress)
+            if args.keep_logs is not None and not args.keep_logs.is_dir():
+                parser.error(f"--keep-logs: {args.keep_logs} is not a directory")
+            results = run_overload(repeat, progress, keep_logs=args.keep_logs)
             print(json.dumps(results, indent=2) if args.json else render_overload(results))
         else:
             seconds = args.seconds or 20.0

@@ -354,9 +354,11 @@ def run_migration(
                             f"servers {measured['servers_tcp']}"
                         )
         results["streams"] = summarise_streams(streams)
-        for layout in ("single", "roaming") if opening_s else ():
-            deploy(pool, mode="live", servers=every[: 1 if layout == "single" else 3],
-                   tick=tick, extra=tuple(live_server_args))  # fmt: skip
+        # New connections one after another (--opening): against s1 alone, then roaming.
+        layouts = ("single", "roaming") if opening_s else ()
+        for layout in layouts:
+            servers = every[:1] if layout == "single" else every
+            deploy(pool, mode="live", servers=servers, tick=tick, extra=tuple(live_server_args))
             results["opening"][layout] = opened = measure_opening(pool, opening_s)
             progress(f"new connections, live, {layout}: {opening_line(opened)}")
         if counts:

@@ -20,6 +20,7 @@ import collections
 import contextlib
 import json
 import os
+import shutil
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -89,7 +90,16 @@ def _summary(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k not in ("errors", "started", "ended")}
 
 
-def run_overload(repeat: int, progress: Callable[[str], None]) -> dict[str, Any]:
+def keep_run_logs(pool: RoamingLab, directory: Path, run: int) -> None:
+    """Copy the shims' event logs of run ``run`` into ``directory`` (``run-N-HOST.jsonl``)."""
+    for host, shim in [*pool.clients.items(), *pool.servers.items()]:
+        with contextlib.suppress(OSError):  # a shim that never wrote one: nothing to keep
+            shutil.copyfile(shim.log_json, directory / f"run-{run}-{host}.jsonl")
+
+
+def run_overload(
+    repeat: int, progress: Callable[[str], None], keep_logs: Path | None = None
+) -> dict[str, Any]:
     results: dict[str, Any] = {"subcommand": "overload", "runs": []}
     with Lab(PoolTopo(servers=3, clients=1)) as lab:
         pool = RoamingLab(lab, tick=TICK, m=1, service="none", start_delay=START_DELAY)
@@ -105,6 +115,8 @@ def run_overload(repeat: int, progress: Callable[[str], None]) -> dict[str, Any]
                 measured["shim_cpu_s"] = shim_cpu_s(pool)
                 measured["cells_sent"] = cells_sent(pool)
                 events = pool.clients["c1"].events()
+                if keep_logs is not None:
+                    keep_run_logs(pool, keep_logs, index + 1)
                 roams = [e for e in events if e["event"] == "roam" and e.get("connections")]
                 measured["pause_ms"] = p50_p99(r["pause_ms"] for r in roams)
                 measured["roams"] = len(roams)
