@@ -12,8 +12,9 @@ same size (a *cell*). A real request waits for the next slot and takes the place
 datagram to its server; the other servers get cover datagrams in that slot. A slot holds
 ``k`` cells per server, ``k`` being the longest queue (at least 1, at most ``max_burst``), so
 a burst of hand-overs shows as a larger slot to every server at once, never as traffic to one.
-Each server answers every framed request with exactly one answer cell of ``ANSWER_CELL_BYTES``
-(a cover answer to cover, to GO and ABORT, and to a PREPARE repeated while it is worked on).
+Each server answers every framed cell with exactly one answer cell of ``ANSWER_CELL_BYTES`` (a
+cover answer to cover, to GO and ABORT, and to a PREPARE repeated while it is worked on; a
+packed cell's answers together, in a multiple of it no larger than the cell).
 
 Urgent slots: the messages of a hand-over's freeze (COMMIT, GO, ABORT) go in a slot of their
 own at once (``take_urgent``), off the grid, with the same cells to every server as any slot.

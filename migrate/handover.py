@@ -161,7 +161,7 @@ class LocalError(HandoverError, errors.LocalError):
 class Send:
     """Send ``request`` to the new server (client) or ``answer`` to the client (server);
     ``answer is None`` on the server: nothing new to say (a client that frames its requests
-    gets a cover answer, so that each request has one answer)."""
+    gets a cover answer, so that each request cell has one answer)."""
 
     request: Request | None = None
     answer: Answer | None = None

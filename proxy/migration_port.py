@@ -90,8 +90,8 @@ class MigrationPort:
         self.connections = connections
         self.openers: dict[int, Opener] = {}
         self.answer_sealers: dict[int, Sealer] = {}
-        # Clients that frame their requests (migrate.cover) get every answer as one cell of
-        # ANSWER_CELL_BYTES, and one answer per request.
+        # Clients that frame their requests (migrate.cover) get one answer cell (of
+        # ANSWER_CELL_BYTES, or a packed cell's answers together) per request cell.
         self.framed_clients: set[int] = set()
         # The answers owed to packed cells of PREPAREs or COMMITs (migrate.gathering).
         self.gatherer: Gatherer[tuple[ClientRecord, tuple[str, int]]] = Gatherer()
